@@ -1,0 +1,264 @@
+"""Frozen configuration dataclasses.
+
+`ModelConfig` is an explicit mapping of a Hugging Face `config.json` for the
+Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3). `EngineConfig`
+holds the serving knobs (slots, pages, chunking, dtype). Host code only: this
+module must not import JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ACTIVATIONS = ("silu",)
+
+
+class ConfigError(ValueError):
+    """A checkpoint config that jaxinfer cannot serve, with the reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    kind: str = "default"  # one of SUPPORTED_ROPE_TYPES
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and switches of one decoder-only transformer of the Llama family."""
+
+    model_type: str
+    vocab_size: int  # V
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    num_layers: int  # L
+    num_heads: int  # N
+    num_kv_heads: int  # K
+    head_dim: int  # H
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = RopeConfig()
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    dtype: str = "float32"  # the checkpoint's stored dtype
+
+    @property
+    def q_per_kv(self) -> int:  # G
+        return self.num_heads // self.num_kv_heads
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}")
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Map a parsed Hugging Face config.json; fails naming what is missing or unsupported."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"unsupported model_type {model_type!r}; jaxinfer supports "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        get = _field_getter(hf, model_type)
+        act = hf.get("hidden_act", "silu")
+        if act not in SUPPORTED_ACTIVATIONS:
+            raise ConfigError(f"unsupported hidden_act {act!r} for {model_type}; supported: silu")
+        if hf.get("mlp_bias"):
+            raise ConfigError("mlp_bias=true is not supported (no released Llama-family model uses it)")
+        num_heads = get("num_attention_heads")
+        hidden = get("hidden_size")
+        head_dim = hf.get("head_dim") or hidden // num_heads
+        attention_bias = bool(hf.get("attention_bias", False))
+        return cls(
+            model_type=model_type,
+            vocab_size=get("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=get("intermediate_size"),
+            num_layers=get("num_hidden_layers"),
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            max_position_embeddings=get("max_position_embeddings"),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope=_rope_from_hf(hf),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases and no o bias; the others follow attention_bias.
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=model_type != "qwen2" and attention_bias,
+            qk_norm=model_type == "qwen3",
+            sliding_window=_sliding_window(hf, model_type),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=_as_tuple(hf.get("eos_token_id")),
+            dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
+        )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            hf = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read model config {path}: {e}") from e
+        return cls.from_hf(hf)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The config.json a Hugging Face loader reads back to this config."""
+        hf = {
+            "architectures": [_ARCHITECTURES[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope.theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids),
+            "torch_dtype": self.dtype,
+        }
+        if self.model_type != "qwen2":
+            hf["attention_bias"] = self.qkv_bias
+        if self.rope.kind != "default":
+            hf["rope_scaling"] = _rope_to_hf(self.rope)
+        if self.sliding_window is not None:
+            hf["sliding_window"] = self.sliding_window
+            hf["use_sliding_window"] = True
+        return hf
+
+    def num_params(self) -> int:
+        D, F, V, L = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
+        attn = D * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        per_layer = attn + 3 * D * F + 2 * D
+        return L * per_layer + V * D * (1 if self.tie_word_embeddings else 2) + D
+
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def _field_getter(hf: dict, model_type: str):
+    def get(name):
+        if hf.get(name) is None:
+            raise ConfigError(f"config.json for model_type {model_type!r} is missing required field {name!r}")
+        return hf[name]
+    return get
+
+
+def _as_tuple(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def _rope_from_hf(hf: dict) -> RopeConfig:
+    # transformers 5 writes `rope_parameters` (theta inside); 4.x wrote `rope_theta` + `rope_scaling`.
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {})
+    merged = {**scaling, **params}
+    theta = float(merged.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = merged.get("rope_type") or merged.get("type") or "default"
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(f"unsupported rope scaling type {kind!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if kind == "default":
+        return RopeConfig(theta=theta)
+    if "factor" not in merged:
+        raise ConfigError(f"rope scaling type {kind!r} is missing required field 'factor'")
+    if kind == "linear":
+        return RopeConfig(theta=theta, kind=kind, factor=float(merged["factor"]))
+    for name in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        if name not in merged:
+            raise ConfigError(f"rope scaling type 'llama3' is missing required field {name!r}")
+    return RopeConfig(theta=theta, kind=kind, factor=float(merged["factor"]),
+                      low_freq_factor=float(merged["low_freq_factor"]),
+                      high_freq_factor=float(merged["high_freq_factor"]),
+                      original_max_position=int(merged["original_max_position_embeddings"]))
+
+
+def _rope_to_hf(rope: RopeConfig) -> dict:
+    out = {"rope_type": rope.kind, "factor": rope.factor}
+    if rope.kind == "llama3":
+        out.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor,
+                   original_max_position_embeddings=rope.original_max_position)
+    return out
+
+
+def _sliding_window(hf: dict, model_type: str) -> int | None:
+    window = hf.get("sliding_window")
+    if model_type == "mistral":
+        return window  # null in Mistral v0.2+, 4096 in v0.1
+    layer_types = hf.get("layer_types") or []
+    uses_window = hf.get("use_sliding_window", False) or "sliding_attention" in layer_types
+    if uses_window:
+        raise ConfigError(f"sliding-window attention for model_type {model_type!r} is not supported")
+    return None
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Serving knobs. Sizes are in tokens unless the name says otherwise."""
+
+    max_slots: int = 8  # B of the decode step
+    page_size: int = 16  # Z
+    num_pages: int | None = None  # P; None: enough for every slot at max_model_len
+    max_model_len: int | None = None  # None: min(model's max positions, 4096)
+    prefill_chunk: int = 256  # largest prefill bucket; prompts longer than this are chunked
+    min_prefill_bucket: int = 16
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on accelerators
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("max_slots", "page_size", "prefill_chunk", "min_prefill_bucket"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dtype not in DTYPES + ("auto",):
+            raise ConfigError(f"dtype {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ConfigError(f"num_pages must be at least 2 (page 0 is the null page), got {self.num_pages}")
+
+    def resolve(self, model: ModelConfig, platform: str) -> "EngineConfig":
+        """Fill the `None`/`auto` fields from the model and the device platform."""
+        max_len = self.max_model_len or min(model.max_position_embeddings, 4096)
+        if max_len > model.max_position_embeddings:
+            raise ConfigError(f"max_model_len={max_len} exceeds the model's "
+                              f"max_position_embeddings={model.max_position_embeddings}")
+        pages_per_seq = math.ceil(max_len / self.page_size)
+        num_pages = self.num_pages or self.max_slots * pages_per_seq + 1
+        dtype = self.dtype if self.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
+        return dataclasses.replace(self, max_model_len=max_len, num_pages=num_pages, dtype=dtype)
+
+    @property
+    def pages_per_seq(self) -> int:
+        return math.ceil(self.max_model_len / self.page_size)
+
+    def prefill_buckets(self) -> tuple[int, ...]:
+        """Powers of two from min_prefill_bucket up to prefill_chunk (the last one exact)."""
+        sizes, size = [], self.min_prefill_bucket
+        while size < self.prefill_chunk:
+            sizes.append(size)
+            size *= 2
+        return tuple(sizes) + (self.prefill_chunk,)

@@ -1,0 +1,47 @@
+"""Plain-jnp paged attention: the reference every attention kernel is tested against.
+
+Queries of any shape `[B, T]` (decode: T=1; a prefill chunk: B=1) attend to the
+keys their sequence has in the page pool, read through the block tables; the
+chunk's own keys must already be written. Padding queries have position -1.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_MASKED = -1e30  # finite, so a fully masked (padding) row gives a finite mean instead of NaN
+
+
+def gather_pages(pool: jax.Array, layer: jax.Array, block_tables: jax.Array) -> jax.Array:
+    """pool [L, K, P, Z, H], block_tables [B, P'] -> [B, K, S=P'*Z, H] for one layer."""
+    pages = pool[layer, :, block_tables]  # advanced indices split by a slice: [B, P', K, Z, H]
+    B, P, K, Z, H = pages.shape
+    return pages.transpose(0, 2, 1, 3, 4).reshape(B, K, P * Z, H)
+
+
+def attention_mask(positions: jax.Array, num_keys: int, sliding_window: int | None) -> jax.Array:
+    """positions [B, T] -> [B, T, S]: causal (key position <= query position), optional window."""
+    key_pos = jnp.arange(num_keys)[None, None, :]
+    query_pos = positions[:, :, None]
+    mask = key_pos <= query_pos
+    if sliding_window is not None:
+        mask &= query_pos - key_pos < sliding_window
+    return mask
+
+
+def paged_attention_reference(q, k_pool, v_pool, layer, block_tables, positions,
+                              sliding_window: int | None = None):
+    """q [B, T, N, H]; pools [L, K, P, Z, H]; block_tables [B, P']; positions [B, T] -> [B, T, N, H]."""
+    B, T, N, H = q.shape
+    k = gather_pages(k_pool, layer, block_tables)  # [B, K, S, H]
+    v = gather_pages(v_pool, layer, block_tables)
+    K = k.shape[1]
+    qg = q.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+    scores *= H ** -0.5
+    mask = attention_mask(positions, k.shape[2], sliding_window)
+    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, N, H).astype(q.dtype)

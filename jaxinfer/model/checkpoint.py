@@ -1,0 +1,109 @@
+"""Finding and reading a model: Hugging Face directories, our orbax conversions, the embedded default.
+
+A model directory holds `config.json` and either safetensors (Hugging Face
+layout) or an orbax tree written by `jaxinfer convert` (marked by
+`jaxinfer_checkpoint.json`). With no path, the embedded default model is used:
+its config and tokenizer ship in the package, its weights are drawn from a fixed seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.config import ConfigError, ModelConfig
+from jaxinfer.model import safetensors_io
+from jaxinfer.model.safetensors_io import CheckpointError
+from jaxinfer.model.weights import abstract_params, init_params, load_safetensors, to_hf_tensors
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default"
+DEFAULT_MODEL_SEED = 0
+ORBAX_MARKER = "jaxinfer_checkpoint.json"
+ORBAX_PARAMS = "params"
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
+              "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def model_dir(path: str | Path | None) -> Path:
+    """The directory to read: `path`, or the embedded default's when None."""
+    if path is None:
+        return DEFAULT_MODEL_DIR
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"model path {path} is not a directory (expected a Hugging Face checkpoint)")
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"no config.json in {path}")
+    return path
+
+
+def load_config(directory: Path) -> ModelConfig:
+    cfg = ModelConfig.from_json(directory / "config.json")
+    eos = _generation_eos(directory)
+    return cfg if not eos else _with_eos(cfg, eos)
+
+
+def _generation_eos(directory: Path) -> tuple[int, ...]:
+    # generation_config.json names every stop id (Llama 3 instruct lists several).
+    path = directory / "generation_config.json"
+    if not path.exists():
+        return ()
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    return tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+
+
+def _with_eos(cfg: ModelConfig, extra: tuple[int, ...]) -> ModelConfig:
+    merged = tuple(dict.fromkeys(cfg.eos_token_ids + extra))
+    return dataclasses.replace(cfg, eos_token_ids=merged)
+
+
+def load_params(path: str | Path | None, cfg: ModelConfig, dtype: str, mesh) -> dict:
+    """Weights on their shards, cast to `dtype`, from whichever format `path` holds."""
+    if path is None:
+        return init_params(cfg, jnp.dtype(dtype), DEFAULT_MODEL_SEED, mesh)
+    directory = Path(path)
+    if (directory / ORBAX_MARKER).exists():
+        return _restore_orbax(directory, cfg, dtype, mesh)
+    return load_safetensors(directory, cfg, jnp.dtype(dtype), mesh)
+
+
+def _restore_orbax(directory: Path, cfg: ModelConfig, dtype: str, mesh) -> dict:
+    import orbax.checkpoint as ocp  # imported on use: it is slow to import and only converted checkpoints need it
+    saved_dtype = json.loads((directory / ORBAX_MARKER).read_text())["dtype"]
+    target = abstract_params(cfg, jnp.dtype(saved_dtype), mesh)
+    params = ocp.StandardCheckpointer().restore((directory / ORBAX_PARAMS).resolve(), target)
+    if saved_dtype != dtype:
+        params = jax.tree.map(lambda x: x.astype(dtype), params)
+    return params
+
+
+def save_orbax(params: dict, cfg: ModelConfig, dtype: str, source: Path, output: Path) -> None:
+    """Write `params` as an orbax tree beside the source's config and tokenizer files."""
+    import orbax.checkpoint as ocp
+    output.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save((output / ORBAX_PARAMS).resolve(), params, force=True)
+    checkpointer.wait_until_finished()
+    _copy_side_files(source, output)
+    (output / ORBAX_MARKER).write_text(json.dumps({"format": "orbax", "dtype": dtype}))
+
+
+def save_safetensors(params: dict, cfg: ModelConfig, source: Path, output: Path,
+                     max_shard_bytes: int | None = None) -> None:
+    """Write `params` as a Hugging Face checkpoint (the inverse of loading)."""
+    safetensors_io.save(to_hf_tensors(params, cfg), output, max_shard_bytes)
+    _copy_side_files(source, output)
+
+
+def _copy_side_files(source: Path, output: Path) -> None:
+    for name in SIDE_FILES:
+        if (source / name).exists() and source.resolve() != output.resolve():
+            shutil.copy2(source / name, output / name)
+
+
+__all__ = ["CheckpointError", "ConfigError", "load_config", "load_params", "model_dir",
+           "save_orbax", "save_safetensors"]

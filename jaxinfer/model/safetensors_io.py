@@ -1,0 +1,88 @@
+"""Reading and writing Hugging Face safetensors checkpoints (single file or sharded).
+
+Host code: numpy arrays in, numpy arrays out (bfloat16 through ml_dtypes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is unreadable or does not match the model config, with the key at fault."""
+
+
+class Reader:
+    """Key → tensor lookup over the safetensors files of one checkpoint directory."""
+
+    def __init__(self, directory: Path):
+        self._open: dict[Path, object] = {}
+        self._files: dict[str, Path] = self._map_keys(directory)
+
+    def _map_keys(self, directory: Path) -> dict[str, Path]:
+        index = directory / INDEX_FILE
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"corrupt safetensors index {index}: {e}") from e
+            return {key: directory / name for key, name in weight_map.items()}
+        single = directory / SINGLE_FILE
+        if not single.exists():
+            raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}")
+        return {key: single for key in self._handle(single).keys()}
+
+    def _handle(self, path: Path):
+        if path not in self._open:
+            if not path.exists():
+                raise CheckpointError(f"safetensors file {path} named in the index does not exist")
+            try:
+                self._open[path] = safe_open(str(path), framework="numpy")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"corrupt safetensors file {path}: {e}") from e
+        return self._open[path]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._files
+
+    def keys(self):
+        return self._files.keys()
+
+    def get(self, key: str) -> np.ndarray:
+        path = self._files[key]
+        try:
+            return self._handle(path).get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read tensor {key!r} from {path}: {e}") from e
+
+
+def save(tensors: dict[str, np.ndarray], directory: Path, max_shard_bytes: int | None = None) -> None:
+    """Write `model.safetensors`, or shards plus an index when over `max_shard_bytes`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    total = sum(t.nbytes for t in tensors.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        save_file(tensors, str(directory / SINGLE_FILE), metadata={"format": "pt"})
+        return
+    shards, current, size = [], {}, 0
+    for key, t in tensors.items():
+        if current and size + t.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = t
+        size += t.nbytes
+    shards.append(current)
+    weight_map = {}
+    for n, shard in enumerate(shards, 1):
+        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        weight_map.update({key: name for key in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2))

@@ -1,0 +1,136 @@
+"""The Llama-family decoder as pure functions over the parameter tree.
+
+`forward(params, cfg, batch, kv)` embeds the batch's tokens, runs the layers
+with `lax.scan` over the stacked weights, writes each layer's new keys and
+values into the paged pool and returns the final hidden states with the updated
+pool. No Python state, no globals: everything arrives as arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.config import ModelConfig, RopeConfig
+from jaxinfer.model.attention import paged_attention_reference
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Batch:
+    """One step's queries. Padding tokens have position -1 and write to the null page."""
+
+    tokens: jax.Array  # [B, T] int32
+    positions: jax.Array  # [B, T] int32
+    block_tables: jax.Array  # [B, P] int32 page ids; 0 is the null page
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVPool:
+    k: jax.Array  # [L, K, P, Z, H]
+    v: jax.Array  # [L, K, P, Z, H]
+
+
+def rope_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """Inverse frequencies [H/2] in float32, computed as Hugging Face does (incl. llama3 scaling)."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / (np.float32(rope.theta) ** exponents)).astype(np.float32)
+    if rope.kind == "linear":
+        return (inv_freq / np.float32(rope.factor)).astype(np.float32)
+    if rope.kind == "llama3":
+        return _llama3_scaling(inv_freq, rope)
+    return inv_freq
+
+
+def _llama3_scaling(inv_freq: np.ndarray, rope: RopeConfig) -> np.ndarray:
+    # Long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+    old_len = rope.original_max_position
+    low_wavelen = old_len / rope.low_freq_factor
+    high_wavelen = old_len / rope.high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """x [B, T, N, H], positions [B, T]: rotate-half RoPE (the Hugging Face layout)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
+    cos = jnp.cos(freqs)[:, :, None, :]
+    sin = jnp.sin(freqs)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
+def _qkv(lp: dict, cfg: ModelConfig, y: jax.Array):
+    q = jnp.einsum("BTD,DNH->BTNH", y, lp["wq"])
+    k = jnp.einsum("BTD,DKH->BTKH", y, lp["wk"])
+    v = jnp.einsum("BTD,DKH->BTKH", y, lp["wv"])
+    if cfg.qkv_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    if cfg.qk_norm:
+        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+    return q, k, v
+
+
+def _write_indices(batch: Batch, page_size: int):
+    """Page id and in-page offset of every query token; padding goes to the null page."""
+    valid = batch.positions >= 0
+    pos = jnp.where(valid, batch.positions, 0)
+    page_idx = jnp.take_along_axis(batch.block_tables, pos // page_size, axis=1)
+    return jnp.where(valid, page_idx, 0), pos % page_size
+
+
+def _mlp(lp: dict, y: jax.Array) -> jax.Array:
+    gate = jnp.einsum("BTD,DF->BTF", y, lp["w_gate"])
+    up = jnp.einsum("BTD,DF->BTF", y, lp["w_up"])
+    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, lp["w_down"])
+
+
+def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=paged_attention_reference):
+    """-> (final-normed hidden states [B, T, D], updated pool)."""
+    inv_freq = rope_frequencies(cfg.rope, cfg.head_dim)
+    page_size = kv.k.shape[3]
+    pages, offsets = _write_indices(batch, page_size)
+
+    def layer(carry, xs):
+        h, k_pool, v_pool = carry
+        lp, index = xs
+        q, k, v = _qkv(lp, cfg, rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps))
+        q = apply_rope(q, batch.positions, inv_freq)
+        k = apply_rope(k, batch.positions, inv_freq)
+        # Advanced indices split by a slice put [B, T] first: the target is [B, T, K, H].
+        k_pool = k_pool.at[index, :, pages, offsets].set(k.astype(k_pool.dtype))
+        v_pool = v_pool.at[index, :, pages, offsets].set(v.astype(v_pool.dtype))
+        attn = attention(q, k_pool, v_pool, index, batch.block_tables, batch.positions, cfg.sliding_window)
+        h = h + jnp.einsum("BTNH,NHD->BTD", attn, lp["wo"])
+        if cfg.o_bias:
+            h = h + lp["bo"]
+        h = h + _mlp(lp, rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps))
+        return (h, k_pool, v_pool), None
+
+    h = params["embed"][batch.tokens]
+    layer_ids = jnp.arange(cfg.num_layers)
+    (h, k_pool, v_pool), _ = jax.lax.scan(layer, (h, kv.k, kv.v), (params["layers"], layer_ids))
+    return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), KVPool(k_pool, v_pool)
+
+
+def logits(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Array:
+    """h [..., D] -> float32 logits [..., V]."""
+    if cfg.tie_word_embeddings:
+        return jnp.einsum("...D,VD->...V", h, params["embed"], preferred_element_type=jnp.float32)
+    return jnp.einsum("...D,DV->...V", h, params["lm_head"], preferred_element_type=jnp.float32)

@@ -1,0 +1,185 @@
+"""The weight table, and everything it drives: random init, sharding, loading and saving.
+
+One `WeightSpec` per weight names its place in our parameter tree, its shape and
+logical axes, and where it lives in a Hugging Face checkpoint (key and layout).
+Per-layer weights are stacked on a leading `layers` axis so the forward pass can
+`lax.scan` over them. Loading is strict: every checkpoint key maps to exactly one
+destination, shapes are checked, leftovers fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.model import safetensors_io
+from jaxinfer.model.safetensors_io import CheckpointError
+from jaxinfer.sharding import logical_sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSpec:
+    name: str  # dotted path in the parameter tree
+    shape: tuple[int, ...]  # our layout, per layer (without the stacked L axis)
+    axes: tuple[str, ...]  # logical axes of `shape`
+    hf_key: str  # checkpoint key; "{i}" is the layer index for stacked weights
+    hf_shape: tuple[int, ...]  # the checkpoint's layout
+    transpose: bool = False  # torch Linear stores [out, in]; we store [in, out]
+    init: str = "normal"  # normal (std 1/sqrt(fan_in)) | ones
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.hf_key
+
+    def full_shape(self, num_layers: int) -> tuple[int, ...]:
+        return (num_layers, *self.shape) if self.stacked else self.shape
+
+    def full_axes(self) -> tuple[str, ...]:
+        return ("layers", *self.axes) if self.stacked else self.axes
+
+    def to_ours(self, x: np.ndarray) -> np.ndarray:
+        return (x.T if self.transpose else x).reshape(self.shape)
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        return x.reshape(self.hf_shape[::-1]).T if self.transpose else x.reshape(self.hf_shape)
+
+
+def weight_table(cfg: ModelConfig) -> list[WeightSpec]:
+    """Every weight of `cfg`'s model, in our layout and the checkpoint's."""
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    lp = "model.layers.{i}."
+    specs = [
+        WeightSpec("embed", (V, D), ("vocab", "embed"), "model.embed_tokens.weight", (V, D)),
+        WeightSpec("layers.attn_norm", (D,), ("embed",), lp + "input_layernorm.weight", (D,), init="ones"),
+        WeightSpec("layers.wq", (D, N, H), ("embed", "heads", "head_dim"), lp + "self_attn.q_proj.weight", (N * H, D), True),
+        WeightSpec("layers.wk", (D, K, H), ("embed", "kv_heads", "head_dim"), lp + "self_attn.k_proj.weight", (K * H, D), True),
+        WeightSpec("layers.wv", (D, K, H), ("embed", "kv_heads", "head_dim"), lp + "self_attn.v_proj.weight", (K * H, D), True),
+        WeightSpec("layers.wo", (N, H, D), ("heads", "head_dim", "embed"), lp + "self_attn.o_proj.weight", (D, N * H), True),
+        WeightSpec("layers.mlp_norm", (D,), ("embed",), lp + "post_attention_layernorm.weight", (D,), init="ones"),
+        WeightSpec("layers.w_gate", (D, F), ("embed", "mlp"), lp + "mlp.gate_proj.weight", (F, D), True),
+        WeightSpec("layers.w_up", (D, F), ("embed", "mlp"), lp + "mlp.up_proj.weight", (F, D), True),
+        WeightSpec("layers.w_down", (F, D), ("mlp", "embed"), lp + "mlp.down_proj.weight", (D, F), True),
+        WeightSpec("final_norm", (D,), ("embed",), "model.norm.weight", (D,), init="ones"),
+    ]
+    if cfg.qkv_bias:
+        specs += [
+            WeightSpec("layers.bq", (N, H), ("heads", "head_dim"), lp + "self_attn.q_proj.bias", (N * H,)),
+            WeightSpec("layers.bk", (K, H), ("kv_heads", "head_dim"), lp + "self_attn.k_proj.bias", (K * H,)),
+            WeightSpec("layers.bv", (K, H), ("kv_heads", "head_dim"), lp + "self_attn.v_proj.bias", (K * H,)),
+        ]
+    if cfg.o_bias:
+        specs.append(WeightSpec("layers.bo", (D,), ("embed",), lp + "self_attn.o_proj.bias", (D,)))
+    if cfg.qk_norm:
+        specs += [
+            WeightSpec("layers.q_norm", (H,), ("head_dim",), lp + "self_attn.q_norm.weight", (H,), init="ones"),
+            WeightSpec("layers.k_norm", (H,), ("head_dim",), lp + "self_attn.k_norm.weight", (H,), init="ones"),
+        ]
+    if not cfg.tie_word_embeddings:
+        specs.append(WeightSpec("lm_head", (D, V), ("embed", "vocab"), "lm_head.weight", (V, D), True))
+    return specs
+
+
+def _set_path(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[leaf] = value
+
+
+def _get_path(tree: dict, dotted: str):
+    for p in dotted.split("."):
+        tree = tree[p]
+    return tree
+
+
+def _fan_in(spec: WeightSpec) -> int:
+    # Inputs are the leading dims of a [in..., out...] weight; the embedding reads one row.
+    if spec.name == "embed":
+        return spec.shape[1]
+    if spec.name.endswith("wo"):
+        return spec.shape[0] * spec.shape[1]
+    return spec.shape[0]
+
+
+def abstract_params(cfg: ModelConfig, dtype, mesh=None) -> dict:
+    """The parameter tree as `jax.ShapeDtypeStruct`s (with shardings when a mesh is given)."""
+    tree: dict = {}
+    for spec in weight_table(cfg):
+        sharding = logical_sharding(mesh, spec.full_axes()) if mesh is not None else None
+        _set_path(tree, spec.name, jax.ShapeDtypeStruct(spec.full_shape(cfg.num_layers), dtype, sharding=sharding))
+    return tree
+
+
+def init_params(cfg: ModelConfig, dtype, seed: int = 0, mesh=None) -> dict:
+    """Deterministic random weights: normal with std 1/sqrt(fan_in) (varied greedy outputs), norms at one."""
+    tree: dict = {}
+    root = jax.random.PRNGKey(seed)
+    for index, spec in enumerate(weight_table(cfg)):
+        shape = spec.full_shape(cfg.num_layers)
+        if spec.init == "ones":
+            value = jnp.ones(shape, dtype)
+        else:
+            key = jax.random.fold_in(root, index)
+            value = (jax.random.normal(key, shape, jnp.float32) / math.sqrt(_fan_in(spec))).astype(dtype)
+        if mesh is not None:
+            value = jax.device_put(value, logical_sharding(mesh, spec.full_axes()))
+        _set_path(tree, spec.name, value)
+    return tree
+
+
+def _read_checked(reader: safetensors_io.Reader, key: str, spec: WeightSpec) -> np.ndarray:
+    if key not in reader:
+        raise CheckpointError(f"checkpoint is missing tensor {key!r} (expected shape {spec.hf_shape})")
+    arr = reader.get(key)
+    if tuple(arr.shape) != spec.hf_shape:
+        raise CheckpointError(f"tensor {key!r} has shape {tuple(arr.shape)}, expected {spec.hf_shape}")
+    return arr
+
+
+def load_safetensors(path: str | Path, cfg: ModelConfig, dtype, mesh=None) -> dict:
+    """Load a single-file or sharded safetensors checkpoint, cast to `dtype`, strictly."""
+    reader = safetensors_io.Reader(Path(path))
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    used: set[str] = set()
+    tree: dict = {}
+    for spec in weight_table(cfg):
+        keys = [spec.hf_key.format(i=i) for i in range(cfg.num_layers)] if spec.stacked else [spec.hf_key]
+        parts = [spec.to_ours(_read_checked(reader, k, spec)).astype(np_dtype) for k in keys]
+        used.update(keys)
+        value = np.stack(parts) if spec.stacked else parts[0]
+        sharding = logical_sharding(mesh, spec.full_axes()) if mesh is not None else None
+        _set_path(tree, spec.name, jax.device_put(value, sharding))
+    _check_leftovers(reader.keys(), used, cfg)
+    return tree
+
+
+def _check_leftovers(keys, used: set[str], cfg: ModelConfig) -> None:
+    # Tied checkpoints sometimes still carry a copy of the embedding as lm_head.weight.
+    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    rotary = {k for k in keys if k.endswith("rotary_emb.inv_freq")}  # old Llama exports
+    unexpected = sorted(set(keys) - used - ignorable - rotary)
+    if unexpected:
+        shown = ", ".join(repr(k) for k in unexpected[:5])
+        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        raise CheckpointError(f"checkpoint has unexpected tensor(s) {shown}{more} for a "
+                              f"{cfg.model_type} model with {cfg.num_layers} layers")
+
+
+def to_hf_tensors(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The parameter tree in the checkpoint's keys and layouts (host numpy)."""
+    out = {}
+    for spec in weight_table(cfg):
+        value = np.asarray(jax.device_get(_get_path(params, spec.name)))
+        if spec.stacked:
+            for i in range(cfg.num_layers):
+                out[spec.hf_key.format(i=i)] = np.ascontiguousarray(spec.to_hf(value[i]))
+        else:
+            out[spec.hf_key] = np.ascontiguousarray(spec.to_hf(value))
+    return out
