@@ -147,12 +147,6 @@ class ModelConfig:
             hf["use_sliding_window"] = True
         return hf
 
-    def num_params(self) -> int:
-        D, F, V, L = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
-        attn = D * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-        per_layer = attn + 3 * D * F + 2 * D
-        return L * per_layer + V * D * (1 if self.tie_word_embeddings else 2) + D
-
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}

@@ -29,22 +29,36 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-def model_dir(path: str | Path | None) -> Path:
-    """The directory to read: `path`, or the embedded default's when None."""
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where a model's config, weights and tokenizer files are."""
+
+    config_path: Path
+    weights: Path | None  # None: deterministic random weights from DEFAULT_MODEL_SEED
+
+    @property
+    def directory(self) -> Path:  # tokenizer and generation config live beside config.json
+        return self.config_path.parent
+
+
+def find_model(path: str | Path | None) -> ModelSource:
+    """None: the embedded default; a .json file: random weights of that shape; else a checkpoint dir."""
     if path is None:
-        return DEFAULT_MODEL_DIR
+        return ModelSource(DEFAULT_MODEL_DIR / "config.json", None)
     path = Path(path).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        return ModelSource(path, None)
     if not path.is_dir():
-        raise CheckpointError(f"model path {path} is not a directory (expected a Hugging Face checkpoint)")
+        raise CheckpointError(f"model path {path} is neither a checkpoint directory nor a config .json file")
     if not (path / "config.json").exists():
         raise CheckpointError(f"no config.json in {path}")
-    return path
+    return ModelSource(path / "config.json", path)
 
 
-def load_config(directory: Path) -> ModelConfig:
-    cfg = ModelConfig.from_json(directory / "config.json")
-    eos = _generation_eos(directory)
-    return cfg if not eos else _with_eos(cfg, eos)
+def load_config(source: ModelSource) -> ModelConfig:
+    cfg = ModelConfig.from_json(source.config_path)
+    eos = tuple(dict.fromkeys(cfg.eos_token_ids + _generation_eos(source.directory)))
+    return dataclasses.replace(cfg, eos_token_ids=eos)
 
 
 def _generation_eos(directory: Path) -> tuple[int, ...]:
@@ -56,16 +70,11 @@ def _generation_eos(directory: Path) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
 
 
-def _with_eos(cfg: ModelConfig, extra: tuple[int, ...]) -> ModelConfig:
-    merged = tuple(dict.fromkeys(cfg.eos_token_ids + extra))
-    return dataclasses.replace(cfg, eos_token_ids=merged)
-
-
-def load_params(path: str | Path | None, cfg: ModelConfig, dtype: str, mesh) -> dict:
-    """Weights on their shards, cast to `dtype`, from whichever format `path` holds."""
-    if path is None:
+def load_params(source: ModelSource, cfg: ModelConfig, dtype: str, mesh) -> dict:
+    """Weights on their shards, cast to `dtype`, from whichever format the source holds."""
+    if source.weights is None:
         return init_params(cfg, jnp.dtype(dtype), DEFAULT_MODEL_SEED, mesh)
-    directory = Path(path)
+    directory = source.weights
     if (directory / ORBAX_MARKER).exists():
         return _restore_orbax(directory, cfg, dtype, mesh)
     return load_safetensors(directory, cfg, jnp.dtype(dtype), mesh)
@@ -105,5 +114,5 @@ def _copy_side_files(source: Path, output: Path) -> None:
             shutil.copy2(source / name, output / name)
 
 
-__all__ = ["CheckpointError", "ConfigError", "load_config", "load_params", "model_dir",
+__all__ = ["CheckpointError", "ConfigError", "ModelSource", "find_model", "load_config", "load_params",
            "save_orbax", "save_safetensors"]

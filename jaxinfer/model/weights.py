@@ -86,6 +86,10 @@ def weight_table(cfg: ModelConfig) -> list[WeightSpec]:
     return specs
 
 
+def param_count(cfg: ModelConfig) -> int:
+    return sum(math.prod(spec.full_shape(cfg.num_layers)) for spec in weight_table(cfg))
+
+
 def _set_path(tree: dict, dotted: str, value) -> None:
     *parents, leaf = dotted.split(".")
     for p in parents:

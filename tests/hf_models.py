@@ -1,0 +1,36 @@
+"""Tiny random Hugging Face checkpoints of every supported family, built with transformers.
+
+Weights use std ~ 1/sqrt(hidden) rather than HF's 0.02 so greedy decoding varies
+and the top-2 logit margins are wide enough to compare tokens exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+              initializer_range=0.125, bos_token_id=1, eos_token_id=2)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64, "rope_theta": 500000.0}
+
+FAMILIES = {
+    "llama2": (transformers.LlamaConfig, dict(rope_theta=10000.0)),
+    "llama2-bias": (transformers.LlamaConfig, dict(attention_bias=True)),
+    "llama3": (transformers.LlamaConfig, dict(rope_parameters=LLAMA3_ROPE)),
+    "llama3.2-tied": (transformers.LlamaConfig, dict(rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True)),
+    "mistral": (transformers.MistralConfig, dict(sliding_window=24)),
+    "qwen2": (transformers.Qwen2Config, dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "qwen3": (transformers.Qwen3Config, dict(head_dim=32, num_attention_heads=8)),
+}
+
+
+def build(family: str, directory, dtype=torch.float32, seed: int = 0, **save_kwargs):
+    """Save a random `family` checkpoint to `directory`; return the torch model (float32, eval)."""
+    config_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**COMMON, **extra})).eval()
+    model.generation_config.eos_token_id = None  # greedy parity runs the full length
+    model.to(dtype).save_pretrained(directory, **save_kwargs)
+    return model.float()
