@@ -1,0 +1,346 @@
+"""Text <-> token ids for a Hugging Face checkpoint directory.
+
+Owns: loading the checkpoint's tokenizer (``tokenizer.json`` through the ``tokenizers`` library, else
+``tokenizer.model`` through ``sentencepiece``), the special ids (BOS, every EOS, PAD) from the checkpoint's configs,
+chat-template rendering, and streaming detokenization. Host code only: it must never import JAX, and it knows
+nothing about models, weights or scheduling.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+import sentencepiece
+import tokenizers
+from sentencepiece import sentencepiece_model_pb2
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+# The named special tokens that transformers passes to every chat template.
+_NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# Tokens of prompt context the detokenizer re-decodes (vLLM uses 5): enough to cover a multi-token character.
+_CONTEXT_TOKENS = 5
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _content(token) -> str | None:
+    """A token in tokenizer_config.json is a string or an AddedToken-like dict."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _ids(value) -> list[int]:
+    """A config's ``*_token_id`` is absent, null, an int or a list of ints."""
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+class _TokenizersBackend:
+    """tokenizer.json run exactly as the file describes it: normalizer, pre-tokenizer, model, post-processor (which
+    adds BOS/EOS, as in transformers 5, which drops tokenizer_config's add_bos_token when a tokenizer.json exists) and
+    decoder."""
+
+    def __init__(self, path: Path):
+        self._tok = tokenizers.Tokenizer.from_file(str(path))
+        # An engine must see the whole prompt: the file's truncation and padding are for training pipelines.
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
+        self.default_tokens: dict[str, str] = {}
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+
+class _SentencePieceBackend:
+    """tokenizer.model run by sentencepiece itself, with what transformers layers on top: the added tokens of
+    tokenizer_config.json are matched on the raw text first, and BOS/EOS follow ``add_bos_token``/``add_eos_token``.
+
+    Text after an added token gets sentencepiece's dummy-prefix space only with ``legacy: true``, as in transformers.
+    Text that starts with whitespace still gets the dummy prefix, as sentencepiece (and llama.cpp) do; transformers 5
+    drops it there.
+    """
+
+    def __init__(self, path: Path, config: dict):
+        proto = sentencepiece_model_pb2.ModelProto()
+        try:
+            proto.ParseFromString(path.read_bytes())
+        except Exception as e:  # protobuf raises its own DecodeError; tiktoken files also end in .model
+            raise ValueError(f"{path} is not a sentencepiece model (tiktoken files are not supported): {e}") from e
+        self._dummy_prefix = config.get("add_prefix_space", proto.normalizer_spec.add_dummy_prefix)
+        self._legacy = config.get("legacy", False)
+        self._prefixed, self._bare = (self._processor(proto, prefix) for prefix in (True, False))
+        sp = self._bare
+        added_tokens = config.get("added_tokens_decoder") or {}
+        self._added = {int(i): _content(t) for i, t in added_tokens.items()}
+        specials = {i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)}
+        self._added.update({i: sp.id_to_piece(i) for i in specials if i not in self._added})
+        specials |= {int(i) for i, t in added_tokens.items() if t.get("special")}
+        self._specials = frozenset(specials)
+        self._token_ids = {content: i for i, content in self._added.items()}
+        by_length = sorted(self._token_ids, key=len, reverse=True)
+        self._split = re.compile("|".join(map(re.escape, by_length))) if by_length else None
+        self.vocab_size = max(sp.get_piece_size(), max(self._added, default=-1) + 1)
+        self.default_tokens = {
+            name: sp.id_to_piece(i)
+            for name, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id()),
+                            ("pad_token", sp.pad_id()))
+            if i >= 0
+        }
+        self._template = self._bos_eos(config)
+
+    @staticmethod
+    def _processor(proto, dummy_prefix: bool) -> sentencepiece.SentencePieceProcessor:
+        proto.normalizer_spec.add_dummy_prefix = dummy_prefix
+        return sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+    def _bos_eos(self, config: dict) -> tuple[list[int], list[int]]:
+        def ids(flag: str, name: str) -> list[int]:
+            token = _content(config.get(name)) or self.default_tokens.get(name)
+            token_id = self.token_to_id(token) if config.get(flag) and token else None
+            return [] if token_id is None else [token_id]
+
+        return ids("add_bos_token", "bos_token"), ids("add_eos_token", "eos_token")
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        ids, start = [], 0
+        for match in self._split.finditer(text) if self._split else ():
+            ids += self._encode_plain(text[start:match.start()], at_start=start == 0)
+            ids.append(self._token_ids[match.group()])
+            start = match.end()
+        ids += self._encode_plain(text[start:], at_start=start == 0)
+        bos, eos = self._template if add_special_tokens else ([], [])
+        return bos + ids + eos
+
+    def _encode_plain(self, text: str, at_start: bool) -> list[int]:
+        prefixed = self._dummy_prefix and (at_start or self._legacy)
+        return (self._prefixed if prefixed else self._bare).encode(text) if text else []
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._specials]
+        parts = []
+        for n, (added, run) in enumerate(itertools.groupby(ids, key=self._added.__contains__)):
+            if added:
+                parts += [self._added[i] for i in run]
+            else:
+                # Only text at the very start loses the dummy-prefix space, as in sentencepiece and transformers.
+                first = n == 0 and self._dummy_prefix
+                parts.append((self._prefixed if first else self._bare).decode(list(run)))
+        return "".join(parts)
+
+    def token_to_id(self, token: str) -> int | None:
+        if token in self._token_ids:
+            return self._token_ids[token]
+        token_id = self._bare.piece_to_id(token)
+        # piece_to_id answers the unknown id for a piece it lacks.
+        return token_id if self._bare.id_to_piece(token_id) == token else None
+
+    def id_to_token(self, token_id: int) -> str | None:
+        if token_id in self._added:
+            return self._added[token_id]
+        return self._bare.id_to_piece(token_id) if 0 <= token_id < self._bare.get_piece_size() else None
+
+
+def _load_backend(path: Path, config: dict) -> _TokenizersBackend | _SentencePieceBackend:
+    if (path / "tokenizer.json").is_file():
+        return _TokenizersBackend(path / "tokenizer.json")
+    if (path / "tokenizer.model").is_file():
+        return _SentencePieceBackend(path / "tokenizer.model", config)
+    where = path if path.is_dir() else f"{path} (not a directory)"
+    raise FileNotFoundError(
+        f"no tokenizer in {where}: looked for tokenizer.json (Hugging Face tokenizers) and "
+        "tokenizer.model (sentencepiece)"
+    )
+
+
+def _load_chat_templates(path: Path, config: dict) -> dict[str, str]:
+    """Chat templates by name, found where transformers 5 looks: the files it saves (chat_template.jinja is
+    "default", additional_chat_templates/NAME.jinja) win over tokenizer_config.json's ``chat_template``, a string
+    ("default") or a list of {name, template}."""
+    files = {p.stem: p for p in sorted((path / "additional_chat_templates").glob("*.jinja"))}
+    if (path / "chat_template.jinja").is_file():
+        files["default"] = path / "chat_template.jinja"
+    if files:
+        return {name: file.read_text(encoding="utf-8") for name, file in files.items()}
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        return {t["name"]: t["template"] for t in template}
+    return {"default": template} if template else {}
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """``{% generation %}...{% endgeneration %}`` marks assistant text for training masks; rendering keeps the body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller):
+        return caller()
+
+
+def _raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # Jinja's own tojson escapes HTML characters; templates expect plain json.dumps, as transformers gives them.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _compile_chat_template(source: str) -> jinja2.Template:
+    """The same sandboxed environment transformers renders chat templates in, so checkpoints' templates agree."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+class Tokenizer:
+    """A checkpoint's tokenizer: ids, special ids and chat template, matching ``transformers.AutoTokenizer``."""
+
+    def __init__(self, backend, special_tokens: dict[str, str], model_configs: list[dict],
+                 chat_templates: dict[str, str], name: str):
+        self._backend = backend
+        self._special_tokens = special_tokens
+        self._chat_templates = chat_templates
+        self._compiled_templates: dict[str, jinja2.Template] = {}
+        self.name = name
+        self.vocab_size: int = backend.vocab_size
+        self.bos_id = self._special_id("bos", model_configs)
+        eos = [i for config in model_configs for i in _ids(config.get("eos_token_id"))]
+        eos += _ids(self._token_id("eos_token"))
+        self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys(eos))
+        self.pad_id = self._special_id("pad", model_configs)
+        self.add_bos: bool = self.bos_id is not None and self.encode("")[:1] == [self.bos_id]
+
+    @classmethod
+    def from_pretrained(cls, path) -> Tokenizer:
+        """Load from a Hugging Face checkpoint directory; tokenizer.json is preferred over tokenizer.model."""
+        path = Path(path)
+        config = _read_json(path / "tokenizer_config.json")
+        backend = _load_backend(path, config)
+        special_tokens = dict(backend.default_tokens)
+        special_tokens.update({name: _content(config[name]) for name in _NAMED_TOKENS if config.get(name)})
+        # generation_config.json describes how this checkpoint generates, so it comes before config.json.
+        model_configs = [_read_json(path / "generation_config.json"), _read_json(path / "config.json")]
+        return cls(backend, special_tokens, model_configs, _load_chat_templates(path, config), str(path))
+
+    def _token_id(self, name: str) -> int | None:
+        token = self._special_tokens.get(name)
+        return None if token is None else self._backend.token_to_id(token)
+
+    def _special_id(self, kind: str, model_configs: list[dict]) -> int | None:
+        """The tokenizer's own ``<kind>_token`` first, else the first ``<kind>_token_id`` in the model configs."""
+        token_id = self._token_id(f"{kind}_token")
+        config_ids = [i for config in model_configs for i in _ids(config.get(f"{kind}_token_id"))]
+        return token_id if token_id is not None else next(iter(config_ids), None)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._backend.encode(text, add_special_tokens)
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary entry for one id (e.g. 'Ġthe', '▁the', '<0xE6>'), None outside the vocabulary."""
+        return self._backend.id_to_token(int(token_id))
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._backend.token_to_id(token)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """Render the checkpoint's chat template to text, as transformers' ``apply_chat_template(tokenize=False)``.
+
+        The rendered text usually carries its own BOS: encode it with ``add_special_tokens=False``, as transformers
+        does.
+        """
+        # As in transformers: a "tool_use" template, where there is one, renders requests that pass tools.
+        name = "tool_use" if kwargs.get("tools") is not None and "tool_use" in self._chat_templates else "default"
+        if name not in self._chat_templates:
+            raise ValueError(
+                f"the checkpoint {self.name} has no chat template (looked for chat_template.jinja and "
+                f"tokenizer_config.json 'chat_template'; named templates: {sorted(self._chat_templates)}); "
+                "send a plain prompt instead"
+            )
+        if name not in self._compiled_templates:
+            self._compiled_templates[name] = _compile_chat_template(self._chat_templates[name])
+        # Like transformers: drop None fields, which many templates would render as the text "None".
+        messages = [{k: v for k, v in message.items() if v is not None} for message in messages]
+        context = {"tools": None, "documents": None, **self._special_tokens, **kwargs}
+        return self._compiled_templates[name].render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **context
+        )
+
+
+class IncrementalDetokenizer:
+    """Turns generated ids into text one token at a time, emitting only whole characters.
+
+    As vLLM does with its prefix and read offsets, each step decodes a short window of ids twice: up to the read
+    offset (text already emitted) and to the end; the new text is the difference, held back while it ends in U+FFFD
+    (an unfinished UTF-8 sequence split across tokens). The window starts at the first token of the latest emission,
+    so both decodes start at the same token, so start-of-text rules of decoders (sentencepiece dropping the first '▁',
+    Strip decoders) apply to both and cancel.
+
+    Without ``prompt_ids``, ``text`` equals ``tokenizer.decode(generated ids)`` (after ``flush()``). With them, the
+    window starts in the prompt's last tokens and ``text`` continues the prompt's text: a sentencepiece model's first
+    generated word keeps its leading space, as in vLLM.
+
+    One exception: where a tokenizers ByteFallback decoder meets invalid UTF-8, it turns the whole run of byte tokens
+    into U+FFFD, so characters streamed before the bad byte arrived stay in ``text`` but not in ``decode``.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids=(), skip_special_tokens: bool = True):
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._ids = [int(i) for i in list(prompt_ids)[-_CONTEXT_TOKENS:]]  # the window
+        self._read_offset = len(self._ids)
+        self.text = ""
+
+    def add(self, token_id: int) -> str:
+        """Append one generated id; return the text it completes ('' while a character is unfinished)."""
+        self._ids.append(int(token_id))
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """Return the text still held back at the end of generation; an unfinished character decodes to U+FFFD,
+        as in ``decode``."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        decode = self._tokenizer.decode
+        emitted = decode(self._ids[:self._read_offset], self._skip_special_tokens)
+        window = decode(self._ids, self._skip_special_tokens)
+        if len(window) <= len(emitted) or (window.endswith("\ufffd") and not final):
+            return ""
+        delta = window[len(emitted):]
+        # The next window starts after the ids just emitted; nothing before it is decoded again.
+        del self._ids[:self._read_offset]
+        self._read_offset = len(self._ids)
+        self.text += delta
+        return delta
