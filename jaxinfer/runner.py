@@ -61,7 +61,12 @@ def _bucket(n: int, buckets: tuple[int, ...]) -> int:
     for size in buckets:
         if n <= size:
             return size
-    raise ValueError(f"chunk of {n} tokens exceeds the largest prefill bucket {buckets[-1]}")
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+def _powers_of_two_upto(limit: int) -> tuple[int, ...]:
+    sizes = tuple(1 << i for i in range(limit.bit_length()) if 1 << i < limit)
+    return sizes + (limit,)
 
 
 class ModelRunner:
@@ -71,6 +76,7 @@ class ModelRunner:
         self.cfg, self.engine, self.params, self.mesh = cfg, engine, params, mesh
         self.kv = init_kv_pool(cfg, engine, mesh)
         self._compiled: dict[tuple, object] = {}
+        self._page_buckets = _powers_of_two_upto(engine.pages_per_seq)
         self.compile_seconds = 0.0
 
     @property
@@ -88,9 +94,15 @@ class ModelRunner:
                      name, key[1:], took, self.num_compiles, self.compile_seconds)
         return self._compiled[key]
 
+    def _batch(self, tokens, positions, block_tables) -> Batch:
+        """Device batch with the block tables cut to the pages this step can touch (bucketed):
+        attention reads what the batch holds, not what the longest possible sequence would."""
+        width = _bucket(int(positions.max()) // self.engine.page_size + 1, self._page_buckets)
+        return Batch(jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32),
+                     jnp.asarray(block_tables[:, :width], jnp.int32))
+
     def _run_step(self, tokens, positions, block_tables, last_index, temperature, seed) -> np.ndarray:
-        batch = Batch(jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32),
-                      jnp.asarray(block_tables, jnp.int32))
+        batch = self._batch(tokens, positions, block_tables)
         args = (self.params, self.kv, batch, jnp.asarray(last_index, jnp.int32),
                 jnp.asarray(temperature, jnp.float32), jnp.asarray(seed, jnp.uint32))
         out, self.kv = self._executable(_step, "step", *args)(*args)
@@ -121,16 +133,19 @@ class ModelRunner:
     def score(self, tokens: np.ndarray, start: int, block_table: np.ndarray) -> np.ndarray:
         """Like `prefill`, returning float32 logits [len(tokens), V] of every chunk position."""
         padded, positions = self._pad_chunk(tokens, start)
-        batch = Batch(jnp.asarray(padded), jnp.asarray(positions), jnp.asarray(block_table[None], jnp.int32))
+        batch = self._batch(padded, positions, block_table[None])
         args = (self.params, self.kv, batch)
         out, self.kv = self._executable(_score, "score", *args)(*args)
         return np.asarray(out[0, :len(tokens)])
 
     def warmup(self) -> None:
-        """Compile every prefill bucket and the decode step before serving."""
-        table = np.zeros(self.engine.pages_per_seq, np.int32)
+        """Compile every (prefill chunk, page width) and decode page-width bucket before serving."""
+        B, Z, P = self.engine.max_slots, self.engine.page_size, self.engine.pages_per_seq
+        last_positions = [min(width * Z, self.engine.max_model_len) - 1 for width in self._page_buckets]
         for size in self.engine.prefill_buckets():
-            self.prefill(np.zeros(size, np.int32), 0, table, 0.0, 0)
-        B = self.engine.max_slots
-        self.decode(np.zeros(B, np.int32), np.full(B, -1, np.int32),
-                    np.zeros((B, self.engine.pages_per_seq), np.int32), np.zeros(B, np.float32), np.zeros(B, np.uint32))
+            for last in last_positions:
+                if last + 1 >= size:
+                    self.prefill(np.zeros(size, np.int32), last + 1 - size, np.zeros(P, np.int32), 0.0, 0)
+        for last in last_positions:
+            self.decode(np.zeros(B, np.int32), np.full(B, last, np.int32), np.zeros((B, P), np.int32),
+                        np.zeros(B, np.float32), np.zeros(B, np.uint32))

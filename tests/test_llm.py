@@ -1,0 +1,125 @@
+"""The first Python API and the command line: sampling, batch independence, limits, errors, no leaks."""
+
+import subprocess
+import sys
+
+import pytest
+
+from hf_models import build
+from jaxinfer.config import EngineConfig
+from jaxinfer.llm import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm():
+    """The embedded default model, small enough limits to reach them in a test."""
+    return LLM(engine=EngineConfig(max_slots=3, page_size=8, prefill_chunk=32, max_model_len=96))
+
+
+def _free_all(llm):
+    return llm.pages.num_free == llm.engine.num_pages - 1
+
+
+def test_default_model_generates_text(llm):
+    out = llm.generate("Hello", SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    assert out.prompt == "Hello" and out.prompt_token_ids[0] == llm.tokenizer.bos_id
+    assert len(out.outputs[0].token_ids) == 8
+    assert out.outputs[0].text == llm.tokenizer.decode(out.outputs[0].token_ids)
+    assert _free_all(llm)
+
+
+def test_outputs_do_not_depend_on_the_rest_of_the_batch(llm):
+    """Greedy and seeded sampling give the same tokens alone and among other requests."""
+    prompts = ["The quick brown fox", "Once upon a time", "To be or not", "Hello", "A much longer prompt " * 4]
+    for params in (SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+                   SamplingParams(max_tokens=12, temperature=0.9, seed=1234, ignore_eos=True)):
+        together = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        alone = [llm.generate(p, params)[0].outputs[0].token_ids for p in prompts]
+        assert together == alone
+    assert _free_all(llm)
+
+
+def test_seeds_decide_samples(llm):
+    params = dict(max_tokens=16, temperature=1.0, ignore_eos=True)
+    a = llm.generate("Hello", SamplingParams(seed=1, **params))[0].outputs[0].token_ids
+    b = llm.generate("Hello", SamplingParams(seed=1, **params))[0].outputs[0].token_ids
+    c = llm.generate("Hello", SamplingParams(seed=2, **params))[0].outputs[0].token_ids
+    greedy = llm.generate("Hello", SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+    assert a == b
+    assert a != c and a != greedy[0].outputs[0].token_ids
+
+
+def test_context_end_stops_with_length(llm):
+    prompt = list(range(5, 5 + 90))
+    out = llm.generate([prompt], SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 96 - 90 and out.outputs[0].finish_reason == "length"
+    assert out.prompt is None and out.outputs[0].text  # token-id prompts still decode their output
+
+
+def test_stop_token_ids_finish_with_stop(llm):
+    first = llm.generate("Hello", SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))[0]
+    stop = first.outputs[0].token_ids[2]
+    out = llm.generate("Hello", SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, stop_token_ids=[stop]))
+    completion = out[0].outputs[0]
+    assert completion.finish_reason == "stop" and completion.token_ids[-1] == stop
+    assert completion.token_ids == first.outputs[0].token_ids[:len(completion.token_ids)]
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ([[]], "prompt 0 is empty"),
+    ([[1, 4096]], "token id 4096 outside the vocabulary"),
+    ([[-1]], "token id -1 outside"),
+    ([list(range(96))], "96 tokens; the maximum context length is 96"),
+    ([], "non-empty"),
+])
+def test_bad_prompts_are_refused_clearly(llm, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate(prompt, SamplingParams(max_tokens=4))
+    assert _free_all(llm)
+    assert llm.generate("still serving", SamplingParams(max_tokens=2))[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_tokens=0), "max_tokens must be a positive integer"),
+    (dict(temperature=-1.0), "temperature must be a finite number"),
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(seed=-3), "seed must be in"),
+])
+def test_bad_sampling_params(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_request_that_cannot_fit_is_refused():
+    tight = LLM(engine=EngineConfig(max_slots=1, page_size=8, max_model_len=64, num_pages=3))
+    with pytest.raises(MemoryError, match="needs 3 KV pages"):
+        tight.generate([list(range(5, 25))], SamplingParams(max_tokens=4))
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "jaxinfer.cli", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def test_cli_generate_with_the_embedded_model(tmp_path):
+    result = _cli("generate", "Hello", "--max-tokens", "6", cwd=tmp_path)  # no model files anywhere
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hello") and len(result.stdout.strip()) > len("Hello")
+    assert "tokens/s" in result.stderr
+
+
+def test_cli_convert_then_generate_gives_the_same_tokens(tmp_path):
+    build("qwen2", tmp_path / "hf")
+    result = _cli("convert", "--model", str(tmp_path / "hf"), "--output", str(tmp_path / "orbax"), "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    engine = EngineConfig(max_slots=2, page_size=8, prefill_chunk=16, dtype="float32")
+    prompt = [[5, 9, 200, 31, 7, 77, 12, 150, 3, 4, 90, 91, 92, 93, 94, 95, 96, 97]]
+    a = LLM(tmp_path / "hf", engine).generate(prompt, params)[0].outputs[0].token_ids
+    b = LLM(tmp_path / "orbax", engine).generate(prompt, params)[0].outputs[0].token_ids
+    assert a == b
+
+
+def test_cli_reports_bad_checkpoints(tmp_path):
+    result = _cli("generate", "Hi", "--model", str(tmp_path))
+    assert result.returncode == 2 and "no config.json" in result.stderr
