@@ -39,7 +39,7 @@ def _convert(args) -> None:
     if source.weights is None:
         raise CheckpointError("convert needs a checkpoint directory with weights (--model PATH)")
     cfg = load_config(source)
-    dtype = args.dtype if args.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    dtype = EngineConfig(dtype=args.dtype).resolve(cfg, jax.default_backend()).dtype
     start = time.perf_counter()
     params = load_params(source, cfg, dtype, make_mesh())
     loaded = time.perf_counter()

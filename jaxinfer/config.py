@@ -212,6 +212,13 @@ def _sliding_window(hf: dict, model_type: str) -> int | None:
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def _auto_dtype(model: ModelConfig, platform: str) -> str:
+    """float32 on CPU (no fast half-precision matmuls); on accelerators the checkpoint's half dtype, else bfloat16."""
+    if platform == "cpu":
+        return "float32"
+    return model.dtype if model.dtype in ("bfloat16", "float16") else "bfloat16"
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Serving knobs. Sizes are in tokens unless the name says otherwise."""
@@ -222,7 +229,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: min(model's max positions, 4096)
     prefill_chunk: int = 256  # largest prefill bucket; prompts longer than this are chunked
     min_prefill_bucket: int = 16
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on accelerators
+    dtype: str = "auto"  # auto: float32 on CPU; on accelerators the checkpoint's half dtype or bfloat16
     seed: int = 0
 
     def __post_init__(self):
@@ -242,7 +249,7 @@ class EngineConfig:
                               f"max_position_embeddings={model.max_position_embeddings}")
         pages_per_seq = math.ceil(max_len / self.page_size)
         num_pages = self.num_pages or self.max_slots * pages_per_seq + 1
-        dtype = self.dtype if self.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
+        dtype = self.dtype if self.dtype != "auto" else _auto_dtype(model, platform)
         return dataclasses.replace(self, max_model_len=max_len, num_pages=num_pages, dtype=dtype)
 
     @property

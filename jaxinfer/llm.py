@@ -84,7 +84,7 @@ class LLM:
     """Load a model (a Hugging Face or converted directory; None: the embedded default) and generate."""
 
     def __init__(self, model: str | Path | None = None, engine: EngineConfig | None = None,
-                 mesh_shape: tuple[int, int] = (1, 1)):
+                 mesh_shape: tuple[int, int] = (1, 1), warmup: bool = False):
         source = find_model(model)
         start = time.perf_counter()
         self.model_config = load_config(source)
@@ -100,6 +100,8 @@ class LLM:
         self._rng = np.random.default_rng(self.engine.seed)
         log.info("loaded %s (%s, %d layers) in %.2fs", source.config_path, self.model_config.model_type,
                  self.model_config.num_layers, time.perf_counter() - start)
+        if warmup:
+            self.runner.warmup()
 
     def generate(self, prompts, sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
         """prompts: a string, a list of strings, or a list of token-id lists."""
@@ -136,15 +138,24 @@ class LLM:
         if len(ids) >= limit:
             raise ValueError(f"prompt {index} has {len(ids)} tokens; the maximum context length is {limit} "
                              "tokens, and at least one must be left to generate")
+        max_new = min(params.max_tokens, limit - len(ids))
+        need, capacity = pages_for(len(ids) + max_new, self.engine.page_size), self.pages.num_pages - 1
+        if need > capacity:
+            raise MemoryError(f"prompt {index} needs {need} KV pages for {len(ids)} + {max_new} tokens; "
+                              f"the whole pool has {capacity}")
         seed = params.seed if params.seed is not None else int(self._rng.integers(2**63))
-        return _Sequence(index, ids, params, seed, min(params.max_tokens, limit - len(ids)))
+        return _Sequence(index, ids, params, seed, max_new)
 
     def _run(self, queue: deque) -> None:
         slots: list[_Sequence | None] = [None] * self.engine.max_slots
-        while queue or any(slots):
-            self._admit(queue, slots)
-            if any(slots):
-                self._decode(slots)
+        try:
+            while queue or any(slots):
+                self._admit(queue, slots)
+                if any(slots):
+                    self._decode(slots)
+        finally:  # an interrupted run must not keep its pages
+            for seq in filter(None, slots):
+                self.pages.free(seq.pages)
 
     def _admit(self, queue: deque, slots: list) -> None:
         for i, seq in enumerate(slots):
@@ -152,13 +163,12 @@ class LLM:
                 continue
             need = pages_for(len(queue[0].prompt_ids) + queue[0].max_new, self.engine.page_size)
             if not self.pages.can_allocate(need):
-                if not any(slots):
-                    raise MemoryError(f"request needs {need} KV pages; the pool has {self.pages.num_free} free")
-                return
-            seq = queue.popleft()
+                return  # it fits the pool (checked on arrival): wait for running sequences to finish
+            seq = slots[i] = queue.popleft()
             seq.pages = self.pages.allocate(need)
             self._prefill(seq)
-            slots[i] = None if self._finish_if_done(seq) else seq
+            if self._finish_if_done(seq):
+                slots[i] = None
 
     def _block_table(self, seq: _Sequence) -> np.ndarray:
         table = np.zeros(self.engine.pages_per_seq, np.int32)

@@ -139,13 +139,16 @@ class ModelRunner:
         return np.asarray(out[0, :len(tokens)])
 
     def warmup(self) -> None:
-        """Compile every (prefill chunk, page width) and decode page-width bucket before serving."""
+        """Compile every shape generation can meet: each prefill bucket at each page width one of its
+        chunks can end in, and the decode step at each page width."""
         B, Z, P = self.engine.max_slots, self.engine.page_size, self.engine.pages_per_seq
         last_positions = [min(width * Z, self.engine.max_model_len) - 1 for width in self._page_buckets]
-        for size in self.engine.prefill_buckets():
+        buckets = self.engine.prefill_buckets()
+        for smaller, size in zip((0,) + buckets, buckets):
+            n = smaller + 1  # the fewest tokens that pad to `size`
             for last in last_positions:
-                if last + 1 >= size:
-                    self.prefill(np.zeros(size, np.int32), last + 1 - size, np.zeros(P, np.int32), 0.0, 0)
+                if last + 1 >= n:
+                    self.prefill(np.zeros(n, np.int32), last + 1 - n, np.zeros(P, np.int32), 0.0, 0)
         for last in last_positions:
             self.decode(np.zeros(B, np.int32), np.full(B, last, np.int32), np.zeros((B, P), np.int32),
                         np.zeros(B, np.float32), np.zeros(B, np.uint32))

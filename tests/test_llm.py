@@ -92,8 +92,19 @@ def test_bad_sampling_params(kwargs, message):
 
 def test_request_that_cannot_fit_is_refused():
     tight = LLM(engine=EngineConfig(max_slots=1, page_size=8, max_model_len=64, num_pages=3))
-    with pytest.raises(MemoryError, match="needs 3 KV pages"):
-        tight.generate([list(range(5, 25))], SamplingParams(max_tokens=4))
+    with pytest.raises(MemoryError, match="needs 3 KV pages for 20 \\+ 4 tokens; the whole pool has 2"):
+        tight.generate([[7, 8], list(range(5, 25))], SamplingParams(max_tokens=4))
+    assert tight.pages.num_free == 2
+    assert tight.generate([[7, 8]], SamplingParams(max_tokens=4))[0].outputs[0].token_ids
+
+
+def test_warmup_compiles_every_shape_generation_needs():
+    llm = LLM(engine=EngineConfig(max_slots=2, page_size=8, prefill_chunk=16, max_model_len=32), warmup=True)
+    # the prefill bucket (16 tokens) and the decode step, each at page widths 1, 2 and 4
+    assert llm.runner.num_compiles == 6
+    llm.generate(["a", "a longer prompt that takes more than one chunk of the prefill"],
+                 SamplingParams(max_tokens=12, temperature=0.5, ignore_eos=True))
+    assert llm.runner.num_compiles == 6
 
 
 def _cli(*args, cwd=None):
