@@ -43,7 +43,7 @@ def bench_prefill(runner: ModelRunner, chunk: int, repeats: int) -> float:
 
 
 def bench_decode(runner: ModelRunner, batch: int, context: int, repeats: int) -> float:
-    """Decode step time with `batch` of the slots active at `context` tokens each."""
+    """Decode step time with `batch` slots active at `context` tokens each."""
     B, P, Z = runner.engine.max_slots, runner.engine.pages_per_seq, runner.engine.page_size
     tables = np.zeros((B, P), np.int32)
     tables[:batch] = 1 + np.arange(batch * P).reshape(batch, P)
@@ -55,8 +55,9 @@ def bench_decode(runner: ModelRunner, batch: int, context: int, repeats: int) ->
     return _median_seconds(lambda: runner.decode(tokens, positions, tables, temps, seeds), repeats)
 
 
-def bench_load(source, cfg, dtype: str, mesh) -> dict:
-    """Seconds to load the same weights from safetensors and from `jaxinfer convert`'s orbax tree."""
+def bench_load(source, cfg, dtype: str, mesh, repeats: int) -> dict:
+    """Median seconds to load the same weights from safetensors and from `jaxinfer convert`'s orbax tree
+    (files in the page cache after the first read; the reads alternate)."""
     params = load_params(source, cfg, dtype, mesh)
     with tempfile.TemporaryDirectory() as tmp:
         st_dir, orbax_dir = Path(tmp) / "st", Path(tmp) / "orbax"
@@ -65,12 +66,13 @@ def bench_load(source, cfg, dtype: str, mesh) -> dict:
         save_safetensors(params, cfg, st_dir, st_dir)
         save_orbax(params, cfg, dtype, st_dir, orbax_dir)
         del params
-        timings = {}
-        for name, path in (("safetensors", st_dir), ("orbax", orbax_dir)):
-            start = time.perf_counter()
-            jax.block_until_ready(load_params(find_model(path), cfg, dtype, mesh))
-            timings[name] = time.perf_counter() - start
-    return timings
+        timings = {"safetensors": [], "orbax": []}
+        for _ in range(repeats):
+            for name, path in (("safetensors", st_dir), ("orbax", orbax_dir)):
+                start = time.perf_counter()
+                jax.block_until_ready(load_params(find_model(path), cfg, dtype, mesh))
+                timings[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in timings.items()}
 
 
 def main() -> None:
@@ -88,20 +90,25 @@ def main() -> None:
     source = find_model(args.config)
     cfg = load_config(source)
     mesh = make_mesh()
-    engine = EngineConfig(max_slots=max(args.batches), page_size=16, prefill_chunk=max(args.chunks),
-                          max_model_len=args.max_model_len, dtype=args.dtype).resolve(cfg, jax.default_backend())
-    runner = ModelRunner(cfg, engine, load_params(source, cfg, engine.dtype, mesh), mesh)
+    params = load_params(source, cfg, args.dtype, mesh)
+
+    def runner(slots: int) -> ModelRunner:
+        engine = EngineConfig(max_slots=slots, page_size=16, prefill_chunk=max(args.chunks),
+                              max_model_len=args.max_model_len, dtype=args.dtype).resolve(cfg, jax.default_backend())
+        return ModelRunner(cfg, engine, params, mesh)
+
     print(f"# {source.config_path.name} {args.dtype} on {jax.devices()[0].device_kind} ({platform.machine()}, "
-          f"{len(jax.devices())} device(s)); max_model_len {engine.max_model_len}, page size {engine.page_size}")
+          f"{len(jax.devices())} device(s)); max_model_len {args.max_model_len}, page size 16")
+    prefill_runner = runner(1)
     for chunk in args.chunks:
-        sec = bench_prefill(runner, chunk, args.repeats)
+        sec = bench_prefill(prefill_runner, chunk, args.repeats)
         print(f"prefill chunk {chunk:5d}: {sec * 1e3:8.1f} ms  {chunk / sec:9.1f} tokens/s")
-    for batch in args.batches:
-        sec = bench_decode(runner, batch, args.context, args.repeats)
+    for batch in args.batches:  # an engine of `batch` slots, all of them decoding
+        sec = bench_decode(runner(batch), batch, args.context, args.repeats)
         print(f"decode batch {batch:3d} (context {args.context}): {sec * 1e3:8.1f} ms/step  {batch / sec:8.1f} tokens/s")
-    print(f"compiles: {runner.num_compiles} in {runner.compile_seconds:.1f}s")
     if not args.skip_load:
-        for name, sec in bench_load(source, cfg, engine.dtype, mesh).items():
+        del params, prefill_runner
+        for name, sec in bench_load(source, cfg, args.dtype, mesh, args.repeats).items():
             print(f"load from {name:11s}: {sec:.2f}s")
 
 
