@@ -134,3 +134,10 @@ def test_cli_convert_then_generate_gives_the_same_tokens(tmp_path):
 def test_cli_reports_bad_checkpoints(tmp_path):
     result = _cli("generate", "Hi", "--model", str(tmp_path))
     assert result.returncode == 2 and "no config.json" in result.stderr
+
+
+def test_bfloat16_runs_on_cpu():
+    """XLA:CPU has no bf16 x bf16 -> f32 dot; the model must still run in bfloat16 there."""
+    llm = LLM(engine=EngineConfig(max_slots=2, page_size=8, prefill_chunk=16, max_model_len=64, dtype="bfloat16"))
+    out = llm.generate("Hello there", SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 6 and llm.runner.params["embed"].dtype == "bfloat16"

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.config import ModelConfig, RopeConfig
-from jaxinfer.model.attention import paged_attention_reference
+from pallas_kernels.flash import f32_operands
+from pallas_kernels.paged_reference import paged_attention_reference
 
 
 @jax.tree_util.register_dataclass
@@ -132,5 +133,5 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
 def logits(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     """h [..., D] -> float32 logits [..., V]."""
     if cfg.tie_word_embeddings:
-        return jnp.einsum("...D,VD->...V", h, params["embed"], preferred_element_type=jnp.float32)
-    return jnp.einsum("...D,DV->...V", h, params["lm_head"], preferred_element_type=jnp.float32)
+        return jnp.einsum("...D,VD->...V", *f32_operands(h, params["embed"]), preferred_element_type=jnp.float32)
+    return jnp.einsum("...D,DV->...V", *f32_operands(h, params["lm_head"]), preferred_element_type=jnp.float32)
