@@ -210,6 +210,7 @@ def _sliding_window(hf: dict, model_type: str) -> int | None:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "pallas", "reference")
 
 
 def _auto_dtype(model: ModelConfig, platform: str) -> str:
@@ -230,6 +231,7 @@ class EngineConfig:
     prefill_chunk: int = 256  # largest prefill bucket; prompts longer than this are chunked
     min_prefill_bucket: int = 16
     dtype: str = "auto"  # auto: float32 on CPU; on accelerators the checkpoint's half dtype or bfloat16
+    attention_backend: str = "auto"  # auto: our Pallas kernels on GPU, the plain-jnp reference elsewhere
     seed: int = 0
 
     def __post_init__(self):
@@ -238,6 +240,9 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.dtype not in DTYPES + ("auto",):
             raise ConfigError(f"dtype {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention_backend {self.attention_backend!r} is not one of "
+                              f"{', '.join(ATTENTION_BACKENDS)}")
         if self.num_pages is not None and self.num_pages < 2:
             raise ConfigError(f"num_pages must be at least 2 (page 0 is the null page), got {self.num_pages}")
 
@@ -250,7 +255,11 @@ class EngineConfig:
         pages_per_seq = math.ceil(max_len / self.page_size)
         num_pages = self.num_pages or self.max_slots * pages_per_seq + 1
         dtype = self.dtype if self.dtype != "auto" else _auto_dtype(model, platform)
-        return dataclasses.replace(self, max_model_len=max_len, num_pages=num_pages, dtype=dtype)
+        backend = self.attention_backend
+        if backend == "auto":
+            backend = "pallas" if platform == "gpu" else "reference"
+        return dataclasses.replace(self, max_model_len=max_len, num_pages=num_pages, dtype=dtype,
+                                   attention_backend=backend)
 
     @property
     def pages_per_seq(self) -> int:

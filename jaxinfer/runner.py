@@ -21,6 +21,7 @@ from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.model.transformer import Batch, KVPool, forward, logits
 from jaxinfer.sampling import sample
 from jaxinfer.sharding import logical_sharding
+from pallas_kernels.attention import step_attention
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +41,20 @@ def kv_bytes_per_page(cfg: ModelConfig, engine: EngineConfig) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * engine.page_size * cfg.head_dim * itemsize
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("kv",))
-def _step(params, kv: KVPool, batch: Batch, last_index, temperature, seed, *, cfg: ModelConfig):
+@functools.partial(jax.jit, static_argnames=("cfg", "backend"), donate_argnames=("kv",))
+def _step(params, kv: KVPool, batch: Batch, last_index, temperature, seed, *, cfg: ModelConfig, backend: str):
     """Run the model on `batch`, sample one token per row from its `last_index` position."""
-    h, kv = forward(params, cfg, batch, kv)
+    h, kv = forward(params, cfg, batch, kv, step_attention(backend))
     rows = jnp.arange(h.shape[0])
     next_position = batch.positions[rows, last_index] + 1
     tokens = sample(logits(params, cfg, h[rows, last_index]), temperature, seed, next_position)
     return tokens, kv
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("kv",))
-def _score(params, kv: KVPool, batch: Batch, *, cfg: ModelConfig):
+@functools.partial(jax.jit, static_argnames=("cfg", "backend"), donate_argnames=("kv",))
+def _score(params, kv: KVPool, batch: Batch, *, cfg: ModelConfig, backend: str):
     """Like `_step` but returns the logits of every position [B, T, V] (prompt scoring)."""
-    h, kv = forward(params, cfg, batch, kv)
+    h, kv = forward(params, cfg, batch, kv, step_attention(backend))
     return logits(params, cfg, h), kv
 
 
@@ -87,7 +88,7 @@ class ModelRunner:
         key = (name,) + tuple(a.shape for a in jax.tree_util.tree_leaves(args[2:]))
         if key not in self._compiled:
             start = time.perf_counter()
-            self._compiled[key] = fn.lower(*args, cfg=self.cfg).compile()
+            self._compiled[key] = fn.lower(*args, cfg=self.cfg, backend=self.engine.attention_backend).compile()
             took = time.perf_counter() - start
             self.compile_seconds += took
             log.info("compiled %s for shapes %s in %.2fs (%d executables, %.1fs compiling in all)",

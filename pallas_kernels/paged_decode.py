@@ -1,0 +1,127 @@
+"""Paged decode attention: one query token per slot, KV read through block tables (flash-decoding).
+
+Grid (slot B, KV head K, split). Each program streams its split of the slot's
+pages, `pages_per_block` pages per iteration, with an online softmax for the
+G query heads that share the KV head; the splits' partial results are combined
+outside the kernel with a log-sum-exp. Written for the Triton lowering of
+`pallas_call` (power-of-two loads, same-dtype dot operands, dot sides >= 16) and
+runs on CPU with `interpret=True`. The pool is `[L, K, P, Z, H]`, viewed as rows
+of pages `[L*K*P, Z, H]` (a free reshape) so one layer's pages are read in place.
+
+`paged_decode_reference` is the plain-jnp statement of the same function.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.flash import NEG_INF, kernel_dot, online_softmax_step
+from pallas_kernels.paged_reference import paged_attention_reference
+
+def _kernel(layer_ref, length_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
+            num_kv_heads, num_pages, pages_per_block, scale, sliding_window):
+    b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    del b  # the slot's rows arrive through the block specs
+    page_size, head_dim = k_ref.shape[1], k_ref.shape[2]
+    block_k = pages_per_block * page_size
+    pages_per_split = table_ref.shape[0]
+    length = length_ref[0]
+    first_page = split * pages_per_split
+    end_page = jnp.minimum(first_page + pages_per_split, pl.cdiv(length, page_size))
+    num_blocks = pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
+    start_block = 0
+    if sliding_window is not None:  # whole blocks before the window hold nothing visible
+        window_start = jnp.maximum(length - sliding_window, 0) // page_size
+        start_block = jnp.minimum(jnp.maximum(window_start - first_page, 0) // pages_per_block, num_blocks)
+    row_base = (layer_ref[0] * num_kv_heads + h) * num_pages
+    q = q_ref[...]
+
+    def body(i, carry):
+        rows = row_base + table_ref[pl.ds(i * pages_per_block, pages_per_block)]
+        k = k_ref[rows].reshape(block_k, head_dim)
+        v = v_ref[rows].reshape(block_k, head_dim)
+        logits = kernel_dot(q, k, trans_b=True) * scale
+        key_pos = (first_page + i * pages_per_block) * page_size + jnp.arange(block_k)
+        valid = key_pos < length
+        if sliding_window is not None:
+            valid &= key_pos > length - 1 - sliding_window
+        return online_softmax_step(carry, logits, jnp.broadcast_to(valid[None, :], logits.shape), v)
+
+    rows_q = q.shape[0]
+    init = (jnp.zeros((rows_q, head_dim), jnp.float32), jnp.full((rows_q,), NEG_INF, jnp.float32),
+            jnp.zeros((rows_q,), jnp.float32))
+    o, m, l = jax.lax.fori_loop(start_block, num_blocks, body, init)
+    o_ref[...] = o
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _layout(num_table_pages: int, page_size: int, num_splits: int | None):
+    """(pages per block, pages per split, splits): powers of two, a block at least 16 keys."""
+    pages_per_block = max(1, 64 // page_size)
+    if num_splits is None:  # enough splits to fill the machine at small batch, never empty by design
+        num_splits = max(1, min(8, pl.cdiv(num_table_pages, 4 * pages_per_block)))
+    pages_per_split = max(pages_per_block, pl.next_power_of_2(pl.cdiv(num_table_pages, num_splits)))
+    return pages_per_block, pages_per_split, pl.cdiv(num_table_pages, pages_per_split)
+
+
+def combine_splits(o, m, l):
+    """Partial results [splits, ...] -> normalised output; rows that saw no key give 0, not NaN."""
+    m_all = m.max(axis=0)
+    weight = jnp.exp(m - m_all)
+    total = (weight * l).sum(axis=0)
+    out = (weight[..., None] * o).sum(axis=0)
+    return out / jnp.where(total == 0, 1.0, total)[..., None]
+
+
+@functools.partial(jax.jit, static_argnames=("sliding_window", "num_splits", "interpret"))
+def paged_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, *,
+                           sliding_window: int | None = None, num_splits: int | None = None,
+                           interpret: bool = False):
+    """q [B, N, H]; pools [L, K, P, Z, H]; layer int; block_tables [B, P']; lengths [B] -> [B, N, H]."""
+    B, N, H = q.shape
+    L, K, P, Z, _ = k_pool.shape
+    G = N // K
+    Gp = max(16, pl.next_power_of_2(G))  # dot sides of at least 16
+    per_block, per_split, splits = _layout(block_tables.shape[1], Z, num_splits)
+    tables = jnp.pad(block_tables, ((0, 0), (0, splits * per_split - block_tables.shape[1])))
+    qg = jnp.pad(q.reshape(B, K, G, H), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
+    kernel = functools.partial(_kernel, num_kv_heads=K, num_pages=P, pages_per_block=per_block,
+                               scale=H ** -0.5, sliding_window=sliding_window)
+    partial_shape = (splits, B, K, Gp)
+    o, m, l = pl.pallas_call(
+        kernel,
+        grid=(B, K, splits),
+        in_specs=[
+            pl.BlockSpec((1,), lambda b, h, s: (0,)),  # layer
+            pl.BlockSpec((1,), lambda b, h, s: (b,)),  # length of this slot
+            pl.BlockSpec((None, per_split), lambda b, h, s: (b, s)),  # this split of the block table
+            pl.BlockSpec((None, None, Gp, H), lambda b, h, s: (b, h, 0, 0)),  # q
+            pl.BlockSpec((L * K * P, Z, H), lambda b, h, s: (0, 0, 0)),  # k rows
+            pl.BlockSpec((L * K * P, Z, H), lambda b, h, s: (0, 0, 0)),  # v rows
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, Gp, H), lambda b, h, s: (s, b, h, 0, 0)),
+            pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (s, b, h, 0)),
+            pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (s, b, h, 0)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct(partial_shape + (H,), jnp.float32),
+                   jax.ShapeDtypeStruct(partial_shape, jnp.float32),
+                   jax.ShapeDtypeStruct(partial_shape, jnp.float32)],
+        interpret=interpret,
+        name="paged_decode_attention",
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), lengths.astype(jnp.int32), tables.astype(jnp.int32), qg,
+      k_pool.reshape(L * K * P, Z, H), v_pool.reshape(L * K * P, Z, H))
+    out = combine_splits(o, m, l)[:, :, :G]
+    return out.reshape(B, N, H).astype(q.dtype)
+
+
+def paged_decode_reference(q, k_pool, v_pool, layer, block_tables, lengths, *, sliding_window=None):
+    """The same function in plain jnp; empty slots (length 0) give 0."""
+    positions = (lengths - 1)[:, None]
+    out = paged_attention_reference(q[:, None], k_pool, v_pool, layer, block_tables, positions, sliding_window)
+    return jnp.where((lengths > 0)[:, None, None], out[:, 0], 0).astype(q.dtype)
