@@ -7,9 +7,10 @@ page size, head dim and query-heads-per-KV-head value; interpret mode is slow,
 so the values are spread over cases rather than multiplied out.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-import jax.numpy as jnp
 
 from hf_models import build
 from jaxinfer.config import EngineConfig
@@ -17,6 +18,7 @@ from jaxinfer.llm import LLM, SamplingParams
 from pallas_kernels.paged_decode import paged_decode_attention, paged_decode_reference
 from pallas_kernels.ragged_prefill import ragged_prefill_attention, ragged_prefill_reference
 
+INTERPRET = jax.default_backend() != "gpu"  # scripts/gpu_check.sh runs these compiled on a GPU
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}  # relative (and absolute near zero), by dtype
 # (dtype, page size Z, head dim H, query heads per KV head G, sliding window)
 CASES = [
@@ -53,7 +55,7 @@ def test_paged_decode_matches_reference(dtype, Z, H, G, window):
     q = jnp.asarray(rng.randn(len(lengths), KV_HEADS * G, H), dtype)
     tables = _tables(rng, len(lengths))
     args = (q, k_pool, v_pool, 1, tables, lengths)
-    out = paged_decode_attention(*args, sliding_window=window, num_splits=2, interpret=True)
+    out = paged_decode_attention(*args, sliding_window=window, num_splits=2, interpret=INTERPRET)
     _assert_close(out, paged_decode_reference(*args, sliding_window=window), dtype)
     assert not np.asarray(out[0], np.float32).any(), "an empty slot attends to nothing"
 
@@ -70,7 +72,7 @@ def test_ragged_prefill_matches_reference(dtype, Z, H, G, window):
     T = sum(q_lens) + 3  # trailing padding tokens
     q = jnp.asarray(rng.randn(T, KV_HEADS * G, H), dtype)
     args = (q, k_pool, v_pool, 0, _tables(rng, len(q_lens)), cu_q_lens, jnp.asarray(kv_lens, jnp.int32))
-    out = ragged_prefill_attention(*args, sliding_window=window, interpret=True)
+    out = ragged_prefill_attention(*args, sliding_window=window, interpret=INTERPRET)
     _assert_close(out, ragged_prefill_reference(*args, sliding_window=window), dtype)
 
 

@@ -1,0 +1,136 @@
+"""Decode attention benchmark: our Pallas kernel, the plain-jnp reference under XLA, and JAX's bundled kernel.
+
+Llama-3-8B attention shapes (8 KV heads, head dim 128, 4 query heads per KV
+head, bf16) at batch x context; for each: time per call (median), bytes of KV
+read, achieved GB/s, the ratio to this device's device-to-device copy
+bandwidth measured in the same run, and the largest difference from the
+reference's output. On a machine without a GPU, `--smoke` runs
+a tiny interpret-mode version (the numbers then mean nothing but that it runs).
+
+    python scripts/bench_attention.py                 # on a GPU
+    python scripts/bench_attention.py --smoke         # anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.paged_decode import paged_decode_attention, paged_decode_reference
+
+
+def _median_ms(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def copy_bandwidth_gbs(num_bytes: int, repeats: int) -> float:
+    """Device-to-device copy: bytes read plus bytes written per second."""
+    x = jnp.ones(num_bytes // 2, jnp.bfloat16)
+    copy = jax.jit(lambda a: a + 1)  # a fresh buffer: one read, one write of every byte
+    return 2 * num_bytes / (_median_ms(lambda: copy(x), repeats) * 1e-3) / 1e9
+
+
+def _bundled_kernel():
+    try:
+        from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+    except ImportError:
+        return None
+    return paged_attention
+
+
+def _case(B, context, K, G, H, Z, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    pages_per_seq = context // Z
+    P = B * pages_per_seq + 1
+    k_pool = jnp.asarray(rng.standard_normal((1, K, P, Z, H), np.float32), dtype)
+    v_pool = jnp.asarray(rng.standard_normal((1, K, P, Z, H), np.float32), dtype)
+    q = jnp.asarray(rng.standard_normal((B, K * G, H), np.float32), dtype)
+    tables = jnp.asarray(1 + rng.permutation(B * pages_per_seq).reshape(B, pages_per_seq), jnp.int32)
+    lengths = jnp.full((B,), context, jnp.int32)
+    return q, k_pool, v_pool, tables, lengths
+
+
+def bench_shape(B, context, args, interpret: bool) -> list[dict]:
+    dtype = jnp.dtype(args.dtype)
+    q, k_pool, v_pool, tables, lengths = _case(B, context, args.kv_heads, args.group, args.head_dim,
+                                               args.page_size, dtype)
+    kv_bytes = 2 * B * context * args.kv_heads * args.head_dim * dtype.itemsize
+    impls = {
+        "jaxinfer-pallas": jax.jit(lambda q, k, v, t, n: paged_decode_attention(q, k, v, 0, t, n, interpret=interpret)),
+        "jnp-reference": jax.jit(lambda q, k, v, t, n: paged_decode_reference(q, k, v, 0, t, n)),
+    }
+    bundled = _bundled_kernel()
+    if bundled is not None:
+        # It takes [K, P, Z, H] pages, applies no softmax scale (queries are pre-scaled), and needs
+        # its split count to divide the pages per sequence.
+        scale, splits = args.head_dim ** -0.5, math.gcd(tables.shape[1], 16)
+        impls["jax-bundled-pallas"] = jax.jit(lambda q, k, v, t, n: bundled(
+            (q * scale).astype(q.dtype), k[0], v[0], t, n, k_splits=splits,
+            pages_per_compute_block=max(1, 64 // args.page_size), interpret=interpret))
+    expected = np.asarray(impls["jnp-reference"](q, k_pool, v_pool, tables, lengths), np.float32)
+    rows = []
+    for name, fn in impls.items():
+        try:
+            error = np.abs(np.asarray(fn(q, k_pool, v_pool, tables, lengths), np.float32) - expected).max()
+            ms = _median_ms(lambda: fn(q, k_pool, v_pool, tables, lengths), args.repeats)
+        except Exception as e:  # one implementation failing must not hide the others' figures
+            rows.append({"impl": name, "batch": B, "context": context, "error": str(e)[:200]})
+            continue
+        rows.append({"impl": name, "batch": B, "context": context, "ms": ms, "kv_bytes": kv_bytes,
+                     "gbs": kv_bytes / (ms * 1e-3) / 1e9, "max_abs_err": float(error)})
+    return rows
+
+
+def print_table(rows: list[dict], copy_gbs: float) -> None:
+    print(f"\n{'impl':20s} {'batch':>5s} {'context':>7s} {'ms':>9s} {'KV MB':>9s} {'GB/s':>8s} {'% copy':>7s} "
+          f"{'max err':>8s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['impl']:20s} {r['batch']:5d} {r['context']:7d}   failed: {r['error'][:80]}")
+            continue
+        print(f"{r['impl']:20s} {r['batch']:5d} {r['context']:7d} {r['ms']:9.3f} {r['kv_bytes'] / 1e6:9.1f} "
+              f"{r['gbs']:8.1f} {100 * r['gbs'] / copy_gbs:6.1f}% {r['max_abs_err']:8.1e}")
+    print(f"device-to-device copy bandwidth: {copy_gbs:.1f} GB/s on {jax.devices()[0].device_kind}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--group", type=int, default=4, help="query heads per KV head")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true", help="tiny interpret-mode run for machines without a GPU")
+    parser.add_argument("--out", help="write the rows as JSON here")
+    args = parser.parse_args()
+    interpret = jax.default_backend() != "gpu"
+    if args.smoke:
+        args.batches, args.contexts, args.kv_heads, args.head_dim, args.repeats = [2], [64], 2, 64, 2
+    elif interpret:
+        parser.error("no GPU here: the full benchmark needs one (use --smoke to check the script runs)")
+    copy_gbs = copy_bandwidth_gbs(2**24 if args.smoke else 2**32, args.repeats)
+    rows = [row for B in args.batches for ctx in args.contexts for row in bench_shape(B, ctx, args, interpret)]
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "copy_gbs": copy_gbs, "rows": rows}, f, indent=1)
+    print_table(rows, copy_gbs)
+
+
+if __name__ == "__main__":
+    main()
