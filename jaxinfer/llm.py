@@ -24,6 +24,7 @@ from jaxinfer.model.checkpoint import find_model, load_config, load_params
 from jaxinfer.runner import ModelRunner
 from jaxinfer.sharding import make_mesh
 from jaxinfer.tokenizer import TOKENIZER_FILES, Tokenizer
+from pallas_kernels.attention import kernel_self_check
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,8 @@ class LLM:
         start = time.perf_counter()
         self.model_config = load_config(source)
         self.mesh = make_mesh(mesh_shape)
-        self.engine = (engine or EngineConfig()).resolve(self.model_config, jax.default_backend())
+        requested = engine or EngineConfig()
+        self.engine = self._checked_backend(requested, requested.resolve(self.model_config, jax.default_backend()))
         params = load_params(source, self.model_config, self.engine.dtype, self.mesh)
         self.runner = ModelRunner(self.model_config, self.engine, params, self.mesh)
         has_tokenizer = any((source.directory / f).exists() for f in TOKENIZER_FILES)
@@ -102,6 +104,18 @@ class LLM:
                  self.model_config.num_layers, time.perf_counter() - start)
         if warmup:
             self.runner.warmup()
+
+    def _checked_backend(self, requested: EngineConfig, engine: EngineConfig) -> EngineConfig:
+        """`auto` takes the Pallas kernels only once they have compiled and agreed with the
+        reference on this device; asking for `pallas` explicitly skips the check (and its safety net)."""
+        if requested.attention_backend != "auto" or engine.attention_backend != "pallas":
+            return engine
+        cfg = self.model_config
+        problem = kernel_self_check(engine.dtype, engine.page_size, cfg.head_dim, cfg.q_per_kv, cfg.sliding_window)
+        if problem is None:
+            return engine
+        log.warning("Pallas attention failed its start-up check, using the reference attention: %s", problem)
+        return dataclasses.replace(engine, attention_backend="reference")
 
     def generate(self, prompts, sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
         """prompts: a string, a list of strings, or a list of token-id lists."""

@@ -42,3 +42,31 @@ def step_attention(backend: str):
         return paged_attention_reference
     interpret = jax.default_backend() != "gpu"
     return functools.partial(_pallas_step_attention, interpret=interpret)
+
+
+def kernel_self_check(dtype, page_size: int, head_dim: int, q_per_kv: int, sliding_window: int | None) -> str | None:
+    """Run both kernels once at the model's attention shapes on a tiny pool against the references.
+    Returns None when they agree, else what went wrong (compile error or mismatch)."""
+    from pallas_kernels.paged_decode import paged_decode_reference
+    from pallas_kernels.ragged_prefill import ragged_prefill_reference
+    K, P, L = 2, 9, 1
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    pools = [jax.random.normal(k, (L, K, P, page_size, head_dim)).astype(dtype) for k in keys[:2]]
+    q = jax.random.normal(keys[2], (3, K * q_per_kv, head_dim)).astype(dtype)
+    tables = jnp.asarray([[1, 2, 3, 4], [5, 6, 7, 8], [8, 7, 0, 0]], jnp.int32)
+    lengths = jnp.asarray([4 * page_size, page_size + 1, 0], jnp.int32)
+    cu_q_lens, kv_lens = jnp.asarray([0, 2, 3, 3], jnp.int32), jnp.asarray([page_size + 2, 1, 0], jnp.int32)
+    tolerance = 1e-4 if jnp.dtype(dtype) == jnp.float32 else 2e-2
+    checks = (
+        (paged_decode_attention, paged_decode_reference, (q, *pools, 0, tables, lengths)),
+        (ragged_prefill_attention, ragged_prefill_reference, (q, *pools, 0, tables, cu_q_lens, kv_lens)),
+    )
+    for kernel, reference, args in checks:
+        try:
+            got = kernel(*args, sliding_window=sliding_window)
+        except Exception as e:  # a kernel that does not lower on this device
+            return f"{kernel.__name__} failed: {type(e).__name__}: {str(e)[:300]}"
+        error = float(jnp.max(jnp.abs(got.astype(jnp.float32) - reference(*args, sliding_window=sliding_window))))
+        if not error <= tolerance:
+            return f"{kernel.__name__} differs from its reference by {error:.3g} (tolerance {tolerance})"
+    return None

@@ -7,6 +7,8 @@ page size, head dim and query-heads-per-KV-head value; interpret mode is slow,
 so the values are spread over cases rather than multiplied out.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,3 +92,27 @@ def test_model_greedy_tokens_equal_with_pallas_backend(family, tmp_path):
         assert llm.engine.attention_backend == backend
         tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert tokens["pallas"] == tokens["reference"]
+
+
+def test_auto_backend_falls_back_when_kernels_fail(monkeypatch, caplog):
+    """On a device where the kernels do not compile, `auto` serves with the reference instead of failing.
+    Simulated by letting the engine believe it is on a GPU while the kernels, not in interpret mode,
+    refuse to run on the CPU."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    llm = LLM(engine=EngineConfig(max_slots=1, page_size=8, max_model_len=32, dtype="float32"))
+    monkeypatch.undo()
+    assert llm.engine.attention_backend == "reference"
+    assert "failed its start-up check" in caplog.text
+    assert llm.generate("Hi", SamplingParams(max_tokens=3))[0].outputs[0].token_ids
+
+
+def test_kernel_self_check_passes_where_kernels_run(monkeypatch):
+    from pallas_kernels import attention, paged_decode, ragged_prefill
+    interpreted = {name: functools.partial(getattr(module, name), interpret=True)
+                   for module, name in ((paged_decode, "paged_decode_attention"),
+                                        (ragged_prefill, "ragged_prefill_attention"))}
+    for name, fn in interpreted.items():
+        fn.__name__ = name
+        monkeypatch.setattr(attention, name, fn)
+    assert attention.kernel_self_check(jnp.float32, 8, 64, 4, None) is None
+    assert attention.kernel_self_check(jnp.bfloat16, 16, 128, 2, 5) is None
