@@ -14,9 +14,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.paged_decode import paged_decode_attention
+from pallas_kernels.paged_decode import paged_decode_attention, paged_decode_reference
 from pallas_kernels.paged_reference import paged_attention_reference
-from pallas_kernels.ragged_prefill import ragged_prefill_attention
+from pallas_kernels.ragged_prefill import ragged_prefill_attention, ragged_prefill_reference
+
 
 def _pallas_step_attention(q, k_pool, v_pool, layer, block_tables, positions, sliding_window, *, interpret):
     """q [B, T, N, H], positions [B, T] (-1 = padding) -> [B, T, N, H] through the kernels."""
@@ -47,8 +48,6 @@ def step_attention(backend: str):
 def kernel_self_check(dtype, page_size: int, head_dim: int, q_per_kv: int, sliding_window: int | None) -> str | None:
     """Run both kernels once at the model's attention shapes on a tiny pool against the references.
     Returns None when they agree, else what went wrong (compile error or mismatch)."""
-    from pallas_kernels.paged_decode import paged_decode_reference
-    from pallas_kernels.ragged_prefill import ragged_prefill_reference
     K, P, L = 2, 9, 1
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
     pools = [jax.random.normal(k, (L, K, P, page_size, head_dim)).astype(dtype) for k in keys[:2]]

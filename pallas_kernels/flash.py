@@ -25,10 +25,22 @@ def kernel_dot(a, b, trans_b=False):
     return plgpu.dot(a, b, trans_b=trans_b, allow_tf32=False if exact else None)
 
 
-def online_softmax_step(carry, logits, valid, v):
-    """One block of flash attention: logits [M, S] float32, valid [M, S], v [S, H] -> new (o, m, l)."""
+def initial_carry(rows: int, head_dim: int):
+    """(output sum [M, H], running max [M], running denominator [M]) before any key."""
+    return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), NEG_INF, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+
+
+def read_pages(k_ref, v_ref, page_rows):
+    """Keys and values of the pages at `page_rows` of a [rows, Z, H] pool view, as [pages * Z, H]."""
+    size = page_rows.shape[0] * k_ref.shape[1]
+    return k_ref[page_rows].reshape(size, k_ref.shape[2]), v_ref[page_rows].reshape(size, v_ref.shape[2])
+
+
+def attend_block(carry, q, k, v, valid, scale: float):
+    """One block of flash attention: q [M, H], k and v [S, H], valid [M, S] -> new (o, m, l)."""
     o, m, l = carry
-    logits = jnp.where(valid, logits, NEG_INF)
+    logits = jnp.where(valid, kernel_dot(q, k, trans_b=True) * scale, NEG_INF)
     m_new = jnp.maximum(m, logits.max(axis=-1))
     correction = jnp.exp(m - m_new)
     p = jnp.where(valid, jnp.exp(logits - m_new[:, None]), 0.0)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash import NEG_INF, kernel_dot, online_softmax_step
+from pallas_kernels.flash import attend_block, initial_carry, read_pages
 from pallas_kernels.paged_reference import paged_attention_reference
 
 def _kernel(layer_ref, length_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
@@ -41,20 +41,14 @@ def _kernel(layer_ref, length_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref,
     q = q_ref[...]
 
     def body(i, carry):
-        rows = row_base + table_ref[pl.ds(i * pages_per_block, pages_per_block)]
-        k = k_ref[rows].reshape(block_k, head_dim)
-        v = v_ref[rows].reshape(block_k, head_dim)
-        logits = kernel_dot(q, k, trans_b=True) * scale
+        k, v = read_pages(k_ref, v_ref, row_base + table_ref[pl.ds(i * pages_per_block, pages_per_block)])
         key_pos = (first_page + i * pages_per_block) * page_size + jnp.arange(block_k)
         valid = key_pos < length
         if sliding_window is not None:
             valid &= key_pos > length - 1 - sliding_window
-        return online_softmax_step(carry, logits, jnp.broadcast_to(valid[None, :], logits.shape), v)
+        return attend_block(carry, q, k, v, jnp.broadcast_to(valid[None, :], (q.shape[0], block_k)), scale)
 
-    rows_q = q.shape[0]
-    init = (jnp.zeros((rows_q, head_dim), jnp.float32), jnp.full((rows_q,), NEG_INF, jnp.float32),
-            jnp.zeros((rows_q,), jnp.float32))
-    o, m, l = jax.lax.fori_loop(start_block, num_blocks, body, init)
+    o, m, l = jax.lax.fori_loop(start_block, num_blocks, body, initial_carry(q.shape[0], head_dim))
     o_ref[...] = o
     m_ref[...] = m
     l_ref[...] = l

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash import NEG_INF, kernel_dot, online_softmax_step
+from pallas_kernels.flash import attend_block, initial_carry, read_pages
 from pallas_kernels.paged_reference import paged_attention_reference
 
 
@@ -44,19 +44,14 @@ def _kernel(layer_ref, q_len_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, o_
     q = q_ref[...]
 
     def body(i, carry):
-        page_rows = row_base + table_ref[pl.ds(i * pages_per_block, pages_per_block)]
-        k = k_ref[page_rows].reshape(block_k, head_dim)
-        v = v_ref[page_rows].reshape(block_k, head_dim)
-        logits = kernel_dot(q, k, trans_b=True) * scale
+        k, v = read_pages(k_ref, v_ref, row_base + table_ref[pl.ds(i * pages_per_block, pages_per_block)])
         key_pos = i * block_k + jnp.arange(block_k)
         valid = key_pos[None, :] <= row_pos[:, None]
         if sliding_window is not None:
             valid &= key_pos[None, :] > row_pos[:, None] - sliding_window
-        return online_softmax_step(carry, logits, valid, v)
+        return attend_block(carry, q, k, v, valid, scale)
 
-    init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), NEG_INF, jnp.float32),
-            jnp.zeros((rows,), jnp.float32))
-    o, _, l = jax.lax.fori_loop(start_block, num_blocks, body, init)
+    o, _, l = jax.lax.fori_loop(start_block, num_blocks, body, initial_carry(rows, head_dim))
     o_ref[...] = (o / jnp.where(l == 0, 1.0, l)[:, None]).astype(o_ref.dtype)
 
 
