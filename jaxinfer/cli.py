@@ -43,7 +43,7 @@ def _convert(args) -> None:
     start = time.perf_counter()
     params = load_params(source, cfg, dtype, make_mesh())
     loaded = time.perf_counter()
-    save_orbax(params, cfg, dtype, source.directory, Path(args.output))
+    save_orbax(params, dtype, source.directory, Path(args.output))
     print(f"read {source.weights} in {loaded - start:.2f}s; wrote orbax checkpoint ({dtype}) to "
           f"{args.output} in {time.perf_counter() - loaded:.2f}s")
 

@@ -64,7 +64,7 @@ def bench_load(source, cfg, dtype: str, mesh, repeats: int) -> dict:
         st_dir.mkdir()
         (st_dir / "config.json").write_text(json.dumps(cfg.to_hf()))
         save_safetensors(params, cfg, st_dir, st_dir)
-        save_orbax(params, cfg, dtype, st_dir, orbax_dir)
+        save_orbax(params, dtype, st_dir, orbax_dir)
         del params
         timings = {"safetensors": [], "orbax": []}
         for _ in range(repeats):

@@ -178,7 +178,7 @@ def test_orbax_conversion_round_trips(llama_dir, tmp_path):
     source = find_model(llama_dir)
     cfg = load_config(source)
     params = _load(llama_dir)
-    save_orbax(params, cfg, "float32", llama_dir, tmp_path / "conv")
+    save_orbax(params, "float32", llama_dir, tmp_path / "conv")
     restored = load_params(find_model(tmp_path / "conv"), cfg, "float32", None)
     jax.tree.map(np.testing.assert_array_equal, params, restored)
     assert load_config(find_model(tmp_path / "conv")) == cfg

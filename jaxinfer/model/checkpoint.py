@@ -90,7 +90,7 @@ def _restore_orbax(directory: Path, cfg: ModelConfig, dtype: str, mesh) -> dict:
     return params
 
 
-def save_orbax(params: dict, cfg: ModelConfig, dtype: str, source: Path, output: Path) -> None:
+def save_orbax(params: dict, dtype: str, source: Path, output: Path) -> None:
     """Write `params` as an orbax tree beside the source's config and tokenizer files."""
     import orbax.checkpoint as ocp
     output.mkdir(parents=True, exist_ok=True)
