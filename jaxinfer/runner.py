@@ -36,11 +36,6 @@ def init_kv_pool(cfg: ModelConfig, engine: EngineConfig, mesh) -> KVPool:
     return KVPool(zeros(), zeros())
 
 
-def kv_bytes_per_page(cfg: ModelConfig, engine: EngineConfig) -> int:
-    itemsize = jnp.dtype(engine.dtype).itemsize
-    return 2 * cfg.num_layers * cfg.num_kv_heads * engine.page_size * cfg.head_dim * itemsize
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "backend"), donate_argnames=("kv",))
 def _step(params, kv: KVPool, batch: Batch, last_index, temperature, seed, *, cfg: ModelConfig, backend: str):
     """Run the model on `batch`, sample one token per row from its `last_index` position."""
