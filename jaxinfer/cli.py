@@ -20,14 +20,15 @@ def _generate(args) -> None:
     engine = EngineConfig(max_slots=max(1, min(len(args.prompts), 64)), dtype=args.dtype)
     llm = LLM(args.model, engine)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    start = time.perf_counter()
+    start, compiling = time.perf_counter(), llm.runner.compile_seconds
     outputs = llm.generate(args.prompts, params)
-    took = time.perf_counter() - start
+    compiling = llm.runner.compile_seconds - compiling
+    running = time.perf_counter() - start - compiling
     for out in outputs:
         print(out.prompt + out.outputs[0].text)
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-    print(f"[{generated} tokens in {took:.2f}s, {generated / took:.1f} tokens/s, "
-          f"{llm.runner.num_compiles} compiles in {llm.runner.compile_seconds:.1f}s]", file=sys.stderr)
+    print(f"[{generated} tokens in {running:.2f}s ({generated / running:.1f} tokens/s) after "
+          f"{llm.runner.num_compiles} compiles in {compiling:.1f}s]", file=sys.stderr)
 
 
 def _convert(args) -> None:
