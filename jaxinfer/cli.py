@@ -17,7 +17,7 @@ MODEL_HELP = "a Hugging Face checkpoint directory, a `jaxinfer convert` output, 
 
 def _generate(args) -> None:
     from jaxinfer.llm import LLM, SamplingParams
-    engine = EngineConfig(max_slots=max(1, min(len(args.prompts), 64)), dtype=args.dtype)
+    engine = EngineConfig(max_slots=min(len(args.prompts), 64), dtype=args.dtype)
     llm = LLM(args.model, engine)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     start, compiling = time.perf_counter(), llm.runner.compile_seconds

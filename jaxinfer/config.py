@@ -252,14 +252,12 @@ class EngineConfig:
         if max_len > model.max_position_embeddings:
             raise ConfigError(f"max_model_len={max_len} exceeds the model's "
                               f"max_position_embeddings={model.max_position_embeddings}")
-        pages_per_seq = math.ceil(max_len / self.page_size)
-        num_pages = self.num_pages or self.max_slots * pages_per_seq + 1
         dtype = self.dtype if self.dtype != "auto" else _auto_dtype(model, platform)
         backend = self.attention_backend
         if backend == "auto":
             backend = "pallas" if platform == "gpu" else "reference"
-        return dataclasses.replace(self, max_model_len=max_len, num_pages=num_pages, dtype=dtype,
-                                   attention_backend=backend)
+        resolved = dataclasses.replace(self, max_model_len=max_len, dtype=dtype, attention_backend=backend)
+        return dataclasses.replace(resolved, num_pages=self.num_pages or self.max_slots * resolved.pages_per_seq + 1)
 
     @property
     def pages_per_seq(self) -> int:

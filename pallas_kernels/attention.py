@@ -27,9 +27,9 @@ def _pallas_step_attention(q, k_pool, v_pool, layer, block_tables, positions, sl
         out = paged_decode_attention(q[:, 0], k_pool, v_pool, layer, block_tables, lengths,
                                      sliding_window=sliding_window, interpret=interpret)
         return out[:, None]
-    valid = (positions >= 0).reshape(-1)
-    order = jnp.argsort(~valid, stable=True)  # valid tokens first, each row's in order: the packed layout
-    q_lens = (positions >= 0).sum(axis=1)
+    valid = positions >= 0
+    order = jnp.argsort(~valid.reshape(-1), stable=True)  # valid tokens first, each row's in order: packed
+    q_lens = valid.sum(axis=1)
     cu_q_lens = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(q_lens).astype(jnp.int32)])
     kv_lens = positions.max(axis=1) + 1
     packed = ragged_prefill_attention(q.reshape(B * T, N, H)[order], k_pool, v_pool, layer, block_tables,

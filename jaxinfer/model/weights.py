@@ -43,6 +43,13 @@ class WeightSpec:
     def full_axes(self) -> tuple[str, ...]:
         return ("layers", *self.axes) if self.stacked else self.axes
 
+    def hf_keys(self, num_layers: int) -> list[str]:
+        """The checkpoint keys this weight is made of, one per layer when stacked."""
+        return [self.hf_key.format(i=i) for i in range(num_layers)] if self.stacked else [self.hf_key]
+
+    def sharding(self, mesh):
+        return logical_sharding(mesh, self.full_axes()) if mesh is not None else None
+
     def to_ours(self, x: np.ndarray) -> np.ndarray:
         return (x.T if self.transpose else x).reshape(self.shape)
 
@@ -116,8 +123,8 @@ def abstract_params(cfg: ModelConfig, dtype, mesh=None) -> dict:
     """The parameter tree as `jax.ShapeDtypeStruct`s (with shardings when a mesh is given)."""
     tree: dict = {}
     for spec in weight_table(cfg):
-        sharding = logical_sharding(mesh, spec.full_axes()) if mesh is not None else None
-        _set_path(tree, spec.name, jax.ShapeDtypeStruct(spec.full_shape(cfg.num_layers), dtype, sharding=sharding))
+        shape = spec.full_shape(cfg.num_layers)
+        _set_path(tree, spec.name, jax.ShapeDtypeStruct(shape, dtype, sharding=spec.sharding(mesh)))
     return tree
 
 
@@ -132,9 +139,7 @@ def init_params(cfg: ModelConfig, dtype, seed: int = 0, mesh=None) -> dict:
         else:
             key = jax.random.fold_in(root, index)
             value = (jax.random.normal(key, shape, jnp.float32) / math.sqrt(_fan_in(spec))).astype(dtype)
-        if mesh is not None:
-            value = jax.device_put(value, logical_sharding(mesh, spec.full_axes()))
-        _set_path(tree, spec.name, value)
+        _set_path(tree, spec.name, jax.device_put(value, spec.sharding(mesh)))
     return tree
 
 
@@ -154,12 +159,11 @@ def load_safetensors(path: str | Path, cfg: ModelConfig, dtype, mesh=None) -> di
     used: set[str] = set()
     tree: dict = {}
     for spec in weight_table(cfg):
-        keys = [spec.hf_key.format(i=i) for i in range(cfg.num_layers)] if spec.stacked else [spec.hf_key]
+        keys = spec.hf_keys(cfg.num_layers)
         parts = [spec.to_ours(_read_checked(reader, k, spec)).astype(np_dtype) for k in keys]
         used.update(keys)
         value = np.stack(parts) if spec.stacked else parts[0]
-        sharding = logical_sharding(mesh, spec.full_axes()) if mesh is not None else None
-        _set_path(tree, spec.name, jax.device_put(value, sharding))
+        _set_path(tree, spec.name, jax.device_put(value, spec.sharding(mesh)))
     _check_leftovers(reader.keys(), used, cfg)
     return tree
 
@@ -181,9 +185,7 @@ def to_hf_tensors(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     out = {}
     for spec in weight_table(cfg):
         value = np.asarray(jax.device_get(_get_path(params, spec.name)))
-        if spec.stacked:
-            for i in range(cfg.num_layers):
-                out[spec.hf_key.format(i=i)] = np.ascontiguousarray(spec.to_hf(value[i]))
-        else:
-            out[spec.hf_key] = np.ascontiguousarray(spec.to_hf(value))
+        per_key = value if spec.stacked else value[None]
+        for key, part in zip(spec.hf_keys(cfg.num_layers), per_key):
+            out[key] = np.ascontiguousarray(spec.to_hf(part))
     return out
