@@ -226,16 +226,20 @@ class EngineConfig:
 
     max_slots: int = 8  # B of the decode step
     page_size: int = 16  # Z
-    num_pages: int | None = None  # P; None: enough for every slot at max_model_len
+    num_pages: int | None = None  # P; None: sized from the KV memory budget below
+    kv_cache_memory: int | None = None  # bytes for the KV pool; None: measured on GPU, 1 GiB on CPU
+    gpu_memory_utilization: float = 0.9  # on GPU, the share of device memory weights + KV may take
     max_model_len: int | None = None  # None: min(model's max positions, 4096)
-    prefill_chunk: int = 256  # largest prefill bucket; prompts longer than this are chunked
+    prefill_chunk: int = 256  # the prefill token budget of one step; longer prompts are chunked
     min_prefill_bucket: int = 16
+    decode_steps: int = 4  # decode steps per dispatch when no prompt waits for prefill
+    enable_prefix_caching: bool = True
     dtype: str = "auto"  # auto: float32 on CPU; on accelerators the checkpoint's half dtype or bfloat16
     attention_backend: str = "auto"  # auto: our Pallas kernels on GPU, the plain-jnp reference elsewhere
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("max_slots", "page_size", "prefill_chunk", "min_prefill_bucket"):
+        for name in ("max_slots", "page_size", "prefill_chunk", "min_prefill_bucket", "decode_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.dtype not in DTYPES + ("auto",):
@@ -245,6 +249,8 @@ class EngineConfig:
                               f"{', '.join(ATTENTION_BACKENDS)}")
         if self.num_pages is not None and self.num_pages < 2:
             raise ConfigError(f"num_pages must be at least 2 (page 0 is the null page), got {self.num_pages}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
     def resolve(self, model: ModelConfig, platform: str) -> "EngineConfig":
         """Fill the `None`/`auto` fields from the model and the device platform."""
@@ -256,8 +262,25 @@ class EngineConfig:
         backend = self.attention_backend
         if backend == "auto":
             backend = "pallas" if platform == "gpu" else "reference"
-        resolved = dataclasses.replace(self, max_model_len=max_len, dtype=dtype, attention_backend=backend)
-        return dataclasses.replace(resolved, num_pages=self.num_pages or self.max_slots * resolved.pages_per_seq + 1)
+        return dataclasses.replace(self, max_model_len=max_len, dtype=dtype, attention_backend=backend)
+
+    def kv_bytes_per_page(self, model: ModelConfig) -> int:
+        """K and V of one page over all layers, in the resolved dtype."""
+        itemsize = 4 if self.dtype == "float32" else 2
+        return 2 * model.num_layers * model.num_kv_heads * self.page_size * model.head_dim * itemsize
+
+    def with_kv_budget(self, model: ModelConfig, budget_bytes: int) -> "EngineConfig":
+        """Fix num_pages (if not set) from a byte budget, which must hold one full-length sequence.
+        An explicit num_pages is taken as it is (requests that cannot fit are refused one by one)."""
+        if self.num_pages is not None:
+            return self
+        num_pages = int(budget_bytes // self.kv_bytes_per_page(model))
+        if num_pages - 1 < self.pages_per_seq:
+            raise ConfigError(f"the KV pool has room for {max(num_pages - 1, 0)} pages of {self.page_size} tokens "
+                              f"({budget_bytes / 2**30:.2f} GiB), less than one sequence of max_model_len="
+                              f"{self.max_model_len} needs ({self.pages_per_seq} pages): lower max_model_len or "
+                              "give the KV cache more memory")
+        return dataclasses.replace(self, num_pages=num_pages)
 
     @property
     def pages_per_seq(self) -> int:

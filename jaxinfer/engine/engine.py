@@ -1,0 +1,382 @@
+"""The engine loop: requests in, incremental outputs out, one step at a time.
+
+`Engine.step()` plans the next step, dispatches it, and only then reads the
+previous step's tokens, so the device computes while the host detokenizes,
+checks stop strings and plans. Callers in any thread use `add_request` (which
+returns a `RequestStream`, iterable and async-iterable) and `abort`; those
+become commands the loop drains at the start of each step, so all engine state
+is touched by one thread only. `start()` runs the loop in a background thread;
+`LLM.generate` calls `step()` itself.
+
+Host code only; no JAX (the executor is handed in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import itertools
+import logging
+import queue
+import threading
+import time
+
+import numpy as np
+
+from jaxinfer.config import EngineConfig
+from jaxinfer.engine.executor import Executor
+from jaxinfer.engine.metrics import EngineStats, LatencyHistograms, RequestMetrics
+from jaxinfer.engine.request import (MAX_BANNED, CompletionOutput, RequestOutput, SamplingParams, Sequence,
+                                     Status)
+from jaxinfer.engine.scheduler import Scheduler
+from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running a request (the request is over)."""
+
+
+class RequestStream:
+    """The outputs of one request as they come. Created inside an event loop it is async-iterable
+    (`async for out in stream`); otherwise iterable. The last item has `finished=True`."""
+
+    def __init__(self, request_id: str, engine: "Engine"):
+        self.request_id, self._engine = request_id, engine
+        try:
+            self._loop = asyncio.get_running_loop()
+            self._queue = asyncio.Queue()
+        except RuntimeError:
+            self._loop, self._queue = None, queue.SimpleQueue()
+
+    def put(self, item) -> None:
+        """From the engine thread: a RequestOutput or an exception."""
+        if self._loop is None:
+            self._queue.put(item)
+        elif not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def _unpack(self, item) -> RequestOutput:
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def __iter__(self):
+        if self._loop is not None:
+            raise TypeError("this stream was created inside an event loop: use 'async for'")
+        while True:
+            out = self._unpack(self._queue.get())
+            yield out
+            if out.finished:
+                return
+
+    async def __aiter__(self):
+        if self._loop is None:
+            raise TypeError("this stream was created outside an event loop: iterate it with 'for'")
+        while True:
+            out = self._unpack(await self._queue.get())
+            yield out
+            if out.finished:
+                return
+
+    def abort(self) -> None:
+        self._engine.abort(self.request_id)
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    stream: RequestStream | None
+    detokenizers: list
+    texts: list[str]
+    arrival: float
+    consumed: list[int] = dataclasses.field(default_factory=list)  # output tokens already detokenized
+
+    def __post_init__(self):
+        self.consumed = [0] * len(self.seqs)
+
+
+def _find_stop(text: str, stops: tuple[str, ...], old_len: int) -> tuple[int, str] | None:
+    """The earliest stop string that ends in the text added after `old_len` characters."""
+    hits = []
+    for stop in stops:
+        at = text.find(stop, max(0, old_len - len(stop) + 1))
+        if at >= 0:
+            hits.append((at, stop))
+    return min(hits) if hits else None
+
+
+def _seed32(seed: int, index: int) -> int:
+    """A request seed as the device's uint32; the n > 1 siblings get seeds derived from it."""
+    if index == 0:
+        return (seed ^ (seed >> 32)) & 0xFFFFFFFF
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+class Engine:
+    def __init__(self, engine: EngineConfig, executor: Executor, vocab_size: int,
+                 tokenizer: Tokenizer | None = None, eos_ids=()):
+        self.cfg, self.executor, self.vocab_size, self.tokenizer = engine, executor, vocab_size, tokenizer
+        self.eos_ids = frozenset(eos_ids)
+        self.scheduler = Scheduler(engine, self.eos_ids)
+        self.latencies = LatencyHistograms()
+        self._requests: dict[str, _Request] = {}
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._ids = itertools.count()
+        self._known_ids: set[str] = set()
+        self._lock = threading.Lock()
+        self._rng = np.random.default_rng(engine.seed)
+        self._inflight = None
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
+
+    # --- callers (any thread) ------------------------------------------------------------
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    priority: int = 0, stream: bool = True) -> RequestStream | str:
+        """Validate and queue a request (a string or token ids). Returns its stream, or its id when
+        `stream=False` (outputs then come only from `step()`). Bad input raises ValueError
+        (MemoryError if it could never fit in the KV pool) in the caller's thread."""
+        if self.error is not None:
+            raise EngineError(f"the engine has stopped after an error: {self.error}")
+        params = params or SamplingParams()
+        text, ids, max_new = self.validate(prompt, params, priority)
+        with self._lock:
+            request_id = request_id or f"req-{next(self._ids)}"
+            if request_id in self._known_ids:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._known_ids.add(request_id)
+            seeds = self._seeds(params)
+        handle = RequestStream(request_id, self) if stream else None
+        eos = frozenset() if params.ignore_eos else self.eos_ids
+        seqs = [Sequence(request_id, i, list(ids), params, seeds[i], max_new, priority, eos) for i in range(params.n)]
+        detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer else None
+                  for _ in seqs]
+        request = _Request(request_id, text, ids, params, seqs, handle, detoks, [""] * params.n, time.monotonic())
+        self._commands.put(("add", request))
+        self._wake.set()
+        return handle if stream else request_id
+
+    def abort(self, request_id: str) -> None:
+        """End a request wherever it is (queued, prefilling, decoding); unknown ids are ignored."""
+        self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    def validate(self, prompt, params: SamplingParams, priority: int = 0) -> tuple[str | None, list[int], int]:
+        """-> (prompt text or None, prompt ids, tokens it may generate); raises on bad input."""
+        text, ids = self._encode(prompt)
+        return text, ids, self._check(ids, params, priority)
+
+    def _encode(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer files; pass token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        try:
+            return None, [int(t) for t in prompt]
+        except (TypeError, ValueError):
+            raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}") from None
+
+    def _check(self, ids: list[int], params: SamplingParams, priority: int) -> int:
+        """-> the number of tokens the request may generate."""
+        limit = self.cfg.max_model_len
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if len(ids) >= limit:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the maximum context length is {limit} "
+                             "tokens, and at least one must be left to generate")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this checkpoint has none")
+        banned = len(self.eos_ids | set(params.stop_token_ids))
+        if params.min_tokens and banned > MAX_BANNED:
+            raise ValueError(f"min_tokens supports at most {MAX_BANNED} EOS and stop token ids, got {banned}")
+        if not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        max_new = limit - len(ids) if params.max_tokens is None else min(params.max_tokens, limit - len(ids))
+        self.scheduler.check_fits(len(ids), max_new)
+        return max_new
+
+    def _seeds(self, params: SamplingParams) -> list[int]:
+        seed = params.seed if params.seed is not None else int(self._rng.integers(2**63))
+        return [_seed32(seed % 2**64, i) for i in range(params.n)]
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return not self._commands.empty() or self._inflight is not None or self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        """Plan and dispatch the next step, then read the previous one. Returns the outputs it changed."""
+        outputs = self._drain_commands()
+        plan = self.scheduler.schedule()
+        handle = self.executor.dispatch(plan) if plan is not None else None
+        if self._inflight is not None:
+            outputs += self._process(*self._inflight)
+        self._inflight = (plan, handle) if plan is not None else None
+        return outputs
+
+    def _drain_commands(self) -> list[RequestOutput]:
+        outputs = []
+        while not self._commands.empty():
+            kind, arg = self._commands.get()
+            if kind == "add":
+                self._requests[arg.request_id] = arg
+                for seq in arg.seqs:
+                    self.scheduler.add(seq)
+            elif arg in self._requests:
+                request = self._requests[arg]
+                for seq in request.seqs:
+                    self.scheduler.finish(seq, "abort")
+                outputs.append(self._emit(request))
+        return outputs
+
+    def _process(self, plan, handle) -> list[RequestOutput]:
+        result = self.executor.collect(handle)
+        touched = {}
+        for seq in self.scheduler.update(plan, result):
+            request = self._requests.get(seq.request_id)
+            if request is None:
+                continue  # aborted while its step ran
+            self._detokenize(request, seq)
+            touched[request.request_id] = request
+        return [self._emit(request) for request in touched.values()]
+
+    def _detokenize(self, request: _Request, seq: Sequence) -> None:
+        """Extend the text with the new tokens; end the sequence at the first stop string."""
+        detok = request.detokenizers[seq.index]
+        if detok is None:
+            return
+        for i in range(request.consumed[seq.index], len(seq.output_ids)):
+            before = request.texts[seq.index]
+            text = before + detok.add(seq.output_ids[i])
+            if seq.finished and i == len(seq.output_ids) - 1:
+                text += detok.flush()
+            request.texts[seq.index] = text
+            stop = _find_stop(text, request.params.stop, len(before))
+            if stop is not None:
+                at, string = stop
+                keep = at + len(string) if request.params.include_stop_str_in_output else at
+                request.texts[seq.index] = text[:keep]
+                del seq.output_ids[i + 1:], seq.logprobs[i + 1:]
+                if seq.finished:  # a later token of the same dispatch hit EOS or the length: the string came first
+                    seq.finish_reason, seq.stop_reason = "stop", string
+                else:
+                    self.scheduler.finish(seq, "stop", string)
+                break
+        request.consumed[seq.index] = len(seq.output_ids)
+
+    def _emit(self, request: _Request) -> RequestOutput:
+        finished = all(seq.finished for seq in request.seqs)
+        holdback = 0 if finished or request.params.include_stop_str_in_output else \
+            max((len(s) for s in request.params.stop), default=1) - 1
+        completions = []
+        for seq, text in zip(request.seqs, request.texts):
+            shown = text if seq.finished else text[:max(0, len(text) - holdback)]
+            logprobs = list(seq.logprobs) if request.params.logprobs is not None else None
+            completions.append(CompletionOutput(seq.index, shown, list(seq.output_ids), seq.finish_reason,
+                                                seq.stop_reason, logprobs))
+        first = request.seqs[0]
+        out = RequestOutput(request.request_id, request.prompt, request.prompt_ids, completions, finished,
+                            list(first.prompt_logprobs) if request.params.prompt_logprobs is not None else None,
+                            first.num_cached_tokens)
+        if finished:
+            out.metrics = self._finish_request(request)
+        if request.stream is not None:
+            request.stream.put(out)
+        return out
+
+    def _finish_request(self, request: _Request) -> RequestMetrics:
+        del self._requests[request.request_id]
+        with self._lock:
+            self._known_ids.discard(request.request_id)
+        seq = request.seqs[0]
+        scheduled = [s.first_scheduled for s in request.seqs if s.first_scheduled is not None]
+        firsts = [s.first_token for s in request.seqs if s.first_token is not None]
+        metrics = RequestMetrics(request.arrival)
+        metrics.queue_time = min(scheduled) - seq.arrival if scheduled else None
+        metrics.time_to_first_token = min(firsts) - seq.arrival if firsts else None
+        metrics.inter_token_latencies = [gap for s in request.seqs for gap in s.token_gaps]
+        metrics.e2e_latency = time.monotonic() - seq.arrival
+        self.latencies.record(metrics, seq.finish_reason)
+        return metrics
+
+    # --- background thread ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the loop in a daemon thread until `shutdown()`."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="jaxinfer-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._stopping = False
+
+    def _run(self) -> None:
+        while not self._stopping:
+            if not self.has_work():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception as error:  # a failed step: fail every request rather than hang them
+                log.exception("engine step failed; failing all requests")
+                self._fail_all(error)
+                return
+
+    def _fail_all(self, error: BaseException) -> None:
+        self.error = error
+        self._inflight = None
+        while not self._commands.empty():
+            kind, arg = self._commands.get()
+            if kind == "add":
+                self._requests[arg.request_id] = arg
+        for request in list(self._requests.values()):
+            for seq in request.seqs:
+                if not seq.finished:
+                    self.scheduler.finish(seq, "abort")
+            del self._requests[request.request_id]
+            if request.stream is not None:
+                request.stream.put(EngineError(f"request {request.request_id} failed: "
+                                               f"{type(error).__name__}: {error}"))
+
+    # --- observability -------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        s, c, h = self.scheduler, self.scheduler.counters, self.latencies
+        usable = s.pages.num_pages - 1
+        return EngineStats(
+            num_running=len(s.running), num_waiting=len(s.waiting), kv_usage=s.pages.num_used / usable,
+            prompt_tokens=c.prompt_tokens, generation_tokens=c.generation_tokens,
+            prefill_tokens_computed=c.prefill_tokens_computed, preemptions=c.preemptions,
+            prefix_cache_queries=c.prefix_queries, prefix_cache_hits=c.prefix_hits, steps=c.steps,
+            finished_requests=dict(h.finished), ttft=h.ttft, inter_token_latency=h.inter_token_latency,
+            e2e_latency=h.e2e_latency, queue_time=h.queue_time)
+
+    def check_idle(self) -> None:
+        """With nothing running: every page is free or cached-idle and every slot is free (tests)."""
+        s = self.scheduler
+        s.pages.check()
+        assert not self._requests and not self.has_work(), "requests are still in the engine"
+        assert all(slot is None for slot in s.slots), "a slot is still taken"
+        assert s.pages.num_free == s.pages.num_pages - 1, f"{s.pages.num_used} pages are still in use"
+
+
+__all__ = ["Engine", "EngineError", "RequestStream", "Status"]

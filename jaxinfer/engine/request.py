@@ -1,0 +1,191 @@
+"""What a caller asks for (`SamplingParams`) and the host state of one sequence while it runs.
+
+Host code only; no JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+import math
+import time
+
+MAX_LOGPROBS = 20  # the most top alternatives a request may ask for (computed on device for every row)
+MAX_BANNED = 16  # EOS + stop token ids masked on device while min_tokens is not reached
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings, named and bounded as in vLLM / the OpenAI API."""
+
+    n: int = 1
+    max_tokens: int | None = 16  # None: until the end of the context
+    min_tokens: int = 0  # EOS and stop token ids are masked until this many tokens exist
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no limit
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None  # None: drawn from the engine's own seeded generator
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top alternatives per generated token (0: only the chosen one)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        object.__setattr__(self, "top_k", 0 if self.top_k == -1 else self.top_k)
+        self._validate()
+
+    def _validate(self) -> None:
+        _check(_is_int(self.n) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
+        _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+               f"max_tokens must be an integer >= 1 or None, got {self.max_tokens!r}")
+        _check(_is_int(self.min_tokens) and self.min_tokens >= 0,
+               f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
+               f"min_tokens={self.min_tokens} exceeds max_tokens={self.max_tokens}")
+        _check(_is_number(self.temperature) and self.temperature >= 0,
+               f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check(_is_int(self.top_k) and self.top_k >= 0, f"top_k must be -1, 0 (no limit) or positive, got {self.top_k!r}")
+        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_is_number(value) and -2 <= value <= 2, f"{name} must be in [-2, 2], got {value!r}")
+        _check(_is_number(self.repetition_penalty) and 0 < self.repetition_penalty <= 2,
+               f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
+        _check(self.seed is None or (_is_int(self.seed) and -2**63 <= self.seed < 2**64),
+               f"seed must be a 64-bit integer, got {self.seed!r}")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop must be a non-empty string or a list of them")
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS),
+                   f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_order = itertools.count()
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """One generated continuation (a request with n > 1 has n of them), as the scheduler sees it.
+
+    KV positions [0, num_computed) are written to `pages` or will be by steps already dispatched.
+    `pending` tokens have been sampled on the device but not yet read by the host.
+    """
+
+    request_id: str
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int  # uint32, used on device
+    max_new: int  # max_tokens capped by the context left after the prompt
+    priority: int = 0
+    stop_ids: frozenset[int] = frozenset()  # EOS (unless ignore_eos) and stop_token_ids
+    order: int = dataclasses.field(default_factory=lambda: next(_order))
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[tuple] = dataclasses.field(default_factory=list)  # per output token: (logprob, rank, top)
+    prompt_logprobs: list = dataclasses.field(default_factory=list)  # [None] + one entry per later prompt token
+    status: Status = Status.WAITING
+    slot: int | None = None
+    pages: list[int] = dataclasses.field(default_factory=list)
+    hashes: list[bytes] = dataclasses.field(default_factory=list)  # chained hashes of the full known pages
+    num_computed: int = 0
+    pending: int = 0
+    decoding: bool = False  # prefill done: the device holds the last token and feeds it to the next step
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the first admission
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    finished_at: float | None = None
+    token_gaps: list[float] = dataclasses.field(default_factory=list)  # inter-token latencies seen by the host
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_known(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_total(self) -> int:
+        """Tokens including those sampled on device but not yet read."""
+        return self.num_known + self.pending
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to be sampled (counting those in flight)."""
+        return self.max_new - len(self.output_ids) - self.pending
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def sort_key(self) -> tuple[int, int]:
+        """Lower runs first; the highest is the first to be preempted."""
+        return (self.priority, self.order)
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # None while running; "stop" (EOS, stop token or string), "length", "abort"
+    stop_reason: int | str | None = None  # the stop token id or string, None for EOS or other reasons
+    logprobs: list[tuple] | None = None  # per token: (logprob, rank, top ids, top logprobs)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """A request's state so far (cumulative): the streaming API yields one per step that changed it."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    prompt_logprobs: list | None = None  # [None, then per prompt token (logprob, rank, top ids, top logprobs)]
+    num_cached_tokens: int = 0
+    metrics: object = None  # a RequestMetrics once finished

@@ -1,0 +1,338 @@
+"""The scheduler: which sequences run in the next step, and with which pages.
+
+Each step carries every decoding slot (one or several tokens each) and at most
+one prefill chunk of at most `prefill_chunk` tokens, so a long prompt is
+admitted piece by piece while running streams keep decoding. The scheduler
+plans step N+1 before step N's tokens are read: positions advance by
+construction, the device feeds each slot its own last sampled token, and EOS is
+found one step late (the surplus token is dropped). Pages come from a
+reference-counted allocator with a prefix cache; when they run out, the newest
+running sequence is preempted (pages freed, requeued, recomputed later).
+
+Host code only; no JAX. The plan is flat numpy arrays for an `Executor`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import time
+
+import numpy as np
+
+from jaxinfer.config import EngineConfig
+from jaxinfer.engine.pages import NULL_PAGE, PageAllocator, chain_hashes, pages_for
+from jaxinfer.engine.request import MAX_BANNED, Sequence, Status
+
+SAMPLING_FIELDS = {  # SamplingParams field -> (row dtype, neutral value)
+    "temperature": (np.float32, 0.0), "top_k": (np.int32, 0), "top_p": (np.float32, 1.0),
+    "min_p": (np.float32, 0.0), "presence_penalty": (np.float32, 0.0),
+    "frequency_penalty": (np.float32, 0.0), "repetition_penalty": (np.float32, 1.0),
+}
+
+
+@dataclasses.dataclass
+class PrefillChunk:
+    slot: int
+    tokens: np.ndarray  # [c] int32, positions start .. start + c - 1
+    start: int
+    sample: bool  # the chunk ends the sequence's known tokens: sample the next one
+    next_tokens: np.ndarray | None  # [c] the token after each position, when prompt logprobs are wanted
+    load_penalties: bool  # the sequence was just admitted and uses penalties: load its token counts
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """One dispatch. Rows are slots [B]; only `seqs` stays on the host."""
+
+    positions: np.ndarray  # [B] int32 position of each slot's first decode token; -1: not decoding
+    steps: np.ndarray  # [B] int32 decode tokens the slot produces in this dispatch (0: none)
+    num_steps: int  # decode steps in this dispatch: the largest of `steps` (0: a prefill-only step)
+    block_tables: np.ndarray  # [B, P] int32
+    sampling: dict[str, np.ndarray]  # SAMPLING_FIELDS and "seed" (uint32), each [B]
+    min_tokens_left: np.ndarray  # [B] int32: `banned` is masked for this many more tokens
+    banned: np.ndarray  # [B, MAX_BANNED] int32, -1 padded
+    prefill: PrefillChunk | None
+    seqs: dict[int, Sequence]  # slot -> sequence producing tokens in this step
+
+
+@dataclasses.dataclass
+class StepResult:
+    """Tokens [num_steps, B + 1]: column b is slot b's decode tokens, column B the prefill's sample
+    (row 0). Logprob fields may be None when the executor does not compute them."""
+
+    tokens: np.ndarray
+    logprobs: np.ndarray | None = None  # [S, B + 1] float32
+    ranks: np.ndarray | None = None  # [S, B + 1] int32
+    top_ids: np.ndarray | None = None  # [S, B + 1, MAX_LOGPROBS] int32
+    top_logprobs: np.ndarray | None = None  # [S, B + 1, MAX_LOGPROBS] float32
+    prompt_logprobs: tuple | None = None  # (logprob [c], rank [c], top ids [c, k], top logprobs [c, k])
+
+
+@dataclasses.dataclass
+class Counters:
+    prompt_tokens: int = 0  # prompt tokens of admitted sequences (first admission only)
+    generation_tokens: int = 0
+    prefill_tokens_computed: int = 0  # tokens run through prefill (includes recomputation)
+    preemptions: int = 0
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hits: int = 0  # of which served from it
+    steps: int = 0
+
+
+class Scheduler:
+    def __init__(self, engine: EngineConfig, eos_ids=()):
+        self.cfg = engine
+        self.eos_ids = frozenset(eos_ids)
+        B, P = engine.max_slots, engine.pages_per_seq
+        self.pages = PageAllocator(engine.num_pages, engine.enable_prefix_caching)
+        self.slots: list[Sequence | None] = [None] * B
+        self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
+        self.prefilling: Sequence | None = None
+        self.counters = Counters()
+        self._tables = np.zeros((B, P), np.int32)
+        self._rows = {name: np.full(B, neutral, dtype) for name, (dtype, neutral) in SAMPLING_FIELDS.items()}
+        self._rows["seed"] = np.zeros(B, np.uint32)
+        self._banned = np.full((B, MAX_BANNED), -1, np.int32)
+
+    # --- requests in and out -------------------------------------------------------------
+
+    def check_fits(self, prompt_len: int, max_new: int) -> None:
+        """Refuse what could never run: the pool must hold the whole sequence alone."""
+        need, capacity = pages_for(prompt_len + max_new, self.cfg.page_size), self.pages.num_pages - 1
+        if need > capacity:
+            raise MemoryError(f"a request of {prompt_len} prompt tokens + {max_new} new tokens needs {need} KV "
+                              f"pages of {self.cfg.page_size} tokens; the whole pool has {capacity}")
+
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(len(seq.prompt_ids), seq.max_new)
+        seq.status = Status.WAITING
+        bisect.insort(self.waiting, seq, key=Sequence.sort_key)
+
+    def finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        """End a sequence now (EOS, stop string, length, abort): its pages and slot are free at once."""
+        if seq.finished:
+            return
+        if seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        else:
+            self._release(seq)
+        seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, reason, stop_reason
+        seq.finished_at = time.monotonic()
+
+    def _release(self, seq: Sequence) -> None:
+        self.pages.free(seq.pages)
+        seq.pages, seq.decoding, seq.num_computed = [], False, 0
+        if seq is self.prefilling:
+            self.prefilling = None
+        self.slots[seq.slot] = None
+        self._tables[seq.slot] = NULL_PAGE
+        seq.slot = None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._release(seq)
+        self.counters.preemptions += 1
+        seq.output_ids.clear(); self.add(seq)  # back in arrival order: ahead of every later request
+
+    @property
+    def running(self) -> list[Sequence]:
+        return [s for s in self.slots if s is not None]
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(s is not None for s in self.slots)
+
+    # --- planning ------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan | None:
+        """The next step, or None when nothing can run until in-flight tokens are read."""
+        admitting = self.prefilling is not None or (self.waiting and None in self.slots)
+        steps = self._plan_decode(1 if admitting else self.cfg.decode_steps)
+        prefill = self._plan_prefill()
+        if prefill is None and not steps:
+            return None
+        self.counters.steps += 1
+        return self._build_plan(steps, prefill)
+
+    def _plan_decode(self, k: int) -> dict[int, int]:
+        """Decode steps per slot, pages allocated for them; preempts the newest sequences if short."""
+        steps = {}
+        for seq in sorted(self.running, key=Sequence.sort_key):
+            if seq.finished or seq.slot is None or not seq.decoding or seq.remaining <= 0:
+                continue
+            n = min(k, seq.remaining)
+            if self._grow(seq, seq.num_computed + n):
+                steps[seq.slot] = n
+                seq.num_computed += n
+                seq.pending += n
+        return steps
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Give `seq` pages for `num_tokens` positions, preempting newer sequences; False if `seq`
+        itself had to be preempted."""
+        need = pages_for(num_tokens, self.cfg.page_size) - len(seq.pages)
+        while not self.pages.can_allocate(need):
+            victim = max(self.running, key=Sequence.sort_key)
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self._take_pages(seq, self.pages.allocate(need))
+        return True
+
+    def _take_pages(self, seq: Sequence, pages: list[int]) -> None:
+        first = len(seq.pages)
+        seq.pages.extend(pages)
+        self._tables[seq.slot, first:len(seq.pages)] = pages
+
+    def _plan_prefill(self) -> PrefillChunk | None:
+        admitted = self.prefilling is None
+        seq = self.prefilling or self._admit()
+        if seq is None:
+            return None
+        start = seq.num_computed
+        end = min(seq.num_known, start + self.cfg.prefill_chunk)
+        tokens = np.asarray(seq.all_ids[start:end], np.int32)
+        seq.num_computed = end
+        self.counters.prefill_tokens_computed += end - start
+        self._register_full_pages(seq)
+        done = end == seq.num_known
+        if done:
+            self.prefilling, seq.decoding, seq.pending = None, True, 1
+        next_tokens = None
+        if seq.params.prompt_logprobs is not None and start + 1 < len(seq.prompt_ids):
+            next_tokens = np.zeros(len(tokens), np.int32)
+            following = seq.prompt_ids[start + 1:end + 1]
+            next_tokens[:len(following)] = following
+        return PrefillChunk(seq.slot, tokens, start, done, next_tokens, admitted and seq.params.uses_penalties)
+
+    def _admit(self) -> Sequence | None:
+        """Take the head of the queue into a free slot if its uncached tokens fit in free pages."""
+        if not self.waiting or None not in self.slots or self.waiting[0].pending:
+            return None
+        seq = self.waiting[0]
+        known = seq.all_ids
+        hashes = chain_hashes(known[:-1], self.cfg.page_size)  # the last token is always computed
+        # Prompt logprobs need the logits of every prompt position: such requests compute all.
+        cached = self.pages.match(hashes) if seq.params.prompt_logprobs is None else []
+        need = pages_for(len(known), self.cfg.page_size) - len(cached)
+        decoding = sum(1 for s in self.running if s.decoding)  # headroom: each may need a page soon
+        if not self.pages.can_allocate(need + decoding):
+            self.pages.free(cached)
+            return None
+        self.waiting.pop(0)
+        seq.slot = self.slots.index(None)
+        self.slots[seq.slot] = seq
+        seq.status = Status.RUNNING
+        self._take_pages(seq, cached + self.pages.allocate(need))
+        seq.hashes = hashes[:len(cached)]
+        seq.num_computed = len(cached) * self.cfg.page_size
+        self._set_rows(seq)
+        self._count_admission(seq, len(hashes), len(cached))
+        self.prefilling = seq
+        return seq
+
+    def _count_admission(self, seq: Sequence, queried_pages: int, hit_pages: int) -> None:
+        if seq.first_scheduled is not None:
+            return  # a resumed sequence: counted when it first arrived
+        seq.first_scheduled = time.monotonic()
+        seq.num_cached_tokens = hit_pages * self.cfg.page_size
+        self.counters.prompt_tokens += len(seq.prompt_ids)
+        self.counters.prefix_queries += len(seq.prompt_ids)
+        self.counters.prefix_hits += seq.num_cached_tokens
+
+    def _set_rows(self, seq: Sequence) -> None:
+        for name in SAMPLING_FIELDS:
+            self._rows[name][seq.slot] = getattr(seq.params, name)
+        self._rows["seed"][seq.slot] = seq.seed
+        banned = sorted(seq.stop_ids | set(seq.params.stop_token_ids))[:MAX_BANNED] if seq.params.min_tokens else []
+        self._banned[seq.slot] = -1
+        self._banned[seq.slot, :len(banned)] = banned
+
+    def _register_full_pages(self, seq: Sequence) -> None:
+        """Name every page whose tokens are known and whose KV is (being) computed."""
+        limit = min(seq.num_known, seq.num_computed)
+        full = limit // self.cfg.page_size
+        if full <= len(seq.hashes) or not self.pages.caching:
+            return
+        parent = seq.hashes[-1] if seq.hashes else b""
+        start = len(seq.hashes) * self.cfg.page_size
+        seq.hashes += chain_hashes(seq.all_ids[start:full * self.cfg.page_size], self.cfg.page_size, parent)
+        for i in range(start // self.cfg.page_size, full):
+            self.pages.register(seq.pages[i], seq.hashes[i])
+
+    def _build_plan(self, steps: dict[int, int], prefill: PrefillChunk | None) -> StepPlan:
+        B = self.cfg.max_slots
+        positions, step_counts = np.full(B, -1, np.int32), np.zeros(B, np.int32)
+        min_left = np.zeros(B, np.int32)
+        for slot, n in steps.items():
+            seq = self.slots[slot]
+            positions[slot], step_counts[slot] = seq.num_computed - n, n
+            min_left[slot] = seq.params.min_tokens - (len(seq.output_ids) + seq.pending - n)
+        seqs = {slot: self.slots[slot] for slot in steps}
+        if prefill is not None:
+            seq = seqs[prefill.slot] = self.slots[prefill.slot]
+            min_left[prefill.slot] = seq.params.min_tokens - len(seq.output_ids)
+        return StepPlan(positions, step_counts, max(steps.values(), default=0), self._tables.copy(),
+                        {name: row.copy() for name, row in self._rows.items()}, min_left,
+                        self._banned.copy(), prefill, seqs)
+
+    # --- results -------------------------------------------------------------------------
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[Sequence]:
+        """Read a step's tokens into its sequences; finish those that hit EOS, a stop token or their
+        length. Returns the sequences that got tokens or finished (tokens past a finish are dropped)."""
+        now = time.monotonic()
+        B = self.cfg.max_slots
+        touched = []
+        for slot, seq in plan.seqs.items():
+            is_prefill = plan.prefill is not None and plan.prefill.slot == slot
+            if is_prefill:
+                if plan.prefill.next_tokens is not None and result.prompt_logprobs is not None:
+                    self._add_prompt_logprobs(seq, plan.prefill.start, result.prompt_logprobs)
+                if not plan.prefill.sample:
+                    continue
+            column, count = (B, 1) if is_prefill else (slot, int(plan.steps[slot]))
+            for i in range(count):
+                seq.pending -= 1
+                if not seq.finished:
+                    self._append(seq, result, i, column, now)
+            touched.append(seq)
+        return touched
+
+    @staticmethod
+    def _add_prompt_logprobs(seq: Sequence, start: int, chunk: tuple) -> None:
+        """Entry j is for prompt token j (entry 0 is None); a recomputed chunk adds nothing twice."""
+        logprob, rank, top_ids, top_logprobs = chunk
+        k = seq.params.prompt_logprobs
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs.append(None)
+        for i in range(len(logprob)):
+            if start + i + 1 == len(seq.prompt_logprobs) < len(seq.prompt_ids):
+                seq.prompt_logprobs.append((float(logprob[i]), int(rank[i]), top_ids[i, :k].tolist(),
+                                            top_logprobs[i, :k].tolist()))
+
+    def _append(self, seq: Sequence, result: StepResult, row: int, column: int, now: float) -> None:
+        token = int(result.tokens[row, column])
+        seq.output_ids.append(token)
+        if result.logprobs is not None and seq.params.logprobs is not None:
+            k = seq.params.logprobs
+            seq.logprobs.append((float(result.logprobs[row, column]), int(result.ranks[row, column]),
+                                 result.top_ids[row, column, :k].tolist(),
+                                 result.top_logprobs[row, column, :k].tolist()))
+        if seq.first_token is None:
+            seq.first_token = now
+        else:
+            seq.token_gaps.append(now - seq.last_token)
+        seq.last_token = now
+        self.counters.generation_tokens += 1
+        if seq.slot is not None:
+            self._register_full_pages(seq)
+        self._check_stop(seq, token)
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        if len(seq.output_ids) >= seq.params.min_tokens:
+            if token in seq.params.stop_token_ids:
+                return self.finish(seq, "stop", token)
+            if token in seq.stop_ids:
+                return self.finish(seq, "stop", None)
+        if len(seq.output_ids) >= seq.max_new:
+            self.finish(seq, "length")
