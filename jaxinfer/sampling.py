@@ -1,23 +1,177 @@
-"""Token sampling on device, one row per sequence.
+"""Token sampling on device: logit processing, the seeded draw and logprobs, one row per sequence.
 
-Each row's randomness comes from its own seed folded with the position of the
-token being sampled, so a seeded sample never depends on what else is in the batch.
+Owns the device half of sampling as pure functions: penalties from per-row token
+statistics (`PenaltyState`), banned ids, temperature, min-p/top-k/top-p filtering,
+the Gumbel-max draw and the logprobs reported back. Host code builds
+`SamplingTensors` and keeps the `PenaltyState` rows in step with its slots; nothing
+here holds Python state. Semantics follow vLLM, including logprobs of the raw logits.
+
+Rows never influence each other. A row's randomness is its own seed folded with the
+position of the token being sampled, and the batch-wide `lax.cond`s that skip the
+penalties and the sort when no row needs them only choose between branches that give
+bit-identical results for every row not using the feature.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+MAX_LOGPROBS = 20  # top alternatives always computed per row
+_MIN_TEMPERATURE = 1e-5  # below this a row is greedy, as in vLLM; also keeps logits / T finite
 
 
-def _row_key(seed: jax.Array, position: jax.Array) -> jax.Array:
-    return jax.random.fold_in(jax.random.PRNGKey(seed), position)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SamplingTensors:
+    """Per-row sampling settings; B = rows of the logits."""
+
+    temperature: jax.Array  # [B] f32; 0 = greedy
+    top_k: jax.Array  # [B] i32; 0 = no limit
+    top_p: jax.Array  # [B] f32 in (0, 1]; 1 = off
+    min_p: jax.Array  # [B] f32 in [0, 1]; 0 = off
+    presence_penalty: jax.Array  # [B] f32; 0 = off
+    frequency_penalty: jax.Array  # [B] f32; 0 = off
+    repetition_penalty: jax.Array  # [B] f32 > 0; 1 = off
+    seed: jax.Array  # [B] uint32
+    banned: jax.Array  # [B, E] i32 ids forced to -inf this step (min_tokens: EOS/stop ids); -1 = unused
 
 
-def sample(logits: jax.Array, temperature: jax.Array, seed: jax.Array, position: jax.Array) -> jax.Array:
-    """logits [B, V] float32; temperature [B] (0 = greedy); seed, position [B] -> tokens [B] int32."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    keys = jax.vmap(_row_key)(seed, position)
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PenaltyState:
+    """Device-side token statistics per row, for the penalties."""
+
+    output_counts: jax.Array  # [B, V] i32: occurrences of each token in the row's generated output
+    prompt_mask: jax.Array  # [B, V] bool: token occurs in the row's prompt
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Sampled:
+    tokens: jax.Array  # [B] i32
+    logprob: jax.Array  # [B] f32 raw logprob of the chosen token
+    rank: jax.Array  # [B] i32, 1 = the most likely token
+    top_ids: jax.Array  # [B, MAX_LOGPROBS] i32, most likely first
+    top_logprobs: jax.Array  # [B, MAX_LOGPROBS] f32
+
+
+def sample(logits: jax.Array, st: SamplingTensors, positions: jax.Array, penalties: PenaltyState) -> Sampled:
+    """One token per row of `logits` [B, V]; `positions` [B] i32 = position of the token being sampled.
+
+    Penalties and bans apply to greedy and random rows alike; temperature and the
+    filters only to random rows. Logprobs are of the raw logits.
+    """
+    logits = logits.astype(jnp.float32)
+    processed = _ban(_penalize(logits, st, penalties), st.banned)
+    greedy = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+    random_rows = st.temperature >= _MIN_TEMPERATURE
+    drawn = lax.cond(jnp.any(random_rows), _draw, lambda *_: greedy, processed, st, positions, random_rows)
+    tokens = jnp.where(random_rows, drawn, greedy)
+    return Sampled(tokens, *token_logprobs(logits, tokens))
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array):
+    """Logprobs of `tokens` [B] under the raw `logits` [B, V] (B may be a prompt chunk's T).
+
+    Returns (logprob [B], rank [B], top_ids [B, MAX_LOGPROBS], top_logprobs [B, MAX_LOGPROBS]);
+    rank = 1 + the number of tokens with a strictly higher logprob. With fewer than
+    MAX_LOGPROBS tokens in the vocab the missing alternatives are id -1 at -inf.
+    """
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, V]
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    rank = 1 + jnp.sum(logprobs > chosen[:, None], axis=-1, dtype=jnp.int32)
+    top_logprobs, top_ids = lax.top_k(logprobs, min(MAX_LOGPROBS, logprobs.shape[-1]))
+    missing = ((0, 0), (0, MAX_LOGPROBS - top_ids.shape[-1]))
+    top_ids = jnp.pad(top_ids.astype(jnp.int32), missing, constant_values=-1)
+    top_logprobs = jnp.pad(top_logprobs, missing, constant_values=-jnp.inf)
+    return chosen, rank, top_ids, top_logprobs
+
+
+def empty_penalty_state(rows: int, vocab: int) -> PenaltyState:
+    return PenaltyState(jnp.zeros((rows, vocab), jnp.int32), jnp.zeros((rows, vocab), jnp.bool_))
+
+
+def record_tokens(penalties: PenaltyState, tokens: jax.Array, active: jax.Array) -> PenaltyState:
+    """Count each active row's new token [B] in its output statistics."""
+    rows = jnp.arange(tokens.shape[0])
+    counts = penalties.output_counts.at[rows, tokens].add(active.astype(jnp.int32))
+    return dataclasses.replace(penalties, output_counts=counts)
+
+
+def load_penalty_row(penalties: PenaltyState, row: jax.Array, prompt_mask_row: jax.Array,
+                     counts_row: jax.Array) -> PenaltyState:
+    """Overwrite one row's statistics [V] (a slot taken by a new or resumed sequence)."""
+    return PenaltyState(penalties.output_counts.at[row].set(counts_row.astype(jnp.int32)),
+                        penalties.prompt_mask.at[row].set(prompt_mask_row.astype(jnp.bool_)))
+
+
+def _penalize(logits: jax.Array, st: SamplingTensors, penalties: PenaltyState) -> jax.Array:
+    """The penalties on [B, V], skipped (no [B, V] pass) when every row's are neutral."""
+    used = (st.repetition_penalty != 1) | (st.frequency_penalty != 0) | (st.presence_penalty != 0)
+    return lax.cond(jnp.any(used), _apply_penalties, lambda x, *_: x, logits, st, penalties)
+
+
+def _apply_penalties(logits: jax.Array, st: SamplingTensors, penalties: PenaltyState) -> jax.Array:
+    # vLLM's order: repetition over prompt and output tokens, then frequency, then presence.
+    # Selecting, rather than applying neutral values, keeps untouched entries bit-identical
+    # to the branch that skips this function, whatever the arithmetic does.
+    counts = penalties.output_counts
+    generated = counts > 0
+    r = st.repetition_penalty[:, None]
+    repeated = jnp.where(logits > 0, logits / r, logits * r)
+    logits = jnp.where((penalties.prompt_mask | generated) & (r != 1), repeated, logits)
+    f = st.frequency_penalty[:, None]
+    p = st.presence_penalty[:, None]
+    return jnp.where(generated & ((f != 0) | (p != 0)), logits - f * counts - p, logits)
+
+
+def _ban(logits: jax.Array, banned: jax.Array) -> jax.Array:
+    """Each row's banned ids [B, E] to -inf; -1 entries point past the vocab and are dropped."""
+    rows, vocab = logits.shape
+    ids = jnp.where(banned < 0, vocab, banned)  # a negative id would wrap around to the vocab's end
+    return logits.at[jnp.arange(rows)[:, None], ids].set(-jnp.inf, mode="drop")
+
+
+def _draw(processed: jax.Array, st: SamplingTensors, positions: jax.Array, random_rows: jax.Array) -> jax.Array:
+    """Gumbel-max draw [B] from the temperature-scaled, filtered logits [B, V]."""
+    vocab = processed.shape[-1]
+    scaled = processed / jnp.where(random_rows, st.temperature, 1.0)[:, None]
+    filtering = random_rows & ((st.min_p > 0) | ((st.top_k > 0) & (st.top_k < vocab)) | (st.top_p < 1))
+    floor = lax.cond(jnp.any(filtering), _filter_floor, _no_floor, scaled, st)
+    kept = jnp.where(scaled >= floor[:, None], scaled, -jnp.inf)
+    noise = jax.vmap(_gumbel, in_axes=(0, 0, None))(st.seed, positions, vocab)
+    return jnp.argmax(kept + noise, axis=-1).astype(jnp.int32)
+
+
+def _gumbel(seed: jax.Array, position: jax.Array, vocab: int) -> jax.Array:
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), position)
+    return jax.random.gumbel(key, (vocab,), jnp.float32)
+
+
+def _no_floor(scaled: jax.Array, st: SamplingTensors) -> jax.Array:
+    return jnp.full(scaled.shape[:1], -jnp.inf, scaled.dtype)
+
+
+def _filter_floor(scaled: jax.Array, st: SamplingTensors) -> jax.Array:
+    """The lowest scaled logit [B] each row keeps after min_p, top_k and top_p; -inf keeps all.
+
+    Each filter keeps a most-likely prefix of the row, so one descending sort serves all
+    three and each result is a threshold, never a [B, V] permutation. Ties at a
+    threshold are kept.
+    """
+    vocab = scaled.shape[-1]
+    desc = jnp.sort(scaled, axis=-1, descending=True)  # [B, V]
+    floor = desc[:, 0] + jnp.log(st.min_p)  # prob >= min_p * max prob, in log space; log(0) = -inf
+    kth = jnp.take_along_axis(desc, jnp.clip(st.top_k - 1, 0, vocab - 1)[:, None], axis=-1)[:, 0]
+    floor = jnp.maximum(floor, jnp.where((st.top_k > 0) & (st.top_k < vocab), kth, -jnp.inf))
+    # top_p sees the probabilities renormalized over what min_p and top_k left, as in vLLM.
+    probs = jax.nn.softmax(jnp.where(desc >= floor[:, None], desc, -jnp.inf), axis=-1)
+    mass_above = jnp.cumsum(probs, axis=-1) - probs  # [B, V] mass of the more likely tokens
+    top_p = st.top_p[:, None]
+    nucleus = jnp.min(jnp.where(mass_above < top_p, desc, jnp.inf), axis=-1)  # the first entry always qualifies
+    # top_p = 1 is off outright: rounding could otherwise drop the tail's last tokens.
+    return jnp.maximum(floor, jnp.where(st.top_p < 1, nucleus, -jnp.inf))

@@ -1,0 +1,291 @@
+"""Device sampling against a plain-numpy reference: penalties, bans, filters, seeded draws, logprobs, batch independence."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxinfer.sampling import (MAX_LOGPROBS, PenaltyState, SamplingTensors, empty_penalty_state, load_penalty_row,
+                               record_tokens, sample, token_logprobs)
+
+B, V, E = 6, 257, 4  # rows, vocab, banned entries per row
+DRAWS = 1000  # seeded draws per row when probing a support
+
+_sample = jax.jit(sample)
+
+
+def _settings(rows, banned_width=E, **values):
+    """Per-row settings as numpy arrays [rows]; neutral unless given (a scalar or one value per row)."""
+    neutral = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, presence_penalty=0.0, frequency_penalty=0.0,
+                   repetition_penalty=1.0, seed=0)
+    dtypes = dict(top_k=np.int32, seed=np.uint32)
+    s = {name: np.broadcast_to(np.asarray(values.get(name, default), dtypes.get(name, np.float32)), (rows,)).copy()
+         for name, default in neutral.items()}
+    s["banned"] = np.asarray(values.get("banned", np.full((rows, banned_width), -1)), np.int32)
+    return s
+
+
+def _run(logits, s, counts=None, prompt=None, positions=None):
+    rows, vocab = logits.shape
+    counts = np.zeros((rows, vocab), np.int32) if counts is None else counts
+    prompt = np.zeros((rows, vocab), bool) if prompt is None else prompt
+    positions = np.full(rows, 7, np.int32) if positions is None else positions
+    return _sample(logits, SamplingTensors(**s), positions, PenaltyState(counts, prompt))
+
+
+def _draw_many(logits, s, counts, prompt, n=DRAWS):
+    """Tokens [B, n]: each row drawn n times, with seeds 0..n-1."""
+    rows = logits.shape[0]
+    many = {name: np.repeat(value, n, axis=0) for name, value in s.items()}
+    many["seed"] = np.tile(np.arange(n, dtype=np.uint32), rows)
+    tokens = _run(np.repeat(logits, n, axis=0), many, np.repeat(counts, n, axis=0), np.repeat(prompt, n, axis=0))
+    return np.asarray(tokens.tokens).reshape(rows, n)
+
+
+def ref_process(logits, s, counts, prompt):
+    """Penalties then bans, as vLLM: repetition on prompt and output tokens, frequency, presence."""
+    x = logits.copy()
+    r = s["repetition_penalty"][:, None]
+    x = np.where(prompt | (counts > 0), np.where(x > 0, x / r, x * r), x)
+    x = x - s["frequency_penalty"][:, None] * counts - s["presence_penalty"][:, None] * (counts > 0)
+    for row, ids in enumerate(s["banned"]):
+        x[row, ids[ids >= 0]] = -np.inf
+    return x.astype(np.float32)
+
+
+def _softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def ref_support(logits, s, counts, prompt):
+    """Tokens [B, V] a random row may draw: min_p, then top_k, then top_p over what is left."""
+    scaled = ref_process(logits, s, counts, prompt).astype(np.float64) / s["temperature"][:, None]
+    keep = np.zeros(scaled.shape, bool)
+    for row, x in enumerate(scaled):
+        probs = _softmax(x)
+        x = np.where(probs >= s["min_p"][row] * probs.max(), x, -np.inf)
+        k = s["top_k"][row]
+        if 0 < k < x.size:
+            x = np.where(x >= np.sort(x)[::-1][k - 1], x, -np.inf)
+        if s["top_p"][row] < 1:
+            order = np.argsort(-x, kind="stable")
+            probs = _softmax(x)[order]
+            nucleus = order[np.cumsum(probs) - probs < s["top_p"][row]]
+            x = np.where(np.isin(np.arange(x.size), nucleus), x, -np.inf)
+        keep[row] = x > -np.inf
+    return keep
+
+
+@pytest.fixture(scope="module")
+def case():
+    """Random logits with output counts, prompt tokens and one penalty of each kind."""
+    rng = np.random.default_rng(0)
+    logits = (rng.normal(size=(B, V)) * 2).astype(np.float32)
+    counts = (rng.random((B, V)) < 0.05) * rng.integers(1, 4, size=(B, V))
+    prompt = rng.random((B, V)) < 0.05
+    best = np.argmax(logits, axis=-1)  # seen before, so the penalties move the greedy choice
+    counts[np.arange(B), best] = 2
+    prompt[np.arange(B), best] = True
+    penalties = dict(repetition_penalty=[1.0, 1.3, 0.8, 1.0, 1.0, 1.5], frequency_penalty=[0, 0, 0, 0.7, 0, -0.2],
+                     presence_penalty=[0, 0, 0, 0, 1.2, 0.3])
+    banned = np.full((B, E), -1)
+    banned[2, :2] = np.argsort(-logits[2])[:2]  # the two best of row 2
+    return logits, counts.astype(np.int32), prompt, dict(penalties, banned=banned)
+
+
+def test_greedy_applies_penalties_and_bans(case):
+    logits, counts, prompt, extra = case
+    s = _settings(B, temperature=0.0, **extra)
+    tokens = np.asarray(_run(logits, s, counts, prompt).tokens)
+    np.testing.assert_array_equal(tokens, np.argmax(ref_process(logits, s, counts, prompt), axis=-1))
+    assert (tokens != np.argmax(logits, axis=-1)).sum() >= 4  # the penalties and bans did change something
+
+
+@pytest.mark.parametrize("narrow", [dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)])
+def test_narrowest_filters_equal_greedy(case, narrow):
+    logits, counts, prompt, extra = case
+    greedy = _run(logits, _settings(B, temperature=0.0, **extra), counts, prompt).tokens
+    for seed in range(3):
+        s = _settings(B, temperature=[0.5, 1.0, 1.5, 2.0, 0.7, 1.0], seed=seed, **extra, **narrow)
+        np.testing.assert_array_equal(_run(logits, s, counts, prompt).tokens, greedy)
+
+
+@pytest.mark.parametrize("filters", [
+    dict(min_p=[0.05, 0.1, 0.2, 0.3, 0.5, 0.02]),
+    dict(top_k=[2, 5, 10, 20, 40, 3]),
+    dict(top_p=[0.3, 0.5, 0.7, 0.9, 0.95, 0.6]),
+    dict(min_p=0.02, top_k=[10, 40, 5, 0, 30, 200], top_p=[0.9, 0.8, 1.0, 0.7, 0.95, 0.9]),
+])
+def test_filters_keep_the_reference_support(case, filters):
+    logits, counts, prompt, extra = case
+    temperature = [0.7, 1.0, 1.3, 0.5, 2.0, 1.0]
+    s = _settings(B, temperature=temperature, **extra, **filters)
+    support = ref_support(logits, s, counts, prompt)
+    assert (support.sum(axis=-1) < V).all() and (support.sum(axis=-1) > 1).any()
+    drawn = _draw_many(logits, s, counts, prompt)
+    unfiltered = _draw_many(logits, _settings(B, temperature=temperature, **extra), counts, prompt)
+    for row in range(B):
+        assert support[row, drawn[row]].all(), f"row {row} drew outside the reference support"
+        assert not support[row, unfiltered[row]].all(), f"row {row}: the filter was not needed"
+        if support[row].sum() <= 5:  # a small support is drawn in full
+            assert set(drawn[row]) == set(np.flatnonzero(support[row]))
+
+
+def test_seeds_reproduce_and_differ(case):
+    logits, counts, prompt, extra = case
+    s = _settings(B, temperature=1.0, seed=[1, 2, 3, 4, 5, 6], **extra)
+    first = _run(logits, s, counts, prompt)
+    jax.tree.map(np.testing.assert_array_equal, first, _run(logits, s, counts, prompt))
+    drawn = _draw_many(logits, s, counts, prompt, n=DRAWS)
+    assert all(len(set(row)) > 20 for row in drawn)  # seeds differ
+    positions = [_run(logits, s, counts, prompt, np.full(B, p, np.int32)).tokens for p in range(8)]
+    assert len({tuple(np.asarray(t)) for t in positions}) == 8  # positions differ
+
+
+def _split(logits, s, counts, prompt, positions):
+    """One dict per row holding all of that row's inputs."""
+    inputs = dict(s, logits=logits, counts=counts, prompt=prompt, position=positions)
+    return [{name: value[row] for name, value in inputs.items()} for row in range(len(logits))]
+
+
+def _run_rows(rows):
+    stacked = {name: np.stack([row[name] for row in rows]) for name in rows[0]}
+    inputs = [stacked.pop(name) for name in ("logits", "counts", "prompt", "position")]
+    out = _run(inputs[0], stacked, *inputs[1:])
+    return [[np.asarray(field)[index] for field in jax.tree.leaves(out)] for index in range(len(rows))]
+
+
+def _neighbours(rng, busy, temperature=1.0):
+    """8 random rows: busy ones use every feature (so every cond switches on), quiet ones none."""
+    logits = (rng.normal(size=(8, V)) * 2).astype(np.float32)
+    seed = rng.integers(0, 2**32, size=8)
+    positions = rng.integers(0, 1000, size=8).astype(np.int32)
+    if not busy:
+        quiet = _settings(8, temperature=temperature, seed=seed)
+        return _split(logits, quiet, np.zeros((8, V), np.int32), np.zeros((8, V), bool), positions)
+    s = _settings(8, temperature=[1.0, *rng.choice([0.0, 0.8, 1.5], size=7)], top_k=[3, *rng.choice([0, 50], size=7)],
+                  top_p=rng.choice([1.0, 0.6], size=8), min_p=rng.choice([0.0, 0.1], size=8),
+                  repetition_penalty=[1.4, *rng.choice([1.0, 1.4], size=7)],
+                  frequency_penalty=rng.choice([0.0, 0.5], size=8), presence_penalty=rng.choice([0.0, 0.9], size=8),
+                  seed=seed, banned=rng.integers(-1, V, size=(8, E)))
+    counts = rng.integers(0, 3, size=(8, V)).astype(np.int32)
+    return _split(logits, s, counts, rng.random((8, V)) < 0.1, positions)
+
+
+def test_rows_are_batch_independent(case):
+    """A row's outputs are bit-identical whatever its neighbours hold, including when they switch the conds."""
+    logits, counts, prompt, extra = case
+    s = _settings(B, temperature=[0.0, 1.0, 0.9, 0.0, 1.2, 0.7], top_k=[0, 0, 40, 0, 0, 5],
+                  top_p=[1, 1, 0.8, 1, 1, 1], min_p=[0, 0, 0.01, 0, 0, 0], seed=[11, 12, 13, 14, 15, 16], **extra)
+    for name, neutral in [("repetition_penalty", 1.0), ("frequency_penalty", 0.0), ("presence_penalty", 0.0)]:
+        s[name][:2] = neutral
+    s["banned"][:2] = -1
+    counts, prompt = counts.copy(), prompt.copy()
+    counts[:2], prompt[:2] = 0, False  # rows 0 and 1: plain greedy and plain random, using no feature
+    targets = _split(logits, s, counts, prompt, np.arange(100, 100 + B, dtype=np.int32))
+    rng = np.random.default_rng(1)
+    layouts = [  # (neighbours, {batch index: target}), from no cond taken to every cond taken
+        (_neighbours(rng, busy=False, temperature=0.0), {0: 0}),
+        (_neighbours(rng, busy=False), {3: 0, 5: 1}),
+        (_neighbours(rng, busy=True), {1: 0, 0: 1, 2: 2, 3: 3, 4: 4, 5: 5}),
+        (_neighbours(rng, busy=True), {7: 0, 6: 1, 5: 2, 4: 3, 3: 4, 2: 5}),
+    ]
+    seen = {}
+    for rows, placed in layouts:
+        for index, target in placed.items():
+            rows[index] = targets[target]
+        out = _run_rows(rows)
+        for index, target in placed.items():
+            first = seen.setdefault(target, out[index])
+            for a, b in zip(first, out[index]):
+                np.testing.assert_array_equal(a, b, err_msg=f"target row {target} at batch index {index}")
+    assert all(target in seen for target in range(B))
+
+
+def test_temperature_draws_follow_the_softmax():
+    """Over many seeds and positions the draws match softmax(logits / T), renormalized over top_k's support."""
+    n, vocab = 20000, 8
+    logits = np.array([[1.0, 0.5, 2.0, -1.0, 0.0, 1.5, -0.5, 0.8]] * 2, np.float32)
+    s = _settings(2, temperature=[0.7, 1.3], top_k=[0, 3], banned_width=1)
+    many = {name: np.repeat(value, n, axis=0) for name, value in s.items()}
+    many["seed"] = np.tile(np.arange(n, dtype=np.uint32) % 100, 2)
+    positions = np.tile(np.arange(n, dtype=np.int32) // 100, 2)
+    drawn = np.asarray(_run(np.repeat(logits, n, axis=0), many, positions=positions).tokens).reshape(2, n)
+    expected = np.stack([_softmax(logits[0] / 0.7), _softmax(np.where(logits[1] >= 1.0, logits[1], -np.inf) / 1.3)])
+    for row in range(2):
+        frequency = np.bincount(drawn[row], minlength=vocab) / n
+        assert 0.5 * np.abs(frequency - expected[row]).sum() < 0.02, (frequency, expected[row])
+
+
+def _ref_logprobs(logits):
+    x = logits.astype(np.float64)
+    return x - x.max(axis=-1, keepdims=True) - np.log(np.exp(x - x.max(axis=-1, keepdims=True)).sum(-1, keepdims=True))
+
+
+def test_logprobs_are_of_the_raw_logits(case):
+    logits, counts, prompt, extra = case
+    s = _settings(B, temperature=[0.0, 1.0, 2.0, 0.5, 1.0, 3.0], seed=[3, 1, 4, 1, 5, 9], **extra)
+    out = _run(logits, s, counts, prompt)
+    ref = _ref_logprobs(logits)
+    tokens = np.asarray(out.tokens)
+    chosen = ref[np.arange(B), tokens]
+    np.testing.assert_allclose(out.logprob, chosen, rtol=1e-5)
+    np.testing.assert_array_equal(out.rank, 1 + (ref > chosen[:, None]).sum(-1))
+    assert (np.asarray(out.rank) > 1).any()  # penalties, bans and temperature moved some choices off the top
+    order = np.argsort(-ref, axis=-1, kind="stable")[:, :MAX_LOGPROBS]
+    np.testing.assert_array_equal(out.top_ids, order)
+    np.testing.assert_allclose(out.top_logprobs, np.take_along_axis(ref, order, axis=-1), rtol=1e-5)
+
+
+def test_prompt_logprobs_and_a_vocab_below_max_logprobs():
+    rng = np.random.default_rng(3)
+    for rows, vocab in [(5, V), (3, 8)]:
+        logits = rng.normal(size=(rows, vocab)).astype(np.float32)
+        tokens = rng.integers(0, vocab, size=rows).astype(np.int32)
+        logprob, rank, top_ids, top_logprobs = jax.jit(token_logprobs)(logits, tokens)
+        ref = _ref_logprobs(logits)
+        np.testing.assert_allclose(logprob, ref[np.arange(rows), tokens], rtol=1e-5)
+        np.testing.assert_array_equal(rank, 1 + (ref > ref[np.arange(rows), tokens][:, None]).sum(-1))
+        shown = min(vocab, MAX_LOGPROBS)
+        np.testing.assert_array_equal(top_ids[:, :shown], np.argsort(-ref, axis=-1)[:, :shown])
+        assert top_ids.shape == top_logprobs.shape == (rows, MAX_LOGPROBS)
+        assert (np.asarray(top_ids)[:, shown:] == -1).all() and np.isneginf(top_logprobs[:, shown:]).all()
+
+
+def test_record_tokens_and_load_penalty_row():
+    state = empty_penalty_state(3, 10)
+    assert state.output_counts.dtype == np.int32 and state.prompt_mask.dtype == bool
+    record = jax.jit(record_tokens)
+    state = record(state, np.array([4, 4, 9], np.int32), np.array([True, False, True]))
+    state = record(state, np.array([4, 1, 9], np.int32), np.array([True, True, True]))
+    expected = np.zeros((3, 10), np.int32)
+    expected[0, 4], expected[1, 1], expected[2, 9] = 2, 1, 2
+    np.testing.assert_array_equal(state.output_counts, expected)
+    mask_row, counts_row = np.arange(10) % 3 == 0, np.arange(10, dtype=np.int32)
+    state = jax.jit(load_penalty_row)(state, np.int32(1), mask_row, counts_row)
+    expected[1] = counts_row
+    np.testing.assert_array_equal(state.output_counts, expected)
+    np.testing.assert_array_equal(state.prompt_mask, np.stack([np.zeros(10, bool), mask_row, np.zeros(10, bool)]))
+
+
+def test_banned_ids_are_never_drawn(case):
+    logits, counts, prompt, extra = case
+    banned = np.argsort(-logits, axis=-1)[:, :E].astype(np.int32)  # each row's best tokens
+    banned[0, -1] = -1
+    s = _settings(B, temperature=2.0, banned=banned)
+    drawn = _draw_many(logits, s, np.zeros_like(counts), np.zeros_like(prompt))
+    unbanned = _draw_many(logits, _settings(B, temperature=2.0), np.zeros_like(counts), np.zeros_like(prompt))
+    for row in range(B):
+        assert not np.isin(drawn[row], banned[row][banned[row] >= 0]).any()
+        assert np.isin(unbanned[row], banned[row]).any()
+
+
+def test_all_but_one_banned_gives_that_one_without_nan(case):
+    logits, counts, prompt, extra = case
+    allowed = np.array([5, 17, 100, 256, 0, 42])
+    banned = np.stack([np.delete(np.arange(V), keep) for keep in allowed]).astype(np.int32)
+    for temperature, filters in [(0.0, {}), (1.0, {}), (0.8, dict(top_k=3, top_p=0.5, min_p=0.1))]:
+        s = _settings(B, temperature=temperature, seed=[1, 2, 3, 4, 5, 6], **dict(extra, banned=banned), **filters)
+        out = _run(logits, s, counts, prompt)
+        np.testing.assert_array_equal(out.tokens, allowed)
+        assert not any(np.isnan(np.asarray(field)).any() for field in jax.tree.leaves(out))
