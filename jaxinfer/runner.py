@@ -1,14 +1,22 @@
-"""Device side of the engine: the parameters, the paged KV pool and the jitted steps.
+"""Device side of the engine: parameters, the paged KV pool, per-slot state and the jitted step.
 
-Two entry points run one jitted step function at two families of shapes:
-`prefill` (one sequence's chunk, `[1, T]`, T bucketed to a power of two) and
-`decode` (every slot, `[max_slots, 1]`, empty slots masked onto the null page).
-Host code hands in flat numpy arrays and gets sampled token ids back. Each
-shape is compiled once, ahead of time; the compile count and time are logged.
+One jitted function runs every step (`_step`): an optional prefill chunk
+`[1, C]` of one sequence, then up to `decode_steps` decode steps of every slot
+`[B, 1]` in a `while_loop` whose trip count is data (so one decode step, or
+four, run the same compiled body: a row's arithmetic never depends on the
+batch). Decode rows read their input token from the device-side `SlotState`,
+so the host can plan the next step before reading this one's tokens. Inputs
+cross to the device as one packed int32 array and outputs come back as one.
+
+Static shape keys: the chunk bucket C (0: no prefill), the page-width bucket W
+of the block tables, and whether prompt logprobs are computed. `warmup()`
+compiles every (C, W) the engine can meet; each compile is logged.
+`JaxExecutor` adapts this runner to the scheduler's `Executor` seam.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -18,14 +26,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.config import EngineConfig, ModelConfig
+from jaxinfer.engine.request import MAX_BANNED
+from jaxinfer.engine.scheduler import StepPlan, StepResult
 from jaxinfer.model.transformer import Batch, KVPool, forward, logits
-from jaxinfer.sampling import sample
+from jaxinfer.sampling import (MAX_LOGPROBS, PenaltyState, SamplingTensors, empty_penalty_state,
+                               load_penalty_row, record_tokens, sample, token_logprobs)
 from jaxinfer.sharding import logical_sharding
 from pallas_kernels.attention import step_attention
 
 log = logging.getLogger(__name__)
 
 KV_AXES = ("layers", "kv_heads", "page", "page_slot", "head_dim")
+PACK = 3 + 2 * MAX_LOGPROBS  # per sampled row: token, rank, logprob, top ids, top logprobs (floats as bits)
 
 
 def init_kv_pool(cfg: ModelConfig, engine: EngineConfig, mesh) -> KVPool:
@@ -36,21 +48,142 @@ def init_kv_pool(cfg: ModelConfig, engine: EngineConfig, mesh) -> KVPool:
     return KVPool(zeros(), zeros())
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "backend"), donate_argnames=("kv",))
-def _step(params, kv: KVPool, batch: Batch, last_index, temperature, seed, *, cfg: ModelConfig, backend: str):
-    """Run the model on `batch`, sample one token per row from its `last_index` position."""
-    h, kv = forward(params, cfg, batch, kv, step_attention(backend))
-    rows = jnp.arange(h.shape[0])
-    next_position = batch.positions[rows, last_index] + 1
-    tokens = sample(logits(params, cfg, h[rows, last_index]), temperature, seed, next_position)
-    return tokens, kv
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SlotState:
+    tokens: jax.Array  # [B] int32: each slot's last sampled token, the input of its next decode step
+    penalties: PenaltyState
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where each input sits in the packed int32 array: (name, shape, dtype) in order."""
+
+    fields: tuple[tuple[str, tuple[int, ...], str], ...]
+
+    @classmethod
+    def build(cls, B: int, W: int, C: int, prompt_logprobs: bool) -> "Layout":
+        f32, i32, u32 = "float32", "int32", "uint32"
+        fields = [("positions", (B,), i32), ("steps", (B,), i32), ("num_steps", (), i32),
+                  ("block_tables", (B, W), i32), ("min_tokens_left", (B,), i32), ("banned", (B, MAX_BANNED), i32),
+                  ("temperature", (B,), f32), ("top_k", (B,), i32), ("top_p", (B,), f32), ("min_p", (B,), f32),
+                  ("presence_penalty", (B,), f32), ("frequency_penalty", (B,), f32),
+                  ("repetition_penalty", (B,), f32), ("seed", (B,), u32)]
+        if C:
+            fields += [("prefill_tokens", (C,), i32), ("prefill_start", (), i32), ("prefill_length", (), i32),
+                       ("prefill_slot", (), i32), ("prefill_sample", (), i32)]
+        if prompt_logprobs:
+            fields += [("next_tokens", (C,), i32)]
+        return cls(tuple(fields))
+
+    def pack(self, values: dict) -> np.ndarray:
+        parts = [np.ascontiguousarray(values[name], dtype).reshape(-1).view(np.int32)
+                 for name, _, dtype in self.fields]
+        return np.concatenate(parts)
+
+    def unpack(self, packed: jax.Array) -> dict:
+        out, offset = {}, 0
+        for name, shape, dtype in self.fields:
+            size = int(np.prod(shape, dtype=np.int64))
+            flat = packed[offset:offset + size]
+            if dtype != "int32":
+                flat = jax.lax.bitcast_convert_type(flat, jnp.dtype(dtype))
+            out[name] = flat.reshape(shape)
+            offset += size
+        return out
+
+
+def _pack_sampled(s) -> jax.Array:
+    """Sampled fields of R rows -> int32 [R, PACK]."""
+    as_bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.int32)
+    return jnp.concatenate([s.tokens[:, None], s.rank[:, None], as_bits(s.logprob)[:, None],
+                            s.top_ids, as_bits(s.top_logprobs)], axis=1)
+
+
+def _sampling(x: dict, banned_now: jax.Array) -> SamplingTensors:
+    names = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+             "repetition_penalty", "seed")
+    return SamplingTensors(**{n: x[n] for n in names}, banned=jnp.where(banned_now[:, None], x["banned"], -1))
+
+
+def _prefill(params, kv, state: SlotState, x: dict, cfg, attention, prompt_logprobs: bool):
+    """Run the chunk, sample after its last token into the slot; -> (kv, state, packed [1, PACK],
+    prompt logprobs packed [C, PACK - 1] or None)."""
+    C = x["prefill_tokens"].shape[0]
+    slot, start, length = x["prefill_slot"], x["prefill_start"], x["prefill_length"]
+    index = jnp.arange(C)
+    positions = jnp.where(index < length, start + index, -1)
+    table = x["block_tables"][slot][None]
+    h, kv = forward(params, cfg, Batch(x["prefill_tokens"][None], positions[None], table), kv, attention)
+    row = lambda tree: jax.tree_util.tree_map(lambda a: a[slot][None], tree)  # noqa: E731
+    sampling = _sampling(x, x["min_tokens_left"] > 0)
+    s = sample(logits(params, cfg, h[0, length - 1][None]), row(sampling), (start + length)[None],
+               row(state.penalties))
+    sampled = x["prefill_sample"] > 0
+    token = jnp.where(sampled, s.tokens[0], state.tokens[slot])
+    B = state.tokens.shape[0]
+    penalties = record_tokens(state.penalties, jnp.full(B, token), (jnp.arange(B) == slot) & sampled)
+    state = SlotState(state.tokens.at[slot].set(token), penalties)
+    prompt = None
+    if prompt_logprobs:
+        lp, rank, top_ids, top_lps = token_logprobs(logits(params, cfg, h[0]), x["next_tokens"])
+        as_bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.int32)
+        prompt = jnp.concatenate([rank[:, None], as_bits(lp)[:, None], top_ids, as_bits(top_lps)], axis=1)
+    return kv, state, _pack_sampled(s), prompt
+
+
+def _decode(params, kv, state: SlotState, x: dict, cfg, attention, max_steps: int):
+    """`num_steps` decode steps of every slot (slot b takes `steps[b]` of them); -> int32 [S, B, PACK]."""
+    B = state.tokens.shape[0]
+
+    def body(carry):
+        i, kv, state, out = carry
+        active = i < x["steps"]
+        positions = jnp.where(active, x["positions"] + i, -1)
+        batch = Batch(state.tokens[:, None], positions[:, None], x["block_tables"])
+        h, kv = forward(params, cfg, batch, kv, attention)
+        s = sample(logits(params, cfg, h[:, 0]), _sampling(x, i < x["min_tokens_left"]), positions + 1,
+                   state.penalties)
+        state = SlotState(jnp.where(active, s.tokens, state.tokens),
+                          record_tokens(state.penalties, s.tokens, active))
+        return i + 1, kv, state, out.at[i].set(_pack_sampled(s))
+
+    out = jnp.zeros((max_steps, B, PACK), jnp.int32)
+    _, kv, state, out = jax.lax.while_loop(lambda c: c[0] < x["num_steps"], body, (0, kv, state, out))
+    return kv, state, out
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "backend", "layout", "max_steps"),
+                   donate_argnames=("kv", "state"))
+def _step(params, kv: KVPool, state: SlotState, packed, *, cfg: ModelConfig, backend: str, layout: Layout,
+          max_steps: int):
+    """-> (one int32 array: decode rows [S, B + 1, PACK] (column B: the prefill's sample), then the prompt
+    logprobs [C, PACK - 1] if asked; kv; state)."""
+    x = layout.unpack(packed)
+    attention = step_attention(backend)
+    names = {name for name, _, _ in layout.fields}
+    prefill_row = jnp.zeros((1, PACK), jnp.int32)
+    parts = []
+    if "prefill_tokens" in names:
+        kv, state, prefill_row, prompt = _prefill(params, kv, state, x, cfg, attention, "next_tokens" in names)
+        if prompt is not None:
+            parts.append(prompt.reshape(-1))
+    kv, state, decoded = _decode(params, kv, state, x, cfg, attention, max_steps)
+    column = jnp.zeros((max_steps, 1, PACK), jnp.int32).at[0].set(prefill_row)
+    rows = jnp.concatenate([decoded, column], axis=1)
+    return jnp.concatenate([rows.reshape(-1)] + parts), kv, state
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "backend"), donate_argnames=("kv",))
 def _score(params, kv: KVPool, batch: Batch, *, cfg: ModelConfig, backend: str):
-    """Like `_step` but returns the logits of every position [B, T, V] (prompt scoring)."""
+    """Float32 logits of every position [B, T, V] (tests compare them with Hugging Face)."""
     h, kv = forward(params, cfg, batch, kv, step_attention(backend))
     return logits(params, cfg, h), kv
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def _load_penalties(state: SlotState, slot, prompt_mask, counts) -> SlotState:
+    return SlotState(state.tokens, load_penalty_row(state.penalties, slot, prompt_mask, counts))
 
 
 def _bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -65,86 +198,139 @@ def _powers_of_two_upto(limit: int) -> tuple[int, ...]:
     return sizes + (limit,)
 
 
+_EXECUTABLES: dict[tuple, object] = {}
+
+
 class ModelRunner:
-    """Owns the device state; every method takes and returns host numpy arrays."""
+    """Owns the device state; `dispatch` takes a host plan and returns the packed device output."""
 
     def __init__(self, cfg: ModelConfig, engine: EngineConfig, params: dict, mesh):
         self.cfg, self.engine, self.params, self.mesh = cfg, engine, params, mesh
         self.kv = init_kv_pool(cfg, engine, mesh)
-        self._compiled: dict[tuple, object] = {}
-        self._page_buckets = _powers_of_two_upto(engine.pages_per_seq)
+        B = engine.max_slots
+        self.state = SlotState(jnp.zeros(B, jnp.int32), empty_penalty_state(B, cfg.vocab_size))
+        self._compiled: set[Layout] = set()  # the step shapes this runner has used
+        self.page_buckets = _powers_of_two_upto(engine.pages_per_seq)
         self.compile_seconds = 0.0
 
     @property
     def num_compiles(self) -> int:
+        """Step shapes this runner has compiled or reused."""
         return len(self._compiled)
 
-    def _executable(self, fn, name: str, *args):
-        key = (name,) + tuple(a.shape for a in jax.tree_util.tree_leaves(args[2:]))
-        if key not in self._compiled:
+    def _executable(self, layout: Layout):
+        """The compiled step for `layout`, shared by every runner of the same model, pool and mesh in
+        this process (tests and benchmarks build several engines)."""
+        key = (layout, self.engine.decode_steps, self.cfg, self.engine.attention_backend, self.engine.dtype,
+               self.kv.k.shape, self.mesh.shape_tuple, tuple(self.mesh.device_ids.flat))
+        if key not in _EXECUTABLES:
             start = time.perf_counter()
-            self._compiled[key] = fn.lower(*args, cfg=self.cfg, backend=self.engine.attention_backend).compile()
+            packed = jax.ShapeDtypeStruct((sum(int(np.prod(s)) for _, s, _ in layout.fields),), jnp.int32)
+            _EXECUTABLES[key] = _step.lower(
+                self.params, self.kv, self.state, packed, cfg=self.cfg, backend=self.engine.attention_backend,
+                layout=layout, max_steps=self.engine.decode_steps).compile()
             took = time.perf_counter() - start
             self.compile_seconds += took
-            log.info("compiled %s for shapes %s in %.2fs (%d executables, %.1fs compiling in all)",
-                     name, key[1:], took, self.num_compiles, self.compile_seconds)
-        return self._compiled[key]
+            log.info("compiled the step for %s in %.2fs (%d executables, %.1fs compiling in all)",
+                     _describe(layout), took, len(_EXECUTABLES), self.compile_seconds)
+        self._compiled.add(layout)
+        return _EXECUTABLES[key]
 
-    def _batch(self, tokens, positions, block_tables) -> Batch:
-        """Device batch with the block tables cut to the pages this step can touch (bucketed):
-        attention reads what the batch holds, not what the longest possible sequence would."""
-        width = _bucket(int(positions.max()) // self.engine.page_size + 1, self._page_buckets)
-        return Batch(jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32),
-                     jnp.asarray(block_tables[:, :width], jnp.int32))
+    def layout_for(self, plan: StepPlan) -> Layout:
+        chunk = plan.prefill
+        last = int((plan.positions + plan.steps - 1).max())
+        if chunk is not None:
+            last = max(last, chunk.start + len(chunk.tokens) - 1)
+        W = _bucket(last // self.engine.page_size + 1, self.page_buckets)
+        C = _bucket(len(chunk.tokens), self.engine.prefill_buckets()) if chunk is not None else 0
+        return Layout.build(self.engine.max_slots, W, C, chunk is not None and chunk.next_tokens is not None)
 
-    def _run_step(self, tokens, positions, block_tables, last_index, temperature, seed) -> np.ndarray:
-        batch = self._batch(tokens, positions, block_tables)
-        args = (self.params, self.kv, batch, jnp.asarray(last_index, jnp.int32),
-                jnp.asarray(temperature, jnp.float32), jnp.asarray(seed, jnp.uint32))
-        out, self.kv = self._executable(_step, "step", *args)(*args)
-        return np.asarray(out)
-
-    def _pad_chunk(self, tokens: np.ndarray, start: int):
-        T = _bucket(len(tokens), self.engine.prefill_buckets())
-        padded = np.zeros((1, T), np.int32)
-        padded[0, :len(tokens)] = tokens
-        positions = np.full((1, T), -1, np.int32)
-        positions[0, :len(tokens)] = np.arange(start, start + len(tokens))
-        return padded, positions
-
-    def prefill(self, tokens: np.ndarray, start: int, block_table: np.ndarray,
-                temperature: float, seed: int) -> int:
-        """Write one chunk (positions start..start+len) into pages; sample after its last token."""
-        padded, positions = self._pad_chunk(tokens, start)
-        out = self._run_step(padded, positions, block_table[None], [len(tokens) - 1], [temperature], [seed])
-        return int(out[0])
-
-    def decode(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray,
-               temperature: np.ndarray, seed: np.ndarray) -> np.ndarray:
-        """One token for every slot [B]; slots with position -1 are empty."""
-        B = tokens.shape[0]
-        return self._run_step(tokens[:, None], positions[:, None], block_tables,
-                              np.zeros(B, np.int32), temperature, seed)
+    def dispatch(self, plan: StepPlan) -> jax.Array:
+        """Start the step; returns the packed output (its copy to the host already started)."""
+        layout = self.layout_for(plan)
+        chunk = plan.prefill
+        if chunk is not None and chunk.load_penalties:
+            self._load_penalties(chunk.slot, plan.seqs[chunk.slot])
+        values = dict(plan.sampling, positions=plan.positions, steps=plan.steps, num_steps=plan.num_steps,
+                      block_tables=plan.block_tables[:, :layout_width(layout)],
+                      min_tokens_left=plan.min_tokens_left, banned=plan.banned)
+        if chunk is not None:
+            C = dict((n, s) for n, s, _ in layout.fields)["prefill_tokens"][0]
+            tokens = np.zeros(C, np.int32)
+            tokens[:len(chunk.tokens)] = chunk.tokens
+            values.update(prefill_tokens=tokens, prefill_start=chunk.start, prefill_length=len(chunk.tokens),
+                          prefill_slot=chunk.slot, prefill_sample=int(chunk.sample))
+            if chunk.next_tokens is not None:
+                values["next_tokens"] = np.pad(chunk.next_tokens, (0, C - len(chunk.next_tokens)))
+        packed = jnp.asarray(layout.pack(values))
+        out, self.kv, self.state = self._executable(layout)(self.params, self.kv, self.state, packed)
+        out.copy_to_host_async()
+        return out
 
     def score(self, tokens: np.ndarray, start: int, block_table: np.ndarray) -> np.ndarray:
-        """Like `prefill`, returning float32 logits [len(tokens), V] of every chunk position."""
-        padded, positions = self._pad_chunk(tokens, start)
-        batch = self._batch(padded, positions, block_table[None])
-        args = (self.params, self.kv, batch)
-        out, self.kv = self._executable(_score, "score", *args)(*args)
-        return np.asarray(out[0, :len(tokens)])
+        """Write one chunk (positions start..start+len) into the given pages; -> logits [len, V]."""
+        batch = Batch(jnp.asarray(tokens, jnp.int32)[None], jnp.arange(start, start + len(tokens))[None],
+                      jnp.asarray(block_table, jnp.int32)[None])
+        out, self.kv = _score(self.params, self.kv, batch, cfg=self.cfg, backend=self.engine.attention_backend)
+        return np.asarray(out[0])
+
+    def _load_penalties(self, slot: int, seq) -> None:
+        V = self.cfg.vocab_size
+        mask = np.zeros(V, bool)
+        mask[seq.prompt_ids] = True
+        counts = np.bincount(np.asarray(seq.output_ids, np.int64), minlength=V).astype(np.int32)
+        self.state = _load_penalties(self.state, jnp.int32(slot), jnp.asarray(mask), jnp.asarray(counts))
 
     def warmup(self) -> None:
-        """Compile every shape generation can meet: each prefill bucket at each page width one of its
-        chunks can end in, and the decode step at each page width."""
-        B, Z, P = self.engine.max_slots, self.engine.page_size, self.engine.pages_per_seq
-        last_positions = [min(width * Z, self.engine.max_model_len) - 1 for width in self._page_buckets]
+        """Compile every (chunk bucket, page width) a step can meet; prompt-logprob variants compile on
+        first use."""
+        B, Z = self.engine.max_slots, self.engine.page_size
         buckets = self.engine.prefill_buckets()
-        for smaller, size in zip((0,) + buckets, buckets):
-            n = smaller + 1  # the fewest tokens that pad to `size`
-            for last in last_positions:
-                if last + 1 >= n:
-                    self.prefill(np.zeros(n, np.int32), last + 1 - n, np.zeros(P, np.int32), 0.0, 0)
-        for last in last_positions:
-            self.decode(np.zeros(B, np.int32), np.full(B, last, np.int32), np.zeros((B, P), np.int32),
-                        np.zeros(B, np.float32), np.zeros(B, np.uint32))
+        shortest = dict(zip(buckets, (1,) + tuple(b + 1 for b in buckets)))  # fewest tokens that pad to C
+        for C in (0,) + buckets:
+            for W in self.page_buckets:
+                if C and W * Z < shortest[C] and W != self.page_buckets[-1]:
+                    continue  # no chunk padded to C ends this early
+                self._executable(Layout.build(B, W, C, False))
+        log.info("warm-up: %d executables compiled in %.1fs", self.num_compiles, self.compile_seconds)
+
+
+def layout_width(layout: Layout) -> int:
+    return dict((n, s) for n, s, _ in layout.fields)["block_tables"][1]
+
+
+def _describe(layout: Layout) -> str:
+    shapes = dict((n, s) for n, s, _ in layout.fields)
+    C = shapes.get("prefill_tokens", (0,))[0]
+    extra = " with prompt logprobs" if "next_tokens" in shapes else ""
+    return f"chunk {C}, {shapes['block_tables'][1]} pages per row{extra}"
+
+
+def unpack_result(out: np.ndarray, plan: StepPlan, max_steps: int) -> StepResult:
+    B = len(plan.positions)
+    rows = out[:max_steps * (B + 1) * PACK].reshape(max_steps, B + 1, PACK)
+    S = max(plan.num_steps, 1)
+    rows = rows[:S]
+    as_float = lambda a: np.ascontiguousarray(a).view(np.float32)  # noqa: E731
+    result = StepResult(rows[:, :, 0], as_float(rows[:, :, 2]), rows[:, :, 1], rows[:, :, 3:3 + MAX_LOGPROBS],
+                        as_float(rows[:, :, 3 + MAX_LOGPROBS:]))
+    chunk = plan.prefill
+    if chunk is not None and chunk.next_tokens is not None:
+        prompt = out[max_steps * (B + 1) * PACK:].reshape(-1, PACK - 1)[:len(chunk.tokens)]
+        result.prompt_logprobs = (as_float(prompt[:, 1]), prompt[:, 0], prompt[:, 2:2 + MAX_LOGPROBS],
+                                  as_float(prompt[:, 2 + MAX_LOGPROBS:]))
+    return result
+
+
+class JaxExecutor:
+    """The scheduler's `Executor` over a `ModelRunner`."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+
+    def dispatch(self, plan: StepPlan):
+        return plan, self.runner.dispatch(plan)
+
+    def collect(self, handle) -> StepResult:
+        plan, out = handle
+        return unpack_result(np.asarray(out), plan, self.runner.engine.decode_steps)

@@ -36,11 +36,11 @@ def _prompts(vocab: int):
 def test_prompt_logits_match_transformers(family):
     name, model, llm = family
     prompt = np.asarray(_prompts(llm.model_config.vocab_size)[-1], np.int32)
-    pages = llm.pages.allocate(5)
-    table = np.zeros(llm.engine.pages_per_seq, np.int32)
+    pages = llm.engine.scheduler.pages.allocate(5)
+    table = np.zeros(llm.engine_config.pages_per_seq, np.int32)
     table[:5] = pages[::-1]  # scattered, descending page ids
     ours = np.concatenate([llm.runner.score(prompt[s:s + CHUNK], s, table) for s in range(0, len(prompt), CHUNK)])
-    llm.pages.free(pages)
+    llm.engine.scheduler.pages.free(pages)
     with torch.no_grad():
         ref = model(torch.tensor(prompt[None], dtype=torch.long)).logits[0].numpy()
     np.testing.assert_allclose(ours, ref, atol=LOGIT_ATOL, rtol=0, err_msg=name)
@@ -56,4 +56,4 @@ def test_greedy_tokens_match_transformers_generate(family):
                                  min_new_tokens=NEW_TOKENS)[0, len(prompt):].tolist()
         assert out.outputs[0].token_ids == ref, f"{name}, prompt of {len(prompt)} tokens"
         assert out.outputs[0].finish_reason == "length"
-    assert llm.pages.num_free == llm.engine.num_pages - 1, "every page returns to the pool"
+    llm.engine.check_idle()

@@ -89,7 +89,7 @@ def test_model_greedy_tokens_equal_with_pallas_backend(family, tmp_path):
         engine = EngineConfig(max_slots=2, page_size=8, prefill_chunk=16, max_model_len=64,
                               dtype="float32", attention_backend=backend)
         llm = LLM(tmp_path, engine)
-        assert llm.engine.attention_backend == backend
+        assert llm.engine_config.attention_backend == backend
         tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert tokens["pallas"] == tokens["reference"]
 
@@ -101,7 +101,7 @@ def test_auto_backend_falls_back_when_kernels_fail(monkeypatch, caplog):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     llm = LLM(engine=EngineConfig(max_slots=1, page_size=8, max_model_len=32, dtype="float32"))
     monkeypatch.undo()
-    assert llm.engine.attention_backend == "reference"
+    assert llm.engine_config.attention_backend == "reference"
     assert "failed its start-up check" in caplog.text
     assert llm.generate("Hi", SamplingParams(max_tokens=3))[0].outputs[0].token_ids
 
