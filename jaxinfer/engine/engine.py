@@ -264,12 +264,15 @@ class Engine:
             if seq.finished and i == len(seq.output_ids) - 1:
                 text += detok.flush()
             request.texts[seq.index] = text
+            if i + 1 < request.params.min_tokens:
+                continue  # as in vLLM, stop strings count only once min_tokens exist
             stop = _find_stop(text, request.params.stop, len(before))
             if stop is not None:
                 at, string = stop
                 keep = at + len(string) if request.params.include_stop_str_in_output else at
                 request.texts[seq.index] = text[:keep]
-                del seq.output_ids[i + 1:], seq.logprobs[i + 1:]
+                self.scheduler.counters.generation_tokens -= len(seq.output_ids) - (i + 1)  # counted, now cut
+                del seq.output_ids[i + 1:], seq.logprobs[i + 1:], seq.token_gaps[i:]
                 if seq.finished:  # a later token of the same dispatch hit EOS or the length: the string came first
                     seq.finish_reason, seq.stop_reason = "stop", string
                 else:
@@ -340,6 +343,9 @@ class Engine:
                 log.exception("engine step failed; failing all requests")
                 self._fail_all(error)
                 return
+        if self._inflight is not None:  # read the step already dispatched: a shutdown leaves none half done
+            self._process(*self._inflight)
+            self._inflight = None
 
     def _fail_all(self, error: BaseException) -> None:
         self.error = error
@@ -363,7 +369,9 @@ class Engine:
         s, c, h = self.scheduler, self.scheduler.counters, self.latencies
         usable = s.pages.num_pages - 1
         return EngineStats(
-            num_running=len(s.running), num_waiting=len(s.waiting), kv_usage=s.pages.num_used / usable,
+            num_running=len({q.request_id for q in s.running}),
+            num_waiting=len({q.request_id for q in s.waiting} - {q.request_id for q in s.running}),
+            kv_usage=s.pages.num_used / usable,
             prompt_tokens=c.prompt_tokens, generation_tokens=c.generation_tokens,
             prefill_tokens_computed=c.prefill_tokens_computed, preemptions=c.preemptions,
             prefix_cache_queries=c.prefix_queries, prefix_cache_hits=c.prefix_hits, steps=c.steps,

@@ -78,7 +78,7 @@ class FakeExecutor:
 
     def dispatch(self, plan: StepPlan) -> StepResult:
         B = len(plan.positions)
-        tokens = np.full((max(plan.num_steps, 1), B + 1), -1, np.int32)
+        tokens = np.full((max(plan.num_steps, 1), B), -1, np.int32)
         seeds = plan.sampling["seed"]
         chunk = plan.prefill
         if chunk is not None:
@@ -88,7 +88,7 @@ class FakeExecutor:
             if chunk.sample:
                 end = chunk.start + len(chunk.tokens)
                 token = self._next(table, end, seeds[chunk.slot], self._banned(plan, chunk.slot, 0))
-                tokens[0, B] = self.slot_tokens[chunk.slot] = token
+                tokens[0, chunk.slot] = self.slot_tokens[chunk.slot] = token
         for slot in np.flatnonzero(plan.steps):
             table = plan.block_tables[slot]
             for i in range(plan.steps[slot]):

@@ -28,6 +28,14 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _as_tuple(value, message: str) -> tuple:
+    """A list-like field as a tuple; a scalar (stop_token_ids=5) is a ValueError, not a TypeError."""
+    try:
+        return tuple(value or ())
+    except TypeError:
+        raise ValueError(f"{message}, got {value!r}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """Per-request generation settings, named and bounded as in vLLM / the OpenAI API."""
@@ -52,9 +60,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self):
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        stop = (self.stop,) if isinstance(self.stop, str) else _as_tuple(self.stop, "stop must be a string or a list")
         object.__setattr__(self, "stop", stop)
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        object.__setattr__(self, "stop_token_ids",
+                           _as_tuple(self.stop_token_ids, "stop_token_ids must be a list of token ids"))
         object.__setattr__(self, "top_k", 0 if self.top_k == -1 else self.top_k)
         self._validate()
 

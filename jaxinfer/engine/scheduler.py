@@ -47,7 +47,7 @@ class StepPlan:
 
     positions: np.ndarray  # [B] int32 position of each slot's first decode token; -1: not decoding
     steps: np.ndarray  # [B] int32 decode tokens the slot produces in this dispatch (0: none)
-    num_steps: int  # decode steps in this dispatch: the largest of `steps` (0: a prefill-only step)
+    num_steps: int  # sampling rounds: the largest of `steps`, at least 1 if the prefill samples
     block_tables: np.ndarray  # [B, P] int32
     sampling: dict[str, np.ndarray]  # SAMPLING_FIELDS and "seed" (uint32), each [B]
     min_tokens_left: np.ndarray  # [B] int32: `banned` is masked for this many more tokens
@@ -58,14 +58,14 @@ class StepPlan:
 
 @dataclasses.dataclass
 class StepResult:
-    """Tokens [num_steps, B + 1]: column b is slot b's decode tokens, column B the prefill's sample
-    (row 0). Logprob fields may be None when the executor does not compute them."""
+    """Tokens [num_steps, B]: column b holds slot b's decode tokens, or (row 0) the token sampled
+    after its prefill chunk. Logprob fields may be None when the executor does not compute them."""
 
     tokens: np.ndarray
-    logprobs: np.ndarray | None = None  # [S, B + 1] float32
-    ranks: np.ndarray | None = None  # [S, B + 1] int32
-    top_ids: np.ndarray | None = None  # [S, B + 1, MAX_LOGPROBS] int32
-    top_logprobs: np.ndarray | None = None  # [S, B + 1, MAX_LOGPROBS] float32
+    logprobs: np.ndarray | None = None  # [S, B] float32
+    ranks: np.ndarray | None = None  # [S, B] int32
+    top_ids: np.ndarray | None = None  # [S, B, MAX_LOGPROBS] int32
+    top_logprobs: np.ndarray | None = None  # [S, B, MAX_LOGPROBS] float32
     prompt_logprobs: tuple | None = None  # (logprob [c], rank [c], top ids [c, k], top logprobs [c, k])
 
 
@@ -132,7 +132,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self._release(seq)
         self.counters.preemptions += 1
-        seq.output_ids.clear(); self.add(seq)  # back in arrival order: ahead of every later request
+        self.add(seq)  # back in arrival order: ahead of every later request
 
     @property
     def running(self) -> list[Sequence]:
@@ -145,8 +145,7 @@ class Scheduler:
 
     def schedule(self) -> StepPlan | None:
         """The next step, or None when nothing can run until in-flight tokens are read."""
-        admitting = self.prefilling is not None or (self.waiting and None in self.slots)
-        steps = self._plan_decode(1 if admitting else self.cfg.decode_steps)
+        steps = self._plan_decode(1 if self.prefilling is not None or self._can_admit() else self.cfg.decode_steps)
         prefill = self._plan_prefill()
         if prefill is None and not steps:
             return None
@@ -204,6 +203,17 @@ class Scheduler:
             next_tokens[:len(following)] = following
         return PrefillChunk(seq.slot, tokens, start, done, next_tokens, admitted and seq.params.uses_penalties)
 
+    def _can_admit(self) -> bool:
+        """Whether the head of the queue could start its prefill now (ignoring prefix-cache hits): only
+        then are decode dispatches cut to one step so its prefill is not kept waiting."""
+        if not self.waiting or None not in self.slots or self.waiting[0].pending:
+            return False
+        return self.pages.can_allocate(pages_for(self.waiting[0].num_known, self.cfg.page_size) + self._headroom())
+
+    def _headroom(self) -> int:
+        """Pages kept back at admission: one per decoding sequence, each of which may need one soon."""
+        return sum(1 for s in self.running if s.decoding)
+
     def _admit(self) -> Sequence | None:
         """Take the head of the queue into a free slot if its uncached tokens fit in free pages."""
         if not self.waiting or None not in self.slots or self.waiting[0].pending:
@@ -214,8 +224,7 @@ class Scheduler:
         # Prompt logprobs need the logits of every prompt position: such requests compute all.
         cached = self.pages.match(hashes) if seq.params.prompt_logprobs is None else []
         need = pages_for(len(known), self.cfg.page_size) - len(cached)
-        decoding = sum(1 for s in self.running if s.decoding)  # headroom: each may need a page soon
-        if not self.pages.can_allocate(need + decoding):
+        if not self.pages.can_allocate(need + self._headroom()):
             self.pages.free(cached)
             return None
         self.waiting.pop(0)
@@ -271,7 +280,8 @@ class Scheduler:
         if prefill is not None:
             seq = seqs[prefill.slot] = self.slots[prefill.slot]
             min_left[prefill.slot] = seq.params.min_tokens - len(seq.output_ids)
-        return StepPlan(positions, step_counts, max(steps.values(), default=0), self._tables.copy(),
+        rounds = max(max(steps.values(), default=0), int(prefill is not None and prefill.sample))
+        return StepPlan(positions, step_counts, rounds, self._tables.copy(),
                         {name: row.copy() for name, row in self._rows.items()}, min_left,
                         self._banned.copy(), prefill, seqs)
 
@@ -281,7 +291,6 @@ class Scheduler:
         """Read a step's tokens into its sequences; finish those that hit EOS, a stop token or their
         length. Returns the sequences that got tokens or finished (tokens past a finish are dropped)."""
         now = time.monotonic()
-        B = self.cfg.max_slots
         touched = []
         for slot, seq in plan.seqs.items():
             is_prefill = plan.prefill is not None and plan.prefill.slot == slot
@@ -290,11 +299,11 @@ class Scheduler:
                     self._add_prompt_logprobs(seq, plan.prefill.start, result.prompt_logprobs)
                 if not plan.prefill.sample:
                     continue
-            column, count = (B, 1) if is_prefill else (slot, int(plan.steps[slot]))
+            count = 1 if is_prefill else int(plan.steps[slot])
             for i in range(count):
                 seq.pending -= 1
                 if not seq.finished:
-                    self._append(seq, result, i, column, now)
+                    self._append(seq, result, i, slot, now)
             touched.append(seq)
         return touched
 

@@ -1,0 +1,621 @@
+"""The host engine against the fake executor: scheduling, paging, preemption, prefix caching, stop rules,
+streams and counters. Every output is compared with `fake_continuation`, which knows nothing of paging, so
+any bookkeeping bug shows up as a wrong token."""
+
+import asyncio
+import dataclasses
+import math
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jaxinfer.config import EngineConfig
+from jaxinfer.engine.engine import Engine, EngineError, _seed32
+from jaxinfer.engine.executor import FakeExecutor, fake_continuation
+from jaxinfer.engine.pages import NULL_PAGE, pages_for
+from jaxinfer.engine.request import SamplingParams, Status
+from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
+
+VOCAB, EOS = 50, 7
+MAX_STEPS = 5000  # any test run needing more is stuck
+
+
+def make_engine(vocab=VOCAB, eos=(EOS,), tokenizer=None, executor=FakeExecutor, **overrides) -> Engine:
+    values = dict(max_slots=4, page_size=4, num_pages=40, max_model_len=64, prefill_chunk=8, decode_steps=2,
+                  dtype="float32", attention_backend="reference")
+    cfg = EngineConfig(**{**values, **overrides})
+    return Engine(cfg, executor(cfg.num_pages, cfg.page_size, cfg.max_slots, vocab=vocab), vocab_size=vocab,
+                  tokenizer=tokenizer, eos_ids=eos)
+
+
+def stop_ids(engine, params):
+    return set(params.stop_token_ids) | (set() if params.ignore_eos else set(engine.eos_ids))
+
+
+def expected(engine, prompt, params, index=0):
+    """What sequence `index` of a request must produce: the fake model run alone, without paging."""
+    room = engine.cfg.max_model_len - len(prompt)
+    max_new = room if params.max_tokens is None else min(params.max_tokens, room)
+    return fake_continuation(prompt, max_new, _seed32(params.seed, index), engine.vocab_size,
+                             stop_ids(engine, params), params.min_tokens)
+
+
+def check_invariants(engine, plans_seen: int) -> int:
+    """The scheduler's state after a step; returns how many plans have been checked."""
+    s, cfg = engine.scheduler, engine.cfg
+    s.pages.check()
+    running = s.running
+    assert len(running) <= cfg.max_slots
+    holders = {}
+    for seq in running:
+        assert s.slots[seq.slot] is seq and seq.status is Status.RUNNING
+        assert NULL_PAGE not in seq.pages
+        assert len(seq.pages) >= pages_for(seq.num_computed, cfg.page_size), "computed positions without a page"
+        assert list(s._tables[seq.slot, :len(seq.pages)]) == seq.pages
+        for page in seq.pages:
+            holders[page] = holders.get(page, 0) + 1
+    assert all(not seq.pages and seq.slot is None for seq in s.waiting)
+    for page in range(1, s.pages.num_pages):
+        assert s.pages._refs[page] == holders.get(page, 0), f"page {page}: refs != holders"
+        if holders.get(page, 0) > 1:
+            assert page in s.pages._hash_of, f"page {page} is shared but holds no cached prefix"
+    plans = engine.executor.dispatched
+    for plan in plans[plans_seen:]:
+        if plan.prefill is not None:
+            assert 1 <= len(plan.prefill.tokens) <= cfg.prefill_chunk
+        assert plan.steps.max(initial=0) <= cfg.decode_steps
+        assert plan.num_steps >= plan.steps.max(initial=0)
+    return len(plans)
+
+
+def run(engine):
+    """Step until idle; returns the final output of each request. Fails if the engine stops progressing."""
+    finals, seen = {}, 0
+    for _ in range(MAX_STEPS):
+        if not engine.has_work():
+            break
+        for out in engine.step():
+            if out.finished:
+                assert out.request_id not in finals, "a request finished twice"
+                finals[out.request_id] = out
+        seen = check_invariants(engine, seen)
+    assert not engine.has_work(), f"still busy after {MAX_STEPS} steps"
+    engine.check_idle()
+    return finals
+
+
+def prompts(count, length, seed=0):
+    """`count` distinct fixed prompts of `length` tokens."""
+    return [[(seed * 31 + i * 17 + j * 7 + (i * j) % 5) % VOCAB for j in range(length)] for i in range(count)]
+
+
+# --- property-based: random workloads on random engine shapes -----------------------------------------
+
+@dataclasses.dataclass
+class Arrival:
+    prompt: list
+    params: SamplingParams
+    priority: int
+    step: int
+    abort_step: int | None
+
+
+@st.composite
+def workloads(draw):
+    page_size = draw(st.integers(1, 8))
+    max_model_len = draw(st.integers(8, 72))
+    per_seq = math.ceil(max_model_len / page_size)
+    cfg = dict(max_slots=draw(st.integers(1, 5)), page_size=page_size, max_model_len=max_model_len,
+               num_pages=draw(st.integers(max(2, per_seq * 2 // 3), per_seq + 8)),  # tight: preemption, refusals
+               prefill_chunk=draw(st.integers(1, 12)), decode_steps=draw(st.integers(1, 4)),
+               enable_prefix_caching=draw(st.booleans()))
+    eos = draw(st.sampled_from([(), (EOS,), (EOS, 11)]))
+    token = st.integers(0, VOCAB - 1)
+    shared = draw(st.lists(st.lists(token, min_size=1, max_size=40), min_size=1, max_size=3))
+    arrivals = []
+    for _ in range(draw(st.integers(1, 8))):
+        prefix = draw(st.sampled_from([[]] + shared))
+        prompt = (prefix + draw(st.lists(token, min_size=0 if prefix else 1, max_size=30)))[:max_model_len - 1]
+        max_tokens = draw(st.one_of(st.none(), st.integers(1, 24), st.integers(1, 24)))  # None: a third
+        params = SamplingParams(n=draw(st.integers(1, 3)), max_tokens=max_tokens,
+                                min_tokens=draw(st.integers(0, min(max_tokens or 8, 8))),
+                                seed=draw(st.integers(0, 2**64 - 1)),
+                                stop_token_ids=draw(st.lists(token, max_size=2)), ignore_eos=draw(st.booleans()))
+        step = draw(st.integers(0, 15))
+        # Half are never aborted; the others soon (often queued or mid-prefill) or later (mid-decode or done).
+        abort = draw(st.one_of(st.none(), st.none(), st.integers(step, step + 6), st.integers(step, step + 30)))
+        arrivals.append(Arrival(prompt, params, draw(st.integers(-2, 2)), step, abort))
+    return cfg, eos, arrivals
+
+
+def _add(engine, arrival):
+    """Add a drawn request; returns its id, or None when it was refused (as it must be iff it can never fit)."""
+    cfg, p = engine.cfg, arrival.params
+    max_new = min(p.max_tokens or cfg.max_model_len, cfg.max_model_len - len(arrival.prompt))
+    fits = pages_for(len(arrival.prompt) + max_new, cfg.page_size) <= cfg.num_pages - 1
+    try:
+        request_id = engine.add_request(arrival.prompt, p, priority=arrival.priority, stream=False)
+    except MemoryError:
+        assert not fits
+        return None
+    assert fits
+    return request_id
+
+
+def _check_final(engine, arrival, out):
+    for completion in out.outputs:
+        want = expected(engine, arrival.prompt, arrival.params, completion.index)
+        if completion.finish_reason == "abort":
+            assert arrival.abort_step is not None
+            assert want[:len(completion.token_ids)] == completion.token_ids
+            continue
+        assert completion.token_ids == want
+        stops = stop_ids(engine, arrival.params)
+        ended = bool(want) and want[-1] in stops and len(want) >= arrival.params.min_tokens
+        assert completion.finish_reason == ("stop" if ended else "length")
+        if ended:
+            assert completion.stop_reason == (want[-1] if want[-1] in arrival.params.stop_token_ids else None)
+
+
+@settings(max_examples=500, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads())
+def test_random_workloads_match_the_unpaged_model(workload):
+    """Random arrivals, aborts (queued, mid-prefill, mid-decode), shared prefixes, n > 1, stop ids, min_tokens,
+    priorities and tight pools: the invariants hold after every step, every request ends, and every token
+    equals the unpaged fake model's (a prefix of it when aborted); requests that can never fit are refused."""
+    cfg, eos, arrivals = workload
+    engine = make_engine(eos=eos, **cfg)
+    ids, finals, seen = {}, {}, 0
+    last_event = max(max(a.step, a.abort_step or 0) for a in arrivals)
+    for step in range(MAX_STEPS):
+        for i, arrival in enumerate(arrivals):
+            if arrival.step == step and (request_id := _add(engine, arrival)) is not None:
+                ids[i] = request_id
+            if arrival.abort_step == step and i in ids:
+                engine.abort(ids[i])
+        if step > last_event and not engine.has_work():
+            break
+        for out in engine.step():
+            if out.finished:
+                assert out.request_id not in finals, "a request finished twice"
+                finals[out.request_id] = out
+        seen = check_invariants(engine, seen)
+    else:
+        pytest.fail(f"still busy after {MAX_STEPS} steps")
+    engine.check_idle()
+    assert set(finals) == set(ids.values())
+    for i, request_id in ids.items():
+        _check_final(engine, arrivals[i], finals[request_id])
+
+
+# --- targeted ------------------------------------------------------------------------------------------
+
+def test_repeated_prefix_is_served_from_cache():
+    """The second request with the same 24-token prefix reads its pages from the cache: hits are counted,
+    fewer prefill tokens are computed than without caching, and the outputs are unchanged."""
+    prefix = prompts(1, 24)[0]
+    requests = [(prefix + [1, 2, 3], SamplingParams(max_tokens=6, seed=1, ignore_eos=True)),
+                (prefix + [4, 5], SamplingParams(max_tokens=6, seed=2, ignore_eos=True))]
+    computed = {}
+    for caching in (True, False):
+        engine = make_engine(enable_prefix_caching=caching)
+        ids = []
+        for prompt, params in requests:
+            ids.append(engine.add_request(prompt, params, stream=False))
+            finals = run(engine)  # one after the other, so the first has filled the cache
+            assert finals[ids[-1]].outputs[0].token_ids == expected(engine, prompt, params)
+        stats = engine.stats()
+        computed[caching] = stats.prefill_tokens_computed
+        assert stats.prefix_cache_queries == 27 + 26
+        assert stats.prefix_cache_hits == (24 if caching else 0)
+        assert finals[ids[1]].num_cached_tokens == (24 if caching else 0)
+    assert computed[True] == computed[False] - 24
+
+
+def test_preemption_under_a_tiny_pool():
+    """Twelve requests of 4 + 24 tokens through a pool of 17 two-token pages (one sequence needs 14): short
+    prompts are admitted together, then outgrow the pool, so sequences are preempted and recomputed, yet
+    every output is exact and the run ends within the step bound."""
+    engine = make_engine(max_slots=4, page_size=2, num_pages=18, max_model_len=32, prefill_chunk=4, decode_steps=3)
+    params = [SamplingParams(max_tokens=24, seed=i, ignore_eos=True) for i in range(12)]
+    requests = [(p, q, engine.add_request(p, q, stream=False)) for p, q in zip(prompts(12, 4), params)]
+    finals = run(engine)
+    assert engine.stats().preemptions > 0
+    for prompt, p, request_id in requests:
+        assert finals[request_id].outputs[0].token_ids == expected(engine, prompt, p)
+        assert finals[request_id].outputs[0].finish_reason == "length"
+
+
+def test_request_too_big_for_the_pool_is_refused_and_engine_keeps_serving():
+    """A request whose prompt plus max_tokens cannot fit in the whole pool is refused at add_request with a
+    MemoryError naming the sizes, while a running request and one that exactly fits are served."""
+    engine = make_engine(page_size=4, num_pages=6, max_model_len=64)  # 5 usable pages: 20 tokens
+    params = SamplingParams(max_tokens=10, seed=3, ignore_eos=True)
+    request_id = engine.add_request(list(range(10)), params, stream=False)
+    engine.step()
+    with pytest.raises(MemoryError, match=r"10 prompt tokens \+ 11 new tokens needs 6 KV pages of 4 tokens; "
+                                          r"the whole pool has 5"):
+        engine.add_request(list(range(10)), SamplingParams(max_tokens=11))
+    full = engine.add_request(list(range(10)), dataclasses.replace(params, seed=4), stream=False)
+    finals = run(engine)
+    assert finals[full].outputs[0].token_ids == expected(engine, list(range(10)), dataclasses.replace(params, seed=4))
+    assert finals[request_id].outputs[0].token_ids == expected(engine, list(range(10)), params)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("n", 0, "n must be an integer >= 1"),
+    ("max_tokens", 0, "max_tokens must be"),
+    ("min_tokens", -1, "min_tokens must be"),
+    ("temperature", -0.5, "temperature must be"),
+    ("top_p", 0.0, r"top_p must be in \(0, 1\]"),
+    ("top_k", -2, "top_k must be"),
+    ("repetition_penalty", 0.0, "repetition_penalty must be"),
+    ("seed", 2**64, "seed must be"),
+    ("stop", [""], "stop must be"),
+    ("stop", 5, "stop must be a string or a list, got 5"),
+    ("stop_token_ids", 5, "stop_token_ids must be a list of token ids, got 5"),
+    ("stop_token_ids", [-1], "stop_token_ids must be non-negative"),
+    ("logprobs", 21, r"logprobs must be an integer in \[0, 20\]"),
+])
+def test_invalid_sampling_params_name_the_field(field, value, message):
+    """Each bad setting raises ValueError saying which field was wrong."""
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**{field: value})
+
+
+def test_min_tokens_above_max_tokens_is_refused():
+    """min_tokens larger than max_tokens is a ValueError naming both."""
+    with pytest.raises(ValueError, match="min_tokens=5 exceeds max_tokens=3"):
+        SamplingParams(max_tokens=3, min_tokens=5)
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ([], None, "the prompt is empty"),
+    ([1, 50], None, r"token id 50 is outside the vocabulary \[0, 50\)"),
+    (list(range(40)) * 2, None, "the prompt has 80 tokens; the maximum context length is 64"),
+    ([1], SamplingParams(stop="x"), "stop strings need a tokenizer"),
+])
+def test_invalid_requests_are_refused_in_the_callers_thread(prompt, params, message):
+    """add_request checks the prompt against the vocabulary and the context before queuing anything."""
+    engine = make_engine()
+    with pytest.raises(ValueError, match=message):
+        engine.add_request(prompt, params)
+    assert not engine.has_work()
+
+
+def test_lower_priority_value_is_admitted_first():
+    """With one slot, queued requests are admitted by priority (lower first), ties in arrival order."""
+    engine = make_engine(max_slots=1)
+    order = {engine.add_request([1, 2, 3], SamplingParams(max_tokens=2), priority=prio, stream=False): prio
+             for prio in (3, 0, 3, -1, 0)}
+    run(engine)
+    admitted = [plan.seqs[plan.prefill.slot].request_id for plan in engine.executor.dispatched
+                if plan.prefill is not None and plan.prefill.start == 0]
+    assert admitted == sorted(order, key=lambda rid: (order[rid], int(rid.split("-")[1])))
+
+
+def test_siblings_share_prompt_pages_and_differ_by_seed():
+    """n=3: the siblings hold the same pages for the prompt's full pages (counted as prefix hits), and each
+    produces its own seeded continuation."""
+    engine = make_engine(max_slots=4, page_size=4, prefill_chunk=16)
+    prompt = prompts(1, 13)[0]  # 12 tokens before the last: 3 full pages
+    params = SamplingParams(n=3, max_tokens=8, seed=42, ignore_eos=True)
+    request_id = engine.add_request(prompt, params, stream=False)
+    shared = False
+    finals, seen = {}, 0
+    while engine.has_work():
+        for out in engine.step():
+            finals[out.request_id] = out
+        seen = check_invariants(engine, seen)
+        running = engine.scheduler.running
+        if len(running) == 3:
+            shared = shared or all(seq.pages[:3] == running[0].pages[:3] for seq in running)
+    engine.check_idle()
+    assert shared
+    assert engine.stats().prefix_cache_hits == 2 * 12
+    outputs = [c.token_ids for c in finals[request_id].outputs]
+    assert outputs == [expected(engine, prompt, params, i) for i in range(3)]
+    assert len({tuple(o) for o in outputs}) == 3
+
+
+def _seed_where(predicate, prompt, vocab, stops, limit=2000):
+    for seed in range(limit):
+        if predicate(fake_continuation(prompt, 20, _seed32(seed, 0), vocab, stops)):
+            return seed
+    raise AssertionError("no seed found")
+
+
+def test_min_tokens_suppresses_eos():
+    """A seed whose free run hits EOS within 2 tokens: with min_tokens=6 the engine bans EOS until 6 tokens
+    exist, matching the fake model with the same ban."""
+    vocab, prompt = 8, [1, 2, 3]
+    seed = _seed_where(lambda out: len(out) <= 2, prompt, vocab, {EOS})
+    engine = make_engine(vocab=vocab, decode_steps=3)
+    params = SamplingParams(max_tokens=20, min_tokens=6, seed=seed)
+    request_id = engine.add_request(prompt, params, stream=False)
+    tokens = run(engine)[request_id].outputs[0].token_ids
+    assert len(tokens) >= 6 and EOS not in tokens[:6]
+    assert tokens == fake_continuation(prompt, 20, _seed32(seed, 0), vocab, {EOS}, min_tokens=6)
+
+
+def test_tokens_after_eos_in_a_multi_step_dispatch_are_dropped():
+    """With decode_steps=4 the device samples past EOS inside one dispatch; the output ends at EOS."""
+    prompt = [4, 5, 6]
+    seed = _seed_where(lambda out: len(out) in (3, 4, 7, 8) and out[-1] == EOS, prompt, VOCAB, {EOS}, 20000)
+    engine = make_engine(decode_steps=4)
+    params = SamplingParams(max_tokens=20, seed=seed)
+    request_id = engine.add_request(prompt, params, stream=False)
+    out = run(engine)[request_id].outputs[0]
+    sampled = 1 + sum(int(plan.steps.sum()) for plan in engine.executor.dispatched)
+    assert sampled > len(out.token_ids)  # the device did run past EOS
+    assert out.token_ids == expected(engine, prompt, params) and out.token_ids[-1] == EOS
+    assert out.finish_reason == "stop" and out.stop_reason is None
+
+
+@pytest.mark.parametrize("where", ["queued", "prefilling", "decoding"])
+def test_abort_frees_everything(where):
+    """Abort while queued, mid-prefill or mid-decode: the request ends with finish_reason 'abort', holds no
+    page or slot, and the other request still produces its exact output."""
+    engine = make_engine(max_slots=1, prefill_chunk=4, decode_steps=2)
+    first = SamplingParams(max_tokens=12, seed=5, ignore_eos=True)
+    other = engine.add_request(prompts(1, 6)[0], first, stream=False)
+    victim = engine.add_request(prompts(1, 20, seed=1)[0], SamplingParams(max_tokens=20, seed=6, ignore_eos=True),
+                                stream=False)
+    state = {"queued": lambda s: s.status is Status.WAITING and not s.output_ids,
+             "prefilling": lambda s: s is engine.scheduler.prefilling and s.num_computed > 0,
+             "decoding": lambda s: s.decoding and len(s.output_ids) >= 2}[where]
+    outs = {}
+    for _ in range(MAX_STEPS):
+        outs.update({o.request_id: o for o in engine.step()})
+        seq = engine._requests[victim].seqs[0] if victim in engine._requests else None
+        if seq is not None and state(seq):
+            break
+    else:
+        pytest.fail(f"the request never reached the {where} state")
+    engine.abort(victim)
+    outs.update(run(engine))
+    assert outs[victim].finished and outs[victim].outputs[0].finish_reason == "abort"
+    assert outs[other].outputs[0].token_ids == expected(engine, prompts(1, 6)[0], first)
+    assert engine.stats().finished_requests["abort"] == 1
+
+
+# --- stop strings with a real tokenizer -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.from_pretrained("jaxinfer/assets/default")
+
+
+def _pieces(tokenizer, prompt, tokens):
+    """The text each generated token adds, as the engine's detokenizer streams it."""
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    return [detok.add(t) for t in tokens]
+
+
+def _stop_case(tokenizer, seed=2):
+    """A prompt, its free continuation and a stop string made of the last two characters of token k-1's text
+    and the first two of token k's, found nowhere earlier."""
+    prompt = tokenizer.encode("Once upon a time")
+    params = SamplingParams(max_tokens=30, seed=seed, ignore_eos=True)
+    tokens = fake_continuation(prompt, 30, _seed32(seed, 0), tokenizer.vocab_size)
+    pieces = _pieces(tokenizer, prompt, tokens)
+    text = "".join(pieces)
+    for k in range(6, len(tokens) - 3):  # late enough for several dispatches
+        a, b = pieces[k - 1], pieces[k]
+        if len(a) >= 2 and len(b) >= 2 and (a + b).isascii():
+            at = len("".join(pieces[:k])) - 2
+            stop = text[at:at + 4]
+            if text.find(stop) == at:
+                return prompt, params, tokens, text, k, at, stop
+    raise AssertionError("no token boundary to put a stop string on")
+
+
+@pytest.mark.parametrize("decode_steps, include", [(1, False), (1, True), (4, False)])
+def test_stop_string_across_a_token_boundary(tokenizer, decode_steps, include):
+    """The text is cut before the stop string (kept with include_stop_str_in_output), token ids end at the
+    token that completed it, no streamed text ever shows what the final text leaves out, and tokens cut
+    off after the stop string are not counted as generated."""
+    prompt, params, tokens, text, k, at, stop = _stop_case(tokenizer)
+    engine = make_engine(vocab=tokenizer.vocab_size, eos=tokenizer.eos_ids, tokenizer=tokenizer,
+                         decode_steps=decode_steps)
+    params = dataclasses.replace(params, stop=(stop, "never-in-this-text"), include_stop_str_in_output=include)
+    engine.add_request(prompt, params, stream=False)
+    streamed = []
+    while engine.has_work():
+        streamed += [out.outputs[0] for out in engine.step()]
+    engine.check_idle()
+    final = streamed[-1]
+    assert final.text == text[:at + 4 if include else at]
+    assert final.token_ids == tokens[:k + 1]
+    assert final.finish_reason == "stop" and final.stop_reason == stop
+    assert len(streamed) > 2
+    assert all(final.text.startswith(out.text) for out in streamed)
+    stats = engine.stats()
+    assert stats.generation_tokens == len(final.token_ids) == stats.inter_token_latency.count + 1
+
+
+def test_stop_string_in_the_last_dispatch_beats_length(tokenizer):
+    """A stop string completed in the same multi-token dispatch as the max_tokens limit still ends the request
+    as a stop (the string found first in the text decides the reason)."""
+    prompt, params, tokens, text, k, at, stop = _stop_case(tokenizer)
+    # Tokens 1..4, 5..8, ... arrive together with decode_steps=4; make the last one share k's dispatch.
+    assert k % 4, "the stop string must complete inside a dispatch, not at its end"
+    last = 4 * math.ceil(k / 4)
+    engine = make_engine(vocab=tokenizer.vocab_size, eos=(), tokenizer=tokenizer, decode_steps=4)
+    request_id = engine.add_request(prompt, dataclasses.replace(params, max_tokens=last + 1, stop=(stop,)),
+                                    stream=False)
+    out = run(engine)[request_id].outputs[0]
+    assert out.text == text[:at] and out.token_ids == tokens[:k + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+
+
+# --- streams, threads, asyncio, counters ----------------------------------------------------------------
+
+class SlowExecutor(FakeExecutor):
+    """A fake device that takes 2 ms per step, so a caller can act while a request runs."""
+
+    def dispatch(self, plan):
+        time.sleep(0.002)
+        return super().dispatch(plan)
+
+
+def _check_stream(engine, prompt, params, outs):
+    assert outs and outs[-1].finished and not any(o.finished for o in outs[:-1])
+    final = outs[-1].outputs[0].token_ids
+    assert final == expected(engine, prompt, params)
+    assert all(final[:len(o.outputs[0].token_ids)] == o.outputs[0].token_ids for o in outs)
+
+
+def test_streams_consumed_from_many_threads():
+    """Eight threads each add a request to the running engine and iterate its stream: every stream yields
+    growing outputs and ends with the exact continuation; afterwards the engine is idle."""
+    engine = make_engine(max_slots=3, num_pages=24)
+    engine.start()
+    results, errors = {}, []
+
+    def client(i):
+        try:
+            prompt, params = prompts(1, 5 + i, seed=i)[0], SamplingParams(max_tokens=10 + i, seed=i)
+            results[i] = (prompt, params, list(engine.add_request(prompt, params)))
+        except Exception as error:  # surfaced below
+            errors.append(error)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    engine.shutdown()
+    assert not errors and len(results) == 8
+    for prompt, params, outs in results.values():
+        _check_stream(engine, prompt, params, outs)
+    engine.check_idle()
+
+
+def test_async_streams():
+    """Streams created inside an event loop are consumed with `async for`, concurrently, to exact outputs."""
+    engine = make_engine(max_slots=2)
+    engine.start()
+    cases = [(prompts(1, 4 + i, seed=i)[0], SamplingParams(max_tokens=9, seed=i)) for i in range(5)]
+
+    async def consume(stream):
+        return [out async for out in stream]
+
+    async def main():
+        streams = [engine.add_request(prompt, params) for prompt, params in cases]
+        return await asyncio.gather(*(consume(s) for s in streams))
+
+    try:
+        results = asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        engine.shutdown()
+    for (prompt, params), outs in zip(cases, results):
+        _check_stream(engine, prompt, params, outs)
+    engine.check_idle()
+
+
+@pytest.mark.parametrize("how", ["stream", "engine"])
+def test_abort_mid_stream(how):
+    """Aborting a streaming request (through its stream or by id) ends the stream with 'abort' after a
+    prefix of the exact output; a queued request aborted by id ends with no tokens; nothing stays held."""
+    engine = make_engine(max_slots=1, max_model_len=512, num_pages=140, decode_steps=1, executor=SlowExecutor)
+    engine.start()
+    try:
+        prompt, params = [1, 2, 3], SamplingParams(max_tokens=400, seed=9, ignore_eos=True)
+        stream = engine.add_request(prompt, params)
+        queued = engine.add_request([4, 5], SamplingParams(max_tokens=5))
+        outs = []
+        for out in stream:
+            outs.append(out)
+            if len(outs) == 3:
+                engine.abort(queued.request_id)
+                if how == "stream":
+                    stream.abort()
+                else:
+                    engine.abort(stream.request_id)
+        queued_outs = list(queued)
+    finally:
+        engine.shutdown()
+    final = outs[-1].outputs[0]
+    assert final.finish_reason == "abort" and 3 <= len(final.token_ids) < 400
+    assert final.token_ids == expected(engine, prompt, params)[:len(final.token_ids)]
+    assert queued_outs[-1].outputs[0].finish_reason == "abort" and queued_outs[-1].outputs[0].token_ids == []
+    engine.check_idle()
+    assert engine.stats().finished_requests == {"abort": 2}
+
+
+def test_counters_and_histograms():
+    """stats() while running and after: running/waiting counts, kv usage, prompt and generation tokens,
+    prefix-cache queries and hits, preemptions and the latency histogram counts."""
+    engine = make_engine(max_slots=2, page_size=4, num_pages=40, decode_steps=2)
+    prefix = prompts(1, 8)[0]
+    cases = [(prefix + [i + 1], SamplingParams(max_tokens=5 + i, seed=i, ignore_eos=True)) for i in range(3)]
+    for prompt, params in cases:
+        engine.add_request(prompt, params, stream=False)
+    assert engine.stats().num_waiting == 0  # commands are drained by the engine loop
+    engine.step()  # one admission per step: the others wait
+    stats = engine.stats()
+    assert stats.num_running == 1 and stats.num_waiting == 2 and stats.kv_usage > 0
+    while engine.stats().num_running < 2:
+        engine.step()
+    assert engine.stats().num_waiting == 1
+    finals = run(engine)
+    stats = engine.stats()
+    generated = [len(finals[f"req-{i}"].outputs[0].token_ids) for i in range(3)]
+    assert generated == [5, 6, 7]
+    assert stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_usage == 0
+    assert stats.prompt_tokens == stats.prefix_cache_queries == 27
+    assert stats.prefix_cache_hits == 16  # the second and third reuse the 8-token prefix's two pages
+    assert stats.generation_tokens == sum(generated) and stats.preemptions == 0
+    assert stats.finished_requests == {"length": 3}
+    assert stats.ttft.count == stats.e2e_latency.count == stats.queue_time.count == 3
+    assert stats.inter_token_latency.count == sum(generated) - 3
+    assert stats.ttft.cumulative()[-1] == 3
+
+
+def test_shutdown_right_after_the_last_output_leaves_nothing_in_flight():
+    """A request ending at EOS inside a multi-step dispatch has its next step (surplus tokens) in flight when
+    its final output goes out; a shutdown() at exactly that moment still leaves the engine idle."""
+    prompt = [4, 5, 6]
+    seed = _seed_where(lambda out: len(out) == 3 and out[-1] == EOS, prompt, VOCAB, {EOS}, 20000)
+    engine = make_engine(decode_steps=4)
+    stream = engine.add_request(prompt, SamplingParams(max_tokens=20, seed=seed))
+    put = stream.put
+
+    def put_then_wait_for_shutdown(out):  # holds the engine thread at the final output until shutdown() begins
+        put(out)
+        deadline = time.monotonic() + 5
+        while out.finished and not engine._stopping and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    stream.put = put_then_wait_for_shutdown
+    engine.start()
+    outs = list(stream)
+    engine.shutdown()
+    assert outs[-1].outputs[0].token_ids == expected(engine, prompt, SamplingParams(max_tokens=20, seed=seed))
+    engine.check_idle()
+
+
+class BrokenExecutor(FakeExecutor):
+    def dispatch(self, plan):
+        if len(self.dispatched) == 3:
+            raise RuntimeError("device lost")
+        return super().dispatch(plan)
+
+
+def test_a_failed_step_fails_every_stream():
+    """If a step raises, every open stream raises EngineError naming the cause, the pages are released, and
+    later requests are refused instead of hanging."""
+    engine = make_engine(executor=BrokenExecutor)
+    streams = [engine.add_request(p, SamplingParams(max_tokens=20, seed=1, ignore_eos=True)) for p in prompts(3, 6)]
+    engine.start()
+    for stream in streams:
+        with pytest.raises(EngineError, match="RuntimeError: device lost"):
+            list(stream)
+    engine.shutdown()
+    engine.check_idle()
+    with pytest.raises(EngineError, match="stopped after an error"):
+        engine.add_request([1, 2])
