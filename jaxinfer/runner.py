@@ -106,35 +106,34 @@ def _sampling(x: dict, banned_now: jax.Array) -> SamplingTensors:
     return SamplingTensors(**{n: x[n] for n in names}, banned=jnp.where(banned_now[:, None], x["banned"], -1))
 
 
-def _prefill(params, kv, state: SlotState, x: dict, cfg, attention, prompt_logprobs: bool):
-    """Run the chunk, sample after its last token into the slot; -> (kv, state, packed [1, PACK],
-    prompt logprobs packed [C, PACK - 1] or None)."""
+def _prefill(params, kv, x: dict, cfg, attention, prompt_logprobs: bool):
+    """Run the chunk into the pool; -> (kv, logits after its last token [1, V], prompt logprobs packed
+    [C, PACK - 1] or None)."""
     C = x["prefill_tokens"].shape[0]
     slot, start, length = x["prefill_slot"], x["prefill_start"], x["prefill_length"]
     index = jnp.arange(C)
     positions = jnp.where(index < length, start + index, -1)
     table = x["block_tables"][slot][None]
     h, kv = forward(params, cfg, Batch(x["prefill_tokens"][None], positions[None], table), kv, attention)
-    row = lambda tree: jax.tree_util.tree_map(lambda a: a[slot][None], tree)  # noqa: E731
-    sampling = _sampling(x, x["min_tokens_left"] > 0)
-    s = sample(logits(params, cfg, h[0, length - 1][None]), row(sampling), (start + length)[None],
-               row(state.penalties))
-    sampled = x["prefill_sample"] > 0
-    token = jnp.where(sampled, s.tokens[0], state.tokens[slot])
-    B = state.tokens.shape[0]
-    penalties = record_tokens(state.penalties, jnp.full(B, token), (jnp.arange(B) == slot) & sampled)
-    state = SlotState(state.tokens.at[slot].set(token), penalties)
     prompt = None
     if prompt_logprobs:
         lp, rank, top_ids, top_lps = token_logprobs(logits(params, cfg, h[0]), x["next_tokens"])
         as_bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.int32)
         prompt = jnp.concatenate([rank[:, None], as_bits(lp)[:, None], top_ids, as_bits(top_lps)], axis=1)
-    return kv, state, _pack_sampled(s), prompt
+    return kv, logits(params, cfg, h[0, length - 1][None]), prompt
 
 
-def _decode(params, kv, state: SlotState, x: dict, cfg, attention, max_steps: int):
-    """`num_steps` decode steps of every slot (slot b takes `steps[b]` of them); -> int32 [S, B, PACK]."""
+def _decode(params, kv, state: SlotState, x: dict, cfg, attention, max_steps: int, prefill_logits):
+    """`num_steps` rounds of decoding every slot (slot b decodes in the first `steps[b]` of them);
+    in round 0 the prefill's slot samples from `prefill_logits` instead (one compiled sampler for
+    both). -> int32 [S, B, PACK]."""
     B = state.tokens.shape[0]
+    rows = jnp.arange(B)
+    if prefill_logits is None:
+        takes_prefill, prefill_position = jnp.zeros(B, bool), 0
+    else:
+        takes_prefill = (rows == x["prefill_slot"]) & (x["prefill_sample"] > 0)
+        prefill_position = x["prefill_start"] + x["prefill_length"]
 
     def body(carry):
         i, kv, state, out = carry
@@ -142,10 +141,14 @@ def _decode(params, kv, state: SlotState, x: dict, cfg, attention, max_steps: in
         positions = jnp.where(active, x["positions"] + i, -1)
         batch = Batch(state.tokens[:, None], positions[:, None], x["block_tables"])
         h, kv = forward(params, cfg, batch, kv, attention)
-        s = sample(logits(params, cfg, h[:, 0]), _sampling(x, i < x["min_tokens_left"]), positions + 1,
-                   state.penalties)
-        state = SlotState(jnp.where(active, s.tokens, state.tokens),
-                          record_tokens(state.penalties, s.tokens, active))
+        step_logits = logits(params, cfg, h[:, 0])
+        from_prefill = takes_prefill & (i == 0)
+        if prefill_logits is not None:
+            step_logits = jnp.where(from_prefill[:, None], prefill_logits, step_logits)
+        sample_positions = jnp.where(from_prefill, prefill_position, positions + 1)
+        s = sample(step_logits, _sampling(x, i < x["min_tokens_left"]), sample_positions, state.penalties)
+        sampled = active | from_prefill
+        state = SlotState(jnp.where(sampled, s.tokens, state.tokens), record_tokens(state.penalties, s.tokens, sampled))
         return i + 1, kv, state, out.at[i].set(_pack_sampled(s))
 
     out = jnp.zeros((max_steps, B, PACK), jnp.int32)
@@ -157,20 +160,17 @@ def _decode(params, kv, state: SlotState, x: dict, cfg, attention, max_steps: in
                    donate_argnames=("kv", "state"))
 def _step(params, kv: KVPool, state: SlotState, packed, *, cfg: ModelConfig, backend: str, layout: Layout,
           max_steps: int):
-    """-> (one int32 array: decode rows [S, B + 1, PACK] (column B: the prefill's sample), then the prompt
-    logprobs [C, PACK - 1] if asked; kv; state)."""
+    """-> (one int32 array: sampled rows [S, B, PACK], then the prompt logprobs [C, PACK - 1] if asked;
+    kv; state)."""
     x = layout.unpack(packed)
     attention = step_attention(backend)
     names = {name for name, _, _ in layout.fields}
-    prefill_row = jnp.zeros((1, PACK), jnp.int32)
-    parts = []
+    prefill_logits, parts = None, []
     if "prefill_tokens" in names:
-        kv, state, prefill_row, prompt = _prefill(params, kv, state, x, cfg, attention, "next_tokens" in names)
+        kv, prefill_logits, prompt = _prefill(params, kv, x, cfg, attention, "next_tokens" in names)
         if prompt is not None:
             parts.append(prompt.reshape(-1))
-    kv, state, decoded = _decode(params, kv, state, x, cfg, attention, max_steps)
-    column = jnp.zeros((max_steps, 1, PACK), jnp.int32).at[0].set(prefill_row)
-    rows = jnp.concatenate([decoded, column], axis=1)
+    kv, state, rows = _decode(params, kv, state, x, cfg, attention, max_steps, prefill_logits)
     return jnp.concatenate([rows.reshape(-1)] + parts), kv, state
 
 
@@ -193,9 +193,18 @@ def _bucket(n: int, buckets: tuple[int, ...]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
-def _powers_of_two_upto(limit: int) -> tuple[int, ...]:
-    sizes = tuple(1 << i for i in range(limit.bit_length()) if 1 << i < limit)
-    return sizes + (limit,)
+MIN_WIDTH_TOKENS = 64  # narrower block tables save little gathering and cost a compile each
+
+
+def width_buckets(pages_per_seq: int, page_size: int) -> tuple[int, ...]:
+    """Block-table widths a step may be cut to: powers of two from MIN_WIDTH_TOKENS worth of pages
+    up to the full table."""
+    width = max(1, MIN_WIDTH_TOKENS // page_size)
+    sizes = []
+    while width < pages_per_seq:
+        sizes.append(width)
+        width *= 2
+    return tuple(sizes) + (pages_per_seq,)
 
 
 _EXECUTABLES: dict[tuple, object] = {}
@@ -210,7 +219,7 @@ class ModelRunner:
         B = engine.max_slots
         self.state = SlotState(jnp.zeros(B, jnp.int32), empty_penalty_state(B, cfg.vocab_size))
         self._compiled: set[Layout] = set()  # the step shapes this runner has used
-        self.page_buckets = _powers_of_two_upto(engine.pages_per_seq)
+        self.page_buckets = width_buckets(engine.pages_per_seq, engine.page_size)
         self.compile_seconds = 0.0
 
     @property
@@ -308,15 +317,13 @@ def _describe(layout: Layout) -> str:
 
 def unpack_result(out: np.ndarray, plan: StepPlan, max_steps: int) -> StepResult:
     B = len(plan.positions)
-    rows = out[:max_steps * (B + 1) * PACK].reshape(max_steps, B + 1, PACK)
-    S = max(plan.num_steps, 1)
-    rows = rows[:S]
+    rows = out[:max_steps * B * PACK].reshape(max_steps, B, PACK)[:max(plan.num_steps, 1)]
     as_float = lambda a: np.ascontiguousarray(a).view(np.float32)  # noqa: E731
     result = StepResult(rows[:, :, 0], as_float(rows[:, :, 2]), rows[:, :, 1], rows[:, :, 3:3 + MAX_LOGPROBS],
                         as_float(rows[:, :, 3 + MAX_LOGPROBS:]))
     chunk = plan.prefill
     if chunk is not None and chunk.next_tokens is not None:
-        prompt = out[max_steps * (B + 1) * PACK:].reshape(-1, PACK - 1)[:len(chunk.tokens)]
+        prompt = out[max_steps * B * PACK:].reshape(-1, PACK - 1)[:len(chunk.tokens)]
         result.prompt_logprobs = (as_float(prompt[:, 1]), prompt[:, 0], prompt[:, 2:2 + MAX_LOGPROBS],
                                   as_float(prompt[:, 2 + MAX_LOGPROBS:]))
     return result

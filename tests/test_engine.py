@@ -1,0 +1,241 @@
+"""The engine on the real model (the embedded default checkpoint, float32 on CPU).
+
+One runner serves every test: engines of other pool sizes or cache settings
+share its device state (a smaller `num_pages` only uses the low pages of the
+pool), so the compiled steps are reused and the tests stay fast. Because they
+share the pages, only short-lived engines (used within one test) may keep a
+prefix cache: the module's own engine runs without one.
+"""
+
+import asyncio
+import dataclasses
+
+import numpy as np
+import pytest
+
+from jaxinfer.config import EngineConfig
+from jaxinfer.engine.engine import Engine
+from jaxinfer.llm import LLM, SamplingParams
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(engine=EngineConfig(max_slots=6, page_size=16, prefill_chunk=64, min_prefill_bucket=64,
+                                   max_model_len=384, decode_steps=4, num_pages=200,
+                                   enable_prefix_caching=False))
+
+
+def engine_like(llm, **changes) -> Engine:
+    cfg = dataclasses.replace(llm.engine_config, **changes)
+    return Engine(cfg, llm.engine.executor, llm.model_config.vocab_size, llm.tokenizer, llm.engine.eos_ids)
+
+
+def run(engine: Engine, requests, arrivals=None) -> list:
+    """Add request i at step arrivals[i] (all at once by default) and step until every one finishes."""
+    arrivals = arrivals or [0] * len(requests)
+    pending = sorted((step, i) for i, step in enumerate(arrivals))
+    ids, outs, step = {}, {}, 0
+    while pending or engine.has_work():
+        while pending and pending[0][0] <= step:
+            i = pending.pop(0)[1]
+            ids[engine.add_request(*requests[i], stream=False)] = i
+        for out in engine.step():
+            if out.finished:
+                outs[ids[out.request_id]] = out
+        step += 1
+        assert step < 20_000, "the engine stopped making progress"
+    return [outs[i] for i in range(len(requests))]
+
+
+def alone(llm, prompt, params) -> list[int]:
+    return llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def _workload(seed: int, count: int, longest: int):
+    rng = np.random.default_rng(seed)
+    requests = []
+    for i in range(count):
+        prompt = rng.integers(5, 4000, int(rng.integers(1, longest + 1))).tolist()
+        if i % 4 == 3:  # a quarter sample, seeded: their draws must not depend on the batch either
+            params = SamplingParams(max_tokens=int(rng.integers(1, 20)), temperature=0.8, seed=i, ignore_eos=True)
+        else:
+            params = SamplingParams(max_tokens=int(rng.integers(1, 20)), **GREEDY)
+        requests.append((prompt, params))
+    return requests, rng.integers(0, 60, count).tolist()
+
+
+def test_outputs_do_not_depend_on_the_batch(llm):
+    """64 requests (1 to 300 prompt tokens) arriving at random steps give each exactly what it gets alone."""
+    requests, arrivals = _workload(0, 64, 300)
+    together = run(llm.engine, requests, arrivals)
+    for (prompt, params), out in zip(requests, together):
+        assert out.outputs[0].token_ids == alone(llm, prompt, params), f"prompt of {len(prompt)} tokens"
+        assert out.outputs[0].finish_reason == "length"
+    llm.engine.check_idle()
+
+
+def test_preemption_keeps_outputs(llm):
+    """A pool far too small for the load (19 pages for 6 slots whose sequences grow to 4-7 pages each):
+    requests are preempted and recomputed, and every one still gets its own greedy output."""
+    small = engine_like(llm, num_pages=20)
+    rng = np.random.default_rng(1)
+    requests = [(rng.integers(5, 4000, int(rng.integers(10, 40))).tolist(),
+                 SamplingParams(max_tokens=int(rng.integers(40, 70)), **GREEDY)) for _ in range(10)]
+    outs = run(small, requests)
+    assert small.stats().preemptions > 0
+    for (prompt, params), out in zip(requests, outs):
+        assert out.outputs[0].token_ids == alone(llm, prompt, params)
+    small.check_idle()
+
+
+def test_prefix_cache_serves_a_repeated_prefix(llm):
+    """A second request sharing 128 prompt tokens with the first computes only the rest; same output."""
+    rng = np.random.default_rng(2)
+    shared = rng.integers(5, 4000, 128).tolist()
+    first, second = shared + [11, 12, 13], shared + rng.integers(5, 4000, 40).tolist()
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    cached, uncached = engine_like(llm, enable_prefix_caching=True), engine_like(llm)
+    outs = {}
+    for name, engine in (("cached", cached), ("uncached", uncached)):
+        run(engine, [(first, params)])
+        before = engine.stats().prefill_tokens_computed
+        outs[name] = run(engine, [(second, params)])[0]
+        outs[name + " computed"] = engine.stats().prefill_tokens_computed - before
+        engine.check_idle()
+    assert outs["cached"].num_cached_tokens == 128 and outs["uncached"].num_cached_tokens == 0
+    assert outs["cached computed"] == len(second) - 128 and outs["uncached computed"] == len(second)
+    assert cached.stats().prefix_cache_hits == 128 and cached.stats().prefix_cache_queries == len(first) + len(second)
+    assert outs["cached"].outputs[0].token_ids == outs["uncached"].outputs[0].token_ids
+
+
+def test_aborts_anywhere_leak_nothing(llm):
+    """Aborting requests while queued, mid-prefill and mid-decode frees every page and slot."""
+    engine = engine_like(llm, max_slots=6)
+    rng = np.random.default_rng(3)
+    long_prompt = rng.integers(5, 4000, 300).tolist()  # five chunks of prefill
+    ids = [engine.add_request(long_prompt, SamplingParams(max_tokens=50, **GREEDY), stream=False)]
+    ids += [engine.add_request(rng.integers(5, 4000, 20).tolist(), SamplingParams(max_tokens=60, **GREEDY),
+                               stream=False) for _ in range(9)]
+    finished = {}
+    for step in range(12):
+        for out in engine.step():
+            finished[out.request_id] = out
+        if step == 1:
+            engine.abort(ids[0])  # mid-prefill
+            engine.abort(ids[9])  # still queued: only 6 slots
+        if step == 8:
+            engine.abort(ids[1])  # decoding
+    for i in (0, 1, 9):
+        assert finished[ids[i]].outputs[0].finish_reason == "abort"
+    for i in ids[2:9]:
+        engine.abort(i)
+    while engine.has_work():
+        engine.step()
+    engine.check_idle()
+
+
+def test_top_k_one_and_tiny_top_p_equal_greedy(llm):
+    prompt = list(range(100, 140))
+    greedy = alone(llm, prompt, SamplingParams(max_tokens=10, **GREEDY))
+    for params in (dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)):
+        sampled = SamplingParams(max_tokens=10, temperature=1.0, seed=5, ignore_eos=True, **params)
+        assert alone(llm, prompt, sampled) == greedy, params
+
+
+def test_penalties_change_greedy_output(llm):
+    """The embedded model repeats itself under greedy decoding; a repetition penalty breaks the loop."""
+    prompt = list(range(200, 230))
+    plain = alone(llm, prompt, SamplingParams(max_tokens=24, **GREEDY))
+    for penalty in (dict(repetition_penalty=1.8), dict(frequency_penalty=2.0), dict(presence_penalty=2.0)):
+        penalised = alone(llm, prompt, SamplingParams(max_tokens=24, **GREEDY, **penalty))
+        assert penalised != plain, penalty
+        assert len(set(penalised)) >= len(set(plain)), penalty
+
+
+def test_min_tokens_holds_back_eos(llm):
+    """With the first greedy token made an EOS (as a stop token id), min_tokens forces it away."""
+    prompt = list(range(300, 320))
+    first = alone(llm, prompt, SamplingParams(max_tokens=1, **GREEDY))[0]
+    stopped = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[first]),
+                           use_tqdm=False)[0].outputs[0]
+    assert stopped.token_ids == [first] and stopped.finish_reason == "stop" and stopped.stop_reason == first
+    held = llm.generate([prompt], SamplingParams(max_tokens=8, min_tokens=4, temperature=0.0,
+                                                 stop_token_ids=[first]), use_tqdm=False)[0].outputs[0]
+    assert first not in held.token_ids[:4] and len(held.token_ids) >= 4
+
+
+def test_logprobs_agree_with_the_model_logits(llm):
+    """Sampled-token and prompt logprobs are log-softmax of the model's logits (scored separately)."""
+    prompt = list(range(1000, 1040))
+    out = llm.generate([prompt], SamplingParams(max_tokens=6, logprobs=5, prompt_logprobs=3, **GREEDY),
+                       use_tqdm=False)[0]
+    tokens = prompt + out.outputs[0].token_ids
+    pages = llm.engine.scheduler.pages.allocate(4)
+    table = np.zeros(llm.engine_config.pages_per_seq, np.int32)
+    table[:4] = pages
+    logits = llm.runner.score(np.asarray(tokens[:-1], np.int32), 0, table)
+    llm.engine.scheduler.pages.free(pages)
+    expected = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for j in range(1, len(prompt)):
+        logprob, rank, top_ids, top_logprobs = out.prompt_logprobs[j]
+        np.testing.assert_allclose(logprob, expected[j - 1, prompt[j]], atol=1e-4)
+        assert top_ids == np.argsort(-expected[j - 1])[:3].tolist() and len(top_logprobs) == 3
+        assert rank == 1 + int((expected[j - 1] > expected[j - 1, prompt[j]]).sum())
+    for i, (logprob, rank, top_ids, top_logprobs) in enumerate(out.outputs[0].logprobs):
+        row = expected[len(prompt) - 1 + i]
+        token = out.outputs[0].token_ids[i]
+        np.testing.assert_allclose(logprob, row[token], atol=1e-4)
+        assert rank == 1 and top_ids[0] == token and len(top_ids) == 5
+        np.testing.assert_allclose(top_logprobs, np.sort(row)[::-1][:5], atol=1e-4)
+    llm.engine.check_idle()
+
+
+def test_n_samples_share_the_prompt_pages(llm):
+    engine = engine_like(llm, enable_prefix_caching=True)
+    prompt = list(range(500, 580))  # 5 full pages
+    out = run(engine, [(prompt, SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=7, ignore_eos=True))])[0]
+    samples = [c.token_ids for c in out.outputs]
+    assert len(samples) == 3 and len({tuple(s) for s in samples}) == 3
+    assert engine.stats().prefix_cache_hits == 2 * 64  # each sibling reuses the first one's 4 full pages
+    again = run(engine, [(prompt, SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=7, ignore_eos=True))])[0]
+    assert [c.token_ids for c in again.outputs] == samples
+    engine.check_idle()
+
+
+def test_stop_string_on_the_real_tokenizer(llm):
+    full = llm.generate("Once upon a time", SamplingParams(max_tokens=12, **GREEDY), use_tqdm=False)[0].outputs[0]
+    stop = full.text[5:9]
+    out = llm.generate("Once upon a time", SamplingParams(max_tokens=12, stop=[stop], **GREEDY),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.text == full.text[:full.text.index(stop)] and out.finish_reason == "stop" and out.stop_reason == stop
+
+
+def test_streams_from_threads_and_event_loops(llm):
+    """The background loop serves a blocking stream and async streams; the last item equals generate()."""
+    params = SamplingParams(max_tokens=10, **GREEDY)
+    expected = llm.generate(["Hello", "The sea"], params, use_tqdm=False)
+    engine = llm.engine
+    engine.start()
+    try:
+        texts = [out.outputs[0].text for out in engine.add_request("Hello", params)]
+        assert texts[-1] == expected[0].outputs[0].text and len(texts) > 1
+
+        async def consume():
+            streams = [engine.add_request(p, params) for p in ("Hello", "The sea")]
+            return [[out async for out in s] for s in streams]
+
+        results = asyncio.run(consume())
+        assert [r[-1].outputs[0].token_ids for r in results] == [e.outputs[0].token_ids for e in expected]
+        stream = engine.add_request("Hello", SamplingParams(max_tokens=200, **GREEDY))
+        for i, out in enumerate(stream):
+            if i == 1:
+                stream.abort()
+        assert out.finished and out.outputs[0].finish_reason == "abort"
+    finally:
+        engine.shutdown()
+    engine.check_idle()
+    stats = engine.stats()
+    assert stats.ttft.count >= 4 and stats.e2e_latency.count >= 4 and stats.inter_token_latency.count > 0
