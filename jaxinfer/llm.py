@@ -80,9 +80,7 @@ def load_engine(model: str | Path | None = None, engine: EngineConfig | None = N
              resolved.page_size, resolved.num_pages * resolved.kv_bytes_per_page(cfg) / 2**30)
     if warmup:
         runner.warmup()
-    out = Engine(resolved, JaxExecutor(runner), cfg.vocab_size, tokenizer, eos)
-    out.runner, out.model_config = runner, cfg
-    return out
+    return Engine(resolved, JaxExecutor(runner), cfg.vocab_size, tokenizer, eos, cfg)
 
 
 class LLM:
@@ -92,7 +90,7 @@ class LLM:
                  mesh_shape: tuple[int, int] = (1, 1), warmup: bool = False):
         self.engine = load_engine(model, engine, mesh_shape, warmup)
         self.engine_config, self.model_config = self.engine.cfg, self.engine.model_config
-        self.runner, self.tokenizer = self.engine.runner, self.engine.tokenizer
+        self.runner, self.tokenizer = self.engine.executor.runner, self.engine.tokenizer
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -105,6 +103,8 @@ class LLM:
             [sampling_params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        if self.engine.running_in_background:
+            raise RuntimeError("the engine's loop runs in a background thread: use engine.add_request streams")
         ids = self._add_all(prompts, params)
         results = {}
         with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:

@@ -71,17 +71,22 @@ def check_invariants(engine, plans_seen: int) -> int:
     return len(plans)
 
 
+def step_and_check(engine, finals: dict, seen: int) -> int:
+    """One engine step: collect final outputs (each once) and check the invariants."""
+    for out in engine.step():
+        if out.finished:
+            assert out.request_id not in finals, "a request finished twice"
+            finals[out.request_id] = out
+    return check_invariants(engine, seen)
+
+
 def run(engine):
     """Step until idle; returns the final output of each request. Fails if the engine stops progressing."""
     finals, seen = {}, 0
     for _ in range(MAX_STEPS):
         if not engine.has_work():
             break
-        for out in engine.step():
-            if out.finished:
-                assert out.request_id not in finals, "a request finished twice"
-                finals[out.request_id] = out
-        seen = check_invariants(engine, seen)
+        seen = step_and_check(engine, finals, seen)
     assert not engine.has_work(), f"still busy after {MAX_STEPS} steps"
     engine.check_idle()
     return finals
@@ -178,11 +183,7 @@ def test_random_workloads_match_the_unpaged_model(workload):
                 engine.abort(ids[i])
         if step > last_event and not engine.has_work():
             break
-        for out in engine.step():
-            if out.finished:
-                assert out.request_id not in finals, "a request finished twice"
-                finals[out.request_id] = out
-        seen = check_invariants(engine, seen)
+        seen = step_and_check(engine, finals, seen)
     else:
         pytest.fail(f"still busy after {MAX_STEPS} steps")
     engine.check_idle()
@@ -422,11 +423,11 @@ def test_stop_string_across_a_token_boundary(tokenizer, decode_steps, include):
     engine = make_engine(vocab=tokenizer.vocab_size, eos=tokenizer.eos_ids, tokenizer=tokenizer,
                          decode_steps=decode_steps)
     params = dataclasses.replace(params, stop=(stop, "never-in-this-text"), include_stop_str_in_output=include)
-    engine.add_request(prompt, params, stream=False)
-    streamed = []
+    stream = engine.add_request(prompt, params)
     while engine.has_work():
-        streamed += [out.outputs[0] for out in engine.step()]
+        engine.step()
     engine.check_idle()
+    streamed = [out.outputs[0] for out in stream]
     final = streamed[-1]
     assert final.text == text[:at + 4 if include else at]
     assert final.token_ids == tokens[:k + 1]

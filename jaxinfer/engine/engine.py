@@ -122,8 +122,9 @@ def _seed32(seed: int, index: int) -> int:
 
 class Engine:
     def __init__(self, engine: EngineConfig, executor: Executor, vocab_size: int,
-                 tokenizer: Tokenizer | None = None, eos_ids=()):
+                 tokenizer: Tokenizer | None = None, eos_ids=(), model_config=None):
         self.cfg, self.executor, self.vocab_size, self.tokenizer = engine, executor, vocab_size, tokenizer
+        self.model_config = model_config  # for callers that describe the model (the server); unused here
         self.eos_ids = frozenset(eos_ids)
         self.scheduler = Scheduler(engine, self.eos_ids)
         self.latencies = LatencyHistograms()
@@ -251,7 +252,9 @@ class Engine:
                 continue  # aborted while its step ran
             self._detokenize(request, seq)
             touched[request.request_id] = request
-        return [self._emit(request) for request in touched.values()]
+        # Requests without a stream (offline batches) only need their final output.
+        return [self._emit(request) for request in touched.values()
+                if request.stream is not None or all(seq.finished for seq in request.seqs)]
 
     def _detokenize(self, request: _Request, seq: Sequence) -> None:
         """Extend the text with the new tokens; end the sequence at the first stop string."""
@@ -316,6 +319,10 @@ class Engine:
         return metrics
 
     # --- background thread ---------------------------------------------------------------
+
+    @property
+    def running_in_background(self) -> bool:
+        return self._thread is not None
 
     def start(self) -> None:
         """Run the loop in a daemon thread until `shutdown()`."""
