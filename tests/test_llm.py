@@ -1,7 +1,9 @@
 """The first Python API and the command line: sampling, batch independence, limits, errors, no leaks."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -143,3 +145,28 @@ def test_bfloat16_runs_on_cpu():
     llm = LLM(engine=EngineConfig(max_slots=2, page_size=8, prefill_chunk=16, max_model_len=64, dtype="bfloat16"))
     out = llm.generate("Hello there", SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 6 and llm.runner.params["embed"].dtype == "bfloat16"
+
+
+def test_kv_pool_is_sized_from_the_memory_budget():
+    """GPU: what the weights left of gpu_memory_utilization, less one step's activations, per KV shard;
+    CPU: every slot at full length four times over, capped; a budget too small for one sequence fails."""
+    import types
+
+    import numpy as np
+
+    from jaxinfer.config import ConfigError, ModelConfig
+    from jaxinfer.llm import kv_budget_bytes
+    cfg = ModelConfig.from_hf(json.loads((Path(__file__).parent.parent / "configs/llama-3-8b.json").read_text()))
+    engine = EngineConfig(max_slots=8, page_size=16, max_model_len=4096, dtype="bfloat16")
+    gpu = types.SimpleNamespace(platform="gpu", memory_stats=lambda: {"bytes_limit": 80 << 30, "bytes_in_use": 16 << 30})
+    mesh = types.SimpleNamespace(devices=np.array([gpu]), shape={"data": 1, "model": 2})
+    activations = 16 * 256 * (cfg.hidden_size + cfg.intermediate_size + cfg.vocab_size)
+    assert kv_budget_bytes(engine, cfg, mesh) == int((0.9 * (80 << 30) - (16 << 30) - activations) * 2)
+    cpu = types.SimpleNamespace(platform="cpu", memory_stats=lambda: None)
+    mesh = types.SimpleNamespace(devices=np.array([cpu]), shape={"data": 1, "model": 1})
+    per_page = engine.kv_bytes_per_page(cfg)
+    assert per_page == 2 * 32 * 8 * 16 * 128 * 2
+    assert kv_budget_bytes(engine, cfg, mesh) == min(1 << 30, (4 * 8 * 256 + 1) * per_page)
+    assert engine.with_kv_budget(cfg, 1 << 30).num_pages == (1 << 30) // per_page
+    with pytest.raises(ConfigError, match="less than one sequence of max_model_len=4096 needs"):
+        engine.with_kv_budget(cfg, 100 * per_page)
