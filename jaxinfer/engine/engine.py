@@ -183,9 +183,12 @@ class Engine:
                 raise ValueError("this checkpoint has no tokenizer files; pass token ids")
             return prompt, self.tokenizer.encode(prompt)
         try:
-            return None, [int(t) for t in prompt]
-        except (TypeError, ValueError):
-            raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}") from None
+            ids = list(prompt)
+        except TypeError:
+            ids = None
+        if ids is None or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
+            raise ValueError(f"a prompt must be a string or a list of integer token ids, got {prompt!r:.80}")
+        return None, [int(t) for t in ids]
 
     def _check(self, ids: list[int], params: SamplingParams, priority: int) -> int:
         """-> the number of tokens the request may generate."""
