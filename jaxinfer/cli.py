@@ -11,6 +11,7 @@ from pathlib import Path
 from jaxinfer.config import DTYPES, ConfigError, EngineConfig
 from jaxinfer.model.safetensors_io import CheckpointError
 
+BASELINES = ("static", "hf", "bare")  # of `bench offline`
 MODEL_HELP = "a Hugging Face checkpoint directory, a `jaxinfer convert` output, or a config .json " \
              "(random weights); default: the embedded model"
 
@@ -49,6 +50,50 @@ def _convert(args) -> None:
           f"{args.output} in {time.perf_counter() - loaded:.2f}s")
 
 
+def _bench_offline(args) -> None:
+    from jaxinfer.bench import OfflineOptions, offline
+    engine = EngineConfig(max_slots=args.max_slots, prefill_chunk=args.prefill_chunk,
+                          decode_steps=args.decode_steps, page_size=args.page_size, dtype=args.dtype,
+                          max_model_len=args.max_model_len, seed=args.seed)
+    offline(OfflineOptions(args.model, engine, args.num_requests, tuple(args.input_len_range),
+                           tuple(args.output_len_range), args.seed, tuple(args.baselines),
+                           tuple(args.hf_batch_sizes), args.repeats, args.json))
+
+
+def _add_bench(sub) -> None:
+    bench = sub.add_parser("bench", help="throughput benchmarks")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+    off = kinds.add_parser("offline", help="a batch of random-token requests through the engine and baselines",
+                           description="Random token-id prompts with ignore_eos, all submitted at once, through "
+                                       "the engine; then (a) static batching on the same engine, (b) Hugging Face "
+                                       "transformers generate on the same weights, (c) the bare jitted step "
+                                       "(the ceiling). Compile time is reported apart and excluded.")
+    off.add_argument("--model", default="configs/smollm2-135m.json", help=MODEL_HELP.replace(
+        "default: the embedded model", "default: configs/smollm2-135m.json (random weights)"))
+    off.add_argument("--num-requests", type=int, default=128)
+    off.add_argument("--input-len-range", type=int, nargs=2, default=[32, 512], metavar=("LOW", "HIGH"),
+                     help="prompt lengths, uniform, inclusive")
+    off.add_argument("--output-len-range", type=int, nargs=2, default=[32, 256], metavar=("LOW", "HIGH"),
+                     help="output lengths, uniform, inclusive")
+    off.add_argument("--max-slots", type=int, default=32,
+                     help="engine slots (default 32: on CPU a 32-slot decode step costs less per token than 8)")
+    off.add_argument("--prefill-chunk", type=int, default=EngineConfig.prefill_chunk)
+    off.add_argument("--decode-steps", type=int, default=EngineConfig.decode_steps)
+    off.add_argument("--page-size", type=int, default=EngineConfig.page_size)
+    off.add_argument("--max-model-len", type=int, default=None,
+                     help="default: the longest prompt plus the longest output")
+    off.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
+    off.add_argument("--seed", type=int, default=0, help="the workload's seed")
+    off.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES),
+                     help="static: static batching on the same engine; hf: transformers generate; bare: the "
+                          "bare jitted step (the ceiling). Default: all; none: the engine alone")
+    off.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[8, 16, 32],
+                     help="transformers batch sizes to try; the full run uses the fastest")
+    off.add_argument("--repeats", type=int, default=3, help="timed runs per bare step shape")
+    off.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    off.set_defaults(run=_bench_offline)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxinfer", description="LLM inference on JAX")
     parser.add_argument("-v", "--verbose", action="store_true", help="log loading and compiling")
@@ -68,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--output", required=True, help="directory to write")
     conv.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
     conv.set_defaults(run=_convert)
+
+    _add_bench(sub)
     return parser
 
 

@@ -1,8 +1,10 @@
 """Step-time benchmark: prefill tokens/s and decode step time per batch size, plus checkpoint load times.
 
-Runs the engine's own jitted steps (ModelRunner) on a random model of a preset's
-shape (default: SmolLM2-135M). Every figure is the median of several timed runs
-after a compile-and-warm run. Example:
+Runs the engine's own jitted step (`ModelRunner.dispatch` of hand-built step
+plans) on a random model of a preset's shape (default: SmolLM2-135M). Decode is
+timed with the engine's decode steps per dispatch and with one, per token.
+Every figure is the median of several timed runs after a compile-and-warm run.
+Example:
 
     python scripts/bench_step.py --config configs/smollm2-135m.json --batches 1 8 32
 """
@@ -10,6 +12,7 @@ after a compile-and-warm run. Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -20,39 +23,23 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxinfer.bench import decode_plan, prefill_plan, time_step
 from jaxinfer.config import EngineConfig
 from jaxinfer.model.checkpoint import find_model, load_config, load_params, save_orbax, save_safetensors
 from jaxinfer.runner import ModelRunner
 from jaxinfer.sharding import make_mesh
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # compile and warm
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def bench_prefill(runner: ModelRunner, chunk: int, repeats: int) -> float:
-    table = np.arange(1, runner.engine.pages_per_seq + 1, dtype=np.int32)
-    tokens = np.random.RandomState(0).randint(0, runner.cfg.vocab_size, chunk).astype(np.int32)
-    return _median_seconds(lambda: runner.prefill(tokens, 0, table, 0.0, 0), repeats)
+    """One prefill-only step: a `chunk`-token prompt into slot 0, sampled after its last token."""
+    tokens = np.random.RandomState(0).randint(0, runner.cfg.vocab_size, chunk)
+    return time_step(runner, prefill_plan(runner.engine, tokens), repeats)
 
 
-def bench_decode(runner: ModelRunner, batch: int, context: int, repeats: int) -> float:
-    """Decode step time with `batch` slots active at `context` tokens each."""
-    B, P, Z = runner.engine.max_slots, runner.engine.pages_per_seq, runner.engine.page_size
-    tables = np.zeros((B, P), np.int32)
-    tables[:batch] = 1 + np.arange(batch * P).reshape(batch, P)
-    positions = np.full(B, -1, np.int32)
-    positions[:batch] = context
-    tokens = np.ones(B, np.int32)
-    temps, seeds = np.zeros(B, np.float32), np.zeros(B, np.uint32)
-    assert batch * P < runner.engine.num_pages and context < P * Z
-    return _median_seconds(lambda: runner.decode(tokens, positions, tables, temps, seeds), repeats)
+def bench_decode(runner: ModelRunner, batch: int, context: int, k: int, repeats: int) -> float:
+    """Seconds per decode token of one slot: a dispatch of `k` decode steps with `batch` slots active at
+    `context` tokens each, divided by k."""
+    return time_step(runner, decode_plan(runner.engine, batch, context, k), repeats) / k
 
 
 def bench_load(source, cfg, dtype: str, mesh, repeats: int) -> dict:
@@ -82,6 +69,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--chunks", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--context", type=int, default=128, help="tokens already in each decoding slot")
+    parser.add_argument("--decode-steps", type=int, default=EngineConfig.decode_steps,
+                        help="decode steps per dispatch (the engine's decode_steps); k=1 is timed too")
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-load", action="store_true")
@@ -94,7 +83,9 @@ def main() -> None:
 
     def runner(slots: int) -> ModelRunner:
         engine = EngineConfig(max_slots=slots, page_size=16, prefill_chunk=max(args.chunks),
-                              max_model_len=args.max_model_len, dtype=args.dtype).resolve(cfg, jax.default_backend())
+                              decode_steps=args.decode_steps, max_model_len=args.max_model_len,
+                              dtype=args.dtype).resolve(cfg, jax.default_backend())
+        engine = dataclasses.replace(engine, num_pages=slots * engine.pages_per_seq + 1)  # every slot full length
         return ModelRunner(cfg, engine, params, mesh)
 
     print(f"# {source.config_path.name} {args.dtype} on {jax.devices()[0].device_kind} ({platform.machine()}, "
@@ -104,10 +95,13 @@ def main() -> None:
         sec = bench_prefill(prefill_runner, chunk, args.repeats)
         print(f"prefill chunk {chunk:5d}: {sec * 1e3:8.1f} ms  {chunk / sec:9.1f} tokens/s")
     for batch in args.batches:  # an engine of `batch` slots, all of them decoding
-        sec = bench_decode(runner(batch), batch, args.context, args.repeats)
-        print(f"decode batch {batch:3d} (context {args.context}): {sec * 1e3:8.1f} ms/step  {batch / sec:8.1f} tokens/s")
+        decoder = runner(batch)
+        for k in dict.fromkeys((args.decode_steps, 1)):
+            sec = bench_decode(decoder, batch, args.context, k, args.repeats)
+            print(f"decode batch {batch:3d} (context {args.context}, k={k}): {sec * 1e3:8.1f} ms/step"
+                  f"  {batch / sec:8.1f} tokens/s")
     if not args.skip_load:
-        del params, prefill_runner
+        del params, prefill_runner, decoder
         for name, sec in bench_load(source, cfg, args.dtype, mesh, args.repeats).items():
             print(f"load from {name:11s}: {sec:.2f}s")
 

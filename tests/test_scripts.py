@@ -1,5 +1,6 @@
-"""The benchmark scripts still run (tiny CPU versions); their figures are not checked here."""
+"""The benchmark scripts and `jaxinfer bench` still run (tiny CPU versions); their figures are not checked here."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,4 +22,18 @@ def test_bench_attention_smoke():
 def test_bench_step_tiny():
     out = _run("scripts/bench_step.py", "--config", "jaxinfer/assets/default/config.json", "--batches", "1", "2",
                "--chunks", "16", "--repeats", "1", "--max-model-len", "64", "--context", "32")
-    assert "prefill chunk    16" in out and "decode batch   2" in out and "load from orbax" in out
+    assert "prefill chunk    16" in out and "load from orbax" in out
+    assert "decode batch   2 (context 32, k=4)" in out and "decode batch   2 (context 32, k=1)" in out
+
+
+def test_bench_offline_tiny(tmp_path):
+    out = _run("-m", "jaxinfer.cli", "bench", "offline", "--model", "jaxinfer/assets/default/config.json",
+               "--num-requests", "6", "--input-len-range", "4", "20", "--output-len-range", "2", "6",
+               "--max-slots", "2", "--prefill-chunk", "16", "--decode-steps", "2", "--repeats", "1",
+               "--hf-batch-sizes", "2", "4", "--json", str(tmp_path / "bench.json"))
+    table = out[out.index("| run |"):]
+    for row in ("| engine |", "(a) static batching", "(b) transformers generate, batch", "(c ii) ceiling",
+                "(c i) bare decode step"):
+        assert row in table, row
+    runs = json.loads((tmp_path / "bench.json").read_text())["runs"]
+    assert {run["output_tokens"] for run in runs.values()} == {runs["engine"]["output_tokens"]}

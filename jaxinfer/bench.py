@@ -1,0 +1,515 @@
+"""Throughput benchmarks: `jaxinfer bench offline`, and the hand-built step plans that time the bare step.
+
+`offline` runs one synthetic workload (random token-id prompts, per-request output lengths,
+`ignore_eos`) through the engine and, side by side in the same process, through
+(a) static batching on the same engine (waves of `max_slots` requests padded to their longest
+member, no joining mid-flight), (b) Hugging Face `generate` on the same weights, and (c) the bare
+jitted step, which gives the ceiling. Compile time stays out of every figure and is reported apart.
+
+This module drives the engine through its public surface only (`LLM`, `Engine.stats()`, the
+executor seam, `ModelRunner.dispatch`); it must not reach into scheduler or runner state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from jaxinfer.config import EngineConfig
+from jaxinfer.engine.pages import pages_for
+from jaxinfer.engine.request import MAX_BANNED, SamplingParams
+from jaxinfer.engine.scheduler import SAMPLING_FIELDS, PrefillChunk, StepPlan
+from jaxinfer.runner import ModelRunner
+
+TARGETS = {"static": 2.0, "hf": 3.0, "ceiling": 0.85}  # engine / static, engine / hf, engine / ceiling
+
+
+# --- hand-built step plans ------------------------------------------------------------------
+
+
+def neutral_rows(B: int) -> dict[str, np.ndarray]:
+    """Sampling rows that change nothing: greedy, no top-k/p, no penalties, seed 0."""
+    rows = {name: np.full(B, neutral, dtype) for name, (dtype, neutral) in SAMPLING_FIELDS.items()}
+    rows["seed"] = np.zeros(B, np.uint32)
+    return rows
+
+
+def _plan(engine: EngineConfig, positions, steps, tables, prefill: PrefillChunk | None) -> StepPlan:
+    B = engine.max_slots
+    return StepPlan(positions, steps, int(steps.max()), tables, neutral_rows(B), np.zeros(B, np.int32),
+                    np.full((B, MAX_BANNED), -1, np.int32), prefill, {})
+
+
+def _check_room(engine: EngineConfig, slots: int, last_token: int) -> int:
+    """-> pages per slot for positions [0, last_token); raises if the pool or the context is too small."""
+    per_slot = pages_for(last_token, engine.page_size)
+    if last_token > engine.max_model_len:
+        raise ValueError(f"a step reaching {last_token} tokens exceeds max_model_len={engine.max_model_len}")
+    if slots * per_slot >= engine.num_pages:
+        raise ValueError(f"{slots} slots of {per_slot} pages need {slots * per_slot + 1} KV pages; "
+                         f"the pool has {engine.num_pages}")
+    return per_slot
+
+
+def decode_plan(engine: EngineConfig, batch: int, context: int, k: int) -> StepPlan:
+    """`batch` slots (of max_slots) each decoding `k` tokens after `context` tokens, on distinct pages."""
+    B, P = engine.max_slots, engine.pages_per_seq
+    if not 1 <= batch <= B:
+        raise ValueError(f"batch={batch} must be in [1, max_slots={B}]")
+    per_slot = _check_room(engine, batch, context + k)
+    tables = np.zeros((B, P), np.int32)
+    tables[:batch, :per_slot] = 1 + np.arange(batch * per_slot).reshape(batch, per_slot)
+    positions, steps = np.full(B, -1, np.int32), np.zeros(B, np.int32)
+    positions[:batch], steps[:batch] = context, k
+    return _plan(engine, positions, steps, tables, None)
+
+
+def prefill_plan(engine: EngineConfig, tokens, start: int = 0) -> StepPlan:
+    """One prefill chunk into slot 0 at positions start.., sampled after its last token; no decoding."""
+    B, P = engine.max_slots, engine.pages_per_seq
+    tokens = np.asarray(tokens, np.int32)
+    per_slot = _check_room(engine, 1, start + len(tokens))
+    tables = np.zeros((B, P), np.int32)
+    tables[0, :per_slot] = 1 + np.arange(per_slot)
+    chunk = PrefillChunk(slot=0, tokens=tokens, start=start, sample=True, next_tokens=None, load_penalties=False)
+    return _plan(engine, np.full(B, -1, np.int32), np.zeros(B, np.int32), tables, chunk)
+
+
+def time_step(runner: ModelRunner, plan: StepPlan, repeats: int) -> float:
+    """Median seconds from dispatch until the output is on the host, after one untimed run."""
+    np.asarray(runner.dispatch(plan))  # compiles if warm-up did not
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.asarray(runner.dispatch(plan))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# --- the workload ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    prompts: tuple[tuple[int, ...], ...]
+    output_lens: tuple[int, ...]
+
+    @classmethod
+    def random(cls, num: int, input_range: tuple[int, int], output_range: tuple[int, int], vocab_size: int,
+               seed: int) -> "Workload":
+        """Lengths uniform in the inclusive ranges; token ids uniform over the vocabulary."""
+        for name, (lo, hi) in (("input", input_range), ("output", output_range)):
+            if not 1 <= lo <= hi:
+                raise ValueError(f"--{name}-len-range {lo} {hi}: need 1 <= low <= high")
+        rng = np.random.default_rng(seed)
+        prompt_lens = rng.integers(input_range[0], input_range[1], num, endpoint=True)
+        output_lens = rng.integers(output_range[0], output_range[1], num, endpoint=True)
+        prompts = tuple(tuple(int(t) for t in rng.integers(0, vocab_size, n)) for n in prompt_lens)
+        return cls(prompts, tuple(int(n) for n in output_lens))
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+    @property
+    def decode_tokens(self) -> int:
+        """Output tokens that need a decode step (each request's first comes from its prefill)."""
+        return self.output_tokens - len(self)
+
+    def mean_decode_context(self) -> float:
+        """Tokens of context per decode step, averaged over every decode step of the workload."""
+        total = sum(o - 1 for o in self.output_lens)
+        context = sum((o - 1) * len(p) + (o - 1) * (o - 2) / 2 for p, o in zip(self.prompts, self.output_lens))
+        return context / max(total, 1)
+
+    def prefill_chunks(self, chunk: int) -> list[tuple[int, int]]:
+        """(start, length) of every prefill chunk, as the scheduler cuts prompts."""
+        return [(start, min(chunk, len(p) - start)) for p in self.prompts for start in range(0, len(p), chunk)]
+
+
+# --- runs -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    """One way of serving the workload. Tokens count only what was asked for (no padding)."""
+
+    name: str
+    seconds: float
+    output_tokens: int
+    total_tokens: int
+    details: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def output_rate(self) -> float:
+        return self.output_tokens / self.seconds
+
+    @property
+    def total_rate(self) -> float:
+        return self.total_tokens / self.seconds
+
+
+class _TimedExecutor:
+    """The engine's executor, also counting what the engine dispatched and how long the host waited."""
+
+    def __init__(self, inner, max_slots: int):
+        self.inner, self.max_slots = inner, max_slots
+        self.waiting = 0.0
+        self.dispatches = self.prefill_chunks = self.decode_steps = self.decode_tokens = 0
+        self.by_num_steps: dict[int, int] = {}
+
+    def dispatch(self, plan: StepPlan):
+        self.dispatches += 1
+        self.prefill_chunks += plan.prefill is not None
+        self.decode_steps += plan.num_steps
+        self.decode_tokens += int(plan.steps.sum())
+        self.by_num_steps[plan.num_steps] = self.by_num_steps.get(plan.num_steps, 0) + 1
+        return self.inner.dispatch(plan)
+
+    def collect(self, handle):
+        start = time.perf_counter()
+        jax.block_until_ready(handle)
+        self.waiting += time.perf_counter() - start
+        return self.inner.collect(handle)
+
+
+class _Measured:
+    """`with _Measured(llm) as m:` around `LLM.generate` calls: seconds without compiling, and what the
+    engine did meanwhile (its counters, its dispatches, the host's time outside waiting on the device)."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.timed = _TimedExecutor(llm.engine.executor, llm.engine_config.max_slots)
+
+    def __enter__(self) -> "_Measured":
+        self._before, self._compiled = self.llm.engine.stats(), self.llm.runner.compile_seconds
+        self.llm.engine.executor = self.timed
+        self._start, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self._start
+        self.cores_used = (time.process_time() - self._cpu) / wall
+        self.llm.engine.executor = self.timed.inner
+        self._after = self.llm.engine.stats()
+        self.compiling = self.llm.runner.compile_seconds - self._compiled
+        self.seconds = wall - self.compiling
+
+    def details(self) -> dict:
+        before, after, t = self._before, self._after, self.timed
+        n = max(t.dispatches, 1)
+        return {"steps": after.steps - before.steps, "preemptions": after.preemptions - before.preemptions,
+                "prefill_tokens_computed": after.prefill_tokens_computed - before.prefill_tokens_computed,
+                "compile_seconds_during_run": self.compiling, "dispatches": t.dispatches,
+                "prefill_chunks": t.prefill_chunks, "dispatches_by_decode_steps": dict(sorted(t.by_num_steps.items())),
+                "decode_slot_use": t.decode_tokens / max(t.decode_steps * t.max_slots, 1),
+                "host_ms_per_dispatch": (self.seconds - t.waiting) / n * 1e3, "wait_ms_per_dispatch": t.waiting / n * 1e3,
+                "cores_used": self.cores_used}
+
+
+def warm_pass(llm, workload: Workload) -> None:
+    """A short untimed run first: the first pass through the engine's host and device paths costs more
+    than later ones (seen in tiny runs: a 0.4s run took twice as long first)."""
+    cfg = llm.engine_config
+    prompts = [list(p[:cfg.min_prefill_bucket]) for p in workload.prompts[:cfg.max_slots]]
+    llm.generate(prompts, SamplingParams(max_tokens=2 * cfg.decode_steps + 1, temperature=0, ignore_eos=True),
+                 use_tqdm=False)
+
+
+def run_engine(llm, workload: Workload) -> tuple[Run, list[list[int]]]:
+    """Every request at once, each with its own length. -> (run, output token ids per request)."""
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in workload.output_lens]
+    with _Measured(llm) as measured:
+        outputs = llm.generate([list(p) for p in workload.prompts], params, use_tqdm=True)
+    tokens = [list(o.outputs[0].token_ids) for o in outputs]
+    lengths = [len(t) for t in tokens]
+    if lengths != list(workload.output_lens):
+        raise RuntimeError("the engine returned other output lengths than asked for (ignore_eos): "
+                           f"{lengths[:8]}... against {list(workload.output_lens[:8])}...")
+    return Run("engine", measured.seconds, workload.output_tokens, workload.prompt_tokens + workload.output_tokens,
+               measured.details()), tokens
+
+
+def run_static(llm, workload: Workload, seed: int) -> Run:
+    """Waves of max_slots requests in arrival order; a wave's prompts are left-padded with random ids (so
+    the prefix cache cannot skip the padding) to its longest, all generate its longest output, and the
+    next wave starts when the whole wave is done."""
+    B, vocab = llm.engine_config.max_slots, llm.model_config.vocab_size
+    rng = np.random.default_rng(seed + 1)
+    waves = []
+    for first in range(0, len(workload), B):
+        prompts = workload.prompts[first:first + B]
+        longest = max(len(p) for p in prompts)
+        padded = [[int(t) for t in rng.integers(0, vocab, longest - len(p))] + list(p) for p in prompts]
+        params = SamplingParams(max_tokens=max(workload.output_lens[first:first + B]), temperature=0, ignore_eos=True)
+        waves.append((padded, params))
+    with _Measured(llm) as measured:
+        for padded, params in tqdm(waves, desc="static batching", unit="wave"):
+            llm.generate(padded, params, use_tqdm=False)
+    computed = sum(len(padded) * (len(padded[0]) + params.max_tokens) for padded, params in waves)
+    details = {**measured.details(), "waves": len(waves), "tokens_with_padding": computed}
+    return Run("static", measured.seconds, workload.output_tokens, workload.prompt_tokens + workload.output_tokens,
+               details)
+
+
+def run_ceiling(runner: ModelRunner, workload: Workload, repeats: int) -> tuple[Run, dict]:
+    """The bare jitted steps for the same work: every prefill chunk timed by its compiled shape, and
+    every decode token at the full-slot decode step's per-token time. -> (workload ceiling, the bare
+    decode step's own figures)."""
+    engine = runner.engine
+    B, k = engine.max_slots, engine.decode_steps
+    context = round(workload.mean_decode_context())
+    step_k = time_step(runner, decode_plan(engine, B, context, k), repeats)
+    step_1 = time_step(runner, decode_plan(engine, B, context, 1), repeats) if k > 1 else step_k
+    rng = np.random.default_rng(0)
+    chunk_time: dict = {}
+    prefill_seconds = 0.0
+    for start, length in workload.prefill_chunks(engine.prefill_chunk):
+        plan = prefill_plan(engine, rng.integers(0, runner.cfg.vocab_size, length), start)
+        key = runner.layout_for(plan)
+        if key not in chunk_time:
+            chunk_time[key] = time_step(runner, plan, repeats)
+        prefill_seconds += chunk_time[key]
+    decode_seconds = workload.decode_tokens / B * step_k / k
+    bare = {"slots": B, "decode_steps": k, "context": context, "step_ms": step_k * 1e3,
+            "step_ms_one_token": step_1 * 1e3, "output_rate": B * k / step_k, "output_rate_one_token": B / step_1}
+    details = {"prefill_seconds": prefill_seconds, "decode_seconds": decode_seconds,
+               "prefill_shapes_timed": len(chunk_time), "bare_decode": bare}
+    run = Run("ceiling", prefill_seconds + decode_seconds, workload.output_tokens,
+              workload.prompt_tokens + workload.output_tokens, details)
+    return run, bare
+
+
+def hf_checkpoint(llm, source_dir: Path, directory: Path) -> None:
+    """The engine's own weights (random ones included) as a Hugging Face checkpoint."""
+    from jaxinfer.model.checkpoint import save_safetensors
+    save_safetensors(llm.runner.params, llm.model_config, source_dir, directory)
+    (directory / "config.json").write_text(json.dumps(llm.model_config.to_hf()))
+
+
+def _hf_generate(model, workload: Workload, indices: list[int], batch_size: int) -> tuple[float, dict]:
+    """Greedy `generate` in batches of `indices`, left-padded; each batch runs to its longest output
+    (generate has no per-row lengths). -> (seconds, {request: its requested output tokens})."""
+    import torch
+    outputs, seconds = {}, 0.0
+    for first in range(0, len(indices), batch_size):
+        batch = indices[first:first + batch_size]
+        longest = max(len(workload.prompts[i]) for i in batch)
+        new = max(workload.output_lens[i] for i in batch)
+        ids = torch.zeros((len(batch), longest), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(batch):
+            prompt = workload.prompts[i]
+            ids[row, longest - len(prompt):] = torch.tensor(prompt)
+            mask[row, longest - len(prompt):] = 1
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
+                                 min_new_tokens=new, pad_token_id=0)
+        seconds += time.perf_counter() - start
+        for row, i in enumerate(batch):
+            outputs[i] = out[row, longest:longest + workload.output_lens[i]].tolist()
+    return seconds, outputs
+
+
+def run_hf(model_dir: Path, workload: Workload, batch_sizes: tuple[int, ...], threads: int) -> tuple[Run, dict]:
+    """transformers `generate` on the same weights, requests sorted by output then prompt length (less
+    padding). Each batch size is tried on the middle `max(batch_sizes)` requests of that order (batches
+    as alike as the full run's); the full workload then runs at the fastest."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # ignore_eos: every row runs its full length
+    order = sorted(range(len(workload)), key=lambda i: (workload.output_lens[i], len(workload.prompts[i])))
+    _hf_generate(model, Workload(workload.prompts[:2], (2, 2)), [0, 1], 2)  # first-call costs, untimed
+    width = min(max(batch_sizes), len(order))
+    subset = order[(len(order) - width) // 2:][:width]
+    search = {}
+    for size in tqdm(batch_sizes, desc="transformers batch sizes", unit="size"):
+        seconds, _ = _hf_generate(model, workload, subset, size)
+        search[size] = sum(workload.output_lens[i] for i in subset) / seconds
+    best = max(search, key=search.get)
+    cpu = time.process_time()
+    seconds, outputs = _hf_generate(model, workload, order, best)
+    details = {"batch_size": best, "search_requests": width, "search_output_rate": search, "threads": threads,
+               "cores_used": (time.process_time() - cpu) / seconds}
+    run = Run("hf", seconds, workload.output_tokens, workload.prompt_tokens + workload.output_tokens, details)
+    return run, outputs
+
+
+def agreement(ours: list[list[int]], theirs: dict, prefix: int = 16) -> dict:
+    """How many requests got the same greedy tokens from both (over all tokens, and the first `prefix`)."""
+    full = sum(ours[i] == theirs[i] for i in theirs)
+    first = sum(ours[i][:prefix] == theirs[i][:prefix] for i in theirs)
+    return {"requests": len(theirs), "identical": full, f"identical_first_{prefix}": first}
+
+
+# --- the offline benchmark ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OfflineOptions:
+    """What `jaxinfer bench offline` runs (its defaults live with the command's flags)."""
+
+    model: str | None
+    engine: EngineConfig  # max_model_len None: the longest prompt plus the longest output
+    num_requests: int
+    input_len_range: tuple[int, int]
+    output_len_range: tuple[int, int]
+    seed: int
+    baselines: tuple[str, ...]  # any of static, hf, bare
+    hf_batch_sizes: tuple[int, ...]
+    repeats: int  # timed runs per bare step shape (medians)
+    json_path: str | None = None
+
+
+def offline(options: OfflineOptions) -> dict:
+    """Run the workload on the engine and the chosen baselines; print as it goes and the table last."""
+    from jaxinfer.llm import LLM
+    from jaxinfer.model.checkpoint import find_model, load_config
+    source = find_model(options.model)
+    cfg = load_config(source)
+    workload = Workload.random(options.num_requests, options.input_len_range, options.output_len_range,
+                               cfg.vocab_size, options.seed)
+    engine = options.engine
+    if engine.max_model_len is None:
+        engine = dataclasses.replace(engine, max_model_len=options.input_len_range[1] + options.output_len_range[1])
+    print(_header(source, workload, engine), flush=True)
+    start = time.perf_counter()
+    llm = LLM(options.model, engine, warmup=True)
+    results = {"setup": {"model": str(source.config_path), "engine": dataclasses.asdict(llm.engine_config),
+                         "machine": _machine(), "date": datetime.date.today().isoformat(),
+                         "workload": _describe_workload(workload),
+                         "load_and_warmup_seconds": time.perf_counter() - start,
+                         "warmup_compiles": llm.runner.num_compiles,
+                         "warmup_compile_seconds": llm.runner.compile_seconds}}
+    print(f"loaded and warmed up in {results['setup']['load_and_warmup_seconds']:.1f}s: "
+          f"{llm.runner.num_compiles} step shapes compiled in {llm.runner.compile_seconds:.1f}s "
+          f"(kept out of every figure below)", flush=True)
+    warm_pass(llm, workload)
+    runs = {}
+    runs["engine"], ours = run_engine(llm, workload)
+    print(_describe_run(runs["engine"]), flush=True)
+    if "static" in options.baselines:
+        runs["static"] = run_static(llm, workload, options.seed)
+        print(_describe_run(runs["static"]), flush=True)
+    bare = None
+    if "bare" in options.baselines:
+        runs["ceiling"], bare = run_ceiling(llm.runner, workload, options.repeats)
+        print(_describe_run(runs["ceiling"]), flush=True)
+    if "hf" in options.baselines:
+        with tempfile.TemporaryDirectory() as tmp:
+            hf_checkpoint(llm, source.directory, Path(tmp))
+            del llm  # the engine's KV pool is not needed any more
+            runs["hf"], theirs = run_hf(Path(tmp), workload, options.hf_batch_sizes, os.cpu_count() or 1)
+        runs["hf"].details["greedy_agreement_with_engine"] = agreement(ours, theirs)
+        print(_describe_run(runs["hf"]), flush=True)
+    print(table(runs, bare))
+    results["runs"] = {name: {**dataclasses.asdict(run), "output_rate": run.output_rate,
+                              "total_rate": run.total_rate} for name, run in runs.items()}
+    if options.json_path:
+        Path(options.json_path).write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+def _machine() -> str:
+    cpu = platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    device = jax.devices()[0]
+    return f"{len(jax.devices())} {device.platform} device(s) ({device.device_kind}); host {cpu}, {os.cpu_count()} cores"
+
+
+def _describe_workload(workload: Workload) -> dict:
+    return {"requests": len(workload), "prompt_tokens": workload.prompt_tokens,
+            "output_tokens": workload.output_tokens, "mean_decode_context": workload.mean_decode_context()}
+
+
+def _header(source, workload: Workload, engine: EngineConfig) -> str:
+    w = _describe_workload(workload)
+    return (f"# jaxinfer bench offline: {source.config_path} on {_machine()}\n"
+            f"# {w['requests']} requests, {w['prompt_tokens']} prompt + {w['output_tokens']} output tokens "
+            f"(ignore_eos, greedy); engine: {engine.max_slots} slots, prefill chunk {engine.prefill_chunk}, "
+            f"{engine.decode_steps} decode steps per dispatch, page size {engine.page_size}, "
+            f"max_model_len {engine.max_model_len}, dtype {engine.dtype}")
+
+
+def _describe_run(run: Run) -> str:
+    head = f"{run.name}: {run.seconds:.1f}s, {run.output_rate:.1f} output tokens/s, {run.total_rate:.1f} total tokens/s"
+    d = run.details
+    if "dispatches" in d:
+        uses = ", ".join(f"{n}x k={k}" for k, n in d["dispatches_by_decode_steps"].items())
+        return (f"{head}\n  {d['steps']} steps ({uses}), {d['prefill_chunks']} with a prefill chunk, "
+                f"{d['preemptions']} preemptions, decode slots in use {d['decode_slot_use']:.0%}; host "
+                f"{d['host_ms_per_dispatch']:.1f} ms and waiting on the device {d['wait_ms_per_dispatch']:.1f} ms "
+                f"per dispatch; {d['compile_seconds_during_run']:.1f}s compiling during the run (excluded); "
+                f"{d['cores_used']:.2f} cores busy with this process")
+    if "bare_decode" in d:
+        b = d["bare_decode"]
+        return (f"{head}\n  = {d['prefill_seconds']:.1f}s of prefill chunks ({d['prefill_shapes_timed']} shapes "
+                f"timed) + {d['decode_seconds']:.1f}s of decode at the full-slot step's {b['step_ms'] / b['decode_steps']:.1f} "
+                f"ms per token ({b['slots']} slots, k={b['decode_steps']}, context {b['context']})")
+    if "batch_size" in d:
+        g = d.get("greedy_agreement_with_engine", {})
+        rates = ", ".join(f"{size}: {rate:.1f}" for size, rate in d["search_output_rate"].items())
+        return (f"{head}\n  batch size {d['batch_size']} (output tokens/s on {d['search_requests']} requests: "
+                f"{rates}); greedy tokens identical to the engine's for {g.get('identical')}/{g.get('requests')} "
+                f"requests ({g.get('identical_first_16')} over the first 16); {d['cores_used']:.2f} cores busy with "
+                "this process")
+    return head
+
+
+def table(runs: dict[str, Run], bare: dict | None) -> str:
+    """The comparison, last: one row per run, the engine's ratio against each and the issue's target."""
+    engine = runs["engine"]
+    names = {"engine": "engine", "static": "(a) static batching, same engine",
+             "hf": f"(b) transformers generate, batch {runs['hf'].details['batch_size']}" if "hf" in runs else "",
+             "ceiling": "(c ii) ceiling: bare steps, this workload"}
+    lines = ["| run | output tok/s | total tok/s | seconds | engine against it | target | met |",
+             "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
+    for key in ("engine", "static", "hf", "ceiling"):
+        if key not in runs:
+            continue
+        run = runs[key]
+        ratio, target, met = "", "", ""
+        if key == "ceiling":
+            share = engine.output_rate / run.output_rate
+            ratio, target, met = f"{share:.0%}", f">= {TARGETS[key]:.0%}", _yes(share >= TARGETS[key])
+        elif key != "engine":
+            times = engine.output_rate / run.output_rate
+            ratio, target, met = f"{times:.2f}x", f">= {TARGETS[key]:g}x", _yes(times >= TARGETS[key])
+        lines.append(f"| {names[key]} | {run.output_rate:.1f} | {run.total_rate:.1f} | {run.seconds:.1f} | "
+                     f"{ratio} | {target} | {met} |")
+    if bare is not None:
+        lines.append(f"(c i) bare decode step alone, all {bare['slots']} slots at context {bare['context']}: "
+                     f"{bare['output_rate']:.1f} output tok/s at k={bare['decode_steps']} "
+                     f"({bare['step_ms']:.0f} ms per dispatch), {bare['output_rate_one_token']:.1f} at k=1 "
+                     f"({bare['step_ms_one_token']:.0f} ms); no prefill in it, so no workload reaches it")
+    return "\n".join(lines)
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "no"
