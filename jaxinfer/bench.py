@@ -322,22 +322,25 @@ def _hf_generate(model, workload: Workload, indices: list[int], batch_size: int)
             mask[row, longest - len(prompt):] = 1
         start = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
-                                 min_new_tokens=new, pad_token_id=0)
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                 do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0).cpu()
         seconds += time.perf_counter() - start
         for row, i in enumerate(batch):
             outputs[i] = out[row, longest:longest + workload.output_lens[i]].tolist()
     return seconds, outputs
 
 
-def run_hf(model_dir: Path, workload: Workload, batch_sizes: tuple[int, ...], threads: int) -> tuple[Run, dict]:
-    """transformers `generate` on the same weights, requests sorted by output then prompt length (less
-    padding). Each batch size is tried on the middle `max(batch_sizes)` requests of that order (batches
-    as alike as the full run's); the full workload then runs at the fastest."""
+def run_hf(model_dir: Path, workload: Workload, batch_sizes: tuple[int, ...], dtype: str) -> tuple[Run, dict]:
+    """transformers `generate` on the same weights in the engine's dtype (on a CUDA device if torch has one),
+    requests sorted by output then prompt length (less padding). Each batch size is tried on the middle
+    `max(batch_sizes)` requests of that order (batches as alike as the full run's); the full workload
+    then runs at the fastest."""
     import torch
     from transformers import AutoModelForCausalLM
+    threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
     model.generation_config.eos_token_id = None  # ignore_eos: every row runs its full length
     order = sorted(range(len(workload)), key=lambda i: (workload.output_lens[i], len(workload.prompts[i])))
     _hf_generate(model, Workload(workload.prompts[:2], (2, 2)), [0, 1], 2)  # first-call costs, untimed
@@ -351,16 +354,19 @@ def run_hf(model_dir: Path, workload: Workload, batch_sizes: tuple[int, ...], th
     cpu = time.process_time()
     seconds, outputs = _hf_generate(model, workload, order, best)
     details = {"batch_size": best, "search_requests": width, "search_output_rate": search, "threads": threads,
+               "device": device, "dtype": dtype,
                "cores_used": (time.process_time() - cpu) / seconds}
     run = Run("hf", seconds, workload.output_tokens, workload.prompt_tokens + workload.output_tokens, details)
     return run, outputs
 
 
 def agreement(ours: list[list[int]], theirs: dict, prefix: int = 16) -> dict:
-    """How many requests got the same greedy tokens from both (over all tokens, and the first `prefix`)."""
-    full = sum(ours[i] == theirs[i] for i in theirs)
-    first = sum(ours[i][:prefix] == theirs[i][:prefix] for i in theirs)
-    return {"requests": len(theirs), "identical": full, f"identical_first_{prefix}": first}
+    """How many requests got the same greedy tokens from both (over all tokens, and the first `prefix`),
+    and where each first differed (None: nowhere)."""
+    first = {i: next((j for j, (a, b) in enumerate(zip(ours[i], theirs[i])) if a != b), None) for i in theirs}
+    return {"requests": len(theirs), "identical": sum(d is None for d in first.values()),
+            f"identical_first_{prefix}": sum(d is None or d >= prefix for d in first.values()),
+            "first_difference": first}
 
 
 # --- the offline benchmark ------------------------------------------------------------------
@@ -384,51 +390,63 @@ class OfflineOptions:
 
 def offline(options: OfflineOptions) -> dict:
     """Run the workload on the engine and the chosen baselines; print as it goes and the table last."""
-    from jaxinfer.llm import LLM
     from jaxinfer.model.checkpoint import find_model, load_config
     source = find_model(options.model)
-    cfg = load_config(source)
     workload = Workload.random(options.num_requests, options.input_len_range, options.output_len_range,
-                               cfg.vocab_size, options.seed)
+                               load_config(source).vocab_size, options.seed)
     engine = options.engine
     if engine.max_model_len is None:
         engine = dataclasses.replace(engine, max_model_len=options.input_len_range[1] + options.output_len_range[1])
     print(_header(source, workload, engine), flush=True)
-    start = time.perf_counter()
-    llm = LLM(options.model, engine, warmup=True)
-    results = {"setup": {"model": str(source.config_path), "engine": dataclasses.asdict(llm.engine_config),
-                         "machine": _machine(), "date": datetime.date.today().isoformat(),
-                         "workload": _describe_workload(workload),
-                         "load_and_warmup_seconds": time.perf_counter() - start,
-                         "warmup_compiles": llm.runner.num_compiles,
-                         "warmup_compile_seconds": llm.runner.compile_seconds}}
-    print(f"loaded and warmed up in {results['setup']['load_and_warmup_seconds']:.1f}s: "
-          f"{llm.runner.num_compiles} step shapes compiled in {llm.runner.compile_seconds:.1f}s "
-          f"(kept out of every figure below)", flush=True)
+    llm, setup = _load(options.model, engine, source, workload)
     warm_pass(llm, workload)
-    runs = {}
-    runs["engine"], ours = run_engine(llm, workload)
+    runs, bare, tokens = _run_on_engine(llm, workload, options)
+    if "hf" in options.baselines:
+        dtype = llm.engine_config.dtype
+        with tempfile.TemporaryDirectory() as tmp:
+            hf_checkpoint(llm, source.directory, Path(tmp))
+            del llm  # free the engine's KV pool and weights for transformers (on a GPU they would not fit beside it)
+            runs["hf"], theirs = run_hf(Path(tmp), workload, options.hf_batch_sizes, dtype)
+        runs["hf"].details["greedy_agreement_with_engine"] = agreement(tokens["engine"], theirs)
+        tokens["hf"] = [theirs[i] for i in range(len(workload))]
+        print(_describe_run(runs["hf"]), flush=True)
+    print(table(runs, bare))
+    results = {"setup": setup, "runs": {name: {**dataclasses.asdict(run), "output_rate": run.output_rate,
+                                               "total_rate": run.total_rate} for name, run in runs.items()},
+               "tokens": tokens}
+    if options.json_path:
+        Path(options.json_path).write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+def _load(model, engine: EngineConfig, source, workload: Workload):
+    """-> (LLM with every step shape compiled, what the setup was)."""
+    from jaxinfer.llm import LLM
+    start = time.perf_counter()
+    llm = LLM(model, engine, warmup=True)
+    cfg, runner = llm.engine_config, llm.runner
+    setup = {"model": str(source.config_path), "engine": dataclasses.asdict(cfg), "machine": _machine(),
+             "date": datetime.date.today().isoformat(), "workload": _describe_workload(workload),
+             "load_and_warmup_seconds": time.perf_counter() - start, "warmup_compiles": runner.num_compiles,
+             "warmup_compile_seconds": runner.compile_seconds}
+    print(f"loaded ({cfg.dtype}, {cfg.attention_backend} attention, {cfg.num_pages} KV pages) and warmed up in "
+          f"{setup['load_and_warmup_seconds']:.1f}s: {runner.num_compiles} step shapes compiled in "
+          f"{runner.compile_seconds:.1f}s (kept out of every figure below)", flush=True)
+    return llm, setup
+
+
+def _run_on_engine(llm, workload: Workload, options: OfflineOptions):
+    """-> (runs by name, the bare decode step's figures or None, the engine's output tokens by name)."""
+    runs, bare, tokens = {}, None, {}
+    runs["engine"], tokens["engine"] = run_engine(llm, workload)
     print(_describe_run(runs["engine"]), flush=True)
     if "static" in options.baselines:
         runs["static"] = run_static(llm, workload, options.seed)
         print(_describe_run(runs["static"]), flush=True)
-    bare = None
     if "bare" in options.baselines:
         runs["ceiling"], bare = run_ceiling(llm.runner, workload, options.repeats)
         print(_describe_run(runs["ceiling"]), flush=True)
-    if "hf" in options.baselines:
-        with tempfile.TemporaryDirectory() as tmp:
-            hf_checkpoint(llm, source.directory, Path(tmp))
-            del llm  # the engine's KV pool is not needed any more
-            runs["hf"], theirs = run_hf(Path(tmp), workload, options.hf_batch_sizes, os.cpu_count() or 1)
-        runs["hf"].details["greedy_agreement_with_engine"] = agreement(ours, theirs)
-        print(_describe_run(runs["hf"]), flush=True)
-    print(table(runs, bare))
-    results["runs"] = {name: {**dataclasses.asdict(run), "output_rate": run.output_rate,
-                              "total_rate": run.total_rate} for name, run in runs.items()}
-    if options.json_path:
-        Path(options.json_path).write_text(json.dumps(results, indent=2, default=str))
-    return results
+    return runs, bare, tokens
 
 
 def _machine() -> str:
