@@ -76,6 +76,9 @@ class Layout:
             fields += [("next_tokens", (C,), i32)]
         return cls(tuple(fields))
 
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        return next((shape for field, shape, _ in self.fields if field == name), None)
+
     def pack(self, values: dict) -> np.ndarray:
         parts = [np.ascontiguousarray(values[name], dtype).reshape(-1).view(np.int32)
                  for name, _, dtype in self.fields]
@@ -164,10 +167,9 @@ def _step(params, kv: KVPool, state: SlotState, packed, *, cfg: ModelConfig, bac
     kv; state)."""
     x = layout.unpack(packed)
     attention = step_attention(backend)
-    names = {name for name, _, _ in layout.fields}
     prefill_logits, parts = None, []
-    if "prefill_tokens" in names:
-        kv, prefill_logits, prompt = _prefill(params, kv, x, cfg, attention, "next_tokens" in names)
+    if layout.shape("prefill_tokens"):
+        kv, prefill_logits, prompt = _prefill(params, kv, x, cfg, attention, layout.shape("next_tokens") is not None)
         if prompt is not None:
             parts.append(prompt.reshape(-1))
     kv, state, rows = _decode(params, kv, state, x, cfg, attention, max_steps, prefill_logits)
@@ -261,10 +263,10 @@ class ModelRunner:
         if chunk is not None and chunk.load_penalties:
             self._load_penalties(chunk.slot, plan.seqs[chunk.slot])
         values = dict(plan.sampling, positions=plan.positions, steps=plan.steps, num_steps=plan.num_steps,
-                      block_tables=plan.block_tables[:, :layout_width(layout)],
+                      block_tables=plan.block_tables[:, :layout.shape("block_tables")[1]],
                       min_tokens_left=plan.min_tokens_left, banned=plan.banned)
         if chunk is not None:
-            C = dict((n, s) for n, s, _ in layout.fields)["prefill_tokens"][0]
+            C = layout.shape("prefill_tokens")[0]
             tokens = np.zeros(C, np.int32)
             tokens[:len(chunk.tokens)] = chunk.tokens
             values.update(prefill_tokens=tokens, prefill_start=chunk.start, prefill_length=len(chunk.tokens),
@@ -304,15 +306,10 @@ class ModelRunner:
         log.info("warm-up: %d executables compiled in %.1fs", self.num_compiles, self.compile_seconds)
 
 
-def layout_width(layout: Layout) -> int:
-    return dict((n, s) for n, s, _ in layout.fields)["block_tables"][1]
-
-
 def _describe(layout: Layout) -> str:
-    shapes = dict((n, s) for n, s, _ in layout.fields)
-    C = shapes.get("prefill_tokens", (0,))[0]
-    extra = " with prompt logprobs" if "next_tokens" in shapes else ""
-    return f"chunk {C}, {shapes['block_tables'][1]} pages per row{extra}"
+    C = (layout.shape("prefill_tokens") or (0,))[0]
+    extra = " with prompt logprobs" if layout.shape("next_tokens") else ""
+    return f"chunk {C}, {layout.shape('block_tables')[1]} pages per row{extra}"
 
 
 def unpack_result(out: np.ndarray, plan: StepPlan, max_steps: int) -> StepResult:

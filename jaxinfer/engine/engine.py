@@ -27,8 +27,7 @@ import numpy as np
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine.executor import Executor
 from jaxinfer.engine.metrics import EngineStats, LatencyHistograms, RequestMetrics
-from jaxinfer.engine.request import (MAX_BANNED, CompletionOutput, RequestOutput, SamplingParams, Sequence,
-                                     Status)
+from jaxinfer.engine.request import MAX_BANNED, CompletionOutput, RequestOutput, SamplingParams, Sequence
 from jaxinfer.engine.scheduler import Scheduler
 from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -397,4 +396,4 @@ class Engine:
         assert s.pages.num_free == s.pages.num_pages - 1, f"{s.pages.num_used} pages are still in use"
 
 
-__all__ = ["Engine", "EngineError", "RequestStream", "Status"]
+__all__ = ["Engine", "EngineError", "RequestStream"]
