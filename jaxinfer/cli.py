@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from jaxinfer import bench_serve
 from jaxinfer.config import DTYPES, ConfigError, EngineConfig
 from jaxinfer.model.safetensors_io import CheckpointError
 
@@ -92,6 +93,7 @@ def _add_bench(sub) -> None:
     off.add_argument("--repeats", type=int, default=3, help="timed runs per bare step shape")
     off.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     off.set_defaults(run=_bench_offline)
+    bench_serve.add_parser(kinds)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,11 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        args.run(args)
+        return args.run(args) or 0
     except (ConfigError, CheckpointError, ValueError, MemoryError) as e:
         print(f"jaxinfer {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
