@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,53 @@ def _add_bench(sub) -> None:
     bench_serve.add_parser(kinds)
 
 
+def _serve(args) -> int:
+    from jaxinfer.server.app import ServerConfig
+    from jaxinfer.server.run import DEFAULT_MODEL_NAME, serve
+    logging.getLogger("jaxinfer.serve").setLevel(logging.INFO)  # the start-up phases and their times
+    engine = EngineConfig(max_slots=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype,
+                          page_size=args.page_size, prefill_chunk=args.prefill_chunk, num_pages=args.num_pages,
+                          decode_steps=args.decode_steps, enable_prefix_caching=args.enable_prefix_caching,
+                          seed=args.seed)
+    name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
+    config = ServerConfig(served_model_name=name, model_path=args.model, api_key=args.api_key,
+                          max_queue=args.max_queue, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
+                          shutdown_timeout=args.shutdown_timeout)
+    return serve(args.model, engine, config, args.host, args.port, warmup=not args.skip_warmup,
+                 log_level="info" if args.verbose else "warning")
+
+
+def _add_serve(sub) -> None:
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server",
+                           description="Serves /v1/completions, /v1/chat/completions, /v1/models, /tokenize, "
+                                       "/detokenize, /health, /metrics and /version. /health is 503 until the model "
+                                       "is loaded and warmed up. SIGTERM drains in-flight requests, then exits 0.")
+    serve.add_argument("--model", default=None, help=MODEL_HELP)
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None, help="the name clients send (default: --model)")
+    serve.add_argument("--api-key", default=os.environ.get("JAXINFER_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1/* (default: $JAXINFER_API_KEY)")
+    serve.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_slots, help="decode slots")
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="sequences that may wait beyond the running ones; more are answered 429")
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--max-n", type=int, default=16, help="the largest n a request may ask for")
+    serve.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger request bodies get 413")
+    serve.add_argument("--page-size", type=int, default=EngineConfig.page_size)
+    serve.add_argument("--num-pages", type=int, default=None, help="KV pages (default: from the memory budget)")
+    serve.add_argument("--prefill-chunk", type=int, default=EngineConfig.prefill_chunk,
+                       help="prompt tokens prefilled per step")
+    serve.add_argument("--decode-steps", type=int, default=EngineConfig.decode_steps)
+    serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    serve.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
+    serve.add_argument("--seed", type=int, default=0, help="seeds requests that send none")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds in-flight requests may take to finish after SIGTERM")
+    serve.add_argument("--skip-warmup", action="store_true", help="compile step shapes on first use instead")
+    serve.set_defaults(run=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxinfer", description="LLM inference on JAX")
     parser.add_argument("-v", "--verbose", action="store_true", help="log loading and compiling")
@@ -116,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
     conv.set_defaults(run=_convert)
 
+    _add_serve(sub)
     _add_bench(sub)
     return parser
 

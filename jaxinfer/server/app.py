@@ -1,0 +1,522 @@
+"""The OpenAI-compatible HTTP app: routes, server-sent events, admission, auth and health.
+
+`Server` holds what the routes share: the engine (None while it loads and warms
+up), the health state and the number of sequences handed to the engine and not
+yet finished (the bound behind 429). `build_app(server)` is the Starlette app.
+The engine loop runs in its own thread; routes only call its thread-safe
+`add_request`, `abort` and `stats`. Every request's engine work is aborted when
+its response ends early (client gone, error), so pages never outlive a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import logging
+import time
+import uuid
+
+import jinja2
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+import jaxinfer
+from jaxinfer.engine.engine import Engine, EngineError
+from jaxinfer.server import metrics
+from jaxinfer.server.protocol import (APIError, GenerationRequest, Limits, TokenText, chat_logprobs,
+                                      completion_logprobs, parse_chat, parse_completion, parse_prompts, usage)
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    served_model_name: str = "jaxinfer"
+    model_path: str | None = None  # reported by /v1/models as the model's root
+    api_key: str | None = None  # guards /v1/*; /health and /metrics stay open
+    max_queue: int = 256  # sequences allowed to wait beyond the engine's slots; more get 429
+    max_n: int = 16
+    max_body_bytes: int = 4 * 2**20
+    retry_after_seconds: int = 1
+    shutdown_timeout: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
+
+
+class Server:
+    """The state the routes share. Health: starting -> ready -> draining, or dead after an engine failure."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.engine: Engine | None = None
+        self.health = "starting"
+        self.in_flight = 0  # sequences handed to the engine and not finished
+        self.active: dict[str, list[str]] = {}  # response id -> its engine request ids
+        self.on_fatal = lambda: None  # set by whoever runs the app: stop the process after an engine failure
+        self.limits: Limits | None = None
+        self.token_text: TokenText | None = None
+
+    def ready(self, engine: Engine) -> None:
+        self.engine = engine
+        self.limits = Limits(engine.vocab_size, engine.cfg.max_model_len, self.config.max_n)
+        self.token_text = TokenText(engine.tokenizer)
+        self.health = "ready"
+
+    @property
+    def capacity(self) -> int:
+        return self.engine.cfg.max_slots + self.config.max_queue
+
+    def fail(self, reason: str) -> None:
+        if self.health != "dead":
+            log.error("the engine cannot continue (%s): /health is now 503 and the server stops", reason)
+            self.health = "dead"
+            self.on_fatal()
+
+    async def drain(self) -> None:
+        """Refuse new requests and wait (up to shutdown_timeout) for those in flight; abort the rest."""
+        self.health = "draining" if self.health != "dead" else "dead"
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        log.info("draining %d sequences in flight (up to %.0fs)", self.in_flight, self.config.shutdown_timeout)
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for ids in list(self.active.values()):
+            for request_id in ids:
+                self.engine.abort(request_id)
+        if self.in_flight:
+            log.warning("shutdown timeout: aborted %d sequences still in flight", self.in_flight)
+
+    async def watch(self) -> None:
+        """Notice an engine that died between requests."""
+        while True:
+            if self.engine is not None and self.engine.error is not None:
+                self.fail(f"{type(self.engine.error).__name__}: {self.engine.error}")
+            await asyncio.sleep(0.25)
+
+
+# --- request plumbing ------------------------------------------------------------------------
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+async def read_json(request: Request, cap: int):
+    """The body as JSON; 413 over `cap` bytes (checked while reading), 400 for bad UTF-8 or JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        raise APIError(413, f"the request body is larger than {cap} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            raise APIError(413, f"the request body is larger than {cap} bytes")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise APIError(400, "the request body is not valid UTF-8") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise APIError(400, "malformed JSON: nested too deeply") from None
+    except ValueError:  # json refuses integers of more than 4300 digits (sys.int_info.default_max_str_digits)
+        raise APIError(400, "malformed JSON: a number has too many digits") from None
+
+
+def endpoint(server: Server, handler, guarded: bool = True, needs_engine: bool = True):
+    """A route: API key check, readiness, and every failure as an OpenAI-style error body."""
+
+    async def route(request: Request) -> Response:
+        try:
+            if guarded and server.config.api_key is not None:
+                _check_key(request, server.config.api_key)
+            if needs_engine and server.health != "ready":
+                raise APIError(503, f"the server is {server.health}", headers={"Retry-After": "5"})
+            return await handler(request)
+        except APIError as e:
+            return _error_response(e)
+        except Exception as e:  # a bug or an engine failure: a bounded 500, the server goes on
+            log.exception("%s %s failed", request.method, request.url.path)
+            return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}"))
+
+    return route
+
+
+def _check_key(request: Request, key: str) -> None:
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise APIError(401, "a valid API key is required: send 'Authorization: Bearer <key>'")
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _merged(streams):
+    """(prompt index, RequestOutput) from several request streams as they come; errors re-raised."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for out in stream:
+                await queue.put((i, out, None))
+        except Exception as e:
+            await queue.put((i, None, e))
+        await queue.put((i, None, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_streams = len(streams)
+        while open_streams:
+            i, out, error = await queue.get()
+            if error is not None:
+                raise error
+            if out is None:
+                open_streams -= 1
+            else:
+                yield i, out
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+class _GuardedStream(StreamingResponse):
+    """A streaming response that runs `on_close` however it ends (finished, client gone, cancelled)."""
+
+    def __init__(self, content, on_close):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def _sse(payload) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, allow_nan=False)}\n\n"
+
+
+# --- generation ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Job:
+    """One completions/chat call in flight: its prompts, engine streams and what was already sent."""
+
+    request: GenerationRequest
+    response_id: str
+    created: int
+    model: str
+    prompts: list[tuple[str, list[int]]]  # (text, ids)
+    request_ids: list[str]
+    streams: list = dataclasses.field(default_factory=list)
+    sent_text: dict = dataclasses.field(default_factory=dict)  # choice index -> characters sent
+    sent_tokens: dict = dataclasses.field(default_factory=dict)  # choice index -> tokens sent
+    finished: set = dataclasses.field(default_factory=set)  # choice indices whose last chunk went out
+    released: bool = False
+
+
+class Generation:
+    """The completions and chat routes over a `Server`."""
+
+    def __init__(self, server: Server):
+        self.server = server
+
+    async def completions(self, request: Request) -> Response:
+        server = self.server
+        req = parse_completion(await read_json(request, server.config.max_body_bytes), server.limits)
+        model = self._model(req.model)
+        prompts = [self._prompt(p, req, "prompt") for p in req.prompts]
+        return await self._run(request, req, prompts, model, "cmpl")
+
+    async def chat(self, request: Request) -> Response:
+        server = self.server
+        req, messages, kwargs = parse_chat(await read_json(request, server.config.max_body_bytes), server.limits)
+        model = self._model(req.model)
+        tokenizer = server.engine.tokenizer
+        if tokenizer is None:
+            raise APIError(400, "this model has no tokenizer, so no chat template: use /v1/completions")
+        try:
+            text = tokenizer.apply_chat_template(messages, **kwargs)
+        except (ValueError, TypeError, jinja2.TemplateError) as e:
+            raise APIError(400, f"the chat template could not render these messages: {e}", "messages") from None
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        return await self._run(request, req, [self._prompt(ids, req, "messages", text)], model, "chatcmpl")
+
+    def _model(self, name: str | None) -> str:
+        served = self.server.config.served_model_name
+        if name is not None and name != served:
+            raise APIError(404, f"the model '{name[:100]}' does not exist; this server serves '{served}'", "model")
+        return served
+
+    def _prompt(self, prompt, req: GenerationRequest, param: str, text: str | None = None) -> tuple[str, list[int]]:
+        """-> (text, ids) after the context-length checks, as vLLM words them."""
+        engine = self.server.engine
+        if isinstance(prompt, str):
+            if engine.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer: send token ids", param)
+            text, ids = prompt, engine.tokenizer.encode(prompt)
+        else:
+            ids = prompt
+            if text is None:
+                text = engine.tokenizer.decode(ids) if engine.tokenizer is not None and req.echo else ""
+        limit, max_tokens = engine.cfg.max_model_len, req.params.max_tokens
+        if len(ids) >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens, your request has "
+                                f"{len(ids)} input tokens. Please reduce the length of the prompt.", param)
+        if req.max_tokens_given and not req.echo_only and len(ids) + max_tokens > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} for "
+                                "max_tokens). Please reduce the length of the prompt or max_tokens.", "max_tokens")
+        try:
+            engine.validate(ids, req.params)
+        except (ValueError, MemoryError) as e:
+            raise APIError(400, str(e), param) from None
+        return text, ids
+
+    async def _run(self, http: Request, req: GenerationRequest, prompts, model: str, kind: str) -> Response:
+        server = self.server
+        seqs = req.params.n * len(prompts)
+        if seqs > server.capacity:
+            raise APIError(400, f"{len(prompts)} prompts x n={req.params.n} is more than this server ever runs "
+                                f"at once ({server.capacity} sequences)", "prompt")
+        if server.in_flight + seqs > server.capacity:
+            raise APIError(429, f"the server is at capacity ({server.capacity} sequences running or queued); "
+                                "retry later", headers={"Retry-After": str(server.config.retry_after_seconds)})
+        response_id = f"{kind}-{uuid.uuid4().hex}"
+        job = _Job(req, response_id, int(time.time()), model, prompts,
+                   [f"{response_id}-{i}" for i in range(len(prompts))])
+        server.in_flight += seqs
+        server.active[response_id] = job.request_ids
+        try:
+            for (_, ids), request_id in zip(prompts, job.request_ids):
+                job.streams.append(server.engine.add_request(ids, req.params, request_id=request_id))
+        except BaseException:
+            self._close(job)
+            raise
+        if req.stream:
+            return _GuardedStream(self._events(job), lambda: self._close(job))
+        try:
+            return JSONResponse(await self._collect(http, job))
+        finally:
+            self._close(job)
+
+    def _close(self, job: _Job) -> None:
+        """Abort whatever of the job still runs and give back its admission; safe to call twice."""
+        if job.released:
+            return
+        job.released = True
+        for request_id in job.request_ids:
+            self.server.engine.abort(request_id)  # a finished request's id is unknown: ignored
+        self.server.in_flight -= job.request.params.n * len(job.prompts)
+        self.server.active.pop(job.response_id, None)
+
+    async def _collect(self, http: Request, job: _Job) -> dict:
+        finals = [None] * len(job.streams)
+
+        async def gather():
+            async for i, out in _merged(job.streams):
+                finals[i] = out
+
+        work = asyncio.create_task(gather())
+        gone = asyncio.create_task(_until_disconnected(http))
+        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if work not in done:
+            work.cancel()
+            raise APIError(499, "the client disconnected")  # nobody reads it; _close aborts the work
+        try:
+            work.result()
+        except EngineError as e:
+            self.server.fail(str(e))
+            raise APIError(500, f"the engine failed while running this request: {e}") from None
+        return self._response(job, finals)
+
+    # --- building the JSON -------------------------------------------------------------------
+
+    def _choice(self, job: _Job, i: int, out, completion, final: bool) -> dict:
+        """Choice `completion` of prompt i: the whole answer (final) or what is new since the last chunk."""
+        req, n = job.request, job.request.params.n
+        index = i * n + completion.index
+        text, ids, entries = completion.text, completion.token_ids, completion.logprobs
+        finish, stop_reason = completion.finish_reason, completion.stop_reason
+        if req.echo_only:
+            text, ids, entries = "", [], []
+            finish = "length" if completion.finished else None
+            stop_reason = None
+        first = index not in job.sent_text
+        start_text, start_tokens = (0, 0) if final else (job.sent_text.get(index, 0), job.sent_tokens.get(index, 0))
+        unchanged = finish is None and len(text) == start_text and len(ids) == start_tokens and not first
+        if not final and (index in job.finished or unchanged):
+            return None
+        delta_text, delta_ids = text[start_text:], ids[start_tokens:]
+        delta_entries = entries[start_tokens:] if entries is not None else None
+        job.sent_text[index], job.sent_tokens[index] = len(text), len(ids)
+        logprobs, prefix = None, ""
+        if req.chat:
+            if req.logprobs is not None:
+                logprobs = chat_logprobs(delta_entries, delta_ids, self.server.token_text)
+        else:
+            echo_now = req.echo and (final or first)  # the prompt leads the choice's first text
+            prompt_text = job.prompts[i][0] if req.echo else ""
+            prefix = prompt_text if echo_now else ""
+            if req.logprobs is not None:
+                token_ids, token_entries = list(delta_ids), list(delta_entries)
+                if echo_now:
+                    token_ids, token_entries = out.prompt_token_ids + token_ids, out.prompt_logprobs + token_entries
+                offset = 0 if echo_now else len(prompt_text) + start_text
+                logprobs = completion_logprobs(token_entries, token_ids, self.server.token_text, offset)
+        if finish is not None:
+            job.finished.add(index)
+        choice = {"index": index, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop_reason}
+        if not req.chat:
+            return {"index": index, "text": prefix + delta_text, **choice}
+        if final:
+            return {**choice, "message": {"role": "assistant", "content": delta_text}}
+        return {**choice, "delta": {"content": delta_text}}
+
+    def _usage(self, job: _Job, finals) -> dict:
+        prompt = sum(len(ids) for _, ids in job.prompts)
+        completion = 0 if job.request.echo_only else \
+            sum(len(c.token_ids) for out in finals if out is not None for c in out.outputs)
+        return usage(prompt, completion)
+
+    def _response(self, job: _Job, finals) -> dict:
+        choices = [self._choice(job, i, out, c, final=True) for i, out in enumerate(finals) for c in out.outputs]
+        choices.sort(key=lambda c: c["index"])
+        kind = "chat.completion" if job.request.chat else "text_completion"
+        return {"id": job.response_id, "object": kind, "created": job.created, "model": job.model,
+                "choices": choices, "usage": self._usage(job, finals)}
+
+    def _chunk(self, job: _Job, choices: list[dict], **extra) -> str:
+        kind = "chat.completion.chunk" if job.request.chat else "text_completion"
+        return _sse({"id": job.response_id, "object": kind, "created": job.created, "model": job.model,
+                     "choices": choices, **extra})
+
+    async def _events(self, job: _Job):
+        req, finals = job.request, [None] * len(job.streams)
+        try:
+            if req.chat:  # the first chunk of each choice carries the role
+                roles = [{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for k in range(req.params.n * len(job.prompts))]
+                yield self._chunk(job, roles)
+            async for i, out in _merged(job.streams):
+                finals[i] = out
+                choices = [c for c in (self._choice(job, i, out, comp, final=False) for comp in out.outputs) if c]
+                if choices:
+                    yield self._chunk(job, choices)
+            if req.include_usage:
+                yield self._chunk(job, [], usage=self._usage(job, finals))
+        except EngineError as e:
+            self.server.fail(str(e))
+            yield _sse(APIError(500, f"the engine failed while running this request: {e}").body())
+        yield "data: [DONE]\n\n"
+
+
+# --- the other routes ------------------------------------------------------------------------
+
+
+class Info:
+    def __init__(self, server: Server):
+        self.server = server
+
+    async def health(self, request: Request) -> Response:
+        status = 200 if self.server.health == "ready" else 503
+        return JSONResponse({"status": self.server.health}, status_code=status)
+
+    async def metrics(self, request: Request) -> Response:
+        engine = self.server.engine
+        if engine is None:
+            return Response("", media_type=metrics.CONTENT_TYPE)
+        stats = None
+        while stats is None:  # the engine thread may be resizing a set we read: read again
+            with contextlib.suppress(RuntimeError):
+                stats = engine.stats()
+        return Response(metrics.render(stats, self.server.config.served_model_name), media_type=metrics.CONTENT_TYPE)
+
+    async def models(self, request: Request) -> Response:
+        cfg = self.server.config
+        card = {"id": cfg.served_model_name, "object": "model", "created": 0, "owned_by": "jaxinfer",
+                "root": cfg.model_path or cfg.served_model_name, "parent": None,
+                "max_model_len": self.server.engine.cfg.max_model_len}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def version(self, request: Request) -> Response:
+        return JSONResponse({"version": jaxinfer.__version__})
+
+    async def tokenize(self, request: Request) -> Response:
+        server = self.server
+        body = await read_json(request, server.config.max_body_bytes)
+        tokenizer = server.engine.tokenizer
+        if not isinstance(body, dict) or tokenizer is None:
+            raise APIError(400, "send a JSON object with 'prompt' (a string) to a model with a tokenizer")
+        if "messages" in body:
+            _, messages, kwargs = parse_chat({**body, "stream": False}, server.limits)
+            try:
+                text = tokenizer.apply_chat_template(messages, **kwargs)
+            except (ValueError, TypeError, jinja2.TemplateError) as e:
+                raise APIError(400, f"the chat template could not render these messages: {e}", "messages") from None
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise APIError(400, "prompt must be a string", "prompt")
+            add_special = body.get("add_special_tokens", True)
+            if not isinstance(add_special, bool):
+                raise APIError(400, "add_special_tokens must be true or false", "add_special_tokens")
+            ids = tokenizer.encode(prompt, add_special_tokens=add_special)
+        return JSONResponse({"count": len(ids), "max_model_len": server.engine.cfg.max_model_len, "tokens": ids})
+
+    async def detokenize(self, request: Request) -> Response:
+        server = self.server
+        body = await read_json(request, server.config.max_body_bytes)
+        if not isinstance(body, dict) or "tokens" not in body:
+            raise APIError(400, "send a JSON object with 'tokens' (a list of token ids)", "tokens")
+        if server.engine.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer")
+        ids = parse_prompts(body["tokens"], server.limits)
+        if len(ids) != 1 or isinstance(ids[0], str):
+            raise APIError(400, "tokens must be one list of token ids", "tokens")
+        return JSONResponse({"prompt": server.engine.tokenizer.decode(ids[0])})
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    return _error_response(APIError(exc.status_code, str(exc.detail)))
+
+
+def build_app(server: Server) -> Starlette:
+    generation, info = Generation(server), Info(server)
+
+    def route(path, handler, methods=("POST",), guarded=True, needs_engine=True):
+        return Route(path, endpoint(server, handler, guarded, needs_engine), methods=list(methods))
+
+    routes = [
+        route("/v1/completions", generation.completions),
+        route("/v1/chat/completions", generation.chat),
+        route("/v1/models", info.models, ("GET",)),
+        route("/tokenize", info.tokenize, guarded=False),
+        route("/detokenize", info.detokenize, guarded=False),
+        route("/health", info.health, ("GET",), guarded=False, needs_engine=False),
+        route("/metrics", info.metrics, ("GET",), guarded=False, needs_engine=False),
+        route("/version", info.version, ("GET",), guarded=False, needs_engine=False),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        watcher = asyncio.create_task(server.watch())
+        try:
+            yield
+        finally:
+            watcher.cancel()
+
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error}, lifespan=lifespan)

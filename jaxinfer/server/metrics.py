@@ -1,0 +1,64 @@
+"""`/metrics`: the engine's counters in the Prometheus text format, under vLLM's names.
+
+Names are `jaxinfer:` + vLLM's metric name, each labelled with `model_name` as vLLM does,
+so dashboards built for vLLM need only the prefix changed.
+"""
+
+from __future__ import annotations
+
+from jaxinfer.engine.metrics import EngineStats, Histogram
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PREFIX = "jaxinfer:"
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+def _labels(base: dict, **extra) -> str:
+    items = {**base, **extra}
+    return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in items.items()) + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _scalar(lines: list[str], name: str, kind: str, help_text: str, value, labels: dict) -> None:
+    lines += [f"# HELP {PREFIX}{name} {help_text}", f"# TYPE {PREFIX}{name} {kind}",
+              f"{PREFIX}{name}{_labels(labels)} {value}"]
+
+
+def _histogram(lines: list[str], name: str, help_text: str, hist: Histogram, labels: dict) -> None:
+    full = PREFIX + name
+    lines += [f"# HELP {full} {help_text}", f"# TYPE {full} histogram"]
+    bounds = [repr(float(b)) for b in hist.buckets] + ["+Inf"]
+    for bound, count in zip(bounds, hist.cumulative()):
+        lines.append(f"{full}_bucket{_labels(labels, le=bound)} {count}")
+    lines += [f"{full}_sum{_labels(labels)} {hist.total}", f"{full}_count{_labels(labels)} {hist.count}"]
+
+
+def render(stats: EngineStats, model_name: str) -> str:
+    labels = {"model_name": model_name}
+    lines: list[str] = []
+    _scalar(lines, "num_requests_running", "gauge", "Requests with a decode slot.", stats.num_running, labels)
+    _scalar(lines, "num_requests_waiting", "gauge", "Requests queued for a slot.", stats.num_waiting, labels)
+    _scalar(lines, "kv_cache_usage_perc", "gauge", "Fraction of KV pages held by requests (1 = full).",
+            stats.kv_usage, labels)
+    _scalar(lines, "prompt_tokens_total", "counter", "Prompt tokens of admitted requests.",
+            stats.prompt_tokens, labels)
+    _scalar(lines, "generation_tokens_total", "counter", "Generated tokens.", stats.generation_tokens, labels)
+    name = PREFIX + "request_success_total"
+    lines += [f"# HELP {name} Finished requests by finish reason.", f"# TYPE {name} counter"]
+    for reason in sorted(set(FINISH_REASONS) | set(stats.finished_requests)):
+        lines.append(f"{name}{_labels(labels, finished_reason=reason)} {stats.finished_requests.get(reason, 0)}")
+    _scalar(lines, "num_preemptions_total", "counter", "Sequences preempted to free KV pages.",
+            stats.preemptions, labels)
+    _scalar(lines, "prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
+            stats.prefix_cache_queries, labels)
+    _scalar(lines, "prefix_cache_hits_total", "counter", "Prompt tokens served from the prefix cache.",
+            stats.prefix_cache_hits, labels)
+    _histogram(lines, "time_to_first_token_seconds", "Arrival to first token.", stats.ttft, labels)
+    _histogram(lines, "inter_token_latency_seconds", "Gap between successive tokens.", stats.inter_token_latency,
+               labels)
+    _histogram(lines, "e2e_request_latency_seconds", "Arrival to finish.", stats.e2e_latency, labels)
+    _histogram(lines, "request_queue_time_seconds", "Arrival to first scheduled.", stats.queue_time, labels)
+    return "\n".join(lines) + "\n"

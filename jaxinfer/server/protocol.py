@@ -1,0 +1,376 @@
+"""The OpenAI API's request and response shapes: bodies in, `GenerationRequest` out, and back to JSON.
+
+Host code only. Every bad field raises `APIError` naming the field (HTTP 400 unless
+said otherwise); the app turns it into an OpenAI-style error body. Fields follow
+vLLM where it extends the API (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
+`min_tokens`, `stop_token_ids`, ...). Unknown fields are ignored and logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+
+from jaxinfer.engine.request import MAX_LOGPROBS, SamplingParams
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_CHARS = 400  # error messages never echo a large input back
+_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
+          413: "RequestEntityTooLarge", 429: "RateLimitError", 500: "InternalServerError",
+          503: "ServiceUnavailableError"}
+_COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop",
+                      "stop_token_ids", "seed", "logprobs", "echo", "stream", "stream_options", "presence_penalty",
+                      "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "user",
+                      "include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs"}
+_CHAT_FIELDS = (_COMPLETION_FIELDS - {"prompt", "echo"}) | {"messages", "max_completion_tokens", "top_logprobs",
+                                                            "add_generation_prompt", "chat_template_kwargs"}
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class APIError(Exception):
+    """An error answered with `status` and the body `{"error": {message, type, param, code}}`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.param, self.headers = status, param, headers or {}
+
+    def body(self) -> dict:
+        message = str(self)
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + "..."
+        message = message.encode("utf-8", "replace").decode()  # an echoed lone surrogate would fail the response
+        return {"error": {"message": message, "type": _TYPES.get(self.status, "APIError"), "param": self.param,
+                          "code": self.status}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What the served model and the server's flags allow."""
+
+    vocab_size: int
+    max_model_len: int
+    max_n: int = 16
+    max_logprobs: int = MAX_LOGPROBS
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    """One completions or chat body, validated. Prompts are text or token ids (one per choice group)."""
+
+    chat: bool
+    prompts: list  # str | list[int] each
+    params: SamplingParams
+    model: str | None
+    stream: bool
+    include_usage: bool
+    echo: bool = False
+    echo_only: bool = False  # max_tokens 0 with echo: score the prompt, return no completion tokens
+    logprobs: int | None = None  # top alternatives per token in the response (chat: top_logprobs)
+    max_tokens_given: bool = True  # False: chat without max_tokens, which runs to the end of the context
+
+
+def _fail(message: str, param: str | None) -> None:
+    raise APIError(400, message, param)
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+def _int(body: dict, name: str, default=None):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        _fail(f"{name} must be an integer, got {_describe(value)}", name)
+    return value
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(_float(value)):
+        _fail(f"{name} must be a finite number, got {_describe(value)}", name)
+    if not low <= value <= high:
+        _fail(f"{name} must be in [{low}, {high}], got {value}", name)
+    return float(value)
+
+
+def _float(value: int | float) -> float:
+    """JSON integers have no size limit; one too large for a float counts as infinite."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
+def _bool(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        _fail(f"{name} must be true or false, got {_describe(value)}", name)
+    return value
+
+
+def _token_ids(value, limits: Limits, param: str) -> list[int]:
+    for t in value:
+        if not isinstance(t, int) or isinstance(t, bool):
+            _fail(f"{param} token ids must be integers, got {_describe(t)}", param)
+        if not 0 <= t < limits.vocab_size:
+            _fail(f"token id {t} in {param} is outside the vocabulary [0, {limits.vocab_size})", param)
+    return list(value)
+
+
+def parse_prompts(value, limits: Limits) -> list:
+    """A completions `prompt`: a string, a list of strings, a list of token ids or a list of such lists."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        _fail("prompt must be a non-empty string, list of strings, list of token ids or list of token-id lists",
+              "prompt")
+    if all(isinstance(p, str) for p in value):
+        if not all(value):
+            _fail("prompt must not be empty", "prompt")
+        return list(value)
+    if all(isinstance(p, list) for p in value):
+        if not all(value):
+            _fail("prompt must not be empty: a token-id list has no tokens", "prompt")
+        return [_token_ids(p, limits, "prompt") for p in value]
+    return [_token_ids(value, limits, "prompt")]
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        _fail("stop must be a string or a list of strings", "stop")
+    if not all(stops):
+        _fail("stop must not contain an empty string", "stop")
+    return tuple(stops)
+
+
+def _stream(body: dict) -> tuple[bool, bool]:
+    stream = _bool(body, "stream", False)
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not stream:
+        _fail("stream_options is only allowed when stream is true", "stream_options")
+    if not isinstance(options, dict):
+        _fail("stream_options must be an object", "stream_options")
+    return stream, _bool(options, "include_usage", False)
+
+
+def _sampling(body: dict, limits: Limits, max_tokens: int | None, logprobs: int | None,
+              prompt_logprobs: int | None) -> SamplingParams:
+    n = _int(body, "n", 1)
+    if not 1 <= n <= limits.max_n:
+        _fail(f"n must be in [1, {limits.max_n}], got {n}", "n")
+    top_k = _int(body, "top_k", 0)
+    if top_k < -1:
+        _fail(f"top_k must be -1 (no limit) or >= 0, got {top_k}", "top_k")
+    if top_k >= limits.vocab_size:  # keeps every token, as no limit does; and fits the device's int32 row
+        top_k = 0
+    seed = _int(body, "seed")
+    if seed is not None and not -2**63 <= seed < 2**63:
+        _fail(f"seed must fit in a signed 64-bit integer, got {seed}", "seed")
+    stop_token_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_token_ids, list):
+        _fail("stop_token_ids must be a list of token ids", "stop_token_ids")
+    min_tokens = _int(body, "min_tokens", 0)
+    most = (f"max_tokens={max_tokens}", max_tokens) if max_tokens is not None else \
+        (f"max_model_len={limits.max_model_len}", limits.max_model_len)  # chat without max_tokens
+    if not 0 <= min_tokens <= most[1]:
+        _fail(f"min_tokens must be in [0, {most[0]}], got {min_tokens}", "min_tokens")
+    try:
+        return SamplingParams(
+            n=n, max_tokens=max_tokens, min_tokens=min_tokens,
+            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+            top_p=_number(body, "top_p", 1.0, 0.0, 1.0), top_k=top_k,
+            min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+            presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+            frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 2.0),
+            seed=seed, stop=_stop(body),
+            stop_token_ids=tuple(_token_ids(stop_token_ids, limits, "stop_token_ids")),
+            include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
+            ignore_eos=_bool(body, "ignore_eos", False), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=_bool(body, "skip_special_tokens", True))
+    except ValueError as e:  # the remaining bounds (top_p > 0, repetition_penalty > 0): the field leads the message
+        field = re.match(r"\w+", str(e))
+        raise APIError(400, str(e), field.group(0) if field else None) from None
+
+
+def _logprobs_count(value, name: str, limits: Limits) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limits.max_logprobs:
+        _fail(f"{name} must be an integer in [0, {limits.max_logprobs}], got {_describe(value)}", name)
+    return value
+
+
+def _max_tokens(body: dict, name: str, default: int | None) -> int | None:
+    value = _int(body, name, default)
+    if value is not None and value < 0:
+        _fail(f"{name} must be >= 0, got {value}", name)
+    return value
+
+
+def _check_text(body: dict) -> None:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"), which is no text: the tokenizer and the response
+    encoder would fail on it."""
+    for key, value in body.items():
+        try:
+            json.dumps([key, value], ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            _fail("the request holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text",
+                  key.encode("utf-8", "replace").decode())
+
+
+def _warn_unknown(body: dict, known: set[str]) -> None:
+    unknown = sorted(set(body) - known)
+    if unknown:
+        log.info("ignoring unknown request fields: %s", ", ".join(k[:40] for k in unknown[:10]))
+
+
+def _model(body: dict) -> str | None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        _fail("model must be a string", "model")
+    return model
+
+
+def parse_completion(body, limits: Limits) -> GenerationRequest:
+    if not isinstance(body, dict):
+        _fail("the request body must be a JSON object", None)
+    _check_text(body)
+    _warn_unknown(body, _COMPLETION_FIELDS)
+    if "prompt" not in body:
+        _fail("prompt is required", "prompt")
+    prompts = parse_prompts(body["prompt"], limits)
+    echo = _bool(body, "echo", False)
+    max_tokens = _max_tokens(body, "max_tokens", 16)
+    if max_tokens == 0 and not echo:
+        _fail("max_tokens must be at least 1 (0 is allowed only with echo, to score the prompt)", "max_tokens")
+    logprobs = _logprobs_count(body.get("logprobs"), "logprobs", limits)
+    prompt_logprobs = _logprobs_count(body.get("prompt_logprobs"), "prompt_logprobs", limits)
+    if echo and logprobs is not None:
+        prompt_logprobs = max(prompt_logprobs or 0, logprobs)
+    stream, include_usage = _stream(body)
+    params = _sampling(body, limits, max(max_tokens, 1), logprobs, prompt_logprobs)
+    return GenerationRequest(False, prompts, params, _model(body), stream, include_usage, echo, max_tokens == 0,
+                             logprobs)
+
+
+def _messages(value) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        _fail("messages must be a non-empty list", "messages")
+    messages = []
+    for message in value:
+        if not isinstance(message, dict) or message.get("role") not in _ROLES:
+            _fail(f"each message needs a role, one of {', '.join(_ROLES)}", "messages")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: only text is served
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                _fail("message content parts must be of type 'text' with a string 'text'", "messages")
+            content = "".join(p["text"] for p in content)
+        elif content is not None and not isinstance(content, str):
+            _fail("message content must be a string, a list of text parts or null", "messages")
+        messages.append({**message, "content": content})
+    return messages
+
+
+def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dict]:
+    """-> (the request with no prompt yet, the messages, template kwargs); the app renders the template."""
+    if not isinstance(body, dict):
+        _fail("the request body must be a JSON object", None)
+    _check_text(body)
+    _warn_unknown(body, _CHAT_FIELDS)
+    messages = _messages(body.get("messages"))
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _max_tokens(body, name, None)
+    if max_tokens == 0:
+        _fail(f"{name} must be at least 1", name)
+    logprobs = None
+    if _bool(body, "logprobs", False):
+        logprobs = _logprobs_count(body.get("top_logprobs", 0), "top_logprobs", limits)
+    elif body.get("top_logprobs") is not None:
+        _fail("top_logprobs needs logprobs set to true", "top_logprobs")
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        _fail("chat_template_kwargs must be an object", "chat_template_kwargs")
+    kwargs = {**kwargs, "add_generation_prompt": _bool(body, "add_generation_prompt", True)}
+    stream, include_usage = _stream(body)
+    params = _sampling(body, limits, max_tokens, logprobs, None)
+    request = GenerationRequest(True, [], params, _model(body), stream, include_usage, logprobs=logprobs,
+                                max_tokens_given=max_tokens is not None)
+    return request, messages, kwargs
+
+
+# --- responses ------------------------------------------------------------------------------
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class TokenText:
+    """Token ids to the strings logprobs report (vLLM: each token decoded alone; no tokenizer: 'token_id:N')."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def completion_logprobs(entries: list, ids: list[int], token_text: TokenText, offset: int) -> dict:
+    """The completions `logprobs` object for tokens `ids` with engine entries (logprob, rank, top ids, top
+    logprobs) or None (a prompt's first token); `offset` = characters of text before the first token."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token_id, entry in zip(ids, entries):
+        text = token_text(token_id)
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        offset += len(text)
+        if entry is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        logprob, _, top_ids, top_logprobs = entry
+        top = {token_text(t): _finite(lp) for t, lp in zip(top_ids, top_logprobs)}
+        top.setdefault(text, _finite(logprob))
+        out["token_logprobs"].append(_finite(logprob))
+        out["top_logprobs"].append(top)
+    return out
+
+
+def chat_logprobs(entries: list, ids: list[int], token_text: TokenText) -> dict:
+    content = []
+    for token_id, (logprob, _, top_ids, top_logprobs) in zip(ids, entries):
+        text = token_text(token_id)
+        top = [{"token": token_text(t), "logprob": _finite(lp), "bytes": list(token_text(t).encode())}
+               for t, lp in zip(top_ids, top_logprobs)]
+        content.append({"token": text, "logprob": _finite(logprob), "bytes": list(text.encode()),
+                        "top_logprobs": top})
+    return {"content": content}
+
+
+def _finite(value: float) -> float:
+    """JSON has no -inf: a logprob of -inf is reported as the most negative float, as vLLM does."""
+    return max(float(value), -9999.0)

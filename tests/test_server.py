@@ -1,0 +1,322 @@
+"""The HTTP server against real clients: the official `openai` package, raw SSE, and lm-eval-shaped scoring.
+
+Faults that need a server process of their own (warm-up, SIGTERM, memory over
+many disconnects) are in test_server_process.py; the bad-input list is in
+test_server_bad_input.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+
+from hf_models import build
+from jaxinfer.config import EngineConfig
+from jaxinfer.llm import load_engine
+from jaxinfer.server.app import ServerConfig
+from live_server import ENGINE, LiveServer
+
+GREEDY = dict(temperature=0, max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def live():
+    server = LiveServer(ServerConfig(served_model_name="tiny"))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    return openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+
+
+def stream_text(chunks, chat: bool = False) -> tuple[dict, dict]:
+    """Texts and finish reasons per choice index from openai stream chunks."""
+    texts, reasons = {}, {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            piece = (c.delta.content or "") if chat else c.text
+            texts[c.index] = texts.get(c.index, "") + piece
+            if c.finish_reason is not None:
+                reasons[c.index] = c.finish_reason
+    return texts, reasons
+
+
+def test_completions_stream_and_not_agree(live, client):
+    prompt = "The quick brown fox"
+    full = client.completions.create(model="tiny", prompt=prompt, seed=7, temperature=0.9, max_tokens=20)
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, seed=7, temperature=0.9, max_tokens=20,
+                                            stream=True, stream_options={"include_usage": True}))
+    texts, reasons = stream_text(chunks)
+    assert texts[0] == full.choices[0].text and full.choices[0].text
+    assert reasons[0] == full.choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+    assert full.usage.completion_tokens == 20 and full.usage.prompt_tokens == len(live.engine.tokenizer.encode(prompt))
+    live.wait_idle()
+
+
+def test_chat_stream_and_not_agree(live, client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    full = client.chat.completions.create(model="tiny", messages=messages, seed=3, max_tokens=16)
+    assert full.object == "chat.completion" and full.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, seed=3, max_tokens=16,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    texts, reasons = stream_text(chunks, chat=True)
+    assert texts[0] == full.choices[0].message.content
+    assert reasons[0] == full.choices[0].finish_reason
+    rendered = live.engine.tokenizer.apply_chat_template(messages)
+    assert full.usage.prompt_tokens == len(live.engine.tokenizer.encode(rendered, add_special_tokens=False))
+    live.wait_idle()
+
+
+def test_n_choices_and_prompt_batches(live, client):
+    out = client.completions.create(model="tiny", prompt=["One", "Two"], n=3, seed=1, max_tokens=6, temperature=1)
+    assert sorted(c.index for c in out.choices) == list(range(6))
+    assert out.usage.completion_tokens == 36
+    texts, _ = stream_text(client.completions.create(model="tiny", prompt=["One", "Two"], n=3, seed=1,
+                                                     max_tokens=6, temperature=1, stream=True))
+    assert texts == {c.index: c.text for c in out.choices}
+    greedy = client.completions.create(model="tiny", prompt="One", n=2, max_tokens=6, temperature=0)
+    assert greedy.choices[0].text == greedy.choices[1].text
+    live.wait_idle()
+
+
+def test_logprobs_of_generated_tokens(live, client):
+    out = client.completions.create(model="tiny", prompt="Hello", logprobs=3, **GREEDY)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 12
+    assert "".join(lp.tokens) == out.choices[0].text or "\ufffd" in "".join(lp.tokens)
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert 3 <= len(top) <= 4 and chosen == pytest.approx(max(top.values()))  # greedy: the most likely
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], logprobs=True,
+                                          top_logprobs=2, **GREEDY)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 12 and all(len(t.top_logprobs) == 2 for t in content)
+    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in content)
+    live.wait_idle()
+
+
+def test_stop_strings_through_the_client(live, client):
+    plain = client.completions.create(model="tiny", prompt="Once upon", **GREEDY).choices[0].text
+    stop = plain[3:7]
+    cut = client.completions.create(model="tiny", prompt="Once upon", stop=[stop], **GREEDY).choices[0]
+    assert cut.text == plain[:plain.index(stop)] and cut.finish_reason == "stop"
+    assert cut.model_extra["stop_reason"] == stop
+    texts, reasons = stream_text(client.completions.create(model="tiny", prompt="Once upon", stop=stop, stream=True,
+                                                           **GREEDY))
+    assert texts[0] == cut.text and reasons[0] == "stop"
+    live.wait_idle()
+
+
+def test_models_tokenize_detokenize_version(live, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="x", max_tokens=1)
+    ids = httpx.post(f"{live.url}/tokenize", json={"prompt": "Hello world"}).json()
+    assert ids["tokens"] == live.engine.tokenizer.encode("Hello world") and ids["count"] == len(ids["tokens"])
+    text = httpx.post(f"{live.url}/detokenize", json={"tokens": ids["tokens"]}).json()["prompt"]
+    assert text == live.engine.tokenizer.decode(ids["tokens"])
+    assert httpx.get(f"{live.url}/version").json()["version"]
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(f"jaxinfer:{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_follow_the_requests(live, client):
+    before = httpx.get(f"{live.url}/metrics").text
+    client.completions.create(model="tiny", prompt="Count me", max_tokens=5, temperature=0,
+                              extra_body={"ignore_eos": True})
+    after = httpx.get(f"{live.url}/metrics").text
+    assert _metric(after, "generation_tokens_total") - _metric(before, "generation_tokens_total") == 5
+    assert _metric(after, "request_success_total", finished_reason="length") - \
+        _metric(before, "request_success_total", finished_reason="length") == 1
+    assert _metric(after, "time_to_first_token_seconds_count") == _metric(before, "time_to_first_token_seconds_count") + 1
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prompt_tokens_total",
+                 "num_preemptions_total", "prefix_cache_queries_total", "prefix_cache_hits_total",
+                 "inter_token_latency_seconds_bucket", "e2e_request_latency_seconds_sum",
+                 "request_queue_time_seconds_count"):
+        assert f"jaxinfer:{name}{{" in after, name
+
+
+# --- disconnects and overload ----------------------------------------------------------------
+
+
+def _gauges(live) -> tuple[float, float]:
+    text = httpx.get(f"{live.url}/metrics").text
+    return _metric(text, "num_requests_running"), _metric(text, "num_requests_waiting")
+
+
+def test_disconnect_mid_stream_aborts_and_frees(live):
+    body = {"model": "tiny", "prompt": "Stream then vanish", "max_tokens": 300, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", f"{live.url}/v1/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                break  # one chunk, then hang up
+    deadline = time.monotonic() + 10
+    while _gauges(live) != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gauges(live) == (0, 0)
+    live.wait_idle()
+    assert live.engine.stats().finished_requests.get("abort", 0) >= 1
+
+
+def test_disconnect_while_queued_and_while_waiting_for_a_whole_answer(live):
+    async def scenario():
+        async with httpx.AsyncClient(base_url=live.url, timeout=60) as http:
+            hogs = [asyncio.create_task(http.post("/v1/completions", json={
+                "prompt": f"Hog {i}", "max_tokens": 200, "temperature": 0, "ignore_eos": True}))
+                for i in range(ENGINE.max_slots)]
+            await asyncio.sleep(0.5)
+            queued = [asyncio.create_task(http.post("/v1/completions", json={
+                "prompt": f"Queued {i}", "max_tokens": 50, "stream": i % 2 == 0})) for i in range(4)]
+            await asyncio.sleep(1.0)
+            assert live.engine.stats().num_waiting >= 1  # the queued ones are waiting for a slot
+            for task in hogs + queued:
+                task.cancel()  # closes the connections: running and queued requests alike
+            await asyncio.gather(*hogs, *queued, return_exceptions=True)
+
+    asyncio.run(scenario())
+    live.wait_idle(timeout=20)
+    assert _gauges(live) == (0, 0)
+
+
+def test_overload_gets_429_and_the_rest_complete():
+    server = LiveServer(ServerConfig(max_queue=2))
+    try:
+        async def burst():
+            async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+                calls = [http.post("/v1/completions", json={"prompt": f"Burst {i}", "max_tokens": 8,
+                                                            "temperature": 0}) for i in range(40)]
+                return await asyncio.gather(*calls)
+
+        responses = asyncio.run(burst())
+        codes = [r.status_code for r in responses]
+        assert set(codes) == {200, 429} and codes.count(200) >= ENGINE.max_slots + 2
+        refused = next(r for r in responses if r.status_code == 429)
+        assert refused.headers["retry-after"] and refused.json()["error"]["type"] == "RateLimitError"
+        assert all(len(r.json()["choices"][0]["text"]) > 0 for r in responses if r.status_code == 200)
+        server.wait_idle()
+    finally:
+        server.close()
+
+
+# --- scheduling seen through HTTP ------------------------------------------------------------
+
+
+def test_kv_exhaustion_preempts_with_unchanged_greedy_outputs(live):
+    prompts = [f"Preempt me {i}" for i in range(6)]
+    body = dict(model="tiny", max_tokens=120, temperature=0, ignore_eos=True)
+    alone = [httpx.post(f"{live.url}/v1/completions", json={**body, "prompt": p}, timeout=120).json()
+             for p in prompts]
+    tight = LiveServer(ServerConfig(served_model_name="tiny"), engine=dataclasses.replace(ENGINE, num_pages=24))
+    try:
+        async def together():
+            async with httpx.AsyncClient(base_url=tight.url, timeout=300) as http:
+                return await asyncio.gather(*[http.post("/v1/completions", json={**body, "prompt": p})
+                                              for p in prompts])
+
+        crowded = [r.json() for r in asyncio.run(together())]
+        assert [c["choices"][0]["text"] for c in crowded] == [a["choices"][0]["text"] for a in alone]
+        assert _metric(httpx.get(f"{tight.url}/metrics").text, "num_preemptions_total") > 0
+        tight.wait_idle()
+    finally:
+        tight.close()
+
+
+def test_long_prefill_does_not_stall_running_streams(live):
+    """Chunked prefill: while a 320-token prompt is prefilled in 64-token chunks, a running stream keeps
+    receiving tokens."""
+    async def scenario():
+        async with httpx.AsyncClient(base_url=live.url, timeout=120) as http:
+            arrivals = []
+
+            async def stream():
+                body = {"prompt": "Keep going", "max_tokens": 120, "temperature": 0, "ignore_eos": True,
+                        "stream": True}
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: {"):
+                            arrivals.append(time.monotonic())
+
+            running = asyncio.create_task(stream())
+            while len(arrivals) < 2:
+                await asyncio.sleep(0.01)
+            sent = time.monotonic()
+            long_prompt = list(np.random.default_rng(0).integers(10, 1000, 320))
+            response = await http.post("/v1/completions", json={"prompt": [int(t) for t in long_prompt],
+                                                                "max_tokens": 1, "stream": True})
+            first_token = time.monotonic()
+            await running
+            return arrivals, sent, first_token, response
+
+    arrivals, sent, first_token, response = asyncio.run(scenario())
+    assert response.status_code == 200
+    during = [t for t in arrivals if sent < t < first_token]
+    assert len(during) >= 3, "the running stream stalled while the long prompt was prefilled"
+    live.wait_idle()
+
+
+# --- lm-evaluation-harness scoring against transformers ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama3")
+    model = build("llama3", directory)
+    engine = load_engine(directory, EngineConfig(max_slots=2, page_size=8, prefill_chunk=32, max_model_len=96))
+    server = LiveServer(ServerConfig(served_model_name="scored"), engine_object=engine)
+    yield server, model
+    server.close()
+
+
+@pytest.mark.parametrize("max_tokens", [1, 0])
+def test_loglikelihood_request_matches_transformers(scored, max_tokens):
+    server, model = scored
+    prompts = [[1, 17, 99, 4, 250, 31, 8, 64, 5, 77], [1, 200, 3]]
+    body = {"model": "scored", "prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": max_tokens,
+            "temperature": 0}
+    answer = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    for prompt, choice in zip(prompts, answer.json()["choices"]):
+        lp = choice["logprobs"]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt])).logits[0].double()
+        expected = torch.log_softmax(logits, -1)[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])].numpy()
+        assert len(lp["token_logprobs"]) == len(prompt) + max_tokens
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        np.testing.assert_allclose(lp["token_logprobs"][1:len(prompt)], expected, rtol=1e-4, atol=1e-4)
+        assert lp["tokens"][:len(prompt)] == [f"token_id:{t}" for t in prompt]  # no tokenizer files: ids
+        assert all(len(top) >= 1 for top in lp["top_logprobs"][1:])
+        assert answer.json()["usage"]["completion_tokens"] == 2 * max_tokens
+    server.wait_idle()
+
+
+def test_streamed_sse_format_is_exact(live):
+    body = {"model": "tiny", "prompt": "Format", "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    raw = httpx.post(f"{live.url}/v1/completions", json=body).text
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["completion_tokens"] == 3
+    assert payloads[-2]["choices"][0]["finish_reason"] == "length"
+    assert all(p["choices"][0]["finish_reason"] is None for p in payloads[:-2])
