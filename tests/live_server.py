@@ -65,6 +65,14 @@ class LiveServer:
         raise AssertionError(f"still busy after {timeout}s: {self.server.in_flight} sequences in flight")
 
 
+def serves_normally(url: str) -> None:
+    """A small greedy request still gets its whole answer."""
+    answer = httpx.post(f"{url}/v1/completions", json={"prompt": "Still there?", "max_tokens": 4, "temperature": 0,
+                                                       "ignore_eos": True}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] == 4
+
+
 def wait_healthy(url: str, timeout: float = 300.0, process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

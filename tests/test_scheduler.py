@@ -252,8 +252,12 @@ def test_request_too_big_for_the_pool_is_refused_and_engine_keeps_serving():
     ("min_tokens", -1, "min_tokens must be"),
     ("temperature", -0.5, "temperature must be"),
     ("top_p", 0.0, r"top_p must be in \(0, 1\]"),
+    ("top_p", 1e-300, r"top_p must be in \(0, 1\] \(at least"),  # would be 0 on the device
     ("top_k", -2, "top_k must be"),
+    ("top_k", 2**31, "top_k must be"),  # would overflow the device's int32 row
+    ("min_tokens", 2**40, "min_tokens must be"),
     ("repetition_penalty", 0.0, "repetition_penalty must be"),
+    ("repetition_penalty", 1e-300, "repetition_penalty must be"),
     ("seed", 2**64, "seed must be"),
     ("stop", [""], "stop must be"),
     ("stop", 5, "stop must be a string or a list, got 5"),

@@ -22,7 +22,7 @@ from hf_models import build
 from jaxinfer.config import EngineConfig
 from jaxinfer.llm import load_engine
 from jaxinfer.server.app import ServerConfig
-from live_server import ENGINE, LiveServer
+from live_server import ENGINE, LiveServer, serves_normally
 
 GREEDY = dict(temperature=0, max_tokens=12)
 
@@ -176,6 +176,7 @@ def test_disconnect_mid_stream_aborts_and_frees(live):
     assert _gauges(live) == (0, 0)
     live.wait_idle()
     assert live.engine.stats().finished_requests.get("abort", 0) >= 1
+    serves_normally(live.url)
 
 
 def test_disconnect_while_queued_and_while_waiting_for_a_whole_answer(live):
@@ -196,6 +197,7 @@ def test_disconnect_while_queued_and_while_waiting_for_a_whole_answer(live):
     asyncio.run(scenario())
     live.wait_idle(timeout=20)
     assert _gauges(live) == (0, 0)
+    serves_normally(live.url)
 
 
 def test_overload_gets_429_and_the_rest_complete():
@@ -214,6 +216,7 @@ def test_overload_gets_429_and_the_rest_complete():
         assert refused.headers["retry-after"] and refused.json()["error"]["type"] == "RateLimitError"
         assert all(len(r.json()["choices"][0]["text"]) > 0 for r in responses if r.status_code == 200)
         server.wait_idle()
+        serves_normally(server.url)
     finally:
         server.close()
 
@@ -237,6 +240,7 @@ def test_kv_exhaustion_preempts_with_unchanged_greedy_outputs(live):
         assert [c["choices"][0]["text"] for c in crowded] == [a["choices"][0]["text"] for a in alone]
         assert _metric(httpx.get(f"{tight.url}/metrics").text, "num_preemptions_total") > 0
         tight.wait_idle()
+        serves_normally(tight.url)
     finally:
         tight.close()
 
@@ -272,6 +276,7 @@ def test_long_prefill_does_not_stall_running_streams(live):
     during = [t for t in arrivals if sent < t < first_token]
     assert len(during) >= 3, "the running stream stalled while the long prompt was prefilled"
     live.wait_idle()
+    serves_normally(live.url)
 
 
 # --- lm-evaluation-harness scoring against transformers ---------------------------------------

@@ -12,7 +12,7 @@ import pytest
 
 from jaxinfer.llm import load_engine
 from jaxinfer.server.app import ServerConfig
-from live_server import ENGINE, LiveServer, spawn_server, stop, wait_healthy
+from live_server import ENGINE, LiveServer, serves_normally, spawn_server, stop, wait_healthy
 
 TINY = ("--max-model-len", "128", "--max-num-seqs", "2", "--prefill-chunk", "32", "--num-pages", "64",
         "--shutdown-timeout", "60")
@@ -90,6 +90,7 @@ def test_memory_stays_flat_over_disconnect_cycles(process):
     _settled(url)
     growth = _rss_mb(proc.pid) - before
     assert growth < MEMORY_BOUND_MB, f"RSS grew by {growth:.1f} MB over 200 disconnect cycles"
+    serves_normally(url)
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_zero(process):
@@ -103,8 +104,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(process):
     worker = threading.Thread(target=long_request)
     worker.start()
     deadline = time.monotonic() + 30
-    while "jaxinfer:num_requests_running{" not in (text := httpx.get(f"{url}/metrics").text) or \
-            'num_requests_running{model_name="jaxinfer-default"} 1' not in text:
+    while 'jaxinfer:num_requests_running{model_name="jaxinfer-default"} 1' not in httpx.get(f"{url}/metrics").text:
         assert time.monotonic() < deadline, "the request never started"
         time.sleep(0.02)
     proc.terminate()

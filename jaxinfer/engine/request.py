@@ -13,6 +13,8 @@ import time
 
 MAX_LOGPROBS = 20  # the most top alternatives a request may ask for (computed on device for every row)
 MAX_BANNED = 16  # EOS + stop token ids masked on device while min_tokens is not reached
+INT32_MAX = 2**31 - 1  # counts and ids travel to the device as int32
+FLOAT32_TINY = 1.1754944e-38  # smaller positive values would reach the device as 0
 
 
 def _check(ok: bool, message: str) -> None:
@@ -69,22 +71,24 @@ class SamplingParams:
 
     def _validate(self) -> None:
         _check(_is_int(self.n) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
-        _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
-               f"max_tokens must be an integer >= 1 or None, got {self.max_tokens!r}")
-        _check(_is_int(self.min_tokens) and self.min_tokens >= 0,
-               f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        _check(self.max_tokens is None or (_is_int(self.max_tokens) and 1 <= self.max_tokens <= INT32_MAX),
+               f"max_tokens must be an integer in [1, {INT32_MAX}] or None, got {self.max_tokens!r}")
+        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= INT32_MAX,
+               f"min_tokens must be an integer in [0, {INT32_MAX}], got {self.min_tokens!r}")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
                f"min_tokens={self.min_tokens} exceeds max_tokens={self.max_tokens}")
         _check(_is_number(self.temperature) and self.temperature >= 0,
                f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
-        _check(_is_int(self.top_k) and self.top_k >= 0, f"top_k must be -1, 0 (no limit) or positive, got {self.top_k!r}")
+        _check(_is_number(self.top_p) and FLOAT32_TINY <= self.top_p <= 1,
+               f"top_p must be in (0, 1] (at least {FLOAT32_TINY:.3g}), got {self.top_p!r}")
+        _check(_is_int(self.top_k) and 0 <= self.top_k <= INT32_MAX,
+               f"top_k must be -1, 0 (no limit) or positive (at most {INT32_MAX}), got {self.top_k!r}")
         _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(_is_number(value) and -2 <= value <= 2, f"{name} must be in [-2, 2], got {value!r}")
-        _check(_is_number(self.repetition_penalty) and 0 < self.repetition_penalty <= 2,
-               f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
+        _check(_is_number(self.repetition_penalty) and FLOAT32_TINY <= self.repetition_penalty <= 2,
+               f"repetition_penalty must be in (0, 2] (at least {FLOAT32_TINY:.3g}), got {self.repetition_penalty!r}")
         _check(self.seed is None or (_is_int(self.seed) and -2**63 <= self.seed < 2**64),
                f"seed must be a 64-bit integer, got {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop must be a non-empty string or a list of them")

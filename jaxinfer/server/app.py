@@ -236,22 +236,38 @@ class Generation:
         server = self.server
         req = parse_completion(await read_json(request, server.config.max_body_bytes), server.limits)
         model = self._model(req.model)
-        prompts = [self._prompt(p, req, "prompt") for p in req.prompts]
+        self._check_room(req.params.n * len(req.prompts), len(req.prompts))
+        # Tokenizing a few MB of text takes seconds: off the event loop, so other requests go on.
+        prompts = await asyncio.to_thread(lambda: [self._prompt(p, req, "prompt") for p in req.prompts])
         return await self._run(request, req, prompts, model, "cmpl")
 
     async def chat(self, request: Request) -> Response:
         server = self.server
         req, messages, kwargs = parse_chat(await read_json(request, server.config.max_body_bytes), server.limits)
         model = self._model(req.model)
-        tokenizer = server.engine.tokenizer
-        if tokenizer is None:
+        if server.engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so no chat template: use /v1/completions")
+        self._check_room(req.params.n, 1)
+        prompt = await asyncio.to_thread(self._chat_prompt, req, messages, kwargs)
+        return await self._run(request, req, [prompt], model, "chatcmpl")
+
+    def _chat_prompt(self, req: GenerationRequest, messages: list[dict], kwargs: dict) -> tuple[str, list[int]]:
+        tokenizer = self.server.engine.tokenizer
         try:
             text = tokenizer.apply_chat_template(messages, **kwargs)
         except (ValueError, TypeError, jinja2.TemplateError) as e:
             raise APIError(400, f"the chat template could not render these messages: {e}", "messages") from None
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        return await self._run(request, req, [self._prompt(ids, req, "messages", text)], model, "chatcmpl")
+        return self._prompt(tokenizer.encode(text, add_special_tokens=False), req, "messages", text)
+
+    def _check_room(self, seqs: int, num_prompts: int) -> None:
+        """400 if the request could never be admitted; 429 if it cannot be now."""
+        server = self.server
+        if seqs > server.capacity:
+            raise APIError(400, f"{num_prompts} prompts x n={seqs // num_prompts} is more than this server ever "
+                                f"runs at once ({server.capacity} sequences)", "prompt")
+        if server.in_flight + seqs > server.capacity:
+            raise APIError(429, f"the server is at capacity ({server.capacity} sequences running or queued); "
+                                "retry later", headers={"Retry-After": str(server.config.retry_after_seconds)})
 
     def _model(self, name: str | None) -> str:
         served = self.server.config.served_model_name
@@ -277,7 +293,8 @@ class Generation:
         if req.max_tokens_given and not req.echo_only and len(ids) + max_tokens > limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                                 f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} for "
-                                "max_tokens). Please reduce the length of the prompt or max_tokens.", "max_tokens")
+                                "max_tokens). Please reduce the length of the prompt or max_tokens.",
+                           req.max_tokens_param)
         try:
             engine.validate(ids, req.params)
         except (ValueError, MemoryError) as e:
@@ -287,12 +304,7 @@ class Generation:
     async def _run(self, http: Request, req: GenerationRequest, prompts, model: str, kind: str) -> Response:
         server = self.server
         seqs = req.params.n * len(prompts)
-        if seqs > server.capacity:
-            raise APIError(400, f"{len(prompts)} prompts x n={req.params.n} is more than this server ever runs "
-                                f"at once ({server.capacity} sequences)", "prompt")
-        if server.in_flight + seqs > server.capacity:
-            raise APIError(429, f"the server is at capacity ({server.capacity} sequences running or queued); "
-                                "retry later", headers={"Retry-After": str(server.config.retry_after_seconds)})
+        self._check_room(seqs, len(prompts))  # again: others were admitted while this one was tokenized
         response_id = f"{kind}-{uuid.uuid4().hex}"
         job = _Job(req, response_id, int(time.time()), model, prompts,
                    [f"{response_id}-{i}" for i in range(len(prompts))])
@@ -420,6 +432,9 @@ class Generation:
         except EngineError as e:
             self.server.fail(str(e))
             yield _sse(APIError(500, f"the engine failed while running this request: {e}").body())
+        except Exception as e:  # a bug here: the client still gets an error event and [DONE]
+            log.exception("streaming %s failed", job.response_id)
+            yield _sse(APIError(500, f"internal error: {type(e).__name__}: {e}").body())
         yield "data: [DONE]\n\n"
 
 
@@ -484,7 +499,7 @@ class Info:
             raise APIError(400, "send a JSON object with 'tokens' (a list of token ids)", "tokens")
         if server.engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer")
-        ids = parse_prompts(body["tokens"], server.limits)
+        ids = parse_prompts(body["tokens"], server.limits, "tokens")
         if len(ids) != 1 or isinstance(ids[0], str):
             raise APIError(400, "tokens must be one list of token ids", "tokens")
         return JSONResponse({"prompt": server.engine.tokenizer.decode(ids[0])})

@@ -14,7 +14,7 @@ import logging
 import math
 import re
 
-from jaxinfer.engine.request import MAX_LOGPROBS, SamplingParams
+from jaxinfer.engine.request import INT32_MAX, MAX_LOGPROBS, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class GenerationRequest:
     echo_only: bool = False  # max_tokens 0 with echo: score the prompt, return no completion tokens
     logprobs: int | None = None  # top alternatives per token in the response (chat: top_logprobs)
     max_tokens_given: bool = True  # False: chat without max_tokens, which runs to the end of the context
+    max_tokens_param: str = "max_tokens"  # the field that set it (chat: or max_completion_tokens), for errors
 
 
 def _fail(message: str, param: str | None) -> None:
@@ -78,7 +79,10 @@ def _fail(message: str, param: str | None) -> None:
 
 
 def _describe(value) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a {type(value).__name__} nested too deeply"
     return text if len(text) <= 40 else text[:40] + "..."
 
 
@@ -130,22 +134,23 @@ def _token_ids(value, limits: Limits, param: str) -> list[int]:
     return list(value)
 
 
-def parse_prompts(value, limits: Limits) -> list:
-    """A completions `prompt`: a string, a list of strings, a list of token ids or a list of such lists."""
+def parse_prompts(value, limits: Limits, param: str = "prompt") -> list:
+    """A completions `prompt` (or /detokenize's `tokens`): a string, a list of strings, a list of token ids or a
+    list of such lists."""
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not value:
-        _fail("prompt must be a non-empty string, list of strings, list of token ids or list of token-id lists",
-              "prompt")
+        _fail(f"{param} must be a non-empty string, list of strings, list of token ids or list of token-id lists",
+              param)
     if all(isinstance(p, str) for p in value):
         if not all(value):
-            _fail("prompt must not be empty", "prompt")
+            _fail(f"{param} must not be empty", param)
         return list(value)
     if all(isinstance(p, list) for p in value):
         if not all(value):
-            _fail("prompt must not be empty: a token-id list has no tokens", "prompt")
-        return [_token_ids(p, limits, "prompt") for p in value]
-    return [_token_ids(value, limits, "prompt")]
+            _fail(f"{param} must not be empty: a token-id list has no tokens", param)
+        return [_token_ids(p, limits, param) for p in value]
+    return [_token_ids(value, limits, param)]
 
 
 def _stop(body: dict) -> tuple[str, ...]:
@@ -180,7 +185,7 @@ def _sampling(body: dict, limits: Limits, max_tokens: int | None, logprobs: int 
     top_k = _int(body, "top_k", 0)
     if top_k < -1:
         _fail(f"top_k must be -1 (no limit) or >= 0, got {top_k}", "top_k")
-    if top_k >= limits.vocab_size:  # keeps every token, as no limit does; and fits the device's int32 row
+    if top_k >= limits.vocab_size:  # keeps every token, as 0 does; as it is it could overflow the device's int32 row
         top_k = 0
     seed = _int(body, "seed")
     if seed is not None and not -2**63 <= seed < 2**63:
@@ -189,10 +194,10 @@ def _sampling(body: dict, limits: Limits, max_tokens: int | None, logprobs: int 
     if not isinstance(stop_token_ids, list):
         _fail("stop_token_ids must be a list of token ids", "stop_token_ids")
     min_tokens = _int(body, "min_tokens", 0)
-    most = (f"max_tokens={max_tokens}", max_tokens) if max_tokens is not None else \
-        (f"max_model_len={limits.max_model_len}", limits.max_model_len)  # chat without max_tokens
-    if not 0 <= min_tokens <= most[1]:
-        _fail(f"min_tokens must be in [0, {most[0]}], got {min_tokens}", "min_tokens")
+    # chat without max_tokens runs to the end of the context: more than that is never met (nor fits in int32)
+    most, most_name = (max_tokens, "max_tokens") if max_tokens is not None else (limits.max_model_len, "max_model_len")
+    if not 0 <= min_tokens <= most:
+        _fail(f"min_tokens must be in [0, {most_name}={most}], got {min_tokens}", "min_tokens")
     try:
         return SamplingParams(
             n=n, max_tokens=max_tokens, min_tokens=min_tokens,
@@ -222,8 +227,8 @@ def _logprobs_count(value, name: str, limits: Limits) -> int | None:
 
 def _max_tokens(body: dict, name: str, default: int | None) -> int | None:
     value = _int(body, name, default)
-    if value is not None and value < 0:
-        _fail(f"{name} must be >= 0, got {value}", name)
+    if value is not None and not 0 <= value <= INT32_MAX:
+        _fail(f"{name} must be in [0, {INT32_MAX}], got {value}", name)
     return value
 
 
@@ -231,11 +236,13 @@ def _check_text(body: dict) -> None:
     """JSON may escape a lone UTF-16 surrogate ("\\ud800"), which is no text: the tokenizer and the response
     encoder would fail on it."""
     for key, value in body.items():
+        param = key.encode("utf-8", "replace").decode()
         try:
             json.dumps([key, value], ensure_ascii=False).encode()
         except UnicodeEncodeError:
-            _fail("the request holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text",
-                  key.encode("utf-8", "replace").decode())
+            _fail("the request holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text", param)
+        except RecursionError:  # json.loads stopped just short of the limit, from a shallower stack
+            _fail("malformed JSON: nested too deeply", param)
 
 
 def _warn_unknown(body: dict, known: set[str]) -> None:
@@ -315,7 +322,7 @@ def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dic
     stream, include_usage = _stream(body)
     params = _sampling(body, limits, max_tokens, logprobs, None)
     request = GenerationRequest(True, [], params, _model(body), stream, include_usage, logprobs=logprobs,
-                                max_tokens_given=max_tokens is not None)
+                                max_tokens_given=max_tokens is not None, max_tokens_param=name)
     return request, messages, kwargs
 
 
