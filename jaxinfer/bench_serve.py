@@ -251,7 +251,7 @@ def arrival_times(n: int, rate: float, burstiness: float, rng: np.random.Generat
 @dataclasses.dataclass(frozen=True)
 class RequestResult:
     send_time: float  # seconds from the benchmark's start to sending
-    ttft: float | None = None  # seconds from sending to the first chunk that carries text
+    ttft: float | None = None  # seconds from sending to the first chunk that carries text (or token ids)
     itl: tuple[float, ...] = ()  # seconds between successive text chunks
     e2el: float | None = None  # seconds from sending to data: [DONE]
     output_tokens: int = 0  # usage.completion_tokens of the final chunk, else the number of text chunks
@@ -299,8 +299,8 @@ class StreamTimer:
             self.error = f"error event: {json.dumps(event['error'])}"
             return True
         choices = event.get("choices") or []
-        if choices and isinstance(choices[0], dict) and choices[0].get("text"):
-            self.text_times.append(now)
+        if choices and isinstance(choices[0], dict) and (choices[0].get("text") or choices[0].get("token_ids")):
+            self.text_times.append(now)  # token ids count too: a server without a tokenizer streams only those
         if event.get("usage"):
             self.usage = event["usage"]
         return False
@@ -311,7 +311,7 @@ class StreamTimer:
         if error is None and self.done is None:
             error = "the stream ended before data: [DONE]"
         if error is None and not self.text_times:
-            error = "no chunk carried text"
+            error = "no chunk carried text or token ids"
         if error is not None:
             return RequestResult(self.sent - start, error=error[:ERROR_CHARS])
         times = self.text_times
@@ -322,7 +322,8 @@ class StreamTimer:
 
 def make_payload(o: ServeOptions, model: str, request: Request) -> dict:
     payload = {"model": model, "prompt": request.prompt, "max_tokens": request.output_len,
-               "temperature": o.temperature, "stream": True, "stream_options": {"include_usage": True}}
+               "temperature": o.temperature, "stream": True, "stream_options": {"include_usage": True},
+               "return_token_ids": True}  # vLLM's field; servers that lack it ignore it
     if o.ignore_eos:
         payload["ignore_eos"] = True  # a vLLM extension that ours and llama.cpp accept; only sent when wanted
     return payload

@@ -325,3 +325,16 @@ def test_streamed_sse_format_is_exact(live):
     assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["completion_tokens"] == 3
     assert payloads[-2]["choices"][0]["finish_reason"] == "length"
     assert all(p["choices"][0]["finish_reason"] is None for p in payloads[:-2])
+
+
+def test_return_token_ids_streamed_and_not(live):
+    body = {"model": "tiny", "prompt": "Ids please", "max_tokens": 9, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    whole = httpx.post(f"{live.url}/v1/completions", json=body).json()["choices"][0]
+    assert len(whole["token_ids"]) == 9
+    assert whole["prompt_token_ids"] == live.engine.tokenizer.encode("Ids please")
+    assert live.engine.tokenizer.decode(whole["token_ids"]) == whole["text"]
+    raw = httpx.post(f"{live.url}/v1/completions", json={**body, "stream": True}).text
+    chunks = [json.loads(e[len("data: "):]) for e in raw.split("\n\n") if e.startswith("data: {")]
+    assert sum((c["choices"][0]["token_ids"] for c in chunks), []) == whole["token_ids"]
+    assert chunks[0]["choices"][0]["prompt_token_ids"] == whole["prompt_token_ids"]

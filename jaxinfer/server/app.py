@@ -391,6 +391,10 @@ class Generation:
         if finish is not None:
             job.finished.add(index)
         choice = {"index": index, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop_reason}
+        if req.return_token_ids:
+            choice["token_ids"] = list(delta_ids)
+            if final or first:
+                choice["prompt_token_ids"] = list(job.prompts[i][1])
         if not req.chat:
             return {"index": index, "text": prefix + delta_text, **choice}
         if final:

@@ -25,7 +25,7 @@ _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundErro
 _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop",
                       "stop_token_ids", "seed", "logprobs", "echo", "stream", "stream_options", "presence_penalty",
                       "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "user",
-                      "include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs"}
+                      "include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs", "return_token_ids"}
 _CHAT_FIELDS = (_COMPLETION_FIELDS - {"prompt", "echo"}) | {"messages", "max_completion_tokens", "top_logprobs",
                                                             "add_generation_prompt", "chat_template_kwargs"}
 _ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -72,6 +72,7 @@ class GenerationRequest:
     logprobs: int | None = None  # top alternatives per token in the response (chat: top_logprobs)
     max_tokens_given: bool = True  # False: chat without max_tokens, which runs to the end of the context
     max_tokens_param: str = "max_tokens"  # the field that set it (chat: or max_completion_tokens), for errors
+    return_token_ids: bool = False  # vLLM's extension: choices also carry token_ids (and prompt_token_ids)
 
 
 def _fail(message: str, param: str | None) -> None:
@@ -277,7 +278,7 @@ def parse_completion(body, limits: Limits) -> GenerationRequest:
     stream, include_usage = _stream(body)
     params = _sampling(body, limits, max(max_tokens, 1), logprobs, prompt_logprobs)
     return GenerationRequest(False, prompts, params, _model(body), stream, include_usage, echo, max_tokens == 0,
-                             logprobs)
+                             logprobs, return_token_ids=_bool(body, "return_token_ids", False))
 
 
 def _messages(value) -> list[dict]:
@@ -322,7 +323,8 @@ def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dic
     stream, include_usage = _stream(body)
     params = _sampling(body, limits, max_tokens, logprobs, None)
     request = GenerationRequest(True, [], params, _model(body), stream, include_usage, logprobs=logprobs,
-                                max_tokens_given=max_tokens is not None, max_tokens_param=name)
+                                max_tokens_given=max_tokens is not None, max_tokens_param=name,
+                                return_token_ids=_bool(body, "return_token_ids", False))
     return request, messages, kwargs
 
 
