@@ -225,11 +225,11 @@ def test_overload_gets_429_and_the_rest_complete():
 
 
 def test_kv_exhaustion_preempts_with_unchanged_greedy_outputs(live):
-    prompts = [f"Preempt me {i}" for i in range(6)]
-    body = dict(model="tiny", max_tokens=120, temperature=0, ignore_eos=True)
+    prompts = [f"Preempt me {i}" for i in range(4)]
+    body = dict(model="tiny", max_tokens=80, temperature=0, ignore_eos=True)
     alone = [httpx.post(f"{live.url}/v1/completions", json={**body, "prompt": p}, timeout=120).json()
              for p in prompts]
-    tight = LiveServer(ServerConfig(served_model_name="tiny"), engine=dataclasses.replace(ENGINE, num_pages=24))
+    tight = LiveServer(ServerConfig(served_model_name="tiny"), engine=dataclasses.replace(ENGINE, num_pages=16))
     try:
         async def together():
             async with httpx.AsyncClient(base_url=tight.url, timeout=300) as http:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hmac
 import json
 import logging
 import time
@@ -29,8 +28,9 @@ from starlette.routing import Route
 import jaxinfer
 from jaxinfer.engine.engine import Engine, EngineError
 from jaxinfer.server import metrics
-from jaxinfer.server.protocol import (APIError, GenerationRequest, Limits, TokenText, chat_logprobs,
-                                      completion_logprobs, parse_chat, parse_completion, parse_prompts, usage)
+from jaxinfer.server.protocol import (APIError, GenerationRequest, Limits, TokenText, chat_logprobs, check_api_key,
+                                      completion_logprobs, parse_chat, parse_completion, parse_json, parse_prompts,
+                                      usage)
 
 log = logging.getLogger(__name__)
 
@@ -114,18 +114,7 @@ async def read_json(request: Request, cap: int):
         body += chunk
         if len(body) > cap:
             raise APIError(413, f"the request body is larger than {cap} bytes")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise APIError(400, "the request body is not valid UTF-8") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise APIError(400, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except RecursionError:
-        raise APIError(400, "malformed JSON: nested too deeply") from None
-    except ValueError:  # json refuses integers of more than 4300 digits (sys.int_info.default_max_str_digits)
-        raise APIError(400, "malformed JSON: a number has too many digits") from None
+    return parse_json(bytes(body))
 
 
 def endpoint(server: Server, handler, guarded: bool = True, needs_engine: bool = True):
@@ -134,7 +123,7 @@ def endpoint(server: Server, handler, guarded: bool = True, needs_engine: bool =
     async def route(request: Request) -> Response:
         try:
             if guarded and server.config.api_key is not None:
-                _check_key(request, server.config.api_key)
+                check_api_key(request.headers.get("authorization", ""), server.config.api_key)
             if needs_engine and server.health != "ready":
                 raise APIError(503, f"the server is {server.health}", headers={"Retry-After": "5"})
             return await handler(request)
@@ -145,13 +134,6 @@ def endpoint(server: Server, handler, guarded: bool = True, needs_engine: bool =
             return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}"))
 
     return route
-
-
-def _check_key(request: Request, key: str) -> None:
-    given = request.headers.get("authorization", "")
-    scheme, _, token = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise APIError(401, "a valid API key is required: send 'Authorization: Bearer <key>'")
 
 
 async def _until_disconnected(request: Request) -> None:

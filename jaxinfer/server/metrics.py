@@ -13,7 +13,7 @@ PREFIX = "jaxinfer:"
 FINISH_REASONS = ("stop", "length", "abort")
 
 
-def _labels(base: dict, **extra) -> str:
+def format_labels(base: dict, **extra) -> str:
     items = {**base, **extra}
     return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in items.items()) + "}"
 
@@ -24,7 +24,7 @@ def _escape(value: str) -> str:
 
 def _scalar(lines: list[str], name: str, kind: str, help_text: str, value, labels: dict) -> None:
     lines += [f"# HELP {PREFIX}{name} {help_text}", f"# TYPE {PREFIX}{name} {kind}",
-              f"{PREFIX}{name}{_labels(labels)} {value}"]
+              f"{PREFIX}{name}{format_labels(labels)} {value}"]
 
 
 def _histogram(lines: list[str], name: str, help_text: str, hist: Histogram, labels: dict) -> None:
@@ -32,8 +32,8 @@ def _histogram(lines: list[str], name: str, help_text: str, hist: Histogram, lab
     lines += [f"# HELP {full} {help_text}", f"# TYPE {full} histogram"]
     bounds = [repr(float(b)) for b in hist.buckets] + ["+Inf"]
     for bound, count in zip(bounds, hist.cumulative()):
-        lines.append(f"{full}_bucket{_labels(labels, le=bound)} {count}")
-    lines += [f"{full}_sum{_labels(labels)} {hist.total}", f"{full}_count{_labels(labels)} {hist.count}"]
+        lines.append(f"{full}_bucket{format_labels(labels, le=bound)} {count}")
+    lines += [f"{full}_sum{format_labels(labels)} {hist.total}", f"{full}_count{format_labels(labels)} {hist.count}"]
 
 
 def render(stats: EngineStats, model_name: str) -> str:
@@ -49,7 +49,7 @@ def render(stats: EngineStats, model_name: str) -> str:
     name = PREFIX + "request_success_total"
     lines += [f"# HELP {name} Finished requests by finish reason.", f"# TYPE {name} counter"]
     for reason in sorted(set(FINISH_REASONS) | set(stats.finished_requests)):
-        lines.append(f"{name}{_labels(labels, finished_reason=reason)} {stats.finished_requests.get(reason, 0)}")
+        lines.append(f"{name}{format_labels(labels, finished_reason=reason)} {stats.finished_requests.get(reason, 0)}")
     _scalar(lines, "num_preemptions_total", "counter", "Sequences preempted to free KV pages.",
             stats.preemptions, labels)
     _scalar(lines, "prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",

@@ -9,6 +9,7 @@ vLLM where it extends the API (`top_k`, `min_p`, `repetition_penalty`, `ignore_e
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import json
 import logging
 import math
@@ -45,6 +46,29 @@ class APIError(Exception):
         message = message.encode("utf-8", "replace").decode()  # an echoed lone surrogate would fail the response
         return {"error": {"message": message, "type": _TYPES.get(self.status, "APIError"), "param": self.param,
                           "code": self.status}}
+
+
+def parse_json(body: bytes):
+    """A request body as JSON: 400 for bad UTF-8, malformed or too deeply nested JSON, or huge numbers."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise APIError(400, "the request body is not valid UTF-8") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise APIError(400, "malformed JSON: nested too deeply") from None
+    except ValueError:  # json refuses integers of more than 4300 digits
+        raise APIError(400, "malformed JSON: a number has too many digits") from None
+
+
+def check_api_key(authorization: str, key: str) -> None:
+    """401 unless `authorization` is 'Bearer <key>' (compared in constant time)."""
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise APIError(401, "a valid API key is required: send 'Authorization: Bearer <key>'")
 
 
 @dataclasses.dataclass(frozen=True)
