@@ -29,7 +29,7 @@ from tqdm import tqdm
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine.pages import pages_for
 from jaxinfer.engine.request import MAX_BANNED, SamplingParams
-from jaxinfer.engine.scheduler import SAMPLING_FIELDS, PrefillChunk, StepPlan
+from jaxinfer.engine.scheduler import PrefillChunk, StepPlan, neutral_sampling
 from jaxinfer.runner import ModelRunner
 
 TARGETS = {"static": 2.0, "hf": 3.0, "ceiling": 0.85}  # engine / static, engine / hf, engine / ceiling
@@ -38,16 +38,9 @@ TARGETS = {"static": 2.0, "hf": 3.0, "ceiling": 0.85}  # engine / static, engine
 # --- hand-built step plans ------------------------------------------------------------------
 
 
-def neutral_rows(B: int) -> dict[str, np.ndarray]:
-    """Sampling rows that change nothing: greedy, no top-k/p, no penalties, seed 0."""
-    rows = {name: np.full(B, neutral, dtype) for name, (dtype, neutral) in SAMPLING_FIELDS.items()}
-    rows["seed"] = np.zeros(B, np.uint32)
-    return rows
-
-
 def _plan(engine: EngineConfig, positions, steps, tables, prefill: PrefillChunk | None) -> StepPlan:
     B = engine.max_slots
-    return StepPlan(positions, steps, int(steps.max()), tables, neutral_rows(B), np.zeros(B, np.int32),
+    return StepPlan(positions, steps, int(steps.max()), tables, neutral_sampling(B), np.zeros(B, np.int32),
                     np.full((B, MAX_BANNED), -1, np.int32), prefill, {})
 
 

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxinfer import bench_serve
+from jaxinfer import bench_serve, router
 from jaxinfer.config import DTYPES, ConfigError, EngineConfig
 from jaxinfer.model.safetensors_io import CheckpointError
 
@@ -104,7 +104,14 @@ def _serve(args) -> int:
     engine = EngineConfig(max_slots=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype,
                           page_size=args.page_size, prefill_chunk=args.prefill_chunk, num_pages=args.num_pages,
                           decode_steps=args.decode_steps, enable_prefix_caching=args.enable_prefix_caching,
-                          seed=args.seed)
+                          seed=args.seed, mesh_shape=(args.data_parallel_size, args.tensor_parallel_size))
+    if args.num_processes > 1:
+        from jaxinfer import distributed
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        if args.process_id != 0:  # process 0 serves HTTP and schedules; the others repeat its device calls
+            from jaxinfer.llm import load_engine
+            distributed.follow(load_engine(args.model, engine, warmup=not args.skip_warmup).executor.runner)
+            return 0
     name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
     config = ServerConfig(served_model_name=name, model_path=args.model, api_key=args.api_key,
                           max_queue=args.max_queue, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
@@ -141,6 +148,14 @@ def _add_serve(sub) -> None:
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests may take to finish after SIGTERM")
     serve.add_argument("--skip-warmup", action="store_true", help="compile step shapes on first use instead")
+    mesh = serve.add_argument_group("devices and processes (scripts/launch_mesh.py sets the process flags)")
+    mesh.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                      help="data shards: slots and KV pages split between them, each request on one")
+    mesh.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                      help="devices each model is split over (heads, KV heads, MLP, vocabulary)")
+    mesh.add_argument("--coordinator-address", default=None, help="HOST:PORT of process 0's JAX coordinator")
+    mesh.add_argument("--num-processes", type=int, default=1)
+    mesh.add_argument("--process-id", type=int, default=0)
     serve.set_defaults(run=_serve)
 
 
@@ -165,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(run=_convert)
 
     _add_serve(sub)
+    router.add_parser(sub)
     _add_bench(sub)
     return parser
 

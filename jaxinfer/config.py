@@ -237,6 +237,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: float32 on CPU; on accelerators the checkpoint's half dtype or bfloat16
     attention_backend: str = "auto"  # auto: our Pallas kernels on GPU, the plain-jnp reference elsewhere
     seed: int = 0
+    mesh_shape: tuple[int, int] = (1, 1)  # devices over ('data', 'model'): data-parallel shards x tensor parallel
 
     def __post_init__(self):
         for name in ("max_slots", "page_size", "prefill_chunk", "min_prefill_bucket", "decode_steps"):
@@ -249,6 +250,10 @@ class EngineConfig:
                               f"{', '.join(ATTENTION_BACKENDS)}")
         if self.num_pages is not None and self.num_pages < 2:
             raise ConfigError(f"num_pages must be at least 2 (page 0 is the null page), got {self.num_pages}")
+        shape = tuple(self.mesh_shape)
+        if len(shape) != 2 or not all(isinstance(n, int) and n >= 1 for n in shape):
+            raise ConfigError(f"mesh_shape must be two positive integers (data, model), got {self.mesh_shape!r}")
+        object.__setattr__(self, "mesh_shape", shape)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
@@ -274,13 +279,21 @@ class EngineConfig:
         An explicit num_pages is taken as it is (requests that cannot fit are refused one by one)."""
         if self.num_pages is not None:
             return self
-        num_pages = int(budget_bytes // self.kv_bytes_per_page(model))
-        if num_pages - 1 < self.pages_per_seq:
+        data = self.mesh_shape[0]
+        num_pages = int(budget_bytes // self.kv_bytes_per_page(model)) // data * data  # each data shard an equal part
+        if num_pages // data - 1 < self.pages_per_seq:
+            shards = f" split over {data} data shards" if data > 1 else ""
             raise ConfigError(f"the KV pool has room for {max(num_pages - 1, 0)} pages of {self.page_size} tokens "
-                              f"({budget_bytes / 2**30:.2f} GiB), less than one sequence of max_model_len="
-                              f"{self.max_model_len} needs ({self.pages_per_seq} pages): lower max_model_len or "
-                              "give the KV cache more memory")
+                              f"({budget_bytes / 2**30:.2f} GiB){shards}, less than one sequence of max_model_len="
+                              f"{self.max_model_len} needs ({self.pages_per_seq} pages) per shard: lower "
+                              "max_model_len or give the KV cache more memory")
         return dataclasses.replace(self, num_pages=num_pages)
+
+    def shard(self) -> "EngineConfig":
+        """What one data shard schedules: its slots and its pages (page 0 of each shard is its null page)."""
+        data = self.mesh_shape[0]
+        pages = None if self.num_pages is None else self.num_pages // data
+        return dataclasses.replace(self, max_slots=self.max_slots // data, num_pages=pages, mesh_shape=(1, 1))
 
     @property
     def pages_per_seq(self) -> int:

@@ -14,14 +14,17 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from jaxinfer.config import EngineConfig, ModelConfig
+from jaxinfer.config import ConfigError, EngineConfig, ModelConfig
 from jaxinfer.engine.engine import Engine, RequestStream
 from jaxinfer.engine.request import CompletionOutput, RequestOutput, SamplingParams
 from jaxinfer.model.checkpoint import find_model, load_config, load_params
 from jaxinfer.runner import JaxExecutor, ModelRunner
-from jaxinfer.sharding import make_mesh
+from jaxinfer.model.weights import expand_kv_heads
+from jaxinfer.sharding import make_mesh, mesh_problems
 from jaxinfer.tokenizer import TOKENIZER_FILES, Tokenizer
 from pallas_kernels.attention import kernel_self_check
 
@@ -56,21 +59,43 @@ def kv_budget_bytes(engine: EngineConfig, cfg: ModelConfig, mesh) -> int:
         return min(CPU_KV_CACHE_BYTES, full * engine.kv_bytes_per_page(cfg))
     activations = 4 * 4 * engine.prefill_chunk * (cfg.hidden_size + cfg.intermediate_size + cfg.vocab_size)
     free = stats["bytes_limit"] * engine.gpu_memory_utilization - stats["bytes_in_use"] - activations
-    kv_shards = min(mesh.shape["model"], cfg.num_kv_heads)  # the pool splits over KV heads
+    kv_shards = min(mesh.shape["model"], cfg.num_kv_heads) * mesh.shape["data"]  # the pool's shards
     return int(max(free, 0) * kv_shards)
 
 
+def check_mesh(cfg: ModelConfig, engine: EngineConfig) -> None:
+    problems = mesh_problems(engine.mesh_shape, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
+                             mlp=cfg.intermediate_size, vocab=cfg.vocab_size, slots=engine.max_slots,
+                             pages=engine.num_pages)
+    if problems:
+        raise ConfigError(f"mesh_shape (data, model) = {engine.mesh_shape} does not fit: " + "; ".join(problems))
+
+
+def agree(engine: EngineConfig) -> EngineConfig:
+    """With several processes, every one takes process 0's pool size and attention backend (each measured
+    its own memory and ran its own kernel check)."""
+    if jax.process_count() == 1:
+        return engine
+    backends = ("reference", "pallas")
+    mine = np.asarray([engine.num_pages, backends.index(engine.attention_backend)], np.int32)
+    num_pages, backend = (int(v) for v in multihost_utils.broadcast_one_to_all(mine))
+    return dataclasses.replace(engine, num_pages=num_pages, attention_backend=backends[backend])
+
+
 def load_engine(model: str | Path | None = None, engine: EngineConfig | None = None,
-                mesh_shape: tuple[int, int] = (1, 1), warmup: bool = False) -> Engine:
-    """Load a model (a Hugging Face or converted directory; None: the embedded default) into an Engine."""
+                warmup: bool = False) -> Engine:
+    """Load a model (a Hugging Face or converted directory; None: the embedded default) into an Engine,
+    over the devices of `engine.mesh_shape`."""
     source = find_model(model)
     start = time.perf_counter()
     cfg = load_config(source)
-    mesh = make_mesh(mesh_shape)
     requested = engine or EngineConfig()
-    resolved = _checked_backend(requested, requested.resolve(cfg, jax.default_backend()), cfg)
-    params = load_params(source, cfg, resolved.dtype, mesh)
-    resolved = resolved.with_kv_budget(cfg, kv_budget_bytes(resolved, cfg, mesh))
+    check_mesh(cfg, requested)
+    mesh = make_mesh(requested.mesh_shape)
+    resolved = requested.resolve(cfg, jax.default_backend())
+    params, cfg = expand_kv_heads(load_params(source, cfg, resolved.dtype, mesh), cfg, mesh)
+    resolved = _checked_backend(requested, resolved, cfg)
+    resolved = agree(resolved.with_kv_budget(cfg, kv_budget_bytes(resolved, cfg, mesh)))
     runner = ModelRunner(cfg, resolved, params, mesh)
     has_tokenizer = any((source.directory / f).exists() for f in TOKENIZER_FILES)
     tokenizer = Tokenizer.from_pretrained(source.directory) if has_tokenizer else None
@@ -86,9 +111,8 @@ def load_engine(model: str | Path | None = None, engine: EngineConfig | None = N
 class LLM:
     """Offline batches: `LLM(path).generate(prompts, SamplingParams(...))`."""
 
-    def __init__(self, model: str | Path | None = None, engine: EngineConfig | None = None,
-                 mesh_shape: tuple[int, int] = (1, 1), warmup: bool = False):
-        self.engine = load_engine(model, engine, mesh_shape, warmup)
+    def __init__(self, model: str | Path | None = None, engine: EngineConfig | None = None, warmup: bool = False):
+        self.engine = load_engine(model, engine, warmup)
         self.engine_config, self.model_config = self.engine.cfg, self.engine.model_config
         self.runner, self.tokenizer = self.engine.executor.runner, self.engine.tokenizer
 

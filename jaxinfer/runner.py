@@ -24,10 +24,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from jaxinfer import distributed
 from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.engine.request import MAX_BANNED
-from jaxinfer.engine.scheduler import StepPlan, StepResult
+from jaxinfer.engine.scheduler import StepPlan, StepResult, neutral_sampling
 from jaxinfer.model.transformer import Batch, KVPool, forward, logits
 from jaxinfer.sampling import (MAX_LOGPROBS, PenaltyState, SamplingTensors, empty_penalty_state,
                                load_penalty_row, record_tokens, sample, token_logprobs)
@@ -159,21 +162,43 @@ def _decode(params, kv, state: SlotState, x: dict, cfg, attention, max_steps: in
     return kv, state, out
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "backend", "layout", "max_steps"),
-                   donate_argnames=("kv", "state"))
-def _step(params, kv: KVPool, state: SlotState, packed, *, cfg: ModelConfig, backend: str, layout: Layout,
-          max_steps: int):
-    """-> (one int32 array: sampled rows [S, B, PACK], then the prompt logprobs [C, PACK - 1] if asked;
-    kv; state)."""
-    x = layout.unpack(packed)
-    attention = step_attention(backend)
+def _shard_step(params, kv: KVPool, state: SlotState, packed, *, cfg: ModelConfig, attention, layout: Layout,
+                max_steps: int):
+    """One data shard's step on its own slots and pages: packed [1, n] -> ([1, m]: sampled rows [S, B, PACK],
+    then the prompt logprobs [C, PACK - 1] if asked; kv; state)."""
+    x = layout.unpack(packed[0])
     prefill_logits, parts = None, []
     if layout.shape("prefill_tokens"):
         kv, prefill_logits, prompt = _prefill(params, kv, x, cfg, attention, layout.shape("next_tokens") is not None)
         if prompt is not None:
             parts.append(prompt.reshape(-1))
     kv, state, rows = _decode(params, kv, state, x, cfg, attention, max_steps, prefill_logits)
-    return jnp.concatenate([rows.reshape(-1)] + parts), kv, state
+    return jnp.concatenate([rows.reshape(-1)] + parts)[None], kv, state
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "backend", "layout", "max_steps", "mesh"),
+                   donate_argnames=("kv", "state"))
+def _step(params, kv: KVPool, state: SlotState, packed, *, cfg: ModelConfig, backend: str, layout: Layout,
+          max_steps: int, mesh):
+    """Every data shard's step at once: packed [D, n] -> ([D, m], kv, state). The 'data' axis is manual (each
+    shard indexes its own slice of the slots and of the page pool with local page ids); the 'model' axis is
+    left to XLA's partitioner (tensor parallelism from the weights' and pool's shardings)."""
+    body = functools.partial(_shard_step, cfg=cfg, attention=step_attention(backend, mesh), layout=layout,
+                             max_steps=max_steps)
+    data = P("data")
+    kv_spec = KVPool(P(None, None, "data"), P(None, None, "data"))
+    state_spec = SlotState(data, PenaltyState(data, data))
+    out, kv, state = jax.shard_map(body, mesh=mesh, in_specs=(P(), kv_spec, state_spec, data),
+                                   out_specs=(data, kv_spec, state_spec), axis_names={"data"}, check_vma=False)(
+        params, kv, state, packed)
+    # Whole on every device, so process 0 can read every shard's tokens (a few KB); the state keeps the
+    # placement it came with, which the next step was compiled for.
+    keep = jax.lax.with_sharding_constraint
+    kv = KVPool(*(keep(pool, logical_sharding(mesh, KV_AXES)) for pool in (kv.k, kv.v)))
+    by_slot = NamedSharding(mesh, P("data"))
+    state = SlotState(keep(state.tokens, by_slot), PenaltyState(*(keep(x, by_slot) for x in (
+        state.penalties.output_counts, state.penalties.prompt_mask))))
+    return keep(out, NamedSharding(mesh, P())), kv, state
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "backend"), donate_argnames=("kv",))
@@ -195,6 +220,7 @@ def _bucket(n: int, buckets: tuple[int, ...]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
+IDLE_ANNOUNCE_SECONDS = 5.0  # an idle leader's no-op to the other processes, at most this often
 MIN_WIDTH_TOKENS = 64  # narrower block tables save little gathering and cost a compile each
 
 
@@ -213,16 +239,25 @@ _EXECUTABLES: dict[tuple, object] = {}
 
 
 class ModelRunner:
-    """Owns the device state; `dispatch` takes a host plan and returns the packed device output."""
+    """Owns the device state; `dispatch` takes the host's plan(s) and returns the packed device output.
+
+    With data parallelism (mesh 'data' = D > 1) a step takes one plan per data shard (None for an idle
+    shard), each over the shard's B / D slots and local page ids; D = 1 takes a single plan."""
 
     def __init__(self, cfg: ModelConfig, engine: EngineConfig, params: dict, mesh):
         self.cfg, self.engine, self.params, self.mesh = cfg, engine, params, mesh
         self.kv = init_kv_pool(cfg, engine, mesh)
-        B = engine.max_slots
-        self.state = SlotState(jnp.zeros(B, jnp.int32), empty_penalty_state(B, cfg.vocab_size))
+        self.shards = mesh.shape["data"]
+        self.local = engine.shard()  # what one data shard schedules
+        B, V = engine.max_slots, cfg.vocab_size
+        by_slot = NamedSharding(mesh, P("data"))
+        tokens = jax.jit(lambda: jnp.zeros(B, jnp.int32), out_shardings=by_slot)()
+        penalties = jax.jit(lambda: empty_penalty_state(B, V), out_shardings=PenaltyState(by_slot, by_slot))()
+        self.state = SlotState(tokens, penalties)
         self._compiled: set[Layout] = set()  # the step shapes this runner has used
         self.page_buckets = width_buckets(engine.pages_per_seq, engine.page_size)
         self.compile_seconds = 0.0
+        self._last_announced = time.monotonic()
 
     @property
     def num_compiles(self) -> int:
@@ -236,10 +271,11 @@ class ModelRunner:
                self.kv.k.shape, self.mesh.shape_tuple, tuple(self.mesh.device_ids.flat))
         if key not in _EXECUTABLES:
             start = time.perf_counter()
-            packed = jax.ShapeDtypeStruct((sum(int(np.prod(s)) for _, s, _ in layout.fields),), jnp.int32)
+            width = sum(int(np.prod(shape)) for _, shape, _ in layout.fields)
+            packed = jax.ShapeDtypeStruct((self.shards, width), jnp.int32, sharding=NamedSharding(self.mesh, P("data")))
             _EXECUTABLES[key] = _step.lower(
                 self.params, self.kv, self.state, packed, cfg=self.cfg, backend=self.engine.attention_backend,
-                layout=layout, max_steps=self.engine.decode_steps).compile()
+                layout=layout, max_steps=self.engine.decode_steps, mesh=self.mesh).compile()
             took = time.perf_counter() - start
             self.compile_seconds += took
             log.info("compiled the step for %s in %.2fs (%d executables, %.1fs compiling in all)",
@@ -247,39 +283,84 @@ class ModelRunner:
         self._compiled.add(layout)
         return _EXECUTABLES[key]
 
-    def layout_for(self, plan: StepPlan) -> Layout:
-        chunk = plan.prefill
-        last = int((plan.positions + plan.steps - 1).max())
-        if chunk is not None:
-            last = max(last, chunk.start + len(chunk.tokens) - 1)
-        W = _bucket(last // self.engine.page_size + 1, self.page_buckets)
-        C = _bucket(len(chunk.tokens), self.engine.prefill_buckets()) if chunk is not None else 0
-        return Layout.build(self.engine.max_slots, W, C, chunk is not None and chunk.next_tokens is not None)
+    def _plans(self, plan) -> list[StepPlan | None]:
+        return list(plan) if isinstance(plan, (list, tuple)) else [plan]
 
-    def dispatch(self, plan: StepPlan) -> jax.Array:
-        """Start the step; returns the packed output (its copy to the host already started)."""
-        layout = self.layout_for(plan)
-        chunk = plan.prefill
-        if chunk is not None and chunk.load_penalties:
-            self._load_penalties(chunk.slot, plan.seqs[chunk.slot])
+    def layout_for(self, plan) -> Layout:
+        """The one step shape every shard's plan fits: the widest block table, the longest chunk."""
+        plans = [p for p in self._plans(plan) if p is not None]
+        last, chunks, scored = 0, [], False
+        for p in plans:
+            last = max(last, int((p.positions + p.steps - 1).max()))
+            if p.prefill is not None:
+                last = max(last, p.prefill.start + len(p.prefill.tokens) - 1)
+                chunks.append(len(p.prefill.tokens))
+                scored |= p.prefill.next_tokens is not None
+        W = _bucket(last // self.engine.page_size + 1, self.page_buckets)
+        C = _bucket(max(chunks), self.engine.prefill_buckets()) if chunks else 0
+        return Layout.build(self.local.max_slots, W, C, scored)
+
+    def _values(self, plan: StepPlan | None, layout: Layout) -> dict:
+        """One shard's inputs for `layout`; an idle shard (None) decodes nothing and prefills no tokens."""
+        B, W = self.local.max_slots, layout.shape("block_tables")[1]
+        if plan is None:
+            plan = StepPlan(np.full(B, -1, np.int32), np.zeros(B, np.int32), 0, np.zeros((B, W), np.int32),
+                            neutral_sampling(B), np.zeros(B, np.int32), np.full((B, MAX_BANNED), -1, np.int32),
+                            None, {})
         values = dict(plan.sampling, positions=plan.positions, steps=plan.steps, num_steps=plan.num_steps,
-                      block_tables=plan.block_tables[:, :layout.shape("block_tables")[1]],
-                      min_tokens_left=plan.min_tokens_left, banned=plan.banned)
-        if chunk is not None:
-            C = layout.shape("prefill_tokens")[0]
+                      block_tables=plan.block_tables[:, :W], min_tokens_left=plan.min_tokens_left, banned=plan.banned)
+        C = (layout.shape("prefill_tokens") or (0,))[0]
+        if C:
+            chunk = plan.prefill
             tokens = np.zeros(C, np.int32)
-            tokens[:len(chunk.tokens)] = chunk.tokens
-            values.update(prefill_tokens=tokens, prefill_start=chunk.start, prefill_length=len(chunk.tokens),
-                          prefill_slot=chunk.slot, prefill_sample=int(chunk.sample))
-            if chunk.next_tokens is not None:
-                values["next_tokens"] = np.pad(chunk.next_tokens, (0, C - len(chunk.next_tokens)))
-        packed = jnp.asarray(layout.pack(values))
-        out, self.kv, self.state = self._executable(layout)(self.params, self.kv, self.state, packed)
+            values.update(prefill_tokens=tokens, prefill_start=0, prefill_length=0, prefill_slot=0, prefill_sample=0)
+            if chunk is not None:
+                tokens[:len(chunk.tokens)] = chunk.tokens
+                values.update(prefill_start=chunk.start, prefill_length=len(chunk.tokens), prefill_slot=chunk.slot,
+                              prefill_sample=int(chunk.sample))
+            if layout.shape("next_tokens") is not None:
+                following = chunk.next_tokens if chunk is not None and chunk.next_tokens is not None else []
+                values["next_tokens"] = np.pad(np.asarray(following, np.int32), (0, C - len(following)))
+        return values
+
+    def dispatch(self, plan) -> jax.Array:
+        """Start the step; returns the packed output [D, m] (its copy to the host already started). With
+        several processes, the others are told first (`distributed.announce`) and make the same call."""
+        plans = self._plans(plan)
+        layout = self.layout_for(plans)
+        for shard, p in enumerate(plans):
+            if p is not None and p.prefill is not None and p.prefill.load_penalties:
+                self._load_penalties(shard * self.local.max_slots + p.prefill.slot, p.seqs[p.prefill.slot])
+        packed = np.stack([layout.pack(self._values(p, layout)) for p in plans])
+        C = (layout.shape("prefill_tokens") or (0,))[0]
+        distributed.announce(distributed.STEP, (layout.shape("block_tables")[1], C,
+                                                int(layout.shape("next_tokens") is not None)), packed)
+        return self._run(layout, packed)
+
+    def _run(self, layout: Layout, packed: np.ndarray) -> jax.Array:
+        inputs = _global(packed, NamedSharding(self.mesh, P("data")))
+        out, self.kv, self.state = self._executable(layout)(self.params, self.kv, self.state, inputs)
         out.copy_to_host_async()
         return out
 
+    def idle(self) -> None:
+        """The engine has nothing to run: keep the other processes' collectives from timing out."""
+        if time.monotonic() - self._last_announced > IDLE_ANNOUNCE_SECONDS:
+            distributed.announce(distributed.NOOP)
+            self._last_announced = time.monotonic()
+
+    def close(self) -> None:
+        """Release the other processes from `follow` (process 0, at shutdown)."""
+        distributed.announce(distributed.STOP)
+
+    def replay_step(self, fields: np.ndarray, payload: np.ndarray) -> None:
+        """A step process 0 announced (processes other than 0)."""
+        W, C, scored = (int(f) for f in fields[:3])
+        self._run(Layout.build(self.local.max_slots, W, C, bool(scored)), payload.reshape(self.shards, -1))
+
     def score(self, tokens: np.ndarray, start: int, block_table: np.ndarray) -> np.ndarray:
-        """Write one chunk (positions start..start+len) into the given pages; -> logits [len, V]."""
+        """Write one chunk (positions start..start+len) into the given pages of data shard 0; -> logits
+        [len, V]."""
         batch = Batch(jnp.asarray(tokens, jnp.int32)[None], jnp.arange(start, start + len(tokens))[None],
                       jnp.asarray(block_table, jnp.int32)[None])
         out, self.kv = _score(self.params, self.kv, batch, cfg=self.cfg, backend=self.engine.attention_backend)
@@ -287,15 +368,25 @@ class ModelRunner:
 
     def _load_penalties(self, slot: int, seq) -> None:
         V = self.cfg.vocab_size
-        mask = np.zeros(V, bool)
-        mask[seq.prompt_ids] = True
+        mask = np.zeros(V, np.int32)
+        mask[seq.prompt_ids] = 1
         counts = np.bincount(np.asarray(seq.output_ids, np.int64), minlength=V).astype(np.int32)
-        self.state = _load_penalties(self.state, jnp.int32(slot), jnp.asarray(mask), jnp.asarray(counts))
+        distributed.announce(distributed.PENALTIES, (slot,), np.concatenate([mask, counts]))
+        self._set_penalties(slot, mask, counts)
+
+    def _set_penalties(self, slot: int, mask: np.ndarray, counts: np.ndarray) -> None:
+        whole = NamedSharding(self.mesh, P())
+        self.state = _load_penalties(self.state, _global(np.int32(slot), whole), _global(mask, whole),
+                                     _global(counts, whole))
+
+    def replay_penalties(self, fields: np.ndarray, payload: np.ndarray) -> None:
+        V = self.cfg.vocab_size
+        self._set_penalties(int(fields[0]), payload[:V], payload[V:])
 
     def warmup(self) -> None:
         """Compile every (chunk bucket, page width) a step can meet; prompt-logprob variants compile on
         first use."""
-        B, Z = self.engine.max_slots, self.engine.page_size
+        B, Z = self.local.max_slots, self.engine.page_size
         buckets = self.engine.prefill_buckets()
         shortest = dict(zip(buckets, (1,) + tuple(b + 1 for b in buckets)))  # fewest tokens that pad to C
         for C in (0,) + buckets:
@@ -304,6 +395,12 @@ class ModelRunner:
                     continue  # no chunk padded to C ends this early
                 self._executable(Layout.build(B, W, C, False))
         log.info("warm-up: %d executables compiled in %.1fs", self.num_compiles, self.compile_seconds)
+
+
+def _global(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host value every process holds whole (each process places its own shards)."""
+    host = np.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def _describe(layout: Layout) -> str:
@@ -327,14 +424,20 @@ def unpack_result(out: np.ndarray, plan: StepPlan, max_steps: int) -> StepResult
 
 
 class JaxExecutor:
-    """The scheduler's `Executor` over a `ModelRunner`."""
+    """The scheduler's `Executor` over a `ModelRunner`: a plan, or with data parallelism a list of them."""
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
 
-    def dispatch(self, plan: StepPlan):
+    def dispatch(self, plan):
         return plan, self.runner.dispatch(plan)
 
-    def collect(self, handle) -> StepResult:
+    def idle(self) -> None:
+        self.runner.idle()
+
+    def collect(self, handle):
         plan, out = handle
-        return unpack_result(np.asarray(out), plan, self.runner.engine.decode_steps)
+        out, steps = np.asarray(out), self.runner.engine.decode_steps
+        if not isinstance(plan, list):
+            return unpack_result(out[0], plan, steps)
+        return [unpack_result(row, p, steps) if p is not None else None for row, p in zip(out, plan)]

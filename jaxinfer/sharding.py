@@ -13,19 +13,50 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "model")
 
 # logical axis -> mesh axis (None: replicated). Tensor parallelism splits heads,
-# KV heads, the MLP width and the vocabulary over 'model'; slots go over 'data'.
+# KV heads, the MLP width and the vocabulary over 'model'; slots and KV pages go over 'data'.
 RULES: dict[str, str | None] = {
     "layers": None,
     "embed": None,
     "head_dim": None,
-    "page": None,
+    "page": "data",  # each data shard owns an equal slice of the page pool
     "page_slot": None,
     "heads": "model",
     "kv_heads": "model",
     "mlp": "model",
     "vocab": "model",
     "slots": "data",
+    "batch": None,  # rows of activations inside a data shard
+    "tokens": None,  # query tokens of activations
 }
+
+
+def kv_replicas(num_kv_heads: int, model: int) -> int:
+    """Copies of each KV head so the pool splits over `model` devices: 1 when the heads divide among the
+    devices; model / K when there are fewer heads than devices (each head then lives on model / K of them,
+    as vLLM does)."""
+    return model // num_kv_heads if model > num_kv_heads and model % num_kv_heads == 0 else 1
+
+
+def mesh_problems(shape: tuple[int, int], *, heads: int, kv_heads: int, mlp: int, vocab: int, slots: int,
+                  pages: int | None) -> list[str]:
+    """Every size that does not divide over the mesh `(data, model)`, said plainly; empty when all fit."""
+    data, model = shape
+    problems = [f"{name}={size} is not a multiple of the 'model' axis ({model})"
+                for name, size in (("num_attention_heads", heads), ("intermediate_size", mlp),
+                                   ("vocab_size", vocab)) if size % model]
+    if kv_heads % model and model % kv_heads:
+        problems.append(f"num_key_value_heads={kv_heads} neither divides among nor replicates evenly over the "
+                        f"'model' axis ({model})")
+    if slots % data:
+        problems.append(f"max_slots={slots} is not a multiple of the 'data' axis ({data})")
+    if pages is not None and pages % data:
+        problems.append(f"num_pages={pages} is not a multiple of the 'data' axis ({data})")
+    return problems
+
+
+def model_axes() -> tuple[str, ...]:
+    """The mesh axes tensor parallelism splits over (where kernels run per device in `shard_map`)."""
+    return tuple({RULES["heads"], RULES["kv_heads"]})
 
 
 def make_mesh(shape: tuple[int, int] = (1, 1), devices=None) -> jax.sharding.Mesh:
@@ -38,13 +69,14 @@ def make_mesh(shape: tuple[int, int] = (1, 1), devices=None) -> jax.sharding.Mes
     return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def logical_spec(axes: tuple[str, ...]) -> PartitionSpec:
-    mesh_axes = [RULES[a] for a in axes]
+def logical_spec(axes: tuple[str, ...], replicated: tuple[str, ...] = ()) -> PartitionSpec:
+    """The mesh placement of logical `axes`; those in `replicated` stay whole on every device."""
+    mesh_axes = [None if a in replicated else RULES[a] for a in axes]
     used = [m for m in mesh_axes if m is not None]
     if len(used) != len(set(used)):
         raise ValueError(f"logical axes {axes} put two dimensions on one mesh axis")
     return PartitionSpec(*mesh_axes)
 
 
-def logical_sharding(mesh: jax.sharding.Mesh, axes: tuple[str, ...]) -> NamedSharding:
-    return NamedSharding(mesh, logical_spec(axes))
+def logical_sharding(mesh: jax.sharding.Mesh, axes: tuple[str, ...], replicated: tuple[str, ...] = ()) -> NamedSharding:
+    return NamedSharding(mesh, logical_spec(axes, replicated))

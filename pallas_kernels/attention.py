@@ -13,7 +13,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from jaxinfer.sharding import logical_spec, model_axes
 from pallas_kernels.paged_decode import paged_decode_attention, paged_decode_reference
 from pallas_kernels.paged_reference import paged_attention_reference
 from pallas_kernels.ragged_prefill import ragged_prefill_attention, ragged_prefill_reference
@@ -37,12 +39,25 @@ def _pallas_step_attention(q, k_pool, v_pool, layer, block_tables, positions, sl
     return jnp.zeros_like(packed).at[order].set(packed).reshape(B, T, N, H)
 
 
-def step_attention(backend: str):
-    """The attention function `forward` calls, for a resolved backend."""
+def step_attention(backend: str, mesh=None):
+    """The attention function `forward` calls, for a resolved backend. Under tensor parallelism (a mesh
+    whose 'model' axis has several devices) the kernels run per device inside `shard_map`, on that
+    device's query heads and KV heads (the same G per KV head); the reference is left to XLA."""
     if backend == "reference":
         return paged_attention_reference
-    interpret = jax.default_backend() != "gpu"
-    return functools.partial(_pallas_step_attention, interpret=interpret)
+    kernel = functools.partial(_pallas_step_attention, interpret=jax.default_backend() != "gpu")
+    if mesh is None or mesh.shape["model"] == 1:
+        return kernel
+    heads, pool, whole = logical_spec(("batch", "tokens", "heads")), logical_spec(("layers", "kv_heads")), P()
+
+    def per_device(q, k_pool, v_pool, layer, block_tables, positions, sliding_window=None):
+        local = functools.partial(kernel, sliding_window=sliding_window)
+        context = jax.sharding.get_abstract_mesh()  # inside the step's shard_map over 'data': its mesh
+        return jax.shard_map(local, mesh=mesh if context.empty else context, in_specs=(heads, pool, pool, whole, whole, whole), out_specs=heads,
+                             axis_names=set(model_axes()), check_vma=False)(
+            q, k_pool, v_pool, layer, block_tables, positions)
+
+    return per_device
 
 
 def kernel_self_check(dtype, page_size: int, head_dim: int, q_per_kv: int, sliding_window: int | None) -> str | None:

@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 from jaxinfer.config import EngineConfig
+from jaxinfer.engine.data_parallel import DataParallelScheduler
 from jaxinfer.engine.executor import Executor
 from jaxinfer.engine.metrics import EngineStats, LatencyHistograms, RequestMetrics
 from jaxinfer.engine.request import MAX_BANNED, CompletionOutput, RequestOutput, SamplingParams, Sequence
@@ -125,7 +126,8 @@ class Engine:
         self.cfg, self.executor, self.vocab_size, self.tokenizer = engine, executor, vocab_size, tokenizer
         self.model_config = model_config  # for callers that describe the model (the server); unused here
         self.eos_ids = frozenset(eos_ids)
-        self.scheduler = Scheduler(engine, self.eos_ids)
+        self.scheduler = Scheduler(engine, self.eos_ids) if engine.mesh_shape[0] == 1 else \
+            DataParallelScheduler(engine, self.eos_ids)
         self.latencies = LatencyHistograms()
         self._requests: dict[str, _Request] = {}
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -224,7 +226,10 @@ class Engine:
         """Plan and dispatch the next step, then read the previous one. Returns the outputs it changed."""
         outputs = self._drain_commands()
         plan = self.scheduler.schedule()
-        handle = self.executor.dispatch(plan) if plan is not None else None
+        handle = None
+        if plan is not None:
+            self.scheduler.counters.steps += 1
+            handle = self.executor.dispatch(plan)
         if self._inflight is not None:
             outputs += self._process(*self._inflight)
         self._inflight = (plan, handle) if plan is not None else None
@@ -345,6 +350,8 @@ class Engine:
             if not self.has_work():
                 self._wake.wait(0.05)
                 self._wake.clear()
+                if hasattr(self.executor, "idle"):  # optional: a multi-process runner keeps its group alive
+                    self.executor.idle()
                 continue
             try:
                 self.step()
@@ -376,11 +383,11 @@ class Engine:
 
     def stats(self) -> EngineStats:
         s, c, h = self.scheduler, self.scheduler.counters, self.latencies
-        usable = s.pages.num_pages - 1
+        used, usable = s.kv_pages()
         return EngineStats(
             num_running=len({q.request_id for q in s.running}),
             num_waiting=len({q.request_id for q in s.waiting} - {q.request_id for q in s.running}),
-            kv_usage=s.pages.num_used / usable,
+            kv_usage=used / usable,
             prompt_tokens=c.prompt_tokens, generation_tokens=c.generation_tokens,
             prefill_tokens_computed=c.prefill_tokens_computed, preemptions=c.preemptions,
             prefix_cache_queries=c.prefix_queries, prefix_cache_hits=c.prefix_hits, steps=c.steps,
@@ -389,11 +396,8 @@ class Engine:
 
     def check_idle(self) -> None:
         """With nothing running: every page is free or cached-idle and every slot is free (tests)."""
-        s = self.scheduler
-        s.pages.check()
         assert not self._requests and not self.has_work(), "requests are still in the engine"
-        assert all(slot is None for slot in s.slots), "a slot is still taken"
-        assert s.pages.num_free == s.pages.num_pages - 1, f"{s.pages.num_used} pages are still in use"
+        self.scheduler.check_idle()
 
 
 __all__ = ["Engine", "EngineError", "RequestStream"]

@@ -101,3 +101,17 @@ class FakeExecutor:
 
     def collect(self, handle: StepResult) -> StepResult:
         return handle
+
+
+class ShardedFakeExecutor:
+    """One FakeExecutor per data shard, for the data-parallel scheduler's plan lists (page ids are local
+    to each shard, as on the device)."""
+
+    def __init__(self, shards: list[FakeExecutor]):
+        self.shards = shards
+
+    def dispatch(self, plans: list[StepPlan | None]) -> list[StepResult | None]:
+        return [shard.dispatch(plan) if plan is not None else None for shard, plan in zip(self.shards, plans)]
+
+    def collect(self, handle: list[StepResult | None]) -> list[StepResult | None]:
+        return handle

@@ -110,6 +110,13 @@ class PageAllocator:
             self._refs[page] += 1
         return pages
 
+    def cached_prefix(self, hashes: list[bytes]) -> int:
+        """How many leading pages of `hashes` are cached, without taking them (placement decisions)."""
+        count = 0
+        while self.caching and count < len(hashes) and hashes[count] in self._page_of:
+            count += 1
+        return count
+
     def register(self, page: int, page_hash: bytes) -> None:
         """Record that `page` (in use) holds the full page named `page_hash`. A page whose content
         is already cached elsewhere stays unnamed: the first copy keeps serving hits."""

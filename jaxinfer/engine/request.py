@@ -135,6 +135,7 @@ class Sequence:
     prompt_logprobs: list = dataclasses.field(default_factory=list)  # [None] + one entry per later prompt token
     status: Status = Status.WAITING
     slot: int | None = None
+    shard: int = 0  # the data shard whose slots and pages it uses (data parallelism)
     pages: list[int] = dataclasses.field(default_factory=list)
     hashes: list[bytes] = dataclasses.field(default_factory=list)  # chained hashes of the full known pages
     num_computed: int = 0

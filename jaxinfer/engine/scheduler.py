@@ -31,6 +31,13 @@ SAMPLING_FIELDS = {  # SamplingParams field -> (row dtype, neutral value)
 }
 
 
+def neutral_sampling(B: int) -> dict[str, np.ndarray]:
+    """Sampling rows that change nothing: greedy, no top-k/p, no penalties, seed 0."""
+    rows = {name: np.full(B, neutral, dtype) for name, (dtype, neutral) in SAMPLING_FIELDS.items()}
+    rows["seed"] = np.zeros(B, np.uint32)
+    return rows
+
+
 @dataclasses.dataclass
 class PrefillChunk:
     slot: int
@@ -81,7 +88,7 @@ class Counters:
 
 
 class Scheduler:
-    def __init__(self, engine: EngineConfig, eos_ids=()):
+    def __init__(self, engine: EngineConfig, eos_ids=(), counters: Counters | None = None):
         self.cfg = engine
         self.eos_ids = frozenset(eos_ids)
         B, P = engine.max_slots, engine.pages_per_seq
@@ -89,10 +96,9 @@ class Scheduler:
         self.slots: list[Sequence | None] = [None] * B
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
         self.prefilling: Sequence | None = None
-        self.counters = Counters()
+        self.counters = counters or Counters()  # data-parallel shards share one set
         self._tables = np.zeros((B, P), np.int32)
-        self._rows = {name: np.full(B, neutral, dtype) for name, (dtype, neutral) in SAMPLING_FIELDS.items()}
-        self._rows["seed"] = np.zeros(B, np.uint32)
+        self._rows = neutral_sampling(B)
         self._banned = np.full((B, MAX_BANNED), -1, np.int32)
 
     # --- requests in and out -------------------------------------------------------------
@@ -141,6 +147,21 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting) or any(s is not None for s in self.slots)
 
+    def kv_pages(self) -> tuple[int, int]:
+        """(pages held by requests, usable pages)."""
+        return self.pages.num_used, self.pages.num_pages - 1
+
+    def outstanding_tokens(self) -> int:
+        """Tokens still to compute for every sequence here: uncomputed prompt plus tokens left to sample."""
+        seqs = self.waiting + self.running
+        return sum(max(s.num_known - s.num_computed, 0) + max(s.remaining, 0) for s in seqs)
+
+    def check_idle(self) -> None:
+        """With nothing running: every page is free or cached-idle and every slot is free (tests)."""
+        self.pages.check()
+        assert all(slot is None for slot in self.slots), "a slot is still taken"
+        assert self.pages.num_free == self.pages.num_pages - 1, f"{self.pages.num_used} pages are still in use"
+
     # --- planning ------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan | None:
@@ -149,7 +170,6 @@ class Scheduler:
         prefill = self._plan_prefill()
         if prefill is None and not steps:
             return None
-        self.counters.steps += 1
         return self._build_plan(steps, prefill)
 
     def _plan_decode(self, k: int) -> dict[int, int]:

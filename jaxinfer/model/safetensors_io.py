@@ -56,6 +56,14 @@ class Reader:
     def keys(self):
         return self._files.keys()
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape from the file header, without reading it."""
+        path = self._files[key]
+        try:
+            return tuple(self._handle(path).get_slice(key).get_shape())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read tensor {key!r} from {path}: {e}") from e
+
     def get(self, key: str) -> np.ndarray:
         path = self._files[key]
         try:

@@ -10,6 +10,7 @@ destination, shapes are checked, leftovers fail.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import numpy as np
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import safetensors_io
 from jaxinfer.model.safetensors_io import CheckpointError
-from jaxinfer.sharding import logical_sharding
+from jaxinfer.sharding import kv_replicas, logical_sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +48,8 @@ class WeightSpec:
         """The checkpoint keys this weight is made of, one per layer when stacked."""
         return [self.hf_key.format(i=i) for i in range(num_layers)] if self.stacked else [self.hf_key]
 
-    def sharding(self, mesh):
-        return logical_sharding(mesh, self.full_axes()) if mesh is not None else None
+    def sharding(self, mesh, replicated: tuple[str, ...] = ()):
+        return logical_sharding(mesh, self.full_axes(), replicated) if mesh is not None else None
 
     def to_ours(self, x: np.ndarray) -> np.ndarray:
         return (x.T if self.transpose else x).reshape(self.shape)
@@ -119,51 +120,90 @@ def _fan_in(spec: WeightSpec) -> int:
     return spec.shape[0]
 
 
+def _load_sharding(spec: WeightSpec, cfg: ModelConfig, mesh):
+    """Where a weight is placed as the checkpoint has it: KV heads that will be replicated over the 'model'
+    axis (fewer heads than devices) stay whole until `expand_kv_heads`."""
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if kv_replicas(cfg.num_kv_heads, mesh.shape["model"]) > 1:
+        return spec.sharding(mesh, replicated=("kv_heads",))
+    return spec.sharding(mesh)
+
+
 def abstract_params(cfg: ModelConfig, dtype, mesh=None) -> dict:
     """The parameter tree as `jax.ShapeDtypeStruct`s (with shardings when a mesh is given)."""
     tree: dict = {}
     for spec in weight_table(cfg):
         shape = spec.full_shape(cfg.num_layers)
-        _set_path(tree, spec.name, jax.ShapeDtypeStruct(shape, dtype, sharding=spec.sharding(mesh)))
+        sharding = _load_sharding(spec, cfg, mesh) if mesh is not None else None
+        _set_path(tree, spec.name, jax.ShapeDtypeStruct(shape, dtype, sharding=sharding))
     return tree
 
 
 def init_params(cfg: ModelConfig, dtype, seed: int = 0, mesh=None) -> dict:
-    """Deterministic random weights: normal with std 1/sqrt(fan_in) (varied greedy outputs), norms at one."""
+    """Deterministic random weights: normal with std 1/sqrt(fan_in) (varied greedy outputs), norms at one.
+    Each is drawn straight onto its shards (the same values whatever the mesh)."""
     tree: dict = {}
     root = jax.random.PRNGKey(seed)
     for index, spec in enumerate(weight_table(cfg)):
         shape = spec.full_shape(cfg.num_layers)
         if spec.init == "ones":
-            value = jnp.ones(shape, dtype)
+            draw = functools.partial(jnp.ones, shape, dtype)
         else:
+            scale = 1 / math.sqrt(_fan_in(spec))
             key = jax.random.fold_in(root, index)
-            value = (jax.random.normal(key, shape, jnp.float32) / math.sqrt(_fan_in(spec))).astype(dtype)
-        _set_path(tree, spec.name, jax.device_put(value, spec.sharding(mesh)))
+            draw = functools.partial(lambda k: (jax.random.normal(k, shape, jnp.float32) * scale).astype(dtype), key)
+        _set_path(tree, spec.name, jax.jit(draw, out_shardings=_load_sharding(spec, cfg, mesh))())
     return tree
 
 
-def _read_checked(reader: safetensors_io.Reader, key: str, spec: WeightSpec) -> np.ndarray:
+def expand_kv_heads(params: dict, cfg: ModelConfig, mesh) -> tuple[dict, ModelConfig]:
+    """With fewer KV heads than 'model' devices, repeat each head r = model / K times (head j becomes heads
+    j*r .. j*r + r - 1), so the pool and K/V weights split evenly; query head n then reads copy n // (G / r),
+    which holds its original head n // G, so the model computes the same function. -> (params, the config
+    with num_kv_heads = K * r)."""
+    r = kv_replicas(cfg.num_kv_heads, mesh.shape["model"]) if mesh is not None else 1
+    if r == 1:
+        return params, cfg
+    wide = dataclasses.replace(cfg, num_kv_heads=cfg.num_kv_heads * r)
+    for spec in weight_table(wide):
+        if "kv_heads" in spec.axes:
+            axis = spec.full_axes().index("kv_heads")
+            repeat = jax.jit(functools.partial(jnp.repeat, repeats=r, axis=axis), out_shardings=spec.sharding(mesh))
+            _set_path(params, spec.name, repeat(_get_path(params, spec.name)))
+    return params, wide
+
+
+def _check_tensor(reader: safetensors_io.Reader, key: str, spec: WeightSpec) -> None:
     if key not in reader:
         raise CheckpointError(f"checkpoint is missing tensor {key!r} (expected shape {spec.hf_shape})")
-    arr = reader.get(key)
-    if tuple(arr.shape) != spec.hf_shape:
-        raise CheckpointError(f"tensor {key!r} has shape {tuple(arr.shape)}, expected {spec.hf_shape}")
-    return arr
+    shape = reader.shape(key)
+    if shape != spec.hf_shape:
+        raise CheckpointError(f"tensor {key!r} has shape {shape}, expected {spec.hf_shape}")
 
 
 def load_safetensors(path: str | Path, cfg: ModelConfig, dtype, mesh=None) -> dict:
-    """Load a single-file or sharded safetensors checkpoint, cast to `dtype`, strictly."""
+    """Load a single-file or sharded safetensors checkpoint, cast to `dtype`, strictly. Each device's shard is
+    cut from the checkpoint on the host and sent alone, so no weight is ever whole on one device (and each
+    process reads only the shards of its own devices)."""
     reader = safetensors_io.Reader(Path(path))
     np_dtype = np.dtype(jnp.dtype(dtype))
     used: set[str] = set()
     tree: dict = {}
     for spec in weight_table(cfg):
         keys = spec.hf_keys(cfg.num_layers)
-        parts = [spec.to_ours(_read_checked(reader, k, spec)).astype(np_dtype) for k in keys]
+        for key in keys:
+            _check_tensor(reader, key, spec)  # every tensor checked, even those no local device needs
         used.update(keys)
-        value = np.stack(parts) if spec.stacked else parts[0]
-        _set_path(tree, spec.name, jax.device_put(value, spec.sharding(mesh)))
+
+        def shard(index, spec=spec, keys=keys):
+            if not spec.stacked:
+                return spec.to_ours(reader.get(keys[0]))[index].astype(np_dtype)
+            layers = range(cfg.num_layers)[index[0]]
+            return np.stack([spec.to_ours(reader.get(keys[i]))[index[1:]].astype(np_dtype) for i in layers])
+
+        shape = spec.full_shape(cfg.num_layers)
+        _set_path(tree, spec.name, jax.make_array_from_callback(shape, _load_sharding(spec, cfg, mesh), shard))
     _check_leftovers(reader.keys(), used, cfg)
     return tree
 

@@ -91,5 +91,6 @@ def serve(model, engine_config: EngineConfig, config: ServerConfig, host: str, p
     finally:
         if server.engine is not None:
             server.engine.shutdown()
+            server.engine.executor.runner.close()  # with several processes: release the others
     log.info("stopped (exit status %d)", uv.exit_code)
     return uv.exit_code

@@ -1,0 +1,41 @@
+"""Run by tests/test_mesh.py in a process of its own with 8 fake CPU devices (JAX reads the device count once,
+at start-up). Loads one safetensors checkpoint on each mesh layout asked for, decodes greedily, and prints one
+JSON object per layout: the tokens and how the weights, the KV pool and the slot state are sharded."""
+
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import json  # noqa: E402
+import sys  # noqa: E402
+
+from jaxinfer.config import EngineConfig  # noqa: E402
+from jaxinfer.llm import LLM, SamplingParams  # noqa: E402
+
+PROMPTS = [[5, 9, 100, 7], list(range(20, 39)), [42], list(range(300, 312))]
+
+
+def describe(array) -> dict:
+    return {"shape": list(array.shape), "spec": [None if a is None else str(a) for a in array.sharding.spec],
+            "local": list(array.addressable_shards[0].data.shape), "devices": len(array.sharding.device_set)}
+
+
+def run(checkpoint: str, data: int, model: int, backend: str) -> dict:
+    engine = EngineConfig(max_slots=4, page_size=8, prefill_chunk=16, max_model_len=64, num_pages=32, decode_steps=2,
+                          mesh_shape=(data, model), attention_backend=backend, dtype="float32")
+    llm = LLM(checkpoint, engine)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True), use_tqdm=False)
+    runner = llm.runner
+    llm.engine.check_idle()
+    return {"layout": [data, model], "backend": backend, "tokens": [o.outputs[0].token_ids for o in outs],
+            "wq": describe(runner.params["layers"]["wq"]), "wk": describe(runner.params["layers"]["wk"]),
+            "embed": describe(runner.params["embed"]), "kv": describe(runner.kv.k),
+            "slots": describe(runner.state.tokens)}
+
+
+if __name__ == "__main__":
+    checkpoint = sys.argv[1]
+    for layout in sys.argv[2:]:
+        data, model, backend = layout.split(",")
+        print(json.dumps(run(checkpoint, int(data), int(model), backend)), flush=True)

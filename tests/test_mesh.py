@@ -1,0 +1,67 @@
+"""Tensor and data parallelism on 8 fake CPU devices: every layout decodes the same greedy tokens as one device,
+from a safetensors checkpoint loaded straight onto its shards; the shardings are read back, not assumed.
+
+The layouts run in one subprocess (tests/mesh_run.py), since JAX fixes its device count at start-up."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxinfer.config import ConfigError, EngineConfig
+from jaxinfer.llm import LLM, load_engine
+from jaxinfer.model.checkpoint import DEFAULT_MODEL_DIR, save_safetensors
+
+LAYOUTS = ["1,1,reference", "1,2,reference", "1,4,reference", "2,2,reference", "4,1,reference", "2,2,pallas"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    checkpoint = tmp_path_factory.mktemp("default-safetensors")
+    llm = LLM(engine=EngineConfig(max_slots=1, max_model_len=64))
+    save_safetensors(llm.runner.params, llm.model_config, DEFAULT_MODEL_DIR, checkpoint)
+    script = Path(__file__).with_name("mesh_run.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script), str(checkpoint), *LAYOUTS], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return {f"{r['layout'][0]},{r['layout'][1]},{r['backend']}": r for r in results}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[1:])
+def test_layout_decodes_what_one_device_decodes(runs, layout):
+    assert runs[layout]["tokens"] == runs["1,1,reference"]["tokens"]
+
+
+def test_tensor_parallel_shards_heads_and_the_pool(runs):
+    run = runs["1,2,reference"]
+    assert run["wq"]["spec"] == [None, None, "model", None] and run["wq"]["local"] == [4, 256, 2, 64]
+    assert run["wk"]["local"] == [4, 256, 1, 64]  # 2 KV heads over 2 devices
+    assert run["embed"]["spec"] == ["model", None] and run["embed"]["local"] == [2048, 256]
+    assert run["kv"]["spec"][:2] == [None, "model"] and run["kv"]["local"][1] == 1
+
+
+def test_more_devices_than_kv_heads_replicates_them(runs):
+    run = runs["1,4,reference"]
+    assert run["wk"]["shape"] == [4, 256, 4, 64] and run["wk"]["local"] == [4, 256, 1, 64]  # 2 heads x 2 copies
+    assert run["kv"]["shape"][1] == 4 and run["kv"]["local"][1] == 1 and run["kv"]["devices"] == 4
+
+
+def test_data_parallel_splits_slots_and_pages(runs):
+    run = runs["4,1,reference"]
+    assert run["slots"]["spec"] == ["data"] and run["slots"]["local"] == [1]
+    assert run["kv"]["shape"][2] == 32 and run["kv"]["local"][2] == 8  # each shard its 8 pages
+    mixed = runs["2,2,reference"]
+    assert mixed["kv"]["spec"][:3] == [None, "model", "data"]
+    assert mixed["kv"]["local"][1:3] == [1, 16] and mixed["kv"]["devices"] == 4
+
+
+def test_sizes_that_do_not_divide_are_refused_up_front():
+    with pytest.raises(ConfigError, match="num_attention_heads=4 is not a multiple of the 'model' axis \\(3\\)"):
+        load_engine(None, EngineConfig(max_slots=3, mesh_shape=(1, 3)))
+    with pytest.raises(ConfigError, match="max_slots=3 is not a multiple of the 'data' axis \\(2\\)"):
+        load_engine(None, EngineConfig(max_slots=3, mesh_shape=(2, 1)))
