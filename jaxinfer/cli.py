@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from jaxinfer import bench_serve, router
+from jaxinfer import eval as evaluation
 from jaxinfer.config import DTYPES, ConfigError, EngineConfig
 from jaxinfer.model.safetensors_io import CheckpointError
 
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve(sub)
     router.add_parser(sub)
+    evaluation.add_parser(sub)
     _add_bench(sub)
     return parser
 
