@@ -10,7 +10,8 @@ Checkpoints and the reference each is compared with (``AutoTokenizer.from_pretra
 - ``converted``: what transformers saves for ``spm`` (tokenizer.json with a Metaspace pre-tokenizer, the template
   in chat_template.jinja), with tokenizer.model copied beside it (tokenizer.json must win); reference class
   LlamaTokenizer.
-- ``default``: jaxinfer/assets/default; reference class TokenizersBackend.
+- ``default``: jaxinfer/assets/default, the demo model's own sentencepiece BPE (tokenizer.model, byte fallback,
+  ChatML tokens as user-defined pieces); reference class LlamaTokenizer.
 """
 
 import io
@@ -56,7 +57,7 @@ SPECIAL_TEXTS = {
     "bpe": "<|im_start|>user\nhi there<|im_end|>\n<think>ok</think><|endoftext|>",
     "spm": "<s>[INST] hi there [/INST]answer</s><|im_end|><think>x",
     "converted": "<s>[INST] hi there [/INST]answer</s>",
-    "default": "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nok<|im_end|><|end_of_text|>",
+    "default": "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nok<|im_end|></s>",
 }
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
@@ -183,7 +184,7 @@ def test_fixture_files(checkpoints):
 def test_reference_classes(pair):
     name, _, hf = pair
     expected = {"bpe": "TokenizersBackend", "spm": "LlamaTokenizer", "converted": "LlamaTokenizer",
-                "default": "TokenizersBackend"}
+                "default": "LlamaTokenizer"}
     assert type(hf).__name__ == expected[name]
 
 
@@ -211,7 +212,7 @@ def test_special_ids(pair):
     assert ours.bos_id == hf.bos_token_id
     assert ours.pad_id == hf.pad_token_id
     assert ours.add_bos and hf.encode("x")[0] == hf.bos_token_id
-    expected_eos = {"bpe": {1, 3}, "spm": {2}, "converted": {2}, "default": {1, 3}}[name]
+    expected_eos = {"bpe": {1, 3}, "spm": {2}, "converted": {2}, "default": {2, 4}}[name]
     assert hf.eos_token_id in ours.eos_ids and set(ours.eos_ids) == expected_eos
     assert ours.token_to_id(hf.eos_token) == hf.eos_token_id
     assert ours.id_to_token(hf.bos_token_id) == hf.bos_token

@@ -2,8 +2,9 @@
 
 A model directory holds `config.json` and either safetensors (Hugging Face
 layout) or an orbax tree written by `jaxinfer convert` (marked by
-`jaxinfer_checkpoint.json`). With no path, the embedded default model is used:
-its config and tokenizer ship in the package, its weights are drawn from a fixed seed.
+`jaxinfer_checkpoint.json`). With no path, the embedded default model is used: a
+small Llama trained on the King James Bible (scripts/train_demo_model.py), shipped in
+the package as a Hugging Face checkpoint. A config .json alone gives random weights.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from jaxinfer.model.safetensors_io import CheckpointError
 from jaxinfer.model.weights import abstract_params, init_params, load_safetensors, to_hf_tensors
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default"
-DEFAULT_MODEL_SEED = 0
+RANDOM_WEIGHTS_SEED = 0
 ORBAX_MARKER = "jaxinfer_checkpoint.json"
 ORBAX_PARAMS = "params"
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
@@ -34,7 +35,7 @@ class ModelSource:
     """Where a model's config, weights and tokenizer files are."""
 
     config_path: Path
-    weights: Path | None  # None: deterministic random weights from DEFAULT_MODEL_SEED
+    weights: Path | None  # None: deterministic random weights from RANDOM_WEIGHTS_SEED
 
     @property
     def directory(self) -> Path:  # tokenizer and generation config live beside config.json
@@ -44,7 +45,7 @@ class ModelSource:
 def find_model(path: str | Path | None) -> ModelSource:
     """None: the embedded default; a .json file: random weights of that shape; else a checkpoint dir."""
     if path is None:
-        return ModelSource(DEFAULT_MODEL_DIR / "config.json", None)
+        return ModelSource(DEFAULT_MODEL_DIR / "config.json", DEFAULT_MODEL_DIR)
     path = Path(path).expanduser()
     if path.is_file() and path.suffix == ".json":
         return ModelSource(path, None)
@@ -73,7 +74,7 @@ def _generation_eos(directory: Path) -> tuple[int, ...]:
 def load_params(source: ModelSource, cfg: ModelConfig, dtype: str, mesh) -> dict:
     """Weights on their shards, cast to `dtype`, from whichever format the source holds."""
     if source.weights is None:
-        return init_params(cfg, jnp.dtype(dtype), DEFAULT_MODEL_SEED, mesh)
+        return init_params(cfg, jnp.dtype(dtype), RANDOM_WEIGHTS_SEED, mesh)
     directory = source.weights
     if (directory / ORBAX_MARKER).exists():
         return _restore_orbax(directory, cfg, dtype, mesh)

@@ -76,7 +76,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * normed.astype(x.dtype)
 
 
-def _qkv(lp: dict, cfg: ModelConfig, y: jax.Array):
+def qkv(lp: dict, cfg: ModelConfig, y: jax.Array):
     q = jnp.einsum("BTD,DNH->BTNH", y, lp["wq"])
     k = jnp.einsum("BTD,DKH->BTKH", y, lp["wk"])
     v = jnp.einsum("BTD,DKH->BTKH", y, lp["wv"])
@@ -96,7 +96,7 @@ def _write_indices(batch: Batch, page_size: int):
     return jnp.where(valid, page_idx, 0), pos % page_size
 
 
-def _mlp(lp: dict, y: jax.Array) -> jax.Array:
+def mlp(lp: dict, y: jax.Array) -> jax.Array:
     gate = jnp.einsum("BTD,DF->BTF", y, lp["w_gate"])
     up = jnp.einsum("BTD,DF->BTF", y, lp["w_up"])
     return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, lp["w_down"])
@@ -111,7 +111,7 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
     def layer(carry, xs):
         h, k_pool, v_pool = carry
         lp, index = xs
-        q, k, v = _qkv(lp, cfg, rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps))
+        q, k, v = qkv(lp, cfg, rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps))
         q = apply_rope(q, batch.positions, inv_freq)
         k = apply_rope(k, batch.positions, inv_freq)
         # Advanced indices split by a slice put [B, T] first: the target is [B, T, K, H].
@@ -121,7 +121,7 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
         h = h + jnp.einsum("BTNH,NHD->BTD", attn, lp["wo"])
         if cfg.o_bias:
             h = h + lp["bo"]
-        h = h + _mlp(lp, rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps))
+        h = h + mlp(lp, rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps))
         return (h, k_pool, v_pool), None
 
     h = params["embed"][batch.tokens]

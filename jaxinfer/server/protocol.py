@@ -361,15 +361,22 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 class TokenText:
-    """Token ids to the strings logprobs report (vLLM: each token decoded alone; no tokenizer: 'token_id:N')."""
+    """Token ids to the strings logprobs report: each token's own text as it reads inside a sequence, so the
+    strings concatenate to the text (no tokenizer: 'token_id:N'). A token is decoded after a fixed anchor
+    token and the anchor's text removed: decoding one token alone would drop the leading space that
+    sentencepiece only strips at the start of a text."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        if tokenizer is not None:
+            self._anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
+            self._anchor_text = tokenizer.decode(self._anchor, skip_special_tokens=False)
 
     def __call__(self, token_id: int) -> str:
         if self.tokenizer is None:
             return f"token_id:{token_id}"
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        text = self.tokenizer.decode(self._anchor + [token_id], skip_special_tokens=False)
+        return text[len(self._anchor_text):]
 
 
 def completion_logprobs(entries: list, ids: list[int], token_text: TokenText, offset: int) -> dict:
