@@ -47,7 +47,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from jaxinfer.server.metrics import CONTENT_TYPE, format_labels
-from jaxinfer.server.protocol import APIError, check_api_key, parse_json
+from jaxinfer.server.protocol import APIError, check_api_key, parse_json, read_body
 
 log = logging.getLogger("jaxinfer.router")
 
@@ -489,16 +489,7 @@ class Router:
         return Response(render_metrics(self), media_type=CONTENT_TYPE)
 
     async def _read(self, request: Request) -> bytes:
-        cap = self.config.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > cap:
-            raise APIError(413, f"the request body is larger than {cap} bytes")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > cap:
-                raise APIError(413, f"the request body is larger than {cap} bytes")
-        return bytes(body)
+        return await read_body(request, self.config.max_body_bytes)
 
 
 def _why(e: Exception) -> str:

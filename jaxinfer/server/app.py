@@ -30,7 +30,7 @@ from jaxinfer.engine.engine import Engine, EngineError
 from jaxinfer.server import metrics
 from jaxinfer.server.protocol import (APIError, GenerationRequest, Limits, TokenText, chat_logprobs, check_api_key,
                                       completion_logprobs, parse_chat, parse_completion, parse_json, parse_prompts,
-                                      usage)
+                                      read_body, usage)
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +106,7 @@ def _error_response(error: APIError) -> JSONResponse:
 
 async def read_json(request: Request, cap: int):
     """The body as JSON; 413 over `cap` bytes (checked while reading), 400 for bad UTF-8 or JSON."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > cap:
-        raise APIError(413, f"the request body is larger than {cap} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > cap:
-            raise APIError(413, f"the request body is larger than {cap} bytes")
-    return parse_json(bytes(body))
+    return parse_json(await read_body(request, cap))
 
 
 def endpoint(server: Server, handler, guarded: bool = True, needs_engine: bool = True):

@@ -48,6 +48,19 @@ class APIError(Exception):
                           "code": self.status}}
 
 
+async def read_body(request, cap: int) -> bytes:
+    """A Starlette request's body; 413 over `cap` bytes, refused from the declared length or while reading."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        raise APIError(413, f"the request body is larger than {cap} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            raise APIError(413, f"the request body is larger than {cap} bytes")
+    return bytes(body)
+
+
 def parse_json(body: bytes):
     """A request body as JSON: 400 for bad UTF-8, malformed or too deeply nested JSON, or huge numbers."""
     try:
