@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 HEADER = 8  # int32: kind, payload length, then the kind's own fields
 STEP, PENALTIES, NOOP, STOP = range(4)
-KINDS = {STEP: "step", PENALTIES: "penalties", NOOP: "noop", STOP: "stop"}
 
 
 def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
@@ -35,10 +34,6 @@ def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     log.info("process %d of %d joined %s: %d local devices, %d in all", process_id, num_processes, coordinator,
              jax.local_device_count(), jax.device_count())
-
-
-def is_leader() -> bool:
-    return jax.process_index() == 0
 
 
 def announce(kind: int, fields=(), payload: np.ndarray | None = None) -> None:

@@ -56,7 +56,7 @@ class _Uvicorn(uvicorn.Server):
         threading.Timer(0.5, setattr, (self, "should_exit", True)).start()
 
 
-def _load(server: Server, uv: _Uvicorn, model, engine_config: EngineConfig, warmup: bool) -> None:
+def _load(server: Server, model, engine_config: EngineConfig, warmup: bool) -> None:
     from jaxinfer.llm import load_engine
     try:
         start = time.perf_counter()
@@ -83,7 +83,7 @@ def serve(model, engine_config: EngineConfig, config: ServerConfig, host: str, p
     uv = _Uvicorn(uvicorn.Config(build_app(server), host=host, port=port, log_level=log_level,
                                  timeout_graceful_shutdown=5, lifespan="on"), server)
     server.on_fatal = uv.fatal
-    loader = threading.Thread(target=_load, args=(server, uv, model, engine_config, warmup), daemon=True,
+    loader = threading.Thread(target=_load, args=(server, model, engine_config, warmup), daemon=True,
                               name="jaxinfer-load")
     loader.start()
     try:
