@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestStream", "load_engine"]
 
 CPU_KV_CACHE_BYTES = 1 << 30
+GPU_KV_SEQUENCES_PER_SLOT = 16  # on GPU, pages for at most this many full-length sequences per slot
 
 
 def _checked_backend(requested: EngineConfig, engine: EngineConfig, cfg: ModelConfig) -> EngineConfig:
@@ -49,7 +50,8 @@ def _checked_backend(requested: EngineConfig, engine: EngineConfig, cfg: ModelCo
 
 def kv_budget_bytes(engine: EngineConfig, cfg: ModelConfig, mesh) -> int:
     """Bytes for the KV pool: configured, else on GPU what the weights left of `gpu_memory_utilization`
-    of device memory less room for one step's activations, else a CPU default."""
+    of device memory less room for one step's activations (capped at GPU_KV_SEQUENCES_PER_SLOT full-length
+    sequences per slot, so a small model does not take millions of pages it never fills), else a CPU default."""
     if engine.kv_cache_memory is not None:
         return engine.kv_cache_memory
     device = mesh.devices.flat[0]
@@ -60,7 +62,8 @@ def kv_budget_bytes(engine: EngineConfig, cfg: ModelConfig, mesh) -> int:
     activations = 4 * 4 * engine.prefill_chunk * (cfg.hidden_size + cfg.intermediate_size + cfg.vocab_size)
     free = stats["bytes_limit"] * engine.gpu_memory_utilization - stats["bytes_in_use"] - activations
     kv_shards = min(mesh.shape["model"], cfg.num_kv_heads) * mesh.shape["data"]  # the pool's shards
-    return int(max(free, 0) * kv_shards)
+    cap = (GPU_KV_SEQUENCES_PER_SLOT * engine.max_slots * engine.pages_per_seq + 1) * engine.kv_bytes_per_page(cfg)
+    return int(min(max(free, 0) * kv_shards, cap))
 
 
 def check_mesh(cfg: ModelConfig, engine: EngineConfig) -> None:

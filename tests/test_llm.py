@@ -1,5 +1,6 @@
 """The first Python API and the command line: sampling, batch independence, limits, errors, no leaks."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -149,7 +150,8 @@ def test_bfloat16_runs_on_cpu():
 
 def test_kv_pool_is_sized_from_the_memory_budget():
     """GPU: what the weights left of gpu_memory_utilization, less one step's activations, per KV shard;
-    CPU: every slot at full length four times over, capped; a budget too small for one sequence fails."""
+    capped at 16 full-length sequences per slot; CPU: every slot at full length four times over, capped; a
+    budget too small for one sequence fails."""
     import types
 
     import numpy as np
@@ -157,11 +159,14 @@ def test_kv_pool_is_sized_from_the_memory_budget():
     from jaxinfer.config import ConfigError, ModelConfig
     from jaxinfer.llm import kv_budget_bytes
     cfg = ModelConfig.from_hf(json.loads((Path(__file__).parent.parent / "configs/llama-3-8b.json").read_text()))
-    engine = EngineConfig(max_slots=8, page_size=16, max_model_len=4096, dtype="bfloat16")
+    engine = EngineConfig(max_slots=64, page_size=16, max_model_len=4096, dtype="bfloat16")
     gpu = types.SimpleNamespace(platform="gpu", memory_stats=lambda: {"bytes_limit": 80 << 30, "bytes_in_use": 16 << 30})
     mesh = types.SimpleNamespace(devices=np.array([gpu]), shape={"data": 1, "model": 2})
     activations = 16 * 256 * (cfg.hidden_size + cfg.intermediate_size + cfg.vocab_size)
     assert kv_budget_bytes(engine, cfg, mesh) == int((0.9 * (80 << 30) - (16 << 30) - activations) * 2)
+    few = dataclasses.replace(engine, max_slots=2)
+    assert kv_budget_bytes(few, cfg, mesh) == (16 * 2 * 256 + 1) * few.kv_bytes_per_page(cfg)
+    engine = dataclasses.replace(engine, max_slots=8)
     cpu = types.SimpleNamespace(platform="cpu", memory_stats=lambda: None)
     mesh = types.SimpleNamespace(devices=np.array([cpu]), shape={"data": 1, "model": 1})
     per_page = engine.kv_bytes_per_page(cfg)

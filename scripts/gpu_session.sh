@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Every GPU check the issues ask for, as one prepared command for a lent GPU machine (under 10 minutes;
+# each stage has its own time limit and writes its log to OUTPUT_DIR as it goes, so a stage cut short
+# still leaves what it measured):
+#   1. scripts/gpu_check.sh: the Pallas kernel tests compiled for the GPU, then the decode-attention benchmark;
+#   2. jaxinfer bench offline on a Llama-3-8B-shaped random bf16 checkpoint with 1,000 requests: the engine
+#      and the bare-step ceiling (transformers and static batching are left out to fit the time);
+#   3. the model-parity tests on the GPU: the whole engine with our Pallas kernels (no interpret mode) and
+#      float32 matmuls, against transformers on the same tiny checkpoints.
+#   bash scripts/gpu_session.sh [OUTPUT_DIR]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-/tmp}}
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} JAX_PLATFORMS=cuda PYTHONUNBUFFERED=1
+KERNEL_TESTS_SECONDS=90 BENCH_SECONDS=160 bash scripts/gpu_check.sh "$out"
+check=$?
+# One prefill bucket (256) instead of five: five times fewer step shapes to compile for an 8B model, and
+# on a GPU a 16-token chunk costs about what a 256-token one does (both read every weight once).
+timeout 280 python3 - "$out" <<'EOF' 2>&1 | tee "$out/offline_llama3_8b.log" | grep -v "generating:"
+import logging, sys
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+from jaxinfer.bench import OfflineOptions, offline
+from jaxinfer.config import EngineConfig
+engine = EngineConfig(max_slots=256, prefill_chunk=256, min_prefill_bucket=256, decode_steps=4, dtype="bfloat16")
+offline(OfflineOptions("configs/llama-3-8b.json", engine, 1000, (32, 512), (32, 256), 0, ("bare",), (8,), 5,
+                       f"{sys.argv[1]}/offline_llama3_8b.json"))
+EOF
+offline=${PIPESTATUS[0]}
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 45 python3 -m pytest -q -p no:cacheprovider tests/test_model_parity.py \
+  2>&1 | tee "$out/gpu_model_parity.log" | tail -6
+parity=${PIPESTATUS[0]}
+echo "gpu_check exit $check, model parity exit $parity, offline 8B exit $offline"
