@@ -40,10 +40,12 @@ def paged_attention_reference(q, k_pool, v_pool, layer, block_tables, positions,
     v = gather_pages(v_pool, layer, block_tables)
     K = k.shape[1]
     qg = q.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("BTKGH,BKSH->BKGTS", *f32_operands(qg, k), preferred_element_type=jnp.float32)
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", *f32_operands(qg, k), preferred_element_type=jnp.float32,
+                        precision=jax.lax.Precision.HIGHEST)  # no TF32 on GPU: the kernels are checked against it
     scores *= H ** -0.5
     mask = attention_mask(positions, k.shape[2], sliding_window)
     scores = jnp.where(mask[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BKSH->BTKGH", *f32_operands(probs, v), preferred_element_type=jnp.float32)
+    out = jnp.einsum("BKGTS,BKSH->BTKGH", *f32_operands(probs, v), preferred_element_type=jnp.float32,
+                     precision=jax.lax.Precision.HIGHEST)
     return out.reshape(B, T, N, H).astype(q.dtype)
