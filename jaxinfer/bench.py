@@ -418,7 +418,7 @@ def _load(model, engine: EngineConfig, source, workload: Workload):
     start = time.perf_counter()
     llm = LLM(model, engine, warmup=True)
     cfg, runner = llm.engine_config, llm.runner
-    setup = {"model": str(source.config_path), "engine": dataclasses.asdict(cfg), "machine": _machine(),
+    setup = {"model": str(source.config_path), "engine": dataclasses.asdict(cfg), "machine": machine(),
              "date": datetime.date.today().isoformat(), "workload": _describe_workload(workload),
              "load_and_warmup_seconds": time.perf_counter() - start, "warmup_compiles": runner.num_compiles,
              "warmup_compile_seconds": runner.compile_seconds}
@@ -442,7 +442,7 @@ def _run_on_engine(llm, workload: Workload, options: OfflineOptions):
     return runs, bare, tokens
 
 
-def _machine() -> str:
+def machine() -> str:
     cpu = platform.machine()
     try:
         names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -461,7 +461,7 @@ def _describe_workload(workload: Workload) -> dict:
 
 def _header(source, workload: Workload, engine: EngineConfig) -> str:
     w = _describe_workload(workload)
-    return (f"# jaxinfer bench offline: {source.config_path} on {_machine()}\n"
+    return (f"# jaxinfer bench offline: {source.config_path} on {machine()}\n"
             f"# {w['requests']} requests, {w['prompt_tokens']} prompt + {w['output_tokens']} output tokens "
             f"(ignore_eos, greedy); engine: {engine.max_slots} slots, prefill chunk {engine.prefill_chunk}, "
             f"{engine.decode_steps} decode steps per dispatch, page size {engine.page_size}, "

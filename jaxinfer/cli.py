@@ -13,6 +13,7 @@ from jaxinfer import bench_serve, router
 from jaxinfer import eval as evaluation
 from jaxinfer.config import DTYPES, ConfigError, EngineConfig
 from jaxinfer.model.safetensors_io import CheckpointError
+from jaxinfer.planner import cli as planner_cli
 
 BASELINES = ("static", "hf", "bare")  # of `bench offline`
 MODEL_HELP = "a Hugging Face checkpoint directory, a `jaxinfer convert` output, or a config .json " \
@@ -96,6 +97,7 @@ def _add_bench(sub) -> None:
     off.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     off.set_defaults(run=_bench_offline)
     bench_serve.add_parser(kinds)
+    planner_cli.add_profile_parser(kinds)
 
 
 def _serve(args) -> int:
@@ -184,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_parser(sub)
     evaluation.add_parser(sub)
     _add_bench(sub)
+    planner_cli.add_plan_parser(sub)
     return parser
 
 

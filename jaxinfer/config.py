@@ -210,6 +210,15 @@ def _sliding_window(hf: dict, model_type: str) -> int | None:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+MIN_WIDTH_TOKENS = 64  # narrower block tables save little gathering and cost a compile each
+
+
+def bucket(n: int, buckets: tuple[int, ...]) -> int:
+    """The smallest of the ascending `buckets` that holds n."""
+    for size in buckets:
+        if n <= size:
+            return size
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 ATTENTION_BACKENDS = ("auto", "pallas", "reference")
 
 
@@ -306,3 +315,12 @@ class EngineConfig:
             sizes.append(size)
             size *= 2
         return tuple(sizes) + (self.prefill_chunk,)
+
+    def width_buckets(self) -> tuple[int, ...]:
+        """Block-table widths (pages) a step may be cut to: powers of two from MIN_WIDTH_TOKENS worth of
+        pages up to the full table."""
+        width, sizes = max(1, MIN_WIDTH_TOKENS // self.page_size), []
+        while width < self.pages_per_seq:
+            sizes.append(width)
+            width *= 2
+        return tuple(sizes) + (self.pages_per_seq,)

@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from jaxinfer import distributed
 from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.engine.request import MAX_BANNED
-from jaxinfer.engine.scheduler import StepPlan, StepResult, neutral_sampling
+from jaxinfer.engine.scheduler import StepPlan, StepResult, neutral_sampling, step_buckets
 from jaxinfer.model.transformer import Batch, KVPool, forward, logits
 from jaxinfer.sampling import (MAX_LOGPROBS, PenaltyState, SamplingTensors, empty_penalty_state,
                                load_penalty_row, record_tokens, sample, token_logprobs)
@@ -213,28 +213,7 @@ def _load_penalties(state: SlotState, slot, prompt_mask, counts) -> SlotState:
     return SlotState(state.tokens, load_penalty_row(state.penalties, slot, prompt_mask, counts))
 
 
-def _bucket(n: int, buckets: tuple[int, ...]) -> int:
-    for size in buckets:
-        if n <= size:
-            return size
-    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
-
-
 IDLE_ANNOUNCE_SECONDS = 5.0  # an idle leader's no-op to the other processes, at most this often
-MIN_WIDTH_TOKENS = 64  # narrower block tables save little gathering and cost a compile each
-
-
-def width_buckets(pages_per_seq: int, page_size: int) -> tuple[int, ...]:
-    """Block-table widths a step may be cut to: powers of two from MIN_WIDTH_TOKENS worth of pages
-    up to the full table."""
-    width = max(1, MIN_WIDTH_TOKENS // page_size)
-    sizes = []
-    while width < pages_per_seq:
-        sizes.append(width)
-        width *= 2
-    return tuple(sizes) + (pages_per_seq,)
-
-
 _EXECUTABLES: dict[tuple, object] = {}
 
 
@@ -255,7 +234,7 @@ class ModelRunner:
         penalties = jax.jit(lambda: empty_penalty_state(B, V), out_shardings=PenaltyState(by_slot, by_slot))()
         self.state = SlotState(tokens, penalties)
         self._compiled: set[Layout] = set()  # the step shapes this runner has used
-        self.page_buckets = width_buckets(engine.pages_per_seq, engine.page_size)
+        self.page_buckets = engine.width_buckets()
         self.compile_seconds = 0.0
         self._last_announced = time.monotonic()
 
@@ -289,15 +268,8 @@ class ModelRunner:
     def layout_for(self, plan) -> Layout:
         """The one step shape every shard's plan fits: the widest block table, the longest chunk."""
         plans = [p for p in self._plans(plan) if p is not None]
-        last, chunks, scored = 0, [], False
-        for p in plans:
-            last = max(last, int((p.positions + p.steps - 1).max()))
-            if p.prefill is not None:
-                last = max(last, p.prefill.start + len(p.prefill.tokens) - 1)
-                chunks.append(len(p.prefill.tokens))
-                scored |= p.prefill.next_tokens is not None
-        W = _bucket(last // self.engine.page_size + 1, self.page_buckets)
-        C = _bucket(max(chunks), self.engine.prefill_buckets()) if chunks else 0
+        C, W = step_buckets(self.engine, plans)
+        scored = any(p.prefill is not None and p.prefill.next_tokens is not None for p in plans)
         return Layout.build(self.local.max_slots, W, C, scored)
 
     def _values(self, plan: StepPlan | None, layout: Layout) -> dict:

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from jaxinfer.config import EngineConfig
+from jaxinfer.config import EngineConfig, bucket
 from jaxinfer.engine.pages import NULL_PAGE, PageAllocator, chain_hashes, pages_for
 from jaxinfer.engine.request import MAX_BANNED, Sequence, Status
 
@@ -76,6 +76,19 @@ class StepResult:
     prompt_logprobs: tuple | None = None  # (logprob [c], rank [c], top ids [c, k], top logprobs [c, k])
 
 
+def step_buckets(engine: EngineConfig, plans: list[StepPlan]) -> tuple[int, int]:
+    """(C, W): the compiled shape these plans (one per data shard) run in: the longest chunk's prefill
+    bucket (0: no prefill) and the page-width bucket of the furthest position any of them touches."""
+    last, chunks = 0, []
+    for p in plans:
+        last = max(last, int((p.positions + p.steps - 1).max()))
+        if p.prefill is not None:
+            last = max(last, p.prefill.start + len(p.prefill.tokens) - 1)
+            chunks.append(len(p.prefill.tokens))
+    W = bucket(last // engine.page_size + 1, engine.width_buckets())
+    return (bucket(max(chunks), engine.prefill_buckets()) if chunks else 0), W
+
+
 @dataclasses.dataclass
 class Counters:
     prompt_tokens: int = 0  # prompt tokens of admitted sequences (first admission only)
@@ -88,8 +101,10 @@ class Counters:
 
 
 class Scheduler:
-    def __init__(self, engine: EngineConfig, eos_ids=(), counters: Counters | None = None):
+    def __init__(self, engine: EngineConfig, eos_ids=(), counters: Counters | None = None,
+                 clock=time.monotonic):
         self.cfg = engine
+        self.clock = clock  # seconds; the planner's simulation runs this scheduler on a simulated clock
         self.eos_ids = frozenset(eos_ids)
         B, P = engine.max_slots, engine.pages_per_seq
         self.pages = PageAllocator(engine.num_pages, engine.enable_prefix_caching)
@@ -124,7 +139,7 @@ class Scheduler:
         else:
             self._release(seq)
         seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, reason, stop_reason
-        seq.finished_at = time.monotonic()
+        seq.finished_at = self.clock()
 
     def _release(self, seq: Sequence) -> None:
         self.pages.free(seq.pages)
@@ -262,7 +277,7 @@ class Scheduler:
     def _count_admission(self, seq: Sequence, queried_pages: int, hit_pages: int) -> None:
         if seq.first_scheduled is not None:
             return  # a resumed sequence: counted when it first arrived
-        seq.first_scheduled = time.monotonic()
+        seq.first_scheduled = self.clock()
         seq.num_cached_tokens = hit_pages * self.cfg.page_size
         self.counters.prompt_tokens += len(seq.prompt_ids)
         self.counters.prefix_queries += len(seq.prompt_ids)
@@ -310,7 +325,7 @@ class Scheduler:
     def update(self, plan: StepPlan, result: StepResult) -> list[Sequence]:
         """Read a step's tokens into its sequences; finish those that hit EOS, a stop token or their
         length. Returns the sequences that got tokens or finished (tokens past a finish are dropped)."""
-        now = time.monotonic()
+        now = self.clock()
         touched = []
         for slot, seq in plan.seqs.items():
             is_prefill = plan.prefill is not None and plan.prefill.slot == slot

@@ -1,0 +1,131 @@
+"""The step-cost model the planner simulates with: what one dispatch of the jitted step costs on a device.
+
+Form (roofline-shaped, linear in its features, every constant fitted and non-negative):
+
+    seconds(dispatch) = t_dispatch
+                      + [C > 0] * (t_chunk + C * t_chunk_token + C * S * t_chunk_attention)
+                      + [C > 0 and R = 0] * (t_chunk_alone + C * t_chunk_alone_token)
+                      + R * (t_round + B * t_round_slot + A * t_round_attention)
+
+with C the prefill chunk's bucket (0: no chunk), S the block-table width in tokens (the page-width bucket
+times the page size), R the decode rounds of the dispatch, B the engine's slots and A the attention work
+of one round: B * S for the plain-jnp reference attention (every row pays the widest row), the sum of
+the active rows' context lengths for the Pallas kernel (each row reads its own). t_round is the weight
+read of a decode round (memory-bound), t_round_slot and t_chunk_token the per-token matmul cost
+(compute-bound), the attention terms the KV read. The engine's usual prefill step is mixed (a chunk
+plus one decode round of the running slots) and the device overlaps part of the two; a chunk with no
+round beside it (a prompt's first chunks while nothing decodes) pays the `chunk_alone` terms on top. Host time per dispatch (planning and reading results)
+is a line in B: host_seconds + B * host_seconds_per_slot.
+
+Tensor parallelism over T devices (`tensor_parallel`) follows a bandwidth model: every device term is
+divided by T (weights, KV and matmuls split T ways) and each layer adds two all-reduces of the step's
+activations, each costing `allreduce_latency + 2 (T - 1) / T * bytes / link_bandwidth` (ring all-reduce).
+Host code only; no JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from jaxinfer.config import EngineConfig
+from jaxinfer.engine.scheduler import StepPlan, step_buckets
+
+FEATURES = ("dispatch", "chunk", "chunk_token", "chunk_attention", "chunk_alone", "chunk_alone_token", "round",
+            "round_slot", "round_attention")
+LINK_BANDWIDTH = 450e9  # bytes/s one way per device: NVLink 4 (H100/H200 SXM)
+ALLREDUCE_LATENCY = 10e-6  # seconds per all-reduce, a small-message NCCL figure
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """What the cost of one dispatch depends on."""
+
+    slots: int  # B
+    chunk: int  # C, the chunk's bucket; 0 without a prefill chunk
+    width: int  # S, tokens of block-table width
+    rounds: int  # R
+    context: int  # sum of the decoding rows' context lengths in one round (the Pallas kernel's KV read)
+
+
+def shape_of(plan: StepPlan, engine: EngineConfig) -> StepShape:
+    C, W = step_buckets(engine, [plan])
+    decoding = plan.steps > 0
+    context = int((plan.positions[decoding] + 1).sum())
+    return StepShape(len(plan.positions), C, W * engine.page_size, plan.num_steps, context)
+
+
+def features(shape: StepShape, backend: str) -> np.ndarray:
+    C, S, R, B = shape.chunk, shape.width, shape.rounds, shape.slots
+    attention = B * S if backend == "reference" else shape.context
+    alone = C > 0 and R == 0
+    return np.array([1.0, C > 0, C, C * S, alone, alone * C, R, R * B, R * attention], np.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """Fitted constants (seconds) for FEATURES, plus what they were measured on."""
+
+    coefficients: dict[str, float]
+    backend: str  # "reference" or "pallas": how attention work is counted
+    host_seconds: float = 0.0  # host time per dispatch ...
+    host_seconds_per_slot: float = 0.0  # ... plus this per slot
+    layers: int = 1  # the model's, for the all-reduce term
+    hidden: int = 1
+    dtype_bytes: int = 4
+    device: str = ""
+    notes: dict = dataclasses.field(default_factory=dict)  # what the profile measured (samples, fit error)
+
+    def step_seconds(self, shape: StepShape, tensor_parallel: int = 1) -> float:
+        x = features(shape, self.backend)
+        device = float(np.dot([self.coefficients[name] for name in FEATURES], x))
+        if tensor_parallel == 1:
+            return device
+        T = tensor_parallel
+        rows = shape.rounds * shape.slots + shape.chunk  # activation rows all-reduced, 2 per layer
+        per_byte = 2 * (T - 1) / T / LINK_BANDWIDTH
+        comm = 2 * self.layers * ((shape.rounds + (shape.chunk > 0)) * ALLREDUCE_LATENCY
+                                  + rows * self.hidden * self.dtype_bytes * per_byte)
+        return (device - self.coefficients["dispatch"]) / T + self.coefficients["dispatch"] + comm
+
+    def host(self, slots: int) -> float:
+        return self.host_seconds + slots * self.host_seconds_per_slot
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CostModel":
+        try:
+            data = json.loads(Path(path).read_text())
+            model = cls(**data)
+            missing = [name for name in FEATURES if name not in model.coefficients]
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"cannot read the cost profile {path}: {e}") from e
+        if missing or model.backend not in ("reference", "pallas"):
+            raise ValueError(f"{path} is not a jaxinfer cost profile (missing {missing or 'a valid backend'})")
+        return model
+
+
+def fit(shapes: list[StepShape], seconds: list[float], backend: str) -> dict[str, float]:
+    """Non-negative least squares on relative error (each sample weighted by 1 / its time): features whose
+    best coefficient is negative are dropped, one at a time, and the rest refitted."""
+    X = np.array([features(s, backend) for s in shapes])
+    y = np.asarray(seconds, np.float64)
+    active = [i for i in range(len(FEATURES)) if X[:, i].any()]
+    while True:
+        coef, *_ = np.linalg.lstsq(X[:, active] / y[:, None], np.ones_like(y), rcond=None)
+        if (coef >= 0).all():
+            break
+        active.pop(int(np.argmin(coef)))
+    out = dict.fromkeys(FEATURES, 0.0)
+    out.update({FEATURES[i]: float(c) for i, c in zip(active, coef)})
+    return out
+
+
+def relative_errors(model: CostModel, shapes: list[StepShape], seconds: list[float]) -> np.ndarray:
+    predicted = np.array([model.step_seconds(s) for s in shapes])
+    return predicted / np.asarray(seconds) - 1

@@ -1,0 +1,180 @@
+"""The planner: cost model, simulated engine, recommendation (host only, no JAX), and its two commands."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxinfer.config import EngineConfig
+from jaxinfer.planner.costmodel import FEATURES, CostModel, StepShape, fit, relative_errors
+from jaxinfer.planner.plan import Candidate, Outcome, engine_grid, parse_slo, recommend, search
+from jaxinfer.planner.simulator import Trace, simulate
+
+CONSTANT = CostModel({**dict.fromkeys(FEATURES, 0.0), "dispatch": 0.1}, "reference")  # every dispatch 100 ms
+
+
+def _engine(**kw) -> EngineConfig:
+    return EngineConfig(**{**dict(max_slots=2, page_size=4, prefill_chunk=16, max_model_len=64, num_pages=64,
+                                  decode_steps=1), **kw})
+
+
+def _trace(arrivals, prompts, outputs) -> Trace:
+    return Trace(np.array(arrivals, float), np.array(prompts), np.array(outputs))
+
+
+@pytest.mark.parametrize("k, tpot, e2el", [(1, 0.1, 0.3), (4, 0.05, 0.2)])
+def test_constant_step_time_alone(k, tpot, e2el):
+    """One request, 3 tokens: its prefill dispatch ends at 0.1 (first token); with k=1 one decode dispatch
+    per token (0.2, 0.3); with k=4 both remaining tokens come from one dispatch ending at 0.2."""
+    result = simulate(CONSTANT, _engine(decode_steps=k), _trace([0.0], [8], [3]))
+    np.testing.assert_allclose(result.ttft, [0.1])
+    np.testing.assert_allclose(result.tpot_all, [tpot])
+    np.testing.assert_allclose(result.e2el, [e2el])
+
+
+def test_constant_step_time_queueing():
+    """One slot, two requests (0 s and 0.05 s), 2 tokens each. The second is taken when the loop next
+    drains arrivals (0.1, after reading the prefill), waits for the slot until the first finishes (read
+    at 0.2), then prefills (0.2-0.3) and decodes (0.3-0.4)."""
+    result = simulate(CONSTANT, _engine(max_slots=1), _trace([0.0, 0.05], [8, 8], [2, 2]))
+    np.testing.assert_allclose(result.ttft, [0.1, 0.25])
+    np.testing.assert_allclose(result.tpot_all, [0.1, 0.1])
+    np.testing.assert_allclose(result.e2el, [0.2, 0.35])
+    assert result.steps == 4 and result.preemptions == 0
+
+
+def test_host_time_is_paid_per_dispatch():
+    model = CostModel(CONSTANT.coefficients, "reference", host_seconds=0.01, host_seconds_per_slot=0.005)
+    result = simulate(model, _engine(), _trace([0.0], [8], [1]))
+    np.testing.assert_allclose(result.ttft, [0.01 + 2 * 0.005 + 0.1])
+
+
+def test_simulation_is_deterministic():
+    model = CostModel({**dict.fromkeys(FEATURES, 0.0), "dispatch": 0.003, "chunk_token": 1e-4, "round": 0.01,
+                       "round_slot": 1e-3, "round_attention": 1e-7}, "reference", host_seconds=0.002)
+    trace = Trace.generate(6.0, 300, 36, 20, 0.5, seed=3)  # prompts of 18-54 tokens: all fit in 64
+    engine = _engine(max_slots=8, num_pages=40, decode_steps=4)  # few pages: preemptions happen
+    first, second = simulate(model, engine, trace), simulate(model, engine, trace)
+    assert first.preemptions > 0
+    for name in ("ttft", "tpot_all", "e2el", "kv_usage"):
+        np.testing.assert_array_equal(getattr(first, name), getattr(second, name))
+    assert first.simulated == len(trace)
+    assert (first.output_lens == np.minimum(trace.output_lens, 64 - trace.prompt_lens)).all()  # capped as the engine
+    assert first.refused == 0
+
+
+def test_long_stationary_trace_stops_once_settled():
+    model = CostModel({**dict.fromkeys(FEATURES, 0.0), "dispatch": 0.01, "round": 0.01}, "reference")
+    trace = Trace.generate(20.0, 200_000, 16, 8, 0.5, seed=0)
+    result = simulate(model, _engine(max_slots=8, num_pages=200, decode_steps=2), trace)
+    assert 4000 <= result.simulated < len(trace)
+    assert result.trace_requests == len(trace)
+    assert (result.output_lens == trace.output_lens[:result.simulated]).all()
+
+
+def test_fit_recovers_known_constants():
+    truth = {"dispatch": 2e-3, "chunk": 1e-3, "chunk_token": 3e-4, "chunk_attention": 0.0, "chunk_alone": 0.02,
+             "chunk_alone_token": 1e-4, "round": 0.05,
+             "round_slot": 2e-3, "round_attention": 4e-7}
+    model = CostModel(truth, "reference")
+    shapes = [StepShape(B, C, S, R, 0) for B in (8, 16, 32) for C, S in ((0, 64), (0, 256), (16, 64), (128, 256))
+              for R in ((1, 4) if C == 0 else (0, 1))]
+    seconds = [model.step_seconds(s) for s in shapes]
+    fitted = fit(shapes, seconds, "reference")
+    for name in FEATURES:
+        assert fitted[name] == pytest.approx(truth[name], rel=1e-6, abs=1e-12), name
+    assert np.abs(relative_errors(CostModel(fitted, "reference"), shapes, seconds)).max() < 1e-9
+
+
+def test_tensor_parallel_bandwidth_model():
+    """T devices: device terms / T, the fixed dispatch cost once, plus 2 ring all-reduces per layer."""
+    from jaxinfer.planner.costmodel import ALLREDUCE_LATENCY, LINK_BANDWIDTH
+    model = CostModel({**dict.fromkeys(FEATURES, 0.0), "dispatch": 1e-3, "round": 8e-3}, "pallas", layers=2,
+                      hidden=1024, dtype_bytes=2)
+    shape = StepShape(slots=4, chunk=0, width=64, rounds=1, context=10)
+    comm = 2 * 2 * (ALLREDUCE_LATENCY + 4 * 1024 * 2 * 2 * (2 - 1) / 2 / LINK_BANDWIDTH)
+    assert model.step_seconds(shape, 2) == pytest.approx(1e-3 + 8e-3 / 2 + comm)
+    assert model.step_seconds(shape, 1) == pytest.approx(9e-3)
+
+
+def _outcome(cost: float, meets: bool, ttft: float = 100.0) -> Outcome:
+    summary = {"latency_ms": {"ttft": {50: ttft, 90: ttft, 99: ttft}}}
+    return Outcome(Candidate(_engine()), summary, meets, cost, cost, np.zeros((0, 2)))
+
+
+def test_recommend_is_the_cheapest_that_meets_the_slo():
+    outcomes = [_outcome(1.0, False), _outcome(3.0, True), _outcome(2.0, True, ttft=300), _outcome(2.0, True, 200)]
+    assert recommend(outcomes, 90) is outcomes[3]  # 1.0 misses; of the two at 2.0 the lower TTFT
+    assert recommend([_outcome(1.0, False)], 90) is None
+
+
+def test_search_adds_replicas_until_the_slo_holds_and_recommends_the_cheapest():
+    model = CostModel({**dict.fromkeys(FEATURES, 0.0), "dispatch": 0.004, "chunk_token": 2e-4, "round": 0.02,
+                       "round_slot": 1e-3}, "reference", host_seconds=0.001)
+    trace = Trace.generate(20.0, 400, 48, 12, 0.5, seed=1)
+    engines = engine_grid(_engine(max_model_len=128, prefill_chunk=64), [4, 16], [16], [64], [1, 4], [None])
+    slo = {"ttft": 400.0, "tpot": 120.0}
+    outcomes = search(model, engines, [1], trace, slo, 90, 2.0, 6, progress=lambda line: None)
+    best = recommend(outcomes, 90)
+    meeting = [o for o in outcomes if o.meets_slo]
+    assert best is not None and best.cost_per_million_tokens == min(o.cost_per_million_tokens for o in meeting)
+    assert any(not o.meets_slo for o in outcomes)  # the search had to add replicas somewhere
+    for o in outcomes:  # the verdict is the simulated percentiles against the limits
+        lat = o.summary["latency_ms"]
+        assert o.meets_slo == (lat["ttft"][90] <= 400 and lat["tpot"][90] <= 120)
+
+
+@pytest.mark.parametrize("text, error", [("ttft", "KEY:MILLISECONDS"), ("itl:5", "KEY:MILLISECONDS"),
+                                         ("ttft:-1", "positive"), ("", "at least one")])
+def test_bad_slo_is_refused(text, error):
+    with pytest.raises(ValueError, match=error):
+        parse_slo(text)
+
+
+def test_trace_from_bench_serve_results_and_jsonl(tmp_path):
+    result = {"requests": [{"send_time": 2.5, "prompt_tokens": 30, "output_tokens": 4, "error": None},
+                           {"send_time": 1.0, "prompt_tokens": 10, "output_tokens": 2, "error": None},
+                           {"send_time": 3.0, "prompt_tokens": 10, "output_tokens": 0, "error": "HTTP 500"}]}
+    (tmp_path / "r.json").write_text(json.dumps(result))
+    trace = Trace.load(tmp_path / "r.json")
+    assert trace.arrivals.tolist() == [0.0, 1.5] and trace.prompt_lens.tolist() == [10, 30]
+    (tmp_path / "t.jsonl").write_text('{"arrival": 0, "prompt_len": 5, "output_len": 3}\n\n'
+                                      '{"arrival": 0.5, "prompt_len": 7}\n')
+    with pytest.raises(ValueError, match="line 3: need a JSON object with arrival"):
+        Trace.load(tmp_path / "t.jsonl")
+
+
+def _cli(*args) -> str:
+    done = subprocess.run([sys.executable, "-m", "jaxinfer.cli", *args], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_profile_then_plan_commands(tmp_path):
+    """The two commands end to end on the embedded model: a profile with every coefficient fitted from
+    measurements, then a plan over a generated trace that names its recommendation."""
+    profile = tmp_path / "profile.json"
+    out = _cli("bench", "profile", "--model", "jaxinfer/assets/default", "--slots", "2", "4", "--prefill-chunk", "32",
+               "--max-model-len", "128", "--repeats", "1", "--output", str(profile))
+    assert "fit: median relative error" in out
+    saved = json.loads(profile.read_text())
+    assert len(saved["notes"]["samples"]) == 2 * 10 and saved["coefficients"]["dispatch"] >= 0
+    out = _cli("plan", "--profile", str(profile), "--slo", "ttft:60000,tpot:60000", "--request-rate", "2",
+               "--num-requests", "40", "--input-len", "20", "--output-len", "6", "--decode-steps", "1", "4",
+               "--json", str(tmp_path / "plan.json"))
+    assert "recommended: slots" in out and "1 device(s)" in out  # a loose SLO: one device suffices
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["recommended"] and all("kv_usage_over_time" in o for o in plan["outcomes"])
+
+
+def test_overload_is_detected_and_misses_the_slo():
+    """Ten times more traffic than the replica serves: the queue grows at every look, the run stops early,
+    and the candidate misses any SLO (its latencies are lower bounds)."""
+    from jaxinfer.planner.plan import evaluate
+    trace = Trace.generate(100.0, 1_000_000, 8, 4, seed=2)
+    outcome = evaluate(CONSTANT, Candidate(_engine(max_slots=4, num_pages=64)), trace, {"ttft": 1e9}, 90, 1.0)
+    assert outcome.summary["overloaded"] and not outcome.meets_slo
+    assert outcome.summary["simulated_requests"] < 20_000
