@@ -21,10 +21,14 @@ until curl -sf "http://127.0.0.1:$port/health" >/dev/null; do
 done
 grep -E "loaded|warm-up|ready" "$out/server.log"
 
+# Each rate gets its own prompts (its own seed): with one seed for all, a later rate's prompts would already
+# sit in the server's prefix cache from the earlier rates, and its prefill would be mostly skipped.
+seed=0
 for rate in "${rates[@]}"; do
+  seed=$((seed + 1))
   "$python" -m jaxinfer.cli bench serve --base-url "http://127.0.0.1:$port" --num-prompts 200 \
     --request-rate "$rate" --random-input-len 64 --random-output-len 16 --random-range-ratio 0.5 \
-    --vocab-size 49152 --goodput ttft:2000 tpot:500 --seed 0 --disable-tqdm \
+    --vocab-size 49152 --goodput ttft:2000 tpot:500 --seed $seed --disable-tqdm \
     --save-result "$out/rate-$rate.json" --plot "$out/rate-$rate.png" | tee "$out/rate-$rate.txt"
 done
 kill -TERM $server
