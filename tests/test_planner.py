@@ -157,11 +157,12 @@ def test_profile_then_plan_commands(tmp_path):
     """The two commands end to end on the embedded model: a profile with every coefficient fitted from
     measurements, then a plan over a generated trace that names its recommendation."""
     profile = tmp_path / "profile.json"
-    out = _cli("bench", "profile", "--model", "jaxinfer/assets/default", "--slots", "2", "4", "--prefill-chunk", "32",
+    out = _cli("bench", "profile", "--model", "jaxinfer/assets/default", "--slots", "4", "--prefill-chunk", "16",
                "--max-model-len", "128", "--repeats", "1", "--output", str(profile))
     assert "fit: median relative error" in out
     saved = json.loads(profile.read_text())
-    assert len(saved["notes"]["samples"]) == 2 * 10 and saved["coefficients"]["dispatch"] >= 0
+    # decode at 2 widths x 2 round counts, the one chunk bucket mixed at 2 widths and alone
+    assert len(saved["notes"]["samples"]) == 7 and all(c >= 0 for c in saved["coefficients"].values())
     out = _cli("plan", "--profile", str(profile), "--slo", "ttft:60000,tpot:60000", "--request-rate", "2",
                "--num-requests", "40", "--input-len", "20", "--output-len", "6", "--decode-steps", "1", "4",
                "--json", str(tmp_path / "plan.json"))
