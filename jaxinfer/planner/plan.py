@@ -114,20 +114,21 @@ def search(model: CostModel, engines: list[EngineConfig], tensor_parallel: list[
     for engine, T in itertools.product(engines, tensor_parallel):
         tried: dict[int, Outcome] = {}
 
-        def run(R: int) -> Outcome:
-            start = time.perf_counter()
-            tried[R] = outcome = evaluate(model, Candidate(engine, R, T), trace, slo, percentile, price_per_hour)
-            outcomes.append(outcome)
-            progress(f"{outcome.candidate.label():90s} {_brief(outcome, percentile)} "
-                     f"({time.perf_counter() - start:.1f}s)")
-            return outcome
+        def at(R: int) -> Outcome:
+            if R not in tried:
+                start = time.perf_counter()
+                tried[R] = evaluate(model, Candidate(engine, R, T), trace, slo, percentile, price_per_hour)
+                outcomes.append(tried[R])
+                progress(f"{tried[R].candidate.label():90s} {_brief(tried[R], percentile)} "
+                         f"({time.perf_counter() - start:.1f}s)")
+            return tried[R]
 
-        first = run(1)
-        served = first.summary["request_throughput"]
-        R = min(max_replicas, max(1, math.ceil(rate / served))) if first.summary["overloaded"] and served > 0 else 1
-        while not (tried[R] if R in tried else run(R)).meets_slo and R < max_replicas:
+        one = at(1).summary
+        served = one["request_throughput"]
+        R = min(max_replicas, max(1, math.ceil(rate / served))) if one["overloaded"] and served > 0 else 1
+        while not at(R).meets_slo and R < max_replicas:
             R += 1
-        while R > 1 and tried[R].meets_slo and (tried[R - 1] if R - 1 in tried else run(R - 1)).meets_slo:
+        while R > 1 and at(R).meets_slo and at(R - 1).meets_slo:
             R -= 1
     return outcomes
 
