@@ -211,6 +211,7 @@ def _sliding_window(hf: dict, model_type: str) -> int | None:
 
 DTYPES = ("float32", "bfloat16", "float16")
 MIN_WIDTH_TOKENS = 64  # narrower block tables save little gathering and cost a compile each
+CPU_KV_CACHE_BYTES = 1 << 30  # the CPU KV pool's cap
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -297,6 +298,12 @@ class EngineConfig:
                               f"{self.max_model_len} needs ({self.pages_per_seq} pages) per shard: lower "
                               "max_model_len or give the KV cache more memory")
         return dataclasses.replace(self, num_pages=num_pages)
+
+    def cpu_kv_pages(self, bytes_per_page: int | None) -> int:
+        """The KV pool on CPU, whose memory is everyone's: room for every slot at full length four times
+        over, capped at CPU_KV_CACHE_BYTES (no cap when the page's size is not known)."""
+        full = 4 * self.max_slots * self.pages_per_seq + 1
+        return min(full, CPU_KV_CACHE_BYTES // bytes_per_page) if bytes_per_page else full
 
     def shard(self) -> "EngineConfig":
         """What one data shard schedules: its slots and its pages (page 0 of each shard is its null page)."""

@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestStream", "load_engine"]
 
-CPU_KV_CACHE_BYTES = 1 << 30
 GPU_KV_SEQUENCES_PER_SLOT = 16  # on GPU, pages for at most this many full-length sequences per slot
 
 
@@ -56,9 +55,9 @@ def kv_budget_bytes(engine: EngineConfig, cfg: ModelConfig, mesh) -> int:
         return engine.kv_cache_memory
     device = mesh.devices.flat[0]
     stats = device.memory_stats() if device.platform == "gpu" else None
-    if not stats:  # CPU memory is everyone's: room for every slot at full length 4 times over, at most 1 GiB
-        full = 4 * engine.max_slots * engine.pages_per_seq + 1
-        return min(CPU_KV_CACHE_BYTES, full * engine.kv_bytes_per_page(cfg))
+    if not stats:
+        per_page = engine.kv_bytes_per_page(cfg)
+        return engine.cpu_kv_pages(per_page) * per_page
     activations = 4 * 4 * engine.prefill_chunk * (cfg.hidden_size + cfg.intermediate_size + cfg.vocab_size)
     free = stats["bytes_limit"] * engine.gpu_memory_utilization - stats["bytes_in_use"] - activations
     kv_shards = min(mesh.shape["model"], cfg.num_kv_heads) * mesh.shape["data"]  # the pool's shards

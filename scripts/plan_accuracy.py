@@ -82,8 +82,9 @@ def main() -> None:
     args = parser.parse_args()
     engine = EngineConfig(max_slots=args.max_slots, max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk,
                           decode_steps=args.decode_steps, page_size=args.page_size)
-    engine = dataclasses.replace(engine, num_pages=args.num_pages or 4 * args.max_slots * engine.pages_per_seq + 1)
     model = average([CostModel.load(path) for path in args.profile])
+    pages = args.num_pages or engine.cpu_kv_pages(model.kv_bytes_per_token * engine.page_size)
+    engine = dataclasses.replace(engine, num_pages=pages)
     comparisons = sorted((compare(model, engine, path) for path in args.results), key=lambda c: c["rate"])
     print("| rate (req/s) | metric | measured (ms) | predicted (ms) | error |")
     print("| ---: | --- | ---: | ---: | ---: |")

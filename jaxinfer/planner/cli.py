@@ -63,7 +63,8 @@ def add_plan_parser(sub) -> None:
     c.add_argument("--prefill-chunks", type=int, nargs="+", default=None, help="default: the profile's")
     c.add_argument("--decode-steps", type=int, nargs="+", default=[1, 2, 4])
     c.add_argument("--kv-pages", type=int, nargs="+", default=None,
-                   help="KV pages per replica; default: every slot at full length four times over (the CPU rule)")
+                   help="KV pages per replica; default: the engine's CPU rule (every slot at full length four "
+                        "times over, at most 1 GiB)")
     c.add_argument("--tensor-parallel", type=int, nargs="+", default=[1], help="degrees, by the bandwidth model")
     c.add_argument("--max-replicas", type=int, default=64)
     c.add_argument("--max-model-len", type=int, default=None, help="default: the profile's")
@@ -90,7 +91,7 @@ def _plan(args) -> None:
     engines = engine_grid(base, args.slots or model.notes.get("slots", [EngineConfig.max_slots]),
                           args.page_sizes or [profiled.get("page_size", EngineConfig.page_size)],
                           args.prefill_chunks or [profiled.get("prefill_chunk", EngineConfig.prefill_chunk)],
-                          args.decode_steps, args.kv_pages or [None])
+                          args.decode_steps, args.kv_pages or [None], model.kv_bytes_per_token)
     print(f"# {len(trace)} requests over {trace.arrivals[-1]:.0f} s; {len(engines)} engine shapes x "
           f"{len(args.tensor_parallel)} TP degrees; SLO p{args.percentile} {slo} ms", flush=True)
     start = time.perf_counter()

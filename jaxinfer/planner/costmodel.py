@@ -76,6 +76,7 @@ class CostModel:
     layers: int = 1  # the model's, for the all-reduce term
     hidden: int = 1
     dtype_bytes: int = 4
+    kv_bytes_per_token: int = 0  # K and V over all layers; 0: unknown
     device: str = ""
     notes: dict = dataclasses.field(default_factory=dict)  # what the profile measured (samples, fit error)
 

@@ -91,14 +91,14 @@ def evaluate(model: CostModel, candidate: Candidate, trace: Trace, slo: dict[str
     return Outcome(candidate, summary, meets, per_hour, per_million, result.kv_usage)
 
 
-def engine_grid(base: EngineConfig, slots, page_sizes, chunks, decode_steps, kv_pages) -> list[EngineConfig]:
-    """Every combination; KV pages None: what `base` would get on this machine's rule for CPU (every
-    slot at full length four times over)."""
+def engine_grid(base: EngineConfig, slots, page_sizes, chunks, decode_steps, kv_pages,
+                kv_bytes_per_token: int = 0) -> list[EngineConfig]:
+    """Every combination; KV pages None: what the engine takes on CPU (`EngineConfig.cpu_kv_pages`)."""
     grid = []
     for B, Z, C, k, P in itertools.product(slots, page_sizes, chunks, decode_steps, kv_pages):
         engine = dataclasses.replace(base, max_slots=B, page_size=Z, prefill_chunk=C, decode_steps=k, num_pages=P)
         if P is None:
-            engine = dataclasses.replace(engine, num_pages=4 * B * engine.pages_per_seq + 1)
+            engine = dataclasses.replace(engine, num_pages=engine.cpu_kv_pages(kv_bytes_per_token * Z))
         grid.append(engine)
     return grid
 

@@ -4,8 +4,9 @@ For each slot count asked for, the engine is built at that size and the bare jit
 the shapes the cost model needs to tell its terms apart: decode-only dispatches of 1 and
 `decode_steps` rounds at the narrowest and the widest block table; mixed steps (a chunk beside one
 decode round of every other slot, the engine's prefill step) for every chunk bucket at the narrowest
-and widest table that holds it; and the smallest and largest chunk alone. Each shape is timed as `repeats` steps dispatched back to back (the engine dispatches a step before
-reading the last, so host dispatch work overlaps the device), after an untimed run that compiles it.
+and widest table that holds it; and the smallest and largest chunk alone. Each shape is timed as
+`repeats` steps dispatched back to back (the engine dispatches a step before reading the last, so host
+dispatch work overlaps the device), after an untimed run that compiles it.
 Host time per dispatch is measured on the real scheduler with an executor that answers at once.
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine.pages import pages_for
-from jaxinfer.engine.scheduler import PrefillChunk, StepPlan
+from jaxinfer.engine.scheduler import PrefillChunk, StepPlan, StepResult
 from jaxinfer.planner.costmodel import CostModel, StepShape, fit, relative_errors, shape_of
 
 
@@ -62,7 +63,6 @@ class _Instant:
     """An executor whose steps take no time: what is left is the host's planning and reading."""
 
     def dispatch(self, plan):
-        from jaxinfer.engine.scheduler import StepResult
         return StepResult(np.zeros((max(plan.num_steps, 1), len(plan.positions)), np.int32))
 
     def collect(self, handle):
@@ -123,7 +123,7 @@ def profile(model: str | None, engine: EngineConfig, slots: list[int], repeats: 
     host_fixed, host_slot = _line(slots, hosts)
     mc = llm.model_config
     draft = CostModel(coefficients, backend, host_fixed, host_slot, mc.num_layers, mc.hidden_size,
-                      4 if cfg.dtype == "float32" else 2, machine())
+                      4 if cfg.dtype == "float32" else 2, cfg.kv_bytes_per_page(mc) // cfg.page_size, machine())
     errors = relative_errors(draft, shapes, seconds)
     notes = {"date": datetime.date.today().isoformat(), "model": model, "engine": dataclasses.asdict(cfg),
              "slots": list(slots), "repeats": repeats, "samples": samples, "host_samples": dict(zip(slots, hosts)),
