@@ -220,7 +220,7 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
         if n <= size:
             return size
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
-ATTENTION_BACKENDS = ("auto", "pallas", "reference")
+ATTENTION_BACKENDS = ("auto", "pallas", "xla", "reference")
 
 
 def _auto_dtype(model: ModelConfig, platform: str) -> str:
@@ -245,7 +245,7 @@ class EngineConfig:
     decode_steps: int = 4  # decode steps per dispatch when no prompt waits for prefill
     enable_prefix_caching: bool = True
     dtype: str = "auto"  # auto: float32 on CPU; on accelerators the checkpoint's half dtype or bfloat16
-    attention_backend: str = "auto"  # auto: our Pallas kernels on GPU, the plain-jnp reference elsewhere
+    attention_backend: str = "auto"  # auto: our Pallas kernels on GPU, the page-loop jnp path (xla) elsewhere
     seed: int = 0
     mesh_shape: tuple[int, int] = (1, 1)  # devices over ('data', 'model'): data-parallel shards x tensor parallel
 
@@ -276,7 +276,7 @@ class EngineConfig:
         dtype = self.dtype if self.dtype != "auto" else _auto_dtype(model, platform)
         backend = self.attention_backend
         if backend == "auto":
-            backend = "pallas" if platform == "gpu" else "reference"
+            backend = "pallas" if platform == "gpu" else "xla"
         return dataclasses.replace(self, max_model_len=max_len, dtype=dtype, attention_backend=backend)
 
     def kv_bytes_per_page(self, model: ModelConfig) -> int:

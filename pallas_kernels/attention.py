@@ -1,10 +1,11 @@
 """The attention entry point of the model: the `[B, T]` step layout onto a backend.
 
-`reference` is plain jnp (XLA gathers the pages); `pallas` runs our kernels: the
-decode kernel for `T == 1` steps, the ragged prefill kernel otherwise (rows
-packed by their valid tokens). Which backend `auto` means is decided with the
-rest of the engine config (Pallas on GPU, the reference elsewhere); Pallas off
-GPU runs in interpret mode (tests).
+`reference` is plain jnp (XLA gathers the pages); `xla` is the reference with
+decode steps (`T == 1`) walked page by page (`page_loop.py`), the fast path off
+GPU; `pallas` runs our kernels: the decode kernel for `T == 1` steps, the ragged
+prefill kernel otherwise (rows packed by their valid tokens). Which backend
+`auto` means is decided with the rest of the engine config (Pallas on GPU, `xla`
+elsewhere); Pallas off GPU runs in interpret mode (tests).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxinfer.sharding import logical_spec, model_axes
+from pallas_kernels.page_loop import page_loop_decode_attention
 from pallas_kernels.paged_decode import paged_decode_attention, paged_decode_reference
 from pallas_kernels.paged_reference import paged_attention_reference
 from pallas_kernels.ragged_prefill import ragged_prefill_attention, ragged_prefill_reference
@@ -39,12 +41,23 @@ def _pallas_step_attention(q, k_pool, v_pool, layer, block_tables, positions, sl
     return jnp.zeros_like(packed).at[order].set(packed).reshape(B, T, N, H)
 
 
+def _page_loop_step_attention(q, k_pool, v_pool, layer, block_tables, positions, sliding_window=None):
+    """Decode steps through the page loop, prefill chunks through the reference."""
+    if q.shape[1] != 1:
+        return paged_attention_reference(q, k_pool, v_pool, layer, block_tables, positions, sliding_window)
+    out = page_loop_decode_attention(q[:, 0], k_pool, v_pool, layer, block_tables, positions[:, 0] + 1,
+                                     sliding_window=sliding_window)
+    return out[:, None]
+
+
 def step_attention(backend: str, mesh=None):
     """The attention function `forward` calls, for a resolved backend. Under tensor parallelism (a mesh
     whose 'model' axis has several devices) the kernels run per device inside `shard_map`, on that
-    device's query heads and KV heads (the same G per KV head); the reference is left to XLA."""
+    device's query heads and KV heads (the same G per KV head); the plain-jnp backends are left to XLA."""
     if backend == "reference":
         return paged_attention_reference
+    if backend == "xla":
+        return _page_loop_step_attention
     kernel = functools.partial(_pallas_step_attention, interpret=jax.default_backend() != "gpu")
     if mesh is None or mesh.shape["model"] == 1:
         return kernel

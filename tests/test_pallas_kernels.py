@@ -17,6 +17,7 @@ import pytest
 from hf_models import build
 from jaxinfer.config import EngineConfig
 from jaxinfer.llm import LLM, SamplingParams
+from pallas_kernels.page_loop import page_loop_decode_attention
 from pallas_kernels.paged_decode import paged_decode_attention, paged_decode_reference
 from pallas_kernels.ragged_prefill import ragged_prefill_attention, ragged_prefill_reference
 
@@ -62,6 +63,19 @@ def test_paged_decode_matches_reference(dtype, Z, H, G, window):
     assert not np.asarray(out[0], np.float32).any(), "an empty slot attends to nothing"
 
 
+@pytest.mark.parametrize("dtype, Z, H, G, window", CASES + [(jnp.float32, 8, 64, 2, 3)])
+def test_page_loop_decode_matches_reference(dtype, Z, H, G, window):
+    """The `xla` backend's decode path (plain jnp, page by page), over the decode kernel's cases."""
+    rng = np.random.RandomState(Z + H + G + 1)
+    k_pool, v_pool = _pools(rng, dtype, Z, H)
+    lengths = jnp.asarray([0, 1, Z, Z + 1, MAX_PAGES * Z, 3, 2 * Z - 1], jnp.int32)
+    q = jnp.asarray(rng.randn(len(lengths), KV_HEADS * G, H), dtype)
+    args = (q, k_pool, v_pool, 1, _tables(rng, len(lengths)), lengths)
+    out = jax.jit(page_loop_decode_attention, static_argnames="sliding_window")(*args, sliding_window=window)
+    _assert_close(out, paged_decode_reference(*args, sliding_window=window), dtype)
+    assert not np.asarray(out[0], np.float32).any(), "an empty slot attends to nothing"
+
+
 @pytest.mark.parametrize("dtype, Z, H, G, window", CASES)
 def test_ragged_prefill_matches_reference(dtype, Z, H, G, window):
     rng = np.random.RandomState(Z * H + G)
@@ -85,13 +99,13 @@ def test_model_greedy_tokens_equal_with_pallas_backend(family, tmp_path):
     prompts = [list(range(3, 12)), list(range(40, 57)), list(range(100, 140))]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     tokens = {}
-    for backend in ("reference", "pallas"):
+    for backend in ("reference", "xla", "pallas"):
         engine = EngineConfig(max_slots=2, page_size=8, prefill_chunk=16, max_model_len=64,
                               dtype="float32", attention_backend=backend)
         llm = LLM(tmp_path, engine)
         assert llm.engine_config.attention_backend == backend
         tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    assert tokens["pallas"] == tokens["reference"]
+    assert tokens["pallas"] == tokens["xla"] == tokens["reference"]
 
 
 def test_auto_backend_falls_back_when_kernels_fail(monkeypatch, caplog):

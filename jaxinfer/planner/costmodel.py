@@ -9,7 +9,8 @@ Form (roofline-shaped, linear in its features, every constant fitted and non-neg
 
 with C the prefill chunk's bucket (0: no chunk), S the block-table width in tokens (the page-width bucket
 times the page size), R the decode rounds of the dispatch, B the engine's slots and A the attention work
-of one round: B * S for the plain-jnp reference attention (every row pays the widest row), the sum of
+of one round: B * S for the plain-jnp reference attention (every row pays the block-table width),
+B * M for the page loop (`xla`: every row walks to the longest row's last page, M tokens), the sum of
 the active rows' context lengths for the Pallas kernel (each row reads its own). t_round is the weight
 read of a decode round (memory-bound), t_round_slot and t_chunk_token the per-token matmul cost
 (compute-bound), the attention terms the KV read. The engine's usual prefill step is mixed (a chunk
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxinfer.config import EngineConfig
+from jaxinfer.config import ATTENTION_BACKENDS, EngineConfig
 from jaxinfer.engine.scheduler import StepPlan, step_buckets
 
 FEATURES = ("dispatch", "chunk", "chunk_token", "chunk_attention", "chunk_alone", "chunk_alone_token", "round",
@@ -49,18 +50,21 @@ class StepShape:
     width: int  # S, tokens of block-table width
     rounds: int  # R
     context: int  # sum of the decoding rows' context lengths in one round (the Pallas kernel's KV read)
+    longest: int = 0  # M: the longest decoding row's context, rounded up to whole pages (the page loop's walk)
 
 
 def shape_of(plan: StepPlan, engine: EngineConfig) -> StepShape:
     C, W = step_buckets(engine, [plan])
     decoding = plan.steps > 0
-    context = int((plan.positions[decoding] + 1).sum())
-    return StepShape(len(plan.positions), C, W * engine.page_size, plan.num_steps, context)
+    lengths = plan.positions[decoding] + 1
+    Z = engine.page_size
+    longest = -(-int(lengths.max()) // Z) * Z if lengths.size else 0
+    return StepShape(len(plan.positions), C, W * Z, plan.num_steps, int(lengths.sum()), longest)
 
 
 def features(shape: StepShape, backend: str) -> np.ndarray:
     C, S, R, B = shape.chunk, shape.width, shape.rounds, shape.slots
-    attention = B * S if backend == "reference" else shape.context
+    attention = {"reference": B * S, "xla": B * shape.longest}.get(backend, shape.context)
     alone = C > 0 and R == 0
     return np.array([1.0, C > 0, C, C * S, alone, alone * C, R, R * B, R * attention], np.float64)
 
@@ -70,7 +74,7 @@ class CostModel:
     """Fitted constants (seconds) for FEATURES, plus what they were measured on."""
 
     coefficients: dict[str, float]
-    backend: str  # "reference" or "pallas": how attention work is counted
+    backend: str  # the attention backend ("reference", "xla" or "pallas"): how attention work is counted
     host_seconds: float = 0.0  # host time per dispatch ...
     host_seconds_per_slot: float = 0.0  # ... plus this per slot
     layers: int = 1  # the model's, for the all-reduce term
@@ -106,7 +110,7 @@ class CostModel:
             missing = [name for name in FEATURES if name not in model.coefficients]
         except (OSError, json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"cannot read the cost profile {path}: {e}") from e
-        if missing or model.backend not in ("reference", "pallas"):
+        if missing or model.backend not in set(ATTENTION_BACKENDS) - {"auto"}:
             raise ValueError(f"{path} is not a jaxinfer cost profile (missing {missing or 'a valid backend'})")
         return model
 
