@@ -116,19 +116,13 @@ class CostModel:
 
 
 def fit(shapes: list[StepShape], seconds: list[float], backend: str) -> dict[str, float]:
-    """Non-negative least squares on relative error (each sample weighted by 1 / its time): features whose
-    best coefficient is negative are dropped, one at a time, and the rest refitted."""
+    """Non-negative least squares on relative error (each sample weighted by 1 / its time), by scipy's
+    Lawson-Hanson solver (scipy comes with JAX)."""
+    from scipy.optimize import nnls
     X = np.array([features(s, backend) for s in shapes])
     y = np.asarray(seconds, np.float64)
-    active = [i for i in range(len(FEATURES)) if X[:, i].any()]
-    while True:
-        coef, *_ = np.linalg.lstsq(X[:, active] / y[:, None], np.ones_like(y), rcond=None)
-        if (coef >= 0).all():
-            break
-        active.pop(int(np.argmin(coef)))
-    out = dict.fromkeys(FEATURES, 0.0)
-    out.update({FEATURES[i]: float(c) for i, c in zip(active, coef)})
-    return out
+    coef, _ = nnls(X / y[:, None], np.ones_like(y))
+    return {name: float(c) for name, c in zip(FEATURES, coef)}
 
 
 def relative_errors(model: CostModel, shapes: list[StepShape], seconds: list[float]) -> np.ndarray:
