@@ -120,7 +120,7 @@ def _serve(args) -> int:
                           max_queue=args.max_queue, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
                           shutdown_timeout=args.shutdown_timeout)
     return serve(args.model, engine, config, args.host, args.port, warmup=not args.skip_warmup,
-                 log_level="info" if args.verbose else "warning")
+                 log_level="info" if args.verbose else "warning", step_log=args.step_log)
 
 
 def _add_serve(sub) -> None:
@@ -151,6 +151,8 @@ def _add_serve(sub) -> None:
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests may take to finish after SIGTERM")
     serve.add_argument("--skip-warmup", action="store_true", help="compile step shapes on first use instead")
+    serve.add_argument("--step-log", default=None, metavar="PATH",
+                       help="write each step's shape and timings here (JSON lines) for `bench profile --from-log`")
     mesh = serve.add_argument_group("devices and processes (scripts/launch_mesh.py sets the process flags)")
     mesh.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                       help="data shards: slots and KV pages split between them, each request on one")

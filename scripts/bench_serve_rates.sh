@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The serving benchmark of docs/benchmarks.md: `jaxinfer serve` on a random SmolLM2-135M-shaped checkpoint, then
 # `jaxinfer bench serve` at three request rates (below, near and beyond saturation), 200 requests each.
+# The server logs its steps to OUT_DIR/steps.jsonl (for `jaxinfer bench profile --from-log`).
 # Usage: bash scripts/bench_serve_rates.sh OUT_DIR [RATE...]   (default rates: 1 2 8 requests/s)
 set -euo pipefail
 out=${1:?usage: bench_serve_rates.sh OUT_DIR [RATE...]}
@@ -12,7 +13,8 @@ port=${PORT:-8391}
 model=${MODEL:-configs/smollm2-135m.json}
 
 "$python" -m jaxinfer.cli -v serve --model "$model" --host 127.0.0.1 --port "$port" --served-model-name smollm2 \
-  --max-num-seqs 16 --max-model-len 256 --prefill-chunk 128 --max-queue 1024 >"$out/server.log" 2>&1 &
+  --max-num-seqs 16 --max-model-len 256 --prefill-chunk 128 --max-queue 1024 --step-log "$out/steps.jsonl" \
+  >"$out/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 until curl -sf "http://127.0.0.1:$port/health" >/dev/null; do

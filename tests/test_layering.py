@@ -4,7 +4,8 @@ import subprocess
 import sys
 
 HOST_MODULES = ("jaxinfer.config", "jaxinfer.engine.pages", "jaxinfer.engine.scheduler", "jaxinfer.tokenizer",
-                "jaxinfer.planner.costmodel", "jaxinfer.planner.simulator", "jaxinfer.planner.plan")
+                "jaxinfer.planner.costmodel", "jaxinfer.planner.simulator", "jaxinfer.planner.plan",
+                "jaxinfer.planner.steplog")
 
 
 def test_host_modules_do_not_import_jax():

@@ -88,6 +88,50 @@ def test_fit_recovers_known_constants():
     assert np.abs(relative_errors(CostModel(fitted, "reference"), shapes, seconds)).max() < 1e-9
 
 
+def test_step_log_gives_back_the_step_times_the_engine_saw(tmp_path):
+    """The real engine loop over a simulated device (known step times, 2 ms of host work per dispatch):
+    the log yields each step's device time and the host time, and the fit reproduces the step times."""
+    from jaxinfer.engine.engine import Engine
+    from jaxinfer.engine.request import SamplingParams
+    from jaxinfer.planner.simulator import SimClock, SimulatedExecutor
+    from jaxinfer.planner.steplog import StepLog, fit_from_logs, read_log
+    truth = CostModel({**dict.fromkeys(FEATURES, 0.0), "dispatch": 0.004, "chunk_token": 2e-4, "round": 0.02,
+                       "round_slot": 1e-3, "round_attention": 1e-6}, "xla")
+    engine_cfg = _engine(max_slots=4, max_model_len=128, prefill_chunk=32, decode_steps=2, attention_backend="xla")
+    clock = SimClock()
+    device = SimulatedExecutor(truth, engine_cfg, clock)
+
+    class HostWork:  # the host's share of a dispatch, on the simulated clock
+        def dispatch(self, plan):
+            clock.now += 0.002
+            return device.dispatch(plan)
+
+        def collect(self, handle):
+            return device.collect(handle)
+
+    header = {"layers": 2, "hidden": 64, "dtype_bytes": 4, "kv_bytes_per_token": 512, "device": "simulated"}
+    log = StepLog(HostWork(), engine_cfg, tmp_path / "steps.jsonl", header, clock=lambda: clock.now)
+    engine = Engine(engine_cfg, log, vocab_size=100)
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        engine.add_request([1] * int(rng.integers(1, 80)), SamplingParams(max_tokens=int(rng.integers(1, 30)),
+                                                                          ignore_eos=True), stream=False)
+    while engine.has_work():
+        engine.step()
+    log.close()
+    logged = read_log(tmp_path / "steps.jsonl")
+    assert logged.records == engine.scheduler.counters.steps == len(logged.shapes)  # every collect waited
+    np.testing.assert_allclose(logged.seconds, [truth.step_seconds(s) for s in logged.shapes], rtol=1e-9)
+    assert np.median(logged.host) == pytest.approx(0.002)
+    fitted = fit_from_logs([tmp_path / "steps.jsonl"])
+    assert np.abs(relative_errors(fitted, logged.shapes, logged.seconds)).max() < 1e-6
+    assert fitted.host_seconds == pytest.approx(0.002) and fitted.notes["source"] == "step log"
+    cli = [sys.executable, "-m", "jaxinfer.cli", "bench", "profile", "--from-log", str(tmp_path / "steps.jsonl"),
+           "--output", str(tmp_path / "profile.json")]
+    assert "fit: median relative error" in subprocess.run(cli, capture_output=True, text=True, check=True).stdout
+    assert CostModel.load(tmp_path / "profile.json").coefficients == fitted.coefficients
+
+
 def test_attention_work_follows_the_backend():
     """A decode round's attention term: the table width for every row (reference), the longest row for
     every row (the page loop), each row's own context (Pallas)."""

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from jaxinfer.llm import load_engine
+from jaxinfer.planner.steplog import read_log
 from jaxinfer.server.app import ServerConfig
 from live_server import ENGINE, LiveServer, serves_normally, spawn_server, stop, wait_healthy
 
@@ -26,8 +27,13 @@ def _rss_mb(pid: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def process():
-    proc, url = spawn_server(*TINY)
+def step_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("serve") / "steps.jsonl"
+
+
+@pytest.fixture(scope="module")
+def process(step_log):
+    proc, url = spawn_server(*TINY, "--step-log", str(step_log))
     seen = []
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -94,7 +100,7 @@ def test_memory_stays_flat_over_disconnect_cycles(process):
     serves_normally(url)
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_zero(process):
+def test_sigterm_drains_in_flight_requests_then_exits_zero(process, step_log):
     proc, url, _ = process
     results = {}
 
@@ -119,6 +125,9 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(process):
     assert stop(proc) == 0
     log = proc.stderr.read()
     assert "warm-up:" in log and log.index("warm-up:") < log.index("ready:")
+    steps = read_log(step_log)  # --step-log: every step the server ran, the last one included
+    assert steps.header["engine"]["max_slots"] == 2 and steps.records >= 20 and len(steps.shapes) >= 10
+    assert steps.shapes[-1].rounds >= 1
 
 
 class _FailingExecutor:

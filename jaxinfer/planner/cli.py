@@ -26,14 +26,21 @@ def add_profile_parser(kinds) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--repeats", type=int, default=5, help="steps timed back to back per shape")
     p.add_argument("--output", required=True, metavar="PATH", help="where to write the profile (JSON)")
+    p.add_argument("--from-log", nargs="+", default=None, metavar="LOG",
+                   help="fit from these `jaxinfer serve --step-log` files (the server's own steps) instead of "
+                        "timing steps here; the engine options above are then taken from the log")
     p.set_defaults(run=_profile)
 
 
 def _profile(args) -> None:
     from jaxinfer.planner.profile import describe, profile
-    engine = EngineConfig(page_size=args.page_size, prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
-                          max_model_len=args.max_model_len, dtype=args.dtype)
-    model = profile(args.model, engine, args.slots, args.repeats)
+    from jaxinfer.planner.steplog import fit_from_logs
+    if args.from_log:
+        model = fit_from_logs(args.from_log)
+    else:
+        engine = EngineConfig(page_size=args.page_size, prefill_chunk=args.prefill_chunk,
+                              decode_steps=args.decode_steps, max_model_len=args.max_model_len, dtype=args.dtype)
+        model = profile(args.model, engine, args.slots, args.repeats)
     model.save(args.output)
     print(describe(model))
     print(f"wrote {args.output}")

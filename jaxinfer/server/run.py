@@ -56,7 +56,7 @@ class _Uvicorn(uvicorn.Server):
         threading.Timer(0.5, setattr, (self, "should_exit", True)).start()
 
 
-def _load(server: Server, model, engine_config: EngineConfig, warmup: bool) -> None:
+def _load(server: Server, model, engine_config: EngineConfig, warmup: bool, step_log: str | None) -> None:
     from jaxinfer.llm import load_engine
     try:
         start = time.perf_counter()
@@ -68,6 +68,11 @@ def _load(server: Server, model, engine_config: EngineConfig, warmup: bool) -> N
             runner = engine.executor.runner
             runner.warmup()
             log.info("warm-up: %d step shapes compiled in %.1fs", runner.num_compiles, time.perf_counter() - loaded)
+        if step_log is not None:
+            from jaxinfer.bench import machine
+            from jaxinfer.planner.steplog import StepLog, log_header
+            engine.executor = StepLog(engine.executor, engine.cfg, step_log,
+                                      log_header(engine.cfg, engine.model_config, machine()))
         engine.start()
         server.ready(engine)
         log.info("ready: /health is 200 after %.1fs", time.perf_counter() - start)
@@ -77,13 +82,14 @@ def _load(server: Server, model, engine_config: EngineConfig, warmup: bool) -> N
 
 
 def serve(model, engine_config: EngineConfig, config: ServerConfig, host: str, port: int,
-          warmup: bool = True, log_level: str = "info") -> int:
-    """Run until a signal or an engine failure; -> the exit status."""
+          warmup: bool = True, log_level: str = "info", step_log: str | None = None) -> int:
+    """Run until a signal or an engine failure; -> the exit status. `step_log`: a path for the step log
+    (jaxinfer/planner/steplog.py)."""
     server = Server(config)
     uv = _Uvicorn(uvicorn.Config(build_app(server), host=host, port=port, log_level=log_level,
                                  timeout_graceful_shutdown=5, lifespan="on"), server)
     server.on_fatal = uv.fatal
-    loader = threading.Thread(target=_load, args=(server, model, engine_config, warmup), daemon=True,
+    loader = threading.Thread(target=_load, args=(server, model, engine_config, warmup, step_log), daemon=True,
                               name="jaxinfer-load")
     loader.start()
     try:
@@ -92,5 +98,7 @@ def serve(model, engine_config: EngineConfig, config: ServerConfig, host: str, p
         if server.engine is not None:
             server.engine.shutdown()
             server.engine.executor.runner.close()  # with several processes: release the others
+            if step_log is not None:
+                server.engine.executor.close()
     log.info("stopped (exit status %d)", uv.exit_code)
     return uv.exit_code
