@@ -220,7 +220,8 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
         if n <= size:
             return size
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
-ATTENTION_BACKENDS = ("auto", "pallas", "xla", "reference")
+RESOLVED_ATTENTION_BACKENDS = ("pallas", "xla", "reference")  # what "auto" resolves between
+ATTENTION_BACKENDS = ("auto",) + RESOLVED_ATTENTION_BACKENDS
 
 
 def _auto_dtype(model: ModelConfig, platform: str) -> str:

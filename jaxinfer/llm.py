@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from jaxinfer.config import ATTENTION_BACKENDS, ConfigError, EngineConfig, ModelConfig
+from jaxinfer.config import RESOLVED_ATTENTION_BACKENDS, ConfigError, EngineConfig, ModelConfig
 from jaxinfer.engine.engine import Engine, RequestStream
 from jaxinfer.engine.request import CompletionOutput, RequestOutput, SamplingParams
 from jaxinfer.model.checkpoint import find_model, load_config, load_params
@@ -78,7 +78,7 @@ def agree(engine: EngineConfig) -> EngineConfig:
     its own memory and ran its own kernel check)."""
     if jax.process_count() == 1:
         return engine
-    backends = ATTENTION_BACKENDS
+    backends = RESOLVED_ATTENTION_BACKENDS
     mine = np.asarray([engine.num_pages, backends.index(engine.attention_backend)], np.int32)
     num_pages, backend = (int(v) for v in multihost_utils.broadcast_one_to_all(mine))
     return dataclasses.replace(engine, num_pages=num_pages, attention_backend=backends[backend])

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxinfer.config import ATTENTION_BACKENDS, EngineConfig
+from jaxinfer.config import RESOLVED_ATTENTION_BACKENDS, EngineConfig
 from jaxinfer.engine.scheduler import StepPlan, step_buckets
 
 FEATURES = ("dispatch", "chunk", "chunk_token", "chunk_attention", "chunk_alone", "chunk_alone_token", "round",
@@ -110,7 +110,7 @@ class CostModel:
             missing = [name for name in FEATURES if name not in model.coefficients]
         except (OSError, json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"cannot read the cost profile {path}: {e}") from e
-        if missing or model.backend not in set(ATTENTION_BACKENDS) - {"auto"}:
+        if missing or model.backend not in RESOLVED_ATTENTION_BACKENDS:
             raise ValueError(f"{path} is not a jaxinfer cost profile (missing {missing or 'a valid backend'})")
         return model
 

@@ -1,7 +1,7 @@
 """The engine's own step times, logged while it serves, and the cost model fitted from them.
 
 `StepLog` wraps an executor (the seam the engine dispatches through) and writes one JSON line per
-collected step: its `StepShape` and four host clock readings. A header line first says what runs
+collected step: its `StepShape` and three host clock readings (launch, collect called, result ready). A header line first says what runs
 (engine settings, model dimensions, attention backend, device). `jaxinfer serve --step-log PATH`
 turns it on; `jaxinfer bench profile --from-log PATH` fits the cost model from it, so the profile
 describes the machine as it was during that traffic rather than minutes before.
@@ -25,7 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
-from jaxinfer.config import ATTENTION_BACKENDS, EngineConfig, ModelConfig
+from jaxinfer.config import RESOLVED_ATTENTION_BACKENDS, EngineConfig, ModelConfig
 from jaxinfer.planner.costmodel import CostModel, StepShape, fit, relative_errors, shape_of
 
 WAITED = 1e-3  # a collect that took longer than this waited for the device
@@ -109,7 +109,7 @@ def fit_from_logs(paths: list[str | Path]) -> CostModel:
         raise ValueError(f"only {len(shapes)} device-bound steps in {', '.join(map(str, paths))}: "
                          "log more traffic before fitting")
     backend = header["engine"]["attention_backend"]
-    if backend not in set(ATTENTION_BACKENDS) - {"auto"}:
+    if backend not in RESOLVED_ATTENTION_BACKENDS:
         raise ValueError(f"the step log's attention backend {backend!r} is not a resolved one")
     draft = CostModel(fit(shapes, seconds, backend), backend, statistics.median(host) if host else 0.0, 0.0,
                       header["layers"], header["hidden"], header["dtype_bytes"], header["kv_bytes_per_token"],
