@@ -88,11 +88,11 @@ def read_log(path: str | Path) -> LoggedSteps:
     shapes, seconds, host = [], [], []
     for i, r in enumerate(records):
         prev = records[i - 1] if i else None
-        if r["ready"] - r["collect"] > WAITED:
-            known = prev is None or prev["ready"] <= r["launched"] or prev["ready"] - prev["collect"] > WAITED
-            if known:
-                shapes.append(StepShape(**r["shape"]))
-                seconds.append(r["ready"] - max(r["launched"], prev["ready"] if prev else r["launched"]))
+        start = r["launched"] if prev is None else max(r["launched"], prev["ready"])
+        start_known = prev is None or prev["ready"] <= r["launched"] or prev["ready"] - prev["collect"] > WAITED
+        if r["ready"] - r["collect"] > WAITED and start_known:
+            shapes.append(StepShape(**r["shape"]))
+            seconds.append(r["ready"] - start)
         if i + 1 < len(records) and prev is not None:
             host.append(records[i + 1]["launched"] - prev["ready"])
     return LoggedSteps(header, shapes, seconds, host, len(records))
