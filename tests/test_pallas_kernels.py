@@ -76,6 +76,28 @@ def test_page_loop_decode_matches_reference(dtype, Z, H, G, window):
     assert not np.asarray(out[0], np.float32).any(), "an empty slot attends to nothing"
 
 
+@pytest.mark.parametrize("window", [None, 21])
+def test_page_loop_slot_is_bitwise_independent_of_the_other_slots(window):
+    """Greedy tokens must not depend on the batch: one slot's output is the same bits whatever the other
+    slots hold, and wherever the slot sits in the work list (the last case splits its pages over two loop iterations)."""
+    rng = np.random.RandomState(7)
+    Z, H, G = 8, 64, 2
+    k_pool, v_pool = _pools(rng, jnp.float32, Z, H)
+    q = jnp.asarray(rng.randn(1, KV_HEADS * G, H), jnp.float32)
+    tables = _tables(rng, 6)
+    mine = 3 * Z + 2
+    run = jax.jit(page_loop_decode_attention, static_argnames="sliding_window")
+    outs = []
+    for others, at in (([0] * 5, 0), ([MAX_PAGES * Z] * 5, 5), ([MAX_PAGES * Z, MAX_PAGES * Z, Z + 1, 0, 3], 3)):
+        lengths = jnp.asarray(others[:at] + [mine] + others[at:], jnp.int32)
+        qs = jnp.zeros((6, KV_HEADS * G, H), jnp.float32).at[at].set(q[0])
+        order = list(range(6))
+        order[0], order[at] = order[at], order[0]  # the slot keeps its own block-table row
+        outs.append(np.asarray(run(qs, k_pool, v_pool, 1, tables[jnp.asarray(order)], lengths,
+                                   sliding_window=window)[at]))
+    assert outs[0].tobytes() == outs[1].tobytes() == outs[2].tobytes()
+
+
 @pytest.mark.parametrize("dtype, Z, H, G, window", CASES)
 def test_ragged_prefill_matches_reference(dtype, Z, H, G, window):
     rng = np.random.RandomState(Z * H + G)

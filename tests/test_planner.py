@@ -133,17 +133,17 @@ def test_step_log_gives_back_the_step_times_the_engine_saw(tmp_path):
 
 
 def test_attention_work_follows_the_backend():
-    """A decode round's attention term: the table width for every row (reference), the longest row for
-    every row (the page loop), each row's own context (Pallas)."""
+    """A decode round's attention term: the table width for every row (reference), each row's own context
+    (the page loop and Pallas)."""
     from jaxinfer.planner.costmodel import features
-    shape = StepShape(slots=4, chunk=0, width=64, rounds=1, context=10, longest=16)
+    shape = StepShape(slots=4, chunk=0, width=64, rounds=1, context=10)
     work = {backend: features(shape, backend)[FEATURES.index("round_attention")] for backend in ("reference", "xla", "pallas")}
-    assert work == {"reference": 4 * 64, "xla": 4 * 16, "pallas": 10}
+    assert work == {"reference": 4 * 64, "xla": 10, "pallas": 10}
     from jaxinfer.bench import decode_plan
     from jaxinfer.planner.costmodel import shape_of
     engine = _engine(max_slots=3)
     measured = shape_of(decode_plan(engine, batch=2, context=9, k=1), engine)  # 2 rows at position 9: 10 tokens
-    assert (measured.context, measured.longest, measured.width) == (20, 12, engine.pages_per_seq * 4)
+    assert (measured.context, measured.width) == (20, engine.pages_per_seq * 4)
 
 
 def test_tensor_parallel_bandwidth_model():

@@ -9,9 +9,8 @@ Form (roofline-shaped, linear in its features, every constant fitted and non-neg
 
 with C the prefill chunk's bucket (0: no chunk), S the block-table width in tokens (the page-width bucket
 times the page size), R the decode rounds of the dispatch, B the engine's slots and A the attention work
-of one round: B * S for the plain-jnp reference attention (every row pays the block-table width),
-B * M for the page loop (`xla`: every row walks to the longest row's last page, M tokens), the sum of
-the active rows' context lengths for the Pallas kernel (each row reads its own). t_round is the weight
+of one round: B * S for the plain-jnp reference attention (every row pays the block-table width), the sum
+of the active rows' context lengths for the page loop (`xla`) and the Pallas kernel (each row reads its own). t_round is the weight
 read of a decode round (memory-bound), t_round_slot and t_chunk_token the per-token matmul cost
 (compute-bound), the attention terms the KV read. The engine's usual prefill step is mixed (a chunk
 plus one decode round of the running slots) and the device overlaps part of the two; a chunk with no
@@ -49,22 +48,19 @@ class StepShape:
     chunk: int  # C, the chunk's bucket; 0 without a prefill chunk
     width: int  # S, tokens of block-table width
     rounds: int  # R
-    context: int  # sum of the decoding rows' context lengths in one round (the Pallas kernel's KV read)
-    longest: int = 0  # M: the longest decoding row's context, rounded up to whole pages (the page loop's walk)
+    context: int  # sum of the decoding rows' context lengths in one round (the KV the page loop and Pallas read)
 
 
 def shape_of(plan: StepPlan, engine: EngineConfig) -> StepShape:
     C, W = step_buckets(engine, [plan])
     decoding = plan.steps > 0
     lengths = plan.positions[decoding] + 1
-    Z = engine.page_size
-    longest = -(-int(lengths.max()) // Z) * Z if lengths.size else 0
-    return StepShape(len(plan.positions), C, W * Z, plan.num_steps, int(lengths.sum()), longest)
+    return StepShape(len(plan.positions), C, W * engine.page_size, plan.num_steps, int(lengths.sum()))
 
 
 def features(shape: StepShape, backend: str) -> np.ndarray:
     C, S, R, B = shape.chunk, shape.width, shape.rounds, shape.slots
-    attention = {"reference": B * S, "xla": B * shape.longest}.get(backend, shape.context)
+    attention = B * S if backend == "reference" else shape.context
     alone = C > 0 and R == 0
     return np.array([1.0, C > 0, C, C * S, alone, alone * C, R, R * B, R * attention], np.float64)
 

@@ -29,6 +29,7 @@ from jaxinfer.config import RESOLVED_ATTENTION_BACKENDS, EngineConfig, ModelConf
 from jaxinfer.planner.costmodel import CostModel, StepShape, fit, relative_errors, shape_of
 
 WAITED = 1e-3  # a collect that took longer than this waited for the device
+SHAPE_FIELDS = {f.name for f in dataclasses.fields(StepShape)}  # a log from an older version may hold more
 
 
 class StepLog:
@@ -91,7 +92,7 @@ def read_log(path: str | Path) -> LoggedSteps:
         start = r["launched"] if prev is None else max(r["launched"], prev["ready"])
         start_known = prev is None or prev["ready"] <= r["launched"] or prev["ready"] - prev["collect"] > WAITED
         if r["ready"] - r["collect"] > WAITED and start_known:
-            shapes.append(StepShape(**r["shape"]))
+            shapes.append(StepShape(**{k: v for k, v in r["shape"].items() if k in SHAPE_FIELDS}))
             seconds.append(r["ready"] - start)
         if i + 1 < len(records) and prev is not None:
             host.append(records[i + 1]["launched"] - prev["ready"])
