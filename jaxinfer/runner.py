@@ -71,7 +71,7 @@ class Layout:
                   ("block_tables", (B, W), i32), ("min_tokens_left", (B,), i32), ("banned", (B, MAX_BANNED), i32),
                   ("temperature", (B,), f32), ("top_k", (B,), i32), ("top_p", (B,), f32), ("min_p", (B,), f32),
                   ("presence_penalty", (B,), f32), ("frequency_penalty", (B,), f32),
-                  ("repetition_penalty", (B,), f32), ("seed", (B,), u32)]
+                  ("repetition_penalty", (B,), f32), ("seed", (B,), u32), ("wants_logprobs", (B,), i32)]
         if C:
             fields += [("prefill_tokens", (C,), i32), ("prefill_start", (), i32), ("prefill_length", (), i32),
                        ("prefill_slot", (), i32), ("prefill_sample", (), i32)]
@@ -108,7 +108,7 @@ def _pack_sampled(s) -> jax.Array:
 
 def _sampling(x: dict, banned_now: jax.Array) -> SamplingTensors:
     names = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-             "repetition_penalty", "seed")
+             "repetition_penalty", "seed", "wants_logprobs")
     return SamplingTensors(**{n: x[n] for n in names}, banned=jnp.where(banned_now[:, None], x["banned"], -1))
 
 

@@ -37,6 +37,7 @@ class SamplingTensors:
     frequency_penalty: jax.Array  # [B] f32; 0 = off
     repetition_penalty: jax.Array  # [B] f32 > 0; 1 = off
     seed: jax.Array  # [B] uint32
+    wants_logprobs: jax.Array  # [B] i32; 1 = report this row's logprobs (skipped when no row wants them)
     banned: jax.Array  # [B, E] i32 ids forced to -inf this step (min_tokens: EOS/stop ids); -1 = unused
 
 
@@ -63,7 +64,9 @@ def sample(logits: jax.Array, st: SamplingTensors, positions: jax.Array, penalti
     """One token per row of `logits` [B, V]; `positions` [B] i32 = position of the token being sampled.
 
     Penalties and bans apply to greedy and random rows alike; temperature and the
-    filters only to random rows. Logprobs are of the raw logits.
+    filters only to random rows. Logprobs are of the raw logits; when no row wants them
+    the [B, V] passes behind them (log-softmax, rank, top-k) are skipped and every row
+    reports zeros.
     """
     logits = logits.astype(jnp.float32)
     processed = _ban(_penalize(logits, st, penalties), st.banned)
@@ -71,7 +74,7 @@ def sample(logits: jax.Array, st: SamplingTensors, positions: jax.Array, penalti
     random_rows = st.temperature >= _MIN_TEMPERATURE
     drawn = lax.cond(jnp.any(random_rows), _draw, lambda *_: greedy, processed, st, positions, random_rows)
     tokens = jnp.where(random_rows, drawn, greedy)
-    return Sampled(tokens, *token_logprobs(logits, tokens))
+    return Sampled(tokens, *lax.cond(jnp.any(st.wants_logprobs != 0), token_logprobs, _no_logprobs, logits, tokens))
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array):
@@ -89,6 +92,12 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array):
     top_ids = jnp.pad(top_ids.astype(jnp.int32), missing, constant_values=-1)
     top_logprobs = jnp.pad(top_logprobs, missing, constant_values=-jnp.inf)
     return chosen, rank, top_ids, top_logprobs
+
+
+def _no_logprobs(logits: jax.Array, tokens: jax.Array):
+    B = tokens.shape[0]
+    return (jnp.zeros(B, jnp.float32), jnp.zeros(B, jnp.int32), jnp.zeros((B, MAX_LOGPROBS), jnp.int32),
+            jnp.zeros((B, MAX_LOGPROBS), jnp.float32))
 
 
 def empty_penalty_state(rows: int, vocab: int) -> PenaltyState:

@@ -16,8 +16,8 @@ _sample = jax.jit(sample)
 def _settings(rows, banned_width=E, **values):
     """Per-row settings as numpy arrays [rows]; neutral unless given (a scalar or one value per row)."""
     neutral = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, presence_penalty=0.0, frequency_penalty=0.0,
-                   repetition_penalty=1.0, seed=0)
-    dtypes = dict(top_k=np.int32, seed=np.uint32)
+                   repetition_penalty=1.0, seed=0, wants_logprobs=1)
+    dtypes = dict(top_k=np.int32, seed=np.uint32, wants_logprobs=np.int32)
     s = {name: np.broadcast_to(np.asarray(values.get(name, default), dtypes.get(name, np.float32)), (rows,)).copy()
          for name, default in neutral.items()}
     s["banned"] = np.asarray(values.get("banned", np.full((rows, banned_width), -1)), np.int32)
@@ -235,6 +235,22 @@ def test_logprobs_are_of_the_raw_logits(case):
     order = np.argsort(-ref, axis=-1, kind="stable")[:, :MAX_LOGPROBS]
     np.testing.assert_array_equal(out.top_ids, order)
     np.testing.assert_allclose(out.top_logprobs, np.take_along_axis(ref, order, axis=-1), rtol=1e-5)
+
+
+def test_logprobs_are_skipped_only_when_no_row_wants_them(case):
+    """A row that asks gets the same logprobs whoever else asks; with no row asking none are computed
+    (every row reports zeros); the sampled tokens never change."""
+    logits, counts, prompt, extra = case
+    settings = dict(temperature=[0.0, 1.0, 2.0, 0.5, 1.0, 3.0], seed=[3, 1, 4, 1, 5, 9], **extra)
+    every = _run(logits, _settings(B, **settings), counts, prompt)
+    one = _run(logits, _settings(B, wants_logprobs=[0, 1, 0, 0, 0, 0], **settings), counts, prompt)
+    none = _run(logits, _settings(B, wants_logprobs=0, **settings), counts, prompt)
+    np.testing.assert_array_equal(one.tokens, every.tokens)
+    np.testing.assert_array_equal(none.tokens, every.tokens)
+    for field in ("logprob", "rank", "top_ids", "top_logprobs"):
+        np.testing.assert_array_equal(getattr(one, field)[1], getattr(every, field)[1])
+        assert not np.asarray(getattr(none, field)).any(), field
+    assert (np.asarray(every.rank) > 0).all()
 
 
 def test_prompt_logprobs_and_a_vocab_below_max_logprobs():

@@ -32,9 +32,10 @@ SAMPLING_FIELDS = {  # SamplingParams field -> (row dtype, neutral value)
 
 
 def neutral_sampling(B: int) -> dict[str, np.ndarray]:
-    """Sampling rows that change nothing: greedy, no top-k/p, no penalties, seed 0."""
+    """Sampling rows that change nothing: greedy, no top-k/p, no penalties, seed 0, no logprobs."""
     rows = {name: np.full(B, neutral, dtype) for name, (dtype, neutral) in SAMPLING_FIELDS.items()}
     rows["seed"] = np.zeros(B, np.uint32)
+    rows["wants_logprobs"] = np.zeros(B, np.int32)
     return rows
 
 
@@ -56,7 +57,7 @@ class StepPlan:
     steps: np.ndarray  # [B] int32 decode tokens the slot produces in this dispatch (0: none)
     num_steps: int  # sampling rounds: the largest of `steps`, at least 1 if the prefill samples
     block_tables: np.ndarray  # [B, P] int32
-    sampling: dict[str, np.ndarray]  # SAMPLING_FIELDS and "seed" (uint32), each [B]
+    sampling: dict[str, np.ndarray]  # SAMPLING_FIELDS, "seed" (uint32) and "wants_logprobs" (0/1), each [B]
     min_tokens_left: np.ndarray  # [B] int32: `banned` is masked for this many more tokens
     banned: np.ndarray  # [B, MAX_BANNED] int32, -1 padded
     prefill: PrefillChunk | None
@@ -148,6 +149,7 @@ class Scheduler:
             self.prefilling = None
         self.slots[seq.slot] = None
         self._tables[seq.slot] = NULL_PAGE
+        self._rows["wants_logprobs"][seq.slot] = 0  # an empty slot must not keep the step computing them
         seq.slot = None
 
     def _preempt(self, seq: Sequence) -> None:
@@ -287,6 +289,7 @@ class Scheduler:
         for name in SAMPLING_FIELDS:
             self._rows[name][seq.slot] = getattr(seq.params, name)
         self._rows["seed"][seq.slot] = seq.seed
+        self._rows["wants_logprobs"][seq.slot] = seq.params.logprobs is not None
         banned = sorted(seq.stop_ids | set(seq.params.stop_token_ids))[:MAX_BANNED] if seq.params.min_tokens else []
         self._banned[seq.slot] = -1
         self._banned[seq.slot, :len(banned)] = banned
