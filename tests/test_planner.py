@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxinfer.config import EngineConfig
-from jaxinfer.planner.costmodel import FEATURES, CostModel, StepShape, fit, relative_errors
+from jaxinfer.planner.costmodel import FEATURES, CostModel, StepShape, fit, relative_errors, shape_of
 from jaxinfer.planner.plan import Candidate, Outcome, engine_grid, parse_slo, recommend, search
 from jaxinfer.planner.simulator import Trace, simulate
 
@@ -77,7 +77,7 @@ def test_long_stationary_trace_stops_once_settled():
 def test_fit_recovers_known_constants():
     truth = {"dispatch": 2e-3, "chunk": 1e-3, "chunk_token": 3e-4, "chunk_attention": 0.0, "chunk_alone": 0.02,
              "chunk_alone_token": 1e-4, "round": 0.05,
-             "round_slot": 2e-3, "round_attention": 4e-7}
+             "round_slot": 2e-3, "round_attention": 4e-7, "round_table": 0.0}
     model = CostModel(truth, "reference")
     shapes = [StepShape(B, C, S, R, 0) for B in (8, 16, 32) for C, S in ((0, 64), (0, 256), (16, 64), (128, 256))
               for R in ((1, 4) if C == 0 else (0, 1))]
@@ -86,6 +86,22 @@ def test_fit_recovers_known_constants():
     for name in FEATURES:
         assert fitted[name] == pytest.approx(truth[name], rel=1e-6, abs=1e-12), name
     assert np.abs(relative_errors(CostModel(fitted, "reference"), shapes, seconds)).max() < 1e-9
+
+
+def test_page_loop_fit_tells_the_kv_read_from_the_table_width():
+    """The page loop (xla) pays per token of context and per slot of table width: the profile's shapes
+    (full rounds at two widths, one round a quarter busy) separate the two, and a sparse round is priced
+    by both."""
+    from jaxinfer.planner.profile import _plans
+    truth = {**dict.fromkeys(FEATURES, 0.0), "dispatch": 1e-3, "chunk_token": 2e-4, "round": 0.02,
+             "round_slot": 1e-3, "round_attention": 3e-6, "round_table": 5e-7}
+    model = CostModel(truth, "xla")
+    engine = _engine(max_slots=8, max_model_len=128, num_pages=300, decode_steps=2)
+    shapes = [shape_of(plan, engine) for _, plan in _plans(engine)]
+    fitted = CostModel(fit(shapes, [model.step_seconds(s) for s in shapes], "xla"), "xla")
+    sparse = StepShape(slots=8, chunk=0, width=128, rounds=1, context=40)
+    assert fitted.step_seconds(sparse) == pytest.approx(model.step_seconds(sparse), rel=1e-6)
+    assert fitted.coefficients["round_table"] == pytest.approx(5e-7, rel=1e-6)
 
 
 def test_step_log_gives_back_the_step_times_the_engine_saw(tmp_path):
@@ -219,8 +235,8 @@ def test_profile_then_plan_commands(tmp_path):
                "--max-model-len", "128", "--repeats", "1", "--output", str(profile))
     assert "fit: median relative error" in out
     saved = json.loads(profile.read_text())
-    # decode at 2 widths x 2 round counts, the one chunk bucket mixed at 2 widths and alone
-    assert len(saved["notes"]["samples"]) == 7 and all(c >= 0 for c in saved["coefficients"].values())
+    # decode at 2 widths x 2 round counts and once a quarter busy, the chunk bucket mixed at 2 widths and alone
+    assert len(saved["notes"]["samples"]) == 8 and all(c >= 0 for c in saved["coefficients"].values())
     out = _cli("plan", "--profile", str(profile), "--slo", "ttft:60000,tpot:60000", "--request-rate", "2",
                "--num-requests", "40", "--input-len", "20", "--output-len", "6", "--decode-steps", "1", "4",
                "--json", str(tmp_path / "plan.json"))

@@ -5,12 +5,14 @@ Form (roofline-shaped, linear in its features, every constant fitted and non-neg
     seconds(dispatch) = t_dispatch
                       + [C > 0] * (t_chunk + C * t_chunk_token + C * S * t_chunk_attention)
                       + [C > 0 and R = 0] * (t_chunk_alone + C * t_chunk_alone_token)
-                      + R * (t_round + B * t_round_slot + A * t_round_attention)
+                      + R * (t_round + B * t_round_slot + A * t_round_attention + [xla] B * S * t_round_table)
 
 with C the prefill chunk's bucket (0: no chunk), S the block-table width in tokens (the page-width bucket
 times the page size), R the decode rounds of the dispatch, B the engine's slots and A the attention work
 of one round: B * S for the plain-jnp reference attention (every row pays the block-table width), the sum
-of the active rows' context lengths for the page loop (`xla`) and the Pallas kernel (each row reads its own). t_round is the weight
+of the active rows' context lengths for the page loop (`xla`) and the Pallas kernel (each row reads its own).
+The page loop also pays for its work list and final combine over every slot's table width whatever the
+slots hold: the `round_table` term, B * S, for `xla` only. t_round is the weight
 read of a decode round (memory-bound), t_round_slot and t_chunk_token the per-token matmul cost
 (compute-bound), the attention terms the KV read. The engine's usual prefill step is mixed (a chunk
 plus one decode round of the running slots) and the device overlaps part of the two; a chunk with no
@@ -35,7 +37,7 @@ from jaxinfer.config import RESOLVED_ATTENTION_BACKENDS, EngineConfig
 from jaxinfer.engine.scheduler import StepPlan, step_buckets
 
 FEATURES = ("dispatch", "chunk", "chunk_token", "chunk_attention", "chunk_alone", "chunk_alone_token", "round",
-            "round_slot", "round_attention")
+            "round_slot", "round_attention", "round_table")
 LINK_BANDWIDTH = 450e9  # bytes/s one way per device: NVLink 4 (H100/H200 SXM)
 ALLREDUCE_LATENCY = 10e-6  # seconds per all-reduce, a small-message NCCL figure
 
@@ -61,8 +63,9 @@ def shape_of(plan: StepPlan, engine: EngineConfig) -> StepShape:
 def features(shape: StepShape, backend: str) -> np.ndarray:
     C, S, R, B = shape.chunk, shape.width, shape.rounds, shape.slots
     attention = B * S if backend == "reference" else shape.context
+    table = B * S if backend == "xla" else 0
     alone = C > 0 and R == 0
-    return np.array([1.0, C > 0, C, C * S, alone, alone * C, R, R * B, R * attention], np.float64)
+    return np.array([1.0, C > 0, C, C * S, alone, alone * C, R, R * B, R * attention, R * table], np.float64)
 
 
 @dataclasses.dataclass(frozen=True)
