@@ -235,8 +235,8 @@ def test_profile_then_plan_commands(tmp_path):
                "--max-model-len", "128", "--repeats", "1", "--output", str(profile))
     assert "fit: median relative error" in out
     saved = json.loads(profile.read_text())
-    # decode at 2 widths x 2 round counts and once a quarter busy, the chunk bucket mixed at 2 widths and alone
-    assert len(saved["notes"]["samples"]) == 8 and all(c >= 0 for c in saved["coefficients"].values())
+    # decode at 2 widths x (2 round counts + once a quarter busy), the chunk bucket mixed at 2 widths and alone
+    assert len(saved["notes"]["samples"]) == 9 and all(c >= 0 for c in saved["coefficients"].values())
     out = _cli("plan", "--profile", str(profile), "--slo", "ttft:60000,tpot:60000", "--request-rate", "2",
                "--num-requests", "40", "--input-len", "20", "--output-len", "6", "--decode-steps", "1", "4",
                "--json", str(tmp_path / "plan.json"))

@@ -3,7 +3,7 @@
 For each slot count asked for, the engine is built at that size and the bare jitted step is timed at
 the shapes the cost model needs to tell its terms apart: decode-only dispatches of 1 and
 `decode_steps` rounds at the narrowest and the widest block table, and one round with a quarter of
-the slots busy at the widest; mixed steps (a chunk beside one
+the slots busy at each; mixed steps (a chunk beside one
 decode round of every other slot, the engine's prefill step) for every chunk bucket at the narrowest
 and widest table that holds it; and the smallest and largest chunk alone. Each shape is timed as
 `repeats` steps dispatched back to back (the engine dispatches a step before reading the last, so host
@@ -33,8 +33,8 @@ def _plans(engine: EngineConfig):
     for W in sorted({widths[0], widths[-1]}):
         for k in sorted({1, engine.decode_steps}):
             yield "decode", decode_plan(engine, engine.max_slots, W * Z - k, k)
-    # A quarter of the slots busy: tells the KV read per token of context from costs per slot of table width.
-    yield "decode", decode_plan(engine, max(1, engine.max_slots // 4), widths[-1] * Z - 1, 1)
+        # A quarter of the slots busy: tells the KV read per token of context from costs per slot of table width.
+        yield "decode", decode_plan(engine, max(1, engine.max_slots // 4), W * Z - 1, 1)
     rng = np.random.default_rng(0)
     for C in chunks:
         fitting = [W for W in widths if W * Z >= C]
