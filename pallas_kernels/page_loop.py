@@ -37,9 +37,9 @@ def page_loop_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, 
 
     def items(i, partials):
         take = lambda a: lax.dynamic_slice_in_dim(a, i * I, I)  # noqa: E731
-        r, c, live = take(row), take(col), take(item_live)
-        k = k_pool[layer, :, take(page_ids)].astype(jnp.float32)  # [I, K, Z, H]
-        v = v_pool[layer, :, take(page_ids)].astype(jnp.float32)
+        r, c, live, ids = take(row), take(col), take(item_live), take(page_ids)
+        k = k_pool[layer, :, ids].astype(jnp.float32)  # [I, K, Z, H]
+        v = v_pool[layer, :, ids].astype(jnp.float32)
         s = jnp.einsum("IKGH,IKZH->IKGZ", qg[r], k, precision=lax.Precision.HIGHEST)
         key_pos = c[:, None] * Z + jnp.arange(Z)
         visible = live[:, None] & (key_pos < lengths[r][:, None]) & (key_pos >= first[r][:, None])  # [I, Z]
