@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -38,10 +39,10 @@ TARGETS = {"static": 2.0, "hf": 3.0, "ceiling": 0.85}  # engine / static, engine
 # --- hand-built step plans ------------------------------------------------------------------
 
 
-def _plan(engine: EngineConfig, positions, steps, tables, prefill: PrefillChunk | None) -> StepPlan:
+def _plan(engine: EngineConfig, positions, steps, tables, prefills: list[PrefillChunk]) -> StepPlan:
     B = engine.max_slots
     return StepPlan(positions, steps, int(steps.max()), tables, neutral_sampling(B), np.zeros(B, np.int32),
-                    np.full((B, MAX_BANNED), -1, np.int32), prefill, {})
+                    np.full((B, MAX_BANNED), -1, np.int32), prefills, {})
 
 
 def _check_room(engine: EngineConfig, slots: int, last_token: int) -> int:
@@ -65,7 +66,7 @@ def decode_plan(engine: EngineConfig, batch: int, context: int, k: int) -> StepP
     tables[:batch, :per_slot] = 1 + np.arange(batch * per_slot).reshape(batch, per_slot)
     positions, steps = np.full(B, -1, np.int32), np.zeros(B, np.int32)
     positions[:batch], steps[:batch] = context, k
-    return _plan(engine, positions, steps, tables, None)
+    return _plan(engine, positions, steps, tables, [])
 
 
 def prefill_plan(engine: EngineConfig, tokens, start: int = 0) -> StepPlan:
@@ -76,7 +77,7 @@ def prefill_plan(engine: EngineConfig, tokens, start: int = 0) -> StepPlan:
     tables = np.zeros((B, P), np.int32)
     tables[0, :per_slot] = 1 + np.arange(per_slot)
     chunk = PrefillChunk(slot=0, tokens=tokens, start=start, sample=True, next_tokens=None, load_penalties=False)
-    return _plan(engine, np.full(B, -1, np.int32), np.zeros(B, np.int32), tables, chunk)
+    return _plan(engine, np.full(B, -1, np.int32), np.zeros(B, np.int32), tables, [chunk])
 
 
 def time_step(runner: ModelRunner, plan: StepPlan, repeats: int) -> float:
@@ -133,8 +134,13 @@ class Workload:
         context = sum((o - 1) * len(p) + (o - 1) * (o - 2) / 2 for p, o in zip(self.prompts, self.output_lens))
         return context / max(total, 1)
 
-    def prefill_chunks(self, chunk: int) -> list[tuple[int, int]]:
-        """(start, length) of every prefill chunk, as the scheduler cuts prompts."""
+    def prefill_chunks(self, chunk: int, packs: int = 1) -> list[tuple[int, int]]:
+        """(start, length) of every prefill chunk, as the scheduler cuts prompts. Packing several prompts
+        per step (`packs` > 1), the fewest full-budget chunks that hold every prompt token, each at
+        position 0 (every packed step runs the whole budget)."""
+        if packs > 1:
+            steps = max(math.ceil(self.prompt_tokens / chunk), math.ceil(len(self.prompts) / packs))
+            return [(0, chunk)] * steps
         return [(start, min(chunk, len(p) - start)) for p in self.prompts for start in range(0, len(p), chunk)]
 
 
@@ -166,12 +172,13 @@ class _TimedExecutor:
     def __init__(self, inner, max_slots: int):
         self.inner, self.max_slots = inner, max_slots
         self.waiting = 0.0
-        self.dispatches = self.prefill_chunks = self.decode_steps = self.decode_tokens = 0
+        self.dispatches = self.prefill_chunks = self.prompt_chunks = self.decode_steps = self.decode_tokens = 0
         self.by_num_steps: dict[int, int] = {}
 
     def dispatch(self, plan: StepPlan):
         self.dispatches += 1
-        self.prefill_chunks += plan.prefill is not None
+        self.prefill_chunks += bool(plan.prefills)
+        self.prompt_chunks += len(plan.prefills)
         self.decode_steps += plan.num_steps
         self.decode_tokens += int(plan.steps.sum())
         self.by_num_steps[plan.num_steps] = self.by_num_steps.get(plan.num_steps, 0) + 1
@@ -212,7 +219,7 @@ class _Measured:
         return {"steps": after.steps - before.steps, "preemptions": after.preemptions - before.preemptions,
                 "prefill_tokens_computed": after.prefill_tokens_computed - before.prefill_tokens_computed,
                 "compile_seconds_during_run": self.compiling, "dispatches": t.dispatches,
-                "prefill_chunks": t.prefill_chunks, "dispatches_by_decode_steps": dict(sorted(t.by_num_steps.items())),
+                "prefill_chunks": t.prefill_chunks, "prompt_chunks": t.prompt_chunks, "dispatches_by_decode_steps": dict(sorted(t.by_num_steps.items())),
                 "decode_slot_use": t.decode_tokens / max(t.decode_steps * t.max_slots, 1),
                 "host_ms_per_dispatch": (self.seconds - t.waiting) / n * 1e3, "wait_ms_per_dispatch": t.waiting / n * 1e3,
                 "cores_used": self.cores_used}
@@ -275,7 +282,7 @@ def run_ceiling(runner: ModelRunner, workload: Workload, repeats: int) -> tuple[
     rng = np.random.default_rng(0)
     chunk_time: dict = {}
     prefill_seconds = 0.0
-    for start, length in workload.prefill_chunks(engine.prefill_chunk):
+    for start, length in workload.prefill_chunks(engine.prefill_chunk, engine.max_prefill_seqs):
         plan = prefill_plan(engine, rng.integers(0, runner.cfg.vocab_size, length), start)
         key = runner.layout_for(plan)
         if key not in chunk_time:
@@ -463,7 +470,8 @@ def _header(source, workload: Workload, engine: EngineConfig) -> str:
     w = _describe_workload(workload)
     return (f"# jaxinfer bench offline: {source.config_path} on {machine()}\n"
             f"# {w['requests']} requests, {w['prompt_tokens']} prompt + {w['output_tokens']} output tokens "
-            f"(ignore_eos, greedy); engine: {engine.max_slots} slots, prefill chunk {engine.prefill_chunk}, "
+            f"(ignore_eos, greedy); engine: {engine.max_slots} slots, prefill chunk {engine.prefill_chunk} "
+            f"(up to {engine.max_prefill_seqs or 'auto'} prompts a step), "
             f"{engine.decode_steps} decode steps per dispatch, page size {engine.page_size}, "
             f"max_model_len {engine.max_model_len}, dtype {engine.dtype}")
 
@@ -473,7 +481,8 @@ def _describe_run(run: Run) -> str:
     d = run.details
     if "dispatches" in d:
         uses = ", ".join(f"{n}x k={k}" for k, n in d["dispatches_by_decode_steps"].items())
-        return (f"{head}\n  {d['steps']} steps ({uses}), {d['prefill_chunks']} with a prefill chunk, "
+        return (f"{head}\n  {d['steps']} steps ({uses}), {d['prefill_chunks']} with a prefill chunk "
+                f"({d['prompt_chunks']} prompts' chunks in them), "
                 f"{d['preemptions']} preemptions, decode slots in use {d['decode_slot_use']:.0%}; host "
                 f"{d['host_ms_per_dispatch']:.1f} ms and waiting on the device {d['wait_ms_per_dispatch']:.1f} ms "
                 f"per dispatch; {d['compile_seconds_during_run']:.1f}s compiling during the run (excluded); "

@@ -212,6 +212,7 @@ def _sliding_window(hf: dict, model_type: str) -> int | None:
 DTYPES = ("float32", "bfloat16", "float16")
 MIN_WIDTH_TOKENS = 64  # narrower block tables save little gathering and cost a compile each
 CPU_KV_CACHE_BYTES = 1 << 30  # the CPU KV pool's cap
+PALLAS_PREFILL_SEQS = 8  # prompts one step packs by default where the ragged Pallas kernel runs prefill
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -244,6 +245,7 @@ class EngineConfig:
     prefill_chunk: int = 256  # the prefill token budget of one step; longer prompts are chunked
     min_prefill_bucket: int = 16
     decode_steps: int = 4  # decode steps per dispatch when no prompt waits for prefill
+    max_prefill_seqs: int | None = None  # prompts whose chunks one step may pack; None: 8 with Pallas, else 1
     enable_prefix_caching: bool = True
     dtype: str = "auto"  # auto: float32 on CPU; on accelerators the checkpoint's half dtype or bfloat16
     attention_backend: str = "auto"  # auto: our Pallas kernels on GPU, the page-loop jnp path (xla) elsewhere
@@ -259,6 +261,8 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"attention_backend {self.attention_backend!r} is not one of "
                               f"{', '.join(ATTENTION_BACKENDS)}")
+        if self.max_prefill_seqs is not None and self.max_prefill_seqs < 1:
+            raise ConfigError(f"max_prefill_seqs must be positive, got {self.max_prefill_seqs}")
         if self.num_pages is not None and self.num_pages < 2:
             raise ConfigError(f"num_pages must be at least 2 (page 0 is the null page), got {self.num_pages}")
         shape = tuple(self.mesh_shape)
@@ -278,7 +282,11 @@ class EngineConfig:
         backend = self.attention_backend
         if backend == "auto":
             backend = "pallas" if platform == "gpu" else "xla"
-        return dataclasses.replace(self, max_model_len=max_len, dtype=dtype, attention_backend=backend)
+        # Packing costs nothing extra in the ragged Pallas kernel; the jnp paths attend one padded row
+        # per packed prompt, so there it is opt-in.
+        packed = self.max_prefill_seqs or (PALLAS_PREFILL_SEQS if backend == "pallas" else 1)
+        return dataclasses.replace(self, max_model_len=max_len, dtype=dtype, attention_backend=backend,
+                                   max_prefill_seqs=packed)
 
     def kv_bytes_per_page(self, model: ModelConfig) -> int:
         """K and V of one page over all layers, in the resolved dtype."""
@@ -317,7 +325,11 @@ class EngineConfig:
         return math.ceil(self.max_model_len / self.page_size)
 
     def prefill_buckets(self) -> tuple[int, ...]:
-        """Powers of two from min_prefill_bucket up to prefill_chunk (the last one exact)."""
+        """Powers of two from min_prefill_bucket up to prefill_chunk (the last one exact). A step that may
+        pack several prompts always runs the whole budget: where a prompt's chunks are cut then depends
+        on its neighbours, and a token's matmul rounding must not depend on the bucket it lands in."""
+        if (self.max_prefill_seqs or 1) > 1:
+            return (self.prefill_chunk,)
         sizes, size = [], self.min_prefill_bucket
         while size < self.prefill_chunk:
             sizes.append(size)

@@ -44,7 +44,7 @@ def _checked_backend(requested: EngineConfig, engine: EngineConfig, cfg: ModelCo
     if problem is None:
         return engine
     log.warning("Pallas attention failed its start-up check, using the reference attention: %s", problem)
-    return dataclasses.replace(engine, attention_backend="reference")
+    return dataclasses.replace(engine, attention_backend="reference", max_prefill_seqs=requested.max_prefill_seqs or 1)
 
 
 def kv_budget_bytes(engine: EngineConfig, cfg: ModelConfig, mesh) -> int:
@@ -79,9 +79,9 @@ def agree(engine: EngineConfig) -> EngineConfig:
     if jax.process_count() == 1:
         return engine
     backends = RESOLVED_ATTENTION_BACKENDS
-    mine = np.asarray([engine.num_pages, backends.index(engine.attention_backend)], np.int32)
-    num_pages, backend = (int(v) for v in multihost_utils.broadcast_one_to_all(mine))
-    return dataclasses.replace(engine, num_pages=num_pages, attention_backend=backends[backend])
+    mine = np.asarray([engine.num_pages, backends.index(engine.attention_backend), engine.max_prefill_seqs], np.int32)
+    num_pages, backend, packs = (int(v) for v in multihost_utils.broadcast_one_to_all(mine))
+    return dataclasses.replace(engine, num_pages=num_pages, attention_backend=backends[backend], max_prefill_seqs=packs)
 
 
 def load_engine(model: str | Path | None = None, engine: EngineConfig | None = None,

@@ -1,7 +1,8 @@
 """Device side of the engine: parameters, the paged KV pool, per-slot state and the jitted step.
 
 One jitted function runs every step (`_step`): an optional prefill chunk
-`[1, C]` of one sequence, then up to `decode_steps` decode steps of every slot
+`[1, C]` packing the next tokens of up to `max_prefill_seqs` prompts (E), then
+up to `decode_steps` decode steps of every slot
 `[B, 1]` in a `while_loop` whose trip count is data (so one decode step, or
 four, run the same compiled body: a row's arithmetic never depends on the
 batch). Decode rows read their input token from the device-side `SlotState`,
@@ -65,16 +66,16 @@ class Layout:
     fields: tuple[tuple[str, tuple[int, ...], str], ...]
 
     @classmethod
-    def build(cls, B: int, W: int, C: int, prompt_logprobs: bool) -> "Layout":
+    def build(cls, B: int, W: int, C: int, E: int, prompt_logprobs: bool) -> "Layout":
         f32, i32, u32 = "float32", "int32", "uint32"
         fields = [("positions", (B,), i32), ("steps", (B,), i32), ("num_steps", (), i32),
                   ("block_tables", (B, W), i32), ("min_tokens_left", (B,), i32), ("banned", (B, MAX_BANNED), i32),
                   ("temperature", (B,), f32), ("top_k", (B,), i32), ("top_p", (B,), f32), ("min_p", (B,), f32),
                   ("presence_penalty", (B,), f32), ("frequency_penalty", (B,), f32),
                   ("repetition_penalty", (B,), f32), ("seed", (B,), u32), ("wants_logprobs", (B,), i32)]
-        if C:
-            fields += [("prefill_tokens", (C,), i32), ("prefill_start", (), i32), ("prefill_length", (), i32),
-                       ("prefill_slot", (), i32), ("prefill_sample", (), i32)]
+        if C:  # E packed prompts: unused entries have length 0
+            fields += [("prefill_tokens", (C,), i32), ("prefill_start", (E,), i32), ("prefill_length", (E,), i32),
+                       ("prefill_slot", (E,), i32), ("prefill_sample", (E,), i32)]
         if prompt_logprobs:
             fields += [("next_tokens", (C,), i32)]
         return cls(tuple(fields))
@@ -113,33 +114,37 @@ def _sampling(x: dict, banned_now: jax.Array) -> SamplingTensors:
 
 
 def _prefill(params, kv, x: dict, cfg, attention, prompt_logprobs: bool):
-    """Run the chunk into the pool; -> (kv, logits after its last token [1, V], prompt logprobs packed
-    [C, PACK - 1] or None)."""
+    """Run the packed chunk into the pool; -> (kv, logits after each prompt's last chunk token [E, V], prompt
+    logprobs packed [C, PACK - 1] or None)."""
     C = x["prefill_tokens"].shape[0]
-    slot, start, length = x["prefill_slot"], x["prefill_start"], x["prefill_length"]
+    length = x["prefill_length"]
+    ends = jnp.cumsum(length)
     index = jnp.arange(C)
-    positions = jnp.where(index < length, start + index, -1)
-    table = x["block_tables"][slot][None]
-    h, kv = forward(params, cfg, Batch(x["prefill_tokens"][None], positions[None], table), kv, attention)
+    rows = jnp.minimum(jnp.searchsorted(ends, index, side="right"), length.shape[0] - 1)  # [C] its prompt
+    offset = index - (ends - length)[rows]
+    positions = jnp.where(index < ends[-1], x["prefill_start"][rows] + offset, -1)
+    tables = x["block_tables"][x["prefill_slot"]]
+    batch = Batch(x["prefill_tokens"][None], positions[None], tables, rows[None])
+    h, kv = forward(params, cfg, batch, kv, attention)
     prompt = None
     if prompt_logprobs:
         lp, rank, top_ids, top_lps = token_logprobs(logits(params, cfg, h[0]), x["next_tokens"])
         as_bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.int32)
         prompt = jnp.concatenate([rank[:, None], as_bits(lp)[:, None], top_ids, as_bits(top_lps)], axis=1)
-    return kv, logits(params, cfg, h[0, length - 1][None]), prompt
+    return kv, logits(params, cfg, h[0, jnp.maximum(ends - 1, 0)]), prompt
 
 
 def _decode(params, kv, state: SlotState, x: dict, cfg, attention, max_steps: int, prefill_logits):
     """`num_steps` rounds of decoding every slot (slot b decodes in the first `steps[b]` of them);
-    in round 0 the prefill's slot samples from `prefill_logits` instead (one compiled sampler for
-    both). -> int32 [S, B, PACK]."""
+    in round 0 the slots whose prompt chunk ended sample from `prefill_logits` [E, V] instead (one
+    compiled sampler for both). -> int32 [S, B, PACK]."""
     B = state.tokens.shape[0]
-    rows = jnp.arange(B)
-    if prefill_logits is None:
-        takes_prefill, prefill_position = jnp.zeros(B, bool), 0
-    else:
-        takes_prefill = (rows == x["prefill_slot"]) & (x["prefill_sample"] > 0)
-        prefill_position = x["prefill_start"] + x["prefill_length"]
+    takes_prefill, prefill_position = jnp.zeros(B, bool), jnp.zeros(B, jnp.int32)
+    if prefill_logits is not None:
+        sampled_slot = jnp.where((x["prefill_sample"] > 0) & (x["prefill_length"] > 0), x["prefill_slot"], B)
+        takes_prefill = takes_prefill.at[sampled_slot].set(True, mode="drop")
+        prefill_position = prefill_position.at[sampled_slot].set(x["prefill_start"] + x["prefill_length"],
+                                                                 mode="drop")
 
     def body(carry):
         i, kv, state, out = carry
@@ -150,7 +155,8 @@ def _decode(params, kv, state: SlotState, x: dict, cfg, attention, max_steps: in
         step_logits = logits(params, cfg, h[:, 0])
         from_prefill = takes_prefill & (i == 0)
         if prefill_logits is not None:
-            step_logits = jnp.where(from_prefill[:, None], prefill_logits, step_logits)
+            target = jnp.where(i == 0, sampled_slot, B)
+            step_logits = step_logits.at[target].set(prefill_logits, mode="drop")
         sample_positions = jnp.where(from_prefill, prefill_position, positions + 1)
         s = sample(step_logits, _sampling(x, i < x["min_tokens_left"]), sample_positions, state.penalties)
         sampled = active | from_prefill
@@ -269,8 +275,8 @@ class ModelRunner:
         """The one step shape every shard's plan fits: the widest block table, the longest chunk."""
         plans = [p for p in self._plans(plan) if p is not None]
         C, W = step_buckets(self.engine, plans)
-        scored = any(p.prefill is not None and p.prefill.next_tokens is not None for p in plans)
-        return Layout.build(self.local.max_slots, W, C, scored)
+        scored = any(chunk.next_tokens is not None for p in plans for chunk in p.prefills)
+        return Layout.build(self.local.max_slots, W, C, self.local.max_prefill_seqs, scored)
 
     def _values(self, plan: StepPlan | None, layout: Layout) -> dict:
         """One shard's inputs for `layout`; an idle shard (None) decodes nothing and prefills no tokens."""
@@ -278,21 +284,22 @@ class ModelRunner:
         if plan is None:
             plan = StepPlan(np.full(B, -1, np.int32), np.zeros(B, np.int32), 0, np.zeros((B, W), np.int32),
                             neutral_sampling(B), np.zeros(B, np.int32), np.full((B, MAX_BANNED), -1, np.int32),
-                            None, {})
+                            [], {})
         values = dict(plan.sampling, positions=plan.positions, steps=plan.steps, num_steps=plan.num_steps,
                       block_tables=plan.block_tables[:, :W], min_tokens_left=plan.min_tokens_left, banned=plan.banned)
         C = (layout.shape("prefill_tokens") or (0,))[0]
         if C:
-            chunk = plan.prefill
-            tokens = np.zeros(C, np.int32)
-            values.update(prefill_tokens=tokens, prefill_start=0, prefill_length=0, prefill_slot=0, prefill_sample=0)
-            if chunk is not None:
-                tokens[:len(chunk.tokens)] = chunk.tokens
-                values.update(prefill_start=chunk.start, prefill_length=len(chunk.tokens), prefill_slot=chunk.slot,
-                              prefill_sample=int(chunk.sample))
+            E = layout.shape("prefill_slot")[0]
+            chunks = plan.prefills
+            per_prompt = {name: np.zeros(E, np.int32) for name in ("start", "length", "slot", "sample")}
+            for e, chunk in enumerate(chunks):
+                for name, value in zip(per_prompt, (chunk.start, len(chunk.tokens), chunk.slot, chunk.sample)):
+                    per_prompt[name][e] = value
+            values.update({f"prefill_{name}": row for name, row in per_prompt.items()})
+            values["prefill_tokens"] = _packed([chunk.tokens for chunk in chunks], C)
             if layout.shape("next_tokens") is not None:
-                following = chunk.next_tokens if chunk is not None and chunk.next_tokens is not None else []
-                values["next_tokens"] = np.pad(np.asarray(following, np.int32), (0, C - len(following)))
+                values["next_tokens"] = _packed([chunk.next_tokens if chunk.next_tokens is not None
+                                                 else np.zeros(len(chunk.tokens), np.int32) for chunk in chunks], C)
         return values
 
     def dispatch(self, plan) -> jax.Array:
@@ -301,8 +308,9 @@ class ModelRunner:
         plans = self._plans(plan)
         layout = self.layout_for(plans)
         for shard, p in enumerate(plans):
-            if p is not None and p.prefill is not None and p.prefill.load_penalties:
-                self._load_penalties(shard * self.local.max_slots + p.prefill.slot, p.seqs[p.prefill.slot])
+            for chunk in p.prefills if p is not None else []:
+                if chunk.load_penalties:
+                    self._load_penalties(shard * self.local.max_slots + chunk.slot, p.seqs[chunk.slot])
         packed = np.stack([layout.pack(self._values(p, layout)) for p in plans])
         C = (layout.shape("prefill_tokens") or (0,))[0]
         distributed.announce(distributed.STEP, (layout.shape("block_tables")[1], C,
@@ -328,7 +336,8 @@ class ModelRunner:
     def replay_step(self, fields: np.ndarray, payload: np.ndarray) -> None:
         """A step process 0 announced (processes other than 0)."""
         W, C, scored = (int(f) for f in fields[:3])
-        self._run(Layout.build(self.local.max_slots, W, C, bool(scored)), payload.reshape(self.shards, -1))
+        self._run(Layout.build(self.local.max_slots, W, C, self.local.max_prefill_seqs, bool(scored)),
+                  payload.reshape(self.shards, -1))
 
     def score(self, tokens: np.ndarray, start: int, block_table: np.ndarray) -> np.ndarray:
         """Write one chunk (positions start..start+len) into the given pages of data shard 0; -> logits
@@ -365,8 +374,16 @@ class ModelRunner:
             for W in self.page_buckets:
                 if C and W * Z < shortest[C] and W != self.page_buckets[-1]:
                     continue  # no chunk padded to C ends this early
-                self._executable(Layout.build(B, W, C, False))
+                self._executable(Layout.build(B, W, C, self.local.max_prefill_seqs, False))
         log.info("warm-up: %d executables compiled in %.1fs", self.num_compiles, self.compile_seconds)
+
+
+def _packed(parts: list, size: int) -> np.ndarray:
+    """Token rows end to end, zero-padded to `size`."""
+    out = np.zeros(size, np.int32)
+    joined = np.concatenate(parts) if parts else out[:0]
+    out[:len(joined)] = joined
+    return out
 
 
 def _global(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -387,9 +404,8 @@ def unpack_result(out: np.ndarray, plan: StepPlan, max_steps: int) -> StepResult
     as_float = lambda a: np.ascontiguousarray(a).view(np.float32)  # noqa: E731
     result = StepResult(rows[:, :, 0], as_float(rows[:, :, 2]), rows[:, :, 1], rows[:, :, 3:3 + MAX_LOGPROBS],
                         as_float(rows[:, :, 3 + MAX_LOGPROBS:]))
-    chunk = plan.prefill
-    if chunk is not None and chunk.next_tokens is not None:
-        prompt = out[max_steps * B * PACK:].reshape(-1, PACK - 1)[:len(chunk.tokens)]
+    if any(chunk.next_tokens is not None for chunk in plan.prefills):
+        prompt = out[max_steps * B * PACK:].reshape(-1, PACK - 1)[:sum(len(chunk.tokens) for chunk in plan.prefills)]
         result.prompt_logprobs = (as_float(prompt[:, 1]), prompt[:, 0], prompt[:, 2:2 + MAX_LOGPROBS],
                                   as_float(prompt[:, 2 + MAX_LOGPROBS:]))
     return result

@@ -3,7 +3,9 @@
 `reference` is plain jnp (XLA gathers the pages); `xla` is the reference with
 decode steps (`T == 1`) walked page by page (`page_loop.py`), the fast path off
 GPU; `pallas` runs our kernels: the decode kernel for `T == 1` steps, the ragged
-prefill kernel otherwise (rows packed by their valid tokens). Which backend
+prefill kernel otherwise (rows packed by their valid tokens). A packed prefill
+chunk (`rows` given: one row of several prompts' tokens) goes to the ragged
+kernel as it is; the jnp paths lay each prompt into a row of its own first. Which backend
 `auto` means is decided with the rest of the engine config (Pallas on GPU, `xla`
 elsewhere); Pallas off GPU runs in interpret mode (tests).
 """
@@ -23,9 +25,18 @@ from pallas_kernels.paged_reference import paged_attention_reference
 from pallas_kernels.ragged_prefill import ragged_prefill_attention, ragged_prefill_reference
 
 
-def _pallas_step_attention(q, k_pool, v_pool, layer, block_tables, positions, sliding_window, *, interpret):
+def _pallas_step_attention(q, k_pool, v_pool, layer, block_tables, positions, sliding_window, rows=None, *,
+                           interpret):
     """q [B, T, N, H], positions [B, T] (-1 = padding) -> [B, T, N, H] through the kernels."""
     B, T, N, H = q.shape
+    if rows is not None:
+        valid = positions[0] >= 0
+        E = block_tables.shape[0]
+        q_lens = jnp.zeros(E, jnp.int32).at[rows[0]].add(valid.astype(jnp.int32))
+        kv_lens = jnp.zeros(E, jnp.int32).at[rows[0]].max(jnp.where(valid, positions[0] + 1, 0))
+        cu_q_lens = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(q_lens).astype(jnp.int32)])
+        return ragged_prefill_attention(q[0], k_pool, v_pool, layer, block_tables, cu_q_lens, kv_lens,
+                                        sliding_window=sliding_window, interpret=interpret)[None]
     if T == 1:
         lengths = positions[:, 0] + 1  # an empty slot (-1) has length 0
         out = paged_decode_attention(q[:, 0], k_pool, v_pool, layer, block_tables, lengths,
@@ -39,6 +50,24 @@ def _pallas_step_attention(q, k_pool, v_pool, layer, block_tables, positions, sl
     packed = ragged_prefill_attention(q.reshape(B * T, N, H)[order], k_pool, v_pool, layer, block_tables,
                                       cu_q_lens, kv_lens, sliding_window=sliding_window, interpret=interpret)
     return jnp.zeros_like(packed).at[order].set(packed).reshape(B, T, N, H)
+
+
+def _row_per_prompt(attention):
+    """`attention` over [B, T] rows, made to take a packed chunk too: each prompt's tokens are laid from
+    column 0 of a row of their own (as if its chunk ran alone), attended, and packed back."""
+
+    def attend(q, k_pool, v_pool, layer, block_tables, positions, sliding_window=None, rows=None):
+        if rows is None:
+            return attention(q, k_pool, v_pool, layer, block_tables, positions, sliding_window)
+        rows = rows[0]
+        column = jnp.arange(rows.shape[0]) - jnp.searchsorted(rows, rows, side="left")
+        E, T = block_tables.shape[0], q.shape[1]
+        q_rows = jnp.zeros((E,) + q.shape[1:], q.dtype).at[rows, column].set(q[0])
+        row_positions = jnp.full((E, T), -1, positions.dtype).at[rows, column].set(positions[0])
+        out = attention(q_rows, k_pool, v_pool, layer, block_tables, row_positions, sliding_window)
+        return out[rows, column][None]
+
+    return attend
 
 
 def _page_loop_step_attention(q, k_pool, v_pool, layer, block_tables, positions, sliding_window=None):
@@ -55,20 +84,24 @@ def step_attention(backend: str, mesh=None):
     whose 'model' axis has several devices) the kernels run per device inside `shard_map`, on that
     device's query heads and KV heads (the same G per KV head); the plain-jnp backends are left to XLA."""
     if backend == "reference":
-        return paged_attention_reference
+        return _row_per_prompt(paged_attention_reference)
     if backend == "xla":
-        return _page_loop_step_attention
+        return _row_per_prompt(_page_loop_step_attention)
     kernel = functools.partial(_pallas_step_attention, interpret=jax.default_backend() != "gpu")
     if mesh is None or mesh.shape["model"] == 1:
         return kernel
     heads, pool, whole = logical_spec(("batch", "tokens", "heads")), logical_spec(("layers", "kv_heads")), P()
 
-    def per_device(q, k_pool, v_pool, layer, block_tables, positions, sliding_window=None):
-        local = functools.partial(kernel, sliding_window=sliding_window)
+    def per_device(q, k_pool, v_pool, layer, block_tables, positions, sliding_window=None, rows=None):
+        def local(*args):  # the packed chunk's `rows`, when given, is the 7th argument
+            return kernel(*args[:6], sliding_window=sliding_window, rows=args[6] if len(args) > 6 else None)
+
+        args, specs = (q, k_pool, v_pool, layer, block_tables, positions), (heads, pool, pool, whole, whole, whole)
+        if rows is not None:
+            args, specs = args + (rows,), specs + (whole,)
         context = jax.sharding.get_abstract_mesh()  # inside the step's shard_map over 'data': its mesh
-        return jax.shard_map(local, mesh=mesh if context.empty else context, in_specs=(heads, pool, pool, whole, whole, whole), out_specs=heads,
-                             axis_names=set(model_axes()), check_vma=False)(
-            q, k_pool, v_pool, layer, block_tables, positions)
+        return jax.shard_map(local, mesh=mesh if context.empty else context, in_specs=specs, out_specs=heads,
+                             axis_names=set(model_axes()), check_vma=False)(*args)
 
     return per_device
 

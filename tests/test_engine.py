@@ -25,7 +25,7 @@ ATOL = 1e-3  # logprobs from the step vs a separate scoring pass: the trained mo
 def llm():
     return LLM(engine=EngineConfig(max_slots=6, page_size=16, prefill_chunk=64, min_prefill_bucket=64,
                                    max_model_len=384, decode_steps=4, num_pages=200,
-                                   enable_prefix_caching=False))
+                                   enable_prefix_caching=False, max_prefill_seqs=4))
 
 
 def engine_like(llm, **changes) -> Engine:
@@ -67,10 +67,15 @@ def _workload(seed: int, count: int, longest: int):
     return requests, rng.integers(0, 60, count).tolist()
 
 
-def test_outputs_do_not_depend_on_the_batch(llm):
-    """64 requests (1 to 300 prompt tokens) arriving at random steps give each exactly what it gets alone."""
+def test_outputs_do_not_depend_on_the_batch(llm, monkeypatch):
+    """64 requests (1 to 300 prompt tokens) arriving at random steps give each exactly what it gets alone,
+    though their prompts were cut into chunks and packed with others' as the traffic fell."""
     requests, arrivals = _workload(0, 64, 300)
+    packed, dispatch = [], llm.engine.executor.dispatch
+    monkeypatch.setattr(llm.engine.executor, "dispatch", lambda plan: packed.append(len(plan.prefills)) or dispatch(plan))
     together = run(llm.engine, requests, arrivals)
+    monkeypatch.undo()
+    assert max(packed) == 4 and packed.count(2) + packed.count(3) > 0, "no step packed several prompts"
     for (prompt, params), out in zip(requests, together):
         assert out.outputs[0].token_ids == alone(llm, prompt, params), f"prompt of {len(prompt)} tokens"
         assert out.outputs[0].finish_reason == "length"

@@ -64,8 +64,9 @@ def check_invariants(engine, plans_seen: int) -> int:
             assert page in s.pages._hash_of, f"page {page} is shared but holds no cached prefix"
     plans = engine.executor.dispatched
     for plan in plans[plans_seen:]:
-        if plan.prefill is not None:
-            assert 1 <= len(plan.prefill.tokens) <= cfg.prefill_chunk
+        packed = sum(len(chunk.tokens) for chunk in plan.prefills)
+        assert packed <= cfg.prefill_chunk and len(plan.prefills) <= (cfg.max_prefill_seqs or 1)
+        assert all(len(chunk.tokens) >= 1 for chunk in plan.prefills)
         assert plan.steps.max(initial=0) <= cfg.decode_steps
         assert plan.num_steps >= plan.steps.max(initial=0)
     return len(plans)
@@ -116,7 +117,7 @@ def workloads(draw):
     cfg = dict(max_slots=draw(st.integers(1, 5)), page_size=page_size, max_model_len=max_model_len,
                num_pages=draw(st.integers(max(2, per_seq * 2 // 3), per_seq + 8)),  # tight: preemption, refusals
                prefill_chunk=draw(st.integers(1, 12)), decode_steps=draw(st.integers(1, 4)),
-               enable_prefix_caching=draw(st.booleans()))
+               enable_prefix_caching=draw(st.booleans()), max_prefill_seqs=draw(st.sampled_from([1, 1, 2, 4])))
     eos = draw(st.sampled_from([(), (EOS,), (EOS, 11)]))
     token = st.integers(0, VOCAB - 1)
     shared = draw(st.lists(st.lists(token, min_size=1, max_size=40), min_size=1, max_size=3))
@@ -216,6 +217,26 @@ def test_repeated_prefix_is_served_from_cache():
     assert computed[True] == computed[False] - 24
 
 
+def test_short_prompts_share_a_step_up_to_the_token_budget():
+    """With room for 4 prompts per step, prompts of 5, 6 and 20 tokens fill the first step's 16-token budget
+    in arrival order (the last one cut short) and the rest of the long one comes next; with 1 they go one
+    per step as before. The outputs are the same either way."""
+    lengths = (5, 6, 20)
+    params = SamplingParams(max_tokens=4, seed=3, ignore_eos=True)
+    for packs, first_chunks in ((4, [(5, True), (6, True), (5, False)]), (1, [(5, True)])):
+        engine = make_engine(prefill_chunk=16, max_prefill_seqs=packs)
+        requests = [(p, engine.add_request(p, params, stream=False)) for p in [prompts(1, n, seed=i)[0] for i, n in enumerate(lengths)]]
+        finals = run(engine)
+        first, second = engine.executor.dispatched[:2]
+        assert [(len(c.tokens), c.sample) for c in first.prefills] == first_chunks
+        if packs > 1:
+            assert [(c.start, len(c.tokens)) for c in second.prefills] == [(5, 15)]
+            assert first.num_steps == 1 and sorted(first.seqs) == [0, 1, 2]
+        for prompt, request_id in requests:
+            assert finals[request_id].outputs[0].token_ids == expected(engine, prompt, params)
+        engine.check_idle()
+
+
 def test_preemption_under_a_tiny_pool():
     """Twelve requests of 4 + 24 tokens through a pool of 17 two-token pages (one sequence needs 14): short
     prompts are admitted together, then outgrow the pool, so sequences are preempted and recomputed, yet
@@ -297,8 +318,8 @@ def test_lower_priority_value_is_admitted_first():
     order = {engine.add_request([1, 2, 3], SamplingParams(max_tokens=2), priority=prio, stream=False): prio
              for prio in (3, 0, 3, -1, 0)}
     run(engine)
-    admitted = [plan.seqs[plan.prefill.slot].request_id for plan in engine.executor.dispatched
-                if plan.prefill is not None and plan.prefill.start == 0]
+    admitted = [plan.seqs[chunk.slot].request_id for plan in engine.executor.dispatched
+                for chunk in plan.prefills if chunk.start == 0]
     assert admitted == sorted(order, key=lambda rid: (order[rid], int(rid.split("-")[1])))
 
 

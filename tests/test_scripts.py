@@ -37,3 +37,13 @@ def test_bench_offline_tiny(tmp_path):
         assert row in table, row
     runs = json.loads((tmp_path / "bench.json").read_text())["runs"]
     assert {run["output_tokens"] for run in runs.values()} == {runs["engine"]["output_tokens"]}
+
+
+def test_ceiling_counts_packed_prefill_as_full_budget_chunks():
+    """Unpacked, the ceiling times each prompt's own chunks; packed, the fewest whole-budget steps that hold
+    every prompt token within the prompts-per-step limit."""
+    from jaxinfer.bench import Workload
+    workload = Workload(((1,) * 5, (1,) * 6, (1,) * 20), (1, 1, 1))
+    assert workload.prefill_chunks(16) == [(0, 5), (0, 6), (0, 16), (16, 4)]
+    assert workload.prefill_chunks(16, packs=4) == [(0, 16)] * 2
+    assert Workload(((1,),) * 10, (1,) * 10).prefill_chunks(16, packs=4) == [(0, 16)] * 3

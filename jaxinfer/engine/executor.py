@@ -80,8 +80,7 @@ class FakeExecutor:
         B = len(plan.positions)
         tokens = np.full((max(plan.num_steps, 1), B), -1, np.int32)
         seeds = plan.sampling["seed"]
-        chunk = plan.prefill
-        if chunk is not None:
+        for chunk in plan.prefills:
             table = plan.block_tables[chunk.slot]
             for i, token in enumerate(chunk.tokens):
                 self._write(table, chunk.start + i, int(token))

@@ -1,8 +1,9 @@
 """The scheduler: which sequences run in the next step, and with which pages.
 
-Each step carries every decoding slot (one or several tokens each) and at most
-one prefill chunk of at most `prefill_chunk` tokens, so a long prompt is
-admitted piece by piece while running streams keep decoding. The scheduler
+Each step carries every decoding slot (one or several tokens each) and the
+prefill chunks of up to `max_prefill_seqs` prompts, packed in arrival order
+into a budget of `prefill_chunk` tokens, so a long prompt is admitted piece by
+piece while running streams keep decoding, and short prompts share a step. The scheduler
 plans step N+1 before step N's tokens are read: positions advance by
 construction, the device feeds each slot its own last sampled token, and EOS is
 found one step late (the surplus token is dropped). Pages come from a
@@ -60,7 +61,7 @@ class StepPlan:
     sampling: dict[str, np.ndarray]  # SAMPLING_FIELDS, "seed" (uint32) and "wants_logprobs" (0/1), each [B]
     min_tokens_left: np.ndarray  # [B] int32: `banned` is masked for this many more tokens
     banned: np.ndarray  # [B, MAX_BANNED] int32, -1 padded
-    prefill: PrefillChunk | None
+    prefills: list[PrefillChunk]  # packed in this order into the step's chunk
     seqs: dict[int, Sequence]  # slot -> sequence producing tokens in this step
 
 
@@ -74,7 +75,8 @@ class StepResult:
     ranks: np.ndarray | None = None  # [S, B] int32
     top_ids: np.ndarray | None = None  # [S, B, MAX_LOGPROBS] int32
     top_logprobs: np.ndarray | None = None  # [S, B, MAX_LOGPROBS] float32
-    prompt_logprobs: tuple | None = None  # (logprob [c], rank [c], top ids [c, k], top logprobs [c, k])
+    prompt_logprobs: tuple | None = None  # over the packed chunk's c tokens: (logprob [c], rank [c], top ids [c, k],
+    #                                       top logprobs [c, k])
 
 
 def step_buckets(engine: EngineConfig, plans: list[StepPlan]) -> tuple[int, int]:
@@ -83,9 +85,10 @@ def step_buckets(engine: EngineConfig, plans: list[StepPlan]) -> tuple[int, int]
     last, chunks = 0, []
     for p in plans:
         last = max(last, int((p.positions + p.steps - 1).max()))
-        if p.prefill is not None:
-            last = max(last, p.prefill.start + len(p.prefill.tokens) - 1)
-            chunks.append(len(p.prefill.tokens))
+        for chunk in p.prefills:
+            last = max(last, chunk.start + len(chunk.tokens) - 1)
+        if p.prefills:
+            chunks.append(sum(len(chunk.tokens) for chunk in p.prefills))
     W = bucket(last // engine.page_size + 1, engine.width_buckets())
     return (bucket(max(chunks), engine.prefill_buckets()) if chunks else 0), W
 
@@ -184,10 +187,10 @@ class Scheduler:
     def schedule(self) -> StepPlan | None:
         """The next step, or None when nothing can run until in-flight tokens are read."""
         steps = self._plan_decode(1 if self.prefilling is not None or self._can_admit() else self.cfg.decode_steps)
-        prefill = self._plan_prefill()
-        if prefill is None and not steps:
+        prefills = self._plan_prefills()
+        if not prefills and not steps:
             return None
-        return self._build_plan(steps, prefill)
+        return self._build_plan(steps, prefills)
 
     def _plan_decode(self, k: int) -> dict[int, int]:
         """Decode steps per slot, pages allocated for them; preempts the newest sequences if short."""
@@ -219,13 +222,22 @@ class Scheduler:
         seq.pages.extend(pages)
         self._tables[seq.slot, first:len(seq.pages)] = pages
 
-    def _plan_prefill(self) -> PrefillChunk | None:
-        admitted = self.prefilling is None
-        seq = self.prefilling or self._admit()
-        if seq is None:
-            return None
+    def _plan_prefills(self) -> list[PrefillChunk]:
+        """The unfinished prompt's next chunk, then new admissions in queue order, while the token budget
+        and `max_prefill_seqs` allow; only the last chunk can stop short of its prompt's end."""
+        chunks, budget = [], self.cfg.prefill_chunk
+        while budget > 0 and len(chunks) < (self.cfg.max_prefill_seqs or 1):
+            admitted = self.prefilling is None
+            seq = self.prefilling or self._admit()
+            if seq is None:
+                break
+            chunks.append(self._chunk(seq, budget, admitted))
+            budget -= len(chunks[-1].tokens)
+        return chunks
+
+    def _chunk(self, seq: Sequence, budget: int, admitted: bool) -> PrefillChunk:
         start = seq.num_computed
-        end = min(seq.num_known, start + self.cfg.prefill_chunk)
+        end = min(seq.num_known, start + budget)
         tokens = np.asarray(seq.all_ids[start:end], np.int32)
         seq.num_computed = end
         self.counters.prefill_tokens_computed += end - start
@@ -306,7 +318,7 @@ class Scheduler:
         for i in range(start // self.cfg.page_size, full):
             self.pages.register(seq.pages[i], seq.hashes[i])
 
-    def _build_plan(self, steps: dict[int, int], prefill: PrefillChunk | None) -> StepPlan:
+    def _build_plan(self, steps: dict[int, int], prefills: list[PrefillChunk]) -> StepPlan:
         B = self.cfg.max_slots
         positions, step_counts = np.full(B, -1, np.int32), np.zeros(B, np.int32)
         min_left = np.zeros(B, np.int32)
@@ -315,13 +327,13 @@ class Scheduler:
             positions[slot], step_counts[slot] = seq.num_computed - n, n
             min_left[slot] = seq.params.min_tokens - (len(seq.output_ids) + seq.pending - n)
         seqs = {slot: self.slots[slot] for slot in steps}
-        if prefill is not None:
-            seq = seqs[prefill.slot] = self.slots[prefill.slot]
-            min_left[prefill.slot] = seq.params.min_tokens - len(seq.output_ids)
-        rounds = max(max(steps.values(), default=0), int(prefill is not None and prefill.sample))
+        for chunk in prefills:
+            seq = seqs[chunk.slot] = self.slots[chunk.slot]
+            min_left[chunk.slot] = seq.params.min_tokens - len(seq.output_ids)
+        rounds = max(max(steps.values(), default=0), int(any(chunk.sample for chunk in prefills)))
         return StepPlan(positions, step_counts, rounds, self._tables.copy(),
                         {name: row.copy() for name, row in self._rows.items()}, min_left,
-                        self._banned.copy(), prefill, seqs)
+                        self._banned.copy(), prefills, seqs)
 
     # --- results -------------------------------------------------------------------------
 
@@ -329,13 +341,18 @@ class Scheduler:
         """Read a step's tokens into its sequences; finish those that hit EOS, a stop token or their
         length. Returns the sequences that got tokens or finished (tokens past a finish are dropped)."""
         now = self.clock()
-        touched = []
+        touched, chunks, offset = [], {}, 0
+        for chunk in plan.prefills:
+            chunks[chunk.slot] = chunk, offset
+            offset += len(chunk.tokens)
         for slot, seq in plan.seqs.items():
-            is_prefill = plan.prefill is not None and plan.prefill.slot == slot
+            is_prefill = slot in chunks
             if is_prefill:
-                if plan.prefill.next_tokens is not None and result.prompt_logprobs is not None:
-                    self._add_prompt_logprobs(seq, plan.prefill.start, result.prompt_logprobs)
-                if not plan.prefill.sample:
+                chunk, offset = chunks[slot]
+                if chunk.next_tokens is not None and result.prompt_logprobs is not None:
+                    mine = tuple(a[offset:offset + len(chunk.tokens)] for a in result.prompt_logprobs)
+                    self._add_prompt_logprobs(seq, chunk.start, mine)
+                if not chunk.sample:
                     continue
             count = 1 if is_prefill else int(plan.steps[slot])
             for i in range(count):

@@ -16,17 +16,20 @@ import numpy as np
 
 from jaxinfer.config import ModelConfig, RopeConfig
 from pallas_kernels.flash import f32_operands
-from pallas_kernels.paged_reference import paged_attention_reference
+from pallas_kernels.attention import step_attention
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Batch:
-    """One step's queries. Padding tokens have position -1 and write to the null page."""
+    """One step's queries. Padding tokens have position -1 and write to the null page. A packed prefill
+    chunk is one row whose tokens belong to several prompts: `rows` names each token's prompt (its row of
+    `block_tables`, [E, P]); each prompt's tokens are contiguous and in position order."""
 
     tokens: jax.Array  # [B, T] int32
     positions: jax.Array  # [B, T] int32
-    block_tables: jax.Array  # [B, P] int32 page ids; 0 is the null page
+    block_tables: jax.Array  # [B, P] int32 page ids (or [E, P] when packed); 0 is the null page
+    rows: jax.Array | None = None  # [1, T] int32 when packed
 
 
 @jax.tree_util.register_dataclass
@@ -92,7 +95,10 @@ def _write_indices(batch: Batch, page_size: int):
     """Page id and in-page offset of every query token; padding goes to the null page."""
     valid = batch.positions >= 0
     pos = jnp.where(valid, batch.positions, 0)
-    page_idx = jnp.take_along_axis(batch.block_tables, pos // page_size, axis=1)
+    if batch.rows is None:
+        page_idx = jnp.take_along_axis(batch.block_tables, pos // page_size, axis=1)
+    else:
+        page_idx = batch.block_tables[batch.rows, pos // page_size]
     return jnp.where(valid, page_idx, 0), pos % page_size
 
 
@@ -102,7 +108,7 @@ def mlp(lp: dict, y: jax.Array) -> jax.Array:
     return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, lp["w_down"])
 
 
-def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=paged_attention_reference):
+def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=step_attention("reference")):
     """-> (final-normed hidden states [B, T, D], updated pool)."""
     inv_freq = rope_frequencies(cfg.rope, cfg.head_dim)
     page_size = kv.k.shape[3]
@@ -117,7 +123,8 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
         # Advanced indices split by a slice put [B, T] first: the target is [B, T, K, H].
         k_pool = k_pool.at[index, :, pages, offsets].set(k.astype(k_pool.dtype))
         v_pool = v_pool.at[index, :, pages, offsets].set(v.astype(v_pool.dtype))
-        attn = attention(q, k_pool, v_pool, index, batch.block_tables, batch.positions, cfg.sliding_window)
+        attn = attention(q, k_pool, v_pool, index, batch.block_tables, batch.positions, cfg.sliding_window,
+                         rows=batch.rows)
         h = h + jnp.einsum("BTNH,NHD->BTD", attn, lp["wo"])
         if cfg.o_bias:
             h = h + lp["bo"]

@@ -59,7 +59,7 @@ def mixed_plan(engine: EngineConfig, tokens, start: int) -> StepPlan:
     tables[B - 1, :per_slot] = used + 1 + np.arange(per_slot)
     chunk = PrefillChunk(slot=B - 1, tokens=np.asarray(tokens, np.int32), start=start, sample=True, next_tokens=None,
                          load_penalties=False)
-    return dataclasses.replace(plan, block_tables=tables, prefill=chunk, num_steps=1)
+    return dataclasses.replace(plan, block_tables=tables, prefills=[chunk], num_steps=1)
 
 
 class _Instant:
