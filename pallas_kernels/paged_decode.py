@@ -54,13 +54,20 @@ def _kernel(layer_ref, length_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref,
     l_ref[...] = l
 
 
-def _layout(num_table_pages: int, page_size: int, num_splits: int | None):
+def _layout(num_table_pages: int, page_size: int, num_splits: int | None, block_keys: int):
     """(pages per block, pages per split, splits): powers of two, a block at least 16 keys."""
-    pages_per_block = max(1, 64 // page_size)
+    pages_per_block = max(1, block_keys // page_size)
     if num_splits is None:  # enough splits to fill the machine at small batch, never empty by design
         num_splits = max(1, min(8, pl.cdiv(num_table_pages, 4 * pages_per_block)))
     pages_per_split = max(pages_per_block, pl.next_power_of_2(pl.cdiv(num_table_pages, num_splits)))
     return pages_per_block, pages_per_split, pl.cdiv(num_table_pages, pages_per_split)
+
+
+def _triton_params(num_warps: int | None, num_stages: int | None) -> dict:
+    if num_warps is None and num_stages is None:
+        return {}
+    from jax.experimental.pallas import triton as plgpu
+    return {"compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
 
 
 def combine_splits(o, m, l):
@@ -72,16 +79,21 @@ def combine_splits(o, m, l):
     return out / jnp.where(total == 0, 1.0, total)[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("sliding_window", "num_splits", "interpret"))
+@functools.partial(jax.jit, static_argnames=("sliding_window", "num_splits", "block_keys", "num_warps", "num_stages",
+                                             "interpret"))
 def paged_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, *,
-                           sliding_window: int | None = None, num_splits: int | None = None,
-                           interpret: bool = False):
-    """q [B, N, H]; pools [L, K, P, Z, H]; layer int; block_tables [B, P']; lengths [B] -> [B, N, H]."""
+                           sliding_window: int | None = None, num_splits: int | None = None, block_keys: int = 64,
+                           num_warps: int | None = None, num_stages: int | None = None, interpret: bool = False):
+    """q [B, N, H]; pools [L, K, P, Z, H]; layer int; block_tables [B, P']; lengths [B] -> [B, N, H].
+
+    `num_splits` (default: by the table's width), `block_keys` (keys per loop iteration, a power of two)
+    and Triton's `num_warps` / `num_stages` (default: its own) are tuning knobs with no effect on the
+    result beyond rounding; `scripts/bench_attention.py --sweep` times them on a GPU."""
     B, N, H = q.shape
     L, K, P, Z, _ = k_pool.shape
     G = N // K
     Gp = max(16, pl.next_power_of_2(G))  # dot sides of at least 16
-    per_block, per_split, splits = _layout(block_tables.shape[1], Z, num_splits)
+    per_block, per_split, splits = _layout(block_tables.shape[1], Z, num_splits, block_keys)
     tables = jnp.pad(block_tables, ((0, 0), (0, splits * per_split - block_tables.shape[1])))
     qg = jnp.pad(q.reshape(B, K, G, H), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
     kernel = functools.partial(_kernel, num_kv_heads=K, num_pages=P, pages_per_block=per_block,
@@ -108,6 +120,7 @@ def paged_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, *,
                    jax.ShapeDtypeStruct(partial_shape, jnp.float32)],
         interpret=interpret,
         name="paged_decode_attention",
+        **_triton_params(num_warps, num_stages),
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), lengths.astype(jnp.int32), tables.astype(jnp.int32), qg,
       k_pool.reshape(L * K * P, Z, H), v_pool.reshape(L * K * P, Z, H))
     out = combine_splits(o, m, l)[:, :, :G]

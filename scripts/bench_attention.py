@@ -9,11 +9,17 @@ a tiny interpret-mode version (the numbers then mean nothing but that it runs).
 
     python scripts/bench_attention.py                 # on a GPU
     python scripts/bench_attention.py --smoke         # anywhere
+
+`--sweep` times our kernel alone over its tuning knobs (KV splits, keys per loop
+iteration, Triton warps and pipeline stages) at each batch x context asked for,
+and prints the fastest settings per shape against the default's time.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import math
 import statistics
@@ -94,6 +100,42 @@ def bench_shape(B, context, args, interpret: bool) -> list[dict]:
     return rows
 
 
+SWEEP = {"num_splits": (None, 4, 16, 32), "block_keys": (64, 128, 256), "num_warps": (None, 8),
+         "num_stages": (None, 2, 4)}  # None: the kernel's own choice; the first combination is the default
+
+
+def sweep_shape(B, context, args, interpret: bool) -> list[dict]:
+    """Our kernel at every combination of SWEEP (the default first); combinations that fail are skipped."""
+    dtype = jnp.dtype(args.dtype)
+    q, k_pool, v_pool, tables, lengths = _case(B, context, args.kv_heads, args.group, args.head_dim,
+                                               args.page_size, dtype)
+    expected = np.asarray(paged_decode_reference(q, k_pool, v_pool, 0, tables, lengths), np.float32)
+    kv_bytes = 2 * B * context * args.kv_heads * args.head_dim * dtype.itemsize
+    rows = []
+    for values in itertools.product(*SWEEP.values()):
+        knobs = dict(zip(SWEEP, values))
+        fn = jax.jit(functools.partial(paged_decode_attention, layer=0, interpret=interpret, **knobs))
+        try:
+            error = np.abs(np.asarray(fn(q, k_pool, v_pool, block_tables=tables, lengths=lengths), np.float32)
+                           - expected).max()
+            ms = _median_ms(lambda: fn(q, k_pool, v_pool, block_tables=tables, lengths=lengths), args.repeats)
+        except Exception:  # a combination Triton cannot lower (too many registers, say)
+            continue
+        rows.append({"batch": B, "context": context, **knobs, "ms": ms, "gbs": kv_bytes / (ms * 1e-3) / 1e9,
+                     "max_abs_err": float(error)})
+    return rows
+
+
+def print_sweep(rows: list[dict], copy_gbs: float, best: int = 5) -> None:
+    default = rows[0]
+    print(f"\nbatch {default['batch']} x context {default['context']}: default {default['ms']:.3f} ms "
+          f"({100 * default['gbs'] / copy_gbs:.1f}% of copy); fastest of {len(rows)} settings:", flush=True)
+    for r in sorted(rows, key=lambda r: r["ms"])[:best]:
+        knobs = ", ".join(f"{name}={r[name]}" for name in SWEEP)
+        print(f"  {r['ms']:.3f} ms  {100 * r['gbs'] / copy_gbs:5.1f}% of copy  {default['ms'] / r['ms']:.2f}x  "
+              f"{knobs}  (max err {r['max_abs_err']:.1e})", flush=True)
+
+
 def print_header() -> None:
     print(f"\n{'impl':20s} {'batch':>5s} {'context':>7s} {'ms':>9s} {'KV MB':>9s} {'GB/s':>8s} {'% copy':>7s} "
           f"{'max err':>8s}", flush=True)
@@ -135,6 +177,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--smoke", action="store_true", help="tiny interpret-mode run for machines without a GPU")
     parser.add_argument("--out", help="write the rows as JSON here")
+    parser.add_argument("--sweep", action="store_true", help="time our kernel's tuning knobs instead")
     args = parser.parse_args()
     interpret = jax.default_backend() != "gpu"
     if args.smoke:
@@ -143,6 +186,19 @@ def main() -> None:
         parser.error("no GPU here: the full benchmark needs one (use --smoke to check the script runs)")
     copy_gbs = copy_bandwidth_gbs(2**24 if args.smoke else 2**32, args.repeats)
     print(f"device-to-device copy bandwidth: {copy_gbs:.1f} GB/s on {jax.devices()[0].device_kind}", flush=True)
+    if args.sweep:
+        if args.smoke:  # the product of the knobs is too slow in interpret mode: the first few only
+            SWEEP.update(num_splits=(None, 2), block_keys=(64, 128), num_warps=(None,), num_stages=(None,))
+        rows = []
+        for B in args.batches:
+            for ctx in args.contexts:
+                found = sweep_shape(B, ctx, args, interpret)
+                print_sweep(found, copy_gbs)
+                rows += found
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"device": jax.devices()[0].device_kind, "copy_gbs": copy_gbs, "sweep": rows}, f, indent=1)
+        return
     print_header()
     rows = []
     for B in args.batches:  # rows print (and the JSON is rewritten) as they come: a run cut short keeps them

@@ -3,8 +3,10 @@
 # each stage has its own time limit and writes its log to OUTPUT_DIR as it goes, so a stage cut short
 # still leaves what it measured):
 #   1. scripts/gpu_check.sh: the Pallas kernel tests compiled for the GPU, then the decode-attention benchmark;
+#   1b. the decode kernel's tuning sweep at batch 64 x context 2048 (the shape furthest from its target);
 #   2. jaxinfer bench offline on a Llama-3-8B-shaped random bf16 checkpoint with 1,000 requests: the engine
-#      and the bare-step ceiling (transformers and static batching are left out to fit the time);
+#      and the bare-step ceiling (transformers and static batching are left out to fit the time), with
+#      prompts packed 8 to a step (the default on GPU) into a budget of PREFILL_CHUNK tokens (512);
 #   3. the model-parity tests on the GPU: the whole engine with our Pallas kernels (no interpret mode) and
 #      float32 matmuls, against transformers on the same tiny checkpoints.
 #   bash scripts/gpu_session.sh [OUTPUT_DIR]
@@ -12,16 +14,17 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp}}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} JAX_PLATFORMS=cuda PYTHONUNBUFFERED=1
-KERNEL_TESTS_SECONDS=90 BENCH_SECONDS=160 bash scripts/gpu_check.sh "$out"
+KERNEL_TESTS_SECONDS=90 BENCH_SECONDS=120 bash scripts/gpu_check.sh "$out"
 check=$?
-# One prefill bucket (256) instead of five: five times fewer step shapes to compile for an 8B model, and
-# on a GPU a 16-token chunk costs about what a 256-token one does (both read every weight once).
-timeout 280 python3 - "$out" <<'EOF' 2>&1 | tee "$out/offline_llama3_8b.log" | grep -v "generating:"
+timeout 80 python3 scripts/bench_attention.py --sweep --batches 64 --contexts 2048 --repeats 5 \
+  --out "$out/attention_sweep.json" 2>&1 | tee "$out/attention_sweep.log" | grep -v Warning
+# Packed prompts always run one prefill bucket (the whole budget): one step shape per page width.
+timeout 250 python3 - "$out" "${PREFILL_CHUNK:-512}" <<'EOF' 2>&1 | tee "$out/offline_llama3_8b.log" | grep -v "generating:"
 import logging, sys
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 from jaxinfer.bench import OfflineOptions, offline
 from jaxinfer.config import EngineConfig
-engine = EngineConfig(max_slots=256, prefill_chunk=256, min_prefill_bucket=256, decode_steps=4, dtype="bfloat16")
+engine = EngineConfig(max_slots=256, prefill_chunk=int(sys.argv[2]), decode_steps=4, dtype="bfloat16")
 offline(OfflineOptions("configs/llama-3-8b.json", engine, 1000, (32, 512), (32, 256), 0, ("bare",), (8,), 5,
                        f"{sys.argv[1]}/offline_llama3_8b.json"))
 EOF

@@ -63,6 +63,21 @@ def test_paged_decode_matches_reference(dtype, Z, H, G, window):
     assert not np.asarray(out[0], np.float32).any(), "an empty slot attends to nothing"
 
 
+@pytest.mark.parametrize("block_keys, num_splits", [(16, 1), (128, 4)])
+def test_paged_decode_tuning_knobs_keep_the_result(block_keys, num_splits):
+    """Keys per loop iteration, splits and Triton's warps and stages (what `bench_attention.py --sweep`
+    tunes on a GPU) change the work's layout, never the result."""
+    rng = np.random.RandomState(block_keys)
+    Z, H, G = 8, 64, 4
+    k_pool, v_pool = _pools(rng, jnp.float32, Z, H)
+    lengths = jnp.asarray([0, 1, Z + 1, MAX_PAGES * Z, 2 * Z], jnp.int32)
+    q = jnp.asarray(rng.randn(len(lengths), KV_HEADS * G, H), jnp.float32)
+    args = (q, k_pool, v_pool, 0, _tables(rng, len(lengths)), lengths)
+    out = paged_decode_attention(*args, num_splits=num_splits, block_keys=block_keys, num_warps=4, num_stages=2,
+                                 interpret=INTERPRET)
+    _assert_close(out, paged_decode_reference(*args), jnp.float32)
+
+
 @pytest.mark.parametrize("dtype, Z, H, G, window", CASES + [(jnp.float32, 8, 64, 2, 3)])
 def test_page_loop_decode_matches_reference(dtype, Z, H, G, window):
     """The `xla` backend's decode path (plain jnp, page by page), over the decode kernel's cases."""
@@ -137,7 +152,7 @@ def test_auto_backend_falls_back_when_kernels_fail(monkeypatch, caplog):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     llm = LLM(engine=EngineConfig(max_slots=1, page_size=8, max_model_len=32, dtype="float32"))
     monkeypatch.undo()
-    assert llm.engine_config.attention_backend == "reference"
+    assert llm.engine_config.attention_backend == "reference" and llm.engine_config.max_prefill_seqs == 1
     assert "failed its start-up check" in caplog.text
     assert llm.generate("Hi", SamplingParams(max_tokens=3))[0].outputs[0].token_ids
 

@@ -19,6 +19,11 @@ def test_bench_attention_smoke():
     assert "jaxinfer-pallas" in out and "jnp-reference" in out and "copy bandwidth" in out
 
 
+def test_bench_attention_sweep_smoke():
+    out = _run("scripts/bench_attention.py", "--smoke", "--sweep")
+    assert "fastest of 4 settings" in out and "block_keys=128" in out
+
+
 def test_bench_step_tiny():
     out = _run("scripts/bench_step.py", "--config", "jaxinfer/assets/default/config.json", "--batches", "1", "2",
                "--chunks", "16", "--repeats", "1", "--max-model-len", "64", "--context", "32")
