@@ -199,6 +199,20 @@ def test_logprobs_agree_with_the_model_logits(llm):
     llm.engine.check_idle()
 
 
+def test_prompt_logprobs_of_a_prompt_packed_behind_another(llm):
+    """A prompt whose chunk sits behind another prompt's in a packed step reads its own rows of the
+    chunk's prompt logprobs: the same as when it runs alone."""
+    scored = SamplingParams(max_tokens=2, prompt_logprobs=2, **GREEDY)
+    first, second = list(range(200, 210)), list(range(300, 330))
+    together = llm.generate([first, second], [SamplingParams(max_tokens=2, **GREEDY), scored], use_tqdm=False)
+    alone_out = llm.generate([second], scored, use_tqdm=False)[0]
+    assert together[0].prompt_logprobs is None
+    for mine, theirs in zip(together[1].prompt_logprobs[1:], alone_out.prompt_logprobs[1:]):
+        assert mine[1:3] == theirs[1:3]  # rank and top ids
+        np.testing.assert_allclose([mine[0]] + mine[3], [theirs[0]] + theirs[3], atol=1e-5)
+    assert together[1].outputs[0].token_ids == alone_out.outputs[0].token_ids
+
+
 def test_n_samples_share_the_prompt_pages(llm):
     engine = engine_like(llm, enable_prefix_caching=True)
     prompt = list(range(500, 580))  # 5 full pages
