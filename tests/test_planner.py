@@ -45,6 +45,14 @@ def test_constant_step_time_queueing():
     assert result.steps == 4 and result.preemptions == 0
 
 
+def test_packed_prompts_share_a_prefill_dispatch():
+    """Two 6-token prompts arriving together in two slots: one per step, the second's first token waits a
+    dispatch; packed (as a GPU engine does by default), both come from the first."""
+    trace = _trace([0.0, 0.0], [6, 6], [2, 2])
+    np.testing.assert_allclose(simulate(CONSTANT, _engine(), trace).ttft, [0.1, 0.2])
+    np.testing.assert_allclose(simulate(CONSTANT, _engine(max_prefill_seqs=2), trace).ttft, [0.1, 0.1])
+
+
 def test_host_time_is_paid_per_dispatch():
     model = CostModel(CONSTANT.coefficients, "reference", host_seconds=0.01, host_seconds_per_slot=0.005)
     result = simulate(model, _engine(), _trace([0.0], [8], [1]))
