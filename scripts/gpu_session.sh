@@ -10,6 +10,9 @@
 #   3. the model-parity tests on the GPU: the whole engine with our Pallas kernels (no interpret mode) and
 #      float32 matmuls, against transformers on the same tiny checkpoints.
 #   bash scripts/gpu_session.sh [OUTPUT_DIR]
+# To test whether XLA's command buffers stop the step from blocking the host (docs/benchmarks.md, the 8B
+# section), run it again with
+#   XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp}}
