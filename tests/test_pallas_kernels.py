@@ -165,5 +165,4 @@ def test_kernel_self_check_passes_where_kernels_run(monkeypatch):
     for name, fn in interpreted.items():
         fn.__name__ = name
         monkeypatch.setattr(attention, name, fn)
-    assert attention.kernel_self_check(jnp.float32, 8, 64, 4, None) is None
-    assert attention.kernel_self_check(jnp.bfloat16, 16, 128, 2, 5) is None
+    assert attention.kernel_self_check(jnp.bfloat16, 16, 128, 2, 5) is None  # float32: the kernel sweeps above

@@ -25,7 +25,7 @@ def test_bench_attention_sweep_smoke():
 
 
 def test_bench_step_tiny():
-    out = _run("scripts/bench_step.py", "--config", "jaxinfer/assets/default/config.json", "--batches", "1", "2",
+    out = _run("scripts/bench_step.py", "--config", "jaxinfer/assets/default/config.json", "--batches", "2",
                "--chunks", "16", "--repeats", "1", "--max-model-len", "64", "--context", "32")
     assert "prefill chunk    16" in out and "load from orbax" in out
     assert "decode batch   2 (context 32, k=4, xla)" in out and "decode batch   2 (context 32, k=1, xla)" in out
