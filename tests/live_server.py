@@ -23,7 +23,7 @@ from jaxinfer.llm import load_engine
 from jaxinfer.server.app import Server, ServerConfig, build_app
 
 ENGINE = EngineConfig(max_slots=6, page_size=16, prefill_chunk=64, min_prefill_bucket=64, max_model_len=384,
-                      decode_steps=4, num_pages=200)
+                      decode_steps=4, num_pages=200, max_prefill_seqs=6)
 
 
 def free_socket() -> socket.socket:
