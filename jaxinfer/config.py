@@ -215,6 +215,12 @@ CPU_KV_CACHE_BYTES = 1 << 30  # the CPU KV pool's cap
 PALLAS_PREFILL_SEQS = 8  # prompts one step packs by default where the ragged Pallas kernel runs prefill
 
 
+def default_prefill_seqs(backend: str) -> int:
+    """Packing costs nothing extra in the ragged Pallas kernel; the jnp paths attend one padded row per
+    packed prompt, so there it is opt-in."""
+    return PALLAS_PREFILL_SEQS if backend == "pallas" else 1
+
+
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
     """The smallest of the ascending `buckets` that holds n."""
     for size in buckets:
@@ -282,9 +288,7 @@ class EngineConfig:
         backend = self.attention_backend
         if backend == "auto":
             backend = "pallas" if platform == "gpu" else "xla"
-        # Packing costs nothing extra in the ragged Pallas kernel; the jnp paths attend one padded row
-        # per packed prompt, so there it is opt-in.
-        packed = self.max_prefill_seqs or (PALLAS_PREFILL_SEQS if backend == "pallas" else 1)
+        packed = self.max_prefill_seqs or default_prefill_seqs(backend)
         return dataclasses.replace(self, max_model_len=max_len, dtype=dtype, attention_backend=backend,
                                    max_prefill_seqs=packed)
 
@@ -321,6 +325,11 @@ class EngineConfig:
         return dataclasses.replace(self, max_slots=self.max_slots // data, num_pages=pages, mesh_shape=(1, 1))
 
     @property
+    def prompts_per_step(self) -> int:
+        """How many prompts one step may pack (an unresolved `None` schedules as 1)."""
+        return self.max_prefill_seqs or 1
+
+    @property
     def pages_per_seq(self) -> int:
         return math.ceil(self.max_model_len / self.page_size)
 
@@ -328,7 +337,7 @@ class EngineConfig:
         """Powers of two from min_prefill_bucket up to prefill_chunk (the last one exact). A step that may
         pack several prompts always runs the whole budget: where a prompt's chunks are cut then depends
         on its neighbours, and a token's matmul rounding must not depend on the bucket it lands in."""
-        if (self.max_prefill_seqs or 1) > 1:
+        if self.prompts_per_step > 1:
             return (self.prefill_chunk,)
         sizes, size = [], self.min_prefill_bucket
         while size < self.prefill_chunk:

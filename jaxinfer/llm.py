@@ -44,7 +44,7 @@ def _checked_backend(requested: EngineConfig, engine: EngineConfig, cfg: ModelCo
     if problem is None:
         return engine
     log.warning("Pallas attention failed its start-up check, using the reference attention: %s", problem)
-    return dataclasses.replace(engine, attention_backend="reference", max_prefill_seqs=requested.max_prefill_seqs or 1)
+    return dataclasses.replace(engine, attention_backend="reference", max_prefill_seqs=requested.prompts_per_step)
 
 
 def kv_budget_bytes(engine: EngineConfig, cfg: ModelConfig, mesh) -> int:

@@ -226,7 +226,7 @@ class Scheduler:
         """The unfinished prompt's next chunk, then new admissions in queue order, while the token budget
         and `max_prefill_seqs` allow; only the last chunk can stop short of its prompt's end."""
         chunks, budget = [], self.cfg.prefill_chunk
-        while budget > 0 and len(chunks) < (self.cfg.max_prefill_seqs or 1):
+        while budget > 0 and len(chunks) < self.cfg.prompts_per_step:
             admitted = self.prefilling is None
             seq = self.prefilling or self._admit()
             if seq is None:

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import time
 
-from jaxinfer.config import PALLAS_PREFILL_SEQS, EngineConfig
+from jaxinfer.config import EngineConfig, default_prefill_seqs
 
 PROFILE_HELP = "a cost profile written by `jaxinfer bench profile`"
 
@@ -94,7 +94,7 @@ def _plan(args) -> None:
         trace = Trace.generate(args.request_rate, n, args.input_len, args.output_len, args.range_ratio,
                                args.burstiness, args.seed)
     # Pack prompts as the profiled engine did (older profiles: the server's default for their backend).
-    packs = profiled.get("max_prefill_seqs") or (PALLAS_PREFILL_SEQS if model.backend == "pallas" else 1)
+    packs = profiled.get("max_prefill_seqs") or default_prefill_seqs(model.backend)
     base = EngineConfig(max_model_len=args.max_model_len or profiled.get("max_model_len", 256),
                         enable_prefix_caching=False, max_prefill_seqs=packs)
     engines = engine_grid(base, args.slots or model.notes.get("slots", [EngineConfig.max_slots]),

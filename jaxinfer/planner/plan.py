@@ -56,7 +56,7 @@ class Candidate:
 
     def label(self) -> str:
         e = self.engine
-        packs = f" x{e.max_prefill_seqs} prompts" if (e.max_prefill_seqs or 1) > 1 else ""
+        packs = f" x{e.max_prefill_seqs} prompts" if e.prompts_per_step > 1 else ""
         return (f"slots {e.max_slots}, page {e.page_size}, chunk {e.prefill_chunk}{packs}, k {e.decode_steps}, "
                 f"pages {e.num_pages}, TP {self.tensor_parallel}, replicas {self.replicas}")
 
