@@ -11,7 +11,7 @@ from pathlib import Path
 
 from jaxinfer import bench_serve, router
 from jaxinfer import eval as evaluation
-from jaxinfer.config import DTYPES, ConfigError, EngineConfig
+from jaxinfer.config import CONTROL_FLOWS, DTYPES, ConfigError, EngineConfig
 from jaxinfer.model.safetensors_io import CheckpointError
 from jaxinfer.planner import cli as planner_cli
 
@@ -20,6 +20,8 @@ MODEL_HELP = "a Hugging Face checkpoint directory, a `jaxinfer convert` output, 
              "(random weights); default: the embedded model"
 PACK_HELP = "prompts whose prefill chunks one step may pack into its token budget (default: 8 with the Pallas " \
             "kernels, else 1; above 1 every chunk runs at the whole budget)"
+CONTROL_HELP = "static: decode rounds and sampler passes fixed per compiled step, so a GPU step runs without " \
+               "host syncs (more step shapes); dynamic: chosen on device. Default: static on GPU"
 
 
 def _generate(args) -> None:
@@ -60,7 +62,8 @@ def _bench_offline(args) -> None:
     from jaxinfer.bench import OfflineOptions, offline
     engine = EngineConfig(max_slots=args.max_slots, prefill_chunk=args.prefill_chunk,
                           decode_steps=args.decode_steps, page_size=args.page_size, dtype=args.dtype,
-                          max_model_len=args.max_model_len, seed=args.seed, max_prefill_seqs=args.max_prefill_seqs)
+                          max_model_len=args.max_model_len, seed=args.seed, max_prefill_seqs=args.max_prefill_seqs,
+                          control_flow=args.control_flow)
     offline(OfflineOptions(args.model, engine, args.num_requests, tuple(args.input_len_range),
                            tuple(args.output_len_range), args.seed, tuple(args.baselines),
                            tuple(args.hf_batch_sizes), args.repeats, args.json))
@@ -86,6 +89,7 @@ def _add_bench(sub) -> None:
     off.add_argument("--prefill-chunk", type=int, default=EngineConfig.prefill_chunk)
     off.add_argument("--decode-steps", type=int, default=EngineConfig.decode_steps)
     off.add_argument("--max-prefill-seqs", type=int, default=None, help=PACK_HELP)
+    off.add_argument("--control-flow", choices=CONTROL_FLOWS, default="auto", help=CONTROL_HELP)
     off.add_argument("--page-size", type=int, default=EngineConfig.page_size)
     off.add_argument("--max-model-len", type=int, default=None,
                      help="default: the longest prompt plus the longest output")
@@ -110,7 +114,8 @@ def _serve(args) -> int:
     engine = EngineConfig(max_slots=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype,
                           page_size=args.page_size, prefill_chunk=args.prefill_chunk, num_pages=args.num_pages,
                           decode_steps=args.decode_steps, enable_prefix_caching=args.enable_prefix_caching,
-                          max_prefill_seqs=args.max_prefill_seqs, seed=args.seed, mesh_shape=(args.data_parallel_size, args.tensor_parallel_size))
+                          max_prefill_seqs=args.max_prefill_seqs, control_flow=args.control_flow, seed=args.seed,
+                          mesh_shape=(args.data_parallel_size, args.tensor_parallel_size))
     if args.num_processes > 1:
         from jaxinfer import distributed
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
@@ -149,6 +154,7 @@ def _add_serve(sub) -> None:
                        help="prompt tokens prefilled per step")
     serve.add_argument("--decode-steps", type=int, default=EngineConfig.decode_steps)
     serve.add_argument("--max-prefill-seqs", type=int, default=None, help=PACK_HELP)
+    serve.add_argument("--control-flow", choices=CONTROL_FLOWS, default="auto", help=CONTROL_HELP)
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     serve.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
     serve.add_argument("--seed", type=int, default=0, help="seeds requests that send none")

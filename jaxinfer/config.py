@@ -229,6 +229,7 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 RESOLVED_ATTENTION_BACKENDS = ("pallas", "xla", "reference")  # what "auto" resolves between
 ATTENTION_BACKENDS = ("auto",) + RESOLVED_ATTENTION_BACKENDS
+CONTROL_FLOWS = ("auto", "static", "dynamic")  # how a step branches on its batch: see jaxinfer/runner.py
 
 
 def _auto_dtype(model: ModelConfig, platform: str) -> str:
@@ -255,6 +256,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     dtype: str = "auto"  # auto: float32 on CPU; on accelerators the checkpoint's half dtype or bfloat16
     attention_backend: str = "auto"  # auto: our Pallas kernels on GPU, the page-loop jnp path (xla) elsewhere
+    control_flow: str = "auto"  # auto: static on GPU (no host syncs inside a step), dynamic (fewer compiles) elsewhere
     seed: int = 0
     mesh_shape: tuple[int, int] = (1, 1)  # devices over ('data', 'model'): data-parallel shards x tensor parallel
 
@@ -267,6 +269,8 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"attention_backend {self.attention_backend!r} is not one of "
                               f"{', '.join(ATTENTION_BACKENDS)}")
+        if self.control_flow not in CONTROL_FLOWS:
+            raise ConfigError(f"control_flow {self.control_flow!r} is not one of {', '.join(CONTROL_FLOWS)}")
         if self.max_prefill_seqs is not None and self.max_prefill_seqs < 1:
             raise ConfigError(f"max_prefill_seqs must be positive, got {self.max_prefill_seqs}")
         if self.num_pages is not None and self.num_pages < 2:
@@ -289,8 +293,11 @@ class EngineConfig:
         if backend == "auto":
             backend = "pallas" if platform == "gpu" else "xla"
         packed = self.max_prefill_seqs or default_prefill_seqs(backend)
+        control = self.control_flow
+        if control == "auto":
+            control = "static" if platform == "gpu" else "dynamic"
         return dataclasses.replace(self, max_model_len=max_len, dtype=dtype, attention_backend=backend,
-                                   max_prefill_seqs=packed)
+                                   max_prefill_seqs=packed, control_flow=control)
 
     def kv_bytes_per_page(self, model: ModelConfig) -> int:
         """K and V of one page over all layers, in the resolved dtype."""

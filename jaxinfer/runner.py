@@ -3,15 +3,24 @@
 One jitted function runs every step (`_step`): an optional prefill chunk
 `[1, C]` packing the next tokens of up to `max_prefill_seqs` prompts (E), then
 up to `decode_steps` decode steps of every slot
-`[B, 1]` in a `while_loop` whose trip count is data (so one decode step, or
-four, run the same compiled body: a row's arithmetic never depends on the
-batch). Decode rows read their input token from the device-side `SlotState`,
+`[B, 1]`. Decode rows read their input token from the device-side `SlotState`,
 so the host can plan the next step before reading this one's tokens. Inputs
 cross to the device as one packed int32 array and outputs come back as one.
 
+`EngineConfig.control_flow` picks how the step branches on its batch. Dynamic
+(CPU): the decode rounds are a `while_loop` whose trip count is data and the
+sampler's optional passes are `lax.cond`s, so one executable serves every
+batch. Static (GPU, where XLA runs each such loop iteration and `cond` by
+copying its predicate to the host and waiting for the device, which would make
+every dispatch synchronous): the round count and the sampler's passes are part
+of the step's shape key, chosen by the host. A row's arithmetic never depends on
+the batch either way.
+
 Static shape keys: the chunk bucket C (0: no prefill), the page-width bucket W
-of the block tables, and whether prompt logprobs are computed. `warmup()`
-compiles every (C, W) the engine can meet; each compile is logged.
+of the block tables, whether prompt logprobs are computed and, when static, the
+rounds and `Passes`. `warmup()` compiles every shape the engine can meet (when
+static, for greedy and plain random sampling; the other samplers compile at
+first use); each compile is logged.
 `JaxExecutor` adapts this runner to the scheduler's `Executor` seam.
 """
 
@@ -33,7 +42,7 @@ from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.engine.request import MAX_BANNED
 from jaxinfer.engine.scheduler import StepPlan, StepResult, neutral_sampling, step_buckets
 from jaxinfer.model.transformer import Batch, KVPool, forward, logits
-from jaxinfer.sampling import (MAX_LOGPROBS, PenaltyState, SamplingTensors, empty_penalty_state,
+from jaxinfer.sampling import (MAX_LOGPROBS, Passes, PenaltyState, SamplingTensors, empty_penalty_state,
                                load_penalty_row, record_tokens, sample, token_logprobs)
 from jaxinfer.sharding import logical_sharding
 from pallas_kernels.attention import step_attention
@@ -61,12 +70,16 @@ class SlotState:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Where each input sits in the packed int32 array: (name, shape, dtype) in order."""
+    """Where each input sits in the packed int32 array: (name, shape, dtype) in order; and, for static
+    control flow, the decode rounds and sampler passes compiled in (None: chosen on device)."""
 
     fields: tuple[tuple[str, tuple[int, ...], str], ...]
+    rounds: int | None = None
+    passes: Passes | None = None
 
     @classmethod
-    def build(cls, B: int, W: int, C: int, E: int, prompt_logprobs: bool) -> "Layout":
+    def build(cls, B: int, W: int, C: int, E: int, prompt_logprobs: bool, rounds: int | None = None,
+              passes: Passes | None = None) -> "Layout":
         f32, i32, u32 = "float32", "int32", "uint32"
         fields = [("positions", (B,), i32), ("steps", (B,), i32), ("num_steps", (), i32),
                   ("block_tables", (B, W), i32), ("min_tokens_left", (B,), i32), ("banned", (B, MAX_BANNED), i32),
@@ -78,7 +91,7 @@ class Layout:
                        ("prefill_slot", (E,), i32), ("prefill_sample", (E,), i32)]
         if prompt_logprobs:
             fields += [("next_tokens", (C,), i32)]
-        return cls(tuple(fields))
+        return cls(tuple(fields), rounds, passes)
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         return next((shape for field, shape, _ in self.fields if field == name), None)
@@ -134,10 +147,10 @@ def _prefill(params, kv, x: dict, cfg, attention, prompt_logprobs: bool):
     return kv, logits(params, cfg, h[0, jnp.maximum(ends - 1, 0)]), prompt
 
 
-def _decode(params, kv, state: SlotState, x: dict, cfg, attention, max_steps: int, prefill_logits):
-    """`num_steps` rounds of decoding every slot (slot b decodes in the first `steps[b]` of them);
-    in round 0 the slots whose prompt chunk ended sample from `prefill_logits` [E, V] instead (one
-    compiled sampler for both). -> int32 [S, B, PACK]."""
+def _decode(params, kv, state: SlotState, x: dict, cfg, attention, layout: Layout, max_steps: int, prefill_logits):
+    """`num_steps` rounds (`layout.rounds` if static) of decoding every slot (slot b decodes in the first
+    `steps[b]` of them); in round 0 the slots whose prompt chunk ended sample from `prefill_logits` [E, V]
+    instead (one compiled sampler for both). -> int32 [S, B, PACK]."""
     B = state.tokens.shape[0]
     takes_prefill, prefill_position = jnp.zeros(B, bool), jnp.zeros(B, jnp.int32)
     if prefill_logits is not None:
@@ -158,13 +171,19 @@ def _decode(params, kv, state: SlotState, x: dict, cfg, attention, max_steps: in
             target = jnp.where(i == 0, sampled_slot, B)
             step_logits = step_logits.at[target].set(prefill_logits, mode="drop")
         sample_positions = jnp.where(from_prefill, prefill_position, positions + 1)
-        s = sample(step_logits, _sampling(x, i < x["min_tokens_left"]), sample_positions, state.penalties)
+        s = sample(step_logits, _sampling(x, i < x["min_tokens_left"]), sample_positions, state.penalties,
+                   layout.passes)
         sampled = active | from_prefill
         state = SlotState(jnp.where(sampled, s.tokens, state.tokens), record_tokens(state.penalties, s.tokens, sampled))
         return i + 1, kv, state, out.at[i].set(_pack_sampled(s))
 
     out = jnp.zeros((max_steps, B, PACK), jnp.int32)
-    _, kv, state, out = jax.lax.while_loop(lambda c: c[0] < x["num_steps"], body, (0, kv, state, out))
+    carry = (0, kv, state, out)
+    if layout.rounds is None:
+        carry = jax.lax.while_loop(lambda c: c[0] < x["num_steps"], body, carry)
+    else:  # a trip count XLA knows: the loop runs without a device-to-host sync per round
+        carry = jax.lax.fori_loop(0, layout.rounds, lambda _, c: body(c), carry)
+    _, kv, state, out = carry
     return kv, state, out
 
 
@@ -178,7 +197,7 @@ def _shard_step(params, kv: KVPool, state: SlotState, packed, *, cfg: ModelConfi
         kv, prefill_logits, prompt = _prefill(params, kv, x, cfg, attention, layout.shape("next_tokens") is not None)
         if prompt is not None:
             parts.append(prompt.reshape(-1))
-    kv, state, rows = _decode(params, kv, state, x, cfg, attention, max_steps, prefill_logits)
+    kv, state, rows = _decode(params, kv, state, x, cfg, attention, layout, max_steps, prefill_logits)
     return jnp.concatenate([rows.reshape(-1)] + parts)[None], kv, state
 
 
@@ -276,7 +295,13 @@ class ModelRunner:
         plans = [p for p in self._plans(plan) if p is not None]
         C, W = step_buckets(self.engine, plans)
         scored = any(chunk.next_tokens is not None for p in plans for chunk in p.prefills)
-        return Layout.build(self.local.max_slots, W, C, self.local.max_prefill_seqs, scored)
+        rounds = passes = None
+        if self.engine.control_flow == "static":
+            steps = max(p.num_steps for p in plans)
+            rounds = steps if C and steps <= 1 else self.engine.decode_steps
+            rows = {name: np.concatenate([p.sampling[name] for p in plans]) for name in plans[0].sampling}
+            passes = Passes.needed(rows, self.cfg.vocab_size) if rounds else Passes()
+        return Layout.build(self.local.max_slots, W, C, self.local.max_prefill_seqs, scored, rounds, passes)
 
     def _values(self, plan: StepPlan | None, layout: Layout) -> dict:
         """One shard's inputs for `layout`; an idle shard (None) decodes nothing and prefills no tokens."""
@@ -312,9 +337,7 @@ class ModelRunner:
                 if chunk.load_penalties:
                     self._load_penalties(shard * self.local.max_slots + chunk.slot, p.seqs[chunk.slot])
         packed = np.stack([layout.pack(self._values(p, layout)) for p in plans])
-        C = (layout.shape("prefill_tokens") or (0,))[0]
-        distributed.announce(distributed.STEP, (layout.shape("block_tables")[1], C,
-                                                int(layout.shape("next_tokens") is not None)), packed)
+        distributed.announce(distributed.STEP, step_fields(layout), packed)
         return self._run(layout, packed)
 
     def _run(self, layout: Layout, packed: np.ndarray) -> jax.Array:
@@ -335,9 +358,13 @@ class ModelRunner:
 
     def replay_step(self, fields: np.ndarray, payload: np.ndarray) -> None:
         """A step process 0 announced (processes other than 0)."""
-        W, C, scored = (int(f) for f in fields[:3])
-        self._run(Layout.build(self.local.max_slots, W, C, self.local.max_prefill_seqs, bool(scored)),
-                  payload.reshape(self.shards, -1))
+        self._run(self.layout_from(fields), payload.reshape(self.shards, -1))
+
+    def layout_from(self, fields) -> Layout:
+        """The layout `step_fields` announced."""
+        W, C, scored, rounds, passes = (int(f) for f in fields[:5])
+        static = (None, None) if rounds < 0 else (rounds, Passes.from_code(passes))
+        return Layout.build(self.local.max_slots, W, C, self.local.max_prefill_seqs, bool(scored), *static)
 
     def score(self, tokens: np.ndarray, start: int, block_table: np.ndarray) -> np.ndarray:
         """Write one chunk (positions start..start+len) into the given pages of data shard 0; -> logits
@@ -365,8 +392,8 @@ class ModelRunner:
         self._set_penalties(int(fields[0]), payload[:V], payload[V:])
 
     def warmup(self) -> None:
-        """Compile every (chunk bucket, page width) a step can meet; prompt-logprob variants compile on
-        first use."""
+        """Compile every (chunk bucket, page width) a step can meet; prompt-logprob variants, and with
+        static control flow the samplers other than greedy and plain random, compile on first use."""
         B, Z = self.local.max_slots, self.engine.page_size
         buckets = self.engine.prefill_buckets()
         shortest = dict(zip(buckets, (1,) + tuple(b + 1 for b in buckets)))  # fewest tokens that pad to C
@@ -374,8 +401,17 @@ class ModelRunner:
             for W in self.page_buckets:
                 if C and W * Z < shortest[C] and W != self.page_buckets[-1]:
                     continue  # no chunk padded to C ends this early
-                self._executable(Layout.build(B, W, C, self.local.max_prefill_seqs, False))
+                for static in self._static_variants(C):
+                    self._executable(Layout.build(B, W, C, self.local.max_prefill_seqs, False, *static))
         log.info("warm-up: %d executables compiled in %.1fs", self.num_compiles, self.compile_seconds)
+
+    def _static_variants(self, C: int) -> list[tuple[int | None, Passes | None]]:
+        """(rounds, passes) warm-up compiles for chunk bucket C: a prefill-only step (no rounds), then
+        greedy and plain random sampling at the step's rounds."""
+        if self.engine.control_flow != "static":
+            return [(None, None)]
+        rounds = 1 if C else self.engine.decode_steps
+        return ([(0, Passes())] if C else []) + [(rounds, Passes()), (rounds, Passes(draw=True))]
 
 
 def _packed(parts: list, size: int) -> np.ndarray:
@@ -392,9 +428,19 @@ def _global(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
+def step_fields(layout: Layout) -> tuple[int, ...]:
+    """What the other processes need to rebuild a step's layout: W, C, prompt logprobs, rounds, passes."""
+    C = (layout.shape("prefill_tokens") or (0,))[0]
+    static = (-1, 0) if layout.rounds is None else (layout.rounds, layout.passes.code)
+    return (layout.shape("block_tables")[1], C, int(layout.shape("next_tokens") is not None), *static)
+
+
 def _describe(layout: Layout) -> str:
     C = (layout.shape("prefill_tokens") or (0,))[0]
     extra = " with prompt logprobs" if layout.shape("next_tokens") else ""
+    if layout.rounds is not None:
+        passes = [name for name, on in dataclasses.asdict(layout.passes).items() if on]
+        extra += f", {layout.rounds} rounds, sampler passes: {', '.join(passes) or 'none'}"
     return f"chunk {C}, {layout.shape('block_tables')[1]} pages per row{extra}"
 
 

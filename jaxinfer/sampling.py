@@ -7,14 +7,18 @@ the Gumbel-max draw and the logprobs reported back. Host code builds
 here holds Python state. Semantics follow vLLM, including logprobs of the raw logits.
 
 Rows never influence each other. A row's randomness is its own seed folded with the
-position of the token being sampled, and the batch-wide `lax.cond`s that skip the
-penalties and the sort when no row needs them only choose between branches that give
-bit-identical results for every row not using the feature.
+position of the token being sampled. The optional [B, V] passes (penalties, the draw,
+the filter sort, logprobs) run for the whole batch or not at all, chosen either on
+device by a batch-wide `lax.cond` or at trace time by a static `Passes` (on GPU a
+`cond` makes the host wait for the device, see `EngineConfig.control_flow`). Either
+way a pass only selects per row, so every row not using a feature gets bit-identical
+results whether the pass ran or not.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +54,42 @@ class PenaltyState:
     prompt_mask: jax.Array  # [B, V] bool: token occurs in the row's prompt
 
 
+@dataclasses.dataclass(frozen=True)
+class Passes:
+    """The optional passes a statically compiled sampler runs (a hashable jit key)."""
+
+    penalties: bool = False
+    draw: bool = False  # any random row
+    filter: bool = False  # any random row with min_p, top_k or top_p (the [B, V] sort)
+    logprobs: bool = False
+
+    @classmethod
+    def needed(cls, rows: dict, vocab: int) -> "Passes":
+        """What a batch's host-side sampling rows [B] need: the same tests `sample` makes on device."""
+        penalties = (rows["repetition_penalty"] != 1) | (rows["frequency_penalty"] != 0) | (rows["presence_penalty"] != 0)
+        random_rows = rows["temperature"] >= _MIN_TEMPERATURE
+        top_k = rows["top_k"]
+        filtering = random_rows & ((rows["min_p"] > 0) | ((top_k > 0) & (top_k < vocab)) | (rows["top_p"] < 1))
+        return cls(bool(penalties.any()), bool(random_rows.any()), bool(filtering.any()),
+                   bool((rows["wants_logprobs"] != 0).any()))
+
+    @property
+    def code(self) -> int:
+        """As one int, for announcing a step to other processes."""
+        return sum(int(flag) << bit for bit, flag in enumerate(dataclasses.astuple(self)))
+
+    @classmethod
+    def from_code(cls, code: int) -> "Passes":
+        return cls(*(bool(code >> bit & 1) for bit in range(len(dataclasses.fields(cls)))))
+
+
+def _branch(static: bool | None, needed: jax.Array, run, skip, *args):
+    """`run(*args)` or `skip(*args)`: chosen at trace time by `static`, or on device by `needed` if None."""
+    if static is None:
+        return lax.cond(needed, run, skip, *args)
+    return (run if static else skip)(*args)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Sampled:
@@ -60,21 +100,27 @@ class Sampled:
     top_logprobs: jax.Array  # [B, MAX_LOGPROBS] f32
 
 
-def sample(logits: jax.Array, st: SamplingTensors, positions: jax.Array, penalties: PenaltyState) -> Sampled:
+def sample(logits: jax.Array, st: SamplingTensors, positions: jax.Array, penalties: PenaltyState,
+           passes: Passes | None = None) -> Sampled:
     """One token per row of `logits` [B, V]; `positions` [B] i32 = position of the token being sampled.
 
     Penalties and bans apply to greedy and random rows alike; temperature and the
     filters only to random rows. Logprobs are of the raw logits; when no row wants them
     the [B, V] passes behind them (log-softmax, rank, top-k) are skipped and every row
-    reports zeros.
+    reports zeros. `passes`: which optional passes to compile in (the rows must need no
+    other), or None to decide on device.
     """
+    static = dataclasses.asdict(passes) if passes is not None else dict.fromkeys(dataclasses.asdict(Passes()))
     logits = logits.astype(jnp.float32)
-    processed = _ban(_penalize(logits, st, penalties), st.banned)
+    processed = _ban(_penalize(logits, st, penalties, static["penalties"]), st.banned)
     greedy = jnp.argmax(processed, axis=-1).astype(jnp.int32)
     random_rows = st.temperature >= _MIN_TEMPERATURE
-    drawn = lax.cond(jnp.any(random_rows), _draw, lambda *_: greedy, processed, st, positions, random_rows)
+    draw = functools.partial(_draw, filtering=static["filter"])
+    drawn = _branch(static["draw"], jnp.any(random_rows), draw, lambda *_: greedy, processed, st, positions,
+                    random_rows)
     tokens = jnp.where(random_rows, drawn, greedy)
-    return Sampled(tokens, *lax.cond(jnp.any(st.wants_logprobs != 0), token_logprobs, _no_logprobs, logits, tokens))
+    return Sampled(tokens, *_branch(static["logprobs"], jnp.any(st.wants_logprobs != 0), token_logprobs,
+                                    _no_logprobs, logits, tokens))
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array):
@@ -118,10 +164,10 @@ def load_penalty_row(penalties: PenaltyState, row: jax.Array, prompt_mask_row: j
                         penalties.prompt_mask.at[row].set(prompt_mask_row.astype(jnp.bool_)))
 
 
-def _penalize(logits: jax.Array, st: SamplingTensors, penalties: PenaltyState) -> jax.Array:
+def _penalize(logits: jax.Array, st: SamplingTensors, penalties: PenaltyState, static: bool | None) -> jax.Array:
     """The penalties on [B, V], skipped (no [B, V] pass) when every row's are neutral."""
     used = (st.repetition_penalty != 1) | (st.frequency_penalty != 0) | (st.presence_penalty != 0)
-    return lax.cond(jnp.any(used), _apply_penalties, lambda x, *_: x, logits, st, penalties)
+    return _branch(static, jnp.any(used), _apply_penalties, lambda x, *_: x, logits, st, penalties)
 
 
 def _apply_penalties(logits: jax.Array, st: SamplingTensors, penalties: PenaltyState) -> jax.Array:
@@ -145,12 +191,13 @@ def _ban(logits: jax.Array, banned: jax.Array) -> jax.Array:
     return logits.at[jnp.arange(rows)[:, None], ids].set(-jnp.inf, mode="drop")
 
 
-def _draw(processed: jax.Array, st: SamplingTensors, positions: jax.Array, random_rows: jax.Array) -> jax.Array:
+def _draw(processed: jax.Array, st: SamplingTensors, positions: jax.Array, random_rows: jax.Array,
+          filtering: bool | None = None) -> jax.Array:
     """Gumbel-max draw [B] from the temperature-scaled, filtered logits [B, V]."""
     vocab = processed.shape[-1]
     scaled = processed / jnp.where(random_rows, st.temperature, 1.0)[:, None]
-    filtering = random_rows & ((st.min_p > 0) | ((st.top_k > 0) & (st.top_k < vocab)) | (st.top_p < 1))
-    floor = lax.cond(jnp.any(filtering), _filter_floor, _no_floor, scaled, st)
+    filters = random_rows & ((st.min_p > 0) | ((st.top_k > 0) & (st.top_k < vocab)) | (st.top_p < 1))
+    floor = _branch(filtering, jnp.any(filters), _filter_floor, _no_floor, scaled, st)
     kept = jnp.where(scaled >= floor[:, None], scaled, -jnp.inf)
     noise = jax.vmap(_gumbel, in_axes=(0, 0, None))(st.seed, positions, vocab)
     return jnp.argmax(kept + noise, axis=-1).astype(jnp.int32)

@@ -16,6 +16,7 @@ import pytest
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine.engine import Engine
 from jaxinfer.llm import LLM, SamplingParams
+from jaxinfer.runner import step_fields
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 ATOL = 1e-3  # logprobs from the step vs a separate scoring pass: the trained model's peaked logits differ by ~3e-4
@@ -80,6 +81,30 @@ def test_outputs_do_not_depend_on_the_batch(llm, monkeypatch):
         assert out.outputs[0].token_ids == alone(llm, prompt, params), f"prompt of {len(prompt)} tokens"
         assert out.outputs[0].finish_reason == "length"
     llm.engine.check_idle()
+
+
+def test_static_control_flow_gives_the_dynamic_outputs(llm):
+    """The GPU's static control flow (rounds and sampler passes compiled per step, no on-device branching)
+    gives every request, batched at random steps with requests that switch the sampler's passes on and off,
+    exactly what the dynamic engine gives it alone: greedy and seeded tokens and their logprobs. The first
+    request's first chunk runs alone (a step with no rounds at all)."""
+    static = LLM(engine=dataclasses.replace(llm.engine_config, control_flow="static"))
+    rng = np.random.default_rng(7)
+    kinds = [GREEDY, dict(temperature=0.8, top_p=0.9, logprobs=2), dict(temperature=0.0, repetition_penalty=1.3)]
+    requests = [(rng.integers(5, 4000, 70 if i == 0 else int(rng.integers(1, 50))).tolist(),
+                 SamplingParams(max_tokens=2 if i == 0 else int(rng.integers(1, 9)), seed=i,
+                                **{"ignore_eos": True, **kinds[i % 3]})) for i in range(8)]
+    outs = run(static.engine, requests, [0] + sorted(rng.integers(2, 10, len(requests) - 1).tolist()))
+    for (prompt, params), out in zip(requests, outs):
+        expected = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        assert out.outputs[0].token_ids == expected.token_ids, f"{params}"
+        assert out.outputs[0].logprobs == expected.logprobs
+    runner = static.engine.executor.runner
+    assert {layout.rounds for layout in runner._compiled} == {0, 1, 4}
+    assert len({layout.passes for layout in runner._compiled}) >= 3
+    for layout in runner._compiled | llm.engine.executor.runner._compiled:  # as other processes rebuild them
+        assert runner.layout_from(step_fields(layout)) == layout
+    static.engine.check_idle()
 
 
 def test_preemption_keeps_outputs(llm):

@@ -4,13 +4,13 @@ import jax
 import numpy as np
 import pytest
 
-from jaxinfer.sampling import (MAX_LOGPROBS, PenaltyState, SamplingTensors, empty_penalty_state, load_penalty_row,
-                               record_tokens, sample, token_logprobs)
+from jaxinfer.sampling import (MAX_LOGPROBS, Passes, PenaltyState, SamplingTensors, empty_penalty_state,
+                               load_penalty_row, record_tokens, sample, token_logprobs)
 
 B, V, E = 6, 257, 4  # rows, vocab, banned entries per row
 DRAWS = 1000  # seeded draws per row when probing a support
 
-_sample = jax.jit(sample)
+_sample = jax.jit(sample, static_argnames="passes")
 
 
 def _settings(rows, banned_width=E, **values):
@@ -24,12 +24,12 @@ def _settings(rows, banned_width=E, **values):
     return s
 
 
-def _run(logits, s, counts=None, prompt=None, positions=None):
+def _run(logits, s, counts=None, prompt=None, positions=None, passes=None):
     rows, vocab = logits.shape
     counts = np.zeros((rows, vocab), np.int32) if counts is None else counts
     prompt = np.zeros((rows, vocab), bool) if prompt is None else prompt
     positions = np.full(rows, 7, np.int32) if positions is None else positions
-    return _sample(logits, SamplingTensors(**s), positions, PenaltyState(counts, prompt))
+    return _sample(logits, SamplingTensors(**s), positions, PenaltyState(counts, prompt), passes=passes)
 
 
 def _draw_many(logits, s, counts, prompt, n=DRAWS):
@@ -305,3 +305,37 @@ def test_all_but_one_banned_gives_that_one_without_nan(case):
         out = _run(logits, s, counts, prompt)
         np.testing.assert_array_equal(out.tokens, allowed)
         assert not any(np.isnan(np.asarray(field)).any() for field in jax.tree.leaves(out))
+
+
+STATIC_CASES = [  # (settings, the passes the host must compile in)
+    (dict(temperature=0.0, wants_logprobs=0), Passes()),
+    (dict(temperature=0.0, wants_logprobs=[0, 0, 0, 0, 0, 1]), Passes(logprobs=True)),
+    (dict(temperature=[0, 0, 0.7, 0, 0, 0], wants_logprobs=0), Passes(draw=True)),
+    (dict(temperature=[0, 0, 0.7, 0, 0, 0], top_k=[0, 0, 0, 0, 0, 9], wants_logprobs=0), Passes(draw=True)),
+    (dict(temperature=[0, 0, 0.7, 0, 0, 0], top_k=[0, 0, V, 0, 0, 0], wants_logprobs=0), Passes(draw=True)),
+    (dict(temperature=[0, 0, 0.7, 0, 0, 0], top_p=[1, 1, 0.9, 1, 1, 1], wants_logprobs=0),
+     Passes(draw=True, filter=True)),
+    (dict(temperature=[1, 0, 0, 0, 0, 0], min_p=[0.05, 0, 0, 0, 0, 0], wants_logprobs=0), Passes(draw=True, filter=True)),
+    (dict(temperature=0.0, repetition_penalty=[1, 1, 1, 1.2, 1, 1], wants_logprobs=0), Passes(penalties=True)),
+    (dict(temperature=0.0, presence_penalty=[0, -0.5, 0, 0, 0, 0], wants_logprobs=0), Passes(penalties=True)),
+    (dict(temperature=[0, 0.5, 0, 1, 0, 2], top_k=[0, 3, 0, 0, 0, 0], frequency_penalty=[0, 0, 0, 0, 0.4, 0]),
+     Passes(True, True, True, True)),
+]
+
+
+@pytest.mark.parametrize("settings, passes", STATIC_CASES)
+def test_static_passes_match_the_device_choice(case, settings, passes):
+    """The host's `Passes.needed` names exactly the passes the on-device conds take; a sampler compiled with
+    those passes, or with every pass, gives the same bits as the one that chooses on device (rows not using
+    a pass never see it)."""
+    logits, counts, prompt, _ = case
+    s = _settings(B, seed=[5, 6, 7, 8, 9, 10], **settings)
+    assert Passes.needed(s, V) == passes
+    assert Passes.from_code(passes.code) == passes
+    on_device = _run(logits, s, counts, prompt)
+    for static in (passes, Passes(True, True, True, True)):
+        out = _run(logits, s, counts, prompt, passes=static)
+        for field in ("tokens", "logprob", "rank", "top_ids", "top_logprobs"):
+            wants = s["wants_logprobs"] != 0 if field != "tokens" else np.ones(B, bool)
+            np.testing.assert_array_equal(np.asarray(getattr(out, field))[wants],
+                                          np.asarray(getattr(on_device, field))[wants], err_msg=f"{static} {field}")
