@@ -423,8 +423,9 @@ def _load(model, engine: EngineConfig, source, workload: Workload):
     """-> (LLM with every step shape compiled, what the setup was)."""
     from jaxinfer.llm import LLM
     start = time.perf_counter()
-    llm = LLM(model, engine, warmup=True)
+    llm = LLM(model, engine)
     cfg, runner = llm.engine_config, llm.runner
+    runner.warmup(sampled=False)  # every request of the workload is greedy
     setup = {"model": str(source.config_path), "engine": dataclasses.asdict(cfg), "machine": machine(),
              "date": datetime.date.today().isoformat(), "workload": _describe_workload(workload),
              "load_and_warmup_seconds": time.perf_counter() - start, "warmup_compiles": runner.num_compiles,

@@ -391,9 +391,10 @@ class ModelRunner:
         V = self.cfg.vocab_size
         self._set_penalties(int(fields[0]), payload[:V], payload[V:])
 
-    def warmup(self) -> None:
+    def warmup(self, sampled: bool = True) -> None:
         """Compile every (chunk bucket, page width) a step can meet; prompt-logprob variants, and with
-        static control flow the samplers other than greedy and plain random, compile on first use."""
+        static control flow the samplers other than greedy and plain random (or other than greedy if not
+        `sampled`), compile on first use."""
         B, Z = self.local.max_slots, self.engine.page_size
         buckets = self.engine.prefill_buckets()
         shortest = dict(zip(buckets, (1,) + tuple(b + 1 for b in buckets)))  # fewest tokens that pad to C
@@ -401,17 +402,18 @@ class ModelRunner:
             for W in self.page_buckets:
                 if C and W * Z < shortest[C] and W != self.page_buckets[-1]:
                     continue  # no chunk padded to C ends this early
-                for static in self._static_variants(C):
+                for static in self._static_variants(C, sampled):
                     self._executable(Layout.build(B, W, C, self.local.max_prefill_seqs, False, *static))
         log.info("warm-up: %d executables compiled in %.1fs", self.num_compiles, self.compile_seconds)
 
-    def _static_variants(self, C: int) -> list[tuple[int | None, Passes | None]]:
+    def _static_variants(self, C: int, sampled: bool) -> list[tuple[int | None, Passes | None]]:
         """(rounds, passes) warm-up compiles for chunk bucket C: a prefill-only step (no rounds), then
-        greedy and plain random sampling at the step's rounds."""
+        greedy and (if `sampled`) plain random sampling at the step's rounds."""
         if self.engine.control_flow != "static":
             return [(None, None)]
         rounds = 1 if C else self.engine.decode_steps
-        return ([(0, Passes())] if C else []) + [(rounds, Passes()), (rounds, Passes(draw=True))]
+        samplers = [Passes(), Passes(draw=True)][:1 + sampled]
+        return ([(0, Passes())] if C else []) + [(rounds, passes) for passes in samplers]
 
 
 def _packed(parts: list, size: int) -> np.ndarray:

@@ -66,7 +66,8 @@ class Passes:
     @classmethod
     def needed(cls, rows: dict, vocab: int) -> "Passes":
         """What a batch's host-side sampling rows [B] need: the same tests `sample` makes on device."""
-        penalties = (rows["repetition_penalty"] != 1) | (rows["frequency_penalty"] != 0) | (rows["presence_penalty"] != 0)
+        penalties = ((rows["repetition_penalty"] != 1) | (rows["frequency_penalty"] != 0)
+                     | (rows["presence_penalty"] != 0))
         random_rows = rows["temperature"] >= _MIN_TEMPERATURE
         top_k = rows["top_k"]
         filtering = random_rows & ((rows["min_p"] > 0) | ((top_k > 0) & (top_k < vocab)) | (rows["top_p"] < 1))
