@@ -10,9 +10,9 @@
 #   3. the model-parity tests on the GPU: the whole engine with our Pallas kernels (no interpret mode) and
 #      float32 matmuls, against transformers on the same tiny checkpoints.
 #   bash scripts/gpu_session.sh [OUTPUT_DIR]
-# To test whether XLA's command buffers stop the step from blocking the host (docs/benchmarks.md, the 8B
-# section), run it again with
-#   XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL
+# The engine runs with static control flow (the GPU default: no host syncs inside a step, see
+# docs/benchmarks.md, the 8B section); CONTROL_FLOW=dynamic runs the old on-device branching for the
+# side-by-side figure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp}}
@@ -22,12 +22,13 @@ check=$?
 timeout 80 python3 scripts/bench_attention.py --sweep --batches 64 --contexts 2048 --repeats 5 \
   --out "$out/attention_sweep.json" 2>&1 | tee "$out/attention_sweep.log" | grep -v Warning
 # Packed prompts always run one prefill bucket (the whole budget): one step shape per page width.
-timeout 250 python3 - "$out" "${PREFILL_CHUNK:-512}" <<'EOF' 2>&1 | tee "$out/offline_llama3_8b.log" | grep -v "generating:"
+timeout 250 python3 - "$out" "${PREFILL_CHUNK:-512}" "${CONTROL_FLOW:-static}" <<'EOF' 2>&1 | tee "$out/offline_llama3_8b.log" | grep -v "generating:"
 import logging, sys
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 from jaxinfer.bench import OfflineOptions, offline
 from jaxinfer.config import EngineConfig
-engine = EngineConfig(max_slots=256, prefill_chunk=int(sys.argv[2]), decode_steps=4, dtype="bfloat16")
+engine = EngineConfig(max_slots=256, prefill_chunk=int(sys.argv[2]), decode_steps=4, dtype="bfloat16",
+                      control_flow=sys.argv[3])
 offline(OfflineOptions("configs/llama-3-8b.json", engine, 1000, (32, 512), (32, 256), 0, ("bare",), (8,), 5,
                        f"{sys.argv[1]}/offline_llama3_8b.json"))
 EOF
