@@ -24,7 +24,8 @@ def describe(array) -> dict:
 def run(checkpoint: str, data: int, model: int, backend: str) -> dict:
     engine = EngineConfig(max_slots=4, page_size=8, prefill_chunk=16, max_model_len=64, num_pages=32, decode_steps=2,
                           mesh_shape=(data, model), attention_backend=backend, dtype="float32",
-                          max_prefill_seqs=2)  # packed prompts on every layout; 2, not Pallas's 8: interpret is slow
+                          max_prefill_seqs=2,  # packed prompts on every layout; 2, not Pallas's 8: interpret is slow
+                          control_flow="static" if backend == "pallas" else "dynamic")  # as on a GPU
     llm = LLM(checkpoint, engine)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True), use_tqdm=False)
     runner = llm.runner

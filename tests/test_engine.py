@@ -84,24 +84,25 @@ def test_outputs_do_not_depend_on_the_batch(llm, monkeypatch):
 
 
 def test_static_control_flow_gives_the_dynamic_outputs(llm):
-    """The GPU's static control flow (rounds and sampler passes compiled per step, no on-device branching)
-    gives every request, batched at random steps with requests that switch the sampler's passes on and off,
-    exactly what the dynamic engine gives it alone: greedy and seeded tokens and their logprobs. The first
-    request's first chunk runs alone (a step with no rounds at all)."""
-    static = LLM(engine=dataclasses.replace(llm.engine_config, control_flow="static"))
+    """The GPU's static control flow (rounds and sampler passes compiled per step, no on-device branching):
+    warm-up compiles the chunk-only step and greedy and plain random sampling for each shape; then every
+    request, batched at random steps with requests that switch the sampler's passes on and off, gets exactly
+    what the dynamic engine gives it alone: greedy and seeded tokens and their logprobs."""
+    static = LLM(engine=dataclasses.replace(llm.engine_config, control_flow="static", max_model_len=64),
+                 warmup=True)  # one page width, the module engine's narrowest
+    runner = static.engine.executor.runner
+    assert runner.num_compiles == 5  # decode: greedy, random; chunk: no rounds, greedy, random
     rng = np.random.default_rng(7)
-    kinds = [GREEDY, dict(temperature=0.8, top_p=0.9, logprobs=2), dict(temperature=0.0, repetition_penalty=1.3)]
-    requests = [(rng.integers(5, 4000, 70 if i == 0 else int(rng.integers(1, 50))).tolist(),
-                 SamplingParams(max_tokens=2 if i == 0 else int(rng.integers(1, 9)), seed=i,
-                                **{"ignore_eos": True, **kinds[i % 3]})) for i in range(8)]
-    outs = run(static.engine, requests, [0] + sorted(rng.integers(2, 10, len(requests) - 1).tolist()))
+    kinds = [GREEDY, dict(temperature=1.0), dict(temperature=0.8, top_p=0.9, logprobs=2, repetition_penalty=1.3)]
+    requests = [(rng.integers(5, 4000, int(rng.integers(1, 50))).tolist(),
+                 SamplingParams(max_tokens=int(rng.integers(1, 9)), seed=i, **{"ignore_eos": True, **kinds[i % 3]}))
+                for i in range(10)]
+    outs = run(static.engine, requests, rng.integers(0, 8, len(requests)).tolist())
     for (prompt, params), out in zip(requests, outs):
         expected = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
         assert out.outputs[0].token_ids == expected.token_ids, f"{params}"
         assert out.outputs[0].logprobs == expected.logprobs
-    runner = static.engine.executor.runner
-    assert {layout.rounds for layout in runner._compiled} == {0, 1, 4}
-    assert len({layout.passes for layout in runner._compiled}) >= 3
+    assert len({layout.passes for layout in runner._compiled}) == 3  # none, draw, every pass
     for layout in runner._compiled | llm.engine.executor.runner._compiled:  # as other processes rebuild them
         assert runner.layout_from(step_fields(layout)) == layout
     static.engine.check_idle()
