@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 from jaxinfer import distributed
 from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.engine.request import MAX_BANNED
-from jaxinfer.engine.scheduler import StepPlan, StepResult, neutral_sampling, step_buckets
+from jaxinfer.engine.scheduler import StepPlan, StepResult, neutral_sampling, step_buckets, step_rounds
 from jaxinfer.model.transformer import Batch, KVPool, forward, logits
 from jaxinfer.sampling import (MAX_LOGPROBS, Passes, PenaltyState, SamplingTensors, empty_penalty_state,
                                load_penalty_row, record_tokens, sample, token_logprobs)
@@ -297,8 +297,7 @@ class ModelRunner:
         scored = any(chunk.next_tokens is not None for p in plans for chunk in p.prefills)
         rounds = passes = None
         if self.engine.control_flow == "static":
-            steps = max(p.num_steps for p in plans)
-            rounds = steps if C and steps <= 1 else self.engine.decode_steps
+            rounds = step_rounds(self.engine, C, max(p.num_steps for p in plans))
             rows = {name: np.concatenate([p.sampling[name] for p in plans]) for name in plans[0].sampling}
             passes = Passes.needed(rows, self.cfg.vocab_size) if rounds else Passes()
         return Layout.build(self.local.max_slots, W, C, self.local.max_prefill_seqs, scored, rounds, passes)

@@ -170,6 +170,19 @@ def test_attention_work_follows_the_backend():
     assert (measured.context, measured.width) == (20, engine.pages_per_seq * 4)
 
 
+@pytest.mark.parametrize("control_flow, rounds", [("dynamic", [2, 1, 0, 1]), ("static", [4, 4, 0, 1])])
+def test_static_control_flow_costs_the_rounds_it_compiles(control_flow, rounds):
+    """Static control flow runs every decode-only dispatch at `decode_steps` rounds, a chunk that samples
+    nothing with none and one beside a chunk: the cost model counts what runs, not what the plan asked."""
+    from jaxinfer.bench import decode_plan, prefill_plan
+    engine = _engine(max_slots=3, decode_steps=4, control_flow=control_flow)
+    sampled = prefill_plan(engine, [1, 2, 3])
+    sampled.num_steps = 1
+    plans = [decode_plan(engine, batch=2, context=9, k=2), decode_plan(engine, batch=2, context=9, k=1),
+             prefill_plan(engine, [1, 2, 3]), sampled]
+    assert [shape_of(plan, engine).rounds for plan in plans] == rounds
+
+
 def test_tensor_parallel_bandwidth_model():
     """T devices: device terms / T, the fixed dispatch cost once, plus 2 ring all-reduces per layer."""
     from jaxinfer.planner.costmodel import ALLREDUCE_LATENCY, LINK_BANDWIDTH

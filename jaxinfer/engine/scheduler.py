@@ -93,6 +93,14 @@ def step_buckets(engine: EngineConfig, plans: list[StepPlan]) -> tuple[int, int]
     return (bucket(max(chunks), engine.prefill_buckets()) if chunks else 0), W
 
 
+def step_rounds(engine: EngineConfig, C: int, num_steps: int) -> int:
+    """The decode rounds a step of chunk bucket C runs: its plan's `num_steps`, or with static control flow
+    the compiled count (none for a chunk that samples nothing, one beside a chunk, else `decode_steps`)."""
+    if engine.control_flow != "static":
+        return num_steps
+    return num_steps if C and num_steps <= 1 else engine.decode_steps
+
+
 @dataclasses.dataclass
 class Counters:
     prompt_tokens: int = 0  # prompt tokens of admitted sequences (first admission only)

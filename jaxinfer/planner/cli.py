@@ -93,10 +93,12 @@ def _plan(args) -> None:
         n = args.num_requests if args.duration is None else max(1, round(args.duration * args.request_rate))
         trace = Trace.generate(args.request_rate, n, args.input_len, args.output_len, args.range_ratio,
                                args.burstiness, args.seed)
-    # Pack prompts as the profiled engine did (older profiles: the server's default for their backend).
+    # Pack prompts and branch as the profiled engine did (older profiles: the server's default packing for
+    # their backend; they all branched on device).
     packs = profiled.get("max_prefill_seqs") or default_prefill_seqs(model.backend)
     base = EngineConfig(max_model_len=args.max_model_len or profiled.get("max_model_len", 256),
-                        enable_prefix_caching=False, max_prefill_seqs=packs)
+                        enable_prefix_caching=False, max_prefill_seqs=packs,
+                        control_flow=profiled.get("control_flow", "dynamic"))
     engines = engine_grid(base, args.slots or model.notes.get("slots", [EngineConfig.max_slots]),
                           args.page_sizes or [profiled.get("page_size", EngineConfig.page_size)],
                           args.prefill_chunks or [profiled.get("prefill_chunk", EngineConfig.prefill_chunk)],

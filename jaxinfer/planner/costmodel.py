@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxinfer.config import RESOLVED_ATTENTION_BACKENDS, EngineConfig
-from jaxinfer.engine.scheduler import StepPlan, step_buckets
+from jaxinfer.engine.scheduler import StepPlan, step_buckets, step_rounds
 
 FEATURES = ("dispatch", "chunk", "chunk_token", "chunk_attention", "chunk_alone", "chunk_alone_token", "round",
             "round_slot", "round_attention", "round_table")
@@ -57,7 +57,8 @@ def shape_of(plan: StepPlan, engine: EngineConfig) -> StepShape:
     C, W = step_buckets(engine, [plan])
     decoding = plan.steps > 0
     lengths = plan.positions[decoding] + 1
-    return StepShape(len(plan.positions), C, W * engine.page_size, plan.num_steps, int(lengths.sum()))
+    rounds = step_rounds(engine, C, plan.num_steps)
+    return StepShape(len(plan.positions), C, W * engine.page_size, rounds, int(lengths.sum()))
 
 
 def features(shape: StepShape, backend: str) -> np.ndarray:
