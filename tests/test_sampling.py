@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxinfer.sampling import (MAX_LOGPROBS, Passes, PenaltyState, SamplingTensors, empty_penalty_state,
+from jaxinfer.sampling import (MAX_LOGPROBS, Passes, _filter_floor, PenaltyState, SamplingTensors, empty_penalty_state,
                                load_penalty_row, record_tokens, sample, token_logprobs)
 
 B, V, E = 6, 257, 4  # rows, vocab, banned entries per row
@@ -340,3 +340,34 @@ def test_static_passes_match_the_device_choice(case, settings, passes):
             wants = s["wants_logprobs"] != 0 if field != "tokens" else np.ones(B, bool)
             np.testing.assert_array_equal(np.asarray(getattr(out, field))[wants],
                                           np.asarray(getattr(on_device, field))[wants], err_msg=f"{static} {field}")
+
+
+def _sorted_floor(x, top_k, top_p, min_p):
+    """One row's floor the plain way: sort descending, then min_p, top_k and top_p (renormalized) in turn."""
+    desc = np.sort(x)[::-1]
+    floor = desc[0] + (np.log(min_p) if min_p > 0 else np.float32(-np.inf))  # float32, as on device
+    if 0 < top_k < x.size:
+        floor = max(floor, desc[top_k - 1])
+    if top_p < 1:
+        probs = np.where(desc >= floor, np.exp(desc.astype(np.float64) - desc[0]), 0.0)
+        probs /= probs.sum()
+        floor = max(floor, desc[np.cumsum(probs) - probs < top_p].min())
+    return floor
+
+
+def test_filter_floor_equals_a_sorted_reference():
+    """The halving search finds the very threshold a sort finds, with ties, -inf entries and every filter."""
+    rng = np.random.default_rng(5)
+    rows, vocab = 64, 1000
+    x = (rng.normal(size=(rows, vocab)) * rng.uniform(0.3, 6, size=(rows, 1))).astype(np.float32)
+    x[:, :50] = -np.inf
+    x[:, 50:150] = x[:, 150:250]  # ties
+    x[::7] = np.round(x[::7])  # rows of heavy ties
+    top_k = rng.choice([0, 1, 2, 7, 100, 999, vocab], rows).astype(np.int32)
+    top_p = rng.choice([1.0, 0.95, 0.5, 0.1, 1e-6], rows).astype(np.float32)
+    min_p = rng.choice([0.0, 0.01, 0.3], rows).astype(np.float32)
+    s = _settings(rows, top_k=top_k, top_p=top_p, min_p=min_p)
+    floor = np.asarray(jax.jit(_filter_floor)(x, SamplingTensors(**s)))
+    expected = [_sorted_floor(*args) for args in zip(x, top_k, top_p, min_p)]
+    np.testing.assert_array_equal(floor, np.asarray(expected, np.float32))
+    assert ((x >= floor[:, None]).sum(axis=-1) >= 1).all()
