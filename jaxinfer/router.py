@@ -46,6 +46,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+import jaxinfer
 from jaxinfer.server.metrics import CONTENT_TYPE, format_labels
 from jaxinfer.server.protocol import APIError, check_api_key, parse_json, read_body
 
@@ -478,6 +479,10 @@ class Router:
         body = await self._read(request) if request.method == "POST" else None
         return await self.forward(request, body, None)
 
+    async def version(self, request: Request) -> Response:
+        """The router's own package version (its replicas answer for theirs)."""
+        return JSONResponse({"version": jaxinfer.__version__})
+
     async def health(self, request: Request) -> Response:
         healthy = [r.url for r in self.replicas.values() if r.healthy]
         if healthy:
@@ -628,6 +633,7 @@ def build_app(router: Router) -> Starlette:
         route("/detokenize", router.passthrough),
         route("/health", router.health, ("GET",)),
         route("/metrics", router.metrics, ("GET",)),
+        route("/version", router.version, ("GET",)),
     ]
 
     @contextlib.asynccontextmanager

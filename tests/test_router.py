@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+import jaxinfer
 from jaxinfer.router import (DONE, PREFIX_WINDOWS, Choice, Policy, Router, RouterConfig, build_app, describe,
                              prefix_keys, reported_sequences)
 
@@ -381,6 +382,7 @@ def test_other_routes_pass_through():
                                                              "max_tokens": 2})
         assert chat.status_code == 200 and fake.received[-1]["messages"][0]["content"] == "hi"
         assert httpx.get(f"{url}/health").json() == {"status": "ready", "healthy_replicas": [fake.url]}
+        assert httpx.get(f"{url}/version").json() == {"version": jaxinfer.__version__}  # the router's own, as vLLM
 
 
 def test_api_key_guards_v1_and_the_replica_key_is_sent_on():
