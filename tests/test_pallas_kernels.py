@@ -131,18 +131,19 @@ def test_ragged_prefill_matches_reference(dtype, Z, H, G, window):
 
 @pytest.mark.parametrize("family", ["qwen3", "mistral"])
 def test_model_greedy_tokens_equal_with_pallas_backend(family, tmp_path):
-    """The whole model with our kernels (interpret mode) decodes what the reference backend decodes."""
+    """The whole model with our kernels (interpret mode) decodes what the reference backend decodes (the
+    `xla` default is held to transformers itself in tests/test_model_parity.py)."""
     build(family, tmp_path)
     prompts = [list(range(3, 12)), list(range(40, 57)), list(range(100, 140))]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     tokens = {}
-    for backend in ("reference", "xla", "pallas"):
+    for backend in ("reference", "pallas"):
         engine = EngineConfig(max_slots=2, page_size=8, prefill_chunk=16, max_model_len=64,
                               dtype="float32", attention_backend=backend)
         llm = LLM(tmp_path, engine)
         assert llm.engine_config.attention_backend == backend
         tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    assert tokens["pallas"] == tokens["xla"] == tokens["reference"]
+    assert tokens["pallas"] == tokens["reference"]
 
 
 def test_auto_backend_falls_back_when_kernels_fail(monkeypatch, caplog):
