@@ -71,7 +71,8 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--context", type=int, default=128, help="tokens already in each decoding slot")
     parser.add_argument("--decode-steps", type=int, default=EngineConfig.decode_steps,
-                        help="decode steps per dispatch (the engine's decode_steps); k=1 is timed too")
+                        help="decode steps per dispatch (the engine's decode_steps); k=1 is timed too, "
+                             "except under static control flow (the GPU default), which never runs it")
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--attention-backends", nargs="+", choices=ATTENTION_BACKENDS, default=["auto"],
@@ -99,7 +100,8 @@ def main() -> None:
         print(f"prefill chunk {chunk:5d}: {sec * 1e3:8.1f} ms  {chunk / sec:9.1f} tokens/s")
     for batch, backend in itertools.product(args.batches, args.attention_backends):  # `batch` slots, all decoding
         decoder = runner(batch, backend)
-        for k in dict.fromkeys((args.decode_steps, 1)):
+        static = decoder.engine.control_flow == "static"  # every decode-only dispatch runs all k rounds
+        for k in dict.fromkeys((args.decode_steps,) if static else (args.decode_steps, 1)):
             sec = bench_decode(decoder, batch, args.context, k, args.repeats)
             print(f"decode batch {batch:3d} (context {args.context}, k={k}, {decoder.engine.attention_backend}): "
                   f"{sec * 1e3:8.1f} ms/step  {batch / sec:8.1f} tokens/s")

@@ -8,7 +8,8 @@
 #      and the bare-step ceiling (transformers and static batching are left out to fit the time), with
 #      prompts packed 8 to a step (the default on GPU) into a budget of PREFILL_CHUNK tokens (512);
 #   3. the model-parity tests on the GPU: the whole engine with our Pallas kernels (no interpret mode) and
-#      float32 matmuls, against transformers on the same tiny checkpoints.
+#      float32 matmuls, against transformers on the same tiny checkpoints;
+#   4. the sampler's passes at 256 slots x Llama-3's 128,256-token vocabulary (scripts/bench_sampling.py).
 #   bash scripts/gpu_session.sh [OUTPUT_DIR]
 # The engine runs with static control flow (the GPU default: no host syncs inside a step, see
 # docs/benchmarks.md, the 8B section); CONTROL_FLOW=dynamic runs the old on-device branching for the
@@ -36,4 +37,5 @@ offline=${PIPESTATUS[0]}
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout 45 python3 -m pytest -q -p no:cacheprovider tests/test_model_parity.py \
   2>&1 | tee "$out/gpu_model_parity.log" | tail -6
 parity=${PIPESTATUS[0]}
+timeout 40 python3 scripts/bench_sampling.py --rows 256 --vocab 128256 2>&1 | tee "$out/sampling.log"
 echo "gpu_check exit $check, model parity exit $parity, offline 8B exit $offline"

@@ -24,6 +24,12 @@ def test_bench_attention_sweep_smoke():
     assert "fastest of 4 settings" in out and "block_keys=128" in out
 
 
+def test_bench_sampling_tiny():
+    out = _run("scripts/bench_sampling.py", "--rows", "3", "--vocab", "300", "--repeats", "1", "--kinds", "top_p")
+    assert "| top_p |" in out and "| draw, filter |" in out
+    assert "halving search" in out and "descending sort" in out
+
+
 def test_bench_step_tiny():
     out = _run("scripts/bench_step.py", "--config", "jaxinfer/assets/default/config.json", "--batches", "2",
                "--chunks", "16", "--repeats", "1", "--max-model-len", "64", "--context", "32")

@@ -1,0 +1,105 @@
+"""Sampler benchmark: what each sampling setting costs per decode round, on device conds against static passes.
+
+Times `jaxinfer.sampling.sample` alone (jitted) on random logits [rows, vocab] for each kind of batch
+(greedy; plain random; top-p; penalties; logprobs), two ways side by side: the optional passes chosen
+on device by `lax.cond` (`control_flow="dynamic"`, the CPU default) and compiled in by the host
+(`"static"`, the GPU default). Also the filter threshold alone: the halving search the sampler uses
+against the descending sort it replaced. Every figure is the median of several timed runs after a
+compile-and-warm run. Examples:
+
+    python scripts/bench_sampling.py                               # 32 x 49,152 (SmolLM2 vocab)
+    python scripts/bench_sampling.py --rows 256 --vocab 128256     # Llama-3's vocab at 256 slots
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer import sampling
+from jaxinfer.sampling import Passes, PenaltyState, SamplingTensors
+
+KINDS = {  # name: every row's settings where they differ from neutral
+    "greedy": dict(temperature=0.0),
+    "random": dict(temperature=1.0),
+    "top_p": dict(temperature=1.0, top_p=0.9),
+    "top_k_min_p": dict(temperature=1.0, top_k=50, min_p=0.05),
+    "penalty": dict(temperature=0.0, repetition_penalty=1.2),
+    "logprobs": dict(temperature=0.0, wants_logprobs=1),
+}
+
+
+def settings(rows: int, **values) -> dict:
+    neutral = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, presence_penalty=0.0, frequency_penalty=0.0,
+                   repetition_penalty=1.0, seed=0, wants_logprobs=0)
+    dtypes = dict(top_k=np.int32, seed=np.uint32, wants_logprobs=np.int32)
+    out = {name: np.full(rows, values.get(name, default), dtypes.get(name, np.float32))
+           for name, default in neutral.items()}
+    out["seed"] = np.arange(rows, dtype=np.uint32)
+    return out
+
+
+def median_seconds(fn, args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def sorted_floor(scaled, st: SamplingTensors):
+    """The threshold by a descending sort of every row (what the sampler did before the halving search)."""
+    vocab = scaled.shape[-1]
+    desc = jnp.sort(scaled, axis=-1, descending=True)
+    floor = desc[:, 0] + jnp.log(st.min_p)
+    kth = jnp.take_along_axis(desc, jnp.clip(st.top_k - 1, 0, vocab - 1)[:, None], axis=-1)[:, 0]
+    floor = jnp.maximum(floor, jnp.where((st.top_k > 0) & (st.top_k < vocab), kth, -jnp.inf))
+    probs = jax.nn.softmax(jnp.where(desc >= floor[:, None], desc, -jnp.inf), axis=-1)
+    mass_above = jnp.cumsum(probs, axis=-1) - probs
+    nucleus = jnp.min(jnp.where(mass_above < st.top_p[:, None], desc, jnp.inf), axis=-1)
+    return jnp.maximum(floor, jnp.where(st.top_p < 1, nucleus, -jnp.inf))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="batches to time")
+    args = parser.parse_args()
+    B, V = args.rows, args.vocab
+    logits = jax.random.normal(jax.random.PRNGKey(0), (B, V), jnp.float32) * 3
+    rng = np.random.default_rng(0)
+    penalties = PenaltyState(jnp.asarray(rng.random((B, V)) < 0.01, jnp.int32), jnp.asarray(rng.random((B, V)) < 0.01))
+    positions = jnp.arange(B, dtype=jnp.int32)
+    banned = jnp.full((B, 4), -1, jnp.int32)
+    print(f"# sample() on [{B}, {V}] float32 logits, {jax.devices()[0].device_kind} ({platform.machine()}); "
+          f"medians of {args.repeats}")
+    print("| batch | on-device conds (ms) | static passes (ms) | passes |")
+    print("| --- | ---: | ---: | --- |")
+    for name in args.kinds:
+        rows = settings(B, **KINDS[name])
+        st = SamplingTensors(**{n: jnp.asarray(v) for n, v in rows.items()}, banned=banned)
+        passes = Passes.needed(rows, V)
+        times = [median_seconds(jax.jit(lambda x, st, p=p: sampling.sample(x, st, positions, penalties, p)),
+                                (logits, st), args.repeats) for p in (None, passes)]
+        used = ", ".join(n for n, on in vars(passes).items() if on) or "none"
+        print(f"| {name} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | {used} |", flush=True)
+    every_filter = settings(B, **KINDS["top_k_min_p"], top_p=0.9)
+    st = SamplingTensors(**{n: jnp.asarray(v) for n, v in every_filter.items()}, banned=banned)
+    search, sort = (median_seconds(jax.jit(fn), (logits, st), args.repeats)
+                    for fn in (sampling._filter_floor, sorted_floor))
+    print(f"filter threshold alone (top_k 50, min_p 0.05, top_p 0.9): halving search {search * 1e3:.2f} ms, "
+          f"descending sort {sort * 1e3:.2f} ms ({sort / search:.1f}x)")
+
+
+if __name__ == "__main__":
+    main()
