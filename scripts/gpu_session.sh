@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU check the issues ask for, as one prepared command for a lent GPU machine (under 10 minutes;
+# Every GPU check the issues ask for, as one prepared command for a lent GPU machine (its stage limits add
+# up to 600 s; pytest runs in one process there, `-o addopts=`: two xdist workers would each take 75% of
+# the GPU's memory;
 # each stage has its own time limit and writes its log to OUTPUT_DIR as it goes, so a stage cut short
 # still leaves what it measured):
 #   1. scripts/gpu_check.sh: the Pallas kernel tests compiled for the GPU, then the decode-attention benchmark;
@@ -20,7 +22,7 @@ out=${1:-${OUT:-/tmp}}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} JAX_PLATFORMS=cuda PYTHONUNBUFFERED=1
 KERNEL_TESTS_SECONDS=90 BENCH_SECONDS=120 bash scripts/gpu_check.sh "$out"
 check=$?
-timeout 80 python3 scripts/bench_attention.py --sweep --batches 64 --contexts 2048 --repeats 5 \
+timeout 70 python3 scripts/bench_attention.py --sweep --batches 64 --contexts 2048 --repeats 5 \
   --out "$out/attention_sweep.json" 2>&1 | tee "$out/attention_sweep.log" | grep -v Warning
 # Packed prompts always run one prefill bucket (the whole budget): one step shape per page width.
 timeout 250 python3 - "$out" "${PREFILL_CHUNK:-512}" "${CONTROL_FLOW:-static}" <<'EOF' 2>&1 | tee "$out/offline_llama3_8b.log" | grep -v "generating:"
@@ -34,8 +36,8 @@ offline(OfflineOptions("configs/llama-3-8b.json", engine, 1000, (32, 512), (32, 
                        f"{sys.argv[1]}/offline_llama3_8b.json"))
 EOF
 offline=${PIPESTATUS[0]}
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout 45 python3 -m pytest -q -p no:cacheprovider tests/test_model_parity.py \
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 40 python3 -m pytest -q -o addopts= -p no:cacheprovider tests/test_model_parity.py \
   2>&1 | tee "$out/gpu_model_parity.log" | tail -6
 parity=${PIPESTATUS[0]}
-timeout 40 python3 scripts/bench_sampling.py --rows 256 --vocab 128256 2>&1 | tee "$out/sampling.log"
+timeout 30 python3 scripts/bench_sampling.py --rows 256 --vocab 128256 2>&1 | tee "$out/sampling.log"
 echo "gpu_check exit $check, model parity exit $parity, offline 8B exit $offline"
