@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -65,14 +66,9 @@ class Passes:
 
     @classmethod
     def needed(cls, rows: dict, vocab: int) -> "Passes":
-        """What a batch's host-side sampling rows [B] need: the same tests `sample` makes on device."""
-        penalties = ((rows["repetition_penalty"] != 1) | (rows["frequency_penalty"] != 0)
-                     | (rows["presence_penalty"] != 0))
-        random_rows = rows["temperature"] >= _MIN_TEMPERATURE
-        top_k = rows["top_k"]
-        filtering = random_rows & ((rows["min_p"] > 0) | ((top_k > 0) & (top_k < vocab)) | (rows["top_p"] < 1))
-        return cls(bool(penalties.any()), bool(random_rows.any()), bool(filtering.any()),
-                   bool((rows["wants_logprobs"] != 0).any()))
+        """What a batch's host-side sampling rows [B] need: the tests `sample` makes on device."""
+        return cls(**{name: bool(rows.any()) for name, rows in _rows_needing(types.SimpleNamespace(**rows),
+                                                                             vocab).items()})
 
     @property
     def code(self) -> int:
@@ -82,6 +78,15 @@ class Passes:
     @classmethod
     def from_code(cls, code: int) -> "Passes":
         return cls(*(bool(code >> bit & 1) for bit in range(len(dataclasses.fields(cls)))))
+
+
+def _rows_needing(st, vocab: int) -> dict:
+    """Per pass, which rows [B] need it; `st` holds the rows as numpy arrays (host) or jax arrays (device)."""
+    random_rows = st.temperature >= _MIN_TEMPERATURE
+    return {"penalties": (st.repetition_penalty != 1) | (st.frequency_penalty != 0) | (st.presence_penalty != 0),
+            "draw": random_rows,
+            "filter": random_rows & ((st.min_p > 0) | ((st.top_k > 0) & (st.top_k < vocab)) | (st.top_p < 1)),
+            "logprobs": st.wants_logprobs != 0}
 
 
 def _branch(static: bool | None, needed: jax.Array, run, skip, *args):
@@ -111,17 +116,19 @@ def sample(logits: jax.Array, st: SamplingTensors, positions: jax.Array, penalti
     reports zeros. `passes`: which optional passes to compile in (the rows must need no
     other), or None to decide on device.
     """
-    static = dataclasses.asdict(passes) if passes is not None else dict.fromkeys(dataclasses.asdict(Passes()))
+    rows = _rows_needing(st, logits.shape[-1])
+
+    def branch(name: str, run, skip, *args):  # the pass `name`: compiled in or out, or chosen on device
+        return _branch(None if passes is None else getattr(passes, name), jnp.any(rows[name]), run, skip, *args)
+
     logits = logits.astype(jnp.float32)
-    processed = _ban(_penalize(logits, st, penalties, static["penalties"]), st.banned)
+    processed = _ban(branch("penalties", _apply_penalties, lambda x, *_: x, logits, st, penalties), st.banned)
     greedy = jnp.argmax(processed, axis=-1).astype(jnp.int32)
-    random_rows = st.temperature >= _MIN_TEMPERATURE
-    draw = functools.partial(_draw, filtering=static["filter"])
-    drawn = _branch(static["draw"], jnp.any(random_rows), draw, lambda *_: greedy, processed, st, positions,
-                    random_rows)
-    tokens = jnp.where(random_rows, drawn, greedy)
-    return Sampled(tokens, *_branch(static["logprobs"], jnp.any(st.wants_logprobs != 0), token_logprobs,
-                                    _no_logprobs, logits, tokens))
+    floor = functools.partial(branch, "filter", _filter_floor, _no_floor)
+    drawn = branch("draw", functools.partial(_draw, floor=floor), lambda *_: greedy, processed, st, positions,
+                   rows["draw"])
+    tokens = jnp.where(rows["draw"], drawn, greedy)
+    return Sampled(tokens, *branch("logprobs", token_logprobs, _no_logprobs, logits, tokens))
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array):
@@ -165,12 +172,6 @@ def load_penalty_row(penalties: PenaltyState, row: jax.Array, prompt_mask_row: j
                         penalties.prompt_mask.at[row].set(prompt_mask_row.astype(jnp.bool_)))
 
 
-def _penalize(logits: jax.Array, st: SamplingTensors, penalties: PenaltyState, static: bool | None) -> jax.Array:
-    """The penalties on [B, V], skipped (no [B, V] pass) when every row's are neutral."""
-    used = (st.repetition_penalty != 1) | (st.frequency_penalty != 0) | (st.presence_penalty != 0)
-    return _branch(static, jnp.any(used), _apply_penalties, lambda x, *_: x, logits, st, penalties)
-
-
 def _apply_penalties(logits: jax.Array, st: SamplingTensors, penalties: PenaltyState) -> jax.Array:
     # vLLM's order: repetition over prompt and output tokens, then frequency, then presence.
     # Selecting, rather than applying neutral values, keeps untouched entries bit-identical
@@ -192,14 +193,13 @@ def _ban(logits: jax.Array, banned: jax.Array) -> jax.Array:
     return logits.at[jnp.arange(rows)[:, None], ids].set(-jnp.inf, mode="drop")
 
 
-def _draw(processed: jax.Array, st: SamplingTensors, positions: jax.Array, random_rows: jax.Array,
-          filtering: bool | None = None) -> jax.Array:
-    """Gumbel-max draw [B] from the temperature-scaled, filtered logits [B, V]."""
+def _draw(processed: jax.Array, st: SamplingTensors, positions: jax.Array, random_rows: jax.Array, *,
+          floor) -> jax.Array:
+    """Gumbel-max draw [B] from the temperature-scaled logits [B, V], each row kept to what its filters leave
+    (`floor(scaled, st)`: the lowest kept value per row)."""
     vocab = processed.shape[-1]
     scaled = processed / jnp.where(random_rows, st.temperature, 1.0)[:, None]
-    filters = random_rows & ((st.min_p > 0) | ((st.top_k > 0) & (st.top_k < vocab)) | (st.top_p < 1))
-    floor = _branch(filtering, jnp.any(filters), _filter_floor, _no_floor, scaled, st)
-    kept = jnp.where(scaled >= floor[:, None], scaled, -jnp.inf)
+    kept = jnp.where(scaled >= floor(scaled, st)[:, None], scaled, -jnp.inf)
     noise = jax.vmap(_gumbel, in_axes=(0, 0, None))(st.seed, positions, vocab)
     return jnp.argmax(kept + noise, axis=-1).astype(jnp.int32)
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import sampling
+from jaxinfer.engine.scheduler import neutral_sampling
 from jaxinfer.sampling import Passes, PenaltyState, SamplingTensors
 
 KINDS = {  # name: every row's settings where they differ from neutral
@@ -36,11 +37,10 @@ KINDS = {  # name: every row's settings where they differ from neutral
 
 
 def settings(rows: int, **values) -> dict:
-    neutral = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, presence_penalty=0.0, frequency_penalty=0.0,
-                   repetition_penalty=1.0, seed=0, wants_logprobs=0)
-    dtypes = dict(top_k=np.int32, seed=np.uint32, wants_logprobs=np.int32)
-    out = {name: np.full(rows, values.get(name, default), dtypes.get(name, np.float32))
-           for name, default in neutral.items()}
+    """The scheduler's neutral rows with `values` set on every row, each row its own seed."""
+    out = neutral_sampling(rows)
+    for name, value in values.items():
+        out[name][:] = value
     out["seed"] = np.arange(rows, dtype=np.uint32)
     return out
 
