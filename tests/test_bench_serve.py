@@ -272,7 +272,8 @@ def test_random_run_counts_tokens_and_times_the_first(fake, capsys):
     m = bench.metrics
     assert (m.completed, m.failed, m.total_output_tokens, m.total_input_tokens) == (6, 0, 30, 18)
     assert bench.model == "fake-model"
-    assert 90 <= m.latency_ms["ttft"]["median"] < 400
+    # Lower bounds only, which load cannot break: the first chunk waits 0.1 s, the other two 0.01 s each after it.
+    assert m.latency_ms["ttft"]["median"] >= 90 and all(r.e2el - r.ttft >= 0.019 for r in bench.results)
     assert all(len(r.itl) == 2 for r in bench.results)  # 3 chunks of 2 tokens; usage gives the 5 tokens
     body = fake.bodies[-1]
     assert body["model"] == "fake-model" and body["max_tokens"] == 5 and body["ignore_eos"] is True
@@ -300,8 +301,12 @@ def test_failures_and_goodput(fake, tmp_path, capsys):
     assert (m.completed, m.failed) == (5, 3)
     errors = [r.error for r in bench.results]
     assert errors[2].startswith("HTTP 429") and "engine fell over" in errors[4] and "[DONE]" in errors[5]
-    good = sum(bs.meets_slos(r, {"ttft": 300}) for r in bench.results if r.success)
-    assert good == 3 and m.request_goodput == pytest.approx(3 / m.duration)
+    # Which "ok" requests answer within 300 ms depends on the machine's load (a busy CI core stalled them all by
+    # over a second once), so the count comes from the measured TTFTs; the slow ones (>= 800 ms by the server's
+    # sleep) and the failed ones (the 'error' one streamed a fast first chunk) can never count.
+    good = [i for i, r in enumerate(bench.results) if r.success and r.ttft <= 0.3]
+    assert not {1, 2, 4, 5, 7} & set(good)
+    assert m.request_goodput == pytest.approx(len(good) / m.duration)
     assert "failed with: HTTP 429" in capsys.readouterr().out
 
 
