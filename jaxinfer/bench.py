@@ -30,7 +30,7 @@ from tqdm import tqdm
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine.pages import pages_for
 from jaxinfer.engine.request import MAX_BANNED, SamplingParams
-from jaxinfer.engine.scheduler import PrefillChunk, StepPlan, neutral_sampling
+from jaxinfer.engine.scheduler import PrefillChunk, StepPlan, neutral_sampling, step_rows
 from jaxinfer.runner import ModelRunner
 
 TARGETS = {"static": 2.0, "hf": 3.0, "ceiling": 0.85}  # engine / static, engine / hf, engine / ceiling
@@ -169,11 +169,12 @@ class Run:
 class _TimedExecutor:
     """The engine's executor, also counting what the engine dispatched and how long the host waited."""
 
-    def __init__(self, inner, max_slots: int):
-        self.inner, self.max_slots = inner, max_slots
+    def __init__(self, inner, engine: EngineConfig):
+        self.inner, self.engine, self.max_slots = inner, engine, engine.max_slots
         self.waiting = 0.0
         self.dispatches = self.prefill_chunks = self.prompt_chunks = self.decode_steps = self.decode_tokens = 0
         self.by_num_steps: dict[int, int] = {}
+        self.rounds_by_rows: dict[int, int] = {}  # decode rounds by the rows the step computed (decode buckets)
 
     def dispatch(self, plan: StepPlan):
         self.dispatches += 1
@@ -182,6 +183,8 @@ class _TimedExecutor:
         self.decode_steps += plan.num_steps
         self.decode_tokens += int(plan.steps.sum())
         self.by_num_steps[plan.num_steps] = self.by_num_steps.get(plan.num_steps, 0) + 1
+        rows = step_rows(self.engine, [plan], len(plan.prefills))
+        self.rounds_by_rows[rows] = self.rounds_by_rows.get(rows, 0) + plan.num_steps
         return self.inner.dispatch(plan)
 
     def collect(self, handle):
@@ -197,7 +200,7 @@ class _Measured:
 
     def __init__(self, llm):
         self.llm = llm
-        self.timed = _TimedExecutor(llm.engine.executor, llm.engine_config.max_slots)
+        self.timed = _TimedExecutor(llm.engine.executor, llm.engine_config)
 
     def __enter__(self) -> "_Measured":
         self._before, self._compiled = self.llm.engine.stats(), self.llm.runner.compile_seconds
@@ -221,6 +224,7 @@ class _Measured:
                 "compile_seconds_during_run": self.compiling, "dispatches": t.dispatches,
                 "prefill_chunks": t.prefill_chunks, "prompt_chunks": t.prompt_chunks, "dispatches_by_decode_steps": dict(sorted(t.by_num_steps.items())),
                 "decode_slot_use": t.decode_tokens / max(t.decode_steps * t.max_slots, 1),
+                "decode_rounds_by_rows": dict(sorted(t.rounds_by_rows.items())),
                 "host_ms_per_dispatch": (self.seconds - t.waiting) / n * 1e3, "wait_ms_per_dispatch": t.waiting / n * 1e3,
                 "cores_used": self.cores_used}
 
@@ -485,9 +489,11 @@ def _describe_run(run: Run) -> str:
     d = run.details
     if "dispatches" in d:
         uses = ", ".join(f"{n}x k={k}" for k, n in d["dispatches_by_decode_steps"].items())
+        rows = ", ".join(f"{R}: {n}" for R, n in d["decode_rounds_by_rows"].items())
         return (f"{head}\n  {d['steps']} steps ({uses}), {d['prefill_chunks']} with a prefill chunk "
                 f"({d['prompt_chunks']} prompts' chunks in them), "
-                f"{d['preemptions']} preemptions, decode slots in use {d['decode_slot_use']:.0%}; host "
+                f"{d['preemptions']} preemptions, decode slots in use {d['decode_slot_use']:.0%} (rounds by rows "
+                f"computed: {rows}); host "
                 f"{d['host_ms_per_dispatch']:.1f} ms and waiting on the device {d['wait_ms_per_dispatch']:.1f} ms "
                 f"per dispatch; {d['compile_seconds_during_run']:.1f}s compiling during the run (excluded); "
                 f"{d['cores_used']:.2f} cores busy with this process")

@@ -22,6 +22,8 @@ PACK_HELP = "prompts whose prefill chunks one step may pack into its token budge
             "kernels, else 1; above 1 every chunk runs at the whole budget)"
 CONTROL_HELP = "static: decode rounds and sampler passes fixed per compiled step, so a GPU step runs without " \
                "host syncs (more step shapes); dynamic: chosen on device. Default: static on GPU"
+BUCKETS_HELP = "row counts a decode-only step may shrink to when fewer slots decode, per data shard (each a " \
+               "compiled shape). Default: on CPU 8, 16, ... below the slots (up to 32 slots), elsewhere none"
 
 
 def _generate(args) -> None:
@@ -58,12 +60,16 @@ def _convert(args) -> None:
           f"{args.output} in {time.perf_counter() - loaded:.2f}s")
 
 
+def _buckets(args) -> tuple[int, ...] | None:
+    return None if args.decode_buckets is None else tuple(args.decode_buckets)
+
+
 def _bench_offline(args) -> None:
     from jaxinfer.bench import OfflineOptions, offline
     engine = EngineConfig(max_slots=args.max_slots, prefill_chunk=args.prefill_chunk,
                           decode_steps=args.decode_steps, page_size=args.page_size, dtype=args.dtype,
                           max_model_len=args.max_model_len, seed=args.seed, max_prefill_seqs=args.max_prefill_seqs,
-                          control_flow=args.control_flow)
+                          control_flow=args.control_flow, decode_buckets=_buckets(args))
     offline(OfflineOptions(args.model, engine, args.num_requests, tuple(args.input_len_range),
                            tuple(args.output_len_range), args.seed, tuple(args.baselines),
                            tuple(args.hf_batch_sizes), args.repeats, args.json))
@@ -90,6 +96,7 @@ def _add_bench(sub) -> None:
     off.add_argument("--decode-steps", type=int, default=EngineConfig.decode_steps)
     off.add_argument("--max-prefill-seqs", type=int, default=None, help=PACK_HELP)
     off.add_argument("--control-flow", choices=CONTROL_FLOWS, default="auto", help=CONTROL_HELP)
+    off.add_argument("--decode-buckets", type=int, nargs="+", default=None, metavar="ROWS", help=BUCKETS_HELP)
     off.add_argument("--page-size", type=int, default=EngineConfig.page_size)
     off.add_argument("--max-model-len", type=int, default=None,
                      help="default: the longest prompt plus the longest output")
@@ -115,7 +122,8 @@ def _serve(args) -> int:
                           page_size=args.page_size, prefill_chunk=args.prefill_chunk, num_pages=args.num_pages,
                           decode_steps=args.decode_steps, enable_prefix_caching=args.enable_prefix_caching,
                           max_prefill_seqs=args.max_prefill_seqs, control_flow=args.control_flow, seed=args.seed,
-                          mesh_shape=(args.data_parallel_size, args.tensor_parallel_size))
+                          mesh_shape=(args.data_parallel_size, args.tensor_parallel_size),
+                          decode_buckets=_buckets(args))
     if args.num_processes > 1:
         from jaxinfer import distributed
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
@@ -155,6 +163,7 @@ def _add_serve(sub) -> None:
     serve.add_argument("--decode-steps", type=int, default=EngineConfig.decode_steps)
     serve.add_argument("--max-prefill-seqs", type=int, default=None, help=PACK_HELP)
     serve.add_argument("--control-flow", choices=CONTROL_FLOWS, default="auto", help=CONTROL_HELP)
+    serve.add_argument("--decode-buckets", type=int, nargs="+", default=None, metavar="ROWS", help=BUCKETS_HELP)
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     serve.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
     serve.add_argument("--seed", type=int, default=0, help="seeds requests that send none")

@@ -213,6 +213,22 @@ DTYPES = ("float32", "bfloat16", "float16")
 MIN_WIDTH_TOKENS = 64  # narrower block tables save little gathering and cost a compile each
 CPU_KV_CACHE_BYTES = 1 << 30  # the CPU KV pool's cap
 PALLAS_PREFILL_SEQS = 8  # prompts one step packs by default where the ragged Pallas kernel runs prefill
+MIN_DECODE_BUCKET = 8  # the fewest rows a decode-only step shrinks to (at one row XLA:CPU's dot rounds apart)
+CPU_SAME_BITS_ROWS = 32  # XLA:CPU's dot gives a row the same bits at any row count from 2 to this, not beyond
+
+
+def default_decode_buckets(slots: int, platform: str) -> tuple[int, ...]:
+    """Row counts a decode-only step may shrink to: on CPU, where decode is compute-bound and a row's bits
+    do not depend on the row count up to CPU_SAME_BITS_ROWS (tests/test_engine.py pins both), powers of
+    two from MIN_DECODE_BUCKET, then `slots`. Elsewhere `slots` only: a GPU decode step reads every weight
+    whatever its row count, so fewer rows save little, and cuBLAS picks its kernel by row count."""
+    if platform != "cpu" or slots > CPU_SAME_BITS_ROWS:
+        return (slots,)
+    sizes, size = [], MIN_DECODE_BUCKET
+    while size < slots:
+        sizes.append(size)
+        size *= 2
+    return tuple(sizes) + (slots,)
 
 
 def default_prefill_seqs(backend: str) -> int:
@@ -257,6 +273,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: float32 on CPU; on accelerators the checkpoint's half dtype or bfloat16
     attention_backend: str = "auto"  # auto: our Pallas kernels on GPU, the page-loop jnp path (xla) elsewhere
     control_flow: str = "auto"  # auto: static on GPU (no host syncs inside a step), dynamic (fewer compiles) elsewhere
+    decode_buckets: tuple[int, ...] | None = None  # rows a decode-only step may shrink to, per data shard; None: auto
     seed: int = 0
     mesh_shape: tuple[int, int] = (1, 1)  # devices over ('data', 'model'): data-parallel shards x tensor parallel
 
@@ -279,6 +296,11 @@ class EngineConfig:
         if len(shape) != 2 or not all(isinstance(n, int) and n >= 1 for n in shape):
             raise ConfigError(f"mesh_shape must be two positive integers (data, model), got {self.mesh_shape!r}")
         object.__setattr__(self, "mesh_shape", shape)
+        if self.decode_buckets is not None:
+            sizes = tuple(self.decode_buckets)
+            if not sizes or not all(isinstance(n, int) and n >= 1 for n in sizes) or list(sizes) != sorted(set(sizes)):
+                raise ConfigError(f"decode_buckets must be ascending positive integers, got {self.decode_buckets!r}")
+            object.__setattr__(self, "decode_buckets", sizes)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
@@ -297,7 +319,17 @@ class EngineConfig:
         if control == "auto":
             control = "static" if platform == "gpu" else "dynamic"
         return dataclasses.replace(self, max_model_len=max_len, dtype=dtype, attention_backend=backend,
-                                   max_prefill_seqs=packed, control_flow=control)
+                                   max_prefill_seqs=packed, control_flow=control,
+                                   decode_buckets=self._resolve_buckets(platform))
+
+    def _resolve_buckets(self, platform: str) -> tuple[int, ...]:
+        """The decode buckets of one data shard, ending at its slot count."""
+        slots = self.max_slots // self.mesh_shape[0]
+        if self.decode_buckets is None:
+            return default_decode_buckets(slots, platform)
+        if self.decode_buckets[-1] > slots:
+            raise ConfigError(f"decode_buckets {list(self.decode_buckets)} exceed the {slots} slots of a data shard")
+        return self.decode_buckets + ((slots,) if self.decode_buckets[-1] < slots else ())
 
     def kv_bytes_per_page(self, model: ModelConfig) -> int:
         """K and V of one page over all layers, in the resolved dtype."""

@@ -40,7 +40,8 @@ from jax.sharding import PartitionSpec as P
 from jaxinfer import distributed
 from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.engine.request import MAX_BANNED
-from jaxinfer.engine.scheduler import StepPlan, StepResult, neutral_sampling, step_buckets, step_rounds
+from jaxinfer.engine.scheduler import (StepPlan, StepResult, decoding_slots, neutral_sampling, step_buckets,
+                                       step_rounds, step_rows)
 from jaxinfer.model.transformer import Batch, KVPool, forward, logits
 from jaxinfer.sampling import (MAX_LOGPROBS, Passes, PenaltyState, SamplingTensors, empty_penalty_state,
                                load_penalty_row, record_tokens, sample, token_logprobs)
@@ -71,7 +72,8 @@ class SlotState:
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where each input sits in the packed int32 array: (name, shape, dtype) in order; and, for static
-    control flow, the decode rounds and sampler passes compiled in (None: chosen on device)."""
+    control flow, the decode rounds and sampler passes compiled in (None: chosen on device). A decode-only
+    step may compute R < B rows: then `rows` [R] says which slot each row is (B: none)."""
 
     fields: tuple[tuple[str, tuple[int, ...], str], ...]
     rounds: int | None = None
@@ -79,13 +81,15 @@ class Layout:
 
     @classmethod
     def build(cls, B: int, W: int, C: int, E: int, prompt_logprobs: bool, rounds: int | None = None,
-              passes: Passes | None = None) -> "Layout":
+              passes: Passes | None = None, R: int | None = None) -> "Layout":
         f32, i32, u32 = "float32", "int32", "uint32"
-        fields = [("positions", (B,), i32), ("steps", (B,), i32), ("num_steps", (), i32),
-                  ("block_tables", (B, W), i32), ("min_tokens_left", (B,), i32), ("banned", (B, MAX_BANNED), i32),
-                  ("temperature", (B,), f32), ("top_k", (B,), i32), ("top_p", (B,), f32), ("min_p", (B,), f32),
-                  ("presence_penalty", (B,), f32), ("frequency_penalty", (B,), f32),
-                  ("repetition_penalty", (B,), f32), ("seed", (B,), u32), ("wants_logprobs", (B,), i32)]
+        R = B if R is None else R
+        fields = [("rows", (R,), i32)] if R < B else []
+        fields += [("positions", (R,), i32), ("steps", (R,), i32), ("num_steps", (), i32),
+                   ("block_tables", (R, W), i32), ("min_tokens_left", (R,), i32), ("banned", (R, MAX_BANNED), i32),
+                   ("temperature", (R,), f32), ("top_k", (R,), i32), ("top_p", (R,), f32), ("min_p", (R,), f32),
+                   ("presence_penalty", (R,), f32), ("frequency_penalty", (R,), f32),
+                   ("repetition_penalty", (R,), f32), ("seed", (R,), u32), ("wants_logprobs", (R,), i32)]
         if C:  # E packed prompts: unused entries have length 0
             fields += [("prefill_tokens", (C,), i32), ("prefill_start", (E,), i32), ("prefill_length", (E,), i32),
                        ("prefill_slot", (E,), i32), ("prefill_sample", (E,), i32)]
@@ -150,7 +154,11 @@ def _prefill(params, kv, x: dict, cfg, attention, prompt_logprobs: bool):
 def _decode(params, kv, state: SlotState, x: dict, cfg, attention, layout: Layout, max_steps: int, prefill_logits):
     """`num_steps` rounds (`layout.rounds` if static) of decoding every slot (slot b decodes in the first
     `steps[b]` of them); in round 0 the slots whose prompt chunk ended sample from `prefill_logits` [E, V]
-    instead (one compiled sampler for both). -> int32 [S, B, PACK]."""
+    instead (one compiled sampler for both). With `rows`, only those slots' state is read and written back.
+    -> int32 [S, R, PACK]."""
+    whole = state
+    if "rows" in x:
+        state = jax.tree.map(lambda a: jnp.take(a, x["rows"], axis=0, mode="fill", fill_value=0), state)
     B = state.tokens.shape[0]
     takes_prefill, prefill_position = jnp.zeros(B, bool), jnp.zeros(B, jnp.int32)
     if prefill_logits is not None:
@@ -184,6 +192,8 @@ def _decode(params, kv, state: SlotState, x: dict, cfg, attention, layout: Layou
     else:  # a trip count XLA knows: the loop runs without a device-to-host sync per round
         carry = jax.lax.fori_loop(0, layout.rounds, lambda _, c: body(c), carry)
     _, kv, state, out = carry
+    if "rows" in x:
+        state = jax.tree.map(lambda a, r: a.at[x["rows"]].set(r, mode="drop"), whole, state)
     return kv, state, out
 
 
@@ -294,13 +304,14 @@ class ModelRunner:
         """The one step shape every shard's plan fits: the widest block table, the longest chunk."""
         plans = [p for p in self._plans(plan) if p is not None]
         C, W = step_buckets(self.engine, plans)
+        R = step_rows(self.engine, plans, C)
         scored = any(chunk.next_tokens is not None for p in plans for chunk in p.prefills)
         rounds = passes = None
         if self.engine.control_flow == "static":
             rounds = step_rounds(self.engine, C, max(p.num_steps for p in plans))
             rows = {name: np.concatenate([p.sampling[name] for p in plans]) for name in plans[0].sampling}
             passes = Passes.needed(rows, self.cfg.vocab_size) if rounds else Passes()
-        return Layout.build(self.local.max_slots, W, C, self.local.max_prefill_seqs, scored, rounds, passes)
+        return Layout.build(self.local.max_slots, W, C, self.local.max_prefill_seqs, scored, rounds, passes, R)
 
     def _values(self, plan: StepPlan | None, layout: Layout) -> dict:
         """One shard's inputs for `layout`; an idle shard (None) decodes nothing and prefills no tokens."""
@@ -311,6 +322,8 @@ class ModelRunner:
                             [], {})
         values = dict(plan.sampling, positions=plan.positions, steps=plan.steps, num_steps=plan.num_steps,
                       block_tables=plan.block_tables[:, :W], min_tokens_left=plan.min_tokens_left, banned=plan.banned)
+        if layout.shape("rows") is not None:
+            values = _compacted(values, decoding_slots(plan, B, layout.shape("rows")[0]))
         C = (layout.shape("prefill_tokens") or (0,))[0]
         if C:
             E = layout.shape("prefill_slot")[0]
@@ -326,11 +339,12 @@ class ModelRunner:
                                                  else np.zeros(len(chunk.tokens), np.int32) for chunk in chunks], C)
         return values
 
-    def dispatch(self, plan) -> jax.Array:
-        """Start the step; returns the packed output [D, m] (its copy to the host already started). With
-        several processes, the others are told first (`distributed.announce`) and make the same call."""
+    def dispatch(self, plan, layout: Layout | None = None) -> jax.Array:
+        """Start the step (in `layout`, by default `layout_for(plan)`); returns the packed output [D, m] (its
+        copy to the host already started). With several processes, the others are told first
+        (`distributed.announce`) and make the same call."""
         plans = self._plans(plan)
-        layout = self.layout_for(plans)
+        layout = layout or self.layout_for(plans)
         for shard, p in enumerate(plans):
             for chunk in p.prefills if p is not None else []:
                 if chunk.load_penalties:
@@ -361,9 +375,9 @@ class ModelRunner:
 
     def layout_from(self, fields) -> Layout:
         """The layout `step_fields` announced."""
-        W, C, scored, rounds, passes = (int(f) for f in fields[:5])
+        W, C, scored, rounds, passes, R = (int(f) for f in fields[:6])
         static = (None, None) if rounds < 0 else (rounds, Passes.from_code(passes))
-        return Layout.build(self.local.max_slots, W, C, self.local.max_prefill_seqs, bool(scored), *static)
+        return Layout.build(self.local.max_slots, W, C, self.local.max_prefill_seqs, bool(scored), *static, R)
 
     def score(self, tokens: np.ndarray, start: int, block_table: np.ndarray) -> np.ndarray:
         """Write one chunk (positions start..start+len) into the given pages of data shard 0; -> logits
@@ -391,9 +405,9 @@ class ModelRunner:
         self._set_penalties(int(fields[0]), payload[:V], payload[V:])
 
     def warmup(self, sampled: bool = True) -> None:
-        """Compile every (chunk bucket, page width) a step can meet; prompt-logprob variants, and with
-        static control flow the samplers other than greedy and plain random (or other than greedy if not
-        `sampled`), compile on first use."""
+        """Compile every (chunk bucket, page width, decode bucket) a step can meet; prompt-logprob variants,
+        and with static control flow the samplers other than greedy and plain random (or other than greedy
+        if not `sampled`), compile on first use."""
         B, Z = self.local.max_slots, self.engine.page_size
         buckets = self.engine.prefill_buckets()
         shortest = dict(zip(buckets, (1,) + tuple(b + 1 for b in buckets)))  # fewest tokens that pad to C
@@ -402,7 +416,8 @@ class ModelRunner:
                 if C and W * Z < shortest[C] and W != self.page_buckets[-1]:
                     continue  # no chunk padded to C ends this early
                 for static in self._static_variants(C, sampled):
-                    self._executable(Layout.build(B, W, C, self.local.max_prefill_seqs, False, *static))
+                    for R in (self.engine.decode_buckets or (B,)) if not C else (B,):
+                        self._executable(Layout.build(B, W, C, self.local.max_prefill_seqs, False, *static, R))
         log.info("warm-up: %d executables compiled in %.1fs", self.num_compiles, self.compile_seconds)
 
     def _static_variants(self, C: int, sampled: bool) -> list[tuple[int | None, Passes | None]]:
@@ -430,24 +445,45 @@ def _global(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 def step_fields(layout: Layout) -> tuple[int, ...]:
-    """What the other processes need to rebuild a step's layout: W, C, prompt logprobs, rounds, passes."""
+    """What the other processes need to rebuild a step's layout: W, C, prompt logprobs, rounds, passes, R."""
     C = (layout.shape("prefill_tokens") or (0,))[0]
     static = (-1, 0) if layout.rounds is None else (layout.rounds, layout.passes.code)
-    return (layout.shape("block_tables")[1], C, int(layout.shape("next_tokens") is not None), *static)
+    return (layout.shape("block_tables")[1], C, int(layout.shape("next_tokens") is not None), *static,
+            layout.shape("positions")[0])
+
+
+def _compacted(values: dict, rows: np.ndarray) -> dict:
+    """Per-slot inputs cut to the slots `rows` names; a row naming no slot (B) gets an idle slot's values."""
+    idle = dict(neutral_sampling(1), positions=[-1], steps=[0], min_tokens_left=[0], banned=[[-1] * MAX_BANNED])
+    out = {"rows": rows, "num_steps": values["num_steps"]}
+    for name, value in values.items():
+        if name != "num_steps":
+            pad = idle.get(name, np.zeros((1,) + value.shape[1:], value.dtype))
+            out[name] = np.concatenate([value, np.asarray(pad, value.dtype)])[rows]
+    return out
 
 
 def _describe(layout: Layout) -> str:
     C = (layout.shape("prefill_tokens") or (0,))[0]
     extra = " with prompt logprobs" if layout.shape("next_tokens") else ""
+    if layout.shape("rows") is not None:
+        extra += f", {layout.shape('rows')[0]} rows"
     if layout.rounds is not None:
         passes = [name for name, on in dataclasses.asdict(layout.passes).items() if on]
         extra += f", {layout.rounds} rounds, sampler passes: {', '.join(passes) or 'none'}"
     return f"chunk {C}, {layout.shape('block_tables')[1]} pages per row{extra}"
 
 
-def unpack_result(out: np.ndarray, plan: StepPlan, max_steps: int) -> StepResult:
+def unpack_result(out: np.ndarray, plan: StepPlan, max_steps: int, R: int | None = None) -> StepResult:
+    """One shard's packed output of an R-row step (R = B by default) -> its StepResult over every slot."""
     B = len(plan.positions)
-    rows = out[:max_steps * B * PACK].reshape(max_steps, B, PACK)[:max(plan.num_steps, 1)]
+    R = B if R is None else R
+    rows = out[:max_steps * R * PACK].reshape(max_steps, R, PACK)[:max(plan.num_steps, 1)]
+    if R < B:
+        slots = decoding_slots(plan, B, R)
+        full = np.zeros((rows.shape[0], B + 1, PACK), np.int32)
+        full[:, slots] = rows
+        rows = full[:, :B]
     as_float = lambda a: np.ascontiguousarray(a).view(np.float32)  # noqa: E731
     result = StepResult(rows[:, :, 0], as_float(rows[:, :, 2]), rows[:, :, 1], rows[:, :, 3:3 + MAX_LOGPROBS],
                         as_float(rows[:, :, 3 + MAX_LOGPROBS:]))
@@ -465,14 +501,15 @@ class JaxExecutor:
         self.runner = runner
 
     def dispatch(self, plan):
-        return plan, self.runner.dispatch(plan)
+        layout = self.runner.layout_for(plan)
+        return plan, layout.shape("positions")[0], self.runner.dispatch(plan, layout)
 
     def idle(self) -> None:
         self.runner.idle()
 
     def collect(self, handle):
-        plan, out = handle
+        plan, R, out = handle
         out, steps = np.asarray(out), self.runner.engine.decode_steps
         if not isinstance(plan, list):
-            return unpack_result(out[0], plan, steps)
-        return [unpack_result(row, p, steps) if p is not None else None for row, p in zip(out, plan)]
+            return unpack_result(out[0], plan, steps, R)
+        return [unpack_result(row, p, steps, R) if p is not None else None for row, p in zip(out, plan)]

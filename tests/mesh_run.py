@@ -22,10 +22,14 @@ def describe(array) -> dict:
 
 
 def run(checkpoint: str, data: int, model: int, backend: str) -> dict:
-    engine = EngineConfig(max_slots=4, page_size=8, prefill_chunk=16, max_model_len=64, num_pages=32, decode_steps=2,
-                          mesh_shape=(data, model), attention_backend=backend, dtype="float32",
+    # The Pallas layout (DP and TP, as on a GPU) has 4 slots a shard whose decode steps shrink to 2 rows,
+    # the 2 each shard runs: its step reads and writes the slot state of the rows it computes only.
+    slots, buckets = (8, (2, 4)) if backend == "pallas" else (4, None)
+    engine = EngineConfig(max_slots=slots, page_size=8, prefill_chunk=16, max_model_len=64, num_pages=32,
+                          decode_steps=2, mesh_shape=(data, model), attention_backend=backend, dtype="float32",
                           max_prefill_seqs=2,  # packed prompts on every layout; 2, not Pallas's 8: interpret is slow
-                          control_flow="static" if backend == "pallas" else "dynamic")  # as on a GPU
+                          control_flow="static" if backend == "pallas" else "dynamic",  # as on a GPU
+                          decode_buckets=buckets)
     llm = LLM(checkpoint, engine)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True), use_tqdm=False)
     runner = llm.runner
@@ -33,7 +37,8 @@ def run(checkpoint: str, data: int, model: int, backend: str) -> dict:
     return {"layout": [data, model], "backend": backend, "tokens": [o.outputs[0].token_ids for o in outs],
             "wq": describe(runner.params["layers"]["wq"]), "wk": describe(runner.params["layers"]["wk"]),
             "embed": describe(runner.params["embed"]), "kv": describe(runner.kv.k),
-            "slots": describe(runner.state.tokens)}
+            "slots": describe(runner.state.tokens),
+            "decode_rows": sorted({layout.shape("positions")[0] for layout in runner._compiled})}
 
 
 if __name__ == "__main__":

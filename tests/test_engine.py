@@ -9,6 +9,8 @@ prefix cache: the module's own engine runs without one.
 
 import asyncio
 import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +28,7 @@ ATOL = 1e-3  # logprobs from the step vs a separate scoring pass: the trained mo
 def llm():
     return LLM(engine=EngineConfig(max_slots=6, page_size=16, prefill_chunk=64, min_prefill_bucket=64,
                                    max_model_len=384, decode_steps=4, num_pages=200,
-                                   enable_prefix_caching=False, max_prefill_seqs=4))
+                                   enable_prefix_caching=False, max_prefill_seqs=4, decode_buckets=(2, 6)))
 
 
 def engine_like(llm, **changes) -> Engine:
@@ -70,7 +72,8 @@ def _workload(seed: int, count: int, longest: int):
 
 def test_outputs_do_not_depend_on_the_batch(llm, monkeypatch):
     """64 requests (1 to 300 prompt tokens) arriving at random steps give each exactly what it gets alone,
-    though their prompts were cut into chunks and packed with others' as the traffic fell."""
+    though their prompts were cut into chunks and packed with others' as the traffic fell, and their decode
+    steps ran at 6 rows or (alone, and as the batch emptied) at 2."""
     requests, arrivals = _workload(0, 64, 300)
     packed, dispatch = [], llm.engine.executor.dispatch
     monkeypatch.setattr(llm.engine.executor, "dispatch", lambda plan: packed.append(len(plan.prefills)) or dispatch(plan))
@@ -81,6 +84,8 @@ def test_outputs_do_not_depend_on_the_batch(llm, monkeypatch):
         assert out.outputs[0].token_ids == alone(llm, prompt, params), f"prompt of {len(prompt)} tokens"
         assert out.outputs[0].finish_reason == "length"
     llm.engine.check_idle()
+    compiled = llm.runner._compiled
+    assert {layout.shape("positions")[0] for layout in compiled if not layout.shape("prefill_tokens")} == {2, 6}
 
 
 def test_static_control_flow_gives_the_dynamic_outputs(llm):
@@ -91,7 +96,7 @@ def test_static_control_flow_gives_the_dynamic_outputs(llm):
     static = LLM(engine=dataclasses.replace(llm.engine_config, control_flow="static", max_model_len=64),
                  warmup=True)  # one page width, the module engine's narrowest
     runner = static.engine.executor.runner
-    assert runner.num_compiles == 5  # decode: greedy, random; chunk: no rounds, greedy, random
+    assert runner.num_compiles == 7  # decode at 2 and 6 rows: greedy, random; chunk: no rounds, greedy, random
     rng = np.random.default_rng(7)
     kinds = [GREEDY, dict(temperature=1.0), dict(temperature=0.8, top_p=0.9, logprobs=2, repetition_penalty=1.3)]
     requests = [(rng.integers(5, 4000, int(rng.integers(1, 50))).tolist(),
@@ -285,3 +290,38 @@ def test_streams_from_threads_and_event_loops(llm):
     engine.check_idle()
     stats = engine.stats()
     assert stats.ttft.count >= 4 and stats.e2e_latency.count >= 4 and stats.inter_token_latency.count > 0
+
+
+def test_cpu_decode_buckets_keep_a_rows_bits():
+    """What the CPU's default decode buckets rest on (`default_decode_buckets`): XLA:CPU's dot gives a row
+    the same bits at every row count from 2 to CPU_SAME_BITS_ROWS, at one row it may not. If an XLA update
+    breaks the first, the default buckets must change with it."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinfer.config import CPU_SAME_BITS_ROWS, MIN_DECODE_BUCKET, default_decode_buckets
+    rng = np.random.default_rng(0)
+    dot = jax.jit(lambda a, w: a @ w)
+    rows = rng.standard_normal((CPU_SAME_BITS_ROWS, 576)).astype(np.float32)
+    for out in (192, 1536, 4096):
+        w = jnp.asarray(rng.standard_normal((576, out)).astype(np.float32))
+        full = np.asarray(dot(rows, w))
+        for R in range(2, CPU_SAME_BITS_ROWS):
+            np.testing.assert_array_equal(np.asarray(dot(rows[:R], w)), full[:R], err_msg=f"{R} rows")
+    assert default_decode_buckets(32, "cpu") == (8, 16, 32) and default_decode_buckets(6, "cpu") == (6,)
+    assert default_decode_buckets(64, "cpu") == (64,) and default_decode_buckets(32, "gpu") == (32,)
+    assert MIN_DECODE_BUCKET >= 2
+
+
+def test_decode_buckets_resolve_per_data_shard_and_refuse_bad_values():
+    from jaxinfer.config import ConfigError, ModelConfig
+    model = ModelConfig.from_hf(json.loads((Path(__file__).parent.parent / "configs/smollm2-135m.json").read_text()))
+    resolve = lambda platform="cpu", **kw: EngineConfig(**kw).resolve(model, platform).decode_buckets  # noqa: E731
+    assert resolve(max_slots=32) == (8, 16, 32) and resolve("gpu", max_slots=32) == (32,)
+    assert resolve(max_slots=32, mesh_shape=(2, 1)) == (8, 16)  # 16 slots a shard
+    assert resolve("gpu", max_slots=256, decode_buckets=(64, 128)) == (64, 128, 256)
+    with pytest.raises(ConfigError, match=r"decode_buckets \[8, 32\] exceed the 16 slots of a data shard"):
+        resolve(max_slots=32, mesh_shape=(2, 1), decode_buckets=(8, 32))
+    for bad in [(), (0, 4), (8, 4), (4, 4), (2.5,)]:
+        with pytest.raises(ConfigError, match="decode_buckets must be ascending positive integers"):
+            EngineConfig(decode_buckets=bad)

@@ -58,6 +58,7 @@ def test_data_parallel_splits_slots_and_pages(runs):
     mixed = runs["2,2,pallas"]
     assert mixed["kv"]["spec"][:3] == [None, "model", "data"]
     assert mixed["kv"]["local"][1:3] == [1, 16] and mixed["kv"]["devices"] == 4
+    assert mixed["slots"]["local"] == [4] and mixed["decode_rows"] == [2, 4]  # decode-only steps ran 2 rows a shard
 
 
 def test_sizes_that_do_not_divide_are_refused_up_front():

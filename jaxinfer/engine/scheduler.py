@@ -93,6 +93,26 @@ def step_buckets(engine: EngineConfig, plans: list[StepPlan]) -> tuple[int, int]
     return (bucket(max(chunks), engine.prefill_buckets()) if chunks else 0), W
 
 
+def step_rows(engine: EngineConfig, plans: list[StepPlan], C: int) -> int:
+    """R, the rows the step computes: every slot beside a prefill chunk, else the smallest decode bucket that
+    holds every shard's decoding slots (compacted to the front by `decoding_slots`)."""
+    B = len(plans[0].positions)
+    if C or engine.decode_buckets is None:
+        return B
+    return bucket(max(int((p.steps > 0).sum()) for p in plans), engine.decode_buckets)
+
+
+def decoding_slots(plan: StepPlan | None, B: int, R: int) -> np.ndarray:
+    """[R] the slot each row of an R-row step computes: every slot when R = B, else the decoding slots in
+    order, then B (no slot) for the rest."""
+    if R == B:
+        return np.arange(B, dtype=np.int32)
+    rows = np.full(R, B, np.int32)
+    live = np.flatnonzero(plan.steps > 0) if plan is not None else []
+    rows[:len(live)] = live
+    return rows
+
+
 def step_rounds(engine: EngineConfig, C: int, num_steps: int) -> int:
     """The decode rounds a step of chunk bucket C runs: its plan's `num_steps`, or with static control flow
     the compiled count (none for a chunk that samples nothing, one beside a chunk, else `decode_steps`)."""

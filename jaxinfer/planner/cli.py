@@ -6,7 +6,7 @@ import dataclasses
 import json
 import time
 
-from jaxinfer.config import EngineConfig, default_prefill_seqs
+from jaxinfer.config import EngineConfig, default_decode_buckets, default_prefill_seqs
 
 PROFILE_HELP = "a cost profile written by `jaxinfer bench profile`"
 
@@ -103,6 +103,9 @@ def _plan(args) -> None:
                           args.page_sizes or [profiled.get("page_size", EngineConfig.page_size)],
                           args.prefill_chunks or [profiled.get("prefill_chunk", EngineConfig.prefill_chunk)],
                           args.decode_steps, args.kv_pages or [None], model.kv_bytes_per_token)
+    # Decode-only steps shrink to fewer rows as they would on the profiled platform (machine() names it).
+    platform = "cpu" if " cpu device" in model.device else "gpu"
+    engines = [dataclasses.replace(e, decode_buckets=default_decode_buckets(e.max_slots, platform)) for e in engines]
     print(f"# {len(trace)} requests over {trace.arrivals[-1]:.0f} s; {len(engines)} engine shapes x "
           f"{len(args.tensor_parallel)} TP degrees; SLO p{args.percentile} {slo} ms", flush=True)
     start = time.perf_counter()

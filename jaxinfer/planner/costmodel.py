@@ -8,7 +8,8 @@ Form (roofline-shaped, linear in its features, every constant fitted and non-neg
                       + R * (t_round + B * t_round_slot + A * t_round_attention + [xla] B * S * t_round_table)
 
 with C the prefill chunk's bucket (0: no chunk), S the block-table width in tokens (the page-width bucket
-times the page size), R the decode rounds of the dispatch, B the engine's slots and A the attention work
+times the page size), R the decode rounds of the dispatch, B the rows the step computes (the engine's slots,
+or a decode-only step's decode bucket) and A the attention work
 of one round: B * S for the plain-jnp reference attention (every row pays the block-table width), the sum
 of the active rows' context lengths for the page loop (`xla`) and the Pallas kernel (each row reads its own).
 The page loop also pays for its work list and final combine over every slot's table width whatever the
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxinfer.config import RESOLVED_ATTENTION_BACKENDS, EngineConfig
-from jaxinfer.engine.scheduler import StepPlan, step_buckets, step_rounds
+from jaxinfer.engine.scheduler import StepPlan, step_buckets, step_rounds, step_rows
 
 FEATURES = ("dispatch", "chunk", "chunk_token", "chunk_attention", "chunk_alone", "chunk_alone_token", "round",
             "round_slot", "round_attention", "round_table")
@@ -58,7 +59,7 @@ def shape_of(plan: StepPlan, engine: EngineConfig) -> StepShape:
     decoding = plan.steps > 0
     lengths = plan.positions[decoding] + 1
     rounds = step_rounds(engine, C, plan.num_steps)
-    return StepShape(len(plan.positions), C, W * engine.page_size, rounds, int(lengths.sum()))
+    return StepShape(step_rows(engine, [plan], C), C, W * engine.page_size, rounds, int(lengths.sum()))
 
 
 def features(shape: StepShape, backend: str) -> np.ndarray:
