@@ -58,3 +58,10 @@ def test_ceiling_counts_packed_prefill_as_full_budget_chunks():
     assert workload.prefill_chunks(16) == [(0, 5), (0, 6), (0, 16), (16, 4)]
     assert workload.prefill_chunks(16, packs=4) == [(0, 16)] * 2
     assert Workload(((1,),) * 10, (1,) * 10).prefill_chunks(16, packs=4) == [(0, 16)] * 3
+
+
+def test_bench_buckets_tiny():
+    out = _run("scripts/bench_buckets.py", "--config", "jaxinfer/assets/default/config.json", "--slots", "4",
+               "--buckets", "2", "--live", "1", "--context", "16", "--max-model-len", "64", "--repeats", "1",
+               "--rounds", "1")
+    assert "decode buckets [2, 4]" in out and "| 1 | 2 |" in out
