@@ -316,14 +316,14 @@ class ModelRunner:
     def _values(self, plan: StepPlan | None, layout: Layout) -> dict:
         """One shard's inputs for `layout`; an idle shard (None) decodes nothing and prefills no tokens."""
         B, W = self.local.max_slots, layout.shape("block_tables")[1]
-        if plan is None:
-            plan = StepPlan(np.full(B, -1, np.int32), np.zeros(B, np.int32), 0, np.zeros((B, W), np.int32),
-                            neutral_sampling(B), np.zeros(B, np.int32), np.full((B, MAX_BANNED), -1, np.int32),
-                            [], {})
-        values = dict(plan.sampling, positions=plan.positions, steps=plan.steps, num_steps=plan.num_steps,
-                      block_tables=plan.block_tables[:, :W], min_tokens_left=plan.min_tokens_left, banned=plan.banned)
-        if layout.shape("rows") is not None:
-            values = _compacted(values, decoding_slots(plan, B, layout.shape("rows")[0]))
+        plan = plan or _idle_plan(B, W)
+        values = _slot_values(plan, W)
+        if layout.shape("rows") is not None:  # the decoding slots' rows, then idle rows (slot B: none)
+            rows = decoding_slots(plan, B, layout.shape("rows")[0])
+            idle = _slot_values(_idle_plan(1, W), W)
+            values = {name: np.concatenate([value, idle[name]])[rows] for name, value in values.items()}
+            values["rows"] = rows
+        values["num_steps"] = plan.num_steps
         C = (layout.shape("prefill_tokens") or (0,))[0]
         if C:
             E = layout.shape("prefill_slot")[0]
@@ -452,15 +452,16 @@ def step_fields(layout: Layout) -> tuple[int, ...]:
             layout.shape("positions")[0])
 
 
-def _compacted(values: dict, rows: np.ndarray) -> dict:
-    """Per-slot inputs cut to the slots `rows` names; a row naming no slot (B) gets an idle slot's values."""
-    idle = dict(neutral_sampling(1), positions=[-1], steps=[0], min_tokens_left=[0], banned=[[-1] * MAX_BANNED])
-    out = {"rows": rows, "num_steps": values["num_steps"]}
-    for name, value in values.items():
-        if name != "num_steps":
-            pad = idle.get(name, np.zeros((1,) + value.shape[1:], value.dtype))
-            out[name] = np.concatenate([value, np.asarray(pad, value.dtype)])[rows]
-    return out
+def _idle_plan(B: int, W: int) -> StepPlan:
+    """B slots that decode nothing and prefill nothing."""
+    return StepPlan(np.full(B, -1, np.int32), np.zeros(B, np.int32), 0, np.zeros((B, W), np.int32),
+                    neutral_sampling(B), np.zeros(B, np.int32), np.full((B, MAX_BANNED), -1, np.int32), [], {})
+
+
+def _slot_values(plan: StepPlan, W: int) -> dict:
+    """The plan's per-slot inputs [B, ...], block tables cut to W pages."""
+    return dict(plan.sampling, positions=plan.positions, steps=plan.steps, block_tables=plan.block_tables[:, :W],
+                min_tokens_left=plan.min_tokens_left, banned=plan.banned)
 
 
 def _describe(layout: Layout) -> str:
