@@ -1,7 +1,7 @@
 """The attention entry point of the model: the `[B, T]` step layout onto a backend.
 
-`reference` is plain jnp (XLA gathers the pages); `xla` is the reference with
-decode steps (`T == 1`) walked page by page (`page_loop.py`), the fast path off
+`reference` is plain jnp (XLA gathers the pages); `xla` walks the pages in
+plain jnp (`page_loop.py`), decode steps and prefill chunks alike: the fast path off
 GPU; `pallas` runs our kernels: the decode kernel for `T == 1` steps, the ragged
 prefill kernel otherwise (rows packed by their valid tokens). A packed prefill
 chunk (`rows` given: one row of several prompts' tokens) goes to the ragged
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxinfer.sharding import logical_spec, model_axes
-from pallas_kernels.page_loop import page_loop_decode_attention
+from pallas_kernels.page_loop import page_loop_decode_attention, page_loop_prefill_attention
 from pallas_kernels.paged_decode import paged_decode_attention, paged_decode_reference
 from pallas_kernels.paged_reference import paged_attention_reference
 from pallas_kernels.ragged_prefill import ragged_prefill_attention, ragged_prefill_reference
@@ -71,9 +71,10 @@ def _row_per_prompt(attention):
 
 
 def _page_loop_step_attention(q, k_pool, v_pool, layer, block_tables, positions, sliding_window=None):
-    """Decode steps through the page loop, prefill chunks through the reference."""
+    """Decode steps and prefill chunks, each through its page loop."""
     if q.shape[1] != 1:
-        return paged_attention_reference(q, k_pool, v_pool, layer, block_tables, positions, sliding_window)
+        return page_loop_prefill_attention(q, k_pool, v_pool, layer, block_tables, positions,
+                                           sliding_window=sliding_window)
     out = page_loop_decode_attention(q[:, 0], k_pool, v_pool, layer, block_tables, positions[:, 0] + 1,
                                      sliding_window=sliding_window)
     return out[:, None]

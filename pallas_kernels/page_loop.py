@@ -1,4 +1,6 @@
-"""Decode attention in plain jnp over a flat list of (slot, page) work items: XLA's fast path off GPU.
+"""Paged attention in plain jnp, walked page by page: XLA's fast path off GPU.
+
+Decode: a flat list of (slot, page) work items.
 
 The reference gathers every slot's pages into one contiguous `[B, K, S, H]` copy and
 then reads it twice; on a CPU those passes run at memory speed over tens of MB per
@@ -12,6 +14,14 @@ The work is the sum of the slots' pages, not slots x the longest slot's pages, s
 step with short or empty slots beside a long one pays for what it reads. A slot's
 result does not depend on the other slots, bit for bit: its items are computed alone
 and summed in the same order wherever they sit in the list.
+
+Prefill: the chunk's queries walk their rows' pages a block at a time (a
+running softmax), up to the furthest query's last key. The reference instead
+attends to the whole block table, whose width is set by the step's furthest
+slot: a 256-token chunk at the start of its prompt, beside one long decoding
+slot, paid for 768 keys. Blocks sit at fixed key positions and a block with
+nothing visible leaves a row's running sums exactly as they were, so a row's
+result does not depend on the other rows or on the table's width, bit for bit.
 """
 
 from __future__ import annotations
@@ -72,3 +82,44 @@ def _work_items(lengths, first, Z: int, W: int, extra: int):
     row = jnp.minimum(jnp.searchsorted(ends, index, side="right"), lengths.shape[0] - 1)
     col = index - ends[row] + end[row]
     return row, col, index < ends[-1], ends[-1]
+
+
+def page_loop_prefill_attention(q, k_pool, v_pool, layer, block_tables, positions, *, sliding_window=None,
+                                block_keys: int = 128):
+    """q [B, T, N, H]; pools [L, K, P, Z, H]; block_tables [B, W]; positions [B, T] (-1 = padding)
+    -> [B, T, N, H]: each query attends causally to its row's keys (the last `sliding_window` of them when
+    set), `block_keys` keys (whole pages) per loop iteration. A padding query returns zeros."""
+    B, T, N, H = q.shape
+    K, Z = k_pool.shape[1], k_pool.shape[3]
+    G, per_block = N // K, max(1, block_keys // Z)
+    S = per_block * Z  # keys per iteration
+    blocks = -(-block_tables.shape[1] // per_block)
+    tables = jnp.pad(block_tables, ((0, 0), (0, blocks * per_block - block_tables.shape[1])))
+    qg = (q.reshape(B, T, K, G, H).astype(jnp.float32) * H ** -0.5).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    valid = positions >= 0
+    first = 0 if sliding_window is None else jnp.maximum(positions - sliding_window + 1, 0)
+    start = jnp.min(jnp.where(valid, first, jnp.iinfo(jnp.int32).max)) // S
+    end = jnp.minimum((jnp.max(jnp.where(valid, positions, -1)) + S) // S, blocks)
+
+    def block(i, carry):
+        m, l, acc = carry
+        ids = lax.dynamic_slice_in_dim(tables, i * per_block, per_block, axis=1)  # [B, per_block]
+        k, v = (pool[layer, :, ids].astype(jnp.float32).transpose(0, 2, 1, 3, 4).reshape(B, K, S, H)
+                for pool in (k_pool, v_pool))
+        s = jnp.einsum("BKGTH,BKSH->BKGTS", qg, k, precision=lax.Precision.HIGHEST)
+        key_pos = i * S + jnp.arange(S)
+        visible = valid[:, :, None] & (key_pos <= positions[:, :, None])  # [B, T, S]
+        if sliding_window is not None:
+            visible &= positions[:, :, None] - key_pos < sliding_window
+        s = jnp.where(visible[:, None, None], s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # nothing visible yet: exp() of -inf, not NaN
+        alpha = jnp.exp(m - shift)  # exactly 1 where this block shows nothing
+        p = jnp.exp(s - shift[..., None])
+        pv = jnp.einsum("BKGTS,BKSH->BKGTH", p, v, precision=lax.Precision.HIGHEST)
+        return m_new, l * alpha + p.sum(axis=-1), acc * alpha[..., None] + pv
+
+    init = (jnp.full((B, K, G, T), -jnp.inf), jnp.zeros((B, K, G, T)), jnp.zeros((B, K, G, T, H)))
+    m, l, acc = lax.fori_loop(start, jnp.maximum(start, end), block, init)
+    out = acc / jnp.where(l == 0, 1.0, l)[..., None]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)

@@ -17,7 +17,8 @@ import pytest
 from hf_models import build
 from jaxinfer.config import EngineConfig
 from jaxinfer.llm import LLM, SamplingParams
-from pallas_kernels.page_loop import page_loop_decode_attention
+from pallas_kernels.page_loop import page_loop_decode_attention, page_loop_prefill_attention
+from pallas_kernels.paged_reference import paged_attention_reference
 from pallas_kernels.paged_decode import paged_decode_attention, paged_decode_reference
 from pallas_kernels.ragged_prefill import ragged_prefill_attention, ragged_prefill_reference
 
@@ -111,6 +112,53 @@ def test_page_loop_slot_is_bitwise_independent_of_the_other_slots(window):
         outs.append(np.asarray(run(qs, k_pool, v_pool, 1, tables[jnp.asarray(order)], lengths,
                                    sliding_window=window)[at]))
     assert outs[0].tobytes() == outs[1].tobytes() == outs[2].tobytes()
+
+
+def _prefill_rows(Z):
+    """Query positions [4, T] (-1: padding): a fresh prompt one past a page, a chunk starting mid-page, one
+    token ending exactly at the table's last key, and a row of padding only."""
+    T = 2 * Z + 3
+    positions = np.full((4, T), -1, np.int32)
+    positions[0, :Z + 1] = np.arange(Z + 1)
+    positions[1] = np.arange(Z + 5, Z + 5 + T)
+    positions[2, 0] = MAX_PAGES * Z - 1
+    return jnp.asarray(positions)
+
+
+@pytest.mark.parametrize("dtype, Z, H, G, window", CASES + [(jnp.float32, 8, 64, 2, 3)])
+def test_page_loop_prefill_matches_reference(dtype, Z, H, G, window):
+    """The `xla` backend's prefill path (plain jnp, a block of pages at a time), with blocks of one page
+    and of several, against the reference; padding queries give zeros."""
+    rng = np.random.RandomState(Z * H + G + 1)
+    k_pool, v_pool = _pools(rng, dtype, Z, H)
+    positions = _prefill_rows(Z)
+    q = jnp.asarray(rng.randn(*positions.shape, KV_HEADS * G, H), dtype)
+    args = (q, k_pool, v_pool, 1, _tables(rng, len(positions)), positions)
+    ref = np.asarray(paged_attention_reference(*args, sliding_window=window), np.float32)
+    valid = np.asarray(positions) >= 0
+    for block_keys in (Z, 2 * Z):
+        run = jax.jit(page_loop_prefill_attention, static_argnames=("sliding_window", "block_keys"))
+        out = np.asarray(run(*args, sliding_window=window, block_keys=block_keys), np.float32)
+        _assert_close(out[valid], ref[valid], dtype)
+        assert not out[~valid].any(), "a padding query attends to nothing"
+
+
+@pytest.mark.parametrize("window", [None, 21])
+def test_page_loop_prefill_row_is_bitwise_independent_of_the_others_and_the_width(window):
+    """A chunk's output is the same bits alone in a table cut to its own pages as beside rows that reach
+    further (more loop iterations, blocks it cannot see) in a table twice as wide."""
+    rng = np.random.RandomState(11)
+    Z, H, G = 8, 64, 2
+    k_pool, v_pool = _pools(rng, jnp.float32, Z, H)
+    mine = jnp.arange(5, 5 + Z + 2, dtype=jnp.int32)  # a chunk from mid-page 0 into page 1
+    q = jnp.asarray(rng.randn(1, len(mine), KV_HEADS * G, H), jnp.float32)
+    tables = jnp.asarray(rng.randint(1, POOL_PAGES, (3, 2 * MAX_PAGES)), jnp.int32)
+    run = jax.jit(page_loop_prefill_attention, static_argnames=("sliding_window", "block_keys"))
+    alone = run(q, k_pool, v_pool, 0, tables[:1, :2], mine[None], sliding_window=window, block_keys=Z)
+    longer = jnp.stack([mine, mine + 5 * Z, jnp.full_like(mine, -1)])
+    beside = run(jnp.concatenate([q, q[::-1] * 0.5, q]), k_pool, v_pool, 0, tables, longer,
+                 sliding_window=window, block_keys=Z)
+    assert np.asarray(alone[0]).tobytes() == np.asarray(beside[0]).tobytes()
 
 
 @pytest.mark.parametrize("dtype, Z, H, G, window", CASES)

@@ -112,6 +112,22 @@ def test_page_loop_fit_tells_the_kv_read_from_the_table_width():
     assert fitted.coefficients["round_table"] == pytest.approx(5e-7, rel=1e-6)
 
 
+def test_a_chunk_is_priced_by_the_keys_it_attends_to():
+    """A chunk at the start of its prompt beside a slot that reaches far: the reference attention pays the
+    whole table width, the page loop and the Pallas kernel only the chunk's own keys."""
+    from jaxinfer.planner.profile import mixed_plan
+    engine = _engine(max_slots=4, max_model_len=128, num_pages=300, prefill_chunk=32)
+    plan = mixed_plan(engine, np.arange(16), 0)
+    plan.positions[0], plan.steps[0] = 100, 1  # a decoding slot at position 100: the table spans 7 pages
+    plan.block_tables[0, :7] = np.arange(200, 207)
+    shape = shape_of(plan, engine)
+    assert (shape.chunk, shape.width, shape.chunk_keys) == (16, 128, 16)
+    coefficients = {**dict.fromkeys(FEATURES, 0.0), "chunk_attention": 1e-6}
+    assert CostModel(coefficients, "reference").step_seconds(shape) == pytest.approx(16 * 128 * 1e-6)
+    for backend in ("xla", "pallas"):
+        assert CostModel(coefficients, backend).step_seconds(shape) == pytest.approx(16 * 16 * 1e-6)
+
+
 def test_step_log_gives_back_the_step_times_the_engine_saw(tmp_path):
     """The real engine loop over a simulated device (known step times, 2 ms of host work per dispatch):
     the log yields each step's device time and the host time, and the fit reproduces the step times."""

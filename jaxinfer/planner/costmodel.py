@@ -3,12 +3,13 @@
 Form (roofline-shaped, linear in its features, every constant fitted and non-negative):
 
     seconds(dispatch) = t_dispatch
-                      + [C > 0] * (t_chunk + C * t_chunk_token + C * S * t_chunk_attention)
+                      + [C > 0] * (t_chunk + C * t_chunk_token + C * S_c * t_chunk_attention)
                       + [C > 0 and R = 0] * (t_chunk_alone + C * t_chunk_alone_token)
                       + R * (t_round + B * t_round_slot + A * t_round_attention + [xla] B * S * t_round_table)
 
 with C the prefill chunk's bucket (0: no chunk), S the block-table width in tokens (the page-width bucket
-times the page size), R the decode rounds of the dispatch, B the rows the step computes (the engine's slots,
+times the page size), S_c the keys the chunk attends to (S for the reference attention, which attends to the
+whole table; for the page loop and the Pallas kernel, the chunk's furthest position + 1), R the decode rounds of the dispatch, B the rows the step computes (the engine's slots,
 or a decode-only step's decode bucket) and A the attention work
 of one round: B * S for the plain-jnp reference attention (every row pays the block-table width), the sum
 of the active rows' context lengths for the page loop (`xla`) and the Pallas kernel (each row reads its own).
@@ -52,6 +53,7 @@ class StepShape:
     width: int  # S, tokens of block-table width
     rounds: int  # R
     context: int  # sum of the decoding rows' context lengths in one round (the KV the page loop and Pallas read)
+    chunk_keys: int = 0  # the chunk's furthest position + 1 (0: no chunk, or a step log from before this field)
 
 
 def shape_of(plan: StepPlan, engine: EngineConfig) -> StepShape:
@@ -59,15 +61,17 @@ def shape_of(plan: StepPlan, engine: EngineConfig) -> StepShape:
     decoding = plan.steps > 0
     lengths = plan.positions[decoding] + 1
     rounds = step_rounds(engine, C, plan.num_steps)
-    return StepShape(step_rows(engine, [plan], C), C, W * engine.page_size, rounds, int(lengths.sum()))
+    chunk_keys = max((chunk.start + len(chunk.tokens) for chunk in plan.prefills), default=0)
+    return StepShape(step_rows(engine, [plan], C), C, W * engine.page_size, rounds, int(lengths.sum()), chunk_keys)
 
 
 def features(shape: StepShape, backend: str) -> np.ndarray:
     C, S, R, B = shape.chunk, shape.width, shape.rounds, shape.slots
     attention = B * S if backend == "reference" else shape.context
+    chunk_keys = S if backend == "reference" else shape.chunk_keys or S
     table = B * S if backend == "xla" else 0
     alone = C > 0 and R == 0
-    return np.array([1.0, C > 0, C, C * S, alone, alone * C, R, R * B, R * attention, R * table], np.float64)
+    return np.array([1.0, C > 0, C, C * chunk_keys, alone, alone * C, R, R * B, R * attention, R * table], np.float64)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -147,7 +147,7 @@ def _line(x: list[int], y: list[float]) -> tuple[float, float]:
 def describe(model: CostModel) -> str:
     c, e = model.coefficients, model.notes.get("fit_relative_error", {})
     lines = [f"cost model ({model.backend} attention) on {model.device}:",
-             "  seconds = dispatch + [C>0] (chunk + C chunk_token + C S chunk_attention)"
+             "  seconds = dispatch + [C>0] (chunk + C chunk_token + C S_c chunk_attention)"
              " + [C>0, R=0] (chunk_alone + C chunk_alone_token)"
              " + R (round + B round_slot + A round_attention + [xla] B S round_table)"]
     lines += [f"  {name:16s} {value:.3e} s" for name, value in c.items()]
