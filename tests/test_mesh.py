@@ -15,7 +15,7 @@ from jaxinfer.config import ConfigError, EngineConfig
 from jaxinfer.llm import LLM, load_engine
 from jaxinfer.model.checkpoint import DEFAULT_MODEL_DIR, save_safetensors
 
-LAYOUTS = ["1,1,reference", "1,2,reference", "1,4,reference", "4,1,reference", "2,2,pallas"]
+LAYOUTS = ["1,1,reference", "1,2,reference", "1,4,reference", "4,1,reference", "2,2,pallas", "1,2,xla", "2,1,xla"]
 
 
 @pytest.fixture(scope="module")
