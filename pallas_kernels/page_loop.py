@@ -5,10 +5,13 @@ Decode: a flat list of (slot, page) work items.
 The reference gathers every slot's pages into one contiguous `[B, K, S, H]` copy and
 then reads it twice; on a CPU those passes run at memory speed over tens of MB per
 layer. Here each slot's visible pages become work items, slot after slot, and a loop
-takes them `2B` at a time: it gathers those pages (one `[K, Z, H]` block each, read
-once while it sits in cache) and computes each item's partial softmax (its max `m`,
-denominator `l` and weighted sum `acc`). One combine at the end rescales a slot's
-partials to their common max and adds them in item order.
+takes them `2B` at a time in page-id order: it gathers those pages (one `[K, Z, H]`
+block each, read once while it sits in cache) and computes each item's partial
+softmax (its max `m`, denominator `l` and weighted sum `acc`), stored at the item's
+place in the list. One combine at the end rescales a slot's partials to their common
+max and adds them in item order. Page-id order matters on a CPU: the slots' pages
+interleave in the pool (slots grow a page at a time side by side), and reading them
+slot by slot jumps about the pool; in page-id order the reads mostly move forward.
 
 The work is the sum of the slots' pages, not slots x the longest slot's pages, so a
 step with short or empty slots beside a long one pays for what it reads. A slot's
@@ -44,10 +47,11 @@ def page_loop_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, 
     first = jnp.zeros_like(lengths) if sliding_window is None else jnp.maximum(lengths - sliding_window, 0)
     row, col, item_live, total = _work_items(lengths, first, Z, W, extra=I)
     page_ids = jnp.where(item_live, block_tables[row, jnp.clip(col, 0, W - 1)], 0)
+    by_page = jnp.argsort(jnp.where(item_live, page_ids, k_pool.shape[2]), stable=True)  # live items first
 
     def items(i, partials):
-        take = lambda a: lax.dynamic_slice_in_dim(a, i * I, I)  # noqa: E731
-        r, c, live, ids = take(row), take(col), take(item_live), take(page_ids)
+        index = lax.dynamic_slice_in_dim(by_page, i * I, I)  # the work items this iteration reads
+        r, c, live, ids = row[index], col[index], item_live[index], page_ids[index]
         k = k_pool[layer, :, ids].astype(jnp.float32)  # [I, K, Z, H]
         v = v_pool[layer, :, ids].astype(jnp.float32)
         s = jnp.einsum("IKGH,IKZH->IKGZ", qg[r], k, precision=lax.Precision.HIGHEST)
@@ -57,7 +61,7 @@ def page_loop_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, 
         m = s.max(axis=-1)
         p = jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m)[..., None])  # nothing visible: exp() of -inf, not NaN
         pv = jnp.einsum("IKGZ,IKZH->IKGH", p, v, precision=lax.Precision.HIGHEST)
-        return tuple(lax.dynamic_update_slice_in_dim(a, x, i * I, 0) for a, x in zip(partials, (m, p.sum(-1), pv)))
+        return tuple(a.at[index].set(x, unique_indices=True) for a, x in zip(partials, (m, p.sum(-1), pv)))
 
     T = row.shape[0]
     init = (jnp.full((T, K, G), -jnp.inf), jnp.zeros((T, K, G)), jnp.zeros((T, K, G, H)))
