@@ -9,8 +9,9 @@ Form (roofline-shaped, linear in its features, every constant fitted and non-neg
 
 with C the prefill chunk's bucket (0: no chunk), S the block-table width in tokens (the page-width bucket
 times the page size), S_c the keys the chunk attends to (S for the reference attention, which attends to the
-whole table; for the page loop and the Pallas kernel, the chunk's furthest position + 1), R the decode rounds of the dispatch, B the rows the step computes (the engine's slots,
-or a decode-only step's decode bucket) and A the attention work
+whole table; for the page loop and the Pallas kernel, the chunk's furthest position + 1), R the decode
+rounds of the dispatch, B the rows the step computes (the engine's slots, or a decode-only step's decode
+bucket) and A the attention work
 of one round: B * S for the plain-jnp reference attention (every row pays the block-table width), the sum
 of the active rows' context lengths for the page loop (`xla`) and the Pallas kernel (each row reads its own).
 The page loop also pays for its work list and final combine over every slot's table width whatever the
