@@ -274,32 +274,65 @@ def run_static(llm, workload: Workload, seed: int) -> Run:
                details)
 
 
-def run_ceiling(runner: ModelRunner, workload: Workload, repeats: int) -> tuple[Run, dict]:
+@dataclasses.dataclass
+class BareTimes:
+    """One measurement of the bare jitted steps a workload needs (seconds): the full-slot decode step at
+    k rounds and at one round (None where it is not timed), and each prefill chunk's compiled shape
+    (`chunk_shapes`, one per chunk of the workload, timed once each in `chunks`)."""
+
+    step_k: float
+    step_1: float | None
+    chunks: dict
+    chunk_shapes: list
+
+    @staticmethod
+    def measure(runner: ModelRunner, workload: Workload, repeats: int) -> "BareTimes":
+        engine = runner.engine
+        B, k = engine.max_slots, engine.decode_steps
+        context = round(workload.mean_decode_context())
+        step_k = time_step(runner, decode_plan(engine, B, context, k), repeats)
+        step_1 = step_k if k == 1 else None  # static control flow runs every decode-only dispatch at k rounds
+        if step_1 is None and engine.control_flow != "static":
+            step_1 = time_step(runner, decode_plan(engine, B, context, 1), repeats)
+        rng = np.random.default_rng(0)
+        chunks, shapes = {}, []
+        for start, length in workload.prefill_chunks(engine.prefill_chunk, engine.max_prefill_seqs):
+            plan = prefill_plan(engine, rng.integers(0, runner.cfg.vocab_size, length), start)
+            shapes.append(runner.layout_for(plan))
+            if shapes[-1] not in chunks:
+                chunks[shapes[-1]] = time_step(runner, plan, repeats)
+        return BareTimes(step_k, step_1, chunks, shapes)
+
+    def seconds(self, workload: Workload, slots: int, k: int) -> tuple[float, float]:
+        """-> (prefill, decode) seconds of the workload at these step times."""
+        return sum(self.chunks[key] for key in self.chunk_shapes), workload.decode_tokens / slots * self.step_k / k
+
+    @staticmethod
+    def mean(times: list["BareTimes"]) -> "BareTimes":
+        average = lambda xs: None if xs[0] is None else statistics.fmean(xs)  # noqa: E731
+        return BareTimes(average([t.step_k for t in times]), average([t.step_1 for t in times]),
+                         {key: statistics.fmean(t.chunks[key] for t in times) for key in times[0].chunks},
+                         times[0].chunk_shapes)
+
+
+def run_ceiling(runner: ModelRunner, workload: Workload, measurements: list[BareTimes]) -> tuple[Run, dict]:
     """The bare jitted steps for the same work: every prefill chunk timed by its compiled shape, and
-    every decode token at the full-slot decode step's per-token time. -> (workload ceiling, the bare
-    decode step's own figures)."""
+    every decode token at the full-slot decode step's per-token time. `measurements` are averaged: the
+    benchmark takes one just before the engine's run and one just after, so the ceiling is measured on
+    the machine as it was around the engine's run (its speed drifts by several percent over minutes).
+    -> (workload ceiling, the bare decode step's own figures)."""
     engine = runner.engine
     B, k = engine.max_slots, engine.decode_steps
-    context = round(workload.mean_decode_context())
-    step_k = time_step(runner, decode_plan(engine, B, context, k), repeats)
-    step_1 = step_k if k == 1 else None  # static control flow runs every decode-only dispatch at k rounds
-    if step_1 is None and engine.control_flow != "static":
-        step_1 = time_step(runner, decode_plan(engine, B, context, 1), repeats)
-    rng = np.random.default_rng(0)
-    chunk_time: dict = {}
-    prefill_seconds = 0.0
-    for start, length in workload.prefill_chunks(engine.prefill_chunk, engine.max_prefill_seqs):
-        plan = prefill_plan(engine, rng.integers(0, runner.cfg.vocab_size, length), start)
-        key = runner.layout_for(plan)
-        if key not in chunk_time:
-            chunk_time[key] = time_step(runner, plan, repeats)
-        prefill_seconds += chunk_time[key]
-    decode_seconds = workload.decode_tokens / B * step_k / k
-    bare = {"slots": B, "decode_steps": k, "context": context, "step_ms": step_k * 1e3, "output_rate": B * k / step_k}
-    if step_1 is not None:
-        bare.update(step_ms_one_token=step_1 * 1e3, output_rate_one_token=B / step_1)
+    times = BareTimes.mean(measurements)
+    prefill_seconds, decode_seconds = times.seconds(workload, B, k)
+    bare = {"slots": B, "decode_steps": k, "context": round(workload.mean_decode_context()),
+            "step_ms": times.step_k * 1e3, "output_rate": B * k / times.step_k,
+            "step_ms_each_measurement": [t.step_k * 1e3 for t in measurements]}
+    if times.step_1 is not None:
+        bare.update(step_ms_one_token=times.step_1 * 1e3, output_rate_one_token=B / times.step_1)
     details = {"prefill_seconds": prefill_seconds, "decode_seconds": decode_seconds,
-               "prefill_shapes_timed": len(chunk_time), "bare_decode": bare}
+               "prefill_shapes_timed": len(times.chunks), "bare_decode": bare,
+               "seconds_each_measurement": [sum(t.seconds(workload, B, k)) for t in measurements]}
     run = Run("ceiling", prefill_seconds + decode_seconds, workload.output_tokens,
               workload.prompt_tokens + workload.output_tokens, details)
     return run, bare
@@ -446,14 +479,17 @@ def _load(model, engine: EngineConfig, source, workload: Workload):
 def _run_on_engine(llm, workload: Workload, options: OfflineOptions):
     """-> (runs by name, the bare decode step's figures or None, the engine's output tokens by name)."""
     runs, bare, tokens = {}, None, {}
+    ceiling = "bare" in options.baselines
+    measured = [BareTimes.measure(llm.runner, workload, options.repeats)] if ceiling else []
     runs["engine"], tokens["engine"] = run_engine(llm, workload)
     print(_describe_run(runs["engine"]), flush=True)
+    if ceiling:
+        measured.append(BareTimes.measure(llm.runner, workload, options.repeats))
+        runs["ceiling"], bare = run_ceiling(llm.runner, workload, measured)
+        print(_describe_run(runs["ceiling"]), flush=True)
     if "static" in options.baselines:
         runs["static"] = run_static(llm, workload, options.seed)
         print(_describe_run(runs["static"]), flush=True)
-    if "bare" in options.baselines:
-        runs["ceiling"], bare = run_ceiling(llm.runner, workload, options.repeats)
-        print(_describe_run(runs["ceiling"]), flush=True)
     return runs, bare, tokens
 
 
@@ -501,7 +537,10 @@ def _describe_run(run: Run) -> str:
         b = d["bare_decode"]
         return (f"{head}\n  = {d['prefill_seconds']:.1f}s of prefill chunks ({d['prefill_shapes_timed']} shapes "
                 f"timed) + {d['decode_seconds']:.1f}s of decode at the full-slot step's {b['step_ms'] / b['decode_steps']:.1f} "
-                f"ms per token ({b['slots']} slots, k={b['decode_steps']}, context {b['context']})")
+                f"ms per token ({b['slots']} slots, k={b['decode_steps']}, context {b['context']}); the mean of "
+                f"{len(d['seconds_each_measurement'])} measurements, before and after the engine's run: "
+                + ", ".join(f"{s:.1f}s" for s in d["seconds_each_measurement"])
+                + " (full-slot step " + ", ".join(f"{ms:.0f}" for ms in b["step_ms_each_measurement"]) + " ms)")
     if "batch_size" in d:
         g = d.get("greedy_agreement_with_engine", {})
         rates = ", ".join(f"{size}: {rate:.1f}" for size, rate in d["search_output_rate"].items())

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -48,6 +50,25 @@ def test_bench_offline_tiny(tmp_path):
         assert row in table, row
     runs = json.loads((tmp_path / "bench.json").read_text())["runs"]
     assert {run["output_tokens"] for run in runs.values()} == {runs["engine"]["output_tokens"]}
+    assert len(runs["ceiling"]["details"]["seconds_each_measurement"]) == 2  # before and after the engine
+
+
+def test_ceiling_is_the_mean_of_its_measurements():
+    """The bare steps are timed before and after the engine's run; the ceiling prices the workload at the
+    mean of each step's times."""
+    from types import SimpleNamespace
+
+    from jaxinfer.bench import BareTimes, Workload, run_ceiling
+    workload = Workload(((1,) * 20, (1,) * 5), (9, 5))  # 12 decode tokens
+    shapes = ["chunk 16", "chunk 8", "chunk 8"]
+    before = BareTimes(step_k=0.4, step_1=None, chunks={"chunk 16": 0.1, "chunk 8": 0.05}, chunk_shapes=shapes)
+    after = BareTimes(step_k=0.6, step_1=None, chunks={"chunk 16": 0.3, "chunk 8": 0.15}, chunk_shapes=shapes)
+    runner = SimpleNamespace(engine=SimpleNamespace(max_slots=2, decode_steps=4))
+    run, bare = run_ceiling(runner, workload, [before, after])
+    # before: 0.2 s of chunks + 12 / 2 slots * 0.4 s / 4 tokens; after: 0.6 + 12 / 2 * 0.6 / 4
+    assert run.details["seconds_each_measurement"] == pytest.approx([0.8, 1.5])
+    assert run.seconds == pytest.approx(1.15)
+    assert bare["step_ms"] == pytest.approx(500) and bare["step_ms_each_measurement"] == pytest.approx([400, 600])
 
 
 def test_ceiling_counts_packed_prefill_as_full_budget_chunks():
