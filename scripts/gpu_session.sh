@@ -13,6 +13,8 @@
 #      float32 matmuls, against transformers on the same tiny checkpoints;
 #   4. the sampler's passes at 256 slots x Llama-3's 128,256-token vocabulary (scripts/bench_sampling.py).
 #   bash scripts/gpu_session.sh [OUTPUT_DIR]
+# If device time remains (it needs about 90 s more), run scripts/gpu_dsf_ab.sh next, on the still-warm
+# machine: the 8B decode step with and without XLA's dynamic-slice fusion for the scanned layers' weights.
 # The engine runs with static control flow (the GPU default: no host syncs inside a step, see
 # docs/benchmarks.md, the 8B section); CONTROL_FLOW=dynamic runs the old on-device branching for the
 # side-by-side figure.
