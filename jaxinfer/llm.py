@@ -141,6 +141,10 @@ class LLM:
                         bar.update(1)
         return [results[i] for i in ids]
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix; False (nothing done) while requests are in the engine."""
+        return self.engine.reset_prefix_cache()
+
     def _add_all(self, prompts, params) -> list[str]:
         for i, (prompt, p) in enumerate(zip(prompts, params)):  # check everything before queueing anything
             try:

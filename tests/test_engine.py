@@ -147,6 +147,28 @@ def test_prefix_cache_serves_a_repeated_prefix(llm):
     assert outs["cached"].outputs[0].token_ids == outs["uncached"].outputs[0].token_ids
 
 
+def test_reset_prefix_cache_after_steps_from_outside_the_engine(llm):
+    """Steps dispatched on the runner by hand (the benchmark's bare steps) overwrite the KV of cached pages;
+    after `reset_prefix_cache` a repeated prompt computes again and gives its first output. While a request
+    is in the engine the reset refuses and changes nothing."""
+    from jaxinfer.bench import decode_plan
+    engine = engine_like(llm, enable_prefix_caching=True)
+    prompt = np.random.default_rng(4).integers(5, 4000, 100).tolist()
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    first = run(engine, [(prompt, params)])[0]
+    np.asarray(engine.executor.runner.dispatch(decode_plan(engine.cfg, 6, 150, 4)))  # writes into pages 1..60
+    queued = engine.add_request(prompt, params, stream=False)
+    assert engine.reset_prefix_cache() is False
+    engine.abort(queued)
+    engine.step()
+    assert engine.reset_prefix_cache() is True
+    hits = engine.stats().prefix_cache_hits
+    again = run(engine, [(prompt, params)])[0]
+    assert engine.stats().prefix_cache_hits == hits and again.num_cached_tokens == 0
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    engine.check_idle()
+
+
 def test_aborts_anywhere_leak_nothing(llm):
     """Aborting requests while queued, mid-prefill and mid-decode frees every page and slot."""
     engine = engine_like(llm, max_slots=6)

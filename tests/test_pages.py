@@ -94,6 +94,17 @@ def test_lru_evicts_oldest_idle_pages_only_when_free_pages_run_out():
     allocator.check()
 
 
+def test_reset_cache_frees_idle_pages_and_forgets_every_prefix():
+    allocator = PageAllocator(7)
+    x, hx = _cached_pages(allocator, 2, [1, 2, 3, 4])
+    allocator.free(x)
+    assert allocator.num_cached_idle == 2 and allocator.cached_prefix(hx) == 2
+    allocator.reset_cache()
+    assert allocator.num_cached_idle == 0 and allocator.num_free == 6
+    assert allocator.cached_prefix(hx) == 0 and allocator.match(hx) == []
+    allocator.check()
+
+
 @settings(max_examples=150, deadline=None, database=None)
 @given(st.integers(2, 10), st.lists(st.tuples(st.sampled_from("amf"), st.integers(0, 40)), max_size=60))
 def test_random_operations_keep_invariants(num_pages, ops):

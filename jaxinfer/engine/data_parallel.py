@@ -77,6 +77,10 @@ class DataParallelScheduler:
         used, usable = zip(*(shard.kv_pages() for shard in self.shards))
         return sum(used), sum(usable)
 
+    def reset_prefix_cache(self) -> None:
+        for shard in self.shards:
+            shard.reset_prefix_cache()
+
     def check_idle(self) -> None:
         for shard in self.shards:
             shard.check_idle()

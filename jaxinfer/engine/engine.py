@@ -394,6 +394,17 @@ class Engine:
             finished_requests=dict(h.finished), ttft=h.ttft, inter_token_latency=h.inter_token_latency,
             e2e_latency=h.e2e_latency, queue_time=h.queue_time)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (vLLM's `reset_prefix_cache`): False, and nothing done, while requests
+        are in the engine. Needed after anything dispatched on the runner besides this engine's own steps
+        (the benchmark's bare steps), since those write KV into pages the cache may still name."""
+        if self.running_in_background:
+            raise RuntimeError("the engine's loop runs in a background thread: reset the prefix cache before start()")
+        if self._requests or self.has_work() or not self._commands.empty():
+            return False
+        self.scheduler.reset_prefix_cache()
+        return True
+
     def check_idle(self) -> None:
         """With nothing running: every page is free or cached-idle and every slot is free (tests)."""
         assert not self._requests and not self.has_work(), "requests are still in the engine"

@@ -125,6 +125,15 @@ class PageAllocator:
         self._hash_of[page] = page_hash
         self._page_of[page_hash] = page
 
+    def reset_cache(self) -> None:
+        """Forget every cached prefix; pages nobody holds become free. For when the pool's contents changed
+        behind the allocator's back (hand-built steps that wrote KV into arbitrary pages)."""
+        for page in self._lru:
+            self._free.append(page)
+        self._lru.clear()
+        self._hash_of.clear()
+        self._page_of.clear()
+
     def check(self) -> None:
         """Invariants (tests): every page is exactly one of null, free, cached-idle or in use."""
         free, idle = set(self._free), set(self._lru)

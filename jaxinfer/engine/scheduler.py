@@ -204,6 +204,10 @@ class Scheduler:
         seqs = self.waiting + self.running
         return sum(max(s.num_known - s.num_computed, 0) + max(s.remaining, 0) for s in seqs)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (call only with nothing running: a running sequence's pages stay named)."""
+        self.pages.reset_cache()
+
     def check_idle(self) -> None:
         """With nothing running: every page is free or cached-idle and every slot is free (tests)."""
         self.pages.check()
