@@ -107,7 +107,8 @@ def _add_bench(sub) -> None:
                           "bare jitted step (the ceiling). Default: all; none: the engine alone")
     off.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[8, 16, 32],
                      help="transformers batch sizes to try; the full run uses the fastest")
-    off.add_argument("--repeats", type=int, default=3, help="timed runs per bare step shape")
+    off.add_argument("--repeats", type=int, default=10,
+                     help="timed runs per bare step shape, in each of the two ceiling measurements")
     off.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     off.set_defaults(run=_bench_offline)
     bench_serve.add_parser(kinds)
