@@ -6,8 +6,9 @@
 member, no joining mid-flight), (b) Hugging Face `generate` on the same weights, and (c) the bare
 jitted step, which gives the ceiling. Compile time stays out of every figure and is reported apart.
 
-This module drives the engine through its public surface only (`LLM`, `Engine.stats()`, the
-executor seam, `ModelRunner.dispatch`); it must not reach into scheduler or runner state.
+This module drives the engine through its public surface only (`LLM`, `Engine.stats()`,
+`LLM.reset_prefix_cache()`, the executor seam, `ModelRunner.dispatch`); it must not reach into scheduler
+or runner state.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@
 # XLA until mid-2026), it copies the layer's weights before every matmul: about 16 GB written and read
 # again per decode round, beside the 16 GB the round must read. On the 2-core CPU the same copies cost
 # about 18 ms of a 130 ms round (docs/benchmarks.md). Each half is its own process (XLA reads its flags
-# once), about 40 s each; an XLA that does not know the flag stops the second half at once.
+# once) with a limit of AB_SECONDS (45 s); if the installed XLA does not know the flag, the second half
+# fails at start-up.
 #   bash scripts/gpu_dsf_ab.sh [OUTPUT_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
