@@ -21,6 +21,9 @@ seconds later. A request that never reached its replica is tried once more on
 another; one that did is never retried: it fails with 502 (streaming: an error
 event, then `[DONE]`) naming the replica. A client that goes away closes its
 upstream request, so the replica aborts the work.
+
+`POST /reset_prefix_cache` goes to every healthy replica, not one: each forgets
+its cached prefixes, so a benchmark through the router starts cold everywhere.
 """
 
 from __future__ import annotations
@@ -493,6 +496,27 @@ class Router:
     async def metrics(self, request: Request) -> Response:
         return Response(render_metrics(self), media_type=CONTENT_TYPE)
 
+    async def reset_prefix_cache(self, request: Request) -> Response:
+        """Every healthy replica's /reset_prefix_cache at once: 200 when all of them reset; else 409 if one
+        refused because it had requests in flight (otherwise 502), naming the replicas that did not reset."""
+        healthy = [r for r in self.replicas.values() if r.healthy]
+        if not healthy:
+            raise APIError(503, "no healthy replica to reset", headers={"Retry-After": "1"})
+
+        async def reset(replica: Replica) -> int:
+            try:
+                answer = await self.client.post(f"{replica.url}/reset_prefix_cache", headers=self._headers(request))
+                return answer.status_code
+            except httpx.TransportError as e:
+                self._lost(replica, e)
+                return 502
+
+        statuses = await asyncio.gather(*(reset(r) for r in healthy))
+        failed = [f"{r.url} ({status})" for r, status in zip(healthy, statuses) if status != 200]
+        if failed:
+            raise APIError(409 if 409 in statuses else 502, f"the prefix cache was not reset on {', '.join(failed)}")
+        return Response(status_code=200)
+
     async def _read(self, request: Request) -> bytes:
         return await read_body(request, self.config.max_body_bytes)
 
@@ -634,6 +658,7 @@ def build_app(router: Router) -> Starlette:
         route("/health", router.health, ("GET",)),
         route("/metrics", router.metrics, ("GET",)),
         route("/version", router.version, ("GET",)),
+        route("/reset_prefix_cache", router.reset_prefix_cache, guarded=True),
     ]
 
     @contextlib.asynccontextmanager

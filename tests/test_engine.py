@@ -169,6 +169,31 @@ def test_reset_prefix_cache_after_steps_from_outside_the_engine(llm):
     engine.check_idle()
 
 
+def test_reset_prefix_cache_while_the_loop_runs_in_its_thread(llm):
+    """With the loop in its background thread, a reset from another thread is done by the loop after its
+    step: refused while a request streams, done once the engine is idle (then nothing is served from cache)."""
+    engine = engine_like(llm, enable_prefix_caching=True)
+    prompt = np.random.default_rng(5).integers(5, 4000, 100).tolist()
+    params = SamplingParams(max_tokens=40, **GREEDY)
+
+    def generate():
+        return list(engine.add_request(prompt, params))[-1]
+
+    engine.start()
+    try:
+        stream = engine.add_request(prompt, params)
+        next(iter(stream))  # the first token is out; 39 to go, at most 4 a step
+        assert engine.reset_prefix_cache() is False
+        first = list(stream)[-1]
+        assert generate().num_cached_tokens == 96  # six full pages of the prompt
+        assert engine.reset_prefix_cache() is True
+        again = generate()
+    finally:
+        engine.shutdown()
+    assert again.num_cached_tokens == 0 and again.outputs[0].token_ids == first.outputs[0].token_ids
+    engine.check_idle()
+
+
 def test_aborts_anywhere_leak_nothing(llm):
     """Aborting requests while queued, mid-prefill and mid-decode frees every page and slot."""
     engine = engine_like(llm, max_slots=6)

@@ -49,7 +49,7 @@ class FakeReplica:
         self.delay, self.name, self.url = delay, name, ""
         self.received: list[dict] = []
         self.auth: list[str | None] = []
-        self.running = self.aborted = self.external = 0
+        self.running = self.aborted = self.external = self.resets = 0
 
     def app(self) -> Starlette:
         return Starlette(routes=[
@@ -59,7 +59,15 @@ class FakeReplica:
             Route("/v1/chat/completions", self.completions, methods=["POST"]),
             Route("/v1/models", lambda request: JSONResponse({"object": "list", "data": [{"id": self.name}]})),
             Route("/tokenize", self.tokenize, methods=["POST"]),
+            Route("/reset_prefix_cache", self.reset_prefix_cache, methods=["POST"]),
         ])
+
+    async def reset_prefix_cache(self, request: Request) -> Response:
+        """As our server: refused (409) while requests run."""
+        if self.running:
+            return _error(409, "requests are in the engine")
+        self.resets += 1
+        return Response(status_code=200)
 
     async def metrics(self, request: Request) -> Response:
         labels = f'{{model_name="{self.name}"}}'
@@ -385,6 +393,20 @@ def test_other_routes_pass_through():
         assert httpx.get(f"{url}/version").json() == {"version": jaxinfer.__version__}  # the router's own, as vLLM
 
 
+def test_reset_prefix_cache_goes_to_every_healthy_replica():
+    """200 once every replica has reset; 409 naming the replica that refused while it had a request running."""
+    with fakes(0.0, 0.2) as (idle, slow), routing(idle.url, slow.url) as (router, url):
+        assert httpx.post(f"{url}/reset_prefix_cache").status_code == 200
+        assert (idle.resets, slow.resets) == (1, 1)
+        with httpx.stream("POST", f"{slow.url}/v1/completions", json={"prompt": "hold", "max_tokens": 20,
+                                                                      "stream": True}) as held:
+            lines = held.iter_lines()  # kept open: the fake counts the request running until it ends
+            next(lines)
+            refused = httpx.post(f"{url}/reset_prefix_cache")
+        assert refused.status_code == 409 and f"{slow.url} (409)" in refused.json()["error"]["message"]
+        assert idle.url not in refused.json()["error"]["message"] and (idle.resets, slow.resets) == (2, 1)
+
+
 def test_api_key_guards_v1_and_the_replica_key_is_sent_on():
     with fakes(0.0) as (fake,), routing(fake.url, api_key="sekrit", replica_api_key="inner") as (router, url):
         body = {"prompt": "hi", "max_tokens": 1}
@@ -397,6 +419,8 @@ def test_api_key_guards_v1_and_the_replica_key_is_sent_on():
         assert fake.auth == ["Bearer inner"]
         assert httpx.get(f"{url}/v1/models", headers=key).status_code == 200
         assert httpx.get(f"{url}/health").status_code == 200 and httpx.get(f"{url}/metrics").status_code == 200
+        assert httpx.post(f"{url}/reset_prefix_cache").status_code == 401
+        assert httpx.post(f"{url}/reset_prefix_cache", headers=key).status_code == 200 and fake.resets == 1
 
 
 def test_bad_input_gets_400_and_never_reaches_a_replica():

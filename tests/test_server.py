@@ -155,6 +155,31 @@ def test_metrics_follow_the_requests(live, client):
         assert f"jaxinfer:{name}{{" in after, name
 
 
+def test_reset_prefix_cache_route(live, client):
+    """vLLM's POST /reset_prefix_cache: 409 with an error body while a request streams, 200 when idle; after it a
+    repeated prompt is computed again, and gives the same tokens."""
+    prompt = "A prompt long enough to fill whole pages of the cache, " * 6
+
+    def complete() -> tuple[str, float]:
+        text = client.completions.create(model="tiny", prompt=prompt, **GREEDY).choices[0].text
+        return text, _metric(httpx.get(f"{live.url}/metrics").text, "prefix_cache_hits_total")
+
+    body = {"model": "tiny", "prompt": "Keep the engine busy", "max_tokens": 300, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{live.url}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()  # kept: a closed line iterator would close the stream, and abort
+        next(line for line in lines if line.startswith("data: {"))
+        busy = httpx.post(f"{live.url}/reset_prefix_cache", timeout=30)
+    assert busy.status_code == 409 and busy.json()["error"]["type"] == "ConflictError", busy.text
+    live.wait_idle()
+    first, hits = complete()
+    second, cached_hits = complete()
+    assert cached_hits > hits and second == first
+    assert httpx.post(f"{live.url}/reset_prefix_cache", timeout=30).status_code == 200
+    third, after_reset = complete()
+    assert after_reset == cached_hits and third == first
+
+
 # --- disconnects and overload ----------------------------------------------------------------
 
 

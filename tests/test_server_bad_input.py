@@ -644,7 +644,8 @@ def keyed_server():
 
 
 GUARDED = [("POST", COMPLETIONS, {"prompt": "Hello", "max_tokens": 2}),
-           ("POST", CHAT, {"messages": HI, "max_tokens": 2}), ("GET", "/v1/models", None)]
+           ("POST", CHAT, {"messages": HI, "max_tokens": 2}), ("GET", "/v1/models", None),
+           ("POST", "/reset_prefix_cache", None)]
 WRONG_KEYS = {"missing": None, "wrong": "Bearer sekrit2", "prefix": "Bearer sekri", "empty": "Bearer",
               "no scheme": "sekrit", "basic scheme": "Basic sekrit", "case": "Bearer SEKRIT"}
 

@@ -3,10 +3,10 @@
 `Engine.step()` plans the next step, dispatches it, and only then reads the
 previous step's tokens, so the device computes while the host detokenizes,
 checks stop strings and plans. Callers in any thread use `add_request` (which
-returns a `RequestStream`, iterable and async-iterable) and `abort`; those
-become commands the loop drains at the start of each step, so all engine state
-is touched by one thread only. `start()` runs the loop in a background thread;
-`LLM.generate` calls `step()` itself.
+returns a `RequestStream`, iterable and async-iterable), `abort` and
+`reset_prefix_cache`; those become commands the loop drains at the start of each
+step, so all engine state is touched by one thread only. `start()` runs the loop
+in a background thread; `LLM.generate` calls `step()` itself.
 
 Host code only; no JAX (the executor is handed in).
 """
@@ -14,6 +14,7 @@ Host code only; no JAX (the executor is handed in).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import hashlib
 import itertools
@@ -224,7 +225,7 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Plan and dispatch the next step, then read the previous one. Returns the outputs it changed."""
-        outputs = self._drain_commands()
+        outputs, resets = self._drain_commands()
         plan = self.scheduler.schedule()
         handle = None
         if plan is not None:
@@ -233,13 +234,17 @@ class Engine:
         if self._inflight is not None:
             outputs += self._process(*self._inflight)
         self._inflight = (plan, handle) if plan is not None else None
+        for done in resets:  # after the step, so that the last request's final step has been read
+            done.set_result(self._reset_if_idle())
         return outputs
 
-    def _drain_commands(self) -> list[RequestOutput]:
-        outputs = []
+    def _drain_commands(self) -> tuple[list[RequestOutput], list[concurrent.futures.Future]]:
+        outputs, resets = [], []
         while not self._commands.empty():
             kind, arg = self._commands.get()
-            if kind == "add":
+            if kind == "reset":
+                resets.append(arg)
+            elif kind == "add":
                 self._requests[arg.request_id] = arg
                 for seq in arg.seqs:
                     self.scheduler.add(seq)
@@ -248,7 +253,7 @@ class Engine:
                 for seq in request.seqs:
                     self.scheduler.finish(seq, "abort")
                 outputs.append(self._emit(request))
-        return outputs
+        return outputs, resets
 
     def _process(self, plan, handle) -> list[RequestOutput]:
         result = self.executor.collect(handle)
@@ -370,6 +375,8 @@ class Engine:
             kind, arg = self._commands.get()
             if kind == "add":
                 self._requests[arg.request_id] = arg
+            elif kind == "reset":
+                arg.set_result(False)
         for request in list(self._requests.values()):
             for seq in request.seqs:
                 if not seq.finished:
@@ -394,13 +401,23 @@ class Engine:
             finished_requests=dict(h.finished), ttft=h.ttft, inter_token_latency=h.inter_token_latency,
             e2e_latency=h.e2e_latency, queue_time=h.queue_time)
 
-    def reset_prefix_cache(self) -> bool:
+    def reset_prefix_cache(self, timeout: float | None = 30.0) -> bool:
         """Forget every cached prefix (vLLM's `reset_prefix_cache`): False, and nothing done, while requests
-        are in the engine. Needed after anything dispatched on the runner besides this engine's own steps
-        (the benchmark's bare steps), since those write KV into pages the cache may still name."""
-        if self.running_in_background:
-            raise RuntimeError("the engine's loop runs in a background thread: reset the prefix cache before start()")
-        if self._requests or self.has_work() or not self._commands.empty():
+        are in the engine. Any thread may call it; with the loop in a background thread the loop does it
+        after its current step (waiting up to `timeout` seconds). Needed after anything dispatched on the
+        runner besides this engine's own steps (the benchmark's bare steps), since those write KV into
+        pages the cache may still name; also how a benchmark starts from a cold cache."""
+        if self.error is not None:
+            raise EngineError(f"the engine has stopped after an error: {self.error}")
+        if not self.running_in_background:
+            return self._commands.empty() and self._reset_if_idle()
+        done = concurrent.futures.Future()
+        self._commands.put(("reset", done))
+        self._wake.set()
+        return done.result(timeout)
+
+    def _reset_if_idle(self) -> bool:
+        if self._requests or self._inflight is not None or self.scheduler.has_work():
             return False
         self.scheduler.reset_prefix_cache()
         return True

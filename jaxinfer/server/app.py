@@ -4,7 +4,7 @@
 up), the health state and the number of sequences handed to the engine and not
 yet finished (the bound behind 429). `build_app(server)` is the Starlette app.
 The engine loop runs in its own thread; routes only call its thread-safe
-`add_request`, `abort` and `stats`. Every request's engine work is aborted when
+`add_request`, `abort`, `stats` and `reset_prefix_cache`. Every request's engine work is aborted when
 its response ends early (client gone, error), so pages never outlive a client.
 """
 
@@ -447,6 +447,13 @@ class Info:
     async def version(self, request: Request) -> Response:
         return JSONResponse({"version": jaxinfer.__version__})
 
+    async def reset_prefix_cache(self, request: Request) -> Response:
+        """vLLM's development route: forget every cached prefix, so that a benchmark starts cold. 200 when
+        done; 409 while requests are in the engine (nothing is done then)."""
+        if not await asyncio.to_thread(self.server.engine.reset_prefix_cache):
+            raise APIError(409, "requests are in the engine, so the prefix cache was not reset; retry when idle")
+        return Response(status_code=200)
+
     async def tokenize(self, request: Request) -> Response:
         server = self.server
         body = await read_json(request, server.config.max_body_bytes)
@@ -502,6 +509,7 @@ def build_app(server: Server) -> Starlette:
         route("/health", info.health, ("GET",), guarded=False, needs_engine=False),
         route("/metrics", info.metrics, ("GET",), guarded=False, needs_engine=False),
         route("/version", info.version, ("GET",), guarded=False, needs_engine=False),
+        route("/reset_prefix_cache", info.reset_prefix_cache),
     ]
 
     @contextlib.asynccontextmanager

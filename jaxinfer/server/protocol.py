@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_CHARS = 400  # error messages never echo a large input back
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
-          413: "RequestEntityTooLarge", 429: "RateLimitError", 500: "InternalServerError",
+          409: "ConflictError", 413: "RequestEntityTooLarge", 429: "RateLimitError", 500: "InternalServerError",
           503: "ServiceUnavailableError"}
 _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop",
                       "stop_token_ids", "seed", "logprobs", "echo", "stream", "stream_options", "presence_penalty",
