@@ -65,7 +65,7 @@ def check_invariants(engine, plans_seen: int) -> int:
     plans = engine.executor.dispatched
     for plan in plans[plans_seen:]:
         packed = sum(len(chunk.tokens) for chunk in plan.prefills)
-        assert packed <= cfg.prefill_chunk and len(plan.prefills) <= (cfg.max_prefill_seqs or 1)
+        assert packed <= cfg.prefill_chunk and len(plan.prefills) <= cfg.prompts_per_step
         assert all(len(chunk.tokens) >= 1 for chunk in plan.prefills)
         assert plan.steps.max(initial=0) <= cfg.decode_steps
         assert plan.num_steps >= plan.steps.max(initial=0)

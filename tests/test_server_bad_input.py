@@ -29,17 +29,25 @@ COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 HI = [{"role": "user", "content": "Hi"}]
 
 
-@pytest.fixture(scope="module")
-def server():
-    live = LiveServer(ServerConfig(max_queue=CONCURRENT))  # case 21's burst is admitted, not refused with 429
+def serving(live: LiveServer):
+    """A module fixture's body: the server until the module is done."""
     yield live
     live.close()
 
 
+def client_of(live: LiveServer):
+    with httpx.Client(base_url=live.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def server():
+    yield from serving(LiveServer(ServerConfig(max_queue=CONCURRENT)))  # case 21's burst is admitted, not 429
+
+
 @pytest.fixture(scope="module")
 def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
+    yield from client_of(server)
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -497,15 +505,12 @@ def noisy_server(tmp_path_factory):
     for path in DEFAULT_MODEL_DIR.iterdir():
         if path.name != "model.safetensors":
             shutil.copy(path, directory / path.name)
-    live = LiveServer(ServerConfig(), engine_object=load_engine(directory / "config.json", ENGINE))
-    yield live
-    live.close()
+    yield from serving(LiveServer(ServerConfig(), engine_object=load_engine(directory / "config.json", ENGINE)))
 
 
 @pytest.fixture(scope="module")
 def noisy_client(noisy_server):
-    with httpx.Client(base_url=noisy_server.url, timeout=60) as c:
-        yield c
+    yield from client_of(noisy_server)
 
 
 # --- 10. stop strings spanning token boundaries --------------------------------------------------
@@ -526,17 +531,21 @@ def straddling_stop(tokens: list[str], text: str) -> tuple[str, int]:
     raise AssertionError(f"no token boundary of {tokens} makes a unique stop string")
 
 
+def text_and_tokens(client: httpx.Client, path: str, body: dict) -> tuple[str, list[str]]:
+    """The first choice's text and its tokens' texts, with logprobs asked for as each route spells it."""
+    logprobs = {"logprobs": 0} if path == COMPLETIONS else {"logprobs": True}
+    full = client.post(path, json={**body, **logprobs}).json()["choices"][0]
+    if path == COMPLETIONS:
+        return full["text"], full["logprobs"]["tokens"]
+    return full["message"]["content"], [t["token"] for t in full["logprobs"]["content"]]
+
+
 @pytest.mark.parametrize("path", [COMPLETIONS, CHAT])
 def test_10_stop_string_across_tokens_is_found_and_trimmed(noisy_server, noisy_client, path):
     server, client = noisy_server, noisy_client  # varied greedy text: the trained model repeats phrases
     body = body_with({"max_tokens": 24, "temperature": 0, "ignore_eos": True}, path)
     body = {**body, "prompt": "Once upon a time"} if path == COMPLETIONS else body
-    logprobs = {"logprobs": 0} if path == COMPLETIONS else {"logprobs": True}
-    full = client.post(path, json={**body, **logprobs}).json()["choices"][0]
-    if path == COMPLETIONS:
-        text, tokens = full["text"], full["logprobs"]["tokens"]
-    else:
-        text, tokens = full["message"]["content"], [t["token"] for t in full["logprobs"]["content"]]
+    text, tokens = text_and_tokens(client, path, body)
     assert "".join(tokens) == text  # byte-level BPE: each token decodes alone to its own piece
     stop, at = straddling_stop(tokens, text)
 
@@ -575,12 +584,7 @@ def test_11_streamed_unicode_has_no_broken_characters(noisy_server, noisy_client
             base = {"prompt": prompt} if path == COMPLETIONS else {"messages": [{"role": "user", "content": prompt}]}
             # sampled, not greedy: a random model's samples are full of byte tokens; the seed makes them repeatable
             body = {**base, "max_tokens": 32, "temperature": 1.0, "seed": 1000 * i + seed, "ignore_eos": True}
-            logprobs = {"logprobs": 0} if path == COMPLETIONS else {"logprobs": True}
-            full = client.post(path, json={**body, **logprobs}).json()["choices"][0]
-            if path == COMPLETIONS:
-                text, tokens = full["text"], full["logprobs"]["tokens"]
-            else:
-                text, tokens = full["message"]["content"], [t["token"] for t in full["logprobs"]["content"]]
+            text, tokens = text_and_tokens(client, path, body)
             seen_byte_tokens |= has_byte_pieces(tokens)
             pieces, _ = streamed_text(stream_events(client, body, path), chat=path == CHAT)
             assert "".join(pieces) == text, (pieces, text)
@@ -605,9 +609,7 @@ def test_11_unicode_echo_and_stop_string_stream_cleanly(server, client):
 
 @pytest.fixture(scope="module")
 def tiny_pool_server():
-    live = LiveServer(ServerConfig(), engine=dataclasses.replace(ENGINE, num_pages=5))
-    yield live
-    live.close()
+    yield from serving(LiveServer(ServerConfig(), engine=dataclasses.replace(ENGINE, num_pages=5)))
 
 
 @pytest.mark.parametrize("body", [
@@ -638,9 +640,7 @@ def test_15_requests_that_fit_alone_but_not_together_all_finish(tiny_pool_server
 
 @pytest.fixture(scope="module")
 def keyed_server():
-    live = LiveServer(ServerConfig(api_key="sekrit"))
-    yield live
-    live.close()
+    yield from serving(LiveServer(ServerConfig(api_key="sekrit")))
 
 
 GUARDED = [("POST", COMPLETIONS, {"prompt": "Hello", "max_tokens": 2}),
