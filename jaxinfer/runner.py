@@ -19,8 +19,9 @@ the batch either way.
 Static shape keys: the chunk bucket C (0: no prefill), the page-width bucket W
 of the block tables, whether prompt logprobs are computed and, when static, the
 rounds and `Passes`. `warmup()` compiles every shape the engine can meet (when
-static, for greedy and plain random sampling; the other samplers compile at
-first use); each compile is logged.
+static, for greedy and plain random sampling); `warmup_rest()` compiles the
+rest (the other samplers, prompt logprobs), in a background thread of the
+server; what neither has compiled compiles at first use. Each compile is logged.
 `JaxExecutor` adapts this runner to the scheduler's `Executor` seam.
 """
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import threading
 import time
 
 import jax
@@ -250,6 +252,7 @@ def _load_penalties(state: SlotState, slot, prompt_mask, counts) -> SlotState:
 
 IDLE_ANNOUNCE_SECONDS = 5.0  # an idle leader's no-op to the other processes, at most this often
 _EXECUTABLES: dict[tuple, object] = {}
+_COMPILING: dict[tuple, threading.Lock] = {}
 
 
 class ModelRunner:
@@ -284,18 +287,23 @@ class ModelRunner:
         key = (layout, self.engine.decode_steps, self.cfg, self.engine.attention_backend, self.engine.dtype,
                self.kv.k.shape, self.mesh.shape_tuple, tuple(self.mesh.device_ids.flat))
         if key not in _EXECUTABLES:
-            start = time.perf_counter()
-            width = sum(int(np.prod(shape)) for _, shape, _ in layout.fields)
-            packed = jax.ShapeDtypeStruct((self.shards, width), jnp.int32, sharding=NamedSharding(self.mesh, P("data")))
-            _EXECUTABLES[key] = _step.lower(
-                self.params, self.kv, self.state, packed, cfg=self.cfg, backend=self.engine.attention_backend,
-                layout=layout, max_steps=self.engine.decode_steps, mesh=self.mesh).compile()
-            took = time.perf_counter() - start
-            self.compile_seconds += took
-            log.info("compiled the step for %s in %.2fs (%d executables, %.1fs compiling in all)",
-                     _describe(layout), took, len(_EXECUTABLES), self.compile_seconds)
+            with _COMPILING.setdefault(key, threading.Lock()):  # one compile per shape, whichever thread asks
+                if key not in _EXECUTABLES:
+                    self._compile(key, layout)
         self._compiled.add(layout)
         return _EXECUTABLES[key]
+
+    def _compile(self, key: tuple, layout: Layout) -> None:
+        start = time.perf_counter()
+        width = sum(int(np.prod(shape)) for _, shape, _ in layout.fields)
+        packed = jax.ShapeDtypeStruct((self.shards, width), jnp.int32, sharding=NamedSharding(self.mesh, P("data")))
+        _EXECUTABLES[key] = _step.lower(
+            self.params, self.kv, self.state, packed, cfg=self.cfg, backend=self.engine.attention_backend,
+            layout=layout, max_steps=self.engine.decode_steps, mesh=self.mesh).compile()
+        took = time.perf_counter() - start
+        self.compile_seconds += took
+        log.info("compiled the step for %s in %.2fs (%d executables, %.1fs compiling in all)",
+                 _describe(layout), took, len(_EXECUTABLES), self.compile_seconds)
 
     def _plans(self, plan) -> list[StepPlan | None]:
         return list(plan) if isinstance(plan, (list, tuple)) else [plan]
@@ -407,7 +415,26 @@ class ModelRunner:
     def warmup(self, sampled: bool = True) -> None:
         """Compile every (chunk bucket, page width, decode bucket) a step can meet; prompt-logprob variants,
         and with static control flow the samplers other than greedy and plain random (or other than greedy
-        if not `sampled`), compile on first use."""
+        if not `sampled`), are left to `warmup_rest()` or to first use."""
+        for layout in self._shapes([Passes(), Passes(draw=True)][:1 + sampled], scored=(False,)):
+            self._executable(layout)
+        log.info("warm-up: %d executables compiled in %.1fs", self.num_compiles, self.compile_seconds)
+
+    def warmup_rest(self) -> None:
+        """Compile what `warmup()` left to first use: prompt logprobs, and with static control flow every
+        other sampler (penalties, top-k/top-p/min-p, logprobs) at every shape, the fewest passes first. Meant
+        for a background thread while the engine serves (`jaxinfer serve` starts one): a step whose shape
+        is still to come compiles it itself, and one whose shape is compiling waits for that compile only."""
+        start, before = time.perf_counter(), self.num_compiles
+        for passes in Passes.every() if self.engine.control_flow == "static" else [None]:
+            for layout in self._shapes([passes], scored=(False, True)):
+                self._executable(layout)
+        log.info("background warm-up: %d more executables compiled in %.1fs", self.num_compiles - before,
+                 time.perf_counter() - start)
+
+    def _shapes(self, samplers: list, scored: tuple[bool, ...]):
+        """The layouts of every step shape the engine can meet, for the given samplers (`Passes`; static
+        control flow) and prompt-logprob flags (chunk steps only)."""
         B, Z = self.local.max_slots, self.engine.page_size
         buckets = self.engine.prefill_buckets()
         shortest = dict(zip(buckets, (1,) + tuple(b + 1 for b in buckets)))  # fewest tokens that pad to C
@@ -415,18 +442,17 @@ class ModelRunner:
             for W in self.page_buckets:
                 if C and W * Z < shortest[C] and W != self.page_buckets[-1]:
                     continue  # no chunk padded to C ends this early
-                for static in self._static_variants(C, sampled):
-                    for R in (self.engine.decode_buckets or (B,)) if not C else (B,):
-                        self._executable(Layout.build(B, W, C, self.local.max_prefill_seqs, False, *static, R))
-        log.info("warm-up: %d executables compiled in %.1fs", self.num_compiles, self.compile_seconds)
+                for score in scored if C else (False,):
+                    for static in self._static_variants(C, samplers):
+                        for R in (self.engine.decode_buckets or (B,)) if not C else (B,):
+                            yield Layout.build(B, W, C, self.local.max_prefill_seqs, score, *static, R)
 
-    def _static_variants(self, C: int, sampled: bool) -> list[tuple[int | None, Passes | None]]:
-        """(rounds, passes) warm-up compiles for chunk bucket C: a prefill-only step (no rounds), then
-        greedy and (if `sampled`) plain random sampling at the step's rounds."""
+    def _static_variants(self, C: int, samplers: list) -> list[tuple[int | None, Passes | None]]:
+        """(rounds, passes) for chunk bucket C: a prefill-only step (no rounds), then each sampler at the
+        step's rounds; (None, None) alone with dynamic control flow."""
         if self.engine.control_flow != "static":
             return [(None, None)]
         rounds = 1 if C else self.engine.decode_steps
-        samplers = [Passes(), Passes(draw=True)][:1 + sampled]
         return ([(0, Passes())] if C else []) + [(rounds, passes) for passes in samplers]
 
 

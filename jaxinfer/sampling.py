@@ -70,6 +70,13 @@ class Passes:
         return cls(**{name: bool(rows.any()) for name, rows in _rows_needing(types.SimpleNamespace(**rows),
                                                                              vocab).items()})
 
+    @classmethod
+    def every(cls) -> list["Passes"]:
+        """Every combination a batch can need (a filter implies a draw), fewest passes first."""
+        flags = [(penalties, draw, draw and filter, logprobs) for penalties in (False, True) for draw in (False, True)
+                 for filter in (False, True) for logprobs in (False, True) if draw or not filter]
+        return sorted((cls(*f) for f in flags), key=lambda p: sum(dataclasses.astuple(p)))
+
     @property
     def code(self) -> int:
         """As one int, for announcing a step to other processes."""

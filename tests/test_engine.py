@@ -10,6 +10,8 @@ prefix cache: the module's own engine runs without one.
 import asyncio
 import dataclasses
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,9 @@ import pytest
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine.engine import Engine
 from jaxinfer.llm import LLM, SamplingParams
+import jaxinfer.runner as runner_module
 from jaxinfer.runner import step_fields
+from jaxinfer.sampling import Passes
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 ATOL = 1e-3  # logprobs from the step vs a separate scoring pass: the trained model's peaked logits differ by ~3e-4
@@ -98,7 +102,8 @@ def test_static_control_flow_gives_the_dynamic_outputs(llm):
     runner = static.engine.executor.runner
     assert runner.num_compiles == 7  # decode at 2 and 6 rows: greedy, random; chunk: no rounds, greedy, random
     rng = np.random.default_rng(7)
-    kinds = [GREEDY, dict(temperature=1.0), dict(temperature=0.8, top_p=0.9, logprobs=2, repetition_penalty=1.3)]
+    kinds = [GREEDY, dict(temperature=1.0),
+             dict(temperature=0.8, top_p=0.9, logprobs=2, repetition_penalty=1.3, prompt_logprobs=1)]
     requests = [(rng.integers(5, 4000, int(rng.integers(1, 50))).tolist(),
                  SamplingParams(max_tokens=int(rng.integers(1, 9)), seed=i, **{"ignore_eos": True, **kinds[i % 3]}))
                 for i in range(10)]
@@ -108,9 +113,37 @@ def test_static_control_flow_gives_the_dynamic_outputs(llm):
         assert out.outputs[0].token_ids == expected.token_ids, f"{params}"
         assert out.outputs[0].logprobs == expected.logprobs
     assert len({layout.passes for layout in runner._compiled}) == 3  # none, draw, every pass
+    assert any(layout.shape("next_tokens") is not None for layout in runner._compiled)  # prompt logprobs
+    rest = set(runner._shapes(Passes.every(), scored=(False, True)))  # what warmup_rest() compiles
+    assert runner._compiled <= rest
+    assert len(rest) == 2 * 12 + 2 * 13  # 2 decode buckets x 12 samplers; a chunk, with prompt logprobs or not,
+    # x (no rounds + 12 samplers)
     for layout in runner._compiled | llm.engine.executor.runner._compiled:  # as other processes rebuild them
         assert runner.layout_from(step_fields(layout)) == layout
     static.engine.check_idle()
+
+
+def test_a_shape_compiles_once_whichever_threads_ask(llm, monkeypatch):
+    """warmup_rest() in a background thread and the engine loop may want the same shape at once: it compiles
+    once, and the other callers wait for that compile."""
+    runner, compiled = llm.engine.executor.runner, []
+
+    def slow_compile(key, layout):
+        compiled.append(layout)
+        time.sleep(0.3)
+        runner_module._EXECUTABLES[key] = "compiled"
+
+    monkeypatch.setattr(runner_module, "_EXECUTABLES", dict(runner_module._EXECUTABLES))
+    monkeypatch.setattr(runner, "_compiled", set(runner._compiled))
+    monkeypatch.setattr(runner, "_compile", slow_compile)
+    layout = runner_module.Layout((("a shape nobody compiled", (1,), "int32"),))
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(runner._executable(layout))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert got == ["compiled"] * 3 and compiled == [layout]
 
 
 def test_preemption_keeps_outputs(llm):

@@ -57,6 +57,8 @@ class _Uvicorn(uvicorn.Server):
 
 
 def _load(server: Server, model, engine_config: EngineConfig, warmup: bool, step_log: str | None) -> None:
+    import jax
+
     from jaxinfer.llm import load_engine
     try:
         start = time.perf_counter()
@@ -76,6 +78,8 @@ def _load(server: Server, model, engine_config: EngineConfig, warmup: bool, step
         engine.start()
         server.ready(engine)
         log.info("ready: /health is 200 after %.1fs", time.perf_counter() - start)
+        if warmup and engine.cfg.control_flow == "static" and jax.process_count() == 1:
+            threading.Thread(target=runner.warmup_rest, name="jaxinfer-warmup-rest", daemon=True).start()
     except Exception:
         log.exception("loading the model failed")
         server.fail("loading failed")
