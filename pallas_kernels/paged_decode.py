@@ -9,11 +9,20 @@ runs on CPU with `interpret=True`. The pool is `[L, K, P, Z, H]`, viewed as rows
 of pages `[L*K*P, Z, H]` (a free reshape) so one layer's pages are read in place.
 
 `paged_decode_reference` is the plain-jnp statement of the same function.
+
+Tuning: on a GPU, a call that sets none of its knobs takes them from
+`tuned_paged_decode.json` (beside this file) when it holds a shape measured on this
+device kind within a factor of 2 of the call's batch and table width, the nearest
+one; `scripts/bench_attention.py --sweep --tune FILE` measures and writes them
+(as vLLM keeps its tuned kernel configs per device). Otherwise `_layout`'s rule.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +63,28 @@ def _kernel(layer_ref, length_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref,
     l_ref[...] = l
 
 
+TUNED = Path(__file__).with_name("tuned_paged_decode.json")
+KNOBS = ("num_splits", "block_keys", "num_warps", "num_stages")
+DEFAULT_BLOCK_KEYS = 64
+
+
+@functools.cache
+def _tuned_table(path: Path = TUNED) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def tuned_knobs(device_kind: str, batch: int, context: int, table: dict | None = None) -> dict:
+    """The measured fastest knobs for the nearest shape of `device_kind` within a factor of 2 in batch and
+    in context (tokens of table width), as {knob: value}; {} when none is that near."""
+    def distance(entry):
+        return abs(math.log2(entry["batch"] / batch)), abs(math.log2(entry["context"] / context))
+
+    near = [e for e in (table if table is not None else _tuned_table()).get(device_kind, [])
+            if max(distance(e)) <= 1]
+    best = min(near, key=lambda e: sum(distance(e)), default=None)
+    return {} if best is None else {knob: best[knob] for knob in KNOBS}
+
+
 def _layout(num_table_pages: int, page_size: int, num_splits: int | None, block_keys: int):
     """(pages per block, pages per split, splits): powers of two, a block at least 16 keys."""
     pages_per_block = max(1, block_keys // page_size)
@@ -82,15 +113,21 @@ def combine_splits(o, m, l):
 @functools.partial(jax.jit, static_argnames=("sliding_window", "num_splits", "block_keys", "num_warps", "num_stages",
                                              "interpret"))
 def paged_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, *,
-                           sliding_window: int | None = None, num_splits: int | None = None, block_keys: int = 64,
-                           num_warps: int | None = None, num_stages: int | None = None, interpret: bool = False):
+                           sliding_window: int | None = None, num_splits: int | None = None,
+                           block_keys: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                           interpret: bool = False):
     """q [B, N, H]; pools [L, K, P, Z, H]; layer int; block_tables [B, P']; lengths [B] -> [B, N, H].
 
-    `num_splits` (default: by the table's width), `block_keys` (keys per loop iteration, a power of two)
-    and Triton's `num_warps` / `num_stages` (default: its own) are tuning knobs with no effect on the
-    result beyond rounding; `scripts/bench_attention.py --sweep` times them on a GPU."""
+    `num_splits` (default: by the table's width), `block_keys` (keys per loop iteration, a power of two;
+    default 64) and Triton's `num_warps` / `num_stages` (default: its own) are tuning knobs with no effect
+    on the result beyond rounding; `scripts/bench_attention.py --sweep` times them on a GPU. With none
+    set, a GPU takes them from the tuned table when it has a near shape (see the module's doc)."""
     B, N, H = q.shape
     L, K, P, Z, _ = k_pool.shape
+    if not interpret and (num_splits, block_keys, num_warps, num_stages) == (None,) * 4:
+        tuned = tuned_knobs(jax.devices()[0].device_kind, B, block_tables.shape[1] * Z)
+        num_splits, block_keys, num_warps, num_stages = (tuned.get(knob) for knob in KNOBS)
+    block_keys = block_keys or DEFAULT_BLOCK_KEYS
     G = N // K
     Gp = max(16, pl.next_power_of_2(G))  # dot sides of at least 16
     per_block, per_split, splits = _layout(block_tables.shape[1], Z, num_splits, block_keys)

@@ -12,24 +12,28 @@ a tiny interpret-mode version (the numbers then mean nothing but that it runs).
 
 `--sweep` times our kernel alone over its tuning knobs (KV splits, keys per loop
 iteration, Triton warps and pipeline stages) at each batch x context asked for,
-and prints the fastest settings per shape against the default's time.
+and prints the fastest settings per shape against the default's time. With
+`--tune FILE` it also writes them, merged into the kernel's current table, as
+the table the kernel reads (copy FILE to pallas_kernels/tuned_paged_decode.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import itertools
 import json
 import math
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.paged_decode import paged_decode_attention, paged_decode_reference
+from pallas_kernels.paged_decode import KNOBS, TUNED, paged_decode_attention, paged_decode_reference
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -126,6 +130,19 @@ def sweep_shape(B, context, args, interpret: bool) -> list[dict]:
     return rows
 
 
+def tuned_table(rows: list[dict], device_kind: str, copy_gbs: float, current: dict) -> dict:
+    """`current` (the kernel's table) with this device kind's entries for the swept shapes replaced by
+    their fastest knobs."""
+    entries = {(e["batch"], e["context"]): e for e in current.get(device_kind, [])}
+    for shape in {(r["batch"], r["context"]) for r in rows}:
+        found = [r for r in rows if (r["batch"], r["context"]) == shape]
+        best, default = min(found, key=lambda r: r["ms"]), found[0]
+        entries[shape] = {"batch": shape[0], "context": shape[1], **{knob: best[knob] for knob in KNOBS},
+                          "ms": round(best["ms"], 4), "default_ms": round(default["ms"], 4),
+                          "copy_share": round(best["gbs"] / copy_gbs, 3), "date": datetime.date.today().isoformat()}
+    return {**current, device_kind: sorted(entries.values(), key=lambda e: (e["batch"], e["context"]))}
+
+
 def print_sweep(rows: list[dict], copy_gbs: float, best: int = 5) -> None:
     default = rows[0]
     print(f"\nbatch {default['batch']} x context {default['context']}: default {default['ms']:.3f} ms "
@@ -178,6 +195,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny interpret-mode run for machines without a GPU")
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--sweep", action="store_true", help="time our kernel's tuning knobs instead")
+    parser.add_argument("--tune", metavar="FILE", help="with --sweep: write the kernel's table with the fastest "
+                        "knobs per swept shape (merged into the current one) here")
     args = parser.parse_args()
     interpret = jax.default_backend() != "gpu"
     if args.smoke:
@@ -195,9 +214,13 @@ def main() -> None:
                 found = sweep_shape(B, ctx, args, interpret)
                 print_sweep(found, copy_gbs)
                 rows += found
+        kind = jax.devices()[0].device_kind
         if args.out:
             with open(args.out, "w") as f:
-                json.dump({"device": jax.devices()[0].device_kind, "copy_gbs": copy_gbs, "sweep": rows}, f, indent=1)
+                json.dump({"device": kind, "copy_gbs": copy_gbs, "sweep": rows}, f, indent=1)
+        if args.tune and rows:
+            current = json.loads(TUNED.read_text()) if TUNED.exists() else {}
+            Path(args.tune).write_text(json.dumps(tuned_table(rows, kind, copy_gbs, current), indent=1) + "\n")
         return
     print_header()
     rows = []

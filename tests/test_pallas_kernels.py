@@ -19,7 +19,7 @@ from jaxinfer.config import EngineConfig
 from jaxinfer.llm import LLM, SamplingParams
 from pallas_kernels.page_loop import page_loop_decode_attention, page_loop_prefill_attention
 from pallas_kernels.paged_reference import paged_attention_reference
-from pallas_kernels.paged_decode import paged_decode_attention, paged_decode_reference
+from pallas_kernels.paged_decode import paged_decode_attention, paged_decode_reference, tuned_knobs
 from pallas_kernels.ragged_prefill import ragged_prefill_attention, ragged_prefill_reference
 
 INTERPRET = jax.default_backend() != "gpu"  # scripts/gpu_check.sh runs these compiled on a GPU
@@ -77,6 +77,20 @@ def test_paged_decode_tuning_knobs_keep_the_result(block_keys, num_splits):
     out = paged_decode_attention(*args, num_splits=num_splits, block_keys=block_keys, num_warps=4, num_stages=2,
                                  interpret=INTERPRET)
     _assert_close(out, paged_decode_reference(*args), jnp.float32)
+
+
+def test_tuned_knobs_come_from_the_nearest_shape_within_a_factor_of_two():
+    knobs = dict(num_splits=None, num_warps=None, num_stages=None)
+    table = {"NVIDIA H200": [{"batch": 64, "context": 2048, **knobs, "block_keys": 128},
+                             {"batch": 256, "context": 8192, **knobs, "block_keys": 256}],
+             "NVIDIA H100": [{"batch": 64, "context": 2048, **knobs, "block_keys": 32}]}
+    keys = lambda kind, batch, context: tuned_knobs(kind, batch, context, table).get("block_keys")  # noqa: E731
+    assert keys("NVIDIA H200", 64, 2048) == 128 and keys("NVIDIA H100", 64, 2048) == 32
+    assert keys("NVIDIA H200", 128, 8192) == 256  # one doubling from 256 x 8192, two from 64 x 2048
+    assert keys("NVIDIA H200", 100, 3000) == 128
+    assert keys("NVIDIA H200", 256, 4096) == 256 and keys("NVIDIA H200", 32, 1024) == 128
+    assert tuned_knobs("NVIDIA H200", 16, 2048, table) == {} and tuned_knobs("NVIDIA H200", 64, 512, table) == {}
+    assert tuned_knobs("cpu", 64, 2048, table) == {}
 
 
 @pytest.mark.parametrize("dtype, Z, H, G, window", CASES + [(jnp.float32, 8, 64, 2, 3)])
