@@ -73,13 +73,17 @@ def _cycle(url: str, i: int) -> None:
                 return
 
 
+def _gauges(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics").text
+    return {name: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() for name in
+            ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
+            if line.startswith(f"jaxinfer:{name}{{")}
+
+
 def _settled(url: str) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        text = httpx.get(f"{url}/metrics").text
-        values = {name: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() for name in
-                  ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
-                  if line.startswith(f"jaxinfer:{name}{{")}
+        values = _gauges(url)
         if values == {"num_requests_running": 0, "num_requests_waiting": 0, "kv_cache_usage_perc": 0}:
             return
         time.sleep(0.05)
@@ -101,27 +105,32 @@ def test_memory_stays_flat_over_disconnect_cycles(process):
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_zero(process, step_log):
+    """Requests running and queued when SIGTERM comes all finish; meanwhile new ones get 503. (Six requests
+    of 120 tokens on 2 slots: the drain outlasts the checks even where one request takes 0.1 s.)"""
     proc, url, _ = process
-    results = {}
+    answers = []
 
-    def long_request():
-        results["answer"] = httpx.post(f"{url}/v1/completions", json={
-            "prompt": "Drain me", "max_tokens": 80, "temperature": 0, "ignore_eos": True}, timeout=120)
+    def long_request(i: int):
+        answers.append(httpx.post(f"{url}/v1/completions", json={
+            "prompt": f"Drain me {i}", "max_tokens": 120, "temperature": 0, "ignore_eos": True}, timeout=120))
 
-    worker = threading.Thread(target=long_request)
-    worker.start()
+    workers = [threading.Thread(target=long_request, args=(i,)) for i in range(6)]
+    for worker in workers:
+        worker.start()
     deadline = time.monotonic() + 30
-    while 'jaxinfer:num_requests_running{model_name="jaxinfer-default"} 1' not in httpx.get(f"{url}/metrics").text:
-        assert time.monotonic() < deadline, "the request never started"
-        time.sleep(0.02)
+    while _gauges(url)["num_requests_waiting"] < 3:  # two waves still to run after the running one
+        assert time.monotonic() < deadline, "the requests never queued"
+        time.sleep(0.01)
     proc.terminate()
-    time.sleep(0.3)
+    while httpx.get(f"{url}/health").status_code == 200:  # until the signal is handled
+        time.sleep(0.005)
     refused = httpx.post(f"{url}/v1/completions", json={"prompt": "Too late", "max_tokens": 2})
     assert refused.status_code == 503 and refused.json()["error"]["code"] == 503
     assert httpx.get(f"{url}/health").status_code == 503
-    worker.join(120)
-    assert results["answer"].status_code == 200
-    assert results["answer"].json()["usage"]["completion_tokens"] == 80
+    for worker in workers:
+        worker.join(120)
+    assert [a.status_code for a in answers] == [200] * 6
+    assert all(a.json()["usage"]["completion_tokens"] == 120 for a in answers)
     assert stop(proc) == 0
     log = proc.stderr.read()
     assert "warm-up:" in log and log.index("warm-up:") < log.index("ready:")
