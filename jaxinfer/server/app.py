@@ -4,8 +4,9 @@
 up), the health state and the number of sequences handed to the engine and not
 yet finished (the bound behind 429). `build_app(server)` is the Starlette app.
 The engine loop runs in its own thread; routes only call its thread-safe
-`add_request`, `abort`, `stats` and `reset_prefix_cache`. Every request's engine work is aborted when
-its response ends early (client gone, error), so pages never outlive a client.
+`add_request`, `abort`, `stats` and `reset_prefix_cache`. Every request's engine
+work is aborted when its response ends early (client gone, error), so pages
+never outlive a client.
 """
 
 from __future__ import annotations
