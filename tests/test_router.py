@@ -394,7 +394,8 @@ def test_other_routes_pass_through():
 
 
 def test_reset_prefix_cache_goes_to_every_healthy_replica():
-    """200 once every replica has reset; 409 naming the replica that refused while it had a request running."""
+    """200 once every replica has reset; 409 naming the replica that refused while it had a request running;
+    502 naming one that could not be reached (which leaves rotation)."""
     with fakes(0.0, 0.2) as (idle, slow), routing(idle.url, slow.url) as (router, url):
         assert httpx.post(f"{url}/reset_prefix_cache").status_code == 200
         assert (idle.resets, slow.resets) == (1, 1)
@@ -405,6 +406,12 @@ def test_reset_prefix_cache_goes_to_every_healthy_replica():
             refused = httpx.post(f"{url}/reset_prefix_cache")
         assert refused.status_code == 409 and f"{slow.url} (409)" in refused.json()["error"]["message"]
         assert idle.url not in refused.json()["error"]["message"] and (idle.resets, slow.resets) == (2, 1)
+    dead = f"http://127.0.0.1:{_free_port()}"
+    with fakes(0.0) as (fake,), routing(dead, fake.url, retry_dead_after=60) as (router, url):
+        router.replicas[dead].healthy = True  # died a moment ago, not yet noticed
+        unreachable = httpx.post(f"{url}/reset_prefix_cache")
+        assert unreachable.status_code == 502 and f"{dead} (502)" in unreachable.json()["error"]["message"]
+        assert fake.resets == 1 and not router.replicas[dead].healthy
 
 
 def test_api_key_guards_v1_and_the_replica_key_is_sent_on():
