@@ -73,7 +73,7 @@ class Passes:
     @classmethod
     def every(cls) -> list["Passes"]:
         """Every combination a batch can need (a filter implies a draw), fewest passes first."""
-        flags = [(penalties, draw, draw and filter, logprobs) for penalties in (False, True) for draw in (False, True)
+        flags = [(penalties, draw, filter, logprobs) for penalties in (False, True) for draw in (False, True)
                  for filter in (False, True) for logprobs in (False, True) if draw or not filter]
         return sorted((cls(*f) for f in flags), key=lambda p: sum(dataclasses.astuple(p)))
 

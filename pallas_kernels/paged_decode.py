@@ -69,8 +69,9 @@ DEFAULT_BLOCK_KEYS = 64
 
 
 @functools.cache
-def _tuned_table(path: Path = TUNED) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+def read_tuned() -> dict:
+    """The committed table: {device kind: [{batch, context, knob: value, ...}]}; {} if there is none."""
+    return json.loads(TUNED.read_text()) if TUNED.exists() else {}
 
 
 def tuned_knobs(device_kind: str, batch: int, context: int, table: dict | None = None) -> dict:
@@ -79,7 +80,7 @@ def tuned_knobs(device_kind: str, batch: int, context: int, table: dict | None =
     def distance(entry):
         return abs(math.log2(entry["batch"] / batch)), abs(math.log2(entry["context"] / context))
 
-    near = [e for e in (table if table is not None else _tuned_table()).get(device_kind, [])
+    near = [e for e in (table if table is not None else read_tuned()).get(device_kind, [])
             if max(distance(e)) <= 1]
     best = min(near, key=lambda e: sum(distance(e)), default=None)
     return {} if best is None else {knob: best[knob] for knob in KNOBS}

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.paged_decode import KNOBS, TUNED, paged_decode_attention, paged_decode_reference
+from pallas_kernels.paged_decode import KNOBS, paged_decode_attention, paged_decode_reference, read_tuned
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -219,8 +219,7 @@ def main() -> None:
             with open(args.out, "w") as f:
                 json.dump({"device": kind, "copy_gbs": copy_gbs, "sweep": rows}, f, indent=1)
         if args.tune and rows:
-            current = json.loads(TUNED.read_text()) if TUNED.exists() else {}
-            Path(args.tune).write_text(json.dumps(tuned_table(rows, kind, copy_gbs, current), indent=1) + "\n")
+            Path(args.tune).write_text(json.dumps(tuned_table(rows, kind, copy_gbs, read_tuned()), indent=1) + "\n")
         return
     print_header()
     rows = []

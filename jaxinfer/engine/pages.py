@@ -128,8 +128,7 @@ class PageAllocator:
     def reset_cache(self) -> None:
         """Forget every cached prefix; pages nobody holds become free. For when the pool's contents changed
         behind the allocator's back (hand-built steps that wrote KV into arbitrary pages)."""
-        for page in self._lru:
-            self._free.append(page)
+        self._free.extend(self._lru)
         self._lru.clear()
         self._hash_of.clear()
         self._page_of.clear()
