@@ -625,6 +625,47 @@ def test_shutdown_right_after_the_last_output_leaves_nothing_in_flight():
     engine.check_idle()
 
 
+class HeldExecutor(FakeExecutor):
+    """A fake device whose dispatch waits for `release`: the engine thread stays inside one step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def dispatch(self, plan):
+        self.entered.set()
+        self.release.wait(10)
+        return super().dispatch(plan)
+
+
+def test_a_reset_pending_at_shutdown_is_answered_at_once():
+    """A reset queued while the loop is inside a step, then a shutdown: the loop answers the reset as it
+    stops (here True: the held step finished the request), instead of leaving its caller to wait out the timeout. A reset
+    asked during the shutdown is refused, and one after it runs on the caller's thread."""
+    engine = make_engine(executor=HeldExecutor, decode_steps=8)
+    stream = engine.add_request([4, 5, 6], SamplingParams(max_tokens=1, seed=3, ignore_eos=True))
+    engine.start()
+    assert engine.executor.entered.wait(10)
+    answers = []
+    asking = threading.Thread(target=lambda: answers.append(engine.reset_prefix_cache(timeout=20)))
+    asking.start()
+    while engine._commands.empty():  # the reset is queued behind the held step
+        time.sleep(0.001)
+    stopping = threading.Thread(target=engine.shutdown)
+    stopping.start()
+    while not engine._stopping:
+        time.sleep(0.001)
+    assert engine.reset_prefix_cache(timeout=20) is False
+    started = time.monotonic()
+    engine.executor.release.set()
+    stopping.join(10)
+    asking.join(10)
+    assert answers == [True] and time.monotonic() - started < 5
+    assert list(stream)[-1].finished
+    assert engine.reset_prefix_cache() is True
+    engine.check_idle()
+
+
 class BrokenExecutor(FakeExecutor):
     def dispatch(self, plan):
         if len(self.dispatched) == 3:

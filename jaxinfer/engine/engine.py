@@ -343,7 +343,8 @@ class Engine:
             self._thread.start()
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
-        self._stopping = True
+        with self._lock:  # no reset is queued after this (see reset_prefix_cache)
+            self._stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -367,9 +368,13 @@ class Engine:
         if self._inflight is not None:  # read the step already dispatched: a shutdown leaves none half done
             self._process(*self._inflight)
             self._inflight = None
+        _, resets = self._drain_commands()  # requests added meanwhile wait for a restart
+        for done in resets:
+            done.set_result(self._reset_if_idle())
 
     def _fail_all(self, error: BaseException) -> None:
-        self.error = error
+        with self._lock:  # no reset is queued after this
+            self.error = error
         self._inflight = None
         while not self._commands.empty():
             kind, arg = self._commands.get()
@@ -403,16 +408,21 @@ class Engine:
 
     def reset_prefix_cache(self, timeout: float | None = 30.0) -> bool:
         """Forget every cached prefix (vLLM's `reset_prefix_cache`): False, and nothing done, while requests
-        are in the engine. Any thread may call it; with the loop in a background thread the loop does it
+        are in the engine or it shuts down. Any thread may call it; with the loop in a background thread the loop does it
         after its current step (waiting up to `timeout` seconds). Needed after anything dispatched on the
         runner besides this engine's own steps (the benchmark's bare steps), since those write KV into
         pages the cache may still name; also how a benchmark starts from a cold cache."""
-        if self.error is not None:
-            raise EngineError(f"the engine has stopped after an error: {self.error}")
-        if not self.running_in_background:
+        with self._lock:  # the loop answers every reset queued before it stops
+            if self.error is not None:
+                raise EngineError(f"the engine has stopped after an error: {self.error}")
+            if self._stopping:
+                return False
+            background = self.running_in_background
+            if background:
+                done = concurrent.futures.Future()
+                self._commands.put(("reset", done))
+        if not background:
             return self._commands.empty() and self._reset_if_idle()
-        done = concurrent.futures.Future()
-        self._commands.put(("reset", done))
         self._wake.set()
         return done.result(timeout)
 
