@@ -204,17 +204,24 @@ def test_disconnect_mid_stream_aborts_and_frees(live):
     serves_normally(live.url)
 
 
+async def _until(condition, failure: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        await asyncio.sleep(0.01)
+
+
 def test_disconnect_while_queued_and_while_waiting_for_a_whole_answer(live):
     async def scenario():
         async with httpx.AsyncClient(base_url=live.url, timeout=60) as http:
             hogs = [asyncio.create_task(http.post("/v1/completions", json={
-                "prompt": f"Hog {i}", "max_tokens": 200, "temperature": 0, "ignore_eos": True}))
+                "prompt": f"Hog {i}", "max_tokens": 360, "temperature": 0, "ignore_eos": True}))
                 for i in range(ENGINE.max_slots)]
-            await asyncio.sleep(0.5)
+            await _until(lambda: live.engine.stats().num_running == ENGINE.max_slots, "the hogs never all ran")
             queued = [asyncio.create_task(http.post("/v1/completions", json={
                 "prompt": f"Queued {i}", "max_tokens": 50, "stream": i % 2 == 0})) for i in range(4)]
-            await asyncio.sleep(1.0)
-            assert live.engine.stats().num_waiting >= 1  # the queued ones are waiting for a slot
+            await _until(lambda: live.engine.stats().num_waiting == 4, "the queued ones never waited for a slot")
+            assert not any(hog.done() for hog in hogs)
             for task in hogs + queued:
                 task.cancel()  # closes the connections: running and queued requests alike
             await asyncio.gather(*hogs, *queued, return_exceptions=True)
