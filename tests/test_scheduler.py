@@ -666,6 +666,26 @@ def test_a_reset_pending_at_shutdown_is_answered_at_once():
     engine.check_idle()
 
 
+def test_a_shutdown_that_times_out_still_stops_the_loop_after_its_step(caplog):
+    """shutdown(timeout) returning while the loop is inside a step must not leave the loop running: it ends
+    after that step, and a second shutdown() waits for it."""
+    engine = make_engine(executor=HeldExecutor)
+    stream = engine.add_request([4, 5, 6], SamplingParams(max_tokens=1, seed=3, ignore_eos=True))
+    engine.start()
+    assert engine.executor.entered.wait(10)
+    thread = engine._thread
+    engine.shutdown(timeout=0.05)
+    assert "still in a step" in caplog.text and thread.is_alive()
+    assert engine.reset_prefix_cache() is False  # still stopping: refused, not run beside the loop
+    engine.executor.release.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    engine.shutdown()
+    assert not engine.running_in_background and engine.reset_prefix_cache() is True
+    assert list(stream)[-1].finished
+    engine.check_idle()
+
+
 class BrokenExecutor(FakeExecutor):
     def dispatch(self, plan):
         if len(self.dispatched) == 3:

@@ -348,6 +348,9 @@ class Engine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():  # still inside a step: it stops after it (call shutdown again to wait)
+                log.warning("the engine loop is still in a step after %ss; it stops when that step ends", timeout)
+                return
             self._thread = None
         self._stopping = False
 
