@@ -640,8 +640,8 @@ class HeldExecutor(FakeExecutor):
 
 def test_a_reset_pending_at_shutdown_is_answered_at_once():
     """A reset queued while the loop is inside a step, then a shutdown: the loop answers the reset as it
-    stops (here True: the held step finished the request), instead of leaving its caller to wait out the timeout. A reset
-    asked during the shutdown is refused, and one after it runs on the caller's thread."""
+    stops (here True: the held step finished the request), instead of leaving its caller to wait out the
+    timeout. A reset asked during the shutdown is refused, and one after it runs on the caller's thread."""
     engine = make_engine(executor=HeldExecutor, decode_steps=8)
     stream = engine.add_request([4, 5, 6], SamplingParams(max_tokens=1, seed=3, ignore_eos=True))
     engine.start()

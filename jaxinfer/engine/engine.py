@@ -411,10 +411,10 @@ class Engine:
 
     def reset_prefix_cache(self, timeout: float | None = 30.0) -> bool:
         """Forget every cached prefix (vLLM's `reset_prefix_cache`): False, and nothing done, while requests
-        are in the engine or it shuts down. Any thread may call it; with the loop in a background thread the loop does it
-        after its current step (waiting up to `timeout` seconds). Needed after anything dispatched on the
-        runner besides this engine's own steps (the benchmark's bare steps), since those write KV into
-        pages the cache may still name; also how a benchmark starts from a cold cache."""
+        are in the engine or it shuts down. Any thread may call it; with the loop in a background thread the
+        loop does it after its current step (waiting up to `timeout` seconds). Needed after anything
+        dispatched on the runner besides this engine's own steps (the benchmark's bare steps), since those
+        write KV into pages the cache may still name; also how a benchmark starts from a cold cache."""
         with self._lock:  # the loop answers every reset queued before it stops
             if self.error is not None:
                 raise EngineError(f"the engine has stopped after an error: {self.error}")
