@@ -234,8 +234,7 @@ class Engine:
         if self._inflight is not None:
             outputs += self._process(*self._inflight)
         self._inflight = (plan, handle) if plan is not None else None
-        for done in resets:  # after the step, so that the last request's final step has been read
-            done.set_result(self._reset_if_idle())
+        self._answer(resets)  # after the step, so that the last request's final step has been read
         return outputs
 
     def _drain_commands(self) -> tuple[list[RequestOutput], list[concurrent.futures.Future]]:
@@ -371,9 +370,7 @@ class Engine:
         if self._inflight is not None:  # read the step already dispatched: a shutdown leaves none half done
             self._process(*self._inflight)
             self._inflight = None
-        _, resets = self._drain_commands()  # requests added meanwhile wait for a restart
-        for done in resets:
-            done.set_result(self._reset_if_idle())
+        self._answer(self._drain_commands()[1])  # requests added meanwhile wait for a restart
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:  # no reset is queued after this
@@ -428,6 +425,10 @@ class Engine:
             return self._commands.empty() and self._reset_if_idle()
         self._wake.set()
         return done.result(timeout)
+
+    def _answer(self, resets: list[concurrent.futures.Future]) -> None:
+        for done in resets:
+            done.set_result(self._reset_if_idle())
 
     def _reset_if_idle(self) -> bool:
         if self._requests or self._inflight is not None or self.scheduler.has_work():
