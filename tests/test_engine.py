@@ -123,6 +123,32 @@ def test_static_control_flow_gives_the_dynamic_outputs(llm):
     static.engine.check_idle()
 
 
+def _device_branching(executable) -> tuple[int, int]:
+    """(conditionals, while loops whose trip count XLA does not know) in a compiled step's HLO."""
+    lines = executable.as_text().splitlines()
+    whiles = [line for line in lines if " while(" in line]
+    return sum(" conditional(" in line for line in lines), sum("known_trip_count" not in w for w in whiles)
+
+
+def test_static_control_flow_compiles_no_device_branching(llm):
+    """Why static control flow exists: XLA:GPU makes the host wait for the device at every `conditional` and
+    every iteration of a `while` whose trip count it does not know. Statically compiled steps, every sampler
+    pass and prompt logprobs on, have neither (jnp attention here: on a GPU the attention loops are inside the
+    Pallas kernels); the dynamic steps have both, so the check can fail."""
+    every = Passes(penalties=True, draw=True, filter=True, logprobs=True)
+    for control_flow in ("static", "dynamic"):
+        engine = dataclasses.replace(llm.engine_config, control_flow=control_flow, attention_backend="reference",
+                                     max_model_len=32, decode_buckets=None)
+        runner = LLM(engine=engine, warmup=False).engine.executor.runner
+        layouts = list(runner._shapes([every], scored=(True,)))
+        assert len(layouts) == (3 if control_flow == "static" else 2)  # decode; chunk (+ its no-rounds step)
+        found = [_device_branching(runner._executable(layout)) for layout in layouts]
+        if control_flow == "static":
+            assert found == [(0, 0)] * len(layouts)
+        else:
+            assert all(conditionals > 0 and unknown > 0 for conditionals, unknown in found), found
+
+
 def test_a_shape_compiles_once_whichever_threads_ask(llm, monkeypatch):
     """warmup_rest() in a background thread and the engine loop may want the same shape at once: it compiles
     once, and the other callers wait for that compile."""
