@@ -149,25 +149,31 @@ class Engine:
         """Validate and queue a request (a string or token ids). Returns its stream, or its id when
         `stream=False` (outputs then come only from `step()`). Bad input raises ValueError
         (MemoryError if it could never fit in the KV pool) in the caller's thread."""
-        if self.error is not None:
-            raise EngineError(f"the engine has stopped after an error: {self.error}")
+        self._raise_if_failed()
         params = params or SamplingParams()
         text, ids, max_new = self.validate(prompt, params, priority)
-        with self._lock:
+        detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer else None
+                  for _ in range(params.n)]
+        eos = frozenset() if params.ignore_eos else self.eos_ids
+        with self._lock:  # a request is queued before a failure drains the queue, or refused after it
+            self._raise_if_failed()
             request_id = request_id or f"req-{next(self._ids)}"
             if request_id in self._known_ids:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._known_ids.add(request_id)
             seeds = self._seeds(params)
-        handle = RequestStream(request_id, self) if stream else None
-        eos = frozenset() if params.ignore_eos else self.eos_ids
-        seqs = [Sequence(request_id, i, list(ids), params, seeds[i], max_new, priority, eos) for i in range(params.n)]
-        detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer else None
-                  for _ in seqs]
-        request = _Request(request_id, text, ids, params, seqs, handle, detoks, [""] * params.n, time.monotonic())
-        self._commands.put(("add", request))
+            handle = RequestStream(request_id, self) if stream else None
+            seqs = [Sequence(request_id, i, list(ids), params, seeds[i], max_new, priority, eos)
+                    for i in range(params.n)]
+            request = _Request(request_id, text, ids, params, seqs, handle, detoks, [""] * params.n,
+                               time.monotonic())
+            self._commands.put(("add", request))
         self._wake.set()
         return handle if stream else request_id
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise EngineError(f"the engine has stopped after an error: {self.error}")
 
     def abort(self, request_id: str) -> None:
         """End a request wherever it is (queued, prefilling, decoding); unknown ids are ignored."""
@@ -259,8 +265,8 @@ class Engine:
         touched = {}
         for seq in self.scheduler.update(plan, result):
             request = self._requests.get(seq.request_id)
-            if request is None:
-                continue  # aborted while its step ran
+            if request is None or request.seqs[seq.index] is not seq:
+                continue  # ended while its step ran (its id may already name a new request)
             self._detokenize(request, seq)
             touched[request.request_id] = request
         # Requests without a stream (offline batches) only need their final output.
@@ -376,20 +382,22 @@ class Engine:
         with self._lock:  # no reset is queued after this
             self.error = error
         self._inflight = None
-        while not self._commands.empty():
+        failed, self._requests = list(self._requests.values()), {}
+        while not self._commands.empty():  # nothing is queued after this (see add_request)
             kind, arg = self._commands.get()
             if kind == "add":
-                self._requests[arg.request_id] = arg
+                failed.append(arg)  # never reached the scheduler
             elif kind == "reset":
                 arg.set_result(False)
-        for request in list(self._requests.values()):
-            for seq in request.seqs:
-                if not seq.finished:
-                    self.scheduler.finish(seq, "abort")
-            del self._requests[request.request_id]
+        for request in failed:
             if request.stream is not None:
                 request.stream.put(EngineError(f"request {request.request_id} failed: "
                                                f"{type(error).__name__}: {error}"))
+        try:  # the failed step may have left the scheduler half updated: the streams are told first
+            for seq in self.scheduler.running + self.scheduler.waiting:
+                self.scheduler.finish(seq, "abort")
+        except Exception:
+            log.exception("could not return every page after the failed step")
 
     # --- observability -------------------------------------------------------------------
 
@@ -413,8 +421,7 @@ class Engine:
         dispatched on the runner besides this engine's own steps (the benchmark's bare steps), since those
         write KV into pages the cache may still name; also how a benchmark starts from a cold cache."""
         with self._lock:  # the loop answers every reset queued before it stops
-            if self.error is not None:
-                raise EngineError(f"the engine has stopped after an error: {self.error}")
+            self._raise_if_failed()
             if self._stopping:
                 return False
             background = self.running_in_background
