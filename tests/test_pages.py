@@ -54,8 +54,8 @@ def test_shared_page_reference_counts():
 
 
 def test_match_stops_at_first_miss_and_respects_caching_flag():
-    """Only the longest cached prefix matches; a duplicate page stays unnamed; with caching off nothing
-    is ever matched."""
+    """Only the longest cached prefix matches; a duplicate page stays unnamed; with caching off a named page
+    is shared only while someone holds it, and forgets its name when freed."""
     allocator = PageAllocator(8)
     pages, hashes = _cached_pages(allocator, 3, [1, 2, 3, 4, 5, 6])
     other = chain_hashes([1, 2, 9, 9, 5, 6], 2)
@@ -67,9 +67,13 @@ def test_match_stops_at_first_miss_and_respects_caching_flag():
 
     off = PageAllocator(8, enable_prefix_caching=False)
     pages, hashes = _cached_pages(off, 2, [1, 2, 3, 4])
-    assert off.match(hashes) == []
+    assert off.match(hashes) == pages  # held: shared (n > 1 siblings)
     off.free(pages)
-    assert off.num_cached_idle == 0 and off.num_free == 7
+    assert off.match(hashes) == pages  # still held once
+    off.free(pages)
+    off.free(pages)
+    assert off.num_cached_idle == 0 and off.num_free == 7 and off.match(hashes) == []
+    off.check()
 
 
 def test_lru_evicts_oldest_idle_pages_only_when_free_pages_run_out():

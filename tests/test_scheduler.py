@@ -141,7 +141,7 @@ def _add(engine, arrival):
     """Add a drawn request; returns its id, or None when it was refused (as it must be iff it can never fit)."""
     cfg, p = engine.cfg, arrival.params
     max_new = min(p.max_tokens or cfg.max_model_len, cfg.max_model_len - len(arrival.prompt))
-    fits = pages_for(len(arrival.prompt) + max_new, cfg.page_size) <= cfg.num_pages - 1
+    fits = pages_for(len(arrival.prompt) + max_new - 1, cfg.page_size) <= cfg.num_pages - 1  # no KV for the last
     try:
         request_id = engine.add_request(arrival.prompt, p, priority=arrival.priority, stream=False)
     except MemoryError:
@@ -211,7 +211,7 @@ def test_repeated_prefix_is_served_from_cache():
             assert finals[ids[-1]].outputs[0].token_ids == expected(engine, prompt, params)
         stats = engine.stats()
         computed[caching] = stats.prefill_tokens_computed
-        assert stats.prefix_cache_queries == 27 + 26
+        assert stats.prefix_cache_queries == (27 + 26 if caching else 0)  # vLLM counts lookups only
         assert stats.prefix_cache_hits == (24 if caching else 0)
         assert finals[ids[1]].num_cached_tokens == (24 if caching else 0)
     assert computed[True] == computed[False] - 24
@@ -253,18 +253,21 @@ def test_preemption_under_a_tiny_pool():
 
 def test_request_too_big_for_the_pool_is_refused_and_engine_keeps_serving():
     """A request whose prompt plus max_tokens cannot fit in the whole pool is refused at add_request with a
-    MemoryError naming the sizes, while a running request and one that exactly fits are served."""
+    MemoryError naming the sizes, while a running request and one that exactly fits are served: the last
+    sampled token's KV is never written, so 10 + 11 tokens fit in 20 slots of KV."""
     engine = make_engine(page_size=4, num_pages=6, max_model_len=64)  # 5 usable pages: 20 tokens
     params = SamplingParams(max_tokens=10, seed=3, ignore_eos=True)
     request_id = engine.add_request(list(range(10)), params, stream=False)
     engine.step()
-    with pytest.raises(MemoryError, match=r"10 prompt tokens \+ 11 new tokens needs 6 KV pages of 4 tokens; "
+    with pytest.raises(MemoryError, match=r"10 prompt tokens \+ 12 new tokens needs 6 KV pages of 4 tokens; "
                                           r"the whole pool has 5"):
-        engine.add_request(list(range(10)), SamplingParams(max_tokens=11))
-    full = engine.add_request(list(range(10)), dataclasses.replace(params, seed=4), stream=False)
+        engine.add_request(list(range(10)), SamplingParams(max_tokens=12))
+    fits = dataclasses.replace(params, seed=4, max_tokens=11)
+    full = engine.add_request(list(range(10)), fits, stream=False)
     finals = run(engine)
-    assert finals[full].outputs[0].token_ids == expected(engine, list(range(10)), dataclasses.replace(params, seed=4))
+    assert finals[full].outputs[0].token_ids == expected(engine, list(range(10)), fits)
     assert finals[request_id].outputs[0].token_ids == expected(engine, list(range(10)), params)
+    engine.check_idle()
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -323,10 +326,12 @@ def test_lower_priority_value_is_admitted_first():
     assert admitted == sorted(order, key=lambda rid: (order[rid], int(rid.split("-")[1])))
 
 
-def test_siblings_share_prompt_pages_and_differ_by_seed():
-    """n=3: the siblings hold the same pages for the prompt's full pages (counted as prefix hits), and each
-    produces its own seeded continuation."""
-    engine = make_engine(max_slots=4, page_size=4, prefill_chunk=16)
+@pytest.mark.parametrize("caching", [True, False])
+def test_siblings_share_prompt_pages_and_differ_by_seed(caching):
+    """n=3: the siblings hold the same pages for the prompt's full pages (counted as prefix hits when the
+    prefix cache is on; shared all the same when it is off), and each produces its own seeded continuation.
+    A request with prompt logprobs, which skips the cache, is no lookup."""
+    engine = make_engine(max_slots=4, page_size=4, prefill_chunk=16, enable_prefix_caching=caching)
     prompt = prompts(1, 13)[0]  # 12 tokens before the last: 3 full pages
     params = SamplingParams(n=3, max_tokens=8, seed=42, ignore_eos=True)
     request_id = engine.add_request(prompt, params, stream=False)
@@ -341,10 +346,16 @@ def test_siblings_share_prompt_pages_and_differ_by_seed():
             shared = shared or all(seq.pages[:3] == running[0].pages[:3] for seq in running)
     engine.check_idle()
     assert shared
-    assert engine.stats().prefix_cache_hits == 2 * 12
+    stats = engine.stats()
+    assert stats.prefill_tokens_computed == 13 + 2 * 1
+    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == ((3 * 13, 2 * 12) if caching else (0, 0))
     outputs = [c.token_ids for c in finals[request_id].outputs]
     assert outputs == [expected(engine, prompt, params, i) for i in range(3)]
     assert len({tuple(o) for o in outputs}) == 3
+    engine.add_request(prompt, SamplingParams(max_tokens=2, prompt_logprobs=1), stream=False)
+    run(engine)
+    assert engine.stats().prefix_cache_queries == stats.prefix_cache_queries
+    engine.check_idle()
 
 
 def _seed_where(predicate, prompt, vocab, stops, limit=2000):
@@ -437,6 +448,29 @@ def _stop_case(tokenizer, seed=2):
             if text.find(stop) == at:
                 return prompt, params, tokens, text, k, at, stop
     raise AssertionError("no token boundary to put a stop string on")
+
+
+def test_an_id_reused_at_once_gets_none_of_the_old_requests_tokens(tokenizer):
+    """A request ends on a stop token while its next step is already dispatched; its id, free again, names a
+    new request at once. Reading that in-flight step must not hand the old sequence's tokens and text to the
+    new request (it did: the new text began with the old one's)."""
+    engine = make_engine(vocab=tokenizer.vocab_size, eos=(), tokenizer=tokenizer, decode_steps=1)
+    prompt = tokenizer.encode("Once upon a time")
+    old = fake_continuation(prompt, 20, _seed32(1, 0), tokenizer.vocab_size)
+    engine.add_request(prompt, SamplingParams(max_tokens=20, seed=1, stop_token_ids=[old[3]]), request_id="r")
+    while not any(out.finished for out in engine.step()):
+        pass
+    assert engine.has_work()  # the surplus step is still to be read
+    stream = engine.add_request(prompt, SamplingParams(max_tokens=6, seed=2), request_id="r")
+    while engine.has_work():
+        engine.step()
+    engine.check_idle()
+    new = fake_continuation(prompt, 6, _seed32(2, 0), tokenizer.vocab_size)
+    streamed = [out.outputs[0] for out in stream]
+    assert streamed[-1].token_ids == new
+    assert streamed[-1].text == "".join(_pieces(tokenizer, prompt, new))
+    assert all(new[:len(out.token_ids)] == out.token_ids and streamed[-1].text.startswith(out.text)
+               for out in streamed)
 
 
 @pytest.mark.parametrize("decode_steps, include", [(1, False), (1, True), (4, False)])
@@ -706,3 +740,40 @@ def test_a_failed_step_fails_every_stream():
     engine.check_idle()
     with pytest.raises(EngineError, match="stopped after an error"):
         engine.add_request([1, 2])
+
+
+class HeldBrokenExecutor(HeldExecutor):
+    def dispatch(self, plan):
+        if len(self.dispatched) < 2:
+            return FakeExecutor.dispatch(self, plan)
+        super().dispatch(plan)  # held until released
+        raise RuntimeError("device lost")
+
+
+def test_a_request_queued_while_a_step_fails_gets_the_error_too():
+    """A request added while the failing step runs never reaches the scheduler: its stream still raises
+    EngineError (it used to hang, the loop dying on it), and the pages of the running one are released."""
+    engine = make_engine(executor=HeldBrokenExecutor)
+    running = engine.add_request(prompts(1, 6)[0], SamplingParams(max_tokens=20, seed=1, ignore_eos=True))
+    engine.start()
+    assert engine.executor.entered.wait(10)
+    queued = engine.add_request(prompts(1, 6, seed=3)[0], SamplingParams(max_tokens=20, seed=2, ignore_eos=True))
+    engine.executor.release.set()
+    errors = {}
+
+    def read(name, stream):
+        try:
+            list(stream)
+        except EngineError as error:
+            errors[name] = str(error)
+
+    readers = [threading.Thread(target=read, args=item, daemon=True) for item in
+               (("running", running), ("queued", queued))]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(10)  # not forever: the queued stream used to hang
+    assert sorted(errors) == ["queued", "running"]
+    assert all("RuntimeError: device lost" in error for error in errors.values())
+    engine.shutdown()
+    engine.check_idle()

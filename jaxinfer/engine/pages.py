@@ -7,7 +7,10 @@ sequence ever owns it. A page is in exactly one of three states:
 - cached: reference count 0 but holding a full page of a known prefix, kept in
   least-recently-used order and evicted only when a fresh page is needed.
 A full page is named by a chained hash of every token up to its end, so two
-sequences with the same first N pages of tokens share those N pages.
+sequences with the same first N pages of tokens share those N pages. With the
+prefix cache off, names still let sequences share pages while some sequence holds
+them (the n > 1 siblings of one request, whose names the scheduler salts with the
+request), but an unreferenced page forgets its name and is free.
 Host code only; no JAX.
 """
 
@@ -37,7 +40,7 @@ def chain_hashes(tokens, page_size: int, parent: bytes = b"") -> list[bytes]:
 
 
 class PageAllocator:
-    """Reference-counted pages with an optional prefix cache (`enable_prefix_caching`)."""
+    """Reference-counted pages, shared by name; `enable_prefix_caching` keeps named pages nobody holds."""
 
     def __init__(self, num_pages: int, enable_prefix_caching: bool = True):
         if num_pages < 2:
@@ -89,16 +92,16 @@ class PageAllocator:
             if self._refs[page] < 0:
                 raise AssertionError(f"page {page} freed more often than it was taken")
             if self._refs[page] == 0:
+                if page in self._hash_of and not self.caching:
+                    del self._page_of[self._hash_of.pop(page)]
                 if page in self._hash_of:
                     self._lru[page] = None
                 else:
                     self._free.append(page)
 
     def match(self, hashes: list[bytes]) -> list[int]:
-        """The cached pages of the longest prefix of `hashes`, each now referenced once more."""
+        """The named pages of the longest prefix of `hashes`, each now referenced once more."""
         pages = []
-        if not self.caching:
-            return pages
         for h in hashes:
             page = self._page_of.get(h)
             if page is None:
@@ -113,14 +116,14 @@ class PageAllocator:
     def cached_prefix(self, hashes: list[bytes]) -> int:
         """How many leading pages of `hashes` are cached, without taking them (placement decisions)."""
         count = 0
-        while self.caching and count < len(hashes) and hashes[count] in self._page_of:
+        while count < len(hashes) and hashes[count] in self._page_of:
             count += 1
         return count
 
     def register(self, page: int, page_hash: bytes) -> None:
         """Record that `page` (in use) holds the full page named `page_hash`. A page whose content
         is already cached elsewhere stays unnamed: the first copy keeps serving hits."""
-        if not self.caching or page in self._hash_of or page_hash in self._page_of:
+        if page in self._hash_of or page_hash in self._page_of:
             return
         self._hash_of[page] = page_hash
         self._page_of[page_hash] = page

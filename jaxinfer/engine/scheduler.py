@@ -151,8 +151,9 @@ class Scheduler:
     # --- requests in and out -------------------------------------------------------------
 
     def check_fits(self, prompt_len: int, max_new: int) -> None:
-        """Refuse what could never run: the pool must hold the whole sequence alone."""
-        need, capacity = pages_for(prompt_len + max_new, self.cfg.page_size), self.pages.num_pages - 1
+        """Refuse what could never run: the pool must hold the whole sequence alone (but its last sampled
+        token, whose KV is never written)."""
+        need, capacity = pages_for(prompt_len + max_new - 1, self.cfg.page_size), self.pages.num_pages - 1
         if need > capacity:
             raise MemoryError(f"a request of {prompt_len} prompt tokens + {max_new} new tokens needs {need} KV "
                               f"pages of {self.cfg.page_size} tokens; the whole pool has {capacity}")
@@ -301,7 +302,8 @@ class Scheduler:
             return None
         seq = self.waiting[0]
         known = seq.all_ids
-        hashes = chain_hashes(known[:-1], self.cfg.page_size)  # the last token is always computed
+        root = self._hash_root(seq)  # names for the full pages before the last token, which is always computed
+        hashes = [] if root is None else chain_hashes(known[:-1], self.cfg.page_size, root)
         # Prompt logprobs need the logits of every prompt position: such requests compute all.
         cached = self.pages.match(hashes) if seq.params.prompt_logprobs is None else []
         need = pages_for(len(known), self.cfg.page_size) - len(cached)
@@ -316,18 +318,19 @@ class Scheduler:
         seq.hashes = hashes[:len(cached)]
         seq.num_computed = len(cached) * self.cfg.page_size
         self._set_rows(seq)
-        self._count_admission(seq, len(hashes), len(cached))
+        self._count_admission(seq, len(cached))
         self.prefilling = seq
         return seq
 
-    def _count_admission(self, seq: Sequence, queried_pages: int, hit_pages: int) -> None:
+    def _count_admission(self, seq: Sequence, hit_pages: int) -> None:
         if seq.first_scheduled is not None:
             return  # a resumed sequence: counted when it first arrived
         seq.first_scheduled = self.clock()
         seq.num_cached_tokens = hit_pages * self.cfg.page_size
         self.counters.prompt_tokens += len(seq.prompt_ids)
-        self.counters.prefix_queries += len(seq.prompt_ids)
-        self.counters.prefix_hits += seq.num_cached_tokens
+        if self.pages.caching and seq.params.prompt_logprobs is None:  # a lookup in the prefix cache (vLLM)
+            self.counters.prefix_queries += len(seq.prompt_ids)
+            self.counters.prefix_hits += seq.num_cached_tokens
 
     def _set_rows(self, seq: Sequence) -> None:
         for name in SAMPLING_FIELDS:
@@ -342,13 +345,21 @@ class Scheduler:
         """Name every page whose tokens are known and whose KV is (being) computed."""
         limit = min(seq.num_known, seq.num_computed)
         full = limit // self.cfg.page_size
-        if full <= len(seq.hashes) or not self.pages.caching:
+        root = self._hash_root(seq)
+        if full <= len(seq.hashes) or root is None:
             return
-        parent = seq.hashes[-1] if seq.hashes else b""
+        parent = seq.hashes[-1] if seq.hashes else root
         start = len(seq.hashes) * self.cfg.page_size
         seq.hashes += chain_hashes(seq.all_ids[start:full * self.cfg.page_size], self.cfg.page_size, parent)
         for i in range(start // self.cfg.page_size, full):
             self.pages.register(seq.pages[i], seq.hashes[i])
+
+    def _hash_root(self, seq: Sequence) -> bytes | None:
+        """Where the chain of a sequence's page names starts: shared by every request with the prefix cache
+        on; with it off, the request's own, so that only its n > 1 siblings share pages; None: no names."""
+        if self.pages.caching:
+            return b""
+        return f"request {seq.request_id}".encode() if seq.params.n > 1 else None
 
     def _build_plan(self, steps: dict[int, int], prefills: list[PrefillChunk]) -> StepPlan:
         B = self.cfg.max_slots
