@@ -314,6 +314,9 @@ class EngineConfig:
         backend = self.attention_backend
         if backend == "auto":
             backend = "pallas" if platform == "gpu" else "xla"
+        if backend == "pallas" and self.page_size & (self.page_size - 1):
+            raise ConfigError(f"the Pallas attention kernels need a power-of-two page_size, got {self.page_size} "
+                              "(attention_backend 'xla' or 'reference' take any)")
         packed = self.max_prefill_seqs or default_prefill_seqs(backend)
         control = self.control_flow
         if control == "auto":

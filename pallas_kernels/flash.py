@@ -25,6 +25,13 @@ def kernel_dot(a, b, trans_b=False):
     return plgpu.dot(a, b, trans_b=trans_b, allow_tf32=False if exact else None)
 
 
+def check_power_of_two(**sizes: int) -> None:
+    """Triton's blocks have power-of-two element counts, and the kernels' page arithmetic assumes them."""
+    for name, size in sizes.items():
+        if size < 1 or size & (size - 1):
+            raise ValueError(f"the Pallas attention kernels need a power-of-two {name}, got {size}")
+
+
 def initial_carry(rows: int, head_dim: int):
     """(output sum [M, H], running max [M], running denominator [M]) before any key."""
     return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), NEG_INF, jnp.float32),
@@ -37,9 +44,12 @@ def read_pages(k_ref, v_ref, page_rows):
     return k_ref[page_rows].reshape(size, k_ref.shape[2]), v_ref[page_rows].reshape(size, v_ref.shape[2])
 
 
-def attend_block(carry, q, k, v, valid, scale: float):
-    """One block of flash attention: q [M, H], k and v [S, H], valid [M, S] -> new (o, m, l)."""
+def attend_block(carry, q, k, v, valid, live_keys, scale: float):
+    """One block of flash attention: q [M, H], k and v [S, H], valid [M, S] -> new (o, m, l). The values of
+    keys outside `live_keys` [S] (past the sequence) count as 0, whatever a recycled page's tail holds: a
+    masked key weighs 0, and 0 x inf is NaN (vLLM's paged kernels zero them for the same reason)."""
     o, m, l = carry
+    v = jnp.where(jnp.broadcast_to(live_keys[:, None], v.shape), v, jnp.zeros_like(v))
     logits = jnp.where(valid, kernel_dot(q, k, trans_b=True) * scale, NEG_INF)
     m_new = jnp.maximum(m, logits.max(axis=-1))
     correction = jnp.exp(m - m_new)

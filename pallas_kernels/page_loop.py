@@ -53,10 +53,10 @@ def page_loop_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, 
         index = lax.dynamic_slice_in_dim(by_page, i * I, I)  # the work items this iteration reads
         r, c, live, ids = row[index], col[index], item_live[index], page_ids[index]
         k = k_pool[layer, :, ids].astype(jnp.float32)  # [I, K, Z, H]
-        v = v_pool[layer, :, ids].astype(jnp.float32)
         s = jnp.einsum("IKGH,IKZH->IKGZ", qg[r], k, precision=lax.Precision.HIGHEST)
         key_pos = c[:, None] * Z + jnp.arange(Z)
         visible = live[:, None] & (key_pos < lengths[r][:, None]) & (key_pos >= first[r][:, None])  # [I, Z]
+        v = _zero_unseen(v_pool[layer, :, ids].astype(jnp.float32), visible[:, None, :, None], v_pool.dtype)
         s = jnp.where(visible[:, None, None], s, -jnp.inf)
         m = s.max(axis=-1)
         p = jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m)[..., None])  # nothing visible: exp() of -inf, not NaN
@@ -74,6 +74,15 @@ def page_loop_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, 
     acc = combine(jax.ops.segment_sum, acc * weight[..., None])
     out = acc / jnp.where(l == 0, 1.0, l)[..., None]
     return out.reshape(B, N, H).astype(q.dtype)
+
+
+def _zero_unseen(v, seen, pool_dtype):
+    """`v` with the values of keys no query sees set to 0, for float16 pools. A recycled page's tail can hold
+    an earlier request's overflow, inf, and a masked key's weight 0 times inf is NaN. Only float16 overflows
+    in practice (bfloat16 and float32 reach 3e38), and the select costs the CPU decode loop about 17%
+    (docs/benchmarks.md), so other dtypes skip it. The Pallas kernels always zero them (vLLM's kernels do
+    too): on a GPU the select is free beside the loads."""
+    return jnp.where(seen, v, 0.0) if pool_dtype == jnp.float16 else v
 
 
 def _work_items(lengths, first, Z: int, W: int, extra: int):
@@ -103,7 +112,8 @@ def page_loop_prefill_attention(q, k_pool, v_pool, layer, block_tables, position
     valid = positions >= 0
     first = 0 if sliding_window is None else jnp.maximum(positions - sliding_window + 1, 0)
     start = jnp.min(jnp.where(valid, first, jnp.iinfo(jnp.int32).max)) // S
-    end = jnp.minimum((jnp.max(jnp.where(valid, positions, -1)) + S) // S, blocks)
+    last = jnp.max(jnp.where(valid, positions, -1), axis=1)  # [B]: each row's furthest query
+    end = jnp.minimum((jnp.max(last) + S) // S, blocks)
 
     def block(i, carry):
         m, l, acc = carry
@@ -112,6 +122,7 @@ def page_loop_prefill_attention(q, k_pool, v_pool, layer, block_tables, position
                 for pool in (k_pool, v_pool))
         s = jnp.einsum("BKGTH,BKSH->BKGTS", qg, k, precision=lax.Precision.HIGHEST)
         key_pos = i * S + jnp.arange(S)
+        v = _zero_unseen(v, (key_pos <= last[:, None])[:, None, :, None], v_pool.dtype)
         visible = valid[:, :, None] & (key_pos <= positions[:, :, None])  # [B, T, S]
         if sliding_window is not None:
             visible &= positions[:, :, None] - key_pos < sliding_window

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash import attend_block, initial_carry, read_pages
+from pallas_kernels.flash import attend_block, check_power_of_two, initial_carry, read_pages
 from pallas_kernels.paged_reference import paged_attention_reference
 
 def _kernel(layer_ref, length_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
@@ -55,7 +55,7 @@ def _kernel(layer_ref, length_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref,
         valid = key_pos < length
         if sliding_window is not None:
             valid &= key_pos > length - 1 - sliding_window
-        return attend_block(carry, q, k, v, jnp.broadcast_to(valid[None, :], (q.shape[0], block_k)), scale)
+        return attend_block(carry, q, k, v, jnp.broadcast_to(valid[None, :], (q.shape[0], block_k)), valid, scale)
 
     o, m, l = jax.lax.fori_loop(start_block, num_blocks, body, initial_carry(q.shape[0], head_dim))
     o_ref[...] = o
@@ -129,6 +129,7 @@ def paged_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, *,
         tuned = tuned_knobs(jax.devices()[0].device_kind, B, block_tables.shape[1] * Z)
         num_splits, block_keys, num_warps, num_stages = (tuned.get(knob) for knob in KNOBS)
     block_keys = block_keys or DEFAULT_BLOCK_KEYS
+    check_power_of_two(page_size=Z, block_keys=block_keys)
     G = N // K
     Gp = max(16, pl.next_power_of_2(G))  # dot sides of at least 16
     per_block, per_split, splits = _layout(block_tables.shape[1], Z, num_splits, block_keys)

@@ -2,7 +2,9 @@
 
 Queries of any shape `[B, T]` (decode: T=1; a prefill chunk: B=1) attend to the
 keys their sequence has in the page pool, read through the block tables; the
-chunk's own keys must already be written. Padding queries have position -1.
+chunk's own keys must already be written. Padding queries have position -1 and
+give 0. Keys no query can see add nothing, whatever their page holds (a recycled
+page's tail may hold inf, and 0 x inf is NaN).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.flash import f32_operands
 
-_MASKED = -1e30  # finite, so a fully masked (padding) row gives a finite mean instead of NaN
+_MASKED = -1e30  # finite, so a fully masked (padding) row's softmax is not NaN
 
 
 def gather_pages(pool: jax.Array, layer: jax.Array, block_tables: jax.Array) -> jax.Array:
@@ -46,6 +48,8 @@ def paged_attention_reference(q, k_pool, v_pool, layer, block_tables, positions,
     mask = attention_mask(positions, k.shape[2], sliding_window)
     scores = jnp.where(mask[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    v = jnp.where(mask.any(axis=1)[:, None, :, None], v, 0)
     out = jnp.einsum("BKGTS,BKSH->BTKGH", *f32_operands(probs, v), preferred_element_type=jnp.float32,
                      precision=jax.lax.Precision.HIGHEST)
+    out = jnp.where(mask.any(axis=2)[:, :, None, None, None], out, 0)  # a query that sees no key
     return out.reshape(B, T, N, H).astype(q.dtype)

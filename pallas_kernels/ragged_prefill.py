@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash import attend_block, initial_carry, read_pages
+from pallas_kernels.flash import attend_block, check_power_of_two, initial_carry, read_pages
 from pallas_kernels.paged_reference import paged_attention_reference
 
 
@@ -49,7 +49,7 @@ def _kernel(layer_ref, q_len_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, o_
         valid = key_pos[None, :] <= row_pos[:, None]
         if sliding_window is not None:
             valid &= key_pos[None, :] > row_pos[:, None] - sliding_window
-        return attend_block(carry, q, k, v, valid, scale)
+        return attend_block(carry, q, k, v, valid, key_pos <= last_pos, scale)
 
     o, _, l = jax.lax.fori_loop(start_block, num_blocks, body, initial_carry(rows, head_dim))
     o_ref[...] = (o / jnp.where(l == 0, 1.0, l)[:, None]).astype(o_ref.dtype)
@@ -82,6 +82,7 @@ def ragged_prefill_attention(q, k_pool, v_pool, layer, block_tables, cu_q_lens, 
     Tokens past cu_q_lens[-1] are padding and come back as 0."""
     T, N, H = q.shape
     L, K, P, Z, _ = k_pool.shape
+    check_power_of_two(page_size=Z)
     G = N // K
     Gp = pl.next_power_of_2(G)
     block_q = block_q or max(1, 64 // Gp)

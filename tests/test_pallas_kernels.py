@@ -64,6 +64,79 @@ def test_paged_decode_matches_reference(dtype, Z, H, G, window):
     assert not np.asarray(out[0], np.float32).any(), "an empty slot attends to nothing"
 
 
+@pytest.mark.parametrize("dtype, window", [(jnp.float32, None), (jnp.bfloat16, 19), (jnp.float32, 40),
+                                           (jnp.bfloat16, None)])
+def test_paged_decode_long_context_splits_blocks_and_window(dtype, window):
+    """16-page tables: four splits of two loop iterations each, lengths on both sides of the splits' edges
+    (combined by log-sum-exp), and windows that skip whole blocks of a split or whole splits."""
+    rng = np.random.RandomState(3)
+    Z, H, G, width = 8, 64, 2, 16
+    shape = (1, KV_HEADS, 40, Z, H)
+    k_pool, v_pool = (jnp.asarray(rng.randn(*shape), dtype) for _ in range(2))
+    lengths = jnp.asarray([0, 1, 32, 33, 64, 65, 127, width * Z], jnp.int32)
+    q = jnp.asarray(rng.randn(len(lengths), KV_HEADS * G, H), dtype)
+    args = (q, k_pool, v_pool, 0, jnp.asarray(rng.randint(1, 40, (len(lengths), width)), jnp.int32), lengths)
+    out = paged_decode_attention(*args, sliding_window=window, num_splits=4, block_keys=2 * Z, interpret=INTERPRET)
+    _assert_close(out, paged_decode_reference(*args, sliding_window=window), dtype)
+
+
+def _poison_unseen(pool, tables, lengths, Z):
+    """The pool with inf and NaN at every (page, offset) that no sequence's first `lengths` keys reach."""
+    seen = np.zeros(pool.shape[2:4], bool)
+    for row, length in zip(np.asarray(tables), np.asarray(lengths)):
+        keys = np.arange(length)
+        seen[row[keys // Z], keys % Z] = True
+    poison = np.where(np.arange(seen.size).reshape(seen.shape) % 2, np.inf, np.nan)
+    return jnp.where(jnp.asarray(seen)[:, :, None], pool, jnp.asarray(poison, pool.dtype)[:, :, None])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
+def test_stale_non_finite_values_past_a_sequence_change_nothing(dtype):
+    """A recycled page's tail can hold anything (say a float16 request that overflowed): keys past a
+    sequence weigh 0 and must add exactly 0, not 0 x inf = NaN, in the kernels and the reference; in the
+    page loops for float16 pools, the one dtype that overflows in practice."""
+    rng = np.random.RandomState(5)
+    Z, H, G = 8, 64, 2
+    k_pool, v_pool = _pools(rng, dtype, Z, H)
+    tables, lengths = _tables(rng, 3), jnp.asarray([Z + 3, 2 * Z + 1, 5], jnp.int32)
+    dirty = [_poison_unseen(pool, tables, lengths, Z) for pool in (k_pool, v_pool)]
+    q = jnp.asarray(rng.randn(3, KV_HEADS * G, H), dtype)
+    chunk = jnp.asarray(rng.randn(3, 3, KV_HEADS * G, H), dtype)  # each sequence's last 3 tokens
+    positions = lengths[:, None] - 3 + jnp.arange(3)
+    cu_q_lens, packed = jnp.asarray([0, 3, 6, 9], jnp.int32), chunk.reshape(9, KV_HEADS * G, H)
+    paths = {
+        "decode kernel": lambda k, v: paged_decode_attention(q, k, v, 1, tables, lengths, num_splits=2,
+                                                             interpret=INTERPRET),
+        "decode reference": lambda k, v: paged_decode_reference(q, k, v, 1, tables, lengths),
+        "decode page loop": lambda k, v: page_loop_decode_attention(q, k, v, 1, tables, lengths),
+        "prefill kernel": lambda k, v: ragged_prefill_attention(packed, k, v, 1, tables, cu_q_lens, lengths,
+                                                                interpret=INTERPRET),
+        "prefill reference": lambda k, v: ragged_prefill_reference(packed, k, v, 1, tables, cu_q_lens, lengths),
+        "prefill page loop": lambda k, v: page_loop_prefill_attention(chunk, k, v, 1, tables, positions),
+    }
+    for name, path in paths.items():
+        if "page loop" in name and dtype != jnp.float16:
+            continue
+        clean, poisoned = np.asarray(path(k_pool, v_pool), np.float32), np.asarray(path(*dirty), np.float32)
+        assert np.isfinite(poisoned).all(), name
+        np.testing.assert_allclose(poisoned, clean, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_kernels_refuse_sizes_that_are_not_powers_of_two():
+    rng = np.random.RandomState(0)
+    k_pool, v_pool = _pools(rng, jnp.float32, 12, 64)
+    q, tables, lengths = jnp.zeros((2, KV_HEADS, 64)), _tables(rng, 2), jnp.asarray([3, 20], jnp.int32)
+    with pytest.raises(ValueError, match="power-of-two page_size, got 12"):
+        paged_decode_attention(q, k_pool, v_pool, 0, tables, lengths, interpret=True)
+    with pytest.raises(ValueError, match="power-of-two page_size, got 12"):
+        ragged_prefill_attention(q, k_pool, v_pool, 0, tables, jnp.asarray([0, 1, 2]), lengths, interpret=True)
+    k_pool, v_pool = _pools(rng, jnp.float32, 8, 64)
+    with pytest.raises(ValueError, match="power-of-two block_keys, got 48"):
+        paged_decode_attention(q, k_pool, v_pool, 0, tables, lengths, block_keys=48, interpret=True)
+    with pytest.raises(ValueError, match="power-of-two page_size, got 12"):
+        LLM(engine=EngineConfig(max_slots=1, page_size=12, max_model_len=32, attention_backend="pallas"))
+
+
 @pytest.mark.parametrize("block_keys, num_splits", [(16, 1), (128, 4)])
 def test_paged_decode_tuning_knobs_keep_the_result(block_keys, num_splits):
     """Keys per loop iteration, splits and Triton's warps and stages (what `bench_attention.py --sweep`
@@ -189,6 +262,24 @@ def test_ragged_prefill_matches_reference(dtype, Z, H, G, window):
     args = (q, k_pool, v_pool, 0, _tables(rng, len(q_lens)), cu_q_lens, jnp.asarray(kv_lens, jnp.int32))
     out = ragged_prefill_attention(*args, sliding_window=window, interpret=INTERPRET)
     _assert_close(out, ragged_prefill_reference(*args, sliding_window=window), dtype)
+
+
+@pytest.mark.parametrize("window", [None, 3, 19])
+def test_ragged_prefill_long_chunks_across_blocks_and_window(window):
+    """A chunk of 40 queries from mid-page (positions 60..99) in tiles of 8 queries, beside a fresh prompt:
+    several key blocks per tile, tiles that straddle a block edge, and windows whose first visible block
+    differs between a tile's first and last query."""
+    rng = np.random.RandomState(9)
+    Z, H, G, width = 8, 64, 2, 16
+    shape = (1, KV_HEADS, 40, Z, H)
+    k_pool, v_pool = (jnp.asarray(rng.randn(*shape), jnp.float32) for _ in range(2))
+    q_lens, kv_lens = [40, 20, 46], [100, 20, width * Z]
+    cu_q_lens = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    q = jnp.asarray(rng.randn(sum(q_lens) + 2, KV_HEADS * G, H), jnp.float32)
+    args = (q, k_pool, v_pool, 0, jnp.asarray(rng.randint(1, 40, (3, width)), jnp.int32), cu_q_lens,
+            jnp.asarray(kv_lens, jnp.int32))
+    out = ragged_prefill_attention(*args, sliding_window=window, block_q=8, interpret=INTERPRET)
+    _assert_close(out, ragged_prefill_reference(*args, sliding_window=window), jnp.float32)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "mistral"])
