@@ -286,13 +286,23 @@ def test_request_too_big_for_the_pool_is_refused_and_engine_keeps_serving():
     ("stop", [""], "stop must be"),
     ("stop", 5, "stop must be a string or a list, got 5"),
     ("stop_token_ids", 5, "stop_token_ids must be a list of token ids, got 5"),
-    ("stop_token_ids", [-1], "stop_token_ids must be non-negative"),
+    ("stop_token_ids", [-1], "stop_token_ids must be token ids"),
+    ("stop_token_ids", [2**40], "stop_token_ids must be token ids"),  # crashed the step that admitted it
+    ("temperature", 1e39, "temperature must be"),  # inf on the device
+    ("repetition_penalty", 1e39, "repetition_penalty must be"),
+    ("ignore_eos", "yes", "ignore_eos must be True or False"),
+    ("skip_special_tokens", None, "skip_special_tokens must be True or False"),
     ("logprobs", 21, r"logprobs must be an integer in \[0, 20\]"),
 ])
 def test_invalid_sampling_params_name_the_field(field, value, message):
     """Each bad setting raises ValueError saying which field was wrong."""
     with pytest.raises(ValueError, match=message):
         SamplingParams(**{field: value})
+
+
+def test_repetition_penalty_above_two_is_allowed():
+    """vLLM bounds repetition_penalty only below (> 0); the [-2, 2] range is the OpenAI penalties'."""
+    assert SamplingParams(repetition_penalty=2.5).repetition_penalty == 2.5
 
 
 def test_min_tokens_above_max_tokens_is_refused():
@@ -306,6 +316,7 @@ def test_min_tokens_above_max_tokens_is_refused():
     ([1, 50], None, r"token id 50 is outside the vocabulary \[0, 50\)"),
     (list(range(40)) * 2, None, "the prompt has 80 tokens; the maximum context length is 64"),
     ([1], SamplingParams(stop="x"), "stop strings need a tokenizer"),
+    ([1], SamplingParams(stop_token_ids=[50], min_tokens=2), r"stop token id 50 is outside the vocabulary \[0, 50\)"),
 ])
 def test_invalid_requests_are_refused_in_the_callers_thread(prompt, params, message):
     """add_request checks the prompt against the vocabulary and the context before queuing anything."""
@@ -457,9 +468,10 @@ def test_an_id_reused_at_once_gets_none_of_the_old_requests_tokens(tokenizer):
     engine = make_engine(vocab=tokenizer.vocab_size, eos=(), tokenizer=tokenizer, decode_steps=1)
     prompt = tokenizer.encode("Once upon a time")
     old = fake_continuation(prompt, 20, _seed32(1, 0), tokenizer.vocab_size)
-    engine.add_request(prompt, SamplingParams(max_tokens=20, seed=1, stop_token_ids=[old[3]]), request_id="r")
+    first = engine.add_request(prompt, SamplingParams(max_tokens=20, seed=1, stop_token_ids=[old[3]]), request_id="r")
     while not any(out.finished for out in engine.step()):
         pass
+    assert list(first)[-1].outputs[0].finish_reason == "stop"
     assert engine.has_work()  # the surplus step is still to be read
     stream = engine.add_request(prompt, SamplingParams(max_tokens=6, seed=2), request_id="r")
     while engine.has_work():
@@ -510,6 +522,47 @@ def test_stop_string_in_the_last_dispatch_beats_length(tokenizer):
     out = run(engine)[request_id].outputs[0]
     assert out.text == text[:at] and out.token_ids == tokens[:k + 1]
     assert out.finish_reason == "stop" and out.stop_reason == stop
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_a_stop_token_adds_no_text(tokenizer, include):
+    """As in vLLM, the stop token (or EOS) that ends a sequence stays in its token ids but adds no text,
+    unless include_stop_str_in_output."""
+    prompt = tokenizer.encode("Once upon a time")
+    tokens = fake_continuation(prompt, 20, _seed32(1, 0), tokenizer.vocab_size)
+    pieces = _pieces(tokenizer, prompt, tokens)
+    k = next(i for i in range(3, 20) if pieces[i].strip() and tokens[i] not in tokens[:i])
+    engine = make_engine(vocab=tokenizer.vocab_size, eos=(), tokenizer=tokenizer)
+    params = SamplingParams(max_tokens=20, seed=1, stop_token_ids=[tokens[k]], include_stop_str_in_output=include)
+    out = run_one(engine, prompt, params)
+    assert out.token_ids == tokens[:k + 1] and out.stop_reason == tokens[k]
+    assert out.text == "".join(pieces[:k + 1 if include else k])
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_stop_strings_count_only_after_min_tokens(tokenizer, extra):
+    """vLLM looks for stop strings once more than min_tokens tokens exist: a string completed by token
+    number min_tokens does not stop the request; by the token after it, it does."""
+    prompt, params, tokens, text, k, at, stop = _stop_case(tokenizer)  # token k (0-based) completes the string
+    engine = make_engine(vocab=tokenizer.vocab_size, eos=(), tokenizer=tokenizer)
+    out = run_one(engine, prompt, dataclasses.replace(params, stop=(stop,), min_tokens=k + extra))
+    if extra:  # token k is token number min_tokens
+        assert out.finish_reason == "length" and out.token_ids == tokens
+    else:
+        assert out.finish_reason == "stop" and out.text == text[:at] and out.token_ids == tokens[:k + 1]
+
+
+def run_one(engine, prompt, params):
+    request_id = engine.add_request(prompt, params, stream=False)
+    out = run(engine)[request_id].outputs[0]
+    engine.check_idle()
+    return out
+
+
+def test_prompt_logprobs_of_a_one_token_prompt_are_none():
+    engine = make_engine()
+    request_id = engine.add_request([7], SamplingParams(max_tokens=2, prompt_logprobs=1), stream=False)
+    assert run(engine)[request_id].prompt_logprobs == [None]
 
 
 # --- streams, threads, asyncio, counters ----------------------------------------------------------------
@@ -605,6 +658,42 @@ def test_abort_mid_stream(how):
     assert queued_outs[-1].outputs[0].finish_reason == "abort" and queued_outs[-1].outputs[0].token_ids == []
     engine.check_idle()
     assert engine.stats().finished_requests == {"abort": 2}
+
+
+def test_dropping_a_stream_early_aborts_its_request():
+    """A stream dropped unfinished (a consumer that broke out and let go of it) or a consumer task cancelled
+    while it waits frees the request's slot and pages, as vLLM's generate() does; a stream still held may be
+    read again after a break; abort() takes one id or several."""
+    engine = make_engine(max_slots=2, max_model_len=512, num_pages=140, decode_steps=1, executor=SlowExecutor)
+    engine.start()
+    try:
+        params = SamplingParams(max_tokens=400, seed=9, ignore_eos=True)
+        stream = engine.add_request([1, 2, 3], params)
+        for _ in zip(range(3), stream):
+            pass
+        assert len(list(zip(range(3), stream))) == 3  # held: still running
+        stream = None  # dropped
+
+        async def cancelled():
+            held = engine.add_request([4, 5], params)
+            task = asyncio.ensure_future(anext(aiter(held)))
+            await asyncio.sleep(0)
+            task.cancel()
+            return held
+
+        held = asyncio.run(cancelled())  # held, but its reader was cancelled
+        others = [engine.add_request([6 + i], params) for i in range(2)]
+        engine.abort([other.request_id for other in others])
+        assert all(list(other)[-1].outputs[0].finish_reason == "abort" for other in others)
+        with pytest.raises(TypeError, match="request ids are strings"):
+            engine.abort([1])
+        deadline = time.monotonic() + 10
+        while engine.has_work() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.shutdown()
+    engine.check_idle()
+    assert engine.stats().finished_requests == {"abort": 4}
 
 
 def test_counters_and_histograms():

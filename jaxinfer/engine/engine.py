@@ -22,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 
 import numpy as np
 
@@ -42,7 +43,9 @@ class EngineError(RuntimeError):
 
 class RequestStream:
     """The outputs of one request as they come. Created inside an event loop it is async-iterable
-    (`async for out in stream`); otherwise iterable. The last item has `finished=True`."""
+    (`async for out in stream`); otherwise iterable, as often as wanted. The last item has `finished=True`.
+    A request whose stream is dropped unfinished (nothing refers to it any more), or whose consumer task is
+    cancelled while it waits, is aborted, as vLLM's `generate` does."""
 
     def __init__(self, request_id: str, engine: "Engine"):
         self.request_id, self._engine = request_id, engine
@@ -77,7 +80,12 @@ class RequestStream:
         if self._loop is None:
             raise TypeError("this stream was created outside an event loop: iterate it with 'for'")
         while True:
-            out = self._unpack(await self._queue.get())
+            try:
+                item = await self._queue.get()
+            except asyncio.CancelledError:
+                self.abort()
+                raise
+            out = self._unpack(item)
             yield out
             if out.finished:
                 return
@@ -93,7 +101,7 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     seqs: list[Sequence]
-    stream: RequestStream | None
+    stream: weakref.ref | None  # to the caller's RequestStream (None: outputs only from step())
     detokenizers: list
     texts: list[str]
     arrival: float
@@ -165,7 +173,8 @@ class Engine:
             handle = RequestStream(request_id, self) if stream else None
             seqs = [Sequence(request_id, i, list(ids), params, seeds[i], max_new, priority, eos)
                     for i in range(params.n)]
-            request = _Request(request_id, text, ids, params, seqs, handle, detoks, [""] * params.n,
+            stream_ref = weakref.ref(handle) if handle else None
+            request = _Request(request_id, text, ids, params, seqs, stream_ref, detoks, [""] * params.n,
                                time.monotonic())
             self._commands.put(("add", request))
         self._wake.set()
@@ -175,9 +184,13 @@ class Engine:
         if self.error is not None:
             raise EngineError(f"the engine has stopped after an error: {self.error}")
 
-    def abort(self, request_id: str) -> None:
-        """End a request wherever it is (queued, prefilling, decoding); unknown ids are ignored."""
-        self._commands.put(("abort", request_id))
+    def abort(self, request_id) -> None:
+        """End requests wherever they are (queued, prefilling, decoding): one id or several (as vLLM);
+        unknown ids are ignored."""
+        for one in [request_id] if isinstance(request_id, str) else list(request_id):
+            if not isinstance(one, str):
+                raise TypeError(f"request ids are strings, got {one!r:.80}")
+            self._commands.put(("abort", one))
         self._wake.set()
 
     def validate(self, prompt, params: SamplingParams, priority: int = 0) -> tuple[str | None, list[int], int]:
@@ -206,6 +219,9 @@ class Engine:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"stop token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         if len(ids) >= limit:
             raise ValueError(f"the prompt has {len(ids)} tokens; the maximum context length is {limit} "
                              "tokens, and at least one must be left to generate")
@@ -278,14 +294,17 @@ class Engine:
         detok = request.detokenizers[seq.index]
         if detok is None:
             return
+        params, last = request.params, len(seq.output_ids) - 1
         for i in range(request.consumed[seq.index], len(seq.output_ids)):
             before = request.texts[seq.index]
-            text = before + detok.add(seq.output_ids[i])
-            if seq.finished and i == len(seq.output_ids) - 1:
+            # As in vLLM, the EOS or stop token that ended the sequence adds no text (its id stays).
+            stop_token = seq.finish_reason == "stop" and i == last and not params.include_stop_str_in_output
+            text = before + ("" if stop_token else detok.add(seq.output_ids[i]))
+            if seq.finished and i == last:
                 text += detok.flush()
             request.texts[seq.index] = text
-            if i + 1 < request.params.min_tokens:
-                continue  # as in vLLM, stop strings count only once min_tokens exist
+            if i < params.min_tokens:
+                continue  # as in vLLM, stop strings count only after min_tokens tokens
             stop = _find_stop(text, request.params.stop, len(before))
             if stop is not None:
                 at, string = stop
@@ -317,7 +336,11 @@ class Engine:
         if finished:
             out.metrics = self._finish_request(request)
         if request.stream is not None:
-            request.stream.put(out)
+            stream = request.stream()
+            if stream is not None:
+                stream.put(out)
+            elif not finished:  # nobody can read it any more
+                self.abort(request.request_id)
         return out
 
     def _finish_request(self, request: _Request) -> RequestMetrics:
@@ -390,9 +413,9 @@ class Engine:
             elif kind == "reset":
                 arg.set_result(False)
         for request in failed:
-            if request.stream is not None:
-                request.stream.put(EngineError(f"request {request.request_id} failed: "
-                                               f"{type(error).__name__}: {error}"))
+            stream = request.stream and request.stream()
+            if stream is not None:
+                stream.put(EngineError(f"request {request.request_id} failed: {type(error).__name__}: {error}"))
         try:  # the failed step may have left the scheduler half updated: the streams are told first
             for seq in self.scheduler.running + self.scheduler.waiting:
                 self.scheduler.finish(seq, "abort")

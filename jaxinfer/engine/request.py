@@ -15,6 +15,7 @@ MAX_LOGPROBS = 20  # the most top alternatives a request may ask for (computed o
 MAX_BANNED = 16  # EOS + stop token ids masked on device while min_tokens is not reached
 INT32_MAX = 2**31 - 1  # counts and ids travel to the device as int32
 FLOAT32_TINY = 1.1754944e-38  # smaller positive values would reach the device as 0
+FLOAT32_MAX = 3.4028235e38  # larger values would reach the device as inf
 
 
 def _check(ok: bool, message: str) -> None:
@@ -77,8 +78,8 @@ class SamplingParams:
                f"min_tokens must be an integer in [0, {INT32_MAX}], got {self.min_tokens!r}")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
                f"min_tokens={self.min_tokens} exceeds max_tokens={self.max_tokens}")
-        _check(_is_number(self.temperature) and self.temperature >= 0,
-               f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        _check(_is_number(self.temperature) and 0 <= self.temperature <= FLOAT32_MAX,
+               f"temperature must be a finite number >= 0 (a float32), got {self.temperature!r}")
         _check(_is_number(self.top_p) and FLOAT32_TINY <= self.top_p <= 1,
                f"top_p must be in (0, 1] (at least {FLOAT32_TINY:.3g}), got {self.top_p!r}")
         _check(_is_int(self.top_k) and 0 <= self.top_k <= INT32_MAX,
@@ -87,12 +88,16 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(_is_number(value) and -2 <= value <= 2, f"{name} must be in [-2, 2], got {value!r}")
-        _check(_is_number(self.repetition_penalty) and FLOAT32_TINY <= self.repetition_penalty <= 2,
-               f"repetition_penalty must be in (0, 2] (at least {FLOAT32_TINY:.3g}), got {self.repetition_penalty!r}")
+        _check(_is_number(self.repetition_penalty) and FLOAT32_TINY <= self.repetition_penalty <= FLOAT32_MAX,
+               f"repetition_penalty must be > 0 (a float32: at least {FLOAT32_TINY:.3g}), "
+               f"got {self.repetition_penalty!r}")
         _check(self.seed is None or (_is_int(self.seed) and -2**63 <= self.seed < 2**64),
                f"seed must be a 64-bit integer, got {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop must be a non-empty string or a list of them")
-        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers")
+        _check(all(_is_int(t) and 0 <= t <= INT32_MAX for t in self.stop_token_ids),
+               f"stop_token_ids must be token ids (integers in [0, {INT32_MAX}]), got {list(self.stop_token_ids)!r:.80}")
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+            _check(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             _check(value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS),

@@ -160,6 +160,8 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.check_fits(len(seq.prompt_ids), seq.max_new)
+        if seq.params.prompt_logprobs is not None and not seq.prompt_logprobs:
+            seq.prompt_logprobs.append(None)  # the first prompt token has no logprob (vLLM)
         seq.status = Status.WAITING
         bisect.insort(self.waiting, seq, key=Sequence.sort_key)
 
@@ -410,8 +412,6 @@ class Scheduler:
         """Entry j is for prompt token j (entry 0 is None); a recomputed chunk adds nothing twice."""
         logprob, rank, top_ids, top_logprobs = chunk
         k = seq.params.prompt_logprobs
-        if not seq.prompt_logprobs:
-            seq.prompt_logprobs.append(None)
         for i in range(len(logprob)):
             if start + i + 1 == len(seq.prompt_logprobs) < len(seq.prompt_ids):
                 seq.prompt_logprobs.append((float(logprob[i]), int(rank[i]), top_ids[i, :k].tolist(),

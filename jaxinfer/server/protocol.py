@@ -244,7 +244,7 @@ def _sampling(body: dict, limits: Limits, max_tokens: int | None, logprobs: int 
             min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
             presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
             frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-            repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 2.0),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, math.inf),  # > 0, as vLLM
             seed=seed, stop=_stop(body),
             stop_token_ids=tuple(_token_ids(stop_token_ids, limits, "stop_token_ids")),
             include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
