@@ -831,6 +831,22 @@ def test_a_failed_step_fails_every_stream():
         engine.add_request([1, 2])
 
 
+def test_a_step_that_raises_in_the_callers_thread_fails_the_engine():
+    """Stepping by hand (as LLM.generate does): the step's error reaches the caller, every request is over
+    and its pages are back, and later calls raise EngineError instead of looping on a half-updated state."""
+    engine = make_engine(executor=BrokenExecutor)
+    for prompt in prompts(3, 6):
+        engine.add_request(prompt, SamplingParams(max_tokens=20, seed=1, ignore_eos=True), stream=False)
+    with pytest.raises(RuntimeError, match="device lost"):
+        while engine.has_work():
+            engine.step()
+    engine.check_idle()
+    with pytest.raises(EngineError, match="stopped after an error"):
+        engine.step()
+    with pytest.raises(EngineError, match="stopped after an error"):
+        engine.add_request([1, 2])
+
+
 class HeldBrokenExecutor(HeldExecutor):
     def dispatch(self, plan):
         if len(self.dispatched) < 2:

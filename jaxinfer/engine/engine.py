@@ -140,6 +140,7 @@ class Engine:
         self.latencies = LatencyHistograms()
         self._requests: dict[str, _Request] = {}
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._resets: list[concurrent.futures.Future] = []  # reset_prefix_cache calls the loop is to answer
         self._ids = itertools.count()
         self._known_ids: set[str] = set()
         self._lock = threading.Lock()
@@ -246,8 +247,19 @@ class Engine:
         return not self._commands.empty() or self._inflight is not None or self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
-        """Plan and dispatch the next step, then read the previous one. Returns the outputs it changed."""
-        outputs, resets = self._drain_commands()
+        """Plan and dispatch the next step, then read the previous one. Returns the outputs it changed.
+        A step that raises fails every request (streams get an EngineError) and the engine, whose state it
+        may have left half updated: later calls raise EngineError instead of waiting on it for ever."""
+        self._raise_if_failed()
+        try:
+            return self._step()
+        except Exception as error:
+            log.exception("engine step failed; failing all requests")
+            self._fail_all(error)
+            raise
+
+    def _step(self) -> list[RequestOutput]:
+        outputs = self._drain_commands()
         plan = self.scheduler.schedule()
         handle = None
         if plan is not None:
@@ -256,15 +268,15 @@ class Engine:
         if self._inflight is not None:
             outputs += self._process(*self._inflight)
         self._inflight = (plan, handle) if plan is not None else None
-        self._answer(resets)  # after the step, so that the last request's final step has been read
+        self._answer_resets()  # after the step, so that the last request's final step has been read
         return outputs
 
-    def _drain_commands(self) -> tuple[list[RequestOutput], list[concurrent.futures.Future]]:
-        outputs, resets = [], []
+    def _drain_commands(self) -> list[RequestOutput]:
+        outputs = []
         while not self._commands.empty():
             kind, arg = self._commands.get()
             if kind == "reset":
-                resets.append(arg)
+                self._resets.append(arg)
             elif kind == "add":
                 self._requests[arg.request_id] = arg
                 for seq in arg.seqs:
@@ -274,7 +286,7 @@ class Engine:
                 for seq in request.seqs:
                     self.scheduler.finish(seq, "abort")
                 outputs.append(self._emit(request))
-        return outputs, resets
+        return outputs
 
     def _process(self, plan, handle) -> list[RequestOutput]:
         result = self.executor.collect(handle)
@@ -392,14 +404,13 @@ class Engine:
                 continue
             try:
                 self.step()
-            except Exception as error:  # a failed step: fail every request rather than hang them
-                log.exception("engine step failed; failing all requests")
-                self._fail_all(error)
-                return
+            except Exception:
+                return  # step() has failed every request and said why
         if self._inflight is not None:  # read the step already dispatched: a shutdown leaves none half done
             self._process(*self._inflight)
             self._inflight = None
-        self._answer(self._drain_commands()[1])  # requests added meanwhile wait for a restart
+        self._drain_commands()  # requests added meanwhile wait for a restart
+        self._answer_resets()
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:  # no reset is queued after this
@@ -411,7 +422,10 @@ class Engine:
             if kind == "add":
                 failed.append(arg)  # never reached the scheduler
             elif kind == "reset":
-                arg.set_result(False)
+                self._resets.append(arg)
+        for done in self._resets:
+            done.set_result(False)
+        self._resets.clear()
         for request in failed:
             stream = request.stream and request.stream()
             if stream is not None:
@@ -456,9 +470,10 @@ class Engine:
         self._wake.set()
         return done.result(timeout)
 
-    def _answer(self, resets: list[concurrent.futures.Future]) -> None:
-        for done in resets:
+    def _answer_resets(self) -> None:
+        for done in self._resets:
             done.set_result(self._reset_if_idle())
+        self._resets.clear()
 
     def _reset_if_idle(self) -> bool:
         if self._requests or self._inflight is not None or self.scheduler.has_work():
