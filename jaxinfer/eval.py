@@ -377,7 +377,7 @@ def perplexity(model, documents, window: int | None = None, stride: int | None =
     windows = []
     with _progress(len(requests), "perplexity", use_tqdm) as bar:
         for (index, start, end, scored_from), out in _run_requests(llm, requests):
-            logprob = sum(out.prompt_logprobs[t - start][0] for t in range(scored_from, end))
+            logprob = sum(lp.logprob for lp in _prompt_token_logprobs(out)[scored_from - start - 1:])
             windows.append(Window(index, start, end, scored_from, logprob))
             bar.update(1)
     windows.sort(key=lambda w: (w.document, w.start))
@@ -385,6 +385,11 @@ def perplexity(model, documents, window: int | None = None, stride: int | None =
         else None
     return Perplexity(window, stride, len(documents), windows, sum(w.end - w.scored_from for w in windows), -sum(w.logprob for w in windows),
                       nbytes)
+
+
+def _prompt_token_logprobs(out) -> list:
+    """The Logprob of each prompt token after the first, from a request run with prompt logprobs."""
+    return [entry[token] for token, entry in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:])]
 
 
 def read_documents(path) -> list:
@@ -483,8 +488,8 @@ def loglikelihood(model, pairs, engine_config: EngineConfig | None = None,
     results = [None] * len(requests)
     with _progress(len(requests), "loglikelihood", use_tqdm) as bar:
         for (index, n), out in _run_requests(llm, requests):
-            scored = out.prompt_logprobs[-n:]
-            results[index] = Loglikelihood(sum(e[0] for e in scored), all(e[1] == 1 for e in scored), n)
+            scored = _prompt_token_logprobs(out)[-n:]
+            results[index] = Loglikelihood(sum(lp.logprob for lp in scored), all(lp.rank == 1 for lp in scored), n)
             bar.update(1)
     return results
 

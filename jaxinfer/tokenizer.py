@@ -267,6 +267,20 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens)
 
+    def token_text(self, token_id: int) -> str:
+        """One token's own text as it reads inside a sequence (what logprobs report: a sequence's token texts
+        concatenate to its text). Decoded after a fixed anchor token whose text is then removed: decoding one
+        token alone would drop the leading space that sentencepiece strips at the start of a text."""
+        if not hasattr(self, "_anchor"):
+            self._anchor = self.encode("a", add_special_tokens=False)[-1:]
+            self._anchor_text = self.decode(self._anchor, skip_special_tokens=False)
+            self._token_texts: dict[int, str] = {}
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self.decode(self._anchor + [token_id], skip_special_tokens=False)[len(self._anchor_text):]
+            self._token_texts[token_id] = text
+        return text
+
     def id_to_token(self, token_id: int) -> str | None:
         """The vocabulary entry for one id (e.g. 'Ġthe', '▁the', '<0xE6>'), None outside the vocabulary."""
         return self._backend.id_to_token(int(token_id))

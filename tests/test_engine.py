@@ -322,17 +322,21 @@ def test_logprobs_agree_with_the_model_logits(llm):
     llm.engine.scheduler.pages.free(pages)
     expected = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
-    for j in range(1, len(prompt)):
-        logprob, rank, top_ids, top_logprobs = out.prompt_logprobs[j]
-        np.testing.assert_allclose(logprob, expected[j - 1, prompt[j]], atol=ATOL)
-        assert top_ids == np.argsort(-expected[j - 1])[:3].tolist() and len(top_logprobs) == 3
-        assert rank == 1 + int((expected[j - 1] > expected[j - 1, prompt[j]]).sum())
-    for i, (logprob, rank, top_ids, top_logprobs) in enumerate(out.outputs[0].logprobs):
+    for j in range(1, len(prompt)):  # vLLM's {token id: Logprob}: the top 3 in rank order, then the token
+        entry, top = out.prompt_logprobs[j], np.argsort(-expected[j - 1])[:3].tolist()
+        assert list(entry)[:3] == top and set(entry) == set(top) | {prompt[j]}
+        assert [entry[t].rank for t in top] == [1, 2, 3]
+        np.testing.assert_allclose(entry[prompt[j]].logprob, expected[j - 1, prompt[j]], atol=ATOL)
+        assert entry[prompt[j]].rank == 1 + int((expected[j - 1] > expected[j - 1, prompt[j]]).sum())
+        assert entry[prompt[j]].decoded_token == llm.tokenizer.token_text(prompt[j])
+    for i, entry in enumerate(out.outputs[0].logprobs):
         row = expected[len(prompt) - 1 + i]
         token = out.outputs[0].token_ids[i]
-        np.testing.assert_allclose(logprob, row[token], atol=ATOL)
-        assert rank == 1 and top_ids[0] == token and len(top_ids) == 5
-        np.testing.assert_allclose(top_logprobs, np.sort(row)[::-1][:5], atol=ATOL)
+        assert list(entry)[0] == token and len(entry) == 5 and entry[token].rank == 1
+        np.testing.assert_allclose(entry[token].logprob, row[token], atol=ATOL)
+        np.testing.assert_allclose([lp.logprob for lp in entry.values()], np.sort(row)[::-1][:5], atol=ATOL)
+    np.testing.assert_allclose(out.outputs[0].cumulative_logprob,
+                               sum(entry[t].logprob for t, entry in zip(out.outputs[0].token_ids, out.outputs[0].logprobs)))
     llm.engine.check_idle()
 
 
@@ -345,8 +349,8 @@ def test_prompt_logprobs_of_a_prompt_packed_behind_another(llm):
     alone_out = llm.generate([second], scored, use_tqdm=False)[0]
     assert together[0].prompt_logprobs is None
     for mine, theirs in zip(together[1].prompt_logprobs[1:], alone_out.prompt_logprobs[1:]):
-        assert mine[1:3] == theirs[1:3]  # rank and top ids
-        np.testing.assert_allclose([mine[0]] + mine[3], [theirs[0]] + theirs[3], atol=1e-5)
+        assert list(mine) == list(theirs) and [m.rank for m in mine.values()] == [t.rank for t in theirs.values()]
+        np.testing.assert_allclose([m.logprob for m in mine.values()], [t.logprob for t in theirs.values()], atol=1e-5)
     assert together[1].outputs[0].token_ids == alone_out.outputs[0].token_ids
 
 

@@ -30,7 +30,8 @@ from jaxinfer.config import EngineConfig
 from jaxinfer.engine.data_parallel import DataParallelScheduler
 from jaxinfer.engine.executor import Executor
 from jaxinfer.engine.metrics import EngineStats, LatencyHistograms, RequestMetrics
-from jaxinfer.engine.request import MAX_BANNED, CompletionOutput, RequestOutput, SamplingParams, Sequence
+from jaxinfer.engine.request import (MAX_BANNED, CompletionOutput, RequestOutput, SamplingParams, Sequence,
+                                     logprob_entry)
 from jaxinfer.engine.scheduler import Scheduler
 from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -106,9 +107,12 @@ class _Request:
     texts: list[str]
     arrival: float
     consumed: list[int] = dataclasses.field(default_factory=list)  # output tokens already detokenized
+    entries: list[list] = dataclasses.field(default_factory=list)  # per sequence: its logprobs as reported
+    prompt_entries: list = dataclasses.field(default_factory=list)  # the prompt logprobs as reported
 
     def __post_init__(self):
         self.consumed = [0] * len(self.seqs)
+        self.entries = [[] for _ in self.seqs]
 
 
 def _find_stop(text: str, stops: tuple[str, ...], old_len: int) -> tuple[int, str] | None:
@@ -336,15 +340,18 @@ class Engine:
         holdback = 0 if finished or request.params.include_stop_str_in_output else \
             max((len(s) for s in request.params.stop), default=1) - 1
         completions = []
-        for seq, text in zip(request.seqs, request.texts):
+        for seq, text, entries in zip(request.seqs, request.texts, request.entries):
             shown = text if seq.finished else text[:max(0, len(text) - holdback)]
-            logprobs = list(seq.logprobs) if request.params.logprobs is not None else None
+            logprobs, total = None, None
+            if request.params.logprobs is not None:
+                logprobs, total = self._reported(entries, seq.output_ids, seq.logprobs), sum(f[0] for f in seq.logprobs)
             completions.append(CompletionOutput(seq.index, shown, list(seq.output_ids), seq.finish_reason,
-                                                seq.stop_reason, logprobs))
+                                                seq.stop_reason, logprobs, total))
         first = request.seqs[0]
+        prompt_logprobs = None if request.params.prompt_logprobs is None else \
+            self._reported(request.prompt_entries, request.prompt_ids, first.prompt_logprobs)
         out = RequestOutput(request.request_id, request.prompt, request.prompt_ids, completions, finished,
-                            list(first.prompt_logprobs) if request.params.prompt_logprobs is not None else None,
-                            first.num_cached_tokens)
+                            prompt_logprobs, first.num_cached_tokens)
         if finished:
             out.metrics = self._finish_request(request)
         if request.stream is not None:
@@ -354,6 +361,14 @@ class Engine:
             elif not finished:  # nobody can read it any more
                 self.abort(request.request_id)
         return out
+
+    def _reported(self, done: list, ids: list[int], found: list) -> list:
+        """Logprobs as reported ({token id: Logprob} per token, None for a prompt's first): `done`, the entries
+        earlier outputs made, extended to the scheduler's `found` (logprob, rank, top ids, top logprobs)."""
+        del done[len(found):]  # a stop string cut tokens off
+        text = self.tokenizer.token_text if self.tokenizer else None
+        done += [f and logprob_entry(t, f, text) for t, f in zip(ids[len(done):], found[len(done):])]
+        return list(done)
 
     def _finish_request(self, request: _Request) -> RequestMetrics:
         del self._requests[request.request_id]

@@ -183,13 +183,33 @@ class Sequence:
 
 
 @dataclasses.dataclass
+class Logprob:
+    """vLLM's: a token's log-probability (of the raw logits), its rank (1: the most likely) and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None  # None without a tokenizer
+
+
+def logprob_entry(token_id: int, found: tuple, token_text=None) -> dict[int, Logprob]:
+    """One position's logprobs as vLLM reports them, {token id: Logprob}: the top alternatives in rank order,
+    then the token if it is not one of them; from the scheduler's (logprob, rank, top ids, top logprobs)."""
+    logprob, rank, top_ids, top_logprobs = found
+    text = token_text or (lambda _: None)
+    entry = {t: Logprob(lp, r, text(t)) for r, (t, lp) in enumerate(zip(top_ids, top_logprobs), 1)}
+    entry.setdefault(token_id, Logprob(logprob, rank, text(token_id)))
+    return entry
+
+
+@dataclasses.dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None  # None while running; "stop" (EOS, stop token or string), "length", "abort"
     stop_reason: int | str | None = None  # the stop token id or string, None for EOS or other reasons
-    logprobs: list[tuple] | None = None  # per token: (logprob, rank, top ids, top logprobs)
+    logprobs: list[dict[int, Logprob]] | None = None  # per token (see logprob_entry), if asked for
+    cumulative_logprob: float | None = None  # the sum of the tokens' logprobs, if logprobs were asked for
 
     @property
     def finished(self) -> bool:
@@ -205,6 +225,6 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
-    prompt_logprobs: list | None = None  # [None, then per prompt token (logprob, rank, top ids, top logprobs)]
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # [None, then one entry per prompt token]
     num_cached_tokens: int = 0
     metrics: object = None  # a RequestMetrics once finished

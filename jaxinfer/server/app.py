@@ -352,7 +352,7 @@ class Generation:
         logprobs, prefix = None, ""
         if req.chat:
             if req.logprobs is not None:
-                logprobs = chat_logprobs(delta_entries, delta_ids, self.server.token_text)
+                logprobs = chat_logprobs(delta_entries, delta_ids, self.server.token_text, req.logprobs)
         else:
             echo_now = req.echo and (final or first)  # the prompt leads the choice's first text
             prompt_text = job.prompts[i][0] if req.echo else ""

@@ -374,27 +374,19 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 class TokenText:
-    """Token ids to the strings logprobs report: each token's own text as it reads inside a sequence, so the
-    strings concatenate to the text (no tokenizer: 'token_id:N'). A token is decoded after a fixed anchor
-    token and the anchor's text removed: decoding one token alone would drop the leading space that
-    sentencepiece only strips at the start of a text."""
+    """Token ids to the strings logprobs report (`Tokenizer.token_text`; no tokenizer: 'token_id:N')."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        if tokenizer is not None:
-            self._anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
-            self._anchor_text = tokenizer.decode(self._anchor, skip_special_tokens=False)
 
     def __call__(self, token_id: int) -> str:
-        if self.tokenizer is None:
-            return f"token_id:{token_id}"
-        text = self.tokenizer.decode(self._anchor + [token_id], skip_special_tokens=False)
-        return text[len(self._anchor_text):]
+        return f"token_id:{token_id}" if self.tokenizer is None else self.tokenizer.token_text(token_id)
 
 
 def completion_logprobs(entries: list, ids: list[int], token_text: TokenText, offset: int) -> dict:
-    """The completions `logprobs` object for tokens `ids` with engine entries (logprob, rank, top ids, top
-    logprobs) or None (a prompt's first token); `offset` = characters of text before the first token."""
+    """The completions `logprobs` object for tokens `ids` with engine entries ({token id: Logprob}: the top
+    alternatives in rank order, then the token if it is not one of them) or None (a prompt's first token);
+    `offset` = characters of text before the first token."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for token_id, entry in zip(ids, entries):
         text = token_text(token_id)
@@ -405,22 +397,20 @@ def completion_logprobs(entries: list, ids: list[int], token_text: TokenText, of
             out["token_logprobs"].append(None)
             out["top_logprobs"].append(None)
             continue
-        logprob, _, top_ids, top_logprobs = entry
-        top = {token_text(t): _finite(lp) for t, lp in zip(top_ids, top_logprobs)}
-        top.setdefault(text, _finite(logprob))
-        out["token_logprobs"].append(_finite(logprob))
-        out["top_logprobs"].append(top)
+        out["token_logprobs"].append(_finite(entry[token_id].logprob))
+        out["top_logprobs"].append({token_text(t): _finite(lp.logprob) for t, lp in entry.items()})
     return out
 
 
-def chat_logprobs(entries: list, ids: list[int], token_text: TokenText) -> dict:
+def chat_logprobs(entries: list, ids: list[int], token_text: TokenText, top: int) -> dict:
+    """The chat `logprobs` object: each token's logprob and its `top` most likely alternatives."""
     content = []
-    for token_id, (logprob, _, top_ids, top_logprobs) in zip(ids, entries):
+    for token_id, entry in zip(ids, entries):
         text = token_text(token_id)
-        top = [{"token": token_text(t), "logprob": _finite(lp), "bytes": list(token_text(t).encode())}
-               for t, lp in zip(top_ids, top_logprobs)]
-        content.append({"token": text, "logprob": _finite(logprob), "bytes": list(text.encode()),
-                        "top_logprobs": top})
+        alternatives = [{"token": token_text(t), "logprob": _finite(lp.logprob), "bytes": list(token_text(t).encode())}
+                        for t, lp in list(entry.items())[:top]]
+        content.append({"token": text, "logprob": _finite(entry[token_id].logprob), "bytes": list(text.encode()),
+                        "top_logprobs": alternatives})
     return {"content": content}
 
 
