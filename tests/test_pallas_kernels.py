@@ -76,7 +76,8 @@ def test_paged_decode_long_context_splits_blocks_and_window(dtype, window):
     lengths = jnp.asarray([0, 1, 32, 33, 64, 65, 127, width * Z], jnp.int32)
     q = jnp.asarray(rng.randn(len(lengths), KV_HEADS * G, H), dtype)
     args = (q, k_pool, v_pool, 0, jnp.asarray(rng.randint(1, 40, (len(lengths), width)), jnp.int32), lengths)
-    out = paged_decode_attention(*args, sliding_window=window, num_splits=4, block_keys=2 * Z, interpret=INTERPRET)
+    out = paged_decode_attention(*args, sliding_window=window, num_splits=4, block_keys=2 * Z,
+                                 interpret=INTERPRET)
     _assert_close(out, paged_decode_reference(*args, sliding_window=window), dtype)
 
 

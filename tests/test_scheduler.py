@@ -468,7 +468,8 @@ def test_an_id_reused_at_once_gets_none_of_the_old_requests_tokens(tokenizer):
     engine = make_engine(vocab=tokenizer.vocab_size, eos=(), tokenizer=tokenizer, decode_steps=1)
     prompt = tokenizer.encode("Once upon a time")
     old = fake_continuation(prompt, 20, _seed32(1, 0), tokenizer.vocab_size)
-    first = engine.add_request(prompt, SamplingParams(max_tokens=20, seed=1, stop_token_ids=[old[3]]), request_id="r")
+    first = engine.add_request(prompt, SamplingParams(max_tokens=20, seed=1, stop_token_ids=[old[3]]),
+                               request_id="r")
     while not any(out.finished for out in engine.step()):
         pass
     assert list(first)[-1].outputs[0].finish_reason == "stop"

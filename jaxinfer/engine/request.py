@@ -95,7 +95,8 @@ class SamplingParams:
                f"seed must be a 64-bit integer, got {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop must be a non-empty string or a list of them")
         _check(all(_is_int(t) and 0 <= t <= INT32_MAX for t in self.stop_token_ids),
-               f"stop_token_ids must be token ids (integers in [0, {INT32_MAX}]), got {list(self.stop_token_ids)!r:.80}")
+               f"stop_token_ids must be token ids (integers in [0, {INT32_MAX}]), "
+               f"got {list(self.stop_token_ids)!r:.80}")
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
             _check(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("logprobs", "prompt_logprobs"):
