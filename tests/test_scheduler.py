@@ -724,6 +724,10 @@ def test_counters_and_histograms():
     assert stats.ttft.count == stats.e2e_latency.count == stats.queue_time.count == 3
     assert stats.inter_token_latency.count == sum(generated) - 3
     assert stats.ttft.cumulative()[-1] == 3
+    engine.add_request(prefix, SamplingParams(n=3, max_tokens=4, seed=5), stream=False)
+    engine.step()  # as in vLLM, each of the n samples counts: one runs, two wait for a slot
+    assert (engine.stats().num_running, engine.stats().num_waiting) == (1, 2)
+    run(engine)
 
 
 def test_shutdown_right_after_the_last_output_leaves_nothing_in_flight():

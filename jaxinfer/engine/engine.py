@@ -457,8 +457,7 @@ class Engine:
         s, c, h = self.scheduler, self.scheduler.counters, self.latencies
         used, usable = s.kv_pages()
         return EngineStats(
-            num_running=len({q.request_id for q in s.running}),
-            num_waiting=len({q.request_id for q in s.waiting} - {q.request_id for q in s.running}),
+            num_running=len(s.running), num_waiting=len(s.waiting),  # sequences: vLLM runs the n of a request apart
             kv_usage=used / usable,
             prompt_tokens=c.prompt_tokens, generation_tokens=c.generation_tokens,
             prefill_tokens_computed=c.prefill_tokens_computed, preemptions=c.preemptions,

@@ -39,8 +39,10 @@ def _histogram(lines: list[str], name: str, help_text: str, hist: Histogram, lab
 def render(stats: EngineStats, model_name: str) -> str:
     labels = {"model_name": model_name}
     lines: list[str] = []
-    _scalar(lines, "num_requests_running", "gauge", "Requests with a decode slot.", stats.num_running, labels)
-    _scalar(lines, "num_requests_waiting", "gauge", "Requests queued for a slot.", stats.num_waiting, labels)
+    _scalar(lines, "num_requests_running", "gauge", "Requests with a decode slot (each of n samples apart).",
+            stats.num_running, labels)
+    _scalar(lines, "num_requests_waiting", "gauge", "Requests queued for a slot (each of n samples apart).",
+            stats.num_waiting, labels)
     _scalar(lines, "kv_cache_usage_perc", "gauge", "Fraction of KV pages held by requests (1 = full).",
             stats.kv_usage, labels)
     _scalar(lines, "prompt_tokens_total", "counter", "Prompt tokens of admitted requests.",
