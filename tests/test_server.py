@@ -129,6 +129,49 @@ def test_models_tokenize_detokenize_version(live, client):
     text = httpx.post(f"{live.url}/detokenize", json={"tokens": ids["tokens"]}).json()["prompt"]
     assert text == live.engine.tokenizer.decode(ids["tokens"])
     assert httpx.get(f"{live.url}/version").json()["version"]
+    for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [5]})):
+        assert httpx.post(f"{live.url}{path}", json={**body, "model": "other"}).status_code == 404
+        assert httpx.post(f"{live.url}{path}", json={**body, "model": "tiny"}).status_code == 200
+    surrogate = httpx.post(f"{live.url}/tokenize", content=b'{"prompt": "\\ud800"}',
+                           headers={"content-type": "application/json"})
+    assert surrogate.status_code == 400 and surrogate.json()["error"]["param"] == "prompt"
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]}]
+    joined = [{"role": "user", "content": "Hello\nworld"}]  # vLLM joins text parts with newlines
+    tokenized = [httpx.post(f"{live.url}/tokenize", json={"messages": m}).json()["tokens"] for m in (parts, joined)]
+    assert tokenized[0] == tokenized[1]
+
+
+def test_prompt_logprobs_come_back_as_vllm_returns_them(live, client):
+    """vLLM's extension: completions choices carry `prompt_logprobs` (None, then {"token id": {logprob, rank,
+    decoded_token}} per prompt token, the token among them), streamed in each choice's first chunk; chat puts
+    them beside the choices."""
+    prompt = live.engine.tokenizer.encode("The quick brown fox")
+
+    def check(entries):
+        assert entries[0] is None and len(entries) == len(prompt)
+        for token, entry in zip(prompt[1:], entries[1:]):
+            assert str(token) in entry and len(entry) in (2, 3)  # the top 2, and the token if not among them
+            assert {"logprob", "rank", "decoded_token"} == set(entry[str(token)])
+            assert entry[str(token)]["decoded_token"] == live.engine.tokenizer.token_text(token)
+
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 2, "prompt_logprobs": 2, "n": 2, "temperature": 0}
+    whole = httpx.post(f"{live.url}/v1/completions", json=body, timeout=60).json()
+    for choice in whole["choices"]:
+        check(choice["prompt_logprobs"])
+    assert "prompt_logprobs" not in httpx.post(f"{live.url}/v1/completions", json={**body, "prompt_logprobs": None},
+                                                timeout=60).json()["choices"][0]
+    with httpx.stream("POST", f"{live.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    firsts = {}
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            firsts.setdefault(choice["index"], choice)
+    assert sorted(firsts) == [0, 1] and all(check(c["prompt_logprobs"]) is None for c in firsts.values())
+    chat = httpx.post(f"{live.url}/v1/chat/completions", json={"model": "tiny", "max_tokens": 2, "prompt_logprobs": 1,
+                                                               "messages": [{"role": "user", "content": "Hi"}],
+                                                               "temperature": 0}, timeout=60).json()
+    assert chat["prompt_logprobs"][0] is None and len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"]
+    live.wait_idle()
 
 
 def _metric(text: str, name: str, **labels) -> float:

@@ -167,6 +167,11 @@ WRONG_TYPES = [
     (CHAT, {"messages": [{"role": "user", "content": "\udfff"}]}, "messages"),
     (CHAT, {"logprobs": "yes"}, "logprobs"),
     (CHAT, {"chat_template_kwargs": "x"}, "chat_template_kwargs"),
+    (CHAT, {"chat_template_kwargs": ""}, "chat_template_kwargs"),  # falsy wrong types too
+    (CHAT, {"chat_template_kwargs": []}, "chat_template_kwargs"),
+    (COMPLETIONS, {"stop_token_ids": 0}, "stop_token_ids"),
+    (COMPLETIONS, {"stop_token_ids": ""}, "stop_token_ids"),
+    (CHAT, {"stop_token_ids": {}}, "stop_token_ids"),
 ]
 
 
@@ -397,6 +402,7 @@ BAD_FIELDS = [
     (COMPLETIONS, {"seed": 2**63}, "seed"),
     (COMPLETIONS, {"seed": -(2**63) - 1}, "seed"),
     (CHAT, {"seed": 10**30}, "seed"),
+    (COMPLETIONS, {"min_tokens": 1, "stop_token_ids": list(range(30, 50))}, "min_tokens"),  # > 16 held back
 ]
 
 

@@ -30,8 +30,8 @@ import jaxinfer
 from jaxinfer.engine.engine import Engine, EngineError
 from jaxinfer.server import metrics
 from jaxinfer.server.protocol import (APIError, GenerationRequest, Limits, TokenText, chat_logprobs, check_api_key,
-                                      completion_logprobs, parse_chat, parse_completion, parse_json, parse_prompts,
-                                      read_body, usage)
+                                      check_text, completion_logprobs, parse_chat, parse_completion, parse_json,
+                                      parse_prompts, prompt_logprobs_json, read_body, usage)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,15 @@ class Server:
     @property
     def capacity(self) -> int:
         return self.engine.cfg.max_slots + self.config.max_queue
+
+    def model(self, name) -> str:
+        """The served model's name for a request's `model` (None: this one); 404 for any other."""
+        served = self.config.served_model_name
+        if name is not None and not isinstance(name, str):
+            raise APIError(400, "model must be a string", "model")
+        if name is not None and name != served:
+            raise APIError(404, f"the model '{name[:100]}' does not exist; this server serves '{served}'", "model")
+        return served
 
     def fail(self, reason: str) -> None:
         if self.health != "dead":
@@ -210,7 +219,7 @@ class Generation:
     async def completions(self, request: Request) -> Response:
         server = self.server
         req = parse_completion(await read_json(request, server.config.max_body_bytes), server.limits)
-        model = self._model(req.model)
+        model = server.model(req.model)
         self._check_room(req.params.n * len(req.prompts), len(req.prompts))
         # Tokenizing a few MB of text takes seconds: off the event loop, so other requests go on.
         prompts = await asyncio.to_thread(lambda: [self._prompt(p, req, "prompt") for p in req.prompts])
@@ -219,7 +228,7 @@ class Generation:
     async def chat(self, request: Request) -> Response:
         server = self.server
         req, messages, kwargs = parse_chat(await read_json(request, server.config.max_body_bytes), server.limits)
-        model = self._model(req.model)
+        model = server.model(req.model)
         if server.engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so no chat template: use /v1/completions")
         self._check_room(req.params.n, 1)
@@ -244,12 +253,6 @@ class Generation:
             raise APIError(429, f"the server is at capacity ({server.capacity} sequences running or queued); "
                                 "retry later", headers={"Retry-After": str(server.config.retry_after_seconds)})
 
-    def _model(self, name: str | None) -> str:
-        served = self.server.config.served_model_name
-        if name is not None and name != served:
-            raise APIError(404, f"the model '{name[:100]}' does not exist; this server serves '{served}'", "model")
-        return served
-
     def _prompt(self, prompt, req: GenerationRequest, param: str, text: str | None = None) -> tuple[str, list[int]]:
         """-> (text, ids) after the context-length checks, as vLLM words them."""
         engine = self.server.engine
@@ -272,8 +275,9 @@ class Generation:
                            req.max_tokens_param)
         try:
             engine.validate(ids, req.params)
-        except (ValueError, MemoryError) as e:
-            raise APIError(400, str(e), param) from None
+        except (ValueError, MemoryError) as e:  # a sampling field's own limit names the field
+            field = next((f for f in ("min_tokens", "stop_token_ids") if f in str(e)), param)
+            raise APIError(400, str(e), field) from None
         return text, ids
 
     async def _run(self, http: Request, req: GenerationRequest, prompts, model: str, kind: str) -> Response:
@@ -370,6 +374,8 @@ class Generation:
             choice["token_ids"] = list(delta_ids)
             if final or first:
                 choice["prompt_token_ids"] = list(job.prompts[i][1])
+        if req.prompt_logprobs and not req.chat and (final or first):
+            choice["prompt_logprobs"] = prompt_logprobs_json(out.prompt_logprobs)
         if not req.chat:
             return {"index": index, "text": prefix + delta_text, **choice}
         if final:
@@ -386,8 +392,11 @@ class Generation:
         choices = [self._choice(job, i, out, c, final=True) for i, out in enumerate(finals) for c in out.outputs]
         choices.sort(key=lambda c: c["index"])
         kind = "chat.completion" if job.request.chat else "text_completion"
-        return {"id": job.response_id, "object": kind, "created": job.created, "model": job.model,
-                "choices": choices, "usage": self._usage(job, finals)}
+        response = {"id": job.response_id, "object": kind, "created": job.created, "model": job.model,
+                    "choices": choices, "usage": self._usage(job, finals)}
+        if job.request.chat and job.request.prompt_logprobs:  # vLLM's extension, beside the choices
+            response["prompt_logprobs"] = prompt_logprobs_json(finals[0].prompt_logprobs)
+        return response
 
     def _chunk(self, job: _Job, choices: list[dict], **extra) -> str:
         kind = "chat.completion.chunk" if job.request.chat else "text_completion"
@@ -461,6 +470,13 @@ class Info:
         tokenizer = server.engine.tokenizer
         if not isinstance(body, dict) or tokenizer is None:
             raise APIError(400, "send a JSON object with 'prompt' (a string) to a model with a tokenizer")
+        check_text(body)
+        server.model(body.get("model"))
+        # Tokenizing a few MB of text takes seconds: off the event loop, so other requests go on.
+        return JSONResponse(await asyncio.to_thread(self._tokenize, body))
+
+    def _tokenize(self, body: dict) -> dict:
+        server, tokenizer = self.server, self.server.engine.tokenizer
         if "messages" in body:
             _, messages, kwargs = parse_chat({**body, "stream": False}, server.limits)
             try:
@@ -476,13 +492,14 @@ class Info:
             if not isinstance(add_special, bool):
                 raise APIError(400, "add_special_tokens must be true or false", "add_special_tokens")
             ids = tokenizer.encode(prompt, add_special_tokens=add_special)
-        return JSONResponse({"count": len(ids), "max_model_len": server.engine.cfg.max_model_len, "tokens": ids})
+        return {"count": len(ids), "max_model_len": server.engine.cfg.max_model_len, "tokens": ids}
 
     async def detokenize(self, request: Request) -> Response:
         server = self.server
         body = await read_json(request, server.config.max_body_bytes)
         if not isinstance(body, dict) or "tokens" not in body:
             raise APIError(400, "send a JSON object with 'tokens' (a list of token ids)", "tokens")
+        server.model(body.get("model"))
         if server.engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer")
         ids = parse_prompts(body["tokens"], server.limits, "tokens")

@@ -110,6 +110,7 @@ class GenerationRequest:
     max_tokens_given: bool = True  # False: chat without max_tokens, which runs to the end of the context
     max_tokens_param: str = "max_tokens"  # the field that set it (chat: or max_completion_tokens), for errors
     return_token_ids: bool = False  # vLLM's extension: choices also carry token_ids (and prompt_token_ids)
+    prompt_logprobs: bool = False  # vLLM's extension: the first (or only) choice of a prompt carries them
 
 
 def _fail(message: str, param: str | None) -> None:
@@ -228,7 +229,8 @@ def _sampling(body: dict, limits: Limits, max_tokens: int | None, logprobs: int 
     seed = _int(body, "seed")
     if seed is not None and not -2**63 <= seed < 2**63:
         _fail(f"seed must fit in a signed 64-bit integer, got {seed}", "seed")
-    stop_token_ids = body.get("stop_token_ids") or []
+    stop_token_ids = body.get("stop_token_ids")
+    stop_token_ids = [] if stop_token_ids is None else stop_token_ids
     if not isinstance(stop_token_ids, list):
         _fail("stop_token_ids must be a list of token ids", "stop_token_ids")
     min_tokens = _int(body, "min_tokens", 0)
@@ -270,7 +272,7 @@ def _max_tokens(body: dict, name: str, default: int | None) -> int | None:
     return value
 
 
-def _check_text(body: dict) -> None:
+def check_text(body: dict) -> None:
     """JSON may escape a lone UTF-16 surrogate ("\\ud800"), which is no text: the tokenizer and the response
     encoder would fail on it."""
     for key, value in body.items():
@@ -299,7 +301,7 @@ def _model(body: dict) -> str | None:
 def parse_completion(body, limits: Limits) -> GenerationRequest:
     if not isinstance(body, dict):
         _fail("the request body must be a JSON object", None)
-    _check_text(body)
+    check_text(body)
     _warn_unknown(body, _COMPLETION_FIELDS)
     if "prompt" not in body:
         _fail("prompt is required", "prompt")
@@ -315,7 +317,8 @@ def parse_completion(body, limits: Limits) -> GenerationRequest:
     stream, include_usage = _stream(body)
     params = _sampling(body, limits, max(max_tokens, 1), logprobs, prompt_logprobs)
     return GenerationRequest(False, prompts, params, _model(body), stream, include_usage, echo, max_tokens == 0,
-                             logprobs, return_token_ids=_bool(body, "return_token_ids", False))
+                             logprobs, return_token_ids=_bool(body, "return_token_ids", False),
+                             prompt_logprobs=body.get("prompt_logprobs") is not None)
 
 
 def _messages(value) -> list[dict]:
@@ -330,7 +333,7 @@ def _messages(value) -> list[dict]:
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        for p in content):
                 _fail("message content parts must be of type 'text' with a string 'text'", "messages")
-            content = "".join(p["text"] for p in content)
+            content = "\n".join(p["text"] for p in content)  # as vLLM joins text parts
         elif content is not None and not isinstance(content, str):
             _fail("message content must be a string, a list of text parts or null", "messages")
         messages.append({**message, "content": content})
@@ -341,7 +344,7 @@ def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dic
     """-> (the request with no prompt yet, the messages, template kwargs); the app renders the template."""
     if not isinstance(body, dict):
         _fail("the request body must be a JSON object", None)
-    _check_text(body)
+    check_text(body)
     _warn_unknown(body, _CHAT_FIELDS)
     messages = _messages(body.get("messages"))
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -353,15 +356,18 @@ def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dic
         logprobs = _logprobs_count(body.get("top_logprobs", 0), "top_logprobs", limits)
     elif body.get("top_logprobs") is not None:
         _fail("top_logprobs needs logprobs set to true", "top_logprobs")
-    kwargs = body.get("chat_template_kwargs") or {}
+    kwargs = body.get("chat_template_kwargs")
+    kwargs = {} if kwargs is None else kwargs
     if not isinstance(kwargs, dict):
         _fail("chat_template_kwargs must be an object", "chat_template_kwargs")
     kwargs = {**kwargs, "add_generation_prompt": _bool(body, "add_generation_prompt", True)}
     stream, include_usage = _stream(body)
-    params = _sampling(body, limits, max_tokens, logprobs, None)
+    prompt_logprobs = _logprobs_count(body.get("prompt_logprobs"), "prompt_logprobs", limits)
+    params = _sampling(body, limits, max_tokens, logprobs, prompt_logprobs)
     request = GenerationRequest(True, [], params, _model(body), stream, include_usage, logprobs=logprobs,
                                 max_tokens_given=max_tokens is not None, max_tokens_param=name,
-                                return_token_ids=_bool(body, "return_token_ids", False))
+                                return_token_ids=_bool(body, "return_token_ids", False),
+                                prompt_logprobs=prompt_logprobs is not None)
     return request, messages, kwargs
 
 
@@ -412,6 +418,14 @@ def chat_logprobs(entries: list, ids: list[int], token_text: TokenText, top: int
         content.append({"token": text, "logprob": _finite(entry[token_id].logprob), "bytes": list(text.encode()),
                         "top_logprobs": alternatives})
     return {"content": content}
+
+
+def prompt_logprobs_json(entries: list) -> list:
+    """Prompt logprobs as vLLM's responses carry them: per prompt token None (the first) or
+    {"token id": {"logprob", "rank", "decoded_token"}}."""
+    return [None if entry is None else
+            {str(t): {"logprob": _finite(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
+             for t, lp in entry.items()} for entry in entries]
 
 
 def _finite(value: float) -> float:
