@@ -240,6 +240,8 @@ class Tokenizer:
         self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys(eos))
         self.pad_id = self._special_id("pad", model_configs)
         self.add_bos: bool = self.bos_id is not None and self.encode("")[:1] == [self.bos_id]
+        self._anchor: list[int] | None = None  # token_text's, made at its first call
+        self._token_texts: dict[int, str] = {}
 
     @classmethod
     def from_pretrained(cls, path) -> Tokenizer:
@@ -273,10 +275,9 @@ class Tokenizer:
         """One token's own text as it reads inside a sequence (what logprobs report: a sequence's token texts
         concatenate to its text). Decoded after a fixed anchor token whose text is then removed: decoding one
         token alone would drop the leading space that sentencepiece strips at the start of a text."""
-        if not hasattr(self, "_anchor"):
+        if self._anchor is None:
             self._anchor = self.encode("a", add_special_tokens=False)[-1:]
             self._anchor_text = self.decode(self._anchor, skip_special_tokens=False)
-            self._token_texts: dict[int, str] = {}
         text = self._token_texts.get(token_id)
         if text is None:
             text = self.decode(self._anchor + [token_id], skip_special_tokens=False)[len(self._anchor_text):]
