@@ -240,7 +240,8 @@ class Tokenizer:
         self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys(eos))
         self.pad_id = self._special_id("pad", model_configs)
         self.add_bos: bool = self.bos_id is not None and self.encode("")[:1] == [self.bos_id]
-        self._anchor: list[int] | None = None  # token_text's, made at its first call
+        self._anchor: list[int] | None = None  # token_text's anchor token and its text, made at its first call
+        self._anchor_text = ""
         self._token_texts: dict[int, str] = {}
 
     @classmethod

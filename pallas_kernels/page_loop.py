@@ -80,8 +80,8 @@ def _zero_unseen(v, seen, pool_dtype):
     """`v` with the values of keys no query sees set to 0, for float16 pools. A recycled page's tail can hold
     an earlier request's overflow, inf, and a masked key's weight 0 times inf is NaN. Only float16 overflows
     in practice (bfloat16 and float32 reach 3e38), and the select costs the CPU decode loop about 17%
-    (docs/benchmarks.md), so other dtypes skip it. The Pallas kernels always zero them (vLLM's kernels do
-    too): on a GPU the select is free beside the loads."""
+    (docs/benchmarks.md), so other dtypes skip it. The Pallas kernels always zero them, as vLLM's kernels
+    do: one select per loaded block, whose cost on a GPU is not measured yet."""
     return jnp.where(seen, v, 0.0) if pool_dtype == jnp.float16 else v
 
 

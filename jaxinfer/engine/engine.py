@@ -438,9 +438,7 @@ class Engine:
                 failed.append(arg)  # never reached the scheduler
             elif kind == "reset":
                 self._resets.append(arg)
-        for done in self._resets:
-            done.set_result(False)
-        self._resets.clear()
+        self._answer_resets(failed=True)
         for request in failed:
             stream = request.stream and request.stream()
             if stream is not None:
@@ -484,9 +482,9 @@ class Engine:
         self._wake.set()
         return done.result(timeout)
 
-    def _answer_resets(self) -> None:
+    def _answer_resets(self, failed: bool = False) -> None:
         for done in self._resets:
-            done.set_result(self._reset_if_idle())
+            done.set_result(not failed and self._reset_if_idle())
         self._resets.clear()
 
     def _reset_if_idle(self) -> bool:

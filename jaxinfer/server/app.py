@@ -72,7 +72,8 @@ class Server:
         return self.engine.cfg.max_slots + self.config.max_queue
 
     def model(self, name) -> str:
-        """The served model's name for a request's `model` (None: this one); 404 for any other."""
+        """The served model's name for a request's `model` (None: this one); 400 for a non-string, 404 for
+        another name. Every route that takes `model` checks it here."""
         served = self.config.served_model_name
         if name is not None and not isinstance(name, str):
             raise APIError(400, "model must be a string", "model")

@@ -101,7 +101,7 @@ class GenerationRequest:
     chat: bool
     prompts: list  # str | list[int] each
     params: SamplingParams
-    model: str | None
+    model: object  # the body's "model", as sent: Server.model checks it
     stream: bool
     include_usage: bool
     echo: bool = False
@@ -291,13 +291,6 @@ def _warn_unknown(body: dict, known: set[str]) -> None:
         log.info("ignoring unknown request fields: %s", ", ".join(k[:40] for k in unknown[:10]))
 
 
-def _model(body: dict) -> str | None:
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        _fail("model must be a string", "model")
-    return model
-
-
 def parse_completion(body, limits: Limits) -> GenerationRequest:
     if not isinstance(body, dict):
         _fail("the request body must be a JSON object", None)
@@ -316,7 +309,7 @@ def parse_completion(body, limits: Limits) -> GenerationRequest:
         prompt_logprobs = max(prompt_logprobs or 0, logprobs)
     stream, include_usage = _stream(body)
     params = _sampling(body, limits, max(max_tokens, 1), logprobs, prompt_logprobs)
-    return GenerationRequest(False, prompts, params, _model(body), stream, include_usage, echo, max_tokens == 0,
+    return GenerationRequest(False, prompts, params, body.get("model"), stream, include_usage, echo, max_tokens == 0,
                              logprobs, return_token_ids=_bool(body, "return_token_ids", False),
                              prompt_logprobs=body.get("prompt_logprobs") is not None)
 
@@ -364,7 +357,7 @@ def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dic
     stream, include_usage = _stream(body)
     prompt_logprobs = _logprobs_count(body.get("prompt_logprobs"), "prompt_logprobs", limits)
     params = _sampling(body, limits, max_tokens, logprobs, prompt_logprobs)
-    request = GenerationRequest(True, [], params, _model(body), stream, include_usage, logprobs=logprobs,
+    request = GenerationRequest(True, [], params, body.get("model"), stream, include_usage, logprobs=logprobs,
                                 max_tokens_given=max_tokens is not None, max_tokens_param=name,
                                 return_token_ids=_bool(body, "return_token_ids", False),
                                 prompt_logprobs=prompt_logprobs is not None)
