@@ -507,7 +507,8 @@ def test_stop_string_across_a_token_boundary(tokenizer, decode_steps, include):
     assert len(streamed) > 2
     assert all(final.text.startswith(out.text) for out in streamed)
     stats = engine.stats()
-    assert stats.generation_tokens == len(final.token_ids) == stats.inter_token_latency.count + 1
+    assert stats.generation_tokens == len(final.token_ids)
+    assert stats.inter_token_latency.count == len(streamed) - 1  # a gap per step that gave tokens, cut or not
 
 
 def test_stop_string_in_the_last_dispatch_beats_length(tokenizer):
@@ -697,6 +698,34 @@ def test_dropping_a_stream_early_aborts_its_request():
     assert engine.stats().finished_requests == {"abort": 4}
 
 
+def test_latencies_are_split_as_vllm_splits_them():
+    """One inter-token gap per step that gave a request tokens (a 4-round dispatch is one gap, not three of 0),
+    time to first token observed as soon as it arrives, and at the finish vLLM's split of the request's life:
+    queue + prefill + decode = end to end (up to the emit), decode = the gaps' sum, TPOT = decode over the
+    tokens after the first."""
+    engine = make_engine(decode_steps=4)
+    stream = engine.add_request(prompts(1, 5)[0], SamplingParams(max_tokens=9, ignore_eos=True))
+    while not engine.stats().ttft.count:
+        engine.step()
+    assert engine.has_work() and engine.stats().e2e_latency.count == 0  # observed live, before the finish
+    while engine.has_work():
+        engine.step()
+    outs = list(stream)
+    m = outs[-1].metrics
+    assert [len(out.outputs[0].token_ids) for out in outs] == [1, 5, 9]  # the prefill's token, then 4 and 4
+    stats = engine.stats()
+    assert len(m.inter_token_latencies) == stats.inter_token_latency.count == 2
+    assert sum(m.inter_token_latencies) == pytest.approx(m.decode_time)
+    assert m.time_per_output_token == pytest.approx(m.decode_time / 8)
+    assert m.inference_time == pytest.approx(m.prefill_time + m.decode_time)
+    assert m.queue_time + m.inference_time <= m.e2e_latency and m.time_to_first_token == pytest.approx(
+        m.queue_time + m.prefill_time)
+    for name in ("e2e_latency", "queue_time", "prefill_time", "decode_time", "inference_time",
+                 "time_per_output_token"):
+        hist = getattr(stats, name)
+        assert hist.count == 1 and hist.total == pytest.approx(getattr(m, name)), name
+
+
 def test_counters_and_histograms():
     """stats() while running and after: running/waiting counts, kv usage, prompt and generation tokens,
     prefix-cache queries and hits, preemptions and the latency histogram counts."""
@@ -722,7 +751,9 @@ def test_counters_and_histograms():
     assert stats.generation_tokens == sum(generated) and stats.preemptions == 0
     assert stats.finished_requests == {"length": 3}
     assert stats.ttft.count == stats.e2e_latency.count == stats.queue_time.count == 3
-    assert stats.inter_token_latency.count == sum(generated) - 3
+    gaps = [len(finals[f"req-{i}"].metrics.inter_token_latencies) for i in range(3)]
+    assert stats.inter_token_latency.count == sum(gaps) < sum(generated) - 3  # two-token dispatches: one gap each
+    assert stats.time_per_output_token.count == stats.decode_time.count == stats.prefill_time.count == 3
     assert stats.ttft.cumulative()[-1] == 3
     engine.add_request(prefix, SamplingParams(n=3, max_tokens=4, seed=5), stream=False)
     engine.step()  # as in vLLM, each of the n samples counts: one runs, two wait for a slot

@@ -29,7 +29,7 @@ import numpy as np
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine.data_parallel import DataParallelScheduler
 from jaxinfer.engine.executor import Executor
-from jaxinfer.engine.metrics import EngineStats, LatencyHistograms, RequestMetrics
+from jaxinfer.engine.metrics import EngineStats, LatencyHistograms, RequestMetrics, request_metrics
 from jaxinfer.engine.request import (MAX_BANNED, CompletionOutput, RequestOutput, SamplingParams, Sequence,
                                      logprob_entry)
 from jaxinfer.engine.scheduler import Scheduler
@@ -109,10 +109,13 @@ class _Request:
     consumed: list[int] = dataclasses.field(default_factory=list)  # output tokens already detokenized
     entries: list[list] = dataclasses.field(default_factory=list)  # per sequence: its logprobs as reported
     prompt_entries: list = dataclasses.field(default_factory=list)  # the prompt logprobs as reported
+    gaps_observed: list[int] = dataclasses.field(default_factory=list)  # per sequence: its token gaps observed
+    first_token_observed: bool = False
 
     def __post_init__(self):
         self.consumed = [0] * len(self.seqs)
         self.entries = [[] for _ in self.seqs]
+        self.gaps_observed = [0] * len(self.seqs)
 
 
 def _find_stop(text: str, stops: tuple[str, ...], old_len: int) -> tuple[int, str] | None:
@@ -300,6 +303,7 @@ class Engine:
             if request is None or request.seqs[seq.index] is not seq:
                 continue  # ended while its step ran (its id may already name a new request)
             self._detokenize(request, seq)
+            self._observe_tokens(request, seq)
             touched[request.request_id] = request
         # Requests without a stream (offline batches) only need their final output.
         return [self._emit(request) for request in touched.values()
@@ -327,13 +331,23 @@ class Engine:
                 keep = at + len(string) if request.params.include_stop_str_in_output else at
                 request.texts[seq.index] = text[:keep]
                 self.scheduler.counters.generation_tokens -= len(seq.output_ids) - (i + 1)  # counted, now cut
-                del seq.output_ids[i + 1:], seq.logprobs[i + 1:], seq.token_gaps[i:]
+                del seq.output_ids[i + 1:], seq.logprobs[i + 1:]  # token i came in this step: its gap stays
                 if seq.finished:  # a later token of the same dispatch hit EOS or the length: the string came first
                     seq.finish_reason, seq.stop_reason = "stop", string
                 else:
                     self.scheduler.finish(seq, "stop", string)
                 break
         request.consumed[seq.index] = len(seq.output_ids)
+
+    def _observe_tokens(self, request: _Request, seq: Sequence) -> None:
+        """Time to first token and inter-token gaps go into the histograms as they happen (as in vLLM), so a
+        long request shows in them before it ends."""
+        if not request.first_token_observed and seq.first_token is not None:
+            request.first_token_observed = True
+            self.latencies.ttft.observe(seq.first_token - seq.arrival)
+        for gap in seq.token_gaps[request.gaps_observed[seq.index]:]:
+            self.latencies.inter_token_latency.observe(gap)
+        request.gaps_observed[seq.index] = len(seq.token_gaps)
 
     def _emit(self, request: _Request) -> RequestOutput:
         finished = all(seq.finished for seq in request.seqs)
@@ -375,13 +389,7 @@ class Engine:
         with self._lock:
             self._known_ids.discard(request.request_id)
         seq = request.seqs[0]
-        scheduled = [s.first_scheduled for s in request.seqs if s.first_scheduled is not None]
-        firsts = [s.first_token for s in request.seqs if s.first_token is not None]
-        metrics = RequestMetrics(request.arrival)
-        metrics.queue_time = min(scheduled) - seq.arrival if scheduled else None
-        metrics.time_to_first_token = min(firsts) - seq.arrival if firsts else None
-        metrics.inter_token_latencies = [gap for s in request.seqs for gap in s.token_gaps]
-        metrics.e2e_latency = time.monotonic() - seq.arrival
+        metrics = request_metrics(request.seqs, time.monotonic())
         self.latencies.record(metrics, seq.finish_reason)
         return metrics
 
@@ -461,7 +469,8 @@ class Engine:
             prefill_tokens_computed=c.prefill_tokens_computed, preemptions=c.preemptions,
             prefix_cache_queries=c.prefix_queries, prefix_cache_hits=c.prefix_hits, steps=c.steps,
             finished_requests=dict(h.finished), ttft=h.ttft, inter_token_latency=h.inter_token_latency,
-            e2e_latency=h.e2e_latency, queue_time=h.queue_time)
+            e2e_latency=h.e2e_latency, queue_time=h.queue_time, prefill_time=h.prefill_time,
+            decode_time=h.decode_time, inference_time=h.inference_time, time_per_output_token=h.time_per_output_token)
 
     def reset_prefix_cache(self, timeout: float | None = 30.0) -> bool:
         """Forget every cached prefix (vLLM's `reset_prefix_cache`): False, and nothing done, while requests

@@ -43,13 +43,36 @@ class Histogram:
 
 @dataclasses.dataclass
 class RequestMetrics:
-    """Per-request latencies in seconds (None where the request never got that far)."""
+    """Per-request latencies in seconds, as vLLM splits them (None where the request never got that far).
+    With n > 1 samples: from the first sample scheduled or given a token to the last token of any."""
 
     arrival_time: float
     queue_time: float | None = None  # arrival -> first scheduled
-    time_to_first_token: float | None = None
-    inter_token_latencies: list[float] = dataclasses.field(default_factory=list)
-    e2e_latency: float | None = None
+    time_to_first_token: float | None = None  # arrival -> first token
+    inter_token_latencies: list[float] = dataclasses.field(default_factory=list)  # one per step that gave tokens
+    e2e_latency: float | None = None  # arrival -> finished
+    prefill_time: float | None = None  # first scheduled -> first token
+    decode_time: float | None = None  # first token -> last token
+    inference_time: float | None = None  # first scheduled -> last token
+    time_per_output_token: float | None = None  # decode_time over the tokens after the first (two or more)
+
+
+def request_metrics(seqs, now: float) -> RequestMetrics:
+    """A finished request's latencies from its sequences' timestamps (vLLM's split of a request's life)."""
+    arrival = seqs[0].arrival
+    scheduled = min((s.first_scheduled for s in seqs if s.first_scheduled is not None), default=None)
+    first = min((s.first_token for s in seqs if s.first_token is not None), default=None)
+    m = RequestMetrics(arrival, e2e_latency=now - arrival,
+                       inter_token_latencies=[gap for s in seqs for gap in s.token_gaps])
+    if scheduled is not None:
+        m.queue_time = scheduled - arrival
+    if first is not None:
+        last = max(s.last_token for s in seqs if s.last_token is not None)
+        tokens = max(len(s.output_ids) for s in seqs)
+        m.time_to_first_token, m.decode_time = first - arrival, last - first
+        m.prefill_time, m.inference_time = first - scheduled, last - scheduled
+        m.time_per_output_token = m.decode_time / (tokens - 1) if tokens > 1 else None
+    return m
 
 
 @dataclasses.dataclass
@@ -71,21 +94,34 @@ class EngineStats:
     inter_token_latency: Histogram
     e2e_latency: Histogram
     queue_time: Histogram
+    prefill_time: Histogram
+    decode_time: Histogram
+    inference_time: Histogram
+    time_per_output_token: Histogram
+
+
+# The histograms observed once per finished request, each named as its RequestMetrics field.
+FINISHED = ("e2e_latency", "queue_time", "prefill_time", "decode_time", "inference_time", "time_per_output_token")
 
 
 class LatencyHistograms:
+    """As in vLLM, time to first token and inter-token gaps are observed as tokens arrive, the rest when a
+    request finishes."""
+
     def __init__(self):
         self.ttft = Histogram(TTFT_BUCKETS)
         self.inter_token_latency = Histogram(ITL_BUCKETS)
         self.e2e_latency = Histogram(REQUEST_BUCKETS)
         self.queue_time = Histogram(REQUEST_BUCKETS)
+        self.prefill_time = Histogram(REQUEST_BUCKETS)
+        self.decode_time = Histogram(REQUEST_BUCKETS)
+        self.inference_time = Histogram(REQUEST_BUCKETS)
+        self.time_per_output_token = Histogram(ITL_BUCKETS)
         self.finished: dict[str, int] = {}
 
     def record(self, metrics: RequestMetrics, finish_reason: str) -> None:
         self.finished[finish_reason] = self.finished.get(finish_reason, 0) + 1
-        for hist, value in ((self.ttft, metrics.time_to_first_token), (self.e2e_latency, metrics.e2e_latency),
-                            (self.queue_time, metrics.queue_time)):
+        for name in FINISHED:
+            value = getattr(metrics, name)
             if value is not None:
-                hist.observe(value)
-        for gap in metrics.inter_token_latencies:
-            self.inter_token_latency.observe(gap)
+                getattr(self, name).observe(value)

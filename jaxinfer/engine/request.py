@@ -154,7 +154,7 @@ class Sequence:
     first_token: float | None = None
     last_token: float | None = None
     finished_at: float | None = None
-    token_gaps: list[float] = dataclasses.field(default_factory=list)  # inter-token latencies seen by the host
+    token_gaps: list[float] = dataclasses.field(default_factory=list)  # between steps that gave it tokens
 
     @property
     def all_ids(self) -> list[int]:

@@ -399,13 +399,25 @@ class Scheduler:
                     self._add_prompt_logprobs(seq, chunk.start, mine)
                 if not chunk.sample:
                     continue
-            count = 1 if is_prefill else int(plan.steps[slot])
+            count, known = (1 if is_prefill else int(plan.steps[slot])), len(seq.output_ids)
             for i in range(count):
                 seq.pending -= 1
                 if not seq.finished:
-                    self._append(seq, result, i, slot, now)
+                    self._append(seq, result, i, slot)
+            if len(seq.output_ids) > known:
+                self._delivered(seq, now)
             touched.append(seq)
         return touched
+
+    @staticmethod
+    def _delivered(seq: Sequence, now: float) -> None:
+        """Time a step's tokens for a sequence: as in vLLM, one inter-token gap per step that gave it tokens,
+        however many it gave (a multi-round dispatch or a stop string's cut does not add gaps of 0)."""
+        if seq.first_token is None:
+            seq.first_token = now
+        else:
+            seq.token_gaps.append(now - seq.last_token)
+        seq.last_token = now
 
     @staticmethod
     def _add_prompt_logprobs(seq: Sequence, start: int, chunk: tuple) -> None:
@@ -417,7 +429,7 @@ class Scheduler:
                 seq.prompt_logprobs.append((float(logprob[i]), int(rank[i]), top_ids[i, :k].tolist(),
                                             top_logprobs[i, :k].tolist()))
 
-    def _append(self, seq: Sequence, result: StepResult, row: int, column: int, now: float) -> None:
+    def _append(self, seq: Sequence, result: StepResult, row: int, column: int) -> None:
         token = int(result.tokens[row, column])
         seq.output_ids.append(token)
         if result.logprobs is not None and seq.params.logprobs is not None:
@@ -425,11 +437,6 @@ class Scheduler:
             seq.logprobs.append((float(result.logprobs[row, column]), int(result.ranks[row, column]),
                                  result.top_ids[row, column, :k].tolist(),
                                  result.top_logprobs[row, column, :k].tolist()))
-        if seq.first_token is None:
-            seq.first_token = now
-        else:
-            seq.token_gaps.append(now - seq.last_token)
-        seq.last_token = now
         self.counters.generation_tokens += 1
         if seq.slot is not None:
             self._register_full_pages(seq)

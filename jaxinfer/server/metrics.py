@@ -59,8 +59,14 @@ def render(stats: EngineStats, model_name: str) -> str:
     _scalar(lines, "prefix_cache_hits_total", "counter", "Prompt tokens served from the prefix cache.",
             stats.prefix_cache_hits, labels)
     _histogram(lines, "time_to_first_token_seconds", "Arrival to first token.", stats.ttft, labels)
-    _histogram(lines, "inter_token_latency_seconds", "Gap between successive tokens.", stats.inter_token_latency,
-               labels)
+    _histogram(lines, "inter_token_latency_seconds", "Gap between a request's successive engine steps that gave it "
+               "tokens (one per step, however many tokens it gave).", stats.inter_token_latency, labels)
     _histogram(lines, "e2e_request_latency_seconds", "Arrival to finish.", stats.e2e_latency, labels)
     _histogram(lines, "request_queue_time_seconds", "Arrival to first scheduled.", stats.queue_time, labels)
+    _histogram(lines, "request_prefill_time_seconds", "First scheduled to first token.", stats.prefill_time, labels)
+    _histogram(lines, "request_decode_time_seconds", "First token to last token.", stats.decode_time, labels)
+    _histogram(lines, "request_inference_time_seconds", "First scheduled to last token.", stats.inference_time,
+               labels)
+    _histogram(lines, "request_time_per_output_token_seconds", "Decode time over the tokens after the first, "
+               "per finished request of two or more tokens.", stats.time_per_output_token, labels)
     return "\n".join(lines) + "\n"
