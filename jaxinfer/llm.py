@@ -101,7 +101,7 @@ def load_engine(model: str | Path | None = None, engine: EngineConfig | None = N
     runner = ModelRunner(cfg, resolved, params, mesh)
     has_tokenizer = any((source.directory / f).exists() for f in TOKENIZER_FILES)
     tokenizer = Tokenizer.from_pretrained(source.directory) if has_tokenizer else None
-    eos = set(cfg.eos_token_ids) | set(tokenizer.eos_ids if tokenizer else ())
+    eos = tuple(dict.fromkeys(cfg.eos_token_ids + (tokenizer.eos_ids if tokenizer else ())))  # config's first
     log.info("loaded %s (%s, %d layers) in %.2fs; KV pool: %d pages of %d tokens (%.2f GiB)",
              source.config_path, cfg.model_type, cfg.num_layers, time.perf_counter() - start, resolved.num_pages,
              resolved.page_size, resolved.num_pages * resolved.kv_bytes_per_page(cfg) / 2**30)

@@ -238,6 +238,7 @@ class Tokenizer:
         eos = [i for config in model_configs for i in _ids(config.get("eos_token_id"))]
         eos += _ids(self._token_id("eos_token"))
         self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys(eos))
+        self.eos_id = self._token_id("eos_token")  # transformers' eos_token_id, the EOS vLLM reports as no stop id
         self.pad_id = self._special_id("pad", model_configs)
         self.add_bos: bool = self.bos_id is not None and self.encode("")[:1] == [self.bos_id]
         self._anchor: list[int] | None = None  # token_text's anchor token and its text, made at its first call

@@ -163,7 +163,8 @@ def _check_final(engine, arrival, out):
         ended = bool(want) and want[-1] in stops and len(want) >= arrival.params.min_tokens
         assert completion.finish_reason == ("stop" if ended else "length")
         if ended:
-            assert completion.stop_reason == (want[-1] if want[-1] in arrival.params.stop_token_ids else None)
+            reported = want[-1] in arrival.params.stop_token_ids or want[-1] != EOS  # EOS is the first eos id
+            assert completion.stop_reason == (want[-1] if reported else None)
 
 
 @settings(max_examples=500, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -401,6 +402,26 @@ def test_tokens_after_eos_in_a_multi_step_dispatch_are_dropped():
     assert sampled > len(out.token_ids)  # the device did run past EOS
     assert out.token_ids == expected(engine, prompt, params) and out.token_ids[-1] == EOS
     assert out.finish_reason == "stop" and out.stop_reason is None
+
+
+@pytest.mark.parametrize("end, reason", [(EOS, None), (11, 11)])
+def test_extra_eos_ids_report_themselves_as_the_stop_reason(end, reason):
+    """As in vLLM: the model's EOS ends a sequence with stop_reason None, another EOS id (a generation config's
+    extra ones) with stop_reason that id; both are kept in token_ids and finish as 'stop'."""
+    prompt, eos = [1, 2, 3], (EOS, 11)
+    seed = _seed_where(lambda out: out[-1] == end, prompt, VOCAB, set(eos))
+    engine = make_engine(eos=eos)
+    request_id = engine.add_request(prompt, SamplingParams(max_tokens=20, seed=seed), stream=False)
+    out = run(engine)[request_id].outputs[0]
+    assert out.token_ids == fake_continuation(prompt, 20, _seed32(seed, 0), VOCAB, set(eos)) and out.token_ids[-1] == end
+    assert (out.finish_reason, out.stop_reason) == ("stop", reason)
+
+
+def test_the_tokenizers_eos_is_the_one_without_a_stop_reason(tokenizer):
+    """With a tokenizer, its eos_token (transformers' eos_token_id) is the model's EOS whatever the order of the
+    checkpoint's EOS ids; the bundled checkpoint's generation config adds id 4."""
+    assert tokenizer.eos_ids == (2, 4) and tokenizer.eos_id == 2
+    assert make_engine(vocab=tokenizer.vocab_size, eos=(4, 2), tokenizer=tokenizer).eos_id == 2
 
 
 @pytest.mark.parametrize("where", ["queued", "prefilling", "decoding"])

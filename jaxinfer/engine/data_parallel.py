@@ -22,10 +22,10 @@ from jaxinfer.engine.scheduler import Counters, Scheduler, StepPlan, StepResult
 
 
 class DataParallelScheduler:
-    def __init__(self, engine: EngineConfig, eos_ids=()):
+    def __init__(self, engine: EngineConfig):
         self.cfg = engine
         self.counters = Counters()
-        self.shards = [Scheduler(engine.shard(), eos_ids, self.counters) for _ in range(engine.mesh_shape[0])]
+        self.shards = [Scheduler(engine.shard(), self.counters) for _ in range(engine.mesh_shape[0])]
         self._last_placed: tuple[str, int] | None = None  # (request id, shard): its n > 1 siblings follow it
 
     def shard_of(self, seq: Sequence) -> Scheduler:

@@ -142,8 +142,10 @@ class Engine:
         self.cfg, self.executor, self.vocab_size, self.tokenizer = engine, executor, vocab_size, tokenizer
         self.model_config = model_config  # for callers that describe the model (the server); unused here
         self.eos_ids = frozenset(eos_ids)
-        self.scheduler = Scheduler(engine, self.eos_ids) if engine.mesh_shape[0] == 1 else \
-            DataParallelScheduler(engine, self.eos_ids)
+        # As in vLLM, the tokenizer's EOS ends a sequence with stop_reason None and the model's other EOS ids
+        # (its generation config's) with stop_reason their id; without a tokenizer, the first id given is it.
+        self.eos_id = tokenizer.eos_id if tokenizer and tokenizer.eos_id is not None else next(iter(eos_ids), None)
+        self.scheduler = Scheduler(engine) if engine.mesh_shape[0] == 1 else DataParallelScheduler(engine)
         self.latencies = LatencyHistograms()
         self._requests: dict[str, _Request] = {}
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -179,7 +181,7 @@ class Engine:
             self._known_ids.add(request_id)
             seeds = self._seeds(params)
             handle = RequestStream(request_id, self) if stream else None
-            seqs = [Sequence(request_id, i, list(ids), params, seeds[i], max_new, priority, eos)
+            seqs = [Sequence(request_id, i, list(ids), params, seeds[i], max_new, priority, eos, self.eos_id)
                     for i in range(params.n)]
             stream_ref = weakref.ref(handle) if handle else None
             request = _Request(request_id, text, ids, params, seqs, stream_ref, detoks, [""] * params.n,

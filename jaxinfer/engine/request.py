@@ -134,6 +134,7 @@ class Sequence:
     max_new: int  # max_tokens capped by the context left after the prompt
     priority: int = 0
     stop_ids: frozenset[int] = frozenset()  # EOS (unless ignore_eos) and stop_token_ids
+    eos_id: int | None = None  # the EOS that ends it with stop_reason None; other stop ids report themselves
     order: int = dataclasses.field(default_factory=lambda: next(_order))
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     output_ids: list[int] = dataclasses.field(default_factory=list)

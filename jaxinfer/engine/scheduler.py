@@ -133,11 +133,9 @@ class Counters:
 
 
 class Scheduler:
-    def __init__(self, engine: EngineConfig, eos_ids=(), counters: Counters | None = None,
-                 clock=time.monotonic):
+    def __init__(self, engine: EngineConfig, counters: Counters | None = None, clock=time.monotonic):
         self.cfg = engine
         self.clock = clock  # seconds; the planner's simulation runs this scheduler on a simulated clock
-        self.eos_ids = frozenset(eos_ids)
         B, P = engine.max_slots, engine.pages_per_seq
         self.pages = PageAllocator(engine.num_pages, engine.enable_prefix_caching)
         self.slots: list[Sequence | None] = [None] * B
@@ -447,6 +445,6 @@ class Scheduler:
             if token in seq.params.stop_token_ids:
                 return self.finish(seq, "stop", token)
             if token in seq.stop_ids:
-                return self.finish(seq, "stop", None)
+                return self.finish(seq, "stop", None if token == seq.eos_id else token)
         if len(seq.output_ids) >= seq.max_new:
             self.finish(seq, "length")

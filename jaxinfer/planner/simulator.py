@@ -206,7 +206,7 @@ class _Simulation:
         self.engine = dataclasses.replace(engine, enable_prefix_caching=False)  # distinct prompts: never a hit
         self.trace, self.settle = trace, settle
         self.clock = SimClock()
-        self.scheduler = Scheduler(self.engine, (), clock=self.clock)
+        self.scheduler = Scheduler(self.engine, clock=self.clock)
         self.executor = SimulatedExecutor(model, self.engine, self.clock, tensor_parallel)
         self.host = model.host(engine.max_slots)
         self.seqs: list[Sequence] = []
