@@ -653,6 +653,47 @@ def test_async_streams():
     engine.check_idle()
 
 
+def _within(seconds, work):
+    """work() in a thread; its result, or a failure (not a hung test) if it takes longer than `seconds`."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(work()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert result, f"still waiting after {seconds}s"
+    return result[0]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_stream_read_before_the_loop_runs_starts_it(kind):
+    """Reading a stream with no loop started and no step taken used to wait for ever; it now starts the loop.
+    From then on step() belongs to the loop, and says so; a finished stream read again yields nothing."""
+    engine = make_engine()
+    prompt, params = [1, 2, 3], SamplingParams(max_tokens=7, seed=4)
+    try:
+        if kind == "sync":
+            stream = engine.add_request(prompt, params)
+            outs = _within(20, lambda: list(stream))
+            assert _within(5, lambda: list(stream)) == []
+        else:
+            async def main():
+                stream = engine.add_request(prompt, params)
+                return [out async for out in stream], [out async for out in stream]
+            outs, again = _within(20, lambda: asyncio.run(main()))
+            assert again == []
+        assert engine.running_in_background
+        with pytest.raises(RuntimeError, match="background thread"):
+            engine.step()
+    finally:
+        engine.shutdown()
+    _check_stream(engine, prompt, params, outs)
+    engine.check_idle()
+    late = engine.add_request(prompt, params)  # after a shutdown a stream waits for an explicit start()
+    assert late._before_wait() is None and not engine.running_in_background
+    engine.start()
+    _check_stream(engine, prompt, params, _within(20, lambda: list(late)))
+    engine.shutdown()
+
+
 @pytest.mark.parametrize("how", ["stream", "engine"])
 def test_abort_mid_stream(how):
     """Aborting a streaming request (through its stream or by id) ends the stream with 'abort' after a

@@ -44,12 +44,15 @@ class EngineError(RuntimeError):
 
 class RequestStream:
     """The outputs of one request as they come. Created inside an event loop it is async-iterable
-    (`async for out in stream`); otherwise iterable, as often as wanted. The last item has `finished=True`.
-    A request whose stream is dropped unfinished (nothing refers to it any more), or whose consumer task is
-    cancelled while it waits, is aborted, as vLLM's `generate` does."""
+    (`async for out in stream`); otherwise iterable, as often as wanted (each output is read once; once the
+    last is read, an iteration yields nothing). The last item has `finished=True`. A stream that has nothing
+    to read starts the engine's background loop if nobody has (see `Engine.start`). A request whose stream is
+    dropped unfinished (nothing refers to it any more), or whose consumer task is cancelled while it waits,
+    is aborted, as vLLM's `generate` does."""
 
     def __init__(self, request_id: str, engine: "Engine"):
         self.request_id, self._engine = request_id, engine
+        self._done = False
         try:
             self._loop = asyncio.get_running_loop()
             self._queue = asyncio.Queue()
@@ -65,31 +68,33 @@ class RequestStream:
 
     def _unpack(self, item) -> RequestOutput:
         if isinstance(item, BaseException):
+            self._done = True
             raise item
+        self._done = item.finished
         return item
+
+    def _before_wait(self) -> None:
+        if self._queue.empty():  # about to wait: the loop must run, or the wait is for ever
+            self._engine.start_for_streams()
 
     def __iter__(self):
         if self._loop is not None:
             raise TypeError("this stream was created inside an event loop: use 'async for'")
-        while True:
-            out = self._unpack(self._queue.get())
-            yield out
-            if out.finished:
-                return
+        while not self._done:
+            self._before_wait()
+            yield self._unpack(self._queue.get())
 
     async def __aiter__(self):
         if self._loop is None:
             raise TypeError("this stream was created outside an event loop: iterate it with 'for'")
-        while True:
+        while not self._done:
+            self._before_wait()
             try:
                 item = await self._queue.get()
             except asyncio.CancelledError:
                 self.abort()
                 raise
-            out = self._unpack(item)
-            yield out
-            if out.finished:
-                return
+            yield self._unpack(item)
 
     def abort(self) -> None:
         self._engine.abort(self.request_id)
@@ -158,6 +163,7 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._shut_down = False  # by shutdown(): streams no longer start the loop
         self.error: BaseException | None = None
 
     # --- callers (any thread) ------------------------------------------------------------
@@ -260,6 +266,9 @@ class Engine:
         A step that raises fails every request (streams get an EngineError) and the engine, whose state it
         may have left half updated: later calls raise EngineError instead of waiting on it for ever."""
         self._raise_if_failed()
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            raise RuntimeError("the engine's loop runs in its background thread (engine.start(), or a stream read "
+                               "before any step): read the request streams rather than calling step()")
         try:
             return self._step()
         except Exception as error:
@@ -402,14 +411,26 @@ class Engine:
         return self._thread is not None
 
     def start(self) -> None:
-        """Run the loop in a daemon thread until `shutdown()`."""
+        """Run the loop in a daemon thread until `shutdown()`. From then on `step()` is the loop's alone."""
+        with self._lock:
+            self._shut_down = False
+            self._launch()
+
+    def start_for_streams(self) -> None:
+        """`start()` for a stream about to wait for output, unless the engine was shut down or has failed:
+        reading a stream without the loop running (and without calling `step()` first) used to wait for ever."""
+        with self._lock:
+            if not self._shut_down and self.error is None:
+                self._launch()
+
+    def _launch(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="jaxinfer-engine", daemon=True)
             self._thread.start()
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
         with self._lock:  # no reset is queued after this (see reset_prefix_cache)
-            self._stopping = True
+            self._stopping = self._shut_down = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
