@@ -218,6 +218,31 @@ def test_repeated_prefix_is_served_from_cache():
     assert computed[True] == computed[False] - 24
 
 
+def test_an_admission_that_does_not_fit_leaves_the_lru_order_alone():
+    """A queue head that cannot fit yet does not take and give back its cached prefix, which would make those
+    pages the most recently used (vLLM checks the free pages before it touches any); once room appears it is
+    admitted with its hits and the exact output."""
+    engine = make_engine(max_slots=2, page_size=4, num_pages=12, max_model_len=40, decode_steps=1)
+    first, second = prompts(1, 9)[0], prompts(1, 9, seed=1)[0]
+    for prompt in (first, second):  # their full pages go idle into the LRU: the first's are the oldest
+        engine.add_request(prompt, SamplingParams(max_tokens=1, seed=1), stream=False)
+        run(engine)
+    engine.add_request(prompts(1, 8, seed=2)[0], SamplingParams(max_tokens=12, seed=2, ignore_eos=True),
+                       stream=False)
+    engine.step()
+    lru = list(engine.scheduler.pages._lru)
+    assert len(lru) == 4
+    long = first + prompts(1, 24, seed=3)[0]  # 33 tokens: the first's 2 cached pages + 7 new, with 1 kept back
+    params = SamplingParams(max_tokens=1, seed=3)
+    request_id = engine.add_request(long, params, stream=False)
+    for _ in range(3):
+        engine.step()
+        assert engine.stats().num_waiting == 1 and list(engine.scheduler.pages._lru) == lru
+    finals = run(engine)
+    assert finals[request_id].num_cached_tokens == 8
+    assert finals[request_id].outputs[0].token_ids == expected(engine, long, params)
+
+
 def test_short_prompts_share_a_step_up_to_the_token_budget():
     """With room for 4 prompts per step, prompts of 5, 6 and 20 tokens fill the first step's 16-token budget
     in arrival order (the last one cut short) and the rest of the long one comes next; with 1 they go one

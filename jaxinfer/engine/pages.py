@@ -120,6 +120,10 @@ class PageAllocator:
             count += 1
         return count
 
+    def num_idle(self, hashes: list[bytes]) -> int:
+        """How many of the cached pages named by `hashes` nobody holds: taking them shrinks `num_free`."""
+        return sum(self._refs[self._page_of[h]] == 0 for h in hashes)
+
     def register(self, page: int, page_hash: bytes) -> None:
         """Record that `page` (in use) holds the full page named `page_hash`. A page whose content
         is already cached elsewhere stays unnamed: the first copy keeps serving hits."""

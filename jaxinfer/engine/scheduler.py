@@ -305,11 +305,11 @@ class Scheduler:
         root = self._hash_root(seq)  # names for the full pages before the last token, which is always computed
         hashes = [] if root is None else chain_hashes(known[:-1], self.cfg.page_size, root)
         # Prompt logprobs need the logits of every prompt position: such requests compute all.
-        cached = self.pages.match(hashes) if seq.params.prompt_logprobs is None else []
-        need = pages_for(len(known), self.cfg.page_size) - len(cached)
-        if not self.pages.can_allocate(need + self._headroom()):
-            self.pages.free(cached)
-            return None
+        hit = self.pages.cached_prefix(hashes) if seq.params.prompt_logprobs is None else 0
+        need = pages_for(len(known), self.cfg.page_size) - hit
+        if not self.pages.can_allocate(need + self._headroom() + self.pages.num_idle(hashes[:hit])):
+            return None  # its cached pages were not taken, so their place in the LRU order is unchanged
+        cached = self.pages.match(hashes[:hit])
         self.waiting.pop(0)
         seq.slot = self.slots.index(None)
         self.slots[seq.slot] = seq
