@@ -417,6 +417,9 @@ EDGE_FIELDS = [
     (COMPLETIONS, {"stop_token_ids": [0, VOCAB - 1]}), (COMPLETIONS, {"min_tokens": 2}),
     (CHAT, {"max_tokens": None, "min_tokens": 2, "stop": ["\n"]}),
     (COMPLETIONS, {"seed": 2**63 - 1}), (COMPLETIONS, {"seed": -(2**63)}),
+    # Integral floats, as pydantic's lax mode takes them for vLLM's int fields:
+    (COMPLETIONS, {"logprobs": 2.0, "n": 2.0, "stop_token_ids": [3.0], "prompt_logprobs": 1.0}),
+    (CHAT, {"logprobs": True, "top_logprobs": 2.0}),
     (COMPLETIONS, {"stream": True, "stream_options": {"include_usage": True}}),
 ]
 

@@ -129,11 +129,17 @@ def _int(body: dict, name: str, default=None):
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool):
+    if _integer(value) is None:
         _fail(f"{name} must be an integer, got {_describe(value)}", name)
-    return value
+    return _integer(value)
+
+
+def _integer(value) -> int | None:
+    """`value` as an int if it is one, or a float with no fraction (2.0, as pydantic's lax mode takes it for
+    vLLM's int fields); None for anything else (booleans, 2.5, "2")."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
@@ -165,12 +171,13 @@ def _bool(body: dict, name: str, default: bool) -> bool:
 
 
 def _token_ids(value, limits: Limits, param: str) -> list[int]:
-    for t in value:
-        if not isinstance(t, int) or isinstance(t, bool):
-            _fail(f"{param} token ids must be integers, got {_describe(t)}", param)
+    ids = [_integer(t) for t in value]
+    for t, raw in zip(ids, value):
+        if t is None:
+            _fail(f"{param} token ids must be integers, got {_describe(raw)}", param)
         if not 0 <= t < limits.vocab_size:
             _fail(f"token id {t} in {param} is outside the vocabulary [0, {limits.vocab_size})", param)
-    return list(value)
+    return ids
 
 
 def parse_prompts(value, limits: Limits, param: str = "prompt") -> list:
@@ -260,9 +267,9 @@ def _sampling(body: dict, limits: Limits, max_tokens: int | None, logprobs: int 
 def _logprobs_count(value, name: str, limits: Limits) -> int | None:
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limits.max_logprobs:
+    if _integer(value) is None or not 0 <= _integer(value) <= limits.max_logprobs:
         _fail(f"{name} must be an integer in [0, {limits.max_logprobs}], got {_describe(value)}", name)
-    return value
+    return _integer(value)
 
 
 def _max_tokens(body: dict, name: str, default: int | None) -> int | None:
