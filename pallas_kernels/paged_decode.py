@@ -66,6 +66,7 @@ def _kernel(layer_ref, length_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref,
 TUNED = Path(__file__).with_name("tuned_paged_decode.json")
 KNOBS = ("num_splits", "block_keys", "num_warps", "num_stages")
 DEFAULT_BLOCK_KEYS = 64
+TARGET_PROGRAMS = 1024  # programs (slots x KV heads x splits) that keep a GPU busy: ~8 per SM of an H100/H200
 
 
 @functools.cache
@@ -86,11 +87,16 @@ def tuned_knobs(device_kind: str, batch: int, context: int, table: dict | None =
     return {} if best is None else {knob: best[knob] for knob in KNOBS}
 
 
-def _layout(num_table_pages: int, page_size: int, num_splits: int | None, block_keys: int):
-    """(pages per block, pages per split, splits): powers of two, a block at least 16 keys."""
+def _layout(num_table_pages: int, page_size: int, num_splits: int | None, block_keys: int, programs: int):
+    """(pages per block, pages per split, splits): powers of two, a block at least 16 keys. By default, splits
+    until the grid has TARGET_PROGRAMS programs (`programs` without splits: slots x KV heads), at most 8, and
+    each split at least 4 blocks: at large batch the slots fill the GPU alone, and more splits only shorten
+    each program's loop (in the 2026-11-27 H200 run, the rows whose programs ran 4 blocks were the furthest
+    from the copy bandwidth) and add partial results to write and combine."""
     pages_per_block = max(1, block_keys // page_size)
-    if num_splits is None:  # enough splits to fill the machine at small batch, never empty by design
-        num_splits = max(1, min(8, pl.cdiv(num_table_pages, 4 * pages_per_block)))
+    if num_splits is None:
+        wanted = pl.next_power_of_2(pl.cdiv(TARGET_PROGRAMS, programs))
+        num_splits = max(1, min(8, wanted, pl.cdiv(num_table_pages, 4 * pages_per_block)))
     pages_per_split = max(pages_per_block, pl.next_power_of_2(pl.cdiv(num_table_pages, num_splits)))
     return pages_per_block, pages_per_split, pl.cdiv(num_table_pages, pages_per_split)
 
@@ -132,7 +138,7 @@ def paged_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, *,
     check_power_of_two(page_size=Z, block_keys=block_keys)
     G = N // K
     Gp = max(16, pl.next_power_of_2(G))  # dot sides of at least 16
-    per_block, per_split, splits = _layout(block_tables.shape[1], Z, num_splits, block_keys)
+    per_block, per_split, splits = _layout(block_tables.shape[1], Z, num_splits, block_keys, B * K)
     tables = jnp.pad(block_tables, ((0, 0), (0, splits * per_split - block_tables.shape[1])))
     qg = jnp.pad(q.reshape(B, K, G, H), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
     kernel = functools.partial(_kernel, num_kv_heads=K, num_pages=P, pages_per_block=per_block,

@@ -5,8 +5,8 @@
 # each stage has its own time limit and writes its log to OUTPUT_DIR as it goes, so a stage cut short
 # still leaves what it measured):
 #   1. scripts/gpu_check.sh: the Pallas kernel tests compiled for the GPU, then the decode-attention benchmark;
-#   1b. the decode kernel's tuning sweep at batch 64 x context 2048 (the shape furthest from its target),
-#       written as the kernel's tuned table (OUTPUT_DIR/tuned_paged_decode.json: commit it as
+#   1b. the decode kernel's tuning sweep at batch 64 x context 2048 (the shape furthest from its target; a
+#       knob at a time, 14 settings, none started after 50 s), written as the kernel's tuned table (OUTPUT_DIR/tuned_paged_decode.json: commit it as
 #       pallas_kernels/tuned_paged_decode.json), then that shape timed again with the table in place against
 #       the bundled kernel;
 #   2. jaxinfer bench offline on a Llama-3-8B-shaped random bf16 checkpoint with 1,000 requests: the engine
@@ -27,7 +27,7 @@ out=${1:-${OUT:-/tmp}}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} JAX_PLATFORMS=cuda PYTHONUNBUFFERED=1
 KERNEL_TESTS_SECONDS=90 BENCH_SECONDS=120 bash scripts/gpu_check.sh "$out"
 check=$?
-timeout 70 python3 scripts/bench_attention.py --sweep --batches 64 --contexts 2048 --repeats 5 \
+timeout 70 python3 scripts/bench_attention.py --sweep --batches 64 --contexts 2048 --repeats 5 --seconds 50 \
   --out "$out/attention_sweep.json" --tune "$out/tuned_paged_decode.json" 2>&1 | tee "$out/attention_sweep.log" \
   | grep -v Warning
 if [ -f "$out/tuned_paged_decode.json" ]; then  # this copy of the tree only: the session commits it by hand

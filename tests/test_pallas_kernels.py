@@ -19,7 +19,7 @@ from jaxinfer.config import EngineConfig
 from jaxinfer.llm import LLM, SamplingParams
 from pallas_kernels.page_loop import page_loop_decode_attention, page_loop_prefill_attention
 from pallas_kernels.paged_reference import paged_attention_reference
-from pallas_kernels.paged_decode import paged_decode_attention, paged_decode_reference, tuned_knobs
+from pallas_kernels.paged_decode import _layout, paged_decode_attention, paged_decode_reference, tuned_knobs
 from pallas_kernels.ragged_prefill import ragged_prefill_attention, ragged_prefill_reference
 
 INTERPRET = jax.default_backend() != "gpu"  # scripts/gpu_check.sh runs these compiled on a GPU
@@ -151,6 +151,17 @@ def test_paged_decode_tuning_knobs_keep_the_result(block_keys, num_splits):
     out = paged_decode_attention(*args, num_splits=num_splits, block_keys=block_keys, num_warps=4, num_stages=2,
                                  interpret=INTERPRET)
     _assert_close(out, paged_decode_reference(*args), jnp.float32)
+
+
+def test_default_splits_stop_once_the_slots_fill_the_gpu():
+    """(pages per block, pages per split, splits) by default: up to 8 splits for few slots, fewer as slots x KV
+    heads approach TARGET_PROGRAMS (vLLM's CUDA kernel likewise stops splitting past 512 slots x query heads),
+    and never a split shorter than 4 blocks."""
+    assert _layout(512, 16, None, 64, 1 * 8) == (4, 64, 8)
+    assert _layout(128, 16, None, 64, 64 * 8) == (4, 64, 2)
+    assert _layout(512, 16, None, 64, 256 * 8) == (4, 512, 1)
+    assert _layout(24, 16, None, 64, 8) == (4, 16, 2)  # 6 blocks: not 8 splits of less than one
+    assert _layout(128, 16, 4, 64, 256 * 8) == (4, 32, 4)  # asked for: as asked
 
 
 def test_tuned_knobs_come_from_the_nearest_shape_within_a_factor_of_two():
