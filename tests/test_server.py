@@ -127,7 +127,11 @@ def test_models_tokenize_detokenize_version(live, client):
     ids = httpx.post(f"{live.url}/tokenize", json={"prompt": "Hello world"}).json()
     assert ids["tokens"] == live.engine.tokenizer.encode("Hello world") and ids["count"] == len(ids["tokens"])
     text = httpx.post(f"{live.url}/detokenize", json={"tokens": ids["tokens"]}).json()["prompt"]
-    assert text == live.engine.tokenizer.decode(ids["tokens"])
+    assert text == live.engine.tokenizer.decode(ids["tokens"], skip_special_tokens=False)  # as vLLM: BOS kept
+    assert text.endswith("Hello world") and text != "Hello world"  # the tiny tokenizer adds a BOS
+    assert httpx.post(f"{live.url}/detokenize", json={"tokens": []}).json() == {"prompt": ""}
+    for nested in ([[5, 6]], "5", [5, "6"]):
+        assert httpx.post(f"{live.url}/detokenize", json={"tokens": nested}).status_code == 400
     assert httpx.get(f"{live.url}/version").json()["version"]
     for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [5]})):
         assert httpx.post(f"{live.url}{path}", json={**body, "model": "other"}).status_code == 404

@@ -31,7 +31,7 @@ from jaxinfer.engine.engine import Engine, EngineError
 from jaxinfer.server import metrics
 from jaxinfer.server.protocol import (APIError, GenerationRequest, Limits, TokenText, chat_logprobs, check_api_key,
                                       check_text, completion_logprobs, parse_chat, parse_completion, parse_json,
-                                      parse_prompts, prompt_logprobs_json, read_body, usage)
+                                      parse_prompts, parse_token_ids, prompt_logprobs_json, read_body, usage)
 
 log = logging.getLogger(__name__)
 
@@ -503,10 +503,9 @@ class Info:
         server.model(body.get("model"))
         if server.engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer")
-        ids = parse_prompts(body["tokens"], server.limits, "tokens")
-        if len(ids) != 1 or isinstance(ids[0], str):
-            raise APIError(400, "tokens must be one list of token ids", "tokens")
-        return JSONResponse({"prompt": server.engine.tokenizer.decode(ids[0])})
+        ids = parse_token_ids(body["tokens"], server.limits, "tokens")
+        # As vLLM's: the tokens' whole text, special tokens included (transformers' decode by default).
+        return JSONResponse({"prompt": server.engine.tokenizer.decode(ids, skip_special_tokens=False)})
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:

@@ -180,6 +180,13 @@ def _token_ids(value, limits: Limits, param: str) -> list[int]:
     return ids
 
 
+def parse_token_ids(value, limits: Limits, param: str) -> list[int]:
+    """One list of token ids (may be empty), as vLLM's `/detokenize` takes them."""
+    if not isinstance(value, list):
+        _fail(f"{param} must be a list of token ids, got {_describe(value)}", param)
+    return _token_ids(value, limits, param)
+
+
 def parse_prompts(value, limits: Limits, param: str = "prompt") -> list:
     """A completions `prompt` (or /detokenize's `tokens`): a string, a list of strings, a list of token ids or a
     list of such lists."""
