@@ -162,7 +162,8 @@ WRONG_TYPES = [
     (CHAT, {"max_tokens": "ten"}, "max_tokens"),
     (CHAT, {"n": 1.5}, "n"),
     (CHAT, {"messages": "Hi"}, "messages"),
-    (CHAT, {"messages": [{"role": "robot", "content": "Hi"}]}, "messages"),
+    (CHAT, {"messages": [{"role": 5, "content": "Hi"}]}, "messages"),
+    (CHAT, {"messages": [{"role": "", "content": "Hi"}]}, "messages"),
     (CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages"),
     (CHAT, {"messages": [{"role": "user", "content": "\udfff"}]}, "messages"),
     (CHAT, {"logprobs": "yes"}, "logprobs"),
@@ -416,6 +417,7 @@ EDGE_FIELDS = [
     (COMPLETIONS, {"logprobs": 20}), (CHAT, {"logprobs": True, "top_logprobs": 20}),
     (COMPLETIONS, {"stop_token_ids": [0, VOCAB - 1]}), (COMPLETIONS, {"min_tokens": 2}),
     (CHAT, {"max_tokens": None, "min_tokens": 2, "stop": ["\n"]}),
+    (CHAT, {"messages": [*HI, {"role": "ipython", "content": "42"}]}),  # a role beyond OpenAI's, as vLLM takes
     (COMPLETIONS, {"seed": 2**63 - 1}), (COMPLETIONS, {"seed": -(2**63)}),
     # Integral floats, as pydantic's lax mode takes them for vLLM's int fields:
     (COMPLETIONS, {"logprobs": 2.0, "n": 2.0, "stop_token_ids": [3.0], "prompt_logprobs": 1.0}),

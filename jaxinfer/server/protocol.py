@@ -333,8 +333,9 @@ def _messages(value) -> list[dict]:
         _fail("messages must be a non-empty list", "messages")
     messages = []
     for message in value:
-        if not isinstance(message, dict) or message.get("role") not in _ROLES:
-            _fail(f"each message needs a role, one of {', '.join(_ROLES)}", "messages")
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
+            # As vLLM: any role the chat template knows (Llama 3.1's "ipython", say), not only OpenAI's.
+            _fail(f"each message needs a role: a string such as {', '.join(_ROLES)}", "messages")
         content = message.get("content")
         if isinstance(content, list):  # content parts: only text is served
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
