@@ -31,7 +31,7 @@ from jaxinfer.engine.engine import Engine, EngineError
 from jaxinfer.server import metrics
 from jaxinfer.server.protocol import (APIError, GenerationRequest, Limits, TokenText, chat_logprobs, check_api_key,
                                       check_text, completion_logprobs, parse_chat, parse_completion, parse_json,
-                                      parse_prompts, parse_token_ids, prompt_logprobs_json, read_body, usage)
+                                      parse_token_ids, prompt_logprobs_json, read_body, usage)
 
 log = logging.getLogger(__name__)
 
