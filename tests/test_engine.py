@@ -354,6 +354,23 @@ def test_prompt_logprobs_of_a_prompt_packed_behind_another(llm):
     assert together[1].outputs[0].token_ids == alone_out.outputs[0].token_ids
 
 
+def test_a_prompt_packed_behind_another_reads_the_prefix_it_writes_in_the_same_step(llm):
+    """Two prompts with a 2-page common prefix, packed into one step: the second is admitted after the first's
+    chunk has named those pages, hits them, and reads KV that the same step writes. Its tokens are those it
+    gets alone with no cache."""
+    tok = llm.tokenizer
+    prefix = tok.encode("Once upon a time there was a little girl who lived in a village near the forest. " * 3)[:32]
+    prompts = [prefix + tok.encode(text, add_special_tokens=False) for text in (" The king said", " One day, a dragon")]
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    engine = engine_like(llm, enable_prefix_caching=True)
+    together = run(engine, [(p, params) for p in prompts])
+    assert engine.stats().prefix_cache_hits == 32 and engine.stats().steps == 3  # one prefill step, both prompts
+    cold = engine_like(llm)
+    singles = [run(cold, [(p, params)])[0].outputs[0].token_ids for p in prompts]
+    assert [o.outputs[0].token_ids for o in together] == singles and singles[0] != singles[1]
+    engine.check_idle()
+
+
 def test_n_samples_share_the_prompt_pages(llm):
     engine = engine_like(llm, enable_prefix_caching=True)
     prompt = list(range(500, 580))  # 5 full pages
