@@ -146,9 +146,16 @@ class LLM:
         return self.engine.reset_prefix_cache()
 
     def _add_all(self, prompts, params) -> list[str]:
+        """Queue every request, the longest `max_tokens` first (a stable sort: equal ones keep their order).
+        All are known at once, so the longest-first order shortens the run's tail, where the last requests
+        decode with most slots empty. Returns their ids in the order given."""
+        longest = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):  # check everything before queueing anything
             try:
-                self.engine.validate(prompt, p)
+                longest.append(self.engine.validate(prompt, p)[2])
             except (ValueError, MemoryError) as error:
                 raise type(error)(f"prompt {i}: {error}") from None
-        return [self.engine.add_request(prompt, p, stream=False) for prompt, p in zip(prompts, params)]
+        ids = [""] * len(prompts)
+        for i in sorted(range(len(prompts)), key=lambda i: -longest[i]):
+            ids[i] = self.engine.add_request(prompts[i], params[i], stream=False)
+        return ids
