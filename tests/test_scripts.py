@@ -84,6 +84,17 @@ def test_ceiling_is_the_mean_of_its_measurements():
     assert bare["step_ms"] == pytest.approx(500) and bare["step_ms_each_measurement"] == pytest.approx([400, 600])
 
 
+def test_the_ceiling_target_is_unsure_when_its_measurements_disagree():
+    """(c) is met or not by the mean of the ceiling's two measurements, unless one alone meets the 85% target
+    and the other does not: the machine's speed moved around the engine's run, and the table says so."""
+    from jaxinfer.bench import Run, table
+    engine = Run("engine", 100.0, 1000, 2000)
+    for each, verdict in (([90.0, 95.0], "| yes |"), ([70.0, 80.0], "| no |"),
+                          ([80.0, 120.0], "| unsure: 80% and 120% by each measurement |")):
+        ceiling = Run("ceiling", sum(each) / 2, 1000, 2000, {"seconds_each_measurement": each})
+        assert table({"engine": engine, "ceiling": ceiling}, None).splitlines()[-1].endswith(verdict), each
+
+
 def test_ceiling_counts_packed_prefill_as_full_budget_chunks():
     """Unpacked, the ceiling times each prompt's own chunks; packed, the fewest whole-budget steps that hold
     every prompt token within the prompts-per-step limit."""
