@@ -54,15 +54,12 @@ def test_shared_page_reference_counts():
 
 
 def test_match_stops_at_first_miss_and_respects_caching_flag():
-    """Only the longest cached prefix matches; a duplicate page stays unnamed; with caching off a named page
-    is shared only while someone holds it, and forgets its name when freed."""
+    """Only the longest cached prefix matches; with caching off a named page is shared only while someone
+    holds it, and forgets its name when freed."""
     allocator = PageAllocator(8)
     pages, hashes = _cached_pages(allocator, 3, [1, 2, 3, 4, 5, 6])
     other = chain_hashes([1, 2, 9, 9, 5, 6], 2)
     assert allocator.match(other) == pages[:1]
-    duplicate = allocator.allocate(1)[0]
-    allocator.register(duplicate, hashes[0])  # same content elsewhere: the first copy keeps serving hits
-    assert allocator.match(hashes[:1]) == pages[:1]
     allocator.check()
 
     off = PageAllocator(8, enable_prefix_caching=False)
@@ -74,6 +71,27 @@ def test_match_stops_at_first_miss_and_respects_caching_flag():
     off.free(pages)
     assert off.num_cached_idle == 0 and off.num_free == 7 and off.match(hashes) == []
     off.check()
+
+
+def test_every_copy_of_a_page_serves_hits():
+    """Two requests that decode the same tokens compute the same full page twice. Both copies keep its name
+    (as in vLLM's block pool): a hit takes a copy someone holds before an idle one, and when the first copy
+    is evicted the second, still held, keeps serving hits; the name goes with the last copy."""
+    allocator = PageAllocator(5)  # 4 usable pages
+    (first,), (h,) = _cached_pages(allocator, 1, [1, 2])
+    second = allocator.allocate(1)[0]
+    allocator.register(second, h)
+    allocator.free([first])  # idle in the LRU; the second copy is still held
+    assert allocator.cached_prefix([h]) == 1 and allocator.num_idle([h]) == 0
+    assert allocator.match([h]) == [second]  # the held copy: taking it leaves the idle one free
+    allocator.free([second])
+    assert allocator.allocate(3)[-1] == first  # the free pages, then the idle first copy is evicted
+    assert allocator.match([h]) == [second]  # still found
+    allocator.check()
+    allocator.free([second, second])
+    assert allocator.num_idle([h]) == 1 and allocator.allocate(1) == [second]  # evicted: the name is gone
+    assert allocator.cached_prefix([h]) == 0
+    allocator.check()
 
 
 def test_lru_evicts_oldest_idle_pages_only_when_free_pages_run_out():

@@ -7,7 +7,10 @@ sequence ever owns it. A page is in exactly one of three states:
 - cached: reference count 0 but holding a full page of a known prefix, kept in
   least-recently-used order and evicted only when a fresh page is needed.
 A full page is named by a chained hash of every token up to its end, so two
-sequences with the same first N pages of tokens share those N pages. With the
+sequences with the same first N pages of tokens share those N pages. Pages that
+were computed twice (two requests decoding the same tokens) both keep the name,
+as vLLM's block pool keeps them: a hit takes a held copy first, and the name
+lasts while any copy is cached. With the
 prefix cache off, names still let sequences share pages while some sequence holds
 them (the n > 1 siblings of one request, whose names the scheduler salts with the
 request), but an unreferenced page forgets its name and is free.
@@ -50,7 +53,7 @@ class PageAllocator:
         self._free = list(range(num_pages - 1, NULL_PAGE, -1))  # pop() hands out low ids first
         self._refs = [0] * num_pages
         self._hash_of: dict[int, bytes] = {}  # page -> hash, for pages holding a registered full page
-        self._page_of: dict[bytes, int] = {}  # hash -> page
+        self._pages_of: dict[bytes, dict[int, None]] = {}  # hash -> the pages holding it, first registered first
         self._lru: OrderedDict[int, None] = OrderedDict()  # cached pages with no owner, oldest first
 
     @property
@@ -82,8 +85,20 @@ class PageAllocator:
 
     def _evict(self) -> int:
         page, _ = self._lru.popitem(last=False)
-        del self._page_of[self._hash_of.pop(page)]
+        self._forget(page)
         return page
+
+    def _forget(self, page: int) -> None:
+        page_hash = self._hash_of.pop(page)
+        copies = self._pages_of[page_hash]
+        del copies[page]
+        if not copies:
+            del self._pages_of[page_hash]
+
+    def _copy(self, page_hash: bytes) -> int:
+        """The page a hit on `page_hash` takes: a copy someone holds (taking it frees nothing), else the first."""
+        copies = self._pages_of[page_hash]
+        return next((page for page in copies if self._refs[page]), next(iter(copies)))
 
     def free(self, pages: list[int]) -> None:
         """Drop one reference to each page; unreferenced pages become cached (if hashed) or free."""
@@ -93,7 +108,7 @@ class PageAllocator:
                 raise AssertionError(f"page {page} freed more often than it was taken")
             if self._refs[page] == 0:
                 if page in self._hash_of and not self.caching:
-                    del self._page_of[self._hash_of.pop(page)]
+                    self._forget(page)
                 if page in self._hash_of:
                     self._lru[page] = None
                 else:
@@ -101,12 +116,7 @@ class PageAllocator:
 
     def match(self, hashes: list[bytes]) -> list[int]:
         """The named pages of the longest prefix of `hashes`, each now referenced once more."""
-        pages = []
-        for h in hashes:
-            page = self._page_of.get(h)
-            if page is None:
-                break
-            pages.append(page)
+        pages = [self._copy(h) for h in hashes[:self.cached_prefix(hashes)]]
         for page in pages:
             if self._refs[page] == 0:
                 del self._lru[page]
@@ -116,21 +126,20 @@ class PageAllocator:
     def cached_prefix(self, hashes: list[bytes]) -> int:
         """How many leading pages of `hashes` are cached, without taking them (placement decisions)."""
         count = 0
-        while count < len(hashes) and hashes[count] in self._page_of:
+        while count < len(hashes) and hashes[count] in self._pages_of:
             count += 1
         return count
 
     def num_idle(self, hashes: list[bytes]) -> int:
         """How many of the cached pages named by `hashes` nobody holds: taking them shrinks `num_free`."""
-        return sum(self._refs[self._page_of[h]] == 0 for h in hashes)
+        return sum(self._refs[self._copy(h)] == 0 for h in hashes)
 
     def register(self, page: int, page_hash: bytes) -> None:
-        """Record that `page` (in use) holds the full page named `page_hash`. A page whose content
-        is already cached elsewhere stays unnamed: the first copy keeps serving hits."""
-        if page in self._hash_of or page_hash in self._page_of:
+        """Record that `page` (in use) holds the full page named `page_hash`, beside any other copy."""
+        if page in self._hash_of:
             return
         self._hash_of[page] = page_hash
-        self._page_of[page_hash] = page
+        self._pages_of.setdefault(page_hash, {})[page] = None
 
     def reset_cache(self) -> None:
         """Forget every cached prefix; pages nobody holds become free. For when the pool's contents changed
@@ -138,7 +147,7 @@ class PageAllocator:
         self._free.extend(self._lru)
         self._lru.clear()
         self._hash_of.clear()
-        self._page_of.clear()
+        self._pages_of.clear()
 
     def check(self) -> None:
         """Invariants (tests): every page is exactly one of null, free, cached-idle or in use."""
@@ -148,4 +157,5 @@ class PageAllocator:
             in_use = self._refs[page] > 0
             assert in_use + (page in free) + (page in idle) == 1, f"page {page} is in two states or none"
             assert (page in idle) <= (page in self._hash_of)
-        assert all(self._page_of[h] == p for p, h in self._hash_of.items())
+        assert all(p in self._pages_of[h] for p, h in self._hash_of.items())
+        assert sum(map(len, self._pages_of.values())) == len(self._hash_of)
