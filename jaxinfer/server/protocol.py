@@ -126,12 +126,13 @@ def _describe(value) -> str:
 
 
 def _int(body: dict, name: str, default=None):
-    value = body.get(name)
-    if value is None:
+    raw = body.get(name)
+    if raw is None:
         return default
-    if _integer(value) is None:
-        _fail(f"{name} must be an integer, got {_describe(value)}", name)
-    return _integer(value)
+    value = _integer(raw)
+    if value is None:
+        _fail(f"{name} must be an integer, got {_describe(raw)}", name)
+    return value
 
 
 def _integer(value) -> int | None:
@@ -271,12 +272,13 @@ def _sampling(body: dict, limits: Limits, max_tokens: int | None, logprobs: int 
         raise APIError(400, str(e), field.group(0) if field else None) from None
 
 
-def _logprobs_count(value, name: str, limits: Limits) -> int | None:
-    if value is None:
+def _logprobs_count(raw, name: str, limits: Limits) -> int | None:
+    if raw is None:
         return None
-    if _integer(value) is None or not 0 <= _integer(value) <= limits.max_logprobs:
-        _fail(f"{name} must be an integer in [0, {limits.max_logprobs}], got {_describe(value)}", name)
-    return _integer(value)
+    value = _integer(raw)
+    if value is None or not 0 <= value <= limits.max_logprobs:
+        _fail(f"{name} must be an integer in [0, {limits.max_logprobs}], got {_describe(raw)}", name)
+    return value
 
 
 def _max_tokens(body: dict, name: str, default: int | None) -> int | None:
