@@ -91,8 +91,8 @@ def _layout(num_table_pages: int, page_size: int, num_splits: int | None, block_
     """(pages per block, pages per split, splits): powers of two, a block at least 16 keys. By default, splits
     until the grid has TARGET_PROGRAMS programs (`programs` without splits: slots x KV heads), at most 8, and
     each split at least 4 blocks: at large batch the slots fill the GPU alone, and more splits only shorten
-    each program's loop (in the 2026-11-27 H200 run, the rows whose programs ran 4 blocks were the furthest
-    from the copy bandwidth) and add partial results to write and combine."""
+    each program's loop (in the 2026-11-27 H200 run, the slowest target shape, 64 x 2048 at 33% of the copy
+    bandwidth, ran 8 splits of 4 blocks) and add partial results to write and combine."""
     pages_per_block = max(1, block_keys // page_size)
     if num_splits is None:
         wanted = pl.next_power_of_2(pl.cdiv(TARGET_PROGRAMS, programs))
