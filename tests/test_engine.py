@@ -19,6 +19,7 @@ import pytest
 
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine.engine import Engine
+from jaxinfer.engine.metrics import ITL, TTFT
 from jaxinfer.llm import LLM, SamplingParams
 import jaxinfer.runner as runner_module
 from jaxinfer.runner import step_fields
@@ -416,7 +417,8 @@ def test_streams_from_threads_and_event_loops(llm):
         engine.shutdown()
     engine.check_idle()
     stats = engine.stats()
-    assert stats.ttft.count >= 4 and stats.e2e_latency.count >= 4 and stats.inter_token_latency.count > 0
+    h = stats.histograms
+    assert h[TTFT].count >= 4 and h["e2e_request_latency_seconds"].count >= 4 and h[ITL].count > 0
 
 
 def test_cpu_decode_buckets_keep_a_rows_bits():

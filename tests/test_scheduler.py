@@ -15,12 +15,14 @@ from hypothesis import strategies as st
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine.engine import Engine, EngineError, _seed32
 from jaxinfer.engine.executor import FakeExecutor, fake_continuation
+from jaxinfer.engine.metrics import HISTOGRAMS, ITL, TTFT
 from jaxinfer.engine.pages import NULL_PAGE, pages_for
 from jaxinfer.engine.request import SamplingParams, Status
 from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 VOCAB, EOS = 50, 7
 MAX_STEPS = 5000  # any test run needing more is stuck
+E2E = "e2e_request_latency_seconds"
 
 
 def make_engine(vocab=VOCAB, eos=(EOS,), tokenizer=None, executor=FakeExecutor, **overrides) -> Engine:
@@ -554,7 +556,7 @@ def test_stop_string_across_a_token_boundary(tokenizer, decode_steps, include):
     assert all(final.text.startswith(out.text) for out in streamed)
     stats = engine.stats()
     assert stats.generation_tokens == len(final.token_ids)
-    assert stats.inter_token_latency.count == len(streamed) - 1  # a gap per step that gave tokens, cut or not
+    assert stats.histograms[ITL].count == len(streamed) - 1  # a gap per step that gave tokens, cut or not
 
 
 def test_stop_string_in_the_last_dispatch_beats_length(tokenizer):
@@ -788,29 +790,48 @@ def test_dropping_a_stream_early_aborts_its_request():
 def test_latencies_are_split_as_vllm_splits_them():
     """One inter-token gap per step that gave a request tokens (a 4-round dispatch is one gap, not three of 0),
     time to first token observed as soon as it arrives, and at the finish vLLM's split of the request's life:
-    queue + prefill + decode = end to end (up to the emit), decode = the gaps' sum, TPOT = decode over the
+    queue + prefill + decode = end to end (up to the finish), decode = the gaps' sum, TPOT = decode over the
     tokens after the first."""
     engine = make_engine(decode_steps=4)
     stream = engine.add_request(prompts(1, 5)[0], SamplingParams(max_tokens=9, ignore_eos=True))
-    while not engine.stats().ttft.count:
+    while not engine.stats().histograms[TTFT].count:
         engine.step()
-    assert engine.has_work() and engine.stats().e2e_latency.count == 0  # observed live, before the finish
+    assert engine.has_work() and engine.stats().histograms[E2E].count == 0  # observed live, before the finish
     while engine.has_work():
         engine.step()
     outs = list(stream)
     m = outs[-1].metrics
     assert [len(out.outputs[0].token_ids) for out in outs] == [1, 5, 9]  # the prefill's token, then 4 and 4
     stats = engine.stats()
-    assert len(m.inter_token_latencies) == stats.inter_token_latency.count == 2
+    assert len(m.inter_token_latencies) == stats.histograms[ITL].count == 2
     assert sum(m.inter_token_latencies) == pytest.approx(m.decode_time)
     assert m.time_per_output_token == pytest.approx(m.decode_time / 8)
     assert m.inference_time == pytest.approx(m.prefill_time + m.decode_time)
     assert m.queue_time + m.inference_time <= m.e2e_latency and m.time_to_first_token == pytest.approx(
         m.queue_time + m.prefill_time)
-    for name in ("e2e_latency", "queue_time", "prefill_time", "decode_time", "inference_time",
-                 "time_per_output_token"):
-        hist = getattr(stats, name)
-        assert hist.count == 1 and hist.total == pytest.approx(getattr(m, name)), name
+    for spec in HISTOGRAMS:
+        if spec.field is not None:
+            hist = stats.histograms[spec.name]
+            assert hist.count == 1 and hist.total == pytest.approx(getattr(m, spec.field)), spec.name
+    assert (m.prompt_tokens, m.generation_tokens) == (5, 9)
+
+
+def test_each_sample_counts_as_a_request_in_the_histograms():
+    """As vLLM runs the n samples of a request as requests of their own, each sample is one observation of
+    every per-request histogram and one finished request; a sample of one token has a TPOT of 0 (vLLM's), and
+    the token-count histograms take 1-2-5 buckets up to the context length. A snapshot does not move."""
+    engine = make_engine(max_model_len=64)
+    engine.add_request(prompts(1, 6)[0], SamplingParams(n=3, max_tokens=5, seed=1, ignore_eos=True), stream=False)
+    one = engine.add_request(prompts(1, 4, seed=1)[0], SamplingParams(max_tokens=1), stream=False)
+    before = engine.stats()
+    assert run(engine)[one].metrics.time_per_output_token == 0.0
+    h = engine.stats().histograms
+    assert engine.stats().finished_requests == {"length": 4}
+    assert all(h[spec.name].count == 4 for spec in HISTOGRAMS if spec.name != ITL)  # TPOT too: a 0
+    assert h["request_prompt_tokens"].buckets == (1, 2, 5, 10, 20, 50)
+    assert h["request_prompt_tokens"].total == 3 * 6 + 4
+    assert h["request_generation_tokens"].total == 3 * 5 + 1
+    assert all(hist.count == 0 for hist in before.histograms.values())
 
 
 def test_counters_and_histograms():
@@ -837,11 +858,12 @@ def test_counters_and_histograms():
     assert stats.prefix_cache_hits == 16  # the second and third reuse the 8-token prefix's two pages
     assert stats.generation_tokens == sum(generated) and stats.preemptions == 0
     assert stats.finished_requests == {"length": 3}
-    assert stats.ttft.count == stats.e2e_latency.count == stats.queue_time.count == 3
+    h = stats.histograms
+    assert h[TTFT].count == h[E2E].count == h["request_queue_time_seconds"].count == 3
     gaps = [len(finals[f"req-{i}"].metrics.inter_token_latencies) for i in range(3)]
-    assert stats.inter_token_latency.count == sum(gaps) < sum(generated) - 3  # two-token dispatches: one gap each
-    assert stats.time_per_output_token.count == stats.decode_time.count == stats.prefill_time.count == 3
-    assert stats.ttft.cumulative()[-1] == 3
+    assert h[ITL].count == sum(gaps) < sum(generated) - 3  # two-token dispatches: one gap each
+    assert all(h[spec.name].count == 3 for spec in HISTOGRAMS if spec.name != ITL)
+    assert h[TTFT].cumulative()[-1] == 3
     engine.add_request(prefix, SamplingParams(n=3, max_tokens=4, seed=5), stream=False)
     engine.step()  # as in vLLM, each of the n samples counts: one runs, two wait for a slot
     assert (engine.stats().num_running, engine.stats().num_waiting) == (1, 2)

@@ -194,6 +194,7 @@ def test_metrics_follow_the_requests(live, client):
     assert _metric(after, "generation_tokens_total") - _metric(before, "generation_tokens_total") == 5
     assert _metric(after, "request_success_total", finished_reason="length") - \
         _metric(before, "request_success_total", finished_reason="length") == 1
+    assert _metric(after, "request_generation_tokens_sum") - _metric(before, "request_generation_tokens_sum") == 5
     for name in ("time_to_first_token_seconds_count", "request_time_per_output_token_seconds_count"):
         assert _metric(after, name) == _metric(before, name) + 1, name
     for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prompt_tokens_total",
@@ -201,7 +202,8 @@ def test_metrics_follow_the_requests(live, client):
                  "inter_token_latency_seconds_bucket", "e2e_request_latency_seconds_sum",
                  "request_queue_time_seconds_count", "request_prefill_time_seconds_sum",
                  "request_decode_time_seconds_bucket", "request_inference_time_seconds_count",
-                 "request_time_per_output_token_seconds_count"):
+                 "request_time_per_output_token_seconds_count", "request_prompt_tokens_bucket",
+                 "request_generation_tokens_sum"):
         assert f"jaxinfer:{name}{{" in after, name
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine.data_parallel import DataParallelScheduler
 from jaxinfer.engine.executor import Executor
-from jaxinfer.engine.metrics import EngineStats, LatencyHistograms, RequestMetrics, request_metrics
+from jaxinfer.engine.metrics import ITL, TTFT, EngineStats, LatencyHistograms, RequestMetrics, request_metrics
 from jaxinfer.engine.request import (MAX_BANNED, CompletionOutput, RequestOutput, SamplingParams, Sequence,
                                      logprob_entry)
 from jaxinfer.engine.scheduler import Scheduler
@@ -115,12 +115,13 @@ class _Request:
     entries: list[list] = dataclasses.field(default_factory=list)  # per sequence: its logprobs as reported
     prompt_entries: list = dataclasses.field(default_factory=list)  # the prompt logprobs as reported
     gaps_observed: list[int] = dataclasses.field(default_factory=list)  # per sequence: its token gaps observed
-    first_token_observed: bool = False
+    first_token_observed: list[bool] = dataclasses.field(default_factory=list)  # per sequence
 
     def __post_init__(self):
         self.consumed = [0] * len(self.seqs)
         self.entries = [[] for _ in self.seqs]
         self.gaps_observed = [0] * len(self.seqs)
+        self.first_token_observed = [False] * len(self.seqs)
 
 
 def _find_stop(text: str, stops: tuple[str, ...], old_len: int) -> tuple[int, str] | None:
@@ -151,7 +152,7 @@ class Engine:
         # (its generation config's) with stop_reason their id; without a tokenizer, the first id given is it.
         self.eos_id = tokenizer.eos_id if tokenizer and tokenizer.eos_id is not None else next(iter(eos_ids), None)
         self.scheduler = Scheduler(engine) if engine.mesh_shape[0] == 1 else DataParallelScheduler(engine)
-        self.latencies = LatencyHistograms()
+        self.latencies = LatencyHistograms(engine.max_model_len)
         self._requests: dict[str, _Request] = {}
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._resets: list[concurrent.futures.Future] = []  # reset_prefix_cache calls the loop is to answer
@@ -352,12 +353,12 @@ class Engine:
 
     def _observe_tokens(self, request: _Request, seq: Sequence) -> None:
         """Time to first token and inter-token gaps go into the histograms as they happen (as in vLLM), so a
-        long request shows in them before it ends."""
-        if not request.first_token_observed and seq.first_token is not None:
-            request.first_token_observed = True
-            self.latencies.ttft.observe(seq.first_token - seq.arrival)
+        long request shows in them before it ends; each of n > 1 samples apart, as vLLM runs them."""
+        if not request.first_token_observed[seq.index] and seq.first_token is not None:
+            request.first_token_observed[seq.index] = True
+            self.latencies.observe(TTFT, seq.first_token - seq.arrival)
         for gap in seq.token_gaps[request.gaps_observed[seq.index]:]:
-            self.latencies.inter_token_latency.observe(gap)
+            self.latencies.observe(ITL, gap)
         request.gaps_observed[seq.index] = len(seq.token_gaps)
 
     def _emit(self, request: _Request) -> RequestOutput:
@@ -399,10 +400,9 @@ class Engine:
         del self._requests[request.request_id]
         with self._lock:
             self._known_ids.discard(request.request_id)
-        seq = request.seqs[0]
-        metrics = request_metrics(request.seqs, time.monotonic())
-        self.latencies.record(metrics, seq.finish_reason)
-        return metrics
+        for seq in request.seqs:  # as in vLLM, each of n > 1 samples is a request of its own in the histograms
+            self.latencies.record(request_metrics([seq]), seq.finish_reason)
+        return request_metrics(request.seqs)
 
     # --- background thread ---------------------------------------------------------------
 
@@ -483,17 +483,16 @@ class Engine:
     # --- observability -------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
-        s, c, h = self.scheduler, self.scheduler.counters, self.latencies
+        s, c = self.scheduler, self.scheduler.counters
         used, usable = s.kv_pages()
+        finished, histograms = self.latencies.snapshot()
         return EngineStats(
             num_running=len(s.running), num_waiting=len(s.waiting),  # sequences: vLLM runs the n of a request apart
             kv_usage=used / usable,
             prompt_tokens=c.prompt_tokens, generation_tokens=c.generation_tokens,
             prefill_tokens_computed=c.prefill_tokens_computed, preemptions=c.preemptions,
             prefix_cache_queries=c.prefix_queries, prefix_cache_hits=c.prefix_hits, steps=c.steps,
-            finished_requests=dict(h.finished), ttft=h.ttft, inter_token_latency=h.inter_token_latency,
-            e2e_latency=h.e2e_latency, queue_time=h.queue_time, prefill_time=h.prefill_time,
-            decode_time=h.decode_time, inference_time=h.inference_time, time_per_output_token=h.time_per_output_token)
+            finished_requests=finished, histograms=histograms)
 
     def reset_prefix_cache(self, timeout: float | None = 30.0) -> bool:
         """Forget every cached prefix (vLLM's `reset_prefix_cache`): False, and nothing done, while requests

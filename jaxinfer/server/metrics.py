@@ -6,7 +6,7 @@ so dashboards built for vLLM need only the prefix changed.
 
 from __future__ import annotations
 
-from jaxinfer.engine.metrics import EngineStats, Histogram
+from jaxinfer.engine.metrics import HISTOGRAMS, EngineStats, Histogram
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "jaxinfer:"
@@ -49,7 +49,8 @@ def render(stats: EngineStats, model_name: str) -> str:
             stats.prompt_tokens, labels)
     _scalar(lines, "generation_tokens_total", "counter", "Generated tokens.", stats.generation_tokens, labels)
     name = PREFIX + "request_success_total"
-    lines += [f"# HELP {name} Finished requests by finish reason.", f"# TYPE {name} counter"]
+    lines += [f"# HELP {name} Finished requests by finish reason (each of n samples apart).",
+              f"# TYPE {name} counter"]
     for reason in sorted(set(FINISH_REASONS) | set(stats.finished_requests)):
         lines.append(f"{name}{format_labels(labels, finished_reason=reason)} {stats.finished_requests.get(reason, 0)}")
     _scalar(lines, "num_preemptions_total", "counter", "Sequences preempted to free KV pages.",
@@ -58,15 +59,6 @@ def render(stats: EngineStats, model_name: str) -> str:
             stats.prefix_cache_queries, labels)
     _scalar(lines, "prefix_cache_hits_total", "counter", "Prompt tokens served from the prefix cache.",
             stats.prefix_cache_hits, labels)
-    _histogram(lines, "time_to_first_token_seconds", "Arrival to first token.", stats.ttft, labels)
-    _histogram(lines, "inter_token_latency_seconds", "Gap between a request's successive engine steps that gave it "
-               "tokens (one per step, however many tokens it gave).", stats.inter_token_latency, labels)
-    _histogram(lines, "e2e_request_latency_seconds", "Arrival to finish.", stats.e2e_latency, labels)
-    _histogram(lines, "request_queue_time_seconds", "Arrival to first scheduled.", stats.queue_time, labels)
-    _histogram(lines, "request_prefill_time_seconds", "First scheduled to first token.", stats.prefill_time, labels)
-    _histogram(lines, "request_decode_time_seconds", "First token to last token.", stats.decode_time, labels)
-    _histogram(lines, "request_inference_time_seconds", "First scheduled to last token.", stats.inference_time,
-               labels)
-    _histogram(lines, "request_time_per_output_token_seconds", "Decode time over the tokens after the first, "
-               "per finished request of two or more tokens.", stats.time_per_output_token, labels)
+    for spec in HISTOGRAMS:
+        _histogram(lines, spec.name, spec.help, stats.histograms[spec.name], labels)
     return "\n".join(lines) + "\n"
