@@ -120,11 +120,13 @@ class LLM:
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """prompts: a string, or a list of strings or token-id lists; one SamplingParams for all or one
-        each. Returns one finished RequestOutput per prompt, in order. Bad input raises before anything runs."""
-        prompts = [prompts] if isinstance(prompts, str) else prompts
+        """prompts: one prompt or a list of them, each a string, a list of token ids, or a dict as vLLM's
+        ({"prompt": text} or {"prompt_token_ids": ids}); one SamplingParams for all or one each. Returns one
+        finished RequestOutput per prompt, in order. Bad input raises before anything runs."""
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else prompts
         if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError("prompts must be a non-empty string, list of strings or list of token-id lists")
+            raise ValueError("prompts must be a prompt (a string or a prompt dict) or a non-empty list of prompts "
+                             "(strings, token-id lists or prompt dicts)")
         params = sampling_params if isinstance(sampling_params, (list, tuple)) else \
             [sampling_params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
@@ -149,13 +151,14 @@ class LLM:
         """Queue every request, the longest `max_tokens` first (a stable sort: equal ones keep their order).
         All are known at once, so the longest-first order shortens the run's tail, where the last requests
         decode with most slots empty. Returns their ids in the order given."""
-        longest = []
+        checked = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):  # check everything before queueing anything
             try:
-                longest.append(self.engine.validate(prompt, p)[2])
+                checked.append(self.engine.validate(prompt, p))
             except (ValueError, MemoryError) as error:
                 raise type(error)(f"prompt {i}: {error}") from None
         ids = [""] * len(prompts)
-        for i in sorted(range(len(prompts)), key=lambda i: -longest[i]):
-            ids[i] = self.engine.add_request(prompts[i], params[i], stream=False)
+        for i in sorted(range(len(prompts)), key=lambda i: -checked[i][2]):
+            text, prompt_ids, _ = checked[i]  # tokenized once
+            ids[i] = self.engine.add_request({"prompt": text, "prompt_token_ids": prompt_ids}, params[i], stream=False)
         return ids

@@ -59,6 +59,23 @@ def test_generate_queues_the_longest_requests_first(llm):
     assert _free_all(llm)
 
 
+def test_prompts_as_vllm_dicts_each_tokenized_once(llm, monkeypatch):
+    """vLLM's prompt dicts: {"prompt": text} as the text, {"prompt_token_ids": ids} as the ids, with an
+    optional "prompt" kept as the output's text and not tokenized. generate() tokenizes each text once."""
+    calls = []
+    encode = llm.tokenizer.encode
+    monkeypatch.setattr(llm.tokenizer, "encode", lambda text, *a, **k: calls.append(text) or encode(text, *a, **k))
+    ids = encode("Hello")
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    outs = llm.generate(["Hello", {"prompt": "Hello"}, {"prompt_token_ids": ids},
+                         {"prompt_token_ids": ids, "prompt": "Hello"}], params)
+    assert calls == ["Hello", "Hello"]
+    assert [o.prompt for o in outs] == ["Hello", "Hello", None, "Hello"]
+    assert all(o.prompt_token_ids == ids and o.outputs[0].token_ids == outs[0].outputs[0].token_ids for o in outs)
+    assert llm.generate({"prompt": "Hello"}, params)[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
+    assert _free_all(llm)
+
+
 def test_seeds_decide_samples(llm):
     params = dict(max_tokens=16, temperature=1.0, ignore_eos=True)
     a = llm.generate("Hello", SamplingParams(seed=1, **params))[0].outputs[0].token_ids
@@ -91,6 +108,10 @@ def test_stop_token_ids_finish_with_stop(llm):
     ([[-1]], "token id -1 is outside"),
     ([list(range(96))], "96 tokens; the maximum context length is 96"),
     ([], "non-empty"),
+    ({"prompt": "Hi", "multi_modal_data": {}}, "prompt 0: a prompt dict takes only 'prompt' .* 'multi_modal_data'"),
+    ([{"prompt": ["Hi"]}], "needs 'prompt' text or 'prompt_token_ids'"),
+    ([{"prompt_token_ids": [1, 2], "prompt": 5}], "'prompt' must be text"),
+    ([{"prompt_token_ids": "Hi"}], "a list of integer token ids"),
 ])
 def test_bad_prompts_are_refused_clearly(llm, prompt, message):
     with pytest.raises(ValueError, match=message):

@@ -216,17 +216,38 @@ class Engine:
         return text, ids, self._check(ids, params, priority)
 
     def _encode(self, prompt) -> tuple[str | None, list[int]]:
+        """A prompt as vLLM takes one: text, token ids, {"prompt": text}, or {"prompt_token_ids": ids} with the
+        text they came from as an optional "prompt" (kept for the output, not tokenized)."""
+        if isinstance(prompt, dict):
+            return self._encode_dict(prompt)
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this checkpoint has no tokenizer files; pass token ids")
             return prompt, self.tokenizer.encode(prompt)
+        return None, self._token_ids(prompt)
+
+    def _encode_dict(self, prompt: dict) -> tuple[str | None, list[int]]:
+        unknown = [key for key in prompt if key not in ("prompt", "prompt_token_ids")]
+        if unknown:
+            raise ValueError(f"a prompt dict takes only 'prompt' (text) and 'prompt_token_ids', got {unknown[0]!r:.80}")
+        text = prompt.get("prompt")
+        if "prompt_token_ids" not in prompt:
+            if not isinstance(text, str):
+                raise ValueError(f"a prompt dict needs 'prompt' text or 'prompt_token_ids', got {prompt!r:.80}")
+            return self._encode(text)
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"a prompt dict's 'prompt' must be text, got {text!r:.80}")
+        return text, self._token_ids(prompt["prompt_token_ids"])
+
+    @staticmethod
+    def _token_ids(prompt) -> list[int]:
         try:
             ids = list(prompt)
         except TypeError:
             ids = None
         if ids is None or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
             raise ValueError(f"a prompt must be a string or a list of integer token ids, got {prompt!r:.80}")
-        return None, [int(t) for t in ids]
+        return [int(t) for t in ids]
 
     def _check(self, ids: list[int], params: SamplingParams, priority: int) -> int:
         """-> the number of tokens the request may generate."""
