@@ -171,7 +171,7 @@ class Engine:
 
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     priority: int = 0, stream: bool = True) -> RequestStream | str:
-        """Validate and queue a request (a string or token ids). Returns its stream, or its id when
+        """Validate and queue a request (see `_encode` for its forms). Returns its stream, or its id when
         `stream=False` (outputs then come only from `step()`). Bad input raises ValueError
         (MemoryError if it could never fit in the KV pool) in the caller's thread."""
         self._raise_if_failed()
