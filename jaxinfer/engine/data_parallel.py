@@ -6,9 +6,13 @@ each shard with its own null page 0). `DataParallelScheduler` keeps one `Schedul
 per shard behind the same interface the engine uses, and plans a step as a list of
 per-shard plans (None for an idle shard); the runner stacks them on the `data` axis.
 
-Placement: a request goes to the shard that already caches the longest prefix of its
-prompt; otherwise to the one with the fewest outstanding tokens (uncomputed prompt
-plus tokens still to sample). `n > 1` siblings share a shard (and so the prompt's pages).
+Placement: a request goes to the shard with the least work once it is queued there: the
+shard's outstanding tokens (uncomputed prompt plus tokens still to sample) plus the
+request's prompt tokens that shard's prefix cache would not serve. A cached prefix thus
+draws its requests until its shard is busier than another by more than the prefix saves;
+then it spills over (and is cached there too), so a prefix every request shares (a system
+prompt) cannot pin all traffic to one shard. `n > 1` siblings share a shard (and so the
+prompt's pages).
 
 Host code only; no JAX.
 """
@@ -16,7 +20,6 @@ Host code only; no JAX.
 from __future__ import annotations
 
 from jaxinfer.config import EngineConfig
-from jaxinfer.engine.pages import chain_hashes
 from jaxinfer.engine.request import Sequence
 from jaxinfer.engine.scheduler import Counters, Scheduler, StepPlan, StepResult
 
@@ -26,26 +29,31 @@ class DataParallelScheduler:
         self.cfg = engine
         self.counters = Counters()
         self.shards = [Scheduler(engine.shard(), self.counters) for _ in range(engine.mesh_shape[0])]
-        self._last_placed: tuple[str, int] | None = None  # (request id, shard): its n > 1 siblings follow it
+        self._last_placed: tuple[str, int] | None = None  # (request id, shard) of the last sequence 0 placed
 
     def shard_of(self, seq: Sequence) -> Scheduler:
         return self.shards[seq.shard]
 
     def place(self, seq: Sequence) -> int:
-        """The shard for a new request: longest cached prefix first, then fewest outstanding tokens."""
-        if self._last_placed is not None and self._last_placed[0] == seq.request_id:
-            return self._last_placed[1]
-        hashes = chain_hashes(seq.prompt_ids[:-1], self.cfg.page_size)
-        hits = [shard.pages.cached_prefix(hashes) for shard in self.shards]
-        loads = [shard.outstanding_tokens() for shard in self.shards]
-        best = min(range(len(self.shards)), key=lambda d: (-hits[d], loads[d], d))
+        """The shard for a new request: the least outstanding work plus uncached prompt, then the longest hit."""
+        if seq.index > 0 and self._last_placed is not None and self._last_placed[0] == seq.request_id:
+            return self._last_placed[1]  # the engine adds a request's sequences one after the other
+        names, costs = self.shards[0].cache_names(seq), []  # every shard names pages alike
+        for d, shard in enumerate(self.shards):
+            hit = shard.pages.cached_prefix(names) * self.cfg.page_size
+            costs.append((shard.outstanding_tokens() + len(seq.prompt_ids) - hit, -hit, d))
+        best = min(costs)[2]
         self._last_placed = (seq.request_id, best)
         return best
 
     # --- the Scheduler interface the engine uses -----------------------------------------
 
     def check_fits(self, prompt_len: int, max_new: int) -> None:
-        self.shards[0].check_fits(prompt_len, max_new)  # every shard has the same pool size
+        try:
+            self.shards[0].check_fits(prompt_len, max_new)  # every shard has the same pool size
+        except MemoryError as error:  # its numbers are one shard's, not the configured num_pages
+            raise MemoryError(f"{error} per data shard ({len(self.shards)} shards, and a request's pages all "
+                              "come from one)") from None
 
     def add(self, seq: Sequence) -> None:
         seq.shard = self.place(seq)

@@ -301,12 +301,9 @@ class Scheduler:
         if not self.waiting or None not in self.slots or self.waiting[0].pending:
             return None
         seq = self.waiting[0]
-        known = seq.all_ids
-        root = self._hash_root(seq)  # names for the full pages before the last token, which is always computed
-        hashes = [] if root is None else chain_hashes(known[:-1], self.cfg.page_size, root)
-        # Prompt logprobs need the logits of every prompt position: such requests compute all.
-        hit = self.pages.cached_prefix(hashes) if seq.params.prompt_logprobs is None else 0
-        need = pages_for(len(known), self.cfg.page_size) - hit
+        hashes = self.cache_names(seq)
+        hit = self.pages.cached_prefix(hashes)
+        need = pages_for(seq.num_known, self.cfg.page_size) - hit
         if not self.pages.can_allocate(need + self._headroom() + self.pages.num_idle(hashes[:hit])):
             return None  # its cached pages were not taken, so their place in the LRU order is unchanged
         cached = self.pages.match(hashes[:hit])
@@ -321,6 +318,14 @@ class Scheduler:
         self._count_admission(seq, len(cached))
         self.prefilling = seq
         return seq
+
+    def cache_names(self, seq: Sequence) -> list[bytes]:
+        """Names of the full pages before the last known token (always computed) that a cache hit could serve;
+        none when prompt logprobs are wanted, since they need the logits of every prompt position."""
+        root = self._hash_root(seq)
+        if root is None or seq.params.prompt_logprobs is not None:
+            return []
+        return chain_hashes(seq.all_ids[:-1], self.cfg.page_size, root)
 
     def _count_admission(self, seq: Sequence, hit_pages: int) -> None:
         if seq.first_scheduled is not None:
