@@ -112,6 +112,23 @@ def test_a_hot_prefix_spills_over_to_an_idle_shard():
         assert finals[request_id].outputs[0].token_ids == expected(engine, prompt, params)
 
 
+def test_a_burst_is_placed_in_linear_time_on_loads_kept_up_to_date(monkeypatch):
+    """Placing each request of a burst summed every queued sequence again (quadratic in the burst). Each shard's
+    load is now summed once per step and kept up to date by each placement, so it still equals the full sum."""
+    engine = make_engine(2, max_model_len=64)
+    calls = []
+    for shard in engine.scheduler.shards:
+        total = shard.outstanding_tokens
+        monkeypatch.setattr(shard, "outstanding_tokens", lambda total=total: calls.append(1) or total())
+    for i in range(40):
+        engine.add_request(list(range(1, 2 + i % 13)), SamplingParams(n=1 + i % 2, max_tokens=1 + i % 7), stream=False)
+    engine._drain_commands()
+    assert len(calls) == 2  # once per shard for the whole burst
+    loads = engine.scheduler._loads
+    assert loads == [shard.outstanding_tokens() for shard in engine.scheduler.shards] and min(loads) > 0.8 * max(loads)
+    run(engine, [])
+
+
 def test_a_reused_request_id_is_placed_afresh():
     """An id used again after its request ended names a new request: it goes where its prompt is cached, not
     where the last request of that id went."""

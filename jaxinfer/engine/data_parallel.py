@@ -30,6 +30,7 @@ class DataParallelScheduler:
         self.counters = Counters()
         self.shards = [Scheduler(engine.shard(), self.counters) for _ in range(engine.mesh_shape[0])]
         self._last_placed: tuple[str, int] | None = None  # (request id, shard) of the last sequence 0 placed
+        self._loads: list[int] | None = None  # each shard's outstanding tokens, kept from one step to the next
 
     def shard_of(self, seq: Sequence) -> Scheduler:
         return self.shards[seq.shard]
@@ -41,10 +42,17 @@ class DataParallelScheduler:
         names, costs = self.shards[0].cache_names(seq), []  # every shard names pages alike
         for d, shard in enumerate(self.shards):
             hit = shard.pages.cached_prefix(names) * self.cfg.page_size
-            costs.append((shard.outstanding_tokens() + len(seq.prompt_ids) - hit, -hit, d))
+            costs.append((self._outstanding()[d] + len(seq.prompt_ids) - hit, -hit, d))
         best = min(costs)[2]
         self._last_placed = (seq.request_id, best)
         return best
+
+    def _outstanding(self) -> list[int]:
+        """Each shard's outstanding tokens: summed over its sequences once after a step, then kept up to date
+        by `add`, so that placing a burst of requests takes time linear in its size, not quadratic."""
+        if self._loads is None:
+            self._loads = [shard.outstanding_tokens() for shard in self.shards]
+        return self._loads
 
     # --- the Scheduler interface the engine uses -----------------------------------------
 
@@ -56,17 +64,22 @@ class DataParallelScheduler:
                               "come from one)") from None
 
     def add(self, seq: Sequence) -> None:
+        loads = self._outstanding()  # before the sequence joins its shard
         seq.shard = self.place(seq)
         self.shard_of(seq).add(seq)
+        loads[seq.shard] += seq.num_known - seq.num_computed + seq.remaining
 
     def finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        self._loads = None
         self.shard_of(seq).finish(seq, reason, stop_reason)
 
     def schedule(self) -> list[StepPlan | None] | None:
+        self._loads = None  # admission, preemption and computed tokens change them
         plans = [shard.schedule() for shard in self.shards]
         return plans if any(plan is not None for plan in plans) else None
 
     def update(self, plans: list[StepPlan | None], results: list[StepResult | None]) -> list[Sequence]:
+        self._loads = None
         return [seq for shard, plan, result in zip(self.shards, plans, results) if plan is not None
                 for seq in shard.update(plan, result)]
 
