@@ -14,6 +14,7 @@ Host code only; no JAX (the executor is handed in).
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -43,28 +44,33 @@ class EngineError(RuntimeError):
 
 
 class RequestStream:
-    """The outputs of one request as they come. Created inside an event loop it is async-iterable
-    (`async for out in stream`); otherwise iterable, as often as wanted (each output is read once; once the
-    last is read, an iteration yields nothing). The last item has `finished=True`. A stream that has nothing
-    to read starts the engine's background loop if nobody has (see `Engine.start`). A request whose stream is
-    dropped unfinished (nothing refers to it any more), or whose consumer task is cancelled while it waits,
-    is aborted, as vLLM's `generate` does."""
+    """The outputs of one request as they come: iterable (`for out in stream`) and async-iterable
+    (`async for out in stream`) in any thread or event loop, whichever made it, as often as wanted (each
+    output is read once; once the last is read, an iteration yields nothing). The last item has
+    `finished=True`. A stream that has nothing to read starts the engine's background loop if nobody has
+    (see `Engine.start`). A request whose stream is dropped unfinished (nothing refers to it any more), or
+    whose consumer task is cancelled while it waits, is aborted, as vLLM's `generate` does."""
 
     def __init__(self, request_id: str, engine: "Engine"):
         self.request_id, self._engine = request_id, engine
         self._done = False
-        try:
-            self._loop = asyncio.get_running_loop()
-            self._queue = asyncio.Queue()
-        except RuntimeError:
-            self._loop, self._queue = None, queue.SimpleQueue()
+        self._items: collections.deque = collections.deque()
+        self._arrived = threading.Condition()
+        # Async readers wait on a future of their own loop: a stream made in one loop (or none) may be read
+        # in another, and the loop that made it may be closed by then.
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
 
     def put(self, item) -> None:
         """From the engine thread: a RequestOutput or an exception."""
-        if self._loop is None:
-            self._queue.put(item)
-        elif not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        with self._arrived:
+            self._items.append(item)
+            self._arrived.notify_all()
+            waiters, self._waiters = self._waiters, []
+        for loop, future in waiters:
+            try:
+                loop.call_soon_threadsafe(_wake, future)
+            except RuntimeError:  # that loop is closed, its reader gone: no reason to fail the engine
+                pass
 
     def _unpack(self, item) -> RequestOutput:
         if isinstance(item, BaseException):
@@ -74,30 +80,45 @@ class RequestStream:
         return item
 
     def _before_wait(self) -> None:
-        if self._queue.empty():  # about to wait: the loop must run, or the wait is for ever
+        if not self._items:  # about to wait: the loop must run, or the wait is for ever
             self._engine.start_for_streams()
 
     def __iter__(self):
-        if self._loop is not None:
-            raise TypeError("this stream was created inside an event loop: use 'async for'")
         while not self._done:
             self._before_wait()
-            yield self._unpack(self._queue.get())
+            with self._arrived:
+                self._arrived.wait_for(lambda: self._items)
+                item = self._items.popleft()
+            yield self._unpack(item)
 
     async def __aiter__(self):
-        if self._loop is None:
-            raise TypeError("this stream was created outside an event loop: iterate it with 'for'")
         while not self._done:
             self._before_wait()
             try:
-                item = await self._queue.get()
+                item = await self._get()
             except asyncio.CancelledError:
                 self.abort()
                 raise
             yield self._unpack(item)
 
+    async def _get(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._arrived:  # checked and registered at once: an item put in between would be missed
+                if self._items:
+                    return self._items.popleft()
+                future = loop.create_future()
+                self._waiters.append((loop, future))
+            await future
+
     def abort(self) -> None:
-        self._engine.abort(self.request_id)
+        """Abort this stream's request; once it has finished, nothing (its id may name a new request)."""
+        self._engine._abort_stream(self)
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():  # its reader may have been cancelled meanwhile
+        future.set_result(None)
 
 
 @dataclasses.dataclass(eq=False)
@@ -207,7 +228,12 @@ class Engine:
         for one in [request_id] if isinstance(request_id, str) else list(request_id):
             if not isinstance(one, str):
                 raise TypeError(f"request ids are strings, got {one!r:.80}")
-            self._commands.put(("abort", one))
+            self._commands.put(("abort", (one, None)))
+        self._wake.set()
+
+    def _abort_stream(self, stream: RequestStream) -> None:
+        """Abort the request `stream` came from, not a later one given the same id once it has finished."""
+        self._commands.put(("abort", (stream.request_id, stream)))
         self._wake.set()
 
     def validate(self, prompt, params: SamplingParams, priority: int = 0) -> tuple[str | None, list[int], int]:
@@ -321,12 +347,16 @@ class Engine:
                 self._requests[arg.request_id] = arg
                 for seq in arg.seqs:
                     self.scheduler.add(seq)
-            elif arg in self._requests:
-                request = self._requests[arg]
+            elif self._abortable(*arg):
+                request = self._requests[arg[0]]
                 for seq in request.seqs:
                     self.scheduler.finish(seq, "abort")
                 outputs.append(self._emit(request))
         return outputs
+
+    def _abortable(self, request_id: str, stream: RequestStream | None) -> bool:
+        request = self._requests.get(request_id)
+        return request is not None and (stream is None or stream is (request.stream and request.stream()))
 
     def _process(self, plan, handle) -> list[RequestOutput]:
         result = self.executor.collect(handle)
@@ -434,7 +464,7 @@ class Engine:
     def start(self) -> None:
         """Run the loop in a daemon thread until `shutdown()`. From then on `step()` is the loop's alone."""
         with self._lock:
-            self._shut_down = False
+            self._shut_down = self._stopping = False  # a loop still stopping carries on, or starts the next
             self._launch()
 
     def start_for_streams(self) -> None:
@@ -451,17 +481,24 @@ class Engine:
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
         with self._lock:  # no reset is queued after this (see reset_prefix_cache)
-            self._stopping = self._shut_down = True
+            self._shut_down, thread = True, self._thread
+            self._stopping = thread is not None  # the loop clears it as it ends
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():  # still inside a step: it stops after it (call shutdown again to wait)
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():  # still inside a step: it stops after it (call shutdown again to wait)
                 log.warning("the engine loop is still in a step after %ss; it stops when that step ends", timeout)
-                return
-            self._thread = None
-        self._stopping = False
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            with self._lock:  # only now may another loop start: two would share the engine's state
+                self._thread, self._stopping = None, False
+                if not self._shut_down and self.error is None:  # start() came after this loop had stopped
+                    self._launch()
+
+    def _serve(self) -> None:
         while not self._stopping:
             if not self.has_work():
                 self._wake.wait(0.05)
