@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 from datetime import datetime
 from pathlib import Path
@@ -26,6 +27,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 _NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Tokens of prompt context the detokenizer re-decodes (vLLM uses 5): enough to cover a multi-token character.
 _CONTEXT_TOKENS = 5
+_CONTINUATION_BYTE = re.compile(r"<0x[89AB][0-9A-F]>")  # a byte-fallback token of a UTF-8 continuation byte
 
 
 def _read_json(path: Path) -> dict:
@@ -56,6 +58,7 @@ class _TokenizersBackend:
         self._tok.no_padding()
         self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
         self.default_tokens: dict[str, str] = {}
+        self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         # encode_batch releases the GIL while it works (encode holds it: 2 s for 4 MB of text, which froze
@@ -96,7 +99,7 @@ class _SentencePieceBackend:
         specials = {i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)}
         self._added.update({i: sp.id_to_piece(i) for i in specials if i not in self._added})
         specials |= {int(i) for i, t in added_tokens.items() if t.get("special")}
-        self._specials = frozenset(specials)
+        self.special_ids = frozenset(specials)
         self._token_ids = {content: i for i, content in self._added.items()}
         by_length = sorted(self._token_ids, key=len, reverse=True)
         self._split = re.compile("|".join(map(re.escape, by_length))) if by_length else None
@@ -138,7 +141,7 @@ class _SentencePieceBackend:
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         if skip_special_tokens:
-            ids = [i for i in ids if i not in self._specials]
+            ids = [i for i in ids if i not in self.special_ids]
         parts = []
         for n, (added, run) in enumerate(itertools.groupby(ids, key=self._added.__contains__)):
             if added:
@@ -234,6 +237,7 @@ class Tokenizer:
         self._compiled_templates: dict[str, jinja2.Template] = {}
         self.name = name
         self.vocab_size: int = backend.vocab_size
+        self.special_ids: frozenset[int] = backend.special_ids  # the ids decode(skip_special_tokens=True) drops
         self.bos_id = self._special_id("bos", model_configs)
         eos = [i for config in model_configs for i in _ids(config.get("eos_token_id"))]
         eos += _ids(self._token_id("eos_token"))
@@ -324,11 +328,12 @@ class IncrementalDetokenizer:
     offset (text already emitted) and to the end; the new text is the difference, held back while it ends in U+FFFD
     (an unfinished UTF-8 sequence split across tokens). The window starts at the first token of the latest emission,
     so both decodes start at the same token, so start-of-text rules of decoders (sentencepiece dropping the first '▁',
-    Strip decoders) apply to both and cancel.
+    Strip decoders) apply to both and cancel. Ids that ``skip_special_tokens`` drops never enter the window.
 
     Without ``prompt_ids``, ``text`` equals ``tokenizer.decode(generated ids)`` (after ``flush()``). With them, the
-    window starts in the prompt's last tokens and ``text`` continues the prompt's text: a sentencepiece model's first
-    generated word keeps its leading space, as in vLLM.
+    window starts in the prompt's last tokens (on a character boundary) and ``text`` continues the prompt's text: a
+    sentencepiece model's first generated word keeps its leading space, as in vLLM. A prompt (given as ids) may end
+    inside a character: the generated ids that finish it emit it whole, as ``decode(prompt + generated)`` has it.
 
     One exception: where a tokenizers ByteFallback decoder meets invalid UTF-8, it turns the whole run of byte tokens
     into U+FFFD, so characters streamed before the bad byte arrived stay in ``text`` but not in ``decode``.
@@ -337,13 +342,45 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids=(), skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
-        self._ids = [int(i) for i in list(prompt_ids)[-_CONTEXT_TOKENS:]]  # the window
+        # Dropped ids cost nothing when a model repeats them (an EOS under ignore_eos), and left out of the prompt's
+        # last few ids they leave room for its text, whose end decides the first generated word's space.
+        self._skipped = tokenizer.special_ids if skip_special_tokens else frozenset()
+        self._ids = self._prompt_context(prompt_ids)  # the window
         self._read_offset = len(self._ids)
         self.text = ""
+        # The prompt's text while it ends in U+FFFD, perhaps an unfinished character: its ids are then read again,
+        # and the first emission starts where the window's text stops agreeing with the prompt's.
+        prompt_text = self._decode(self._ids)
+        self._prompt_text = prompt_text if prompt_text.endswith("\ufffd") else None
+        if self._prompt_text is not None:
+            while self._read_offset and self._decode(self._ids[:self._read_offset]).endswith("\ufffd"):
+                self._read_offset -= 1
+
+    def _prompt_context(self, prompt_ids) -> list[int]:
+        """The prompt's last few ids that decode reads, started on a character boundary: first a byte-fallback token
+        of a UTF-8 continuation byte would spoil the whole byte run under the tokenizers ByteFallback decoder (a run
+        with a bad byte decodes to U+FFFD throughout), generated characters included."""
+        context: list[int] = []
+        for token_id in map(int, reversed(prompt_ids)):
+            if token_id in self._skipped:
+                continue
+            # Enough ids, unless the first is a continuation byte: then on to its character's start (3 at most).
+            if len(context) >= _CONTEXT_TOKENS and (
+                    len(context) == _CONTEXT_TOKENS + 3
+                    or not _CONTINUATION_BYTE.fullmatch(self._tokenizer.id_to_token(context[-1]) or "")):
+                break
+            context.append(token_id)
+        return context[::-1]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, self._skip_special_tokens)
 
     def add(self, token_id: int) -> str:
         """Append one generated id; return the text it completes ('' while a character is unfinished)."""
-        self._ids.append(int(token_id))
+        token_id = int(token_id)
+        if token_id in self._skipped:
+            return ""
+        self._ids.append(token_id)
         return self._advance(final=False)
 
     def flush(self) -> str:
@@ -352,14 +389,19 @@ class IncrementalDetokenizer:
         return self._advance(final=True)
 
     def _advance(self, final: bool) -> str:
-        decode = self._tokenizer.decode
-        emitted = decode(self._ids[:self._read_offset], self._skip_special_tokens)
-        window = decode(self._ids, self._skip_special_tokens)
-        if len(window) <= len(emitted) or (window.endswith("\ufffd") and not final):
+        window = self._decode(self._ids)
+        if window.endswith("\ufffd") and not final:
             return ""
-        delta = window[len(emitted):]
+        if self._prompt_text is None:
+            start = len(self._decode(self._ids[:self._read_offset]))
+        else:  # the prompt's text up to where the generated ids change it (finish its last character)
+            start = len(os.path.commonprefix([self._prompt_text, window]))
+        if len(window) <= start:
+            return ""
+        delta = window[start:]
         # The next window starts after the ids just emitted; nothing before it is decoded again.
         del self._ids[:self._read_offset]
         self._read_offset = len(self._ids)
+        self._prompt_text = None
         self.text += delta
         return delta
