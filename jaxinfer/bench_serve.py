@@ -4,6 +4,12 @@ Owns: the synthetic workloads (random, prefix-sharing, jsonl), the arrival sched
 each request, and the metrics, defined and computed as vLLM's `vllm bench serve` does, so that figures taken from our
 server, vLLM and llama.cpp compare. It measures from outside, over HTTP only: it must not import JAX or the engine.
 
+Where we differ from vLLM, on purpose: a stream must end in data: [DONE] and an error event fails its request (vLLM
+counts both as successes); without a usage chunk and without --tokenizer, output tokens are the chunks counted (vLLM
+counts 1); without --tokenizer, prompts go as token ids (vLLM always sends text); ignore_eos is on for every dataset
+(vLLM: for random) and temperature 0 is sent (vLLM: the server's default); all four metrics are reported at p90 and p99
+(vLLM: TTFT, TPOT, ITL at p99); --save-result takes the file's path (vLLM: a flag, with --result-filename).
+
 HTTP goes through httpx: a well-kept async client that streams responses (the openai client is built on it). httpx,
 tqdm and matplotlib are imported where used, because the CLI builds this module's parser on every command.
 """
@@ -29,7 +35,9 @@ DATASETS = ("random", "prefix", "jsonl")
 SLO_METRICS = ("ttft", "tpot", "e2el")
 LATENCY_TITLES = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
                   "itl": "Inter-token Latency", "e2el": "End-to-end Latency"}
-REPORTED_STATS = ("mean", "median", "p90", "p99")
+# Our defaults, wider than vLLM's (ttft,tpot,itl at 99): every metric at p90 and p99, the figures SERVING.md promises.
+DEFAULT_PERCENTILE_METRICS = tuple(LATENCY_TITLES)
+DEFAULT_METRIC_PERCENTILES = (90.0, 99.0)
 PLOT_PERCENTILES = (50, 90, 99)
 DEFAULT_VOCAB_SIZE = 1000  # of token-id prompts without --tokenizer: ids every model has
 ERROR_CHARS = 500  # of a failed request's recorded error text
@@ -57,6 +65,7 @@ class ServeOptions:
     random_input_len: int = 128
     random_output_len: int = 64
     random_range_ratio: float = 0.0
+    random_prefix_len: int = 0
     prefix_len: int = 256
     num_prefixes: int = 10
     tokenizer: str | None = None
@@ -65,6 +74,8 @@ class ServeOptions:
     ignore_eos: bool = True
     temperature: float = 0.0
     goodput: dict[str, float] = dataclasses.field(default_factory=dict)  # SLOs in ms, keyed by SLO_METRICS
+    percentile_metrics: tuple[str, ...] = DEFAULT_PERCENTILE_METRICS
+    metric_percentiles: tuple[float, ...] = DEFAULT_METRIC_PERCENTILES
     save_result: str | None = None
     plot: str | None = None
     disable_tqdm: bool = False
@@ -90,6 +101,11 @@ def _check_options(o: ServeOptions) -> None:
     _require(o.random_input_len >= 1, "--random-input-len", o.random_input_len, "need at least 1")
     _require(o.random_output_len >= 1, "--random-output-len", o.random_output_len, "need at least 1")
     _require(0 <= o.random_range_ratio < 1, "--random-range-ratio", o.random_range_ratio, "need a value in [0, 1)")
+    _require(o.random_prefix_len >= 0, "--random-prefix-len", o.random_prefix_len, "need >= 0")
+    _require(len(o.percentile_metrics) > 0 and set(o.percentile_metrics) <= set(LATENCY_TITLES),
+             "--percentile-metrics", ",".join(o.percentile_metrics), f"need some of {','.join(LATENCY_TITLES)}")
+    _require(len(o.metric_percentiles) > 0 and all(0 <= p <= 100 for p in o.metric_percentiles),
+             "--metric-percentiles", ",".join(map(str, o.metric_percentiles)), "need numbers in [0, 100], e.g. 50,99")
     _require(o.prefix_len >= 1, "--prefix-len", o.prefix_len, "need at least 1")
     _require(o.num_prefixes >= 1, "--num-prefixes", o.num_prefixes, "need at least 1")
     _require(o.min_token_id >= 0, "--min-token-id", o.min_token_id, "need >= 0")
@@ -107,6 +123,14 @@ def _check_options(o: ServeOptions) -> None:
             importlib.import_module("matplotlib")
         except ImportError:
             raise ValueError(f"--plot {o.plot}: needs matplotlib (pip install matplotlib)") from None
+
+
+def parse_percentiles(text: str) -> tuple[float, ...]:
+    """'50,99.9' -> (50.0, 99.9)."""
+    try:
+        return tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise ValueError(f"--metric-percentiles {text}: need comma-separated numbers, e.g. 50,90,99") from None
 
 
 def parse_goodput(items: list[str]) -> dict[str, float]:
@@ -134,10 +158,12 @@ class Request:
     output_len: int  # sent as max_tokens
 
 
-def sample_lengths(mean: int, range_ratio: float, n: int, rng: np.random.Generator) -> np.ndarray:
-    """vLLM's: integers uniform in [mean * (1 - r), mean * (1 + r)] (truncated), at least 1."""
-    low = max(1, int(mean * (1 - range_ratio)))
-    return rng.integers(low, max(low, int(mean * (1 + range_ratio))), n, endpoint=True)
+def sample_lengths(mean: int, range_ratio: float, n: int, rng: np.random.Generator, at_least: int = 0) -> np.ndarray:
+    """vLLM's: integers uniform in [floor(mean * (1 - r)), ceil(mean * (1 + r))], both bounds raised to `at_least`
+    (vLLM raises output lengths' to 1)."""
+    low = max(at_least, math.floor(mean * (1 - range_ratio)))
+    high = max(at_least, math.ceil(mean * (1 + range_ratio)))
+    return rng.integers(low, high, n, endpoint=True)
 
 
 def text_prompt(tokenizer, ids: list[int], rng: np.random.Generator, low: int, high: int) -> tuple[str, int]:
@@ -165,6 +191,14 @@ class TokenSpace:
     def ids(self, n: int, rng: np.random.Generator) -> list[int]:
         return rng.integers(self.low, self.high, n).tolist()
 
+    def run(self, n: int, start: int) -> list[int]:
+        """n successive ids from `start`, wrapping within [low, high): vLLM's random prompts."""
+        return (self.low + (start + np.arange(n)) % (self.high - self.low)).tolist()
+
+    def special_tokens(self) -> int:
+        """Tokens the server adds to a prompt: a text prompt's BOS and the like; none to token ids."""
+        return len(self.tokenizer.encode("", add_special_tokens=True)) if self.tokenizer is not None else 0
+
     def request(self, ids: list[int], output_len: int, rng: np.random.Generator) -> Request:
         if self.tokenizer is None:
             return Request(ids, len(ids), int(output_len))
@@ -172,10 +206,19 @@ class TokenSpace:
 
 
 def random_dataset(n: int, input_len: int, output_len: int, range_ratio: float, space: TokenSpace,
-                   rng: np.random.Generator) -> list[Request]:
-    inputs = sample_lengths(input_len, range_ratio, n, rng)
-    outputs = sample_lengths(output_len, range_ratio, n, rng)
-    return [space.request(space.ids(i, rng), o, rng) for i, o in zip(inputs, outputs)]
+                   rng: np.random.Generator, prefix_len: int = 0) -> list[Request]:
+    """vLLM's `random`: one random prefix of `prefix_len` tokens shared by all, then a run of successive ids from a
+    random offset, its length drawn around `input_len` less the special tokens the server will add."""
+    real_input_len = max(0, input_len - space.special_tokens())
+    _require(prefix_len + math.floor(real_input_len * (1 - range_ratio)) >= 1, "--random-input-len", input_len,
+             f"too short: with --random-prefix-len {prefix_len}, {space.special_tokens()} special tokens and "
+             f"--random-range-ratio {range_ratio} a prompt could be empty")
+    inputs = sample_lengths(real_input_len, range_ratio, n, rng)
+    outputs = sample_lengths(output_len, range_ratio, n, rng, at_least=1)
+    offsets = rng.integers(0, space.high - space.low, n)
+    prefix = space.ids(prefix_len, rng)
+    return [space.request(prefix + space.run(length, offset + i), out, rng)
+            for i, (length, out, offset) in enumerate(zip(inputs, outputs, offsets))]
 
 
 def prefix_dataset(n: int, prefix_len: int, num_prefixes: int, input_len: int, output_len: int, range_ratio: float,
@@ -185,7 +228,7 @@ def prefix_dataset(n: int, prefix_len: int, num_prefixes: int, input_len: int, o
     prefixes = [space.ids(prefix_len, rng) for _ in range(num_prefixes)]
     which = rng.permutation(n) % num_prefixes
     suffixes = sample_lengths(input_len, range_ratio, n, rng)
-    outputs = sample_lengths(output_len, range_ratio, n, rng)
+    outputs = sample_lengths(output_len, range_ratio, n, rng, at_least=1)
     return [space.request(prefixes[p] + space.ids(s, rng), o, rng) for p, s, o in zip(which, suffixes, outputs)]
 
 
@@ -218,31 +261,41 @@ def jsonl_dataset(path: str, n: int, default_output_len: int, tokenizer=None) ->
     return [records[i % len(records)] for i in range(n)]
 
 
-def build_dataset(o: ServeOptions) -> list[Request]:
+def load_tokenizer(o: ServeOptions):
+    if o.tokenizer is None:
+        return None
+    from jaxinfer.tokenizer import Tokenizer
+    return Tokenizer.from_pretrained(o.tokenizer)
+
+
+def build_dataset(o: ServeOptions, tokenizer=None) -> list[Request]:
     rng = np.random.default_rng([o.seed, 0])  # apart from the schedule's, so the rate does not change the prompts
-    tokenizer = None
-    if o.tokenizer is not None:
-        from jaxinfer.tokenizer import Tokenizer
-        tokenizer = Tokenizer.from_pretrained(o.tokenizer)
     if o.dataset_name == "jsonl":
         return jsonl_dataset(o.dataset_path, o.num_prompts, o.random_output_len, tokenizer)
     high = o.vocab_size or (tokenizer.vocab_size if tokenizer else DEFAULT_VOCAB_SIZE)
     _require(o.min_token_id < high, "--min-token-id", o.min_token_id, f"need less than the vocabulary size {high}")
     space = TokenSpace(o.min_token_id, high, tokenizer)
     if o.dataset_name == "random":
-        return random_dataset(o.num_prompts, o.random_input_len, o.random_output_len, o.random_range_ratio, space, rng)
+        return random_dataset(o.num_prompts, o.random_input_len, o.random_output_len, o.random_range_ratio, space, rng,
+                              o.random_prefix_len)
     return prefix_dataset(o.num_prompts, o.prefix_len, o.num_prefixes, o.random_input_len, o.random_output_len,
                           o.random_range_ratio, space, rng)
 
 
 def arrival_times(n: int, rate: float, burstiness: float, rng: np.random.Generator) -> np.ndarray:
-    """Send times in seconds from the start: the first at 0, then gaps drawn from a gamma distribution with shape
-    `burstiness` and scale 1 / (rate * burstiness), so a mean gap of 1 / rate (vLLM's: burstiness 1 is a Poisson
-    process, below 1 burstier, above 1 steadier). An infinite rate sends everything at 0."""
+    """Send times in seconds from the start, as vLLM's get_request: every request, the first too, waits a gap drawn
+    from a gamma distribution with shape `burstiness` and scale 1 / (rate * burstiness), a mean of 1 / rate
+    (burstiness 1 is a Poisson process, below 1 burstier, above 1 steadier, infinite a constant 1 / rate); then the
+    times are scaled so that the last is exactly n / rate, which vLLM does to steady throughput across seeds. An
+    infinite rate sends everything at 0."""
     if math.isinf(rate):
         return np.zeros(n)
-    gaps = rng.gamma(burstiness, 1.0 / (rate * burstiness), n - 1)
-    return np.concatenate([[0.0], np.cumsum(gaps)])
+    if math.isinf(burstiness):
+        gaps = np.full(n, 1.0 / rate)
+    else:
+        gaps = rng.gamma(burstiness, 1.0 / (rate * burstiness), n)
+    times = np.cumsum(gaps)
+    return times * (n / rate / times[-1]) if times[-1] > 0 else times
 
 
 # --- timing one request ---------------------------------------------------------------------
@@ -251,10 +304,10 @@ def arrival_times(n: int, rate: float, burstiness: float, rng: np.random.Generat
 @dataclasses.dataclass(frozen=True)
 class RequestResult:
     send_time: float  # seconds from the benchmark's start to sending
-    ttft: float | None = None  # seconds from sending to the first chunk that carries text (or token ids)
-    itl: tuple[float, ...] = ()  # seconds between successive text chunks
-    e2el: float | None = None  # seconds from sending to data: [DONE]
-    output_tokens: int = 0  # usage.completion_tokens of the final chunk, else the number of text chunks
+    ttft: float | None = None  # seconds from sending to the first chunk with a choice (its text may be empty)
+    itl: tuple[float, ...] = ()  # seconds between successive such chunks, one per chunk however many tokens it holds
+    e2el: float | None = None  # seconds from sending to the last such chunk (as vLLM: not to the usage or [DONE])
+    output_tokens: int = 0  # usage.completion_tokens, else see StreamTimer.result
     prompt_tokens: int | None = None  # usage.prompt_tokens, else the workload's count
     error: str | None = None  # None: succeeded
 
@@ -271,11 +324,16 @@ class RequestResult:
 
 
 class StreamTimer:
-    """Times one streamed completion from the lines of its server-sent events, with vLLM's definitions."""
+    """Times one streamed completion from the lines of its server-sent events, with vLLM's definitions: every event
+    with a non-empty `choices` is a token's chunk, whether its text is empty (a held-back byte, a special token, a
+    last chunk carrying only finish_reason) or not; TTFT ends at the first, one ITL per later one, E2EL at the last.
+    Where we differ, deliberately: the stream must end in data: [DONE] and an error event fails the request (vLLM
+    counts a cut stream, or one that reported an error after a chunk, as a success)."""
 
     def __init__(self, sent: float):
         self.sent = sent
-        self.text_times: list[float] = []
+        self.chunk_times: list[float] = []
+        self.texts: list[str] = []
         self.usage: dict = {}
         self.done: float | None = None
         self.error: str | None = None
@@ -290,7 +348,7 @@ class StreamTimer:
             return True
         try:
             event = json.loads(data)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # RecursionError: deeply nested JSON
             event = None
         if not isinstance(event, dict):
             self.error = f"an event that is not a JSON object: {data}"
@@ -298,32 +356,45 @@ class StreamTimer:
         if event.get("error"):
             self.error = f"error event: {json.dumps(event['error'])}"
             return True
-        choices = event.get("choices") or []
-        if choices and isinstance(choices[0], dict) and (choices[0].get("text") or choices[0].get("token_ids")):
-            self.text_times.append(now)  # token ids count too: a server without a tokenizer streams only those
-        if event.get("usage"):
+        choices = event.get("choices")
+        if isinstance(choices, list) and choices:
+            self.chunk_times.append(now)
+            text = choices[0].get("text") if isinstance(choices[0], dict) else None
+            self.texts.append(text if isinstance(text, str) else "")
+        elif isinstance(event.get("usage"), dict):  # as vLLM: usage is read from the chunk without choices
             self.usage = event["usage"]
         return False
 
-    def result(self, start: float, prompt_len: int | None) -> RequestResult:
-        """The request's record, `start` being the benchmark's start on the same clock."""
+    def result(self, start: float, prompt_len: int | None, count_tokens=None) -> RequestResult:
+        """The request's record, `start` being the benchmark's start on the same clock. Output tokens: the usage
+        chunk's completion_tokens; without one, `count_tokens(text)` (vLLM re-tokenizes the text), and without a
+        tokenizer the number of chunks (where vLLM, lacking a tokenizer, counts 1)."""
         error = self.error
         if error is None and self.done is None:
             error = "the stream ended before data: [DONE]"
-        if error is None and not self.text_times:
-            error = "no chunk carried text or token ids"
+        if error is None and not self.chunk_times:
+            error = "no chunk carried a choice"
         if error is not None:
-            return RequestResult(self.sent - start, error=error[:ERROR_CHARS])
-        times = self.text_times
+            return RequestResult(self.sent - start, prompt_tokens=prompt_len, error=error[:ERROR_CHARS])
+        times = self.chunk_times
+        output_tokens = _count(self.usage.get("completion_tokens"))
+        if not output_tokens:
+            output_tokens = count_tokens("".join(self.texts)) if count_tokens else len(times)
+        prompt_tokens = _count(self.usage.get("prompt_tokens"))
+        if prompt_tokens is None:
+            prompt_tokens = prompt_len
         return RequestResult(self.sent - start, times[0] - self.sent, tuple(b - a for a, b in zip(times, times[1:])),
-                             self.done - self.sent, self.usage.get("completion_tokens") or len(times),
-                             self.usage.get("prompt_tokens") or prompt_len)
+                             times[-1] - self.sent, output_tokens, prompt_tokens)
+
+
+def _count(value) -> int | None:
+    """A token count a server reported, or None where it sent none or nonsense."""
+    return value if type(value) is int and value >= 0 else None
 
 
 def make_payload(o: ServeOptions, model: str, request: Request) -> dict:
     payload = {"model": model, "prompt": request.prompt, "max_tokens": request.output_len,
-               "temperature": o.temperature, "stream": True, "stream_options": {"include_usage": True},
-               "return_token_ids": True}  # vLLM's field; servers that lack it ignore it
+               "temperature": o.temperature, "stream": True, "stream_options": {"include_usage": True}}
     if o.ignore_eos:
         payload["ignore_eos"] = True  # a vLLM extension that ours and llama.cpp accept; only sent when wanted
     return payload
@@ -338,9 +409,9 @@ def _headers(o: ServeOptions) -> dict[str, str]:
 
 
 async def send_request(client, url: str, headers: dict, payload: dict, prompt_len: int | None,
-                       start: float) -> RequestResult:
-    """POST one streaming completion and time it; every failure is recorded, none raised."""
-    import httpx
+                       start: float, count_tokens=None) -> RequestResult:
+    """POST one streaming completion and time it; every failure is recorded, none raised (as vLLM, which keeps any
+    exception's text as the request's error), so one odd answer cannot end the run."""
     timer = StreamTimer(time.perf_counter())
     try:
         async with client.stream("POST", url, json=payload, headers=headers) as response:
@@ -351,9 +422,9 @@ async def send_request(client, url: str, headers: dict, payload: dict, prompt_le
                 async for line in response.aiter_lines():
                     if timer.feed(line, time.perf_counter()):
                         break
-    except (httpx.HTTPError, OSError) as e:
+    except Exception as e:  # httpx's, a decoder's or anything else: this request failed, not the run
         timer.error = f"{type(e).__name__}: {e}"
-    return timer.result(start, prompt_len)
+    return timer.result(start, prompt_len, count_tokens)
 
 
 # --- the driver -----------------------------------------------------------------------------
@@ -370,8 +441,8 @@ async def first_model(client, o: ServeOptions) -> str:
         raise ValueError(f"could not read a model id from GET {url} ({type(e).__name__}: {e}); pass --model") from e
 
 
-async def _drive(o: ServeOptions, client, model: str, requests: list[Request],
-                 schedule: np.ndarray) -> tuple[list[RequestResult], float]:
+async def _drive(o: ServeOptions, client, model: str, requests: list[Request], schedule: np.ndarray,
+                 count_tokens=None) -> tuple[list[RequestResult], float]:
     """Send each request at its scheduled time (at most max_concurrency in flight) -> (results, duration)."""
     from tqdm import tqdm
     url, headers = _url(o, o.endpoint), _headers(o)
@@ -381,7 +452,7 @@ async def _drive(o: ServeOptions, client, model: str, requests: list[Request],
     async def one(request: Request) -> RequestResult:
         async with gate:  # as vLLM: a request's clock starts once it holds a slot
             result = await send_request(client, url, headers, make_payload(o, model, request), request.prompt_len,
-                                        start)
+                                        start, count_tokens)
         bar.update(1)
         return result
 
@@ -398,8 +469,8 @@ async def _drive(o: ServeOptions, client, model: str, requests: list[Request],
     return list(results), duration
 
 
-async def _benchmark(o: ServeOptions, requests: list[Request],
-                     schedule: np.ndarray) -> tuple[str, list[RequestResult], float]:
+async def _benchmark(o: ServeOptions, requests: list[Request], schedule: np.ndarray,
+                     count_tokens=None) -> tuple[str, list[RequestResult], float]:
     import httpx
     connections = o.max_concurrency or o.num_prompts  # no request may wait for a connection: that would be timed
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
@@ -412,18 +483,38 @@ async def _benchmark(o: ServeOptions, requests: list[Request],
                                   requests[0].prompt_len, time.perf_counter())
         if not test.success:
             raise ValueError(f"the test request to {url} (model {model!r}) failed, nothing was measured: {test.error}")
-        results, duration = await _drive(o, client, model, requests, schedule)
+        results, duration = await _drive(o, client, model, requests, schedule, count_tokens)
     return model, results, duration
 
 
 # --- metrics --------------------------------------------------------------------------------
 
 
-def summarize(seconds) -> dict[str, float]:
-    """Mean, median, std, p90 and p99 in milliseconds (numpy's linear percentiles); zeros when empty, as vLLM."""
+def percentile_name(p: float) -> str:
+    """vLLM's key for a percentile: p99, p99.9."""
+    return f"p{int(p) if int(p) == p else p}"
+
+
+def summarize(seconds, percentiles=DEFAULT_METRIC_PERCENTILES) -> dict[str, float]:
+    """Mean, median, (population) std and the percentiles in milliseconds, numpy's linear percentiles; zeros when
+    empty; all as vLLM."""
     ms = np.asarray(seconds, float) * 1000 if len(seconds) else np.zeros(1)
-    return {"mean": float(ms.mean()), "median": float(np.median(ms)), "std": float(ms.std()),
-            "p90": float(np.percentile(ms, 90)), "p99": float(np.percentile(ms, 99))}
+    stats = {"mean": float(ms.mean()), "median": float(np.median(ms)), "std": float(ms.std())}
+    return stats | {percentile_name(p): float(np.percentile(ms, p)) for p in percentiles}
+
+
+def peaks(ok: list[RequestResult]) -> tuple[float, int]:
+    """vLLM's (max_output_tokens_per_s, max_concurrent_requests): the most chunks received in one whole second
+    counted from the first send, and the most requests in flight at once."""
+    if not ok:
+        return 0.0, 0
+    first = min(r.send_time for r in ok)
+    buckets = np.zeros(int(np.ceil(max(r.send_time + r.e2el for r in ok) - first)) + 1)
+    for r in ok:
+        times = r.send_time + r.ttft + np.concatenate([[0.0], np.cumsum(r.itl)])
+        np.add.at(buckets, np.clip((times - first).astype(int), 0, len(buckets) - 1), 1)
+    events = sorted([(r.send_time, 1) for r in ok] + [(r.send_time + r.e2el, -1) for r in ok])  # ends first at ties
+    return float(buckets.max()), int(np.cumsum([delta for _, delta in events]).max())
 
 
 def meets_slos(result: RequestResult, slos_ms: dict[str, float]) -> bool:
@@ -444,7 +535,9 @@ class Metrics:
     request_goodput: float | None  # requests/s meeting every SLO; None without SLOs
     output_throughput: float  # tokens/s
     total_token_throughput: float  # input + output tokens/s
-    latency_ms: dict[str, dict[str, float]]  # {'ttft'|'tpot'|'itl'|'e2el': summarize(...)}
+    max_output_tokens_per_s: float  # see peaks()
+    max_concurrent_requests: int
+    latency_ms: dict[str, dict[str, float]]  # {metric: summarize(...)} for the --percentile-metrics
 
     def as_json(self) -> dict:
         """Flat, with vLLM's keys (mean_ttft_ms, p99_itl_ms, ...)."""
@@ -454,15 +547,17 @@ class Metrics:
         return flat
 
 
-def compute_metrics(results: list[RequestResult], duration: float, slos_ms: dict[str, float]) -> Metrics:
+def compute_metrics(results: list[RequestResult], duration: float, slos_ms: dict[str, float],
+                    metrics=DEFAULT_PERCENTILE_METRICS, percentiles=DEFAULT_METRIC_PERCENTILES) -> Metrics:
     ok = [r for r in results if r.success]
     input_tokens = sum(r.prompt_tokens or 0 for r in ok)
     output_tokens = sum(r.output_tokens for r in ok)
-    latency = {"ttft": summarize([r.ttft for r in ok]), "tpot": summarize([r.tpot for r in ok if r.tpot is not None]),
-               "itl": summarize([gap for r in ok for gap in r.itl]), "e2el": summarize([r.e2el for r in ok])}
+    values = {"ttft": [r.ttft for r in ok], "tpot": [r.tpot for r in ok if r.tpot is not None],
+              "itl": [gap for r in ok for gap in r.itl], "e2el": [r.e2el for r in ok]}
+    latency = {metric: summarize(values[metric], percentiles) for metric in LATENCY_TITLES if metric in metrics}
     goodput = sum(meets_slos(r, slos_ms) for r in ok) / duration if slos_ms else None
     return Metrics(len(ok), len(results) - len(ok), duration, input_tokens, output_tokens, len(ok) / duration,
-                   goodput, output_tokens / duration, (input_tokens + output_tokens) / duration, latency)
+                   goodput, output_tokens / duration, (input_tokens + output_tokens) / duration, *peaks(ok), latency)
 
 
 def format_report(m: Metrics) -> str:
@@ -473,13 +568,16 @@ def format_report(m: Metrics) -> str:
     if m.request_goodput is not None:
         rows.append(("Request goodput (req/s):", f"{m.request_goodput:.2f}"))
     rows += [("Output token throughput (tok/s):", f"{m.output_throughput:.2f}"),
+             ("Peak output token throughput (tok/s):", f"{m.max_output_tokens_per_s:.2f}"),
+             ("Peak concurrent requests:", f"{m.max_concurrent_requests:.2f}"),
              ("Total token throughput (tok/s):", f"{m.total_token_throughput:.2f}")]
     lines = [" Serving Benchmark Result ".center(50, "=")] + [f"{name:<40} {value}" for name, value in rows]
-    for metric, title in LATENCY_TITLES.items():
-        lines.append(f" {title} ".center(50, "-"))
-        for stat in REPORTED_STATS:
-            label = f"{stat.capitalize() if stat in ('mean', 'median') else stat.upper()} {metric.upper()} (ms):"
-            lines.append(f"{label:<40} {m.latency_ms[metric][stat]:.2f}")
+    for metric, stats in m.latency_ms.items():
+        lines.append(f" {LATENCY_TITLES[metric]} ".center(50, "-"))
+        for stat, value in stats.items():
+            if stat != "std":  # as vLLM: in the JSON, not the report
+                label = f"{stat.capitalize() if stat in ('mean', 'median') else stat.upper()} {metric.upper()} (ms):"
+                lines.append(f"{label:<40} {value:.2f}")
     return "\n".join(lines + ["=" * 50])
 
 
@@ -523,22 +621,35 @@ class Benchmark:
     results: list[RequestResult]
 
     def as_json(self) -> dict:
-        """Strict JSON (an infinite rate as "inf", as vLLM), without the API key."""
-        options = {k: "inf" if v == math.inf else v for k, v in dataclasses.asdict(self.options).items()
-                   if k != "api_key"}
+        """Strict JSON (an infinite rate as "inf"), without the API key: vLLM's --save-result --save-detailed
+        fields under vLLM's names (its per-request lists hold 0.0, [] and "" for a failed request, as vLLM's), then
+        ours: `options` and `requests`, one record per request."""
+        o, ok = self.options, [r.success for r in self.results]
+        options = {k: "inf" if v == math.inf else v for k, v in dataclasses.asdict(o).items() if k != "api_key"}
         records = [{**dataclasses.asdict(r), "tpot": r.tpot} for r in self.results]
-        return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "model_id": self.model,
-                "options": options, **self.metrics.as_json(), "requests": records}
+        detailed = {"input_lens": [r.prompt_tokens for r in self.results],
+                    "output_lens": [r.output_tokens if good else 0 for r, good in zip(self.results, ok)],
+                    "ttfts": [r.ttft or 0.0 for r in self.results], "itls": [list(r.itl) for r in self.results],
+                    "latencies": [r.e2el or 0.0 for r in self.results],
+                    "start_times": [r.send_time for r in self.results], "errors": [r.error or "" for r in self.results]}
+        return {"date": datetime.datetime.now().strftime("%Y%m%d-%H%M%S"), "endpoint_type": "openai",
+                "backend": "openai", "label": None, "model_id": self.model, "tokenizer_id": o.tokenizer,
+                "num_prompts": o.num_prompts, "request_rate": options["request_rate"], "burstiness": o.burstiness,
+                "max_concurrency": o.max_concurrency, **self.metrics.as_json(), **detailed, "options": options,
+                "requests": records}
 
 
 def serve(o: ServeOptions) -> Benchmark:
     """Run the benchmark, print vLLM's report, and write --save-result and --plot where asked."""
     schedule = arrival_times(o.num_prompts, o.request_rate, o.burstiness, np.random.default_rng([o.seed, 1]))
-    requests = build_dataset(o)
+    tokenizer = load_tokenizer(o)
+    requests = build_dataset(o, tokenizer)
+    count_tokens = (lambda text: len(tokenizer.encode(text, add_special_tokens=False))) if tokenizer else None
     print(f"{_url(o, o.endpoint)}: {o.num_prompts} {o.dataset_name} requests at {o.request_rate} requests/s, "
           f"burstiness {o.burstiness}, max concurrency {o.max_concurrency or 'unlimited'}")
-    model, results, duration = asyncio.run(_benchmark(o, requests, schedule))
-    bench = Benchmark(o, model, compute_metrics(results, duration, o.goodput), results)
+    model, results, duration = asyncio.run(_benchmark(o, requests, schedule, count_tokens))
+    metrics = compute_metrics(results, duration, o.goodput, o.percentile_metrics, o.metric_percentiles)
+    bench = Benchmark(o, model, metrics, results)
     print(format_report(bench.metrics))
     for error, count in collections.Counter(r.error for r in results if r.error).most_common(3):
         print(f"{count} failed with: {error}")
@@ -555,6 +666,8 @@ def serve(o: ServeOptions) -> Benchmark:
 def options_from_args(args: argparse.Namespace) -> ServeOptions:
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeOptions)}
     fields["goodput"] = parse_goodput(args.goodput or [])
+    fields["percentile_metrics"] = tuple(m.strip() for m in args.percentile_metrics.split(","))
+    fields["metric_percentiles"] = parse_percentiles(args.metric_percentiles)
     fields["api_key"] = args.api_key or os.environ.get("OPENAI_API_KEY")
     return ServeOptions(**fields)
 
@@ -590,6 +703,8 @@ def add_parser(kinds) -> None:
                    help="max_tokens (jsonl: where a line gives none)")
     p.add_argument("--random-range-ratio", type=float, default=d["random_range_ratio"],
                    help="lengths uniform in [len * (1 - r), len * (1 + r)]")
+    p.add_argument("--random-prefix-len", type=int, default=d["random_prefix_len"],
+                   help="random: tokens of one random prefix shared by every prompt, on top of --random-input-len")
     p.add_argument("--prefix-len", type=int, default=d["prefix_len"], help="prefix: shared prefix tokens")
     p.add_argument("--num-prefixes", type=int, default=d["num_prefixes"], help="prefix: distinct prefixes")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
@@ -600,10 +715,16 @@ def add_parser(kinds) -> None:
     p.add_argument("--vocab-size", type=int, default=None,
                    help=f"random prompt ids end below this; default {DEFAULT_VOCAB_SIZE}, or the tokenizer's")
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
-                   help="send ignore_eos so every request generates its max_tokens")
-    p.add_argument("--temperature", type=float, default=d["temperature"])
+                   help="send ignore_eos so every request generates its max_tokens; on by default for every dataset "
+                        "(vLLM turns it on for random only)")
+    p.add_argument("--temperature", type=float, default=d["temperature"],
+                   help="sent with every request; default 0, greedy (vLLM sends none by default: the server's)")
     p.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
                    help="SLOs in ms, KEY one of ttft, tpot, e2el; goodput = requests/s meeting all of them")
+    p.add_argument("--percentile-metrics", default=",".join(DEFAULT_PERCENTILE_METRICS), metavar="M,M",
+                   help="metrics to report, of ttft,tpot,itl,e2el; default all (vLLM's: ttft,tpot,itl)")
+    p.add_argument("--metric-percentiles", default=",".join(f"{p:g}" for p in DEFAULT_METRIC_PERCENTILES),
+                   metavar="P,P", help="percentiles to report, e.g. 50,90,99; default 90,99 (vLLM's: 99)")
     p.add_argument("--save-result", default=None, metavar="PATH", help="write metrics and per-request records as JSON")
     p.add_argument("--plot", default=None, metavar="PATH",
                    help="write a PNG of TTFT and E2EL percentiles over time (needs matplotlib)")

@@ -5,6 +5,7 @@ import asyncio
 import importlib.util
 import json
 import math
+import re
 import socket
 import subprocess
 import sys
@@ -70,6 +71,25 @@ def test_tpot_and_goodput():
     assert "Request goodput (req/s):" in report and "P90 ITL (ms):" in report and "Median E2EL (ms):" in report
 
 
+def test_percentile_options_and_peaks():
+    results = [bs.RequestResult(0.0, ttft=0.1, itl=(0.2, 0.2), e2el=0.5, output_tokens=3),
+               bs.RequestResult(0.4, ttft=0.7, itl=(0.1,), e2el=0.8, output_tokens=2),
+               bs.RequestResult(0.5, ttft=0.1, e2el=0.1, output_tokens=1),  # starts as the first ends: not overlapping
+               bs.RequestResult(0.45, error="HTTP 500: boom")]
+    m = bs.compute_metrics(results, 2.0, {}, metrics=("ttft", "e2el"), percentiles=(50, 99.9))
+    assert set(m.latency_ms) == {"ttft", "e2el"}
+    assert set(m.latency_ms["ttft"]) == {"mean", "median", "std", "p50", "p99.9"}  # vLLM's keys: p50, p99.9
+    assert m.latency_ms["e2el"]["p99.9"] == pytest.approx(np.percentile([500, 800, 100], 99.9))
+    flat = m.as_json()
+    assert "p99.9_ttft_ms" in flat and "std_e2el_ms" in flat and not any("tpot" in k or "itl" in k for k in flat)
+    report = bs.format_report(m)
+    assert "P99.9 TTFT (ms):" in report and "TPOT" not in report
+    # vLLM's peaks: chunks per whole second from the first send (0.1, 0.3, 0.5 and 0.6 fall in second 0), and
+    # requests in flight at once over half-open [send, send + e2el)
+    assert (m.max_output_tokens_per_s, m.max_concurrent_requests) == (4.0, 2)
+    assert (flat["max_output_tokens_per_s"], flat["max_concurrent_requests"]) == (4.0, 2)
+
+
 def test_parse_goodput():
     assert bs.parse_goodput(["ttft:300", "tpot:50.5"]) == {"ttft": 300.0, "tpot": 50.5}
     for bad in (["ttft"], ["ttft:abc"], ["latency:3"], ["ttft:-1"], ["ttft:1", "ttft:2"]):
@@ -79,13 +99,16 @@ def test_parse_goodput():
 
 def test_arrival_schedule():
     assert not bs.arrival_times(50, math.inf, 1.0, np.random.default_rng(0)).any()
-    gaps = {b: np.diff(bs.arrival_times(40001, 4.0, b, np.random.default_rng(1))) for b in (0.5, 1.0, 4.0)}
+    gaps = {b: np.diff(bs.arrival_times(40001, 4.0, b, np.random.default_rng(1)), prepend=0) for b in (0.5, 1.0, 4.0)}
     for b, g in gaps.items():
-        assert g.mean() == pytest.approx(1 / 4.0, rel=0.03)
+        assert g.mean() == pytest.approx(1 / 4.0, rel=1e-9)  # vLLM scales the times to end at exactly n / rate
         assert g.var() == pytest.approx(1 / (4.0 ** 2 * b), rel=0.08)  # gamma: shape * scale^2 = 1 / (rate^2 B)
     assert gaps[0.5].var() > gaps[1.0].var() > gaps[4.0].var()
     first = bs.arrival_times(10, 4.0, 1.0, np.random.default_rng(7))
-    assert first[0] == 0 and np.array_equal(first, bs.arrival_times(10, 4.0, 1.0, np.random.default_rng(7)))
+    assert np.array_equal(first, bs.arrival_times(10, 4.0, 1.0, np.random.default_rng(7)))
+    # As vLLM's get_request: the first request waits a gap too, and the last is sent at n / rate whatever the draws.
+    assert 0 < first[0] < first[1] and first[-1] == pytest.approx(10 / 4.0)
+    assert bs.arrival_times(4, 2.0, math.inf, np.random.default_rng(0)) == pytest.approx([0.5, 1.0, 1.5, 2.0])
 
 
 def test_random_dataset_lengths_honour_the_range_ratio():
@@ -97,6 +120,21 @@ def test_random_dataset_lengths_honour_the_range_ratio():
     assert all(r.prompt_len == len(r.prompt) and 10 <= min(r.prompt) and max(r.prompt) < 50 for r in requests)
     fixed = bs.random_dataset(5, 8, 3, 0.0, space, np.random.default_rng(0))
     assert {len(r.prompt) for r in fixed} == {8} and {r.output_len for r in fixed} == {3}
+
+
+def test_random_dataset_draws_as_vllm():
+    # vLLM's bounds: floor(len * (1 - r)) to ceil(len * (1 + r)), both included; outputs at least 1.
+    assert set(bs.sample_lengths(10, 0.25, 4000, np.random.default_rng(0))) == set(range(7, 14))
+    assert set(bs.sample_lengths(1, 0.5, 400, np.random.default_rng(0), at_least=1)) == {1, 2}
+    space = bs.TokenSpace(10, 50)
+    requests = bs.random_dataset(50, 6, 1, 0.5, space, np.random.default_rng(0), prefix_len=4)
+    assert {r.output_len for r in requests} == {1, 2}
+    assert len({tuple(r.prompt[:4]) for r in requests}) == 1  # --random-prefix-len: one prefix shared by all
+    assert {len(r.prompt) - 4 for r in requests} == {3, 4, 5, 6, 7, 8, 9}
+    for r in requests:  # the rest: a run of successive ids from a random offset, wrapping within [10, 50)
+        assert all((b - 10) == (a - 10 + 1) % 40 for a, b in zip(r.prompt[4:], r.prompt[5:])), r.prompt
+    with pytest.raises(ValueError, match="--random-input-len 1"):
+        bs.random_dataset(2, 1, 1, 0.5, space, np.random.default_rng(0))  # floor(0.5) = 0 tokens: vLLM refuses too
 
 
 def test_prefix_dataset_shares_its_prefixes():
@@ -114,7 +152,9 @@ def test_text_prompts_have_the_asked_token_length():
     for r in requests:
         assert isinstance(r.prompt, str)
         assert r.prompt_len == len(tokenizer.encode(r.prompt, add_special_tokens=False))
-    targets = bs.sample_lengths(40, 0.5, 20, np.random.default_rng(0))
+    # As vLLM: the tokens the server adds (this tokenizer's BOS) come off the drawn length.
+    assert space.special_tokens() == 1
+    targets = bs.sample_lengths(39, 0.5, 20, np.random.default_rng(0))
     exact = sum(r.prompt_len == t for r, t in zip(requests, targets))
     assert exact >= 18, [(r.prompt_len, int(t)) for r, t in zip(requests, targets)]
 
@@ -144,6 +184,9 @@ def test_jsonl_dataset_and_its_errors(tmp_path):
                                                      "--dataset-path /no/such.jsonl: no such file"),
     ({"goodput": {"ttfb": 3.0}}, "--goodput"), ({"vocab_size": 10}, "--vocab-size"),
     ({"base_url": "localhost:8000"}, "--base-url"), ({"num_prompts": 0}, "--num-prompts"),
+    ({"random_prefix_len": -1}, "--random-prefix-len"),
+    ({"percentile_metrics": ("ttft", "ttfb")}, "--percentile-metrics"),
+    ({"metric_percentiles": (101.0,)}, "--metric-percentiles"),
 ])
 def test_bad_options_name_the_option(bad, option):
     with pytest.raises(ValueError, match=option):
@@ -157,23 +200,28 @@ def test_plot_without_matplotlib_fails_fast(monkeypatch):
 
 
 def test_stream_timer_follows_vllms_definitions():
+    # vLLM: every chunk with a choice is a token's, empty text or not (a held-back byte, a last chunk carrying only
+    # finish_reason); TTFT ends at the first, one ITL per later one, E2EL at the last (not at usage or [DONE]).
     timer = bs.StreamTimer(sent=10.0)
     lines = [(10.2, ": keep-alive"), (10.3, 'data: {"choices": [{"text": "", "index": 0}]}'), (10.3, ""),
-             (10.5, 'data: {"choices": [{"text": "a"}]}'), (10.6, 'data: {"choices": [{"text": "b"}]}'),
-             (10.9, 'data: {"choices": [{"text": "c"}]}'),
+             (10.5, 'data: {"choices": [{"text": "a"}], "usage": {"completion_tokens": 1}}'),
+             (10.6, 'data: {"choices": [{"text": "b"}]}'),
+             (10.9, 'data: {"choices": [{"text": "", "finish_reason": "length"}]}'),
              (11.0, 'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 6}}')]
     assert not any(timer.feed(line, now) for now, line in lines)
     assert timer.feed("data: [DONE]", 11.1)
     r = timer.result(start=9.0, prompt_len=5)
-    assert (r.send_time, r.ttft, r.e2el) == pytest.approx((1.0, 0.5, 1.1))
-    assert r.itl == pytest.approx((0.1, 0.3)) and r.output_tokens == 6 and r.prompt_tokens == 7
-    assert r.tpot == pytest.approx((1.1 - 0.5) / 5)
+    assert (r.send_time, r.ttft, r.e2el) == pytest.approx((1.0, 0.3, 0.9))
+    assert r.itl == pytest.approx((0.2, 0.1, 0.3)) and r.output_tokens == 6 and r.prompt_tokens == 7
+    assert r.tpot == pytest.approx((0.9 - 0.3) / 5)
 
     no_usage = bs.StreamTimer(0.0)
-    for now, line in [(0.1, 'data: {"choices": [{"text": "a"}]}'), (0.2, 'data: {"choices": [{"text": "b"}]}'),
+    for now, line in [(0.1, 'data: {"choices": [{"text": "a b"}]}'), (0.2, 'data: {"choices": [{"text": " c"}]}'),
                       (0.3, "data: [DONE]")]:
         no_usage.feed(line, now)
     assert no_usage.result(0.0, 4).output_tokens == 2 and no_usage.result(0.0, 4).prompt_tokens == 4
+    # With a tokenizer, vLLM re-tokenizes the text instead: chunks may hold several tokens.
+    assert no_usage.result(0.0, 4, count_tokens=lambda text: len(text.split())).output_tokens == 3
 
     errored = bs.StreamTimer(0.0)
     errored.feed('data: {"choices": [{"text": "a"}]}', 0.1)
@@ -185,6 +233,25 @@ def test_stream_timer_follows_vllms_definitions():
     long_error = bs.StreamTimer(0.0)
     long_error.feed("data: " + "x" * 5000, 0.1)
     assert len(long_error.result(0.0, None).error) == bs.ERROR_CHARS
+
+
+def test_odd_answers_fail_their_request_not_the_run():
+    deep = bs.StreamTimer(0.0)
+    assert deep.feed("data: " + "[" * 100_000, 0.1)  # deeply nested JSON: a RecursionError inside json
+    assert "not a JSON object" in deep.result(0.0, 3).error
+    odd = bs.StreamTimer(0.0)
+    for now, line in [(0.1, 'data: {"choices": ["x"]}'), (0.2, 'data: {"choices": [], "usage": [1, 2]}'),
+                      (0.3, 'data: {"choices": [], "usage": {"completion_tokens": "six", "prompt_tokens": null}}'),
+                      (0.4, "data: [DONE]")]:
+        odd.feed(line, now)
+    r = odd.result(0.0, 3)
+    assert r.success and (r.output_tokens, r.prompt_tokens) == (1, 3)  # nonsense counts are not taken
+
+    class Broken:  # any exception while sending, not only httpx's, is the request's error
+        def stream(self, *args, **kwargs):
+            raise RuntimeError("decoder fell over")
+    failed = asyncio.run(bs.send_request(Broken(), "http://x/v1/completions", {}, {}, 3, 0.0))
+    assert failed.error == "RuntimeError: decoder fell over" and failed.prompt_tokens == 3
 
 
 # --- against a fake server ------------------------------------------------------------------
@@ -280,6 +347,7 @@ def test_random_run_counts_tokens_and_times_the_first(fake, capsys):
     assert body["model"] == "fake-model" and body["max_tokens"] == 5 and body["ignore_eos"] is True
     assert body["temperature"] == 0 and body["stream"] and body["stream_options"] == {"include_usage": True}
     assert isinstance(body["prompt"], list) and len(body["prompt"]) == 12
+    assert "return_token_ids" not in body  # vLLM's client sends no such field; it would make chunks heavier
     assert len(fake.bodies) == 7 and set(fake.auth) == {"Bearer sk-test"}  # the test request, then the 6
     assert "Serving Benchmark Result" in capsys.readouterr().out
 
@@ -326,13 +394,24 @@ def test_cli_saves_results_and_plot(fake, tmp_path, capsys):
     out = tmp_path / "result.json"
     argv = ["bench", "serve", "--base-url", fake.url, "--num-prompts", "10", "--request-rate", "50",
             "--random-input-len", "8", "--random-output-len", "3", "--goodput", "ttft:1000", "e2el:2000",
+            "--metric-percentiles", "50,99.9", "--random-prefix-len", "2",
             "--save-result", str(out), "--disable-tqdm"] + (["--plot", str(plot)] if plot else [])
     assert main(argv) == 0
     saved = json.loads(out.read_text())
     assert saved["completed"] == 10 and saved["failed"] == 0 and saved["total_output_tokens"] == 30
     assert saved["request_goodput"] == pytest.approx(10 / saved["duration"])
     assert saved["options"]["request_rate"] == 50 and "api_key" not in saved["options"]
-    assert {"mean_ttft_ms", "p90_tpot_ms", "p99_itl_ms", "median_e2el_ms"} <= set(saved)
+    assert {"mean_ttft_ms", "p50_tpot_ms", "p99.9_itl_ms", "median_e2el_ms", "std_ttft_ms"} <= set(saved)
+    assert "p90_ttft_ms" not in saved
+    assert fake.bodies[-1]["prompt"][:2] == fake.bodies[-2]["prompt"][:2] and len(fake.bodies[-1]["prompt"]) == 10
+    # vLLM's --save-result (--save-detailed) fields, under its names, for the same plotting scripts
+    assert re.fullmatch(r"\d{8}-\d{6}", saved["date"]) and saved["model_id"] == "fake-model"
+    traffic = (saved["num_prompts"], saved["request_rate"], saved["burstiness"], saved["max_concurrency"])
+    assert traffic == (10, 50, 1, None)
+    assert saved["max_concurrent_requests"] >= 1 and saved["max_output_tokens_per_s"] >= 1
+    assert saved["output_lens"] == [3] * 10 and saved["errors"] == [""] * 10 and saved["input_lens"] == [3] * 10
+    assert [len(i) for i in saved["itls"]] == [2] * 10 and len(saved["ttfts"]) == len(saved["latencies"]) == 10
+    assert saved["start_times"] == sorted(saved["start_times"]) and saved["start_times"][0] > 0
     records = saved["requests"]
     assert len(records) == 10 and all(len(r["itl"]) == 2 and r["output_tokens"] == 3 for r in records)
     assert records[-1]["send_time"] > 0.05  # 9 gaps at 50 requests/s: about 0.18 s
