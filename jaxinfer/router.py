@@ -19,8 +19,9 @@ non-200), or to which a forwarded request cannot connect or loses its
 connection, leaves rotation at once and is probed again `retry_dead_after`
 seconds later. A request that never reached its replica is tried once more on
 another; one that did is never retried: it fails with 502 (streaming: an error
-event, then `[DONE]`) naming the replica. A client that goes away closes its
-upstream request, so the replica aborts the work.
+event, then `[DONE]`; likewise a stream the replica ends without `[DONE]`) naming
+the replica. A client that goes away closes its upstream request, so the replica
+aborts the work.
 
 `POST /reset_prefix_cache` goes to every healthy replica, not one: each forgets
 its cached prefixes, so a benchmark through the router starts cold everywhere.
@@ -45,7 +46,7 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -131,7 +132,10 @@ def prefix_keys(prompt: str | list) -> tuple[str, ...]:
     """Hashes of the prompt's leading windows; a prompt shorter than a window hashes whole."""
     keys = []
     for chars, ids in PREFIX_WINDOWS:
-        material = "t" + prompt[:chars] if isinstance(prompt, str) else "i" + ",".join(map(str, prompt[:ids]))
+        if isinstance(prompt, str):
+            material = "t" + prompt[:chars]
+        else:  # not str() of junk: JSON nested a thousand deep would exceed the recursion limit
+            material = "i" + ",".join(str(t) if isinstance(t, int) else "?" for t in prompt[:ids])
         keys.append(hashlib.blake2b(material.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest())
     return tuple(keys)
 
@@ -165,7 +169,8 @@ def _chat_text(messages) -> str:
         if isinstance(content, list):  # content parts: the text ones count
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and
                               isinstance(p.get("text"), str))
-        parts.append(f"{m.get('role')}\n{content if isinstance(content, str) else ''}\n")
+        role = m.get("role")
+        parts.append(f"{role if isinstance(role, str) else ''}\n{content if isinstance(content, str) else ''}\n")
     return "".join(parts)
 
 
@@ -448,21 +453,28 @@ class Router:
         return Response(content, status_code=upstream.status_code, headers=headers)
 
     async def _events(self, replica: Replica, upstream: httpx.Response):
-        """The replica's SSE bytes, passed on whole events at a time; if the replica fails mid-stream, an error
-        event and `[DONE]` instead of the incomplete rest."""
-        pending = b""
+        """The replica's SSE bytes, passed on whole events at a time; if the replica fails mid-stream, or ends it
+        without `[DONE]` (a client would take that for complete), an error event and `[DONE]` instead of the
+        incomplete rest."""
+        pending, done = b"", False
         try:
             async for chunk in upstream.aiter_raw():
                 pending += chunk
-                end = pending.rfind(b"\n\n") + 2
-                if end > 1:
+                end = _whole_events(pending)
+                if end:
+                    done = pending[:end].rstrip().endswith(DONE.rstrip())
                     yield pending[:end]
                     pending = pending[end:]
-            if pending:
-                yield pending
+            if done or pending.rstrip() == DONE.rstrip():
+                if pending:
+                    yield pending
+            else:  # the torn rest, if any, is dropped
+                replica.failures += 1
+                yield _error_event(APIError(502, f"the replica {replica.url} ended the stream without [DONE]"))
         except httpx.TransportError as e:
             self._lost(replica, e)
-            yield _error_event(_failed(replica, e, self.config.upstream_timeout))
+            if not done:  # after [DONE] the client has all of it
+                yield _error_event(_failed(replica, e, self.config.upstream_timeout))
         except Exception as e:  # a bug here: the client still gets an error event and [DONE]
             log.exception("relaying the stream from %s failed", replica.url)
             yield _error_event(APIError(500, f"internal error: {type(e).__name__}: {e}"))
@@ -589,6 +601,12 @@ class _Relay(StreamingResponse):
                 await self._cleanup()
 
 
+def _whole_events(buffer: bytes) -> int:
+    """How many leading bytes of `buffer` are whole server-sent events (each ends in a blank line, LF or CRLF)."""
+    lf, crlf = buffer.rfind(b"\n\n"), buffer.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
 def _error_event(error: APIError) -> bytes:
     return f"data: {json.dumps(error.body())}\n\n".encode() + DONE
 
@@ -632,6 +650,8 @@ def _endpoint(router: Router, handler, guarded: bool):
             return await handler(request)
         except APIError as e:
             return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        except ClientDisconnect:  # gone while sending its body: routine, and nobody reads the answer
+            return Response(status_code=499)
         except Exception as e:  # a bug: a bounded 500, the router goes on
             log.exception("%s %s failed", request.method, request.url.path)
             error = APIError(500, f"internal error: {type(e).__name__}: {e}")

@@ -39,7 +39,9 @@ FAST = {"health_interval": 0.1, "retry_dead_after": 1.0}
 class FakeReplica:
     """A stand-in for `jaxinfer serve`: `max_tokens` tokens ("x" each), `delay` seconds apart.
 
-    The prompts "please 400" and "please 429" get those errors. It records every body and
+    The prompts "please 400" and "please 429" get those errors; streamed, "please cut" ends the
+    stream cleanly after two events without `[DONE]`, and "please crlf" delimits events with
+    CRLF (as SSE allows). It records every body and
     Authorization header, counts the requests running and those whose client left early,
     and reports `running + external` in /metrics (external: load from clients that bypass
     the router). Answers carry `model: name`, so a test sees who served them.
@@ -90,7 +92,8 @@ class FakeReplica:
             return _error(400, "max_tokens must be an integer")
         rid = "cmpl-" + hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
         if body.get("stream"):
-            return StreamingResponse(self._events(rid, max_tokens), media_type="text/event-stream")
+            events = {"please cut": self._cut(), "please crlf": self._crlf()}.get(prompt) or self._events(rid, max_tokens)
+            return StreamingResponse(events, media_type="text/event-stream")
         self.running += 1
         try:
             stayed = await _sleep_unless_gone(request, self.delay * max_tokens)
@@ -116,6 +119,17 @@ class FakeReplica:
         finally:
             self.running -= 1
             self.aborted += sent < max_tokens
+
+
+    async def _cut(self):
+        yield 'data: {"text": "x"}\n\n'
+        yield 'data: {"text": "y"}\n\ndata: {"text": '  # and a torn event
+
+    async def _crlf(self):
+        for i in range(3):
+            await asyncio.sleep(self.delay)
+            yield f'data: {{"text": "{i}"}}\r\n\r\n'
+        yield "data: [DONE]\r\n\r\n"
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> Response:
@@ -270,6 +284,17 @@ def test_describe_hashes_prompt_starts_and_estimates_tokens():
         describe(junk, chat=True)
 
 
+def test_describe_never_recurses_into_junk():
+    """JSON nested just shallow enough to parse (in a thread, for a large body) must not fail routing with a 500:
+    the replica answers such a prompt with its own 400."""
+    nested = []
+    for _ in range(5000):
+        nested = [nested]
+    describe({"prompt": [nested, 1]}, chat=False)
+    describe({"prompt": nested}, chat=False)
+    describe({"messages": [{"role": nested, "content": "hi"}]}, chat=True)
+
+
 def test_reported_sequences_reads_running_and_waiting():
     text = ('# HELP jaxinfer:num_requests_running x\njaxinfer:num_requests_running{model_name="m"} 3\n'
             'jaxinfer:num_requests_waiting{model_name="m"} 2.0\njaxinfer:kv_cache_usage_perc{model_name="m"} 0.5\n'
@@ -382,6 +407,29 @@ def test_streams_pass_through_byte_exact_as_they_arrive_and_errors_unchanged():
         assert router.replicas[fake.url].healthy  # a 4xx says nothing about the replica's health
 
 
+def test_a_stream_the_replica_ends_without_done_gets_an_error_event():
+    """A clean end without `[DONE]` would look complete to a client: it gets an error event and `[DONE]` instead
+    of the torn rest."""
+    with fakes(0.0) as (fake,), routing(fake.url) as (router, url):
+        answer = httpx.post(f"{url}/v1/completions", json={"prompt": "please cut", "stream": True}, timeout=10)
+        events = answer.content.split(b"\n\n")
+        assert answer.status_code == 200 and answer.content.endswith(DONE), answer.content
+        assert events[:2] == [b'data: {"text": "x"}', b'data: {"text": "y"}']
+        error = json.loads(events[2][len(b"data: "):])["error"]
+        assert error["code"] == 502 and fake.url in error["message"] and "[DONE]" in error["message"]
+        assert router.replicas[fake.url].failures == 1 and router.replicas[fake.url].healthy
+
+
+def test_crlf_delimited_events_stream_as_they_arrive():
+    with fakes(0.2) as (fake,), routing(fake.url) as (router, url):
+        start = time.monotonic()
+        with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "please crlf", "stream": True},
+                          timeout=10) as routed:
+            chunks = [(time.monotonic() - start, chunk) for chunk in routed.iter_raw()]
+        assert b"".join(c for _, c in chunks).endswith(b"data: [DONE]\r\n\r\n") and b"error" not in chunks[-1][1]
+        assert chunks[0][0] < 0.45 < chunks[-1][0], chunks  # the first event came before the last was sent
+
+
 def test_other_routes_pass_through():
     with fakes(0.0) as (fake,), routing(fake.url) as (router, url):
         assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "fake0"
@@ -443,6 +491,19 @@ def test_bad_input_gets_400_and_never_reaches_a_replica():
         assert httpx.get(f"{url}/v1/nothing").status_code == 404
         assert httpx.get(f"{url}/v1/completions").json()["error"]["code"] == 405
         assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_no_error(caplog):
+    """A client gone mid-upload is routine, not a bug: no traceback in the router's log, and no request sent."""
+    with fakes(0.0) as (fake,), routing(fake.url) as (router, url):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n" + b'{"prompt": "')
+            time.sleep(0.2)
+        time.sleep(0.3)
+        assert httpx.get(f"{url}/health").status_code == 200 and fake.received == []
+    assert not [r for r in caplog.records if r.name == "jaxinfer.router" and r.levelname == "ERROR"], caplog.text
 
 
 def test_no_healthy_replica_is_503_with_retry_after():
