@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import socket
 import time
 
 import httpx
@@ -205,6 +206,20 @@ def test_metrics_follow_the_requests(live, client):
                  "request_time_per_output_token_seconds_count", "request_prompt_tokens_bucket",
                  "request_generation_tokens_sum"):
         assert f"jaxinfer:{name}{{" in after, name
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_no_error(live, caplog):
+    """A client gone mid-upload is routine, not a bug: no traceback in the server's log, nothing admitted, and the
+    server goes on serving."""
+    host, port = live.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n" + b'{"prompt": "')
+        time.sleep(0.2)
+    time.sleep(0.3)
+    serves_normally(live.url)
+    live.wait_idle()
+    assert not [r for r in caplog.records if r.name.startswith("jaxinfer") and r.levelname == "ERROR"], caplog.text
 
 
 def test_reset_prefix_cache_route(live, client):

@@ -22,7 +22,7 @@ import uuid
 import jinja2
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -132,6 +132,8 @@ def endpoint(server: Server, handler, guarded: bool = True, needs_engine: bool =
             return await handler(request)
         except APIError as e:
             return _error_response(e)
+        except ClientDisconnect:  # gone while sending its body: routine, nothing admitted, nobody reads the answer
+            return Response(status_code=499)
         except Exception as e:  # a bug or an engine failure: a bounded 500, the server goes on
             log.exception("%s %s failed", request.method, request.url.path)
             return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}"))
