@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -82,10 +83,11 @@ def _run_requests(llm, requests):
             for out in engine.step():
                 if out.finished and out.request_id in keys:
                     yield keys.pop(out.request_id), out
-    finally:  # a caller that stops early leaves the engine empty
+    finally:  # the engine is left empty: a caller that stops early aborts the rest, and the step the engine
+        # dispatched before reading that the last request had finished (a stop string, EOS) is read
         for request_id in keys:
             engine.abort(request_id)
-        while keys and engine.has_work():
+        while engine.has_work():
             engine.step()
 
 
@@ -299,6 +301,7 @@ class Perplexity:
     tokens: int  # scored: every token of every document but its first
     nll: float  # summed negative log-likelihood (nats)
     bytes: int | None  # UTF-8 bytes of the documents; None where some were given as token ids
+    words: int | None  # whitespace-separated words, as lm-eval counts them; None where some were token ids
 
     @property
     def mean_nll(self) -> float:
@@ -312,11 +315,20 @@ class Perplexity:
     def bits_per_byte(self) -> float | None:
         return self.nll / math.log(2) / self.bytes if self.bytes else None
 
+    @property
+    def byte_perplexity(self) -> float | None:
+        return math.exp(self.nll / self.bytes) if self.bytes else None
+
+    @property
+    def word_perplexity(self) -> float | None:
+        return math.exp(self.nll / self.words) if self.words else None
+
     def summary(self) -> dict:
         return {"window": self.window, "stride": self.stride,
                 "documents": self.documents, "windows": len(self.windows),
-                "tokens": self.tokens, "bytes": self.bytes, "nll": self.nll, "mean_nll": self.mean_nll,
-                "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
+                "tokens": self.tokens, "bytes": self.bytes, "words": self.words, "nll": self.nll,
+                "mean_nll": self.mean_nll, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte,
+                "byte_perplexity": self.byte_perplexity, "word_perplexity": self.word_perplexity}
 
 
 def sliding_windows(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -381,10 +393,13 @@ def perplexity(model, documents, window: int | None = None, stride: int | None =
             windows.append(Window(index, start, end, scored_from, logprob))
             bar.update(1)
     windows.sort(key=lambda w: (w.document, w.start))
-    nbytes = sum(len(d.encode("utf-8")) for d in documents) if all(isinstance(d, str) for d in documents) \
-        else None
-    return Perplexity(window, stride, len(documents), windows, sum(w.end - w.scored_from for w in windows), -sum(w.logprob for w in windows),
-                      nbytes)
+    texts = all(isinstance(d, str) for d in documents)
+    # lm-eval's count_bytes and count_words (len(re.split(r"\s+", doc))), the denominators of its byte_perplexity,
+    # bits_per_byte and word_perplexity
+    nbytes = sum(len(d.encode("utf-8")) for d in documents) if texts else None
+    words = sum(len(re.split(r"\s+", d)) for d in documents) if texts else None
+    return Perplexity(window, stride, len(documents), windows, sum(w.end - w.scored_from for w in windows),
+                      -sum(w.logprob for w in windows), nbytes, words)
 
 
 def _prompt_token_logprobs(out) -> list:
@@ -429,7 +444,7 @@ def _encode_pair(context: str, continuation: str, tokenizer) -> tuple[list[int],
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole, context_len = tokenizer.encode(context + continuation), len(tokenizer.encode(context))
     if context_len == 0:  # an empty context and no BOS added: condition on a prefix token, as the harness does
-        prefix = next(iter([i for i in [tokenizer.bos_id, *tokenizer.eos_ids] if i is not None]), None)
+        prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id  # transformers' eos_token_id
         if prefix is None:
             raise ValueError("the context is empty and the tokenizer has no BOS or EOS token to stand for it")
         return [prefix] + whole, len(whole)
@@ -470,7 +485,8 @@ def loglikelihood(model, pairs, engine_config: EngineConfig | None = None,
     Text is tokenized as lm-evaluation-harness does: trailing whitespace of the context moves to the
     continuation, and the continuation tokens are encode(context + continuation)[len(encode(context)):]
     (not encoded separately), with the tokenizer's special tokens kept (BOS for Llama-family tokenizers: the
-    harness's add_bos_token=True); an empty context is conditioned on BOS, else EOS. A context too long for
+    harness's add_bos_token=True); an empty context is conditioned on BOS, else EOS (the
+    tokenizer's eos_token, as the harness's prefix_token_id). A context too long for
     max_model_len - 1 tokens loses tokens from the left, as in the harness. Each pair is one engine request
     with prompt logprobs; `is_greedy` means every continuation token had rank 1."""
     llm = load_llm(model, engine_config)
@@ -524,7 +540,8 @@ def _cli_perplexity(args) -> None:
                                                            f"{summary['windows']} in all"),
             ("tokens scored", summary["tokens"]), ("bytes", "-" if result.bytes is None else result.bytes),
             ("mean NLL (nats)", f"{result.mean_nll:.4f}"), ("perplexity", f"{result.perplexity:.4f}"),
-            ("bits per byte", "-" if result.bits_per_byte is None else f"{result.bits_per_byte:.4f}")]
+            ("bits per byte", "-" if result.bits_per_byte is None else f"{result.bits_per_byte:.4f}"),
+            ("word perplexity", "-" if result.word_perplexity is None else f"{result.word_perplexity:.4f}")]
     for name, value in rows:
         print(f"{name:<16} {value}")
     if args.json:
@@ -579,7 +596,9 @@ def add_parser(sub) -> None:
         description="Scores every token but each document's first, in windows of --window tokens starting every "
                     "--stride tokens, each scoring only what the previous one did not (Hugging Face's perplexity "
                     "guide); every window is one engine request. Texts are encoded with the tokenizer's special "
-                    "tokens. Bits per byte = summed NLL / ln 2 / UTF-8 bytes of the texts.")
+                    "tokens. Bits per byte = summed NLL / ln 2 / UTF-8 bytes of the texts; byte and word perplexity "
+                    "= exp(summed NLL / bytes or words), words as lm-evaluation-harness counts them "
+                    "(len(re.split(r'\\s+', text))).")
     ppl.add_argument("--input", required=True, help='a .txt file (one document) or .jsonl ({"text": ...} a line)')
     ppl.add_argument("--window", type=int, default=None, help="tokens per window (default: max_model_len - 1)")
     ppl.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: window / 2)")

@@ -7,6 +7,7 @@ text and generate use the embedded default model. Every engine here, in process 
 
 import json
 import math
+import re
 import subprocess
 import sys
 import threading
@@ -123,6 +124,11 @@ def test_perplexity_command_on_text(llm, cli_on, tmp_path, capsys):
     assert saved["bytes"] == len(text.encode("utf-8")) > len(text)
     assert abs(saved["nll"] - direct.nll) < ATOL and f"{direct.perplexity:.4f}" in table
     assert math.isclose(saved["bits_per_byte"], direct.nll / math.log(2) / saved["bytes"], rel_tol=1e-6)
+    words = len(re.split(r"\s+", text))  # lm-eval's count_words, as its word_perplexity divides by
+    assert saved["words"] == words and "word perplexity" in table
+    assert math.isclose(saved["word_perplexity"], math.exp(direct.nll / words), rel_tol=1e-9)
+    assert math.isclose(saved["byte_perplexity"], math.exp(direct.nll / saved["bytes"]), rel_tol=1e-9)
+    llm.engine.check_idle()
     (tmp_path / "docs.jsonl").write_text(json.dumps({"text": text}) + "\n\n" + json.dumps({"text": [5, 6]}) + "\n")
     assert evaluation.read_documents(tmp_path / "docs.jsonl") == [text, [5, 6]]
     (tmp_path / "bad.jsonl").write_text(json.dumps({"text": text}) + "\n" + json.dumps({"txt": text}) + "\n")
@@ -180,6 +186,21 @@ def test_loglikelihood_truncates_long_contexts_from_the_left():
         evaluation._pair_ids(([5], list(range(3, 130))), None, 128)
 
 
+class NoBosTokenizer:
+    """A tokenizer that adds no BOS and has none; EOS ids as a checkpoint may list them (generation config first)."""
+    bos_id, eos_id, eos_ids = None, 7, (9, 7)
+
+    @staticmethod
+    def encode(text, add_special_tokens=True):
+        return [ord(c) for c in text]
+
+
+def test_loglikelihood_empty_context_is_the_harness_prefix_token():
+    # lm-eval's prefix_token_id: the tokenizer's bos_token_id, else its eos_token_id (not another EOS id)
+    assert evaluation._encode_pair("", "ab", NoBosTokenizer) == ([7, 97, 98], 2)
+    assert evaluation._encode_pair("  ", "b", NoBosTokenizer) == ([7, 32, 32, 98], 3)
+
+
 def test_loglikelihood_tokenizes_text_as_the_harness(llm):
     tok = llm.tokenizer
     results = evaluation.loglikelihood(llm, [("The capital of France is", " Paris"), ("The capital of France is ",
@@ -219,6 +240,18 @@ def test_generate_matches_llm_generate(llm, tmp_path):
         assert s == {"id": s["id"], "text": c.text, "prompt_tokens": len(out.prompt_token_ids),
                      "completion_tokens": len(c.token_ids), "finish_reason": c.finish_reason}
     assert saved[1]["completion_tokens"] == 5 and saved[0]["text"]
+
+
+def test_generate_stops_at_until_and_leaves_the_engine_idle(llm, tmp_path):
+    """A stop string ends the text before it (as the harness's `until`), and no step is left in flight."""
+    greedy = dict(max_tokens=30, temperature=0, ignore_eos=True)
+    full = llm.generate(["Jesus wept"], SamplingParams(**greedy), use_tqdm=False)[0].outputs[0].text
+    stop = full[10:13]
+    evaluation.generate(llm, [{"id": 0, "prompt": "Jesus wept", "stop": [stop], **greedy}], tmp_path / "out.jsonl",
+                        use_tqdm=False)
+    saved = json.loads((tmp_path / "out.jsonl").read_text())
+    assert saved["text"] == full[:full.index(stop)] and saved["finish_reason"] == "stop"
+    llm.engine.check_idle()
 
 
 def test_unseeded_sampling_depends_only_on_the_id(llm, tmp_path):
