@@ -11,6 +11,7 @@ import pytest
 from hf_models import build
 from jaxinfer.config import EngineConfig
 from jaxinfer.llm import LLM, SamplingParams
+from jaxinfer.model.checkpoint import find_model
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,30 @@ def test_prompts_as_vllm_dicts_each_tokenized_once(llm, monkeypatch):
     assert [o.prompt for o in outs] == ["Hello", "Hello", None, "Hello"]
     assert all(o.prompt_token_ids == ids and o.outputs[0].token_ids == outs[0].outputs[0].token_ids for o in outs)
     assert llm.generate({"prompt": "Hello"}, params)[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
+    assert _free_all(llm)
+
+
+def test_chat_renders_as_transformers_and_generates(llm):
+    """vLLM's LLM.chat: one conversation or several, rendered as transformers' apply_chat_template renders them
+    (encoded without a second BOS), then generated as generate() does; bad conversations raise, naming which."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(find_model(None).directory)
+    chats = [[{"role": "user", "content": "Hello there"}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour"},
+              {"role": "assistant", "content": "Blue"}, {"role": "user", "content": "Another"}]]
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    outs = llm.chat(chats, params, use_tqdm=False)
+    for chat, out in zip(chats, outs):
+        text = hf.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        assert out.prompt == text and out.prompt_token_ids == hf.encode(text, add_special_tokens=False)
+        assert out.outputs[0].token_ids == llm.generate([out.prompt_token_ids], params)[0].outputs[0].token_ids
+    assert llm.chat(chats[0], params)[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
+    assert llm.get_tokenizer() is llm.tokenizer
+    with pytest.raises(ValueError, match="conversation 1: must be a list of message dicts"):
+        llm.chat([chats[0], "hi"], params)
+    with pytest.raises(ValueError, match="messages must be a conversation"):
+        llm.chat([], params)
     assert _free_all(llm)
 
 
