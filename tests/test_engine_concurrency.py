@@ -15,6 +15,7 @@ from jaxinfer.config import EngineConfig
 from jaxinfer.engine.engine import Engine, EngineError, _seed32
 from jaxinfer.engine.executor import FakeExecutor, fake_continuation
 from jaxinfer.engine.request import SamplingParams
+from test_scheduler import HeldExecutor
 
 VOCAB, EOS = 50, 7
 HANG = 30  # seconds: only a hang takes this long
@@ -90,6 +91,17 @@ def start_readers(streams, outs) -> list[threading.Thread]:
     for reader in readers:
         reader.start()
     return readers
+
+
+def finish_readers(engine, readers, cases, outs):
+    """Every reader ends with its request's exact outputs; then the engine stops, and nothing is held."""
+    for reader in readers:
+        reader.join(HANG)
+    assert not any(reader.is_alive() for reader in readers)
+    for (prompt, params), out in zip(cases, outs):
+        check_outputs(engine, prompt, params, out)
+    engine.shutdown()
+    check_clean(engine)
 
 
 def check_clean(engine):
@@ -202,19 +214,6 @@ def test_aborts_racing_final_outputs():
 
 # --- the background loop ---------------------------------------------------------------------------------
 
-class HeldExecutor(FakeExecutor):
-    """Its dispatch waits for `release`: the loop stays inside one step."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.entered, self.release = threading.Event(), threading.Event()
-
-    def dispatch(self, plan):
-        self.entered.set()
-        assert self.release.wait(HANG)
-        return super().dispatch(plan)
-
-
 def test_start_after_a_shutdown_that_timed_out_runs_the_loop():
     """shutdown(timeout) may return with the loop still in its step; a start() then used to find the old
     thread, start nothing, and leave every later stream waiting for ever on a loop that had stopped."""
@@ -282,13 +281,7 @@ def test_starts_and_shutdowns_twice_and_from_many_threads():
         thread.join(HANG)
     assert not errors and not any(thread.is_alive() for thread in togglers)
     engine.start()
-    for reader in readers:
-        reader.join(HANG)
-    assert not any(reader.is_alive() for reader in readers)
-    for (prompt, params), out in zip(cases, outs):
-        check_outputs(engine, prompt, params, out)
-    engine.shutdown()
-    check_clean(engine)
+    finish_readers(engine, readers, cases, outs)
 
 
 def test_readers_waiting_at_a_shutdown_resume_after_a_start():
@@ -309,14 +302,7 @@ def test_readers_waiting_at_a_shutdown_resume_after_a_start():
     adding.join(HANG)
     assert not engine.running_in_background
     engine.start()
-    readers += start_readers(streams[3:], outs[3:])
-    for reader in readers:
-        reader.join(HANG)
-    assert not any(reader.is_alive() for reader in readers)
-    for (prompt, params), out in zip(cases, outs):
-        check_outputs(engine, prompt, params, out)
-    engine.shutdown()
-    check_clean(engine)
+    finish_readers(engine, readers + start_readers(streams[3:], outs[3:]), cases, outs)
 
 
 class FailingExecutor(SlowExecutor):
