@@ -290,3 +290,121 @@ def test_overload_is_detected_and_misses_the_slo():
     outcome = evaluate(CONSTANT, Candidate(_engine(max_slots=4, num_pages=64)), trace, {"ttft": 1e9}, 90, 1.0)
     assert outcome.summary["overloaded"] and not outcome.meets_slo
     assert outcome.summary["simulated_requests"] < 20_000
+
+
+@pytest.mark.parametrize("content, error", [(None, "cannot read"), ("dir", "cannot read"),
+                                            ('{"arrival": 0, "prompt_len": null, "output_len": 3}', "line 1"),
+                                            ('{"arrival": "x", "prompt_len": 5, "output_len": 3}', "line 1"),
+                                            ('{"arrival": 0, "prompt_len": 5.5, "output_len": 3}', "line 1")])
+def test_unreadable_trace_is_a_clear_error(tmp_path, content, error):
+    path = tmp_path / "trace.jsonl"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content + "\n")
+    with pytest.raises(ValueError, match=error) as caught:
+        Trace.load(path)
+    assert str(path) in str(caught.value)
+
+
+def test_bench_serve_result_without_token_counts_is_a_clear_error(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"requests": [{"send_time": 1.0, "prompt_tokens": None, "output_tokens": 3,
+                                              "error": None}]}))
+    with pytest.raises(ValueError, match="request 0"):
+        Trace.load(path)
+
+
+def test_generated_trace_is_the_one_bench_serve_sends():
+    """Same seed, same requests: bench serve's schedule (a gap before the first, the last at n / rate) and its
+    random dataset's lengths (token-id prompts)."""
+    from jaxinfer.bench_serve import TokenSpace, arrival_times, random_dataset
+    n, rate = 50, 4.0
+    trace = Trace.generate(rate, n, 32, 8, 0.5, burstiness=0.7, seed=5)
+    np.testing.assert_array_equal(trace.arrivals, arrival_times(n, rate, 0.7, np.random.default_rng([5, 1])))
+    assert trace.arrivals[0] > 0 and trace.arrivals[-1] == pytest.approx(n / rate)
+    requests = random_dataset(n, 32, 8, 0.5, TokenSpace(0, 1000), np.random.default_rng([5, 0]))
+    assert trace.prompt_lens.tolist() == [r.prompt_len for r in requests]
+    assert trace.output_lens.tolist() == [r.output_len for r in requests]
+    for burstiness in (0.0, -1.0):
+        with pytest.raises(ValueError, match="burstiness"):
+            Trace.generate(rate, n, 32, 8, burstiness=burstiness)
+
+
+def test_a_repeated_slo_key_is_refused():
+    with pytest.raises(ValueError, match="once"):
+        parse_slo("ttft:1000,ttft:5")
+
+
+@pytest.mark.parametrize("tp, replicas, price, error", [([0], 4, 1.0, "tensor-parallel"),
+                                                        ([1, -2], 4, 1.0, "tensor-parallel"),
+                                                        ([1], 0, 1.0, "max-replicas"),
+                                                        ([1], 4, 0.0, "price"), ([1], 4, -1.0, "price")])
+def test_search_refuses_a_meaningless_grid(tp, replicas, price, error):
+    with pytest.raises(ValueError, match=error):
+        search(CONSTANT, [_engine()], tp, _trace([0.0], [8], [2]), {"ttft": 1e3}, 90, price, replicas,
+               progress=lambda line: None)
+
+
+def test_one_token_outputs_meet_a_tpot_limit():
+    """No request has a TPOT (bench serve counts a one-token request's as 0): a TPOT limit is met, not
+    missed for ever up to --max-replicas."""
+    from jaxinfer.planner.plan import evaluate
+    outcome = evaluate(CONSTANT, Candidate(_engine()), _trace([0.0, 1.0], [8, 8], [1, 1]), {"tpot": 50.0}, 90, 1.0)
+    assert outcome.meets_slo
+
+
+def test_equal_cost_candidates_tie_on_ttft():
+    """Candidates on as many devices cost the same per hour; their cost per million output tokens differs only
+    by when the simulation's last request drained, which must not outrank the lower TTFT."""
+    slower, faster = _outcome(1.0, True, ttft=300), _outcome(1.0, True, ttft=100)
+    slower.cost_per_million_tokens, faster.cost_per_million_tokens = 2.00, 2.01
+    assert recommend([slower, faster], 90) is faster
+    assert recommend([_outcome(2.0, True, ttft=10), slower], 90) is slower  # fewer devices first
+
+
+def test_replica_throughput_when_the_trace_does_not_split_evenly():
+    """4 requests over 3 replicas: the simulated replica takes requests 0 and 3, half the trace, not a third."""
+    from jaxinfer.planner.plan import evaluate, replica_share
+    trace = _trace([0.0, 1.0, 2.0, 3.0], [8] * 4, [3] * 4)
+    outcome = evaluate(CONSTANT, Candidate(_engine(), replicas=3), trace, {"ttft": 1e3}, 90, 1.0)
+    share = simulate(CONSTANT, _engine(), replica_share(trace, 3))
+    tokens_per_hour = outcome.cost_per_hour / outcome.cost_per_million_tokens * 1e6
+    assert tokens_per_hour == pytest.approx(share.output_throughput * 2 * 3600)
+
+
+def test_plan_warns_outside_the_profile_and_refuses_a_trace_it_cannot_serve():
+    from jaxinfer.planner.plan import check
+    model = CostModel(CONSTANT.coefficients, "reference", notes={"slots": [2, 4],
+                                                                 "engine": dict(max_model_len=64, prefill_chunk=16)})
+    trace = _trace([0.0, 1.0], [8, 100], [2, 2])
+    assert check(model, [_engine(max_slots=4)], _trace([0.0], [8], [2])) == []
+    notes = check(model, [_engine(max_slots=16, max_model_len=256, prefill_chunk=64)], trace)
+    assert any("16 slots" in n for n in notes) and any("256" in n for n in notes) and any("64" in n for n in notes)
+    assert any("1 of 2 requests" in n for n in check(model, [_engine()], trace))  # 100 tokens: no room in 64
+    with pytest.raises(ValueError, match="every request"):
+        check(model, [_engine()], _trace([0.0], [100], [2]))
+
+
+@pytest.mark.parametrize("device, platform", [("1 cpu device(s) (cpu); host x, 2 cores", "cpu"),
+                                              ("8 gpu device(s) (NVIDIA H200); host x", "gpu"),
+                                              ("4 tpu device(s) (TPU v5 lite); host x", "tpu")])
+def test_profile_platform(device, platform):
+    from jaxinfer.planner.plan import profile_platform
+    assert profile_platform(CostModel(CONSTANT.coefficients, "xla", device=device)) == platform
+
+
+def test_profile_without_a_platform_is_a_clear_error():
+    from jaxinfer.planner.plan import profile_platform
+    with pytest.raises(ValueError, match="platform"):
+        profile_platform(CostModel(CONSTANT.coefficients, "xla", device="simulated"))
+
+
+def test_plan_command_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    from jaxinfer.cli import main
+    profile = tmp_path / "profile.json"
+    CostModel(CONSTANT.coefficients, "reference", device="1 cpu device(s) (cpu); host x").save(profile)
+    base = ["plan", "--profile", str(profile), "--slo", "ttft:1000", "--num-requests", "4"]
+    for extra in (["--trace", str(tmp_path / "missing.jsonl")], ["--burstiness", "0"], ["--tensor-parallel", "0"]):
+        assert main(base + extra) == 2
+        assert "jaxinfer plan: error:" in capsys.readouterr().err

@@ -82,7 +82,7 @@ def add_plan_parser(sub) -> None:
 
 def _plan(args) -> None:
     from jaxinfer.planner.costmodel import CostModel
-    from jaxinfer.planner.plan import engine_grid, parse_slo, recommend, search, table
+    from jaxinfer.planner.plan import check, engine_grid, parse_slo, profile_platform, recommend, search, table
     from jaxinfer.planner.simulator import Trace
     slo = parse_slo(args.slo)
     model = CostModel.load(args.profile)
@@ -103,9 +103,11 @@ def _plan(args) -> None:
                           args.page_sizes or [profiled.get("page_size", EngineConfig.page_size)],
                           args.prefill_chunks or [profiled.get("prefill_chunk", EngineConfig.prefill_chunk)],
                           args.decode_steps, args.kv_pages or [None], model.kv_bytes_per_token)
-    # Decode-only steps shrink to fewer rows as they would on the profiled platform (machine() names it).
-    platform = "cpu" if " cpu device" in model.device else "gpu"
+    # Decode-only steps shrink to fewer rows as they would on the profiled platform.
+    platform = profile_platform(model)
     engines = [dataclasses.replace(e, decode_buckets=default_decode_buckets(e.max_slots, platform)) for e in engines]
+    for note in check(model, engines, trace):
+        print(f"# warning: {note}", flush=True)
     print(f"# {len(trace)} requests over {trace.arrivals[-1]:.0f} s; {len(engines)} engine shapes x "
           f"{len(args.tensor_parallel)} TP degrees; SLO p{args.percentile} {slo} ms", flush=True)
     start = time.perf_counter()

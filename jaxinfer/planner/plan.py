@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 import time
 
 import numpy as np
@@ -35,9 +36,9 @@ def parse_slo(text: str) -> dict[str, float]:
             ms = float(value)
         except ValueError:
             ms = math.nan
-        if key not in SLO_KEYS or not ms > 0:
-            raise ValueError(f"--slo {text!r}: each part is KEY:MILLISECONDS with KEY one of {', '.join(SLO_KEYS)} "
-                             "and a positive number")
+        if key not in SLO_KEYS or not ms > 0 or key in slo:
+            raise ValueError(f"--slo {text!r}: each part is KEY:MILLISECONDS with KEY one of {', '.join(SLO_KEYS)}, "
+                             "each KEY once, and a positive number")
         slo[key] = ms
     if not slo:
         raise ValueError("--slo needs at least one limit, e.g. ttft:500,tpot:50")
@@ -81,15 +82,53 @@ def replica_share(trace: Trace, replicas: int) -> Trace:
 
 def evaluate(model: CostModel, candidate: Candidate, trace: Trace, slo: dict[str, float], percentile: int,
              price_per_hour: float) -> Outcome:
-    result = simulate(model, candidate.engine, replica_share(trace, candidate.replicas), candidate.tensor_parallel)
-    summary = result.summary(slo)
+    share = replica_share(trace, candidate.replicas)
+    result = simulate(model, candidate.engine, share, candidate.tensor_parallel)
+    summary = {**result.summary(slo), "trace_share": len(share) / len(trace)}  # the simulated replica's part
     latency = summary["latency_ms"]
-    meets = all(latency[key][percentile] <= ms for key, ms in slo.items()) and result.simulated > 0 \
+    # NaN: no request has that latency (a TPOT when every output is one token, which bench serve counts as 0).
+    meets = all(not latency[key][percentile] > ms for key, ms in slo.items()) and result.simulated > 0 \
         and not result.overloaded
     per_hour = candidate.devices * price_per_hour
-    tokens_per_hour = result.output_throughput * candidate.replicas * 3600
+    # The simulated replica's share is the largest when R does not divide N: scale by its part, not by R.
+    tokens_per_hour = result.output_throughput / summary["trace_share"] * 3600
     per_million = per_hour / tokens_per_hour * 1e6 if tokens_per_hour > 0 else math.inf
     return Outcome(candidate, summary, meets, per_hour, per_million, result.kv_usage)
+
+
+def profile_platform(model: CostModel) -> str:
+    """The platform ('cpu', 'gpu', 'tpu') the profile was measured on, from its device line as
+    `jaxinfer.bench.machine` writes it ('1 cpu device(s) (cpu); host ...')."""
+    found = re.match(r"\d+ (\w+) device\(s\)", model.device)
+    if found is None:
+        raise ValueError(f"the profile's device {model.device!r} does not name its platform as `jaxinfer bench "
+                         "profile` writes it (e.g. '1 gpu device(s) (NVIDIA H200); host ...'): the plan needs it to "
+                         "size decode steps as that platform does")
+    return found.group(1)
+
+
+def check(model: CostModel, engines: list[EngineConfig], trace: Trace) -> list[str]:
+    """Warnings on the plan's inputs: candidates past what the profile measured (the cost model is linear, so
+    there it extrapolates: past the measured batch sizes a step may turn compute-bound and cost more than it
+    says), and requests the server would refuse. Raises when no request fits."""
+    notes, profiled = [], model.notes.get("engine", {})
+    measured = {"slots": max(model.notes.get("slots") or [profiled.get("max_slots") or 0]),
+                "max_model_len": profiled.get("max_model_len") or 0,
+                "prefill chunk": profiled.get("prefill_chunk") or 0}
+    asked = {"slots": max(e.max_slots for e in engines), "max_model_len": max(e.max_model_len for e in engines),
+             "prefill chunk": max(e.prefill_chunk for e in engines)}
+    for name, most in measured.items():
+        if most and asked[name] > most:
+            notes.append(f"{asked[name]} {name}: the profile measured up to {most}; its costs there are extrapolated")
+    for limit in sorted({e.max_model_len for e in engines}):
+        refused = int((trace.prompt_lens >= limit).sum())
+        if refused == len(trace):
+            raise ValueError(f"every request's prompt ({trace.prompt_lens.min()} tokens or more) leaves no room in "
+                             f"max_model_len {limit}: raise --max-model-len or shorten the prompts")
+        if refused:
+            notes.append(f"{refused} of {len(trace)} requests have prompts of max_model_len {limit} tokens or more: "
+                         "the server refuses them (400) and the plan leaves them out")
+    return notes
 
 
 def engine_grid(base: EngineConfig, slots, page_sizes, chunks, decode_steps, kv_pages,
@@ -110,6 +149,9 @@ def search(model: CostModel, engines: list[EngineConfig], tensor_parallel: list[
     """For each engine and TP degree, the fewest replicas (up to max_replicas) that meet the SLO: the search
     starts where one replica's served request rate says the traffic needs, adds replicas while the SLO is
     missed and removes them while it is still met. Every simulated candidate is returned."""
+    if min(tensor_parallel) < 1 or max_replicas < 1 or not price_per_hour > 0:
+        raise ValueError(f"need --tensor-parallel degrees >= 1 (got {tensor_parallel}), --max-replicas >= 1 (got "
+                         f"{max_replicas}) and a --price-per-hour > 0 (got {price_per_hour})")
     outcomes = []
     rate = len(trace) / max(float(trace.arrivals[-1]), 1e-9)
     for engine, T in itertools.product(engines, tensor_parallel):
@@ -135,13 +177,13 @@ def search(model: CostModel, engines: list[EngineConfig], tensor_parallel: list[
 
 
 def recommend(outcomes: list[Outcome], percentile: int) -> Outcome | None:
-    """The cheapest per million output tokens among those meeting the SLO; ties go to the lower
-    p-th percentile TTFT."""
+    """The cheapest among those meeting the SLO; ties go to the lower p-th percentile TTFT. Each serves the
+    whole trace, so the cheapest per hour is the cheapest per output token: their costs per million tokens
+    differ beyond that only by when the simulation's last request drained, which says nothing of cost."""
     meeting = [o for o in outcomes if o.meets_slo]
     if not meeting:
         return None
-    return min(meeting, key=lambda o: (round(o.cost_per_million_tokens, 9),
-                                        o.summary["latency_ms"]["ttft"][percentile]))
+    return min(meeting, key=lambda o: (o.cost_per_hour, o.summary["latency_ms"]["ttft"][percentile]))
 
 
 def _brief(o: Outcome, percentile: int) -> str:
@@ -159,11 +201,11 @@ def table(outcomes: list[Outcome], percentile: int) -> str:
             "| --- | ---: | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
     for o in outcomes:
         s, lat = o.summary, o.summary["latency_ms"]
-        replicas = o.candidate.replicas
+        whole = 1 / s["trace_share"]  # from the simulated replica to all of them
         rows.append(f"| {o.candidate.label()} | {o.candidate.devices} | {lat['ttft'][50]:.0f} / "
                     f"{lat['ttft'][percentile]:.0f} | {lat['tpot'][50]:.1f} / {lat['tpot'][percentile]:.1f} | "
-                    f"{lat['e2el'][50]:.0f} | {s['output_throughput'] * replicas:.1f} | "
-                    f"{s.get('goodput', 0.0) * replicas:.2f} | {s['kv_usage_mean']:.0%} / {s['kv_usage_max']:.0%} | "
+                    f"{lat['e2el'][50]:.0f} | {s['output_throughput'] * whole:.1f} | "
+                    f"{s.get('goodput', 0.0) * whole:.2f} | {s['kv_usage_mean']:.0%} / {s['kv_usage_max']:.0%} | "
                     f"{s['preemptions']} | {o.cost_per_hour:.2f} | {o.cost_per_million_tokens:.2f} | "
                     f"{'meets' if o.meets_slo else 'overloaded' if s['overloaded'] else 'misses'} |")
     return "\n".join(rows)

@@ -9,7 +9,7 @@ per dispatch. Token ids are placeholders: every request runs to its output lengt
 `ignore_eos`), and prompts are taken to share no prefix (the prefix cache is off: it would not hit).
 
 A long stationary trace stops early once its medians and p90s have settled (`SETTLE_TOLERANCE`
-between checks `SETTLE_EVERY` requests apart), or once its waiting queue has grown at three looks in a row past
+between checks `SETTLE_EVERY` requests apart), or once its waiting queue has grown at four looks in a row past
 `OVERLOAD_QUEUE` (more traffic than the replica can serve: its latency only grows); the result says how
 many requests it simulated and whether it was overloaded.
 Host code only; no JAX.
@@ -51,50 +51,59 @@ class Trace:
     @classmethod
     def generate(cls, rate: float, num_requests: int, input_len: int, output_len: int, range_ratio: float = 0.0,
                  burstiness: float = 1.0, seed: int = 0) -> "Trace":
-        """As `jaxinfer bench serve --dataset-name random`: gamma gaps of mean 1 / rate (burstiness 1:
-        Poisson), lengths uniform in [len * (1 - range_ratio), len * (1 + range_ratio)]."""
-        from jaxinfer.bench_serve import arrival_times
-        if not (rate > 0 and num_requests >= 1 and input_len >= 1 and output_len >= 1 and 0 <= range_ratio < 1):
-            raise ValueError("a generated trace needs rate > 0, at least 1 request, lengths >= 1 and "
-                             f"0 <= range ratio < 1; got rate={rate}, requests={num_requests}, input_len={input_len}, "
-                             f"output_len={output_len}, range_ratio={range_ratio}")
-        rng = np.random.default_rng([seed, 1])
-        arrivals = arrival_times(num_requests, rate, burstiness, rng)
-        lens = np.random.default_rng([seed, 2])
-
-        def draw(n: int) -> np.ndarray:
-            low, high = max(1, math.floor(n * (1 - range_ratio))), math.ceil(n * (1 + range_ratio))
-            return lens.integers(low, high, num_requests, endpoint=True)
-        return cls(arrivals, draw(input_len), draw(output_len), stationary=True)
+        """The requests `jaxinfer bench serve --dataset-name random` sends with token-id prompts and the same
+        seed: its schedule (gamma gaps of mean 1 / rate, burstiness 1: Poisson; the last at n / rate) and its
+        lengths, uniform in [len * (1 - range_ratio), len * (1 + range_ratio)]."""
+        from jaxinfer.bench_serve import arrival_times, sample_lengths
+        if not (rate > 0 and burstiness > 0 and num_requests >= 1 and input_len >= 1 and output_len >= 1
+                and 0 <= range_ratio < 1):
+            raise ValueError("a generated trace needs rate > 0, burstiness > 0, at least 1 request, lengths >= 1 and "
+                             f"0 <= range ratio < 1; got rate={rate}, burstiness={burstiness}, "
+                             f"requests={num_requests}, input_len={input_len}, output_len={output_len}, "
+                             f"range_ratio={range_ratio}")
+        arrivals = arrival_times(num_requests, rate, burstiness, np.random.default_rng([seed, 1]))
+        lens = np.random.default_rng([seed, 0])  # bench serve's stream: its requests for the same seed
+        prompts = sample_lengths(input_len, range_ratio, num_requests, lens, at_least=1)
+        return cls(arrivals, prompts, sample_lengths(output_len, range_ratio, num_requests, lens, at_least=1),
+                   stationary=True)
 
     @classmethod
     def load(cls, path: str | Path) -> "Trace":
         """A `jaxinfer bench serve --save-result` file (its successful requests), or JSON lines of
         {"arrival": s, "prompt_len": n, "output_len": n} sorted or not."""
-        text = Path(path).read_text()
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read the trace {path}: {e}") from e
         try:
             data = json.loads(text)
-            rows = [{"arrival": r["send_time"], "prompt_len": r["prompt_tokens"], "output_len": r["output_tokens"]}
-                    for r in data["requests"] if r.get("error") is None]
-        except (json.JSONDecodeError, TypeError, KeyError):
-            rows = []
-            for number, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    rows.append({key: record[key] for key in ("arrival", "prompt_len", "output_len")})
-                except (json.JSONDecodeError, TypeError, KeyError) as e:
-                    raise ValueError(f"{path} line {number}: need a JSON object with arrival, prompt_len and "
-                                     f"output_len ({type(e).__name__}: {e})") from None
+            requests = [(number, r) for number, r in enumerate(data["requests"]) if r.get("error") is None]
+        except (json.JSONDecodeError, TypeError, KeyError, AttributeError):
+            rows = [_row(line, f"{path} line {number}", ("arrival", "prompt_len", "output_len"))
+                    for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+        else:
+            rows = [_row(r, f"{path} request {number}", ("send_time", "prompt_tokens", "output_tokens"))
+                    for number, r in requests]
         if not rows:
             raise ValueError(f"{path} holds no requests")
-        rows.sort(key=lambda r: r["arrival"])
-        arrivals = np.array([float(r["arrival"]) for r in rows])
-        prompt, output = (np.array([int(r[k]) for r in rows]) for k in ("prompt_len", "output_len"))
-        if (prompt < 1).any() or (output < 1).any() or not np.isfinite(arrivals).all():
-            raise ValueError(f"{path}: every request needs prompt_len >= 1, output_len >= 1 and a finite arrival")
+        rows.sort(key=lambda r: r[0])
+        arrivals, prompt, output = (np.array(column) for column in zip(*rows))
         return cls(arrivals - arrivals[0], prompt, output)
+
+
+def _row(record, where: str, keys: tuple[str, str, str]) -> tuple[float, int, int]:
+    """(arrival, prompt_len, output_len) of one request: a JSON line or a bench serve result's request."""
+    try:
+        if isinstance(record, str):
+            record = json.loads(record)
+        arrival, prompt, output = (record[key] for key in keys)
+        if not (isinstance(arrival, (int, float)) and math.isfinite(arrival) and type(prompt) is int
+                and type(output) is int and prompt >= 1 and output >= 1):
+            raise ValueError(f"got {arrival!r}, {prompt!r}, {output!r}")
+    except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
+        raise ValueError(f"{where}: need a JSON object with {', '.join(keys[:2])} and {keys[2]}: finite seconds and "
+                         f"two integers >= 1 ({type(e).__name__}: {e})") from None
+    return float(arrival), prompt, output
 
 
 class SimClock:
