@@ -176,17 +176,13 @@ class LLM:
         return self.engine.reset_prefix_cache()
 
     def _add_all(self, prompts, params) -> list[str]:
-        """Queue every request, the longest `max_tokens` first (a stable sort: equal ones keep their order).
-        All are known at once, so the longest-first order shortens the run's tail, where the last requests
-        decode with most slots empty. Returns their ids in the order given."""
+        """Check every request, then queue them in the order given, as vLLM does; returns their ids."""
         checked = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):  # check everything before queueing anything
             try:
                 checked.append(self.engine.validate(prompt, p))
             except (ValueError, MemoryError) as error:
                 raise type(error)(f"prompt {i}: {error}") from None
-        ids = [""] * len(prompts)
-        for i in sorted(range(len(prompts)), key=lambda i: -checked[i][2]):
-            text, prompt_ids, _ = checked[i]  # tokenized once
-            ids[i] = self.engine.add_request({"prompt": text, "prompt_token_ids": prompt_ids}, params[i], stream=False)
-        return ids
+        # Tokenized once: the validated ids go in, with their text for the output.
+        return [self.engine.add_request({"prompt": text, "prompt_token_ids": ids}, p, stream=False)
+                for (text, ids, _), p in zip(checked, params)]
