@@ -60,6 +60,7 @@ def test_bench_offline_tiny(tmp_path):
     runs = json.loads((tmp_path / "bench.json").read_text())["runs"]
     assert {run["output_tokens"] for run in runs.values()} == {runs["engine"]["output_tokens"]}
     assert len(runs["ceiling"]["details"]["seconds_each_measurement"]) == 2  # before and after the engine
+    assert len(runs["static"]["details"]["bare_step_ms_around"]) == 2  # after the engine, after static batching
     # float32 on CPU: the engine's greedy tokens are transformers' (the bare steps, run on the engine's own
     # runner before it, once left KV in pages its prefix cache still named, and 1 of these 6 changed)
     agreement = runs["hf"]["details"]["greedy_agreement_with_engine"]
@@ -110,3 +111,71 @@ def test_bench_buckets_tiny():
                "--buckets", "2", "--live", "1", "--context", "16", "--max-model-len", "64", "--repeats", "1",
                "--rounds", "1")
     assert "decode buckets [2, 4]" in out and "| 1 | 2 |" in out
+
+
+def test_bench_offline_runs_start_from_a_cold_prefix_cache(tmp_path):
+    """Without the bare steps (whose measurement used to be the only reset), the warm pass's prompts (the first
+    16 tokens of the first prompts) and then the engine's own run stayed in the prefix cache: the engine skipped
+    a page of some prompts, and static batching each wave's longest (unpadded) prompt. Every timed run computes
+    every prompt token it is given."""
+    _run("-m", "jaxinfer.cli", "bench", "offline", "--model", "jaxinfer/assets/default/config.json",
+         "--num-requests", "6", "--input-len-range", "20", "40", "--output-len-range", "2", "6",
+         "--max-slots", "2", "--prefill-chunk", "16", "--decode-steps", "2", "--baselines", "static",
+         "--json", str(tmp_path / "bench.json"))
+    results = json.loads((tmp_path / "bench.json").read_text())
+    engine, static = results["runs"]["engine"]["details"], results["runs"]["static"]["details"]
+    assert engine["prefill_tokens_computed"] == results["setup"]["workload"]["prompt_tokens"]
+    assert static["prefill_tokens_computed"] == static["prompt_tokens_with_padding"]
+
+
+def test_static_waves_follow_the_engines_queue_order():
+    """Static batching is the same engine without joining mid-flight: its waves take the requests in the order
+    `LLM.generate` queues them, the order given (neither run orders by the output lengths). Each wave is
+    left-padded to its longest prompt and runs to its longest output."""
+    from jaxinfer.bench import Workload, static_waves
+    prompts = tuple((i + 1,) * n for i, n in enumerate((3, 1, 4, 2, 5)))
+    workload = Workload(prompts, (2, 9, 5, 9, 3))
+    waves = static_waves(workload, 2, vocab_size=100, seed=0)
+    assert [w.requests for w in waves] == [(0, 1), (2, 3), (4,)]
+    assert [w.max_tokens for w in waves] == [9, 9, 3]
+    for wave in waves:
+        longest = max(len(prompts[i]) for i in wave.requests)
+        for i, padded in zip(wave.requests, wave.prompts):
+            assert len(padded) == longest and tuple(padded[longest - len(prompts[i]):]) == prompts[i]
+
+
+def test_greedy_agreement_counts_a_shorter_output_as_a_difference():
+    """zip stopped at the shorter list, so transformers stopping early read as identical tokens."""
+    from jaxinfer.bench import agreement
+    result = agreement([[5, 6, 7], [5, 6]], {0: [5, 6], 1: [5, 6]})
+    assert result["identical"] == 1 and result["first_difference"] == {0: 2, 1: None}
+
+
+def test_hf_generate_refuses_fewer_tokens_than_asked():
+    """The transformers run is credited with the workload's output tokens: it must have produced them."""
+    import torch
+
+    from jaxinfer.bench import Workload, _hf_generate
+
+    class StopsEarly:
+        device = torch.device("cpu")
+
+        def generate(self, input_ids, max_new_tokens, **kwargs):
+            return torch.cat([input_ids, torch.ones((input_ids.shape[0], max_new_tokens - 1), dtype=torch.long)], 1)
+
+    with pytest.raises(RuntimeError, match="transformers generated 2 new tokens per row, not 3"):
+        _hf_generate(StopsEarly(), Workload(((1, 2), (3,)), (3, 2)), [0, 1], 2)
+
+
+def test_the_static_target_is_unsure_when_the_machine_changed_speed_between_the_runs():
+    """Static batching runs after the engine; the bare decode step is timed around each run. When the machine
+    slowed (or sped up) between them enough to flip (a)'s verdict, the table says unsure, not yes or no."""
+    from jaxinfer.bench import Run, table
+    engine = Run("engine", 100.0, 1000, 2000)
+    bare = {"slots": 2, "decode_steps": 4, "context": 10, "step_ms": 400.0, "output_rate": 20.0,
+            "step_ms_each_measurement": [400.0, 400.0]}
+    for around, verdict in (([400.0, 420.0], "| yes |"), ([400.0, 600.0], "| unsure: 1.68x at the machine's speed "
+                                                                          "during the engine's run |")):
+        static = Run("static", 210.0, 1000, 2000, {"bare_step_ms_around": around})
+        lines = table({"engine": engine, "static": static}, bare).splitlines()
+        assert lines[-2].endswith(verdict), (around, lines[-2])
