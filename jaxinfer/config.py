@@ -17,6 +17,7 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu",)
+DEFAULT_HEAD_DIM = {"qwen3": 128}  # transformers' class defaults where head_dim is absent; else hidden / heads
 
 
 class ConfigError(ValueError):
@@ -75,6 +76,11 @@ class ModelConfig:
             raise ConfigError(
                 f"unsupported model_type {model_type!r}; jaxinfer supports "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        quantization = hf.get("quantization_config")
+        if quantization:
+            method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+            raise ConfigError(f"quantized checkpoints are not supported (config.json has a quantization_config, "
+                              f"quant_method {method!r}); use the unquantized float16/bfloat16/float32 weights")
         get = _field_getter(hf, model_type)
         act = hf.get("hidden_act", "silu")
         if act not in SUPPORTED_ACTIVATIONS:
@@ -83,7 +89,7 @@ class ModelConfig:
             raise ConfigError("mlp_bias=true is not supported (no released Llama-family model uses it)")
         num_heads = get("num_attention_heads")
         hidden = get("hidden_size")
-        head_dim = hf.get("head_dim") or hidden // num_heads
+        head_dim = hf.get("head_dim") or DEFAULT_HEAD_DIM.get(model_type) or hidden // num_heads
         attention_bias = bool(hf.get("attention_bias", False))
         return cls(
             model_type=model_type,

@@ -78,6 +78,10 @@ def load_params(source: ModelSource, cfg: ModelConfig, dtype: str, mesh) -> dict
     directory = source.weights
     if (directory / ORBAX_MARKER).exists():
         return _restore_orbax(directory, cfg, dtype, mesh)
+    hf_weights = (directory / safetensors_io.SINGLE_FILE).exists() or (directory / safetensors_io.INDEX_FILE).exists()
+    if (directory / ORBAX_PARAMS).exists() and not hf_weights:
+        raise CheckpointError(f"{directory} holds an unfinished `jaxinfer convert` output ({ORBAX_PARAMS}/ but no "
+                              f"{ORBAX_MARKER}, which is written last): convert again")
     return load_safetensors(directory, cfg, jnp.dtype(dtype), mesh)
 
 
@@ -85,16 +89,34 @@ def _restore_orbax(directory: Path, cfg: ModelConfig, dtype: str, mesh) -> dict:
     import orbax.checkpoint as ocp  # imported on use: it is slow to import and only converted checkpoints need it
     saved_dtype = json.loads((directory / ORBAX_MARKER).read_text())["dtype"]
     target = abstract_params(cfg, jnp.dtype(saved_dtype), mesh)
-    params = ocp.StandardCheckpointer().restore((directory / ORBAX_PARAMS).resolve(), target)
+    checkpointer, path = ocp.StandardCheckpointer(), (directory / ORBAX_PARAMS).resolve()
+    _check_converted_shapes(_shapes(checkpointer.metadata(path).item_metadata.tree), _shapes(target), directory)
+    params = checkpointer.restore(path, target)
     if saved_dtype != dtype:
         params = jax.tree.map(lambda x: x.astype(dtype), params)
     return params
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_converted_shapes(stored: dict, wanted: dict, directory: Path) -> None:
+    # A config.json edited (or copied in) after conversion: orbax's own error names no weight.
+    for name in sorted(stored.keys() | wanted.keys()):
+        if stored.get(name) != wanted.get(name):
+            raise CheckpointError(f"the converted weights in {directory} do not match its config.json: {name} is "
+                                  f"{stored.get(name, 'absent')} there, the config needs {wanted.get(name, 'none')}; "
+                                  "convert again")
 
 
 def save_orbax(params: dict, dtype: str, source: Path, output: Path) -> None:
     """Write `params` as an orbax tree beside the source's config and tokenizer files."""
     import orbax.checkpoint as ocp
     output.mkdir(parents=True, exist_ok=True)
+    # The marker goes last, so an interrupted (re)conversion leaves none and is refused rather than restored.
+    (output / ORBAX_MARKER).unlink(missing_ok=True)
     # Uncompressed: weights shrink by under 10% with zstd, and decompressing doubled the restore time here.
     checkpointer = ocp.PyTreeCheckpointer(use_compression=False)
     checkpointer.save((output / ORBAX_PARAMS).resolve(), params, force=True)

@@ -28,17 +28,18 @@ class Reader:
         self._files: dict[str, Path] = self._map_keys(directory)
 
     def _map_keys(self, directory: Path) -> dict[str, Path]:
-        index = directory / INDEX_FILE
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"corrupt safetensors index {index}: {e}") from e
-            return {key: directory / name for key, name in weight_map.items()}
-        single = directory / SINGLE_FILE
-        if not single.exists():
+        # The single file first, as transformers looks: re-saving a sharded checkpoint unsharded leaves the old
+        # index behind (save_pretrained deletes the shards, not the index).
+        single, index = directory / SINGLE_FILE, directory / INDEX_FILE
+        if single.exists():
+            return {key: single for key in self._handle(single).keys()}
+        if not index.exists():
             raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}")
-        return {key: single for key in self._handle(single).keys()}
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"corrupt safetensors index {index}: {e}") from e
+        return {key: directory / name for key, name in weight_map.items()}
 
     def _handle(self, path: Path):
         if path not in self._open:

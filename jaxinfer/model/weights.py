@@ -182,6 +182,25 @@ def _check_tensor(reader: safetensors_io.Reader, key: str, spec: WeightSpec) -> 
         raise CheckpointError(f"tensor {key!r} has shape {shape}, expected {spec.hf_shape}")
 
 
+def _read(reader: safetensors_io.Reader, key: str) -> np.ndarray:
+    x = reader.get(key)
+    if x.dtype.kind in "biu":  # quantized weights (int8, packed int4) would cast to wrong floats
+        raise CheckpointError(f"tensor {key!r} is {x.dtype}, not floating point: quantized checkpoints are not "
+                              "supported; use the unquantized float16/bfloat16/float32 weights")
+    return x
+
+
+def _check_tied_head(reader: safetensors_io.Reader, cfg: ModelConfig) -> None:
+    # Some tied checkpoints also store the embedding as lm_head.weight: harmless. A different lm_head is not:
+    # transformers 5 then unties the two (4.x tied them anyway), so which one was meant is unclear.
+    if not cfg.tie_word_embeddings or "lm_head.weight" not in reader:
+        return
+    if not np.array_equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
+        raise CheckpointError("config.json has tie_word_embeddings=true but the checkpoint's 'lm_head.weight' differs "
+                              "from 'model.embed_tokens.weight': set tie_word_embeddings to false to use "
+                              "lm_head.weight (as transformers 5 does), or remove lm_head.weight to tie them")
+
+
 def load_safetensors(path: str | Path, cfg: ModelConfig, dtype, mesh=None) -> dict:
     """Load a single-file or sharded safetensors checkpoint, cast to `dtype`, strictly. Each device's shard is
     cut from the checkpoint on the host and sent alone, so no weight is ever whole on one device (and each
@@ -198,19 +217,19 @@ def load_safetensors(path: str | Path, cfg: ModelConfig, dtype, mesh=None) -> di
 
         def shard(index, spec=spec, keys=keys):
             if not spec.stacked:
-                return spec.to_ours(reader.get(keys[0]))[index].astype(np_dtype)
+                return spec.to_ours(_read(reader, keys[0]))[index].astype(np_dtype)
             layers = range(cfg.num_layers)[index[0]]
-            return np.stack([spec.to_ours(reader.get(keys[i]))[index[1:]].astype(np_dtype) for i in layers])
+            return np.stack([spec.to_ours(_read(reader, keys[i]))[index[1:]].astype(np_dtype) for i in layers])
 
         shape = spec.full_shape(cfg.num_layers)
         _set_path(tree, spec.name, jax.make_array_from_callback(shape, _load_sharding(spec, cfg, mesh), shard))
     _check_leftovers(reader.keys(), used, cfg)
+    _check_tied_head(reader, cfg)
     return tree
 
 
 def _check_leftovers(keys, used: set[str], cfg: ModelConfig) -> None:
-    # Tied checkpoints sometimes still carry a copy of the embedding as lm_head.weight.
-    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()  # see _check_tied_head
     rotary = {k for k in keys if k.endswith("rotary_emb.inv_freq")}  # old Llama exports
     unexpected = sorted(set(keys) - used - ignorable - rotary)
     if unexpected:

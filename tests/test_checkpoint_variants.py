@@ -1,0 +1,279 @@
+"""Checkpoints as users bring them: what `save_pretrained` writes for each supported variant loads and gives
+transformers' outputs, and what we cannot serve (quantized, mismatched, half-written) is refused by name.
+
+Config mapping is checked against transformers' own config classes on the same config.json; weights against
+the torch state dict; a few variants end to end against `generate` (one engine compile each).
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from hf_models import COMMON, FAMILIES, LLAMA3_ROPE, build
+from jaxinfer import cli
+from jaxinfer.config import ConfigError, EngineConfig, ModelConfig
+from jaxinfer.llm import LLM, SamplingParams
+from jaxinfer.model import checkpoint
+from jaxinfer.model.checkpoint import CheckpointError, find_model, load_config, load_params
+from jaxinfer.model.weights import to_hf_tensors
+from test_model_parity import CHUNK, PAGE, _prompts
+
+VARIANTS = {  # variants the supported families ship that FAMILIES does not cover, as (config class, overrides)
+    "llama-linear-headdim-bias": (transformers.LlamaConfig, dict(
+        head_dim=32, attention_bias=True, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5e4})),
+    "qwen3-headdim128": (transformers.Qwen3Config, dict(head_dim=128)),
+}
+NEW_TOKENS = 12
+
+
+def _build(name, directory, **kwargs):
+    with pytest.MonkeyPatch.context() as mp:  # FAMILIES drives the parity suite: add to it only meanwhile
+        mp.setitem(FAMILIES, name, VARIANTS[name])
+        return build(name, directory, **kwargs)
+
+
+def _load(directory, dtype="float32"):
+    source = find_model(directory)
+    cfg = load_config(source)
+    return cfg, load_params(source, cfg, dtype, None)
+
+
+def _edit_tensors(directory: Path, edit) -> Path:
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+    return directory
+
+
+def _greedy_matches_transformers(directory, model):
+    engine = EngineConfig(max_slots=2, page_size=PAGE, prefill_chunk=CHUNK, max_model_len=64, dtype="float32")
+    prompts = _prompts(COMMON["vocab_size"])[-2:]  # 17 and 40 tokens: several chunks and pages
+    outputs = LLM(directory, engine).generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0,
+                                                                      ignore_eos=True), use_tqdm=False)
+    for prompt, out in zip(prompts, outputs):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW_TOKENS,
+                                 min_new_tokens=NEW_TOKENS)[0, len(prompt):].tolist()
+        assert out.outputs[0].token_ids == ref, f"prompt of {len(prompt)} tokens"
+
+
+# Config mapping: against transformers' config classes.
+
+def _hf_config(hf: dict):
+    return transformers.AutoConfig.for_model(**hf)
+
+
+def _assert_maps_like_transformers(hf: dict):
+    ours, theirs = ModelConfig.from_hf(hf), _hf_config(hf)
+    head_dim = getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads  # as modeling_*.py
+    window = theirs.sliding_window if "sliding_attention" in (getattr(theirs, "layer_types", None) or []) \
+        or hf["model_type"] == "mistral" else None
+    assert (ours.head_dim, ours.num_kv_heads, ours.rms_norm_eps, ours.rope.theta, ours.tie_word_embeddings,
+            ours.sliding_window) == (head_dim, theirs.num_key_value_heads, theirs.rms_norm_eps,
+                                     theirs.rope_parameters["rope_theta"], theirs.tie_word_embeddings, window)
+    return ours
+
+
+def _saved_config(config_cls, tmp_path, **overrides) -> dict:
+    config_cls(**{**COMMON, **overrides}).save_pretrained(tmp_path)
+    return json.loads((tmp_path / "config.json").read_text())
+
+
+@pytest.mark.parametrize("config_cls, overrides, window", [
+    (transformers.MistralConfig, dict(sliding_window=None), None),
+    (transformers.MistralConfig, dict(sliding_window=4096), 4096),
+    (transformers.Qwen2Config, dict(use_sliding_window=False, sliding_window=32), None),
+    (transformers.Qwen3Config, dict(head_dim=128, hidden_size=64), None),
+    (transformers.LlamaConfig, dict(head_dim=32), None),
+])
+def test_saved_configs_map_like_transformers(tmp_path, config_cls, overrides, window):
+    assert _assert_maps_like_transformers(_saved_config(config_cls, tmp_path, **overrides)).sliding_window == window
+
+
+def test_configs_written_by_transformers_4_map_alike(tmp_path):
+    """4.x wrote `rope_theta` + `rope_scaling` + `torch_dtype`, and Qwen kept `sliding_window` when unused."""
+    hf = _saved_config(transformers.Qwen2Config, tmp_path, rope_parameters={**LLAMA3_ROPE}, dtype="bfloat16")
+    rope = dict(hf["rope_parameters"])
+    old = {k: v for k, v in hf.items() if k not in ("rope_parameters", "dtype")}
+    old.update(rope_theta=rope.pop("rope_theta"), rope_scaling=rope, torch_dtype=hf["dtype"], sliding_window=4096)
+    assert ModelConfig.from_hf(old) == ModelConfig.from_hf(hf)
+    assert ModelConfig.from_hf(old).dtype == "bfloat16" and ModelConfig.from_hf(old).rope.kind == "llama3"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_missing_optional_fields_take_transformers_defaults(tmp_path, family):
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+           "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}[family]
+    hf = _saved_config(cls, tmp_path)
+    for name in ("rms_norm_eps", "rope_parameters", "head_dim", "tie_word_embeddings", "hidden_act"):
+        hf.pop(name, None)
+    _assert_maps_like_transformers(hf)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}), "quantization_config"),
+    (dict(quantization_config={"quant_method": "gptq", "bits": 4}), "gptq"),
+    (dict(model_type="gemma"), "'gemma'"),
+    (dict(hidden_act="gelu"), "'gelu'"),
+    (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), "'dynamic'"),
+    (dict(mlp_bias=True), "mlp_bias"),
+    (dict(use_sliding_window=True, sliding_window=16, layer_types=["sliding_attention"] * 2), "sliding-window"),
+])
+def test_unsupported_configs_are_refused_at_load(tmp_path, change, message):
+    hf = _saved_config(transformers.Qwen3Config, tmp_path)
+    hf.update(change)
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_hf(hf)
+
+
+def test_generation_config_eos_list_is_merged(tmp_path):
+    build("llama3", tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 2, 9]}))
+    assert load_config(find_model(tmp_path)).eos_token_ids == (2, 7, 9)
+
+
+# Weights: against the torch state dict.
+
+@pytest.mark.parametrize("disk", [torch.float32, torch.bfloat16, torch.float16])
+def test_each_disk_dtype_loads_as_each_engine_dtype_exactly(tmp_path, disk):
+    model = build("qwen3", tmp_path, dtype=disk)
+    cfg = load_config(find_model(tmp_path))
+    assert cfg.dtype == str(disk).removeprefix("torch.")
+    for engine in ("float32", "bfloat16", "float16"):
+        ours = to_hf_tensors(_load(tmp_path, engine)[1], cfg)
+        assert set(ours) == set(model.state_dict())
+        for key, value in model.state_dict().items():
+            want = value.to(disk).to(getattr(torch, engine))
+            assert ours[key].dtype == (ml_dtypes.bfloat16 if engine == "bfloat16" else np.dtype(engine)), key
+            np.testing.assert_array_equal(ours[key].astype(np.float32), want.float().numpy(), err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("sharded")
+    build("llama3.2-tied", directory, max_shard_size="20KB")
+    return directory
+
+
+def test_sharded_checkpoint_loads_like_single_file(sharded, tmp_path):
+    assert len({*json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"].values()}) > 2
+    build("llama3.2-tied", tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, _load(sharded)[1], _load(tmp_path)[1])
+
+
+def test_index_naming_a_missing_shard_names_the_file(sharded, tmp_path):
+    shutil.copytree(sharded, tmp_path / "m")
+    shard = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]["model.norm.weight"]
+    (tmp_path / "m" / shard).unlink()
+    with pytest.raises(CheckpointError, match=f"{shard} named in the index does not exist"):
+        _load(tmp_path / "m")
+
+
+def test_tensor_in_the_index_but_not_in_its_shard_is_named(sharded, tmp_path):
+    shutil.copytree(sharded, tmp_path / "m")
+    key = "model.layers.1.mlp.up_proj.weight"
+    shard = tmp_path / "m" / json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"][key]
+    tensors = load_file(shard)
+    del tensors[key]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"'{key}'.*does not contain"):
+        _load(tmp_path / "m")
+
+
+def test_stale_index_beside_a_resaved_single_file_is_ignored_as_transformers_does(tmp_path):
+    build("llama3", tmp_path, max_shard_size="20KB")
+    model = build("llama3", tmp_path, seed=1)  # save_pretrained removes the old shards but not their index
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ours = to_hf_tensors(_load(tmp_path)[1], load_config(find_model(tmp_path)))
+    np.testing.assert_array_equal(ours["lm_head.weight"], model.state_dict()["lm_head.weight"].numpy())
+
+
+def test_tied_checkpoint_with_a_copy_of_the_embedding_as_lm_head_loads(tmp_path):
+    build("llama3.2-tied", tmp_path)
+    _edit_tensors(tmp_path, lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"].clone()))
+    _load(tmp_path)
+
+
+def test_tied_checkpoint_with_a_different_lm_head_is_refused(tmp_path):
+    """transformers 5 then leaves the two untied (4.x tied them): which one the user meant is unclear."""
+    build("llama3.2-tied", tmp_path)
+    _edit_tensors(tmp_path, lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"] + 1))
+    with pytest.raises(CheckpointError, match="tie_word_embeddings.*'lm_head.weight' differs"):
+        _load(tmp_path)
+
+
+def test_rotary_inv_freq_buffers_are_ignored(tmp_path):
+    build("llama3", tmp_path)
+    _edit_tensors(tmp_path, lambda t: t.__setitem__("model.layers.0.self_attn.rotary_emb.inv_freq", torch.ones(8)))
+    _load(tmp_path)
+
+
+def test_integer_tensors_are_refused(tmp_path):
+    """Quantized weights whose config lost its quantization_config must not be cast to floats."""
+    build("llama3", tmp_path)
+    key = "model.layers.0.mlp.down_proj.weight"
+    _edit_tensors(tmp_path, lambda t: t.__setitem__(key, t[key].to(torch.int8)))
+    with pytest.raises(CheckpointError, match=f"'{key}'.*int8"):
+        _load(tmp_path)
+
+
+# Whole variants end to end, and `jaxinfer convert`.
+
+def test_converted_variant_is_bit_identical_and_generates_like_transformers(tmp_path):
+    """Linear rope, head_dim != hidden/heads, attention biases, bfloat16 on disk; through `jaxinfer convert`."""
+    model = _build("llama-linear-headdim-bias", tmp_path / "hf", dtype=torch.bfloat16)
+    assert cli.main(["convert", "--model", str(tmp_path / "hf"), "--output", str(tmp_path / "conv"),
+                     "--dtype", "float32"]) == 0
+    cfg, params = _load(tmp_path / "hf")
+    assert (cfg.head_dim, cfg.rope.kind, cfg.qkv_bias, cfg.o_bias) == (32, "linear", True, True)
+    converted_cfg, converted = _load(tmp_path / "conv")
+    assert converted_cfg == cfg
+    jax.tree.map(np.testing.assert_array_equal, converted, params)
+    _greedy_matches_transformers(tmp_path / "conv", model)
+
+
+def test_qwen3_head_dim_128_on_a_small_hidden_generates_like_transformers(tmp_path):
+    model = _build("qwen3-headdim128", tmp_path, dtype=torch.float16)
+    _greedy_matches_transformers(tmp_path, model)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("conv")
+    build("llama3", directory / "hf")
+    cfg, params = _load(directory / "hf")
+    checkpoint.save_orbax(params, "float32", directory / "hf", directory / "conv")
+    return directory
+
+
+def test_interrupted_reconversion_is_refused(converted, tmp_path, monkeypatch):
+    shutil.copytree(converted / "conv", tmp_path / "conv")
+    build("llama3", tmp_path / "other", seed=1)
+    cfg, params = _load(tmp_path / "other")
+
+    def interrupted(source, output):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "_copy_side_files", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_orbax(params, "float32", tmp_path / "other", tmp_path / "conv")
+    with pytest.raises(CheckpointError, match="unfinished `jaxinfer convert`.*convert again"):
+        _load(tmp_path / "conv")
+
+
+def test_converted_weights_that_do_not_match_config_are_refused(converted, tmp_path):
+    shutil.copytree(converted / "conv", tmp_path / "conv")
+    hf = json.loads((tmp_path / "conv" / "config.json").read_text())
+    (tmp_path / "conv" / "config.json").write_text(json.dumps({**hf, "intermediate_size": 96}))
+    message = r"do not match its config.json: layers.w_down is \(2, 128, 64\) there, the config needs \(2, 96, 64\)"
+    with pytest.raises(CheckpointError, match=message + "; convert again"):
+        _load(tmp_path / "conv")
