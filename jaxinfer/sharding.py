@@ -38,12 +38,16 @@ def kv_replicas(num_kv_heads: int, model: int) -> int:
 
 
 def mesh_problems(shape: tuple[int, int], *, heads: int, kv_heads: int, mlp: int, vocab: int, slots: int,
-                  pages: int | None) -> list[str]:
-    """Every size that does not divide over the mesh `(data, model)`, said plainly; empty when all fit."""
+                  pages: int | None, devices: int | None = None) -> list[str]:
+    """Every reason the mesh `(data, model)` cannot run this model and engine, said plainly; empty when it can.
+    `devices`: how many there are (None: `jax.device_count()`)."""
     data, model = shape
-    problems = [f"{name}={size} is not a multiple of the 'model' axis ({model})"
-                for name, size in (("num_attention_heads", heads), ("intermediate_size", mlp),
-                                   ("vocab_size", vocab)) if size % model]
+    devices = jax.device_count() if devices is None else devices
+    problems = [f"mesh_shape {shape} needs {data * model} devices, only {devices} available"] \
+        if data * model > devices else []
+    problems += [f"{name}={size} is not a multiple of the 'model' axis ({model})"
+                 for name, size in (("num_attention_heads", heads), ("intermediate_size", mlp),
+                                    ("vocab_size", vocab)) if size % model]
     if kv_heads % model and model % kv_heads:
         problems.append(f"num_key_value_heads={kv_heads} neither divides among nor replicates evenly over the "
                         f"'model' axis ({model})")
@@ -51,6 +55,9 @@ def mesh_problems(shape: tuple[int, int], *, heads: int, kv_heads: int, mlp: int
         problems.append(f"max_slots={slots} is not a multiple of the 'data' axis ({data})")
     if pages is not None and pages % data:
         problems.append(f"num_pages={pages} is not a multiple of the 'data' axis ({data})")
+    elif pages is not None and pages // data < 2:
+        problems.append(f"num_pages={pages} leaves {pages // data} page to each of the {data} data shards, which "
+                        f"need at least 2 (a shard's page 0 is its null page): at least {2 * data}")
     return problems
 
 
