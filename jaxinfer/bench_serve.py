@@ -209,9 +209,10 @@ def random_dataset(n: int, input_len: int, output_len: int, range_ratio: float, 
                    rng: np.random.Generator, prefix_len: int = 0) -> list[Request]:
     """vLLM's `random`: one random prefix of `prefix_len` tokens shared by all, then a run of successive ids from a
     random offset, its length drawn around `input_len` less the special tokens the server will add."""
-    real_input_len = max(0, input_len - space.special_tokens())
+    special = space.special_tokens()
+    real_input_len = max(0, input_len - special)
     _require(prefix_len + math.floor(real_input_len * (1 - range_ratio)) >= 1, "--random-input-len", input_len,
-             f"too short: with --random-prefix-len {prefix_len}, {space.special_tokens()} special tokens and "
+             f"too short: with --random-prefix-len {prefix_len}, {special} special tokens and "
              f"--random-range-ratio {range_ratio} a prompt could be empty")
     inputs = sample_lengths(real_input_len, range_ratio, n, rng)
     outputs = sample_lengths(output_len, range_ratio, n, rng, at_least=1)

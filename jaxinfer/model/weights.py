@@ -193,8 +193,8 @@ def _read(reader: safetensors_io.Reader, key: str) -> np.ndarray:
 def _check_tied_head(reader: safetensors_io.Reader, cfg: ModelConfig) -> None:
     # Some tied checkpoints also store the embedding as lm_head.weight: harmless. A different lm_head is not:
     # transformers 5 then unties the two (4.x tied them anyway), so which one was meant is unclear.
-    if not cfg.tie_word_embeddings or "lm_head.weight" not in reader:
-        return
+    if not cfg.tie_word_embeddings or "lm_head.weight" not in reader or "model.embed_tokens.weight" not in reader:
+        return  # a missing embedding is _check_tensor's to name
     if not np.array_equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
         raise CheckpointError("config.json has tie_word_embeddings=true but the checkpoint's 'lm_head.weight' differs "
                               "from 'model.embed_tokens.weight': set tie_word_embeddings to false to use "
@@ -206,6 +206,7 @@ def load_safetensors(path: str | Path, cfg: ModelConfig, dtype, mesh=None) -> di
     cut from the checkpoint on the host and sent alone, so no weight is ever whole on one device (and each
     process reads only the shards of its own devices)."""
     reader = safetensors_io.Reader(Path(path))
+    _check_tied_head(reader, cfg)  # before any weight is loaded: it fails fast
     np_dtype = np.dtype(jnp.dtype(dtype))
     used: set[str] = set()
     tree: dict = {}
@@ -224,7 +225,6 @@ def load_safetensors(path: str | Path, cfg: ModelConfig, dtype, mesh=None) -> di
         shape = spec.full_shape(cfg.num_layers)
         _set_path(tree, spec.name, jax.make_array_from_callback(shape, _load_sharding(spec, cfg, mesh), shard))
     _check_leftovers(reader.keys(), used, cfg)
-    _check_tied_head(reader, cfg)
     return tree
 
 
