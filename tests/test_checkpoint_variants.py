@@ -217,12 +217,17 @@ def test_rotary_inv_freq_buffers_are_ignored(tmp_path):
     _load(tmp_path)
 
 
-def test_integer_tensors_are_refused(tmp_path):
-    """Quantized weights whose config lost its quantization_config must not be cast to floats."""
-    build("llama3", tmp_path)
-    key = "model.layers.0.mlp.down_proj.weight"
-    _edit_tensors(tmp_path, lambda t: t.__setitem__(key, t[key].to(torch.int8)))
-    with pytest.raises(CheckpointError, match=f"'{key}'.*int8"):
+@pytest.mark.parametrize("key", ["model.layers.0.mlp.down_proj.weight", "lm_head.weight"])
+@pytest.mark.parametrize("dtype, name", [(torch.int8, "I8"), (torch.float8_e4m3fn, "F8_E4M3"),
+                                         (torch.float8_e5m2, "F8_E5M2")])
+def test_quantized_tensors_are_refused_by_name(tmp_path, key, dtype, name):
+    """Quantized weights whose config lost its quantization_config must not be cast to floats (int8), nor fail
+    inside numpy (fp8, which numpy cannot read): the tensor and its dtype are named. lm_head.weight is also read by
+    the tied-head check, before any other weight."""
+    build("llama3.2-tied", tmp_path)
+    source = "model.embed_tokens.weight" if key == "lm_head.weight" else key
+    _edit_tensors(tmp_path, lambda t: t.__setitem__(key, t[source].to(dtype)))
+    with pytest.raises(CheckpointError, match=f"'{key}' is {name}, not 16/32/64-bit floating point"):
         _load(tmp_path)
 
 

@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # header names; int, uint, bool and F8_* are quantized or not weights
 
 
 class CheckpointError(ValueError):
@@ -65,7 +66,20 @@ class Reader:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read tensor {key!r} from {path}: {e}") from e
 
+    def check_dtype(self, key: str) -> None:
+        """Refuse a tensor that is not 16/32/64-bit floating point, from the file header, before reading it:
+        quantized weights (int8, packed int4, fp8) would cast to wrong floats or not read at all."""
+        path = self._files[key]
+        try:
+            dtype = self._handle(path).get_slice(key).get_dtype()
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read tensor {key!r} from {path}: {e}") from e
+        if dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"tensor {key!r} is {dtype}, not 16/32/64-bit floating point: quantized checkpoints "
+                                  "are not supported; use the unquantized float16/bfloat16/float32 weights")
+
     def get(self, key: str) -> np.ndarray:
+        self.check_dtype(key)
         path = self._files[key]
         try:
             return self._handle(path).get_tensor(key)

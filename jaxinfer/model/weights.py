@@ -180,14 +180,7 @@ def _check_tensor(reader: safetensors_io.Reader, key: str, spec: WeightSpec) -> 
     shape = reader.shape(key)
     if shape != spec.hf_shape:
         raise CheckpointError(f"tensor {key!r} has shape {shape}, expected {spec.hf_shape}")
-
-
-def _read(reader: safetensors_io.Reader, key: str) -> np.ndarray:
-    x = reader.get(key)
-    if x.dtype.kind in "biu":  # quantized weights (int8, packed int4) would cast to wrong floats
-        raise CheckpointError(f"tensor {key!r} is {x.dtype}, not floating point: quantized checkpoints are not "
-                              "supported; use the unquantized float16/bfloat16/float32 weights")
-    return x
+    reader.check_dtype(key)
 
 
 def _check_tied_head(reader: safetensors_io.Reader, cfg: ModelConfig) -> None:
@@ -218,9 +211,9 @@ def load_safetensors(path: str | Path, cfg: ModelConfig, dtype, mesh=None) -> di
 
         def shard(index, spec=spec, keys=keys):
             if not spec.stacked:
-                return spec.to_ours(_read(reader, keys[0]))[index].astype(np_dtype)
+                return spec.to_ours(reader.get(keys[0]))[index].astype(np_dtype)
             layers = range(cfg.num_layers)[index[0]]
-            return np.stack([spec.to_ours(_read(reader, keys[i]))[index[1:]].astype(np_dtype) for i in layers])
+            return np.stack([spec.to_ours(reader.get(keys[i]))[index[1:]].astype(np_dtype) for i in layers])
 
         shape = spec.full_shape(cfg.num_layers)
         _set_path(tree, spec.name, jax.make_array_from_callback(shape, _load_sharding(spec, cfg, mesh), shard))
