@@ -23,8 +23,14 @@ event, then `[DONE]`; likewise a stream the replica ends without `[DONE]`) namin
 the replica. A client that goes away closes its upstream request, so the replica
 aborts the work.
 
+Backpressure: a replica at capacity answers 429 before starting the work, and
+stays in rotation; the request goes on to each healthy replica not yet asked.
+Only when those that answered all said 429 does the client get a 429, the
+router's own, with the smallest Retry-After they sent.
+
 `POST /reset_prefix_cache` goes to every healthy replica, not one: each forgets
 its cached prefixes, so a benchmark through the router starts cold everywhere.
+A replica that does not answer within PROBE_TIMEOUT counts as not reset.
 """
 
 from __future__ import annotations
@@ -252,6 +258,7 @@ class Replica:
     external_tokens: float = 0.0  # the reported sequences the router did not send, in tokens
     routed: int = 0  # generation requests sent
     failures: int = 0  # requests lost to this replica's faults (unreachable, connection lost, timed out)
+    refused: int = 0  # requests it answered 429 (at capacity)
     last_error: str = ""
 
     @property
@@ -381,9 +388,11 @@ class Router:
 
     async def forward(self, request: Request, body: bytes | None, work: Work | None) -> Response:
         """Send the request to a chosen replica; once more to another if the first could not be reached
-        (or refused it with 503: starting or draining)."""
+        (or refused it with 503: starting or draining); to each other one while they answer 429 (at capacity)."""
         tried: list[str] = []
-        while len(tried) < 2:
+        full: list[str] = []
+        waits: list[int] = []  # the Retry-After seconds of those at capacity
+        while len(tried) - len(full) < 2:  # a 429 uses up none of the one retry: that work never started
             replica = self.pick(work, exclude=tried)
             if replica is None:
                 break
@@ -402,12 +411,23 @@ class Router:
                 lease.release()
                 self._lost(replica, e)
                 raise _failed(replica, e, self.config.upstream_timeout) from None
-            if upstream.status_code == 503 and len(tried) == 1:
+            if upstream.status_code == 429:
+                lease.release()
+                await _close(upstream)
+                replica.refused += 1
+                full.append(replica.url)
+                with contextlib.suppress(ValueError):
+                    waits.append(max(0, int(upstream.headers.get("retry-after", ""))))
+                continue
+            if upstream.status_code == 503 and len(tried) - len(full) == 1:
                 lease.release()
                 await _close(upstream)
                 self.mark_dead(replica, "it answered 503")
                 continue
             return await self._relay(request, replica, upstream, lease)
+        if full:
+            raise APIError(429, f"every replica that answered is at capacity ({', '.join(full)}); retry later",
+                           headers={"Retry-After": str(min(waits, default=1))})
         self.unavailable += 1
         lost = f" ({', '.join(tried)} failed)" if tried else ""
         raise APIError(503, f"no healthy replica can take this request{lost}; retry later",
@@ -510,23 +530,28 @@ class Router:
 
     async def reset_prefix_cache(self, request: Request) -> Response:
         """Every healthy replica's /reset_prefix_cache at once: 200 when all of them reset; else 409 if one
-        refused because it had requests in flight (otherwise 502), naming the replicas that did not reset."""
+        refused because it had requests in flight, 504 if the only failures were replicas silent for
+        PROBE_TIMEOUT (otherwise 502), naming the replicas that did not reset."""
         healthy = [r for r in self.replicas.values() if r.healthy]
         if not healthy:
             raise APIError(503, "no healthy replica to reset", headers={"Retry-After": "1"})
 
         async def reset(replica: Replica) -> int:
             try:
-                answer = await self.client.post(f"{replica.url}/reset_prefix_cache", headers=self._headers(request))
+                # A control call: not the generation timeout, so one hung replica cannot hold it for minutes.
+                answer = await self.client.post(f"{replica.url}/reset_prefix_cache", headers=self._headers(request),
+                                                timeout=PROBE_TIMEOUT)
                 return answer.status_code
             except httpx.TransportError as e:
                 self._lost(replica, e)
-                return 502
+                return 504 if isinstance(e, httpx.TimeoutException) else 502
 
         statuses = await asyncio.gather(*(reset(r) for r in healthy))
         failed = [f"{r.url} ({status})" for r, status in zip(healthy, statuses) if status != 200]
         if failed:
-            raise APIError(409 if 409 in statuses else 502, f"the prefix cache was not reset on {', '.join(failed)}")
+            codes = set(statuses) - {200}
+            raise APIError(409 if 409 in codes else 504 if codes == {504} else 502,
+                           f"the prefix cache was not reset on {', '.join(failed)}")
         return Response(status_code=200)
 
     async def _read(self, request: Request) -> bytes:
@@ -632,6 +657,8 @@ def render_metrics(router: Router) -> str:
     family("requests_routed_total", "counter", "Generation requests sent to the replica.", each(lambda r: r.routed))
     family("request_failures_total", "counter", "Requests lost to the replica's faults (unreachable, connection "
            "lost, timed out).", each(lambda r: r.failures))
+    family("requests_refused_total", "counter", "Requests the replica answered 429 (at capacity); each went on "
+           "to a replica not yet asked, if one was left.", each(lambda r: r.refused))
     family("affinity_routed_total", "counter", "Generation requests routed by prompt-prefix affinity.",
            [({}, router.affinity_routed)])
     family("no_replica_total", "counter", "Requests answered 503 for want of a healthy replica.",

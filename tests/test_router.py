@@ -41,10 +41,12 @@ class FakeReplica:
 
     The prompts "please 400" and "please 429" get those errors; streamed, "please cut" ends the
     stream cleanly after two events without `[DONE]`, and "please crlf" delimits events with
-    CRLF (as SSE allows). It records every body and
-    Authorization header, counts the requests running and those whose client left early,
-    and reports `running + external` in /metrics (external: load from clients that bypass
-    the router). Answers carry `model: name`, so a test sees who served them.
+    CRLF (as SSE allows). With `retry_after` set it is at capacity: every generation request
+    gets 429 with that Retry-After. With `reset_hangs` its /reset_prefix_cache never answers.
+    It records every body and Authorization header, counts the requests running and those
+    whose client left early, and reports `running + external` in /metrics (external: load
+    from clients that bypass the router). Answers carry `model: name`, so a test sees who
+    served them.
     """
 
     def __init__(self, delay: float = 0.0, name: str = "fake"):
@@ -52,6 +54,8 @@ class FakeReplica:
         self.received: list[dict] = []
         self.auth: list[str | None] = []
         self.running = self.aborted = self.external = self.resets = 0
+        self.retry_after: int | None = None
+        self.reset_hangs = False
 
     def app(self) -> Starlette:
         return Starlette(routes=[
@@ -66,6 +70,9 @@ class FakeReplica:
 
     async def reset_prefix_cache(self, request: Request) -> Response:
         """As our server: refused (409) while requests run."""
+        if self.reset_hangs:  # until the client gives up
+            await _sleep_unless_gone(request, 60)
+            return Response(status_code=499)
         if self.running:
             return _error(409, "requests are in the engine")
         self.resets += 1
@@ -86,8 +93,8 @@ class FakeReplica:
         self.received.append(body)
         self.auth.append(request.headers.get("authorization"))
         prompt, max_tokens = body.get("prompt"), body.get("max_tokens", 16)
-        if prompt == "please 429":
-            return _error(429, "the server is at capacity", {"Retry-After": "7"})
+        if prompt == "please 429" or self.retry_after is not None:
+            return _error(429, "the server is at capacity", {"Retry-After": str(self.retry_after or 7)})
         if prompt == "please 400" or not isinstance(max_tokens, int):
             return _error(400, "max_tokens must be an integer")
         rid = "cmpl-" + hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
@@ -398,13 +405,37 @@ def test_streams_pass_through_byte_exact_as_they_arrive_and_errors_unchanged():
             chunks = [(time.monotonic() - start, chunk) for chunk in routed.iter_raw()]
         assert b"".join(c for _, c in chunks) == direct and direct.endswith(DONE)
         assert chunks[0][0] < 0.35 < chunks[-1][0]  # the first token came long before the last
-        for prompt, status in (("please 429", 429), ("please 400", 400)):
-            direct = httpx.post(f"{fake.url}/v1/completions", json={"prompt": prompt})
-            routed = httpx.post(f"{url}/v1/completions", json={"prompt": prompt})
-            assert (routed.status_code, routed.content) == (status, direct.content)
+        direct = httpx.post(f"{fake.url}/v1/completions", json={"prompt": "please 400"})
+        routed = httpx.post(f"{url}/v1/completions", json={"prompt": "please 400"})
+        assert (routed.status_code, routed.content) == (400, direct.content)
         assert routed.headers["content-type"] == "application/json"
         assert httpx.post(f"{url}/v1/completions", json={"prompt": "please 429"}).headers["retry-after"] == "7"
         assert router.replicas[fake.url].healthy  # a 4xx says nothing about the replica's health
+
+
+def test_a_replica_at_capacity_passes_the_request_to_one_with_room():
+    """A 429 means the replica did not start the work: the router tries the others, and answers 429 itself (with
+    the smallest Retry-After) only when every one is at capacity. The refused attempts hold no load."""
+    with fakes(0.0, 0.0) as (full, room), routing(full.url, room.url) as (router, url):
+        full.retry_after = 7
+        for i in range(4):  # equal loads take turns: the full one is asked first too
+            for stream in (False, True):
+                answer = httpx.post(f"{url}/v1/completions", json={"prompt": f"r{i} {stream}", "max_tokens": 2,
+                                                                   "stream": stream})
+                assert answer.status_code == 200 and '"fake1"' in answer.text, answer.text
+        assert full.received and len(room.received) == 8
+        room.retry_after = 3
+        for stream in (False, True):
+            answer = httpx.post(f"{url}/v1/completions", json={"prompt": "r9", "stream": stream})
+            error = answer.json()["error"]
+            assert answer.status_code == 429 and answer.headers["retry-after"] == "3"
+            assert error["code"] == 429 and full.url in error["message"] and room.url in error["message"]
+        metrics = httpx.get(f"{url}/metrics").text
+        for fake in (full, room):
+            assert _metric(metrics, "requests_in_flight", fake.url) == 0 and router.replicas[fake.url].load == 0
+            assert router.replicas[fake.url].healthy  # full is not broken
+        assert _metric(metrics, "requests_refused_total", full.url) == len(full.received)
+        assert _metric(metrics, "requests_refused_total", room.url) == 2
 
 
 def test_a_stream_the_replica_ends_without_done_gets_an_error_event():
@@ -460,6 +491,18 @@ def test_reset_prefix_cache_goes_to_every_healthy_replica():
         unreachable = httpx.post(f"{url}/reset_prefix_cache")
         assert unreachable.status_code == 502 and f"{dead} (502)" in unreachable.json()["error"]["message"]
         assert fake.resets == 1 and not router.replicas[dead].healthy
+
+
+def test_reset_prefix_cache_does_not_wait_long_for_a_replica_that_hangs(monkeypatch):
+    """A control call waits PROBE_TIMEOUT, not the generation timeout: a silent replica is not reset (504), the
+    others are."""
+    monkeypatch.setattr("jaxinfer.router.PROBE_TIMEOUT", 1.0)
+    with fakes(0.0, 0.0) as (hung, fine), routing(hung.url, fine.url) as (router, url):
+        hung.reset_hangs = True
+        answer = httpx.post(f"{url}/reset_prefix_cache", timeout=4)
+        assert answer.status_code == 504, answer.text
+        assert answer.json()["error"]["message"] == f"the prefix cache was not reset on {hung.url} (504)"
+        assert (hung.resets, fine.resets) == (0, 1) and router.replicas[hung.url].healthy
 
 
 def test_api_key_guards_v1_and_the_replica_key_is_sent_on():
