@@ -135,7 +135,8 @@ def _serve(args) -> int:
     name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
     config = ServerConfig(served_model_name=name, model_path=args.model, api_key=args.api_key,
                           max_queue=args.max_queue, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
-                          shutdown_timeout=args.shutdown_timeout)
+                          shutdown_timeout=args.shutdown_timeout,
+                          trust_request_chat_template=args.trust_request_chat_template)
     return serve(args.model, engine, config, args.host, args.port, warmup=not args.skip_warmup,
                  log_level="info" if args.verbose else "warning", step_log=args.step_log)
 
@@ -170,6 +171,9 @@ def _add_serve(sub) -> None:
     serve.add_argument("--seed", type=int, default=0, help="seeds requests that send none")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests may take to finish after SIGTERM")
+    serve.add_argument("--trust-request-chat-template", action="store_true",
+                       help="render a chat_template sent with a request (it runs code nobody here reviewed); "
+                            "without this such requests are 400")
     serve.add_argument("--skip-warmup", action="store_true", help="compile step shapes on first use instead")
     serve.add_argument("--step-log", default=None, metavar="PATH",
                        help="write each step's shape and timings here (JSON lines) for `bench profile --from-log`")

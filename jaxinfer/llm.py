@@ -145,25 +145,33 @@ class LLM:
         return [results[i] for i in ids]
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: list[dict] | None = None,
              chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """vLLM's `LLM.chat`: one conversation (a list of {"role", "content"} messages) or a list of them, each
-        rendered with the checkpoint's chat template (as transformers' `apply_chat_template`, its text encoded
-        without adding special tokens again) and generated as `generate` does. Returns one output each, in order."""
+        rendered with a chat template (as transformers' `apply_chat_template`, its text encoded without adding
+        special tokens again) and generated as `generate` does. Returns one output each, in order.
+
+        chat_template: a Jinja template (or the name of one of the checkpoint's) instead of the checkpoint's own.
+        continue_final_message: leave the final message open for the model to continue (with
+        add_generation_prompt=False). tools: JSON schemas the template renders into the prompt; tool calls in the
+        output are not parsed."""
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer files, so no chat template: use generate")
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("messages must be a conversation (a non-empty list of message dicts) or a list of them")
         conversations = [messages] if isinstance(messages[0], dict) else messages
-        prompts = [self._chat_prompt(i, c, add_generation_prompt, chat_template_kwargs or {})
-                   for i, c in enumerate(conversations)]
+        kwargs = {"chat_template": chat_template, "add_generation_prompt": add_generation_prompt,
+                  "continue_final_message": continue_final_message, "tools": tools,
+                  **(chat_template_kwargs or {})}  # which win, as in vLLM
+        prompts = [self._chat_prompt(i, c, kwargs) for i, c in enumerate(conversations)]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _chat_prompt(self, index: int, conversation, add_generation_prompt: bool, kwargs: dict) -> dict:
+    def _chat_prompt(self, index: int, conversation, kwargs: dict) -> dict:
         if not isinstance(conversation, (list, tuple)) or not all(isinstance(m, dict) for m in conversation):
             raise ValueError(f"conversation {index}: must be a list of message dicts, got {conversation!r:.80}")
         try:
-            text = self.tokenizer.apply_chat_template(list(conversation), add_generation_prompt, **kwargs)
+            text = self.tokenizer.apply_chat_template(list(conversation), **kwargs)
         except (ValueError, TypeError, jinja2.TemplateError) as e:
             raise ValueError(f"conversation {index}: the chat template could not render it: {e}") from None
         return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}

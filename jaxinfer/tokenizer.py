@@ -8,6 +8,7 @@ nothing about models, weights or scheduling.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -28,6 +29,8 @@ _NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token"
 # Tokens of prompt context the detokenizer re-decodes (vLLM uses 5): enough to cover a multi-token character.
 _CONTEXT_TOKENS = 5
 _CONTINUATION_BYTE = re.compile(r"<0x[89AB][0-9A-F]>")  # a byte-fallback token of a UTF-8 continuation byte
+# transformers' marker after the text of a message to continue: the rendered text is cut where it lands.
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 
 def _read_json(path: Path) -> dict:
@@ -215,6 +218,7 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+@functools.lru_cache(maxsize=16)  # the checkpoint's templates and the few that requests bring, compiled once
 def _compile_chat_template(source: str) -> jinja2.Template:
     """The same sandboxed environment transformers renders chat templates in, so checkpoints' templates agree."""
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
@@ -234,7 +238,6 @@ class Tokenizer:
         self._backend = backend
         self._special_tokens = special_tokens
         self._chat_templates = chat_templates
-        self._compiled_templates: dict[str, jinja2.Template] = {}
         self.name = name
         self.vocab_size: int = backend.vocab_size
         self.special_ids: frozenset[int] = backend.special_ids  # the ids decode(skip_special_tokens=True) drops
@@ -297,28 +300,76 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        """Render the checkpoint's chat template to text, as transformers' ``apply_chat_template(tokenize=False)``.
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, chat_template: str | None = None, **kwargs) -> str:
+        """Render a chat template to text, as transformers' ``apply_chat_template(tokenize=False)``.
+
+        The template is ``chat_template`` (the name of one of the checkpoint's templates, or a template's source),
+        else the checkpoint's: its "tool_use" template, where there is one, for requests that pass ``tools``, else
+        its default. ``continue_final_message`` leaves the final message open: the text ends right after its content
+        (what the template adds after it is cut), for the model to continue; it cannot go with
+        ``add_generation_prompt``. Other keyword arguments (``tools`` among them) are the template's variables.
 
         The rendered text usually carries its own BOS: encode it with ``add_special_tokens=False``, as transformers
         does.
         """
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true: continue the "
+                             "final message, or start a new assistant message after it")
+        source = self._template_source(chat_template, kwargs.get("tools"))
+        # Like transformers: drop None fields, which many templates would render as the text "None".
+        messages = [{k: v for k, v in message.items() if v is not None} for message in messages]
+        final = _mark_final_message(messages, source) if continue_final_message else None
+        context = {"tools": None, "documents": None, **self._special_tokens, **kwargs}
+        text = _compile_chat_template(source).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **context
+        )
+        return text if final is None else _cut_after_final_message(text, final)
+
+    def _template_source(self, chat_template: str | None, tools) -> str:
+        if chat_template is not None:
+            return self._chat_templates.get(chat_template, chat_template)
         # As in transformers: a "tool_use" template, where there is one, renders requests that pass tools.
-        name = "tool_use" if kwargs.get("tools") is not None and "tool_use" in self._chat_templates else "default"
+        name = "tool_use" if tools is not None and "tool_use" in self._chat_templates else "default"
         if name not in self._chat_templates:
             raise ValueError(
                 f"the checkpoint {self.name} has no chat template (looked for chat_template.jinja and "
                 f"tokenizer_config.json 'chat_template'; named templates: {sorted(self._chat_templates)}); "
                 "send a plain prompt instead"
             )
-        if name not in self._compiled_templates:
-            self._compiled_templates[name] = _compile_chat_template(self._chat_templates[name])
-        # Like transformers: drop None fields, which many templates would render as the text "None".
-        messages = [{k: v for k, v in message.items() if v is not None} for message in messages]
-        context = {"tools": None, "documents": None, **self._special_tokens, **kwargs}
-        return self._compiled_templates[name].render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **context
-        )
+        return self._chat_templates[name]
+
+
+def _mark_final_message(messages: list[dict], source: str) -> str:
+    """Append transformers' tag to the final message's content (a string, or its last part with text), in place;
+    returns the content's text before it."""
+    content = messages[-1].get("content") if messages else None
+    if content is None:
+        raise ValueError("continue_final_message is set but there is no final message with content to continue")
+    if "content" not in source:
+        raise ValueError("continue_final_message is set but the chat template never reads a message's 'content'")
+    if isinstance(content, (list, tuple)):
+        texts = [i for i, part in enumerate(content) if isinstance(part, dict) and "text" in part]
+        if not texts:
+            raise ValueError("continue_final_message is set but the final message has no text part to continue")
+        final, content = content[texts[-1]]["text"], list(content)
+        content[texts[-1]] = {**content[texts[-1]], "text": final + _CONTINUE_TAG}
+    else:
+        final, content = content, content + _CONTINUE_TAG
+    messages[-1] = {**messages[-1], "content": content}
+    return final
+
+
+def _cut_after_final_message(text: str, final: str) -> str:
+    """The rendered text up to the tag after the final message, as transformers cuts it: where the template
+    trimmed the tag's trailing space, it trimmed the message too, so trailing whitespace goes."""
+    tag = _CONTINUE_TAG.strip()
+    if final.strip() not in text or tag not in text:
+        raise ValueError("continue_final_message is set but the final message does not appear in the rendered chat: "
+                         "the chat template changes or drops it, so there is no place to continue it "
+                         f"(final message: {final.strip()!r:.80})")
+    end = text.rindex(tag)
+    return text[:end] if text.startswith(_CONTINUE_TAG, end) else text[:end].rstrip()
 
 
 class IncrementalDetokenizer:

@@ -101,6 +101,36 @@ def test_chat_renders_as_transformers_and_generates(llm):
     assert _free_all(llm)
 
 
+# Renders tools, which the default model's ChatML template leaves out.
+TOOLS_TEMPLATE = ("{% if tools %}<|im_start|>system\n{{ tools | tojson }}<|im_end|>\n{% endif %}"
+                  "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_chat_continues_messages_renders_tools_and_other_templates(llm):
+    """vLLM's LLM.chat arguments continue_final_message (the final message left open, for the model to continue),
+    tools and chat_template, rendered as transformers renders them; continuing with a generation prompt raises."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(find_model(None).directory)
+    prefilled = [{"role": "user", "content": "Name a colour"}, {"role": "assistant", "content": "My favourite is"}]
+    tools = [{"type": "function", "function": {"name": "paint", "parameters": {"type": "object"}}}]
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    cases = [(prefilled, dict(add_generation_prompt=False, continue_final_message=True)),
+             (prefilled[:1], dict(chat_template=TOOLS_TEMPLATE, tools=tools)),
+             (prefilled, dict(chat_template=TOOLS_TEMPLATE, tools=tools, add_generation_prompt=False,
+                              continue_final_message=True))]
+    for chat, kwargs in cases:
+        out = llm.chat(chat, params, use_tqdm=False, **kwargs)[0]
+        text = hf.apply_chat_template(chat, tokenize=False, **{"add_generation_prompt": True, **kwargs})
+        assert out.prompt == text and out.prompt_token_ids == hf.encode(text, add_special_tokens=False), kwargs
+    assert text.startswith('<|im_start|>system\n[{"type": "function"') and text.endswith("\nMy favourite is")
+    with pytest.raises(ValueError, match="conversation 0: .* continue_final_message and add_generation_prompt "
+                                         "cannot both be true"):
+        llm.chat(prefilled, params, continue_final_message=True)
+    assert _free_all(llm)
+
+
 def test_seeds_decide_samples(llm):
     params = dict(max_tokens=16, temperature=1.0, ignore_eos=True)
     a = llm.generate("Hello", SamplingParams(seed=1, **params))[0].outputs[0].token_ids

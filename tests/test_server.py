@@ -146,6 +146,37 @@ def test_models_tokenize_detokenize_version(live, client):
     assert tokenized[0] == tokenized[1]
 
 
+def test_chat_template_fields_render_as_transformers(live, client, monkeypatch):
+    """vLLM's chat fields continue_final_message (the final message left open), tools (rendered, with tool_choice
+    none or auto) and chat_template (on a server that trusts request templates) give the prompt transformers
+    renders, in /v1/chat/completions and /tokenize alike."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(live.engine.tokenizer.name)
+    trusting = dataclasses.replace(live.server.config, trust_request_chat_template=True)
+    monkeypatch.setattr(live.server, "config", trusting)
+    template = ("{{ tools | tojson }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tools = [{"type": "function", "function": {"name": "paint", "parameters": {"type": "object", "properties": {}}}}]
+    prefilled = [{"role": "user", "content": "Name a colour"}, {"role": "assistant", "content": "Mine is"}]
+    cases = [(prefilled, {"add_generation_prompt": False, "continue_final_message": True}),
+             (prefilled[:1], {"chat_template": template, "tools": tools, "tool_choice": "none"}),
+             (prefilled, {"chat_template": template, "add_generation_prompt": False, "continue_final_message": True})]
+    with httpx.Client(base_url=live.url, timeout=60) as http:
+        for messages, fields in cases:
+            text = hf.apply_chat_template(messages, tokenize=False, **{"add_generation_prompt": True, **fields})
+            ids = hf.encode(text, add_special_tokens=False)
+            body = {"model": "tiny", "messages": messages, "max_tokens": 2, "return_token_ids": True, **fields}
+            chat = http.post("/v1/chat/completions", json=body).json()
+            assert chat["choices"][0]["prompt_token_ids"] == ids, (fields, chat)
+            assert http.post("/tokenize", json={"messages": messages, **fields}).json()["tokens"] == ids
+    assert text.endswith("assistant\nMine is")
+    sdk = client.chat.completions.create(model="tiny", messages=prefilled[:1], max_tokens=2, tools=tools,
+                                         tool_choice="auto", extra_body={"chat_template": template})
+    assert sdk.usage.prompt_tokens == len(hf.apply_chat_template(prefilled[:1], tools=tools, chat_template=template,
+                                                                 add_generation_prompt=True)["input_ids"])
+
+
 def test_prompt_logprobs_come_back_as_vllm_returns_them(live, client):
     """vLLM's extension: completions choices carry `prompt_logprobs` (None, then {"token id": {logprob, rank,
     decoded_token}} per prompt token, the token among them), streamed in each choice's first chunk; chat puts

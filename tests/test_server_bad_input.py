@@ -170,6 +170,10 @@ WRONG_TYPES = [
     (CHAT, {"chat_template_kwargs": "x"}, "chat_template_kwargs"),
     (CHAT, {"chat_template_kwargs": ""}, "chat_template_kwargs"),  # falsy wrong types too
     (CHAT, {"chat_template_kwargs": []}, "chat_template_kwargs"),
+    (CHAT, {"continue_final_message": "yes"}, "continue_final_message"),
+    (CHAT, {"tools": {"type": "function"}}, "tools"),
+    (CHAT, {"tools": ["paint"]}, "tools"),
+    (CHAT, {"chat_template": 5}, "chat_template"),
     (COMPLETIONS, {"stop_token_ids": 0}, "stop_token_ids"),
     (COMPLETIONS, {"stop_token_ids": ""}, "stop_token_ids"),
     (CHAT, {"stop_token_ids": {}}, "stop_token_ids"),
@@ -380,6 +384,7 @@ def test_7_n_at_the_cap_is_served(server, client):
 
 # --- 8. the other bounded fields -----------------------------------------------------------------
 
+TOOL = {"type": "function", "function": {"name": "paint", "parameters": {"type": "object", "properties": {}}}}
 BAD_FIELDS = [
     (COMPLETIONS, {"logprobs": 21}, "logprobs"),
     (COMPLETIONS, {"logprobs": -1}, "logprobs"),
@@ -404,6 +409,12 @@ BAD_FIELDS = [
     (COMPLETIONS, {"seed": -(2**63) - 1}, "seed"),
     (CHAT, {"seed": 10**30}, "seed"),
     (COMPLETIONS, {"min_tokens": 1, "stop_token_ids": list(range(30, 50))}, "min_tokens"),  # > 16 held back
+    (CHAT, {"continue_final_message": True, "add_generation_prompt": True}, "continue_final_message"),
+    (CHAT, {"continue_final_message": True}, "continue_final_message"),  # add_generation_prompt defaults to true
+    (CHAT, {"tools": [TOOL], "tool_choice": "required"}, "tool_choice"),  # calls are not parsed out of the output
+    (CHAT, {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "paint"}}}, "tool_choice"),
+    (CHAT, {"chat_template": "{{ messages }}"}, "chat_template"),  # this server does not trust request templates
+    (CHAT, {"chat_template_kwargs": {"chat_template": "{{ messages }}"}}, "chat_template"),
 ]
 
 
@@ -436,6 +447,28 @@ def test_8_values_at_the_bounds_are_accepted(server, client, path, extra):
         r = client.post(path, json=body)
         assert r.status_code == 200, r.text[:500]
     assert client.get("/health").status_code == 200
+
+
+BAD_TEMPLATES = {
+    "syntax error": ({"chat_template": "{% for m in messages %}{{ m.content }"}, "chat_template", "not valid Jinja"),
+    "raises": ({"chat_template": "{{ raise_exception('no system role here') }}"}, "messages", "no system role here"),
+    "drops the message to continue": ({"chat_template": "{% for m in messages %}{{ m.content | upper }}{% endfor %}",
+                                       "messages": [*HI, {"role": "assistant", "content": "Hello"}],
+                                       "add_generation_prompt": False, "continue_final_message": True},
+                                      "messages", "final message does not appear"),
+}
+
+
+@pytest.mark.parametrize("extra, param, message", BAD_TEMPLATES.values(), ids=BAD_TEMPLATES.keys())
+def test_8_request_template_that_cannot_render_is_400(server, client, monkeypatch, extra, param, message):
+    """On a server that trusts request templates: a template that fails to compile or to render is the
+    request's fault; the engine goes on."""
+    monkeypatch.setattr(server.server, "config",
+                        dataclasses.replace(server.server.config, trust_request_chat_template=True))
+    for path in (CHAT, "/tokenize"):
+        error = assert_error(client.post(path, json=body_with(extra, CHAT)), 400, param)
+        assert message in error["message"], error
+    assert_serves(server)
 
 
 def test_8_server_still_serves(server):

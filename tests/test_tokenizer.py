@@ -321,6 +321,73 @@ def test_chat_template_raise_exception(checkpoints):
         AutoTokenizer.from_pretrained(checkpoints["spm"]).apply_chat_template(bad, tokenize=False)
 
 
+def _prefilled(name: str, text: str) -> list[dict]:
+    """MESSAGES' first exchange ending in an assistant message to continue (the Llama 2 template has no system)."""
+    return [*MESSAGES[int(name in ("spm", "converted")):2], {"role": "assistant", "content": text}]
+
+
+def test_continue_final_message_matches_transformers(pair):
+    """The final message is left open: the text stops right after its content, trailing whitespace kept, for the
+    model to continue."""
+    name, ours, hf = pair
+    for text in ("The answer is", "Sure, ", " spaced  \n"):
+        messages = _prefilled(name, text)
+        rendered = ours.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+        assert rendered == hf.apply_chat_template(messages, tokenize=False, continue_final_message=True), (name, text)
+        assert rendered.endswith(text) and rendered != ours.apply_chat_template(messages, add_generation_prompt=False)
+
+
+# Trims what it renders: transformers then cuts the final message's trailing whitespace too.
+TRIMMED_TEMPLATE = BPE_TEMPLATE.replace("{{ m['content'] }}", "{{ m['content'] | trim }}")
+
+
+def test_chat_template_override_matches_transformers(checkpoints):
+    """chat_template is a template's source or the name of one of the checkpoint's templates, as in transformers;
+    the final message's text parts can be continued."""
+    ours = Tokenizer.from_pretrained(checkpoints["bpe"])
+    hf = AutoTokenizer.from_pretrained(checkpoints["bpe"])
+    prefilled = _prefilled("bpe", "Sure, ")
+    parts = [*prefilled[:-1], {"role": "assistant", "content": [{"type": "text", "text": "a"},
+                                                                 {"type": "text", "text": "Sure, "}]}]
+    cases = [(MESSAGES, {"chat_template": TRIMMED_TEMPLATE, "think": True}),
+             (MESSAGES, {"chat_template": "tool_use", "tools": []}),
+             (prefilled, {"chat_template": TRIMMED_TEMPLATE, "continue_final_message": True}),
+             (parts, {"continue_final_message": True})]
+    for messages, kwargs in cases:
+        kwargs = {"add_generation_prompt": not kwargs.get("continue_final_message"), **kwargs}
+        rendered = ours.apply_chat_template(messages, **kwargs)
+        assert rendered == hf.apply_chat_template(messages, tokenize=False, **kwargs), kwargs
+    assert rendered.endswith("Sure, ")
+    trimmed = ours.apply_chat_template(prefilled, add_generation_prompt=False, continue_final_message=True,
+                                       chat_template=TRIMMED_TEMPLATE)
+    assert trimmed.endswith("assistant\nSure,")
+    assert "<|im_start|>tools\n[]" in ours.apply_chat_template(MESSAGES, chat_template="tool_use", tools=[])
+
+
+SURE = _prefilled("bpe", "Sure")
+CONTINUE = {"continue_final_message": True}
+UPPER_TEMPLATE = BPE_TEMPLATE.replace("{{ m['content'] }}", "{{ m['content'] | upper }}")  # "Sure" is not rendered
+BAD_TEMPLATE_CALLS = {
+    "both flags": (SURE, {**CONTINUE, "add_generation_prompt": True}, ValueError,
+                   "continue_final_message and add_generation_prompt"),
+    "content changed": (SURE, {**CONTINUE, "chat_template": UPPER_TEMPLATE}, ValueError,
+                        "final message does not appear"),
+    "content never read": (SURE, {**CONTINUE, "chat_template": "{{ messages[0].role }}"}, ValueError,
+                           "continue_final_message is set"),
+    "syntax error": (MESSAGES, {"chat_template": "{% for m in messages %}{{ m.content }"}, jinja2.TemplateSyntaxError,
+                     "unexpected"),
+}
+
+
+@pytest.mark.parametrize("messages, kwargs, error, match", BAD_TEMPLATE_CALLS.values(), ids=BAD_TEMPLATE_CALLS.keys())
+def test_bad_template_calls_fail_as_in_transformers(checkpoints, messages, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        AutoTokenizer.from_pretrained(checkpoints["bpe"]).apply_chat_template(messages, tokenize=False, **kwargs)
+    with pytest.raises(error, match=match):
+        Tokenizer.from_pretrained(checkpoints["bpe"]).apply_chat_template(
+            messages, **{"add_generation_prompt": False, **kwargs})
+
+
 def test_no_chat_template_is_clear(checkpoints, tmp_path):
     shutil.copy(checkpoints["bpe"] / "tokenizer.json", tmp_path / "tokenizer.json")
     with pytest.raises(ValueError, match=f"{tmp_path} has no chat template"):

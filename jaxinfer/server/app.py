@@ -46,6 +46,9 @@ class ServerConfig:
     max_body_bytes: int = 4 * 2**20
     retry_after_seconds: int = 1
     shutdown_timeout: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
+    # A request's own chat_template runs code the operator never read (a sandbox bounds what it touches, not
+    # how long it runs): refused unless trusted, as vLLM's --trust-request-chat-template.
+    trust_request_chat_template: bool = False
 
 
 class Server:
@@ -109,6 +112,21 @@ class Server:
 
 
 # --- request plumbing ------------------------------------------------------------------------
+
+
+def render_chat(server: Server, messages: list[dict], kwargs: dict) -> str:
+    """A chat request's prompt text, from `parse_chat`'s messages and template kwargs; 400 for a template that
+    cannot render them."""
+    if kwargs.get("chat_template") is not None and not server.config.trust_request_chat_template:
+        raise APIError(400, "this server does not run chat templates sent with requests (its operator can start it "
+                            "with --trust-request-chat-template, as in vLLM); leave chat_template out to use the "
+                            "model's", "chat_template")
+    try:
+        return server.engine.tokenizer.apply_chat_template(messages, **kwargs)
+    except jinja2.TemplateSyntaxError as e:
+        raise APIError(400, f"the chat template is not valid Jinja: {e}", "chat_template") from None
+    except (ValueError, TypeError, jinja2.TemplateError) as e:
+        raise APIError(400, f"the chat template could not render these messages: {e}", "messages") from None
 
 
 def _error_response(error: APIError) -> JSONResponse:
@@ -239,12 +257,8 @@ class Generation:
         return await self._run(request, req, [prompt], model, "chatcmpl")
 
     def _chat_prompt(self, req: GenerationRequest, messages: list[dict], kwargs: dict) -> tuple[str, list[int]]:
-        tokenizer = self.server.engine.tokenizer
-        try:
-            text = tokenizer.apply_chat_template(messages, **kwargs)
-        except (ValueError, TypeError, jinja2.TemplateError) as e:
-            raise APIError(400, f"the chat template could not render these messages: {e}", "messages") from None
-        return self._prompt(tokenizer.encode(text, add_special_tokens=False), req, "messages", text)
+        text = render_chat(self.server, messages, kwargs)
+        return self._prompt(self.server.engine.tokenizer.encode(text, add_special_tokens=False), req, "messages", text)
 
     def _check_room(self, seqs: int, num_prompts: int) -> None:
         """400 if the request could never be admitted; 429 if it cannot be now."""
@@ -482,11 +496,7 @@ class Info:
         server, tokenizer = self.server, self.server.engine.tokenizer
         if "messages" in body:
             _, messages, kwargs = parse_chat({**body, "stream": False}, server.limits)
-            try:
-                text = tokenizer.apply_chat_template(messages, **kwargs)
-            except (ValueError, TypeError, jinja2.TemplateError) as e:
-                raise APIError(400, f"the chat template could not render these messages: {e}", "messages") from None
-            ids = tokenizer.encode(text, add_special_tokens=False)
+            ids = tokenizer.encode(render_chat(server, messages, kwargs), add_special_tokens=False)
         else:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):

@@ -27,8 +27,9 @@ _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "
                       "stop_token_ids", "seed", "logprobs", "echo", "stream", "stream_options", "presence_penalty",
                       "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "user",
                       "include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs", "return_token_ids"}
-_CHAT_FIELDS = (_COMPLETION_FIELDS - {"prompt", "echo"}) | {"messages", "max_completion_tokens", "top_logprobs",
-                                                            "add_generation_prompt", "chat_template_kwargs"}
+_CHAT_FIELDS = (_COMPLETION_FIELDS - {"prompt", "echo"}) | {
+    "messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt", "continue_final_message",
+    "chat_template", "chat_template_kwargs", "tools", "tool_choice"}
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -350,6 +351,32 @@ def _messages(value) -> list[dict]:
     return messages
 
 
+def _template_kwargs(body: dict) -> dict:
+    """The chat template's arguments: chat_template_kwargs under the request's own fields. As in vLLM,
+    add_generation_prompt defaults to true, so continue_final_message needs it set false; tools are rendered into
+    the prompt, but calls in the output are not parsed, so tool_choice can only leave the choice to the model."""
+    kwargs = body.get("chat_template_kwargs")
+    kwargs = {} if kwargs is None else kwargs
+    if not isinstance(kwargs, dict):
+        _fail("chat_template_kwargs must be an object", "chat_template_kwargs")
+    given = {name: body[name] for name in ("tools", "chat_template") if body.get(name) is not None}
+    kwargs = {**kwargs, **given, "add_generation_prompt": _bool(body, "add_generation_prompt", True),
+              "continue_final_message": _bool(body, "continue_final_message", False)}
+    if kwargs["add_generation_prompt"] and kwargs["continue_final_message"]:
+        _fail("continue_final_message and add_generation_prompt cannot both be true (add_generation_prompt defaults "
+              "to true): send add_generation_prompt: false to continue the final message", "continue_final_message")
+    tools = kwargs.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        _fail(f"tools must be a list of tool objects, got {_describe(tools)}", "tools")
+    if body.get("tool_choice") not in (None, "none", "auto"):
+        _fail("tool_choice must be 'none' or 'auto': tools are rendered into the prompt, but tool calling (parsing "
+              "calls out of the output) is not supported", "tool_choice")
+    if kwargs.get("chat_template") is not None and not isinstance(kwargs["chat_template"], str):
+        _fail(f"chat_template must be a string (a Jinja template), got {_describe(kwargs['chat_template'])}",
+              "chat_template")
+    return kwargs
+
+
 def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dict]:
     """-> (the request with no prompt yet, the messages, template kwargs); the app renders the template."""
     if not isinstance(body, dict):
@@ -366,11 +393,7 @@ def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dic
         logprobs = _logprobs_count(body.get("top_logprobs", 0), "top_logprobs", limits)
     elif body.get("top_logprobs") is not None:
         _fail("top_logprobs needs logprobs set to true", "top_logprobs")
-    kwargs = body.get("chat_template_kwargs")
-    kwargs = {} if kwargs is None else kwargs
-    if not isinstance(kwargs, dict):
-        _fail("chat_template_kwargs must be an object", "chat_template_kwargs")
-    kwargs = {**kwargs, "add_generation_prompt": _bool(body, "add_generation_prompt", True)}
+    kwargs = _template_kwargs(body)
     stream, include_usage = _stream(body)
     prompt_logprobs = _logprobs_count(body.get("prompt_logprobs"), "prompt_logprobs", limits)
     params = _sampling(body, limits, max_tokens, logprobs, prompt_logprobs)
