@@ -78,7 +78,7 @@ def prefill_plan(engine: EngineConfig, tokens, start: int = 0) -> StepPlan:
     per_slot = _check_room(engine, 1, start + len(tokens))
     tables = np.zeros((B, P), np.int32)
     tables[0, :per_slot] = 1 + np.arange(per_slot)
-    chunk = PrefillChunk(slot=0, tokens=tokens, start=start, sample=True, next_tokens=None, load_penalties=False)
+    chunk = PrefillChunk(slot=0, tokens=tokens, start=start, sample=True, next_tokens=None, load_rows=False)
     return _plan(engine, np.full(B, -1, np.int32), np.zeros(B, np.int32), tables, [chunk])
 
 

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 log = logging.getLogger(__name__)
 
 HEADER = 8  # int32: kind, payload length, then the kind's own fields
-STEP, PENALTIES, NOOP, STOP = range(4)
+STEP, PENALTIES, NOOP, STOP, EDITS = range(5)
 
 
 def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
@@ -70,3 +70,5 @@ def follow(runner) -> None:
             runner.replay_step(fields, payload)
         elif kind == PENALTIES:
             runner.replay_penalties(fields, payload)
+        elif kind == EDITS:
+            runner.replay_edits(fields, payload)

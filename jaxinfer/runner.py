@@ -41,12 +41,13 @@ from jax.sharding import PartitionSpec as P
 
 from jaxinfer import distributed
 from jaxinfer.config import EngineConfig, ModelConfig
-from jaxinfer.engine.request import MAX_BANNED
+from jaxinfer.engine.request import MAX_BANNED, MAX_LOGIT_EDITS
 from jaxinfer.engine.scheduler import (StepPlan, StepResult, decoding_slots, neutral_sampling, step_buckets,
                                        step_rounds, step_rows)
 from jaxinfer.model.transformer import Batch, KVPool, forward, logits
-from jaxinfer.sampling import (MAX_LOGPROBS, Passes, PenaltyState, SamplingTensors, empty_penalty_state,
-                               load_penalty_row, record_tokens, sample, token_logprobs)
+from jaxinfer.sampling import (MAX_LOGPROBS, LogitEdits, Passes, PenaltyState, SamplingTensors, empty_edits,
+                               empty_penalty_state, load_edits_row, load_penalty_row, record_tokens, sample,
+                               token_logprobs)
 from jaxinfer.sharding import logical_sharding
 from pallas_kernels.attention import step_attention
 
@@ -69,6 +70,7 @@ def init_kv_pool(cfg: ModelConfig, engine: EngineConfig, mesh) -> KVPool:
 class SlotState:
     tokens: jax.Array  # [B] int32: each slot's last sampled token, the input of its next decode step
     penalties: PenaltyState
+    edits: LogitEdits  # loaded with the sequences that use them; `uses_edits` says which rows are current
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +93,8 @@ class Layout:
                    ("block_tables", (R, W), i32), ("min_tokens_left", (R,), i32), ("banned", (R, MAX_BANNED), i32),
                    ("temperature", (R,), f32), ("top_k", (R,), i32), ("top_p", (R,), f32), ("min_p", (R,), f32),
                    ("presence_penalty", (R,), f32), ("frequency_penalty", (R,), f32),
-                   ("repetition_penalty", (R,), f32), ("seed", (R,), u32), ("wants_logprobs", (R,), i32)]
+                   ("repetition_penalty", (R,), f32), ("seed", (R,), u32), ("wants_logprobs", (R,), i32),
+                   ("uses_edits", (R,), i32)]
         if C:  # E packed prompts: unused entries have length 0
             fields += [("prefill_tokens", (C,), i32), ("prefill_start", (E,), i32), ("prefill_length", (E,), i32),
                        ("prefill_slot", (E,), i32), ("prefill_sample", (E,), i32)]
@@ -126,10 +129,11 @@ def _pack_sampled(s) -> jax.Array:
                             s.top_ids, as_bits(s.top_logprobs)], axis=1)
 
 
-def _sampling(x: dict, banned_now: jax.Array) -> SamplingTensors:
+def _sampling(x: dict, banned_now: jax.Array, edits: LogitEdits) -> SamplingTensors:
     names = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-             "repetition_penalty", "seed", "wants_logprobs")
-    return SamplingTensors(**{n: x[n] for n in names}, banned=jnp.where(banned_now[:, None], x["banned"], -1))
+             "repetition_penalty", "seed", "wants_logprobs", "uses_edits")
+    return SamplingTensors(**{n: x[n] for n in names}, banned=jnp.where(banned_now[:, None], x["banned"], -1),
+                           edits=edits)
 
 
 def _prefill(params, kv, x: dict, cfg, attention, prompt_logprobs: bool):
@@ -181,10 +185,11 @@ def _decode(params, kv, state: SlotState, x: dict, cfg, attention, layout: Layou
             target = jnp.where(i == 0, sampled_slot, B)
             step_logits = step_logits.at[target].set(prefill_logits, mode="drop")
         sample_positions = jnp.where(from_prefill, prefill_position, positions + 1)
-        s = sample(step_logits, _sampling(x, i < x["min_tokens_left"]), sample_positions, state.penalties,
-                   layout.passes)
+        s = sample(step_logits, _sampling(x, i < x["min_tokens_left"], state.edits), sample_positions,
+                   state.penalties, layout.passes)
         sampled = active | from_prefill
-        state = SlotState(jnp.where(sampled, s.tokens, state.tokens), record_tokens(state.penalties, s.tokens, sampled))
+        state = SlotState(jnp.where(sampled, s.tokens, state.tokens), record_tokens(state.penalties, s.tokens, sampled),
+                          state.edits)
         return i + 1, kv, state, out.at[i].set(_pack_sampled(s))
 
     out = jnp.zeros((max_steps, B, PACK), jnp.int32)
@@ -224,7 +229,7 @@ def _step(params, kv: KVPool, state: SlotState, packed, *, cfg: ModelConfig, bac
                              max_steps=max_steps)
     data = P("data")
     kv_spec = KVPool(P(None, None, "data"), P(None, None, "data"))
-    state_spec = SlotState(data, PenaltyState(data, data))
+    state_spec = SlotState(data, PenaltyState(data, data), LogitEdits(data, data, data))
     out, kv, state = jax.shard_map(body, mesh=mesh, in_specs=(P(), kv_spec, state_spec, data),
                                    out_specs=(data, kv_spec, state_spec), axis_names={"data"}, check_vma=False)(
         params, kv, state, packed)
@@ -233,8 +238,7 @@ def _step(params, kv: KVPool, state: SlotState, packed, *, cfg: ModelConfig, bac
     keep = jax.lax.with_sharding_constraint
     kv = KVPool(*(keep(pool, logical_sharding(mesh, KV_AXES)) for pool in (kv.k, kv.v)))
     by_slot = NamedSharding(mesh, P("data"))
-    state = SlotState(keep(state.tokens, by_slot), PenaltyState(*(keep(x, by_slot) for x in (
-        state.penalties.output_counts, state.penalties.prompt_mask))))
+    state = jax.tree.map(lambda x: keep(x, by_slot), state)
     return keep(out, NamedSharding(mesh, P())), kv, state
 
 
@@ -247,7 +251,14 @@ def _score(params, kv: KVPool, batch: Batch, *, cfg: ModelConfig, backend: str):
 
 @functools.partial(jax.jit, donate_argnames=("state",))
 def _load_penalties(state: SlotState, slot, prompt_mask, counts) -> SlotState:
-    return SlotState(state.tokens, load_penalty_row(state.penalties, slot, prompt_mask, counts))
+    return SlotState(state.tokens, load_penalty_row(state.penalties, slot, prompt_mask, counts), state.edits)
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def _load_edits(state: SlotState, slot, rows) -> SlotState:
+    """rows [3, N] int32: allowed ids, bias ids, biases as float32 bits."""
+    bias = jax.lax.bitcast_convert_type(rows[2], jnp.float32)
+    return SlotState(state.tokens, state.penalties, load_edits_row(state.edits, slot, rows[0], rows[1], bias))
 
 
 IDLE_ANNOUNCE_SECONDS = 5.0  # an idle leader's no-op to the other processes, at most this often
@@ -270,7 +281,8 @@ class ModelRunner:
         by_slot = NamedSharding(mesh, P("data"))
         tokens = jax.jit(lambda: jnp.zeros(B, jnp.int32), out_shardings=by_slot)()
         penalties = jax.jit(lambda: empty_penalty_state(B, V), out_shardings=PenaltyState(by_slot, by_slot))()
-        self.state = SlotState(tokens, penalties)
+        edits = jax.jit(lambda: empty_edits(B, MAX_LOGIT_EDITS), out_shardings=LogitEdits(by_slot, by_slot, by_slot))()
+        self.state = SlotState(tokens, penalties, edits)
         self._compiled: set[Layout] = set()  # the step shapes this runner has used
         self.page_buckets = engine.width_buckets()
         self.compile_seconds = 0.0
@@ -355,8 +367,8 @@ class ModelRunner:
         layout = layout or self.layout_for(plans)
         for shard, p in enumerate(plans):
             for chunk in p.prefills if p is not None else []:
-                if chunk.load_penalties:
-                    self._load_penalties(shard * self.local.max_slots + chunk.slot, p.seqs[chunk.slot])
+                if chunk.load_rows:
+                    self._load_rows(shard * self.local.max_slots + chunk.slot, p.seqs[chunk.slot])
         packed = np.stack([layout.pack(self._values(p, layout)) for p in plans])
         distributed.announce(distributed.STEP, step_fields(layout), packed)
         return self._run(layout, packed)
@@ -395,6 +407,13 @@ class ModelRunner:
         out, self.kv = _score(self.params, self.kv, batch, cfg=self.cfg, backend=self.engine.attention_backend)
         return np.asarray(out[0])
 
+    def _load_rows(self, slot: int, seq) -> None:
+        """A newly admitted sequence's device rows, those its sampling uses (other rows ignore stale ones)."""
+        if seq.params.uses_penalties:
+            self._load_penalties(slot, seq)
+        if seq.params.uses_edits:
+            self._load_edits(slot, seq.params)
+
     def _load_penalties(self, slot: int, seq) -> None:
         V = self.cfg.vocab_size
         mask = np.zeros(V, np.int32)
@@ -411,6 +430,22 @@ class ModelRunner:
     def replay_penalties(self, fields: np.ndarray, payload: np.ndarray) -> None:
         V = self.cfg.vocab_size
         self._set_penalties(int(fields[0]), payload[:V], payload[V:])
+
+    def _load_edits(self, slot: int, params) -> None:
+        rows = np.full((3, MAX_LOGIT_EDITS), -1, np.int32)
+        allowed = params.allowed_token_ids or ()
+        rows[0, :len(allowed)] = allowed
+        rows[1, :len(params.logit_bias)] = list(params.logit_bias)
+        rows[2] = np.zeros(MAX_LOGIT_EDITS, np.float32).view(np.int32)
+        rows[2, :len(params.logit_bias)] = np.asarray(list(params.logit_bias.values()), np.float32).view(np.int32)
+        distributed.announce(distributed.EDITS, (slot,), rows.reshape(-1))
+        self.replay_edits((slot,), rows.reshape(-1))
+
+    def replay_edits(self, fields, payload: np.ndarray) -> None:
+        """Load a slot's allowed ids and biases: process 0 from `_load_edits`, the others as it announced."""
+        whole = NamedSharding(self.mesh, P())
+        rows = np.asarray(payload, np.int32).reshape(3, MAX_LOGIT_EDITS)
+        self.state = _load_edits(self.state, _global(np.int32(int(fields[0])), whole), _global(rows, whole))
 
     def warmup(self, sampled: bool = True) -> None:
         """Compile every (chunk bucket, page width, decode bucket) a step can meet; prompt-logprob variants,

@@ -1,9 +1,10 @@
 """Token sampling on device: logit processing, the seeded draw and logprobs, one row per sequence.
 
-Owns the device half of sampling as pure functions: penalties from per-row token
-statistics (`PenaltyState`), banned ids, temperature, min-p/top-k/top-p filtering,
+Owns the device half of sampling as pure functions: allowed token ids and logit biases
+(from each slot's `LogitEdits`), penalties from per-row token statistics
+(`PenaltyState`), banned ids, temperature, min-p/top-k/top-p filtering,
 the Gumbel-max draw and the logprobs reported back. Host code builds
-`SamplingTensors` and keeps the `PenaltyState` rows in step with its slots; nothing
+`SamplingTensors` and keeps the `PenaltyState` and `LogitEdits` rows in step with its slots; nothing
 here holds Python state. Semantics follow vLLM, including logprobs of the raw logits.
 
 Rows never influence each other. A row's randomness is its own seed folded with the
@@ -43,7 +44,19 @@ class SamplingTensors:
     repetition_penalty: jax.Array  # [B] f32 > 0; 1 = off
     seed: jax.Array  # [B] uint32
     wants_logprobs: jax.Array  # [B] i32; 1 = report this row's logprobs (skipped when no row wants them)
+    uses_edits: jax.Array  # [B] i32; 1 = apply this row's `edits` (other rows' are stale or empty)
     banned: jax.Array  # [B, E] i32 ids forced to -inf this step (min_tokens: EOS/stop ids); -1 = unused
+    edits: "LogitEdits"  # [B, N] per row, kept on device with the slot
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LogitEdits:
+    """A row's allowed token ids and logit biases (vLLM's `allowed_token_ids`, OpenAI's `logit_bias`), sparse."""
+
+    allowed_ids: jax.Array  # [B, N] i32; only these ids can be sampled; all -1: every id
+    bias_ids: jax.Array  # [B, N] i32; -1 = unused
+    bias: jax.Array  # [B, N] f32, added to the logit of `bias_ids`
 
 
 @jax.tree_util.register_dataclass
@@ -59,7 +72,7 @@ class PenaltyState:
 class Passes:
     """The optional passes a statically compiled sampler runs (a hashable jit key)."""
 
-    penalties: bool = False
+    penalties: bool = False  # any row with penalties, allowed token ids or a logit bias
     draw: bool = False  # any random row
     filter: bool = False  # any random row with min_p, top_k or top_p (a 64-pass threshold search)
     logprobs: bool = False
@@ -90,7 +103,8 @@ class Passes:
 def _rows_needing(st, vocab: int) -> dict:
     """Per pass, which rows [B] need it; `st` holds the rows as numpy arrays (host) or jax arrays (device)."""
     random_rows = st.temperature >= _MIN_TEMPERATURE
-    return {"penalties": (st.repetition_penalty != 1) | (st.frequency_penalty != 0) | (st.presence_penalty != 0),
+    return {"penalties": (st.repetition_penalty != 1) | (st.frequency_penalty != 0) | (st.presence_penalty != 0)
+                         | (st.uses_edits != 0),
             "draw": random_rows,
             "filter": random_rows & ((st.min_p > 0) | ((st.top_k > 0) & (st.top_k < vocab)) | (st.top_p < 1)),
             "logprobs": st.wants_logprobs != 0}
@@ -117,7 +131,7 @@ def sample(logits: jax.Array, st: SamplingTensors, positions: jax.Array, penalti
            passes: Passes | None = None) -> Sampled:
     """One token per row of `logits` [B, V]; `positions` [B] i32 = position of the token being sampled.
 
-    Penalties and bans apply to greedy and random rows alike; temperature and the
+    Allowed ids, logit biases, penalties and bans (in vLLM's order) apply to greedy and random rows alike; temperature and the
     filters only to random rows. Logprobs are of the raw logits; when no row wants them
     the [B, V] passes behind them (log-softmax, rank, top-k) are skipped and every row
     reports zeros. `passes`: which optional passes to compile in (the rows must need no
@@ -129,7 +143,7 @@ def sample(logits: jax.Array, st: SamplingTensors, positions: jax.Array, penalti
         return _branch(None if passes is None else getattr(passes, name), jnp.any(rows[name]), run, skip, *args)
 
     logits = logits.astype(jnp.float32)
-    processed = _ban(branch("penalties", _apply_penalties, lambda x, *_: x, logits, st, penalties), st.banned)
+    processed = _ban(branch("penalties", _edit_and_penalize, lambda x, *_: x, logits, st, penalties), st.banned)
     greedy = jnp.argmax(processed, axis=-1).astype(jnp.int32)
     floor = functools.partial(branch, "filter", _filter_floor, _no_floor)
     drawn = branch("draw", functools.partial(_draw, floor=floor), lambda *_: greedy, processed, st, positions,
@@ -177,6 +191,36 @@ def load_penalty_row(penalties: PenaltyState, row: jax.Array, prompt_mask_row: j
     """Overwrite one row's statistics [V] (a slot taken by a new or resumed sequence)."""
     return PenaltyState(penalties.output_counts.at[row].set(counts_row.astype(jnp.int32)),
                         penalties.prompt_mask.at[row].set(prompt_mask_row.astype(jnp.bool_)))
+
+
+def empty_edits(rows: int, n: int) -> LogitEdits:
+    return LogitEdits(jnp.full((rows, n), -1, jnp.int32), jnp.full((rows, n), -1, jnp.int32),
+                      jnp.zeros((rows, n), jnp.float32))
+
+
+def load_edits_row(edits: LogitEdits, row: jax.Array, allowed_ids: jax.Array, bias_ids: jax.Array,
+                   bias: jax.Array) -> LogitEdits:
+    """Overwrite one row's allowed ids and biases [N] (a slot taken by a sequence that uses them)."""
+    return LogitEdits(edits.allowed_ids.at[row].set(allowed_ids), edits.bias_ids.at[row].set(bias_ids),
+                      edits.bias.at[row].set(bias))
+
+
+def _edit_and_penalize(logits: jax.Array, st: SamplingTensors, penalties: PenaltyState) -> jax.Array:
+    return _apply_penalties(_apply_edits(logits, st), st, penalties)
+
+
+def _apply_edits(logits: jax.Array, st: SamplingTensors) -> jax.Array:
+    """vLLM's order: every id but the allowed ones to -inf, then the biases added. Rows not using edits, and
+    unused entries (-1, sent past the vocab and dropped), leave their logits bit-identical."""
+    rows, vocab = logits.shape
+    row = jnp.arange(rows)[:, None]
+    on = st.uses_edits[:, None] != 0
+    allowed = jnp.where(on & (st.edits.allowed_ids >= 0), st.edits.allowed_ids, vocab)
+    kept = jnp.zeros(logits.shape, jnp.bool_).at[row, allowed].set(True, mode="drop")
+    restricted = on & (st.edits.allowed_ids[:, :1] >= 0)
+    logits = jnp.where(restricted & ~kept, -jnp.inf, logits)
+    biased = jnp.where(on & (st.edits.bias_ids >= 0), st.edits.bias_ids, vocab)
+    return logits.at[row, biased].add(st.edits.bias, mode="drop")
 
 
 def _apply_penalties(logits: jax.Array, st: SamplingTensors, penalties: PenaltyState) -> jax.Array:

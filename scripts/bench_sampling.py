@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import sampling
+from jaxinfer.engine.request import MAX_LOGIT_EDITS
 from jaxinfer.engine.scheduler import neutral_sampling
 from jaxinfer.sampling import Passes, PenaltyState, SamplingTensors
 
@@ -33,6 +34,7 @@ KINDS = {  # name: every row's settings where they differ from neutral
     "top_k_min_p": dict(temperature=1.0, top_k=50, min_p=0.05),
     "penalty": dict(temperature=0.0, repetition_penalty=1.2),
     "logprobs": dict(temperature=0.0, wants_logprobs=1),
+    "logit_bias": dict(temperature=0.0, uses_edits=1),  # 1,024 biased ids a row, the most a request may give
 }
 
 
@@ -81,20 +83,22 @@ def main() -> None:
     penalties = PenaltyState(jnp.asarray(rng.random((B, V)) < 0.01, jnp.int32), jnp.asarray(rng.random((B, V)) < 0.01))
     positions = jnp.arange(B, dtype=jnp.int32)
     banned = jnp.full((B, 4), -1, jnp.int32)
+    bias_ids = jnp.asarray(np.stack([rng.permutation(V)[:MAX_LOGIT_EDITS] for _ in range(B)]), jnp.int32)
+    edits = sampling.LogitEdits(jnp.full_like(bias_ids, -1), bias_ids, jnp.ones(bias_ids.shape, jnp.float32))
     print(f"# sample() on [{B}, {V}] float32 logits, {jax.devices()[0].device_kind} ({platform.machine()}); "
           f"medians of {args.repeats}")
     print("| batch | on-device conds (ms) | static passes (ms) | passes |")
     print("| --- | ---: | ---: | --- |")
     for name in args.kinds:
         rows = settings(B, **KINDS[name])
-        st = SamplingTensors(**{n: jnp.asarray(v) for n, v in rows.items()}, banned=banned)
+        st = SamplingTensors(**{n: jnp.asarray(v) for n, v in rows.items()}, banned=banned, edits=edits)
         passes = Passes.needed(rows, V)
         times = [median_seconds(jax.jit(lambda x, st, p=p: sampling.sample(x, st, positions, penalties, p)),
                                 (logits, st), args.repeats) for p in (None, passes)]
         used = ", ".join(n for n, on in vars(passes).items() if on) or "none"
         print(f"| {name} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | {used} |", flush=True)
     every_filter = settings(B, **KINDS["top_k_min_p"], top_p=0.9)
-    st = SamplingTensors(**{n: jnp.asarray(v) for n, v in every_filter.items()}, banned=banned)
+    st = SamplingTensors(**{n: jnp.asarray(v) for n, v in every_filter.items()}, banned=banned, edits=edits)
     search, sort = (median_seconds(jax.jit(fn), (logits, st), args.repeats)
                     for fn in (sampling._filter_floor, sorted_floor))
     print(f"filter threshold alone (top_k 50, min_p 0.05, top_p 0.9): halving search {search * 1e3:.2f} ms, "

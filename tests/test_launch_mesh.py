@@ -17,6 +17,9 @@ from live_server import free_socket, wait_healthy
 LAUNCHER = Path(__file__).resolve().parent.parent / "scripts" / "launch_mesh.py"
 ENGINE = dict(max_slots=2, max_model_len=64, prefill_chunk=16, num_pages=32, page_size=8)
 PROMPT = [5, 9, 100, 7, 300, 12]
+# A request whose sampling loads device rows at admission (penalty counts, logit edits): the followers must load
+# them too, as process 0 announces.
+STEERED = dict(repetition_penalty=1.3, logit_bias={300: 4.0, 9: 6.0}, allowed_token_ids=list(range(0, 400, 3)) + [9])
 
 
 def _port() -> int:
@@ -48,18 +51,27 @@ def alone():
     return out[0].outputs[0].token_ids
 
 
-def _ask(url: str) -> list[int]:
-    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+@pytest.fixture(scope="module")
+def steered():
+    llm = LLM(engine=EngineConfig(**ENGINE))
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, **STEERED)
+    return llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def _ask(url: str, **extra) -> list[int]:
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True, "return_token_ids": True,
+            **extra}
     answer = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
     assert answer.status_code == 200, answer.text
     return answer.json()["choices"][0]["token_ids"]
 
 
-def test_two_processes_answer_what_one_answers_and_drain_on_sigterm(alone):
+def test_two_processes_answer_what_one_answers_and_drain_on_sigterm(alone, steered):
     launcher, url = launch("-dp", "2", "-tp", "2")
     try:
         wait_healthy(url, timeout=240, process=launcher)
         assert _ask(url) == alone
+        assert _ask(url, **STEERED) == steered != alone
         assert _ask(url) == alone  # and again: the other process stayed in step
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(60) == 0, launcher.stderr.read()[-3000:]
@@ -68,11 +80,12 @@ def test_two_processes_answer_what_one_answers_and_drain_on_sigterm(alone):
             launcher.kill()
 
 
-def test_a_dying_process_takes_the_group_down(alone):
+def test_a_dying_process_takes_the_group_down(alone, steered):
     launcher, url = launch("-tp", "4")  # tensor parallel across the two processes: collectives every layer
     try:
         wait_healthy(url, timeout=240, process=launcher)
         assert _ask(url) == alone
+        assert _ask(url, **STEERED) == steered  # every process holds the slot rows: each must load them
         leader, follower = children(launcher.pid)
         subprocess.run(["kill", "-9", str(follower)], check=True)
         start = time.monotonic()

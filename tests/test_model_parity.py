@@ -57,3 +57,37 @@ def test_greedy_tokens_match_transformers_generate(family):
         assert out.outputs[0].token_ids == ref, f"{name}, prompt of {len(prompt)} tokens"
         assert out.outputs[0].finish_reason == "length"
     llm.engine.check_idle()
+
+
+def test_logit_bias_and_allowed_token_ids_match_transformers(family):
+    """vLLM's `logit_bias` and `allowed_token_ids` against transformers' `sequence_bias` and
+    `prefix_allowed_tokens_fn`, greedy. Requests with and without them share the batch and reuse each
+    other's slots: a plain request never sees the edits a slot's last sequence loaded."""
+    name, model, llm = family
+    vocab = llm.model_config.vocab_size
+    prompts = _prompts(vocab)
+    rng = np.random.RandomState(11)
+    edits = []
+    for i, prompt in enumerate(prompts):
+        if i % 2:
+            edits.append({})
+        elif i % 4:
+            edits.append(dict(allowed_token_ids=sorted(rng.choice(vocab, 40, replace=False).tolist())))
+        else:
+            ids = rng.choice(vocab, 30, replace=False).tolist()
+            edits.append(dict(logit_bias={t: float(rng.choice([-100.0, 3.0, 8.0])) for t in ids}))
+    params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, **e) for e in edits]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, out, e in zip(prompts, outputs, edits):
+        hf = {}
+        if "logit_bias" in e:
+            hf["sequence_bias"] = {(t,): b for t, b in e["logit_bias"].items()}
+        if "allowed_token_ids" in e:
+            hf["prefix_allowed_tokens_fn"] = lambda batch, ids, allowed=e["allowed_token_ids"]: allowed
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, min_new_tokens=12,
+                                 **hf)[0, len(prompt):].tolist()
+        assert out.outputs[0].token_ids == ref, f"{name}, prompt of {len(prompt)} tokens, {sorted(e)}"
+        if "allowed_token_ids" in e:
+            assert set(ref) <= set(e["allowed_token_ids"])
+    llm.engine.check_idle()

@@ -4,10 +4,14 @@ import jax
 import numpy as np
 import pytest
 
-from jaxinfer.sampling import (MAX_LOGPROBS, Passes, _filter_floor, PenaltyState, SamplingTensors, empty_penalty_state,
-                               load_penalty_row, record_tokens, sample, token_logprobs)
+from jaxinfer import sampling
 
-B, V, E = 6, 257, 4  # rows, vocab, banned entries per row
+from jaxinfer.sampling import (MAX_LOGPROBS, LogitEdits, Passes, _filter_floor, PenaltyState, SamplingTensors,
+                               empty_edits, empty_penalty_state, load_edits_row, load_penalty_row, record_tokens, sample,
+                               token_logprobs)
+
+B, V, E, N = 6, 257, 4, 8  # rows, vocab, banned entries per row, allowed ids / logit biases per row
+EDITS = ("allowed_ids", "bias_ids", "bias")
 DRAWS = 1000  # seeded draws per row when probing a support
 
 _sample = jax.jit(sample, static_argnames="passes")
@@ -16,12 +20,18 @@ _sample = jax.jit(sample, static_argnames="passes")
 def _settings(rows, banned_width=E, **values):
     """Per-row settings as numpy arrays [rows]; neutral unless given (a scalar or one value per row)."""
     neutral = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, presence_penalty=0.0, frequency_penalty=0.0,
-                   repetition_penalty=1.0, seed=0, wants_logprobs=1)
-    dtypes = dict(top_k=np.int32, seed=np.uint32, wants_logprobs=np.int32)
+                   repetition_penalty=1.0, seed=0, wants_logprobs=1, uses_edits=0)
+    dtypes = dict(top_k=np.int32, seed=np.uint32, wants_logprobs=np.int32, uses_edits=np.int32)
     s = {name: np.broadcast_to(np.asarray(values.get(name, default), dtypes.get(name, np.float32)), (rows,)).copy()
          for name, default in neutral.items()}
     s["banned"] = np.asarray(values.get("banned", np.full((rows, banned_width), -1)), np.int32)
+    for name, neutral in zip(EDITS, (-1, -1, 0.0)):
+        s[name] = np.asarray(values.get(name, np.full((rows, N), neutral)), np.float32 if name == "bias" else np.int32)
     return s
+
+
+def _tensors(s):
+    return SamplingTensors(**{k: v for k, v in s.items() if k not in EDITS}, edits=LogitEdits(*(s[k] for k in EDITS)))
 
 
 def _run(logits, s, counts=None, prompt=None, positions=None, passes=None):
@@ -29,7 +39,7 @@ def _run(logits, s, counts=None, prompt=None, positions=None, passes=None):
     counts = np.zeros((rows, vocab), np.int32) if counts is None else counts
     prompt = np.zeros((rows, vocab), bool) if prompt is None else prompt
     positions = np.full(rows, 7, np.int32) if positions is None else positions
-    return _sample(logits, SamplingTensors(**s), positions, PenaltyState(counts, prompt), passes=passes)
+    return _sample(logits, _tensors(s), positions, PenaltyState(counts, prompt), passes=passes)
 
 
 def _draw_many(logits, s, counts, prompt, n=DRAWS):
@@ -42,8 +52,15 @@ def _draw_many(logits, s, counts, prompt, n=DRAWS):
 
 
 def ref_process(logits, s, counts, prompt):
-    """Penalties then bans, as vLLM: repetition on prompt and output tokens, frequency, presence."""
+    """As vLLM: allowed ids, logit bias, then penalties (repetition on prompt and output tokens, frequency,
+    presence) and bans."""
     x = logits.copy()
+    for row in np.flatnonzero(s["uses_edits"]):
+        allowed = s["allowed_ids"][row][s["allowed_ids"][row] >= 0]
+        if allowed.size:
+            x[row, np.setdiff1d(np.arange(x.shape[1]), allowed)] = -np.inf
+        used = s["bias_ids"][row] >= 0
+        x[row, s["bias_ids"][row][used]] += s["bias"][row][used]
     r = s["repetition_penalty"][:, None]
     x = np.where(prompt | (counts > 0), np.where(x > 0, x / r, x * r), x)
     x = x - s["frequency_penalty"][:, None] * counts - s["presence_penalty"][:, None] * (counts > 0)
@@ -155,6 +172,16 @@ def _run_rows(rows):
     return [[np.asarray(field)[index] for field in jax.tree.leaves(out)] for index in range(len(rows))]
 
 
+def _random_edits(rng, rows):
+    """Allowed ids (a third of the rows unrestricted) and biases, -1 padded."""
+    allowed = rng.integers(0, V, size=(rows, N))
+    allowed[:, rng.integers(1, N):] = -1
+    allowed[rng.random(rows) < 1 / 3] = -1
+    bias_ids = np.stack([rng.permutation(V)[:N] for _ in range(rows)])
+    bias_ids[:, rng.integers(1, N):] = -1
+    return dict(allowed_ids=allowed, bias_ids=bias_ids, bias=rng.uniform(-5, 5, size=(rows, N)))
+
+
 def _neighbours(rng, busy, temperature=1.0):
     """8 random rows: busy ones use every feature (so every cond switches on), quiet ones none."""
     logits = (rng.normal(size=(8, V)) * 2).astype(np.float32)
@@ -167,7 +194,8 @@ def _neighbours(rng, busy, temperature=1.0):
                   top_p=rng.choice([1.0, 0.6], size=8), min_p=rng.choice([0.0, 0.1], size=8),
                   repetition_penalty=[1.4, *rng.choice([1.0, 1.4], size=7)],
                   frequency_penalty=rng.choice([0.0, 0.5], size=8), presence_penalty=rng.choice([0.0, 0.9], size=8),
-                  seed=seed, banned=rng.integers(-1, V, size=(8, E)))
+                  seed=seed, banned=rng.integers(-1, V, size=(8, E)), **_random_edits(rng, 8),
+                  uses_edits=[1, *rng.choice([0, 1], size=7)])
     counts = rng.integers(0, 3, size=(8, V)).astype(np.int32)
     return _split(logits, s, counts, rng.random((8, V)) < 0.1, positions)
 
@@ -180,6 +208,7 @@ def test_rows_are_batch_independent(case):
     for name, neutral in [("repetition_penalty", 1.0), ("frequency_penalty", 0.0), ("presence_penalty", 0.0)]:
         s[name][:2] = neutral
     s["banned"][:2] = -1
+    s.update(_random_edits(np.random.default_rng(2), B), uses_edits=[0, 0, 1, 0, 1, 1])  # rows 0, 1: stale edits
     counts, prompt = counts.copy(), prompt.copy()
     counts[:2], prompt[:2] = 0, False  # rows 0 and 1: plain greedy and plain random, using no feature
     targets = _split(logits, s, counts, prompt, np.arange(100, 100 + B, dtype=np.int32))
@@ -200,6 +229,54 @@ def test_rows_are_batch_independent(case):
             for a, b in zip(first, out[index]):
                 np.testing.assert_array_equal(a, b, err_msg=f"target row {target} at batch index {index}")
     assert all(target in seen for target in range(B))
+
+
+def test_allowed_ids_and_logit_bias_come_before_the_penalties(case):
+    """The processed logits equal the reference's (vLLM's order: allowed ids, bias, then penalties: a bias on a
+    repeated token is divided by the repetition penalty with it); rows not using edits ignore the stale ones."""
+    logits, counts, prompt, extra = case
+    s = _settings(B, temperature=0.0, uses_edits=[1, 1, 1, 0, 1, 1], **_random_edits(np.random.default_rng(3), B),
+                  **dict(extra, banned=np.full((B, E), -1)))
+    s["bias_ids"][:, 0], s["bias"][:, 0] = np.argmax(logits, axis=-1), 4.0  # the repeated best token
+    s["allowed_ids"][1] = -1  # bias alone
+    s["bias_ids"][2] = -1  # allowed ids alone
+    s["allowed_ids"][2, :3] = [7, 100, 256]
+    processed = jax.jit(sampling._edit_and_penalize)(logits, _tensors(s), PenaltyState(counts, prompt))
+    expected = ref_process(logits, s, counts, prompt)
+    np.testing.assert_allclose(np.asarray(processed), expected, rtol=1e-6)
+    assert (np.asarray(processed)[2] > -np.inf).sum() == 3
+    tokens = np.asarray(_run(logits, s, counts, prompt).tokens)
+    np.testing.assert_array_equal(tokens, np.argmax(expected, axis=-1))
+    assert tokens[2] in (7, 100, 256)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_bias_of_100_forces_and_minus_100_bans_a_token(case, temperature):
+    """OpenAI's documented extremes: +100 selects the token, -100 keeps it out; draws stay in allowed ids."""
+    logits, counts, prompt, _ = case
+    worst = np.argmin(logits, axis=-1)
+    forced = _settings(B, temperature=temperature, seed=[1, 2, 3, 4, 5, 6], uses_edits=1,
+                       bias_ids=np.pad(worst[:, None], ((0, 0), (0, N - 1)), constant_values=-1),
+                       bias=np.pad(np.full((B, 1), 100.0), ((0, 0), (0, N - 1))))
+    np.testing.assert_array_equal(_draw_many(logits, forced, counts, prompt, n=50), np.repeat(worst[:, None], 50, 1))
+    best = np.argsort(-logits, axis=-1)[:, :2]
+    banned = dict(forced, bias_ids=np.pad(best, ((0, 0), (0, N - 2)), constant_values=-1),
+                  bias=np.pad(np.full((B, 2), -100.0), ((0, 0), (0, N - 2))))
+    drawn = _draw_many(logits, banned, counts, prompt, n=200)
+    assert not (drawn[:, :, None] == best[:, None, :]).any()
+    allowed = dict(forced, allowed_ids=np.pad(best, ((0, 0), (0, N - 2)), constant_values=-1), bias_ids=forced["bias_ids"] * 0 - 1)
+    drawn = _draw_many(logits, allowed, counts, prompt, n=200)
+    assert (drawn[:, :, None] == best[:, None, :]).any(axis=-1).all()
+
+
+def test_load_edits_row():
+    edits = empty_edits(3, N)
+    ids = np.arange(N, dtype=np.int32)
+    edits = jax.jit(load_edits_row)(edits, 1, ids, ids + 10, ids * 0.5)
+    np.testing.assert_array_equal(edits.allowed_ids[1], ids)
+    np.testing.assert_array_equal(edits.bias_ids[1], ids + 10)
+    np.testing.assert_array_equal(edits.bias[1], ids * 0.5)
+    assert (np.asarray(edits.allowed_ids)[[0, 2]] == -1).all() and (np.asarray(edits.bias)[[0, 2]] == 0).all()
 
 
 def test_temperature_draws_follow_the_softmax():
@@ -319,6 +396,8 @@ STATIC_CASES = [  # (settings, the passes the host must compile in)
      Passes(draw=True, filter=True)),
     (dict(temperature=0.0, repetition_penalty=[1, 1, 1, 1.2, 1, 1], wants_logprobs=0), Passes(penalties=True)),
     (dict(temperature=0.0, presence_penalty=[0, -0.5, 0, 0, 0, 0], wants_logprobs=0), Passes(penalties=True)),
+    (dict(temperature=0.0, uses_edits=[0, 0, 0, 0, 1, 0], bias_ids=[[3] + [-1] * (N - 1)] * B,
+          bias=[[9.0] + [0.0] * (N - 1)] * B, wants_logprobs=0), Passes(penalties=True)),
     (dict(temperature=[0, 0.5, 0, 1, 0, 2], top_k=[0, 3, 0, 0, 0, 0], frequency_penalty=[0, 0, 0, 0, 0.4, 0]),
      Passes(True, True, True, True)),
 ]
@@ -367,7 +446,7 @@ def test_filter_floor_equals_a_sorted_reference():
     top_p = rng.choice([1.0, 0.95, 0.5, 0.1, 1e-6], rows).astype(np.float32)
     min_p = rng.choice([0.0, 0.01, 0.3], rows).astype(np.float32)
     s = _settings(rows, top_k=top_k, top_p=top_p, min_p=min_p)
-    floor = np.asarray(jax.jit(_filter_floor)(x, SamplingTensors(**s)))
+    floor = np.asarray(jax.jit(_filter_floor)(x, _tensors(s)))
     expected = [_sorted_floor(*args) for args in zip(x, top_k, top_p, min_p)]
     np.testing.assert_array_equal(floor, np.asarray(expected, np.float32))
     assert ((x >= floor[:, None]).sum(axis=-1) >= 1).all()

@@ -321,11 +321,31 @@ def test_request_too_big_for_the_pool_is_refused_and_engine_keeps_serving():
     ("ignore_eos", "yes", "ignore_eos must be True or False"),
     ("skip_special_tokens", None, "skip_special_tokens must be True or False"),
     ("logprobs", 21, r"logprobs must be an integer in \[0, 20\]"),
+    ("logit_bias", [(1, 2.0)], "logit_bias must be a dict of token id -> bias"),
+    ("logit_bias", {"x": 2.0}, "logit_bias must have token ids"),
+    ("logit_bias", {-1: 2.0}, "logit_bias must have token ids"),
+    ("logit_bias", {5: float("nan")}, "logit_bias values must be finite numbers"),
+    ("logit_bias", {5: 1e39}, "logit_bias values must be finite numbers"),  # inf on the device
+    ("logit_bias", dict.fromkeys(range(1025), 1.0), "logit_bias may hold at most 1024 tokens, got 1025"),
+    ("allowed_token_ids", [], "allowed_token_ids must hold 1 to 1024 token ids, got 0"),
+    ("allowed_token_ids", 5, "allowed_token_ids must be a list of token ids, got 5"),
+    ("allowed_token_ids", [1.5], "allowed_token_ids must have token ids"),
+    ("allowed_token_ids", list(range(1025)), "allowed_token_ids must hold 1 to 1024 token ids, got 1025"),
 ])
 def test_invalid_sampling_params_name_the_field(field, value, message):
     """Each bad setting raises ValueError saying which field was wrong."""
     with pytest.raises(ValueError, match=message):
         SamplingParams(**{field: value})
+
+
+def test_logit_bias_takes_json_keys_and_stays_a_copy():
+    """JSON objects have string keys, so OpenAI's logit_bias arrives as {"50256": -100}."""
+    given = {"7": -100, 9: 2.5}
+    params = SamplingParams(logit_bias=given)
+    assert params.logit_bias == {7: -100, 9: 2.5} and params.uses_edits
+    given[11] = 1.0
+    assert 11 not in params.logit_bias
+    assert not SamplingParams().uses_edits and SamplingParams(allowed_token_ids=[3]).allowed_token_ids == (3,)
 
 
 def test_repetition_penalty_above_two_is_allowed():
@@ -345,6 +365,8 @@ def test_min_tokens_above_max_tokens_is_refused():
     (list(range(40)) * 2, None, "the prompt has 80 tokens; the maximum context length is 64"),
     ([1], SamplingParams(stop="x"), "stop strings need a tokenizer"),
     ([1], SamplingParams(stop_token_ids=[50], min_tokens=2), r"stop token id 50 is outside the vocabulary \[0, 50\)"),
+    ([1], SamplingParams(allowed_token_ids=[3, 50]), r"allowed_token_ids 50 is outside the vocabulary \[0, 50\)"),
+    ([1], SamplingParams(logit_bias={60: 1.0}), r"logit_bias 60 is outside the vocabulary \[0, 50\)"),
 ])
 def test_invalid_requests_are_refused_in_the_callers_thread(prompt, params, message):
     """add_request checks the prompt against the vocabulary and the context before queuing anything."""

@@ -109,6 +109,29 @@ def test_logprobs_of_generated_tokens(live, client):
     live.wait_idle()
 
 
+def test_logit_bias_and_allowed_token_ids_through_the_client(live, client):
+    """OpenAI's logit_bias (string keys on the wire) and vLLM's allowed_token_ids (extra_body) steer the tokens;
+    a request without them, sent next, is unchanged."""
+    def ids(**extra):
+        out = client.completions.create(model="tiny", prompt="Hello", extra_body={"return_token_ids": True,
+                                                                                   **extra.pop("extra_body", {})},
+                                        **GREEDY, **extra)
+        return out.choices[0].model_extra["token_ids"]
+
+    plain = ids()
+    assert ids(logit_bias={"1234": 100}) == [1234] * len(plain)
+    banned = ids(logit_bias={str(plain[0]): -100})
+    assert banned[0] != plain[0]
+    allowed = [7, 99, plain[1], 2000]
+    assert set(ids(extra_body={"allowed_token_ids": allowed})) <= set(allowed)
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                          logit_bias={"1234": 100}, max_tokens=3, temperature=0.0,
+                                          extra_body={"return_token_ids": True})
+    assert chat.choices[0].model_extra["token_ids"] == [1234] * 3
+    assert ids() == plain
+    live.wait_idle()
+
+
 def test_stop_strings_through_the_client(live, client):
     plain = client.completions.create(model="tiny", prompt="Once upon", **GREEDY).choices[0].text
     stop = plain[3:7]

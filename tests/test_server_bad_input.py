@@ -415,6 +415,18 @@ BAD_FIELDS = [
     (CHAT, {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "paint"}}}, "tool_choice"),
     (CHAT, {"chat_template": "{{ messages }}"}, "chat_template"),  # this server does not trust request templates
     (CHAT, {"chat_template_kwargs": {"chat_template": "{{ messages }}"}}, "chat_template"),
+    (COMPLETIONS, {"logit_bias": [5, 1]}, "logit_bias"),
+    (COMPLETIONS, {"logit_bias": {"x": 1}}, "logit_bias"),
+    (COMPLETIONS, {"logit_bias": {"5.5": 1}}, "logit_bias"),
+    (COMPLETIONS, {"logit_bias": {str(VOCAB): 1}}, "logit_bias"),
+    (CHAT, {"logit_bias": {"-1": 1}}, "logit_bias"),
+    (CHAT, {"logit_bias": {"5": "high"}}, "logit_bias"),
+    (COMPLETIONS, {"logit_bias": {"5": None}}, "logit_bias"),
+    (COMPLETIONS, {"logit_bias": {str(t): 1 for t in range(1025)}}, "logit_bias"),  # over 1,024 ids
+    (COMPLETIONS, {"allowed_token_ids": 5}, "allowed_token_ids"),
+    (COMPLETIONS, {"allowed_token_ids": []}, "allowed_token_ids"),
+    (CHAT, {"allowed_token_ids": [VOCAB]}, "allowed_token_ids"),
+    (CHAT, {"allowed_token_ids": ["5"]}, "allowed_token_ids"),
 ]
 
 
@@ -434,6 +446,8 @@ EDGE_FIELDS = [
     (COMPLETIONS, {"logprobs": 2.0, "n": 2.0, "stop_token_ids": [3.0], "prompt_logprobs": 1.0}),
     (CHAT, {"logprobs": True, "top_logprobs": 2.0}),
     (COMPLETIONS, {"stream": True, "stream_options": {"include_usage": True}}),
+    (COMPLETIONS, {"logit_bias": {"0": -100, str(VOCAB - 1): 1e30}}),  # clamped to [-100, 100], as vLLM does
+    (CHAT, {"allowed_token_ids": [0, VOCAB - 1], "logit_bias": {}}),
 ]
 
 

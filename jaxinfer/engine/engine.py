@@ -283,9 +283,9 @@ class Engine:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        bad = params.outside_vocabulary(self.vocab_size)
         if bad:
-            raise ValueError(f"stop token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+            raise ValueError(bad)
         if len(ids) >= limit:
             raise ValueError(f"the prompt has {len(ids)} tokens; the maximum context length is {limit} "
                              "tokens, and at least one must be left to generate")

@@ -13,6 +13,7 @@ import time
 
 MAX_LOGPROBS = 20  # the most top alternatives a request may ask for (computed on device for every row)
 MAX_BANNED = 16  # EOS + stop token ids masked on device while min_tokens is not reached
+MAX_LOGIT_EDITS = 1024  # allowed token ids, and logit_bias entries, per request (vLLM's limits)
 INT32_MAX = 2**31 - 1  # counts and ids travel to the device as int32
 FLOAT32_TINY = 1.1754944e-38  # smaller positive values would reach the device as 0
 FLOAT32_MAX = 3.4028235e38  # larger values would reach the device as inf
@@ -61,6 +62,9 @@ class SamplingParams:
     logprobs: int | None = None  # top alternatives per generated token (0: only the chosen one)
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's logit_bias), before
+    # the penalties
+    allowed_token_ids: tuple[int, ...] | None = None  # only these can be sampled (vLLM's allowed_token_ids)
 
     def __post_init__(self):
         stop = (self.stop,) if isinstance(self.stop, str) else _as_tuple(self.stop, "stop must be a string or a list")
@@ -68,6 +72,14 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids",
                            _as_tuple(self.stop_token_ids, "stop_token_ids must be a list of token ids"))
         object.__setattr__(self, "top_k", 0 if self.top_k == -1 else self.top_k)
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids",
+                               _as_tuple(self.allowed_token_ids, "allowed_token_ids must be a list of token ids"))
+        _check(self.logit_bias is None or isinstance(self.logit_bias, dict),
+               f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r:.80}")
+        # JSON (a server body, an eval line) has only string keys: "50256" is token 50256, as in OpenAI's API.
+        object.__setattr__(self, "logit_bias", {int(k) if isinstance(k, str) and k.isdigit() else k: v
+                                                for k, v in (self.logit_bias or {}).items()})
         self._validate()
 
     def _validate(self) -> None:
@@ -103,10 +115,33 @@ class SamplingParams:
             value = getattr(self, name)
             _check(value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS),
                    f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        allowed = self.allowed_token_ids
+        _check(allowed is None or 0 < len(allowed) <= MAX_LOGIT_EDITS,
+               f"allowed_token_ids must hold 1 to {MAX_LOGIT_EDITS} token ids, got {len(allowed or ())}")
+        _check(len(self.logit_bias) <= MAX_LOGIT_EDITS,
+               f"logit_bias may hold at most {MAX_LOGIT_EDITS} tokens, got {len(self.logit_bias)}")
+        for name, ids in (("allowed_token_ids", allowed or ()), ("logit_bias", self.logit_bias)):
+            _check(all(_is_int(t) and 0 <= t <= INT32_MAX for t in ids),
+                   f"{name} must have token ids (integers in [0, {INT32_MAX}]), got {list(ids)!r:.80}")
+        _check(all(_is_number(b) and abs(b) <= FLOAT32_MAX for b in self.logit_bias.values()),
+               f"logit_bias values must be finite numbers, got {list(self.logit_bias.values())!r:.80}")
 
     @property
     def uses_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def uses_edits(self) -> bool:
+        return bool(self.logit_bias) or self.allowed_token_ids is not None
+
+    def outside_vocabulary(self, vocab_size: int) -> str | None:
+        """What names a token id >= `vocab_size`, or None."""
+        for name, ids in (("stop token id", self.stop_token_ids), ("allowed_token_ids", self.allowed_token_ids or ()),
+                          ("logit_bias", self.logit_bias)):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                return f"{name} {bad[0]} is outside the vocabulary [0, {vocab_size})"
+        return None
 
 
 class Status(enum.Enum):

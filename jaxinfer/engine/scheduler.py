@@ -37,6 +37,7 @@ def neutral_sampling(B: int) -> dict[str, np.ndarray]:
     rows = {name: np.full(B, neutral, dtype) for name, (dtype, neutral) in SAMPLING_FIELDS.items()}
     rows["seed"] = np.zeros(B, np.uint32)
     rows["wants_logprobs"] = np.zeros(B, np.int32)
+    rows["uses_edits"] = np.zeros(B, np.int32)
     return rows
 
 
@@ -47,7 +48,7 @@ class PrefillChunk:
     start: int
     sample: bool  # the chunk ends the sequence's known tokens: sample the next one
     next_tokens: np.ndarray | None  # [c] the token after each position, when prompt logprobs are wanted
-    load_penalties: bool  # the sequence was just admitted and uses penalties: load its token counts
+    load_rows: bool  # the sequence was just admitted: load its device rows (penalty counts, logit edits) it uses
 
 
 @dataclasses.dataclass
@@ -283,7 +284,7 @@ class Scheduler:
             next_tokens = np.zeros(len(tokens), np.int32)
             following = seq.prompt_ids[start + 1:end + 1]
             next_tokens[:len(following)] = following
-        return PrefillChunk(seq.slot, tokens, start, done, next_tokens, admitted and seq.params.uses_penalties)
+        return PrefillChunk(seq.slot, tokens, start, done, next_tokens, admitted)
 
     def _can_admit(self) -> bool:
         """Whether the head of the queue could start its prefill now (ignoring prefix-cache hits): only
@@ -342,6 +343,7 @@ class Scheduler:
             self._rows[name][seq.slot] = getattr(seq.params, name)
         self._rows["seed"][seq.slot] = seq.seed
         self._rows["wants_logprobs"][seq.slot] = seq.params.logprobs is not None
+        self._rows["uses_edits"][seq.slot] = seq.params.uses_edits
         banned = sorted(seq.stop_ids | set(seq.params.stop_token_ids))[:MAX_BANNED] if seq.params.min_tokens else []
         self._banned[seq.slot] = -1
         self._banned[seq.slot, :len(banned)] = banned

@@ -58,7 +58,7 @@ def mixed_plan(engine: EngineConfig, tokens, start: int) -> StepPlan:
         raise ValueError(f"the KV pool ({engine.num_pages} pages) is too small to profile a full mixed step")
     tables[B - 1, :per_slot] = used + 1 + np.arange(per_slot)
     chunk = PrefillChunk(slot=B - 1, tokens=np.asarray(tokens, np.int32), start=start, sample=True, next_tokens=None,
-                         load_penalties=False)
+                         load_rows=False)
     return dataclasses.replace(plan, block_tables=tables, prefills=[chunk], num_steps=1)
 
 

@@ -26,7 +26,8 @@ _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundErro
 _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop",
                       "stop_token_ids", "seed", "logprobs", "echo", "stream", "stream_options", "presence_penalty",
                       "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "user",
-                      "include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs", "return_token_ids"}
+                      "include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs", "return_token_ids",
+                      "logit_bias", "allowed_token_ids"}
 _CHAT_FIELDS = (_COMPLETION_FIELDS - {"prompt", "echo"}) | {
     "messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt", "continue_final_message",
     "chat_template", "chat_template_kwargs", "tools", "tool_choice"}
@@ -182,6 +183,35 @@ def _token_ids(value, limits: Limits, param: str) -> list[int]:
     return ids
 
 
+def _logit_bias(body: dict, limits: Limits) -> dict[int, float]:
+    """OpenAI's {"token id": bias}; biases clamped to [-100, 100], as vLLM does."""
+    value = body.get("logit_bias")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        _fail(f"logit_bias must be an object of token id -> bias, got {_describe(value)}", "logit_bias")
+    ids = []
+    for key in value:  # JSON keys are strings
+        if not re.fullmatch(r"\s*-?\d{1,19}\s*", key):
+            _fail(f"logit_bias keys must be token ids, got {_describe(key)}", "logit_bias")
+        ids.append(int(key))
+    _token_ids(ids, limits, "logit_bias")
+    biases = list(value.values())
+    for bias in biases:
+        if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not math.isfinite(_float(bias)):
+            _fail(f"logit_bias values must be finite numbers, got {_describe(bias)}", "logit_bias")
+    return {t: min(100.0, max(-100.0, float(b))) for t, b in zip(ids, biases)}
+
+
+def _allowed_token_ids(body: dict, limits: Limits) -> tuple[int, ...] | None:
+    value = body.get("allowed_token_ids")
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        _fail(f"allowed_token_ids must be a list of token ids, got {_describe(value)}", "allowed_token_ids")
+    return tuple(_token_ids(value, limits, "allowed_token_ids"))
+
+
 def parse_token_ids(value, limits: Limits, param: str) -> list[int]:
     """One list of token ids (may be empty), as vLLM's `/detokenize` takes them."""
     if not isinstance(value, list):
@@ -267,7 +297,8 @@ def _sampling(body: dict, limits: Limits, max_tokens: int | None, logprobs: int 
             stop_token_ids=tuple(_token_ids(stop_token_ids, limits, "stop_token_ids")),
             include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
             ignore_eos=_bool(body, "ignore_eos", False), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-            skip_special_tokens=_bool(body, "skip_special_tokens", True))
+            skip_special_tokens=_bool(body, "skip_special_tokens", True), logit_bias=_logit_bias(body, limits),
+            allowed_token_ids=_allowed_token_ids(body, limits))
     except ValueError as e:  # the remaining bounds (top_p > 0, repetition_penalty > 0): the field leads the message
         field = re.match(r"\w+", str(e))
         raise APIError(400, str(e), field.group(0) if field else None) from None
