@@ -427,6 +427,13 @@ BAD_FIELDS = [
     (COMPLETIONS, {"allowed_token_ids": []}, "allowed_token_ids"),
     (CHAT, {"allowed_token_ids": [VOCAB]}, "allowed_token_ids"),
     (CHAT, {"allowed_token_ids": ["5"]}, "allowed_token_ids"),
+    # Output constraints are refused, not ignored: the answer would not follow them.
+    (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
+    (CHAT, {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+    (COMPLETIONS, {"guided_json": {"type": "object"}}, "guided_json"),
+    (COMPLETIONS, {"guided_choice": ["yes", "no"]}, "guided_choice"),
+    (CHAT, {"guided_regex": "[0-9]+"}, "guided_regex"),
+    (CHAT, {"structured_outputs": {"choice": ["a"]}}, "structured_outputs"),
 ]
 
 
@@ -448,6 +455,7 @@ EDGE_FIELDS = [
     (COMPLETIONS, {"stream": True, "stream_options": {"include_usage": True}}),
     (COMPLETIONS, {"logit_bias": {"0": -100, str(VOCAB - 1): 1e30}}),  # clamped to [-100, 100], as vLLM does
     (CHAT, {"allowed_token_ids": [0, VOCAB - 1], "logit_bias": {}}),
+    (CHAT, {"response_format": {"type": "text"}, "guided_json": None}),  # no constraint
 ]
 
 

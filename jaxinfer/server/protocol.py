@@ -23,11 +23,15 @@ MAX_MESSAGE_CHARS = 400  # error messages never echo a large input back
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
           409: "ConflictError", 413: "RequestEntityTooLarge", 429: "RateLimitError", 500: "InternalServerError",
           503: "ServiceUnavailableError"}
+# Fields that constrain the output to a format. Generating without the constraint would answer something the
+# client did not ask for, so they are refused rather than ignored (OpenAI's response_format, vLLM's own).
+_CONSTRAINTS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                "guided_grammar")
 _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop",
                       "stop_token_ids", "seed", "logprobs", "echo", "stream", "stream_options", "presence_penalty",
                       "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "user",
                       "include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs", "return_token_ids",
-                      "logit_bias", "allowed_token_ids"}
+                      "logit_bias", "allowed_token_ids", *_CONSTRAINTS}
 _CHAT_FIELDS = (_COMPLETION_FIELDS - {"prompt", "echo"}) | {
     "messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt", "continue_final_message",
     "chat_template", "chat_template_kwargs", "tools", "tool_choice"}
@@ -333,17 +337,23 @@ def check_text(body: dict) -> None:
             _fail("malformed JSON: nested too deeply", param)
 
 
-def _warn_unknown(body: dict, known: set[str]) -> None:
+def _check_fields(body: dict, known: set[str]) -> None:
+    """Unknown fields are logged and ignored, as vLLM does; a format constraint is refused (400)."""
     unknown = sorted(set(body) - known)
     if unknown:
         log.info("ignoring unknown request fields: %s", ", ".join(k[:40] for k in unknown[:10]))
+    for name in _CONSTRAINTS:
+        value = body.get(name)
+        if value is not None and not (name == "response_format" and value == {"type": "text"}):
+            _fail(f"{name}: structured output (JSON, a schema, a regex, a grammar or a choice) is not supported "
+                  "here; the output would not be constrained", name)
 
 
 def parse_completion(body, limits: Limits) -> GenerationRequest:
     if not isinstance(body, dict):
         _fail("the request body must be a JSON object", None)
     check_text(body)
-    _warn_unknown(body, _COMPLETION_FIELDS)
+    _check_fields(body, _COMPLETION_FIELDS)
     if "prompt" not in body:
         _fail("prompt is required", "prompt")
     prompts = parse_prompts(body["prompt"], limits)
@@ -413,7 +423,7 @@ def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dic
     if not isinstance(body, dict):
         _fail("the request body must be a JSON object", None)
     check_text(body)
-    _warn_unknown(body, _CHAT_FIELDS)
+    _check_fields(body, _CHAT_FIELDS)
     messages = _messages(body.get("messages"))
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _max_tokens(body, name, None)
