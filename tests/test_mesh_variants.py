@@ -1,6 +1,6 @@
 """Tensor and data parallelism across model families and mesh shapes on 8 fake CPU devices: every accepted mesh
 decodes the unsharded engine's greedy tokens (which are transformers'), the same seeded samples under top-k,
-top-p, min-p and penalties, and the same logprobs, top alternatives and prompt logprobs; KV heads are repeated
+top-p, min-p, penalties, logit biases and allowed token ids, and the same logprobs, top alternatives and prompt logprobs; KV heads are repeated
 when the 'model' axis has more devices than the model has KV heads. Shapes that cannot work are refused before
 anything loads, with every problem named.
 
@@ -37,6 +37,7 @@ CASES = {
 }
 PROMPTS = [[5, 9, 100, 7], list(range(20, 49)), [42], list(range(200, 212))]  # 29 tokens: chunked, past the window
 MAX_TOKENS = 6
+EDITS = [{}, dict(logit_bias={7: 3.0, 30: 5.0, 100: -100.0}), {}, dict(allowed_token_ids=list(range(0, 256, 2)))]
 
 
 def problems(shape, **sizes):
@@ -125,7 +126,7 @@ def _decode(checkpoint: str, mesh: tuple[int, int], backend: str, prompt_logprob
                             prompt_logprobs=2 if prompt_logprobs else None)
     sampled = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, top_k=20, top_p=0.9, min_p=0.01, seed=i,
                               presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.2, ignore_eos=True,
-                              logprobs=3) for i in range(len(PROMPTS))]
+                              logprobs=3, **EDITS[i]) for i in range(len(PROMPTS))]
     outs = llm.generate(PROMPTS * 2, [greedy] * len(PROMPTS) + sampled, use_tqdm=False)
     llm.engine.check_idle()
     steps = [step for o in outs for step in o.outputs[0].logprobs]
