@@ -288,6 +288,21 @@ def test_top_k_one_and_tiny_top_p_equal_greedy(llm):
         assert alone(llm, prompt, sampled) == greedy, params
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(llm):
+    """vLLM's left truncation: the request runs as its last k tokens alone would; -1 keeps up to the context."""
+    prompt = list(range(100, 140))
+    params = dict(max_tokens=6, **GREEDY)
+    cut = llm.generate([prompt], SamplingParams(truncate_prompt_tokens=9, **params), use_tqdm=False)[0]
+    assert cut.prompt_token_ids == prompt[-9:]
+    assert cut.outputs[0].token_ids == alone(llm, prompt[-9:], SamplingParams(**params))
+    whole = llm.generate([prompt], SamplingParams(truncate_prompt_tokens=-1, **params), use_tqdm=False)[0]
+    assert whole.prompt_token_ids == prompt
+    with pytest.raises(ValueError, match=r"truncate_prompt_tokens \(385\) is greater than the maximum context length"):
+        llm.generate([prompt], SamplingParams(truncate_prompt_tokens=385, **params), use_tqdm=False)
+    with pytest.raises(ValueError, match="the prompt has 384 tokens"):  # -1 with a prompt over the context
+        llm.generate([list(range(500))], SamplingParams(truncate_prompt_tokens=-1, **params), use_tqdm=False)
+
+
 def test_penalties_change_greedy_output(llm):
     """The embedded model repeats itself under greedy decoding; a repetition penalty breaks the loop."""
     prompt = list(range(200, 230))

@@ -331,6 +331,9 @@ def test_request_too_big_for_the_pool_is_refused_and_engine_keeps_serving():
     ("allowed_token_ids", 5, "allowed_token_ids must be a list of token ids, got 5"),
     ("allowed_token_ids", [1.5], "allowed_token_ids must have token ids"),
     ("allowed_token_ids", list(range(1025)), "allowed_token_ids must hold 1 to 1024 token ids, got 1025"),
+    ("truncate_prompt_tokens", 0, "truncate_prompt_tokens must be an integer >= 1 or -1"),
+    ("truncate_prompt_tokens", -2, "truncate_prompt_tokens must be an integer >= 1 or -1"),
+    ("truncate_prompt_tokens", 2.0, "truncate_prompt_tokens must be an integer >= 1 or -1"),
 ])
 def test_invalid_sampling_params_name_the_field(field, value, message):
     """Each bad setting raises ValueError saying which field was wrong."""

@@ -276,6 +276,37 @@ def test_4_long_text_prompt_and_long_chat_are_400(server, client):
     assert_serves(server)
 
 
+def test_4_truncate_prompt_tokens_keeps_the_last_tokens_or_names_itself(server, client):
+    """vLLM's truncate_prompt_tokens: a prompt over the context is served as its last k tokens; k over the
+    context is 400 naming the field; the text of a truncated chat or completion is the kept tokens'."""
+    ids = list(range(10, 10 + MAX_MODEL_LEN + 50))
+    body = {"prompt": ids, "max_tokens": 2, "temperature": 0, "return_token_ids": True}
+    cut = client.post(COMPLETIONS, json={**body, "truncate_prompt_tokens": 20})
+    assert cut.status_code == 200, cut.text
+    assert cut.json()["usage"]["prompt_tokens"] == 20 and cut.json()["choices"][0]["prompt_token_ids"] == ids[-20:]
+    alone = client.post(COMPLETIONS, json={**body, "prompt": ids[-20:]}).json()
+    assert cut.json()["choices"][0]["token_ids"] == alone["choices"][0]["token_ids"]
+    error = assert_error(client.post(COMPLETIONS, json={**body, "truncate_prompt_tokens": MAX_MODEL_LEN + 1}), 400,
+                         "truncate_prompt_tokens")
+    assert "greater than the maximum context length" in error["message"]
+    messages = [{"role": "user", "content": "hello world " * 400}]
+    chat = client.post(CHAT, json={"messages": messages, "max_tokens": 1, "truncate_prompt_tokens": 30})
+    assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == 30
+    assert_serves(server)
+
+
+def test_4_priority_reaches_the_engine(server, client, monkeypatch):
+    """vLLM's request priority (lower first) is the scheduler's; the engine receives it with each prompt."""
+    seen = []
+    add = server.server.engine.add_request
+    monkeypatch.setattr(server.server.engine, "add_request",
+                        lambda *a, **k: seen.append(k.get("priority")) or add(*a, **k))
+    for path in (COMPLETIONS, CHAT):
+        assert client.post(path, json=body_with({"priority": -3, "n": 2}, path)).status_code == 200
+    assert client.post(COMPLETIONS, json=body_with({}, COMPLETIONS)).status_code == 200
+    assert seen == [-3, -3, 0]
+
+
 # --- 5. max_tokens --------------------------------------------------------------------------------
 
 
@@ -434,6 +465,11 @@ BAD_FIELDS = [
     (COMPLETIONS, {"guided_choice": ["yes", "no"]}, "guided_choice"),
     (CHAT, {"guided_regex": "[0-9]+"}, "guided_regex"),
     (CHAT, {"structured_outputs": {"choice": ["a"]}}, "structured_outputs"),
+    (COMPLETIONS, {"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    (CHAT, {"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+    (COMPLETIONS, {"truncate_prompt_tokens": "5"}, "truncate_prompt_tokens"),
+    (COMPLETIONS, {"priority": 1.5}, "priority"),
+    (CHAT, {"priority": 2**63}, "priority"),
 ]
 
 
@@ -456,6 +492,7 @@ EDGE_FIELDS = [
     (COMPLETIONS, {"logit_bias": {"0": -100, str(VOCAB - 1): 1e30}}),  # clamped to [-100, 100], as vLLM does
     (CHAT, {"allowed_token_ids": [0, VOCAB - 1], "logit_bias": {}}),
     (CHAT, {"response_format": {"type": "text"}, "guided_json": None}),  # no constraint
+    (COMPLETIONS, {"priority": -5, "truncate_prompt_tokens": -1}), (CHAT, {"priority": 2**63 - 1}),
 ]
 
 

@@ -237,8 +237,12 @@ class Engine:
         self._wake.set()
 
     def validate(self, prompt, params: SamplingParams, priority: int = 0) -> tuple[str | None, list[int], int]:
-        """-> (prompt text or None, prompt ids, tokens it may generate); raises on bad input."""
+        """-> (prompt text or None, prompt ids, tokens it may generate); raises on bad input. With
+        `truncate_prompt_tokens` the ids are the prompt's last ones, and the text is theirs."""
         text, ids = self._encode(prompt)
+        kept = params.truncate(ids, self.cfg.max_model_len)
+        if len(kept) < len(ids):
+            text, ids = (self.tokenizer.decode(kept) if self.tokenizer and text is not None else None), kept
         return text, ids, self._check(ids, params, priority)
 
     def _encode(self, prompt) -> tuple[str | None, list[int]]:

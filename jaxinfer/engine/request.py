@@ -65,6 +65,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's logit_bias), before
     # the penalties
     allowed_token_ids: tuple[int, ...] | None = None  # only these can be sampled (vLLM's allowed_token_ids)
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens; -1: the context length (vLLM's)
 
     def __post_init__(self):
         stop = (self.stop,) if isinstance(self.stop, str) else _as_tuple(self.stop, "stop must be a string or a list")
@@ -115,6 +116,9 @@ class SamplingParams:
             value = getattr(self, name)
             _check(value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS),
                    f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        k = self.truncate_prompt_tokens
+        _check(k is None or (_is_int(k) and (k >= 1 or k == -1)),
+               f"truncate_prompt_tokens must be an integer >= 1 or -1 (the context length), got {k!r}")
         allowed = self.allowed_token_ids
         _check(allowed is None or 0 < len(allowed) <= MAX_LOGIT_EDITS,
                f"allowed_token_ids must hold 1 to {MAX_LOGIT_EDITS} token ids, got {len(allowed or ())}")
@@ -133,6 +137,14 @@ class SamplingParams:
     @property
     def uses_edits(self) -> bool:
         return bool(self.logit_bias) or self.allowed_token_ids is not None
+
+    def truncate(self, ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt's last `truncate_prompt_tokens` ids (all of them if unset), as vLLM cuts from the left."""
+        k = max_model_len if self.truncate_prompt_tokens == -1 else self.truncate_prompt_tokens
+        if k is not None and k > max_model_len:
+            raise ValueError(f"truncate_prompt_tokens ({k}) is greater than the maximum context length "
+                             f"({max_model_len}): choose a smaller truncation size")
+        return ids if k is None else ids[-k:]
 
     def outside_vocabulary(self, vocab_size: int) -> str | None:
         """What names a token id >= `vocab_size`, or None."""

@@ -282,6 +282,12 @@ class Generation:
             if text is None:
                 text = engine.tokenizer.decode(ids) if engine.tokenizer is not None and req.echo else ""
         limit, max_tokens = engine.cfg.max_model_len, req.params.max_tokens
+        try:
+            kept = req.params.truncate(ids, limit)
+        except ValueError as e:
+            raise APIError(400, str(e), "truncate_prompt_tokens") from None
+        if len(kept) < len(ids):
+            ids, text = kept, engine.tokenizer.decode(kept) if engine.tokenizer is not None else ""
         if len(ids) >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens, your request has "
                                 f"{len(ids)} input tokens. Please reduce the length of the prompt.", param)
@@ -308,7 +314,8 @@ class Generation:
         server.active[response_id] = job.request_ids
         try:
             for (_, ids), request_id in zip(prompts, job.request_ids):
-                job.streams.append(server.engine.add_request(ids, req.params, request_id=request_id))
+                job.streams.append(server.engine.add_request(ids, req.params, request_id=request_id,
+                                                             priority=req.priority))
         except BaseException:
             self._close(job)
             raise

@@ -31,7 +31,7 @@ _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "
                       "stop_token_ids", "seed", "logprobs", "echo", "stream", "stream_options", "presence_penalty",
                       "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "user",
                       "include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs", "return_token_ids",
-                      "logit_bias", "allowed_token_ids", *_CONSTRAINTS}
+                      "logit_bias", "allowed_token_ids", "truncate_prompt_tokens", "priority", *_CONSTRAINTS}
 _CHAT_FIELDS = (_COMPLETION_FIELDS - {"prompt", "echo"}) | {
     "messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt", "continue_final_message",
     "chat_template", "chat_template_kwargs", "tools", "tool_choice"}
@@ -117,6 +117,7 @@ class GenerationRequest:
     max_tokens_param: str = "max_tokens"  # the field that set it (chat: or max_completion_tokens), for errors
     return_token_ids: bool = False  # vLLM's extension: choices also carry token_ids (and prompt_token_ids)
     prompt_logprobs: bool = False  # vLLM's extension: the first (or only) choice of a prompt carries them
+    priority: int = 0  # vLLM's extension: lower values are admitted first, ties in arrival order
 
 
 def _fail(message: str, param: str | None) -> None:
@@ -185,6 +186,13 @@ def _token_ids(value, limits: Limits, param: str) -> list[int]:
         if not 0 <= t < limits.vocab_size:
             _fail(f"token id {t} in {param} is outside the vocabulary [0, {limits.vocab_size})", param)
     return ids
+
+
+def _priority(body: dict) -> int:
+    priority = _int(body, "priority", 0)
+    if not -2**63 <= priority < 2**63:
+        _fail(f"priority must fit in a signed 64-bit integer, got {priority}", "priority")
+    return priority
 
 
 def _logit_bias(body: dict, limits: Limits) -> dict[int, float]:
@@ -302,7 +310,8 @@ def _sampling(body: dict, limits: Limits, max_tokens: int | None, logprobs: int 
             include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
             ignore_eos=_bool(body, "ignore_eos", False), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=_bool(body, "skip_special_tokens", True), logit_bias=_logit_bias(body, limits),
-            allowed_token_ids=_allowed_token_ids(body, limits))
+            allowed_token_ids=_allowed_token_ids(body, limits),
+            truncate_prompt_tokens=_int(body, "truncate_prompt_tokens"))
     except ValueError as e:  # the remaining bounds (top_p > 0, repetition_penalty > 0): the field leads the message
         field = re.match(r"\w+", str(e))
         raise APIError(400, str(e), field.group(0) if field else None) from None
@@ -369,7 +378,7 @@ def parse_completion(body, limits: Limits) -> GenerationRequest:
     params = _sampling(body, limits, max(max_tokens, 1), logprobs, prompt_logprobs)
     return GenerationRequest(False, prompts, params, body.get("model"), stream, include_usage, echo, max_tokens == 0,
                              logprobs, return_token_ids=_bool(body, "return_token_ids", False),
-                             prompt_logprobs=body.get("prompt_logprobs") is not None)
+                             prompt_logprobs=body.get("prompt_logprobs") is not None, priority=_priority(body))
 
 
 def _messages(value) -> list[dict]:
@@ -441,7 +450,7 @@ def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dic
     request = GenerationRequest(True, [], params, body.get("model"), stream, include_usage, logprobs=logprobs,
                                 max_tokens_given=max_tokens is not None, max_tokens_param=name,
                                 return_token_ids=_bool(body, "return_token_ids", False),
-                                prompt_logprobs=prompt_logprobs is not None)
+                                prompt_logprobs=prompt_logprobs is not None, priority=_priority(body))
     return request, messages, kwargs
 
 
