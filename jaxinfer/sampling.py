@@ -103,8 +103,8 @@ class Passes:
 def _rows_needing(st, vocab: int) -> dict:
     """Per pass, which rows [B] need it; `st` holds the rows as numpy arrays (host) or jax arrays (device)."""
     random_rows = st.temperature >= _MIN_TEMPERATURE
-    return {"penalties": (st.repetition_penalty != 1) | (st.frequency_penalty != 0) | (st.presence_penalty != 0)
-                         | (st.uses_edits != 0),
+    penalized = (st.repetition_penalty != 1) | (st.frequency_penalty != 0) | (st.presence_penalty != 0)
+    return {"penalties": penalized | (st.uses_edits != 0),
             "draw": random_rows,
             "filter": random_rows & ((st.min_p > 0) | ((st.top_k > 0) & (st.top_k < vocab)) | (st.top_p < 1)),
             "logprobs": st.wants_logprobs != 0}
@@ -131,11 +131,11 @@ def sample(logits: jax.Array, st: SamplingTensors, positions: jax.Array, penalti
            passes: Passes | None = None) -> Sampled:
     """One token per row of `logits` [B, V]; `positions` [B] i32 = position of the token being sampled.
 
-    Allowed ids, logit biases, penalties and bans (in vLLM's order) apply to greedy and random rows alike; temperature and the
-    filters only to random rows. Logprobs are of the raw logits; when no row wants them
-    the [B, V] passes behind them (log-softmax, rank, top-k) are skipped and every row
-    reports zeros. `passes`: which optional passes to compile in (the rows must need no
-    other), or None to decide on device.
+    Allowed ids, logit biases, penalties and bans (in vLLM's order) apply to greedy and
+    random rows alike; temperature and the filters only to random rows. Logprobs are of
+    the raw logits; when no row wants them the [B, V] passes behind them (log-softmax,
+    rank, top-k) are skipped and every row reports zeros. `passes`: which optional passes
+    to compile in (the rows must need no other), or None to decide on device.
     """
     rows = _rows_needing(st, logits.shape[-1])
 

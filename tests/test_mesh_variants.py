@@ -1,8 +1,8 @@
 """Tensor and data parallelism across model families and mesh shapes on 8 fake CPU devices: every accepted mesh
 decodes the unsharded engine's greedy tokens (which are transformers'), the same seeded samples under top-k,
-top-p, min-p, penalties, logit biases and allowed token ids, and the same logprobs, top alternatives and prompt logprobs; KV heads are repeated
-when the 'model' axis has more devices than the model has KV heads. Shapes that cannot work are refused before
-anything loads, with every problem named.
+top-p, min-p, penalties, logit biases and allowed token ids, and the same logprobs, top alternatives and prompt
+logprobs; KV heads are repeated when the 'model' axis has more devices than the model has KV heads. Shapes that
+cannot work are refused before anything loads, with every problem named.
 
 The meshes run in one subprocess (this file run as a script), since JAX fixes its device count at start-up.
 Models sharing a widened config (after KV heads are repeated) reuse one another's compiled steps."""

@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 
 from jaxinfer import sampling
-
 from jaxinfer.sampling import (MAX_LOGPROBS, LogitEdits, Passes, _filter_floor, PenaltyState, SamplingTensors,
-                               empty_edits, empty_penalty_state, load_edits_row, load_penalty_row, record_tokens, sample,
-                               token_logprobs)
+                               empty_edits, empty_penalty_state, load_edits_row, load_penalty_row, record_tokens,
+                               sample, token_logprobs)
 
 B, V, E, N = 6, 257, 4, 8  # rows, vocab, banned entries per row, allowed ids / logit biases per row
 EDITS = ("allowed_ids", "bias_ids", "bias")
@@ -264,7 +263,8 @@ def test_a_bias_of_100_forces_and_minus_100_bans_a_token(case, temperature):
                   bias=np.pad(np.full((B, 2), -100.0), ((0, 0), (0, N - 2))))
     drawn = _draw_many(logits, banned, counts, prompt, n=200)
     assert not (drawn[:, :, None] == best[:, None, :]).any()
-    allowed = dict(forced, allowed_ids=np.pad(best, ((0, 0), (0, N - 2)), constant_values=-1), bias_ids=forced["bias_ids"] * 0 - 1)
+    allowed = dict(forced, allowed_ids=np.pad(best, ((0, 0), (0, N - 2)), constant_values=-1),
+                   bias_ids=np.full((B, N), -1))
     drawn = _draw_many(logits, allowed, counts, prompt, n=200)
     assert (drawn[:, :, None] == best[:, None, :]).any(axis=-1).all()
 

@@ -62,8 +62,7 @@ class SamplingParams:
     logprobs: int | None = None  # top alternatives per generated token (0: only the chosen one)
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
     skip_special_tokens: bool = True
-    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's logit_bias), before
-    # the penalties
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, before the penalties (OpenAI's)
     allowed_token_ids: tuple[int, ...] | None = None  # only these can be sampled (vLLM's allowed_token_ids)
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens; -1: the context length (vLLM's)
 
