@@ -104,16 +104,18 @@ def test_static_control_flow_gives_the_dynamic_outputs(llm):
     assert runner.num_compiles == 7  # decode at 2 and 6 rows: greedy, random; chunk: no rounds, greedy, random
     rng = np.random.default_rng(7)
     kinds = [GREEDY, dict(temperature=1.0),
-             dict(temperature=0.8, top_p=0.9, logprobs=2, repetition_penalty=1.3, prompt_logprobs=1)]
+             dict(temperature=0.8, top_p=0.9, logprobs=2, repetition_penalty=1.3, prompt_logprobs=1),
+             dict(temperature=0.0, logit_bias={7: 5.0, 300: 3.0}, allowed_token_ids=list(range(0, 4000, 7)))]
     requests = [(rng.integers(5, 4000, int(rng.integers(1, 50))).tolist(),
-                 SamplingParams(max_tokens=int(rng.integers(1, 9)), seed=i, **{"ignore_eos": True, **kinds[i % 3]}))
-                for i in range(10)]
+                 SamplingParams(max_tokens=int(rng.integers(1, 9)), seed=i, **{"ignore_eos": True, **kinds[i % 4]}))
+                for i in range(12)]
     outs = run(static.engine, requests, rng.integers(0, 8, len(requests)).tolist())
     for (prompt, params), out in zip(requests, outs):
         expected = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
         assert out.outputs[0].token_ids == expected.token_ids, f"{params}"
         assert out.outputs[0].logprobs == expected.logprobs
-    assert len({layout.passes for layout in runner._compiled}) == 3  # none, draw, every pass
+    assert {layout.passes for layout in runner._compiled} == {  # the edits need the penalties pass
+        Passes(), Passes(draw=True), Passes(penalties=True, draw=True), Passes(True, True, True, True)}
     assert any(layout.shape("next_tokens") is not None for layout in runner._compiled)  # prompt logprobs
     rest = set(runner._shapes(Passes.every(), scored=(False, True)))  # what warmup_rest() compiles
     assert runner._compiled <= rest
@@ -175,11 +177,13 @@ def test_a_shape_compiles_once_whichever_threads_ask(llm, monkeypatch):
 
 def test_preemption_keeps_outputs(llm):
     """A pool far too small for the load (19 pages for 6 slots whose sequences grow to 4-7 pages each):
-    requests are preempted and recomputed, and every one still gets its own greedy output."""
+    requests are preempted and recomputed, and every one still gets its own greedy output, logit edits included."""
     small = engine_like(llm, num_pages=20)
     rng = np.random.default_rng(1)
+    edits = [{}, dict(logit_bias={int(t): 4.0 for t in rng.integers(5, 4000, 300)}),
+             dict(allowed_token_ids=rng.integers(5, 4000, 200).tolist())]  # reloaded into the slot of a resumption
     requests = [(rng.integers(5, 4000, int(rng.integers(10, 40))).tolist(),
-                 SamplingParams(max_tokens=int(rng.integers(40, 70)), **GREEDY)) for _ in range(10)]
+                 SamplingParams(max_tokens=int(rng.integers(40, 70)), **GREEDY, **edits[i % 3])) for i in range(10)]
     outs = run(small, requests)
     assert small.stats().preemptions > 0
     for (prompt, params), out in zip(requests, outs):
