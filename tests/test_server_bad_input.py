@@ -465,6 +465,7 @@ BAD_FIELDS = [
     (COMPLETIONS, {"guided_choice": ["yes", "no"]}, "guided_choice"),
     (CHAT, {"guided_regex": "[0-9]+"}, "guided_regex"),
     (CHAT, {"structured_outputs": {"choice": ["a"]}}, "structured_outputs"),
+    (COMPLETIONS, {"suffix": "\n    return x"}, "suffix"),  # fill-in-the-middle would need the model's FIM tokens
     (COMPLETIONS, {"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
     (CHAT, {"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
     (COMPLETIONS, {"truncate_prompt_tokens": "5"}, "truncate_prompt_tokens"),
@@ -492,6 +493,7 @@ EDGE_FIELDS = [
     (COMPLETIONS, {"logit_bias": {"0": -100, str(VOCAB - 1): 1e30}}),  # clamped to [-100, 100], as vLLM does
     (CHAT, {"allowed_token_ids": [0, VOCAB - 1], "logit_bias": {}}),
     (CHAT, {"response_format": {"type": "text"}, "guided_json": None}),  # no constraint
+    (COMPLETIONS, {"suffix": ""}), (COMPLETIONS, {"suffix": None}),
     (COMPLETIONS, {"priority": -5, "truncate_prompt_tokens": -1}), (CHAT, {"priority": 2**63 - 1}),
 ]
 

@@ -23,15 +23,16 @@ MAX_MESSAGE_CHARS = 400  # error messages never echo a large input back
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
           409: "ConflictError", 413: "RequestEntityTooLarge", 429: "RateLimitError", 500: "InternalServerError",
           503: "ServiceUnavailableError"}
-# Fields that constrain the output to a format. Generating without the constraint would answer something the
-# client did not ask for, so they are refused rather than ignored (OpenAI's response_format, vLLM's own).
-_CONSTRAINTS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
-                "guided_grammar")
+# Fields we do not serve whose answer would differ from what the client asked for if they were ignored: refused.
+_STRUCTURED = "structured output (JSON, a schema, a regex, a grammar or a choice) is not supported here"
+_REFUSED = {**dict.fromkeys(("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                             "guided_grammar"), _STRUCTURED),
+            "suffix": "fill-in-the-middle (suffix) is not supported here"}
 _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop",
                       "stop_token_ids", "seed", "logprobs", "echo", "stream", "stream_options", "presence_penalty",
                       "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "user",
                       "include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs", "return_token_ids",
-                      "logit_bias", "allowed_token_ids", "truncate_prompt_tokens", "priority", *_CONSTRAINTS}
+                      "logit_bias", "allowed_token_ids", "truncate_prompt_tokens", "priority", *_REFUSED}
 _CHAT_FIELDS = (_COMPLETION_FIELDS - {"prompt", "echo"}) | {
     "messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt", "continue_final_message",
     "chat_template", "chat_template_kwargs", "tools", "tool_choice"}
@@ -347,15 +348,14 @@ def check_text(body: dict) -> None:
 
 
 def _check_fields(body: dict, known: set[str]) -> None:
-    """Unknown fields are logged and ignored, as vLLM does; a format constraint is refused (400)."""
+    """Unknown fields are logged and ignored, as vLLM does; the `_REFUSED` ones are 400."""
     unknown = sorted(set(body) - known)
     if unknown:
         log.info("ignoring unknown request fields: %s", ", ".join(k[:40] for k in unknown[:10]))
-    for name in _CONSTRAINTS:
+    for name, why in _REFUSED.items():
         value = body.get(name)
-        if value is not None and not (name == "response_format" and value == {"type": "text"}):
-            _fail(f"{name}: structured output (JSON, a schema, a regex, a grammar or a choice) is not supported "
-                  "here; the output would not be constrained", name)
+        if value not in (None, "") and not (name == "response_format" and value == {"type": "text"}):
+            _fail(f"{name}: {why}", name)
 
 
 def parse_completion(body, limits: Limits) -> GenerationRequest:
