@@ -31,6 +31,9 @@ _CONTEXT_TOKENS = 5
 _CONTINUATION_BYTE = re.compile(r"<0x[89AB][0-9A-F]>")  # a byte-fallback token of a UTF-8 continuation byte
 # transformers' marker after the text of a message to continue: the rendered text is cut where it lands.
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+# What rendering a chat template raises when the template or its input is at fault, a request's template that
+# recurses forever or divides by its message count among them: callers report "could not render", not a crash.
+CHAT_TEMPLATE_ERRORS = (ValueError, TypeError, ArithmeticError, RecursionError, jinja2.TemplateError)
 
 
 def _read_json(path: Path) -> dict:

@@ -128,6 +128,8 @@ def test_chat_continues_messages_renders_tools_and_other_templates(llm):
     with pytest.raises(ValueError, match="conversation 0: .* continue_final_message and add_generation_prompt "
                                          "cannot both be true"):
         llm.chat(prefilled, params, continue_final_message=True)
+    with pytest.raises(ValueError, match="conversation 0: .* division by zero"):  # the template's fault, not ours
+        llm.chat(prefilled, params, chat_template="{{ 1 / 0 }}")
     assert _free_all(llm)
 
 

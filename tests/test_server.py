@@ -110,8 +110,8 @@ def test_logprobs_of_generated_tokens(live, client):
 
 
 def test_logit_bias_and_allowed_token_ids_through_the_client(live, client):
-    """OpenAI's logit_bias (string keys on the wire) and vLLM's allowed_token_ids (extra_body) steer the tokens;
-    a request without them, sent next, is unchanged."""
+    """OpenAI's logit_bias (string keys on the wire, read as vLLM reads them: Python's int()) and vLLM's
+    allowed_token_ids (extra_body) steer the tokens; a request without them, sent next, is unchanged."""
     def ids(**extra):
         out = client.completions.create(model="tiny", prompt="Hello", extra_body={"return_token_ids": True,
                                                                                    **extra.pop("extra_body", {})},
@@ -120,6 +120,7 @@ def test_logit_bias_and_allowed_token_ids_through_the_client(live, client):
 
     plain = ids()
     assert ids(logit_bias={"1234": 100}) == [1234] * len(plain)
+    assert ids(logit_bias={"+1234": 100}) == ids(logit_bias={" 01_234 ": 100}) == [1234] * len(plain)  # as int()
     banned = ids(logit_bias={str(plain[0]): -100})
     assert banned[0] != plain[0]
     allowed = [7, 99, plain[1], 2000]
@@ -198,6 +199,22 @@ def test_chat_template_fields_render_as_transformers(live, client, monkeypatch):
                                          tool_choice="auto", extra_body={"chat_template": template})
     assert sdk.usage.prompt_tokens == len(hf.apply_chat_template(prefilled[:1], tools=tools, chat_template=template,
                                                                  add_generation_prompt=True)["input_ids"])
+
+
+def test_chat_template_kwargs_win_over_the_request_fields(live):
+    """vLLM (and LLM.chat) update the request's template arguments with chat_template_kwargs: flags sent there
+    render as if sent as fields."""
+    prefilled = [{"role": "user", "content": "Name a colour"}, {"role": "assistant", "content": "Mine is"}]
+    flags = {"add_generation_prompt": False, "continue_final_message": True}
+    text = live.engine.tokenizer.apply_chat_template(prefilled, **flags)
+    ids = live.engine.tokenizer.encode(text, add_special_tokens=False)
+    with httpx.Client(base_url=live.url, timeout=60) as http:
+        body = {"messages": prefilled, "chat_template_kwargs": flags}
+        assert http.post("/tokenize", json=body).json()["tokens"] == ids
+        chat = http.post("/v1/chat/completions", json={**body, "max_tokens": 2, "return_token_ids": True}).json()
+        assert chat["choices"][0]["prompt_token_ids"] == ids
+    assert text.endswith("assistant\nMine is")
+    live.wait_idle()
 
 
 def test_prompt_logprobs_come_back_as_vllm_returns_them(live, client):

@@ -174,6 +174,7 @@ WRONG_TYPES = [
     (CHAT, {"tools": {"type": "function"}}, "tools"),
     (CHAT, {"tools": ["paint"]}, "tools"),
     (CHAT, {"chat_template": 5}, "chat_template"),
+    (CHAT, {"chat_template_kwargs": {"add_generation_prompt": "no"}}, "add_generation_prompt"),
     (COMPLETIONS, {"stop_token_ids": 0}, "stop_token_ids"),
     (COMPLETIONS, {"stop_token_ids": ""}, "stop_token_ids"),
     (CHAT, {"stop_token_ids": {}}, "stop_token_ids"),
@@ -442,6 +443,7 @@ BAD_FIELDS = [
     (COMPLETIONS, {"min_tokens": 1, "stop_token_ids": list(range(30, 50))}, "min_tokens"),  # > 16 held back
     (CHAT, {"continue_final_message": True, "add_generation_prompt": True}, "continue_final_message"),
     (CHAT, {"continue_final_message": True}, "continue_final_message"),  # add_generation_prompt defaults to true
+    (CHAT, {"chat_template_kwargs": {"continue_final_message": True}}, "continue_final_message"),  # as if a field
     (CHAT, {"tools": [TOOL], "tool_choice": "required"}, "tool_choice"),  # calls are not parsed out of the output
     (CHAT, {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "paint"}}}, "tool_choice"),
     (CHAT, {"chat_template": "{{ messages }}"}, "chat_template"),  # this server does not trust request templates
@@ -493,7 +495,7 @@ EDGE_FIELDS = [
     (COMPLETIONS, {"logit_bias": {"0": -100, str(VOCAB - 1): 1e30}}),  # clamped to [-100, 100], as vLLM does
     (CHAT, {"allowed_token_ids": [0, VOCAB - 1], "logit_bias": {}}),
     (CHAT, {"response_format": {"type": "text"}, "guided_json": None}),  # no constraint
-    (COMPLETIONS, {"suffix": ""}), (COMPLETIONS, {"suffix": None}),
+    (COMPLETIONS, {"suffix": ""}), (COMPLETIONS, {"suffix": None}), (CHAT, {"suffix": "x"}),
     (COMPLETIONS, {"priority": -5, "truncate_prompt_tokens": -1}), (CHAT, {"priority": 2**63 - 1}),
 ]
 
@@ -517,6 +519,9 @@ BAD_TEMPLATES = {
                                        "messages": [*HI, {"role": "assistant", "content": "Hello"}],
                                        "add_generation_prompt": False, "continue_final_message": True},
                                       "messages", "final message does not appear"),
+    "recurses forever": ({"chat_template": "{% macro r() %}{{ r() }}{% endmacro %}{{ r() }}"}, "messages",
+                         "recursion"),
+    "divides by zero": ({"chat_template": "{{ 1 / (messages | length - 1) }}"}, "messages", "division by zero"),
 }
 
 

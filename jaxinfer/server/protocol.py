@@ -33,7 +33,7 @@ _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "
                       "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "user",
                       "include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs", "return_token_ids",
                       "logit_bias", "allowed_token_ids", "truncate_prompt_tokens", "priority", *_REFUSED}
-_CHAT_FIELDS = (_COMPLETION_FIELDS - {"prompt", "echo"}) | {
+_CHAT_FIELDS = (_COMPLETION_FIELDS - {"prompt", "echo", "suffix"}) | {
     "messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt", "continue_final_message",
     "chat_template", "chat_template_kwargs", "tools", "tool_choice"}
 _ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -204,10 +204,11 @@ def _logit_bias(body: dict, limits: Limits) -> dict[int, float]:
     if not isinstance(value, dict):
         _fail(f"logit_bias must be an object of token id -> bias, got {_describe(value)}", "logit_bias")
     ids = []
-    for key in value:  # JSON keys are strings
-        if not re.fullmatch(r"\s*-?\d{1,19}\s*", key):
+    for key in value:  # JSON keys are strings, read as vLLM reads them: int() takes " 5", "+5", "05" and "1_0"
+        try:
+            ids.append(int(key))
+        except ValueError:
             _fail(f"logit_bias keys must be token ids, got {_describe(key)}", "logit_bias")
-        ids.append(int(key))
     _token_ids(ids, limits, "logit_bias")
     biases = list(value.values())
     for bias in biases:
@@ -353,7 +354,7 @@ def _check_fields(body: dict, known: set[str]) -> None:
     if unknown:
         log.info("ignoring unknown request fields: %s", ", ".join(k[:40] for k in unknown[:10]))
     for name, why in _REFUSED.items():
-        value = body.get(name)
+        value = body.get(name) if name in known else None  # chat has no suffix: ignored there, as in vLLM
         if value not in (None, "") and not (name == "response_format" and value == {"type": "text"}):
             _fail(f"{name}: {why}", name)
 
@@ -402,16 +403,18 @@ def _messages(value) -> list[dict]:
 
 
 def _template_kwargs(body: dict) -> dict:
-    """The chat template's arguments: chat_template_kwargs under the request's own fields. As in vLLM,
-    add_generation_prompt defaults to true, so continue_final_message needs it set false; tools are rendered into
-    the prompt, but calls in the output are not parsed, so tool_choice can only leave the choice to the model."""
-    kwargs = body.get("chat_template_kwargs")
-    kwargs = {} if kwargs is None else kwargs
-    if not isinstance(kwargs, dict):
+    """The chat template's arguments: the request's own fields, updated with chat_template_kwargs (which win, as
+    in vLLM and `LLM.chat`). As in vLLM, add_generation_prompt defaults to true, so continue_final_message needs
+    it set false; tools are rendered into the prompt, but calls in the output are not parsed, so tool_choice can
+    only leave the choice to the model."""
+    extra = body.get("chat_template_kwargs")
+    extra = {} if extra is None else extra
+    if not isinstance(extra, dict):
         _fail("chat_template_kwargs must be an object", "chat_template_kwargs")
-    given = {name: body[name] for name in ("tools", "chat_template") if body.get(name) is not None}
-    kwargs = {**kwargs, **given, "add_generation_prompt": _bool(body, "add_generation_prompt", True),
-              "continue_final_message": _bool(body, "continue_final_message", False)}
+    fields = ("tools", "chat_template", "add_generation_prompt", "continue_final_message")
+    kwargs = {**{name: body[name] for name in fields if body.get(name) is not None}, **extra}
+    kwargs["add_generation_prompt"] = _bool(kwargs, "add_generation_prompt", True)
+    kwargs["continue_final_message"] = _bool(kwargs, "continue_final_message", False)
     if kwargs["add_generation_prompt"] and kwargs["continue_final_message"]:
         _fail("continue_final_message and add_generation_prompt cannot both be true (add_generation_prompt defaults "
               "to true): send add_generation_prompt: false to continue the final message", "continue_final_message")
