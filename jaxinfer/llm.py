@@ -25,7 +25,7 @@ from jaxinfer.model.checkpoint import find_model, load_config, load_params
 from jaxinfer.runner import JaxExecutor, ModelRunner
 from jaxinfer.model.weights import expand_kv_heads
 from jaxinfer.sharding import make_mesh, mesh_problems
-from jaxinfer.tokenizer import CHAT_TEMPLATE_ERRORS, TOKENIZER_FILES, Tokenizer
+from jaxinfer.tokenizer import CHAT_TEMPLATE_ERRORS, TOKENIZER_FILES, Tokenizer, openai_messages
 from pallas_kernels.attention import kernel_self_check
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class LLM:
         if not isinstance(conversation, (list, tuple)) or not all(isinstance(m, dict) for m in conversation):
             raise ValueError(f"conversation {index}: must be a list of message dicts, got {conversation!r:.80}")
         try:
-            text = self.tokenizer.apply_chat_template(list(conversation), **kwargs)
+            text = self.tokenizer.apply_chat_template(openai_messages(conversation), **kwargs)
         except CHAT_TEMPLATE_ERRORS as e:
             raise ValueError(f"conversation {index}: the chat template could not render it: {e}") from None
         return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}

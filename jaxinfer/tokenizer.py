@@ -36,6 +36,36 @@ _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 CHAT_TEMPLATE_ERRORS = (ValueError, TypeError, ArithmeticError, RecursionError, jinja2.TemplateError)
 
 
+def openai_messages(messages: list[dict]) -> list[dict]:
+    """OpenAI chat messages as vLLM hands them to a template: an assistant's tool-call `arguments`, a JSON string
+    in the API, become the dict tool-use templates expect (`arguments | tojson`), empty ones {}; an empty
+    `tool_calls` list is dropped. Copies; a ValueError names arguments that are not JSON."""
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls")
+        if message.get("role") == "assistant" and isinstance(calls, list):
+            message = {k: v for k, v in message.items() if k != "tool_calls"}
+            if calls:
+                message["tool_calls"] = [_parsed_arguments(call) for call in calls]
+        out.append(message)
+    return out
+
+
+def _parsed_arguments(call):
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        return call
+    arguments = function.get("arguments")
+    if isinstance(arguments, (dict, list)):
+        return call
+    try:
+        parsed = json.loads(arguments) if arguments else {}
+    except (TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"tool call {function.get('name')!r}: arguments must be a JSON object, got "
+                         f"{arguments!r:.80} ({e})") from None
+    return {**call, "function": {**function, "arguments": parsed}}
+
+
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 

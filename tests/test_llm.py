@@ -133,6 +133,23 @@ def test_chat_continues_messages_renders_tools_and_other_templates(llm):
     assert _free_all(llm)
 
 
+def test_chat_hands_tool_call_arguments_to_the_template_as_objects(llm):
+    """As vLLM's LLM.chat: OpenAI-style tool-call arguments (JSON strings) are parsed before the template runs."""
+    template = ("{% for m in messages %}{{ m.role }}:{{ m.content or '' }}{% for c in m.tool_calls or [] %}"
+                "{{ c.function.arguments | tojson }}{% endfor %}\n{% endfor %}")
+    call = {"type": "function", "function": {"name": "paint", "arguments": '{"colour": "red"}'}}
+    chat = [{"role": "user", "content": "Paint it"}, {"role": "assistant", "tool_calls": [call]}]
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    out = llm.chat(chat, params, use_tqdm=False, chat_template=template, add_generation_prompt=False)[0]
+    from transformers import AutoTokenizer
+
+    parsed = [chat[0], {**chat[1], "tool_calls": [{**call, "function": {"name": "paint", "arguments": {"colour": "red"}}}]}]
+    hf = AutoTokenizer.from_pretrained(find_model(None).directory)
+    assert out.prompt == hf.apply_chat_template(parsed, chat_template=template, tokenize=False)
+    assert 'assistant:{"colour": "red"}' in out.prompt  # the object, once encoded
+    assert _free_all(llm)
+
+
 def test_seeds_decide_samples(llm):
     params = dict(max_tokens=16, temperature=1.0, ignore_eos=True)
     a = llm.generate("Hello", SamplingParams(seed=1, **params))[0].outputs[0].token_ids

@@ -201,6 +201,36 @@ def test_chat_template_fields_render_as_transformers(live, client, monkeypatch):
                                                                  add_generation_prompt=True)["input_ids"])
 
 
+CALL_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content or '' }}"
+                 "{% for c in m.tool_calls or [] %}<call>{{ c.function.name }} {{ c.function.arguments | tojson }}"
+                 "</call>{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                 "{% endif %}")
+
+
+def test_tool_call_arguments_reach_the_template_as_objects(live, monkeypatch):
+    """OpenAI sends an assistant's tool-call arguments as a JSON string; tool-use templates (Llama 3.1, Qwen 2.5:
+    `arguments | tojson`) expect the object, so vLLM parses it first. The prompt is transformers' rendering of the
+    parsed conversation; arguments that are not JSON are 400."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(live.engine.tokenizer.name)
+    monkeypatch.setattr(live.server, "config", dataclasses.replace(live.server.config, trust_request_chat_template=True))
+    call = {"id": "c1", "type": "function", "function": {"name": "paint", "arguments": '{"colour": "red"}'}}
+    sent = [{"role": "user", "content": "Paint it"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "done"}]
+    parsed = [sent[0], {**sent[1], "tool_calls": [{**call, "function": {"name": "paint", "arguments": {"colour": "red"}}}]},
+              sent[2]]
+    ids = hf.apply_chat_template(parsed, chat_template=CALL_TEMPLATE, add_generation_prompt=True)["input_ids"]
+    with httpx.Client(base_url=live.url, timeout=60) as http:
+        body = {"messages": sent, "chat_template": CALL_TEMPLATE}
+        assert http.post("/tokenize", json=body).json()["tokens"] == ids
+        assert '{"colour": "red"}</call>' in hf.decode(ids)  # once encoded, not a string of a string
+        bad = {**call, "function": {"name": "paint", "arguments": "{colour: red"}}
+        answer = http.post("/v1/chat/completions", json={**body, "messages": [sent[0], {**sent[1], "tool_calls": [bad]}]})
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == "messages"
+        assert "arguments must be a JSON object" in answer.json()["error"]["message"]
+
+
 def test_chat_template_kwargs_win_over_the_request_fields(live):
     """vLLM (and LLM.chat) update the request's template arguments with chat_template_kwargs: flags sent there
     render as if sent as fields."""

@@ -27,7 +27,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
+from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer, openai_messages
 
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / "jaxinfer" / "assets" / "default"
 
@@ -447,3 +447,20 @@ def test_tokenizer_json_is_followed_as_written(tmp_path, checkpoints, spm_model)
     sp = sentencepiece.SentencePieceProcessor(model_proto=spm_model)
     for text in TEXTS + [" leading", "  two"]:
         assert ours.encode(text) == hf.encode(text) == [1] + sp.encode(text)
+
+
+def test_openai_messages_parse_tool_call_arguments_as_vllm_does():
+    """An assistant's tool-call arguments (a JSON string in the OpenAI API) become objects; empty ones {}; an
+    empty tool_calls list is dropped; other roles and objects are left alone; the input is not changed."""
+    call = lambda arguments: {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}  # noqa: E731
+    sent = [{"role": "user", "content": "x", "tool_calls": [call("{}")]},
+            {"role": "assistant", "content": None, "tool_calls": [call('{"a": [1, 2]}'), call(""), call({"b": 1})]},
+            {"role": "assistant", "content": "y", "tool_calls": []}]
+    before = json.loads(json.dumps(sent))
+    out = openai_messages(sent)
+    assert out[0] == sent[0]
+    assert [c["function"]["arguments"] for c in out[1]["tool_calls"]] == [{"a": [1, 2]}, {}, {"b": 1}]
+    assert out[2] == {"role": "assistant", "content": "y"}
+    assert sent == before
+    with pytest.raises(ValueError, match="tool call 'f': arguments must be a JSON object"):
+        openai_messages([{"role": "assistant", "tool_calls": [call("{a: 1")]}])

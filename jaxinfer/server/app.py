@@ -32,7 +32,7 @@ from jaxinfer.server import metrics
 from jaxinfer.server.protocol import (APIError, GenerationRequest, Limits, TokenText, chat_logprobs, check_api_key,
                                       check_text, completion_logprobs, parse_chat, parse_completion, parse_json,
                                       parse_token_ids, prompt_logprobs_json, read_body, usage)
-from jaxinfer.tokenizer import CHAT_TEMPLATE_ERRORS
+from jaxinfer.tokenizer import CHAT_TEMPLATE_ERRORS, openai_messages
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def render_chat(server: Server, messages: list[dict], kwargs: dict) -> str:
                             "with --trust-request-chat-template, as in vLLM); leave chat_template out to use the "
                             "model's", "chat_template")
     try:
-        return server.engine.tokenizer.apply_chat_template(messages, **kwargs)
+        return server.engine.tokenizer.apply_chat_template(openai_messages(messages), **kwargs)
     except jinja2.TemplateSyntaxError as e:
         raise APIError(400, f"the chat template is not valid Jinja: {e}", "chat_template") from None
     except CHAT_TEMPLATE_ERRORS as e:
