@@ -28,6 +28,7 @@ from jax import lax
 
 MAX_LOGPROBS = 20  # top alternatives always computed per row
 _MIN_TEMPERATURE = 1e-5  # below this a row is greedy, as in vLLM; also keeps logits / T finite
+_FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
 
 
 @jax.tree_util.register_dataclass
@@ -206,7 +207,15 @@ def load_edits_row(edits: LogitEdits, row: jax.Array, allowed_ids: jax.Array, bi
 
 
 def _edit_and_penalize(logits: jax.Array, st: SamplingTensors, penalties: PenaltyState) -> jax.Array:
-    return _apply_penalties(_apply_edits(logits, st), st, penalties)
+    edited = _apply_edits(logits, st)
+    return _saturate(_apply_penalties(edited, st, penalties), edited)
+
+
+def _saturate(x: jax.Array, before: jax.Array) -> jax.Array:
+    """`x`, computed from `before`, with what overflowed float32 (a huge logit bias times a repetition penalty
+    or over a small temperature) held at the largest finite value: only ids already at -inf (not allowed,
+    banned) stay there, so the row still has a token to pick and its filter thresholds are not NaN."""
+    return jnp.where(before == -jnp.inf, before, jnp.clip(x, -_FLOAT32_MAX, _FLOAT32_MAX))
 
 
 def _apply_edits(logits: jax.Array, st: SamplingTensors) -> jax.Array:
@@ -249,7 +258,7 @@ def _draw(processed: jax.Array, st: SamplingTensors, positions: jax.Array, rando
     """Gumbel-max draw [B] from the temperature-scaled logits [B, V], each row kept to what its filters leave
     (`floor(scaled, st)`: the lowest kept value per row)."""
     vocab = processed.shape[-1]
-    scaled = processed / jnp.where(random_rows, st.temperature, 1.0)[:, None]
+    scaled = _saturate(processed / jnp.where(random_rows, st.temperature, 1.0)[:, None], processed)
     kept = jnp.where(scaled >= floor(scaled, st)[:, None], scaled, -jnp.inf)
     noise = jax.vmap(_gumbel, in_axes=(0, 0, None))(st.seed, positions, vocab)
     return jnp.argmax(kept + noise, axis=-1).astype(jnp.int32)

@@ -110,12 +110,13 @@ def test_static_control_flow_gives_the_dynamic_outputs(llm):
                  SamplingParams(max_tokens=int(rng.integers(1, 9)), seed=i, **{"ignore_eos": True, **kinds[i % 4]}))
                 for i in range(12)]
     outs = run(static.engine, requests, rng.integers(0, 8, len(requests)).tolist())
-    for (prompt, params), out in zip(requests, outs):
+    outs += run(static.engine, requests[3:4])  # logit edits alone: the penalties pass, no draw
+    for (prompt, params), out in zip(requests + requests[3:4], outs):
         expected = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
         assert out.outputs[0].token_ids == expected.token_ids, f"{params}"
         assert out.outputs[0].logprobs == expected.logprobs
-    assert {layout.passes for layout in runner._compiled} == {  # the edits need the penalties pass
-        Passes(), Passes(draw=True), Passes(penalties=True, draw=True), Passes(True, True, True, True)}
+    assert {layout.passes for layout in runner._compiled} == {  # finished requests' rows leave no pass on
+        Passes(), Passes(draw=True), Passes(penalties=True), Passes(True, True, True, True)}
     assert any(layout.shape("next_tokens") is not None for layout in runner._compiled)  # prompt logprobs
     rest = set(runner._shapes(Passes.every(), scored=(False, True)))  # what warmup_rest() compiles
     assert runner._compiled <= rest
@@ -305,6 +306,16 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(llm):
         llm.generate([prompt], SamplingParams(truncate_prompt_tokens=385, **params), use_tqdm=False)
     with pytest.raises(ValueError, match="the prompt has 384 tokens"):  # -1 with a prompt over the context
         llm.generate([list(range(500))], SamplingParams(truncate_prompt_tokens=-1, **params), use_tqdm=False)
+
+
+def test_a_truncated_prompts_text_is_its_kept_tokens_text(llm):
+    """A cut prompt reports the text of the tokens it kept, special tokens included, as an uncut prompt's text
+    keeps them (a chat template's markers, an EOS inside the prompt): the text still encodes to the ids."""
+    text = "Once upon a time</s><s> there was"
+    params = SamplingParams(max_tokens=1, truncate_prompt_tokens=5, **GREEDY)
+    out = llm.generate([text], params, use_tqdm=False)[0]
+    assert out.prompt == "time</s><s> there was"
+    assert llm.tokenizer.encode(out.prompt, add_special_tokens=False) == out.prompt_token_ids
 
 
 def test_penalties_change_greedy_output(llm):

@@ -269,6 +269,26 @@ def test_a_bias_of_100_forces_and_minus_100_bans_a_token(case, temperature):
     assert (drawn[:, :, None] == best[:, None, :]).any(axis=-1).all()
 
 
+@pytest.mark.parametrize("bias", [-1e36, -float(np.finfo(np.float32).max), 1e36, float(np.finfo(np.float32).max)])
+@pytest.mark.parametrize("filters", [{}, dict(top_p=[1, 0.5, 1, 1, 1, 1]), dict(min_p=[0, 0.1, 0, 0, 0, 0], top_k=2)])
+def test_any_finite_bias_keeps_the_token_allowed_and_finite(case, bias, filters):
+    """SamplingParams takes any finite bias. One that overflows float32 once scaled by a repetition penalty
+    or a small temperature must neither drop the row's only allowed token (-inf) nor make the filters'
+    thresholds NaN (+inf), whichever filters the row or its neighbours use."""
+    logits, counts, prompt, _ = case
+    prompt = prompt.copy()
+    prompt[:, 5] = True
+    allowed = np.full((B, N), -1)
+    allowed[:, :2] = [5, 5 if bias < 0 else 9]  # a duplicate id, or a rival
+    s = _settings(B, temperature=[0.0, 1e-5, 1e-3, 0.5, 1.0, 0.0], repetition_penalty=[1.5, 1, 0.5, 1.5, 1, 0.5],
+                  seed=[1, 2, 3, 4, 5, 6], uses_edits=1, allowed_ids=allowed,
+                  bias_ids=np.pad(np.full((B, 1), 5), ((0, 0), (0, N - 1)), constant_values=-1),
+                  bias=np.pad(np.full((B, 1), bias), ((0, 0), (0, N - 1))), **filters)
+    out = _run(logits, s, counts, prompt)
+    np.testing.assert_array_equal(out.tokens, np.full(B, 5))
+    assert not any(np.isnan(np.asarray(field)).any() for field in jax.tree.leaves(out))
+
+
 def test_load_edits_row():
     edits = empty_edits(3, N)
     ids = np.arange(N, dtype=np.int32)

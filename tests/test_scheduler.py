@@ -18,6 +18,7 @@ from jaxinfer.engine.executor import FakeExecutor, fake_continuation
 from jaxinfer.engine.metrics import HISTOGRAMS, ITL, TTFT
 from jaxinfer.engine.pages import NULL_PAGE, pages_for
 from jaxinfer.engine.request import SamplingParams, Status
+from jaxinfer.engine.scheduler import neutral_sampling
 from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 VOCAB, EOS = 50, 7
@@ -388,6 +389,28 @@ def test_lower_priority_value_is_admitted_first():
     admitted = [plan.seqs[chunk.slot].request_id for plan in engine.executor.dispatched
                 for chunk in plan.prefills if chunk.start == 0]
     assert admitted == sorted(order, key=lambda rid: (order[rid], int(rid.split("-")[1])))
+
+
+def test_a_freed_slot_keeps_no_sampling_rows():
+    """A finished request's rows (random draw, filters, penalties, logit edits, logprobs) leave its slot with
+    it: the steps of a greedy request still running must not keep running the sampler passes it turned on."""
+    engine = make_engine()
+    greedy = engine.add_request([1, 2, 3], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True),
+                                stream=False)
+    busy = SamplingParams(max_tokens=2, temperature=0.8, top_p=0.5, presence_penalty=0.5, logprobs=1, seed=1,
+                          logit_bias={3: 1.0}, allowed_token_ids=[3, 4], ignore_eos=True)
+    engine.add_request([4, 5, 6], busy, stream=False)
+    finals, seen = {}, 0
+    while not finals:
+        seen = step_and_check(engine, finals, seen)
+    done = len(engine.executor.dispatched)
+    finals.update(run(engine))
+    assert greedy in finals and len(engine.executor.dispatched) > done
+    neutral = neutral_sampling(engine.cfg.max_slots)
+    for plan in engine.executor.dispatched[done:]:
+        assert list(plan.seqs) == [0]
+        for name, row in plan.sampling.items():
+            assert (row[1:] == neutral[name][1:]).all(), name
 
 
 @pytest.mark.parametrize("caching", [True, False])

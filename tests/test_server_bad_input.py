@@ -290,6 +290,10 @@ def test_4_truncate_prompt_tokens_keeps_the_last_tokens_or_names_itself(server, 
     error = assert_error(client.post(COMPLETIONS, json={**body, "truncate_prompt_tokens": MAX_MODEL_LEN + 1}), 400,
                          "truncate_prompt_tokens")
     assert "greater than the maximum context length" in error["message"]
+    echo = client.post(COMPLETIONS, json={"prompt": "hello world<|im_end|> again", "max_tokens": 1, "echo": True,
+                                          "truncate_prompt_tokens": 3, "return_token_ids": True}).json()["choices"][0]
+    assert echo["text"].startswith(server.engine.tokenizer.decode(echo["prompt_token_ids"], skip_special_tokens=False))
+    assert "<|im_end|>" in echo["text"]  # the kept tokens' text, special tokens included, as the uncut prompt's
     messages = [{"role": "user", "content": "hello world " * 400}]
     chat = client.post(CHAT, json={"messages": messages, "max_tokens": 1, "truncate_prompt_tokens": 30})
     assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == 30

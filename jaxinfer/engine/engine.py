@@ -238,11 +238,13 @@ class Engine:
 
     def validate(self, prompt, params: SamplingParams, priority: int = 0) -> tuple[str | None, list[int], int]:
         """-> (prompt text or None, prompt ids, tokens it may generate); raises on bad input. With
-        `truncate_prompt_tokens` the ids are the prompt's last ones, and the text is theirs."""
+        `truncate_prompt_tokens` the ids are the prompt's last ones, and the text is theirs (special tokens
+        kept, as in an uncut prompt's text)."""
         text, ids = self._encode(prompt)
         kept = params.truncate(ids, self.cfg.max_model_len)
         if len(kept) < len(ids):
-            text, ids = (self.tokenizer.decode(kept) if self.tokenizer and text is not None else None), kept
+            has_text = self.tokenizer is not None and text is not None
+            text, ids = (self.tokenizer.decode(kept, skip_special_tokens=False) if has_text else None), kept
         return text, ids, self._check(ids, params, priority)
 
     def _encode(self, prompt) -> tuple[str | None, list[int]]:

@@ -59,7 +59,7 @@ class StepPlan:
     steps: np.ndarray  # [B] int32 decode tokens the slot produces in this dispatch (0: none)
     num_steps: int  # sampling rounds: the largest of `steps`, at least 1 if the prefill samples
     block_tables: np.ndarray  # [B, P] int32
-    sampling: dict[str, np.ndarray]  # SAMPLING_FIELDS, "seed" (uint32) and "wants_logprobs" (0/1), each [B]
+    sampling: dict[str, np.ndarray]  # SAMPLING_FIELDS, "seed" (uint32), "wants_logprobs", "uses_edits" (0/1); [B] each
     min_tokens_left: np.ndarray  # [B] int32: `banned` is masked for this many more tokens
     banned: np.ndarray  # [B, MAX_BANNED] int32, -1 padded
     prefills: list[PrefillChunk]  # packed in this order into the step's chunk
@@ -182,7 +182,8 @@ class Scheduler:
             self.prefilling = None
         self.slots[seq.slot] = None
         self._tables[seq.slot] = NULL_PAGE
-        self._rows["wants_logprobs"][seq.slot] = 0  # an empty slot must not keep the step computing them
+        for name, neutral in neutral_sampling(1).items():  # an empty slot must not keep a sampler pass running
+            self._rows[name][seq.slot] = neutral[0]
         seq.slot = None
 
     def _preempt(self, seq: Sequence) -> None:

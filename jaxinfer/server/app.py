@@ -288,7 +288,7 @@ class Generation:
         except ValueError as e:
             raise APIError(400, str(e), "truncate_prompt_tokens") from None
         if len(kept) < len(ids):
-            ids, text = kept, engine.tokenizer.decode(kept) if engine.tokenizer is not None else ""
+            ids, text = kept, engine.tokenizer.decode(kept, skip_special_tokens=False) if engine.tokenizer else ""
         if len(ids) >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens, your request has "
                                 f"{len(ids)} input tokens. Please reduce the length of the prompt.", param)
