@@ -231,6 +231,20 @@ def test_tool_call_arguments_reach_the_template_as_objects(live, monkeypatch):
         assert "arguments must be a JSON object" in answer.json()["error"]["message"]
 
 
+def test_without_a_generation_prompt_the_answer_takes_the_last_messages_role(client):
+    """As vLLM: with add_generation_prompt false the model continues the last message, so the answer (and the
+    first streamed chunk) carries that message's role; with a generation prompt, "assistant"."""
+    messages = [{"role": "user", "content": "Once upon"}]
+    answer = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2,
+                                            extra_body={"add_generation_prompt": False})
+    assert answer.choices[0].message.role == "user"
+    with client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, stream=True,
+                                        extra_body={"add_generation_prompt": False}) as stream:
+        assert next(iter(stream)).choices[0].delta.role == "user"
+    assert client.chat.completions.create(model="tiny", messages=messages, max_tokens=2).choices[0].message.role \
+        == "assistant"
+
+
 def test_chat_template_kwargs_win_over_the_request_fields(live):
     """vLLM (and LLM.chat) update the request's template arguments with chat_template_kwargs: flags sent there
     render as if sent as fields."""

@@ -404,7 +404,7 @@ class Generation:
         if not req.chat:
             return {"index": index, "text": prefix + delta_text, **choice}
         if final:
-            return {**choice, "message": {"role": "assistant", "content": delta_text}}
+            return {**choice, "message": {"role": req.role, "content": delta_text}}
         return {**choice, "delta": {"content": delta_text}}
 
     def _usage(self, job: _Job, finals) -> dict:
@@ -432,7 +432,7 @@ class Generation:
         req, finals = job.request, [None] * len(job.streams)
         try:
             if req.chat:  # the first chunk of each choice carries the role
-                roles = [{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                roles = [{"index": k, "delta": {"role": req.role, "content": ""}, "logprobs": None,
                           "finish_reason": None} for k in range(req.params.n * len(job.prompts))]
                 yield self._chunk(job, roles)
             async for i, out in _merged(job.streams):

@@ -119,6 +119,7 @@ class GenerationRequest:
     return_token_ids: bool = False  # vLLM's extension: choices also carry token_ids (and prompt_token_ids)
     prompt_logprobs: bool = False  # vLLM's extension: the first (or only) choice of a prompt carries them
     priority: int = 0  # vLLM's extension: lower values are admitted first, ties in arrival order
+    role: str = "assistant"  # chat: the answer's role; without a generation prompt, the last message's (vLLM)
 
 
 def _fail(message: str, param: str | None) -> None:
@@ -453,7 +454,8 @@ def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dic
     request = GenerationRequest(True, [], params, body.get("model"), stream, include_usage, logprobs=logprobs,
                                 max_tokens_given=max_tokens is not None, max_tokens_param=name,
                                 return_token_ids=_bool(body, "return_token_ids", False),
-                                prompt_logprobs=prompt_logprobs is not None, priority=_priority(body))
+                                prompt_logprobs=prompt_logprobs is not None, priority=_priority(body),
+                                role="assistant" if kwargs["add_generation_prompt"] else messages[-1]["role"])
     return request, messages, kwargs
 
 
