@@ -160,6 +160,9 @@ class LLM:
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("messages must be a conversation (a non-empty list of message dicts) or a list of them")
         conversations = [messages] if isinstance(messages[0], dict) else messages
+        if tools is not None and not (isinstance(tools, (list, tuple)) and all(isinstance(t, dict) for t in tools)):
+            raise ValueError("tools must be a list of JSON-schema dicts ({'type': 'function', 'function': {...}}); "
+                             "a Python function can be converted with transformers.utils.get_json_schema")
         kwargs = {"chat_template": chat_template, "add_generation_prompt": add_generation_prompt,
                   "continue_final_message": continue_final_message, "tools": tools,
                   **(chat_template_kwargs or {})}  # which win, as in vLLM

@@ -128,6 +128,8 @@ def test_chat_continues_messages_renders_tools_and_other_templates(llm):
     with pytest.raises(ValueError, match="conversation 0: .* continue_final_message and add_generation_prompt "
                                          "cannot both be true"):
         llm.chat(prefilled, params, continue_final_message=True)
+    with pytest.raises(ValueError, match="tools must be a list of JSON-schema dicts"):  # transformers converts
+        llm.chat(prefilled[:1], params, tools=[print])  # a function with its get_json_schema; we take schemas
     with pytest.raises(ValueError, match="conversation 0: .* division by zero"):  # the template's fault, not ours
         llm.chat(prefilled, params, chat_template="{{ 1 / 0 }}")
     assert _free_all(llm)
