@@ -3,6 +3,7 @@ streams and counters. Every output is compared with `fake_continuation`, which k
 any bookkeeping bug shows up as a wrong token."""
 
 import asyncio
+import copy
 import dataclasses
 import math
 import threading
@@ -349,6 +350,7 @@ def test_logit_bias_takes_json_keys_and_stays_a_copy():
     assert params.logit_bias == {7: -100, 9: 2.5} and params.uses_edits
     given[11] = 1.0
     assert 11 not in params.logit_bias
+    assert copy.deepcopy(params) == params  # vLLM users clone params so (vLLM's own clone() is a deepcopy)
     assert not SamplingParams().uses_edits and SamplingParams(allowed_token_ids=[3]).allowed_token_ids == (3,)
 
 
