@@ -436,7 +436,7 @@ class ModelRunner:
         allowed = params.allowed_token_ids or ()
         rows[0, :len(allowed)] = allowed
         rows[1, :len(params.logit_bias)] = list(params.logit_bias)
-        rows[2] = np.zeros(MAX_LOGIT_EDITS, np.float32).view(np.int32)
+        rows[2] = 0  # the bits of float32 0.0: no bias
         rows[2, :len(params.logit_bias)] = np.asarray(list(params.logit_bias.values()), np.float32).view(np.int32)
         distributed.announce(distributed.EDITS, (slot,), rows.reshape(-1))
         self.replay_edits((slot,), rows.reshape(-1))
