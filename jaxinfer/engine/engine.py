@@ -240,12 +240,17 @@ class Engine:
         """-> (prompt text or None, prompt ids, tokens it may generate); raises on bad input. With
         `truncate_prompt_tokens` the ids are the prompt's last ones, and the text is theirs (special tokens
         kept, as in an uncut prompt's text)."""
-        text, ids = self._encode(prompt)
-        kept = params.truncate(ids, self.cfg.max_model_len)
-        if len(kept) < len(ids):
-            has_text = self.tokenizer is not None and text is not None
-            text, ids = (self.tokenizer.decode(kept, skip_special_tokens=False) if has_text else None), kept
+        text, ids = self.truncate(*self._encode(prompt), params)
         return text, ids, self._check(ids, params, priority)
+
+    def truncate(self, text: str | None, ids: list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
+        """The prompt cut to its last `truncate_prompt_tokens` ids, and their text (special tokens kept, as in an
+        uncut prompt's text); unchanged when nothing is cut. ValueError for a cut longer than the context."""
+        kept = params.truncate(ids, self.cfg.max_model_len)
+        if len(kept) == len(ids):
+            return text, ids
+        has_text = self.tokenizer is not None and text is not None
+        return (self.tokenizer.decode(kept, skip_special_tokens=False) if has_text else text), kept
 
     def _encode(self, prompt) -> tuple[str | None, list[int]]:
         """A prompt as vLLM takes one: text, token ids, {"prompt": text}, or {"prompt_token_ids": ids} with the

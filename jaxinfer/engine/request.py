@@ -32,6 +32,17 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def token_id_key(key):
+    """A logit_bias key as a token id: JSON has only string keys, read as vLLM reads them, with int() (" 5",
+    "+5", "05"); a key that is no integer is returned as it is, for the caller to refuse."""
+    if isinstance(key, str):
+        try:
+            return int(key)
+        except ValueError:
+            return key
+    return key
+
+
 def _as_tuple(value, message: str) -> tuple:
     """A list-like field as a tuple; a scalar (stop_token_ids=5) is a ValueError, not a TypeError."""
     try:
@@ -78,8 +89,7 @@ class SamplingParams:
         _check(self.logit_bias is None or isinstance(self.logit_bias, dict),
                f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r:.80}")
         # JSON (a server body, an eval line) has only string keys: "50256" is token 50256, as in OpenAI's API.
-        object.__setattr__(self, "logit_bias", {int(k) if isinstance(k, str) and k.isdigit() else k: v
-                                                for k, v in (self.logit_bias or {}).items()})
+        object.__setattr__(self, "logit_bias", {token_id_key(k): v for k, v in (self.logit_bias or {}).items()})
         self._validate()
 
     def _validate(self) -> None:

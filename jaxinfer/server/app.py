@@ -284,11 +284,9 @@ class Generation:
                 text = engine.tokenizer.decode(ids) if engine.tokenizer is not None and req.echo else ""
         limit, max_tokens = engine.cfg.max_model_len, req.params.max_tokens
         try:
-            kept = req.params.truncate(ids, limit)
+            text, ids = engine.truncate(text, ids, req.params)
         except ValueError as e:
             raise APIError(400, str(e), "truncate_prompt_tokens") from None
-        if len(kept) < len(ids):
-            ids, text = kept, engine.tokenizer.decode(kept, skip_special_tokens=False) if engine.tokenizer else ""
         if len(ids) >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens, your request has "
                                 f"{len(ids)} input tokens. Please reduce the length of the prompt.", param)

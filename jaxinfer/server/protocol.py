@@ -15,7 +15,7 @@ import logging
 import math
 import re
 
-from jaxinfer.engine.request import INT32_MAX, MAX_LOGPROBS, SamplingParams
+from jaxinfer.engine.request import INT32_MAX, MAX_LOGPROBS, SamplingParams, token_id_key
 
 log = logging.getLogger(__name__)
 
@@ -204,11 +204,9 @@ def _logit_bias(body: dict, limits: Limits) -> dict[int, float]:
         return {}
     if not isinstance(value, dict):
         _fail(f"logit_bias must be an object of token id -> bias, got {_describe(value)}", "logit_bias")
-    ids = []
-    for key in value:  # JSON keys are strings, read as vLLM reads them: int() takes " 5", "+5", "05" and "1_0"
-        try:
-            ids.append(int(key))
-        except ValueError:
+    ids = [token_id_key(key) for key in value]  # JSON keys are strings
+    for key, t in zip(value, ids):
+        if isinstance(t, str):
             _fail(f"logit_bias keys must be token ids, got {_describe(key)}", "logit_bias")
     _token_ids(ids, limits, "logit_bias")
     biases = list(value.values())
@@ -218,13 +216,14 @@ def _logit_bias(body: dict, limits: Limits) -> dict[int, float]:
     return {t: min(100.0, max(-100.0, float(b))) for t, b in zip(ids, biases)}
 
 
-def _allowed_token_ids(body: dict, limits: Limits) -> tuple[int, ...] | None:
-    value = body.get("allowed_token_ids")
+def _id_list(body: dict, limits: Limits, name: str) -> tuple[int, ...] | None:
+    """A field holding a list of token ids (stop_token_ids, allowed_token_ids); None if absent."""
+    value = body.get(name)
     if value is None:
         return None
     if not isinstance(value, list):
-        _fail(f"allowed_token_ids must be a list of token ids, got {_describe(value)}", "allowed_token_ids")
-    return tuple(_token_ids(value, limits, "allowed_token_ids"))
+        _fail(f"{name} must be a list of token ids, got {_describe(value)}", name)
+    return tuple(_token_ids(value, limits, name))
 
 
 def parse_token_ids(value, limits: Limits, param: str) -> list[int]:
@@ -290,10 +289,7 @@ def _sampling(body: dict, limits: Limits, max_tokens: int | None, logprobs: int 
     seed = _int(body, "seed")
     if seed is not None and not -2**63 <= seed < 2**63:
         _fail(f"seed must fit in a signed 64-bit integer, got {seed}", "seed")
-    stop_token_ids = body.get("stop_token_ids")
-    stop_token_ids = [] if stop_token_ids is None else stop_token_ids
-    if not isinstance(stop_token_ids, list):
-        _fail("stop_token_ids must be a list of token ids", "stop_token_ids")
+    stop_token_ids = _id_list(body, limits, "stop_token_ids") or ()
     min_tokens = _int(body, "min_tokens", 0)
     # chat without max_tokens runs to the end of the context: more than that is never met (nor fits in int32)
     most, most_name = (max_tokens, "max_tokens") if max_tokens is not None else (limits.max_model_len, "max_model_len")
@@ -309,11 +305,11 @@ def _sampling(body: dict, limits: Limits, max_tokens: int | None, logprobs: int 
             frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
             repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, math.inf),  # > 0, as vLLM
             seed=seed, stop=_stop(body),
-            stop_token_ids=tuple(_token_ids(stop_token_ids, limits, "stop_token_ids")),
+            stop_token_ids=stop_token_ids,
             include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
             ignore_eos=_bool(body, "ignore_eos", False), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=_bool(body, "skip_special_tokens", True), logit_bias=_logit_bias(body, limits),
-            allowed_token_ids=_allowed_token_ids(body, limits),
+            allowed_token_ids=_id_list(body, limits, "allowed_token_ids"),
             truncate_prompt_tokens=_int(body, "truncate_prompt_tokens"))
     except ValueError as e:  # the remaining bounds (top_p > 0, repetition_penalty > 0): the field leads the message
         field = re.match(r"\w+", str(e))
