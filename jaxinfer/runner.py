@@ -41,13 +41,13 @@ from jax.sharding import PartitionSpec as P
 
 from jaxinfer import distributed
 from jaxinfer.config import EngineConfig, ModelConfig
-from jaxinfer.engine.request import MAX_BANNED, MAX_LOGIT_EDITS
+from jaxinfer.engine.request import MAX_BAD_WORD_TOKENS, MAX_BAD_WORDS, MAX_BANNED, MAX_LOGIT_EDITS
 from jaxinfer.engine.scheduler import (StepPlan, StepResult, decoding_slots, neutral_sampling, step_buckets,
                                        step_rounds, step_rows)
 from jaxinfer.model.transformer import Batch, KVPool, forward, logits
 from jaxinfer.sampling import (MAX_LOGPROBS, LogitEdits, Passes, PenaltyState, SamplingTensors, empty_edits,
-                               empty_penalty_state, load_edits_row, load_penalty_row, record_tokens, sample,
-                               token_logprobs)
+                               empty_penalty_state, load_edits_row, load_penalty_row, record_recent, record_tokens,
+                               sample, token_logprobs)
 from jaxinfer.sharding import logical_sharding
 from pallas_kernels.attention import step_attention
 
@@ -189,7 +189,7 @@ def _decode(params, kv, state: SlotState, x: dict, cfg, attention, layout: Layou
                    state.penalties, layout.passes)
         sampled = active | from_prefill
         state = SlotState(jnp.where(sampled, s.tokens, state.tokens), record_tokens(state.penalties, s.tokens, sampled),
-                          state.edits)
+                          record_recent(state.edits, s.tokens, sampled))
         return i + 1, kv, state, out.at[i].set(_pack_sampled(s))
 
     out = jnp.zeros((max_steps, B, PACK), jnp.int32)
@@ -229,7 +229,7 @@ def _step(params, kv: KVPool, state: SlotState, packed, *, cfg: ModelConfig, bac
                              max_steps=max_steps)
     data = P("data")
     kv_spec = KVPool(P(None, None, "data"), P(None, None, "data"))
-    state_spec = SlotState(data, PenaltyState(data, data), LogitEdits(data, data, data))
+    state_spec = SlotState(data, PenaltyState(data, data), LogitEdits(*[data] * 5))
     out, kv, state = jax.shard_map(body, mesh=mesh, in_specs=(P(), kv_spec, state_spec, data),
                                    out_specs=(data, kv_spec, state_spec), axis_names={"data"}, check_vma=False)(
         params, kv, state, packed)
@@ -254,11 +254,33 @@ def _load_penalties(state: SlotState, slot, prompt_mask, counts) -> SlotState:
     return SlotState(state.tokens, load_penalty_row(state.penalties, slot, prompt_mask, counts), state.edits)
 
 
+# One slot's `LogitEdits` as they travel to the device, packed as a step's inputs are.
+EDITS_LAYOUT = Layout((("allowed_ids", (MAX_LOGIT_EDITS,), "int32"), ("bias_ids", (MAX_LOGIT_EDITS,), "int32"),
+                       ("bias", (MAX_LOGIT_EDITS,), "float32"),
+                       ("bad_words", (MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS), "int32"),
+                       ("recent", (MAX_BAD_WORD_TOKENS - 1,), "int32")))
+
+
+def edits_payload(seq) -> np.ndarray:
+    """A sequence's allowed ids, biases, bad words and last generated tokens, packed (`EDITS_LAYOUT`)."""
+    params = seq.params
+    rows = {name: np.full(shape, -1 if dtype == "int32" else 0, dtype) for name, shape, dtype in EDITS_LAYOUT.fields}
+    allowed = params.allowed_token_ids or ()
+    rows["allowed_ids"][:len(allowed)] = allowed
+    rows["bias_ids"][:len(params.logit_bias)] = list(params.logit_bias)
+    rows["bias"][:len(params.logit_bias)] = list(params.logit_bias.values())
+    for word, ids in zip(rows["bad_words"], seq.bad_words):
+        word[len(word) - len(ids):] = ids
+    recent = seq.output_ids[-(MAX_BAD_WORD_TOKENS - 1):]
+    rows["recent"][len(rows["recent"]) - len(recent):] = recent
+    return EDITS_LAYOUT.pack(rows)
+
+
 @functools.partial(jax.jit, donate_argnames=("state",))
-def _load_edits(state: SlotState, slot, rows) -> SlotState:
-    """rows [3, N] int32: allowed ids, bias ids, biases as float32 bits."""
-    bias = jax.lax.bitcast_convert_type(rows[2], jnp.float32)
-    return SlotState(state.tokens, state.penalties, load_edits_row(state.edits, slot, rows[0], rows[1], bias))
+def _load_edits(state: SlotState, slot, payload) -> SlotState:
+    """payload: `edits_payload`'s."""
+    one = LogitEdits(**{name: x[None] for name, x in EDITS_LAYOUT.unpack(payload).items()})
+    return SlotState(state.tokens, state.penalties, load_edits_row(state.edits, slot, one))
 
 
 IDLE_ANNOUNCE_SECONDS = 5.0  # an idle leader's no-op to the other processes, at most this often
@@ -281,7 +303,8 @@ class ModelRunner:
         by_slot = NamedSharding(mesh, P("data"))
         tokens = jax.jit(lambda: jnp.zeros(B, jnp.int32), out_shardings=by_slot)()
         penalties = jax.jit(lambda: empty_penalty_state(B, V), out_shardings=PenaltyState(by_slot, by_slot))()
-        edits = jax.jit(lambda: empty_edits(B, MAX_LOGIT_EDITS), out_shardings=LogitEdits(by_slot, by_slot, by_slot))()
+        edits = jax.jit(lambda: empty_edits(B, MAX_LOGIT_EDITS, MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS),
+                        out_shardings=LogitEdits(*[by_slot] * 5))()
         self.state = SlotState(tokens, penalties, edits)
         self._compiled: set[Layout] = set()  # the step shapes this runner has used
         self.page_buckets = engine.width_buckets()
@@ -412,7 +435,7 @@ class ModelRunner:
         if seq.params.uses_penalties:
             self._load_penalties(slot, seq)
         if seq.params.uses_edits:
-            self._load_edits(slot, seq.params)
+            self._load_edits(slot, seq)
 
     def _load_penalties(self, slot: int, seq) -> None:
         V = self.cfg.vocab_size
@@ -431,21 +454,16 @@ class ModelRunner:
         V = self.cfg.vocab_size
         self._set_penalties(int(fields[0]), payload[:V], payload[V:])
 
-    def _load_edits(self, slot: int, params) -> None:
-        rows = np.full((3, MAX_LOGIT_EDITS), -1, np.int32)
-        allowed = params.allowed_token_ids or ()
-        rows[0, :len(allowed)] = allowed
-        rows[1, :len(params.logit_bias)] = list(params.logit_bias)
-        rows[2] = 0  # the bits of float32 0.0: no bias
-        rows[2, :len(params.logit_bias)] = np.asarray(list(params.logit_bias.values()), np.float32).view(np.int32)
-        distributed.announce(distributed.EDITS, (slot,), rows.reshape(-1))
-        self.replay_edits((slot,), rows.reshape(-1))
+    def _load_edits(self, slot: int, seq) -> None:
+        payload = edits_payload(seq)
+        distributed.announce(distributed.EDITS, (slot,), payload)
+        self.replay_edits((slot,), payload)
 
     def replay_edits(self, fields, payload: np.ndarray) -> None:
-        """Load a slot's allowed ids and biases: process 0 from `_load_edits`, the others as it announced."""
+        """Load a slot's `LogitEdits`: process 0 from `_load_edits`, the others as it announced."""
         whole = NamedSharding(self.mesh, P())
-        rows = np.asarray(payload, np.int32).reshape(3, MAX_LOGIT_EDITS)
-        self.state = _load_edits(self.state, _global(np.int32(int(fields[0])), whole), _global(rows, whole))
+        payload = np.asarray(payload, np.int32)
+        self.state = _load_edits(self.state, _global(np.int32(int(fields[0])), whole), _global(payload, whole))
 
     def warmup(self, sampled: bool = True) -> None:
         """Compile every (chunk bucket, page width, decode bucket) a step can meet; prompt-logprob variants,

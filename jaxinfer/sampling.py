@@ -1,7 +1,7 @@
 """Token sampling on device: logit processing, the seeded draw and logprobs, one row per sequence.
 
-Owns the device half of sampling as pure functions: allowed token ids and logit biases
-(from each slot's `LogitEdits`), penalties from per-row token statistics
+Owns the device half of sampling as pure functions: allowed token ids, bad words and logit
+biases (from each slot's `LogitEdits`), penalties from per-row token statistics
 (`PenaltyState`), banned ids, temperature, min-p/top-k/top-p filtering,
 the Gumbel-max draw and the logprobs reported back. Host code builds
 `SamplingTensors` and keeps the `PenaltyState` and `LogitEdits` rows in step with its slots; nothing
@@ -53,11 +53,15 @@ class SamplingTensors:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LogitEdits:
-    """A row's allowed token ids and logit biases (vLLM's `allowed_token_ids`, OpenAI's `logit_bias`), sparse."""
+    """A row's allowed token ids, bad words and logit biases (vLLM's `allowed_token_ids` and `bad_words`,
+    OpenAI's `logit_bias`), sparse; and its last generated tokens, which the bad words are matched against."""
 
     allowed_ids: jax.Array  # [B, N] i32; only these ids can be sampled; all -1: every id
     bias_ids: jax.Array  # [B, N] i32; -1 = unused
     bias: jax.Array  # [B, N] f32, added to the logit of `bias_ids`
+    bad_words: jax.Array  # [B, W, T] i32 token sequences, right-aligned, -1 padded: each last one is banned
+    #                       after the others (its prefix); an all -1 sequence is unused
+    recent: jax.Array  # [B, T - 1] i32: the row's last generated tokens, the newest last; -1 before the first
 
 
 @jax.tree_util.register_dataclass
@@ -73,7 +77,7 @@ class PenaltyState:
 class Passes:
     """The optional passes a statically compiled sampler runs (a hashable jit key)."""
 
-    penalties: bool = False  # any row with penalties, allowed token ids or a logit bias
+    penalties: bool = False  # any row with penalties, allowed token ids, bad words or a logit bias
     draw: bool = False  # any random row
     filter: bool = False  # any random row with min_p, top_k or top_p (a 64-pass threshold search)
     logprobs: bool = False
@@ -194,16 +198,21 @@ def load_penalty_row(penalties: PenaltyState, row: jax.Array, prompt_mask_row: j
                         penalties.prompt_mask.at[row].set(prompt_mask_row.astype(jnp.bool_)))
 
 
-def empty_edits(rows: int, n: int) -> LogitEdits:
-    return LogitEdits(jnp.full((rows, n), -1, jnp.int32), jnp.full((rows, n), -1, jnp.int32),
-                      jnp.zeros((rows, n), jnp.float32))
+def empty_edits(rows: int, n: int, words: int, word_tokens: int) -> LogitEdits:
+    unused = functools.partial(jnp.full, fill_value=-1, dtype=jnp.int32)
+    return LogitEdits(unused((rows, n)), unused((rows, n)), jnp.zeros((rows, n), jnp.float32),
+                      unused((rows, words, word_tokens)), unused((rows, word_tokens - 1)))
 
 
-def load_edits_row(edits: LogitEdits, row: jax.Array, allowed_ids: jax.Array, bias_ids: jax.Array,
-                   bias: jax.Array) -> LogitEdits:
-    """Overwrite one row's allowed ids and biases [N] (a slot taken by a sequence that uses them)."""
-    return LogitEdits(edits.allowed_ids.at[row].set(allowed_ids), edits.bias_ids.at[row].set(bias_ids),
-                      edits.bias.at[row].set(bias))
+def load_edits_row(edits: LogitEdits, row: jax.Array, new: LogitEdits) -> LogitEdits:
+    """Overwrite one row with `new`'s (rows of one: a slot taken by a sequence that uses them)."""
+    return jax.tree.map(lambda whole, one: whole.at[row].set(one[0]), edits, new)
+
+
+def record_recent(edits: LogitEdits, tokens: jax.Array, sampled: jax.Array) -> LogitEdits:
+    """Append each sampled row's new token [B] to its recent tokens."""
+    shifted = jnp.concatenate([edits.recent[:, 1:], tokens[:, None]], axis=1)
+    return dataclasses.replace(edits, recent=jnp.where(sampled[:, None], shifted, edits.recent))
 
 
 def _edit_and_penalize(logits: jax.Array, st: SamplingTensors, penalties: PenaltyState) -> jax.Array:
@@ -219,8 +228,9 @@ def _saturate(x: jax.Array, before: jax.Array) -> jax.Array:
 
 
 def _apply_edits(logits: jax.Array, st: SamplingTensors) -> jax.Array:
-    """vLLM's order: every id but the allowed ones to -inf, then the biases added. Rows not using edits, and
-    unused entries (-1, sent past the vocab and dropped), leave their logits bit-identical."""
+    """vLLM's order: every id but the allowed ones to -inf, then the bad words', then the biases added. Rows
+    not using edits, and unused entries (-1, sent past the vocab and dropped), leave their logits
+    bit-identical."""
     rows, vocab = logits.shape
     row = jnp.arange(rows)[:, None]
     on = st.uses_edits[:, None] != 0
@@ -228,8 +238,19 @@ def _apply_edits(logits: jax.Array, st: SamplingTensors) -> jax.Array:
     kept = jnp.zeros(logits.shape, jnp.bool_).at[row, allowed].set(True, mode="drop")
     restricted = on & (st.edits.allowed_ids[:, :1] >= 0)
     logits = jnp.where(restricted & ~kept, -jnp.inf, logits)
+    last = st.edits.bad_words[:, :, -1]
+    banned = jnp.where(on & (last >= 0) & _bad_word_ends(st.edits), last, vocab)
+    logits = logits.at[row, banned].set(-jnp.inf, mode="drop")
     biased = jnp.where(on & (st.edits.bias_ids >= 0), st.edits.bias_ids, vocab)
     return logits.at[row, biased].add(st.edits.bias, mode="drop")
+
+
+def _bad_word_ends(edits: LogitEdits) -> jax.Array:
+    """[B, W]: the row's last generated tokens are the bad word's prefix (so its last token is banned), as in
+    vLLM: matched against generated tokens only; a one-token word always. Padding (-1) matches anything, a
+    token never generated (-1 in `recent`) no word token."""
+    prefix = edits.bad_words[:, :, :-1]
+    return jnp.all((prefix < 0) | (prefix == edits.recent[:, None, :]), axis=-1)
 
 
 def _apply_penalties(logits: jax.Array, st: SamplingTensors, penalties: PenaltyState) -> jax.Array:

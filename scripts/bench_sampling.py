@@ -1,7 +1,7 @@
 """Sampler benchmark: what each sampling setting costs per decode round, on device conds against static passes.
 
 Times `jaxinfer.sampling.sample` alone (jitted) on random logits [rows, vocab] for each kind of batch
-(greedy; plain random; top-p; penalties; logprobs), two ways side by side: the optional passes chosen
+(greedy; plain random; top-p; penalties; logprobs; logit biases; bad words), two ways side by side: the optional passes chosen
 on device by `lax.cond` (`control_flow="dynamic"`, the CPU default) and compiled in by the host
 (`"static"`, the GPU default). Also the filter threshold alone: the halving search the sampler uses
 against the descending sort it replaced. Every figure is the median of several timed runs after a
@@ -14,6 +14,7 @@ compile-and-warm run. Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import statistics
 import time
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import sampling
-from jaxinfer.engine.request import MAX_LOGIT_EDITS
+from jaxinfer.engine.request import MAX_BAD_WORD_TOKENS, MAX_BAD_WORDS, MAX_LOGIT_EDITS
 from jaxinfer.engine.scheduler import neutral_sampling
 from jaxinfer.sampling import Passes, PenaltyState, SamplingTensors
 
@@ -35,6 +36,7 @@ KINDS = {  # name: every row's settings where they differ from neutral
     "penalty": dict(temperature=0.0, repetition_penalty=1.2),
     "logprobs": dict(temperature=0.0, wants_logprobs=1),
     "logit_bias": dict(temperature=0.0, uses_edits=1),  # 1,024 biased ids a row, the most a request may give
+    "bad_words": dict(temperature=0.0, uses_edits=1),  # 128 words of 32 tokens a row, the most a request may give
 }
 
 
@@ -83,22 +85,29 @@ def main() -> None:
     penalties = PenaltyState(jnp.asarray(rng.random((B, V)) < 0.01, jnp.int32), jnp.asarray(rng.random((B, V)) < 0.01))
     positions = jnp.arange(B, dtype=jnp.int32)
     banned = jnp.full((B, 4), -1, jnp.int32)
+    empty = sampling.empty_edits(B, MAX_LOGIT_EDITS, MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS)
     bias_ids = jnp.asarray(np.stack([rng.permutation(V)[:MAX_LOGIT_EDITS] for _ in range(B)]), jnp.int32)
-    edits = sampling.LogitEdits(jnp.full_like(bias_ids, -1), bias_ids, jnp.ones(bias_ids.shape, jnp.float32))
+    # Every word's prefix is the row's recent tokens but for its first token: every comparison runs, none bans.
+    recent = jnp.asarray(rng.integers(0, V, (B, MAX_BAD_WORD_TOKENS - 1)), jnp.int32)
+    words = jnp.broadcast_to(jnp.concatenate([recent, recent[:, :1]], axis=1)[:, None], (B, MAX_BAD_WORDS,
+                                                                                         MAX_BAD_WORD_TOKENS))
+    edits = {"logit_bias": dataclasses.replace(empty, bias_ids=bias_ids, bias=jnp.ones(bias_ids.shape, jnp.float32)),
+             "bad_words": dataclasses.replace(empty, bad_words=words.at[:, :, 0].add(1), recent=recent)}
     print(f"# sample() on [{B}, {V}] float32 logits, {jax.devices()[0].device_kind} ({platform.machine()}); "
           f"medians of {args.repeats}")
     print("| batch | on-device conds (ms) | static passes (ms) | passes |")
     print("| --- | ---: | ---: | --- |")
     for name in args.kinds:
         rows = settings(B, **KINDS[name])
-        st = SamplingTensors(**{n: jnp.asarray(v) for n, v in rows.items()}, banned=banned, edits=edits)
+        st = SamplingTensors(**{n: jnp.asarray(v) for n, v in rows.items()}, banned=banned,
+                             edits=edits.get(name, empty))
         passes = Passes.needed(rows, V)
         times = [median_seconds(jax.jit(lambda x, st, p=p: sampling.sample(x, st, positions, penalties, p)),
                                 (logits, st), args.repeats) for p in (None, passes)]
         used = ", ".join(n for n, on in vars(passes).items() if on) or "none"
         print(f"| {name} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | {used} |", flush=True)
     every_filter = settings(B, **KINDS["top_k_min_p"], top_p=0.9)
-    st = SamplingTensors(**{n: jnp.asarray(v) for n, v in every_filter.items()}, banned=banned, edits=edits)
+    st = SamplingTensors(**{n: jnp.asarray(v) for n, v in every_filter.items()}, banned=banned, edits=empty)
     search, sort = (median_seconds(jax.jit(fn), (logits, st), args.repeats)
                     for fn in (sampling._filter_floor, sorted_floor))
     print(f"filter threshold alone (top_k 50, min_p 0.05, top_p 0.9): halving search {search * 1e3:.2f} ms, "

@@ -7,6 +7,7 @@ import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 
@@ -14,6 +15,7 @@ from jaxinfer.config import EngineConfig  # noqa: E402
 from jaxinfer.llm import LLM, SamplingParams  # noqa: E402
 
 PROMPTS = [[5, 9, 100, 7], list(range(20, 39)), [42], list(range(300, 312))]
+BAD_WORDS = ["of the", "the LORD", "and"]  # the one-device output of prompts 2 and 3 has "of the"
 
 
 def describe(array) -> dict:
@@ -31,10 +33,15 @@ def run(checkpoint: str, data: int, model: int, backend: str) -> dict:
                           control_flow="static" if backend == "pallas" else "dynamic",  # as on a GPU
                           decode_buckets=buckets)
     llm = LLM(checkpoint, engine)
-    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True), use_tqdm=False)
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    outs = llm.generate(PROMPTS, greedy, use_tqdm=False)
+    # Bad words (slot rows loaded at admission, recent tokens kept per slot) beside a plain request.
+    banned = dataclasses.replace(greedy, bad_words=BAD_WORDS)
+    edited = llm.generate(PROMPTS, [banned, greedy, banned, banned], use_tqdm=False)
     runner = llm.runner
     llm.engine.check_idle()
     return {"layout": [data, model], "backend": backend, "tokens": [o.outputs[0].token_ids for o in outs],
+            "bad_words_tokens": [o.outputs[0].token_ids for o in edited],
             "wq": describe(runner.params["layers"]["wq"]), "wk": describe(runner.params["layers"]["wk"]),
             "embed": describe(runner.params["embed"]), "kv": describe(runner.kv.k),
             "slots": describe(runner.state.tokens),

@@ -105,7 +105,8 @@ def test_static_control_flow_gives_the_dynamic_outputs(llm):
     rng = np.random.default_rng(7)
     kinds = [GREEDY, dict(temperature=1.0),
              dict(temperature=0.8, top_p=0.9, logprobs=2, repetition_penalty=1.3, prompt_logprobs=1),
-             dict(temperature=0.0, logit_bias={7: 5.0, 300: 3.0}, allowed_token_ids=list(range(0, 4000, 7)))]
+             dict(temperature=0.0, logit_bias={7: 5.0, 300: 3.0}, allowed_token_ids=list(range(0, 4000, 7)),
+                  bad_words=["of the", "LORD"])]
     requests = [(rng.integers(5, 4000, int(rng.integers(1, 50))).tolist(),
                  SamplingParams(max_tokens=int(rng.integers(1, 9)), seed=i, **{"ignore_eos": True, **kinds[i % 4]}))
                 for i in range(12)]
@@ -178,18 +179,45 @@ def test_a_shape_compiles_once_whichever_threads_ask(llm, monkeypatch):
 
 def test_preemption_keeps_outputs(llm):
     """A pool far too small for the load (19 pages for 6 slots whose sequences grow to 4-7 pages each):
-    requests are preempted and recomputed, and every one still gets its own greedy output, logit edits included."""
+    requests are preempted and recomputed, and every one still gets its own greedy output, logit edits included
+    (bad words too, whose prefixes a resumption reloads)."""
     small = engine_like(llm, num_pages=20)
     rng = np.random.default_rng(1)
     edits = [{}, dict(logit_bias={int(t): 4.0 for t in rng.integers(5, 4000, 300)}),
-             dict(allowed_token_ids=rng.integers(5, 4000, 200).tolist())]  # reloaded into the slot of a resumption
+             dict(allowed_token_ids=rng.integers(5, 4000, 200).tolist()),  # reloaded into the slot of a resumption
+             dict(bad_words=["the midst", "of the", "the earth"])]
     requests = [(rng.integers(5, 4000, int(rng.integers(10, 40))).tolist(),
-                 SamplingParams(max_tokens=int(rng.integers(40, 70)), **GREEDY, **edits[i % 3])) for i in range(10)]
+                 SamplingParams(max_tokens=int(rng.integers(40, 70)), **GREEDY, **edits[i % 4])) for i in range(10)]
     outs = run(small, requests)
     assert small.stats().preemptions > 0
     for (prompt, params), out in zip(requests, outs):
         assert out.outputs[0].token_ids == alone(llm, prompt, params)
     small.check_idle()
+
+
+def test_a_resumed_sequence_still_matches_bad_words_across_its_preemption(llm):
+    """A bad word's prefix generated before a preemption still bans its last token after the resumption: the
+    slot's recent tokens are reloaded from the output so far. Preempted whenever the tokens it will have at
+    its resumption (those read and those in flight, which still arrive) end in "the"."""
+    engine = engine_like(llm, decode_steps=1)
+    the, = llm.tokenizer.encode("the", add_special_tokens=False)
+    prompt = llm.tokenizer.encode("In the beginning")
+    params = SamplingParams(max_tokens=24, bad_words=["the midst", "the earth"], **GREEDY)
+    expected = alone(llm, prompt, params)
+    assert expected.count(the) >= 2
+    request_id = engine.add_request(prompt, params, stream=False)
+    engine.step()  # queued, admitted, its prompt dispatched
+    seq, preempted_at, out = engine._requests[request_id].seqs[0], set(), None
+    while out is None:
+        outs = engine.step()
+        out = outs[0] if outs and outs[0].finished else None
+        known = len(seq.output_ids) + seq.pending
+        if out is None and seq.slot is not None and expected[known - 1] == the and known not in preempted_at:
+            preempted_at.add(known)
+            engine.scheduler._preempt(seq)
+    assert len(preempted_at) >= 2 and engine.stats().preemptions == len(preempted_at)
+    assert out.outputs[0].token_ids == expected
+    engine.check_idle()
 
 
 def test_prefix_cache_serves_a_repeated_prefix(llm):

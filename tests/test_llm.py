@@ -77,6 +77,66 @@ def test_prompts_as_vllm_dicts_each_tokenized_once(llm, monkeypatch):
     assert _free_all(llm)
 
 
+def _vllm_bad_words_ids(hf_tokenizer, words: list[str]) -> list[list[int]]:
+    """vLLM's tokenization of bad words (SamplingParams.update_from_tokenizer), with transformers' tokenizer."""
+    found = []
+    for word in words:
+        alone = hf_tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = hf_tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        found += [alone] + ([spaced] if spaced[0] != alone[0] and len(spaced) == len(alone) else [])
+    return found
+
+
+def test_bad_words_match_transformers(llm):
+    """vLLM's bad_words against transformers' `bad_words_ids` (its NoBadWordsLogitsProcessor), greedy, on the
+    embedded checkpoint: a one-token word never comes out; a longer word's last token never follows the rest
+    of it. Requests with and without bad words share the three slots and reuse each other's. (transformers
+    also matches across the prompt's end, vLLM only within the output: the prompts here do not end in any
+    word's first token.)"""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    directory = find_model(None).directory
+    hf_tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    prompts = ["The LORD is my shepherd", "And God said", "In the beginning", "The LORD is my shepherd",
+               "And God said", "In the beginning"]
+    words = [["people"], [], ["the midst", "LORD"], [], ["not go", " will", "thee"], ["the earth"]]
+    params = [SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, bad_words=w) for w in words]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    changed = 0
+    for prompt, out, banned in zip(prompts, outs, words):
+        ids = llm.tokenizer.encode(prompt)
+        hf = {"bad_words_ids": _vllm_bad_words_ids(hf_tokenizer, banned)} if banned else {}
+        assert not any(ids[-1] == word[0] for word in hf.get("bad_words_ids", []))
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=16, min_new_tokens=16,
+                                 **hf)[0, len(ids):].tolist()
+        assert out.outputs[0].token_ids == ref, (prompt, banned)
+        plain = llm.generate(prompt, dataclasses.replace(params[0], bad_words=()))[0].outputs[0].token_ids
+        changed += plain != ref
+    assert changed == 4  # every request with bad words
+    assert _free_all(llm)
+
+
+def test_bad_words_errors(llm):
+    with pytest.raises(ValueError, match="bad_words must be a list of words"):
+        SamplingParams(bad_words=["fine", "  "])
+    with pytest.raises(ValueError, match="at most 128 words"):
+        SamplingParams(bad_words=[f"w{i}" for i in range(129)])
+    with pytest.raises(ValueError, match="at most 32 tokens long"):
+        llm.generate("Hello", SamplingParams(bad_words=["and " * 40]))
+    spaced_apart = lambda text: [1 if text.startswith(" ") else 2] + [3] * (len(text.strip()) // 4)  # noqa: E731
+    with pytest.raises(ValueError, match="make 130 token sequences after tokenization; the most is 128"):
+        SamplingParams(bad_words=[f"word{i}" for i in range(65)]).bad_word_ids(spaced_apart)
+    # The spaced form is kept only if it starts with another token and has as many (vLLM's rule).
+    assert SamplingParams(bad_words=[" ab", "abcdefgh"]).bad_word_ids(spaced_apart) == ((2,), (1,), (2, 3, 3), (1, 3, 3))
+    assert SamplingParams(bad_words=["ab"]).bad_word_ids(lambda text: [7] + [8] * text.startswith(" ")) == ((7,),)
+    with pytest.raises(ValueError, match="must tokenize to at least one token"):
+        SamplingParams(bad_words=["ab"]).bad_word_ids(lambda text: [])
+    assert SamplingParams(bad_words="LORD").bad_words == ("LORD",)
+    assert _free_all(llm)
+
+
 def test_chat_renders_as_transformers_and_generates(llm):
     """vLLM's LLM.chat: one conversation or several, rendered as transformers' apply_chat_template renders them
     (encoded without a second BOS), then generated as generate() does; bad conversations raise, naming which."""

@@ -35,6 +35,14 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("layout", LAYOUTS[1:])
 def test_layout_decodes_what_one_device_decodes(runs, layout):
     assert runs[layout]["tokens"] == runs["1,1,reference"]["tokens"]
+    assert runs[layout]["bad_words_tokens"] == runs["1,1,reference"]["bad_words_tokens"]
+
+
+def test_bad_words_changed_the_one_device_output(runs):
+    """What the layouts are compared on: "and" (one token) and "of the" (two) steered three of the prompts."""
+    one = runs["1,1,reference"]
+    changed = [a != b for a, b in zip(one["tokens"], one["bad_words_tokens"])]
+    assert changed == [True, False, True, True]
 
 
 def test_tensor_parallel_shards_heads_and_the_pool(runs):

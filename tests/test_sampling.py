@@ -6,11 +6,12 @@ import pytest
 
 from jaxinfer import sampling
 from jaxinfer.sampling import (MAX_LOGPROBS, LogitEdits, Passes, _filter_floor, PenaltyState, SamplingTensors,
-                               empty_edits, empty_penalty_state, load_edits_row, load_penalty_row, record_tokens,
-                               sample, token_logprobs)
+                               empty_edits, empty_penalty_state, load_edits_row, load_penalty_row, record_recent,
+                               record_tokens, sample, token_logprobs)
 
 B, V, E, N = 6, 257, 4, 8  # rows, vocab, banned entries per row, allowed ids / logit biases per row
-EDITS = ("allowed_ids", "bias_ids", "bias")
+W, T = 5, 4  # bad words per row, tokens per bad word
+EDITS = ("allowed_ids", "bias_ids", "bias", "bad_words", "recent")
 DRAWS = 1000  # seeded draws per row when probing a support
 
 _sample = jax.jit(sample, static_argnames="passes")
@@ -24,8 +25,10 @@ def _settings(rows, banned_width=E, **values):
     s = {name: np.broadcast_to(np.asarray(values.get(name, default), dtypes.get(name, np.float32)), (rows,)).copy()
          for name, default in neutral.items()}
     s["banned"] = np.asarray(values.get("banned", np.full((rows, banned_width), -1)), np.int32)
-    for name, neutral in zip(EDITS, (-1, -1, 0.0)):
-        s[name] = np.asarray(values.get(name, np.full((rows, N), neutral)), np.float32 if name == "bias" else np.int32)
+    shapes = dict(bad_words=(rows, W, T), recent=(rows, T - 1))
+    for name in EDITS:
+        neutral = np.full(shapes.get(name, (rows, N)), 0.0 if name == "bias" else -1)
+        s[name] = np.asarray(values.get(name, neutral), np.float32 if name == "bias" else np.int32)
     return s
 
 
@@ -51,13 +54,18 @@ def _draw_many(logits, s, counts, prompt, n=DRAWS):
 
 
 def ref_process(logits, s, counts, prompt):
-    """As vLLM: allowed ids, logit bias, then penalties (repetition on prompt and output tokens, frequency,
-    presence) and bans."""
+    """As vLLM: allowed ids, bad words, logit bias, then penalties (repetition on prompt and output tokens,
+    frequency, presence) and bans."""
     x = logits.copy()
     for row in np.flatnonzero(s["uses_edits"]):
         allowed = s["allowed_ids"][row][s["allowed_ids"][row] >= 0]
         if allowed.size:
             x[row, np.setdiff1d(np.arange(x.shape[1]), allowed)] = -np.inf
+        generated = [t for t in s["recent"][row] if t >= 0]
+        for word in s["bad_words"][row]:
+            word = [t for t in word if t >= 0]
+            if word and len(word) - 1 <= len(generated) and generated[len(generated) - len(word) + 1:] == word[:-1]:
+                x[row, word[-1]] = -np.inf
         used = s["bias_ids"][row] >= 0
         x[row, s["bias_ids"][row][used]] += s["bias"][row][used]
     r = s["repetition_penalty"][:, None]
@@ -172,13 +180,30 @@ def _run_rows(rows):
 
 
 def _random_edits(rng, rows):
-    """Allowed ids (a third of the rows unrestricted) and biases, -1 padded."""
+    """Allowed ids (a third of the rows unrestricted), biases and bad words, -1 padded."""
     allowed = rng.integers(0, V, size=(rows, N))
     allowed[:, rng.integers(1, N):] = -1
     allowed[rng.random(rows) < 1 / 3] = -1
     bias_ids = np.stack([rng.permutation(V)[:N] for _ in range(rows)])
     bias_ids[:, rng.integers(1, N):] = -1
-    return dict(allowed_ids=allowed, bias_ids=bias_ids, bias=rng.uniform(-5, 5, size=(rows, N)))
+    return dict(allowed_ids=allowed, bias_ids=bias_ids, bias=rng.uniform(-5, 5, size=(rows, N)),
+                **_random_bad_words(rng, rows))
+
+
+def _random_bad_words(rng, rows):
+    """Recent tokens from a 3-token alphabet (some rows with fewer than T - 1 generated), and W words of 1 to
+    T tokens (some unused) whose prefixes are drawn from the same alphabet, so that many of them match."""
+    alphabet = rng.choice(V, 3, replace=False)
+    recent = alphabet[rng.integers(0, 3, size=(rows, T - 1))]
+    for row in range(rows):
+        recent[row, :rng.integers(0, T)] = -1
+    words = np.full((rows, W, T), -1)
+    for row in range(rows):
+        for w in range(rng.integers(0, W + 1)):
+            length = rng.integers(1, T + 1)
+            words[row, w, T - length:-1] = alphabet[rng.integers(0, 3, size=length - 1)]
+            words[row, w, -1] = rng.integers(0, V)
+    return dict(bad_words=words, recent=recent)
 
 
 def _neighbours(rng, busy, temperature=1.0):
@@ -290,13 +315,47 @@ def test_any_finite_bias_keeps_the_token_allowed_and_finite(case, bias, filters)
 
 
 def test_load_edits_row():
-    edits = empty_edits(3, N)
+    edits = empty_edits(3, N, W, T)
     ids = np.arange(N, dtype=np.int32)
-    edits = jax.jit(load_edits_row)(edits, 1, ids, ids + 10, ids * 0.5)
-    np.testing.assert_array_equal(edits.allowed_ids[1], ids)
-    np.testing.assert_array_equal(edits.bias_ids[1], ids + 10)
-    np.testing.assert_array_equal(edits.bias[1], ids * 0.5)
+    words = np.arange(W * T, dtype=np.int32).reshape(1, W, T)
+    row = LogitEdits(ids[None], ids[None] + 10, ids[None] * 0.5, words, words[:, 0, 1:])
+    edits = jax.jit(load_edits_row)(edits, 1, row)
+    for name in EDITS:
+        np.testing.assert_array_equal(getattr(edits, name)[1], getattr(row, name)[0])
     assert (np.asarray(edits.allowed_ids)[[0, 2]] == -1).all() and (np.asarray(edits.bias)[[0, 2]] == 0).all()
+    assert (np.asarray(edits.bad_words)[[0, 2]] == -1).all() and (np.asarray(edits.recent)[[0, 2]] == -1).all()
+
+
+def test_record_recent_keeps_the_last_tokens_of_sampled_rows():
+    edits = empty_edits(2, N, W, T)
+    record = jax.jit(record_recent)
+    for token in range(1, T + 2):
+        edits = record(edits, np.array([token, 100 + token], np.int32), np.array([True, token % 2 == 0]))
+    np.testing.assert_array_equal(edits.recent, [[T - 1, T, T + 1], [-1, 102, 104]])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_bad_words_ban_the_last_token_after_their_prefix(case, temperature):
+    """vLLM's rule against a plain-Python reference: a one-token word is always banned; a longer one only when
+    the generated tokens end in its prefix (a prefix longer than what was generated never matches)."""
+    logits = case[0]
+    rng = np.random.default_rng(5)
+    no_counts, no_prompt = np.zeros((B, V), np.int32), np.zeros((B, V), bool)
+    banned_long = kept_long = 0  # words of 2+ tokens whose last token was banned, and not
+    for trial in range(6):
+        s = _settings(B, temperature=temperature, seed=rng.integers(0, 2**32, size=B), uses_edits=[1, 1, 1, 1, 1, 0],
+                      **_random_bad_words(rng, B))
+        best = np.argsort(-logits, axis=-1)[:, :W]
+        s["bad_words"][:, :, -1] = np.where(s["bad_words"][:, :, -1] >= 0, best, -1)  # bans that move the argmax
+        processed = jax.jit(sampling._edit_and_penalize)(logits, _tensors(s), PenaltyState(no_counts, no_prompt))
+        expected = ref_process(logits, s, no_counts, no_prompt)
+        np.testing.assert_array_equal(np.asarray(processed), expected, err_msg=f"trial {trial}")
+        tokens = np.asarray(_run(logits, s).tokens)
+        assert np.isfinite(expected[np.arange(B), tokens]).all()
+        long_words = (s["bad_words"][:5, :, -2] >= 0)
+        hit = expected[np.arange(5)[:, None], best[:5]] == -np.inf
+        banned_long, kept_long = banned_long + (long_words & hit).sum(), kept_long + (long_words & ~hit).sum()
+    assert banned_long and kept_long
 
 
 def test_temperature_draws_follow_the_softmax():

@@ -198,6 +198,7 @@ class Engine:
         self._raise_if_failed()
         params = params or SamplingParams()
         text, ids, max_new = self.validate(prompt, params, priority)
+        bad_words = self._bad_words(params)
         detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer else None
                   for _ in range(params.n)]
         eos = frozenset() if params.ignore_eos else self.eos_ids
@@ -209,8 +210,8 @@ class Engine:
             self._known_ids.add(request_id)
             seeds = self._seeds(params)
             handle = RequestStream(request_id, self) if stream else None
-            seqs = [Sequence(request_id, i, list(ids), params, seeds[i], max_new, priority, eos, self.eos_id)
-                    for i in range(params.n)]
+            seqs = [Sequence(request_id, i, list(ids), params, seeds[i], max_new, priority, eos, self.eos_id,
+                             bad_words) for i in range(params.n)]
             stream_ref = weakref.ref(handle) if handle else None
             request = _Request(request_id, text, ids, params, seqs, stream_ref, detoks, [""] * params.n,
                                time.monotonic())
@@ -310,6 +311,17 @@ class Engine:
         max_new = limit - len(ids) if params.max_tokens is None else min(params.max_tokens, limit - len(ids))
         self.scheduler.check_fits(len(ids), max_new)
         return max_new
+
+    def _bad_words(self, params: SamplingParams) -> tuple[tuple[int, ...], ...]:
+        if not params.bad_words:
+            return ()
+        if self.tokenizer is None:
+            raise ValueError("bad_words need a tokenizer; this checkpoint has none")
+        found = params.bad_word_ids(lambda text: self.tokenizer.encode(text, add_special_tokens=False))
+        bad = [t for ids in found for t in ids if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"bad_words tokenize to id {bad[0]}, outside the model's vocabulary [0, {self.vocab_size})")
+        return found
 
     def _seeds(self, params: SamplingParams) -> list[int]:
         seed = params.seed if params.seed is not None else int(self._rng.integers(2**63))

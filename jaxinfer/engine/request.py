@@ -14,6 +14,8 @@ import time
 MAX_LOGPROBS = 20  # the most top alternatives a request may ask for (computed on device for every row)
 MAX_BANNED = 16  # EOS + stop token ids masked on device while min_tokens is not reached
 MAX_LOGIT_EDITS = 1024  # allowed token ids, and logit_bias entries, per request (vLLM's limits)
+MAX_BAD_WORDS = 128  # bad_words' token sequences per request, after tokenization (vLLM's limit)
+MAX_BAD_WORD_TOKENS = 32  # tokens of one such sequence (ours: each row keeps this many recent tokens on device)
 INT32_MAX = 2**31 - 1  # counts and ids travel to the device as int32
 FLOAT32_TINY = 1.1754944e-38  # smaller positive values would reach the device as 0
 FLOAT32_MAX = 3.4028235e38  # larger values would reach the device as inf
@@ -76,10 +78,13 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, before the penalties (OpenAI's)
     allowed_token_ids: tuple[int, ...] | None = None  # only these can be sampled (vLLM's allowed_token_ids)
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens; -1: the context length (vLLM's)
+    bad_words: tuple[str, ...] = ()  # words never generated (vLLM's; see `bad_word_ids`)
 
     def __post_init__(self):
-        stop = (self.stop,) if isinstance(self.stop, str) else _as_tuple(self.stop, "stop must be a string or a list")
-        object.__setattr__(self, "stop", stop)
+        for name in ("stop", "bad_words"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str)
+                               else _as_tuple(value, f"{name} must be a string or a list"))
         object.__setattr__(self, "stop_token_ids",
                            _as_tuple(self.stop_token_ids, "stop_token_ids must be a list of token ids"))
         object.__setattr__(self, "top_k", 0 if self.top_k == -1 else self.top_k)
@@ -116,6 +121,10 @@ class SamplingParams:
         _check(self.seed is None or (_is_int(self.seed) and -2**63 <= self.seed < 2**64),
                f"seed must be a 64-bit integer, got {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop must be a non-empty string or a list of them")
+        _check(all(isinstance(w, str) and w.strip() for w in self.bad_words),
+               f"bad_words must be a list of words (strings that are not blank), got {list(self.bad_words)!r:.80}")
+        _check(len(self.bad_words) <= MAX_BAD_WORDS,
+               f"bad_words may hold at most {MAX_BAD_WORDS} words, got {len(self.bad_words)}")
         _check(all(_is_int(t) and 0 <= t <= INT32_MAX for t in self.stop_token_ids),
                f"stop_token_ids must be token ids (integers in [0, {INT32_MAX}]), "
                f"got {list(self.stop_token_ids)!r:.80}")
@@ -145,7 +154,7 @@ class SamplingParams:
 
     @property
     def uses_edits(self) -> bool:
-        return bool(self.logit_bias) or self.allowed_token_ids is not None
+        return bool(self.logit_bias) or self.allowed_token_ids is not None or bool(self.bad_words)
 
     def truncate(self, ids: list[int], max_model_len: int) -> list[int]:
         """The prompt's last `truncate_prompt_tokens` ids (all of them if unset), as vLLM cuts from the left."""
@@ -154,6 +163,26 @@ class SamplingParams:
             raise ValueError(f"truncate_prompt_tokens ({k}) is greater than the maximum context length "
                              f"({max_model_len}): choose a smaller truncation size")
         return ids if k is None else ids[-k:]
+
+    def bad_word_ids(self, encode) -> tuple[tuple[int, ...], ...]:
+        """`bad_words` as the token sequences they ban, tokenized as vLLM does: each word (leading blanks
+        stripped) as it would start the text, and with a space before it when that gives other tokens of
+        the same count (a word in the middle of the text). `encode(text)`: ids, no special tokens. A
+        sequence's last token is masked whenever the output's last tokens are the rest of it."""
+        found: list[tuple[int, ...]] = []
+        for word in self.bad_words:
+            alone = tuple(encode(word.lstrip()))
+            spaced = tuple(encode(" " + word.lstrip()))
+            _check(bool(alone), f"bad_words entries must tokenize to at least one token, got {word!r:.80}")
+            found.append(alone)
+            if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
+                found.append(spaced)
+        _check(len(found) <= MAX_BAD_WORDS,
+               f"bad_words make {len(found)} token sequences after tokenization; the most is {MAX_BAD_WORDS}")
+        longest = max(found, key=len, default=())
+        _check(len(longest) <= MAX_BAD_WORD_TOKENS,
+               f"a bad word may be at most {MAX_BAD_WORD_TOKENS} tokens long, got {len(longest)} tokens")
+        return tuple(found)
 
     def outside_vocabulary(self, vocab_size: int) -> str | None:
         """What names a token id >= `vocab_size`, or None."""
@@ -191,6 +220,7 @@ class Sequence:
     priority: int = 0
     stop_ids: frozenset[int] = frozenset()  # EOS (unless ignore_eos) and stop_token_ids
     eos_id: int | None = None  # the EOS that ends it with stop_reason None; other stop ids report themselves
+    bad_words: tuple[tuple[int, ...], ...] = ()  # params.bad_words tokenized (`SamplingParams.bad_word_ids`)
     order: int = dataclasses.field(default_factory=lambda: next(_order))
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     output_ids: list[int] = dataclasses.field(default_factory=list)
