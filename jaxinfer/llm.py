@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from jaxinfer.config import RESOLVED_ATTENTION_BACKENDS, ConfigError, EngineConfig, ModelConfig
 from jaxinfer.engine.engine import Engine, RequestStream
-from jaxinfer.engine.request import CompletionOutput, Logprob, RequestOutput, SamplingParams
+from jaxinfer.engine.request import CompletionOutput, Logprob, RequestOutput, RequestOutputKind, SamplingParams
 from jaxinfer.model.checkpoint import find_model, load_config, load_params
 from jaxinfer.runner import JaxExecutor, ModelRunner
 from jaxinfer.model.weights import expand_kv_heads
@@ -30,7 +30,8 @@ from pallas_kernels.attention import kernel_self_check
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestStream", "load_engine"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "RequestOutputKind", "CompletionOutput", "Logprob", "RequestStream",
+           "load_engine"]
 
 GPU_KV_SEQUENCES_PER_SLOT = 16  # on GPU, pages for at most this many full-length sequences per slot
 

@@ -20,7 +20,7 @@ import pytest
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.metrics import ITL, TTFT
-from jaxinfer.llm import LLM, SamplingParams
+from jaxinfer.llm import LLM, RequestOutputKind, SamplingParams
 import jaxinfer.runner as runner_module
 from jaxinfer.runner import step_fields
 from jaxinfer.sampling import Passes
@@ -477,6 +477,38 @@ def test_streams_from_threads_and_event_loops(llm):
     stats = engine.stats()
     h = stats.histograms
     assert h[TTFT].count >= 4 and h["e2e_request_latency_seconds"].count >= 4 and h[ITL].count > 0
+
+
+def test_output_kinds_stream_whole_outputs_deltas_or_the_final_one(llm):
+    """vLLM's RequestOutputKind on one request three ways (n=2 seeded samples with logprobs, prompt logprobs and
+    a stop string that holds text back): DELTA's pieces add up to CUMULATIVE's last output (text, token ids,
+    logprobs; the prompt logprobs come once, in the first piece); FINAL_ONLY yields that last output alone."""
+    engine = engine_like(llm, decode_steps=2)
+    base = SamplingParams(n=2, max_tokens=16, temperature=0.8, seed=1, logprobs=2, prompt_logprobs=1,
+                          stop=[" the s", " in the"], ignore_eos=True)
+    streams = {kind: engine.add_request("Once upon a time", dataclasses.replace(base, output_kind=kind))
+               for kind in RequestOutputKind}
+    while engine.has_work():
+        engine.step()
+    got = {kind: list(stream) for kind, stream in streams.items()}
+    last = got[RequestOutputKind.CUMULATIVE][-1]
+    assert last.finished and len(got[RequestOutputKind.CUMULATIVE]) > 3
+    final, = got[RequestOutputKind.FINAL_ONLY]
+    assert final.finished and final.outputs == last.outputs and final.prompt_logprobs == last.prompt_logprobs
+    pieces = got[RequestOutputKind.DELTA]
+    assert len(pieces) > 3 and pieces[-1].finished and not any(p.finished for p in pieces[:-1])
+    assert pieces[0].prompt_logprobs == last.prompt_logprobs and all(p.prompt_logprobs is None for p in pieces[1:])
+    for whole in last.outputs:
+        mine = [c for p in pieces for c in p.outputs if c.index == whole.index]
+        assert "".join(c.text for c in mine) == whole.text
+        assert sum((c.token_ids for c in mine), []) == whole.token_ids
+        assert sum((c.logprobs for c in mine), []) == whole.logprobs
+        assert mine[-1].finish_reason == whole.finish_reason and not any(c.finish_reason for c in mine[:-1])
+        assert all(c.token_ids or c.text or c.finish_reason for c in mine)
+    assert [o.finish_reason for o in last.outputs] == ["stop", "stop"]  # the stop strings held text back
+    with pytest.raises(ValueError, match="output_kind must be a RequestOutputKind"):
+        SamplingParams(output_kind=1)
+    engine.check_idle()
 
 
 def test_cpu_decode_buckets_keep_a_rows_bits():

@@ -31,7 +31,8 @@ from jaxinfer.config import EngineConfig
 from jaxinfer.engine.data_parallel import DataParallelScheduler
 from jaxinfer.engine.executor import Executor
 from jaxinfer.engine.metrics import ITL, TTFT, EngineStats, LatencyHistograms, RequestMetrics, request_metrics
-from jaxinfer.engine.request import (MAX_BANNED, CompletionOutput, RequestOutput, SamplingParams, Sequence,
+from jaxinfer.engine.request import (MAX_BANNED, CompletionOutput, RequestOutput, RequestOutputKind, SamplingParams,
+                                     Sequence,
                                      logprob_entry)
 from jaxinfer.engine.scheduler import Scheduler
 from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -137,12 +138,16 @@ class _Request:
     prompt_entries: list = dataclasses.field(default_factory=list)  # the prompt logprobs as reported
     gaps_observed: list[int] = dataclasses.field(default_factory=list)  # per sequence: its token gaps observed
     first_token_observed: list[bool] = dataclasses.field(default_factory=list)  # per sequence
+    streamed: list[tuple] = dataclasses.field(default_factory=list)  # per sequence: (tokens, characters, finished)
+    #                                                                  its stream has had, for DELTA outputs
+    prompt_logprobs_streamed: bool = False
 
     def __post_init__(self):
         self.consumed = [0] * len(self.seqs)
         self.entries = [[] for _ in self.seqs]
         self.gaps_observed = [0] * len(self.seqs)
         self.first_token_observed = [False] * len(self.seqs)
+        self.streamed = [(0, 0, False)] * len(self.seqs)
 
 
 def _find_stop(text: str, stops: tuple[str, ...], old_len: int) -> tuple[int, str] | None:
@@ -192,9 +197,9 @@ class Engine:
 
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     priority: int = 0, stream: bool = True) -> RequestStream | str:
-        """Validate and queue a request (see `_encode` for its forms). Returns its stream, or its id when
-        `stream=False` (outputs then come only from `step()`). Bad input raises ValueError
-        (MemoryError if it could never fit in the KV pool) in the caller's thread."""
+        """Validate and queue a request (see `_encode` for its forms). Returns its stream (which yields what
+        `params.output_kind` says), or its id when `stream=False` (outputs then come only from `step()`, whole).
+        Bad input raises ValueError (MemoryError if it could never fit in the KV pool) in the caller's thread."""
         self._raise_if_failed()
         params = params or SamplingParams()
         text, ids, max_new = self.validate(prompt, params, priority)
@@ -456,11 +461,34 @@ class Engine:
             out.metrics = self._finish_request(request)
         if request.stream is not None:
             stream = request.stream()
-            if stream is not None:
-                stream.put(out)
-            elif not finished:  # nobody can read it any more
-                self.abort(request.request_id)
+            if stream is None:
+                if not finished:  # nobody can read it any more
+                    self.abort(request.request_id)
+            elif (streamed := self._streamed(request, out)) is not None:
+                stream.put(streamed)
         return out
+
+    @staticmethod
+    def _streamed(request: _Request, out: RequestOutput) -> RequestOutput | None:
+        """What the request's stream gets of `out`, as its `output_kind` says: all of it; what it adds to the
+        outputs streamed before (the samples that changed, the prompt logprobs once); or nothing until the end."""
+        kind = request.params.output_kind
+        if kind is RequestOutputKind.CUMULATIVE or (kind is RequestOutputKind.FINAL_ONLY and out.finished):
+            return out
+        if kind is RequestOutputKind.FINAL_ONLY:
+            return None
+        changed = []
+        for c in out.outputs:
+            tokens, characters, finished = request.streamed[c.index]
+            if len(c.token_ids) > tokens or len(c.text) > characters or c.finished != finished:
+                changed.append(dataclasses.replace(c, text=c.text[characters:], token_ids=c.token_ids[tokens:],
+                                                   logprobs=None if c.logprobs is None else c.logprobs[tokens:]))
+                request.streamed[c.index] = (len(c.token_ids), len(c.text), c.finished)
+        if not changed and not out.finished:
+            return None
+        prompt_logprobs = None if request.prompt_logprobs_streamed else out.prompt_logprobs
+        request.prompt_logprobs_streamed = True
+        return dataclasses.replace(out, outputs=changed, prompt_logprobs=prompt_logprobs)
 
     def _reported(self, done: list, ids: list[int], found: list) -> list:
         """Logprobs as reported ({token id: Logprob} per token, None for a prompt's first): `done`, the entries

@@ -53,6 +53,16 @@ def _as_tuple(value, message: str) -> tuple:
         raise ValueError(f"{message}, got {value!r}") from None
 
 
+class RequestOutputKind(enum.Enum):
+    """What a request's stream yields (vLLM's names and values): the whole output so far at every step, only
+    what each step added (text, token ids and logprobs; the prompt logprobs once; each of n samples when it
+    changed), or the final output alone."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """Per-request generation settings, named and bounded as in vLLM / the OpenAI API."""
@@ -79,6 +89,7 @@ class SamplingParams:
     allowed_token_ids: tuple[int, ...] | None = None  # only these can be sampled (vLLM's allowed_token_ids)
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens; -1: the context length (vLLM's)
     bad_words: tuple[str, ...] = ()  # words never generated (vLLM's; see `bad_word_ids`)
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # what a stream yields (outputs without one: final)
 
     def __post_init__(self):
         for name in ("stop", "bad_words"):
@@ -128,6 +139,8 @@ class SamplingParams:
         _check(all(_is_int(t) and 0 <= t <= INT32_MAX for t in self.stop_token_ids),
                f"stop_token_ids must be token ids (integers in [0, {INT32_MAX}]), "
                f"got {list(self.stop_token_ids)!r:.80}")
+        _check(isinstance(self.output_kind, RequestOutputKind),
+               f"output_kind must be a RequestOutputKind (CUMULATIVE, DELTA or FINAL_ONLY), got {self.output_kind!r:.80}")
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
             _check(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("logprobs", "prompt_logprobs"):
