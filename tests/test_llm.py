@@ -137,6 +137,24 @@ def test_bad_words_errors(llm):
     assert _free_all(llm)
 
 
+def test_detokenize_false_gives_token_ids_only(llm):
+    """vLLM's detokenize=False: the same tokens, no text (nor logprob token texts); stop strings need text."""
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
+    plain = llm.generate("Hello", params, use_tqdm=False)[0].outputs[0]
+    bare = llm.generate("Hello", dataclasses.replace(params, detokenize=False), use_tqdm=False)[0].outputs[0]
+    assert bare.token_ids == plain.token_ids and plain.text and bare.text == ""
+    assert all(lp.decoded_token is None for entry in bare.logprobs for lp in entry.values())
+    assert all(lp.decoded_token is not None for entry in plain.logprobs for lp in entry.values())
+    with pytest.raises(ValueError, match="stop strings need detokenize=True"):
+        llm.generate("Hello", dataclasses.replace(params, detokenize=False, stop=["x"]))
+    with pytest.raises(ValueError, match="detokenize must be True or False"):
+        SamplingParams(detokenize=None)
+    original = SamplingParams(logit_bias={5: 1.0}, bad_words=["x"])
+    copied = original.clone()  # vLLM's clone(): a deep copy
+    assert copied == original and copied.logit_bias is not original.logit_bias
+    assert _free_all(llm)
+
+
 def test_chat_renders_as_transformers_and_generates(llm):
     """vLLM's LLM.chat: one conversation or several, rendered as transformers' apply_chat_template renders them
     (encoded without a second BOS), then generated as generate() does; bad conversations raise, naming which."""

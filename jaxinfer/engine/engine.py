@@ -204,8 +204,8 @@ class Engine:
         params = params or SamplingParams()
         text, ids, max_new = self.validate(prompt, params, priority)
         bad_words = self._bad_words(params)
-        detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer else None
-                  for _ in range(params.n)]
+        detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+                  if self.tokenizer and params.detokenize else None for _ in range(params.n)]
         eos = frozenset() if params.ignore_eos else self.eos_ids
         with self._lock:  # a request is queued before a failure drains the queue, or refused after it
             self._raise_if_failed()
@@ -308,6 +308,8 @@ class Engine:
                              "tokens, and at least one must be left to generate")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this checkpoint has none")
+        if params.stop and not params.detokenize:
+            raise ValueError("stop strings need detokenize=True (they are matched in the text)")
         banned = len(self.eos_ids | set(params.stop_token_ids))
         if params.min_tokens and banned > MAX_BANNED:
             raise ValueError(f"min_tokens supports at most {MAX_BANNED} EOS and stop token ids, got {banned}")
@@ -449,12 +451,13 @@ class Engine:
             shown = text if seq.finished else text[:max(0, len(text) - holdback)]
             logprobs, total = None, None
             if request.params.logprobs is not None:
-                logprobs, total = self._reported(entries, seq.output_ids, seq.logprobs), sum(f[0] for f in seq.logprobs)
+                logprobs = self._reported(entries, seq.output_ids, seq.logprobs, request.params.detokenize)
+                total = sum(f[0] for f in seq.logprobs)
             completions.append(CompletionOutput(seq.index, shown, list(seq.output_ids), seq.finish_reason,
                                                 seq.stop_reason, logprobs, total))
         first = request.seqs[0]
         prompt_logprobs = None if request.params.prompt_logprobs is None else \
-            self._reported(request.prompt_entries, request.prompt_ids, first.prompt_logprobs)
+            self._reported(request.prompt_entries, request.prompt_ids, first.prompt_logprobs, request.params.detokenize)
         out = RequestOutput(request.request_id, request.prompt, request.prompt_ids, completions, finished,
                             prompt_logprobs, first.num_cached_tokens)
         if finished:
@@ -490,11 +493,12 @@ class Engine:
         request.prompt_logprobs_streamed = True
         return dataclasses.replace(out, outputs=changed, prompt_logprobs=prompt_logprobs)
 
-    def _reported(self, done: list, ids: list[int], found: list) -> list:
+    def _reported(self, done: list, ids: list[int], found: list, decoded: bool) -> list:
         """Logprobs as reported ({token id: Logprob} per token, None for a prompt's first): `done`, the entries
-        earlier outputs made, extended to the scheduler's `found` (logprob, rank, top ids, top logprobs)."""
+        earlier outputs made, extended to the scheduler's `found` (logprob, rank, top ids, top logprobs); each
+        token's text if `decoded`."""
         del done[len(found):]  # a stop string cut tokens off
-        text = self.tokenizer.token_text if self.tokenizer else None
+        text = self.tokenizer.token_text if self.tokenizer and decoded else None
         done += [f and logprob_entry(t, f, text) for t, f in zip(ids[len(done):], found[len(done):])]
         return list(done)
 

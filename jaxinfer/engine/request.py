@@ -5,6 +5,7 @@ Host code only; no JAX.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import itertools
@@ -85,6 +86,7 @@ class SamplingParams:
     logprobs: int | None = None  # top alternatives per generated token (0: only the chosen one)
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: token ids only, no text (vLLM's; stop strings need the text)
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, before the penalties (OpenAI's)
     allowed_token_ids: tuple[int, ...] | None = None  # only these can be sampled (vLLM's allowed_token_ids)
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens; -1: the context length (vLLM's)
@@ -141,7 +143,7 @@ class SamplingParams:
                f"got {list(self.stop_token_ids)!r:.80}")
         _check(isinstance(self.output_kind, RequestOutputKind),
                f"output_kind must be a RequestOutputKind (CUMULATIVE, DELTA or FINAL_ONLY), got {self.output_kind!r:.80}")
-        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "detokenize"):
             _check(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
@@ -160,6 +162,10 @@ class SamplingParams:
                    f"{name} must have token ids (integers in [0, {INT32_MAX}]), got {list(ids)!r:.80}")
         _check(all(_is_number(b) and abs(b) <= FLOAT32_MAX for b in self.logit_bias.values()),
                f"logit_bias values must be finite numbers, got {list(self.logit_bias.values())!r:.80}")
+
+    def clone(self) -> "SamplingParams":
+        """A deep copy (vLLM's `clone`)."""
+        return copy.deepcopy(self)
 
     @property
     def uses_penalties(self) -> bool:
