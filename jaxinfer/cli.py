@@ -14,6 +14,7 @@ from jaxinfer import eval as evaluation
 from jaxinfer.config import CONTROL_FLOWS, DTYPES, ConfigError, EngineConfig
 from jaxinfer.model.safetensors_io import CheckpointError
 from jaxinfer.planner import cli as planner_cli
+from jaxinfer.server.tool_calls import PARSERS as TOOL_CALL_PARSERS
 
 BASELINES = ("static", "hf", "bare")  # of `bench offline`
 MODEL_HELP = "a Hugging Face checkpoint directory, a `jaxinfer convert` output, or a config .json " \
@@ -115,9 +116,22 @@ def _add_bench(sub) -> None:
     planner_cli.add_profile_parser(kinds)
 
 
+def _tool_call_parser(args) -> str | None:
+    """The parser for tool_choice "auto", checked as vLLM checks its flags (before anything loads)."""
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice requires --tool-call-parser (one of: "
+                         f"{', '.join(TOOL_CALL_PARSERS)}), as in vLLM")
+    if args.tool_call_parser is not None and not args.enable_auto_tool_choice:
+        logging.getLogger("jaxinfer.serve").warning(
+            "--tool-call-parser %s is unused without --enable-auto-tool-choice: tool_choice 'auto' stays 400",
+            args.tool_call_parser)
+    return args.tool_call_parser if args.enable_auto_tool_choice else None
+
+
 def _serve(args) -> int:
     from jaxinfer.server.app import ServerConfig
     from jaxinfer.server.run import DEFAULT_MODEL_NAME, serve
+    tool_call_parser = _tool_call_parser(args)
     logging.getLogger("jaxinfer.serve").setLevel(logging.INFO)  # the start-up phases and their times
     engine = EngineConfig(max_slots=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype,
                           page_size=args.page_size, prefill_chunk=args.prefill_chunk, num_pages=args.num_pages,
@@ -136,7 +150,8 @@ def _serve(args) -> int:
     config = ServerConfig(served_model_name=name, model_path=args.model, api_key=args.api_key,
                           max_queue=args.max_queue, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
                           shutdown_timeout=args.shutdown_timeout,
-                          trust_request_chat_template=args.trust_request_chat_template)
+                          trust_request_chat_template=args.trust_request_chat_template,
+                          tool_call_parser=tool_call_parser)
     return serve(args.model, engine, config, args.host, args.port, warmup=not args.skip_warmup,
                  log_level="info" if args.verbose else "warning", step_log=args.step_log)
 
@@ -174,6 +189,13 @@ def _add_serve(sub) -> None:
     serve.add_argument("--trust-request-chat-template", action="store_true",
                        help="render a chat_template sent with a request (it runs code nobody here reviewed); "
                             "without this such requests are 400")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="answer tool_choice 'auto' (the default when tools are sent) by parsing the model's "
+                            "tool calls out of its output; needs --tool-call-parser. Without it such requests are "
+                            "400, as in vLLM")
+    serve.add_argument("--tool-call-parser", choices=list(TOOL_CALL_PARSERS), default=None,
+                       help="the model's tool-call format: hermes (Qwen 2.5/3, Hermes: <tool_call>...</tool_call>), "
+                            "llama3_json (Llama 3.1/3.2 JSON calls), mistral ([TOOL_CALLS][...])")
     serve.add_argument("--skip-warmup", action="store_true", help="compile step shapes on first use instead")
     serve.add_argument("--step-log", default=None, metavar="PATH",
                        help="write each step's shape and timings here (JSON lines) for `bench profile --from-log`")

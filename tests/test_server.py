@@ -172,8 +172,8 @@ def test_models_tokenize_detokenize_version(live, client):
 
 def test_chat_template_fields_render_as_transformers(live, client, monkeypatch):
     """vLLM's chat fields continue_final_message (the final message left open), tools (rendered, with tool_choice
-    none or auto) and chat_template (on a server that trusts request templates) give the prompt transformers
-    renders, in /v1/chat/completions and /tokenize alike."""
+    none; auto needs a tool-call parser: test_tool_calls.py) and chat_template (on a server that trusts request
+    templates) give the prompt transformers renders, in /v1/chat/completions and /tokenize alike."""
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(live.engine.tokenizer.name)
@@ -196,7 +196,7 @@ def test_chat_template_fields_render_as_transformers(live, client, monkeypatch):
             assert http.post("/tokenize", json={"messages": messages, **fields}).json()["tokens"] == ids
     assert text.endswith("assistant\nMine is")
     sdk = client.chat.completions.create(model="tiny", messages=prefilled[:1], max_tokens=2, tools=tools,
-                                         tool_choice="auto", extra_body={"chat_template": template})
+                                         tool_choice="none", extra_body={"chat_template": template})
     assert sdk.usage.prompt_tokens == len(hf.apply_chat_template(prefilled[:1], tools=tools, chat_template=template,
                                                                  add_generation_prompt=True)["input_ids"])
 

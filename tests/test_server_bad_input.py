@@ -448,7 +448,7 @@ BAD_FIELDS = [
     (CHAT, {"continue_final_message": True, "add_generation_prompt": True}, "continue_final_message"),
     (CHAT, {"continue_final_message": True}, "continue_final_message"),  # add_generation_prompt defaults to true
     (CHAT, {"chat_template_kwargs": {"continue_final_message": True}}, "continue_final_message"),  # as if a field
-    (CHAT, {"tools": [TOOL], "tool_choice": "required"}, "tool_choice"),  # calls are not parsed out of the output
+    (CHAT, {"tools": [TOOL], "tool_choice": "required"}, "tool_choice"),  # forcing a call needs structured output
     (CHAT, {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "paint"}}}, "tool_choice"),
     (CHAT, {"chat_template": "{{ messages }}"}, "chat_template"),  # this server does not trust request templates
     (CHAT, {"chat_template_kwargs": {"chat_template": "{{ messages }}"}}, "chat_template"),

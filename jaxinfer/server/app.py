@@ -32,6 +32,7 @@ from jaxinfer.server import metrics
 from jaxinfer.server.protocol import (APIError, GenerationRequest, Limits, TokenText, chat_logprobs, check_api_key,
                                       check_text, completion_logprobs, parse_chat, parse_completion, parse_json,
                                       parse_token_ids, prompt_logprobs_json, read_body, usage)
+from jaxinfer.server.tool_calls import PARSERS, ToolCallStream
 from jaxinfer.tokenizer import CHAT_TEMPLATE_ERRORS, openai_messages
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,13 @@ class ServerConfig:
     # A request's own chat_template runs code the operator never read (a sandbox bounds what it touches, not
     # how long it runs): refused unless trusted, as vLLM's --trust-request-chat-template.
     trust_request_chat_template: bool = False
+    # vLLM's --enable-auto-tool-choice --tool-call-parser NAME: tool_choice "auto" parses the answer's tool calls
+    # with PARSERS[NAME]. None: "auto" is 400, as in vLLM without those flags.
+    tool_call_parser: str | None = None
+
+    def __post_init__(self):
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise ValueError(f"unknown tool-call parser {self.tool_call_parser!r}; known: {', '.join(PARSERS)}")
 
 
 class Server:
@@ -230,6 +238,8 @@ class _Job:
     sent_tokens: dict = dataclasses.field(default_factory=dict)  # choice index -> tokens sent
     finished: set = dataclasses.field(default_factory=set)  # choice indices whose last chunk went out
     released: bool = False
+    tool_parser: object = None  # chat with tool_choice "auto": finds the calls in each choice's text
+    tool_streams: dict = dataclasses.field(default_factory=dict)  # choice index -> its ToolCallStream
 
 
 class Generation:
@@ -253,9 +263,25 @@ class Generation:
         model = server.model(req.model)
         if server.engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so no chat template: use /v1/completions")
+        tool_parser = self._tool_parser(req)
         self._check_room(req.params.n, 1)
         prompt = await asyncio.to_thread(self._chat_prompt, req, messages, kwargs)
-        return await self._run(request, req, [prompt], model, "chatcmpl")
+        return await self._run(request, req, [prompt], model, "chatcmpl", tool_parser)
+
+    def _tool_parser(self, req: GenerationRequest):
+        """The parser of the answer's tool calls (None for tool_choice "none"); as vLLM, "auto" is 400 on a server
+        started without one, and the parser may need the special tokens kept in the text."""
+        if req.tool_choice == "none":
+            return None
+        name = self.server.config.tool_call_parser
+        if name is None:
+            raise APIError(400, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be '
+                                'set (send tool_choice "none" to have the tools only rendered into the prompt)',
+                           "tool_choice")
+        parser = PARSERS[name]
+        if parser.keep_special_tokens:
+            req.params = dataclasses.replace(req.params, skip_special_tokens=False)
+        return parser
 
     def _chat_prompt(self, req: GenerationRequest, messages: list[dict], kwargs: dict) -> tuple[str, list[int]]:
         text = render_chat(self.server, messages, kwargs)
@@ -302,13 +328,14 @@ class Generation:
             raise APIError(400, str(e), field) from None
         return text, ids
 
-    async def _run(self, http: Request, req: GenerationRequest, prompts, model: str, kind: str) -> Response:
+    async def _run(self, http: Request, req: GenerationRequest, prompts, model: str, kind: str,
+                   tool_parser=None) -> Response:
         server = self.server
         seqs = req.params.n * len(prompts)
         self._check_room(seqs, len(prompts))  # again: others were admitted while this one was tokenized
         response_id = f"{kind}-{uuid.uuid4().hex}"
         job = _Job(req, response_id, int(time.time()), model, prompts,
-                   [f"{response_id}-{i}" for i in range(len(prompts))])
+                   [f"{response_id}-{i}" for i in range(len(prompts))], tool_parser=tool_parser)
         server.in_flight += seqs
         server.active[response_id] = job.request_ids
         try:
@@ -401,9 +428,36 @@ class Generation:
             choice["prompt_logprobs"] = prompt_logprobs_json(out.prompt_logprobs)
         if not req.chat:
             return {"index": index, "text": prefix + delta_text, **choice}
+        if job.tool_parser is not None:
+            return self._tool_call_choice(job, index, choice, text, final)
         if final:
             return {**choice, "message": {"role": req.role, "content": delta_text}}
         return {**choice, "delta": {"content": delta_text}}
+
+    def _tool_call_choice(self, job: _Job, index: int, choice: dict, text: str, final: bool) -> dict | None:
+        """A chat choice whose text is parsed for tool calls: the whole message (final), or the delta of content
+        now known not to be a call, with the calls in the choice's last chunk (None: nothing to send yet). As in
+        vLLM's streaming, finish_reason "stop" becomes "tool_calls" when calls were made; "length" stays."""
+        if final:
+            parsed = job.tool_parser.parse(text)
+            content, calls = parsed.content, parsed.calls
+        else:
+            stream = job.tool_streams.setdefault(index, ToolCallStream(job.tool_parser))
+            content, calls = stream.advance(text), []
+            if choice["finish_reason"] is not None:
+                rest, calls = stream.finish(text)
+                content += rest
+            elif not content and choice["logprobs"] is None and "token_ids" not in choice:
+                return None
+        if calls and choice["finish_reason"] == "stop":
+            choice = {**choice, "finish_reason": "tool_calls"}
+        if final:
+            message = {"role": job.request.role, "content": content}
+            return {**choice, "message": {**message, "tool_calls": [c.json() for c in calls]} if calls else message}
+        delta = {"content": content}
+        if calls:
+            delta["tool_calls"] = [{"index": k, **c.json()} for k, c in enumerate(calls)]
+        return {**choice, "delta": delta}
 
     def _usage(self, job: _Job, finals) -> dict:
         prompt = sum(len(ids) for _, ids in job.prompts)

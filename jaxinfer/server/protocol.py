@@ -120,6 +120,7 @@ class GenerationRequest:
     prompt_logprobs: bool = False  # vLLM's extension: the first (or only) choice of a prompt carries them
     priority: int = 0  # vLLM's extension: lower values are admitted first, ties in arrival order
     role: str = "assistant"  # chat: the answer's role; without a generation prompt, the last message's (vLLM)
+    tool_choice: str = "none"  # chat: "auto" (tool calls are parsed out of the answer) or "none"
 
 
 def _fail(message: str, param: str | None) -> None:
@@ -402,8 +403,7 @@ def _messages(value) -> list[dict]:
 def _template_kwargs(body: dict) -> dict:
     """The chat template's arguments: the request's own fields, updated with chat_template_kwargs (which win, as
     in vLLM and `LLM.chat`). As in vLLM, add_generation_prompt defaults to true, so continue_final_message needs
-    it set false; tools are rendered into the prompt, but calls in the output are not parsed, so tool_choice can
-    only leave the choice to the model."""
+    it set false; tools are rendered into the prompt whatever the tool_choice."""
     extra = body.get("chat_template_kwargs")
     extra = {} if extra is None else extra
     if not isinstance(extra, dict):
@@ -418,13 +418,31 @@ def _template_kwargs(body: dict) -> dict:
     tools = kwargs.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         _fail(f"tools must be a list of tool objects, got {_describe(tools)}", "tools")
-    if body.get("tool_choice") not in (None, "none", "auto"):
-        _fail("tool_choice must be 'none' or 'auto': tools are rendered into the prompt, but tool calling (parsing "
-              "calls out of the output) is not supported", "tool_choice")
     if kwargs.get("chat_template") is not None and not isinstance(kwargs["chat_template"], str):
         _fail(f"chat_template must be a string (a Jinja template), got {_describe(kwargs['chat_template'])}",
               "chat_template")
     return kwargs
+
+
+def _tool_choice(body: dict) -> str:
+    """The body's tool choice, "auto" or "none", by vLLM's rules: absent, it is "auto" when tools are given (null:
+    "none"); any other choice needs tools. "required" and a named tool force a call, which vLLM does with
+    structured output: 400 here."""
+    if "tool_choice" not in body:
+        return "auto" if body.get("tools") else "none"
+    choice = body["tool_choice"]
+    if choice in (None, "none"):
+        return "none"
+    if body.get("tools") is None:
+        _fail("tool_choice needs tools: send the tools the model may call", "tool_choice")
+    if choice == "auto":
+        return "auto"
+    if choice == "required" or isinstance(choice, dict):
+        forced = "'required'" if choice == "required" else "a named tool"
+        _fail(f"tool_choice {forced} is not supported: forcing a tool call needs structured output, which this "
+              "server does not have; send 'auto' (to a server started with --enable-auto-tool-choice) or 'none'",
+              "tool_choice")
+    _fail(f"tool_choice must be 'none', 'auto', 'required' or a named tool, got {_describe(choice)}", "tool_choice")
 
 
 def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dict]:
@@ -451,7 +469,8 @@ def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dic
                                 max_tokens_given=max_tokens is not None, max_tokens_param=name,
                                 return_token_ids=_bool(body, "return_token_ids", False),
                                 prompt_logprobs=prompt_logprobs is not None, priority=_priority(body),
-                                role="assistant" if kwargs["add_generation_prompt"] else messages[-1]["role"])
+                                role="assistant" if kwargs["add_generation_prompt"] else messages[-1]["role"],
+                                tool_choice=_tool_choice(body))
     return request, messages, kwargs
 
 

@@ -1,0 +1,199 @@
+"""Tool calls in a chat answer's text, found as vLLM's `--tool-call-parser` finds them: hermes, llama3_json, mistral.
+
+Host code, plain Python: a parser splits a finished answer's text into content and calls (`parse`); a
+`ToolCallStream` does the same for an answer that arrives in pieces. It knows nothing of HTTP or the engine.
+
+What counts as a call follows vLLM's parsers (vllm/tool_parsers/hermes_tool_parser.py, llama_tool_parser.py,
+mistral_tool_parser.py): the call's JSON must parse and hold a string "name" and its arguments, or the whole text
+stays content, with no calls. Where vLLM's streaming and non-streaming parsers disagree (text before a Llama call,
+a valid call followed by a broken one), the non-streamed answer is the rule and streaming follows it: a stream
+sends text as content only once nothing after it can turn it into part of a call, holds the rest back, and at the
+end of the answer parses the whole text as the non-streamed answer is parsed. So the streamed content and calls
+always concatenate to the non-streamed ones; the calls arrive whole, in the answer's last chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import uuid
+
+TOOL_CALL_ID_PREFIX = "chatcmpl-tool-"  # vLLM's ids: this and a random uuid's hex
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str  # JSON text, as the OpenAI API carries it
+
+    def json(self) -> dict:
+        """The call as a response's `tool_calls` entry, with a fresh id."""
+        return {"id": f"{TOOL_CALL_ID_PREFIX}{uuid.uuid4().hex}", "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Parsed:
+    content: str | None  # the text outside the calls; None when there is none
+    calls: list[ToolCall]
+
+
+def _call(obj, argument_keys: tuple[str, ...] = ("arguments",)) -> ToolCall:
+    """A call from its decoded JSON: {"name": str, <the first of argument_keys present>: any JSON}; ValueError
+    for anything else."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        raise ValueError("a tool call is an object with a string 'name'")
+    key = next((k for k in argument_keys if k in obj), None)
+    if key is None:
+        raise ValueError(f"a tool call needs '{argument_keys[0]}'")
+    return ToolCall(obj["name"], json.dumps(obj[key], ensure_ascii=False))  # vLLM's JSON text for the arguments
+
+
+def _partial_marker(text: str, marker: str) -> int:
+    """The length of the longest end of `text` that begins `marker`: a marker that may still be arriving."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
+
+
+class _Marked:
+    """Answers shaped `content <marker> calls`: content is the text before the first marker (None if empty);
+    `_calls` reads what follows it."""
+
+    marker: str
+    keep_special_tokens = True  # the marker is a special token in some models: decode with it kept, as vLLM
+
+    def parse(self, text: str) -> Parsed:
+        start = text.find(self.marker)
+        if start < 0:
+            return Parsed(text, [])
+        try:
+            calls = self._calls(text[start:])
+        except (ValueError, RecursionError):  # as vLLM: a call that does not parse leaves all the text content
+            return Parsed(text, [])
+        return Parsed(text[:start] or None, calls) if calls else Parsed(text, [])
+
+    def split(self, text: str, start: int) -> tuple[int, str | None]:
+        """How much of `text` (searched from `start`, which no marker begins before) is content for certain,
+        and whether that is settled: "held" (the rest waits for the end of the answer) or None (not yet)."""
+        at = text.find(self.marker, start)
+        if at >= 0:
+            return at, "held"
+        return len(text) - _partial_marker(text, self.marker), None
+
+    def _calls(self, text: str) -> list[ToolCall]:
+        raise NotImplementedError
+
+
+class Hermes(_Marked):
+    """Qwen 2.5 / 3 and Hermes: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, one or more; the last
+    may lack its closing tag (vLLM reads it to the end of the text). As in vLLM, text between and after the calls
+    is not content."""
+
+    marker = "<tool_call>"
+    _CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)
+
+    def _calls(self, text: str) -> list[ToolCall]:
+        return [_call(json.loads(body)) for body in self._CALL.findall(text)]
+
+
+class Mistral(_Marked):
+    """Mistral 7B Instruct v0.3 (Hugging Face tokenizer): `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`.
+    As vLLM, the markers are dropped, and if the rest is not JSON the first `[{...}]` in it is read."""
+
+    marker = "[TOOL_CALLS]"
+    _ARRAY = re.compile(r"\[\{.*\}\]", re.DOTALL)
+
+    def _calls(self, text: str) -> list[ToolCall]:
+        body = text.replace(self.marker, "").strip()
+        try:
+            calls = json.loads(body)
+        except json.JSONDecodeError:
+            found = self._ARRAY.search(body)
+            if found is None:
+                raise
+            calls = json.loads(found.group(0))
+        if not isinstance(calls, list):
+            raise ValueError("mistral tool calls are a JSON list")
+        return [_call(call) for call in calls]
+
+
+class Llama3Json:
+    """Llama 3.1 / 3.2 JSON tool calling: the whole answer is `{"name": ..., "parameters": {...}}` ("arguments"
+    also taken), perhaps after `<|python_tag|>`, several separated by `;`. With calls there is no content (text
+    after the last call is dropped, as vLLM does). vLLM's streaming parser only takes an answer that starts with
+    the object or the tag (after whitespace here), while its non-streaming one looks for objects anywhere: both
+    follow the streaming rule here, so that plain answers stream as they come."""
+
+    tag = "<|python_tag|>"
+    keep_special_tokens = False  # as vLLM, skip_special_tokens is left alone: the tag may go, the JSON stays
+    _DECODER = json.JSONDecoder()
+
+    def _body(self, text: str) -> str | None:
+        """The text after the tag or from the opening brace; None for an answer that is not calls."""
+        text = text.lstrip()
+        if text.startswith(self.tag):
+            return text[len(self.tag):]
+        return text if text.startswith("{") else None
+
+    def parse(self, text: str) -> Parsed:
+        body = self._body(text)
+        if body is None:
+            return Parsed(text, [])
+        try:
+            return Parsed(None, self._calls(body))
+        except (ValueError, RecursionError):
+            return Parsed(text, [])
+
+    def _calls(self, body: str) -> list[ToolCall]:
+        calls, at = [], 0
+        while True:
+            obj, at = self._DECODER.raw_decode(body, _skip_space(body, at))
+            calls.append(_call(obj, ("arguments", "parameters")))
+            at = _skip_space(body, at)
+            if not body.startswith(";", at):
+                return calls
+            at += 1
+
+    def split(self, text: str, start: int) -> tuple[int, str | None]:
+        """As `_Marked.split`; settled as soon as the first non-blank characters show calls or plain text."""
+        if self.tag.startswith(text.lstrip()):  # blank, or the tag still arriving
+            return 0, None
+        return (0, "held") if self._body(text) is not None else (len(text), "content")
+
+
+def _skip_space(text: str, at: int) -> int:
+    while at < len(text) and text[at].isspace():
+        at += 1
+    return at
+
+
+PARSERS = {"hermes": Hermes(), "llama3_json": Llama3Json(), "mistral": Mistral()}
+
+
+class ToolCallStream:
+    """One choice's answer as it grows: `advance` gives the content that can be sent now, `finish` the rest of
+    the content and the calls once the answer is complete. Both take the whole text so far."""
+
+    def __init__(self, parser):
+        self.parser = parser
+        self.sent = 0  # characters of the text already given out as content
+        self.settled: str | None = None  # "held" or "content" once the parser has decided
+
+    def advance(self, text: str) -> str:
+        if self.settled == "held":
+            return ""
+        if self.settled == "content":
+            end = len(text)
+        else:
+            end, self.settled = self.parser.split(text, self.sent)
+        piece, self.sent = text[self.sent:end], end
+        return piece
+
+    def finish(self, text: str) -> tuple[str, list[ToolCall]]:
+        """-> (content not yet given out, the calls): the non-streamed parse of the whole text, less what was
+        sent, which is always its beginning."""
+        parsed = self.parser.parse(text)
+        return (parsed.content or "")[self.sent:], parsed.calls

@@ -1,0 +1,370 @@
+"""Tool calls parsed out of chat answers, as vLLM's --enable-auto-tool-choice --tool-call-parser NAME does.
+
+The parsers on strings (non-streaming, and streaming fed the same text in every kind of split); then the
+server through the official `openai` client. The tiny test model cannot be made to write a tool call, so the
+server's engine here runs a scripted executor (the seam between scheduling and execution): each sequence
+"samples" the token ids of a script the test chose, then EOS. Everything else is the real code path: the
+request's parsing and chat template, the engine's scheduler and incremental detokenizer (with the
+skip_special_tokens the parser asks for), the server's streaming and JSON, HTTP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from jaxinfer import cli
+from jaxinfer.config import EngineConfig
+from jaxinfer.engine.engine import Engine
+from jaxinfer.engine.scheduler import StepResult
+from jaxinfer.model.checkpoint import DEFAULT_MODEL_DIR
+from jaxinfer.server.app import ServerConfig
+from jaxinfer.server.tool_calls import PARSERS, ToolCall, ToolCallStream
+from jaxinfer.tokenizer import Tokenizer
+from live_server import LiveServer
+
+WEATHER = {"city": "Zürich", "days": [1, 2], "options": {"unit": "°C", "note": "rain 🌧", "nested": {"deep": [{}]}}}
+CALL = json.dumps({"name": "get_weather", "arguments": WEATHER}, ensure_ascii=False)
+HERMES_ANSWER = f"Let me check.\n<tool_call>\n{CALL}\n</tool_call>"
+TOOL = {"type": "function", "function": {"name": "get_weather", "description": "the forecast",
+                                         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+ASK = [{"role": "user", "content": "What's the weather in Zürich?"}]
+
+
+def call(name: str, arguments) -> ToolCall:
+    """A call as vLLM reports it: the arguments re-serialized by json.dumps(ensure_ascii=False)."""
+    return ToolCall(name, json.dumps(arguments, ensure_ascii=False))
+
+
+# (parser, model output, content, calls)
+CASES = [
+    ("hermes", f"<tool_call>{CALL}</tool_call>", None, [call("get_weather", WEATHER)]),
+    ("hermes", HERMES_ANSWER, "Let me check.\n", [call("get_weather", WEATHER)]),
+    ("hermes", '<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "b", "arguments": '
+               '{"x": [1, {"y": null}]}}\n</tool_call>', None, [call("a", {}), call("b", {"x": [1, {"y": None}]})]),
+    ("hermes", 'Two: <tool_call>{"name": "a", "arguments": {"q": "\\u00e9\\"<tool_call>"}}</tool_call> and <tool_call>'
+               '{"name": "b", "arguments": {}}', "Two: ", [call("a", {"q": 'é"<tool_call>'}), call("b", {})]),
+    ("hermes", '<tool_call>{"name": "a", "arguments": {"x": 1}</tool_call>', None, []),  # malformed: all content
+    ("hermes", '<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "b"}</tool_call>', None, []),
+    ("hermes", '<tool_call>{"name": "a", "arguments": {"x": 1', None, []),  # cut off mid-call
+    ("hermes", "Use <tool_call> tags, like <tool_call>this</tool_call>.", None, []),
+    ("hermes", "No calls here, just a < and a <tool", None, []),
+    ("hermes", "", None, []),
+    ("llama3_json", '{"name": "get_weather", "parameters": ' + json.dumps(WEATHER) + "}", None,
+     [call("get_weather", WEATHER)]),
+    ("llama3_json", '<|python_tag|>{"name": "a", "arguments": {"x": 1}}; {"name": "b", "parameters": {}}', None,
+     [call("a", {"x": 1}), call("b", {})]),
+    ("llama3_json", '\n {"name": "a", "parameters": {"s": "日本"}} ;{"name": "b", "parameters": []}', None,
+     [call("a", {"s": "日本"}), call("b", [])]),
+    ("llama3_json", '{"name": "a", "parameters": {"x": 1}', None, []),  # malformed
+    ("llama3_json", '{"name": "a"}', None, []),  # no parameters
+    ("llama3_json", '{"function": "a", "parameters": {}}', None, []),  # no name
+    ("llama3_json", 'I would call {"name": "a", "parameters": {}}', None, []),  # not an answer made of calls
+    ("llama3_json", "<|python_tag|>print('hi')", None, []),  # Llama's code-interpreter form is no JSON call
+    ("llama3_json", "  <|python_", None, []),
+    ("mistral", '[TOOL_CALLS][{"name": "a", "arguments": {"x": "ü"}}, {"name": "b", "arguments": {}}]', None,
+     [call("a", {"x": "ü"}), call("b", {})]),
+    ("mistral", 'Sure [TOOL_CALLS] [{"name": "a", "arguments": {"x": 1}}] [/TOOL]', "Sure ", [call("a", {"x": 1})]),
+    ("mistral", '[TOOL_CALLS][{"name": "a", "arguments": {"x": 1}', None, []),
+    ("mistral", "[TOOL_CALLS][]", None, []),
+    ("mistral", "Plain [TOOL_ answer", None, []),
+]
+
+
+def expected(case) -> tuple[str | None, list[ToolCall]]:
+    _, text, content, calls = case
+    return (content, calls) if calls else (text, [])  # without calls the whole text is content
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}:{c[1][:30]}")
+def test_parse(case):
+    parser, text = PARSERS[case[0]], case[1]
+    parsed = parser.parse(text)
+    assert (parsed.content, parsed.calls) == expected(case)
+
+
+def splits(text: str, rng: random.Random):
+    """The text cut into pieces: one character at a time, whole, and random cuts."""
+    yield list(text)
+    yield [text]
+    for _ in range(20):
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, 8)))) if len(text) > 1 else []
+        yield [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+
+
+def stream(parser, pieces: list[str]) -> tuple[str, list[ToolCall]]:
+    """Content and calls as a stream gives them for the text arriving in these pieces."""
+    tool_stream, text, content = ToolCallStream(parser), "", ""
+    for piece in pieces:
+        text += piece
+        content += tool_stream.advance(text)
+    rest, calls = tool_stream.finish(text)
+    return content + rest, calls
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}:{c[1][:30]}")
+def test_streaming_gives_the_non_streamed_answer_in_every_split(case):
+    parser, text = PARSERS[case[0]], case[1]
+    content, calls = expected(case)
+    rng = random.Random(text)
+    for pieces in splits(text, rng):
+        assert stream(parser, pieces) == (content or "", calls), pieces
+
+
+@pytest.mark.parametrize("name, text, sent", [
+    ("hermes", "Let me check.\n<tool", "Let me check.\n"),  # a marker that may be arriving is held back
+    ("hermes", "Let me check.\n<tool_call>\n{", "Let me check.\n"),
+    ("hermes", "Plain text, no call", "Plain text, no call"),
+    ("mistral", "Plain [TOOL_CALL", "Plain "),
+    ("llama3_json", "\n <|pyth", ""),
+    ("llama3_json", '{"name": "a"', ""),
+    ("llama3_json", "Hello {", "Hello {"),
+])
+def test_streaming_sends_content_as_soon_as_it_cannot_be_a_call(name, text, sent):
+    tool_stream = ToolCallStream(PARSERS[name])
+    assert "".join(tool_stream.advance(text[:k]) for k in range(1, len(text) + 1)) == sent
+
+
+# --- through the server ----------------------------------------------------------------------------------------
+
+
+class ScriptedExecutor:
+    """The model replaced by a script: sequence i of each request "samples" the ids of scripts[i % len(scripts)]
+    one by one, then EOS. The engine around it runs as ever."""
+
+    def __init__(self, eos: int):
+        self.eos, self.scripts = eos, [[]]
+
+    def _token(self, seq, known: int) -> int:
+        """The token after `known` tokens of the sequence (prompt and generated)."""
+        script = self.scripts[seq.index % len(self.scripts)]
+        k = known - len(seq.prompt_ids)
+        return script[k] if k < len(script) else self.eos
+
+    def dispatch(self, plan) -> StepResult:
+        tokens = np.full((max(plan.num_steps, 1), len(plan.positions)), -1, np.int32)
+        for chunk in plan.prefills:
+            if chunk.sample:
+                tokens[0, chunk.slot] = self._token(plan.seqs[chunk.slot], chunk.start + len(chunk.tokens))
+        for slot in np.flatnonzero(plan.steps):
+            for i in range(plan.steps[slot]):
+                tokens[i, slot] = self._token(plan.seqs[slot], int(plan.positions[slot]) + i + 1)
+        return StepResult(tokens)
+
+    def collect(self, handle: StepResult) -> StepResult:
+        return handle
+
+
+@pytest.fixture(scope="module")
+def live():
+    tokenizer = Tokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+    cfg = EngineConfig(max_slots=4, page_size=16, num_pages=128, max_model_len=1024, prefill_chunk=64,
+                       decode_steps=4, dtype="float32", attention_backend="reference")
+    executor = ScriptedExecutor(tokenizer.eos_id)
+    engine = Engine(cfg, executor, tokenizer.vocab_size, tokenizer, tokenizer.eos_ids)
+    server = LiveServer(ServerConfig(served_model_name="tiny", tool_call_parser="hermes"), engine_object=engine)
+    server.executor = executor
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    return openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+
+
+def script(live, *answers: str | list[int]) -> None:
+    """What the model answers next: choice i of a request gets answers[i % len(answers)] (text or token ids)."""
+    live.executor.scripts = [a if isinstance(a, list) else ids(live.engine.tokenizer, a) for a in answers]
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    """Token ids that continue a prompt ending in a newline (as the chat template's does) with exactly `text`:
+    encoded after a newline, so sentencepiece adds no word-start space."""
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    return tokenizer.encode("\n" + text, add_special_tokens=False)[len(newline):]
+
+
+def assembled(chunks) -> dict[int, dict]:
+    """Per choice: the content, tool calls and finish reason the openai client's deltas add up to, with every
+    call's id, type and name checked to come once, in its first fragment."""
+    choices: dict[int, dict] = {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            got = choices.setdefault(c.index, {"content": "", "calls": {}, "finish_reason": None})
+            got["content"] += c.delta.content or ""
+            for tc in c.delta.tool_calls or []:
+                if tc.index not in got["calls"]:
+                    assert tc.id.startswith("chatcmpl-tool-") and tc.type == "function" and tc.function.name
+                    got["calls"][tc.index] = {"id": tc.id, "name": tc.function.name, "arguments": ""}
+                else:
+                    assert tc.id is None and not tc.function.name
+                got["calls"][tc.index]["arguments"] += tc.function.arguments or ""
+            if c.finish_reason is not None:
+                got["finish_reason"] = c.finish_reason
+    return choices
+
+
+def message_calls(message) -> list[tuple[str, str]]:
+    return [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+
+
+def test_a_call_through_the_openai_client(live, client):
+    script(live, HERMES_ANSWER)
+    answer = client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=300)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Let me check.\n"
+    (tool_call,) = choice.message.tool_calls
+    assert tool_call.type == "function" and tool_call.id.startswith("chatcmpl-tool-") and len(tool_call.id) > 20
+    assert tool_call.function.name == "get_weather"
+    assert json.loads(tool_call.function.arguments) == WEATHER
+    assert tool_call.function.arguments == json.dumps(WEATHER, ensure_ascii=False)
+    assert answer.usage.completion_tokens == len(live.executor.scripts[0]) + 1  # the script and its EOS
+    live.wait_idle()
+
+
+def test_the_streamed_call_adds_up_to_the_non_streamed_one(live, client):
+    script(live, HERMES_ANSWER)
+    full = client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=300).choices[0]
+    chunks = list(client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=300,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    (got,) = assembled(chunks).values()
+    assert got["content"] == full.message.content and "<tool_call>" not in got["content"]
+    assert [(c["name"], c["arguments"]) for c in got["calls"].values()] == message_calls(full.message)
+    assert got["finish_reason"] == full.finish_reason == "tool_calls"
+    live.wait_idle()
+
+
+def test_each_of_n_choices_is_parsed_on_its_own(live, client):
+    """n=3: choices 0 and 2 call tools (two calls in 2, no content), choice 1 answers in text, which streams as
+    it comes and ends with "stop"."""
+    two = '<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n<tool_call>\n{"name": "b", "arguments": ' \
+          '{}}\n</tool_call>'
+    script(live, HERMES_ANSWER, "It is sunny, no <tool> needed.", two)
+    full = client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], n=3, max_tokens=300)
+    by_index = {c.index: c for c in full.choices}
+    assert [by_index[i].finish_reason for i in range(3)] == ["tool_calls", "stop", "tool_calls"]
+    assert by_index[1].message.content == "It is sunny, no <tool> needed." and not by_index[1].message.tool_calls
+    assert by_index[2].message.content is None
+    assert message_calls(by_index[2].message) == [("a", '{"x": 1}'), ("b", "{}")]
+    streamed = assembled(client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], n=3,
+                                                        max_tokens=300, stream=True))
+    for i, choice in by_index.items():
+        assert streamed[i]["content"] == (choice.message.content or "")
+        assert [(c["name"], c["arguments"]) for c in streamed[i]["calls"].values()] == message_calls(choice.message)
+        assert streamed[i]["finish_reason"] == choice.finish_reason
+    live.wait_idle()
+
+
+def test_a_call_cut_by_max_tokens_keeps_finish_reason_length(live, client):
+    """As vLLM's streaming: only an answer that stopped by itself says "tool_calls"; a complete call before the
+    cut is still parsed."""
+    whole = '<tool_call>{"name": "a", "arguments": {}}</tool_call>'
+    script(live, whole + " and then more text")
+    cut = len(ids(live.engine.tokenizer, whole))
+    for stream in (False, True):
+        answer = client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=cut,
+                                                stream=stream)
+        if stream:
+            (got,) = assembled(answer).values()
+            assert got["finish_reason"] == "length" and [c["name"] for c in got["calls"].values()] == ["a"]
+        else:
+            assert answer.choices[0].finish_reason == "length"
+            assert message_calls(answer.choices[0].message) == [("a", "{}")]
+    live.wait_idle()
+
+
+def test_malformed_calls_stay_content(live, client):
+    broken = 'Here: <tool_call>{"name": "a", "arguments": {"x": </tool_call>'
+    script(live, broken)
+    full = client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=300).choices[0]
+    assert full.message.content == broken and not full.message.tool_calls and full.finish_reason == "stop"
+    (got,) = assembled(client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=300,
+                                                      stream=True)).values()
+    assert got == {"content": broken, "calls": {}, "finish_reason": "stop"}
+    live.wait_idle()
+
+
+def test_tool_choice_none_renders_the_tools_and_parses_nothing(live, client):
+    """As vLLM: with a tool-call parser, "auto" decodes the answer with special tokens kept (hermes' markers are
+    special tokens in some models); "none" leaves the answer alone."""
+    tokenizer = live.engine.tokenizer
+    special = min(tokenizer.special_ids - set(tokenizer.eos_ids))
+    marked = ids(tokenizer, "A") + [special] + ids(tokenizer, HERMES_ANSWER)
+    script(live, marked)
+    none = client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], tool_choice="none",
+                                          max_tokens=300).choices[0]
+    assert none.message.content == "A" + HERMES_ANSWER and not none.message.tool_calls
+    assert none.finish_reason == "stop"
+    auto = client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], tool_choice="auto",
+                                          max_tokens=300).choices[0]
+    special_text = tokenizer.decode([special], skip_special_tokens=False)
+    assert auto.message.content == f"A{special_text}Let me check.\n" and auto.finish_reason == "tool_calls"
+    live.wait_idle()
+
+
+def test_llama3_json_calls(live, client, monkeypatch):
+    monkeypatch.setattr(live.server, "config", dataclasses.replace(live.server.config, tool_call_parser="llama3_json"))
+    script(live, '{"name": "get_weather", "parameters": {"city": "Zürich"}}; {"name": "b", "parameters": {}}')
+    full = client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=300).choices[0]
+    assert full.message.content is None and full.finish_reason == "tool_calls"
+    assert message_calls(full.message) == [("get_weather", '{"city": "Zürich"}'), ("b", "{}")]
+    (got,) = assembled(client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=300,
+                                                      stream=True)).values()
+    assert got["content"] == "" and got["finish_reason"] == "tool_calls"
+    assert [(c["name"], c["arguments"]) for c in got["calls"].values()] == message_calls(full.message)
+    live.wait_idle()
+
+
+# --- what is refused ---------------------------------------------------------------------------------------------
+
+
+def refused(live, body: dict) -> dict:
+    answer = httpx.post(f"{live.url}/v1/chat/completions", json={"messages": ASK, "max_tokens": 5, **body}, timeout=60)
+    assert answer.status_code == 400, answer.text
+    return answer.json()["error"]
+
+
+def test_auto_needs_a_server_started_with_a_parser(live, monkeypatch):
+    """As vLLM: tool_choice "auto", sent or implied by tools, is 400 on a server without
+    --enable-auto-tool-choice --tool-call-parser; "none" still renders the tools and answers."""
+    monkeypatch.setattr(live.server, "config", dataclasses.replace(live.server.config, tool_call_parser=None))
+    script(live, HERMES_ANSWER)
+    for body in ({"tools": [TOOL], "tool_choice": "auto"}, {"tools": [TOOL]}):
+        error = refused(live, body)
+        assert error["param"] == "tool_choice"
+        assert '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser' in error["message"]
+    answer = httpx.post(f"{live.url}/v1/chat/completions", json={"messages": ASK, "tools": [TOOL],
+                                                                  "tool_choice": "none", "max_tokens": 300})
+    assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == HERMES_ANSWER
+    live.wait_idle()
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"tools": [TOOL], "tool_choice": "required"}, "structured output"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "named tool"),
+    ({"tool_choice": "auto"}, "needs tools"),
+    ({"tools": [TOOL], "tool_choice": "sometimes"}, "must be 'none', 'auto', 'required' or a named tool"),
+])
+def test_forced_and_invalid_tool_choices_are_400(live, body, words):
+    error = refused(live, body)
+    assert error["param"] == "tool_choice" and words in error["message"]
+
+
+def test_auto_tool_choice_without_a_parser_is_a_start_up_error(capsys, monkeypatch):
+    from jaxinfer.server import run
+    monkeypatch.setattr(run, "serve", lambda *args, **kwargs: pytest.fail("the server started"))
+    assert cli.main(["serve", "--enable-auto-tool-choice", "--skip-warmup"]) == 2
+    assert "--enable-auto-tool-choice requires --tool-call-parser" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve", "--enable-auto-tool-choice", "--tool-call-parser", "nope"])
+    with pytest.raises(ValueError, match="unknown tool-call parser 'nope'"):
+        ServerConfig(tool_call_parser="nope")
