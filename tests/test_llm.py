@@ -123,7 +123,7 @@ def test_bad_words_errors(llm):
         SamplingParams(bad_words=["fine", "  "])
     with pytest.raises(ValueError, match="at most 128 words"):
         SamplingParams(bad_words=[f"w{i}" for i in range(129)])
-    with pytest.raises(ValueError, match="at most 32 tokens long"):
+    with pytest.raises(ValueError, match="bad_words may be at most 32 tokens long each"):
         llm.generate("Hello", SamplingParams(bad_words=["and " * 40]))
     spaced_apart = lambda text: [1 if text.startswith(" ") else 2] + [3] * (len(text.strip()) // 4)  # noqa: E731
     with pytest.raises(ValueError, match="make 130 token sequences after tokenization; the most is 128"):

@@ -133,6 +133,21 @@ def test_logit_bias_and_allowed_token_ids_through_the_client(live, client):
     live.wait_idle()
 
 
+def test_bad_words_through_the_client(live, client):
+    """vLLM's bad_words (extra_body): the words' tokens, as the engine tokenizes them, never complete a word in
+    the output; a request without them, sent next, is unchanged."""
+    def text(**extra_body):
+        out = client.completions.create(model="tiny", prompt="In the beginning", extra_body=extra_body, **GREEDY)
+        return out.choices[0].text
+
+    plain = text()
+    first = plain.split()[0]
+    steered = text(bad_words=[first])
+    assert first in plain and first not in steered.split()
+    assert text() == plain
+    live.wait_idle()
+
+
 def test_stop_strings_through_the_client(live, client):
     plain = client.completions.create(model="tiny", prompt="Once upon", **GREEDY).choices[0].text
     stop = plain[3:7]

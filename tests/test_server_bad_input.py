@@ -452,6 +452,10 @@ BAD_FIELDS = [
     (CHAT, {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "paint"}}}, "tool_choice"),
     (CHAT, {"chat_template": "{{ messages }}"}, "chat_template"),  # this server does not trust request templates
     (CHAT, {"chat_template_kwargs": {"chat_template": "{{ messages }}"}}, "chat_template"),
+    (COMPLETIONS, {"bad_words": "the"}, "bad_words"),  # a list, as vLLM's pydantic model takes it
+    (COMPLETIONS, {"bad_words": ["the", 5]}, "bad_words"),
+    (CHAT, {"bad_words": ["  "]}, "bad_words"),
+    (COMPLETIONS, {"bad_words": ["word " * 40]}, "bad_words"),  # 40 tokens: more than a word may have
     (COMPLETIONS, {"logit_bias": [5, 1]}, "logit_bias"),
     (COMPLETIONS, {"logit_bias": {"x": 1}}, "logit_bias"),
     (COMPLETIONS, {"logit_bias": {"5.5": 1}}, "logit_bias"),

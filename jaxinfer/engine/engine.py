@@ -315,6 +315,7 @@ class Engine:
             raise ValueError(f"min_tokens supports at most {MAX_BANNED} EOS and stop token ids, got {banned}")
         if not isinstance(priority, int):
             raise ValueError(f"priority must be an integer, got {priority!r}")
+        self._bad_words(params)  # tokenized again by add_request: a few words, and validate() stays one check
         max_new = limit - len(ids) if params.max_tokens is None else min(params.max_tokens, limit - len(ids))
         self.scheduler.check_fits(len(ids), max_new)
         return max_new
@@ -327,7 +328,8 @@ class Engine:
         found = params.bad_word_ids(lambda text: self.tokenizer.encode(text, add_special_tokens=False))
         bad = [t for ids in found for t in ids if t >= self.vocab_size]
         if bad:
-            raise ValueError(f"bad_words tokenize to id {bad[0]}, outside the model's vocabulary [0, {self.vocab_size})")
+            raise ValueError(f"bad_words tokenize to id {bad[0]}, outside the model's vocabulary [0, "
+                             f"{self.vocab_size})")
         return found
 
     def _seeds(self, params: SamplingParams) -> list[int]:

@@ -200,7 +200,7 @@ class SamplingParams:
                f"bad_words make {len(found)} token sequences after tokenization; the most is {MAX_BAD_WORDS}")
         longest = max(found, key=len, default=())
         _check(len(longest) <= MAX_BAD_WORD_TOKENS,
-               f"a bad word may be at most {MAX_BAD_WORD_TOKENS} tokens long, got {len(longest)} tokens")
+               f"bad_words may be at most {MAX_BAD_WORD_TOKENS} tokens long each, got one of {len(longest)} tokens")
         return tuple(found)
 
     def outside_vocabulary(self, vocab_size: int) -> str | None:

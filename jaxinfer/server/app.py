@@ -324,7 +324,7 @@ class Generation:
         try:
             engine.validate(ids, req.params)
         except (ValueError, MemoryError) as e:  # a sampling field's own limit names the field
-            field = next((f for f in ("min_tokens", "stop_token_ids") if f in str(e)), param)
+            field = next((f for f in ("min_tokens", "stop_token_ids", "bad_words") if f in str(e)), param)
             raise APIError(400, str(e), field) from None
         return text, ids
 

@@ -32,7 +32,7 @@ _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "
                       "stop_token_ids", "seed", "logprobs", "echo", "stream", "stream_options", "presence_penalty",
                       "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "user",
                       "include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs", "return_token_ids",
-                      "logit_bias", "allowed_token_ids", "truncate_prompt_tokens", "priority", *_REFUSED}
+                      "logit_bias", "allowed_token_ids", "truncate_prompt_tokens", "priority", "bad_words", *_REFUSED}
 _CHAT_FIELDS = (_COMPLETION_FIELDS - {"prompt", "echo", "suffix"}) | {
     "messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt", "continue_final_message",
     "chat_template", "chat_template_kwargs", "tools", "tool_choice"}
@@ -265,6 +265,15 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(stops)
 
 
+def _bad_words(body: dict) -> tuple[str, ...]:
+    words = body.get("bad_words")
+    if words is None:
+        return ()
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        _fail(f"bad_words must be a list of strings, got {_describe(words)}", "bad_words")
+    return tuple(words)
+
+
 def _stream(body: dict) -> tuple[bool, bool]:
     stream = _bool(body, "stream", False)
     options = body.get("stream_options")
@@ -311,7 +320,7 @@ def _sampling(body: dict, limits: Limits, max_tokens: int | None, logprobs: int 
             ignore_eos=_bool(body, "ignore_eos", False), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=_bool(body, "skip_special_tokens", True), logit_bias=_logit_bias(body, limits),
             allowed_token_ids=_id_list(body, limits, "allowed_token_ids"),
-            truncate_prompt_tokens=_int(body, "truncate_prompt_tokens"))
+            truncate_prompt_tokens=_int(body, "truncate_prompt_tokens"), bad_words=_bad_words(body))
     except ValueError as e:  # the remaining bounds (top_p > 0, repetition_penalty > 0): the field leads the message
         field = re.match(r"\w+", str(e))
         raise APIError(400, str(e), field.group(0) if field else None) from None
