@@ -9,7 +9,8 @@ import importlib
 __version__ = "0.1.0"
 _EXPORTS = {
     "LLM": "jaxinfer.llm", "SamplingParams": "jaxinfer.llm", "RequestOutput": "jaxinfer.llm",
-    "CompletionOutput": "jaxinfer.llm", "Logprob": "jaxinfer.llm", "EngineConfig": "jaxinfer.config",
+    "CompletionOutput": "jaxinfer.llm", "Logprob": "jaxinfer.llm", "RequestOutputKind": "jaxinfer.llm",
+    "EngineConfig": "jaxinfer.config",
     "ModelConfig": "jaxinfer.config",
 }
 __all__ = sorted(_EXPORTS)

@@ -134,6 +134,10 @@ def test_bad_words_errors(llm):
     with pytest.raises(ValueError, match="must tokenize to at least one token"):
         SamplingParams(bad_words=["ab"]).bad_word_ids(lambda text: [])
     assert SamplingParams(bad_words="LORD").bad_words == ("LORD",)
+    ok = SamplingParams(max_tokens=4, temperature=0.0)  # a batch is checked whole before any of it is queued
+    with pytest.raises(ValueError, match="^prompt 1: bad_words may be at most 32 tokens"):
+        llm.generate(["Hello", "World"], [ok, SamplingParams(max_tokens=4, bad_words=["and " * 40])], use_tqdm=False)
+    assert not llm.engine.has_work()
     assert _free_all(llm)
 
 
