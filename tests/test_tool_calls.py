@@ -62,6 +62,12 @@ CASES = [
      [call("a", {"x": 1}), call("b", {})]),
     ("llama3_json", '\n {"name": "a", "parameters": {"s": "日本"}} ;{"name": "b", "parameters": []}', None,
      [call("a", {"s": "日本"}), call("b", [])]),
+    ("llama3_json", '{"name": "a", "parameters": {}}\n{"name": "b", "parameters": {"x": 1}}, {"name": "c", '
+                    '"arguments": {}}', None, [call("a", {}), call("b", {"x": 1}), call("c", {})]),  # as vLLM reads
+    ("llama3_json", '[{"name": "a", "parameters": {}}, {"name": "b", "arguments": {"y": "ü"}}] thanks', None,
+     [call("a", {}), call("b", {"y": "ü"})]),  # a list of calls; text after the calls is dropped
+    ("llama3_json", "[]", None, []),
+    ("llama3_json", "[1, 2] are numbers", None, []),
     ("llama3_json", '{"name": "a", "parameters": {"x": 1}', None, []),  # malformed
     ("llama3_json", '{"name": "a"}', None, []),  # no parameters
     ("llama3_json", '{"function": "a", "parameters": {}}', None, []),  # no name
@@ -71,15 +77,17 @@ CASES = [
     ("mistral", '[TOOL_CALLS][{"name": "a", "arguments": {"x": "ü"}}, {"name": "b", "arguments": {}}]', None,
      [call("a", {"x": "ü"}), call("b", {})]),
     ("mistral", 'Sure [TOOL_CALLS] [{"name": "a", "arguments": {"x": 1}}] [/TOOL]', "Sure ", [call("a", {"x": 1})]),
-    ("mistral", '[TOOL_CALLS][{"name": "a", "arguments": {"x": 1}', None, []),
-    ("mistral", "[TOOL_CALLS][]", None, []),
+    ("mistral", 'So [TOOL_CALLS][{"name": "a", "arguments": {"x": 1}', 'So [{"name": "a", "arguments": {"x": 1}', []),
+    ("mistral", "[TOOL_CALLS][]", "[]", []),  # as vLLM: content without the control token
     ("mistral", "Plain [TOOL_ answer", None, []),
 ]
 
 
 def expected(case) -> tuple[str | None, list[ToolCall]]:
     _, text, content, calls = case
-    return (content, calls) if calls else (text, [])  # without calls the whole text is content
+    if calls:
+        return content, calls
+    return (text if content is None else content), []  # without calls the text is content (all, unless given)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}:{c[1][:30]}")
@@ -201,7 +209,7 @@ def assembled(chunks) -> dict[int, dict]:
             got["content"] += c.delta.content or ""
             for tc in c.delta.tool_calls or []:
                 if tc.index not in got["calls"]:
-                    assert tc.id.startswith("chatcmpl-tool-") and tc.type == "function" and tc.function.name
+                    assert tc.id and tc.type == "function" and tc.function.name
                     got["calls"][tc.index] = {"id": tc.id, "name": tc.function.name, "arguments": ""}
                 else:
                     assert tc.id is None and not tc.function.name
@@ -324,6 +332,33 @@ def test_llama3_json_calls(live, client, monkeypatch):
     live.wait_idle()
 
 
+def test_parallel_tool_calls_false_keeps_the_first_call(live, client):
+    """As vLLM (maybe_filter_parallel_tool_calls): parallel_tool_calls=false keeps only an answer's first call."""
+    one = '<tool_call>{"name": "%s", "arguments": {}}</tool_call>'
+    script(live, one % "a" + one % "b")
+    for parallel, names in ((False, ["a"]), (True, ["a", "b"])):
+        full = client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=300,
+                                              parallel_tool_calls=parallel).choices[0]
+        assert [name for name, _ in message_calls(full.message)] == names
+        (got,) = assembled(client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=300,
+                                                          stream=True, parallel_tool_calls=parallel)).values()
+        assert [c["name"] for c in got["calls"].values()] == names
+    live.wait_idle()
+
+
+def test_mistral_calls_have_mistral_ids(live, client, monkeypatch):
+    """vLLM's Mistral parser gives 9-character alphanumeric ids, which Mistral's chat templates require of the ids
+    a client sends back with the tool results (others make the next turn fail); the others chatcmpl-tool-<hex>."""
+    monkeypatch.setattr(live.server, "config", dataclasses.replace(live.server.config, tool_call_parser="mistral"))
+    script(live, '[TOOL_CALLS][{"name": "a", "arguments": {}}, {"name": "b", "arguments": {}}]')
+    full = client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=300).choices[0]
+    streamed = assembled(client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=300,
+                                                        stream=True))[0]["calls"].values()
+    found = [c.id for c in full.message.tool_calls] + [c["id"] for c in streamed]
+    assert len(found) == 4 and len(set(found)) == 4 and all(len(i) == 9 and i.isalnum() for i in found)
+    live.wait_idle()
+
+
 # --- what is refused ---------------------------------------------------------------------------------------------
 
 
@@ -353,10 +388,12 @@ def test_auto_needs_a_server_started_with_a_parser(live, monkeypatch):
     ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "named tool"),
     ({"tool_choice": "auto"}, "needs tools"),
     ({"tools": [TOOL], "tool_choice": "sometimes"}, "must be 'none', 'auto', 'required' or a named tool"),
+    ({"tools": [], "tool_choice": "auto"}, "tools must not be an empty array"),  # vLLM's check_tool_usage
+    ({"tools": []}, "tools must not be an empty array"),
 ])
 def test_forced_and_invalid_tool_choices_are_400(live, body, words):
     error = refused(live, body)
-    assert error["param"] == "tool_choice" and words in error["message"]
+    assert error["param"] == ("tools" if body.get("tools") == [] else "tool_choice") and words in error["message"]
 
 
 def test_auto_tool_choice_without_a_parser_is_a_start_up_error(capsys, monkeypatch):

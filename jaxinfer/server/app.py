@@ -449,14 +449,16 @@ class Generation:
                 content += rest
             elif not content and choice["logprobs"] is None and "token_ids" not in choice:
                 return None
+        calls = calls if job.request.parallel_tool_calls else calls[:1]  # as vLLM: false keeps the first call
         if calls and choice["finish_reason"] == "stop":
             choice = {**choice, "finish_reason": "tool_calls"}
         if final:
             message = {"role": job.request.role, "content": content}
-            return {**choice, "message": {**message, "tool_calls": [c.json() for c in calls]} if calls else message}
+            return {**choice, "message": {**message, "tool_calls": [c.json(job.tool_parser.new_id()) for c in calls]}
+                    if calls else message}
         delta = {"content": content}
         if calls:
-            delta["tool_calls"] = [{"index": k, **c.json()} for k, c in enumerate(calls)]
+            delta["tool_calls"] = [{"index": k, **c.json(job.tool_parser.new_id())} for k, c in enumerate(calls)]
         return {**choice, "delta": delta}
 
     def _usage(self, job: _Job, finals) -> dict:

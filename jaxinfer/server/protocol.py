@@ -35,7 +35,7 @@ _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "
                       "logit_bias", "allowed_token_ids", "truncate_prompt_tokens", "priority", "bad_words", *_REFUSED}
 _CHAT_FIELDS = (_COMPLETION_FIELDS - {"prompt", "echo", "suffix"}) | {
     "messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt", "continue_final_message",
-    "chat_template", "chat_template_kwargs", "tools", "tool_choice"}
+    "chat_template", "chat_template_kwargs", "tools", "tool_choice", "parallel_tool_calls"}
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -121,6 +121,7 @@ class GenerationRequest:
     priority: int = 0  # vLLM's extension: lower values are admitted first, ties in arrival order
     role: str = "assistant"  # chat: the answer's role; without a generation prompt, the last message's (vLLM)
     tool_choice: str = "none"  # chat: "auto" (tool calls are parsed out of the answer) or "none"
+    parallel_tool_calls: bool = True  # chat: false keeps only the first call parsed out of an answer (vLLM)
 
 
 def _fail(message: str, param: str | None) -> None:
@@ -427,6 +428,8 @@ def _template_kwargs(body: dict) -> dict:
     tools = kwargs.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         _fail(f"tools must be a list of tool objects, got {_describe(tools)}", "tools")
+    if tools == []:
+        _fail("tools must not be an empty array: leave it out, or give the tools the model may call", "tools")
     if kwargs.get("chat_template") is not None and not isinstance(kwargs["chat_template"], str):
         _fail(f"chat_template must be a string (a Jinja template), got {_describe(kwargs['chat_template'])}",
               "chat_template")
@@ -479,7 +482,8 @@ def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dic
                                 return_token_ids=_bool(body, "return_token_ids", False),
                                 prompt_logprobs=prompt_logprobs is not None, priority=_priority(body),
                                 role="assistant" if kwargs["add_generation_prompt"] else messages[-1]["role"],
-                                tool_choice=_tool_choice(body))
+                                tool_choice=_tool_choice(body),
+                                parallel_tool_calls=_bool(body, "parallel_tool_calls", True))
     return request, messages, kwargs
 
 

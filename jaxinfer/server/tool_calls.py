@@ -17,9 +17,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import secrets
+import string
 import uuid
 
 TOOL_CALL_ID_PREFIX = "chatcmpl-tool-"  # vLLM's ids: this and a random uuid's hex
+
+
+def _call_id() -> str:
+    return f"{TOOL_CALL_ID_PREFIX}{uuid.uuid4().hex}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,10 +33,9 @@ class ToolCall:
     name: str
     arguments: str  # JSON text, as the OpenAI API carries it
 
-    def json(self) -> dict:
-        """The call as a response's `tool_calls` entry, with a fresh id."""
-        return {"id": f"{TOOL_CALL_ID_PREFIX}{uuid.uuid4().hex}", "type": "function",
-                "function": {"name": self.name, "arguments": self.arguments}}
+    def json(self, call_id: str) -> dict:
+        """The call as a response's `tool_calls` entry (ids come from the parser: `new_id`)."""
+        return {"id": call_id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +69,7 @@ class _Marked:
 
     marker: str
     keep_special_tokens = True  # the marker is a special token in some models: decode with it kept, as vLLM
+    new_id = staticmethod(_call_id)
 
     def parse(self, text: str) -> Parsed:
         start = text.find(self.marker)
@@ -71,9 +77,13 @@ class _Marked:
             return Parsed(text, [])
         try:
             calls = self._calls(text[start:])
-        except (ValueError, RecursionError):  # as vLLM: a call that does not parse leaves all the text content
-            return Parsed(text, [])
-        return Parsed(text[:start] or None, calls) if calls else Parsed(text, [])
+        except (ValueError, RecursionError):  # as vLLM: a call that does not parse leaves the text content
+            calls = []
+        return Parsed(text[:start] or None, calls) if calls else Parsed(self._unparsed(text, start), [])
+
+    def _unparsed(self, text: str, start: int) -> str:
+        """The content of an answer whose calls (from the marker at `start` on) did not parse: all of it."""
+        return text
 
     def split(self, text: str, start: int) -> tuple[int, str | None]:
         """How much of `text` (searched from `start`, which no marker begins before) is content for certain,
@@ -106,6 +116,15 @@ class Mistral(_Marked):
     marker = "[TOOL_CALLS]"
     _ARRAY = re.compile(r"\[\{.*\}\]", re.DOTALL)
 
+    @staticmethod
+    def new_id() -> str:
+        """vLLM's Mistral ids: 9 letters and digits, which Mistral's chat templates require of the ids sent back."""
+        return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
+
+    def _unparsed(self, text: str, start: int) -> str:
+        """As vLLM: without its control token (the text before it, already streamed, stays as it is)."""
+        return text[:start] + text[start:].replace(self.marker, "")
+
     def _calls(self, text: str) -> list[ToolCall]:
         body = text.replace(self.marker, "").strip()
         try:
@@ -122,40 +141,44 @@ class Mistral(_Marked):
 
 class Llama3Json:
     """Llama 3.1 / 3.2 JSON tool calling: the whole answer is `{"name": ..., "parameters": {...}}` ("arguments"
-    also taken), perhaps after `<|python_tag|>`, several separated by `;`. With calls there is no content (text
-    after the last call is dropped, as vLLM does). vLLM's streaming parser only takes an answer that starts with
-    the object or the tag (after whitespace here), while its non-streaming one looks for objects anywhere: both
-    follow the streaming rule here, so that plain answers stream as they come."""
+    also taken), perhaps after `<|python_tag|>`, several one after the other (separated by `;`, `,` or blanks, as
+    vLLM reads every object) or in a JSON list. With calls there is no content (text after the last call is
+    dropped, as vLLM does). vLLM's streaming parser only takes an answer that starts with the object or the tag
+    (after whitespace here), while its non-streaming one looks for objects anywhere: both follow the streaming
+    rule here, so that plain answers stream as they come."""
 
     tag = "<|python_tag|>"
     keep_special_tokens = False  # as vLLM, skip_special_tokens is left alone: the tag may go, the JSON stays
+    new_id = staticmethod(_call_id)
     _DECODER = json.JSONDecoder()
 
     def _body(self, text: str) -> str | None:
-        """The text after the tag or from the opening brace; None for an answer that is not calls."""
+        """The text after the tag or from the opening brace (or bracket); None for an answer that is not calls."""
         text = text.lstrip()
         if text.startswith(self.tag):
             return text[len(self.tag):]
-        return text if text.startswith("{") else None
+        return text if text.startswith(("{", "[")) else None
 
     def parse(self, text: str) -> Parsed:
         body = self._body(text)
         if body is None:
             return Parsed(text, [])
         try:
-            return Parsed(None, self._calls(body))
+            calls = self._calls(body)
         except (ValueError, RecursionError):
-            return Parsed(text, [])
+            calls = []
+        return Parsed(None, calls) if calls else Parsed(text, [])
 
     def _calls(self, body: str) -> list[ToolCall]:
-        calls, at = [], 0
+        found, at = [], 0
         while True:
             obj, at = self._DECODER.raw_decode(body, _skip_space(body, at))
-            calls.append(_call(obj, ("arguments", "parameters")))
+            found += obj if isinstance(obj, list) and not found else [obj]  # a list only as the whole answer
             at = _skip_space(body, at)
-            if not body.startswith(";", at):
-                return calls
-            at += 1
+            if body.startswith((";", ","), at):
+                at = _skip_space(body, at + 1)
+            if isinstance(obj, list) or not body.startswith("{", at):
+                return [_call(obj, ("arguments", "parameters")) for obj in found]
 
     def split(self, text: str, start: int) -> tuple[int, str | None]:
         """As `_Marked.split`; settled as soon as the first non-blank characters show calls or plain text."""
