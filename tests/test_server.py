@@ -65,6 +65,26 @@ def test_completions_stream_and_not_agree(live, client):
     live.wait_idle()
 
 
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(live, client):
+    """vLLM's stream_options.continuous_usage_stats (with include_usage): every chunk carries the prompt tokens and
+    the completion tokens so far, rising to the final usage chunk's; without include_usage it adds nothing."""
+    messages = [{"role": "user", "content": "Hello there"}]
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=16, temperature=0.0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))  # the SDK passes the extra key
+    final = chunks[-1].usage
+    assert chunks[-1].choices == [] and final.completion_tokens == 16
+    assert all(c.usage is not None and c.usage.prompt_tokens == final.prompt_tokens for c in chunks)
+    so_far = [c.usage.completion_tokens for c in chunks]
+    assert so_far[0] == 0 and so_far == sorted(so_far) and so_far[-2] == 16
+    assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
+    plain = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, stream=True,
+                                                stream_options={"include_usage": False,
+                                                                "continuous_usage_stats": True}))
+    assert all(c.usage is None for c in plain)
+    live.wait_idle()
+
+
 def test_chat_stream_and_not_agree(live, client):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
     full = client.chat.completions.create(model="tiny", messages=messages, seed=3, max_tokens=16)

@@ -484,16 +484,18 @@ class Generation:
 
     async def _events(self, job: _Job):
         req, finals = job.request, [None] * len(job.streams)
+        # vLLM's continuous_usage_stats: every chunk says the tokens so far (of every choice: ours carry several)
+        so_far = (lambda: {"usage": self._usage(job, finals)}) if req.continuous_usage else dict
         try:
             if req.chat:  # the first chunk of each choice carries the role
                 roles = [{"index": k, "delta": {"role": req.role, "content": ""}, "logprobs": None,
                           "finish_reason": None} for k in range(req.params.n * len(job.prompts))]
-                yield self._chunk(job, roles)
+                yield self._chunk(job, roles, **so_far())
             async for i, out in _merged(job.streams):
                 finals[i] = out
                 choices = [c for c in (self._choice(job, i, out, comp, final=False) for comp in out.outputs) if c]
                 if choices:
-                    yield self._chunk(job, choices)
+                    yield self._chunk(job, choices, **so_far())
             if req.include_usage:
                 yield self._chunk(job, [], usage=self._usage(job, finals))
         except EngineError as e:

@@ -122,6 +122,7 @@ class GenerationRequest:
     role: str = "assistant"  # chat: the answer's role; without a generation prompt, the last message's (vLLM)
     tool_choice: str = "none"  # chat: "auto" (tool calls are parsed out of the answer) or "none"
     parallel_tool_calls: bool = True  # chat: false keeps only the first call parsed out of an answer (vLLM)
+    continuous_usage: bool = False  # stream: every chunk carries the usage so far (vLLM's continuous_usage_stats)
 
 
 def _fail(message: str, param: str | None) -> None:
@@ -275,16 +276,18 @@ def _bad_words(body: dict) -> tuple[str, ...]:
     return tuple(words)
 
 
-def _stream(body: dict) -> tuple[bool, bool]:
+def _stream(body: dict) -> tuple[bool, bool, bool]:
+    """-> (stream, include_usage, continuous_usage_stats): vLLM sends usage in every chunk only with both."""
     stream = _bool(body, "stream", False)
     options = body.get("stream_options")
     if options is None:
-        return stream, False
+        return stream, False, False
     if not stream:
         _fail("stream_options is only allowed when stream is true", "stream_options")
     if not isinstance(options, dict):
         _fail("stream_options must be an object", "stream_options")
-    return stream, _bool(options, "include_usage", False)
+    include_usage = _bool(options, "include_usage", False)
+    return stream, include_usage, include_usage and _bool(options, "continuous_usage_stats", False)
 
 
 def _sampling(body: dict, limits: Limits, max_tokens: int | None, logprobs: int | None,
@@ -383,11 +386,12 @@ def parse_completion(body, limits: Limits) -> GenerationRequest:
     prompt_logprobs = _logprobs_count(body.get("prompt_logprobs"), "prompt_logprobs", limits)
     if echo and logprobs is not None:
         prompt_logprobs = max(prompt_logprobs or 0, logprobs)
-    stream, include_usage = _stream(body)
+    stream, include_usage, continuous_usage = _stream(body)
     params = _sampling(body, limits, max(max_tokens, 1), logprobs, prompt_logprobs)
     return GenerationRequest(False, prompts, params, body.get("model"), stream, include_usage, echo, max_tokens == 0,
                              logprobs, return_token_ids=_bool(body, "return_token_ids", False),
-                             prompt_logprobs=body.get("prompt_logprobs") is not None, priority=_priority(body))
+                             prompt_logprobs=body.get("prompt_logprobs") is not None, priority=_priority(body),
+                             continuous_usage=continuous_usage)
 
 
 def _messages(value) -> list[dict]:
@@ -474,7 +478,7 @@ def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dic
     elif body.get("top_logprobs") is not None:
         _fail("top_logprobs needs logprobs set to true", "top_logprobs")
     kwargs = _template_kwargs(body)
-    stream, include_usage = _stream(body)
+    stream, include_usage, continuous_usage = _stream(body)
     prompt_logprobs = _logprobs_count(body.get("prompt_logprobs"), "prompt_logprobs", limits)
     params = _sampling(body, limits, max_tokens, logprobs, prompt_logprobs)
     request = GenerationRequest(True, [], params, body.get("model"), stream, include_usage, logprobs=logprobs,
@@ -483,7 +487,8 @@ def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dic
                                 prompt_logprobs=prompt_logprobs is not None, priority=_priority(body),
                                 role="assistant" if kwargs["add_generation_prompt"] else messages[-1]["role"],
                                 tool_choice=_tool_choice(body),
-                                parallel_tool_calls=_bool(body, "parallel_tool_calls", True))
+                                parallel_tool_calls=_bool(body, "parallel_tool_calls", True),
+                                continuous_usage=continuous_usage)
     return request, messages, kwargs
 
 
