@@ -205,6 +205,27 @@ def test_models_tokenize_detokenize_version(live, client):
     assert tokenized[0] == tokenized[1]
 
 
+def test_add_special_tokens_as_vllm(live, client):
+    """vLLM's add_special_tokens: completions encode the prompt with them (the BOS) unless told not to (a prompt
+    that already has them, say a chat template rendered by the client); chat does not unless told to."""
+    tokenizer = live.engine.tokenizer
+    def prompt_ids(route: str, **body) -> list[int]:
+        out = httpx.post(f"{live.url}/v1/{route}", json={"model": "tiny", "max_tokens": 1, "return_token_ids": True,
+                                                           **body}).json()
+        return out["choices"][0]["prompt_token_ids"]
+
+    assert prompt_ids("completions", prompt="Hello") == tokenizer.encode("Hello")
+    assert prompt_ids("completions", prompt="Hello", add_special_tokens=False) == tokenizer.encode(
+        "Hello", add_special_tokens=False) != tokenizer.encode("Hello")
+    messages = [{"role": "user", "content": "Hi"}]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt_ids("chat/completions", messages=messages) == tokenizer.encode(rendered, add_special_tokens=False)
+    assert prompt_ids("chat/completions", messages=messages, add_special_tokens=True) == tokenizer.encode(rendered)
+    assert httpx.post(f"{live.url}/tokenize", json={"messages": messages, "add_special_tokens": True}).json()[
+        "tokens"] == tokenizer.encode(rendered)
+    live.wait_idle()
+
+
 def test_chat_template_fields_render_as_transformers(live, client, monkeypatch):
     """vLLM's chat fields continue_final_message (the final message left open), tools (rendered, with tool_choice
     none; auto needs a tool-call parser: test_tool_calls.py) and chat_template (on a server that trusts request

@@ -285,7 +285,8 @@ class Generation:
 
     def _chat_prompt(self, req: GenerationRequest, messages: list[dict], kwargs: dict) -> tuple[str, list[int]]:
         text = render_chat(self.server, messages, kwargs)
-        return self._prompt(self.server.engine.tokenizer.encode(text, add_special_tokens=False), req, "messages", text)
+        ids = self.server.engine.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+        return self._prompt(ids, req, "messages", text)
 
     def _check_room(self, seqs: int, num_prompts: int) -> None:
         """400 if the request could never be admitted; 429 if it cannot be now."""
@@ -303,7 +304,7 @@ class Generation:
         if isinstance(prompt, str):
             if engine.tokenizer is None:
                 raise APIError(400, "this model has no tokenizer: send token ids", param)
-            text, ids = prompt, engine.tokenizer.encode(prompt)
+            text, ids = prompt, engine.tokenizer.encode(prompt, add_special_tokens=req.add_special_tokens)
         else:
             ids = prompt
             if text is None:
@@ -559,8 +560,8 @@ class Info:
     def _tokenize(self, body: dict) -> dict:
         server, tokenizer = self.server, self.server.engine.tokenizer
         if "messages" in body:
-            _, messages, kwargs = parse_chat({**body, "stream": False}, server.limits)
-            ids = tokenizer.encode(render_chat(server, messages, kwargs), add_special_tokens=False)
+            req, messages, kwargs = parse_chat({**body, "stream": False}, server.limits)
+            ids = tokenizer.encode(render_chat(server, messages, kwargs), add_special_tokens=req.add_special_tokens)
         else:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):

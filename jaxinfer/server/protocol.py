@@ -32,7 +32,8 @@ _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "
                       "stop_token_ids", "seed", "logprobs", "echo", "stream", "stream_options", "presence_penalty",
                       "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "user",
                       "include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs", "return_token_ids",
-                      "logit_bias", "allowed_token_ids", "truncate_prompt_tokens", "priority", "bad_words", *_REFUSED}
+                      "logit_bias", "allowed_token_ids", "truncate_prompt_tokens", "priority", "bad_words",
+                      "add_special_tokens", *_REFUSED}
 _CHAT_FIELDS = (_COMPLETION_FIELDS - {"prompt", "echo", "suffix"}) | {
     "messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt", "continue_final_message",
     "chat_template", "chat_template_kwargs", "tools", "tool_choice", "parallel_tool_calls"}
@@ -123,6 +124,7 @@ class GenerationRequest:
     tool_choice: str = "none"  # chat: "auto" (tool calls are parsed out of the answer) or "none"
     parallel_tool_calls: bool = True  # chat: false keeps only the first call parsed out of an answer (vLLM)
     continuous_usage: bool = False  # stream: every chunk carries the usage so far (vLLM's continuous_usage_stats)
+    add_special_tokens: bool = True  # a text prompt is encoded with BOS etc.; chat's default is false (vLLM's)
 
 
 def _fail(message: str, param: str | None) -> None:
@@ -391,7 +393,8 @@ def parse_completion(body, limits: Limits) -> GenerationRequest:
     return GenerationRequest(False, prompts, params, body.get("model"), stream, include_usage, echo, max_tokens == 0,
                              logprobs, return_token_ids=_bool(body, "return_token_ids", False),
                              prompt_logprobs=body.get("prompt_logprobs") is not None, priority=_priority(body),
-                             continuous_usage=continuous_usage)
+                             continuous_usage=continuous_usage,
+                             add_special_tokens=_bool(body, "add_special_tokens", True))
 
 
 def _messages(value) -> list[dict]:
@@ -488,7 +491,8 @@ def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dic
                                 role="assistant" if kwargs["add_generation_prompt"] else messages[-1]["role"],
                                 tool_choice=_tool_choice(body),
                                 parallel_tool_calls=_bool(body, "parallel_tool_calls", True),
-                                continuous_usage=continuous_usage)
+                                continuous_usage=continuous_usage,
+                                add_special_tokens=_bool(body, "add_special_tokens", False))
     return request, messages, kwargs
 
 
