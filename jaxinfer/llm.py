@@ -30,8 +30,8 @@ from pallas_kernels.attention import kernel_self_check
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "RequestOutputKind", "CompletionOutput", "Logprob", "RequestStream",
-           "load_engine"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "RequestOutputKind", "CompletionOutput", "Logprob",
+           "RequestStream", "load_engine"]
 
 GPU_KV_SEQUENCES_PER_SLOT = 16  # on GPU, pages for at most this many full-length sequences per slot
 
@@ -122,8 +122,9 @@ class LLM:
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """prompts: one prompt or a list of them, each a string, a list of token ids, or a dict as vLLM's
-        ({"prompt": text} or {"prompt_token_ids": ids}); one SamplingParams for all or one each. Returns one
-        finished RequestOutput per prompt, in order. Bad input raises before anything runs."""
+        ({"prompt": text} or {"prompt_token_ids": ids}, either with an optional "cache_salt"); one SamplingParams
+        for all or one each. Returns one finished RequestOutput per prompt, in order. Bad input raises before
+        anything runs."""
         prompts = [prompts] if isinstance(prompts, (str, dict)) else prompts
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a prompt (a string or a prompt dict) or a non-empty list of prompts "
@@ -194,6 +195,7 @@ class LLM:
                 checked.append(self.engine.validate(prompt, p))
             except (ValueError, MemoryError) as error:
                 raise type(error)(f"prompt {i}: {error}") from None
-        # Tokenized once: the validated ids go in, with their text for the output.
-        return [self.engine.add_request({"prompt": text, "prompt_token_ids": ids}, p, stream=False)
-                for (text, ids, _), p in zip(checked, params)]
+        # Tokenized once: the validated ids go in, with their text for the output (and the prompt's cache salt).
+        salts = [{"cache_salt": p["cache_salt"]} if isinstance(p, dict) and "cache_salt" in p else {} for p in prompts]
+        return [self.engine.add_request({"prompt": text, "prompt_token_ids": ids, **salt}, p, stream=False)
+                for (text, ids, _), p, salt in zip(checked, params, salts)]

@@ -240,6 +240,25 @@ def test_prefix_cache_serves_a_repeated_prefix(llm):
     assert outs["cached"].outputs[0].token_ids == outs["uncached"].outputs[0].token_ids
 
 
+def test_a_cache_salt_shares_cached_pages_only_with_its_own(llm):
+    """vLLM's cache_salt: a prompt's cached pages serve only requests of the same salt (or, without one, only
+    unsalted requests); outputs are the same either way."""
+    rng = np.random.default_rng(3)
+    shared = rng.integers(5, 4000, 96).tolist()
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    engine = engine_like(llm, enable_prefix_caching=True)
+    outs = []
+    for salt in (None, "tenant-a", "tenant-b", "tenant-a", None):
+        prompt = {"prompt_token_ids": shared + rng.integers(5, 4000, 5).tolist()}
+        outs.append(run(engine, [(prompt if salt is None else {**prompt, "cache_salt": salt}, params)])[0])
+    assert [o.num_cached_tokens for o in outs] == [0, 0, 0, 96, 96]
+    assert all(o.outputs[0].token_ids == alone(llm, o.prompt_token_ids, params) for o in outs)
+    for bad in ("", 5):
+        with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
+            engine.add_request({"prompt_token_ids": shared, "cache_salt": bad}, params)
+    engine.check_idle()
+
+
 def test_reset_prefix_cache_after_steps_from_outside_the_engine(llm):
     """Steps dispatched on the runner by hand (the benchmark's bare steps) overwrite the KV of cached pages;
     after `reset_prefix_cache` a repeated prompt computes again and gives its first output. While a request

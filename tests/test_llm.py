@@ -141,6 +141,17 @@ def test_bad_words_errors(llm):
     assert _free_all(llm)
 
 
+def test_prompt_dicts_take_a_cache_salt(llm):
+    """vLLM's prompt dicts may carry a cache_salt; LLM.generate passes it on, checked with the rest."""
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    plain = llm.generate("Hello", params, use_tqdm=False)[0]
+    salted = llm.generate([{"prompt": "Hello", "cache_salt": "tenant"}], params, use_tqdm=False)[0]
+    assert salted.outputs[0].token_ids == plain.outputs[0].token_ids and salted.prompt == "Hello"
+    with pytest.raises(ValueError, match="^prompt 1: cache_salt must be a non-empty string"):
+        llm.generate(["Hello", {"prompt": "Hello", "cache_salt": ""}], params)
+    assert _free_all(llm)
+
+
 def test_detokenize_false_gives_token_ids_only(llm):
     """vLLM's detokenize=False: the same tokens, no text (nor logprob token texts); stop strings need text."""
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)

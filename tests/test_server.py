@@ -205,6 +205,17 @@ def test_models_tokenize_detokenize_version(live, client):
     assert tokenized[0] == tokenized[1]
 
 
+def test_a_cache_salt_is_taken(live, client):
+    """vLLM's cache_salt (extra_body) reaches the engine's prefix cache (tests/test_engine.py); the output is as
+    without it."""
+    def text(**extra_body):
+        return client.completions.create(model="tiny", prompt="In the beginning", extra_body=extra_body,
+                                         **GREEDY).choices[0].text
+
+    assert text(cache_salt="tenant-a") == text() == text(cache_salt="tenant-b")
+    live.wait_idle()
+
+
 def test_add_special_tokens_as_vllm(live, client):
     """vLLM's add_special_tokens: completions encode the prompt with them (the BOS) unless told not to (a prompt
     that already has them, say a chat template rendered by the client); chat does not unless told to."""

@@ -452,6 +452,8 @@ BAD_FIELDS = [
     (CHAT, {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "paint"}}}, "tool_choice"),
     (CHAT, {"chat_template": "{{ messages }}"}, "chat_template"),  # this server does not trust request templates
     (CHAT, {"chat_template_kwargs": {"chat_template": "{{ messages }}"}}, "chat_template"),
+    (COMPLETIONS, {"cache_salt": ""}, "cache_salt"),
+    (CHAT, {"cache_salt": 5}, "cache_salt"),
     (COMPLETIONS, {"bad_words": "the"}, "bad_words"),  # a list, as vLLM's pydantic model takes it
     (COMPLETIONS, {"bad_words": ["the", 5]}, "bad_words"),
     (CHAT, {"bad_words": ["  "]}, "bad_words"),

@@ -160,6 +160,15 @@ def _find_stop(text: str, stops: tuple[str, ...], old_len: int) -> tuple[int, st
     return min(hits) if hits else None
 
 
+def _cache_salt(prompt) -> str | None:
+    """A prompt dict's "cache_salt" (vLLM's): its requests share cached prompt pages only with requests of the same
+    salt, so that nobody can learn another tenant's prompts by timing a cache hit."""
+    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    if salt is not None and not (isinstance(salt, str) and salt):
+        raise ValueError(f"cache_salt must be a non-empty string, got {salt!r:.80}")
+    return salt
+
+
 def _seed32(seed: int, index: int) -> int:
     """A request seed as the device's uint32; the n > 1 siblings get seeds derived from it."""
     if index == 0:
@@ -203,7 +212,7 @@ class Engine:
         self._raise_if_failed()
         params = params or SamplingParams()
         text, ids, max_new = self.validate(prompt, params, priority)
-        bad_words = self._bad_words(params)
+        bad_words, salt = self._bad_words(params), _cache_salt(prompt)
         detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
                   if self.tokenizer and params.detokenize else None for _ in range(params.n)]
         eos = frozenset() if params.ignore_eos else self.eos_ids
@@ -216,7 +225,7 @@ class Engine:
             seeds = self._seeds(params)
             handle = RequestStream(request_id, self) if stream else None
             seqs = [Sequence(request_id, i, list(ids), params, seeds[i], max_new, priority, eos, self.eos_id,
-                             bad_words) for i in range(params.n)]
+                             bad_words, salt) for i in range(params.n)]
             stream_ref = weakref.ref(handle) if handle else None
             request = _Request(request_id, text, ids, params, seqs, stream_ref, detoks, [""] * params.n,
                                time.monotonic())
@@ -246,6 +255,7 @@ class Engine:
         """-> (prompt text or None, prompt ids, tokens it may generate); raises on bad input. With
         `truncate_prompt_tokens` the ids are the prompt's last ones, and the text is theirs (special tokens
         kept, as in an uncut prompt's text)."""
+        _cache_salt(prompt)
         text, ids = self.truncate(*self._encode(prompt), params)
         return text, ids, self._check(ids, params, priority)
 
@@ -260,7 +270,8 @@ class Engine:
 
     def _encode(self, prompt) -> tuple[str | None, list[int]]:
         """A prompt as vLLM takes one: text, token ids, {"prompt": text}, or {"prompt_token_ids": ids} with the
-        text they came from as an optional "prompt" (kept for the output, not tokenized)."""
+        text they came from as an optional "prompt" (kept for the output, not tokenized); a dict may also give a
+        "cache_salt" (`_cache_salt`)."""
         if isinstance(prompt, dict):
             return self._encode_dict(prompt)
         if isinstance(prompt, str):
@@ -270,9 +281,10 @@ class Engine:
         return None, self._token_ids(prompt)
 
     def _encode_dict(self, prompt: dict) -> tuple[str | None, list[int]]:
-        unknown = [key for key in prompt if key not in ("prompt", "prompt_token_ids")]
+        unknown = [key for key in prompt if key not in ("prompt", "prompt_token_ids", "cache_salt")]
         if unknown:
-            raise ValueError(f"a prompt dict takes only 'prompt' (text) and 'prompt_token_ids', got {unknown[0]!r:.80}")
+            raise ValueError("a prompt dict takes only 'prompt' (text), 'prompt_token_ids' and 'cache_salt', got "
+                             f"{unknown[0]!r:.80}")
         text = prompt.get("prompt")
         if "prompt_token_ids" not in prompt:
             if not isinstance(text, str):

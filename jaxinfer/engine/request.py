@@ -142,7 +142,8 @@ class SamplingParams:
                f"stop_token_ids must be token ids (integers in [0, {INT32_MAX}]), "
                f"got {list(self.stop_token_ids)!r:.80}")
         _check(isinstance(self.output_kind, RequestOutputKind),
-               f"output_kind must be a RequestOutputKind (CUMULATIVE, DELTA or FINAL_ONLY), got {self.output_kind!r:.80}")
+               f"output_kind must be a RequestOutputKind (CUMULATIVE, DELTA or FINAL_ONLY), "
+               f"got {self.output_kind!r:.80}")
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "detokenize"):
             _check(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("logprobs", "prompt_logprobs"):
@@ -240,6 +241,7 @@ class Sequence:
     stop_ids: frozenset[int] = frozenset()  # EOS (unless ignore_eos) and stop_token_ids
     eos_id: int | None = None  # the EOS that ends it with stop_reason None; other stop ids report themselves
     bad_words: tuple[tuple[int, ...], ...] = ()  # params.bad_words tokenized (`SamplingParams.bad_word_ids`)
+    cache_salt: str | None = None  # cached prompt pages are shared only among requests of the same salt (vLLM's)
     order: int = dataclasses.field(default_factory=lambda: next(_order))
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     output_ids: list[int] = dataclasses.field(default_factory=list)

@@ -363,10 +363,11 @@ class Scheduler:
             self.pages.register(seq.pages[i], seq.hashes[i])
 
     def _hash_root(self, seq: Sequence) -> bytes | None:
-        """Where the chain of a sequence's page names starts: shared by every request with the prefix cache
-        on; with it off, the request's own, so that only its n > 1 siblings share pages; None: no names."""
+        """Where the chain of a sequence's page names starts: with the prefix cache on, shared by every request
+        of the same cache salt (none: b""); with it off, the request's own, so that only its n > 1 siblings
+        share pages; None: no names."""
         if self.pages.caching:
-            return b""
+            return b"" if seq.cache_salt is None else b"salt " + seq.cache_salt.encode()
         return f"request {seq.request_id}".encode() if seq.params.n > 1 else None
 
     def _build_plan(self, steps: dict[int, int], prefills: list[PrefillChunk]) -> StepPlan:

@@ -341,7 +341,8 @@ class Generation:
         server.active[response_id] = job.request_ids
         try:
             for (_, ids), request_id in zip(prompts, job.request_ids):
-                job.streams.append(server.engine.add_request(ids, req.params, request_id=request_id,
+                prompt = ids if req.cache_salt is None else {"prompt_token_ids": ids, "cache_salt": req.cache_salt}
+                job.streams.append(server.engine.add_request(prompt, req.params, request_id=request_id,
                                                              priority=req.priority))
         except BaseException:
             self._close(job)

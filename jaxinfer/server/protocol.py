@@ -33,7 +33,7 @@ _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "
                       "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "user",
                       "include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs", "return_token_ids",
                       "logit_bias", "allowed_token_ids", "truncate_prompt_tokens", "priority", "bad_words",
-                      "add_special_tokens", *_REFUSED}
+                      "add_special_tokens", "cache_salt", *_REFUSED}
 _CHAT_FIELDS = (_COMPLETION_FIELDS - {"prompt", "echo", "suffix"}) | {
     "messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt", "continue_final_message",
     "chat_template", "chat_template_kwargs", "tools", "tool_choice", "parallel_tool_calls"}
@@ -125,6 +125,7 @@ class GenerationRequest:
     parallel_tool_calls: bool = True  # chat: false keeps only the first call parsed out of an answer (vLLM)
     continuous_usage: bool = False  # stream: every chunk carries the usage so far (vLLM's continuous_usage_stats)
     add_special_tokens: bool = True  # a text prompt is encoded with BOS etc.; chat's default is false (vLLM's)
+    cache_salt: str | None = None  # cached prompt pages are shared only among requests of the same salt (vLLM's)
 
 
 def _fail(message: str, param: str | None) -> None:
@@ -278,6 +279,13 @@ def _bad_words(body: dict) -> tuple[str, ...]:
     return tuple(words)
 
 
+def _cache_salt(body: dict) -> str | None:
+    salt = body.get("cache_salt")
+    if salt is not None and not (isinstance(salt, str) and salt):
+        _fail(f"cache_salt must be a non-empty string, got {_describe(salt)}", "cache_salt")
+    return salt
+
+
 def _stream(body: dict) -> tuple[bool, bool, bool]:
     """-> (stream, include_usage, continuous_usage_stats): vLLM sends usage in every chunk only with both."""
     stream = _bool(body, "stream", False)
@@ -394,7 +402,7 @@ def parse_completion(body, limits: Limits) -> GenerationRequest:
                              logprobs, return_token_ids=_bool(body, "return_token_ids", False),
                              prompt_logprobs=body.get("prompt_logprobs") is not None, priority=_priority(body),
                              continuous_usage=continuous_usage,
-                             add_special_tokens=_bool(body, "add_special_tokens", True))
+                             add_special_tokens=_bool(body, "add_special_tokens", True), cache_salt=_cache_salt(body))
 
 
 def _messages(value) -> list[dict]:
@@ -492,7 +500,8 @@ def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dic
                                 tool_choice=_tool_choice(body),
                                 parallel_tool_calls=_bool(body, "parallel_tool_calls", True),
                                 continuous_usage=continuous_usage,
-                                add_special_tokens=_bool(body, "add_special_tokens", False))
+                                add_special_tokens=_bool(body, "add_special_tokens", False),
+                                cache_salt=_cache_salt(body))
     return request, messages, kwargs
 
 
