@@ -129,6 +129,25 @@ def test_logprobs_of_generated_tokens(live, client):
     live.wait_idle()
 
 
+def test_logprob_tokens_as_token_ids(live, client):
+    """vLLM's return_tokens_as_token_ids: logprobs name each token "token_id:<id>" (completions' tokens and
+    top_logprobs keys, chat's token, bytes and alternatives), the same tokens and logprobs otherwise."""
+    as_ids = {"return_tokens_as_token_ids": True, "return_token_ids": True}
+    out = client.completions.create(model="tiny", prompt="Hello", logprobs=3, extra_body=as_ids, **GREEDY).choices[0]
+    plain = client.completions.create(model="tiny", prompt="Hello", logprobs=3, **GREEDY).choices[0]
+    ids = out.model_extra["token_ids"]
+    assert out.logprobs.tokens == [f"token_id:{t}" for t in ids] and plain.logprobs.tokens != out.logprobs.tokens
+    assert out.logprobs.token_logprobs == plain.logprobs.token_logprobs and out.text == plain.text
+    assert all(all(k.startswith("token_id:") for k in top) for top in out.logprobs.top_logprobs)
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], logprobs=True,
+                                          top_logprobs=2, extra_body=as_ids, **GREEDY).choices[0]
+    content, ids = chat.logprobs.content, chat.model_extra["token_ids"]
+    assert [t.token for t in content] == [f"token_id:{t}" for t in ids]
+    assert all(t.bytes == list(t.token.encode()) and all(a.token.startswith("token_id:") for a in t.top_logprobs)
+               for t in content)
+    live.wait_idle()
+
+
 def test_logit_bias_and_allowed_token_ids_through_the_client(live, client):
     """OpenAI's logit_bias (string keys on the wire, read as vLLM reads them: Python's int()) and vLLM's
     allowed_token_ids (extra_body) steer the tokens; a request without them, sent next, is unchanged."""

@@ -216,6 +216,10 @@ class _GuardedStream(StreamingResponse):
             self._on_close()
 
 
+def _token_id_text(token_id: int) -> str:
+    return f"token_id:{token_id}"
+
+
 def _sse(payload) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, allow_nan=False)}\n\n"
 
@@ -408,7 +412,7 @@ class Generation:
         logprobs, prefix = None, ""
         if req.chat:
             if req.logprobs is not None:
-                logprobs = chat_logprobs(delta_entries, delta_ids, self.server.token_text, req.logprobs)
+                logprobs = chat_logprobs(delta_entries, delta_ids, self._token_text(req), req.logprobs)
         else:
             echo_now = req.echo and (final or first)  # the prompt leads the choice's first text
             prompt_text = job.prompts[i][0] if req.echo else ""
@@ -418,7 +422,7 @@ class Generation:
                 if echo_now:
                     token_ids, token_entries = out.prompt_token_ids + token_ids, out.prompt_logprobs + token_entries
                 offset = 0 if echo_now else len(prompt_text) + start_text
-                logprobs = completion_logprobs(token_entries, token_ids, self.server.token_text, offset)
+                logprobs = completion_logprobs(token_entries, token_ids, self._token_text(req), offset)
         if finish is not None:
             job.finished.add(index)
         choice = {"index": index, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop_reason}
@@ -435,6 +439,11 @@ class Generation:
         if final:
             return {**choice, "message": {"role": req.role, "content": delta_text}}
         return {**choice, "delta": {"content": delta_text}}
+
+    def _token_text(self, req: GenerationRequest):
+        """How logprobs name tokens: their text, or as vLLM's return_tokens_as_token_ids "token_id:<id>" (text
+        that is not valid UTF-8 on its own can then still be told apart)."""
+        return _token_id_text if req.tokens_as_ids else self.server.token_text
 
     def _tool_call_choice(self, job: _Job, index: int, choice: dict, text: str, final: bool) -> dict | None:
         """A chat choice whose text is parsed for tool calls: the whole message (final), or the delta of content

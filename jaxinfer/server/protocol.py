@@ -33,7 +33,7 @@ _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "
                       "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "user",
                       "include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs", "return_token_ids",
                       "logit_bias", "allowed_token_ids", "truncate_prompt_tokens", "priority", "bad_words",
-                      "add_special_tokens", "cache_salt", *_REFUSED}
+                      "add_special_tokens", "cache_salt", "return_tokens_as_token_ids", *_REFUSED}
 _CHAT_FIELDS = (_COMPLETION_FIELDS - {"prompt", "echo", "suffix"}) | {
     "messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt", "continue_final_message",
     "chat_template", "chat_template_kwargs", "tools", "tool_choice", "parallel_tool_calls"}
@@ -126,6 +126,7 @@ class GenerationRequest:
     continuous_usage: bool = False  # stream: every chunk carries the usage so far (vLLM's continuous_usage_stats)
     add_special_tokens: bool = True  # a text prompt is encoded with BOS etc.; chat's default is false (vLLM's)
     cache_salt: str | None = None  # cached prompt pages are shared only among requests of the same salt (vLLM's)
+    tokens_as_ids: bool = False  # logprobs name tokens "token_id:<id>" (vLLM's return_tokens_as_token_ids)
 
 
 def _fail(message: str, param: str | None) -> None:
@@ -402,7 +403,8 @@ def parse_completion(body, limits: Limits) -> GenerationRequest:
                              logprobs, return_token_ids=_bool(body, "return_token_ids", False),
                              prompt_logprobs=body.get("prompt_logprobs") is not None, priority=_priority(body),
                              continuous_usage=continuous_usage,
-                             add_special_tokens=_bool(body, "add_special_tokens", True), cache_salt=_cache_salt(body))
+                             add_special_tokens=_bool(body, "add_special_tokens", True), cache_salt=_cache_salt(body),
+                             tokens_as_ids=_bool(body, "return_tokens_as_token_ids", False))
 
 
 def _messages(value) -> list[dict]:
@@ -501,7 +503,8 @@ def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dic
                                 parallel_tool_calls=_bool(body, "parallel_tool_calls", True),
                                 continuous_usage=continuous_usage,
                                 add_special_tokens=_bool(body, "add_special_tokens", False),
-                                cache_salt=_cache_salt(body))
+                                cache_salt=_cache_salt(body),
+                                tokens_as_ids=_bool(body, "return_tokens_as_token_ids", False))
     return request, messages, kwargs
 
 
