@@ -120,10 +120,11 @@ class LLM:
         self.runner, self.tokenizer = self.engine.executor.runner, self.engine.tokenizer
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: list[int] | None = None) -> list[RequestOutput]:
         """prompts: one prompt or a list of them, each a string, a list of token ids, or a dict as vLLM's
         ({"prompt": text} or {"prompt_token_ids": ids}, either with an optional "cache_salt"); one SamplingParams
-        for all or one each. Returns one finished RequestOutput per prompt, in order. Bad input raises before
+        for all or one each. priority: one int per prompt, lower admitted first (vLLM's; by default all 0, queued
+        in the order given). Returns one finished RequestOutput per prompt, in order. Bad input raises before
         anything runs."""
         prompts = [prompts] if isinstance(prompts, (str, dict)) else prompts
         if not isinstance(prompts, (list, tuple)) or not prompts:
@@ -133,9 +134,12 @@ class LLM:
             [sampling_params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        priority = [0] * len(prompts) if priority is None else list(priority)
+        if len(priority) != len(prompts):
+            raise ValueError(f"{len(priority)} priorities for {len(prompts)} prompts")
         if self.engine.running_in_background:
             raise RuntimeError("the engine's loop runs in a background thread: use engine.add_request streams")
-        ids = self._add_all(prompts, params)
+        ids = self._add_all(prompts, params, priority)
         results = {}
         with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
             while self.engine.has_work():
@@ -187,15 +191,16 @@ class LLM:
         """Forget every cached prefix; False (nothing done) while requests are in the engine."""
         return self.engine.reset_prefix_cache()
 
-    def _add_all(self, prompts, params) -> list[str]:
+    def _add_all(self, prompts, params, priority) -> list[str]:
         """Check every request, then queue them in the order given, as vLLM does; returns their ids."""
         checked = []
-        for i, (prompt, p) in enumerate(zip(prompts, params)):  # check everything before queueing anything
+        for i, (prompt, p, rank) in enumerate(zip(prompts, params, priority)):  # check all before queueing any
             try:
-                checked.append(self.engine.validate(prompt, p))
+                checked.append(self.engine.validate(prompt, p, rank))
             except (ValueError, MemoryError) as error:
                 raise type(error)(f"prompt {i}: {error}") from None
         # Tokenized once: the validated ids go in, with their text for the output (and the prompt's cache salt).
         salts = [{"cache_salt": p["cache_salt"]} if isinstance(p, dict) and "cache_salt" in p else {} for p in prompts]
-        return [self.engine.add_request({"prompt": text, "prompt_token_ids": ids, **salt}, p, stream=False)
-                for (text, ids, _), p, salt in zip(checked, params, salts)]
+        return [self.engine.add_request({"prompt": text, "prompt_token_ids": ids, **salt}, p, priority=rank,
+                                        stream=False)
+                for (text, ids, _), p, salt, rank in zip(checked, params, salts, priority)]

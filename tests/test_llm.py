@@ -60,6 +60,22 @@ def test_generate_queues_in_the_order_given(llm):
     assert _free_all(llm)
 
 
+def test_generate_takes_vllm_priorities(llm):
+    """vLLM's generate(priority=[...]): lower is admitted first. With 3 slots and 5 requests, the two given -1
+    run in the first wave and the first two of the others wait; bad lists raise before anything is queued."""
+    prompts = ["The quick brown fox", "Once upon a time", "To be or not", "Hello", "A much longer prompt"]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False, priority=[0, 0, 0, -1, -1])
+    queued = [o.metrics.queue_time for o in outs]
+    assert min(queued[1], queued[2]) > max(queued[3], queued[4])
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    with pytest.raises(ValueError, match="2 priorities for 5 prompts"):
+        llm.generate(prompts, params, priority=[0, 1])
+    with pytest.raises(ValueError, match="^prompt 1: priority must be an integer"):
+        llm.generate(prompts, params, priority=[0, 0.5, 0, 0, 0])
+    assert _free_all(llm)
+
+
 def test_prompts_as_vllm_dicts_each_tokenized_once(llm, monkeypatch):
     """vLLM's prompt dicts: {"prompt": text} as the text, {"prompt_token_ids": ids} as the ids, with an
     optional "prompt" kept as the output's text and not tokenized. generate() tokenizes each text once."""
