@@ -131,17 +131,19 @@ def describe(body: dict, chat: bool) -> Work:
         prompts = _prompts(body.get("prompt"))
         max_tokens = _int_or(body.get("max_tokens"), DEFAULT_MAX_TOKENS, 0, 2**20)
     tokens = sum(_token_estimate(p) + n * max_tokens for p in prompts)
-    return Work(prefix_keys(prompts[0]), tokens, n * len(prompts))
+    salt = body.get("cache_salt")
+    return Work(prefix_keys(prompts[0], salt if isinstance(salt, str) else ""), tokens, n * len(prompts))
 
 
-def prefix_keys(prompt: str | list) -> tuple[str, ...]:
-    """Hashes of the prompt's leading windows; a prompt shorter than a window hashes whole."""
+def prefix_keys(prompt: str | list, salt: str = "") -> tuple[str, ...]:
+    """Hashes of the prompt's leading windows; a prompt shorter than a window hashes whole. Prompts of another
+    cache salt (vLLM's cache_salt) share no cached pages on a replica, so their keys differ too."""
     keys = []
     for chars, ids in PREFIX_WINDOWS:
         if isinstance(prompt, str):
-            material = "t" + prompt[:chars]
+            material = f"{len(salt)}:{salt}t" + prompt[:chars]
         else:  # not str() of junk: JSON nested a thousand deep would exceed the recursion limit
-            material = "i" + ",".join(str(t) if isinstance(t, int) else "?" for t in prompt[:ids])
+            material = f"{len(salt)}:{salt}i" + ",".join(str(t) if isinstance(t, int) else "?" for t in prompt[:ids])
         keys.append(hashlib.blake2b(material.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest())
     return tuple(keys)
 

@@ -280,6 +280,10 @@ def test_describe_hashes_prompt_starts_and_estimates_tokens():
     assert one.keys[-1] == two.keys[-1] and one.keys[0] != two.keys[0]  # the coarse window joins them
     assert describe({"prompt": [7] * ids + [1]}, False).keys[-1] == describe({"prompt": [7] * ids}, False).keys[-1]
     assert prefix_keys("abc") != prefix_keys([97, 98, 99])
+    salted = describe({"prompt": shared, "cache_salt": "tenant-a"}, False).keys  # vLLM's cache_salt: no shared pages
+    assert salted != describe({"prompt": shared}, False).keys
+    assert salted == describe({"prompt": shared, "cache_salt": "tenant-a"}, False).keys
+    assert prefix_keys("abc", "t") != prefix_keys("tabc")
     work = describe({"prompt": ["x" * 40, [1, 2, 3]], "max_tokens": 10, "n": 2}, False)
     assert (work.tokens, work.seqs) == (10 + 20 + 3 + 20, 4)
     chat = describe({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
