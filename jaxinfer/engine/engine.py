@@ -32,8 +32,7 @@ from jaxinfer.engine.data_parallel import DataParallelScheduler
 from jaxinfer.engine.executor import Executor
 from jaxinfer.engine.metrics import ITL, TTFT, EngineStats, LatencyHistograms, RequestMetrics, request_metrics
 from jaxinfer.engine.request import (MAX_BANNED, CompletionOutput, RequestOutput, RequestOutputKind, SamplingParams,
-                                     Sequence,
-                                     logprob_entry)
+                                     Sequence, logprob_entry)
 from jaxinfer.engine.scheduler import Scheduler
 from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
 
