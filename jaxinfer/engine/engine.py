@@ -210,8 +210,7 @@ class Engine:
         Bad input raises ValueError (MemoryError if it could never fit in the KV pool) in the caller's thread."""
         self._raise_if_failed()
         params = params or SamplingParams()
-        text, ids, max_new = self.validate(prompt, params, priority)
-        bad_words, salt = self._bad_words(params), _cache_salt(prompt)
+        text, ids, max_new, bad_words, salt = self._validated(prompt, params, priority)
         detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
                   if self.tokenizer and params.detokenize else None for _ in range(params.n)]
         eos = frozenset() if params.ignore_eos else self.eos_ids
@@ -254,9 +253,14 @@ class Engine:
         """-> (prompt text or None, prompt ids, tokens it may generate); raises on bad input. With
         `truncate_prompt_tokens` the ids are the prompt's last ones, and the text is theirs (special tokens
         kept, as in an uncut prompt's text)."""
-        _cache_salt(prompt)
+        return self._validated(prompt, params, priority)[:3]
+
+    def _validated(self, prompt, params: SamplingParams, priority: int) -> tuple:
+        """`validate`'s, then the bad words' token sequences and the cache salt: every check made once."""
+        salt = _cache_salt(prompt)
         text, ids = self.truncate(*self._encode(prompt), params)
-        return text, ids, self._check(ids, params, priority)
+        bad_words = self._bad_words(params)
+        return text, ids, self._check(ids, params, priority), bad_words, salt
 
     def truncate(self, text: str | None, ids: list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
         """The prompt cut to its last `truncate_prompt_tokens` ids, and their text (special tokens kept, as in an
@@ -326,7 +330,6 @@ class Engine:
             raise ValueError(f"min_tokens supports at most {MAX_BANNED} EOS and stop token ids, got {banned}")
         if not isinstance(priority, int):
             raise ValueError(f"priority must be an integer, got {priority!r}")
-        self._bad_words(params)  # tokenized again by add_request: a few words, and validate() stays one check
         max_new = limit - len(ids) if params.max_tokens is None else min(params.max_tokens, limit - len(ids))
         self.scheduler.check_fits(len(ids), max_new)
         return max_new
