@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LLM": "jaxinfer.llm", "SamplingParams": "jaxinfer.llm", "RequestOutput": "jaxinfer.llm",
     "CompletionOutput": "jaxinfer.llm", "Logprob": "jaxinfer.llm", "RequestOutputKind": "jaxinfer.llm",
+    "StructuredOutputsParams": "jaxinfer.engine.structured",
     "EngineConfig": "jaxinfer.config",
     "ModelConfig": "jaxinfer.config",
 }

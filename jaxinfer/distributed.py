@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
-HEADER = 8  # int32: kind, payload length, then the kind's own fields
+HEADER = 9  # int32: kind, payload length, then the kind's own fields
 STEP, PENALTIES, NOOP, STOP, EDITS = range(5)
 
 

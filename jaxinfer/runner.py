@@ -85,7 +85,7 @@ class Layout:
 
     @classmethod
     def build(cls, B: int, W: int, C: int, E: int, prompt_logprobs: bool, rounds: int | None = None,
-              passes: Passes | None = None, R: int | None = None) -> "Layout":
+              passes: Passes | None = None, R: int | None = None, mask_words: int = 0) -> "Layout":
         f32, i32, u32 = "float32", "int32", "uint32"
         R = B if R is None else R
         fields = [("rows", (R,), i32)] if R < B else []
@@ -100,6 +100,8 @@ class Layout:
                        ("prefill_slot", (E,), i32), ("prefill_sample", (E,), i32)]
         if prompt_logprobs:
             fields += [("next_tokens", (C,), i32)]
+        if mask_words:  # some slot samples under a grammar
+            fields += [("token_mask", (R, mask_words), i32)]
         return cls(tuple(fields), rounds, passes)
 
     def shape(self, name: str) -> tuple[int, ...] | None:
@@ -184,6 +186,8 @@ def _decode(params, kv, state: SlotState, x: dict, cfg, attention, layout: Layou
         if prefill_logits is not None:
             target = jnp.where(i == 0, sampled_slot, B)
             step_logits = step_logits.at[target].set(prefill_logits, mode="drop")
+        if "token_mask" in x:
+            step_logits = _grammar_mask(step_logits, x["token_mask"], i)
         sample_positions = jnp.where(from_prefill, prefill_position, positions + 1)
         s = sample(step_logits, _sampling(x, i < x["min_tokens_left"], state.edits), sample_positions,
                    state.penalties, layout.passes)
@@ -202,6 +206,14 @@ def _decode(params, kv, state: SlotState, x: dict, cfg, attention, layout: Layou
     if "rows" in x:
         state = jax.tree.map(lambda a, r: a.at[x["rows"]].set(r, mode="drop"), whole, state)
     return kv, state, out
+
+
+def _grammar_mask(step_logits: jax.Array, mask: jax.Array, i) -> jax.Array:
+    """In round 0 (a row under a grammar decodes one token a dispatch), -inf for each token whose bit in the row's
+    bitmask [R, ceil(V / 32)] is clear."""
+    vocab = jnp.arange(step_logits.shape[-1])
+    allowed = (mask[:, vocab // 32] >> (vocab % 32)) & 1
+    return jnp.where((allowed != 0) | (i > 0), step_logits, -jnp.inf)
 
 
 def _shard_step(params, kv: KVPool, state: SlotState, packed, *, cfg: ModelConfig, attention, layout: Layout,
@@ -350,11 +362,17 @@ class ModelRunner:
         R = step_rows(self.engine, plans, C)
         scored = any(chunk.next_tokens is not None for p in plans for chunk in p.prefills)
         rounds = passes = None
+        masked = any(p.token_mask is not None for p in plans)
+        if masked:
+            R = self.local.max_slots  # a grammar's steps take every row: fewer shapes to compile
         if self.engine.control_flow == "static":
-            rounds = step_rounds(self.engine, C, max(p.num_steps for p in plans))
+            num_steps = max(p.num_steps for p in plans)  # a grammar's rows decode one token a dispatch: when no
+            #                                              shard's plan has more, the step runs one round
+            rounds = num_steps if masked and num_steps <= 1 else step_rounds(self.engine, C, num_steps)
             rows = {name: np.concatenate([p.sampling[name] for p in plans]) for name in plans[0].sampling}
             passes = Passes.needed(rows, self.cfg.vocab_size) if rounds else Passes()
-        return Layout.build(self.local.max_slots, W, C, self.local.max_prefill_seqs, scored, rounds, passes, R)
+        return Layout.build(self.local.max_slots, W, C, self.local.max_prefill_seqs, scored, rounds, passes, R,
+                            _mask_words(self.cfg.vocab_size) if masked else 0)
 
     def _values(self, plan: StepPlan | None, layout: Layout) -> dict:
         """One shard's inputs for `layout`; an idle shard (None) decodes nothing and prefills no tokens."""
@@ -367,6 +385,9 @@ class ModelRunner:
             values = {name: np.concatenate([value, idle[name]])[rows] for name, value in values.items()}
             values["rows"] = rows
         values["num_steps"] = plan.num_steps
+        if layout.shape("token_mask") is not None:
+            everything = np.full(layout.shape("token_mask"), -1, np.int32)
+            values["token_mask"] = everything if plan.token_mask is None else plan.token_mask
         C = (layout.shape("prefill_tokens") or (0,))[0]
         if C:
             E = layout.shape("prefill_slot")[0]
@@ -418,9 +439,9 @@ class ModelRunner:
 
     def layout_from(self, fields) -> Layout:
         """The layout `step_fields` announced."""
-        W, C, scored, rounds, passes, R = (int(f) for f in fields[:6])
+        W, C, scored, rounds, passes, R, words = (int(f) for f in fields[:7])
         static = (None, None) if rounds < 0 else (rounds, Passes.from_code(passes))
-        return Layout.build(self.local.max_slots, W, C, self.local.max_prefill_seqs, bool(scored), *static, R)
+        return Layout.build(self.local.max_slots, W, C, self.local.max_prefill_seqs, bool(scored), *static, R, words)
 
     def score(self, tokens: np.ndarray, start: int, block_table: np.ndarray) -> np.ndarray:
         """Write one chunk (positions start..start+len) into the given pages of data shard 0; -> logits
@@ -524,11 +545,16 @@ def _global(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 def step_fields(layout: Layout) -> tuple[int, ...]:
-    """What the other processes need to rebuild a step's layout: W, C, prompt logprobs, rounds, passes, R."""
+    """What the other processes need to rebuild a step's layout: W, C, prompt logprobs, rounds, passes, R, and the
+    words of a grammar's token mask (0: none)."""
     C = (layout.shape("prefill_tokens") or (0,))[0]
     static = (-1, 0) if layout.rounds is None else (layout.rounds, layout.passes.code)
     return (layout.shape("block_tables")[1], C, int(layout.shape("next_tokens") is not None), *static,
-            layout.shape("positions")[0])
+            layout.shape("positions")[0], (layout.shape("token_mask") or (0, 0))[1])
+
+
+def _mask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
 
 
 def _idle_plan(B: int, W: int) -> StepPlan:
@@ -548,6 +574,8 @@ def _describe(layout: Layout) -> str:
     extra = " with prompt logprobs" if layout.shape("next_tokens") else ""
     if layout.shape("rows") is not None:
         extra += f", {layout.shape('rows')[0]} rows"
+    if layout.shape("token_mask") is not None:
+        extra += ", a grammar's token mask"
     if layout.rounds is not None:
         passes = [name for name, on in dataclasses.asdict(layout.passes).items() if on]
         extra += f", {layout.rounds} rounds, sampler passes: {', '.join(passes) or 'none'}"

@@ -110,6 +110,9 @@ class _TokenizersBackend:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
+    def to_json(self) -> str:
+        return self._tok.to_str()
+
 
 class _SentencePieceBackend:
     """tokenizer.model run by sentencepiece itself, with what transformers layers on top: the added tokens of
@@ -199,6 +202,19 @@ class _SentencePieceBackend:
         if token_id in self._added:
             return self._added[token_id]
         return self._bare.id_to_piece(token_id) if 0 <= token_id < self._bare.get_piece_size() else None
+
+    def token_bytes(self) -> list[bytes]:
+        """Every id's bytes in a text: a byte piece's byte, '▁' as a space; an added or control token's content."""
+        sp, out = self._bare, []
+        for i in range(self.vocab_size):
+            piece = self.id_to_token(i) or ""
+            if i in self._added:
+                out.append(piece.encode())
+            elif sp.is_byte(i):
+                out.append(bytes([int(piece[3:5], 16)]))
+            else:
+                out.append(piece.replace("\u2581", " ").encode())
+        return out
 
 
 def _load_backend(path: Path, config: dict) -> _TokenizersBackend | _SentencePieceBackend:
@@ -325,6 +341,14 @@ class Tokenizer:
             text = self.decode(self._anchor + [token_id], skip_special_tokens=False)[len(self._anchor_text):]
             self._token_texts[token_id] = text
         return text
+
+    def tokenizer_json(self) -> str | None:
+        """The tokenizer.json this tokenizer runs, as text; None for a sentencepiece tokenizer (see `token_bytes`)."""
+        return self._backend.to_json() if isinstance(self._backend, _TokenizersBackend) else None
+
+    def token_bytes(self) -> list[bytes]:
+        """A sentencepiece tokenizer's bytes of every id (what a grammar engine matches text against)."""
+        return self._backend.token_bytes()
 
     def id_to_token(self, token_id: int) -> str | None:
         """The vocabulary entry for one id (e.g. 'Ġthe', '▁the', '<0xE6>'), None outside the vocabulary."""

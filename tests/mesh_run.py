@@ -12,10 +12,14 @@ import json  # noqa: E402
 import sys  # noqa: E402
 
 from jaxinfer.config import EngineConfig  # noqa: E402
+from jaxinfer.engine.structured import StructuredOutputsParams  # noqa: E402
 from jaxinfer.llm import LLM, SamplingParams  # noqa: E402
 
 PROMPTS = [[5, 9, 100, 7], list(range(20, 39)), [42], list(range(300, 312))]
 BAD_WORDS = ["of the", "the LORD", "and"]  # the one-device output of prompts 2 and 3 has "of the"
+STRUCTURED_REGEX = r"[a-z]+ [0-9]{2}"
+STRUCTURED_JSON = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+                   "additionalProperties": False}
 
 
 def describe(array) -> dict:
@@ -38,10 +42,17 @@ def run(checkpoint: str, data: int, model: int, backend: str) -> dict:
     # Bad words (slot rows loaded at admission, recent tokens kept per slot) beside a plain request.
     banned = dataclasses.replace(greedy, bad_words=BAD_WORDS)
     edited = llm.generate(PROMPTS, [banned, greedy, banned, banned], use_tqdm=False)
+    # Structured outputs (a token mask per step from the host, one round a dispatch) beside a plain request.
+    regex = dataclasses.replace(greedy, structured_outputs=StructuredOutputsParams(regex=STRUCTURED_REGEX))
+    person = dataclasses.replace(greedy, structured_outputs=StructuredOutputsParams(json=STRUCTURED_JSON,
+                                                                                    disable_any_whitespace=True))
+    structured = llm.generate(PROMPTS, [regex, greedy, person, regex], use_tqdm=False)
     runner = llm.runner
     llm.engine.check_idle()
     return {"layout": [data, model], "backend": backend, "tokens": [o.outputs[0].token_ids for o in outs],
             "bad_words_tokens": [o.outputs[0].token_ids for o in edited],
+            "structured_texts": [o.outputs[0].text for o in structured],
+            "structured_tokens": [o.outputs[0].token_ids for o in structured],
             "wq": describe(runner.params["layers"]["wq"]), "wk": describe(runner.params["layers"]["wk"]),
             "embed": describe(runner.params["embed"]), "kv": describe(runner.kv.k),
             "slots": describe(runner.state.tokens),

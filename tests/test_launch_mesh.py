@@ -20,6 +20,8 @@ PROMPT = [5, 9, 100, 7, 300, 12]
 # A request whose sampling loads device rows at admission (penalty counts, logit edits): the followers must load
 # them too, as process 0 announces.
 STEERED = dict(repetition_penalty=1.3, logit_bias={300: 4.0, 9: 6.0}, allowed_token_ids=list(range(0, 400, 3)) + [9])
+# A request under a grammar: each step carries its token mask, which the followers must apply too.
+GUIDED = dict(structured_outputs={"regex": "[a-z]+ [0-9]{2}"})
 
 
 def _port() -> int:
@@ -58,6 +60,13 @@ def steered():
     return llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0].token_ids
 
 
+@pytest.fixture(scope="module")
+def guided():
+    llm = LLM(engine=EngineConfig(**ENGINE))
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, **GUIDED)
+    return llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0].token_ids
+
+
 def _ask(url: str, **extra) -> list[int]:
     body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True, "return_token_ids": True,
             **extra}
@@ -66,12 +75,13 @@ def _ask(url: str, **extra) -> list[int]:
     return answer.json()["choices"][0]["token_ids"]
 
 
-def test_two_processes_answer_what_one_answers_and_drain_on_sigterm(alone, steered):
+def test_two_processes_answer_what_one_answers_and_drain_on_sigterm(alone, steered, guided):
     launcher, url = launch("-dp", "2", "-tp", "2")
     try:
         wait_healthy(url, timeout=240, process=launcher)
         assert _ask(url) == alone
         assert _ask(url, **STEERED) == steered != alone
+        assert _ask(url, **GUIDED) == guided != alone
         assert _ask(url) == alone  # and again: the other process stayed in step
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(60) == 0, launcher.stderr.read()[-3000:]

@@ -5,6 +5,7 @@ The layouts run in one subprocess (tests/mesh_run.py), since JAX fixes its devic
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from jaxinfer.config import ConfigError, EngineConfig
 from jaxinfer.llm import LLM, load_engine
 from jaxinfer.model.checkpoint import DEFAULT_MODEL_DIR, save_safetensors
 
+PARTIAL_REGEX = r"[a-z]*( [0-9]{0,2})?"  # what mesh_run.py's STRUCTURED_REGEX allows, cut anywhere
 LAYOUTS = ["1,1,reference", "1,2,reference", "1,4,reference", "4,1,reference", "2,2,pallas", "1,2,xla", "2,1,xla"]
 
 
@@ -36,6 +38,7 @@ def runs(tmp_path_factory):
 def test_layout_decodes_what_one_device_decodes(runs, layout):
     assert runs[layout]["tokens"] == runs["1,1,reference"]["tokens"]
     assert runs[layout]["bad_words_tokens"] == runs["1,1,reference"]["bad_words_tokens"]
+    assert runs[layout]["structured_tokens"] == runs["1,1,reference"]["structured_tokens"]
 
 
 def test_bad_words_changed_the_one_device_output(runs):
@@ -43,6 +46,13 @@ def test_bad_words_changed_the_one_device_output(runs):
     one = runs["1,1,reference"]
     changed = [a != b for a, b in zip(one["tokens"], one["bad_words_tokens"])]
     assert changed == [True, False, True, True]
+
+
+def test_structured_outputs_held_on_one_device(runs):
+    """What the layouts are compared on: two regex answers, a JSON one (cut at max_tokens) and a plain one."""
+    texts = runs["1,1,reference"]["structured_texts"]
+    assert all(re.fullmatch(PARTIAL_REGEX, texts[i]) for i in (0, 3)) and texts[0] and texts[3]
+    assert texts[2].startswith('{"n":') and not re.fullmatch(PARTIAL_REGEX, texts[1])
 
 
 def test_tensor_parallel_shards_heads_and_the_pool(runs):

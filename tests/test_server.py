@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import socket
 import time
 
@@ -184,6 +185,30 @@ def test_bad_words_through_the_client(live, client):
     steered = text(bad_words=[first])
     assert first in plain and first not in steered.split()
     assert text() == plain
+    live.wait_idle()
+
+
+def test_structured_outputs_through_the_client(live, client):
+    """OpenAI's response_format (a JSON schema) and vLLM's choice and regex fields: the answers hold to them,
+    streamed or not."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], temperature=0, max_tokens=48,
+                response_format={"type": "json_schema", "json_schema": {"name": "flag", "schema": schema}})
+    whole = client.chat.completions.create(**chat).choices[0]
+    texts, reasons = stream_text(client.chat.completions.create(stream=True, **chat), chat=True)
+    assert (texts[0], reasons[0]) == (whole.message.content, whole.finish_reason)
+    if whole.finish_reason == "stop":
+        answer = json.loads(whole.message.content)
+        assert set(answer) == {"ok", "n"} and type(answer["ok"]) is bool and type(answer["n"]) is int
+    else:  # cut at max_tokens: still the start of such an object
+        assert whole.message.content.lstrip().startswith("{")
+    picked = client.completions.create(model="tiny", prompt="Pick", extra_body={"guided_choice": ["red", "blue"]},
+                                       **GREEDY).choices[0]
+    assert picked.text in ("red", "blue") and picked.finish_reason == "stop"
+    digits = client.completions.create(model="tiny", prompt="Count", n=2, seed=5, temperature=1.0, max_tokens=12,
+                                       extra_body={"structured_outputs": {"regex": "[0-9]{2,5}"}})
+    assert all(re.fullmatch("[0-9]{2,5}", c.text) for c in digits.choices)
     live.wait_idle()
 
 

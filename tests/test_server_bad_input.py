@@ -470,13 +470,23 @@ BAD_FIELDS = [
     (COMPLETIONS, {"allowed_token_ids": []}, "allowed_token_ids"),
     (CHAT, {"allowed_token_ids": [VOCAB]}, "allowed_token_ids"),
     (CHAT, {"allowed_token_ids": ["5"]}, "allowed_token_ids"),
-    # Output constraints are refused, not ignored: the answer would not follow them.
-    (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
-    (CHAT, {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
-    (COMPLETIONS, {"guided_json": {"type": "object"}}, "guided_json"),
-    (COMPLETIONS, {"guided_choice": ["yes", "no"]}, "guided_choice"),
-    (CHAT, {"guided_regex": "[0-9]+"}, "guided_regex"),
-    (CHAT, {"structured_outputs": {"choice": ["a"]}}, "structured_outputs"),
+    # Structured outputs that cannot be read, or more than one kind at once:
+    (CHAT, {"response_format": {"type": "json_schema"}}, "response_format"),
+    (CHAT, {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    (CHAT, {"response_format": {"type": "xml"}}, "response_format"),
+    (COMPLETIONS, {"response_format": "json"}, "response_format"),
+    (CHAT, {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
+     "response_format"),
+    (COMPLETIONS, {"guided_json": "{not json"}, "guided_json"),
+    (COMPLETIONS, {"guided_choice": []}, "guided_choice"),
+    (COMPLETIONS, {"guided_choice": "yes"}, "guided_choice"),
+    (CHAT, {"guided_regex": "[0-9"}, "guided_regex"),
+    (CHAT, {"guided_grammar": "start: undefined_rule"}, "guided_grammar"),
+    (CHAT, {"structured_outputs": {"choice": ["a"], "regex": "a"}}, "structured_outputs"),
+    (CHAT, {"structured_outputs": {"choices": ["a"]}}, "structured_outputs"),
+    (CHAT, {"structured_outputs": ["a"]}, "structured_outputs"),
+    (COMPLETIONS, {"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex"),
+    (CHAT, {"guided_whitespace_pattern": " *"}, "guided_whitespace_pattern"),
     (COMPLETIONS, {"suffix": "\n    return x"}, "suffix"),  # fill-in-the-middle would need the model's FIM tokens
     (COMPLETIONS, {"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
     (CHAT, {"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
@@ -505,6 +515,10 @@ EDGE_FIELDS = [
     (COMPLETIONS, {"logit_bias": {"0": -100, str(VOCAB - 1): 1e30}}),  # clamped to [-100, 100], as vLLM does
     (CHAT, {"allowed_token_ids": [0, VOCAB - 1], "logit_bias": {}}),
     (CHAT, {"response_format": {"type": "text"}, "guided_json": None}),  # no constraint
+    (CHAT, {"response_format": {"type": "json_object"}}), (COMPLETIONS, {"guided_choice": ["yes", "no"]}),
+    (CHAT, {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}),
+    (COMPLETIONS, {"structured_outputs": {"regex": "[0-9]+", "disable_any_whitespace": True}}),
+    (CHAT, {"guided_grammar": 'start: "a"+', "guided_decoding_backend": "xgrammar"}),  # the backend is ours to pick
     (COMPLETIONS, {"suffix": ""}), (COMPLETIONS, {"suffix": None}), (CHAT, {"suffix": "x"}),
     (COMPLETIONS, {"priority": -5, "truncate_prompt_tokens": -1}), (CHAT, {"priority": 2**63 - 1}),
 ]

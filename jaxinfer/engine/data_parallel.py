@@ -86,6 +86,9 @@ class DataParallelScheduler:
     def has_work(self) -> bool:
         return any(shard.has_work() for shard in self.shards)
 
+    def awaits_tokens(self) -> bool:
+        return any(shard.awaits_tokens() for shard in self.shards)
+
     @property
     def running(self) -> list[Sequence]:
         return [seq for shard in self.shards for seq in shard.running]

@@ -34,6 +34,7 @@ from jaxinfer.engine.metrics import ITL, TTFT, EngineStats, LatencyHistograms, R
 from jaxinfer.engine.request import (MAX_BANNED, CompletionOutput, RequestOutput, RequestOutputKind, SamplingParams,
                                      Sequence, logprob_entry)
 from jaxinfer.engine.scheduler import Scheduler
+from jaxinfer.engine.structured import GrammarCompiler
 from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,7 @@ class Engine:
         # (its generation config's) with stop_reason their id; without a tokenizer, the first id given is it.
         self.eos_id = tokenizer.eos_id if tokenizer and tokenizer.eos_id is not None else next(iter(eos_ids), None)
         self.scheduler = Scheduler(engine) if engine.mesh_shape[0] == 1 else DataParallelScheduler(engine)
+        self.grammars = GrammarCompiler(tokenizer, vocab_size, self.eos_ids or tokenizer and tokenizer.eos_ids or ())
         self.latencies = LatencyHistograms(engine.max_model_len)
         self._requests: dict[str, _Request] = {}
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -210,7 +212,7 @@ class Engine:
         Bad input raises ValueError (MemoryError if it could never fit in the KV pool) in the caller's thread."""
         self._raise_if_failed()
         params = params or SamplingParams()
-        text, ids, max_new, bad_words, salt = self._validated(prompt, params, priority)
+        text, ids, max_new, bad_words, salt, grammar = self._validated(prompt, params, priority)
         detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
                   if self.tokenizer and params.detokenize else None for _ in range(params.n)]
         eos = frozenset() if params.ignore_eos else self.eos_ids
@@ -223,7 +225,8 @@ class Engine:
             seeds = self._seeds(params)
             handle = RequestStream(request_id, self) if stream else None
             seqs = [Sequence(request_id, i, list(ids), params, seeds[i], max_new, priority, eos, self.eos_id,
-                             bad_words, salt) for i in range(params.n)]
+                             bad_words, salt, grammar and self.grammars.matcher(grammar, self.eos_id))
+                    for i in range(params.n)]
             stream_ref = weakref.ref(handle) if handle else None
             request = _Request(request_id, text, ids, params, seqs, stream_ref, detoks, [""] * params.n,
                                time.monotonic())
@@ -256,11 +259,14 @@ class Engine:
         return self._validated(prompt, params, priority)[:3]
 
     def _validated(self, prompt, params: SamplingParams, priority: int) -> tuple:
-        """`validate`'s, then the bad words' token sequences and the cache salt: every check made once."""
+        """`validate`'s, then the bad words' token sequences, the cache salt and the structured outputs' grammar
+        (or None): every check made once."""
         salt = _cache_salt(prompt)
         text, ids = self.truncate(*self._encode(prompt), params)
         bad_words = self._bad_words(params)
-        return text, ids, self._check(ids, params, priority), bad_words, salt
+        max_new = self._check(ids, params, priority)
+        grammar = params.structured_outputs and self.grammars.compile(params.structured_outputs)
+        return text, ids, max_new, bad_words, salt, grammar
 
     def truncate(self, text: str | None, ids: list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
         """The prompt cut to its last `truncate_prompt_tokens` ids, and their text (special tokens kept, as in an
@@ -372,6 +378,9 @@ class Engine:
 
     def _step(self) -> list[RequestOutput]:
         outputs = self._drain_commands()
+        if self._inflight is not None and self.scheduler.awaits_tokens():
+            outputs += self._process(*self._inflight)  # a grammar's next mask needs the tokens in flight
+            self._inflight = None
         plan = self.scheduler.schedule()
         handle = None
         if plan is not None:
@@ -426,8 +435,10 @@ class Engine:
         params, last = request.params, len(seq.output_ids) - 1
         for i in range(request.consumed[seq.index], len(seq.output_ids)):
             before = request.texts[seq.index]
-            # As in vLLM, the EOS or stop token that ended the sequence adds no text (its id stays).
-            stop_token = seq.finish_reason == "stop" and i == last and not params.include_stop_str_in_output
+            # As in vLLM, the EOS or stop token that ended the sequence adds no text (its id stays); a grammar's
+            # last token, which ends a sequence that ignores EOS, does.
+            stop_token = seq.finish_reason == "stop" and i == last and not params.include_stop_str_in_output and \
+                (seq.output_ids[i] in seq.stop_ids or seq.output_ids[i] in params.stop_token_ids)
             text = before + ("" if stop_token else detok.add(seq.output_ids[i]))
             if seq.finished and i == last:
                 text += detok.flush()

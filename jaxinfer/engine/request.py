@@ -12,6 +12,8 @@ import itertools
 import math
 import time
 
+from jaxinfer.engine.structured import StructuredOutputsParams
+
 MAX_LOGPROBS = 20  # the most top alternatives a request may ask for (computed on device for every row)
 MAX_BANNED = 16  # EOS + stop token ids masked on device while min_tokens is not reached
 MAX_LOGIT_EDITS = 1024  # allowed token ids, and logit_bias entries, per request (vLLM's limits)
@@ -92,6 +94,7 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens; -1: the context length (vLLM's)
     bad_words: tuple[str, ...] = ()  # words never generated (vLLM's; see `bad_word_ids`)
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # what a stream yields (outputs without one: final)
+    structured_outputs: StructuredOutputsParams | None = None  # a schema, regex, grammar or choice to hold to (vLLM's)
 
     def __post_init__(self):
         for name in ("stop", "bad_words"):
@@ -108,6 +111,8 @@ class SamplingParams:
                f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r:.80}")
         # JSON (a server body, an eval line) has only string keys: "50256" is token 50256, as in OpenAI's API.
         object.__setattr__(self, "logit_bias", {token_id_key(k): v for k, v in (self.logit_bias or {}).items()})
+        if isinstance(self.structured_outputs, dict):
+            object.__setattr__(self, "structured_outputs", StructuredOutputsParams(**self.structured_outputs))
         self._validate()
 
     def _validate(self) -> None:
@@ -141,6 +146,8 @@ class SamplingParams:
         _check(all(_is_int(t) and 0 <= t <= INT32_MAX for t in self.stop_token_ids),
                f"stop_token_ids must be token ids (integers in [0, {INT32_MAX}]), "
                f"got {list(self.stop_token_ids)!r:.80}")
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+               f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r:.80}")
         _check(isinstance(self.output_kind, RequestOutputKind),
                f"output_kind must be a RequestOutputKind (CUMULATIVE, DELTA or FINAL_ONLY), "
                f"got {self.output_kind!r:.80}")
@@ -242,6 +249,7 @@ class Sequence:
     eos_id: int | None = None  # the EOS that ends it with stop_reason None; other stop ids report themselves
     bad_words: tuple[tuple[int, ...], ...] = ()  # params.bad_words tokenized (`SamplingParams.bad_word_ids`)
     cache_salt: str | None = None  # cached prompt pages are shared only among requests of the same salt (vLLM's)
+    grammar: object = None  # a `structured.Grammar` when the output is held to structured outputs
     order: int = dataclasses.field(default_factory=lambda: next(_order))
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     output_ids: list[int] = dataclasses.field(default_factory=list)

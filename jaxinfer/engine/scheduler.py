@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import logging
 import time
 
 import numpy as np
@@ -24,6 +25,8 @@ import numpy as np
 from jaxinfer.config import EngineConfig, bucket
 from jaxinfer.engine.pages import NULL_PAGE, PageAllocator, chain_hashes, pages_for
 from jaxinfer.engine.request import MAX_BANNED, Sequence, Status
+
+log = logging.getLogger(__name__)
 
 SAMPLING_FIELDS = {  # SamplingParams field -> (row dtype, neutral value)
     "temperature": (np.float32, 0.0), "top_k": (np.int32, 0), "top_p": (np.float32, 1.0),
@@ -64,6 +67,8 @@ class StepPlan:
     banned: np.ndarray  # [B, MAX_BANNED] int32, -1 padded
     prefills: list[PrefillChunk]  # packed in this order into the step's chunk
     seqs: dict[int, Sequence]  # slot -> sequence producing tokens in this step
+    token_mask: np.ndarray | None = None  # [B, ceil(V / 32)] int32 bitmask of the tokens each slot may sample in
+    #                                       round 0 (every bit set: any); None: no slot samples under a grammar
 
 
 @dataclasses.dataclass
@@ -198,6 +203,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting) or any(s is not None for s in self.slots)
 
+    def awaits_tokens(self) -> bool:
+        """A sequence under a grammar has a token in flight: its next mask needs that token, so the step in flight
+        should be read before the next is planned (else that sequence sits the next step out)."""
+        return any(s.grammar is not None and s.pending for s in self.running)
+
     def kv_pages(self) -> tuple[int, int]:
         """(pages held by requests, usable pages)."""
         return self.pages.num_used, self.pages.num_pages - 1
@@ -221,7 +231,8 @@ class Scheduler:
 
     def schedule(self) -> StepPlan | None:
         """The next step, or None when nothing can run until in-flight tokens are read."""
-        steps = self._plan_decode(1 if self.prefilling is not None or self._can_admit() else self.cfg.decode_steps)
+        one = self.prefilling is not None or self._can_admit() or any(s.grammar is not None for s in self.running)
+        steps = self._plan_decode(1 if one else self.cfg.decode_steps)
         prefills = self._plan_prefills()
         if not prefills and not steps:
             return None
@@ -233,6 +244,8 @@ class Scheduler:
         for seq in sorted(self.running, key=Sequence.sort_key):
             if seq.finished or seq.slot is None or not seq.decoding or seq.remaining <= 0:
                 continue
+            if seq.grammar is not None and seq.pending:
+                continue  # its mask needs the token in flight
             n = min(k, seq.remaining)
             if self._grow(seq, seq.num_computed + n):
                 steps[seq.slot] = n
@@ -383,9 +396,20 @@ class Scheduler:
             seq = seqs[chunk.slot] = self.slots[chunk.slot]
             min_left[chunk.slot] = seq.params.min_tokens - len(seq.output_ids)
         rounds = max(max(steps.values(), default=0), int(any(chunk.sample for chunk in prefills)))
+        sampling = [slot for slot in steps] + [chunk.slot for chunk in prefills if chunk.sample]
         return StepPlan(positions, step_counts, rounds, self._tables.copy(),
                         {name: row.copy() for name, row in self._rows.items()}, min_left,
-                        self._banned.copy(), prefills, seqs)
+                        self._banned.copy(), prefills, seqs, self._token_mask([seqs[slot] for slot in sampling]))
+
+    def _token_mask(self, sampling: list[Sequence]) -> np.ndarray | None:
+        """The bitmask rows of the slots that sample under a grammar (one token each), others all set."""
+        guided = [seq for seq in sampling if seq.grammar is not None]
+        if not guided:
+            return None
+        mask = np.full((self.cfg.max_slots, guided[0].grammar.mask_words), -1, np.int32)
+        for seq in guided:
+            seq.grammar.fill_mask(mask[seq.slot])
+        return mask
 
     # --- results -------------------------------------------------------------------------
 
@@ -447,7 +471,19 @@ class Scheduler:
         self.counters.generation_tokens += 1
         if seq.slot is not None:
             self._register_full_pages(seq)
+        if seq.grammar is not None and not self._follow_grammar(seq, token):
+            return
         self._check_stop(seq, token)
+
+    def _follow_grammar(self, seq: Sequence, token: int) -> bool:
+        """Advance the sequence's grammar; False if that finished it: the grammar is complete and EOS would not
+        end it (ignore_eos), or the token broke it (which the mask rules out)."""
+        if not seq.grammar.accept(token):
+            log.warning("request %s: token %d breaks its structured output; ending it", seq.request_id, token)
+        elif not seq.grammar.complete or seq.stop_ids or token in seq.params.stop_token_ids:
+            return True
+        self.finish(seq, "stop")
+        return False
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         if len(seq.output_ids) >= seq.params.min_tokens:

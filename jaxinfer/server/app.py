@@ -330,6 +330,7 @@ class Generation:
             engine.validate(ids, req.params)
         except (ValueError, MemoryError) as e:  # a sampling field's own limit names the field
             field = next((f for f in ("min_tokens", "stop_token_ids", "bad_words") if f in str(e)), param)
+            field = req.structured_param if str(e).startswith("structured outputs") else field
             raise APIError(400, str(e), field) from None
         return text, ids
 

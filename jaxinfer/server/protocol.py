@@ -16,6 +16,7 @@ import math
 import re
 
 from jaxinfer.engine.request import INT32_MAX, MAX_LOGPROBS, SamplingParams, token_id_key
+from jaxinfer.engine.structured import StructuredOutputsParams
 
 log = logging.getLogger(__name__)
 
@@ -24,16 +25,17 @@ _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundErro
           409: "ConflictError", 413: "RequestEntityTooLarge", 429: "RateLimitError", 500: "InternalServerError",
           503: "ServiceUnavailableError"}
 # Fields we do not serve whose answer would differ from what the client asked for if they were ignored: refused.
-_STRUCTURED = "structured output (JSON, a schema, a regex, a grammar or a choice) is not supported here"
-_REFUSED = {**dict.fromkeys(("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
-                             "guided_grammar"), _STRUCTURED),
-            "suffix": "fill-in-the-middle (suffix) is not supported here"}
+_REFUSED = {"suffix": "fill-in-the-middle (suffix) is not supported here",
+            "guided_whitespace_pattern": "a whitespace pattern is not supported here (disable_any_whitespace is)"}
+# vLLM's older request fields for structured outputs -> the `StructuredOutputsParams` field each sets.
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop",
                       "stop_token_ids", "seed", "logprobs", "echo", "stream", "stream_options", "presence_penalty",
                       "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "user",
                       "include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs", "return_token_ids",
                       "logit_bias", "allowed_token_ids", "truncate_prompt_tokens", "priority", "bad_words",
-                      "add_special_tokens", "cache_salt", "return_tokens_as_token_ids", *_REFUSED}
+                      "add_special_tokens", "cache_salt", "return_tokens_as_token_ids", "response_format",
+                      "structured_outputs", "guided_decoding_backend", *_GUIDED, *_REFUSED}
 _CHAT_FIELDS = (_COMPLETION_FIELDS - {"prompt", "echo", "suffix"}) | {
     "messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt", "continue_final_message",
     "chat_template", "chat_template_kwargs", "tools", "tool_choice", "parallel_tool_calls"}
@@ -127,6 +129,7 @@ class GenerationRequest:
     add_special_tokens: bool = True  # a text prompt is encoded with BOS etc.; chat's default is false (vLLM's)
     cache_salt: str | None = None  # cached prompt pages are shared only among requests of the same salt (vLLM's)
     tokens_as_ids: bool = False  # logprobs name tokens "token_id:<id>" (vLLM's return_tokens_as_token_ids)
+    structured_param: str | None = None  # the field that asked for structured outputs, for errors
 
 
 def _fail(message: str, param: str | None) -> None:
@@ -302,7 +305,7 @@ def _stream(body: dict) -> tuple[bool, bool, bool]:
 
 
 def _sampling(body: dict, limits: Limits, max_tokens: int | None, logprobs: int | None,
-              prompt_logprobs: int | None) -> SamplingParams:
+              prompt_logprobs: int | None, structured: StructuredOutputsParams | None = None) -> SamplingParams:
     n = _int(body, "n", 1)
     if not 1 <= n <= limits.max_n:
         _fail(f"n must be in [1, {limits.max_n}], got {n}", "n")
@@ -335,7 +338,8 @@ def _sampling(body: dict, limits: Limits, max_tokens: int | None, logprobs: int 
             ignore_eos=_bool(body, "ignore_eos", False), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=_bool(body, "skip_special_tokens", True), logit_bias=_logit_bias(body, limits),
             allowed_token_ids=_id_list(body, limits, "allowed_token_ids"),
-            truncate_prompt_tokens=_int(body, "truncate_prompt_tokens"), bad_words=_bad_words(body))
+            truncate_prompt_tokens=_int(body, "truncate_prompt_tokens"), bad_words=_bad_words(body),
+            structured_outputs=structured)
     except ValueError as e:  # the remaining bounds (top_p > 0, repetition_penalty > 0): the field leads the message
         field = re.match(r"\w+", str(e))
         raise APIError(400, str(e), field.group(0) if field else None) from None
@@ -377,8 +381,49 @@ def _check_fields(body: dict, known: set[str]) -> None:
         log.info("ignoring unknown request fields: %s", ", ".join(k[:40] for k in unknown[:10]))
     for name, why in _REFUSED.items():
         value = body.get(name) if name in known else None  # chat has no suffix: ignored there, as in vLLM
-        if value not in (None, "") and not (name == "response_format" and value == {"type": "text"}):
+        if value not in (None, ""):
             _fail(f"{name}: {why}", name)
+
+
+def _structured(body: dict) -> tuple[StructuredOutputsParams | None, str | None]:
+    """The body's structured outputs and the field that gave them: OpenAI's `response_format` (json_object,
+    json_schema), vLLM's `structured_outputs` object, or its older `guided_*` fields; at most one kind."""
+    found = [(name, body[name]) for name in ("response_format", "structured_outputs", *_GUIDED)
+             if body.get(name) is not None]
+    found = [(name, value) for name, value in found if (name, value) != ("response_format", {"type": "text"})]
+    if len(found) > 1:
+        _fail(f"only one kind of structured outputs can be asked for, got {' and '.join(n for n, _ in found)}",
+              found[1][0])
+    if not found:
+        return None, None
+    name, value = found[0]
+    if name == "response_format":
+        fields = _response_format(value)
+    elif name == "structured_outputs":
+        if not isinstance(value, dict):
+            _fail(f"structured_outputs must be an object, got {_describe(value)}", name)
+        fields = value
+    else:
+        fields = {_GUIDED[name]: value}
+    try:
+        return StructuredOutputsParams(**fields), name
+    except TypeError as e:  # an unknown field of structured_outputs
+        _fail(f"{name}: {e}".replace("StructuredOutputsParams.__init__()", "structured outputs"), name)
+    except ValueError as e:
+        _fail(f"{name}: {e}", name)
+
+
+def _response_format(value) -> dict:
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or spec.get("schema") is None:
+            _fail("response_format json_schema needs a json_schema object with a schema", "response_format")
+        return {"json": spec["schema"]}
+    _fail("response_format type must be 'text', 'json_object' or 'json_schema', got "
+          f"{_describe(kind if kind is not None else value)}", "response_format")
 
 
 def parse_completion(body, limits: Limits) -> GenerationRequest:
@@ -398,13 +443,15 @@ def parse_completion(body, limits: Limits) -> GenerationRequest:
     if echo and logprobs is not None:
         prompt_logprobs = max(prompt_logprobs or 0, logprobs)
     stream, include_usage, continuous_usage = _stream(body)
-    params = _sampling(body, limits, max(max_tokens, 1), logprobs, prompt_logprobs)
+    structured, structured_param = _structured(body)
+    params = _sampling(body, limits, max(max_tokens, 1), logprobs, prompt_logprobs, structured)
     return GenerationRequest(False, prompts, params, body.get("model"), stream, include_usage, echo, max_tokens == 0,
                              logprobs, return_token_ids=_bool(body, "return_token_ids", False),
                              prompt_logprobs=body.get("prompt_logprobs") is not None, priority=_priority(body),
                              continuous_usage=continuous_usage,
                              add_special_tokens=_bool(body, "add_special_tokens", True), cache_salt=_cache_salt(body),
-                             tokens_as_ids=_bool(body, "return_tokens_as_token_ids", False))
+                             tokens_as_ids=_bool(body, "return_tokens_as_token_ids", False),
+                             structured_param=structured_param)
 
 
 def _messages(value) -> list[dict]:
@@ -493,7 +540,8 @@ def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dic
     kwargs = _template_kwargs(body)
     stream, include_usage, continuous_usage = _stream(body)
     prompt_logprobs = _logprobs_count(body.get("prompt_logprobs"), "prompt_logprobs", limits)
-    params = _sampling(body, limits, max_tokens, logprobs, prompt_logprobs)
+    structured, structured_param = _structured(body)
+    params = _sampling(body, limits, max_tokens, logprobs, prompt_logprobs, structured)
     request = GenerationRequest(True, [], params, body.get("model"), stream, include_usage, logprobs=logprobs,
                                 max_tokens_given=max_tokens is not None, max_tokens_param=name,
                                 return_token_ids=_bool(body, "return_token_ids", False),
@@ -504,7 +552,8 @@ def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dic
                                 continuous_usage=continuous_usage,
                                 add_special_tokens=_bool(body, "add_special_tokens", False),
                                 cache_salt=_cache_salt(body),
-                                tokens_as_ids=_bool(body, "return_tokens_as_token_ids", False))
+                                tokens_as_ids=_bool(body, "return_tokens_as_token_ids", False),
+                                structured_param=structured_param)
     return request, messages, kwargs
 
 

@@ -1,0 +1,164 @@
+"""Structured output: a request's output held to a JSON schema, any JSON object, a regex, a grammar or a list of
+choices (vLLM's `StructuredOutputsParams`).
+
+Host code only; no JAX. The grammar engine is llguidance (vLLM's `guidance` backend): per sequence, a matcher
+follows the tokens sampled so far and gives the bitmask of the tokens allowed next, which travels to the device
+with the step and masks the logits before sampling. A mask needs the sequence's last token, so a sequence under
+a grammar decodes one token per dispatch and the engine reads each step before planning the next (see
+`Scheduler.awaits_tokens`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import llguidance
+import llguidance.numpy
+import numpy as np
+
+from jaxinfer.tokenizer import Tokenizer
+
+_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Exactly one of: `json` (a JSON schema, as a dict or its text), `regex`, `choice` (the output is one of these
+    strings), `grammar` (Lark, as llguidance reads it, or llama.cpp's GBNF), `json_object=True` (any JSON object).
+    `disable_any_whitespace`: JSON without whitespace between its tokens (vLLM's; by default any is allowed)."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self):
+        if self.choice is not None and not isinstance(self.choice, str):
+            try:
+                object.__setattr__(self, "choice", tuple(self.choice))
+            except TypeError:
+                pass
+        given = [kind for kind in _KINDS if getattr(self, kind) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("structured outputs take exactly one of json, regex, choice, grammar or json_object, "
+                             f"got {', '.join(given) or 'none'}")
+        checks = {"json": isinstance(self.json, (str, dict)), "regex": isinstance(self.regex, str),
+                  "grammar": isinstance(self.grammar, str), "json_object": self.json_object is True,
+                  "choice": isinstance(self.choice, tuple) and bool(self.choice)
+                  and all(isinstance(c, str) and c for c in self.choice)}
+        wants = {"json": "a JSON schema (an object or its text)", "regex": "a string", "grammar": "a string",
+                 "json_object": "true", "choice": "a non-empty list of non-empty strings"}
+        kind = given[0]
+        if not checks[kind]:
+            raise ValueError(f"structured outputs: {kind} must be {wants[kind]}, got {getattr(self, kind)!r:.80}")
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise ValueError(f"disable_any_whitespace must be True or False, got {self.disable_any_whitespace!r}")
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in _KINDS if getattr(self, kind) not in (None, False))
+
+    def grammar_text(self) -> str:
+        """As llguidance's grammar; ValueError if the schema, regex or grammar cannot be read."""
+        kind = self.kind
+        if kind in ("json", "json_object"):
+            schema = {"type": "object"} if kind == "json_object" else self.json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"structured outputs: json is not a JSON schema: {e}") from None
+            if not isinstance(schema, (dict, bool)):
+                raise ValueError(f"structured outputs: a JSON schema is an object, got {schema!r:.80}")
+            return llguidance.LLMatcher.grammar_from_json_schema(
+                schema, defaults={"whitespace_flexible": not self.disable_any_whitespace})
+        if kind == "regex":
+            return llguidance.LLMatcher.grammar_from_regex(self.regex)
+        if kind == "choice":
+            return llguidance.LLMatcher.grammar_from_lark(
+                "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in self.choice))
+        try:
+            return llguidance.grammar_from("grammar", self.grammar)  # Lark, or GBNF converted to Lark
+        except ValueError as e:
+            raise ValueError(f"structured outputs: {e}") from None
+
+
+class Grammar:
+    """One sequence's matcher: the tokens allowed next, as a bitmask row, and the tokens sampled so far."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, eos_id: int, mask_words: int):
+        self._matcher, self._eos_id, self.mask_words = matcher, eos_id, mask_words
+
+    def fill_mask(self, row: np.ndarray) -> None:
+        """row: int32 [ceil(V / 32)], bit v of word v // 32 set where token v may come next. A matcher left with
+        nothing to allow (an error) allows the EOS, so that the row still has a token to sample."""
+        llguidance.numpy.fill_next_token_bitmask(self._matcher, row[None])
+        if not row.any():
+            row.view(np.uint32)[self._eos_id // 32] |= np.uint32(1 << self._eos_id % 32)
+
+    def accept(self, token: int) -> bool:
+        """Follow a sampled token; False if the grammar does not allow it."""
+        return self._matcher.consume_token(token)
+
+    @property
+    def complete(self) -> bool:
+        """Nothing but EOS may follow."""
+        return self._matcher.is_stopped()
+
+
+class GrammarCompiler:
+    """Turns a request's `StructuredOutputsParams` into a matcher per sequence, against the engine's tokenizer."""
+
+    def __init__(self, tokenizer: Tokenizer | None, vocab_size: int, eos_ids):
+        self._source, self.vocab_size, self._eos_ids = tokenizer, vocab_size, sorted(eos_ids)
+        self._tokenizer: llguidance.LLTokenizer | None = None  # made at the first structured request
+
+    @property
+    def mask_words(self) -> int:
+        return (self.vocab_size + 31) // 32
+
+    def compile(self, params: StructuredOutputsParams) -> str:
+        """The grammar, checked against the vocabulary; ValueError says what is wrong with it."""
+        if self._source is None:
+            raise ValueError("structured outputs need a tokenizer; this checkpoint has none")
+        if not self._eos_ids:
+            raise ValueError("structured outputs need an EOS token to end the output; this checkpoint has none")
+        grammar = params.grammar_text()
+        error = llguidance.LLMatcher.validate_grammar(grammar, self._llguidance_tokenizer())
+        if error:
+            raise ValueError(f"structured outputs: the {params.kind} cannot be used: {error[:300]}")
+        return grammar
+
+    def matcher(self, grammar: str, eos_id: int | None) -> Grammar:
+        matcher = llguidance.LLMatcher(self._llguidance_tokenizer(), grammar, log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"structured outputs: {matcher.get_error()[:300]}")
+        return Grammar(matcher, eos_id if eos_id is not None else self._eos_ids[0], self.mask_words)
+
+    def _llguidance_tokenizer(self) -> llguidance.LLTokenizer:
+        if self._tokenizer is None:
+            tok = self._source
+            source = tok.tokenizer_json() or llguidance.TokenizerWrapper(_Pieces(tok, self._eos_ids[0]))
+            self._tokenizer = llguidance.LLTokenizer(source, n_vocab=self.vocab_size, eos_token=self._eos_ids)
+        return self._tokenizer
+
+
+class _Pieces:
+    """A sentencepiece tokenizer as llguidance's `TokenizerWrapper` reads one: every id's bytes, and encode."""
+
+    def __init__(self, tokenizer: Tokenizer, eos_id: int):
+        self._tokenizer = tokenizer
+        self.eos_token_id, self.bos_token_id = eos_id, tokenizer.bos_id
+        self.tokens = tokenizer.token_bytes()
+        self.special_token_ids = sorted(tokenizer.special_ids)
+
+    def __call__(self, text: str) -> list[int]:
+        if not isinstance(text, str):  # llguidance tries bytes first, then falls back to text
+            raise TypeError("text only")
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+
+__all__ = ["StructuredOutputsParams", "Grammar", "GrammarCompiler"]

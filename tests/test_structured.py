@@ -1,0 +1,168 @@
+"""Structured outputs (vLLM's `StructuredOutputsParams`): outputs held to a regex, a choice, a JSON schema or a
+grammar; checked with Python's own `re` and `json`, and greedy tokens against transformers held to the same
+grammar; batch independence, preemption and no leaks."""
+
+import dataclasses
+import json
+import re
+
+import llguidance
+import numpy as np
+import pytest
+
+from jaxinfer.config import EngineConfig
+from jaxinfer.engine.structured import StructuredOutputsParams
+from jaxinfer.llm import LLM, SamplingParams
+from jaxinfer.model.checkpoint import find_model
+
+GREEDY = SamplingParams(max_tokens=48, temperature=0.0)
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                                           "saved": {"type": "boolean"}},
+          "required": ["name", "age", "saved"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def llm():
+    """The embedded default model; three slots, so that requests with and without a grammar share them."""
+    return LLM(engine=EngineConfig(max_slots=3, page_size=8, prefill_chunk=32, max_model_len=160))
+
+
+def held(**kind) -> SamplingParams:
+    return dataclasses.replace(GREEDY, structured_outputs=StructuredOutputsParams(**kind))
+
+
+def _text(out) -> str:
+    return out.outputs[0].text
+
+
+def test_outputs_follow_regex_choice_and_json_schema(llm):
+    prompts = ["The LORD is my shepherd", "And God said", "In the beginning", "Number:"]
+    params = [held(regex=r"(Yes|No), [0-9]{2} (sheep|goats)\."), held(choice=["light", "darkness", "the waters"]),
+              held(json=PERSON, disable_any_whitespace=True), held(regex=r"[0-9]{1,4}")]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert re.fullmatch(r"(Yes|No), [0-9]{2} (sheep|goats)\.", _text(outs[0]))
+    assert _text(outs[1]) in ("light", "darkness", "the waters")
+    person = json.loads(_text(outs[2]))
+    assert set(person) == {"name", "age", "saved"} and isinstance(person["name"], str)
+    assert type(person["age"]) is int and 0 <= person["age"] <= 150 and type(person["saved"]) is bool
+    assert re.fullmatch(r"[0-9]{1,4}", _text(outs[3]))
+    for out in outs:  # each ended when its grammar did, with the EOS the grammar then allows
+        assert out.outputs[0].finish_reason == "stop" and out.outputs[0].token_ids[-1] in llm.engine.eos_ids
+    llm.engine.check_idle()
+
+
+def test_any_json_object_and_a_lark_grammar(llm):
+    outs = llm.generate(["JSON:", "Say"], [held(json_object=True), held(grammar='start: "a" ("b" | "c")+ "d"')],
+                        use_tqdm=False)
+    assert _text(outs[0]).lstrip().startswith("{")
+    if outs[0].outputs[0].finish_reason == "stop":
+        assert isinstance(json.loads(_text(outs[0])), dict)
+    assert re.fullmatch("a[bc]+d", _text(outs[1])) or outs[1].outputs[0].finish_reason == "length"
+    llm.engine.check_idle()
+
+
+def _allowed(tokenizer: llguidance.LLTokenizer, grammar: str, output: list[int]) -> list[int]:
+    """The tokens a fresh matcher allows after `output`."""
+    matcher = llguidance.LLMatcher(tokenizer, grammar)
+    assert matcher.consume_tokens(output)
+    mask = np.zeros((1, (tokenizer.vocab_size + 31) // 32), np.int32)
+    llguidance.numpy.fill_next_token_bitmask(matcher, mask)
+    return np.flatnonzero(np.unpackbits(mask.view(np.uint8), bitorder="little")[:tokenizer.vocab_size]).tolist()
+
+
+def test_greedy_tokens_match_transformers_held_to_the_same_grammar(llm):
+    """transformers' `prefix_allowed_tokens_fn` masks each step to what a fresh matcher allows after the output so
+    far: the engine's masks, carried to the device as bits and applied there, must pick the same tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(find_model(None).directory, dtype=torch.float32)
+    structured = [StructuredOutputsParams(regex=r"[A-Z][a-z]+ [0-9]{3}"),
+                  StructuredOutputsParams(json=PERSON, disable_any_whitespace=True)]
+    prompts = ["And God said", "The LORD is my shepherd"]
+    outs = llm.generate(prompts, [dataclasses.replace(GREEDY, structured_outputs=s) for s in structured],
+                        use_tqdm=False)
+    for prompt, out, constraint in zip(prompts, outs, structured):
+        grammar = llm.engine.grammars.compile(constraint)
+        tokenizer = llm.engine.grammars._llguidance_tokenizer()
+        ids = llm.tokenizer.encode(prompt)
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=GREEDY.max_tokens,
+                                 prefix_allowed_tokens_fn=lambda _, seen: _allowed(
+                                     tokenizer, grammar, seen[len(ids):].tolist()))[0, len(ids):].tolist()
+        assert out.outputs[0].token_ids == ref, prompt
+    plain = llm.generate(prompts[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    assert plain != outs[0].outputs[0].token_ids  # the grammar changed the answer
+    llm.engine.check_idle()
+
+
+def test_outputs_do_not_depend_on_the_rest_of_the_batch(llm):
+    """Requests with and without grammars, greedy and seeded, alone and together (and n = 2 siblings, each with
+    a matcher of its own), give the same tokens."""
+    prompts = ["The LORD is my shepherd", "And God said", "In the beginning", "Hello", "Number:"]
+    sampled = dataclasses.replace(GREEDY, temperature=0.9, seed=7)
+    params = [held(regex=r"[a-z ]{3,20}\."), GREEDY, dataclasses.replace(held(json=PERSON), n=2, temperature=1.0,
+                                                                      seed=3),
+              sampled, dataclasses.replace(sampled, structured_outputs=StructuredOutputsParams(choice=["1", "22"]))]
+    together = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
+    alone = [[c.token_ids for c in llm.generate(p, q, use_tqdm=False)[0].outputs] for p, q in zip(prompts, params)]
+    assert together == alone
+    assert re.fullmatch(r"[a-z ]{3,20}\.", llm.tokenizer.decode(together[0][0]))
+    assert llm.tokenizer.decode(together[4][0]) in ("1", "22")
+    llm.engine.check_idle()
+
+
+def test_ignore_eos_ends_when_the_grammar_does(llm):
+    out = llm.generate("Choose", dataclasses.replace(held(choice=["alpha", "beta"]), ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.text in ("alpha", "beta") and out.finish_reason == "stop"
+    assert not set(out.token_ids) & set(llm.engine.eos_ids)
+    llm.engine.check_idle()
+
+
+def test_preempted_sequences_resume_their_grammar():
+    """A pool far too small for the load: sequences under a grammar are preempted, recomputed and resumed with
+    their matchers where they were; every output is the one a roomy pool gives."""
+    prompts = [f"Verse {i}: the LORD said unto" for i in range(6)]
+    params = [held(regex=r"([a-z]+ ){6}[a-z]+\."), held(json=PERSON, disable_any_whitespace=True), GREEDY] * 2
+    roomy = LLM(engine=EngineConfig(max_slots=3, page_size=8, prefill_chunk=32, max_model_len=160))
+    expected = [o.outputs[0].token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
+    tight = LLM(engine=EngineConfig(max_slots=3, page_size=8, prefill_chunk=32, max_model_len=160, num_pages=13))
+    got = [o.outputs[0].token_ids for o in tight.generate(prompts, params, use_tqdm=False)]
+    assert got == expected
+    assert tight.engine.scheduler.counters.preemptions > 0
+    tight.engine.check_idle()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({}, "exactly one of"),
+    ({"regex": "a", "choice": ["a"]}, "exactly one of"),
+    ({"choice": []}, "non-empty list"),
+    ({"choice": ["a", ""]}, "non-empty list of non-empty strings"),
+    ({"regex": 5}, "regex must be a string"),
+    ({"json": 5}, "a JSON schema"),
+    ({"json_object": True, "disable_any_whitespace": "yes"}, "disable_any_whitespace"),
+])
+def test_bad_structured_outputs_params(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        StructuredOutputsParams(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"regex": "[a-"}, "regex"),
+    ({"json": "{not json"}, "not a JSON schema"),
+    ({"json": {"type": "foo"}}, "json cannot be used"),
+    ({"grammar": "start: foo"}, "grammar cannot be used"),
+])
+def test_bad_grammars_are_refused_before_queueing(llm, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate("Hi", held(**kwargs), use_tqdm=False)
+    assert llm.generate("Hi", held(choice=["ok"]), use_tqdm=False)[0].outputs[0].text == "ok"  # still serving
+    llm.engine.check_idle()
+
+
+def test_sampling_params_take_a_dict():
+    params = SamplingParams(structured_outputs={"choice": ["a", "b"]})
+    assert params.structured_outputs == StructuredOutputsParams(choice=("a", "b"))
+    with pytest.raises(ValueError, match="structured_outputs must be"):
+        SamplingParams(structured_outputs="json")
