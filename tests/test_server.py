@@ -198,17 +198,38 @@ def test_structured_outputs_through_the_client(live, client):
     whole = client.chat.completions.create(**chat).choices[0]
     texts, reasons = stream_text(client.chat.completions.create(stream=True, **chat), chat=True)
     assert (texts[0], reasons[0]) == (whole.message.content, whole.finish_reason)
-    if whole.finish_reason == "stop":
-        answer = json.loads(whole.message.content)
-        assert set(answer) == {"ok", "n"} and type(answer["ok"]) is bool and type(answer["n"]) is int
-    else:  # cut at max_tokens: still the start of such an object
-        assert whole.message.content.lstrip().startswith("{")
+    # This random model, allowed any whitespace (the default, as in vLLM), spends its tokens on newlines:
+    assert whole.finish_reason == "length" and re.fullmatch(r"\{\s*", whole.message.content)
+    compact = dict(chat, response_format=None,
+                   extra_body={"structured_outputs": {"json": schema, "disable_any_whitespace": True}})
+    answer = client.chat.completions.create(**compact).choices[0]
+    assert answer.finish_reason == "stop", answer.message.content
+    fields = json.loads(answer.message.content)
+    assert set(fields) == {"ok", "n"} and type(fields["ok"]) is bool and type(fields["n"]) is int
     picked = client.completions.create(model="tiny", prompt="Pick", extra_body={"guided_choice": ["red", "blue"]},
                                        **GREEDY).choices[0]
     assert picked.text in ("red", "blue") and picked.finish_reason == "stop"
     digits = client.completions.create(model="tiny", prompt="Count", n=2, seed=5, temperature=1.0, max_tokens=12,
                                        extra_body={"structured_outputs": {"regex": "[0-9]{2,5}"}})
     assert all(re.fullmatch("[0-9]{2,5}", c.text) for c in digits.choices)
+    live.wait_idle()
+
+
+def test_a_forced_tool_call_is_held_to_the_tool_parameters(live, client):
+    """tool_choice naming a tool: the model's answer, masked on device, is JSON of the tool's parameters schema,
+    returned as the call's arguments (vLLM's way; no tool-call parser is configured here). The schema asks
+    llguidance for JSON without free whitespace, which this random model would otherwise fill its answer with."""
+    tool = {"type": "function", "function": {"name": "paint", "parameters": {
+        "type": "object", "properties": {"color": {"enum": ["red", "green"]}, "coats": {"type": "integer"}},
+        "required": ["color", "coats"], "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}}}
+    answer = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Paint it"}], tools=[tool], temperature=0, max_tokens=40,
+        tool_choice={"type": "function", "function": {"name": "paint"}}).choices[0]
+    (call,) = answer.message.tool_calls
+    assert call.function.name == "paint" and not answer.message.content
+    assert answer.finish_reason == "stop", call.function.arguments
+    arguments = json.loads(call.function.arguments)
+    assert arguments["color"] in ("red", "green") and type(arguments["coats"]) is int and len(arguments) == 2
     live.wait_idle()
 
 

@@ -448,8 +448,13 @@ BAD_FIELDS = [
     (CHAT, {"continue_final_message": True, "add_generation_prompt": True}, "continue_final_message"),
     (CHAT, {"continue_final_message": True}, "continue_final_message"),  # add_generation_prompt defaults to true
     (CHAT, {"chat_template_kwargs": {"continue_final_message": True}}, "continue_final_message"),  # as if a field
-    (CHAT, {"tools": [TOOL], "tool_choice": "required"}, "tool_choice"),  # forcing a call needs structured output
-    (CHAT, {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "paint"}}}, "tool_choice"),
+    (CHAT, {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "draw"}}}, "tool_choice"),
+    (CHAT, {"tools": [TOOL], "tool_choice": {"type": "function", "name": "paint"}}, "tool_choice"),
+    (CHAT, {"tools": [TOOL], "tool_choice": {"function": {"name": "paint"}}}, "tool_choice"),
+    (CHAT, {"tools": [{"type": "function", "function": {"parameters": {}}}], "tool_choice": "required"}, "tools"),
+    (CHAT, {"tools": [{"type": "function", "function": {"name": "x", "parameters": {"type": "foo"}}}],
+            "tool_choice": "required"}, "tools"),  # a schema the grammar engine refuses
+    (CHAT, {"tools": [TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
     (CHAT, {"chat_template": "{{ messages }}"}, "chat_template"),  # this server does not trust request templates
     (CHAT, {"chat_template_kwargs": {"chat_template": "{{ messages }}"}}, "chat_template"),
     (COMPLETIONS, {"cache_salt": ""}, "cache_salt"),
@@ -519,6 +524,8 @@ EDGE_FIELDS = [
     (CHAT, {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}),
     (COMPLETIONS, {"structured_outputs": {"regex": "[0-9]+", "disable_any_whitespace": True}}),
     (CHAT, {"guided_grammar": 'start: "a"+', "guided_decoding_backend": "xgrammar"}),  # the backend is ours to pick
+    (CHAT, {"tools": [TOOL], "tool_choice": "required"}),
+    (CHAT, {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "paint"}}}),
     (COMPLETIONS, {"suffix": ""}), (COMPLETIONS, {"suffix": None}), (CHAT, {"suffix": "x"}),
     (COMPLETIONS, {"priority": -5, "truncate_prompt_tokens": -1}), (CHAT, {"priority": 2**63 - 1}),
 ]

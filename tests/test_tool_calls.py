@@ -359,6 +359,28 @@ def test_mistral_calls_have_mistral_ids(live, client, monkeypatch):
     live.wait_idle()
 
 
+def test_forced_calls_named_and_required(live, client, monkeypatch):
+    """tool_choice naming a tool, and "required", as vLLM serves them, on a server without a parser: structured
+    outputs hold the answer to a JSON schema (the tool's parameters; a list of {"name", "parameters"}), which is
+    read back as the calls. A named call keeps finish_reason "stop" (OpenAI's), "required" gives "tool_calls".
+    The script follows the schema here; tests/test_server.py has a model held to it."""
+    monkeypatch.setattr(live.server, "config", dataclasses.replace(live.server.config, tool_call_parser=None))
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    cases = [(named, json.dumps({"city": "Bern"}), "stop"),
+             ("required", json.dumps([{"name": "get_weather", "parameters": {"city": "Bern"}}]), "tool_calls")]
+    for choice, answer, reason in cases:
+        script(live, answer)
+        whole = client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], tool_choice=choice,
+                                               max_tokens=300).choices[0]
+        assert whole.finish_reason == reason and not whole.message.content
+        assert message_calls(whole.message) == [("get_weather", json.dumps({"city": "Bern"}))]
+        streamed = assembled(client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL],
+                                                            tool_choice=choice, max_tokens=300, stream=True))[0]
+        assert streamed["finish_reason"] == reason and streamed["content"] == ""
+        assert [(c["name"], c["arguments"]) for c in streamed["calls"].values()] == message_calls(whole.message)
+    live.wait_idle()
+
+
 # --- what is refused ---------------------------------------------------------------------------------------------
 
 
@@ -384,8 +406,7 @@ def test_auto_needs_a_server_started_with_a_parser(live, monkeypatch):
 
 
 @pytest.mark.parametrize("body, words", [
-    ({"tools": [TOOL], "tool_choice": "required"}, "structured output"),
-    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "named tool"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "not in tools"),
     ({"tool_choice": "auto"}, "needs tools"),
     ({"tools": [TOOL], "tool_choice": "sometimes"}, "must be 'none', 'auto', 'required' or a named tool"),
     ({"tools": [], "tool_choice": "auto"}, "tools must not be an empty array"),  # vLLM's check_tool_usage

@@ -32,7 +32,7 @@ from jaxinfer.server import metrics
 from jaxinfer.server.protocol import (APIError, GenerationRequest, Limits, TokenText, chat_logprobs, check_api_key,
                                       check_text, completion_logprobs, parse_chat, parse_completion, parse_json,
                                       parse_token_ids, prompt_logprobs_json, read_body, usage)
-from jaxinfer.server.tool_calls import PARSERS, ToolCallStream
+from jaxinfer.server.tool_calls import PARSERS, Forced, ToolCallStream
 from jaxinfer.tokenizer import CHAT_TEMPLATE_ERRORS, openai_messages
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ class _Job:
     sent_tokens: dict = dataclasses.field(default_factory=dict)  # choice index -> tokens sent
     finished: set = dataclasses.field(default_factory=set)  # choice indices whose last chunk went out
     released: bool = False
-    tool_parser: object = None  # chat with tool_choice "auto": finds the calls in each choice's text
+    tool_parser: object = None  # chat with tool_choice "auto", "required" or named: finds each choice's calls
     tool_streams: dict = dataclasses.field(default_factory=dict)  # choice index -> its ToolCallStream
 
 
@@ -274,9 +274,12 @@ class Generation:
 
     def _tool_parser(self, req: GenerationRequest):
         """The parser of the answer's tool calls (None for tool_choice "none"); as vLLM, "auto" is 400 on a server
-        started without one, and the parser may need the special tokens kept in the text."""
+        started without one, and the parser may need the special tokens kept in the text. A forced call
+        ("required", a named tool) needs no parser: structured outputs shaped the answer."""
         if req.tool_choice == "none":
             return None
+        if req.tool_choice in ("required", "named"):
+            return Forced(req.tool_name)
         name = self.server.config.tool_call_parser
         if name is None:
             raise APIError(400, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be '
@@ -449,7 +452,8 @@ class Generation:
     def _tool_call_choice(self, job: _Job, index: int, choice: dict, text: str, final: bool) -> dict | None:
         """A chat choice whose text is parsed for tool calls: the whole message (final), or the delta of content
         now known not to be a call, with the calls in the choice's last chunk (None: nothing to send yet). As in
-        vLLM's streaming, finish_reason "stop" becomes "tool_calls" when calls were made; "length" stays."""
+        vLLM, finish_reason "stop" becomes "tool_calls" when calls were made (a named tool's stays "stop");
+        "length" stays."""
         if final:
             parsed = job.tool_parser.parse(text)
             content, calls = parsed.content, parsed.calls
@@ -463,7 +467,7 @@ class Generation:
                 return None
         calls = calls if job.request.parallel_tool_calls else calls[:1]  # as vLLM: false keeps the first call
         if calls and choice["finish_reason"] == "stop":
-            choice = {**choice, "finish_reason": "tool_calls"}
+            choice = {**choice, "finish_reason": job.tool_parser.calls_finish_reason}
         if final:
             message = {"role": job.request.role, "content": content}
             return {**choice, "message": {**message, "tool_calls": [c.json(job.tool_parser.new_id()) for c in calls]}

@@ -123,7 +123,8 @@ class GenerationRequest:
     prompt_logprobs: bool = False  # vLLM's extension: the first (or only) choice of a prompt carries them
     priority: int = 0  # vLLM's extension: lower values are admitted first, ties in arrival order
     role: str = "assistant"  # chat: the answer's role; without a generation prompt, the last message's (vLLM)
-    tool_choice: str = "none"  # chat: "auto" (tool calls are parsed out of the answer) or "none"
+    tool_choice: str = "none"  # chat: "auto" (tool calls are parsed out of the answer), "required", "named", "none"
+    tool_name: str | None = None  # chat: the tool a "named" choice forces
     parallel_tool_calls: bool = True  # chat: false keeps only the first call parsed out of an answer (vLLM)
     continuous_usage: bool = False  # stream: every chunk carries the usage so far (vLLM's continuous_usage_stats)
     add_special_tokens: bool = True  # a text prompt is encoded with BOS etc.; chat's default is false (vLLM's)
@@ -500,25 +501,53 @@ def _template_kwargs(body: dict) -> dict:
     return kwargs
 
 
-def _tool_choice(body: dict) -> str:
-    """The body's tool choice, "auto" or "none", by vLLM's rules: absent, it is "auto" when tools are given (null:
-    "none"); any other choice needs tools. "required" and a named tool force a call, which vLLM does with
-    structured output: 400 here."""
+def _tool_choice(body: dict) -> tuple[str, str | None]:
+    """The body's tool choice by vLLM's rules, "none", "auto", "required" or "named" (with the tool's name):
+    absent, it is "auto" when tools are given (null: "none"); any other choice needs tools."""
     if "tool_choice" not in body:
-        return "auto" if body.get("tools") else "none"
+        return ("auto" if body.get("tools") else "none"), None
     choice = body["tool_choice"]
     if choice in (None, "none"):
-        return "none"
+        return "none", None
     if body.get("tools") is None:
         _fail("tool_choice needs tools: send the tools the model may call", "tool_choice")
-    if choice == "auto":
-        return "auto"
-    if choice == "required" or isinstance(choice, dict):
-        forced = "'required'" if choice == "required" else "a named tool"
-        _fail(f"tool_choice {forced} is not supported: forcing a tool call needs structured output, which this "
-              "server does not have; send 'auto' (to a server started with --enable-auto-tool-choice) or 'none'",
+    if choice in ("auto", "required"):
+        return choice, None
+    if not isinstance(choice, dict) or choice.get("type") != "function":
+        _fail(f"tool_choice must be 'none', 'auto', 'required' or a named tool, got {_describe(choice)}",
               "tool_choice")
-    _fail(f"tool_choice must be 'none', 'auto', 'required' or a named tool, got {_describe(choice)}", "tool_choice")
+    function = choice.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        _fail(f"a named tool_choice is {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, got "
+              f"{_describe(choice)}", "tool_choice")
+    return "named", name
+
+
+def _function(tool: dict) -> dict:
+    function = tool.get("function")
+    if tool.get("type", "function") != "function" or not isinstance(function, dict) \
+            or not isinstance(function.get("name"), str):
+        _fail(f"a tool is {{\"type\": \"function\", \"function\": {{\"name\": ..., \"parameters\": ...}}}}, "
+              f"got {_describe(tool)}", "tools")
+    parameters = function.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        _fail(f"a tool's parameters are a JSON schema object, got {_describe(parameters)}", "tools")
+    return function
+
+
+def _forced_call_schema(tools: list[dict], choice: str, name: str | None, parallel: bool) -> dict:
+    """The JSON schema vLLM holds a forced call to: a named tool's parameters are the whole answer; "required"
+    answers a list of calls, each {"name": a tool's, "parameters": that tool's} (one only without parallel calls)."""
+    functions = [_function(tool) for tool in tools]
+    parameters = {f["name"]: f.get("parameters") or {"type": "object", "properties": {}} for f in functions}
+    if choice == "named":
+        if name not in parameters:
+            _fail(f"tool_choice names the tool {_describe(name)}, which is not in tools", "tool_choice")
+        return parameters[name]
+    calls = [{"type": "object", "properties": {"name": {"type": "string", "enum": [f]}, "parameters": p},
+              "required": ["name", "parameters"]} for f, p in parameters.items()]
+    return {"type": "array", "minItems": 1, **({} if parallel else {"maxItems": 1}), "items": {"anyOf": calls}}
 
 
 def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dict]:
@@ -541,14 +570,22 @@ def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dic
     stream, include_usage, continuous_usage = _stream(body)
     prompt_logprobs = _logprobs_count(body.get("prompt_logprobs"), "prompt_logprobs", limits)
     structured, structured_param = _structured(body)
+    tool_choice, tool_name = _tool_choice(body)
+    parallel_tool_calls = _bool(body, "parallel_tool_calls", True)
+    if tool_choice in ("required", "named"):  # as vLLM: structured outputs make the answer the call
+        if structured is not None:
+            _fail(f"tool_choice {tool_choice!r} cannot be combined with {structured_param}: it sets the answer's "
+                  "structure itself", "tool_choice")
+        schema = _forced_call_schema(kwargs["tools"], tool_choice, tool_name, parallel_tool_calls)
+        structured, structured_param = StructuredOutputsParams(json=schema), "tools"
     params = _sampling(body, limits, max_tokens, logprobs, prompt_logprobs, structured)
     request = GenerationRequest(True, [], params, body.get("model"), stream, include_usage, logprobs=logprobs,
                                 max_tokens_given=max_tokens is not None, max_tokens_param=name,
                                 return_token_ids=_bool(body, "return_token_ids", False),
                                 prompt_logprobs=prompt_logprobs is not None, priority=_priority(body),
                                 role="assistant" if kwargs["add_generation_prompt"] else messages[-1]["role"],
-                                tool_choice=_tool_choice(body),
-                                parallel_tool_calls=_bool(body, "parallel_tool_calls", True),
+                                tool_choice=tool_choice, tool_name=tool_name,
+                                parallel_tool_calls=parallel_tool_calls,
                                 continuous_usage=continuous_usage,
                                 add_special_tokens=_bool(body, "add_special_tokens", False),
                                 cache_salt=_cache_salt(body),

@@ -70,6 +70,7 @@ class _Marked:
     marker: str
     keep_special_tokens = True  # the marker is a special token in some models: decode with it kept, as vLLM
     new_id = staticmethod(_call_id)
+    calls_finish_reason = "tool_calls"  # what finish_reason "stop" becomes when the answer made calls
 
     def parse(self, text: str) -> Parsed:
         start = text.find(self.marker)
@@ -150,6 +151,7 @@ class Llama3Json:
     tag = "<|python_tag|>"
     keep_special_tokens = False  # as vLLM, skip_special_tokens is left alone: the tag may go, the JSON stays
     new_id = staticmethod(_call_id)
+    calls_finish_reason = "tool_calls"
     _DECODER = json.JSONDecoder()
 
     def _body(self, text: str) -> str | None:
@@ -191,6 +193,33 @@ def _skip_space(text: str, at: int) -> int:
     while at < len(text) and text[at].isspace():
         at += 1
     return at
+
+
+class Forced:
+    """tool_choice "required" or a named tool, as vLLM serves them: structured outputs hold the whole answer to the
+    call's JSON (`protocol._forced_call_schema`), which is read back here. A named tool's answer is its arguments,
+    taken as they are (cut short at max_tokens too, as vLLM does), and finish_reason stays "stop" (as OpenAI's);
+    "required" answers a list of {"name", "parameters"}, and ends with "tool_calls". Any parser's ids do; no flag
+    is needed, as in vLLM."""
+
+    keep_special_tokens = False
+    new_id = staticmethod(_call_id)
+
+    def __init__(self, name: str | None):
+        self.name = name  # None: "required"
+        self.calls_finish_reason = "stop" if name is not None else "tool_calls"
+
+    def parse(self, text: str) -> Parsed:
+        if self.name is not None:
+            return Parsed(None, [ToolCall(self.name, text)])
+        try:
+            found = json.loads(text)
+            return Parsed(None, [_call(obj, ("parameters",)) for obj in found])
+        except (ValueError, TypeError, RecursionError):  # cut short at max_tokens: the text stays content
+            return Parsed(text, [])
+
+    def split(self, text: str, start: int) -> tuple[int, str | None]:
+        return 0, "held"  # the whole answer is the call: nothing is content before it ends
 
 
 PARSERS = {"hermes": Hermes(), "llama3_json": Llama3Json(), "mistral": Mistral()}
