@@ -496,20 +496,26 @@ class ModelRunner:
 
     def warmup_rest(self) -> None:
         """Compile what `warmup()` left to first use: prompt logprobs, and with static control flow every
-        other sampler (penalties, top-k/top-p/min-p, logprobs) at every shape, the fewest passes first. Meant
+        other sampler (penalties, top-k/top-p/min-p, logprobs) at every shape, the fewest passes first; then
+        the steps of structured outputs (a grammar's token mask) for greedy and plain random sampling. Meant
         for a background thread while the engine serves (`jaxinfer serve` starts one): a step whose shape
         is still to come compiles it itself, and one whose shape is compiling waits for that compile only."""
         start, before = time.perf_counter(), self.num_compiles
-        for passes in Passes.every() if self.engine.control_flow == "static" else [None]:
+        static = self.engine.control_flow == "static"
+        for passes in Passes.every() if static else [None]:
             for layout in self._shapes([passes], scored=(False, True)):
                 self._executable(layout)
+        for layout in self._shapes([Passes(), Passes(draw=True)] if static else [None], (False,), masked=True):
+            self._executable(layout)
         log.info("background warm-up: %d more executables compiled in %.1fs", self.num_compiles - before,
                  time.perf_counter() - start)
 
-    def _shapes(self, samplers: list, scored: tuple[bool, ...]):
+    def _shapes(self, samplers: list, scored: tuple[bool, ...], masked: bool = False):
         """The layouts of every step shape the engine can meet, for the given samplers (`Passes`; static
-        control flow) and prompt-logprob flags (chunk steps only)."""
+        control flow) and prompt-logprob flags (chunk steps only); `masked`: those of steps that carry a grammar's
+        token mask instead (every row, one round when static: see `layout_for`)."""
         B, Z = self.local.max_slots, self.engine.page_size
+        words = _mask_words(self.cfg.vocab_size) if masked else 0
         buckets = self.engine.prefill_buckets()
         shortest = dict(zip(buckets, (1,) + tuple(b + 1 for b in buckets)))  # fewest tokens that pad to C
         for C in (0,) + buckets:
@@ -517,15 +523,17 @@ class ModelRunner:
                 if C and W * Z < shortest[C] and W != self.page_buckets[-1]:
                     continue  # no chunk padded to C ends this early
                 for score in scored if C else (False,):
-                    for static in self._static_variants(C, samplers):
-                        for R in (self.engine.decode_buckets or (B,)) if not C else (B,):
-                            yield Layout.build(B, W, C, self.local.max_prefill_seqs, score, *static, R)
+                    for static in self._static_variants(C, samplers, masked):
+                        for R in (self.engine.decode_buckets or (B,)) if not (C or masked) else (B,):
+                            yield Layout.build(B, W, C, self.local.max_prefill_seqs, score, *static, R, words)
 
-    def _static_variants(self, C: int, samplers: list) -> list[tuple[int | None, Passes | None]]:
+    def _static_variants(self, C: int, samplers: list, masked: bool = False) -> list[tuple[int | None, Passes | None]]:
         """(rounds, passes) for chunk bucket C: a prefill-only step (no rounds), then each sampler at the
-        step's rounds; (None, None) alone with dynamic control flow."""
+        step's rounds; (None, None) alone with dynamic control flow. A masked step always samples, in one round."""
         if self.engine.control_flow != "static":
             return [(None, None)]
+        if masked:
+            return [(1, passes) for passes in samplers]
         rounds = 1 if C else self.engine.decode_steps
         return ([(0, Passes())] if C else []) + [(rounds, passes) for passes in samplers]
 

@@ -20,6 +20,7 @@ import pytest
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.metrics import ITL, TTFT
+from jaxinfer.engine.structured import StructuredOutputsParams
 from jaxinfer.llm import LLM, RequestOutputKind, SamplingParams
 import jaxinfer.runner as runner_module
 from jaxinfer.runner import step_fields
@@ -106,10 +107,12 @@ def test_static_control_flow_gives_the_dynamic_outputs(llm):
     kinds = [GREEDY, dict(temperature=1.0),
              dict(temperature=0.8, top_p=0.9, logprobs=2, repetition_penalty=1.3, prompt_logprobs=1),
              dict(temperature=0.0, logit_bias={7: 5.0, 300: 3.0}, allowed_token_ids=list(range(0, 4000, 7)),
-                  bad_words=["of the", "LORD"])]
+                  bad_words=["of the", "LORD"]),
+             dict(temperature=1.0, structured_outputs=StructuredOutputsParams(regex="[a-z]+( [a-z]+)*"))]
     requests = [(rng.integers(5, 4000, int(rng.integers(1, 50))).tolist(),
-                 SamplingParams(max_tokens=int(rng.integers(1, 9)), seed=i, **{"ignore_eos": True, **kinds[i % 4]}))
-                for i in range(12)]
+                 SamplingParams(max_tokens=int(rng.integers(1, 9)), seed=i,
+                                **{"ignore_eos": True, **kinds[i % len(kinds)]}))
+                for i in range(15)]
     outs = run(static.engine, requests, rng.integers(0, 8, len(requests)).tolist())
     outs += run(static.engine, requests[3:4])  # logit edits alone: the penalties pass, no draw
     for (prompt, params), out in zip(requests + requests[3:4], outs):
@@ -120,9 +123,14 @@ def test_static_control_flow_gives_the_dynamic_outputs(llm):
         Passes(), Passes(draw=True), Passes(penalties=True), Passes(True, True, True, True)}
     assert any(layout.shape("next_tokens") is not None for layout in runner._compiled)  # prompt logprobs
     rest = set(runner._shapes(Passes.every(), scored=(False, True)))  # what warmup_rest() compiles
-    assert runner._compiled <= rest
     assert len(rest) == 2 * 12 + 2 * 13  # 2 decode buckets x 12 samplers; a chunk, with prompt logprobs or not,
     # x (no rounds + 12 samplers)
+    # A grammar's steps (every row, one round): warmup_rest() compiles them for greedy and plain random sampling
+    # (2 x 2 shapes); beside requests with other passes they compile at first use.
+    assert len(set(runner._shapes([Passes(), Passes(draw=True)], (False,), masked=True))) == 2 * 2
+    masked = {layout for layout in runner._compiled if layout.shape("token_mask") is not None}
+    assert masked and masked <= set(runner._shapes(Passes.every(), (False,), masked=True))
+    assert runner._compiled - masked <= rest
     for layout in runner._compiled | llm.engine.executor.runner._compiled:  # as other processes rebuild them
         assert runner.layout_from(step_fields(layout)) == layout
     static.engine.check_idle()

@@ -115,10 +115,15 @@ def test_outputs_do_not_depend_on_the_rest_of_the_batch(llm):
     llm.engine.check_idle()
 
 
-def test_ignore_eos_ends_when_the_grammar_does(llm):
-    out = llm.generate("Choose", dataclasses.replace(held(choice=["alpha", "beta"]), ignore_eos=True),
+@pytest.mark.parametrize("extra", [dict(ignore_eos=True), dict(min_tokens=20)])
+def test_a_complete_grammar_ends_what_eos_could_not(llm, extra, caplog):
+    """Ignoring EOS, or before min_tokens (which would ban the EOS, the one token a complete grammar allows),
+    the sequence ends as its grammar does, its last token's text kept, and with no token past it."""
+    out = llm.generate("Choose", dataclasses.replace(held(choice=["alpha", "beta"]), **extra),
                        use_tqdm=False)[0].outputs[0]
     assert out.text in ("alpha", "beta") and out.finish_reason == "stop"
+    assert llm.tokenizer.decode(out.token_ids, skip_special_tokens=False) == out.text
+    assert "breaks its structured output" not in caplog.text
     assert not set(out.token_ids) & set(llm.engine.eos_ids)
     llm.engine.check_idle()
 

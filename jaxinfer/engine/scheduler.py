@@ -476,12 +476,15 @@ class Scheduler:
         self._check_stop(seq, token)
 
     def _follow_grammar(self, seq: Sequence, token: int) -> bool:
-        """Advance the sequence's grammar; False if that finished it: the grammar is complete and EOS would not
-        end it (ignore_eos), or the token broke it (which the mask rules out)."""
+        """Advance the sequence's grammar; False if that finished it: the grammar is complete and the EOS it now
+        allows alone could not end the sequence (ignore_eos, or min_tokens not reached), or the token broke it
+        (which the mask rules out)."""
         if not seq.grammar.accept(token):
             log.warning("request %s: token %d breaks its structured output; ending it", seq.request_id, token)
-        elif not seq.grammar.complete or seq.stop_ids or token in seq.params.stop_token_ids:
-            return True
+        elif not seq.grammar.complete or token in seq.stop_ids or token in seq.params.stop_token_ids:
+            return True  # a stop token that completes it: `_check_stop` ends the sequence
+        elif seq.stop_ids and len(seq.output_ids) >= seq.params.min_tokens:
+            return True  # its EOS comes next
         self.finish(seq, "stop")
         return False
 
