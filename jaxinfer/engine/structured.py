@@ -11,15 +11,26 @@ a grammar decodes one token per dispatch and the engine reads each step before p
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import json
 
-import llguidance
-import llguidance.numpy
 import numpy as np
 
 from jaxinfer.tokenizer import Tokenizer
 
 _KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@functools.cache
+def _llguidance():
+    """llguidance, imported at the first structured request: a machine without it (a GPU machine run from the
+    source tree) serves everything else."""
+    try:
+        importlib.import_module("llguidance.numpy")
+        return importlib.import_module("llguidance")
+    except ImportError as e:
+        raise ValueError(f"structured outputs need the llguidance package (pip install llguidance): {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,15 +84,15 @@ class StructuredOutputsParams:
                     raise ValueError(f"structured outputs: json is not a JSON schema: {e}") from None
             if not isinstance(schema, (dict, bool)):
                 raise ValueError(f"structured outputs: a JSON schema is an object, got {schema!r:.80}")
-            return llguidance.LLMatcher.grammar_from_json_schema(
+            return _llguidance().LLMatcher.grammar_from_json_schema(
                 schema, defaults={"whitespace_flexible": not self.disable_any_whitespace})
         if kind == "regex":
-            return llguidance.LLMatcher.grammar_from_regex(self.regex)
+            return _llguidance().LLMatcher.grammar_from_regex(self.regex)
         if kind == "choice":
-            return llguidance.LLMatcher.grammar_from_lark(
+            return _llguidance().LLMatcher.grammar_from_lark(
                 "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in self.choice))
         try:
-            return llguidance.grammar_from("grammar", self.grammar)  # Lark, or GBNF converted to Lark
+            return _llguidance().grammar_from("grammar", self.grammar)  # Lark, or GBNF converted to Lark
         except ValueError as e:
             raise ValueError(f"structured outputs: {e}") from None
 
@@ -89,13 +100,13 @@ class StructuredOutputsParams:
 class Grammar:
     """One sequence's matcher: the tokens allowed next, as a bitmask row, and the tokens sampled so far."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, eos_id: int, mask_words: int):
+    def __init__(self, matcher, eos_id: int, mask_words: int):
         self._matcher, self._eos_id, self.mask_words = matcher, eos_id, mask_words
 
     def fill_mask(self, row: np.ndarray) -> None:
         """row: int32 [ceil(V / 32)], bit v of word v // 32 set where token v may come next. A matcher left with
         nothing to allow (an error) allows the EOS, so that the row still has a token to sample."""
-        llguidance.numpy.fill_next_token_bitmask(self._matcher, row[None])
+        _llguidance().numpy.fill_next_token_bitmask(self._matcher, row[None])
         if not row.any():
             row.view(np.uint32)[self._eos_id // 32] |= np.uint32(1 << self._eos_id % 32)
 
@@ -114,7 +125,7 @@ class GrammarCompiler:
 
     def __init__(self, tokenizer: Tokenizer | None, vocab_size: int, eos_ids):
         self._source, self.vocab_size, self._eos_ids = tokenizer, vocab_size, sorted(eos_ids)
-        self._tokenizer: llguidance.LLTokenizer | None = None  # made at the first structured request
+        self._tokenizer = None  # llguidance's, made at the first structured request
 
     @property
     def mask_words(self) -> int:
@@ -127,22 +138,22 @@ class GrammarCompiler:
         if not self._eos_ids:
             raise ValueError("structured outputs need an EOS token to end the output; this checkpoint has none")
         grammar = params.grammar_text()
-        error = llguidance.LLMatcher.validate_grammar(grammar, self._llguidance_tokenizer())
+        error = _llguidance().LLMatcher.validate_grammar(grammar, self._llguidance_tokenizer())
         if error:
             raise ValueError(f"structured outputs: the {params.kind} cannot be used: {error[:300]}")
         return grammar
 
     def matcher(self, grammar: str, eos_id: int | None) -> Grammar:
-        matcher = llguidance.LLMatcher(self._llguidance_tokenizer(), grammar, log_level=0)
+        matcher = _llguidance().LLMatcher(self._llguidance_tokenizer(), grammar, log_level=0)
         if matcher.is_error():
             raise ValueError(f"structured outputs: {matcher.get_error()[:300]}")
         return Grammar(matcher, eos_id if eos_id is not None else self._eos_ids[0], self.mask_words)
 
-    def _llguidance_tokenizer(self) -> llguidance.LLTokenizer:
+    def _llguidance_tokenizer(self):
         if self._tokenizer is None:
-            tok = self._source
-            source = tok.tokenizer_json() or llguidance.TokenizerWrapper(_Pieces(tok, self._eos_ids[0]))
-            self._tokenizer = llguidance.LLTokenizer(source, n_vocab=self.vocab_size, eos_token=self._eos_ids)
+            tok, guidance = self._source, _llguidance()
+            source = tok.tokenizer_json() or guidance.TokenizerWrapper(_Pieces(tok, self._eos_ids[0]))
+            self._tokenizer = guidance.LLTokenizer(source, n_vocab=self.vocab_size, eos_token=self._eos_ids)
         return self._tokenizer
 
 
