@@ -14,6 +14,7 @@ from jaxinfer import eval as evaluation
 from jaxinfer.config import CONTROL_FLOWS, DTYPES, ConfigError, EngineConfig
 from jaxinfer.model.safetensors_io import CheckpointError
 from jaxinfer.planner import cli as planner_cli
+from jaxinfer.server.reasoning import PARSERS as REASONING_PARSERS
 from jaxinfer.server.tool_calls import PARSERS as TOOL_CALL_PARSERS
 
 BASELINES = ("static", "hf", "bare")  # of `bench offline`
@@ -151,7 +152,7 @@ def _serve(args) -> int:
                           max_queue=args.max_queue, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
                           shutdown_timeout=args.shutdown_timeout,
                           trust_request_chat_template=args.trust_request_chat_template,
-                          tool_call_parser=tool_call_parser)
+                          tool_call_parser=tool_call_parser, reasoning_parser=args.reasoning_parser)
     return serve(args.model, engine, config, args.host, args.port, warmup=not args.skip_warmup,
                  log_level="info" if args.verbose else "warning", step_log=args.step_log)
 
@@ -196,6 +197,10 @@ def _add_serve(sub) -> None:
     serve.add_argument("--tool-call-parser", choices=list(TOOL_CALL_PARSERS), default=None,
                        help="the model's tool-call format: hermes (Qwen 2.5/3, Hermes: <tool_call>...</tool_call>), "
                             "llama3_json (Llama 3.1/3.2 JSON calls), mistral ([TOOL_CALLS][...])")
+    serve.add_argument("--reasoning-parser", choices=list(REASONING_PARSERS), default=None,
+                       help="return a reasoning model's thinking (<think>...</think>) as the chat message's "
+                            "reasoning (and reasoning_content), apart from its content: deepseek_r1 (the template "
+                            "opens the block: DeepSeek-R1, QwQ), qwen3 (an answer that starts with <think>)")
     serve.add_argument("--skip-warmup", action="store_true", help="compile step shapes on first use instead")
     serve.add_argument("--step-log", default=None, metavar="PATH",
                        help="write each step's shape and timings here (JSON lines) for `bench profile --from-log`")

@@ -142,6 +142,24 @@ def test_preempted_sequences_resume_their_grammar():
     tight.engine.check_idle()
 
 
+def test_a_reasoning_models_thinking_comes_before_the_grammar(llm, monkeypatch):
+    """As vLLM with a reasoning parser: the grammar holds only once the thinking's end token has come, the
+    thinking itself is the model's own (here two ordinary tokens stand for <think> and </think>); a prompt whose
+    last such token closes the thinking (a template that turned it off) is held from the first token."""
+    prompt = llm.tokenizer.encode("The LORD is my shepherd")
+    plain = llm.generate({"prompt_token_ids": prompt}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    start, end = 1, plain[3]  # BOS cannot come again; the plain answer's 4th token ends its "thinking"
+    monkeypatch.setattr(llm.engine.grammars, "thinking_tokens", (start, end))
+    regex = r"[0-9]{2}"
+    out = llm.generate({"prompt_token_ids": prompt}, held(regex=regex), use_tqdm=False)[0].outputs[0]
+    k = plain.index(end) + 1
+    assert out.token_ids[:k] == plain[:k]  # the thinking, unheld
+    assert re.fullmatch(regex, llm.tokenizer.decode(out.token_ids[k:]))
+    closed = llm.generate({"prompt_token_ids": prompt + [start, end]}, held(regex=regex), use_tqdm=False)
+    assert re.fullmatch(regex, _text(closed[0]))
+    llm.engine.check_idle()
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({}, "exactly one of"),
     ({"regex": "a", "choice": ["a"]}, "exactly one of"),

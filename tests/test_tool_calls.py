@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import types
 
 import httpx
 import numpy as np
@@ -24,7 +25,9 @@ from jaxinfer.config import EngineConfig
 from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.scheduler import StepResult
 from jaxinfer.model.checkpoint import DEFAULT_MODEL_DIR
-from jaxinfer.server.app import ServerConfig
+from jaxinfer.server.app import Server, ServerConfig
+from jaxinfer.server.reasoning import PARSERS as REASONING_PARSERS
+from jaxinfer.server.reasoning import ReasoningStream
 from jaxinfer.server.tool_calls import PARSERS, ToolCall, ToolCallStream
 from jaxinfer.tokenizer import Tokenizer
 from live_server import LiveServer
@@ -426,3 +429,73 @@ def test_auto_tool_choice_without_a_parser_is_a_start_up_error(capsys, monkeypat
         cli.build_parser().parse_args(["serve", "--enable-auto-tool-choice", "--tool-call-parser", "nope"])
     with pytest.raises(ValueError, match="unknown tool-call parser 'nope'"):
         ServerConfig(tool_call_parser="nope")
+
+
+# --- reasoning (vLLM's --reasoning-parser) ----------------------------------------------------------------------
+
+THINKING = [  # (parser, answer, thinking, content)
+    ("deepseek_r1", "Nine is more.\n</think>\n\n9.8 is greater.", "Nine is more.\n", "\n\n9.8 is greater."),
+    ("deepseek_r1", "<think>Nine.</think>9.8", "Nine.", "9.8"),
+    ("deepseek_r1", "Still thinking when cut off", "Still thinking when cut off", ""),
+    ("qwen3", "<think>\nCompare.\n</think>\n\n9.8", "\nCompare.\n", "\n\n9.8"),
+    ("qwen3", "\n<think>a < b</think>", "a < b", ""),
+    ("qwen3", "9.8 is greater.", None, "9.8 is greater."),
+    ("qwen3", "Not </think> thinking", None, "Not </think> thinking"),
+    ("qwen3", "<thinking> is a word", None, "<thinking> is a word"),
+]
+
+
+@pytest.mark.parametrize("name, text, thinking, content", THINKING, ids=lambda v: str(v)[:24])
+def test_reasoning_is_split_as_vllm_splits_it_streamed_or_not(name, text, thinking, content):
+    parser = REASONING_PARSERS[name]
+    assert parser.split(text) == (thinking, content)
+    for pieces in splits(text, random.Random(text)):
+        reasoning_stream, got, so_far = ReasoningStream(parser), None, ""
+        for k, piece in enumerate(pieces):
+            so_far += piece
+            delta, now = reasoning_stream.advance(so_far, done=k == len(pieces) - 1)
+            got = got if delta is None else (got or "") + delta
+            assert content.startswith(now)  # content only once settled, never taken back
+        assert (got, now) == (thinking, content), pieces
+
+
+def test_reasoning_through_the_openai_client(live, client, monkeypatch):
+    """`--reasoning-parser qwen3`: the thinking comes back as the message's reasoning (and reasoning_content),
+    streamed as it comes, and tool calls are parsed from what follows it."""
+    monkeypatch.setattr(live.server, "config", dataclasses.replace(live.server.config, reasoning_parser="qwen3"))
+    for answer, thinking, content, calls in [
+            ("<think>\nCompare.\n</think>\n\nIt rains.", "\nCompare.\n", "\n\nIt rains.", []),
+            ("No thinking here.", None, "No thinking here.", []),
+            (f"<think>A call.</think>\n{HERMES_ANSWER}", "A call.", "\nLet me check.\n", [("get_weather", CALL)])]:
+        script(live, answer)
+        whole = client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=300).choices[0]
+        extra = whole.message.model_extra or {}
+        assert (extra.get("reasoning"), extra.get("reasoning_content")) == (thinking, thinking)
+        assert whole.message.content == content
+        assert [(n, json.loads(a)) for n, a in message_calls(whole.message)] == \
+            [(n, json.loads(c)["arguments"]) for n, c in calls]
+        chunks = list(client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=300,
+                                                     stream=True))
+        streamed = "".join((c.choices[0].delta.model_extra or {}).get("reasoning") or "" for c in chunks if c.choices)
+        assert streamed == (thinking or "") and assembled(chunks)[0]["content"] == content
+    live.wait_idle()
+
+
+def test_an_unknown_reasoning_parser_is_refused():
+    with pytest.raises(ValueError, match="unknown reasoning parser 'r2'"):
+        ServerConfig(reasoning_parser="r2")
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--reasoning-parser", "r2"])
+
+
+@pytest.mark.parametrize("parser, vocabulary, expected", [
+    ("qwen3", {"<think>": 7, "</think>": 8}, (7, 8)),
+    (None, {"<think>": 7, "</think>": 8}, None),  # no reasoning parser: held from the first token
+    ("deepseek_r1", {"<think>": 7}, None),  # no such tokens: the same
+])
+def test_a_reasoning_server_holds_structured_outputs_after_the_thinking(parser, vocabulary, expected):
+    tokenizer = types.SimpleNamespace(token_to_id=vocabulary.get)
+    engine = types.SimpleNamespace(tokenizer=tokenizer, grammars=types.SimpleNamespace(thinking_tokens=None),
+                                   vocab_size=10, cfg=types.SimpleNamespace(max_model_len=8))
+    Server(ServerConfig(reasoning_parser=parser)).ready(engine)
+    assert engine.grammars.thinking_tokens == expected

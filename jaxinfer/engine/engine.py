@@ -225,7 +225,7 @@ class Engine:
             seeds = self._seeds(params)
             handle = RequestStream(request_id, self) if stream else None
             seqs = [Sequence(request_id, i, list(ids), params, seeds[i], max_new, priority, eos, self.eos_id,
-                             bad_words, salt, grammar and self.grammars.matcher(grammar, self.eos_id))
+                             bad_words, salt, grammar and self.grammars.matcher(grammar, self.eos_id, ids))
                     for i in range(params.n)]
             stream_ref = weakref.ref(handle) if handle else None
             request = _Request(request_id, text, ids, params, seqs, stream_ref, detoks, [""] * params.n,

@@ -402,8 +402,9 @@ class Scheduler:
                         self._banned.copy(), prefills, seqs, self._token_mask([seqs[slot] for slot in sampling]))
 
     def _token_mask(self, sampling: list[Sequence]) -> np.ndarray | None:
-        """The bitmask rows of the slots that sample under a grammar (one token each), others all set."""
-        guided = [seq for seq in sampling if seq.grammar is not None]
+        """The bitmask rows of the slots that sample under a grammar (one token each), others all set (also those
+        whose grammar waits for the end of a reasoning model's thinking)."""
+        guided = [seq for seq in sampling if seq.grammar is not None and seq.grammar.active]
         if not guided:
             return None
         mask = np.full((self.cfg.max_slots, guided[0].grammar.mask_words), -1, np.int32)

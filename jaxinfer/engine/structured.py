@@ -98,10 +98,18 @@ class StructuredOutputsParams:
 
 
 class Grammar:
-    """One sequence's matcher: the tokens allowed next, as a bitmask row, and the tokens sampled so far."""
+    """One sequence's matcher: the tokens allowed next, as a bitmask row, and the tokens sampled so far. With
+    `thinking_until`, a reasoning model's thinking comes first, unheld, up to that token (vLLM's way with a
+    reasoning parser): the grammar holds from the token after it."""
 
-    def __init__(self, matcher, eos_id: int, mask_words: int):
+    def __init__(self, matcher, eos_id: int, mask_words: int, thinking_until: int | None = None):
         self._matcher, self._eos_id, self.mask_words = matcher, eos_id, mask_words
+        self._thinking_until = thinking_until
+
+    @property
+    def active(self) -> bool:
+        """The grammar holds the next token (the thinking, if any, is over)."""
+        return self._thinking_until is None
 
     def fill_mask(self, row: np.ndarray) -> None:
         """row: int32 [ceil(V / 32)], bit v of word v // 32 set where token v may come next. A matcher left with
@@ -112,12 +120,16 @@ class Grammar:
 
     def accept(self, token: int) -> bool:
         """Follow a sampled token; False if the grammar does not allow it."""
+        if not self.active:
+            if token == self._thinking_until:
+                self._thinking_until = None
+            return True
         return self._matcher.consume_token(token)
 
     @property
     def complete(self) -> bool:
         """Nothing but EOS may follow."""
-        return self._matcher.is_stopped()
+        return self.active and self._matcher.is_stopped()
 
 
 class GrammarCompiler:
@@ -126,6 +138,9 @@ class GrammarCompiler:
     def __init__(self, tokenizer: Tokenizer | None, vocab_size: int, eos_ids):
         self._source, self.vocab_size, self._eos_ids = tokenizer, vocab_size, sorted(eos_ids)
         self._tokenizer = None  # llguidance's, made at the first structured request
+        # (start, end) token ids of a reasoning model's thinking, set by a server with a reasoning parser: the
+        # grammar then holds only after the thinking, unless the prompt has closed it (a template without it).
+        self.thinking_tokens: tuple[int, int] | None = None
 
     @property
     def mask_words(self) -> int:
@@ -143,11 +158,20 @@ class GrammarCompiler:
             raise ValueError(f"structured outputs: the {params.kind} cannot be used: {error[:300]}")
         return grammar
 
-    def matcher(self, grammar: str, eos_id: int | None) -> Grammar:
+    def matcher(self, grammar: str, eos_id: int | None, prompt_ids=()) -> Grammar:
         matcher = _llguidance().LLMatcher(self._llguidance_tokenizer(), grammar, log_level=0)
         if matcher.is_error():
             raise ValueError(f"structured outputs: {matcher.get_error()[:300]}")
-        return Grammar(matcher, eos_id if eos_id is not None else self._eos_ids[0], self.mask_words)
+        return Grammar(matcher, eos_id if eos_id is not None else self._eos_ids[0], self.mask_words,
+                       self._thinking_until(prompt_ids))
+
+    def _thinking_until(self, prompt_ids) -> int | None:
+        """The token that will end the answer's thinking; None when the prompt's last thinking token closes it."""
+        if self.thinking_tokens is None:
+            return None
+        start, end = self.thinking_tokens
+        last = next((t for t in reversed(prompt_ids) if t in (start, end)), None)
+        return None if last == end else end
 
     def _llguidance_tokenizer(self):
         if self._tokenizer is None:

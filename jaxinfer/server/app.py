@@ -32,6 +32,10 @@ from jaxinfer.server import metrics
 from jaxinfer.server.protocol import (APIError, GenerationRequest, Limits, TokenText, chat_logprobs, check_api_key,
                                       check_text, completion_logprobs, parse_chat, parse_completion, parse_json,
                                       parse_token_ids, prompt_logprobs_json, read_body, usage)
+from jaxinfer.server.reasoning import END as THINK_END
+from jaxinfer.server.reasoning import PARSERS as REASONING_PARSERS
+from jaxinfer.server.reasoning import START as THINK_START
+from jaxinfer.server.reasoning import ReasoningStream
 from jaxinfer.server.tool_calls import PARSERS, Forced, ToolCallStream
 from jaxinfer.tokenizer import CHAT_TEMPLATE_ERRORS, openai_messages
 
@@ -54,10 +58,15 @@ class ServerConfig:
     # vLLM's --enable-auto-tool-choice --tool-call-parser NAME: tool_choice "auto" parses the answer's tool calls
     # with PARSERS[NAME]. None: "auto" is 400, as in vLLM without those flags.
     tool_call_parser: str | None = None
+    # vLLM's --reasoning-parser NAME: chat answers' thinking comes back apart from their content.
+    reasoning_parser: str | None = None
 
     def __post_init__(self):
         if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
             raise ValueError(f"unknown tool-call parser {self.tool_call_parser!r}; known: {', '.join(PARSERS)}")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"unknown reasoning parser {self.reasoning_parser!r}; known: "
+                             f"{', '.join(REASONING_PARSERS)}")
 
 
 class Server:
@@ -75,6 +84,10 @@ class Server:
 
     def ready(self, engine: Engine) -> None:
         self.engine = engine
+        if self.config.reasoning_parser is not None and engine.tokenizer is not None:
+            # As vLLM with a reasoning parser: structured outputs hold from the end of the thinking.
+            ids = tuple(engine.tokenizer.token_to_id(t) for t in (THINK_START, THINK_END))
+            engine.grammars.thinking_tokens = None if None in ids else ids
         self.limits = Limits(engine.vocab_size, engine.cfg.max_model_len, self.config.max_n)
         self.token_text = TokenText(engine.tokenizer)
         self.health = "ready"
@@ -244,6 +257,9 @@ class _Job:
     released: bool = False
     tool_parser: object = None  # chat with tool_choice "auto", "required" or named: finds each choice's calls
     tool_streams: dict = dataclasses.field(default_factory=dict)  # choice index -> its ToolCallStream
+    reasoning: object = None  # chat on a server with a reasoning parser: splits the thinking from the content
+    reasoning_streams: dict = dataclasses.field(default_factory=dict)  # choice index -> its ReasoningStream
+    sent_content: dict = dataclasses.field(default_factory=dict)  # chat: choice index -> content characters sent
 
 
 class Generation:
@@ -344,7 +360,8 @@ class Generation:
         self._check_room(seqs, len(prompts))  # again: others were admitted while this one was tokenized
         response_id = f"{kind}-{uuid.uuid4().hex}"
         job = _Job(req, response_id, int(time.time()), model, prompts,
-                   [f"{response_id}-{i}" for i in range(len(prompts))], tool_parser=tool_parser)
+                   [f"{response_id}-{i}" for i in range(len(prompts))], tool_parser=tool_parser,
+                   reasoning=REASONING_PARSERS.get(server.config.reasoning_parser) if req.chat else None)
         server.in_flight += seqs
         server.active[response_id] = job.request_ids
         try:
@@ -438,11 +455,42 @@ class Generation:
             choice["prompt_logprobs"] = prompt_logprobs_json(out.prompt_logprobs)
         if not req.chat:
             return {"index": index, "text": prefix + delta_text, **choice}
+        return self._chat_choice(job, index, choice, text, final)
+
+    def _chat_choice(self, job: _Job, index: int, choice: dict, text: str, final: bool) -> dict | None:
+        """The message (final) or delta of a chat choice whose whole text so far is `text`: its thinking split off
+        by the server's reasoning parser, if any; tool calls parsed out of the content, if asked for. None:
+        nothing new to send yet."""
+        thinking = None
+        if job.reasoning is not None:
+            if final:
+                thinking, text = job.reasoning.split(text)
+            else:
+                stream = job.reasoning_streams.setdefault(index, ReasoningStream(job.reasoning))
+                thinking, text = stream.advance(text, choice["finish_reason"] is not None)
         if job.tool_parser is not None:
-            return self._tool_call_choice(job, index, choice, text, final)
-        if final:
-            return {**choice, "message": {"role": req.role, "content": delta_text}}
-        return {**choice, "delta": {"content": delta_text}}
+            out = self._tool_call_choice(job, index, choice, text, final)
+        else:
+            start = 0 if final else job.sent_content.get(index, 0)
+            job.sent_content[index] = len(text)
+            key = "message" if final else "delta"
+            out = {**choice, key: {"role": job.request.role, "content": text} if final else {"content": text[start:]}}
+            if not final and start == len(text) and thinking is not None:
+                out = None  # no content yet: the thinking alone goes out
+        if thinking is None:
+            return out
+        if out is None:
+            quiet = choice["finish_reason"] is None and choice["logprobs"] is None and "token_ids" not in choice
+            if not thinking and quiet:
+                return None
+            out = {**choice, "delta": {}}
+        key = "message" if final else "delta"
+        body = dict(out[key])
+        if final and not body.get("content"):
+            body["content"] = None  # as vLLM: all thinking, no answer
+        if final or thinking:
+            body.update(reasoning=thinking, reasoning_content=thinking)  # vLLM's name, then its older one
+        return {**out, key: body}
 
     def _token_text(self, req: GenerationRequest):
         """How logprobs name tokens: their text, or as vLLM's return_tokens_as_token_ids "token_id:<id>" (text

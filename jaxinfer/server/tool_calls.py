@@ -55,7 +55,7 @@ def _call(obj, argument_keys: tuple[str, ...] = ("arguments",)) -> ToolCall:
     return ToolCall(obj["name"], json.dumps(obj[key], ensure_ascii=False))  # vLLM's JSON text for the arguments
 
 
-def _partial_marker(text: str, marker: str) -> int:
+def partial_marker(text: str, marker: str) -> int:
     """The length of the longest end of `text` that begins `marker`: a marker that may still be arriving."""
     for n in range(min(len(marker) - 1, len(text)), 0, -1):
         if text.endswith(marker[:n]):
@@ -92,7 +92,7 @@ class _Marked:
         at = text.find(self.marker, start)
         if at >= 0:
             return at, "held"
-        return len(text) - _partial_marker(text, self.marker), None
+        return len(text) - partial_marker(text, self.marker), None
 
     def _calls(self, text: str) -> list[ToolCall]:
         raise NotImplementedError

@@ -1,0 +1,56 @@
+"""A reasoning model's thinking, split from its answer as vLLM's `--reasoning-parser` splits it: deepseek_r1, qwen3.
+
+Host code, plain Python. The thinking is the text inside `<think>` ... `</think>`; it is returned apart from the
+answer's content (the chat message's `reasoning`, and vLLM's older name `reasoning_content`).
+- deepseek_r1: the chat template opens the block in the prompt, so the answer thinks from its first token (a
+  leading `<think>` is dropped too); an answer that never closes the block is all thinking, as in vLLM.
+- qwen3: only an answer that starts with `<think>` thinks (with enable_thinking=False the template closes an
+  empty block in the prompt and the answer is all content).
+A stream gives the thinking as it comes, holding back only what may be the start of `</think>`; the content
+(from which tool calls are parsed) is what follows the block, so streamed and whole answers agree.
+"""
+
+from __future__ import annotations
+
+from jaxinfer.server.tool_calls import partial_marker
+
+START, END = "<think>", "</think>"
+
+
+class ThinkParser:
+    def __init__(self, opened_by_prompt: bool):
+        self.opened_by_prompt = opened_by_prompt
+
+    def split(self, text: str, done: bool = True) -> tuple[str | None, str]:
+        """-> (the thinking, None when the answer does not think; the content) of `text`; with `done` False, of
+        an answer still arriving: only what is settled (a marker that may still be arriving is held back)."""
+        stripped = text.lstrip()
+        if not done and START.startswith(stripped) and stripped != START:  # blank, or the opening tag arriving
+            return ("" if self.opened_by_prompt else None), ""
+        if stripped.startswith(START):
+            body = stripped[len(START):]
+        elif self.opened_by_prompt:
+            body = text
+        else:
+            return None, text
+        at = body.find(END)
+        if at >= 0:
+            return body[:at], body[at + len(END):]
+        return (body if done else body[:len(body) - partial_marker(body, END)]), ""
+
+
+PARSERS = {"deepseek_r1": ThinkParser(opened_by_prompt=True), "qwen3": ThinkParser(opened_by_prompt=False)}
+
+
+class ReasoningStream:
+    """One choice's answer as it grows: `advance` gives the thinking not yet sent and the content so far."""
+
+    def __init__(self, parser: ThinkParser):
+        self.parser, self.sent = parser, 0
+
+    def advance(self, text: str, done: bool) -> tuple[str | None, str]:
+        thinking, content = self.parser.split(text, done)
+        if thinking is None:
+            return None, content
+        piece, self.sent = thinking[self.sent:], max(self.sent, len(thinking))
+        return piece, content
