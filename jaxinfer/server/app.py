@@ -461,7 +461,7 @@ class Generation:
         """The message (final) or delta of a chat choice whose whole text so far is `text`: its thinking split off
         by the server's reasoning parser, if any; tool calls parsed out of the content, if asked for. None:
         nothing new to send yet."""
-        thinking = None
+        thinking, key = None, "message" if final else "delta"
         if job.reasoning is not None:
             if final:
                 thinking, text = job.reasoning.split(text)
@@ -473,7 +473,6 @@ class Generation:
         else:
             start = 0 if final else job.sent_content.get(index, 0)
             job.sent_content[index] = len(text)
-            key = "message" if final else "delta"
             out = {**choice, key: {"role": job.request.role, "content": text} if final else {"content": text[start:]}}
             if not final and start == len(text) and thinking is not None:
                 out = None  # no content yet: the thinking alone goes out
@@ -484,7 +483,6 @@ class Generation:
             if not thinking and quiet:
                 return None
             out = {**choice, "delta": {}}
-        key = "message" if final else "delta"
         body = dict(out[key])
         if final and not body.get("content"):
             body["content"] = None  # as vLLM: all thinking, no answer
