@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from jaxinfer.config import EngineConfig
-from jaxinfer.engine.structured import StructuredOutputsParams
+from jaxinfer.engine import structured
+from jaxinfer.engine.structured import GrammarCompiler, StructuredOutputsParams
 from jaxinfer.llm import LLM, SamplingParams
 from jaxinfer.model.checkpoint import find_model
 
@@ -192,3 +193,24 @@ def test_sampling_params_take_a_dict():
     assert params.structured_outputs == StructuredOutputsParams(choice=("a", "b"))
     with pytest.raises(ValueError, match="structured_outputs must be"):
         SamplingParams(structured_outputs="json")
+
+
+def test_compiled_grammars_are_kept_for_requests_that_share_them(llm, monkeypatch):
+    """The server checks a request before queueing it, and many requests share a schema: equal params (a schema's
+    keys in any order) compile once, while the last GRAMMAR_CACHE_SIZE are kept; errors are not kept."""
+    compiler = GrammarCompiler(llm.tokenizer, llm.engine.vocab_size, llm.engine.eos_ids)
+    made = []
+    monkeypatch.setattr(StructuredOutputsParams, "grammar_text",
+                        lambda self, real=StructuredOutputsParams.grammar_text: made.append(self) or real(self))
+    monkeypatch.setattr(structured, "GRAMMAR_CACHE_SIZE", 2)
+    reordered = dict(reversed(list(PERSON.items())))
+    assert compiler.compile(StructuredOutputsParams(json=PERSON)) == \
+        compiler.compile(StructuredOutputsParams(json=reordered)) and len(made) == 1
+    for regex in ("a", "b", "a"):  # PERSON's drops out of the two kept
+        compiler.compile(StructuredOutputsParams(regex=regex))
+    compiler.compile(StructuredOutputsParams(json=PERSON))
+    assert len(made) == 4
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            compiler.compile(StructuredOutputsParams(regex="[a-"))
+    assert len(made) == 6

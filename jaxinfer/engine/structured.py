@@ -10,16 +10,19 @@ a grammar decodes one token per dispatch and the engine reads each step before p
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import importlib
 import json
+import threading
 
 import numpy as np
 
 from jaxinfer.tokenizer import Tokenizer
 
 _KINDS = ("json", "regex", "choice", "grammar", "json_object")
+GRAMMAR_CACHE_SIZE = 256  # compiled grammars kept, the most recently used: requests often share one schema
 
 
 @functools.cache
@@ -141,21 +144,33 @@ class GrammarCompiler:
         # (start, end) token ids of a reasoning model's thinking, set by a server with a reasoning parser: the
         # grammar then holds only after the thinking, unless the prompt has closed it (a template without it).
         self.thinking_tokens: tuple[int, int] | None = None
+        self._compiled: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._lock = threading.Lock()  # callers compile in their own threads
 
     @property
     def mask_words(self) -> int:
         return (self.vocab_size + 31) // 32
 
     def compile(self, params: StructuredOutputsParams) -> str:
-        """The grammar, checked against the vocabulary; ValueError says what is wrong with it."""
+        """The grammar, checked against the vocabulary; ValueError says what is wrong with it. The server checks a
+        request before it queues it, and many requests share a schema: the last few hundred are kept."""
         if self._source is None:
             raise ValueError("structured outputs need a tokenizer; this checkpoint has none")
         if not self._eos_ids:
             raise ValueError("structured outputs need an EOS token to end the output; this checkpoint has none")
+        key = _cache_key(params)
+        with self._lock:
+            if key in self._compiled:
+                self._compiled.move_to_end(key)
+                return self._compiled[key]
         grammar = params.grammar_text()
         error = _llguidance().LLMatcher.validate_grammar(grammar, self._llguidance_tokenizer())
         if error:
             raise ValueError(f"structured outputs: the {params.kind} cannot be used: {error[:300]}")
+        with self._lock:
+            self._compiled[key] = grammar
+            if len(self._compiled) > GRAMMAR_CACHE_SIZE:
+                self._compiled.popitem(last=False)
         return grammar
 
     def matcher(self, grammar: str, eos_id: int | None, prompt_ids=()) -> Grammar:
@@ -179,6 +194,14 @@ class GrammarCompiler:
             source = tok.tokenizer_json() or guidance.TokenizerWrapper(_Pieces(tok, self._eos_ids[0]))
             self._tokenizer = guidance.LLTokenizer(source, n_vocab=self.vocab_size, eos_token=self._eos_ids)
         return self._tokenizer
+
+
+def _cache_key(params: StructuredOutputsParams) -> str:
+    """The params as canonical text (a schema's keys sorted): equal params, equal keys."""
+    try:
+        return json.dumps(dataclasses.asdict(params), sort_keys=True)
+    except (TypeError, ValueError):  # a schema holding what JSON cannot (grammar_text refuses it anyway)
+        return repr(params)
 
 
 class _Pieces:
