@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import re
 import socket
 import time
@@ -206,9 +207,12 @@ def test_structured_outputs_through_the_client(live, client):
     assert answer.finish_reason == "stop", answer.message.content
     fields = json.loads(answer.message.content)
     assert set(fields) == {"ok", "n"} and type(fields["ok"]) is bool and type(fields["n"]) is int
-    picked = client.completions.create(model="tiny", prompt="Pick", extra_body={"guided_choice": ["red", "blue"]},
-                                       **GREEDY).choices[0]
+    picked = client.completions.create(model="tiny", prompt="Pick", logprobs=5, **GREEDY, extra_body={
+        "guided_choice": ["red", "blue"], "return_tokens_as_token_ids": True}).choices[0]  # (two tokens may read alike)
     assert picked.text in ("red", "blue") and picked.finish_reason == "stop"
+    # Logprobs of the masked distribution, as vLLM's: the few tokens that can start a choice share all the
+    # probability (unmasked, this model's top 5 after "Pick" hold 31% of it).
+    assert abs(sum(math.exp(lp) for lp in picked.logprobs.top_logprobs[0].values()) - 1) < 1e-3
     digits = client.completions.create(model="tiny", prompt="Count", n=2, seed=5, temperature=1.0, max_tokens=12,
                                        extra_body={"structured_outputs": {"regex": "[0-9]{2,5}"}})
     assert all(re.fullmatch("[0-9]{2,5}", c.text) for c in digits.choices)
