@@ -490,6 +490,8 @@ BAD_FIELDS = [
     (CHAT, {"structured_outputs": {"choice": ["a"], "regex": "a"}}, "structured_outputs"),
     (CHAT, {"structured_outputs": {"choices": ["a"]}}, "structured_outputs"),
     (CHAT, {"structured_outputs": ["a"]}, "structured_outputs"),
+    (CHAT, {"structured_outputs": {"json": {}, "whitespace_pattern": " "}}, "structured_outputs"),
+    (CHAT, {"structured_outputs": {"json": {}, "disable_additional_properties": True}}, "structured_outputs"),
     (COMPLETIONS, {"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex"),
     (CHAT, {"guided_whitespace_pattern": " *"}, "guided_whitespace_pattern"),
     (COMPLETIONS, {"suffix": "\n    return x"}, "suffix"),  # fill-in-the-middle would need the model's FIM tokens
@@ -523,6 +525,10 @@ EDGE_FIELDS = [
     (CHAT, {"response_format": {"type": "json_object"}}), (COMPLETIONS, {"guided_choice": ["yes", "no"]}),
     (CHAT, {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}),
     (COMPLETIONS, {"structured_outputs": {"regex": "[0-9]+", "disable_any_whitespace": True}}),
+    (COMPLETIONS, {"structured_outputs": {  # vLLM's whole object, as a client that serializes it sends it
+        "json": None, "regex": "[0-9]+", "choice": None, "grammar": None, "json_object": None, "disable_fallback": False,
+        "disable_any_whitespace": False, "disable_additional_properties": False, "whitespace_pattern": None,
+        "structural_tag": None}}),
     (CHAT, {"guided_grammar": 'start: "a"+', "guided_decoding_backend": "xgrammar"}),  # the backend is ours to pick
     (CHAT, {"tools": [TOOL], "tool_choice": "required"}),
     (CHAT, {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "paint"}}}),

@@ -29,6 +29,10 @@ _REFUSED = {"suffix": "fill-in-the-middle (suffix) is not supported here",
             "guided_whitespace_pattern": "a whitespace pattern is not supported here (disable_any_whitespace is)"}
 # vLLM's older request fields for structured outputs -> the `StructuredOutputsParams` field each sets.
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+# vLLM's other `structured_outputs` fields (a client that serializes the whole object sends them all): these
+# mean nothing here and are dropped; those they set are 400, unless left at their defaults (null, false).
+_STRUCTURED_DROPPED = ("disable_fallback", "_backend", "_backend_was_auto")
+_STRUCTURED_UNSERVED = ("whitespace_pattern", "structural_tag", "disable_additional_properties")
 _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop",
                       "stop_token_ids", "seed", "logprobs", "echo", "stream", "stream_options", "presence_penalty",
                       "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "user",
@@ -403,7 +407,11 @@ def _structured(body: dict) -> tuple[StructuredOutputsParams | None, str | None]
     elif name == "structured_outputs":
         if not isinstance(value, dict):
             _fail(f"structured_outputs must be an object, got {_describe(value)}", name)
-        fields = value
+        fields = {k: v for k, v in value.items()
+                  if k not in _STRUCTURED_DROPPED and not (k in _STRUCTURED_UNSERVED and v in (None, False))}
+        unserved = [k for k in _STRUCTURED_UNSERVED if k in fields]
+        if unserved:
+            _fail(f"structured_outputs: {unserved[0]} is not supported here", name)
     else:
         fields = {_GUIDED[name]: value}
     try:
