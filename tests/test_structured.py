@@ -12,6 +12,7 @@ import pytest
 
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine import structured
+from jaxinfer.engine.scheduler import Scheduler
 from jaxinfer.engine.structured import GrammarCompiler, StructuredOutputsParams
 from jaxinfer.llm import LLM, SamplingParams
 from jaxinfer.model.checkpoint import find_model
@@ -146,16 +147,23 @@ def test_preempted_sequences_resume_their_grammar():
 def test_a_reasoning_models_thinking_comes_before_the_grammar(llm, monkeypatch):
     """As vLLM with a reasoning parser: the grammar holds only once the thinking's end token has come, the
     thinking itself is the model's own (here two ordinary tokens stand for <think> and </think>); a prompt whose
-    last such token closes the thinking (a template that turned it off) is held from the first token."""
+    last such token closes the thinking (a template that turned it off) is held from the first token.
+    The thinking runs as unheld sequences do, several rounds a dispatch: the end token came third of a
+    dispatch's four, so the fourth, sampled unheld, is dropped and the sequence recomputed from there (a
+    rewind, not a preemption) to sample its next token under the grammar."""
     prompt = llm.tokenizer.encode("The LORD is my shepherd")
     plain = llm.generate({"prompt_token_ids": prompt}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     start, end = 1, plain[3]  # BOS cannot come again; the plain answer's 4th token ends its "thinking"
+    assert end not in plain[:3] and llm.engine_config.decode_steps == 4
     monkeypatch.setattr(llm.engine.grammars, "thinking_tokens", (start, end))
+    rewinds, preemptions = [], llm.engine.scheduler.counters.preemptions
+    rewind = Scheduler._rewind
+    monkeypatch.setattr(Scheduler, "_rewind", lambda self, seq: rewinds.append(len(seq.output_ids)) or rewind(self, seq))
     regex = r"[0-9]{2}"
     out = llm.generate({"prompt_token_ids": prompt}, held(regex=regex), use_tqdm=False)[0].outputs[0]
-    k = plain.index(end) + 1
-    assert out.token_ids[:k] == plain[:k]  # the thinking, unheld
-    assert re.fullmatch(regex, llm.tokenizer.decode(out.token_ids[k:]))
+    assert out.token_ids[:4] == plain[:4]  # the thinking, unheld
+    assert re.fullmatch(regex, llm.tokenizer.decode(out.token_ids[4:]))
+    assert rewinds == [4] and llm.engine.scheduler.counters.preemptions == preemptions
     closed = llm.generate({"prompt_token_ids": prompt + [start, end]}, held(regex=regex), use_tqdm=False)
     assert re.fullmatch(regex, _text(closed[0]))
     llm.engine.check_idle()

@@ -262,6 +262,7 @@ class Sequence:
     hashes: list[bytes] = dataclasses.field(default_factory=list)  # chained hashes of the full known pages
     num_computed: int = 0
     pending: int = 0
+    dropping: bool = False  # the tokens in flight are dropped as they are read (`Scheduler._rewind`)
     decoding: bool = False  # prefill done: the device holds the last token and feeds it to the next step
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the first admission
     finish_reason: str | None = None  # "stop" | "length" | "abort"

@@ -85,6 +85,11 @@ class StepResult:
     #                                       top logprobs [c, k])
 
 
+def _held(seq: Sequence) -> bool:
+    """The sequence's next token is held to its grammar (it has one, and no thinking comes first any more)."""
+    return seq.grammar is not None and seq.grammar.active
+
+
 def step_buckets(engine: EngineConfig, plans: list[StepPlan]) -> tuple[int, int]:
     """(C, W): the compiled shape these plans (one per data shard) run in: the longest chunk's prefill
     bucket (0: no prefill) and the page-width bucket of the furthest position any of them touches."""
@@ -206,7 +211,7 @@ class Scheduler:
     def awaits_tokens(self) -> bool:
         """A sequence under a grammar has a token in flight: its next mask needs that token, so the step in flight
         should be read before the next is planned (else that sequence sits the next step out)."""
-        return any(s.grammar is not None and s.pending for s in self.running)
+        return any(_held(s) and s.pending for s in self.running)
 
     def kv_pages(self) -> tuple[int, int]:
         """(pages held by requests, usable pages)."""
@@ -231,7 +236,7 @@ class Scheduler:
 
     def schedule(self) -> StepPlan | None:
         """The next step, or None when nothing can run until in-flight tokens are read."""
-        one = self.prefilling is not None or self._can_admit() or any(s.grammar is not None for s in self.running)
+        one = self.prefilling is not None or self._can_admit() or any(_held(s) for s in self.running)
         steps = self._plan_decode(1 if one else self.cfg.decode_steps)
         prefills = self._plan_prefills()
         if not prefills and not steps:
@@ -244,7 +249,7 @@ class Scheduler:
         for seq in sorted(self.running, key=Sequence.sort_key):
             if seq.finished or seq.slot is None or not seq.decoding or seq.remaining <= 0:
                 continue
-            if seq.grammar is not None and seq.pending:
+            if _held(seq) and seq.pending:
                 continue  # its mask needs the token in flight
             n = min(k, seq.remaining)
             if self._grow(seq, seq.num_computed + n):
@@ -404,7 +409,7 @@ class Scheduler:
     def _token_mask(self, sampling: list[Sequence]) -> np.ndarray | None:
         """The bitmask rows of the slots that sample under a grammar (one token each), others all set (also those
         whose grammar waits for the end of a reasoning model's thinking)."""
-        guided = [seq for seq in sampling if seq.grammar is not None and seq.grammar.active]
+        guided = [seq for seq in sampling if _held(seq)]
         if not guided:
             return None
         mask = np.full((self.cfg.max_slots, guided[0].grammar.mask_words), -1, np.int32)
@@ -434,8 +439,9 @@ class Scheduler:
             count, known = (1 if is_prefill else int(plan.steps[slot])), len(seq.output_ids)
             for i in range(count):
                 seq.pending -= 1
-                if not seq.finished:
+                if not seq.finished and not seq.dropping:
                     self._append(seq, result, i, slot)
+            seq.dropping = seq.dropping and seq.pending > 0
             if len(seq.output_ids) > known:
                 self._delivered(seq, now)
             touched.append(seq)
@@ -472,9 +478,20 @@ class Scheduler:
         self.counters.generation_tokens += 1
         if seq.slot is not None:
             self._register_full_pages(seq)
+        thinking = seq.grammar is not None and not seq.grammar.active
         if seq.grammar is not None and not self._follow_grammar(seq, token):
             return
         self._check_stop(seq, token)
+        if thinking and seq.grammar.active and seq.pending and not seq.finished:
+            self._rewind(seq)
+
+    def _rewind(self, seq: Sequence) -> None:
+        """The thinking ended with tokens after it already sampled or in flight, unheld by the grammar: drop them
+        as they are read, and requeue the sequence (ahead of later requests) to recompute its last tokens from
+        the cached pages, so that its next token is sampled under the grammar. Not a preemption."""
+        seq.dropping = True
+        self._release(seq)
+        self.add(seq)
 
     def _follow_grammar(self, seq: Sequence, token: int) -> bool:
         """Advance the sequence's grammar; False if that finished it: the grammar is complete and the EOS it now
