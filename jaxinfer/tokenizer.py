@@ -164,13 +164,13 @@ class _SentencePieceBackend:
 
         return ids("add_bos_token", "bos_token"), ids("add_eos_token", "eos_token")
 
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool, at_start: bool = True) -> list[int]:
         ids, start = [], 0
         for match in self._split.finditer(text) if self._split else ():
-            ids += self._encode_plain(text[start:match.start()], at_start=start == 0)
+            ids += self._encode_plain(text[start:match.start()], at_start=at_start and start == 0)
             ids.append(self._token_ids[match.group()])
             start = match.end()
-        ids += self._encode_plain(text[start:], at_start=start == 0)
+        ids += self._encode_plain(text[start:], at_start=at_start and start == 0)
         bos, eos = self._template if add_special_tokens else ([], [])
         return bos + ids + eos
 
@@ -349,6 +349,11 @@ class Tokenizer:
     def token_bytes(self) -> list[bytes]:
         """A sentencepiece tokenizer's bytes of every id (what a grammar engine matches text against)."""
         return self._backend.token_bytes()
+
+    def encode_inside(self, text: str) -> list[int]:
+        """A sentencepiece tokenizer's ids of `text` in the middle of a text: no word-start space before it (what
+        a grammar engine tokenizes a forced piece of output with), no special tokens."""
+        return self._backend.encode(text, False, at_start=False)
 
     def id_to_token(self, token_id: int) -> str | None:
         """The vocabulary entry for one id (e.g. 'Ġthe', '▁the', '<0xE6>'), None outside the vocabulary."""

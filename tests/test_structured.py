@@ -5,6 +5,7 @@ grammar; batch independence, preemption and no leaks."""
 import dataclasses
 import json
 import re
+import shutil
 
 import llguidance
 import numpy as np
@@ -15,7 +16,7 @@ from jaxinfer.engine import structured
 from jaxinfer.engine.scheduler import Scheduler
 from jaxinfer.engine.structured import GrammarCompiler, StructuredOutputsParams
 from jaxinfer.llm import LLM, SamplingParams
-from jaxinfer.model.checkpoint import find_model
+from jaxinfer.model.checkpoint import DEFAULT_MODEL_DIR, find_model
 
 GREEDY = SamplingParams(max_tokens=48, temperature=0.0)
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
@@ -222,3 +223,21 @@ def test_compiled_grammars_are_kept_for_requests_that_share_them(llm, monkeypatc
         with pytest.raises(ValueError):
             compiler.compile(StructuredOutputsParams(regex="[a-"))
     assert len(made) == 6
+
+
+def test_a_sentencepiece_only_checkpoint_gives_what_its_tokenizer_json_gives(llm, tmp_path):
+    """Without tokenizer.json, llguidance reads the sentencepiece vocabulary through our wrapper (each id's bytes;
+    byte-fallback pieces that duplicate a piece set apart; pieces of output tokenized without sentencepiece's
+    word-start space). The same prompt ids then give the same held tokens as the tokenizer.json checkpoint."""
+    for path in DEFAULT_MODEL_DIR.iterdir():
+        if path.name != "tokenizer.json":
+            shutil.copy(path, tmp_path / path.name)
+    pieces = LLM(str(tmp_path), EngineConfig(max_slots=3, page_size=8, prefill_chunk=32, max_model_len=160))
+    assert pieces.tokenizer.tokenizer_json() is None
+    prompts = [{"prompt_token_ids": llm.tokenizer.encode(p)} for p in ("The LORD is my shepherd", "And God said")]
+    params = [held(regex=r"(Yes|No), [0-9]{2} (sheep|goats)\."), held(json=PERSON, disable_any_whitespace=True)]
+    ours = pieces.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in ours] == \
+        [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert re.fullmatch(r"(Yes|No), [0-9]{2} (sheep|goats)\.", _text(ours[0])) and json.loads(_text(ours[1]))
+    pieces.engine.check_idle()

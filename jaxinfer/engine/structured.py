@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import importlib
 import json
+import re
 import threading
 
 import numpy as np
@@ -22,6 +23,7 @@ import numpy as np
 from jaxinfer.tokenizer import Tokenizer
 
 _KINDS = ("json", "regex", "choice", "grammar", "json_object")
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # sentencepiece's byte-fallback pieces
 GRAMMAR_CACHE_SIZE = 256  # compiled grammars kept, the most recently used: requests often share one schema
 
 
@@ -205,18 +207,48 @@ def _cache_key(params: StructuredOutputsParams) -> str:
 
 
 class _Pieces:
-    """A sentencepiece tokenizer as llguidance's `TokenizerWrapper` reads one: every id's bytes, and encode."""
+    """A sentencepiece tokenizer as llguidance's `TokenizerWrapper` reads one: every id's bytes, and a tokenizer
+    of pieces of output. That one is sentencepiece's where its ids' bytes join up to the piece, else (blanks it
+    would drop, bytes that are no text alone) the longest token bytes at each step."""
 
     def __init__(self, tokenizer: Tokenizer, eos_id: int):
-        self._tokenizer = tokenizer
         self.eos_token_id, self.bos_token_id = eos_id, tokenizer.bos_id
         self.tokens = tokenizer.token_bytes()
-        self.special_token_ids = sorted(tokenizer.special_ids)
+        # A byte-fallback piece (<0x6F>) whose byte is also a piece of its own ('o') is set apart as special, as
+        # llguidance does reading a tokenizer.json: else it keeps the first id of equal bytes, the fallback one.
+        pieces = {piece for i, piece in enumerate(self.tokens) if not _BYTE_PIECE.fullmatch(tokenizer.id_to_token(i) or "")}
+        fallbacks = {i for i, piece in enumerate(self.tokens)
+                     if _BYTE_PIECE.fullmatch(tokenizer.id_to_token(i) or "") and piece in pieces}
+        self.special_token_ids = sorted(set(tokenizer.special_ids) | fallbacks)
+        self._ids: dict[bytes, int] = {}
+        for i, piece in enumerate(self.tokens):
+            if piece and i not in self.special_token_ids:
+                self._ids.setdefault(piece, i)
+        self._longest = max(map(len, self._ids), default=1)
+        self._encode = tokenizer.encode_inside
 
-    def __call__(self, text: str) -> list[int]:
-        if not isinstance(text, str):  # llguidance tries bytes first, then falls back to text
-            raise TypeError("text only")
-        return self._tokenizer.encode(text, add_special_tokens=False)
+    def __call__(self, text) -> list[int]:
+        data = text if isinstance(text, bytes) else text.encode()
+        try:
+            ids = self._encode(data.decode())
+        except UnicodeDecodeError:
+            ids = []
+        if b"".join(self.tokens[i] for i in ids) == data:
+            return ids
+        return self._greedy(data)
+
+    def _greedy(self, data: bytes) -> list[int]:
+        ids, at = [], 0
+        while at < len(data):
+            for size in range(min(self._longest, len(data) - at), 0, -1):
+                found = self._ids.get(data[at:at + size])
+                if found is not None:
+                    ids.append(found)
+                    at += size
+                    break
+            else:
+                raise ValueError(f"no token holds byte {data[at]:#04x}")
+        return ids
 
 
 __all__ = ["StructuredOutputsParams", "Grammar", "GrammarCompiler"]
