@@ -4,10 +4,10 @@ and the host's cost of one next-token mask.
 Runs `LLM.generate` on the embedded default model (or `--model`) three ways over the same prompts, greedy, each
 request producing exactly `--tokens` tokens: plain; every request held to a regex that any `--tokens` letters
 and spaces satisfy (so both runs produce the same number of tokens); and half the requests held to it. Each
-way runs once to compile, then `--repeats` timed runs, the three ways taking turns; the median is printed. A grammar's sequence decodes one
-token per dispatch and the engine then reads each step before planning the next, so the gap is mostly lost
-overlap and multi-round dispatches, not the mask. The mask's host cost is timed apart: `fill_mask` for a JSON
-schema's matcher, per token, over the model's vocabulary.
+way runs once to compile, then `--repeats` timed runs, the three ways taking turns; the median is printed. A
+grammar's sequence decodes one token per dispatch and the engine then reads each step before planning the next,
+so the gap is mostly lost overlap and multi-round dispatches, not the mask. The mask's host cost is timed apart:
+`fill_mask` for a JSON schema's matcher, per token, over the model's vocabulary.
 
     python scripts/bench_structured.py                    # the default model, 32 requests of 64 tokens
     python scripts/bench_structured.py --model DIR        # a checkpoint directory with tokenizer files

@@ -41,6 +41,11 @@ def test_bench_sampling_tiny():
     assert "halving search" in out and "descending sort" in out
 
 
+def test_bench_structured_tiny():
+    out = _run("scripts/bench_structured.py", "--requests", "2", "--tokens", "4", "--repeats", "1")
+    assert "plain:" in out and "all held to a regex:" in out and "half held:" in out and "us per token" in out
+
+
 def test_bench_step_tiny():
     out = _run("scripts/bench_step.py", "--config", "jaxinfer/assets/default/config.json", "--batches", "2",
                "--chunks", "16", "--repeats", "1", "--max-model-len", "64", "--context", "32")

@@ -159,7 +159,8 @@ def test_a_reasoning_models_thinking_comes_before_the_grammar(llm, monkeypatch):
     monkeypatch.setattr(llm.engine.grammars, "thinking_tokens", (start, end))
     rewinds, preemptions = [], llm.engine.scheduler.counters.preemptions
     rewind = Scheduler._rewind
-    monkeypatch.setattr(Scheduler, "_rewind", lambda self, seq: rewinds.append(len(seq.output_ids)) or rewind(self, seq))
+    monkeypatch.setattr(Scheduler, "_rewind",
+                        lambda self, seq: rewinds.append(len(seq.output_ids)) or rewind(self, seq))
     regex = r"[0-9]{2}"
     out = llm.generate({"prompt_token_ids": prompt}, held(regex=regex), use_tqdm=False)[0].outputs[0]
     assert out.token_ids[:4] == plain[:4]  # the thinking, unheld

@@ -216,13 +216,14 @@ class _Pieces:
         self.tokens = tokenizer.token_bytes()
         # A byte-fallback piece (<0x6F>) whose byte is also a piece of its own ('o') is set apart as special, as
         # llguidance does reading a tokenizer.json: else it keeps the first id of equal bytes, the fallback one.
-        pieces = {piece for i, piece in enumerate(self.tokens) if not _BYTE_PIECE.fullmatch(tokenizer.id_to_token(i) or "")}
-        fallbacks = {i for i, piece in enumerate(self.tokens)
-                     if _BYTE_PIECE.fullmatch(tokenizer.id_to_token(i) or "") and piece in pieces}
-        self.special_token_ids = sorted(set(tokenizer.special_ids) | fallbacks)
+        fallback = [bool(_BYTE_PIECE.fullmatch(tokenizer.id_to_token(i) or "")) for i in range(len(self.tokens))]
+        pieces = {piece for piece, byte in zip(self.tokens, fallback) if not byte}
+        special = set(tokenizer.special_ids)
+        special |= {i for i, piece in enumerate(self.tokens) if fallback[i] and piece in pieces}
+        self.special_token_ids = sorted(special)
         self._ids: dict[bytes, int] = {}
         for i, piece in enumerate(self.tokens):
-            if piece and i not in self.special_token_ids:
+            if piece and i not in special:
                 self._ids.setdefault(piece, i)
         self._longest = max(map(len, self._ids), default=1)
         self._encode = tokenizer.encode_inside
