@@ -199,8 +199,8 @@ class Forced:
     """tool_choice "required" or a named tool, as vLLM serves them: structured outputs hold the whole answer to the
     call's JSON (`protocol._forced_call_schema`), which is read back here. A named tool's answer is its arguments,
     taken as they are (cut short at max_tokens too, as vLLM does), and finish_reason stays "stop" (as OpenAI's);
-    "required" answers a list of {"name", "parameters"}, and ends with "tool_calls". Any parser's ids do; no flag
-    is needed, as in vLLM."""
+    "required" answers a list of {"name", "parameters"}, and ends with "tool_calls". Call ids are the usual
+    "chatcmpl-tool-..." ones; no server flag is needed, as in vLLM."""
 
     keep_special_tokens = False
     new_id = staticmethod(_call_id)
