@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -117,6 +118,16 @@ def _add_bench(sub) -> None:
     planner_cli.add_profile_parser(kinds)
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object is needed, got {text!r:.80}")
+    return value
+
+
 def _tool_call_parser(args) -> str | None:
     """The parser for tool_choice "auto", checked as vLLM checks its flags (before anything loads)."""
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
@@ -152,7 +163,8 @@ def _serve(args) -> int:
                           max_queue=args.max_queue, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
                           shutdown_timeout=args.shutdown_timeout,
                           trust_request_chat_template=args.trust_request_chat_template,
-                          tool_call_parser=tool_call_parser, reasoning_parser=args.reasoning_parser)
+                          tool_call_parser=tool_call_parser, reasoning_parser=args.reasoning_parser,
+                          structured_outputs_config=args.structured_outputs_config)
     return serve(args.model, engine, config, args.host, args.port, warmup=not args.skip_warmup,
                  log_level="info" if args.verbose else "warning", step_log=args.step_log)
 
@@ -201,6 +213,10 @@ def _add_serve(sub) -> None:
                        help="return a reasoning model's thinking (<think>...</think>) as the chat message's "
                             "reasoning (and reasoning_content), apart from its content: deepseek_r1 (the template "
                             "opens the block: DeepSeek-R1, QwQ), qwen3 (an answer that starts with <think>)")
+    serve.add_argument("--structured-outputs-config", type=_json_object, default={}, metavar="JSON",
+                       help='defaults for every structured request, as vLLM\'s: {"disable_any_whitespace": true} '
+                            '(compact JSON: a small model may otherwise write whitespace until max_tokens), '
+                            '"disable_additional_properties" (objects take only the properties they name)')
     serve.add_argument("--skip-warmup", action="store_true", help="compile step shapes on first use instead")
     serve.add_argument("--step-log", default=None, metavar="PATH",
                        help="write each step's shape and timings here (JSON lines) for `bench profile --from-log`")

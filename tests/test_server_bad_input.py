@@ -491,7 +491,7 @@ BAD_FIELDS = [
     (CHAT, {"structured_outputs": {"choices": ["a"]}}, "structured_outputs"),
     (CHAT, {"structured_outputs": ["a"]}, "structured_outputs"),
     (CHAT, {"structured_outputs": {"json": {}, "whitespace_pattern": " "}}, "structured_outputs"),
-    (CHAT, {"structured_outputs": {"json": {}, "disable_additional_properties": True}}, "structured_outputs"),
+    (CHAT, {"structured_outputs": {"json": {}, "disable_additional_properties": "yes"}}, "structured_outputs"),
     (COMPLETIONS, {"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex"),
     (CHAT, {"guided_whitespace_pattern": " *"}, "guided_whitespace_pattern"),
     (COMPLETIONS, {"suffix": "\n    return x"}, "suffix"),  # fill-in-the-middle would need the model's FIM tokens
@@ -525,6 +525,7 @@ EDGE_FIELDS = [
     (CHAT, {"response_format": {"type": "json_object"}}), (COMPLETIONS, {"guided_choice": ["yes", "no"]}),
     (CHAT, {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}),
     (COMPLETIONS, {"structured_outputs": {"regex": "[0-9]+", "disable_any_whitespace": True}}),
+    (CHAT, {"structured_outputs": {"json": {"type": "object"}, "disable_additional_properties": True}}),
     (COMPLETIONS, {"structured_outputs": {  # vLLM's whole object, as a client that serializes it sends it
         "json": None, "regex": "[0-9]+", "choice": None, "grammar": None, "json_object": None, "disable_fallback": False,
         "disable_any_whitespace": False, "disable_additional_properties": False, "whitespace_pattern": None,

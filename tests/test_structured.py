@@ -242,3 +242,35 @@ def test_a_sentencepiece_only_checkpoint_gives_what_its_tokenizer_json_gives(llm
         [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert re.fullmatch(r"(Yes|No), [0-9]{2} (sheep|goats)\.", _text(ours[0])) and json.loads(_text(ours[1]))
     pieces.engine.check_idle()
+
+
+def test_closed_objects_take_only_their_properties(llm):
+    """vLLM's disable_additional_properties: every object schema that does not say otherwise is closed, however
+    deep (items, anyOf, $defs...), and a property named like a keyword is left alone; the model then writes only
+    the named properties where, open, it wrote others too."""
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}},
+                                               "properties": {"type": "string"}},
+              "$defs": {"d": {"properties": {}}}, "items": {"anyOf": [{"type": "object"}, {"type": "string"}]},
+              "additionalProperties": True}
+    closed = structured.closed_objects(schema)
+    assert closed["additionalProperties"] is True  # it said otherwise
+    assert closed["properties"]["a"]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["properties"]["properties"]  # a property, not a keyword
+    assert closed["$defs"]["d"]["additionalProperties"] is False
+    assert closed["items"]["anyOf"][0]["additionalProperties"] is False and closed["items"]["anyOf"][1] == {
+        "type": "string"}
+    open_schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    outs = [llm.generate("JSON:", held(json=open_schema, disable_any_whitespace=True, disable_additional_properties=c),
+                         use_tqdm=False)[0].outputs[0] for c in (False, True)]
+    assert outs[0].text.startswith('{"a":0,"') and outs[0].finish_reason == "length"  # open: another property
+    assert json.loads(outs[1].text) == {"a": 0} and outs[1].finish_reason == "stop"
+
+
+def test_a_servers_defaults_apply_to_every_request(llm, monkeypatch):
+    """vLLM's --structured-outputs-config: {"disable_any_whitespace": true} makes this small model close a JSON
+    object it otherwise pads with newlines to max_tokens."""
+    out = llm.generate("JSON:", held(json_object=True), use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "length" and re.fullmatch(r"\{\s*", out.text)
+    monkeypatch.setitem(llm.engine.grammars.defaults, "disable_any_whitespace", True)
+    out = llm.generate("JSON:", held(json_object=True), use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and json.loads(out.text) == {}

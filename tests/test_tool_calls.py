@@ -499,3 +499,18 @@ def test_a_reasoning_server_holds_structured_outputs_after_the_thinking(parser, 
                                    vocab_size=10, cfg=types.SimpleNamespace(max_model_len=8))
     Server(ServerConfig(reasoning_parser=parser)).ready(engine)
     assert engine.grammars.thinking_tokens == expected
+
+
+def test_a_servers_structured_outputs_config_is_checked_and_applied():
+    engine = types.SimpleNamespace(tokenizer=None, vocab_size=10, cfg=types.SimpleNamespace(max_model_len=8),
+                                   grammars=types.SimpleNamespace(defaults={"disable_any_whitespace": False,
+                                                                            "disable_additional_properties": False}))
+    Server(ServerConfig(structured_outputs_config={"backend": "guidance", "disable_any_whitespace": True})).ready(engine)
+    assert engine.grammars.defaults == {"disable_any_whitespace": True, "disable_additional_properties": False}
+    for config, words in [({"backend": "xgrammar"}, "the guidance backend"), ({"whitespace": True}, "unknown"),
+                          ({"disable_any_whitespace": 1}, "must be one of"), ([], "a JSON object")]:
+        with pytest.raises(ValueError, match=words):
+            ServerConfig(structured_outputs_config=config)
+    assert cli.main(["serve", "--structured-outputs-config", '{"backend": "outlines"}', "--skip-warmup"]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--structured-outputs-config", "not json"])

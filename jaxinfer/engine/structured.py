@@ -42,7 +42,9 @@ def _llguidance():
 class StructuredOutputsParams:
     """Exactly one of: `json` (a JSON schema, as a dict or its text), `regex`, `choice` (the output is one of these
     strings), `grammar` (Lark, as llguidance reads it, or llama.cpp's GBNF), `json_object=True` (any JSON object).
-    `disable_any_whitespace`: JSON without whitespace between its tokens (vLLM's; by default any is allowed)."""
+    For JSON, vLLM's `disable_any_whitespace` (no whitespace between its tokens; by default any is allowed) and
+    `disable_additional_properties` (an object takes only the properties it names, unless its schema says
+    otherwise; by default, as JSON Schema has it, any other too)."""
 
     json: str | dict | None = None
     regex: str | None = None
@@ -50,6 +52,7 @@ class StructuredOutputsParams:
     grammar: str | None = None
     json_object: bool | None = None
     disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
 
     def __post_init__(self):
         if self.choice is not None and not isinstance(self.choice, str):
@@ -70,8 +73,9 @@ class StructuredOutputsParams:
         kind = given[0]
         if not checks[kind]:
             raise ValueError(f"structured outputs: {kind} must be {wants[kind]}, got {getattr(self, kind)!r:.80}")
-        if not isinstance(self.disable_any_whitespace, bool):
-            raise ValueError(f"disable_any_whitespace must be True or False, got {self.disable_any_whitespace!r}")
+        for name in ("disable_any_whitespace", "disable_additional_properties"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def kind(self) -> str:
@@ -89,6 +93,8 @@ class StructuredOutputsParams:
                     raise ValueError(f"structured outputs: json is not a JSON schema: {e}") from None
             if not isinstance(schema, (dict, bool)):
                 raise ValueError(f"structured outputs: a JSON schema is an object, got {schema!r:.80}")
+            if self.disable_additional_properties:
+                schema = closed_objects(schema)
             return _llguidance().LLMatcher.grammar_from_json_schema(
                 schema, defaults={"whitespace_flexible": not self.disable_any_whitespace})
         if kind == "regex":
@@ -100,6 +106,32 @@ class StructuredOutputsParams:
             return _llguidance().grammar_from("grammar", self.grammar)  # Lark, or GBNF converted to Lark
         except ValueError as e:
             raise ValueError(f"structured outputs: {e}") from None
+
+
+_SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+              "unevaluatedItems", "unevaluatedProperties")  # keywords whose value is one schema
+_SUBSCHEMAS = ("anyOf", "oneOf", "allOf", "prefixItems")  # a list of them
+_NAMED_SUBSCHEMAS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")  # name -> one
+
+
+def closed_objects(schema):
+    """A copy of a JSON schema in which every object schema that does not say otherwise takes only the properties
+    it names (additionalProperties false): vLLM's `disable_additional_properties`."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA:
+        if key in out:
+            out[key] = closed_objects(out[key])
+    for key in _SUBSCHEMAS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(s) for s in out[key]]
+    for key in _NAMED_SUBSCHEMAS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed_objects(s) for name, s in out[key].items()}
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 class Grammar:
@@ -148,6 +180,9 @@ class GrammarCompiler:
         self.thinking_tokens: tuple[int, int] | None = None
         self._compiled: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._lock = threading.Lock()  # callers compile in their own threads
+        # A server's defaults for every request (vLLM's --structured-outputs-config): True turns a JSON option on
+        # for requests that leave it off.
+        self.defaults = {"disable_any_whitespace": False, "disable_additional_properties": False}
 
     @property
     def mask_words(self) -> int:
@@ -160,6 +195,7 @@ class GrammarCompiler:
             raise ValueError("structured outputs need a tokenizer; this checkpoint has none")
         if not self._eos_ids:
             raise ValueError("structured outputs need an EOS token to end the output; this checkpoint has none")
+        params = dataclasses.replace(params, **{k: True for k, on in self.defaults.items() if on})
         key = _cache_key(params)
         with self._lock:
             if key in self._compiled:

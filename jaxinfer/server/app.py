@@ -60,6 +60,9 @@ class ServerConfig:
     tool_call_parser: str | None = None
     # vLLM's --reasoning-parser NAME: chat answers' thinking comes back apart from their content.
     reasoning_parser: str | None = None
+    # vLLM's --structured-outputs-config: disable_any_whitespace / disable_additional_properties for every request
+    # (backend: "auto" or "guidance", the one built in; disable_fallback: nothing to fall back to).
+    structured_outputs_config: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
@@ -67,6 +70,22 @@ class ServerConfig:
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"unknown reasoning parser {self.reasoning_parser!r}; known: "
                              f"{', '.join(REASONING_PARSERS)}")
+        _check_structured_config(self.structured_outputs_config)
+
+
+STRUCTURED_CONFIG = {"backend": ("auto", "guidance"), "disable_fallback": (False, True),
+                     "disable_any_whitespace": (False, True), "disable_additional_properties": (False, True)}
+
+
+def _check_structured_config(config: dict) -> None:
+    if not isinstance(config, dict):
+        raise ValueError(f"the structured outputs config is a JSON object, got {config!r:.80}")
+    for key, value in config.items():
+        if key not in STRUCTURED_CONFIG:
+            raise ValueError(f"unknown structured outputs config {key!r}; known: {', '.join(STRUCTURED_CONFIG)}")
+        if not any(value == allowed and type(value) is type(allowed) for allowed in STRUCTURED_CONFIG[key]):
+            raise ValueError(f"structured outputs config {key} must be one of {STRUCTURED_CONFIG[key]} (the guidance "
+                             f"backend, llguidance, is the one built in), got {value!r:.80}")
 
 
 class Server:
@@ -88,6 +107,8 @@ class Server:
             # As vLLM with a reasoning parser: structured outputs hold from the end of the thinking.
             ids = tuple(engine.tokenizer.token_to_id(t) for t in (THINK_START, THINK_END))
             engine.grammars.thinking_tokens = None if None in ids else ids
+        for key in engine.grammars.defaults:
+            engine.grammars.defaults[key] = self.config.structured_outputs_config.get(key, False)
         self.limits = Limits(engine.vocab_size, engine.cfg.max_model_len, self.config.max_n)
         self.token_text = TokenText(engine.tokenizer)
         self.health = "ready"

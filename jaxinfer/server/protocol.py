@@ -32,7 +32,7 @@ _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "cho
 # vLLM's other `structured_outputs` fields (a client that serializes the whole object sends them all): these
 # mean nothing here and are dropped; those they set are 400, unless left at their defaults (null, false).
 _STRUCTURED_DROPPED = ("disable_fallback", "_backend", "_backend_was_auto")
-_STRUCTURED_UNSERVED = ("whitespace_pattern", "structural_tag", "disable_additional_properties")
+_STRUCTURED_UNSERVED = ("whitespace_pattern", "structural_tag")
 _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop",
                       "stop_token_ids", "seed", "logprobs", "echo", "stream", "stream_options", "presence_penalty",
                       "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "user",
