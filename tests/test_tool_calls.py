@@ -495,8 +495,8 @@ def test_an_unknown_reasoning_parser_is_refused():
 ])
 def test_a_reasoning_server_holds_structured_outputs_after_the_thinking(parser, vocabulary, expected):
     tokenizer = types.SimpleNamespace(token_to_id=vocabulary.get)
-    engine = types.SimpleNamespace(tokenizer=tokenizer, grammars=types.SimpleNamespace(thinking_tokens=None),
-                                   vocab_size=10, cfg=types.SimpleNamespace(max_model_len=8))
+    engine = types.SimpleNamespace(tokenizer=tokenizer, vocab_size=10, cfg=types.SimpleNamespace(max_model_len=8),
+                                   grammars=types.SimpleNamespace(thinking_tokens=None, defaults={}))
     Server(ServerConfig(reasoning_parser=parser)).ready(engine)
     assert engine.grammars.thinking_tokens == expected
 
