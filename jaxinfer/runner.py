@@ -44,6 +44,7 @@ from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.engine.request import MAX_BAD_WORD_TOKENS, MAX_BAD_WORDS, MAX_BANNED, MAX_LOGIT_EDITS
 from jaxinfer.engine.scheduler import (StepPlan, StepResult, decoding_slots, neutral_sampling, step_buckets,
                                        step_rounds, step_rows)
+from jaxinfer.engine.structured import mask_words
 from jaxinfer.model.transformer import Batch, KVPool, forward, logits
 from jaxinfer.sampling import (MAX_LOGPROBS, LogitEdits, Passes, PenaltyState, SamplingTensors, empty_edits,
                                empty_penalty_state, load_edits_row, load_penalty_row, record_recent, record_tokens,
@@ -372,7 +373,7 @@ class ModelRunner:
             rows = {name: np.concatenate([p.sampling[name] for p in plans]) for name in plans[0].sampling}
             passes = Passes.needed(rows, self.cfg.vocab_size) if rounds else Passes()
         return Layout.build(self.local.max_slots, W, C, self.local.max_prefill_seqs, scored, rounds, passes, R,
-                            _mask_words(self.cfg.vocab_size) if masked else 0)
+                            mask_words(self.cfg.vocab_size) if masked else 0)
 
     def _values(self, plan: StepPlan | None, layout: Layout) -> dict:
         """One shard's inputs for `layout`; an idle shard (None) decodes nothing and prefills no tokens."""
@@ -515,7 +516,7 @@ class ModelRunner:
         control flow) and prompt-logprob flags (chunk steps only); `masked`: those of steps that carry a grammar's
         token mask instead (every row, one round when static: see `layout_for`)."""
         B, Z = self.local.max_slots, self.engine.page_size
-        words = _mask_words(self.cfg.vocab_size) if masked else 0
+        words = mask_words(self.cfg.vocab_size) if masked else 0
         buckets = self.engine.prefill_buckets()
         shortest = dict(zip(buckets, (1,) + tuple(b + 1 for b in buckets)))  # fewest tokens that pad to C
         for C in (0,) + buckets:
@@ -559,10 +560,6 @@ def step_fields(layout: Layout) -> tuple[int, ...]:
     static = (-1, 0) if layout.rounds is None else (layout.rounds, layout.passes.code)
     return (layout.shape("block_tables")[1], C, int(layout.shape("next_tokens") is not None), *static,
             layout.shape("positions")[0], (layout.shape("token_mask") or (0, 0))[1])
-
-
-def _mask_words(vocab_size: int) -> int:
-    return (vocab_size + 31) // 32
 
 
 def _idle_plan(B: int, W: int) -> StepPlan:

@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxinfer import LLM, SamplingParams, StructuredOutputsParams
 from jaxinfer.config import EngineConfig
+from jaxinfer.engine.structured import mask_words
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "tags": {"type": "array", "items": {
     "type": "string"}}}, "required": ["name", "tags"]}
@@ -50,7 +51,7 @@ def mask_cost(llm: LLM, steps: int) -> float:
     """Median seconds of one `fill_mask` while a JSON-schema matcher follows `steps` greedy-free random tokens."""
     grammars = llm.engine.grammars
     grammar = grammars.matcher(grammars.compile(StructuredOutputsParams(json=SCHEMA)), llm.engine.eos_id)
-    row, rng, times = np.zeros(grammars.mask_words, np.int32), np.random.default_rng(0), []
+    row, rng, times = np.zeros(mask_words(grammars.vocab_size), np.int32), np.random.default_rng(0), []
     for _ in range(steps):
         start = time.perf_counter()
         grammar.fill_mask(row)

@@ -216,6 +216,7 @@ class Engine:
         detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
                   if self.tokenizer and params.detokenize else None for _ in range(params.n)]
         eos = frozenset() if params.ignore_eos else self.eos_ids
+        matchers = [grammar and self.grammars.matcher(grammar, self.eos_id, ids) for _ in range(params.n)]
         with self._lock:  # a request is queued before a failure drains the queue, or refused after it
             self._raise_if_failed()
             request_id = request_id or f"req-{next(self._ids)}"
@@ -225,8 +226,7 @@ class Engine:
             seeds = self._seeds(params)
             handle = RequestStream(request_id, self) if stream else None
             seqs = [Sequence(request_id, i, list(ids), params, seeds[i], max_new, priority, eos, self.eos_id,
-                             bad_words, salt, grammar and self.grammars.matcher(grammar, self.eos_id, ids))
-                    for i in range(params.n)]
+                             bad_words, salt, matchers[i]) for i in range(params.n)]
             stream_ref = weakref.ref(handle) if handle else None
             request = _Request(request_id, text, ids, params, seqs, stream_ref, detoks, [""] * params.n,
                                time.monotonic())

@@ -401,7 +401,7 @@ class Scheduler:
             seq = seqs[chunk.slot] = self.slots[chunk.slot]
             min_left[chunk.slot] = seq.params.min_tokens - len(seq.output_ids)
         rounds = max(max(steps.values(), default=0), int(any(chunk.sample for chunk in prefills)))
-        sampling = [slot for slot in steps] + [chunk.slot for chunk in prefills if chunk.sample]
+        sampling = list(steps) + [chunk.slot for chunk in prefills if chunk.sample]
         return StepPlan(positions, step_counts, rounds, self._tables.copy(),
                         {name: row.copy() for name, row in self._rows.items()}, min_left,
                         self._banned.copy(), prefills, seqs, self._token_mask([seqs[slot] for slot in sampling]))

@@ -27,6 +27,11 @@ _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # sentencepiece's byte-fallback pi
 GRAMMAR_CACHE_SIZE = 256  # compiled grammars kept, the most recently used: requests often share one schema
 
 
+def mask_words(vocab_size: int) -> int:
+    """int32 words of a token bitmask over the vocabulary."""
+    return (vocab_size + 31) // 32
+
+
 @functools.cache
 def _llguidance():
     """llguidance, imported at the first structured request: a machine without it (a GPU machine run from the
@@ -184,10 +189,6 @@ class GrammarCompiler:
         # for requests that leave it off.
         self.defaults = {"disable_any_whitespace": False, "disable_additional_properties": False}
 
-    @property
-    def mask_words(self) -> int:
-        return (self.vocab_size + 31) // 32
-
     def compile(self, params: StructuredOutputsParams) -> str:
         """The grammar, checked against the vocabulary; ValueError says what is wrong with it. The server checks a
         request before it queues it, and many requests share a schema: the last few hundred are kept."""
@@ -215,7 +216,7 @@ class GrammarCompiler:
         matcher = _llguidance().LLMatcher(self._llguidance_tokenizer(), grammar, log_level=0)
         if matcher.is_error():
             raise ValueError(f"structured outputs: {matcher.get_error()[:300]}")
-        return Grammar(matcher, eos_id if eos_id is not None else self._eos_ids[0], self.mask_words,
+        return Grammar(matcher, eos_id if eos_id is not None else self._eos_ids[0], mask_words(self.vocab_size),
                        self._thinking_until(prompt_ids))
 
     def _thinking_until(self, prompt_ids) -> int | None:
