@@ -520,8 +520,9 @@ def _load(model, engine: EngineConfig, source, workload: Workload):
              "date": datetime.date.today().isoformat(), "workload": _describe_workload(workload),
              "load_and_warmup_seconds": time.perf_counter() - start, "warmup_compiles": runner.num_compiles,
              "warmup_compile_seconds": runner.compile_seconds}
-    print(f"loaded ({cfg.dtype}, {cfg.attention_backend} attention, {cfg.num_pages} KV pages) and warmed up in "
-          f"{setup['load_and_warmup_seconds']:.1f}s: {runner.num_compiles} step shapes compiled in "
+    print(f"loaded ({cfg.dtype}, {cfg.attention_backend} attention, {cfg.num_pages} KV pages of "
+          f"{cfg.kv_cache_dtype}) and warmed up in {setup['load_and_warmup_seconds']:.1f}s: "
+          f"{runner.num_compiles} step shapes compiled in "
           f"{runner.compile_seconds:.1f}s (kept out of every figure below)", flush=True)
     return llm, setup
 
@@ -570,7 +571,7 @@ def _header(source, workload: Workload, engine: EngineConfig) -> str:
             f"(ignore_eos, greedy); engine: {engine.max_slots} slots, prefill chunk {engine.prefill_chunk} "
             f"(up to {engine.max_prefill_seqs or 'auto'} prompts a step), "
             f"{engine.decode_steps} decode steps per dispatch, page size {engine.page_size}, "
-            f"max_model_len {engine.max_model_len}, dtype {engine.dtype}")
+            f"max_model_len {engine.max_model_len}, dtype {engine.dtype}, kv_cache_dtype {engine.kv_cache_dtype}")
 
 
 def _describe_run(run: Run) -> str:

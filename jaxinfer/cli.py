@@ -12,7 +12,7 @@ from pathlib import Path
 
 from jaxinfer import bench_serve, router
 from jaxinfer import eval as evaluation
-from jaxinfer.config import CONTROL_FLOWS, DTYPES, ConfigError, EngineConfig
+from jaxinfer.config import CONTROL_FLOWS, DTYPES, KV_CACHE_DTYPES, ConfigError, EngineConfig
 from jaxinfer.model.safetensors_io import CheckpointError
 from jaxinfer.planner import cli as planner_cli
 from jaxinfer.server.reasoning import PARSERS as REASONING_PARSERS
@@ -25,6 +25,8 @@ PACK_HELP = "prompts whose prefill chunks one step may pack into its token budge
             "kernels, else 1; above 1 every chunk runs at the whole budget)"
 CONTROL_HELP = "static: decode rounds and sampler passes fixed per compiled step, so a GPU step runs without " \
                "host syncs (more step shapes); dynamic: chosen on device. Default: static on GPU"
+KV_DTYPE_HELP = "the KV cache's dtype: auto (the model's), or narrower to hold more tokens: bfloat16, fp8 (= " \
+                "fp8_e4m3: twice bfloat16's tokens, unscaled as vLLM's default) or fp8_e5m2"
 BUCKETS_HELP = "row counts a decode-only step may shrink to when fewer slots decode, per data shard (each a " \
                "compiled shape). Default: on CPU 8, 16, ... below the slots (up to 32 slots), elsewhere none"
 
@@ -71,7 +73,8 @@ def _bench_offline(args) -> None:
     from jaxinfer.bench import OfflineOptions, offline
     engine = EngineConfig(max_slots=args.max_slots, prefill_chunk=args.prefill_chunk,
                           decode_steps=args.decode_steps, page_size=args.page_size, dtype=args.dtype,
-                          max_model_len=args.max_model_len, seed=args.seed, max_prefill_seqs=args.max_prefill_seqs,
+                          kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len, seed=args.seed,
+                          max_prefill_seqs=args.max_prefill_seqs,
                           control_flow=args.control_flow, decode_buckets=_buckets(args))
     offline(OfflineOptions(args.model, engine, args.num_requests, tuple(args.input_len_range),
                            tuple(args.output_len_range), args.seed, tuple(args.baselines),
@@ -104,6 +107,7 @@ def _add_bench(sub) -> None:
     off.add_argument("--max-model-len", type=int, default=None,
                      help="default: the longest prompt plus the longest output")
     off.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
+    off.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_DTYPE_HELP)
     off.add_argument("--seed", type=int, default=0, help="the workload's seed")
     off.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES),
                      help="static: static batching on the same engine; hf: transformers generate; bare: the "
@@ -146,7 +150,8 @@ def _serve(args) -> int:
     tool_call_parser = _tool_call_parser(args)
     logging.getLogger("jaxinfer.serve").setLevel(logging.INFO)  # the start-up phases and their times
     engine = EngineConfig(max_slots=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype,
-                          page_size=args.page_size, prefill_chunk=args.prefill_chunk, num_pages=args.num_pages,
+                          kv_cache_dtype=args.kv_cache_dtype, page_size=args.page_size,
+                          prefill_chunk=args.prefill_chunk, num_pages=args.num_pages,
                           decode_steps=args.decode_steps, enable_prefix_caching=args.enable_prefix_caching,
                           max_prefill_seqs=args.max_prefill_seqs, control_flow=args.control_flow, seed=args.seed,
                           mesh_shape=(args.data_parallel_size, args.tensor_parallel_size),
@@ -196,6 +201,7 @@ def _add_serve(sub) -> None:
     serve.add_argument("--decode-buckets", type=int, nargs="+", default=None, metavar="ROWS", help=BUCKETS_HELP)
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     serve.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
+    serve.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_DTYPE_HELP)
     serve.add_argument("--seed", type=int, default=0, help="seeds requests that send none")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests may take to finish after SIGTERM")

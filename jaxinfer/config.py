@@ -216,6 +216,11 @@ def _sliding_window(hf: dict, model_type: str) -> int | None:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+# The KV pool's storage, by vLLM's `--kv-cache-dtype` names: the element's numpy name and bytes. fp8 is stored
+# unscaled (vLLM's default scale of 1.0) and saturating: values beyond the format's range are clipped to it.
+KV_STORAGE = {"float32": ("float32", 4), "bfloat16": ("bfloat16", 2), "float16": ("float16", 2),
+              "fp8_e4m3": ("float8_e4m3fn", 1), "fp8_e5m2": ("float8_e5m2", 1)}
+KV_CACHE_DTYPES = ("auto", "fp8") + tuple(KV_STORAGE)  # auto: the model's dtype; fp8: fp8_e4m3, as vLLM's
 MIN_WIDTH_TOKENS = 64  # narrower block tables save little gathering and cost a compile each
 CPU_KV_CACHE_BYTES = 1 << 30  # the CPU KV pool's cap
 PALLAS_PREFILL_SEQS = 8  # prompts one step packs by default where the ragged Pallas kernel runs prefill
@@ -277,6 +282,7 @@ class EngineConfig:
     max_prefill_seqs: int | None = None  # prompts whose chunks one step may pack; None: 8 with Pallas, else 1
     enable_prefix_caching: bool = True
     dtype: str = "auto"  # auto: float32 on CPU; on accelerators the checkpoint's half dtype or bfloat16
+    kv_cache_dtype: str = "auto"  # the KV pool's (KV_CACHE_DTYPES): auto is `dtype`; fp8 holds twice bfloat16's tokens
     attention_backend: str = "auto"  # auto: our Pallas kernels on GPU, the page-loop jnp path (xla) elsewhere
     control_flow: str = "auto"  # auto: static on GPU (no host syncs inside a step), dynamic (fewer compiles) elsewhere
     decode_buckets: tuple[int, ...] | None = None  # rows a decode-only step may shrink to, per data shard; None: auto
@@ -289,6 +295,8 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.dtype not in DTYPES + ("auto",):
             raise ConfigError(f"dtype {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"attention_backend {self.attention_backend!r} is not one of "
                               f"{', '.join(ATTENTION_BACKENDS)}")
@@ -317,6 +325,7 @@ class EngineConfig:
             raise ConfigError(f"max_model_len={max_len} exceeds the model's "
                               f"max_position_embeddings={model.max_position_embeddings}")
         dtype = self.dtype if self.dtype != "auto" else _auto_dtype(model, platform)
+        kv_dtype = {"auto": dtype, "fp8": "fp8_e4m3"}.get(self.kv_cache_dtype, self.kv_cache_dtype)
         backend = self.attention_backend
         if backend == "auto":
             backend = "pallas" if platform == "gpu" else "xla"
@@ -327,7 +336,8 @@ class EngineConfig:
         control = self.control_flow
         if control == "auto":
             control = "static" if platform == "gpu" else "dynamic"
-        return dataclasses.replace(self, max_model_len=max_len, dtype=dtype, attention_backend=backend,
+        return dataclasses.replace(self, max_model_len=max_len, dtype=dtype, kv_cache_dtype=kv_dtype,
+                                   attention_backend=backend,
                                    max_prefill_seqs=packed, control_flow=control,
                                    decode_buckets=self._resolve_buckets(platform))
 
@@ -340,9 +350,14 @@ class EngineConfig:
             raise ConfigError(f"decode_buckets {list(self.decode_buckets)} exceed the {slots} slots of a data shard")
         return self.decode_buckets + ((slots,) if self.decode_buckets[-1] < slots else ())
 
+    @property
+    def kv_storage(self) -> str:
+        """The pool's element type, as numpy names it (float8_e4m3fn for fp8_e4m3), once resolved."""
+        return KV_STORAGE[self.kv_cache_dtype][0]
+
     def kv_bytes_per_page(self, model: ModelConfig) -> int:
-        """K and V of one page over all layers, in the resolved dtype."""
-        itemsize = 4 if self.dtype == "float32" else 2
+        """K and V of one page over all layers, in the resolved KV cache dtype."""
+        itemsize = KV_STORAGE[self.kv_cache_dtype][1]
         return 2 * model.num_layers * model.num_kv_heads * self.page_size * model.head_dim * itemsize
 
     def with_kv_budget(self, model: ModelConfig, budget_bytes: int) -> "EngineConfig":

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxinfer.config import DTYPES, EngineConfig
+from jaxinfer.config import DTYPES, KV_CACHE_DTYPES, EngineConfig
 from jaxinfer.engine.request import SamplingParams
 
 ON_ERROR = ("skip", "stop")
@@ -515,7 +515,7 @@ def loglikelihood(model, pairs, engine_config: EngineConfig | None = None,
 
 def _engine_config(args) -> EngineConfig:
     return EngineConfig(max_slots=args.max_num_seqs, max_model_len=args.max_model_len, page_size=args.page_size,
-                        prefill_chunk=args.prefill_chunk, dtype=args.dtype)
+                        prefill_chunk=args.prefill_chunk, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _input(args) -> Path:
@@ -569,6 +569,8 @@ def _add_engine_flags(p) -> None:
     p.add_argument("--page-size", type=int, default=EngineConfig.page_size)
     p.add_argument("--prefill-chunk", type=int, default=EngineConfig.prefill_chunk)
     p.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="the KV cache's dtype: auto (the model's), bfloat16, fp8 (fp8_e4m3) or fp8_e5m2")
 
 
 def add_parser(sub) -> None:

@@ -41,7 +41,8 @@ def _checked_backend(requested: EngineConfig, engine: EngineConfig, cfg: ModelCo
     this device; asking for `pallas` explicitly skips the check (and its safety net)."""
     if requested.attention_backend != "auto" or engine.attention_backend != "pallas":
         return engine
-    problem = kernel_self_check(engine.dtype, engine.page_size, cfg.head_dim, cfg.q_per_kv, cfg.sliding_window)
+    problem = kernel_self_check(engine.dtype, engine.page_size, cfg.head_dim, cfg.q_per_kv, cfg.sliding_window,
+                                engine.kv_storage)
     if problem is None:
         return engine
     log.warning("Pallas attention failed its start-up check, using the reference attention: %s", problem)
@@ -103,9 +104,9 @@ def load_engine(model: str | Path | None = None, engine: EngineConfig | None = N
     has_tokenizer = any((source.directory / f).exists() for f in TOKENIZER_FILES)
     tokenizer = Tokenizer.from_pretrained(source.directory) if has_tokenizer else None
     eos = tuple(dict.fromkeys(cfg.eos_token_ids + (tokenizer.eos_ids if tokenizer else ())))  # config's first
-    log.info("loaded %s (%s, %d layers) in %.2fs; KV pool: %d pages of %d tokens (%.2f GiB)",
+    log.info("loaded %s (%s, %d layers) in %.2fs; KV pool: %d pages of %d tokens (%s, %.2f GiB)",
              source.config_path, cfg.model_type, cfg.num_layers, time.perf_counter() - start, resolved.num_pages,
-             resolved.page_size, resolved.num_pages * resolved.kv_bytes_per_page(cfg) / 2**30)
+             resolved.page_size, resolved.kv_cache_dtype, resolved.num_pages * resolved.kv_bytes_per_page(cfg) / 2**30)
     if warmup:
         runner.warmup()
     return Engine(resolved, JaxExecutor(runner), cfg.vocab_size, tokenizer, eos, cfg)

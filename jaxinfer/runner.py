@@ -59,10 +59,10 @@ PACK = 3 + 2 * MAX_LOGPROBS  # per sampled row: token, rank, logprob, top ids, t
 
 
 def init_kv_pool(cfg: ModelConfig, engine: EngineConfig, mesh) -> KVPool:
-    """Zeroed pools [L, K, P, Z, H], sharded over KV heads."""
+    """Zeroed pools [L, K, P, Z, H] of the KV cache dtype, sharded over KV heads."""
     shape = (cfg.num_layers, cfg.num_kv_heads, engine.num_pages, engine.page_size, cfg.head_dim)
     sharding = logical_sharding(mesh, KV_AXES)
-    zeros = jax.jit(lambda: jnp.zeros(shape, engine.dtype), out_shardings=sharding)
+    zeros = jax.jit(lambda: jnp.zeros(shape, engine.kv_storage), out_shardings=sharding)
     return KVPool(zeros(), zeros())
 
 
@@ -333,7 +333,7 @@ class ModelRunner:
         """The compiled step for `layout`, shared by every runner of the same model, pool and mesh in
         this process (tests and benchmarks build several engines)."""
         key = (layout, self.engine.decode_steps, self.cfg, self.engine.attention_backend, self.engine.dtype,
-               self.kv.k.shape, self.mesh.shape_tuple, tuple(self.mesh.device_ids.flat))
+               self.kv.k.shape, self.kv.k.dtype, self.mesh.shape_tuple, tuple(self.mesh.device_ids.flat))
         if key not in _EXECUTABLES:
             with _COMPILING.setdefault(key, threading.Lock()):  # one compile per shape, whichever thread asks
                 if key not in _EXECUTABLES:

@@ -107,12 +107,14 @@ def step_attention(backend: str, mesh=None):
     return per_device
 
 
-def kernel_self_check(dtype, page_size: int, head_dim: int, q_per_kv: int, sliding_window: int | None) -> str | None:
-    """Run both kernels once at the model's attention shapes on a tiny pool against the references.
-    Returns None when they agree, else what went wrong (compile error or mismatch)."""
+def kernel_self_check(dtype, page_size: int, head_dim: int, q_per_kv: int, sliding_window: int | None,
+                      kv_dtype=None) -> str | None:
+    """Run both kernels once at the model's attention shapes (queries of `dtype`, a pool of `kv_dtype`,
+    default the same) on a tiny pool against the references. Returns None when they agree, else what went
+    wrong (compile error or mismatch)."""
     K, P, L = 2, 9, 1
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    pools = [jax.random.normal(k, (L, K, P, page_size, head_dim)).astype(dtype) for k in keys[:2]]
+    pools = [jax.random.normal(k, (L, K, P, page_size, head_dim)).astype(kv_dtype or dtype) for k in keys[:2]]
     q = jax.random.normal(keys[2], (3, K * q_per_kv, head_dim)).astype(dtype)
     tables = jnp.asarray([[1, 2, 3, 4], [5, 6, 7, 8], [8, 7, 0, 0]], jnp.int32)
     lengths = jnp.asarray([4 * page_size, page_size + 1, 0], jnp.int32)

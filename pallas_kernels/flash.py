@@ -38,10 +38,12 @@ def initial_carry(rows: int, head_dim: int):
             jnp.zeros((rows,), jnp.float32))
 
 
-def read_pages(k_ref, v_ref, page_rows):
-    """Keys and values of the pages at `page_rows` of a [rows, Z, H] pool view, as [pages * Z, H]."""
+def read_pages(k_ref, v_ref, page_rows, dtype):
+    """Keys and values of the pages at `page_rows` of a [rows, Z, H] pool view, as [pages * Z, H] of `dtype`
+    (the queries': a dot's operands share one dtype; an fp8 or narrower pool widens exactly)."""
     size = page_rows.shape[0] * k_ref.shape[1]
-    return k_ref[page_rows].reshape(size, k_ref.shape[2]), v_ref[page_rows].reshape(size, v_ref.shape[2])
+    k, v = k_ref[page_rows].reshape(size, k_ref.shape[2]), v_ref[page_rows].reshape(size, v_ref.shape[2])
+    return (k, v) if k.dtype == dtype else (k.astype(dtype), v.astype(dtype))
 
 
 def attend_block(carry, q, k, v, valid, live_keys, scale: float):

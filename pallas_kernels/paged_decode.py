@@ -50,7 +50,8 @@ def _kernel(layer_ref, length_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref,
     q = q_ref[...]
 
     def body(i, carry):
-        k, v = read_pages(k_ref, v_ref, row_base + table_ref[pl.ds(i * pages_per_block, pages_per_block)])
+        k, v = read_pages(k_ref, v_ref, row_base + table_ref[pl.ds(i * pages_per_block, pages_per_block)],
+                          q.dtype)
         key_pos = (first_page + i * pages_per_block) * page_size + jnp.arange(block_k)
         valid = key_pos < length
         if sliding_window is not None:

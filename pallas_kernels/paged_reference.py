@@ -38,8 +38,8 @@ def paged_attention_reference(q, k_pool, v_pool, layer, block_tables, positions,
                               sliding_window: int | None = None):
     """q [B, T, N, H]; pools [L, K, P, Z, H]; block_tables [B, P']; positions [B, T] -> [B, T, N, H]."""
     B, T, N, H = q.shape
-    k = gather_pages(k_pool, layer, block_tables)  # [B, K, S, H]
-    v = gather_pages(v_pool, layer, block_tables)
+    k = gather_pages(k_pool, layer, block_tables).astype(q.dtype)  # [B, K, S, H]; a narrower pool widens exactly
+    v = gather_pages(v_pool, layer, block_tables).astype(q.dtype)
     K = k.shape[1]
     qg = q.reshape(B, T, K, N // K, H)
     scores = jnp.einsum("BTKGH,BKSH->BKGTS", *f32_operands(qg, k), preferred_element_type=jnp.float32,

@@ -44,7 +44,8 @@ def _kernel(layer_ref, q_len_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, o_
     q = q_ref[...]
 
     def body(i, carry):
-        k, v = read_pages(k_ref, v_ref, row_base + table_ref[pl.ds(i * pages_per_block, pages_per_block)])
+        k, v = read_pages(k_ref, v_ref, row_base + table_ref[pl.ds(i * pages_per_block, pages_per_block)],
+                          q.dtype)
         key_pos = i * block_k + jnp.arange(block_k)
         valid = key_pos[None, :] <= row_pos[:, None]
         if sliding_window is not None:

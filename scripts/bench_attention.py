@@ -60,12 +60,12 @@ def _bundled_kernel():
     return paged_attention
 
 
-def _case(B, context, K, G, H, Z, dtype, seed=0):
+def _case(B, context, K, G, H, Z, dtype, kv_dtype, seed=0):
     rng = np.random.default_rng(seed)
     pages_per_seq = context // Z
     P = B * pages_per_seq + 1
-    k_pool = jnp.asarray(rng.standard_normal((1, K, P, Z, H), np.float32), dtype)
-    v_pool = jnp.asarray(rng.standard_normal((1, K, P, Z, H), np.float32), dtype)
+    k_pool = jnp.asarray(rng.standard_normal((1, K, P, Z, H), np.float32)).astype(kv_dtype)
+    v_pool = jnp.asarray(rng.standard_normal((1, K, P, Z, H), np.float32)).astype(kv_dtype)
     q = jnp.asarray(rng.standard_normal((B, K * G, H), np.float32), dtype)
     tables = jnp.asarray(1 + rng.permutation(B * pages_per_seq).reshape(B, pages_per_seq), jnp.int32)
     lengths = jnp.full((B,), context, jnp.int32)
@@ -73,10 +73,10 @@ def _case(B, context, K, G, H, Z, dtype, seed=0):
 
 
 def bench_shape(B, context, args, interpret: bool) -> list[dict]:
-    dtype = jnp.dtype(args.dtype)
+    dtype, kv_dtype = jnp.dtype(args.dtype), jnp.dtype(args.kv_dtype or args.dtype)
     q, k_pool, v_pool, tables, lengths = _case(B, context, args.kv_heads, args.group, args.head_dim,
-                                               args.page_size, dtype)
-    kv_bytes = 2 * B * context * args.kv_heads * args.head_dim * dtype.itemsize
+                                               args.page_size, dtype, kv_dtype)
+    kv_bytes = 2 * B * context * args.kv_heads * args.head_dim * kv_dtype.itemsize
     impls = {
         "jaxinfer-pallas": jax.jit(lambda q, k, v, t, n: paged_decode_attention(q, k, v, 0, t, n, interpret=interpret)),
         "jnp-reference": jax.jit(lambda q, k, v, t, n: paged_decode_reference(q, k, v, 0, t, n)),
@@ -114,11 +114,11 @@ def sweep_shape(B, context, args, interpret: bool, deadline: float) -> list[dict
     (coordinate descent: 14 settings rather than the product's 252, so a sweep fits a GPU session's minutes),
     the default first. Settings that fail to lower are skipped; none is started past `deadline`
     (time.monotonic()), so a sweep under a time limit still reports what it timed."""
-    dtype = jnp.dtype(args.dtype)
+    dtype, kv_dtype = jnp.dtype(args.dtype), jnp.dtype(args.kv_dtype or args.dtype)
     q, k_pool, v_pool, tables, lengths = _case(B, context, args.kv_heads, args.group, args.head_dim,
-                                               args.page_size, dtype)
+                                               args.page_size, dtype, kv_dtype)
     expected = np.asarray(paged_decode_reference(q, k_pool, v_pool, 0, tables, lengths), np.float32)
-    kv_bytes = 2 * B * context * args.kv_heads * args.head_dim * dtype.itemsize
+    kv_bytes = 2 * B * context * args.kv_heads * args.head_dim * kv_dtype.itemsize
     rows, best = [], dict.fromkeys(SWEEP)
     for knob, values in SWEEP.items():
         for value in values:
@@ -202,6 +202,8 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--kv-dtype", default=None, help="the KV pool's (default: --dtype), e.g. float8_e4m3fn "
+                        "for an fp8 KV cache: bytes read are counted at its size")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--smoke", action="store_true", help="tiny interpret-mode run for machines without a GPU")
     parser.add_argument("--out", help="write the rows as JSON here")

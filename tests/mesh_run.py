@@ -27,7 +27,7 @@ def describe(array) -> dict:
             "local": list(array.addressable_shards[0].data.shape), "devices": len(array.sharding.device_set)}
 
 
-def run(checkpoint: str, data: int, model: int, backend: str) -> dict:
+def run(checkpoint: str, data: int, model: int, backend: str, kv_cache_dtype: str = "auto") -> dict:
     # The Pallas layout (DP and TP, as on a GPU) has 4 slots a shard whose decode steps shrink to 2 rows,
     # the 2 each shard runs: its step reads and writes the slot state of the rows it computes only.
     slots, buckets = (8, (2, 4)) if backend == "pallas" else (4, None)
@@ -35,10 +35,15 @@ def run(checkpoint: str, data: int, model: int, backend: str) -> dict:
                           decode_steps=2, mesh_shape=(data, model), attention_backend=backend, dtype="float32",
                           max_prefill_seqs=2,  # packed prompts on every layout; 2, not Pallas's 8: interpret is slow
                           control_flow="static" if backend == "pallas" else "dynamic",  # as on a GPU
-                          decode_buckets=buckets)
+                          decode_buckets=buckets, kv_cache_dtype=kv_cache_dtype)
     llm = LLM(checkpoint, engine)
     greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     outs = llm.generate(PROMPTS, greedy, use_tqdm=False)
+    if kv_cache_dtype != "auto":  # a narrow KV cache: its pool's shards and greedy tokens only
+        llm.engine.check_idle()
+        return {"layout": [data, model], "backend": backend, "kv_cache_dtype": kv_cache_dtype,
+                "tokens": [o.outputs[0].token_ids for o in outs], "kv": describe(llm.runner.kv.k),
+                "kv_dtype": str(llm.runner.kv.k.dtype)}
     # Bad words (slot rows loaded at admission, recent tokens kept per slot) beside a plain request.
     banned = dataclasses.replace(greedy, bad_words=BAD_WORDS)
     edited = llm.generate(PROMPTS, [banned, greedy, banned, banned], use_tqdm=False)
@@ -62,5 +67,5 @@ def run(checkpoint: str, data: int, model: int, backend: str) -> dict:
 if __name__ == "__main__":
     checkpoint = sys.argv[1]
     for layout in sys.argv[2:]:
-        data, model, backend = layout.split(",")
-        print(json.dumps(run(checkpoint, int(data), int(model), backend)), flush=True)
+        data, model, backend, *kv_cache_dtype = layout.split(",")
+        print(json.dumps(run(checkpoint, int(data), int(model), backend, *kv_cache_dtype)), flush=True)

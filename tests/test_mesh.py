@@ -18,6 +18,7 @@ from jaxinfer.model.checkpoint import DEFAULT_MODEL_DIR, save_safetensors
 
 PARTIAL_REGEX = r"[a-z]*( [0-9]{0,2})?"  # what mesh_run.py's STRUCTURED_REGEX allows, cut anywhere
 LAYOUTS = ["1,1,reference", "1,2,reference", "1,4,reference", "4,1,reference", "2,2,pallas", "1,2,xla", "2,1,xla"]
+FP8_LAYOUTS = ["1,1,reference,fp8_e5m2", "1,2,pallas,fp8_e5m2", "2,1,xla,fp8_e5m2"]  # e5m2: its tokens differ
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +28,12 @@ def runs(tmp_path_factory):
     save_safetensors(llm.runner.params, llm.model_config, DEFAULT_MODEL_DIR, checkpoint)
     script = Path(__file__).with_name("mesh_run.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(script), str(checkpoint), *LAYOUTS], capture_output=True, text=True,
-                          timeout=600, env=env)
+    done = subprocess.run([sys.executable, str(script), str(checkpoint), *LAYOUTS, *FP8_LAYOUTS], capture_output=True,
+                          text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    return {f"{r['layout'][0]},{r['layout'][1]},{r['backend']}": r for r in results}
+    return {",".join(map(str, [*r["layout"], r["backend"], r.get("kv_cache_dtype")][:4 if "kv_cache_dtype" in r else 3])): r
+            for r in results}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS[1:])
@@ -39,6 +41,16 @@ def test_layout_decodes_what_one_device_decodes(runs, layout):
     assert runs[layout]["tokens"] == runs["1,1,reference"]["tokens"]
     assert runs[layout]["bad_words_tokens"] == runs["1,1,reference"]["bad_words_tokens"]
     assert runs[layout]["structured_tokens"] == runs["1,1,reference"]["structured_tokens"]
+
+
+@pytest.mark.parametrize("layout", FP8_LAYOUTS[1:])
+def test_fp8_kv_cache_shards_and_decodes_what_one_device_decodes(runs, layout):
+    """An fp8 pool sharded over KV heads (the Pallas kernels under shard_map) or split over data shards."""
+    one, run = runs[FP8_LAYOUTS[0]], runs[layout]
+    assert run["kv_dtype"] == one["kv_dtype"] == "float8_e5m2"
+    assert run["kv"]["spec"][:3] == ([None, "model"] if layout.startswith("1,2") else [None, None, "data"])
+    assert run["tokens"] == one["tokens"]
+    assert one["tokens"] != runs["1,1,reference"]["tokens"]  # the narrow cache is what was compared
 
 
 def test_bad_words_changed_the_one_device_output(runs):

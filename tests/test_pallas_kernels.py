@@ -276,6 +276,30 @@ def test_ragged_prefill_matches_reference(dtype, Z, H, G, window):
     _assert_close(out, ragged_prefill_reference(*args, sliding_window=window), dtype)
 
 
+@pytest.mark.parametrize("dtype, pool_dtype", [(jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.float8_e4m3fn),
+                                                (jnp.float32, jnp.float8_e5m2)])
+def test_narrow_pools_read_as_the_queries_dtype(dtype, pool_dtype):
+    """A KV cache narrower than the model (kv_cache_dtype): every path widens the pool's values to the queries'
+    dtype (exactly) and computes what it computes over a pool of the widened values."""
+    rng = np.random.RandomState(13)
+    Z, H, G = 16, 64, 4
+    narrow = [pool.astype(pool_dtype) for pool in _pools(rng, jnp.float32, Z, H)]
+    wide = [pool.astype(dtype) for pool in narrow]
+    tables, lengths = _tables(rng, 4), jnp.asarray([0, 1, Z + 1, MAX_PAGES * Z], jnp.int32)
+    q = jnp.asarray(rng.randn(4, KV_HEADS * G, H), dtype)
+    cu_q_lens = jnp.asarray([0, 0, 1, 4, 7], jnp.int32)
+    packed = jnp.asarray(rng.randn(8, KV_HEADS * G, H), dtype)
+    decode = lambda f, pools, **kw: f(q, *pools, 1, tables, lengths, **kw)  # noqa: E731
+    prefill = lambda f, pools, **kw: f(packed, *pools, 1, tables, cu_q_lens, lengths, **kw)  # noqa: E731
+    expected = decode(paged_decode_reference, wide)
+    _assert_close(decode(paged_decode_reference, narrow), expected, dtype)
+    _assert_close(decode(paged_decode_attention, narrow, num_splits=2, interpret=INTERPRET), expected, dtype)
+    _assert_close(jax.jit(page_loop_decode_attention)(q, *narrow, 1, tables, lengths), expected, dtype)
+    expected = prefill(ragged_prefill_reference, wide)
+    _assert_close(prefill(ragged_prefill_reference, narrow), expected, dtype)
+    _assert_close(prefill(ragged_prefill_attention, narrow, interpret=INTERPRET), expected, dtype)
+
+
 @pytest.mark.parametrize("window", [None, 3, 19])
 def test_ragged_prefill_long_chunks_across_blocks_and_window(window):
     """A chunk of 40 queries from mid-page (positions 60..99) in tiles of 8 queries, beside a fresh prompt:
@@ -332,3 +356,4 @@ def test_kernel_self_check_passes_where_kernels_run(monkeypatch):
         fn.__name__ = name
         monkeypatch.setattr(attention, name, fn)
     assert attention.kernel_self_check(jnp.bfloat16, 16, 128, 2, 5) is None  # float32: the kernel sweeps above
+    assert attention.kernel_self_check(jnp.bfloat16, 16, 128, 2, None, jnp.float8_e4m3fn) is None  # an fp8 cache

@@ -21,6 +21,13 @@ def test_bench_attention_smoke():
     assert "jaxinfer-pallas" in out and "jnp-reference" in out and "copy bandwidth" in out
 
 
+def test_bench_attention_smoke_with_an_fp8_pool(tmp_path):
+    """An fp8 KV cache's reads: bytes counted at one a value (2 x 2 slots x 64 keys x 2 heads x 64 = 32 kB)."""
+    _run("scripts/bench_attention.py", "--smoke", "--kv-dtype", "float8_e4m3fn", "--out", str(tmp_path / "rows.json"))
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "rows.json").read_text())["rows"]}
+    assert rows["jaxinfer-pallas"]["kv_bytes"] == 2 * 2 * 64 * 2 * 64 and rows["jaxinfer-pallas"]["max_abs_err"] < 2e-2
+
+
 def test_bench_attention_sweep_smoke(tmp_path):
     """The sweep runs (a knob at a time: the default, then each knob's other value), and `--tune` writes the
     fastest knobs where the kernel's lookup finds them."""

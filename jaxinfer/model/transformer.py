@@ -108,6 +108,15 @@ def mlp(lp: dict, y: jax.Array) -> jax.Array:
     return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, lp["w_down"])
 
 
+def to_pool(x: jax.Array, dtype) -> jax.Array:
+    """x as the pool stores it. fp8 saturates as vLLM's cast does: float8_e4m3fn has no infinity, and a key
+    beyond its 448 would become NaN."""
+    if jnp.dtype(dtype).itemsize == 1:
+        top = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x, -top, top)
+    return x.astype(dtype)
+
+
 def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=step_attention("reference")):
     """-> (final-normed hidden states [B, T, D], updated pool)."""
     inv_freq = rope_frequencies(cfg.rope, cfg.head_dim)
@@ -121,8 +130,8 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
         q = apply_rope(q, batch.positions, inv_freq)
         k = apply_rope(k, batch.positions, inv_freq)
         # Advanced indices split by a slice put [B, T] first: the target is [B, T, K, H].
-        k_pool = k_pool.at[index, :, pages, offsets].set(k.astype(k_pool.dtype))
-        v_pool = v_pool.at[index, :, pages, offsets].set(v.astype(v_pool.dtype))
+        k_pool = k_pool.at[index, :, pages, offsets].set(to_pool(k, k_pool.dtype))
+        v_pool = v_pool.at[index, :, pages, offsets].set(to_pool(v, v_pool.dtype))
         attn = attention(q, k_pool, v_pool, index, batch.block_tables, batch.positions, cfg.sliding_window,
                          rows=batch.rows)
         h = h + jnp.einsum("BTNH,NHD->BTD", attn, lp["wo"])

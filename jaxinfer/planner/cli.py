@@ -24,6 +24,7 @@ def add_profile_parser(kinds) -> None:
     p.add_argument("--decode-steps", type=int, default=EngineConfig.decode_steps)
     p.add_argument("--max-model-len", type=int, default=256)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--kv-cache-dtype", default="auto", help="the KV cache's dtype, as `serve` takes it")
     p.add_argument("--repeats", type=int, default=5, help="steps timed back to back per shape")
     p.add_argument("--output", required=True, metavar="PATH", help="where to write the profile (JSON)")
     p.add_argument("--from-log", nargs="+", default=None, metavar="LOG",
@@ -39,7 +40,8 @@ def _profile(args) -> None:
         model = fit_from_logs(args.from_log)
     else:
         engine = EngineConfig(page_size=args.page_size, prefill_chunk=args.prefill_chunk,
-                              decode_steps=args.decode_steps, max_model_len=args.max_model_len, dtype=args.dtype)
+                              decode_steps=args.decode_steps, max_model_len=args.max_model_len, dtype=args.dtype,
+                              kv_cache_dtype=args.kv_cache_dtype)
         model = profile(args.model, engine, args.slots, args.repeats)
     model.save(args.output)
     print(describe(model))
