@@ -259,6 +259,15 @@ ATTENTION_BACKENDS = ("auto",) + RESOLVED_ATTENTION_BACKENDS
 CONTROL_FLOWS = ("auto", "static", "dynamic")  # how a step branches on its batch: see jaxinfer/runner.py
 
 
+def _kv_format(kv_cache_dtype: str, dtype: str, unresolved: str | None = None) -> str:
+    """kv_cache_dtype as KV_STORAGE names it: `auto` follows the model's dtype (`unresolved` stands for an
+    `auto` one), `fp8` is fp8_e4m3."""
+    name = {"auto": dtype, "fp8": "fp8_e4m3"}.get(kv_cache_dtype, kv_cache_dtype)
+    if name == "auto" and unresolved is None:
+        raise ConfigError("kv_cache_dtype 'auto' follows dtype, which is 'auto' until the config is resolved")
+    return unresolved if name == "auto" else name
+
+
 def _auto_dtype(model: ModelConfig, platform: str) -> str:
     """float32 on CPU (no fast half-precision matmuls); on accelerators the checkpoint's half dtype, else bfloat16."""
     if platform == "cpu":
@@ -325,7 +334,7 @@ class EngineConfig:
             raise ConfigError(f"max_model_len={max_len} exceeds the model's "
                               f"max_position_embeddings={model.max_position_embeddings}")
         dtype = self.dtype if self.dtype != "auto" else _auto_dtype(model, platform)
-        kv_dtype = {"auto": dtype, "fp8": "fp8_e4m3"}.get(self.kv_cache_dtype, self.kv_cache_dtype)
+        kv_dtype = _kv_format(self.kv_cache_dtype, dtype)
         backend = self.attention_backend
         if backend == "auto":
             backend = "pallas" if platform == "gpu" else "xla"
@@ -352,12 +361,12 @@ class EngineConfig:
 
     @property
     def kv_storage(self) -> str:
-        """The pool's element type, as numpy names it (float8_e4m3fn for fp8_e4m3), once resolved."""
-        return KV_STORAGE[self.kv_cache_dtype][0]
+        """The pool's element type, as numpy names it (float8_e4m3fn for fp8_e4m3)."""
+        return KV_STORAGE[_kv_format(self.kv_cache_dtype, self.dtype)][0]
 
     def kv_bytes_per_page(self, model: ModelConfig) -> int:
-        """K and V of one page over all layers, in the resolved KV cache dtype."""
-        itemsize = KV_STORAGE[self.kv_cache_dtype][1]
+        """K and V of one page over all layers, in the KV cache dtype (an unresolved `auto` dtype: 2 bytes)."""
+        itemsize = KV_STORAGE[_kv_format(self.kv_cache_dtype, self.dtype, unresolved="bfloat16")][1]
         return 2 * model.num_layers * model.num_kv_heads * self.page_size * model.head_dim * itemsize
 
     def with_kv_budget(self, model: ModelConfig, budget_bytes: int) -> "EngineConfig":

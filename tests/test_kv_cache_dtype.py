@@ -118,6 +118,7 @@ def test_kv_cache_dtype_resolves_and_sizes_the_pool():
     per_page = {kv: resolve(kv_cache_dtype=kv).kv_bytes_per_page(model) for kv in ("auto", "bfloat16", "fp8")}
     assert per_page == {"auto": 2 * 2 * 2 * 16 * 16 * 4, "bfloat16": 2 * 2 * 2 * 16 * 16 * 2,
                         "fp8": 2 * 2 * 2 * 16 * 16}
+    assert EngineConfig(kv_cache_dtype="fp8").kv_bytes_per_page(model) == per_page["fp8"]  # before resolve()
     pages = {kv: resolve(kv_cache_dtype=kv).with_kv_budget(model, 1 << 20).num_pages for kv in ("auto", "fp8")}
     assert pages["fp8"] == 4 * pages["auto"]
     with pytest.raises(ConfigError, match="kv_cache_dtype 'int8' is not one of auto, fp8, float32"):
