@@ -52,11 +52,11 @@ def page_loop_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, 
     def items(i, partials):
         index = lax.dynamic_slice_in_dim(by_page, i * I, I)  # the work items this iteration reads
         r, c, live, ids = row[index], col[index], item_live[index], page_ids[index]
-        k = k_pool[layer, :, ids].astype(jnp.float32)  # [I, K, Z, H]
+        k = _take(k_pool, layer, ids)  # [I, K, Z, H]
         s = jnp.einsum("IKGH,IKZH->IKGZ", qg[r], k, precision=lax.Precision.HIGHEST)
         key_pos = c[:, None] * Z + jnp.arange(Z)
         visible = live[:, None] & (key_pos < lengths[r][:, None]) & (key_pos >= first[r][:, None])  # [I, Z]
-        v = _zero_unseen(v_pool[layer, :, ids].astype(jnp.float32), visible[:, None, :, None], v_pool.dtype)
+        v = _zero_unseen(_take(v_pool, layer, ids), visible[:, None, :, None], v_pool.dtype)
         s = jnp.where(visible[:, None, None], s, -jnp.inf)
         m = s.max(axis=-1)
         p = jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m)[..., None])  # nothing visible: exp() of -inf, not NaN
@@ -74,6 +74,22 @@ def page_loop_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, 
     acc = combine(jax.ops.segment_sum, acc * weight[..., None])
     out = acc / jnp.where(l == 0, 1.0, l)[..., None]
     return out.reshape(B, N, H).astype(q.dtype)
+
+
+def _take(pool, layer, ids):
+    """pool[layer, :, ids] as float32. A narrower pool is read as its bits and widened by integer arithmetic:
+    XLA:CPU's own conversion, fused with the gather in this loop, made a bfloat16 pool's decode loop 4-5x
+    slower than a float32 one's, an fp8 pool's about 2x (docs/benchmarks.md); bfloat16 is the high half of
+    a float32, and fp8's 256 values are a table."""
+    if pool.dtype == jnp.float32:
+        return pool[layer, :, ids]
+    if pool.dtype == jnp.bfloat16:
+        bits = lax.bitcast_convert_type(pool, jnp.uint16)[layer, :, ids]
+        return lax.bitcast_convert_type(bits.astype(jnp.uint32) << 16, jnp.float32)
+    if pool.dtype.itemsize == 1:
+        table = lax.bitcast_convert_type(jnp.arange(256, dtype=jnp.uint8), pool.dtype).astype(jnp.float32)
+        return table[lax.bitcast_convert_type(pool, jnp.uint8)[layer, :, ids].astype(jnp.int32)]
+    return pool[layer, :, ids].astype(jnp.float32)
 
 
 def _zero_unseen(v, seen, pool_dtype):
@@ -118,7 +134,7 @@ def page_loop_prefill_attention(q, k_pool, v_pool, layer, block_tables, position
     def block(i, carry):
         m, l, acc = carry
         ids = lax.dynamic_slice_in_dim(tables, i * per_block, per_block, axis=1)  # [B, per_block]
-        k, v = (pool[layer, :, ids].astype(jnp.float32).transpose(0, 2, 1, 3, 4).reshape(B, K, S, H)
+        k, v = (_take(pool, layer, ids).transpose(0, 2, 1, 3, 4).reshape(B, K, S, H)
                 for pool in (k_pool, v_pool))
         s = jnp.einsum("BKGTH,BKSH->BKGTS", qg, k, precision=lax.Precision.HIGHEST)
         key_pos = i * S + jnp.arange(S)
