@@ -457,6 +457,10 @@ def test_metrics_follow_the_requests(live, client):
                  "request_time_per_output_token_seconds_count", "request_prompt_tokens_bucket",
                  "request_generation_tokens_sum"):
         assert f"jaxinfer:{name}{{" in after, name
+    cfg = live.server.engine.cfg  # vLLM's cache_config_info: the KV cache's settings as labels of a gauge at 1
+    info = f'block_size="{cfg.page_size}",cache_dtype="{cfg.kv_cache_dtype}",num_gpu_blocks="{cfg.num_pages}"'
+    assert f'jaxinfer:cache_config_info{{model_name="tiny",{info},' in after and cfg.kv_cache_dtype == "float32"
+    assert _metric(after, "cache_config_info", enable_prefix_caching="True") == 1.0
 
 
 def test_a_client_that_leaves_while_sending_its_body_is_no_error(live, caplog):

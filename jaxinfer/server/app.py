@@ -609,7 +609,12 @@ class Info:
         while stats is None:  # the engine thread may be resizing a set we read: read again
             with contextlib.suppress(RuntimeError):
                 stats = engine.stats()
-        return Response(metrics.render(stats, self.server.config.served_model_name), media_type=metrics.CONTENT_TYPE)
+        cfg = engine.cfg
+        cache = {"block_size": cfg.page_size, "cache_dtype": cfg.kv_cache_dtype, "num_gpu_blocks": cfg.num_pages,
+                 "enable_prefix_caching": cfg.enable_prefix_caching,
+                 "gpu_memory_utilization": cfg.gpu_memory_utilization}  # vLLM's label names
+        return Response(metrics.render(stats, self.server.config.served_model_name, cache),
+                        media_type=metrics.CONTENT_TYPE)
 
     async def models(self, request: Request) -> Response:
         cfg = self.server.config

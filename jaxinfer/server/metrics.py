@@ -36,9 +36,13 @@ def _histogram(lines: list[str], name: str, help_text: str, hist: Histogram, lab
     lines += [f"{full}_sum{format_labels(labels)} {hist.total}", f"{full}_count{format_labels(labels)} {hist.count}"]
 
 
-def render(stats: EngineStats, model_name: str) -> str:
+def render(stats: EngineStats, model_name: str, cache_config: dict | None = None) -> str:
+    """The Prometheus text; `cache_config` (labels: the KV cache's settings) adds vLLM's `cache_config_info`."""
     labels = {"model_name": model_name}
     lines: list[str] = []
+    if cache_config is not None:
+        _scalar(lines, "cache_config_info", "gauge", "Information of the engine's KV cache configuration.", 1.0,
+                {**labels, **cache_config})
     _scalar(lines, "num_requests_running", "gauge", "Requests with a decode slot (each of n samples apart).",
             stats.num_running, labels)
     _scalar(lines, "num_requests_waiting", "gauge", "Requests queued for a slot (each of n samples apart).",
