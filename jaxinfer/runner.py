@@ -51,6 +51,7 @@ from jaxinfer.sampling import (MAX_LOGPROBS, LogitEdits, Passes, PenaltyState, S
                                sample, token_logprobs)
 from jaxinfer.sharding import logical_sharding
 from pallas_kernels.attention import step_attention
+from pallas_kernels.kv_storage import storage_dtype
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,12 @@ PACK = 3 + 2 * MAX_LOGPROBS  # per sampled row: token, rank, logprob, top ids, t
 
 
 def init_kv_pool(cfg: ModelConfig, engine: EngineConfig, mesh) -> KVPool:
-    """Zeroed pools [L, K, P, Z, H] of the KV cache dtype, sharded over KV heads."""
+    """Zeroed pools [L, K, P, Z, H] of the KV cache dtype (or its bits: pallas_kernels/kv_storage.py), sharded
+    over KV heads."""
     shape = (cfg.num_layers, cfg.num_kv_heads, engine.num_pages, engine.page_size, cfg.head_dim)
     sharding = logical_sharding(mesh, KV_AXES)
-    zeros = jax.jit(lambda: jnp.zeros(shape, engine.kv_storage), out_shardings=sharding)
+    storage = storage_dtype(engine.kv_storage, mesh.devices.flat[0].platform)
+    zeros = jax.jit(lambda: jnp.zeros(shape, storage), out_shardings=sharding)
     return KVPool(zeros(), zeros())
 
 

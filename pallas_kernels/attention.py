@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxinfer.sharding import logical_spec, model_axes
+from pallas_kernels.kv_storage import storage_dtype, stored
 from pallas_kernels.page_loop import page_loop_decode_attention, page_loop_prefill_attention
 from pallas_kernels.paged_decode import paged_decode_attention, paged_decode_reference
 from pallas_kernels.paged_reference import paged_attention_reference
@@ -114,7 +115,8 @@ def kernel_self_check(dtype, page_size: int, head_dim: int, q_per_kv: int, slidi
     wrong (compile error or mismatch)."""
     K, P, L = 2, 9, 1
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    pools = [jax.random.normal(k, (L, K, P, page_size, head_dim)).astype(kv_dtype or dtype) for k in keys[:2]]
+    storage = storage_dtype(kv_dtype or dtype, jax.default_backend())  # as the engine's pool holds them
+    pools = [stored(jax.random.normal(k, (L, K, P, page_size, head_dim)), storage) for k in keys[:2]]
     q = jax.random.normal(keys[2], (3, K * q_per_kv, head_dim)).astype(dtype)
     tables = jnp.asarray([[1, 2, 3, 4], [5, 6, 7, 8], [8, 7, 0, 0]], jnp.int32)
     lengths = jnp.asarray([4 * page_size, page_size + 1, 0], jnp.int32)

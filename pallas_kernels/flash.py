@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.kv_storage import widened
+
 NEG_INF = float(jnp.finfo(jnp.float32).min)  # finite: masked rows never produce NaN
 
 
@@ -40,10 +42,10 @@ def initial_carry(rows: int, head_dim: int):
 
 def read_pages(k_ref, v_ref, page_rows, dtype):
     """Keys and values of the pages at `page_rows` of a [rows, Z, H] pool view, as [pages * Z, H] of `dtype`
-    (the queries': a dot's operands share one dtype; an fp8 or narrower pool widens exactly)."""
+    (the queries': a dot's operands share one dtype; a narrower pool, or its bits, widens exactly)."""
     size = page_rows.shape[0] * k_ref.shape[1]
     k, v = k_ref[page_rows].reshape(size, k_ref.shape[2]), v_ref[page_rows].reshape(size, v_ref.shape[2])
-    return (k, v) if k.dtype == dtype else (k.astype(dtype), v.astype(dtype))
+    return widened(k, dtype), widened(v, dtype)
 
 
 def attend_block(carry, q, k, v, valid, live_keys, scale: float):

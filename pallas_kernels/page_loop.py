@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.kv_storage import widened
+
 
 def page_loop_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, *, sliding_window=None):
     """q [B, N, H]; pools [L, K, P, Z, H]; block_tables [B, W]; lengths [B] (0 = empty slot) -> [B, N, H].
@@ -77,19 +79,18 @@ def page_loop_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, 
 
 
 def _take(pool, layer, ids):
-    """pool[layer, :, ids] as float32. A narrower pool is read as its bits and widened by integer arithmetic:
+    """pool[layer, :, ids] as float32. Bits (pallas_kernels/kv_storage.py) widen by integer arithmetic:
     XLA:CPU's own conversion, fused with the gather in this loop, made a bfloat16 pool's decode loop 4-5x
-    slower than a float32 one's, an fp8 pool's about 2x (docs/benchmarks.md); bfloat16 is the high half of
-    a float32, and fp8's 256 values are a table."""
-    if pool.dtype == jnp.float32:
-        return pool[layer, :, ids]
-    if pool.dtype == jnp.bfloat16:
-        bits = lax.bitcast_convert_type(pool, jnp.uint16)[layer, :, ids]
-        return lax.bitcast_convert_type(bits.astype(jnp.uint32) << 16, jnp.float32)
-    if pool.dtype.itemsize == 1:
-        table = lax.bitcast_convert_type(jnp.arange(256, dtype=jnp.uint8), pool.dtype).astype(jnp.float32)
-        return table[lax.bitcast_convert_type(pool, jnp.uint8)[layer, :, ids].astype(jnp.int32)]
-    return pool[layer, :, ids].astype(jnp.float32)
+    slower than a float32 one's and an fp8 pool's about 2x (docs/benchmarks.md); a bfloat16 value is the
+    high half of a float32, and fp8's 256 values are a table."""
+    taken = pool[layer, :, ids]
+    if taken.dtype in (jnp.uint16, jnp.bfloat16):
+        bits = lax.bitcast_convert_type(taken, jnp.uint16).astype(jnp.uint32)
+        return lax.bitcast_convert_type(bits << 16, jnp.float32)
+    if taken.dtype.itemsize == 1:
+        table = widened(lax.bitcast_convert_type(jnp.arange(256, dtype=jnp.uint8), taken.dtype), jnp.float32)
+        return table[lax.bitcast_convert_type(taken, jnp.uint8).astype(jnp.int32)]
+    return widened(taken, jnp.float32)
 
 
 def _zero_unseen(v, seen, pool_dtype):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.flash import f32_operands
+from pallas_kernels.kv_storage import widened
 
 _MASKED = -1e30  # finite, so a fully masked (padding) row's softmax is not NaN
 
@@ -38,8 +39,8 @@ def paged_attention_reference(q, k_pool, v_pool, layer, block_tables, positions,
                               sliding_window: int | None = None):
     """q [B, T, N, H]; pools [L, K, P, Z, H]; block_tables [B, P']; positions [B, T] -> [B, T, N, H]."""
     B, T, N, H = q.shape
-    k = gather_pages(k_pool, layer, block_tables).astype(q.dtype)  # [B, K, S, H]; a narrower pool widens exactly
-    v = gather_pages(v_pool, layer, block_tables).astype(q.dtype)
+    k = widened(gather_pages(k_pool, layer, block_tables), q.dtype)  # [B, K, S, H]
+    v = widened(gather_pages(v_pool, layer, block_tables), q.dtype)
     K = k.shape[1]
     qg = q.reshape(B, T, K, N // K, H)
     scores = jnp.einsum("BTKGH,BKSH->BKGTS", *f32_operands(qg, k), preferred_element_type=jnp.float32,

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from jaxinfer.bench import decode_plan, prefill_plan, time_step
-from jaxinfer.config import ATTENTION_BACKENDS, EngineConfig
+from jaxinfer.config import ATTENTION_BACKENDS, KV_CACHE_DTYPES, EngineConfig
 from jaxinfer.model.checkpoint import find_model, load_config, load_params, save_orbax, save_safetensors
 from jaxinfer.runner import ModelRunner
 from jaxinfer.sharding import make_mesh
@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--attention-backends", nargs="+", choices=ATTENTION_BACKENDS, default=["auto"],
                         help="decode is timed with each, side by side")
+    parser.add_argument("--kv-cache-dtypes", nargs="+", choices=KV_CACHE_DTYPES, default=["auto"],
+                        help="decode is timed with a KV pool of each, side by side")
     parser.add_argument("--skip-load", action="store_true")
     args = parser.parse_args()
 
@@ -85,10 +87,10 @@ def main() -> None:
     mesh = make_mesh()
     params = load_params(source, cfg, args.dtype, mesh)
 
-    def runner(slots: int, backend: str = args.attention_backends[0]) -> ModelRunner:
+    def runner(slots: int, backend: str = args.attention_backends[0], kv: str = args.kv_cache_dtypes[0]) -> ModelRunner:
         engine = EngineConfig(max_slots=slots, page_size=16, prefill_chunk=max(args.chunks),
-                              decode_steps=args.decode_steps, max_model_len=args.max_model_len,
-                              dtype=args.dtype, attention_backend=backend).resolve(cfg, jax.default_backend())
+                              decode_steps=args.decode_steps, max_model_len=args.max_model_len, dtype=args.dtype,
+                              attention_backend=backend, kv_cache_dtype=kv).resolve(cfg, jax.default_backend())
         engine = dataclasses.replace(engine, num_pages=slots * engine.pages_per_seq + 1)  # every slot full length
         return ModelRunner(cfg, engine, params, mesh)
 
@@ -98,13 +100,13 @@ def main() -> None:
     for chunk in args.chunks:
         sec = bench_prefill(prefill_runner, chunk, args.repeats)
         print(f"prefill chunk {chunk:5d}: {sec * 1e3:8.1f} ms  {chunk / sec:9.1f} tokens/s")
-    for batch, backend in itertools.product(args.batches, args.attention_backends):  # `batch` slots, all decoding
-        decoder = runner(batch, backend)
+    for batch, backend, kv in itertools.product(args.batches, args.attention_backends, args.kv_cache_dtypes):
+        decoder = runner(batch, backend, kv)  # `batch` slots, all decoding
         static = decoder.engine.control_flow == "static"  # every decode-only dispatch runs all k rounds
         for k in dict.fromkeys((args.decode_steps,) if static else (args.decode_steps, 1)):
             sec = bench_decode(decoder, batch, args.context, k, args.repeats)
-            print(f"decode batch {batch:3d} (context {args.context}, k={k}, {decoder.engine.attention_backend}): "
-                  f"{sec * 1e3:8.1f} ms/step  {batch / sec:8.1f} tokens/s")
+            print(f"decode batch {batch:3d} (context {args.context}, k={k}, {decoder.engine.attention_backend}, "
+                  f"KV {decoder.engine.kv_cache_dtype}): {sec * 1e3:8.1f} ms/step  {batch / sec:8.1f} tokens/s")
     if not args.skip_load:
         del params, prefill_runner, decoder
         for name, sec in bench_load(source, cfg, args.dtype, mesh, args.repeats).items():

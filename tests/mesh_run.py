@@ -12,6 +12,7 @@ import json  # noqa: E402
 import sys  # noqa: E402
 
 from jaxinfer.config import EngineConfig  # noqa: E402
+from pallas_kernels.kv_storage import value_format  # noqa: E402
 from jaxinfer.engine.structured import StructuredOutputsParams  # noqa: E402
 from jaxinfer.llm import LLM, SamplingParams  # noqa: E402
 
@@ -43,7 +44,7 @@ def run(checkpoint: str, data: int, model: int, backend: str, kv_cache_dtype: st
         llm.engine.check_idle()
         return {"layout": [data, model], "backend": backend, "kv_cache_dtype": kv_cache_dtype,
                 "tokens": [o.outputs[0].token_ids for o in outs], "kv": describe(llm.runner.kv.k),
-                "kv_dtype": str(llm.runner.kv.k.dtype)}
+                "kv_dtype": str(value_format(llm.runner.kv.k.dtype))}
     # Bad words (slot rows loaded at admission, recent tokens kept per slot) beside a plain request.
     banned = dataclasses.replace(greedy, bad_words=BAD_WORDS)
     edited = llm.generate(PROMPTS, [banned, greedy, banned, banned], use_tqdm=False)

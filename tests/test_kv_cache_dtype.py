@@ -7,6 +7,7 @@ equal what that model computes, not merely come near the unrounded model."""
 import contextlib
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from transformers.cache_utils import DynamicLayer
 from hf_models import build
 from jaxinfer.config import ConfigError, EngineConfig, ModelConfig
 from jaxinfer.llm import LLM, SamplingParams
-from jaxinfer.model.transformer import to_pool
+from pallas_kernels.kv_storage import BITS, storage_dtype, stored, value_format
 
 PAGE, CHUNK = 8, 16
 FORMATS = {"bfloat16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -67,7 +68,8 @@ def _prompts(vocab: int):
 
 def test_prompt_logits_equal_transformers_with_the_same_rounding(narrow):
     name, model, llm = narrow
-    assert llm.runner.kv.k.dtype == jnp.dtype(llm.engine_config.kv_storage)
+    storage = llm.runner.kv.k.dtype  # on the CPU bfloat16 and fp8 values are held as their bits
+    assert storage in BITS and value_format(storage) == jnp.dtype(llm.engine_config.kv_storage)
     prompt = np.asarray(_prompts(llm.model_config.vocab_size)[-1], np.int32)
     pages = llm.engine.scheduler.pages.allocate(5)
     table = np.zeros(llm.engine_config.pages_per_seq, np.int32)
@@ -99,11 +101,16 @@ def test_greedy_tokens_equal_transformers_with_the_same_rounding(narrow):
 
 def test_fp8_saturates_instead_of_overflowing_to_nan():
     x = jnp.asarray([1e6, -1e6, 500.0, 0.3], jnp.float32)
-    e4m3 = np.asarray(to_pool(x, jnp.float8_e4m3fn), np.float32)
-    np.testing.assert_array_equal(e4m3, [448, -448, 448, 0.3125])
-    e5m2 = np.asarray(to_pool(x, jnp.float8_e5m2), np.float32)
-    np.testing.assert_array_equal(e5m2, [57344, -57344, 512, 0.3125])
-    assert to_pool(x, jnp.float16)[0] == jnp.inf  # wider formats keep their own cast, as vLLM's
+    for fmt, expected in ((jnp.float8_e4m3fn, [448, -448, 448, 0.3125]),
+                          (jnp.float8_e5m2, [57344, -57344, 512, 0.3125])):
+        for platform in ("cpu", "gpu"):  # held as bits on both
+            storage = storage_dtype(fmt, platform)
+            assert storage in BITS
+            assert value_format(storage) == jnp.dtype(fmt)
+            held = stored(x, storage)
+            np.testing.assert_array_equal(np.asarray(jax.lax.bitcast_convert_type(held, fmt), np.float32), expected)
+    assert stored(x, jnp.float16)[0] == jnp.inf  # wider formats keep their own cast, as vLLM's
+    assert storage_dtype(jnp.bfloat16, "gpu") == jnp.bfloat16 and storage_dtype(jnp.bfloat16, "cpu") == jnp.uint16
 
 
 def test_kv_cache_dtype_resolves_and_sizes_the_pool():

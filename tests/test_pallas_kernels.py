@@ -17,6 +17,7 @@ import pytest
 from hf_models import build
 from jaxinfer.config import EngineConfig
 from jaxinfer.llm import LLM, SamplingParams
+from pallas_kernels.kv_storage import stored, widened
 from pallas_kernels.page_loop import page_loop_decode_attention, page_loop_prefill_attention
 from pallas_kernels.paged_reference import paged_attention_reference
 from pallas_kernels.paged_decode import _layout, paged_decode_attention, paged_decode_reference, tuned_knobs
@@ -276,15 +277,18 @@ def test_ragged_prefill_matches_reference(dtype, Z, H, G, window):
     _assert_close(out, ragged_prefill_reference(*args, sliding_window=window), dtype)
 
 
-@pytest.mark.parametrize("dtype, pool_dtype", [(jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.float8_e4m3fn),
-                                                (jnp.float32, jnp.float8_e5m2)])
-def test_narrow_pools_read_as_the_queries_dtype(dtype, pool_dtype):
-    """A KV cache narrower than the model (kv_cache_dtype): every path widens the pool's values to the queries'
-    dtype (exactly) and computes what it computes over a pool of the widened values."""
+@pytest.mark.parametrize("dtype, storage", [(jnp.float32, jnp.uint16), (jnp.bfloat16, jnp.uint8),
+                                            (jnp.float32, jnp.int8), (jnp.bfloat16, jnp.float8_e4m3fn),
+                                            (jnp.float32, jnp.bfloat16)])
+def test_narrow_pools_read_as_the_queries_dtype(dtype, storage):
+    """A KV cache narrower than the model (kv_cache_dtype), held as floats or as their bits (bfloat16, fp8
+    e4m3, fp8 e5m2): every path widens the pool's values to the queries' dtype (exactly) and computes what it
+    computes over a pool of the widened values."""
     rng = np.random.RandomState(13)
     Z, H, G = 16, 64, 4
-    narrow = [pool.astype(pool_dtype) for pool in _pools(rng, jnp.float32, Z, H)]
-    wide = [pool.astype(dtype) for pool in narrow]
+    narrow = [stored(pool, storage) for pool in _pools(rng, jnp.float32, Z, H)]
+    wide = [widened(pool, dtype) for pool in narrow]
+    assert narrow[0].dtype == storage and wide[0].dtype == dtype
     tables, lengths = _tables(rng, 4), jnp.asarray([0, 1, Z + 1, MAX_PAGES * Z], jnp.int32)
     q = jnp.asarray(rng.randn(4, KV_HEADS * G, H), dtype)
     cu_q_lens = jnp.asarray([0, 0, 1, 4, 7], jnp.int32)

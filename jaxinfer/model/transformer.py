@@ -17,6 +17,7 @@ import numpy as np
 from jaxinfer.config import ModelConfig, RopeConfig
 from pallas_kernels.flash import f32_operands
 from pallas_kernels.attention import step_attention
+from pallas_kernels.kv_storage import stored
 
 
 @jax.tree_util.register_dataclass
@@ -35,7 +36,7 @@ class Batch:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVPool:
-    k: jax.Array  # [L, K, P, Z, H]
+    k: jax.Array  # [L, K, P, Z, H], floats or their bits (pallas_kernels/kv_storage.py)
     v: jax.Array  # [L, K, P, Z, H]
 
 
@@ -108,15 +109,6 @@ def mlp(lp: dict, y: jax.Array) -> jax.Array:
     return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, lp["w_down"])
 
 
-def to_pool(x: jax.Array, dtype) -> jax.Array:
-    """x as the pool stores it. fp8 saturates as vLLM's cast does: float8_e4m3fn has no infinity, and a key
-    beyond its 448 would become NaN."""
-    if jnp.dtype(dtype).itemsize == 1:
-        top = float(jnp.finfo(dtype).max)
-        x = jnp.clip(x, -top, top)
-    return x.astype(dtype)
-
-
 def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=step_attention("reference")):
     """-> (final-normed hidden states [B, T, D], updated pool)."""
     inv_freq = rope_frequencies(cfg.rope, cfg.head_dim)
@@ -130,8 +122,8 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
         q = apply_rope(q, batch.positions, inv_freq)
         k = apply_rope(k, batch.positions, inv_freq)
         # Advanced indices split by a slice put [B, T] first: the target is [B, T, K, H].
-        k_pool = k_pool.at[index, :, pages, offsets].set(to_pool(k, k_pool.dtype))
-        v_pool = v_pool.at[index, :, pages, offsets].set(to_pool(v, v_pool.dtype))
+        k_pool = k_pool.at[index, :, pages, offsets].set(stored(k, k_pool.dtype))
+        v_pool = v_pool.at[index, :, pages, offsets].set(stored(v, v_pool.dtype))
         attn = attention(q, k_pool, v_pool, index, batch.block_tables, batch.positions, cfg.sliding_window,
                          rows=batch.rows)
         h = h + jnp.einsum("BTNH,NHD->BTD", attn, lp["wo"])
