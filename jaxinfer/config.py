@@ -216,11 +216,12 @@ def _sliding_window(hf: dict, model_type: str) -> int | None:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
-# The KV pool's storage, by vLLM's `--kv-cache-dtype` names: the element's numpy name and bytes. fp8 is stored
+# The KV cache's value formats, by vLLM's `--kv-cache-dtype` names: numpy's name and bytes. fp8 is stored
 # unscaled (vLLM's default scale of 1.0) and saturating: values beyond the format's range are clipped to it.
-KV_STORAGE = {"float32": ("float32", 4), "bfloat16": ("bfloat16", 2), "float16": ("float16", 2),
+# (How a pool holds them, as floats or as their bits, is pallas_kernels/kv_storage.py's choice.)
+KV_FORMATS = {"float32": ("float32", 4), "bfloat16": ("bfloat16", 2), "float16": ("float16", 2),
               "fp8_e4m3": ("float8_e4m3fn", 1), "fp8_e5m2": ("float8_e5m2", 1)}
-KV_CACHE_DTYPES = ("auto", "fp8") + tuple(KV_STORAGE)  # auto: the model's dtype; fp8: fp8_e4m3, as vLLM's
+KV_CACHE_DTYPES = ("auto", "fp8") + tuple(KV_FORMATS)  # auto: the model's dtype; fp8: fp8_e4m3, as vLLM's
 MIN_WIDTH_TOKENS = 64  # narrower block tables save little gathering and cost a compile each
 CPU_KV_CACHE_BYTES = 1 << 30  # the CPU KV pool's cap
 PALLAS_PREFILL_SEQS = 8  # prompts one step packs by default where the ragged Pallas kernel runs prefill
@@ -259,8 +260,8 @@ ATTENTION_BACKENDS = ("auto",) + RESOLVED_ATTENTION_BACKENDS
 CONTROL_FLOWS = ("auto", "static", "dynamic")  # how a step branches on its batch: see jaxinfer/runner.py
 
 
-def _kv_format(kv_cache_dtype: str, dtype: str, unresolved: str | None = None) -> str:
-    """kv_cache_dtype as KV_STORAGE names it: `auto` follows the model's dtype (`unresolved` stands for an
+def _kv_name(kv_cache_dtype: str, dtype: str, unresolved: str | None = None) -> str:
+    """kv_cache_dtype as KV_FORMATS names it: `auto` follows the model's dtype (`unresolved` stands for an
     `auto` one), `fp8` is fp8_e4m3."""
     name = {"auto": dtype, "fp8": "fp8_e4m3"}.get(kv_cache_dtype, kv_cache_dtype)
     if name == "auto" and unresolved is None:
@@ -334,7 +335,7 @@ class EngineConfig:
             raise ConfigError(f"max_model_len={max_len} exceeds the model's "
                               f"max_position_embeddings={model.max_position_embeddings}")
         dtype = self.dtype if self.dtype != "auto" else _auto_dtype(model, platform)
-        kv_dtype = _kv_format(self.kv_cache_dtype, dtype)
+        kv_dtype = _kv_name(self.kv_cache_dtype, dtype)
         backend = self.attention_backend
         if backend == "auto":
             backend = "pallas" if platform == "gpu" else "xla"
@@ -360,13 +361,13 @@ class EngineConfig:
         return self.decode_buckets + ((slots,) if self.decode_buckets[-1] < slots else ())
 
     @property
-    def kv_storage(self) -> str:
-        """The pool's element type, as numpy names it (float8_e4m3fn for fp8_e4m3)."""
-        return KV_STORAGE[_kv_format(self.kv_cache_dtype, self.dtype)][0]
+    def kv_format(self) -> str:
+        """The KV cache's value format, as numpy names it (float8_e4m3fn for fp8_e4m3)."""
+        return KV_FORMATS[_kv_name(self.kv_cache_dtype, self.dtype)][0]
 
     def kv_bytes_per_page(self, model: ModelConfig) -> int:
         """K and V of one page over all layers, in the KV cache dtype (an unresolved `auto` dtype: 2 bytes)."""
-        itemsize = KV_STORAGE[_kv_format(self.kv_cache_dtype, self.dtype, unresolved="bfloat16")][1]
+        itemsize = KV_FORMATS[_kv_name(self.kv_cache_dtype, self.dtype, unresolved="bfloat16")][1]
         return 2 * model.num_layers * model.num_kv_heads * self.page_size * model.head_dim * itemsize
 
     def with_kv_budget(self, model: ModelConfig, budget_bytes: int) -> "EngineConfig":

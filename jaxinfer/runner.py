@@ -64,7 +64,7 @@ def init_kv_pool(cfg: ModelConfig, engine: EngineConfig, mesh) -> KVPool:
     over KV heads."""
     shape = (cfg.num_layers, cfg.num_kv_heads, engine.num_pages, engine.page_size, cfg.head_dim)
     sharding = logical_sharding(mesh, KV_AXES)
-    storage = storage_dtype(engine.kv_storage, mesh.devices.flat[0].platform)
+    storage = storage_dtype(engine.kv_format, mesh.devices.flat[0].platform)
     zeros = jax.jit(lambda: jnp.zeros(shape, storage), out_shardings=sharding)
     return KVPool(zeros(), zeros())
 

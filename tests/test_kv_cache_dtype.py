@@ -69,7 +69,7 @@ def _prompts(vocab: int):
 def test_prompt_logits_equal_transformers_with_the_same_rounding(narrow):
     name, model, llm = narrow
     storage = llm.runner.kv.k.dtype  # on the CPU bfloat16 and fp8 values are held as their bits
-    assert storage in BITS and value_format(storage) == jnp.dtype(llm.engine_config.kv_storage)
+    assert storage in BITS and value_format(storage) == jnp.dtype(llm.engine_config.kv_format)
     prompt = np.asarray(_prompts(llm.model_config.vocab_size)[-1], np.int32)
     pages = llm.engine.scheduler.pages.allocate(5)
     table = np.zeros(llm.engine_config.pages_per_seq, np.int32)
@@ -120,8 +120,8 @@ def test_kv_cache_dtype_resolves_and_sizes_the_pool():
     assert resolve().kv_cache_dtype == "float32"
     assert resolve(dtype="bfloat16").kv_cache_dtype == "bfloat16"
     assert resolve(kv_cache_dtype="fp8").kv_cache_dtype == "fp8_e4m3"
-    assert resolve(kv_cache_dtype="fp8").kv_storage == "float8_e4m3fn"
-    assert resolve(kv_cache_dtype="fp8_e5m2").kv_storage == "float8_e5m2"
+    assert resolve(kv_cache_dtype="fp8").kv_format == "float8_e4m3fn"
+    assert resolve(kv_cache_dtype="fp8_e5m2").kv_format == "float8_e5m2"
     per_page = {kv: resolve(kv_cache_dtype=kv).kv_bytes_per_page(model) for kv in ("auto", "bfloat16", "fp8")}
     assert per_page == {"auto": 2 * 2 * 2 * 16 * 16 * 4, "bfloat16": 2 * 2 * 2 * 16 * 16 * 2,
                         "fp8": 2 * 2 * 2 * 16 * 16}
