@@ -1,4 +1,5 @@
-"""Tiny random Hugging Face checkpoints of every supported family, built with transformers.
+"""Tiny random Hugging Face checkpoints of every supported family, built with transformers, and our prompt
+logits to compare with theirs.
 
 Weights use std ~ 1/sqrt(hidden) rather than HF's 0.02 so greedy decoding varies
 and the top-2 logit margins are wide enough to compare tokens exactly.
@@ -6,6 +7,7 @@ and the top-2 logit margins are wide enough to compare tokens exactly.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import transformers
 
@@ -34,3 +36,21 @@ def build(family: str, directory, dtype=torch.float32, seed: int = 0, **save_kwa
     model.generation_config.eos_token_id = None  # greedy parity runs the full length
     model.to(dtype).save_pretrained(directory, **save_kwargs)
     return model.float()
+
+
+def scored_in_chunks(llm, prompt: np.ndarray, chunk: int) -> np.ndarray:
+    """Our prompt logits, the prompt prefilled `chunk` tokens at a time into 5 pages of scattered, descending
+    ids (the pages go back to the pool after)."""
+    pages = llm.engine.scheduler.pages.allocate(5)
+    table = np.zeros(llm.engine_config.pages_per_seq, np.int32)
+    table[:5] = pages[::-1]
+    try:
+        return np.concatenate([llm.runner.score(prompt[s:s + chunk], s, table) for s in range(0, len(prompt), chunk)])
+    finally:
+        llm.engine.scheduler.pages.free(pages)
+
+
+def random_prompts(vocab: int, lengths, seed: int = 7) -> list[list[int]]:
+    """Token-id prompts of the given lengths (ids from 3: past bos and eos)."""
+    rng = np.random.RandomState(seed)
+    return [rng.randint(3, vocab, n).tolist() for n in lengths]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from hf_models import build
+from hf_models import build, random_prompts, scored_in_chunks
 from jaxinfer.config import ConfigError, EngineConfig, ModelConfig
 from jaxinfer.llm import LLM, SamplingParams
 from pallas_kernels.kv_storage import BITS, storage_dtype, stored, value_format
@@ -61,21 +61,12 @@ def narrow(request, checkpoint):
     return request.param, model, LLM(directory, engine)
 
 
-def _prompts(vocab: int):
-    rng = np.random.RandomState(7)
-    return [rng.randint(3, vocab, n).tolist() for n in PROMPT_LENGTHS]
-
-
 def test_prompt_logits_equal_transformers_with_the_same_rounding(narrow):
     name, model, llm = narrow
     storage = llm.runner.kv.k.dtype  # on the CPU bfloat16 and fp8 values are held as their bits
     assert storage in BITS and value_format(storage) == jnp.dtype(llm.engine_config.kv_format)
-    prompt = np.asarray(_prompts(llm.model_config.vocab_size)[-1], np.int32)
-    pages = llm.engine.scheduler.pages.allocate(5)
-    table = np.zeros(llm.engine_config.pages_per_seq, np.int32)
-    table[:5] = pages[::-1]
-    ours = np.concatenate([llm.runner.score(prompt[s:s + CHUNK], s, table) for s in range(0, len(prompt), CHUNK)])
-    llm.engine.scheduler.pages.free(pages)
+    prompt = np.asarray(random_prompts(llm.model_config.vocab_size, PROMPT_LENGTHS)[-1], np.int32)
+    ours = scored_in_chunks(llm, prompt, CHUNK)
     tokens = torch.tensor(prompt[None], dtype=torch.long)
     with torch.no_grad():
         exact = model(tokens).logits[0].numpy()
@@ -89,7 +80,7 @@ def test_prompt_logits_equal_transformers_with_the_same_rounding(narrow):
 
 def test_greedy_tokens_equal_transformers_with_the_same_rounding(narrow):
     name, model, llm = narrow
-    prompts = _prompts(llm.model_config.vocab_size)
+    prompts = random_prompts(llm.model_config.vocab_size, PROMPT_LENGTHS)
     outputs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True), use_tqdm=False)
     with torch.no_grad(), transformers_kv_rounded_to(FORMATS[name]):
         for prompt, out in zip(prompts, outputs):
@@ -137,7 +128,7 @@ def test_fp8_pool_engine_is_batch_invariant_and_returns_every_page(checkpoint):
     equal those in a batch that preempts (a pool too small for the load), and every page comes back."""
     directory, _ = checkpoint
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-    prompts = _prompts(256) * 2
+    prompts = random_prompts(256, PROMPT_LENGTHS) * 2
     engine = EngineConfig(max_slots=4, page_size=PAGE, prefill_chunk=CHUNK, dtype="float32", kv_cache_dtype="fp8",
                           max_model_len=64, num_pages=12)
     llm = LLM(directory, engine)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_models import FAMILIES, build
+from hf_models import FAMILIES, build, random_prompts, scored_in_chunks
 from jaxinfer.config import EngineConfig
 from jaxinfer.llm import LLM, SamplingParams
 
@@ -28,19 +28,10 @@ def family(request, tmp_path_factory):
     return request.param, model, LLM(directory, engine)
 
 
-def _prompts(vocab: int):
-    rng = np.random.RandomState(7)
-    return [rng.randint(3, vocab, n).tolist() for n in PROMPT_LENGTHS]
-
-
 def test_prompt_logits_match_transformers(family):
     name, model, llm = family
-    prompt = np.asarray(_prompts(llm.model_config.vocab_size)[-1], np.int32)
-    pages = llm.engine.scheduler.pages.allocate(5)
-    table = np.zeros(llm.engine_config.pages_per_seq, np.int32)
-    table[:5] = pages[::-1]  # scattered, descending page ids
-    ours = np.concatenate([llm.runner.score(prompt[s:s + CHUNK], s, table) for s in range(0, len(prompt), CHUNK)])
-    llm.engine.scheduler.pages.free(pages)
+    prompt = np.asarray(random_prompts(llm.model_config.vocab_size, PROMPT_LENGTHS)[-1], np.int32)
+    ours = scored_in_chunks(llm, prompt, CHUNK)
     with torch.no_grad():
         ref = model(torch.tensor(prompt[None], dtype=torch.long)).logits[0].numpy()
     np.testing.assert_allclose(ours, ref, atol=LOGIT_ATOL, rtol=0, err_msg=name)
@@ -48,7 +39,7 @@ def test_prompt_logits_match_transformers(family):
 
 def test_greedy_tokens_match_transformers_generate(family):
     name, model, llm = family
-    prompts = _prompts(llm.model_config.vocab_size)
+    prompts = random_prompts(llm.model_config.vocab_size, PROMPT_LENGTHS)
     outputs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
     for prompt, out in zip(prompts, outputs):
         with torch.no_grad():
@@ -65,7 +56,7 @@ def test_logit_bias_and_allowed_token_ids_match_transformers(family):
     other's slots: a plain request never sees the edits a slot's last sequence loaded."""
     name, model, llm = family
     vocab = llm.model_config.vocab_size
-    prompts = _prompts(vocab)
+    prompts = random_prompts(vocab, PROMPT_LENGTHS)
     rng = np.random.RandomState(11)
     edits = []
     for i, prompt in enumerate(prompts):
