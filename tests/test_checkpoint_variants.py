@@ -17,14 +17,14 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from hf_models import COMMON, FAMILIES, LLAMA3_ROPE, build
+from hf_models import COMMON, FAMILIES, LLAMA3_ROPE, build, random_prompts
 from jaxinfer import cli
 from jaxinfer.config import ConfigError, EngineConfig, ModelConfig
 from jaxinfer.llm import LLM, SamplingParams
 from jaxinfer.model import checkpoint
 from jaxinfer.model.checkpoint import CheckpointError, find_model, load_config, load_params
 from jaxinfer.model.weights import to_hf_tensors
-from test_model_parity import CHUNK, PAGE, _prompts
+from test_model_parity import CHUNK, PAGE, PROMPT_LENGTHS
 
 VARIANTS = {  # variants the supported families ship that FAMILIES does not cover, as (config class, overrides)
     "llama-linear-headdim-bias": (transformers.LlamaConfig, dict(
@@ -56,7 +56,7 @@ def _edit_tensors(directory: Path, edit) -> Path:
 
 def _greedy_matches_transformers(directory, model):
     engine = EngineConfig(max_slots=2, page_size=PAGE, prefill_chunk=CHUNK, max_model_len=64, dtype="float32")
-    prompts = _prompts(COMMON["vocab_size"])[-2:]  # 17 and 40 tokens: several chunks and pages
+    prompts = random_prompts(COMMON["vocab_size"], PROMPT_LENGTHS)[-2:]  # 17 and 40 tokens: several chunks and pages
     outputs = LLM(directory, engine).generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0,
                                                                       ignore_eos=True), use_tqdm=False)
     for prompt, out in zip(prompts, outputs):
