@@ -5,7 +5,6 @@ clamped to fp8's range first, as vLLM's saturating cast and ours do): our prompt
 equal what that model computes, not merely come near the unrounded model."""
 
 import contextlib
-import dataclasses
 
 import jax
 import jax.numpy as jnp
