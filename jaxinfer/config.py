@@ -1,7 +1,8 @@
 """Frozen configuration dataclasses.
 
 `ModelConfig` is an explicit mapping of a Hugging Face `config.json` for the
-Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3). `EngineConfig`
+Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3) and its mixture-of-experts
+kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE). `EngineConfig`
 holds the serving knobs (slots, pages, chunking, dtype). Host code only: this
 module must not import JAX.
 """
@@ -14,10 +15,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu",)
-DEFAULT_HEAD_DIM = {"qwen3": 128}  # transformers' class defaults where head_dim is absent; else hidden / heads
+# transformers' class defaults where head_dim is absent; else hidden / heads
+DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128}
 
 
 class ConfigError(ValueError):
@@ -41,7 +45,7 @@ class ModelConfig:
     model_type: str
     vocab_size: int  # V
     hidden_size: int  # D
-    intermediate_size: int  # F
+    intermediate_size: int  # F: the MLP's width; in a mixture-of-experts model, each expert's
     num_layers: int  # L
     num_heads: int  # N
     num_kv_heads: int  # K
@@ -57,16 +61,33 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "float32"  # the checkpoint's stored dtype
+    num_experts: int = 0  # E: routed experts in every layer's MLP (0: a dense MLP)
+    experts_per_token: int = 0  # each token's output sums its top experts' (of the router's softmax)
+    norm_topk_prob: bool = False  # the chosen experts' weights renormalised to sum to one
+    shared_expert_size: int = 0  # width of an expert every token also runs, gated by a sigmoid (Qwen2-MoE)
 
     @property
     def q_per_kv(self) -> int:  # G
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def mlp_field(self) -> str:
+        """The config.json field of `intermediate_size` (the Qwen MoEs name their experts' width apart)."""
+        return "intermediate_size" if self.model_type in ("mixtral",) + DENSE_MODEL_TYPES else "moe_intermediate_size"
+
+    @property
+    def mlp_width(self) -> int:
+        """Activations a token holds in its MLP: the dense mixture of experts computes all of theirs."""
+        return self.intermediate_size * max(self.num_experts, 1) + self.shared_expert_size
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_kv_heads}")
+        if self.num_experts and not 1 <= self.experts_per_token <= self.num_experts:
+            raise ConfigError(f"num_experts_per_tok={self.experts_per_token} must be between 1 and the "
+                              f"{self.num_experts} experts")
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
@@ -91,11 +112,13 @@ class ModelConfig:
         hidden = get("hidden_size")
         head_dim = hf.get("head_dim") or DEFAULT_HEAD_DIM.get(model_type) or hidden // num_heads
         attention_bias = bool(hf.get("attention_bias", False))
+        moe = _moe_from_hf(hf, model_type, get)
         return cls(
             model_type=model_type,
             vocab_size=get("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=get("intermediate_size"),
+            intermediate_size=moe.pop("intermediate_size", None) or get("intermediate_size"),
+            **moe,
             num_layers=get("num_hidden_layers"),
             num_heads=num_heads,
             num_kv_heads=hf.get("num_key_value_heads") or num_heads,
@@ -104,10 +127,12 @@ class ModelConfig:
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope=_rope_from_hf(hf),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v biases and no o bias; the others follow attention_bias.
-            qkv_bias=model_type == "qwen2" or attention_bias,
-            o_bias=model_type != "qwen2" and attention_bias,
-            qk_norm=model_type == "qwen3",
+            # Qwen2 always has q/k/v biases and no o bias, Qwen2-MoE as `qkv_bias` says (true unless sent);
+            # the others follow attention_bias.
+            qkv_bias=(model_type == "qwen2" or attention_bias if model_type != "qwen2_moe"
+                      else bool(hf.get("qkv_bias", True))),
+            o_bias=model_type not in ("qwen2", "qwen2_moe") and attention_bias,
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             sliding_window=_sliding_window(hf, model_type),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=_as_tuple(hf.get("eos_token_id")),
@@ -144,8 +169,11 @@ class ModelConfig:
             "eos_token_id": list(self.eos_token_ids),
             "torch_dtype": self.dtype,
         }
-        if self.model_type != "qwen2":
+        if self.model_type == "qwen2_moe":
+            hf["qkv_bias"] = self.qkv_bias
+        elif self.model_type != "qwen2":
             hf["attention_bias"] = self.qkv_bias
+        hf.update(_moe_to_hf(self))
         if self.rope.kind != "default":
             hf["rope_scaling"] = _rope_to_hf(self.rope)
         if self.sliding_window is not None:
@@ -155,7 +183,44 @@ class ModelConfig:
 
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM",
+                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
+    """The expert fields of a mixture-of-experts config. Mixtral's experts are `intermediate_size` wide and
+    their weights always renormalised; the Qwen MoEs name the width `moe_intermediate_size`, and every layer
+    must be sparse (the layers are scanned as one stack)."""
+    if model_type not in MOE_MODEL_TYPES:
+        return {}
+    if model_type == "mixtral":
+        return dict(num_experts=get("num_local_experts"), experts_per_token=get("num_experts_per_tok"),
+                    norm_topk_prob=True)
+    step, dense_layers = hf.get("decoder_sparse_step", 1), hf.get("mlp_only_layers") or []
+    if step != 1 or dense_layers:
+        raise ConfigError(f"{model_type} with dense MLP layers among the sparse ones (decoder_sparse_step={step}, "
+                          f"mlp_only_layers={dense_layers}) is not supported: every layer must be a mixture of experts")
+    experts = hf.get("num_experts") or hf.get("num_local_experts")  # transformers 5 writes the second
+    if not experts:
+        raise ConfigError(f"config.json for model_type {model_type!r} is missing required field 'num_experts'")
+    fields = dict(intermediate_size=get("moe_intermediate_size"), num_experts=experts,
+                  experts_per_token=get("num_experts_per_tok"), norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
+    if model_type == "qwen2_moe":
+        fields["shared_expert_size"] = get("shared_expert_intermediate_size")
+    return fields
+
+
+def _moe_to_hf(cfg: "ModelConfig") -> dict:
+    if cfg.model_type == "mixtral":
+        return {"num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token}
+    if cfg.model_type not in MOE_MODEL_TYPES:
+        return {}
+    hf = {"num_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token,
+          "moe_intermediate_size": cfg.intermediate_size, "norm_topk_prob": cfg.norm_topk_prob,
+          "decoder_sparse_step": 1, "mlp_only_layers": []}
+    if cfg.shared_expert_size:
+        hf["shared_expert_intermediate_size"] = cfg.shared_expert_size
+    return hf
 
 
 def _field_getter(hf: dict, model_type: str):
@@ -206,7 +271,7 @@ def _rope_to_hf(rope: RopeConfig) -> dict:
 
 def _sliding_window(hf: dict, model_type: str) -> int | None:
     window = hf.get("sliding_window")
-    if model_type == "mistral":
+    if model_type in ("mistral", "mixtral"):
         return window  # null in Mistral v0.2+, 4096 in v0.1
     layer_types = hf.get("layer_types") or []
     uses_window = hf.get("use_sliding_window", False) or "sliding_attention" in layer_types

@@ -60,7 +60,7 @@ def kv_budget_bytes(engine: EngineConfig, cfg: ModelConfig, mesh) -> int:
     if not stats:
         per_page = engine.kv_bytes_per_page(cfg)
         return engine.cpu_kv_pages(per_page) * per_page
-    activations = 4 * 4 * engine.prefill_chunk * (cfg.hidden_size + cfg.intermediate_size + cfg.vocab_size)
+    activations = 4 * 4 * engine.prefill_chunk * (cfg.hidden_size + cfg.mlp_width + cfg.vocab_size)
     free = stats["bytes_limit"] * engine.gpu_memory_utilization - stats["bytes_in_use"] - activations
     kv_shards = min(mesh.shape["model"], cfg.num_kv_heads) * mesh.shape["data"]  # the pool's shards
     cap = (GPU_KV_SEQUENCES_PER_SLOT * engine.max_slots * engine.pages_per_seq + 1) * engine.kv_bytes_per_page(cfg)
@@ -69,7 +69,8 @@ def kv_budget_bytes(engine: EngineConfig, cfg: ModelConfig, mesh) -> int:
 
 def check_mesh(cfg: ModelConfig, engine: EngineConfig) -> None:
     problems = mesh_problems(engine.mesh_shape, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
-                             mlp=cfg.intermediate_size, vocab=cfg.vocab_size, slots=engine.max_slots,
+                             mlp=cfg.intermediate_size, mlp_name=cfg.mlp_field, shared_mlp=cfg.shared_expert_size,
+                             vocab=cfg.vocab_size, slots=engine.max_slots,
                              pages=engine.num_pages)
     if problems:
         raise ConfigError(f"mesh_shape (data, model) = {engine.mesh_shape} does not fit: " + "; ".join(problems))

@@ -23,6 +23,7 @@ RULES: dict[str, str | None] = {
     "heads": "model",
     "kv_heads": "model",
     "mlp": "model",
+    "experts": None,  # every 'model' device holds its slice of every expert's width (no expert parallelism)
     "vocab": "model",
     "slots": "data",
     "batch": None,  # rows of activations inside a data shard
@@ -38,16 +39,19 @@ def kv_replicas(num_kv_heads: int, model: int) -> int:
 
 
 def mesh_problems(shape: tuple[int, int], *, heads: int, kv_heads: int, mlp: int, vocab: int, slots: int,
-                  pages: int | None, devices: int | None = None) -> list[str]:
+                  pages: int | None, devices: int | None = None, mlp_name: str = "intermediate_size",
+                  shared_mlp: int = 0) -> list[str]:
     """Every reason the mesh `(data, model)` cannot run this model and engine, said plainly; empty when it can.
-    `devices`: how many there are (None: `jax.device_count()`)."""
+    `devices`: how many there are (None: `jax.device_count()`); `mlp_name`: the config field of the MLP's (or
+    each expert's) width `mlp`; `shared_mlp`: a shared expert's width (0: none)."""
     data, model = shape
     devices = jax.device_count() if devices is None else devices
     problems = [f"mesh_shape {shape} needs {data * model} devices, only {devices} available"] \
         if data * model > devices else []
     problems += [f"{name}={size} is not a multiple of the 'model' axis ({model})"
-                 for name, size in (("num_attention_heads", heads), ("intermediate_size", mlp),
-                                    ("vocab_size", vocab)) if size % model]
+                 for name, size in (("num_attention_heads", heads), (mlp_name, mlp),
+                                    ("shared_expert_intermediate_size", shared_mlp), ("vocab_size", vocab))
+                 if size % model]
     if kv_heads % model and model % kv_heads:
         problems.append(f"num_key_value_heads={kv_heads} neither divides among nor replicates evenly over the "
                         f"'model' axis ({model})")

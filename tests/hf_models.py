@@ -25,6 +25,13 @@ FAMILIES = {
     "mistral": (transformers.MistralConfig, dict(sliding_window=24)),
     "qwen2": (transformers.Qwen2Config, dict(num_key_value_heads=1, tie_word_embeddings=True)),
     "qwen3": (transformers.Qwen3Config, dict(head_dim=32, num_attention_heads=8)),
+    # Mixtures of experts: 4 experts of 48, 2 a token (Mixtral renormalises their weights; Qwen3-MoE as
+    # norm_topk_prob says; Qwen2-MoE adds a gated shared expert and q/k/v biases).
+    "mixtral": (transformers.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48)),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                                    shared_expert_intermediate_size=80)),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                                    norm_topk_prob=True, head_dim=16)),
 }
 
 

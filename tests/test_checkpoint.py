@@ -26,6 +26,9 @@ PUBLISHED_PARAMS = {
     "llama-3.1-8b": 8_030_261_248,
     "llama-3.2-1b": 1_235_814_400,
     "mistral-7b-v0.3": 7_248_023_552,
+    "mixtral-8x7b": 46_702_792_704,
+    "qwen1.5-moe-a2.7b": 14_315_784_192,
+    "qwen3-30b-a3b": 30_532_122_624,
     "qwen2.5-0.5b": 494_032_768,
     "qwen3-0.6b": 596_049_920,
     "smollm2-135m": 134_515_008,
@@ -157,12 +160,19 @@ def _our_logits(params, cfg, tokens):
     return np.asarray(logits(params, cfg, h))[0]
 
 
-def test_saved_weights_load_in_transformers(tmp_path):
-    """Our random init written in HF layout gives HF the same logits: the table's layouts hold both ways."""
-    source = find_model(CONFIGS / "qwen3-0.6b.json")
+@pytest.mark.parametrize("preset, experts", [
+    ("qwen3-0.6b", {}),
+    ("mixtral-8x7b", {"num_local_experts": 4}),
+    ("qwen1.5-moe-a2.7b", {"num_experts": 5, "moe_intermediate_size": 40, "shared_expert_intermediate_size": 72}),
+    ("qwen3-30b-a3b", {"num_experts": 10, "moe_intermediate_size": 40}),
+])
+def test_saved_weights_load_in_transformers(tmp_path, preset, experts):
+    """Our random init written in HF layout gives HF the same logits: the table's layouts hold both ways
+    (per-expert tensors included)."""
+    source = find_model(CONFIGS / f"{preset}.json")
     cfg = ModelConfig.from_hf({**json.loads(source.config_path.read_text()), "hidden_size": 64,
                                "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-                               "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 128})
+                               "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 128, **experts})
     params = init_params(cfg, jnp.float32, seed=3)
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "config.json").write_text(json.dumps(cfg.to_hf()))

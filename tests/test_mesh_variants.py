@@ -34,6 +34,9 @@ CASES = {
     "qwen3-qknorm": ("qwen3", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16), "xla", [(1, 4)], False),
     "mistral-window": ("mistral", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=16, sliding_window=12),
                        "reference", [(1, 8)], False),
+    # Experts split over 'model' by their width (every device holds every expert's slice), a shared expert too.
+    "qwen2-moe": ("qwen2_moe", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16), "reference",
+                  [(2, 4)], False),
 }
 PROMPTS = [[5, 9, 100, 7], list(range(20, 49)), [42], list(range(200, 212))]  # 29 tokens: chunked, past the window
 MAX_TOKENS = 6
@@ -115,6 +118,12 @@ def test_kv_heads_are_repeated_over_the_model_axis(runs):
     assert runs["mistral-window"]["meshes"]["1,8"]["wk"] == {"shape": [2, 64, 8, 16], "local": [2, 64, 1, 16]}
 
 
+def test_experts_split_by_width_over_the_model_axis(runs):
+    moe = runs["qwen2-moe"]["meshes"]["2,4"]
+    assert moe["w_down"] == {"shape": [2, 4, 48, 64], "local": [2, 4, 12, 64]}  # [L, E, F, D]: F over 4 devices
+    assert moe["wk"] == {"shape": [2, 64, 4, 16], "local": [2, 64, 1, 16]}  # 2 KV heads x 2 copies
+
+
 # ---- the subprocess: python tests/test_mesh_variants.py OUTPUT_DIR (8 fake devices, set by the parent) ----
 
 def _decode(checkpoint: str, mesh: tuple[int, int], backend: str, prompt_logprobs: bool) -> dict:
@@ -136,7 +145,8 @@ def _decode(checkpoint: str, mesh: tuple[int, int], backend: str, prompt_logprob
     return {"tokens": [o.outputs[0].token_ids for o in outs],
             "top_ids": [sorted(step) for step in steps], "logprobs": values(steps),
             "prompt_top_ids": [sorted(step) for step in prompt_steps], "prompt_logprobs": values(prompt_steps),
-            "wk": local(llm.runner.params["layers"]["wk"]), "kv": local(llm.runner.kv.k)}
+            "wk": local(llm.runner.params["layers"]["wk"]), "kv": local(llm.runner.kv.k),
+            "w_down": local(llm.runner.params["layers"]["w_down"])}
 
 
 def _child(output: Path) -> None:

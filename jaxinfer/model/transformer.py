@@ -103,10 +103,38 @@ def _write_indices(batch: Batch, page_size: int):
     return jnp.where(valid, page_idx, 0), pos % page_size
 
 
-def mlp(lp: dict, y: jax.Array) -> jax.Array:
-    gate = jnp.einsum("BTD,DF->BTF", y, lp["w_gate"])
-    up = jnp.einsum("BTD,DF->BTF", y, lp["w_up"])
-    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, lp["w_down"])
+def mlp(lp: dict, y: jax.Array, prefix: str = "w") -> jax.Array:
+    gate = jnp.einsum("BTD,DF->BTF", y, lp[f"{prefix}_gate"])
+    up = jnp.einsum("BTD,DF->BTF", y, lp[f"{prefix}_up"])
+    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, lp[f"{prefix}_down"])
+
+
+def expert_weights(lp: dict, cfg: ModelConfig, y: jax.Array) -> jax.Array:
+    """The router's weight of each expert for each token [B, T, E], float32: the softmax's top
+    `experts_per_token` (renormalised to sum to one where the model says so), zero elsewhere. The router's
+    logits are rounded to the model's dtype first, as transformers and vLLM compute them, so a half-precision
+    model chooses the experts they choose."""
+    router = jnp.einsum("BTD,DE->BTE", *f32_operands(y, lp["router"]), preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(router.astype(y.dtype).astype(jnp.float32), axis=-1)
+    top, chosen = jax.lax.top_k(probs, cfg.experts_per_token)
+    if cfg.norm_topk_prob:
+        top = top / jnp.sum(top, axis=-1, keepdims=True)
+    return jnp.sum(jax.nn.one_hot(chosen, cfg.num_experts, dtype=jnp.float32) * top[..., None], axis=-2)
+
+
+def moe(lp: dict, cfg: ModelConfig, y: jax.Array) -> jax.Array:
+    """A mixture of experts, computed densely: every expert runs on every token and the router's weights (zero
+    for experts a token did not choose) mix their outputs. Decode reads every expert's weights either way once
+    the batch's tokens choose them all; prefill does num_experts / experts_per_token times the chosen experts'
+    work (a grouped matmul kernel is what would take that back). A row's result does not depend on the others."""
+    weights = expert_weights(lp, cfg, y).astype(y.dtype)
+    gate = jnp.einsum("BTD,EDF->BTEF", y, lp["w_gate"])
+    up = jnp.einsum("BTD,EDF->BTEF", y, lp["w_up"])
+    out = jnp.einsum("BTEF,EFD->BTD", jax.nn.silu(gate) * up * weights[..., None], lp["w_down"])
+    if cfg.shared_expert_size:
+        shared_gate = jax.nn.sigmoid(jnp.einsum("BTD,D->BT", y, lp["shared_expert_gate"]))
+        out = out + shared_gate[..., None] * mlp(lp, y, "shared")
+    return out
 
 
 def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=step_attention("reference")):
@@ -129,7 +157,8 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
         h = h + jnp.einsum("BTNH,NHD->BTD", attn, lp["wo"])
         if cfg.o_bias:
             h = h + lp["bo"]
-        h = h + mlp(lp, rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps))
+        y = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
+        h = h + (moe(lp, cfg, y) if cfg.num_experts else mlp(lp, y))
         return (h, k_pool, v_pool), None
 
     h = params["embed"][batch.tokens]

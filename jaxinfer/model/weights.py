@@ -3,8 +3,9 @@
 One `WeightSpec` per weight names its place in our parameter tree, its shape and
 logical axes, and where it lives in a Hugging Face checkpoint (key and layout).
 Per-layer weights are stacked on a leading `layers` axis so the forward pass can
-`lax.scan` over them. Loading is strict: every checkpoint key maps to exactly one
-destination, shapes are checked, leftovers fail.
+`lax.scan` over them; a mixture of experts' weights, one checkpoint tensor per
+expert, are stacked on an `experts` axis after it. Loading is strict: every
+checkpoint key maps to exactly one destination, shapes are checked, leftovers fail.
 """
 
 from __future__ import annotations
@@ -29,14 +30,19 @@ class WeightSpec:
     name: str  # dotted path in the parameter tree
     shape: tuple[int, ...]  # our layout, per layer (without the stacked L axis)
     axes: tuple[str, ...]  # logical axes of `shape`
-    hf_key: str  # checkpoint key; "{i}" is the layer index for stacked weights
-    hf_shape: tuple[int, ...]  # the checkpoint's layout
+    hf_key: str  # checkpoint key; "{i}" is the layer index for stacked weights, "{e}" the expert's
+    hf_shape: tuple[int, ...]  # the checkpoint's layout (of one expert's tensor for per-expert weights)
     transpose: bool = False  # torch Linear stores [out, in]; we store [in, out]
     init: str = "normal"  # normal (std 1/sqrt(fan_in)) | ones
 
     @property
     def stacked(self) -> bool:
         return "{i}" in self.hf_key
+
+    @property
+    def per_expert(self) -> bool:
+        """One checkpoint tensor per expert, stacked on our leading (experts) axis."""
+        return "{e}" in self.hf_key
 
     def full_shape(self, num_layers: int) -> tuple[int, ...]:
         return (num_layers, *self.shape) if self.stacked else self.shape
@@ -45,14 +51,18 @@ class WeightSpec:
         return ("layers", *self.axes) if self.stacked else self.axes
 
     def hf_keys(self, num_layers: int) -> list[str]:
-        """The checkpoint keys this weight is made of, one per layer when stacked."""
-        return [self.hf_key.format(i=i) for i in range(num_layers)] if self.stacked else [self.hf_key]
+        """The checkpoint keys this weight is made of: one per layer when stacked, and per expert within."""
+        if not self.stacked:
+            return [self.hf_key]
+        experts = range(self.shape[0]) if self.per_expert else [0]
+        return [self.hf_key.format(i=i, e=e) for i in range(num_layers) for e in experts]
 
     def sharding(self, mesh, replicated: tuple[str, ...] = ()):
         return logical_sharding(mesh, self.full_axes(), replicated) if mesh is not None else None
 
     def to_ours(self, x: np.ndarray) -> np.ndarray:
-        return (x.T if self.transpose else x).reshape(self.shape)
+        """One checkpoint tensor (one expert's, for per-expert weights) in our layout."""
+        return (x.T if self.transpose else x).reshape(self.shape[1:] if self.per_expert else self.shape)
 
     def to_hf(self, x: np.ndarray) -> np.ndarray:
         return x.reshape(self.hf_shape[::-1]).T if self.transpose else x.reshape(self.hf_shape)
@@ -89,8 +99,39 @@ def weight_table(cfg: ModelConfig) -> list[WeightSpec]:
             WeightSpec("layers.q_norm", (H,), ("head_dim",), lp + "self_attn.q_norm.weight", (H,), init="ones"),
             WeightSpec("layers.k_norm", (H,), ("head_dim",), lp + "self_attn.k_norm.weight", (H,), init="ones"),
         ]
+    if cfg.num_experts:
+        specs = [spec for spec in specs if spec.name not in ("layers.w_gate", "layers.w_up", "layers.w_down")]
+        specs += _expert_specs(cfg)
     if not cfg.tie_word_embeddings:
         specs.append(WeightSpec("lm_head", (D, V), ("embed", "vocab"), "lm_head.weight", (V, D), True))
+    return specs
+
+
+# Checkpoint names of a mixture of experts' weights: the block, the router, each expert's gate, up and down.
+_EXPERT_KEYS = {"mixtral": ("block_sparse_moe.", "gate", "w1", "w3", "w2")}
+_QWEN_EXPERT_KEYS = ("mlp.", "gate", "gate_proj", "up_proj", "down_proj")
+
+
+def _expert_specs(cfg: ModelConfig) -> list[WeightSpec]:
+    """The router and the experts' stacked MLPs (Qwen2-MoE adds a shared expert and its sigmoid gate)."""
+    D, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+    block, router, gate, up, down = _EXPERT_KEYS.get(cfg.model_type, _QWEN_EXPERT_KEYS)
+    ep = "model.layers.{i}." + block + "experts.{e}."
+    specs = [
+        WeightSpec("layers.router", (D, E), ("embed", "experts"), f"model.layers.{{i}}.{block}{router}.weight",
+                   (E, D), True),
+        WeightSpec("layers.w_gate", (E, D, F), ("experts", "embed", "mlp"), ep + gate + ".weight", (F, D), True),
+        WeightSpec("layers.w_up", (E, D, F), ("experts", "embed", "mlp"), ep + up + ".weight", (F, D), True),
+        WeightSpec("layers.w_down", (E, F, D), ("experts", "mlp", "embed"), ep + down + ".weight", (D, F), True),
+    ]
+    if cfg.shared_expert_size:
+        S, sp = cfg.shared_expert_size, "model.layers.{i}.mlp.shared_expert"
+        specs += [
+            WeightSpec("layers.shared_gate", (D, S), ("embed", "mlp"), sp + ".gate_proj.weight", (S, D), True),
+            WeightSpec("layers.shared_up", (D, S), ("embed", "mlp"), sp + ".up_proj.weight", (S, D), True),
+            WeightSpec("layers.shared_down", (S, D), ("mlp", "embed"), sp + ".down_proj.weight", (D, S), True),
+            WeightSpec("layers.shared_expert_gate", (D,), ("embed",), sp + "_gate.weight", (1, D), True),
+        ]
     return specs
 
 
@@ -117,7 +158,7 @@ def _fan_in(spec: WeightSpec) -> int:
         return spec.shape[1]
     if spec.name.endswith("wo"):
         return spec.shape[0] * spec.shape[1]
-    return spec.shape[0]
+    return spec.shape[1] if spec.per_expert else spec.shape[0]
 
 
 def _load_sharding(spec: WeightSpec, cfg: ModelConfig, mesh):
@@ -213,7 +254,11 @@ def load_safetensors(path: str | Path, cfg: ModelConfig, dtype, mesh=None) -> di
             if not spec.stacked:
                 return spec.to_ours(reader.get(keys[0]))[index].astype(np_dtype)
             layers = range(cfg.num_layers)[index[0]]
-            return np.stack([spec.to_ours(reader.get(keys[i]))[index[1:]].astype(np_dtype) for i in layers])
+            if not spec.per_expert:
+                return np.stack([spec.to_ours(reader.get(keys[i]))[index[1:]].astype(np_dtype) for i in layers])
+            experts = range(cfg.num_experts)[index[1]]
+            return np.stack([np.stack([spec.to_ours(reader.get(keys[i * cfg.num_experts + e]))[index[2:]]
+                                       .astype(np_dtype) for e in experts]) for i in layers])
 
         shape = spec.full_shape(cfg.num_layers)
         _set_path(tree, spec.name, jax.make_array_from_callback(shape, _load_sharding(spec, cfg, mesh), shard))
@@ -237,7 +282,7 @@ def to_hf_tensors(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     out = {}
     for spec in weight_table(cfg):
         value = np.asarray(jax.device_get(_get_path(params, spec.name)))
-        per_key = value if spec.stacked else value[None]
+        per_key = value.reshape(-1, *value.shape[2:]) if spec.per_expert else value if spec.stacked else value[None]
         for key, part in zip(spec.hf_keys(cfg.num_layers), per_key):
             out[key] = np.ascontiguousarray(spec.to_hf(part))
     return out
