@@ -61,7 +61,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "float32"  # the checkpoint's stored dtype
-    num_experts: int = 0  # E: routed experts in every layer's MLP (0: a dense MLP)
+    num_experts: int = 0  # X: routed experts in every layer's MLP (0: a dense MLP)
     experts_per_token: int = 0  # each token's output sums its top experts' (of the router's softmax)
     norm_topk_prob: bool = False  # the chosen experts' weights renormalised to sum to one
     shared_expert_size: int = 0  # width of an expert every token also runs, gated by a sigmoid (Qwen2-MoE)

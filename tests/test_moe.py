@@ -10,8 +10,9 @@ import pytest
 import transformers
 from safetensors.torch import load_file, save_file
 
-from hf_models import COMMON, FAMILIES, build
-from jaxinfer.config import ConfigError, ModelConfig
+from hf_models import COMMON, FAMILIES, build, random_prompts
+from jaxinfer.config import ConfigError, EngineConfig, ModelConfig
+from jaxinfer.llm import LLM, SamplingParams
 from jaxinfer.model.checkpoint import CheckpointError, find_model, load_config, load_params
 from jaxinfer.model.transformer import expert_weights
 from jaxinfer.sharding import mesh_problems
@@ -172,3 +173,31 @@ def test_a_mesh_names_the_expert_widths_it_cannot_split():
                     "shared_expert_intermediate_size=20 is not a multiple of the 'model' axis (8)"]
     assert ModelConfig.from_hf(_saved_dict("qwen2_moe")).mlp_field == "moe_intermediate_size"
     assert ModelConfig.from_hf(_saved_dict("mixtral")).mlp_field == "intermediate_size"
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("qwen3_moe")
+    build("qwen3_moe", directory)
+    return directory
+
+
+def test_engine_outputs_do_not_depend_on_the_batch(qwen3_moe_dir):
+    """Greedy tokens and their logprobs, bit for bit, alone and in a batch that packs prompts into one chunk;
+    the tokens also in a batch that preempts (a pool too small for the load: a recomputed sequence's KV comes
+    from a prefill, not the decode steps that first wrote it, which moves its logprobs by ~1e-6, for dense
+    models too). Every page and slot comes back."""
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
+    prompts = random_prompts(COMMON["vocab_size"], (1, 9, 17, 5, 30, 40), seed=3)
+    engine = EngineConfig(max_slots=3, page_size=8, prefill_chunk=16, dtype="float32", max_model_len=64,
+                          num_pages=14, max_prefill_seqs=2)
+    llm = LLM(qwen3_moe_dir, engine)
+    run = lambda batch: [(o.outputs[0].token_ids, [[(t, lp.logprob) for t, lp in sorted(step.items())]  # noqa: E731
+                                                   for step in o.outputs[0].logprobs])
+                         for o in llm.generate(batch, params, use_tqdm=False)]
+    alone = [run([p])[0] for p in prompts]
+    assert run(prompts[:4]) == alone[:4]
+    assert llm.engine.stats().preemptions == 0
+    assert [tokens for tokens, _ in run(prompts)] == [tokens for tokens, _ in alone]
+    assert llm.engine.stats().preemptions > 0
+    llm.engine.check_idle()

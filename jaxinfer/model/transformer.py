@@ -110,11 +110,11 @@ def mlp(lp: dict, y: jax.Array, prefix: str = "w") -> jax.Array:
 
 
 def expert_weights(lp: dict, cfg: ModelConfig, y: jax.Array) -> jax.Array:
-    """The router's weight of each expert for each token [B, T, E], float32: the softmax's top
+    """The router's weight of each expert for each token [B, T, X], float32: the softmax's top
     `experts_per_token` (renormalised to sum to one where the model says so), zero elsewhere. The router's
     logits are rounded to the model's dtype first, as transformers and vLLM compute them, so a half-precision
     model chooses the experts they choose."""
-    router = jnp.einsum("BTD,DE->BTE", *f32_operands(y, lp["router"]), preferred_element_type=jnp.float32)
+    router = jnp.einsum("BTD,DX->BTX", *f32_operands(y, lp["router"]), preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(router.astype(y.dtype).astype(jnp.float32), axis=-1)
     top, chosen = jax.lax.top_k(probs, cfg.experts_per_token)
     if cfg.norm_topk_prob:
@@ -128,9 +128,9 @@ def moe(lp: dict, cfg: ModelConfig, y: jax.Array) -> jax.Array:
     the batch's tokens choose them all; prefill does num_experts / experts_per_token times the chosen experts'
     work (a grouped matmul kernel is what would take that back). A row's result does not depend on the others."""
     weights = expert_weights(lp, cfg, y).astype(y.dtype)
-    gate = jnp.einsum("BTD,EDF->BTEF", y, lp["w_gate"])
-    up = jnp.einsum("BTD,EDF->BTEF", y, lp["w_up"])
-    out = jnp.einsum("BTEF,EFD->BTD", jax.nn.silu(gate) * up * weights[..., None], lp["w_down"])
+    gate = jnp.einsum("BTD,XDF->BTXF", y, lp["w_gate"])
+    up = jnp.einsum("BTD,XDF->BTXF", y, lp["w_up"])
+    out = jnp.einsum("BTXF,XFD->BTD", jax.nn.silu(gate) * up * weights[..., None], lp["w_down"])
     if cfg.shared_expert_size:
         shared_gate = jax.nn.sigmoid(jnp.einsum("BTD,D->BT", y, lp["shared_expert_gate"]))
         out = out + shared_gate[..., None] * mlp(lp, y, "shared")

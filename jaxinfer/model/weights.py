@@ -114,15 +114,15 @@ _QWEN_EXPERT_KEYS = ("mlp.", "gate", "gate_proj", "up_proj", "down_proj")
 
 def _expert_specs(cfg: ModelConfig) -> list[WeightSpec]:
     """The router and the experts' stacked MLPs (Qwen2-MoE adds a shared expert and its sigmoid gate)."""
-    D, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+    D, F, X = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
     block, router, gate, up, down = _EXPERT_KEYS.get(cfg.model_type, _QWEN_EXPERT_KEYS)
     ep = "model.layers.{i}." + block + "experts.{e}."
     specs = [
-        WeightSpec("layers.router", (D, E), ("embed", "experts"), f"model.layers.{{i}}.{block}{router}.weight",
-                   (E, D), True),
-        WeightSpec("layers.w_gate", (E, D, F), ("experts", "embed", "mlp"), ep + gate + ".weight", (F, D), True),
-        WeightSpec("layers.w_up", (E, D, F), ("experts", "embed", "mlp"), ep + up + ".weight", (F, D), True),
-        WeightSpec("layers.w_down", (E, F, D), ("experts", "mlp", "embed"), ep + down + ".weight", (D, F), True),
+        WeightSpec("layers.router", (D, X), ("embed", "experts"), f"model.layers.{{i}}.{block}{router}.weight",
+                   (X, D), True),
+        WeightSpec("layers.w_gate", (X, D, F), ("experts", "embed", "mlp"), ep + gate + ".weight", (F, D), True),
+        WeightSpec("layers.w_up", (X, D, F), ("experts", "embed", "mlp"), ep + up + ".weight", (F, D), True),
+        WeightSpec("layers.w_down", (X, F, D), ("experts", "mlp", "embed"), ep + down + ".weight", (D, F), True),
     ]
     if cfg.shared_expert_size:
         S, sp = cfg.shared_expert_size, "model.layers.{i}.mlp.shared_expert"
