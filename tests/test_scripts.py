@@ -194,3 +194,9 @@ def test_the_static_target_is_unsure_when_the_machine_changed_speed_between_the_
         static = Run("static", 210.0, 1000, 2000, {"bare_step_ms_around": around})
         lines = table({"engine": engine, "static": static}, bare).splitlines()
         assert lines[-2].endswith(verdict), (around, lines[-2])
+
+
+def test_bench_moe_smoke():
+    out = _run("scripts/bench_moe.py", "--smoke")
+    assert "dense" in out and "ragged_dot" in out and "blocked/4" in out and "active-width MLP" in out
+    assert float(out.rsplit("max |form - dense| ", 1)[1].split()[0]) < 1e-4  # the forms agree
