@@ -18,7 +18,7 @@ from typing import Any
 DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 SUPPORTED_ACTIVATIONS = ("silu",)
 # transformers' class defaults where head_dim is absent; else hidden / heads
 DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128}
@@ -36,6 +36,10 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+    beta_fast: float = 32.0  # yarn: rotations past which a frequency is kept (extrapolated)
+    beta_slow: float = 1.0  # yarn: rotations under which a frequency is divided by `factor` (interpolated)
+    truncate: bool = True  # yarn: the ramp between the two starts and ends on whole dimensions
+    attention_factor: float = 1.0  # yarn: cos and sin are scaled by it (so attention logits by its square)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +73,26 @@ class ModelConfig:
     @property
     def q_per_kv(self) -> int:  # G
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def max_length(self) -> int:
+        """The longest context the model serves, as vLLM derives it: with yarn scaling its pretraining length
+        times its factor, with linear scaling max_position_embeddings times the factor, else
+        max_position_embeddings."""
+        if self.rope.kind == "yarn":
+            return int(self.rope.original_max_position * self.rope.factor)
+        if self.rope.kind == "linear":
+            return int(self.max_position_embeddings * self.rope.factor)
+        return self.max_position_embeddings
+
+    @property
+    def max_length_source(self) -> str:
+        if self.rope.kind == "yarn":
+            return (f"yarn's original_max_position_embeddings={self.rope.original_max_position} x "
+                    f"factor={self.rope.factor:g}")
+        if self.rope.kind == "linear":
+            return f"max_position_embeddings={self.max_position_embeddings} x linear factor={self.rope.factor:g}"
+        return f"max_position_embeddings={self.max_position_embeddings}"
 
     @property
     def mlp_field(self) -> str:
@@ -250,6 +274,8 @@ def _rope_from_hf(hf: dict) -> RopeConfig:
         return RopeConfig(theta=theta)
     if "factor" not in merged:
         raise ConfigError(f"rope scaling type {kind!r} is missing required field 'factor'")
+    if kind == "yarn":
+        return _yarn_from_hf(hf, merged, theta)
     if kind == "linear":
         return RopeConfig(theta=theta, kind=kind, factor=float(merged["factor"]))
     for name in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
@@ -261,11 +287,37 @@ def _rope_from_hf(hf: dict) -> RopeConfig:
                       original_max_position=int(merged["original_max_position_embeddings"]))
 
 
+def _yarn_from_hf(hf: dict, merged: dict, theta: float) -> RopeConfig:
+    """YaRN as transformers reads it: the pretraining length defaults to max_position_embeddings, a null factor
+    to max_position_embeddings over it, beta_fast / beta_slow to 32 / 1, and the attention factor, unless given,
+    to 0.1 ln(factor) + 1 (DeepSeek's mscale / mscale_all_dim form where both are given)."""
+    original = int(hf.get("original_max_position_embeddings") or merged.get("original_max_position_embeddings")
+                   or hf["max_position_embeddings"])
+    factor = float(merged.get("factor") or hf["max_position_embeddings"] / original)
+    attention_factor = merged.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = merged.get("mscale"), merged.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = _yarn_mscale(factor)
+    return RopeConfig(theta=theta, kind="yarn", factor=factor, original_max_position=original,
+                      beta_fast=float(merged.get("beta_fast") or 32), beta_slow=float(merged.get("beta_slow") or 1),
+                      truncate=bool(merged.get("truncate", True)), attention_factor=float(attention_factor))
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
 def _rope_to_hf(rope: RopeConfig) -> dict:
     out = {"rope_type": rope.kind, "factor": rope.factor}
     if rope.kind == "llama3":
         out.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor,
                    original_max_position_embeddings=rope.original_max_position)
+    if rope.kind == "yarn":
+        out.update(original_max_position_embeddings=rope.original_max_position, beta_fast=rope.beta_fast,
+                   beta_slow=rope.beta_slow, truncate=rope.truncate, attention_factor=rope.attention_factor)
     return out
 
 
@@ -395,10 +447,10 @@ class EngineConfig:
 
     def resolve(self, model: ModelConfig, platform: str) -> "EngineConfig":
         """Fill the `None`/`auto` fields from the model and the device platform."""
-        max_len = self.max_model_len or min(model.max_position_embeddings, 4096)
-        if max_len > model.max_position_embeddings:
-            raise ConfigError(f"max_model_len={max_len} exceeds the model's "
-                              f"max_position_embeddings={model.max_position_embeddings}")
+        max_len = self.max_model_len or min(model.max_length, 4096)
+        if max_len > model.max_length:
+            raise ConfigError(f"max_model_len={max_len} exceeds the model's longest context, {model.max_length} "
+                              f"({model.max_length_source})")
         dtype = self.dtype if self.dtype != "auto" else _auto_dtype(model, platform)
         kv_dtype = _kv_name(self.kv_cache_dtype, dtype)
         backend = self.attention_backend

@@ -17,7 +17,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from hf_models import COMMON, FAMILIES, LLAMA3_ROPE, build, random_prompts
+from hf_models import COMMON, FAMILIES, LLAMA3_ROPE, build, random_prompts, scored_in_chunks
 from jaxinfer import cli
 from jaxinfer.config import ConfigError, EngineConfig, ModelConfig
 from jaxinfer.llm import LLM, SamplingParams
@@ -30,6 +30,13 @@ VARIANTS = {  # variants the supported families ship that FAMILIES does not cove
     "llama-linear-headdim-bias": (transformers.LlamaConfig, dict(
         head_dim=32, attention_bias=True, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5e4})),
     "qwen3-headdim128": (transformers.Qwen3Config, dict(head_dim=128)),
+    # YaRN past a short pretraining length (prompts of 17 and 40 tokens, 12 more generated): Qwen's form, and
+    # DeepSeek's (mscale / mscale_all_dim, beta_fast / beta_slow, no truncation).
+    "qwen3-yarn": (transformers.Qwen3Config, dict(head_dim=32, num_attention_heads=8, rope_parameters={
+        "rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 32, "rope_theta": 1e4})),
+    "llama-yarn-mscale": (transformers.LlamaConfig, dict(rope_parameters={
+        "rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 32, "rope_theta": 5e5,
+        "beta_fast": 16.0, "beta_slow": 2.0, "mscale": 1.0, "mscale_all_dim": 0.5, "truncate": False})),
 }
 NEW_TOKENS = 12
 
@@ -125,6 +132,7 @@ def test_missing_optional_fields_take_transformers_defaults(tmp_path, family):
     (dict(model_type="gemma"), "'gemma'"),
     (dict(hidden_act="gelu"), "'gelu'"),
     (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), "'dynamic'"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "'yarn' is missing required field 'factor'"),
     (dict(mlp_bias=True), "mlp_bias"),
     (dict(use_sliding_window=True, sliding_window=16, layer_types=["sliding_attention"] * 2), "sliding-window"),
 ])
@@ -249,6 +257,56 @@ def test_converted_variant_is_bit_identical_and_generates_like_transformers(tmp_
 def test_qwen3_head_dim_128_on_a_small_hidden_generates_like_transformers(tmp_path):
     model = _build("qwen3-headdim128", tmp_path, dtype=torch.float16)
     _greedy_matches_transformers(tmp_path, model)
+
+
+@pytest.mark.parametrize("variant", ["qwen3-yarn", "llama-yarn-mscale"])
+def test_yarn_scaled_models_match_transformers(tmp_path, variant):
+    model = _build(variant, tmp_path)
+    cfg, _ = _load(tmp_path)
+    assert cfg.rope.kind == "yarn" and cfg.rope.attention_factor > 1
+    llm = LLM(tmp_path, EngineConfig(max_slots=2, page_size=PAGE, prefill_chunk=CHUNK, max_model_len=64,
+                                     dtype="float32"))
+    prompt = np.asarray(random_prompts(COMMON["vocab_size"], [40])[0], np.int32)  # past the 32 pretrained
+    with torch.no_grad():
+        ref = model(torch.tensor(prompt[None], dtype=torch.long)).logits[0].numpy()
+    np.testing.assert_allclose(scored_in_chunks(llm, prompt, CHUNK), ref, atol=2e-4, rtol=0)
+    _greedy_matches_transformers(tmp_path, model)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+    {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 128},  # 512 / 128, as DeepSeek-V3
+    {"rope_type": "yarn", "factor": 2.0, "attention_factor": 1.25, "beta_fast": 8, "beta_slow": 0.5},
+    {"rope_type": "yarn", "factor": 40.0, "mscale": 0.9, "mscale_all_dim": 0.8, "original_max_position_embeddings": 64},
+])
+def test_yarn_frequencies_and_attention_factor_are_transformers(rope):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from jaxinfer.model.transformer import rope_frequencies
+    theirs = transformers.Qwen2Config(**{**COMMON, "rope_parameters": {**rope, "rope_theta": 1e6}})
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](theirs, "cpu")
+    ours = ModelConfig.from_hf(theirs.to_dict())
+    np.testing.assert_allclose(rope_frequencies(ours.rope, ours.head_dim), inv_freq.numpy(), rtol=1e-6, atol=0)
+    assert ours.rope.attention_factor == pytest.approx(attention_factor, rel=1e-12)
+    assert ModelConfig.from_hf(ours.to_hf()) == ours  # what `jaxinfer convert` writes reads back the same
+
+
+@pytest.mark.parametrize("config_cls, overrides, longest, source", [
+    (transformers.Qwen3Config, dict(max_position_embeddings=40960, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6}),
+     131072, "yarn's original_max_position_embeddings=32768 x factor=4"),  # Qwen3's long-context recipe
+    (transformers.LlamaConfig, dict(max_position_embeddings=2048, rope_parameters={
+        "rope_type": "linear", "factor": 8.0, "rope_theta": 1e4}), 16384, "max_position_embeddings=2048 x linear"),
+    (transformers.LlamaConfig, dict(max_position_embeddings=8192, rope_parameters={**LLAMA3_ROPE}), 8192,
+     "max_position_embeddings=8192"),
+])
+def test_the_longest_context_is_derived_as_vllm_derives_it(config_cls, overrides, longest, source):
+    cfg = ModelConfig.from_hf(config_cls(**{**COMMON, **overrides}).to_dict())
+    assert cfg.max_length == longest
+    assert EngineConfig(max_model_len=longest).resolve(cfg, "cpu").max_model_len == longest
+    assert EngineConfig().resolve(cfg, "cpu").max_model_len == 4096  # the default stays capped
+    with pytest.raises(ConfigError, match=f"max_model_len={longest + 1} exceeds the model's longest context, "
+                                          f"{longest} \\({source}"):
+        EngineConfig(max_model_len=longest + 1).resolve(cfg, "cpu")
 
 
 @pytest.fixture(scope="module")

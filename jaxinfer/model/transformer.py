@@ -9,6 +9,7 @@ pool. No Python state, no globals: everything arrives as arguments.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -41,13 +42,16 @@ class KVPool:
 
 
 def rope_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
-    """Inverse frequencies [H/2] in float32, computed as Hugging Face does (incl. llama3 scaling)."""
+    """Inverse frequencies [H/2] in float32, computed as Hugging Face does (incl. llama3 and yarn scaling)."""
     exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    inv_freq = (np.float32(1.0) / (np.float32(rope.theta) ** exponents)).astype(np.float32)
+    wavelengths = (np.float32(rope.theta) ** exponents).astype(np.float32)  # over 2 pi
+    inv_freq = (np.float32(1.0) / wavelengths).astype(np.float32)
     if rope.kind == "linear":
         return (inv_freq / np.float32(rope.factor)).astype(np.float32)
     if rope.kind == "llama3":
         return _llama3_scaling(inv_freq, rope)
+    if rope.kind == "yarn":
+        return _yarn_scaling(inv_freq, wavelengths, rope, head_dim)
     return inv_freq
 
 
@@ -64,11 +68,30 @@ def _llama3_scaling(inv_freq: np.ndarray, rope: RopeConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """x [B, T, N, H], positions [B, T]: rotate-half RoPE (the Hugging Face layout)."""
+def _yarn_scaling(inv_freq: np.ndarray, wavelengths: np.ndarray, rope: RopeConfig, head_dim: int) -> np.ndarray:
+    # Frequencies that turn fewer than beta_slow times over the pretraining length are divided by `factor`,
+    # those that turn more than beta_fast times kept, with a linear ramp over the dimensions between.
+    def dimension(rotations: float) -> float:
+        return head_dim * math.log(rope.original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = dimension(rope.beta_fast), dimension(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    kept = (np.float32(1) - ramp).astype(np.float32)
+    divided = (np.float32(1) / (np.float32(rope.factor) * wavelengths)).astype(np.float32)
+    return (divided * (np.float32(1) - kept) + inv_freq * kept).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scale: float = 1.0) -> jax.Array:
+    """x [B, T, N, H], positions [B, T]: rotate-half RoPE (the Hugging Face layout), cos and sin times `scale`
+    (YaRN's attention factor)."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
-    cos = jnp.cos(freqs)[:, :, None, :]
-    sin = jnp.sin(freqs)[:, :, None, :]
+    cos = jnp.cos(freqs)[:, :, None, :] * scale
+    sin = jnp.sin(freqs)[:, :, None, :] * scale
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -147,8 +170,8 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
         h, k_pool, v_pool = carry
         lp, index = xs
         q, k, v = qkv(lp, cfg, rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps))
-        q = apply_rope(q, batch.positions, inv_freq)
-        k = apply_rope(k, batch.positions, inv_freq)
+        q = apply_rope(q, batch.positions, inv_freq, cfg.rope.attention_factor)
+        k = apply_rope(k, batch.positions, inv_freq, cfg.rope.attention_factor)
         # Advanced indices split by a slice put [B, T] first: the target is [B, T, K, H].
         k_pool = k_pool.at[index, :, pages, offsets].set(stored(k, k_pool.dtype))
         v_pool = v_pool.at[index, :, pages, offsets].set(stored(v, v_pool.dtype))
