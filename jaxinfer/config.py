@@ -1,7 +1,7 @@
 """Frozen configuration dataclasses.
 
 `ModelConfig` is an explicit mapping of a Hugging Face `config.json` for the
-Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3) and its mixture-of-experts
+Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Phi-3/Phi-4) and its mixture-of-experts
 kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE). `EngineConfig`
 holds the serving knobs (slots, pages, chunking, dtype). Host code only: this
 module must not import JAX.
@@ -15,7 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -191,6 +192,7 @@ class ModelConfig:
             "hidden_act": "silu",
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_ids),
+            "pad_token_id": None,  # else Phi-3's class default, 32000, which a small vocabulary lacks
             "torch_dtype": self.dtype,
         }
         if self.model_type == "qwen2_moe":
@@ -208,7 +210,7 @@ class ModelConfig:
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM",
-                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM"}
 
 
 def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
@@ -268,6 +270,9 @@ def _rope_from_hf(hf: dict) -> RopeConfig:
     merged = {**scaling, **params}
     theta = float(merged.get("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = merged.get("rope_type") or merged.get("type") or "default"
+    partial = merged.get("partial_rotary_factor", hf.get("partial_rotary_factor")) or 1.0
+    if partial != 1.0:
+        raise ConfigError(f"partial_rotary_factor={partial} is not supported: RoPE rotates every head dimension")
     if kind not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"unsupported rope scaling type {kind!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     if kind == "default":
@@ -323,8 +328,8 @@ def _rope_to_hf(rope: RopeConfig) -> dict:
 
 def _sliding_window(hf: dict, model_type: str) -> int | None:
     window = hf.get("sliding_window")
-    if model_type in ("mistral", "mixtral"):
-        return window  # null in Mistral v0.2+, 4096 in v0.1
+    if model_type in ("mistral", "mixtral", "phi3"):
+        return window  # null in Mistral v0.2+ and Phi-4, 4096 in Mistral v0.1, 2047 in Phi-3-mini
     layer_types = hf.get("layer_types") or []
     uses_window = hf.get("use_sliding_window", False) or "sliding_attention" in layer_types
     if uses_window:

@@ -27,6 +27,7 @@ PUBLISHED_PARAMS = {
     "llama-3.2-1b": 1_235_814_400,
     "mistral-7b-v0.3": 7_248_023_552,
     "mixtral-8x7b": 46_702_792_704,
+    "phi-4": 14_659_507_200,
     "qwen1.5-moe-a2.7b": 14_315_784_192,
     "qwen3-30b-a3b": 30_532_122_624,
     "qwen2.5-0.5b": 494_032_768,
@@ -65,8 +66,8 @@ def test_missing_field_is_named():
 
 
 def test_unsupported_rope_type_is_named():
-    with pytest.raises(ConfigError, match="'yarn'"):
-        ModelConfig.from_hf(_llama_hf(rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    with pytest.raises(ConfigError, match="unsupported rope scaling type 'longrope'.*linear, llama3, yarn"):
+        ModelConfig.from_hf(_llama_hf(rope_scaling={"rope_type": "longrope", "factor": 4.0}))
 
 
 def test_rope_scaling_in_both_config_spellings():
@@ -162,13 +163,14 @@ def _our_logits(params, cfg, tokens):
 
 @pytest.mark.parametrize("preset, experts", [
     ("qwen3-0.6b", {}),
+    ("phi-4", {}),  # fused qkv_proj and gate_up_proj tensors, written back whole
     ("mixtral-8x7b", {"num_local_experts": 4}),
     ("qwen1.5-moe-a2.7b", {"num_experts": 5, "moe_intermediate_size": 40, "shared_expert_intermediate_size": 72}),
     ("qwen3-30b-a3b", {"num_experts": 10, "moe_intermediate_size": 40}),
 ])
 def test_saved_weights_load_in_transformers(tmp_path, preset, experts):
     """Our random init written in HF layout gives HF the same logits: the table's layouts hold both ways
-    (per-expert tensors included)."""
+    (per-expert and fused tensors included)."""
     source = find_model(CONFIGS / f"{preset}.json")
     cfg = ModelConfig.from_hf({**json.loads(source.config_path.read_text()), "hidden_size": 64,
                                "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,

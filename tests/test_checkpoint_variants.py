@@ -133,6 +133,9 @@ def test_missing_optional_fields_take_transformers_defaults(tmp_path, family):
     (dict(hidden_act="gelu"), "'gelu'"),
     (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), "'dynamic'"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "'yarn' is missing required field 'factor'"),
+    (dict(partial_rotary_factor=0.75), "partial_rotary_factor=0.75 is not supported"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+     "partial_rotary_factor=0.5"),
     (dict(mlp_bias=True), "mlp_bias"),
     (dict(use_sliding_window=True, sliding_window=16, layer_types=["sliding_attention"] * 2), "sliding-window"),
 ])
@@ -287,7 +290,7 @@ def test_yarn_frequencies_and_attention_factor_are_transformers(rope):
     ours = ModelConfig.from_hf(theirs.to_dict())
     np.testing.assert_allclose(rope_frequencies(ours.rope, ours.head_dim), inv_freq.numpy(), rtol=1e-6, atol=0)
     assert ours.rope.attention_factor == pytest.approx(attention_factor, rel=1e-12)
-    assert ModelConfig.from_hf(ours.to_hf()) == ours  # what `jaxinfer convert` writes reads back the same
+    assert ModelConfig.from_hf(ours.to_hf()) == ours  # the config bench offline hands transformers
 
 
 @pytest.mark.parametrize("config_cls, overrides, longest, source", [

@@ -34,6 +34,8 @@ CASES = {
     "qwen3-qknorm": ("qwen3", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16), "xla", [(1, 4)], False),
     "mistral-window": ("mistral", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=16, sliding_window=12),
                        "reference", [(1, 8)], False),
+    # q/k/v and gate/up cut from fused tensors, then split over 'model'.
+    "phi3-fused": ("phi3", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=16), "xla", [(1, 4)], False),
     # Experts split over 'model' by their width (every device holds every expert's slice), a shared expert too.
     "qwen2-moe": ("qwen2_moe", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16), "reference",
                   [(2, 4)], False),
@@ -116,6 +118,11 @@ def test_kv_heads_are_repeated_over_the_model_axis(runs):
     assert runs["qwen2-k1-tied"]["meshes"]["2,4"]["wk"]["local"] == [2, 64, 1, 16]
     assert runs["qwen3-qknorm"]["meshes"]["1,4"]["wk"] == {"shape": [2, 64, 4, 16], "local": [2, 64, 1, 16]}
     assert runs["mistral-window"]["meshes"]["1,8"]["wk"] == {"shape": [2, 64, 8, 16], "local": [2, 64, 1, 16]}
+
+
+def test_fused_projections_split_over_the_model_axis(runs):
+    phi3 = runs["phi3-fused"]["meshes"]["1,4"]
+    assert phi3["wk"] == {"shape": [2, 64, 4, 16], "local": [2, 64, 1, 16]}
 
 
 def test_experts_split_by_width_over_the_model_axis(runs):

@@ -54,7 +54,7 @@ def _ours(hf: dict) -> tuple:
 def test_saved_configs_map_like_transformers(tmp_path, family, overrides):
     hf = _saved(tmp_path, family, **overrides)
     assert _ours(hf) == _theirs(hf)
-    assert ModelConfig.from_hf(ModelConfig.from_hf(hf).to_hf()) == ModelConfig.from_hf(hf)  # `convert` writes it
+    assert ModelConfig.from_hf(ModelConfig.from_hf(hf).to_hf()) == ModelConfig.from_hf(hf)  # bench offline writes it
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.config import ModelConfig
+from jaxinfer.config import FUSED_PROJECTIONS, ModelConfig
 from jaxinfer.model import safetensors_io
 from jaxinfer.model.safetensors_io import CheckpointError
 from jaxinfer.sharding import kv_replicas, logical_sharding
@@ -34,6 +34,12 @@ class WeightSpec:
     hf_shape: tuple[int, ...]  # the checkpoint's layout (of one expert's tensor for per-expert weights)
     transpose: bool = False  # torch Linear stores [out, in]; we store [in, out]
     init: str = "normal"  # normal (std 1/sqrt(fan_in)) | ones
+    hf_rows: tuple[int, int] | None = None  # the rows [start, end) this weight takes of a fused tensor
+
+    @property
+    def part_shape(self) -> tuple[int, ...]:
+        """The checkpoint tensor's part that is this weight (the whole tensor unless fused)."""
+        return self.hf_shape if self.hf_rows is None else (self.hf_rows[1] - self.hf_rows[0], *self.hf_shape[1:])
 
     @property
     def stacked(self) -> bool:
@@ -62,10 +68,13 @@ class WeightSpec:
 
     def to_ours(self, x: np.ndarray) -> np.ndarray:
         """One checkpoint tensor (one expert's, for per-expert weights) in our layout."""
+        if self.hf_rows is not None:
+            x = x[self.hf_rows[0]:self.hf_rows[1]]
         return (x.T if self.transpose else x).reshape(self.shape[1:] if self.per_expert else self.shape)
 
     def to_hf(self, x: np.ndarray) -> np.ndarray:
-        return x.reshape(self.hf_shape[::-1]).T if self.transpose else x.reshape(self.hf_shape)
+        """Our weight in the checkpoint's layout (its rows of the tensor, if fused)."""
+        return x.reshape(self.part_shape[::-1]).T if self.transpose else x.reshape(self.part_shape)
 
 
 def weight_table(cfg: ModelConfig) -> list[WeightSpec]:
@@ -102,6 +111,8 @@ def weight_table(cfg: ModelConfig) -> list[WeightSpec]:
     if cfg.num_experts:
         specs = [spec for spec in specs if spec.name not in ("layers.w_gate", "layers.w_up", "layers.w_down")]
         specs += _expert_specs(cfg)
+    if cfg.model_type in FUSED_PROJECTIONS:
+        specs = _fused(specs, cfg)
     if not cfg.tie_word_embeddings:
         specs.append(WeightSpec("lm_head", (D, V), ("embed", "vocab"), "lm_head.weight", (V, D), True))
     return specs
@@ -133,6 +144,18 @@ def _expert_specs(cfg: ModelConfig) -> list[WeightSpec]:
             WeightSpec("layers.shared_expert_gate", (D,), ("embed",), sp + "_gate.weight", (1, D), True),
         ]
     return specs
+
+
+def _fused(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
+    """Phi-3's layout: q, k and v are rows of one `qkv_proj`, the MLP's gate and up rows of one `gate_up_proj`."""
+    D, F, N, K, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    qkv, gate_up = "model.layers.{i}.self_attn.qkv_proj.weight", "model.layers.{i}.mlp.gate_up_proj.weight"
+    qkv_shape, gate_up_shape = ((N + 2 * K) * H, D), (2 * F, D)
+    parts = {"layers.wq": (qkv, qkv_shape, (0, N * H)), "layers.wk": (qkv, qkv_shape, (N * H, (N + K) * H)),
+             "layers.wv": (qkv, qkv_shape, ((N + K) * H, (N + 2 * K) * H)),
+             "layers.w_gate": (gate_up, gate_up_shape, (0, F)), "layers.w_up": (gate_up, gate_up_shape, (F, 2 * F))}
+    return [dataclasses.replace(spec, hf_key=parts[spec.name][0], hf_shape=parts[spec.name][1],
+                                hf_rows=parts[spec.name][2]) if spec.name in parts else spec for spec in specs]
 
 
 def param_count(cfg: ModelConfig) -> int:
@@ -279,10 +302,11 @@ def _check_leftovers(keys, used: set[str], cfg: ModelConfig) -> None:
 
 def to_hf_tensors(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """The parameter tree in the checkpoint's keys and layouts (host numpy)."""
-    out = {}
+    parts: dict[str, list] = {}
     for spec in weight_table(cfg):
         value = np.asarray(jax.device_get(_get_path(params, spec.name)))
         per_key = value.reshape(-1, *value.shape[2:]) if spec.per_expert else value if spec.stacked else value[None]
         for key, part in zip(spec.hf_keys(cfg.num_layers), per_key):
-            out[key] = np.ascontiguousarray(spec.to_hf(part))
-    return out
+            parts.setdefault(key, []).append(((spec.hf_rows or (0,))[0], spec.to_hf(part)))
+    return {key: np.ascontiguousarray(np.concatenate([part for _, part in sorted(rows, key=lambda r: r[0])]))
+            for key, rows in parts.items()}
