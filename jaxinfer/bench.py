@@ -483,7 +483,7 @@ def offline(options: OfflineOptions) -> dict:
     from jaxinfer.model.checkpoint import find_model, load_config
     source = find_model(options.model)
     workload = Workload.random(options.num_requests, options.input_len_range, options.output_len_range,
-                               load_config(source).vocab_size, options.seed)
+                               load_config(source, options.engine.hf_overrides).vocab_size, options.seed)
     engine = options.engine
     if engine.max_model_len is None:
         engine = dataclasses.replace(engine, max_model_len=options.input_len_range[1] + options.output_len_range[1])

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from jaxinfer import bench_serve, router
 from jaxinfer import eval as evaluation
-from jaxinfer.config import CONTROL_FLOWS, DTYPES, KV_CACHE_DTYPES, ConfigError, EngineConfig
+from jaxinfer.config import (CONTROL_FLOWS, DTYPES, HF_OVERRIDES_HELP, KV_CACHE_DTYPES, ConfigError, EngineConfig,
+                             hf_overrides_arg)
 from jaxinfer.model.safetensors_io import CheckpointError
 from jaxinfer.planner import cli as planner_cli
 from jaxinfer.server.reasoning import PARSERS as REASONING_PARSERS
@@ -33,7 +34,7 @@ BUCKETS_HELP = "row counts a decode-only step may shrink to when fewer slots dec
 
 def _generate(args) -> None:
     from jaxinfer.llm import LLM, SamplingParams
-    engine = EngineConfig(max_slots=min(len(args.prompts), 64), dtype=args.dtype)
+    engine = EngineConfig(max_slots=min(len(args.prompts), 64), dtype=args.dtype, hf_overrides=args.hf_overrides)
     llm = LLM(args.model, engine)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     start, compiling = time.perf_counter(), llm.runner.compile_seconds
@@ -74,6 +75,7 @@ def _bench_offline(args) -> None:
     engine = EngineConfig(max_slots=args.max_slots, prefill_chunk=args.prefill_chunk,
                           decode_steps=args.decode_steps, page_size=args.page_size, dtype=args.dtype,
                           kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len, seed=args.seed,
+                          hf_overrides=args.hf_overrides,
                           max_prefill_seqs=args.max_prefill_seqs,
                           control_flow=args.control_flow, decode_buckets=_buckets(args))
     offline(OfflineOptions(args.model, engine, args.num_requests, tuple(args.input_len_range),
@@ -108,6 +110,7 @@ def _add_bench(sub) -> None:
                      help="default: the longest prompt plus the longest output")
     off.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
     off.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_DTYPE_HELP)
+    off.add_argument("--hf-overrides", type=hf_overrides_arg, default=None, help=HF_OVERRIDES_HELP)
     off.add_argument("--seed", type=int, default=0, help="the workload's seed")
     off.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES),
                      help="static: static batching on the same engine; hf: transformers generate; bare: the "
@@ -150,7 +153,7 @@ def _serve(args) -> int:
     tool_call_parser = _tool_call_parser(args)
     logging.getLogger("jaxinfer.serve").setLevel(logging.INFO)  # the start-up phases and their times
     engine = EngineConfig(max_slots=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype,
-                          kv_cache_dtype=args.kv_cache_dtype, page_size=args.page_size,
+                          kv_cache_dtype=args.kv_cache_dtype, page_size=args.page_size, hf_overrides=args.hf_overrides,
                           prefill_chunk=args.prefill_chunk, num_pages=args.num_pages,
                           decode_steps=args.decode_steps, enable_prefix_caching=args.enable_prefix_caching,
                           max_prefill_seqs=args.max_prefill_seqs, control_flow=args.control_flow, seed=args.seed,
@@ -202,6 +205,7 @@ def _add_serve(sub) -> None:
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     serve.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
     serve.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_DTYPE_HELP)
+    serve.add_argument("--hf-overrides", type=hf_overrides_arg, default=None, help=HF_OVERRIDES_HELP)
     serve.add_argument("--seed", type=int, default=0, help="seeds requests that send none")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests may take to finish after SIGTERM")
@@ -249,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
+    gen.add_argument("--hf-overrides", type=hf_overrides_arg, default=None, help=HF_OVERRIDES_HELP)
     gen.set_defaults(run=_generate)
 
     conv = sub.add_parser("convert", help="write a Hugging Face checkpoint as an orbax checkpoint")

@@ -9,6 +9,7 @@ module must not import JAX.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -165,13 +166,13 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
+    def from_json(cls, path: str | Path, overrides: dict | None = None) -> "ModelConfig":
         path = Path(path)
         try:
             hf = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot read model config {path}: {e}") from e
-        return cls.from_hf(hf)
+        return cls.from_hf(with_overrides(hf, overrides or {}))
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json a Hugging Face loader reads back to this config."""
@@ -206,6 +207,34 @@ class ModelConfig:
             hf["sliding_window"] = self.sliding_window
             hf["use_sliding_window"] = True
         return hf
+
+
+HF_OVERRIDES_HELP = "JSON object laid over the checkpoint's config.json, as vLLM's, e.g. " \
+                    "'{\"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4.0, " \
+                    "\"original_max_position_embeddings\": 32768}}' (with --max-model-len up to 131072)"
+
+
+def hf_overrides_arg(text: str) -> dict:
+    """`--hf-overrides`' value: a JSON object (an argparse type)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def with_overrides(hf: dict, overrides: dict) -> dict:
+    """config.json with vLLM's `--hf-overrides` laid over it, field by field. A `rope_scaling` given there
+    replaces the scaling of a config that transformers 5 wrote as `rope_parameters` (keeping its rope_theta),
+    as it would in the 4.x spelling."""
+    merged = {**hf, **overrides}
+    if "rope_scaling" in overrides and "rope_parameters" in hf and "rope_parameters" not in overrides:
+        theta = (hf["rope_parameters"] or {}).get("rope_theta")
+        kept = {} if theta is None else {"rope_theta": theta}
+        merged["rope_parameters"] = {**kept, **(overrides["rope_scaling"] or {})}
+    return merged
 
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -420,6 +449,7 @@ class EngineConfig:
     decode_buckets: tuple[int, ...] | None = None  # rows a decode-only step may shrink to, per data shard; None: auto
     seed: int = 0
     mesh_shape: tuple[int, int] = (1, 1)  # devices over ('data', 'model'): data-parallel shards x tensor parallel
+    hf_overrides: dict | None = None  # vLLM's --hf-overrides: fields laid over the checkpoint's config.json
 
     def __post_init__(self):
         for name in ("max_slots", "page_size", "prefill_chunk", "min_prefill_bucket", "decode_steps"):

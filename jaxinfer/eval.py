@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxinfer.config import DTYPES, KV_CACHE_DTYPES, EngineConfig
+from jaxinfer.config import DTYPES, HF_OVERRIDES_HELP, KV_CACHE_DTYPES, EngineConfig, hf_overrides_arg
 from jaxinfer.engine.request import SamplingParams
 
 ON_ERROR = ("skip", "stop")
@@ -515,7 +515,8 @@ def loglikelihood(model, pairs, engine_config: EngineConfig | None = None,
 
 def _engine_config(args) -> EngineConfig:
     return EngineConfig(max_slots=args.max_num_seqs, max_model_len=args.max_model_len, page_size=args.page_size,
-                        prefill_chunk=args.prefill_chunk, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
+                        prefill_chunk=args.prefill_chunk, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+                        hf_overrides=args.hf_overrides)
 
 
 def _input(args) -> Path:
@@ -571,6 +572,7 @@ def _add_engine_flags(p) -> None:
     p.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="the KV cache's dtype: auto (the model's), bfloat16, fp8 (fp8_e4m3) or fp8_e5m2")
+    p.add_argument("--hf-overrides", type=hf_overrides_arg, default=None, help=HF_OVERRIDES_HELP)
 
 
 def add_parser(sub) -> None:

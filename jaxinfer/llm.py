@@ -93,8 +93,8 @@ def load_engine(model: str | Path | None = None, engine: EngineConfig | None = N
     over the devices of `engine.mesh_shape`."""
     source = find_model(model)
     start = time.perf_counter()
-    cfg = load_config(source)
     requested = engine or EngineConfig()
+    cfg = load_config(source, requested.hf_overrides)
     check_mesh(cfg, requested)
     mesh = make_mesh(requested.mesh_shape)
     resolved = requested.resolve(cfg, jax.default_backend())

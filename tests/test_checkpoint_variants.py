@@ -5,6 +5,7 @@ Config mapping is checked against transformers' own config classes on the same c
 the torch state dict; a few variants end to end against `generate` (one engine compile each).
 """
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -310,6 +311,44 @@ def test_the_longest_context_is_derived_as_vllm_derives_it(config_cls, overrides
     with pytest.raises(ConfigError, match=f"max_model_len={longest + 1} exceeds the model's longest context, "
                                           f"{longest} \\({source}"):
         EngineConfig(max_model_len=longest + 1).resolve(cfg, "cpu")
+
+
+def test_hf_overrides_turn_yarn_on_as_a_config_json_would(tmp_path):
+    """vLLM's --hf-overrides '{"rope_scaling": {yarn}}' over a transformers-5 config (rope_parameters, theta
+    inside): the engine generates what transformers does with yarn written into config.json."""
+    model = _build("qwen3-yarn", tmp_path / "yarn")
+    shutil.copytree(tmp_path / "yarn", tmp_path / "plain")
+    hf = json.loads((tmp_path / "plain" / "config.json").read_text())
+    yarn = {k: v for k, v in hf["rope_parameters"].items() if k != "rope_theta"}
+    hf["rope_parameters"] = {"rope_type": "default", "rope_theta": hf["rope_parameters"]["rope_theta"]}
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(hf))
+    engine = EngineConfig(max_slots=2, page_size=PAGE, prefill_chunk=CHUNK, max_model_len=64, dtype="float32",
+                          hf_overrides={"rope_scaling": yarn})
+    llm = LLM(tmp_path / "plain", engine)
+    assert llm.model_config == load_config(find_model(tmp_path / "yarn"))
+    prompts = random_prompts(COMMON["vocab_size"], PROMPT_LENGTHS)[-2:]
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True),
+                           use_tqdm=False)
+    for prompt, out in zip(prompts, outputs):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW_TOKENS,
+                                 min_new_tokens=NEW_TOKENS)[0, len(prompt):].tolist()
+        assert out.outputs[0].token_ids == ref
+    plain = LLM(tmp_path / "plain", dataclasses.replace(engine, hf_overrides=None))
+    assert plain.model_config.rope.kind == "default"  # the overrides, not the files, made the difference
+
+
+def test_hf_overrides_flag_reaches_the_engine_on_every_command(monkeypatch):
+    from jaxinfer.server import run
+    seen = {}
+    monkeypatch.setattr(run, "serve", lambda model, engine, *args, **kwargs: seen.setdefault("serve", engine) and 0)
+    value = '{"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "max_position_embeddings": 8192}'
+    assert cli.main(["serve", "--hf-overrides", value, "--skip-warmup"]) == 0
+    assert seen["serve"].hf_overrides == json.loads(value)
+    for command in (["serve"], ["generate", "hi"], ["bench", "offline"], ["eval", "perplexity", "--input", "x"]):
+        assert cli.build_parser().parse_args(command + ["--hf-overrides", value]).hf_overrides == json.loads(value)
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(command + ["--hf-overrides", "[1, 2]"])
 
 
 @pytest.fixture(scope="module")

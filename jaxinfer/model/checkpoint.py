@@ -56,8 +56,9 @@ def find_model(path: str | Path | None) -> ModelSource:
     return ModelSource(path / "config.json", path)
 
 
-def load_config(source: ModelSource) -> ModelConfig:
-    cfg = ModelConfig.from_json(source.config_path)
+def load_config(source: ModelSource, overrides: dict | None = None) -> ModelConfig:
+    """The model's config (`overrides`: vLLM's --hf-overrides, laid over config.json)."""
+    cfg = ModelConfig.from_json(source.config_path, overrides)
     eos = tuple(dict.fromkeys(cfg.eos_token_ids + _generation_eos(source.directory)))
     return dataclasses.replace(cfg, eos_token_ids=eos)
 
