@@ -345,7 +345,8 @@ def test_hf_overrides_flag_reaches_the_engine_on_every_command(monkeypatch):
     value = '{"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "max_position_embeddings": 8192}'
     assert cli.main(["serve", "--hf-overrides", value, "--skip-warmup"]) == 0
     assert seen["serve"].hf_overrides == json.loads(value)
-    for command in (["serve"], ["generate", "hi"], ["bench", "offline"], ["eval", "perplexity", "--input", "x"]):
+    for command in (["serve"], ["generate", "hi"], ["bench", "offline"], ["bench", "profile", "--output", "x"],
+                    ["eval", "perplexity", "--input", "x"]):
         assert cli.build_parser().parse_args(command + ["--hf-overrides", value]).hf_overrides == json.loads(value)
         with pytest.raises(SystemExit):
             cli.build_parser().parse_args(command + ["--hf-overrides", "[1, 2]"])

@@ -6,7 +6,8 @@ import dataclasses
 import json
 import time
 
-from jaxinfer.config import EngineConfig, default_decode_buckets, default_prefill_seqs
+from jaxinfer.config import (HF_OVERRIDES_HELP, EngineConfig, default_decode_buckets, default_prefill_seqs,
+                             hf_overrides_arg)
 
 PROFILE_HELP = "a cost profile written by `jaxinfer bench profile`"
 
@@ -25,6 +26,7 @@ def add_profile_parser(kinds) -> None:
     p.add_argument("--max-model-len", type=int, default=256)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--kv-cache-dtype", default="auto", help="the KV cache's dtype, as `serve` takes it")
+    p.add_argument("--hf-overrides", type=hf_overrides_arg, default=None, help=HF_OVERRIDES_HELP)
     p.add_argument("--repeats", type=int, default=5, help="steps timed back to back per shape")
     p.add_argument("--output", required=True, metavar="PATH", help="where to write the profile (JSON)")
     p.add_argument("--from-log", nargs="+", default=None, metavar="LOG",
@@ -41,7 +43,7 @@ def _profile(args) -> None:
     else:
         engine = EngineConfig(page_size=args.page_size, prefill_chunk=args.prefill_chunk,
                               decode_steps=args.decode_steps, max_model_len=args.max_model_len, dtype=args.dtype,
-                              kv_cache_dtype=args.kv_cache_dtype)
+                              kv_cache_dtype=args.kv_cache_dtype, hf_overrides=args.hf_overrides)
         model = profile(args.model, engine, args.slots, args.repeats)
     model.save(args.output)
     print(describe(model))
