@@ -1,6 +1,7 @@
 """Mixtures of experts (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE): config mapping against transformers' config classes,
-the router against a numpy reference, strict per-expert loading. Logits and greedy tokens against transformers
-are tests/test_model_parity.py's (the families are in tests/hf_models.py); sharding is test_mesh_variants.py's."""
+the router against a numpy reference, strict per-expert loading, the engine's batch invariance. Logits and greedy
+tokens against transformers are tests/test_model_parity.py's (the families are in tests/hf_models.py); sharding
+is test_mesh_variants.py's."""
 
 import json
 
