@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 from jaxinfer import bench_serve, router
 from jaxinfer import eval as evaluation
 from jaxinfer.config import (CONTROL_FLOWS, DTYPES, HF_OVERRIDES_HELP, KV_CACHE_DTYPES, ConfigError, EngineConfig,
-                             hf_overrides_arg)
+                             json_object_arg)
 from jaxinfer.model.safetensors_io import CheckpointError
 from jaxinfer.planner import cli as planner_cli
 from jaxinfer.server.reasoning import PARSERS as REASONING_PARSERS
@@ -110,7 +109,7 @@ def _add_bench(sub) -> None:
                      help="default: the longest prompt plus the longest output")
     off.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
     off.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_DTYPE_HELP)
-    off.add_argument("--hf-overrides", type=hf_overrides_arg, default=None, help=HF_OVERRIDES_HELP)
+    off.add_argument("--hf-overrides", type=json_object_arg, default=None, help=HF_OVERRIDES_HELP)
     off.add_argument("--seed", type=int, default=0, help="the workload's seed")
     off.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES),
                      help="static: static batching on the same engine; hf: transformers generate; bare: the "
@@ -123,16 +122,6 @@ def _add_bench(sub) -> None:
     off.set_defaults(run=_bench_offline)
     bench_serve.add_parser(kinds)
     planner_cli.add_profile_parser(kinds)
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"a JSON object is needed, got {text!r:.80}")
-    return value
 
 
 def _tool_call_parser(args) -> str | None:
@@ -205,7 +194,7 @@ def _add_serve(sub) -> None:
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     serve.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
     serve.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_DTYPE_HELP)
-    serve.add_argument("--hf-overrides", type=hf_overrides_arg, default=None, help=HF_OVERRIDES_HELP)
+    serve.add_argument("--hf-overrides", type=json_object_arg, default=None, help=HF_OVERRIDES_HELP)
     serve.add_argument("--seed", type=int, default=0, help="seeds requests that send none")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests may take to finish after SIGTERM")
@@ -223,7 +212,7 @@ def _add_serve(sub) -> None:
                        help="return a reasoning model's thinking (<think>...</think>) as the chat message's "
                             "reasoning (and reasoning_content), apart from its content: deepseek_r1 (the template "
                             "opens the block: DeepSeek-R1, QwQ), qwen3 (an answer that starts with <think>)")
-    serve.add_argument("--structured-outputs-config", type=_json_object, default={}, metavar="JSON",
+    serve.add_argument("--structured-outputs-config", type=json_object_arg, default={}, metavar="JSON",
                        help='defaults for every structured request, as vLLM\'s: {"disable_any_whitespace": true} '
                             '(compact JSON: a small model may otherwise write whitespace until max_tokens), '
                             '"disable_additional_properties" (objects take only the properties they name)')
@@ -253,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
-    gen.add_argument("--hf-overrides", type=hf_overrides_arg, default=None, help=HF_OVERRIDES_HELP)
+    gen.add_argument("--hf-overrides", type=json_object_arg, default=None, help=HF_OVERRIDES_HELP)
     gen.set_defaults(run=_generate)
 
     conv = sub.add_parser("convert", help="write a Hugging Face checkpoint as an orbax checkpoint")

@@ -214,14 +214,14 @@ HF_OVERRIDES_HELP = "JSON object laid over the checkpoint's config.json, as vLLM
                     "\"original_max_position_embeddings\": 32768}}' (with --max-model-len up to 131072)"
 
 
-def hf_overrides_arg(text: str) -> dict:
-    """`--hf-overrides`' value: a JSON object (an argparse type)."""
+def json_object_arg(text: str) -> dict:
+    """An argparse type: a flag whose value is a JSON object (`--hf-overrides`, `--structured-outputs-config`)."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON ({e})") from e
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
+        raise argparse.ArgumentTypeError(f"a JSON object is needed, got {text!r:.80}")
     return value
 
 

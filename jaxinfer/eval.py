@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxinfer.config import DTYPES, HF_OVERRIDES_HELP, KV_CACHE_DTYPES, EngineConfig, hf_overrides_arg
+from jaxinfer.config import DTYPES, HF_OVERRIDES_HELP, KV_CACHE_DTYPES, EngineConfig, json_object_arg
 from jaxinfer.engine.request import SamplingParams
 
 ON_ERROR = ("skip", "stop")
@@ -572,7 +572,7 @@ def _add_engine_flags(p) -> None:
     p.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="the KV cache's dtype: auto (the model's), bfloat16, fp8 (fp8_e4m3) or fp8_e5m2")
-    p.add_argument("--hf-overrides", type=hf_overrides_arg, default=None, help=HF_OVERRIDES_HELP)
+    p.add_argument("--hf-overrides", type=json_object_arg, default=None, help=HF_OVERRIDES_HELP)
 
 
 def add_parser(sub) -> None:

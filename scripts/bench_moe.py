@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench_sampling import median_seconds  # scripts/, beside this one
 from jaxinfer.config import ModelConfig
 from jaxinfer.model.transformer import expert_weights, mlp, moe
 
@@ -75,16 +74,6 @@ def blocked_moe(lp: dict, cfg: ModelConfig, y: jax.Array, block: int) -> jax.Arr
     return jnp.sum(pairs * top.astype(y.dtype)[..., None], axis=1).reshape(B, T, D)
 
 
-def timed(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def bench(experts: int, k: int, hidden: int, width: int, tokens: int, dtype, repeats: int, block: int) -> None:
     cfg = ModelConfig(model_type="qwen3_moe", vocab_size=8, hidden_size=hidden, intermediate_size=width,
                       num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8, max_position_embeddings=8,
@@ -99,8 +88,8 @@ def bench(experts: int, k: int, hidden: int, width: int, tokens: int, dtype, rep
              f"blocked/{block}": jax.jit(lambda p, x: blocked_moe(p, cfg, x, block))}
     outs = {name: fn(lp, y).astype(jnp.float32) for name, fn in forms.items()}
     diff = max(float(jnp.max(jnp.abs(out - outs["dense"]))) for out in outs.values())
-    ms = {name: timed(fn, lp, y, repeats=repeats) for name, fn in forms.items()}
-    floor = timed(jax.jit(mlp), active, y, repeats=repeats)
+    ms = {name: median_seconds(fn, (lp, y), repeats) * 1e3 for name, fn in forms.items()}
+    floor = median_seconds(jax.jit(mlp), (active, y), repeats) * 1e3
     others = " | ".join(f"{name} {ms[name]:8.2f} ms ({ms[name] / ms['dense']:5.2f}x dense)" for name in list(forms)[1:])
     print(f"{experts:>4} {k:>3} {hidden:>6} {width:>6} {tokens:>6} | dense {ms['dense']:8.2f} ms | {others} | "
           f"active-width MLP {floor:7.2f} ms ({ms['dense'] / floor:5.2f}x under dense) | max |form - dense| {diff:.1e}")

@@ -7,7 +7,7 @@ import json
 import time
 
 from jaxinfer.config import (HF_OVERRIDES_HELP, EngineConfig, default_decode_buckets, default_prefill_seqs,
-                             hf_overrides_arg)
+                             json_object_arg)
 
 PROFILE_HELP = "a cost profile written by `jaxinfer bench profile`"
 
@@ -26,7 +26,7 @@ def add_profile_parser(kinds) -> None:
     p.add_argument("--max-model-len", type=int, default=256)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--kv-cache-dtype", default="auto", help="the KV cache's dtype, as `serve` takes it")
-    p.add_argument("--hf-overrides", type=hf_overrides_arg, default=None, help=HF_OVERRIDES_HELP)
+    p.add_argument("--hf-overrides", type=json_object_arg, default=None, help=HF_OVERRIDES_HELP)
     p.add_argument("--repeats", type=int, default=5, help="steps timed back to back per shape")
     p.add_argument("--output", required=True, metavar="PATH", help="where to write the profile (JSON)")
     p.add_argument("--from-log", nargs="+", default=None, metavar="LOG",
