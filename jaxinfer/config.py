@@ -1,7 +1,7 @@
 """Frozen configuration dataclasses.
 
 `ModelConfig` is an explicit mapping of a Hugging Face `config.json` for the
-Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Phi-3/Phi-4) and its mixture-of-experts
+Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Phi-3/Phi-4, Granite 3) and its mixture-of-experts
 kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE). `EngineConfig`
 holds the serving knobs (slots, pages, chunking, dtype). Host code only: this
 module must not import JAX.
@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite")
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
@@ -71,6 +71,12 @@ class ModelConfig:
     experts_per_token: int = 0  # each token's output sums its top experts' (of the router's softmax)
     norm_topk_prob: bool = False  # the chosen experts' weights renormalised to sum to one
     shared_expert_size: int = 0  # width of an expert every token also runs, gated by a sigmoid (Qwen2-MoE)
+    # Granite's scalings: of the embeddings, of each sublayer's output before the residual sum, the attention
+    # logits' (None: 1 / sqrt(head_dim)), and the divisor of the final logits.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
 
     @property
     def q_per_kv(self) -> int:  # G
@@ -139,7 +145,9 @@ class ModelConfig:
         head_dim = hf.get("head_dim") or DEFAULT_HEAD_DIM.get(model_type) or hidden // num_heads
         attention_bias = bool(hf.get("attention_bias", False))
         moe = _moe_from_hf(hf, model_type, get)
+        scalings = _granite_from_hf(hf) if model_type == "granite" else {}
         return cls(
+            **scalings,
             model_type=model_type,
             vocab_size=get("vocab_size"),
             hidden_size=hidden,
@@ -201,6 +209,9 @@ class ModelConfig:
         elif self.model_type != "qwen2":
             hf["attention_bias"] = self.qkv_bias
         hf.update(_moe_to_hf(self))
+        if self.model_type == "granite":
+            hf.update(embedding_multiplier=self.embedding_multiplier, residual_multiplier=self.residual_multiplier,
+                      attention_multiplier=self.attention_multiplier, logits_scaling=self.logits_scaling)
         if self.rope.kind != "default":
             hf["rope_scaling"] = _rope_to_hf(self.rope)
         if self.sliding_window is not None:
@@ -239,7 +250,8 @@ def with_overrides(hf: dict, overrides: dict) -> dict:
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM",
-                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM"}
+                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM",
+                  "granite": "GraniteForCausalLM"}
 
 
 def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
@@ -263,6 +275,12 @@ def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
     if model_type == "qwen2_moe":
         fields["shared_expert_size"] = get("shared_expert_intermediate_size")
     return fields
+
+
+def _granite_from_hf(hf: dict) -> dict:
+    # transformers' GraniteConfig defaults are all 1.0, the attention multiplier's too (not 1 / sqrt(head_dim)).
+    return {name: float(hf.get(name, 1.0)) for name in
+            ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")}
 
 
 def _moe_to_hf(cfg: "ModelConfig") -> dict:

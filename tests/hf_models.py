@@ -26,6 +26,9 @@ FAMILIES = {
     "qwen2": (transformers.Qwen2Config, dict(num_key_value_heads=1, tie_word_embeddings=True)),
     "qwen3": (transformers.Qwen3Config, dict(head_dim=32, num_attention_heads=8)),
     "phi3": (transformers.Phi3Config, dict(sliding_window=24, pad_token_id=0)),  # fused qkv and gate_up tensors
+    "granite": (transformers.GraniteConfig, dict(embedding_multiplier=4.0, residual_multiplier=0.5,
+                                                 attention_multiplier=0.0625, logits_scaling=2.0,
+                                                 tie_word_embeddings=True)),
     # Mixtures of experts: 4 experts of 48, 2 a token (Mixtral renormalises their weights; Qwen3-MoE as
     # norm_topk_prob says; Qwen2-MoE adds a gated shared expert and q/k/v biases).
     "mixtral": (transformers.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48)),

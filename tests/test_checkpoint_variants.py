@@ -263,6 +263,19 @@ def test_qwen3_head_dim_128_on_a_small_hidden_generates_like_transformers(tmp_pa
     _greedy_matches_transformers(tmp_path, model)
 
 
+@pytest.mark.parametrize("drop", [(), ("embedding_multiplier", "residual_multiplier", "attention_multiplier",
+                                      "logits_scaling")])
+def test_granite_scalings_map_like_transformers(tmp_path, drop):
+    config_cls, extra = FAMILIES["granite"]
+    hf = _saved_config(config_cls, tmp_path, **extra)
+    for name in drop:
+        hf.pop(name)
+    ours, theirs = ModelConfig.from_hf(hf), _hf_config(hf)
+    names = ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
+    assert [getattr(ours, n) for n in names] == [getattr(theirs, n) for n in names]
+    assert ModelConfig.from_hf(ours.to_hf()) == ours
+
+
 @pytest.mark.parametrize("variant", ["qwen3-yarn", "llama-yarn-mscale"])
 def test_yarn_scaled_models_match_transformers(tmp_path, variant):
     model = _build(variant, tmp_path)

@@ -172,26 +172,34 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
         q, k, v = qkv(lp, cfg, rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps))
         q = apply_rope(q, batch.positions, inv_freq, cfg.rope.attention_factor)
         k = apply_rope(k, batch.positions, inv_freq, cfg.rope.attention_factor)
+        if cfg.attention_multiplier is not None:  # every attention path scales by 1 / sqrt(H): undo it in q
+            q = (q.astype(jnp.float32) * (cfg.attention_multiplier * cfg.head_dim ** 0.5)).astype(q.dtype)
         # Advanced indices split by a slice put [B, T] first: the target is [B, T, K, H].
         k_pool = k_pool.at[index, :, pages, offsets].set(stored(k, k_pool.dtype))
         v_pool = v_pool.at[index, :, pages, offsets].set(stored(v, v_pool.dtype))
         attn = attention(q, k_pool, v_pool, index, batch.block_tables, batch.positions, cfg.sliding_window,
                          rows=batch.rows)
-        h = h + jnp.einsum("BTNH,NHD->BTD", attn, lp["wo"])
-        if cfg.o_bias:
-            h = h + lp["bo"]
+        out = jnp.einsum("BTNH,NHD->BTD", attn, lp["wo"])
+        h = h + scaled(out + lp["bo"] if cfg.o_bias else out, cfg.residual_multiplier)
         y = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
-        h = h + (moe(lp, cfg, y) if cfg.num_experts else mlp(lp, y))
+        h = h + scaled(moe(lp, cfg, y) if cfg.num_experts else mlp(lp, y), cfg.residual_multiplier)
         return (h, k_pool, v_pool), None
 
-    h = params["embed"][batch.tokens]
+    h = scaled(params["embed"][batch.tokens], cfg.embedding_multiplier)
     layer_ids = jnp.arange(cfg.num_layers)
     (h, k_pool, v_pool), _ = jax.lax.scan(layer, (h, kv.k, kv.v), (params["layers"], layer_ids))
     return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), KVPool(k_pool, v_pool)
 
 
+def scaled(x: jax.Array, multiplier: float) -> jax.Array:
+    """x times one of Granite's multipliers (1.0 elsewhere: nothing is traced)."""
+    return x if multiplier == 1.0 else x * jnp.asarray(multiplier, x.dtype)
+
+
 def logits(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Array:
-    """h [..., D] -> float32 logits [..., V]."""
+    """h [..., D] -> float32 logits [..., V] (divided by Granite's logits_scaling)."""
     if cfg.tie_word_embeddings:
-        return jnp.einsum("...D,VD->...V", *f32_operands(h, params["embed"]), preferred_element_type=jnp.float32)
-    return jnp.einsum("...D,DV->...V", *f32_operands(h, params["lm_head"]), preferred_element_type=jnp.float32)
+        out = jnp.einsum("...D,VD->...V", *f32_operands(h, params["embed"]), preferred_element_type=jnp.float32)
+    else:
+        out = jnp.einsum("...D,DV->...V", *f32_operands(h, params["lm_head"]), preferred_element_type=jnp.float32)
+    return out if cfg.logits_scaling == 1.0 else out / cfg.logits_scaling
