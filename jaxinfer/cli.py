@@ -136,6 +136,16 @@ def _tool_call_parser(args) -> str | None:
     return args.tool_call_parser if args.enable_auto_tool_choice else None
 
 
+def _sampling_defaults(args) -> dict:
+    from jaxinfer.model.checkpoint import generation_defaults
+    defaults = generation_defaults(args.generation_config, args.model)
+    if defaults:
+        logging.getLogger("jaxinfer.serve").warning(
+            "default sampling parameters come from the model's generation config (a request's own win): %s; "
+            "--generation-config vllm leaves them out", defaults)
+    return defaults
+
+
 def _serve(args) -> int:
     from jaxinfer.server.app import ServerConfig
     from jaxinfer.server.run import DEFAULT_MODEL_NAME, serve
@@ -161,7 +171,8 @@ def _serve(args) -> int:
                           shutdown_timeout=args.shutdown_timeout,
                           trust_request_chat_template=args.trust_request_chat_template,
                           tool_call_parser=tool_call_parser, reasoning_parser=args.reasoning_parser,
-                          structured_outputs_config=args.structured_outputs_config)
+                          structured_outputs_config=args.structured_outputs_config,
+                          sampling_defaults=_sampling_defaults(args))
     return serve(args.model, engine, config, args.host, args.port, warmup=not args.skip_warmup,
                  log_level="info" if args.verbose else "warning", step_log=args.step_log)
 
@@ -195,6 +206,10 @@ def _add_serve(sub) -> None:
     serve.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
     serve.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_DTYPE_HELP)
     serve.add_argument("--hf-overrides", type=json_object_arg, default=None, help=HF_OVERRIDES_HELP)
+    serve.add_argument("--generation-config", default="auto", metavar="auto|vllm|FOLDER",
+                       help="where default sampling parameters (temperature, top_p, top_k, min_p, "
+                            "repetition_penalty) come from, as vLLM's: auto, the model's generation_config.json; "
+                            "vllm, none (OpenAI's defaults); or a folder holding a generation_config.json")
     serve.add_argument("--seed", type=int, default=0, help="seeds requests that send none")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests may take to finish after SIGTERM")

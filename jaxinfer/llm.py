@@ -21,7 +21,7 @@ from tqdm import tqdm
 from jaxinfer.config import RESOLVED_ATTENTION_BACKENDS, ConfigError, EngineConfig, ModelConfig
 from jaxinfer.engine.engine import Engine, RequestStream
 from jaxinfer.engine.request import CompletionOutput, Logprob, RequestOutput, RequestOutputKind, SamplingParams
-from jaxinfer.model.checkpoint import find_model, load_config, load_params
+from jaxinfer.model.checkpoint import find_model, generation_defaults, load_config, load_params
 from jaxinfer.runner import JaxExecutor, ModelRunner
 from jaxinfer.model.weights import expand_kv_heads
 from jaxinfer.sharding import make_mesh, mesh_problems
@@ -116,10 +116,19 @@ def load_engine(model: str | Path | None = None, engine: EngineConfig | None = N
 class LLM:
     """Offline batches: `LLM(path).generate(prompts, SamplingParams(...))`."""
 
-    def __init__(self, model: str | Path | None = None, engine: EngineConfig | None = None, warmup: bool = False):
+    def __init__(self, model: str | Path | None = None, engine: EngineConfig | None = None, warmup: bool = False,
+                 generation_config: str = "auto"):
+        """generation_config: where `get_default_sampling_params` looks, as vLLM's: "auto" (the model's
+        generation_config.json), "vllm" (nowhere) or a folder holding one."""
         self.engine = load_engine(model, engine, warmup)
         self.engine_config, self.model_config = self.engine.cfg, self.engine.model_config
         self.runner, self.tokenizer = self.engine.executor.runner, self.engine.tokenizer
+        self.default_sampling = generation_defaults(generation_config, model)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: SamplingParams with the generation config's temperature, top_p, top_k, min_p and
+        repetition_penalty where it sets them; what `generate` and `chat` use when given none."""
+        return SamplingParams(**self.default_sampling)
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True, priority: list[int] | None = None) -> list[RequestOutput]:
@@ -133,7 +142,7 @@ class LLM:
             raise ValueError("prompts must be a prompt (a string or a prompt dict) or a non-empty list of prompts "
                              "(strings, token-id lists or prompt dicts)")
         params = sampling_params if isinstance(sampling_params, (list, tuple)) else \
-            [sampling_params or SamplingParams()] * len(prompts)
+            [sampling_params or self.get_default_sampling_params()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
         priority = [0] * len(prompts) if priority is None else list(priority)

@@ -63,6 +63,28 @@ def load_config(source: ModelSource, overrides: dict | None = None) -> ModelConf
     return dataclasses.replace(cfg, eos_token_ids=eos)
 
 
+# What vLLM takes from generation_config.json as default sampling parameters (a request's own values win).
+GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_defaults(choice: str, model: str | Path | None) -> dict:
+    """vLLM's --generation-config: "auto" reads the model's generation_config.json, "vllm" reads nothing, any
+    other value is a folder holding one. -> the sampling fields it sets (GENERATION_DEFAULT_FIELDS)."""
+    if choice == "vllm":
+        return {}
+    directory = find_model(model).directory if choice == "auto" else Path(choice).expanduser()
+    path = directory / "generation_config.json" if directory is not None else None
+    if path is None or not path.exists():
+        if choice != "auto":
+            raise CheckpointError(f"--generation-config {choice}: no generation_config.json there")
+        return {}
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+    return {name: values[name] for name in GENERATION_DEFAULT_FIELDS if values.get(name) is not None}
+
+
 def _generation_eos(directory: Path) -> tuple[int, ...]:
     # generation_config.json names every stop id (Llama 3 instruct lists several).
     path = directory / "generation_config.json"

@@ -30,8 +30,9 @@ import jaxinfer
 from jaxinfer.engine.engine import Engine, EngineError
 from jaxinfer.server import metrics
 from jaxinfer.server.protocol import (APIError, GenerationRequest, Limits, TokenText, chat_logprobs, check_api_key,
-                                      check_text, completion_logprobs, parse_chat, parse_completion, parse_json,
-                                      parse_token_ids, prompt_logprobs_json, read_body, usage)
+                                      check_sampling_defaults, check_text, completion_logprobs, parse_chat,
+                                      parse_completion, parse_json, parse_token_ids, prompt_logprobs_json, read_body,
+                                      usage)
 from jaxinfer.server.reasoning import END as THINK_END
 from jaxinfer.server.reasoning import PARSERS as REASONING_PARSERS
 from jaxinfer.server.reasoning import START as THINK_START
@@ -63,6 +64,9 @@ class ServerConfig:
     # vLLM's --structured-outputs-config: disable_any_whitespace / disable_additional_properties for every request
     # (backend: "auto" or "guidance", the one built in; disable_fallback: nothing to fall back to).
     structured_outputs_config: dict = dataclasses.field(default_factory=dict)
+    # vLLM's --generation-config: default temperature, top_p, top_k, min_p and repetition_penalty from the
+    # model's generation_config.json; a request's own values win.
+    sampling_defaults: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
@@ -71,6 +75,7 @@ class ServerConfig:
             raise ValueError(f"unknown reasoning parser {self.reasoning_parser!r}; known: "
                              f"{', '.join(REASONING_PARSERS)}")
         _check_structured_config(self.structured_outputs_config)
+        check_sampling_defaults(self.sampling_defaults)
 
 
 STRUCTURED_CONFIG = {"backend": ("auto", "guidance"), "disable_fallback": (False, True),
@@ -109,7 +114,8 @@ class Server:
             engine.grammars.thinking_tokens = None if None in ids else ids
         for key in engine.grammars.defaults:
             engine.grammars.defaults[key] = self.config.structured_outputs_config.get(key, False)
-        self.limits = Limits(engine.vocab_size, engine.cfg.max_model_len, self.config.max_n)
+        self.limits = Limits(engine.vocab_size, engine.cfg.max_model_len, self.config.max_n,
+                             sampling_defaults=self.config.sampling_defaults)
         self.token_text = TokenText(engine.tokenizer)
         self.health = "ready"
 

@@ -106,6 +106,8 @@ class Limits:
     max_model_len: int
     max_n: int = 16
     max_logprobs: int = MAX_LOGPROBS
+    # The model's generation_config.json defaults (vLLM's --generation-config): a request's own values win.
+    sampling_defaults: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -311,6 +313,7 @@ def _stream(body: dict) -> tuple[bool, bool, bool]:
 
 def _sampling(body: dict, limits: Limits, max_tokens: int | None, logprobs: int | None,
               prompt_logprobs: int | None, structured: StructuredOutputsParams | None = None) -> SamplingParams:
+    body = {**limits.sampling_defaults, **{name: value for name, value in body.items() if value is not None}}
     n = _int(body, "n", 1)
     if not 1 <= n <= limits.max_n:
         _fail(f"n must be in [1, {limits.max_n}], got {n}", "n")
@@ -348,6 +351,14 @@ def _sampling(body: dict, limits: Limits, max_tokens: int | None, logprobs: int 
     except ValueError as e:  # the remaining bounds (top_p > 0, repetition_penalty > 0): the field leads the message
         field = re.match(r"\w+", str(e))
         raise APIError(400, str(e), field.group(0) if field else None) from None
+
+
+def check_sampling_defaults(defaults: dict) -> None:
+    """Start-up: the generation config's defaults must pass the checks a request's fields do (ValueError)."""
+    try:
+        _sampling({}, Limits(INT32_MAX, INT32_MAX, sampling_defaults=defaults), 16, None, None)
+    except APIError as e:
+        raise ValueError(f"the generation config's default {e.param}: {e}") from None
 
 
 def _logprobs_count(raw, name: str, limits: Limits) -> int | None:
