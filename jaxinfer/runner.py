@@ -27,6 +27,7 @@ server; what neither has compiled compiles at first use. Each compile is logged.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -234,8 +235,6 @@ def _shard_step(params, kv: KVPool, state: SlotState, packed, *, cfg: ModelConfi
     return jnp.concatenate([rows.reshape(-1)] + parts)[None], kv, state
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "backend", "layout", "max_steps", "mesh"),
-                   donate_argnames=("kv", "state"))
 def _step(params, kv: KVPool, state: SlotState, packed, *, cfg: ModelConfig, backend: str, layout: Layout,
           max_steps: int, mesh):
     """Every data shard's step at once: packed [D, n] -> ([D, m], kv, state). The 'data' axis is manual (each
@@ -258,7 +257,13 @@ def _step(params, kv: KVPool, state: SlotState, packed, *, cfg: ModelConfig, bac
     return keep(out, NamedSharding(mesh, P())), kv, state
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "backend"), donate_argnames=("kv",))
+def _own_jit(fn, **jit_kwargs):
+    """`jax.jit` of a function object of its own: jax's trace and compile caches, keyed on the function, then
+    live and die with whoever holds the result. A module-level jit keeps every executable it ever compiled,
+    for every model this process loaded (tests and benchmarks load dozens: see SHARED_EXECUTABLES)."""
+    return jax.jit(functools.wraps(fn)(functools.partial(fn)), **jit_kwargs)
+
+
 def _score(params, kv: KVPool, batch: Batch, *, cfg: ModelConfig, backend: str):
     """Float32 logits of every position [B, T, V] (tests compare them with Hugging Face)."""
     h, kv = forward(params, cfg, batch, kv, step_attention(backend))
@@ -300,7 +305,13 @@ def _load_edits(state: SlotState, slot, payload) -> SlotState:
 
 
 IDLE_ANNOUNCE_SECONDS = 5.0  # an idle leader's no-op to the other processes, at most this often
-_EXECUTABLES: dict[tuple, object] = {}
+# Compiled steps shared by the runners of one process (tests and benchmarks build several engines of the same
+# model): the SHARED_EXECUTABLES most recently used. Unbounded, a test worker that had built 50-odd engines ran
+# out of memory mappings (XLA:CPU maps three regions per kernel, ~600 a step; vm.max_map_count is 65,530) and
+# crashed inside the next compile. Each runner also holds its own, so eviction never recompiles a live engine.
+SHARED_EXECUTABLES = 32
+_EXECUTABLES: collections.OrderedDict[tuple, object] = collections.OrderedDict()
+_SHARED_LOCK = threading.Lock()
 _COMPILING: dict[tuple, threading.Lock] = {}
 
 
@@ -322,7 +333,9 @@ class ModelRunner:
         edits = jax.jit(lambda: empty_edits(B, MAX_LOGIT_EDITS, MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS),
                         out_shardings=LogitEdits(*[by_slot] * 5))()
         self.state = SlotState(tokens, penalties, edits)
+        self._score = _own_jit(_score, static_argnames=("cfg", "backend"), donate_argnames=("kv",))
         self._compiled: set[Layout] = set()  # the step shapes this runner has used
+        self._executables: dict[Layout, object] = {}  # and their compiled steps
         self.page_buckets = engine.width_buckets()
         self.compile_seconds = 0.0
         self._last_announced = time.monotonic()
@@ -333,28 +346,40 @@ class ModelRunner:
         return len(self._compiled)
 
     def _executable(self, layout: Layout):
-        """The compiled step for `layout`, shared by every runner of the same model, pool and mesh in
-        this process (tests and benchmarks build several engines)."""
+        """The compiled step for `layout`: this runner's own, else one another runner of the same model, pool
+        and mesh compiled in this process (see SHARED_EXECUTABLES), else compiled now."""
+        if layout in self._executables:
+            return self._executables[layout]
         key = (layout, self.engine.decode_steps, self.cfg, self.engine.attention_backend, self.engine.dtype,
                self.kv.k.shape, self.kv.k.dtype, self.mesh.shape_tuple, tuple(self.mesh.device_ids.flat))
-        if key not in _EXECUTABLES:
-            with _COMPILING.setdefault(key, threading.Lock()):  # one compile per shape, whichever thread asks
-                if key not in _EXECUTABLES:
-                    self._compile(key, layout)
+        with _COMPILING.setdefault(key, threading.Lock()):  # one compile per shape, whichever thread asks
+            with _SHARED_LOCK:
+                executable = _EXECUTABLES.get(key)
+            if executable is None:
+                executable = self._compile(layout)
+            with _SHARED_LOCK:
+                _EXECUTABLES[key] = executable
+                _EXECUTABLES.move_to_end(key)
+                while len(_EXECUTABLES) > SHARED_EXECUTABLES:
+                    _EXECUTABLES.popitem(last=False)
         self._compiled.add(layout)
-        return _EXECUTABLES[key]
+        self._executables[layout] = executable
+        return executable
 
-    def _compile(self, key: tuple, layout: Layout) -> None:
+    def _compile(self, layout: Layout):
         start = time.perf_counter()
         width = sum(int(np.prod(shape)) for _, shape, _ in layout.fields)
         packed = jax.ShapeDtypeStruct((self.shards, width), jnp.int32, sharding=NamedSharding(self.mesh, P("data")))
-        _EXECUTABLES[key] = _step.lower(
+        step = _own_jit(_step, static_argnames=("cfg", "backend", "layout", "max_steps", "mesh"),
+                        donate_argnames=("kv", "state"))
+        executable = step.lower(
             self.params, self.kv, self.state, packed, cfg=self.cfg, backend=self.engine.attention_backend,
             layout=layout, max_steps=self.engine.decode_steps, mesh=self.mesh).compile()
         took = time.perf_counter() - start
         self.compile_seconds += took
-        log.info("compiled the step for %s in %.2fs (%d executables, %.1fs compiling in all)",
-                 _describe(layout), took, len(_EXECUTABLES), self.compile_seconds)
+        log.info("compiled the step for %s in %.2fs (%d shapes this runner, %.1fs compiling in all)",
+                 _describe(layout), took, len(self._executables) + 1, self.compile_seconds)
+        return executable
 
     def _plans(self, plan) -> list[StepPlan | None]:
         return list(plan) if isinstance(plan, (list, tuple)) else [plan]
@@ -452,7 +477,7 @@ class ModelRunner:
         [len, V]."""
         batch = Batch(jnp.asarray(tokens, jnp.int32)[None], jnp.arange(start, start + len(tokens))[None],
                       jnp.asarray(block_table, jnp.int32)[None])
-        out, self.kv = _score(self.params, self.kv, batch, cfg=self.cfg, backend=self.engine.attention_backend)
+        out, self.kv = self._score(self.params, self.kv, batch, cfg=self.cfg, backend=self.engine.attention_backend)
         return np.asarray(out[0])
 
     def _load_rows(self, slot: int, seq) -> None:

@@ -8,6 +8,7 @@ prefix cache: the module's own engine runs without one.
 """
 
 import asyncio
+import collections
 import dataclasses
 import json
 import threading
@@ -167,13 +168,14 @@ def test_a_shape_compiles_once_whichever_threads_ask(llm, monkeypatch):
     once, and the other callers wait for that compile."""
     runner, compiled = llm.engine.executor.runner, []
 
-    def slow_compile(key, layout):
+    def slow_compile(layout):
         compiled.append(layout)
         time.sleep(0.3)
-        runner_module._EXECUTABLES[key] = "compiled"
+        return "compiled"
 
-    monkeypatch.setattr(runner_module, "_EXECUTABLES", dict(runner_module._EXECUTABLES))
+    monkeypatch.setattr(runner_module, "_EXECUTABLES", collections.OrderedDict(runner_module._EXECUTABLES))
     monkeypatch.setattr(runner, "_compiled", set(runner._compiled))
+    monkeypatch.setattr(runner, "_executables", dict(runner._executables))
     monkeypatch.setattr(runner, "_compile", slow_compile)
     layout = runner_module.Layout((("a shape nobody compiled", (1,), "int32"),))
     got = []
