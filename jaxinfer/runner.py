@@ -33,6 +33,7 @@ import functools
 import logging
 import threading
 import time
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -306,11 +307,12 @@ def _load_edits(state: SlotState, slot, payload) -> SlotState:
 
 IDLE_ANNOUNCE_SECONDS = 5.0  # an idle leader's no-op to the other processes, at most this often
 # Compiled steps shared by the runners of one process (tests and benchmarks build several engines of the same
-# model): the SHARED_EXECUTABLES most recently used. Unbounded, a test worker that had built 50-odd engines ran
-# out of memory mappings (XLA:CPU maps three regions per kernel, ~600 a step; vm.max_map_count is 65,530) and
-# crashed inside the next compile. Each runner also holds its own, so eviction never recompiles a live engine.
+# model): those a live runner holds, and the SHARED_EXECUTABLES most recently used besides. Unbounded, a test
+# worker that had built 50-odd engines ran out of memory mappings (XLA:CPU maps three regions per kernel, ~600
+# a step; vm.max_map_count is 65,530) and crashed inside the next compile.
 SHARED_EXECUTABLES = 32
 _EXECUTABLES: collections.OrderedDict[tuple, object] = collections.OrderedDict()
+_LIVE: weakref.WeakValueDictionary[tuple, object] = weakref.WeakValueDictionary()
 _SHARED_LOCK = threading.Lock()
 _COMPILING: dict[tuple, threading.Lock] = {}
 
@@ -354,11 +356,11 @@ class ModelRunner:
                self.kv.k.shape, self.kv.k.dtype, self.mesh.shape_tuple, tuple(self.mesh.device_ids.flat))
         with _COMPILING.setdefault(key, threading.Lock()):  # one compile per shape, whichever thread asks
             with _SHARED_LOCK:
-                executable = _EXECUTABLES.get(key)
+                executable = _EXECUTABLES.get(key) or _LIVE.get(key)
             if executable is None:
                 executable = self._compile(layout)
             with _SHARED_LOCK:
-                _EXECUTABLES[key] = executable
+                _LIVE[key] = _EXECUTABLES[key] = executable
                 _EXECUTABLES.move_to_end(key)
                 while len(_EXECUTABLES) > SHARED_EXECUTABLES:
                     _EXECUTABLES.popitem(last=False)

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -167,13 +168,15 @@ def test_a_shape_compiles_once_whichever_threads_ask(llm, monkeypatch):
     """warmup_rest() in a background thread and the engine loop may want the same shape at once: it compiles
     once, and the other callers wait for that compile."""
     runner, compiled = llm.engine.executor.runner, []
+    executable = type("Executable", (), {})()  # a stand-in the shared caches can hold (and weakly)
 
     def slow_compile(layout):
         compiled.append(layout)
         time.sleep(0.3)
-        return "compiled"
+        return executable
 
     monkeypatch.setattr(runner_module, "_EXECUTABLES", collections.OrderedDict(runner_module._EXECUTABLES))
+    monkeypatch.setattr(runner_module, "_LIVE", weakref.WeakValueDictionary(runner_module._LIVE))
     monkeypatch.setattr(runner, "_compiled", set(runner._compiled))
     monkeypatch.setattr(runner, "_executables", dict(runner._executables))
     monkeypatch.setattr(runner, "_compile", slow_compile)
@@ -184,7 +187,7 @@ def test_a_shape_compiles_once_whichever_threads_ask(llm, monkeypatch):
         thread.start()
     for thread in threads:
         thread.join()
-    assert got == ["compiled"] * 3 and compiled == [layout]
+    assert got == [executable] * 3 and compiled == [layout]
 
 
 def test_preemption_keeps_outputs(llm):
