@@ -84,28 +84,26 @@ class ModelConfig:
 
     @property
     def max_length(self) -> int:
-        """The longest context the model serves, as vLLM derives it: with yarn scaling its pretraining length
-        times its factor, with linear scaling max_position_embeddings times the factor, else
-        max_position_embeddings."""
-        if self.rope.kind == "yarn":
-            return int(self.rope.original_max_position * self.rope.factor)
-        if self.rope.kind == "linear":
-            return int(self.max_position_embeddings * self.rope.factor)
-        return self.max_position_embeddings
+        return self.longest_context[0]
 
     @property
-    def max_length_source(self) -> str:
+    def longest_context(self) -> tuple[int, str]:
+        """The longest context the model serves, as vLLM derives it, and where it comes from: with yarn scaling
+        its pretraining length times its factor, with linear scaling max_position_embeddings times the factor,
+        else max_position_embeddings."""
         if self.rope.kind == "yarn":
-            return (f"yarn's original_max_position_embeddings={self.rope.original_max_position} x "
+            return (int(self.rope.original_max_position * self.rope.factor),
+                    f"yarn's original_max_position_embeddings={self.rope.original_max_position} x "
                     f"factor={self.rope.factor:g}")
         if self.rope.kind == "linear":
-            return f"max_position_embeddings={self.max_position_embeddings} x linear factor={self.rope.factor:g}"
-        return f"max_position_embeddings={self.max_position_embeddings}"
+            return (int(self.max_position_embeddings * self.rope.factor),
+                    f"max_position_embeddings={self.max_position_embeddings} x linear factor={self.rope.factor:g}")
+        return self.max_position_embeddings, f"max_position_embeddings={self.max_position_embeddings}"
 
     @property
     def mlp_field(self) -> str:
         """The config.json field of `intermediate_size` (the Qwen MoEs name their experts' width apart)."""
-        return "intermediate_size" if self.model_type in ("mixtral",) + DENSE_MODEL_TYPES else "moe_intermediate_size"
+        return "moe_intermediate_size" if self.model_type in ("qwen2_moe", "qwen3_moe") else "intermediate_size"
 
     @property
     def mlp_width(self) -> int:
@@ -500,10 +498,10 @@ class EngineConfig:
 
     def resolve(self, model: ModelConfig, platform: str) -> "EngineConfig":
         """Fill the `None`/`auto` fields from the model and the device platform."""
-        max_len = self.max_model_len or min(model.max_length, 4096)
-        if max_len > model.max_length:
-            raise ConfigError(f"max_model_len={max_len} exceeds the model's longest context, {model.max_length} "
-                              f"({model.max_length_source})")
+        longest, source = model.longest_context
+        max_len = self.max_model_len or min(longest, 4096)
+        if max_len > longest:
+            raise ConfigError(f"max_model_len={max_len} exceeds the model's longest context, {longest} ({source})")
         dtype = self.dtype if self.dtype != "auto" else _auto_dtype(model, platform)
         kv_dtype = _kv_name(self.kv_cache_dtype, dtype)
         backend = self.attention_backend

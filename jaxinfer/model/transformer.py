@@ -90,8 +90,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scale: 
     """x [B, T, N, H], positions [B, T]: rotate-half RoPE (the Hugging Face layout), cos and sin times `scale`
     (YaRN's attention factor)."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
-    cos = jnp.cos(freqs)[:, :, None, :] * scale
-    sin = jnp.sin(freqs)[:, :, None, :] * scale
+    cos = scaled(jnp.cos(freqs)[:, :, None, :], scale)
+    sin = scaled(jnp.sin(freqs)[:, :, None, :], scale)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -192,7 +192,7 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
 
 
 def scaled(x: jax.Array, multiplier: float) -> jax.Array:
-    """x times one of Granite's multipliers (1.0 elsewhere: nothing is traced)."""
+    """x times a constant (Granite's multipliers, YaRN's attention factor); at 1.0 nothing is traced."""
     return x if multiplier == 1.0 else x * jnp.asarray(multiplier, x.dtype)
 
 
