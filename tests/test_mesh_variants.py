@@ -85,7 +85,7 @@ def test_load_engine_names_a_mesh_larger_than_the_machine_with_the_other_problem
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
            "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), str(Path(__file__).parent),
                                           os.environ.get("PYTHONPATH", "")])}
