@@ -27,8 +27,9 @@ from pallas_kernels.ragged_prefill import ragged_prefill_attention, ragged_prefi
 
 
 def _pallas_step_attention(q, k_pool, v_pool, layer, block_tables, positions, sliding_window, rows=None, *,
-                           interpret):
+                           softcap=None, interpret):
     """q [B, T, N, H], positions [B, T] (-1 = padding) -> [B, T, N, H] through the kernels."""
+    mask = dict(sliding_window=sliding_window, softcap=softcap, interpret=interpret)
     B, T, N, H = q.shape
     if rows is not None:
         valid = positions[0] >= 0
@@ -36,12 +37,10 @@ def _pallas_step_attention(q, k_pool, v_pool, layer, block_tables, positions, sl
         q_lens = jnp.zeros(E, jnp.int32).at[rows[0]].add(valid.astype(jnp.int32))
         kv_lens = jnp.zeros(E, jnp.int32).at[rows[0]].max(jnp.where(valid, positions[0] + 1, 0))
         cu_q_lens = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(q_lens).astype(jnp.int32)])
-        return ragged_prefill_attention(q[0], k_pool, v_pool, layer, block_tables, cu_q_lens, kv_lens,
-                                        sliding_window=sliding_window, interpret=interpret)[None]
+        return ragged_prefill_attention(q[0], k_pool, v_pool, layer, block_tables, cu_q_lens, kv_lens, **mask)[None]
     if T == 1:
         lengths = positions[:, 0] + 1  # an empty slot (-1) has length 0
-        out = paged_decode_attention(q[:, 0], k_pool, v_pool, layer, block_tables, lengths,
-                                     sliding_window=sliding_window, interpret=interpret)
+        out = paged_decode_attention(q[:, 0], k_pool, v_pool, layer, block_tables, lengths, **mask)
         return out[:, None]
     valid = positions >= 0
     order = jnp.argsort(~valid.reshape(-1), stable=True)  # valid tokens first, each row's in order: packed
@@ -49,7 +48,7 @@ def _pallas_step_attention(q, k_pool, v_pool, layer, block_tables, positions, sl
     cu_q_lens = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(q_lens).astype(jnp.int32)])
     kv_lens = positions.max(axis=1) + 1
     packed = ragged_prefill_attention(q.reshape(B * T, N, H)[order], k_pool, v_pool, layer, block_tables,
-                                      cu_q_lens, kv_lens, sliding_window=sliding_window, interpret=interpret)
+                                      cu_q_lens, kv_lens, **mask)
     return jnp.zeros_like(packed).at[order].set(packed).reshape(B, T, N, H)
 
 
@@ -57,27 +56,28 @@ def _row_per_prompt(attention):
     """`attention` over [B, T] rows, made to take a packed chunk too: each prompt's tokens are laid from
     column 0 of a row of their own (as if its chunk ran alone), attended, and packed back."""
 
-    def attend(q, k_pool, v_pool, layer, block_tables, positions, sliding_window=None, rows=None):
+    def attend(q, k_pool, v_pool, layer, block_tables, positions, sliding_window=None, rows=None, softcap=None):
         if rows is None:
-            return attention(q, k_pool, v_pool, layer, block_tables, positions, sliding_window)
+            return attention(q, k_pool, v_pool, layer, block_tables, positions, sliding_window, softcap)
         rows = rows[0]
         column = jnp.arange(rows.shape[0]) - jnp.searchsorted(rows, rows, side="left")
         E, T = block_tables.shape[0], q.shape[1]
         q_rows = jnp.zeros((E,) + q.shape[1:], q.dtype).at[rows, column].set(q[0])
         row_positions = jnp.full((E, T), -1, positions.dtype).at[rows, column].set(positions[0])
-        out = attention(q_rows, k_pool, v_pool, layer, block_tables, row_positions, sliding_window)
+        out = attention(q_rows, k_pool, v_pool, layer, block_tables, row_positions, sliding_window, softcap)
         return out[rows, column][None]
 
     return attend
 
 
-def _page_loop_step_attention(q, k_pool, v_pool, layer, block_tables, positions, sliding_window=None):
+def _page_loop_step_attention(q, k_pool, v_pool, layer, block_tables, positions, sliding_window=None,
+                              softcap=None):
     """Decode steps and prefill chunks, each through its page loop."""
     if q.shape[1] != 1:
         return page_loop_prefill_attention(q, k_pool, v_pool, layer, block_tables, positions,
-                                           sliding_window=sliding_window)
+                                           sliding_window=sliding_window, softcap=softcap)
     out = page_loop_decode_attention(q[:, 0], k_pool, v_pool, layer, block_tables, positions[:, 0] + 1,
-                                     sliding_window=sliding_window)
+                                     sliding_window=sliding_window, softcap=softcap)
     return out[:, None]
 
 
@@ -94,9 +94,10 @@ def step_attention(backend: str, mesh=None):
         return kernel
     heads, pool, whole = logical_spec(("batch", "tokens", "heads")), logical_spec(("layers", "kv_heads")), P()
 
-    def per_device(q, k_pool, v_pool, layer, block_tables, positions, sliding_window=None, rows=None):
+    def per_device(q, k_pool, v_pool, layer, block_tables, positions, sliding_window=None, rows=None, softcap=None):
         def local(*args):  # the packed chunk's `rows`, when given, is the 7th argument
-            return kernel(*args[:6], sliding_window=sliding_window, rows=args[6] if len(args) > 6 else None)
+            return kernel(*args[:6], sliding_window=sliding_window, rows=args[6] if len(args) > 6 else None,
+                          softcap=softcap)
 
         args, specs = (q, k_pool, v_pool, layer, block_tables, positions), (heads, pool, pool, whole, whole, whole)
         if rows is not None:
@@ -109,7 +110,7 @@ def step_attention(backend: str, mesh=None):
 
 
 def kernel_self_check(dtype, page_size: int, head_dim: int, q_per_kv: int, sliding_window: int | None,
-                      kv_dtype=None) -> str | None:
+                      kv_dtype=None, softcap: float | None = None) -> str | None:
     """Run both kernels once at the model's attention shapes (queries of `dtype`, a pool of `kv_dtype`,
     default the same) on a tiny pool against the references. Returns None when they agree, else what went
     wrong (compile error or mismatch)."""
@@ -128,10 +129,11 @@ def kernel_self_check(dtype, page_size: int, head_dim: int, q_per_kv: int, slidi
     )
     for kernel, reference, args in checks:
         try:
-            got = kernel(*args, sliding_window=sliding_window)
+            got = kernel(*args, sliding_window=sliding_window, softcap=softcap)
         except Exception as e:  # a kernel that does not lower on this device
             return f"{kernel.__name__} failed: {type(e).__name__}: {str(e)[:300]}"
-        error = float(jnp.max(jnp.abs(got.astype(jnp.float32) - reference(*args, sliding_window=sliding_window))))
+        expected = reference(*args, sliding_window=sliding_window, softcap=softcap)
+        error = float(jnp.max(jnp.abs(got.astype(jnp.float32) - expected)))
         if not error <= tolerance:
             return f"{kernel.__name__} differs from its reference by {error:.3g} (tolerance {tolerance})"
     return None

@@ -34,6 +34,12 @@ def check_power_of_two(**sizes: int) -> None:
             raise ValueError(f"the Pallas attention kernels need a power-of-two {name}, got {size}")
 
 
+def capped(scores, softcap: float | None):
+    """Attention logits held within +-softcap by softcap * tanh(x / softcap) (Gemma 2's), as transformers
+    computes it; unchanged without one."""
+    return scores if softcap is None else jnp.tanh(scores / softcap) * softcap
+
+
 def initial_carry(rows: int, head_dim: int):
     """(output sum [M, H], running max [M], running denominator [M]) before any key."""
     return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), NEG_INF, jnp.float32),
@@ -48,13 +54,13 @@ def read_pages(k_ref, v_ref, page_rows, dtype):
     return widened(k, dtype), widened(v, dtype)
 
 
-def attend_block(carry, q, k, v, valid, live_keys, scale: float):
+def attend_block(carry, q, k, v, valid, live_keys, scale: float, softcap: float | None = None):
     """One block of flash attention: q [M, H], k and v [S, H], valid [M, S] -> new (o, m, l). The values of
     keys outside `live_keys` [S] (past the sequence) count as 0, whatever a recycled page's tail holds: a
     masked key weighs 0, and 0 x inf is NaN (vLLM's paged kernels zero them for the same reason)."""
     o, m, l = carry
     v = jnp.where(jnp.broadcast_to(live_keys[:, None], v.shape), v, jnp.zeros_like(v))
-    logits = jnp.where(valid, kernel_dot(q, k, trans_b=True) * scale, NEG_INF)
+    logits = jnp.where(valid, capped(kernel_dot(q, k, trans_b=True) * scale, softcap), NEG_INF)
     m_new = jnp.maximum(m, logits.max(axis=-1))
     correction = jnp.exp(m - m_new)
     p = jnp.where(valid, jnp.exp(logits - m_new[:, None]), 0.0)

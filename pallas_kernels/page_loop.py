@@ -33,14 +33,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.flash import capped
 from pallas_kernels.kv_storage import widened
 
 
-def page_loop_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, *, sliding_window=None):
+def page_loop_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, *, sliding_window=None,
+                               softcap=None):
     """q [B, N, H]; pools [L, K, P, Z, H]; block_tables [B, W]; lengths [B] (0 = empty slot) -> [B, N, H].
 
     Slot b's query sits at position lengths[b] - 1 and attends to keys 0 .. lengths[b] - 1
-    (the last `sliding_window` of them when set). An empty slot returns zeros.
+    (the last `sliding_window` of them when set; logits capped at +-softcap when set). An empty slot returns
+    zeros.
     """
     B, N, H = q.shape
     K, Z = k_pool.shape[1], k_pool.shape[3]
@@ -55,7 +58,7 @@ def page_loop_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, 
         index = lax.dynamic_slice_in_dim(by_page, i * I, I)  # the work items this iteration reads
         r, c, live, ids = row[index], col[index], item_live[index], page_ids[index]
         k = _take(k_pool, layer, ids)  # [I, K, Z, H]
-        s = jnp.einsum("IKGH,IKZH->IKGZ", qg[r], k, precision=lax.Precision.HIGHEST)
+        s = capped(jnp.einsum("IKGH,IKZH->IKGZ", qg[r], k, precision=lax.Precision.HIGHEST), softcap)
         key_pos = c[:, None] * Z + jnp.arange(Z)
         visible = live[:, None] & (key_pos < lengths[r][:, None]) & (key_pos >= first[r][:, None])  # [I, Z]
         v = _zero_unseen(_take(v_pool, layer, ids), visible[:, None, :, None], v_pool.dtype)
@@ -115,7 +118,7 @@ def _work_items(lengths, first, Z: int, W: int, extra: int):
 
 
 def page_loop_prefill_attention(q, k_pool, v_pool, layer, block_tables, positions, *, sliding_window=None,
-                                block_keys: int = 128):
+                                softcap=None, block_keys: int = 128):
     """q [B, T, N, H]; pools [L, K, P, Z, H]; block_tables [B, W]; positions [B, T] (-1 = padding)
     -> [B, T, N, H]: each query attends causally to its row's keys (the last `sliding_window` of them when
     set), `block_keys` keys (whole pages) per loop iteration. A padding query returns zeros."""
@@ -137,7 +140,7 @@ def page_loop_prefill_attention(q, k_pool, v_pool, layer, block_tables, position
         ids = lax.dynamic_slice_in_dim(tables, i * per_block, per_block, axis=1)  # [B, per_block]
         k, v = (_take(pool, layer, ids).transpose(0, 2, 1, 3, 4).reshape(B, K, S, H)
                 for pool in (k_pool, v_pool))
-        s = jnp.einsum("BKGTH,BKSH->BKGTS", qg, k, precision=lax.Precision.HIGHEST)
+        s = capped(jnp.einsum("BKGTH,BKSH->BKGTS", qg, k, precision=lax.Precision.HIGHEST), softcap)
         key_pos = i * S + jnp.arange(S)
         v = _zero_unseen(v, (key_pos <= last[:, None])[:, None, :, None], v_pool.dtype)
         visible = valid[:, :, None] & (key_pos <= positions[:, :, None])  # [B, T, S]

@@ -32,7 +32,7 @@ from pallas_kernels.flash import attend_block, check_power_of_two, initial_carry
 from pallas_kernels.paged_reference import paged_attention_reference
 
 def _kernel(layer_ref, length_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
-            num_kv_heads, num_pages, pages_per_block, scale, sliding_window):
+            num_kv_heads, num_pages, pages_per_block, scale, sliding_window, softcap):
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     del b  # the slot's rows arrive through the block specs
     page_size, head_dim = k_ref.shape[1], k_ref.shape[2]
@@ -56,7 +56,8 @@ def _kernel(layer_ref, length_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref,
         valid = key_pos < length
         if sliding_window is not None:
             valid &= key_pos > length - 1 - sliding_window
-        return attend_block(carry, q, k, v, jnp.broadcast_to(valid[None, :], (q.shape[0], block_k)), valid, scale)
+        return attend_block(carry, q, k, v, jnp.broadcast_to(valid[None, :], (q.shape[0], block_k)), valid, scale,
+                            softcap)
 
     o, m, l = jax.lax.fori_loop(start_block, num_blocks, body, initial_carry(q.shape[0], head_dim))
     o_ref[...] = o
@@ -118,13 +119,14 @@ def combine_splits(o, m, l):
     return out / jnp.where(total == 0, 1.0, total)[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("sliding_window", "num_splits", "block_keys", "num_warps", "num_stages",
-                                             "interpret"))
+@functools.partial(jax.jit, static_argnames=("sliding_window", "softcap", "num_splits", "block_keys", "num_warps",
+                                             "num_stages", "interpret"))
 def paged_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, *,
-                           sliding_window: int | None = None, num_splits: int | None = None,
-                           block_keys: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                           interpret: bool = False):
-    """q [B, N, H]; pools [L, K, P, Z, H]; layer int; block_tables [B, P']; lengths [B] -> [B, N, H].
+                           sliding_window: int | None = None, softcap: float | None = None,
+                           num_splits: int | None = None, block_keys: int | None = None, num_warps: int | None = None,
+                           num_stages: int | None = None, interpret: bool = False):
+    """q [B, N, H]; pools [L, K, P, Z, H]; layer int; block_tables [B, P']; lengths [B] -> [B, N, H]; the last
+    `sliding_window` keys only, and logits capped at +-softcap, where given.
 
     `num_splits` (default: by the table's width), `block_keys` (keys per loop iteration, a power of two;
     default 64) and Triton's `num_warps` / `num_stages` (default: its own) are tuning knobs with no effect
@@ -143,7 +145,7 @@ def paged_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, *,
     tables = jnp.pad(block_tables, ((0, 0), (0, splits * per_split - block_tables.shape[1])))
     qg = jnp.pad(q.reshape(B, K, G, H), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
     kernel = functools.partial(_kernel, num_kv_heads=K, num_pages=P, pages_per_block=per_block,
-                               scale=H ** -0.5, sliding_window=sliding_window)
+                               scale=H ** -0.5, sliding_window=sliding_window, softcap=softcap)
     partial_shape = (splits, B, K, Gp)
     o, m, l = pl.pallas_call(
         kernel,
@@ -173,8 +175,9 @@ def paged_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, *,
     return out.reshape(B, N, H).astype(q.dtype)
 
 
-def paged_decode_reference(q, k_pool, v_pool, layer, block_tables, lengths, *, sliding_window=None):
+def paged_decode_reference(q, k_pool, v_pool, layer, block_tables, lengths, *, sliding_window=None, softcap=None):
     """The same function in plain jnp; empty slots (length 0) give 0."""
     positions = (lengths - 1)[:, None]
-    out = paged_attention_reference(q[:, None], k_pool, v_pool, layer, block_tables, positions, sliding_window)
+    out = paged_attention_reference(q[:, None], k_pool, v_pool, layer, block_tables, positions, sliding_window,
+                                    softcap)
     return jnp.where((lengths > 0)[:, None, None], out[:, 0], 0).astype(q.dtype)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.flash import f32_operands
+from pallas_kernels.flash import capped, f32_operands
 from pallas_kernels.kv_storage import widened
 
 _MASKED = -1e30  # finite, so a fully masked (padding) row's softmax is not NaN
@@ -36,8 +36,9 @@ def attention_mask(positions: jax.Array, num_keys: int, sliding_window: int | No
 
 
 def paged_attention_reference(q, k_pool, v_pool, layer, block_tables, positions,
-                              sliding_window: int | None = None):
-    """q [B, T, N, H]; pools [L, K, P, Z, H]; block_tables [B, P']; positions [B, T] -> [B, T, N, H]."""
+                              sliding_window: int | None = None, softcap: float | None = None):
+    """q [B, T, N, H]; pools [L, K, P, Z, H]; block_tables [B, P']; positions [B, T] -> [B, T, N, H]; logits
+    capped at +-softcap when given."""
     B, T, N, H = q.shape
     k = widened(gather_pages(k_pool, layer, block_tables), q.dtype)  # [B, K, S, H]
     v = widened(gather_pages(v_pool, layer, block_tables), q.dtype)
@@ -45,7 +46,7 @@ def paged_attention_reference(q, k_pool, v_pool, layer, block_tables, positions,
     qg = q.reshape(B, T, K, N // K, H)
     scores = jnp.einsum("BTKGH,BKSH->BKGTS", *f32_operands(qg, k), preferred_element_type=jnp.float32,
                         precision=jax.lax.Precision.HIGHEST)  # no TF32 on GPU: the kernels are checked against it
-    scores *= H ** -0.5
+    scores = capped(scores * H ** -0.5, softcap)
     mask = attention_mask(positions, k.shape[2], sliding_window)
     scores = jnp.where(mask[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)

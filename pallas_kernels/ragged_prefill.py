@@ -25,7 +25,7 @@ from pallas_kernels.paged_reference import paged_attention_reference
 
 
 def _kernel(layer_ref, q_len_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, *,
-            num_kv_heads, num_pages, pages_per_block, heads_per_row, scale, sliding_window):
+            num_kv_heads, num_pages, pages_per_block, heads_per_row, scale, sliding_window, softcap):
     qb, h = pl.program_id(1), pl.program_id(2)
     page_size, head_dim = k_ref.shape[1], k_ref.shape[2]
     block_k = pages_per_block * page_size
@@ -50,7 +50,7 @@ def _kernel(layer_ref, q_len_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, o_
         valid = key_pos[None, :] <= row_pos[:, None]
         if sliding_window is not None:
             valid &= key_pos[None, :] > row_pos[:, None] - sliding_window
-        return attend_block(carry, q, k, v, valid, key_pos <= last_pos, scale)
+        return attend_block(carry, q, k, v, valid, key_pos <= last_pos, scale, softcap)
 
     o, _, l = jax.lax.fori_loop(start_block, num_blocks, body, initial_carry(rows, head_dim))
     o_ref[...] = (o / jnp.where(l == 0, 1.0, l)[:, None]).astype(o_ref.dtype)
@@ -74,11 +74,12 @@ def _unblock(out, cu_q_lens, num_tokens: int, block_q: int):
     return out[seq, offset // block_q, :, offset % block_q]
 
 
-@functools.partial(jax.jit, static_argnames=("sliding_window", "block_q", "interpret"))
+@functools.partial(jax.jit, static_argnames=("sliding_window", "softcap", "block_q", "interpret"))
 def ragged_prefill_attention(q, k_pool, v_pool, layer, block_tables, cu_q_lens, kv_lens, *,
-                             sliding_window: int | None = None, block_q: int | None = None,
-                             interpret: bool = False):
-    """q [T, N, H] packed; pools [L, K, P, Z, H]; block_tables [S, P']; cu_q_lens [S+1]; kv_lens [S] -> [T, N, H].
+                             sliding_window: int | None = None, softcap: float | None = None,
+                             block_q: int | None = None, interpret: bool = False):
+    """q [T, N, H] packed; pools [L, K, P, Z, H]; block_tables [S, P']; cu_q_lens [S+1]; kv_lens [S] -> [T, N, H];
+    the last `sliding_window` keys only, and logits capped at +-softcap, where given.
 
     Tokens past cu_q_lens[-1] are padding and come back as 0."""
     T, N, H = q.shape
@@ -94,7 +95,7 @@ def ragged_prefill_attention(q, k_pool, v_pool, layer, block_tables, cu_q_lens, 
     qg = jnp.pad(q.reshape(T, K, G, H), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
     q_tiles = qg[index].transpose(0, 1, 3, 2, 4, 5).reshape(S, blocks, K, block_q * Gp, H)
     kernel = functools.partial(_kernel, num_kv_heads=K, num_pages=P, pages_per_block=pages_per_block,
-                               heads_per_row=Gp, scale=H ** -0.5, sliding_window=sliding_window)
+                               heads_per_row=Gp, scale=H ** -0.5, sliding_window=sliding_window, softcap=softcap)
     tile = (None, None, None, block_q * Gp, H)
     out = pl.pallas_call(
         kernel,
@@ -119,14 +120,16 @@ def ragged_prefill_attention(q, k_pool, v_pool, layer, block_tables, cu_q_lens, 
     return jnp.where(is_query[:, None, None], out.reshape(T, N, H), 0).astype(q.dtype)
 
 
-def ragged_prefill_reference(q, k_pool, v_pool, layer, block_tables, cu_q_lens, kv_lens, *, sliding_window=None):
+def ragged_prefill_reference(q, k_pool, v_pool, layer, block_tables, cu_q_lens, kv_lens, *, sliding_window=None,
+                             softcap=None):
     """The same function in plain jnp: each sequence's queries padded to T, attended, then packed again."""
     T = q.shape[0]
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
     offsets = jnp.arange(T)[None, :]
     index = jnp.clip(cu_q_lens[:-1, None] + offsets, 0, T - 1)
     positions = jnp.where(offsets < q_lens[:, None], kv_lens[:, None] - q_lens[:, None] + offsets, -1)
-    padded = paged_attention_reference(q[index], k_pool, v_pool, layer, block_tables, positions, sliding_window)
+    padded = paged_attention_reference(q[index], k_pool, v_pool, layer, block_tables, positions, sliding_window,
+                                       softcap)
     t = jnp.arange(T)
     seq = jnp.clip(jnp.searchsorted(cu_q_lens, t, side="right") - 1, 0, block_tables.shape[0] - 1)
     out = padded[seq, t - cu_q_lens[seq]]
