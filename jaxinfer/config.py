@@ -1,8 +1,8 @@
 """Frozen configuration dataclasses.
 
 `ModelConfig` is an explicit mapping of a Hugging Face `config.json` for the
-Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Phi-3/Phi-4, Granite 3) and its mixture-of-experts
-kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE). `EngineConfig`
+Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Phi-3/Phi-4, Granite 3, Gemma 1/2/3) and its
+mixture-of-experts kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE). `EngineConfig`
 holds the serving knobs (slots, pages, chunking, dtype). Host code only: this
 module must not import JAX.
 """
@@ -16,12 +16,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite")
+GEMMA_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
+DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite") + GEMMA_MODEL_TYPES
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-SUPPORTED_ACTIVATIONS = ("silu",)
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 # transformers' class defaults where head_dim is absent; else hidden / heads
 DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128}
 
@@ -72,11 +73,22 @@ class ModelConfig:
     norm_topk_prob: bool = False  # the chosen experts' weights renormalised to sum to one
     shared_expert_size: int = 0  # width of an expert every token also runs, gated by a sigmoid (Qwen2-MoE)
     # Granite's scalings: of the embeddings, of each sublayer's output before the residual sum, the attention
-    # logits' (None: 1 / sqrt(head_dim)), and the divisor of the final logits.
+    # logits' (None: 1 / sqrt(head_dim)), and the divisor of the final logits. Gemma's embeddings are times
+    # sqrt(hidden_size), its attention logits (Gemma 2/3) over sqrt(query_pre_attn_scalar).
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
+    activation: str = "silu"  # of the MLP's gate: one of SUPPORTED_ACTIVATIONS
+    # Gemma's: RMSNorm scales by 1 + weight, in float32; Gemma 2/3 also norm each sublayer's output
+    # ("sandwich"), cap attention and final logits at +-cap by cap * tanh(x / cap), and interleave sliding-window
+    # layers with global ones, Gemma 3 giving those its own RoPE.
+    norm_plus_one: bool = False
+    sandwich_norms: bool = False
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    sliding_layers: tuple[bool, ...] = ()  # the layers that attend through `sliding_window`; (): every layer
+    local_rope: RopeConfig | None = None  # the sliding layers' RoPE, where it is not `rope`
 
     @property
     def q_per_kv(self) -> int:  # G
@@ -99,6 +111,10 @@ class ModelConfig:
             return (int(self.max_position_embeddings * self.rope.factor),
                     f"max_position_embeddings={self.max_position_embeddings} x linear factor={self.rope.factor:g}")
         return self.max_position_embeddings, f"max_position_embeddings={self.max_position_embeddings}"
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of `layer`, None for one that attends to the whole context."""
+        return self.sliding_window if not self.sliding_layers or self.sliding_layers[layer] else None
 
     @property
     def mlp_field(self) -> str:
@@ -133,9 +149,10 @@ class ModelConfig:
             raise ConfigError(f"quantized checkpoints are not supported (config.json has a quantization_config, "
                               f"quant_method {method!r}); use the unquantized float16/bfloat16/float32 weights")
         get = _field_getter(hf, model_type)
-        act = hf.get("hidden_act", "silu")
+        act = _activation(hf, model_type)
         if act not in SUPPORTED_ACTIVATIONS:
-            raise ConfigError(f"unsupported hidden_act {act!r} for {model_type}; supported: silu")
+            raise ConfigError(f"unsupported hidden_act {act!r} for {model_type}; supported: "
+                              f"{', '.join(SUPPORTED_ACTIVATIONS)}")
         if hf.get("mlp_bias"):
             raise ConfigError("mlp_bias=true is not supported (no released Llama-family model uses it)")
         num_heads = get("num_attention_heads")
@@ -144,8 +161,11 @@ class ModelConfig:
         attention_bias = bool(hf.get("attention_bias", False))
         moe = _moe_from_hf(hf, model_type, get)
         scalings = _granite_from_hf(hf) if model_type == "granite" else {}
+        if model_type in GEMMA_MODEL_TYPES:
+            scalings = _gemma_from_hf(hf, model_type, get)
         return cls(
             **scalings,
+            activation=act,
             model_type=model_type,
             vocab_size=get("vocab_size"),
             hidden_size=hidden,
@@ -157,14 +177,15 @@ class ModelConfig:
             head_dim=head_dim,
             max_position_embeddings=get("max_position_embeddings"),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope=_rope_from_hf(hf),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            rope=_rope_from_hf(hf) if model_type != "gemma3_text" else _rope_from_hf(_layer_rope(hf, "full_attention")),
+            # Gemma's classes tie them unless told otherwise, the others untie them.
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type in GEMMA_MODEL_TYPES)),
             # Qwen2 always has q/k/v biases and no o bias, Qwen2-MoE as `qkv_bias` says (true unless sent);
             # the others follow attention_bias.
             qkv_bias=(model_type == "qwen2" or attention_bias if model_type != "qwen2_moe"
                       else bool(hf.get("qkv_bias", True))),
             o_bias=model_type not in ("qwen2", "qwen2_moe") and attention_bias,
-            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
             sliding_window=_sliding_window(hf, model_type),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=_as_tuple(hf.get("eos_token_id")),
@@ -196,7 +217,7 @@ class ModelConfig:
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope.theta,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "hidden_act": "silu",
+            "hidden_act": self.activation,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_ids),
             "pad_token_id": None,  # else Phi-3's class default, 32000, which a small vocabulary lacks
@@ -215,6 +236,8 @@ class ModelConfig:
         if self.sliding_window is not None:
             hf["sliding_window"] = self.sliding_window
             hf["use_sliding_window"] = True
+        if self.model_type in GEMMA_MODEL_TYPES:
+            hf.update(_gemma_to_hf(self))
         return hf
 
 
@@ -240,16 +263,19 @@ def with_overrides(hf: dict, overrides: dict) -> dict:
     as it would in the 4.x spelling."""
     merged = {**hf, **overrides}
     if "rope_scaling" in overrides and "rope_parameters" in hf and "rope_parameters" not in overrides:
-        theta = (hf["rope_parameters"] or {}).get("rope_theta")
-        kept = {} if theta is None else {"rope_theta": theta}
-        merged["rope_parameters"] = {**kept, **(overrides["rope_scaling"] or {})}
+        params = hf["rope_parameters"] or {}
+        layers = "full_attention" in params  # Gemma 3's, by layer type: a scaling is the global layers'
+        theta = (params["full_attention"] if layers else params).get("rope_theta")
+        scaled = {**({} if theta is None else {"rope_theta": theta}), **(overrides["rope_scaling"] or {})}
+        merged["rope_parameters"] = {**params, "full_attention": scaled} if layers else scaled
     return merged
 
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM",
                   "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM",
-                  "granite": "GraniteForCausalLM"}
+                  "granite": "GraniteForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                  "gemma3_text": "Gemma3ForCausalLM"}
 
 
 def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
@@ -279,6 +305,67 @@ def _granite_from_hf(hf: dict) -> dict:
     # transformers' GraniteConfig defaults are all 1.0, the attention multiplier's too (not 1 / sqrt(head_dim)).
     return {name: float(hf.get(name, 1.0)) for name in
             ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")}
+
+
+def _activation(hf: dict, model_type: str) -> str:
+    """The MLP's activation. Gemma 2/3 name it `hidden_activation`; Gemma 1's checkpoints say `gelu` where they
+    mean its tanh approximation, which transformers and vLLM use instead."""
+    if model_type in GEMMA_MODEL_TYPES:
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+        return "gelu_pytorch_tanh" if act == "gelu" and model_type == "gemma" else act
+    return hf.get("hidden_act", "silu")
+
+
+def _gemma_from_hf(hf: dict, model_type: str, get) -> dict:
+    """Gemma's scalings: embeddings times sqrt(hidden_size); attention logits over sqrt(query_pre_attn_scalar)
+    (Gemma 2/3; head_dim's in Gemma 1), capped where the config says; the sliding layers and their RoPE."""
+    if hf.get("use_bidirectional_attention"):
+        raise ConfigError(f"{model_type} with use_bidirectional_attention (an embedding model) is not supported")
+    fields = dict(norm_plus_one=True, embedding_multiplier=float(get("hidden_size")) ** 0.5)
+    if model_type == "gemma":
+        return fields
+    fields.update(sandwich_norms=True, attention_multiplier=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+                  attn_softcap=hf.get("attn_logit_softcapping"), final_softcap=hf.get("final_logit_softcapping"),
+                  sliding_layers=tuple(t == "sliding_attention" for t in _gemma_layer_types(hf, model_type)))
+    if model_type == "gemma3_text":
+        fields["local_rope"] = _rope_from_hf(_layer_rope(hf, "sliding_attention"))
+    return fields
+
+
+def _gemma_layer_types(hf: dict, model_type: str) -> list[str]:
+    """`layer_types`, or where a Hub config lacks it, transformers' default: every other layer sliding from the
+    first in Gemma 2, five of every `sliding_window_pattern` (6) in Gemma 3."""
+    if hf.get("layer_types"):
+        return list(hf["layer_types"])
+    period = 2 if model_type == "gemma2" else int(hf.get("sliding_window_pattern") or 6)
+    return ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(hf["num_hidden_layers"])]
+
+
+def _layer_rope(hf: dict, layer_type: str) -> dict:
+    """Gemma 3's RoPE for one layer type, as a config `_rope_from_hf` reads. transformers 5 writes
+    `rope_parameters` keyed by layer type; the Hub's configs give the global layers `rope_theta` (default 1e6)
+    and `rope_scaling`, the sliding layers `rope_local_base_freq` (default 1e4) and no scaling."""
+    params, length = hf.get("rope_parameters") or {}, {"max_position_embeddings": hf.get("max_position_embeddings")}
+    if layer_type in params:
+        return {"rope_parameters": params[layer_type], **length}
+    if layer_type == "sliding_attention":
+        return {"rope_theta": hf.get("rope_local_base_freq", 10000.0), **length}
+    return {"rope_theta": hf.get("rope_theta", 1000000.0), "rope_scaling": hf.get("rope_scaling"), **length}
+
+
+def _gemma_to_hf(cfg: "ModelConfig") -> dict:
+    hf = {"hidden_activation": cfg.activation}
+    if cfg.model_type == "gemma":
+        return hf
+    layer_types = ["sliding_attention" if s else "full_attention" for s in cfg.sliding_layers]
+    hf.update(query_pre_attn_scalar=round(cfg.attention_multiplier ** -2), attn_logit_softcapping=cfg.attn_softcap,
+              final_logit_softcapping=cfg.final_softcap, layer_types=layer_types)
+    if cfg.local_rope is not None:
+        def params(rope: RopeConfig) -> dict:
+            scaling = _rope_to_hf(rope) if rope.kind != "default" else {"rope_type": "default"}
+            return {"rope_theta": rope.theta, **scaling}
+        hf["rope_parameters"] = {"full_attention": params(cfg.rope), "sliding_attention": params(cfg.local_rope)}
+    return hf
 
 
 def _moe_to_hf(cfg: "ModelConfig") -> dict:
@@ -373,8 +460,8 @@ def _rope_to_hf(rope: RopeConfig) -> dict:
 
 def _sliding_window(hf: dict, model_type: str) -> int | None:
     window = hf.get("sliding_window")
-    if model_type in ("mistral", "mixtral", "phi3"):
-        return window  # null in Mistral v0.2+ and Phi-4, 4096 in Mistral v0.1, 2047 in Phi-3-mini
+    if model_type in ("mistral", "mixtral", "phi3", "gemma2", "gemma3_text"):
+        return window  # null in Mistral v0.2+ and Phi-4, 4096 in Mistral v0.1, 2047 in Phi-3-mini, 4096 in Gemma 2
     layer_types = hf.get("layer_types") or []
     uses_window = hf.get("use_sliding_window", False) or "sliding_attention" in layer_types
     if uses_window:

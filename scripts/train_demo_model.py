@@ -104,7 +104,7 @@ def forward(params: dict, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
         scores = jnp.einsum("BTNH,BSNH->BNTS", q, k) * cfg.head_dim ** -0.5
         probs = jax.nn.softmax(jnp.where(causal, scores, -1e30), axis=-1)
         h = h + jnp.einsum("BTNH,NHD->BTD", jnp.einsum("BNTS,BSNH->BTNH", probs, v), lp["wo"])
-        return h + mlp(lp, rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)), None
+        return h + mlp(lp, cfg, rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)), None
 
     h, _ = jax.lax.scan(layer, params["embed"][tokens], params["layers"])
     return logits(params, cfg, rms_norm(h, params["final_norm"], cfg.rms_norm_eps))

@@ -29,6 +29,18 @@ FAMILIES = {
     "granite": (transformers.GraniteConfig, dict(embedding_multiplier=4.0, residual_multiplier=0.5,
                                                  attention_multiplier=0.0625, logits_scaling=2.0,
                                                  tie_word_embeddings=True)),
+    # Gemma: (1 + w) norms, a tanh GELU, embeddings times sqrt(D); Gemma 2/3 sandwich norms and interleave
+    # sliding-window layers (a window of 12) with global ones; Gemma 2 caps logits, Gemma 3 gives its sliding
+    # layers a RoPE of their own and q/k norms.
+    "gemma": (transformers.GemmaConfig, dict(head_dim=16, pad_token_id=0)),
+    "gemma2": (transformers.Gemma2Config, dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=12,
+                                               num_hidden_layers=3, attn_logit_softcapping=2.0,
+                                               final_logit_softcapping=6.0, pad_token_id=0)),
+    "gemma3": (transformers.Gemma3TextConfig, dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=12, num_hidden_layers=3, pad_token_id=0,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
     # Mixtures of experts: 4 experts of 48, 2 a token (Mixtral renormalises their weights; Qwen3-MoE as
     # norm_topk_prob says; Qwen2-MoE adds a gated shared expert and q/k/v biases).
     "mixtral": (transformers.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48)),
@@ -44,6 +56,11 @@ def build(family: str, directory, dtype=torch.float32, seed: int = 0, **save_kwa
     config_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**COMMON, **extra})).eval()
+    if family.startswith("gemma"):  # its norms start at 0 (scaling by 1 + w): make each norm's weights matter
+        with torch.no_grad():
+            for name, weight in model.named_parameters():
+                if "norm" in name:
+                    weight.normal_(0.0, 0.5)
     model.generation_config.eos_token_id = None  # greedy parity runs the full length
     model.to(dtype).save_pretrained(directory, **save_kwargs)
     return model.float()

@@ -21,6 +21,8 @@ from jaxinfer.model.weights import init_params, param_count, to_hf_tensors
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # Parameter counts as published on the models' Hugging Face pages (safetensors metadata).
 PUBLISHED_PARAMS = {
+    "gemma-2-9b": 9_241_705_984,
+    "gemma-3-1b": 999_885_952,
     "llama-2-7b": 6_738_415_616,
     "llama-3-8b": 8_030_261_248,
     "llama-3.1-8b": 8_030_261_248,
@@ -161,20 +163,23 @@ def _our_logits(params, cfg, tokens):
     return np.asarray(logits(params, cfg, h))[0]
 
 
-@pytest.mark.parametrize("preset, experts", [
+@pytest.mark.parametrize("preset, overrides", [
     ("qwen3-0.6b", {}),
     ("phi-4", {}),  # fused qkv_proj and gate_up_proj tensors, written back whole
     ("mixtral-8x7b", {"num_local_experts": 4}),
     ("qwen1.5-moe-a2.7b", {"num_experts": 5, "moe_intermediate_size": 40, "shared_expert_intermediate_size": 72}),
     ("qwen3-30b-a3b", {"num_experts": 10, "moe_intermediate_size": 40}),
+    # the 7 tokens reach past a window of 4 in the sliding layers; Gemma 3's are every other one here
+    ("gemma-2-9b", {"sliding_window": 4}),
+    ("gemma-3-1b", {"sliding_window": 4, "sliding_window_pattern": 2}),
 ])
-def test_saved_weights_load_in_transformers(tmp_path, preset, experts):
+def test_saved_weights_load_in_transformers(tmp_path, preset, overrides):
     """Our random init written in HF layout gives HF the same logits: the table's layouts hold both ways
     (per-expert and fused tensors included)."""
     source = find_model(CONFIGS / f"{preset}.json")
     cfg = ModelConfig.from_hf({**json.loads(source.config_path.read_text()), "hidden_size": 64,
                                "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-                               "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 128, **experts})
+                               "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 128, **overrides})
     params = init_params(cfg, jnp.float32, seed=3)
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "config.json").write_text(json.dumps(cfg.to_hf()))

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_models import COMMON, FAMILIES, LLAMA3_ROPE, build, random_prompts, scored_in_chunks
 from jaxinfer import cli
-from jaxinfer.config import ConfigError, EngineConfig, ModelConfig
+from jaxinfer.config import ConfigError, EngineConfig, ModelConfig, with_overrides
 from jaxinfer.llm import LLM, SamplingParams
 from jaxinfer.model import checkpoint
 from jaxinfer.model.checkpoint import CheckpointError, find_model, load_config, load_params
@@ -130,7 +130,7 @@ def test_missing_optional_fields_take_transformers_defaults(tmp_path, family):
 @pytest.mark.parametrize("change, message", [
     (dict(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}), "quantization_config"),
     (dict(quantization_config={"quant_method": "gptq", "bits": 4}), "gptq"),
-    (dict(model_type="gemma"), "'gemma'"),
+    (dict(model_type="gemma3"), "'gemma3'"),  # the multimodal Gemma 3 (4B and up)
     (dict(hidden_act="gelu"), "'gelu'"),
     (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), "'dynamic'"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "'yarn' is missing required field 'factor'"),
@@ -145,6 +145,45 @@ def test_unsupported_configs_are_refused_at_load(tmp_path, change, message):
     hf.update(change)
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_hf(hf)
+
+
+GEMMA_7B = {"model_type": "gemma", "hidden_act": "gelu", "hidden_size": 3072, "intermediate_size": 24576,
+            "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 256,
+            "max_position_embeddings": 8192, "rope_theta": 10000.0, "vocab_size": 256000}  # as the Hub has it
+
+
+@pytest.mark.parametrize("hf", [GEMMA_7B, "gemma-2-9b", "gemma-3-1b",
+                                {"model_type": "gemma3_text", "num_hidden_layers": 8, "hidden_size": 64,
+                                 "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                        "rope_theta": 1e6},
+                                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+                                 "layer_types": ["sliding_attention", "full_attention"] * 4, "sliding_window": 1024,
+                                 "vocab_size": 256, "intermediate_size": 128, "num_attention_heads": 4,
+                                 "head_dim": 16, "max_position_embeddings": 512}],
+                         ids=["gemma-7b", "gemma-2-9b", "gemma-3-1b", "gemma-3-as-transformers-5-writes"])
+def test_gemma_configs_map_like_transformers(hf):
+    """Gemma's Hub configs (Gemma 1's `gelu` that means the tanh GELU, Gemma 2/3 without `layer_types`, Gemma 3's
+    `rope_local_base_freq`) and transformers 5's (RoPE by layer type) read as transformers' classes read them."""
+    if isinstance(hf, str):
+        hf = json.loads((Path(__file__).resolve().parent.parent / "configs" / f"{hf}.json").read_text())
+    ours, theirs = ModelConfig.from_hf(hf), _hf_config(hf)
+    assert ours.activation == getattr(theirs, "hidden_activation", None) or theirs.hidden_act
+    assert ours.tie_word_embeddings == theirs.tie_word_embeddings
+    assert ours.embedding_multiplier == theirs.hidden_size ** 0.5
+    if hf["model_type"] == "gemma":
+        assert not ours.sliding_layers and ours.sliding_window is None and ours.attention_multiplier is None
+        return
+    assert ours.sliding_layers == tuple(t == "sliding_attention" for t in theirs.layer_types)
+    assert ours.sliding_window == theirs.sliding_window
+    assert ours.attention_multiplier == theirs.query_pre_attn_scalar ** -0.5
+    assert (ours.attn_softcap, ours.final_softcap) == (theirs.attn_logit_softcapping, theirs.final_logit_softcapping)
+    ropes = theirs.rope_parameters
+    if hf["model_type"] == "gemma3_text":
+        ropes = ropes["full_attention"]
+        local = theirs.rope_parameters["sliding_attention"]
+        assert (ours.local_rope.theta, ours.local_rope.kind) == (local["rope_theta"], local["rope_type"])
+    assert (ours.rope.theta, ours.rope.kind, ours.rope.factor) == (ropes["rope_theta"], ropes["rope_type"],
+                                                                   ropes.get("factor", 1.0))
 
 
 def test_generation_config_eos_list_is_merged(tmp_path):
@@ -349,6 +388,22 @@ def test_hf_overrides_turn_yarn_on_as_a_config_json_would(tmp_path):
         assert out.outputs[0].token_ids == ref
     plain = LLM(tmp_path / "plain", dataclasses.replace(engine, hf_overrides=None))
     assert plain.model_config.rope.kind == "default"  # the overrides, not the files, made the difference
+
+
+def test_hf_overrides_scale_gemma_3s_global_layers_only(tmp_path):
+    """A `rope_scaling` override on a config transformers 5 wrote with Gemma 3's RoPE by layer type scales the
+    global layers' RoPE, keeping their theta and the sliding layers' RoPE, as transformers reads the Hub's form."""
+    hf = _saved_config(transformers.Gemma3TextConfig, tmp_path, head_dim=16, rope_parameters={
+        "full_attention": {"rope_type": "default", "rope_theta": 5e5},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}})
+    scaling = {"rope_type": "linear", "factor": 8.0}
+    ours = ModelConfig.from_hf(with_overrides(hf, {"rope_scaling": scaling}))
+    theirs = transformers.Gemma3TextConfig(**{**COMMON, "head_dim": 16, "rope_theta": 5e5, "rope_local_base_freq": 2e4,
+                                              "rope_scaling": scaling}).rope_parameters
+    global_theta = theirs["full_attention"]["rope_theta"]
+    assert (ours.rope.kind, ours.rope.factor, ours.rope.theta) == ("linear", 8.0, global_theta)
+    assert (ours.local_rope.kind, ours.local_rope.theta) == ("default", theirs["sliding_attention"]["rope_theta"])
+    assert ours.longest_context[0] == 8 * COMMON["max_position_embeddings"]
 
 
 def test_hf_overrides_flag_reaches_the_engine_on_every_command(monkeypatch):

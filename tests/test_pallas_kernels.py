@@ -322,10 +322,43 @@ def test_ragged_prefill_long_chunks_across_blocks_and_window(window):
     _assert_close(out, ragged_prefill_reference(*args, sliding_window=window), jnp.float32)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "mistral"])
+@pytest.mark.parametrize("window", [None, 11])
+def test_capped_logits_match_reference_in_every_path(window):
+    """Gemma 2's attention softcap (logits held within +-cap by cap * tanh(x / cap)) in both kernels and both
+    page loops, against the reference; the cap is tight enough to change the result."""
+    rng = np.random.RandomState(5)
+    Z, H, G, cap = 8, 64, 2, 0.5
+    k_pool, v_pool = _pools(rng, jnp.float32, Z, H)
+    lengths = jnp.asarray([0, 1, Z + 1, MAX_PAGES * Z, 2 * Z - 1], jnp.int32)
+    q = jnp.asarray(rng.randn(len(lengths), KV_HEADS * G, H) * 4, jnp.float32)
+    decode = (q, k_pool, v_pool, 1, _tables(rng, len(lengths)), lengths)
+    mask = dict(sliding_window=window, softcap=cap)
+    expected = paged_decode_reference(*decode, **mask)
+    assert not np.allclose(expected, paged_decode_reference(*decode, sliding_window=window), atol=1e-2)
+    _assert_close(paged_decode_attention(*decode, num_splits=2, interpret=INTERPRET, **mask), expected, jnp.float32)
+    run = jax.jit(page_loop_decode_attention, static_argnames=("sliding_window", "softcap"))
+    _assert_close(run(*decode, **mask), expected, jnp.float32)
+
+    q_lens, kv_lens = [Z + 1, 3, 0, Z + 2], [Z + 1, Z + 5, 5, MAX_PAGES * Z]
+    cu_q_lens = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    packed = jnp.asarray(rng.randn(sum(q_lens) + 2, KV_HEADS * G, H) * 4, jnp.float32)
+    prefill = (packed, k_pool, v_pool, 0, _tables(rng, len(q_lens)), cu_q_lens, jnp.asarray(kv_lens, jnp.int32))
+    _assert_close(ragged_prefill_attention(*prefill, interpret=INTERPRET, **mask),
+                  ragged_prefill_reference(*prefill, **mask), jnp.float32)
+    positions = _prefill_rows(Z)
+    rows = (jnp.asarray(rng.randn(*positions.shape, KV_HEADS * G, H) * 4, jnp.float32), k_pool, v_pool, 1,
+            _tables(rng, len(positions)), positions)
+    valid = np.asarray(positions) >= 0
+    run = jax.jit(page_loop_prefill_attention, static_argnames=("sliding_window", "softcap"))
+    _assert_close(np.asarray(run(*rows, **mask))[valid], np.asarray(paged_attention_reference(*rows, **mask))[valid],
+                  jnp.float32)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "mistral", "gemma2"])
 def test_model_greedy_tokens_equal_with_pallas_backend(family, tmp_path):
     """The whole model with our kernels (interpret mode) decodes what the reference backend decodes (the
-    `xla` default is held to transformers itself in tests/test_model_parity.py)."""
+    `xla` default is held to transformers itself in tests/test_model_parity.py). Gemma 2 adds capped logits
+    and layers of two kinds (a branch between a window and none)."""
     build(family, tmp_path)
     prompts = [list(range(3, 12)), list(range(40, 57)), list(range(100, 140))]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)

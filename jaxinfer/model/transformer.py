@@ -9,6 +9,7 @@ pool. No Python state, no globals: everything arrives as arguments.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -97,10 +98,18 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scale: 
     return out.astype(x.dtype)
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
+    """Llama's RMSNorm: normed in float32, rounded, times weight. Gemma's (`plus_one`): times 1 + weight in
+    float32, then rounded."""
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if plus_one:
+        return (normed * (1 + weight.astype(jnp.float32))).astype(x.dtype)
     return weight * normed.astype(x.dtype)
+
+
+def norm(x: jax.Array, weight: jax.Array, cfg: ModelConfig) -> jax.Array:
+    return rms_norm(x, weight, cfg.rms_norm_eps, cfg.norm_plus_one)
 
 
 def qkv(lp: dict, cfg: ModelConfig, y: jax.Array):
@@ -110,8 +119,7 @@ def qkv(lp: dict, cfg: ModelConfig, y: jax.Array):
     if cfg.qkv_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     if cfg.qk_norm:
-        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
-        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+        q, k = norm(q, lp["q_norm"], cfg), norm(k, lp["k_norm"], cfg)
     return q, k, v
 
 
@@ -126,10 +134,13 @@ def _write_indices(batch: Batch, page_size: int):
     return jnp.where(valid, page_idx, 0), pos % page_size
 
 
-def mlp(lp: dict, y: jax.Array, prefix: str = "w") -> jax.Array:
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+
+def mlp(lp: dict, cfg: ModelConfig, y: jax.Array, prefix: str = "w") -> jax.Array:
     gate = jnp.einsum("BTD,DF->BTF", y, lp[f"{prefix}_gate"])
     up = jnp.einsum("BTD,DF->BTF", y, lp[f"{prefix}_up"])
-    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, lp[f"{prefix}_down"])
+    return jnp.einsum("BTF,FD->BTD", ACTIVATIONS[cfg.activation](gate) * up, lp[f"{prefix}_down"])
 
 
 def expert_weights(lp: dict, cfg: ModelConfig, y: jax.Array) -> jax.Array:
@@ -153,53 +164,79 @@ def moe(lp: dict, cfg: ModelConfig, y: jax.Array) -> jax.Array:
     weights = expert_weights(lp, cfg, y).astype(y.dtype)
     gate = jnp.einsum("BTD,XDF->BTXF", y, lp["w_gate"])
     up = jnp.einsum("BTD,XDF->BTXF", y, lp["w_up"])
-    out = jnp.einsum("BTXF,XFD->BTD", jax.nn.silu(gate) * up * weights[..., None], lp["w_down"])
+    out = jnp.einsum("BTXF,XFD->BTD", ACTIVATIONS[cfg.activation](gate) * up * weights[..., None], lp["w_down"])
     if cfg.shared_expert_size:
         shared_gate = jax.nn.sigmoid(jnp.einsum("BTD,D->BT", y, lp["shared_expert_gate"]))
-        out = out + shared_gate[..., None] * mlp(lp, y, "shared")
+        out = out + shared_gate[..., None] * mlp(lp, cfg, y, "shared")
     return out
+
+
+def rotated(cfg: ModelConfig, q: jax.Array, k: jax.Array, positions: jax.Array, sliding: jax.Array):
+    """q and k under the RoPE of their layer: Gemma 3's sliding layers (`sliding`, traced) have their own."""
+    inv_freq, scale = rope_frequencies(cfg.rope, cfg.head_dim), cfg.rope.attention_factor
+    if cfg.local_rope is not None:
+        local = rope_frequencies(cfg.local_rope, cfg.head_dim)
+        inv_freq = jnp.where(sliding, local, inv_freq)
+        if cfg.local_rope.attention_factor != scale:
+            scale = jnp.where(sliding, cfg.local_rope.attention_factor, scale)
+    return apply_rope(q, positions, inv_freq, scale), apply_rope(k, positions, inv_freq, scale)
+
+
+def attend(attention, cfg: ModelConfig, sliding: jax.Array, *args, rows=None):
+    """`attention` with the layer's window. Where sliding layers interleave with global ones (Gemma 2/3), a
+    branch on the traced layer type picks between the two, each with its window fixed at compile time."""
+    def run(window):
+        return lambda *a: attention(*a, window, rows=rows, softcap=cfg.attn_softcap)
+
+    if not cfg.sliding_layers or len(set(cfg.sliding_layers)) == 1:
+        return run(cfg.layer_window(0))(*args)
+    return jax.lax.cond(sliding, run(cfg.sliding_window), run(None), *args)
 
 
 def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=step_attention("reference")):
     """-> (final-normed hidden states [B, T, D], updated pool)."""
-    inv_freq = rope_frequencies(cfg.rope, cfg.head_dim)
     page_size = kv.k.shape[3]
     pages, offsets = _write_indices(batch, page_size)
+    sliding_layers = jnp.asarray(cfg.sliding_layers or [cfg.sliding_window is not None] * cfg.num_layers)
 
     def layer(carry, xs):
         h, k_pool, v_pool = carry
         lp, index = xs
-        q, k, v = qkv(lp, cfg, rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps))
-        q = apply_rope(q, batch.positions, inv_freq, cfg.rope.attention_factor)
-        k = apply_rope(k, batch.positions, inv_freq, cfg.rope.attention_factor)
+        q, k, v = qkv(lp, cfg, norm(h, lp["attn_norm"], cfg))
+        q, k = rotated(cfg, q, k, batch.positions, sliding_layers[index])
         if cfg.attention_multiplier is not None:  # every attention path scales by 1 / sqrt(H): undo it in q
             q = (q.astype(jnp.float32) * (cfg.attention_multiplier * cfg.head_dim ** 0.5)).astype(q.dtype)
         # Advanced indices split by a slice put [B, T] first: the target is [B, T, K, H].
         k_pool = k_pool.at[index, :, pages, offsets].set(stored(k, k_pool.dtype))
         v_pool = v_pool.at[index, :, pages, offsets].set(stored(v, v_pool.dtype))
-        attn = attention(q, k_pool, v_pool, index, batch.block_tables, batch.positions, cfg.sliding_window,
-                         rows=batch.rows)
+        attn = attend(attention, cfg, sliding_layers[index], q, k_pool, v_pool, index, batch.block_tables,
+                      batch.positions, rows=batch.rows)
         out = jnp.einsum("BTNH,NHD->BTD", attn, lp["wo"])
-        h = h + scaled(out + lp["bo"] if cfg.o_bias else out, cfg.residual_multiplier)
-        y = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
-        h = h + scaled(moe(lp, cfg, y) if cfg.num_experts else mlp(lp, y), cfg.residual_multiplier)
+        out = out + lp["bo"] if cfg.o_bias else out
+        h = h + scaled(norm(out, lp["post_attn_norm"], cfg) if cfg.sandwich_norms else out, cfg.residual_multiplier)
+        y = norm(h, lp["mlp_norm"], cfg)
+        out = moe(lp, cfg, y) if cfg.num_experts else mlp(lp, cfg, y)
+        h = h + scaled(norm(out, lp["post_mlp_norm"], cfg) if cfg.sandwich_norms else out, cfg.residual_multiplier)
         return (h, k_pool, v_pool), None
 
     h = scaled(params["embed"][batch.tokens], cfg.embedding_multiplier)
     layer_ids = jnp.arange(cfg.num_layers)
     (h, k_pool, v_pool), _ = jax.lax.scan(layer, (h, kv.k, kv.v), (params["layers"], layer_ids))
-    return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), KVPool(k_pool, v_pool)
+    return norm(h, params["final_norm"], cfg), KVPool(k_pool, v_pool)
 
 
 def scaled(x: jax.Array, multiplier: float) -> jax.Array:
-    """x times a constant (Granite's multipliers, YaRN's attention factor); at 1.0 nothing is traced."""
-    return x if multiplier == 1.0 else x * jnp.asarray(multiplier, x.dtype)
+    """x times a constant (Granite's multipliers, YaRN's attention factor, Gemma's embedding scale), or a traced
+    scalar; at 1.0 nothing is traced."""
+    return x if isinstance(multiplier, float) and multiplier == 1.0 else x * jnp.asarray(multiplier, x.dtype)
 
 
 def logits(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Array:
-    """h [..., D] -> float32 logits [..., V] (divided by Granite's logits_scaling)."""
+    """h [..., D] -> float32 logits [..., V] (divided by Granite's logits_scaling, capped by Gemma 2's
+    final_softcap)."""
     if cfg.tie_word_embeddings:
         out = jnp.einsum("...D,VD->...V", *f32_operands(h, params["embed"]), preferred_element_type=jnp.float32)
     else:
         out = jnp.einsum("...D,DV->...V", *f32_operands(h, params["lm_head"]), preferred_element_type=jnp.float32)
-    return out if cfg.logits_scaling == 1.0 else out / cfg.logits_scaling
+    out = out if cfg.logits_scaling == 1.0 else out / cfg.logits_scaling
+    return out if cfg.final_softcap is None else cfg.final_softcap * jnp.tanh(out / cfg.final_softcap)

@@ -33,7 +33,7 @@ class WeightSpec:
     hf_key: str  # checkpoint key; "{i}" is the layer index for stacked weights, "{e}" the expert's
     hf_shape: tuple[int, ...]  # the checkpoint's layout (of one expert's tensor for per-expert weights)
     transpose: bool = False  # torch Linear stores [out, in]; we store [in, out]
-    init: str = "normal"  # normal (std 1/sqrt(fan_in)) | ones
+    init: str = "normal"  # normal (std 1/sqrt(fan_in)) | ones | zeros (a norm whose scale is 1 + weight)
     hf_rows: tuple[int, int] | None = None  # the rows [start, end) this weight takes of a fused tensor
 
     @property
@@ -113,6 +113,10 @@ def weight_table(cfg: ModelConfig) -> list[WeightSpec]:
         specs += _expert_specs(cfg)
     if cfg.model_type in FUSED_PROJECTIONS:
         specs = _fused(specs, cfg)
+    if cfg.sandwich_norms:
+        specs = _sandwich_norms(specs, cfg)
+    if cfg.norm_plus_one:
+        specs = [dataclasses.replace(spec, init="zeros") if spec.init == "ones" else spec for spec in specs]
     if not cfg.tie_word_embeddings:
         specs.append(WeightSpec("lm_head", (D, V), ("embed", "vocab"), "lm_head.weight", (V, D), True))
     return specs
@@ -156,6 +160,18 @@ def _fused(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
              "layers.w_gate": (gate_up, gate_up_shape, (0, F)), "layers.w_up": (gate_up, gate_up_shape, (F, 2 * F))}
     return [dataclasses.replace(spec, hf_key=parts[spec.name][0], hf_shape=parts[spec.name][1],
                                 hf_rows=parts[spec.name][2]) if spec.name in parts else spec for spec in specs]
+
+
+def _sandwich_norms(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
+    """Gemma 2/3's norms around each sublayer: `post_attention_layernorm` norms the attention's output there (in
+    Llama it is the MLP's input norm, here `pre_feedforward_layernorm`), `post_feedforward_layernorm` the MLP's."""
+    D, lp = cfg.hidden_size, "model.layers.{i}."
+    specs = [dataclasses.replace(spec, hf_key=lp + "pre_feedforward_layernorm.weight")
+             if spec.name == "layers.mlp_norm" else spec for spec in specs]
+    return specs + [WeightSpec("layers.post_attn_norm", (D,), ("embed",), lp + "post_attention_layernorm.weight",
+                               (D,), init="ones"),
+                    WeightSpec("layers.post_mlp_norm", (D,), ("embed",), lp + "post_feedforward_layernorm.weight",
+                               (D,), init="ones")]
 
 
 def param_count(cfg: ModelConfig) -> int:
@@ -205,14 +221,14 @@ def abstract_params(cfg: ModelConfig, dtype, mesh=None) -> dict:
 
 
 def init_params(cfg: ModelConfig, dtype, seed: int = 0, mesh=None) -> dict:
-    """Deterministic random weights: normal with std 1/sqrt(fan_in) (varied greedy outputs), norms at one.
+    """Deterministic random weights: normal with std 1/sqrt(fan_in) (varied greedy outputs), norms scaling by one.
     Each is drawn straight onto its shards (the same values whatever the mesh)."""
     tree: dict = {}
     root = jax.random.PRNGKey(seed)
     for index, spec in enumerate(weight_table(cfg)):
         shape = spec.full_shape(cfg.num_layers)
-        if spec.init == "ones":
-            draw = functools.partial(jnp.ones, shape, dtype)
+        if spec.init in ("ones", "zeros"):
+            draw = functools.partial(jnp.ones if spec.init == "ones" else jnp.zeros, shape, dtype)
         else:
             scale = 1 / math.sqrt(_fan_in(spec))
             key = jax.random.fold_in(root, index)
