@@ -25,6 +25,14 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 # transformers' class defaults where head_dim is absent; else hidden / heads
 DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128}
+# transformers' Gemma3TextConfig defaults: the Hub's multimodal Gemma 3 configs (4B and up) give their
+# text_config only the fields that differ.
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "bos_token_id": 2, "eos_token_id": 1,
+    "tie_word_embeddings": True, "query_pre_attn_scalar": 256, "sliding_window": 4096, "rope_theta": 1e6,
+    "rope_local_base_freq": 1e4}
 
 
 class ConfigError(ValueError):
@@ -138,6 +146,7 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
         """Map a parsed Hugging Face config.json; fails naming what is missing or unsupported."""
+        hf = _language_model(hf)
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
@@ -305,6 +314,18 @@ def _granite_from_hf(hf: dict) -> dict:
     # transformers' GraniteConfig defaults are all 1.0, the attention multiplier's too (not 1 / sqrt(head_dim)).
     return {name: float(hf.get(name, 1.0)) for name in
             ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")}
+
+
+def _language_model(hf: dict) -> dict:
+    """The config of the language model a multimodal checkpoint holds, which jaxinfer serves as a text model (its
+    vision tower is not loaded): Gemma 3 (4B and up) keeps it in `text_config`, on transformers' defaults, with
+    the stop ids and dtype at the top level."""
+    if hf.get("model_type") != "gemma3":
+        return hf
+    text = hf.get("text_config") or {}
+    top = {name: hf[name] for name in ("eos_token_id", "bos_token_id", "dtype", "torch_dtype", "tie_word_embeddings")
+           if hf.get(name) is not None and name not in text}
+    return {**GEMMA3_TEXT_DEFAULTS, **top, **text, "model_type": "gemma3_text"}
 
 
 def _activation(hf: dict, model_type: str) -> str:

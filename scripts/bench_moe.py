@@ -89,7 +89,7 @@ def bench(experts: int, k: int, hidden: int, width: int, tokens: int, dtype, rep
     outs = {name: fn(lp, y).astype(jnp.float32) for name, fn in forms.items()}
     diff = max(float(jnp.max(jnp.abs(out - outs["dense"]))) for out in outs.values())
     ms = {name: median_seconds(fn, (lp, y), repeats) * 1e3 for name, fn in forms.items()}
-    floor = median_seconds(jax.jit(mlp), (active, y), repeats) * 1e3
+    floor = median_seconds(jax.jit(lambda p, x: mlp(p, cfg, x)), (active, y), repeats) * 1e3
     others = " | ".join(f"{name} {ms[name]:8.2f} ms ({ms[name] / ms['dense']:5.2f}x dense)" for name in list(forms)[1:])
     print(f"{experts:>4} {k:>3} {hidden:>6} {width:>6} {tokens:>6} | dense {ms['dense']:8.2f} ms | {others} | "
           f"active-width MLP {floor:7.2f} ms ({ms['dense'] / floor:5.2f}x under dense) | max |form - dense| {diff:.1e}")

@@ -130,7 +130,7 @@ def test_missing_optional_fields_take_transformers_defaults(tmp_path, family):
 @pytest.mark.parametrize("change, message", [
     (dict(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}), "quantization_config"),
     (dict(quantization_config={"quant_method": "gptq", "bits": 4}), "gptq"),
-    (dict(model_type="gemma3"), "'gemma3'"),  # the multimodal Gemma 3 (4B and up)
+    (dict(model_type="gemma3n"), "'gemma3n'"),
     (dict(hidden_act="gelu"), "'gelu'"),
     (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), "'dynamic'"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "'yarn' is missing required field 'factor'"),
@@ -150,9 +150,17 @@ def test_unsupported_configs_are_refused_at_load(tmp_path, change, message):
 GEMMA_7B = {"model_type": "gemma", "hidden_act": "gelu", "hidden_size": 3072, "intermediate_size": 24576,
             "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 256,
             "max_position_embeddings": 8192, "rope_theta": 10000.0, "vocab_size": 256000}  # as the Hub has it
+GEMMA3_4B = {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "eos_token_id": [1, 106],
+             "torch_dtype": "bfloat16", "mm_tokens_per_image": 256,  # the Hub's text_config: what differs only
+             "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                             "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                             "sliding_window": 1024},
+             "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                               "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                               "patch_size": 14, "vision_use_head": False}}
 
 
-@pytest.mark.parametrize("hf", [GEMMA_7B, "gemma-2-9b", "gemma-3-1b",
+@pytest.mark.parametrize("hf", [GEMMA_7B, "gemma-2-9b", "gemma-3-1b", GEMMA3_4B,
                                 {"model_type": "gemma3_text", "num_hidden_layers": 8, "hidden_size": 64,
                                  "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0,
                                                                         "rope_theta": 1e6},
@@ -160,13 +168,22 @@ GEMMA_7B = {"model_type": "gemma", "hidden_act": "gelu", "hidden_size": 3072, "i
                                  "layer_types": ["sliding_attention", "full_attention"] * 4, "sliding_window": 1024,
                                  "vocab_size": 256, "intermediate_size": 128, "num_attention_heads": 4,
                                  "head_dim": 16, "max_position_embeddings": 512}],
-                         ids=["gemma-7b", "gemma-2-9b", "gemma-3-1b", "gemma-3-as-transformers-5-writes"])
+                         ids=["gemma-7b", "gemma-2-9b", "gemma-3-1b", "gemma-3-4b-multimodal",
+                              "gemma-3-as-transformers-5-writes"])
 def test_gemma_configs_map_like_transformers(hf):
     """Gemma's Hub configs (Gemma 1's `gelu` that means the tanh GELU, Gemma 2/3 without `layer_types`, Gemma 3's
-    `rope_local_base_freq`) and transformers 5's (RoPE by layer type) read as transformers' classes read them."""
+    `rope_local_base_freq`, the multimodal Gemma 3's sparse `text_config`) and transformers 5's (RoPE by layer
+    type) read as transformers' classes read them."""
     if isinstance(hf, str):
         hf = json.loads((Path(__file__).resolve().parent.parent / "configs" / f"{hf}.json").read_text())
     ours, theirs = ModelConfig.from_hf(hf), _hf_config(hf)
+    if hf["model_type"] == "gemma3":  # served as its language model
+        assert (ours.dtype, ours.eos_token_ids) == ("bfloat16", (1, 106))
+        theirs = theirs.text_config
+        assert (ours.vocab_size, ours.num_layers, ours.num_heads, ours.num_kv_heads, ours.head_dim,
+                ours.max_position_embeddings) == (theirs.vocab_size, theirs.num_hidden_layers,
+                                                  theirs.num_attention_heads, theirs.num_key_value_heads,
+                                                  theirs.head_dim, theirs.max_position_embeddings)
     assert ours.activation == getattr(theirs, "hidden_activation", None) or theirs.hidden_act
     assert ours.tie_word_embeddings == theirs.tie_word_embeddings
     assert ours.embedding_multiplier == theirs.hidden_size ** 0.5
@@ -178,12 +195,51 @@ def test_gemma_configs_map_like_transformers(hf):
     assert ours.attention_multiplier == theirs.query_pre_attn_scalar ** -0.5
     assert (ours.attn_softcap, ours.final_softcap) == (theirs.attn_logit_softcapping, theirs.final_logit_softcapping)
     ropes = theirs.rope_parameters
-    if hf["model_type"] == "gemma3_text":
+    if "full_attention" in ropes:
         ropes = ropes["full_attention"]
         local = theirs.rope_parameters["sliding_attention"]
         assert (ours.local_rope.theta, ours.local_rope.kind) == (local["rope_theta"], local["rope_type"])
     assert (ours.rope.theta, ours.rope.kind, ours.rope.factor) == (ropes["rope_theta"], ropes["rope_type"],
                                                                    ropes.get("factor", 1.0))
+
+
+def _gemma3_with_vision(directory: Path, moved: bool):
+    """A tiny Gemma 3 with a vision tower (Gemma3ForConditionalGeneration, as the Hub's 4B and up), saved with the
+    Hub's keys (`language_model.model.*`, `vision_tower.*`), as transformers 5 writes them, or `moved` under
+    `model.` (`model.language_model.*`), as transformers 4.52-4.57 wrote them."""
+    config_cls, extra = FAMILIES["gemma3"]
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=config_cls(**{**COMMON, **extra}), vision_config=vision,
+                                       mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "norm" in name:
+                weight.normal_(0.0, 0.5)
+    model.save_pretrained(directory)
+    if moved:
+        _edit_tensors(directory, lambda tensors: tensors.update(
+            {"model." + k.replace("language_model.model.", "language_model."): tensors.pop(k) for k in list(tensors)}))
+    return model
+
+
+@pytest.mark.parametrize("moved", [False, True])
+def test_gemma_3_with_a_vision_tower_serves_its_language_model(tmp_path, moved):
+    """Gemma 3 4B and up are multimodal checkpoints: their language model loads (from either key layout), its
+    vision tower is left alone, and text prompts get transformers' logits and greedy tokens."""
+    model = _gemma3_with_vision(tmp_path, moved)
+    keys = set(load_file(tmp_path / "model.safetensors"))
+    assert ("model.language_model.norm.weight" if moved else "language_model.model.norm.weight") in keys
+    assert any(k.startswith("model.vision_tower." if moved else "vision_tower.") for k in keys)
+    engine = EngineConfig(max_slots=2, page_size=PAGE, prefill_chunk=CHUNK, max_model_len=64, dtype="float32")
+    llm = LLM(tmp_path, engine)
+    prompt = np.asarray(random_prompts(COMMON["vocab_size"], PROMPT_LENGTHS)[-1], np.int32)
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(prompt[None], dtype=torch.long)).logits[0].numpy()
+    np.testing.assert_allclose(scored_in_chunks(llm, prompt, CHUNK), ref, atol=2e-4, rtol=0)
+    _greedy_matches_transformers(tmp_path, model)
 
 
 def test_generation_config_eos_list_is_merged(tmp_path):

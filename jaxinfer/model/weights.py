@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from jaxinfer.config import FUSED_PROJECTIONS, ModelConfig
 from jaxinfer.model import safetensors_io
 from jaxinfer.model.safetensors_io import CheckpointError
 from jaxinfer.sharding import kv_replicas, logical_sharding
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +257,22 @@ def expand_kv_heads(params: dict, cfg: ModelConfig, mesh) -> tuple[dict, ModelCo
     return params, wide
 
 
+# Where a multimodal checkpoint keeps its language model (Gemma 3, 4B and up): the Hub's files under
+# `language_model.`, transformers 5's under `model.language_model.`. Its vision tower's tensors are not read.
+_LANGUAGE_MODEL_PREFIXES = ({"model.": "language_model.model.", "lm_head.": "language_model.lm_head."},
+                            {"model.": "model.language_model."})
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def checkpoint_keys(reader: safetensors_io.Reader):
+    """Our table's checkpoint key -> the key in this checkpoint: the same, or under a multimodal checkpoint's
+    language model."""
+    for prefixes in _LANGUAGE_MODEL_PREFIXES:
+        if prefixes["model."] + "embed_tokens.weight" in reader:
+            return lambda key: next((new + key[len(old):] for old, new in prefixes.items() if key.startswith(old)), key)
+    return lambda key: key
+
+
 def _check_tensor(reader: safetensors_io.Reader, key: str, spec: WeightSpec) -> None:
     if key not in reader:
         raise CheckpointError(f"checkpoint is missing tensor {key!r} (expected shape {spec.hf_shape})")
@@ -263,12 +282,13 @@ def _check_tensor(reader: safetensors_io.Reader, key: str, spec: WeightSpec) -> 
     reader.check_dtype(key)
 
 
-def _check_tied_head(reader: safetensors_io.Reader, cfg: ModelConfig) -> None:
+def _check_tied_head(reader: safetensors_io.Reader, cfg: ModelConfig, rename) -> None:
     # Some tied checkpoints also store the embedding as lm_head.weight: harmless. A different lm_head is not:
     # transformers 5 then unties the two (4.x tied them anyway), so which one was meant is unclear.
-    if not cfg.tie_word_embeddings or "lm_head.weight" not in reader or "model.embed_tokens.weight" not in reader:
+    head, embed = rename("lm_head.weight"), rename("model.embed_tokens.weight")
+    if not cfg.tie_word_embeddings or head not in reader or embed not in reader:
         return  # a missing embedding is _check_tensor's to name
-    if not np.array_equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
+    if not np.array_equal(reader.get(head), reader.get(embed)):
         raise CheckpointError("config.json has tie_word_embeddings=true but the checkpoint's 'lm_head.weight' differs "
                               "from 'model.embed_tokens.weight': set tie_word_embeddings to false to use "
                               "lm_head.weight (as transformers 5 does), or remove lm_head.weight to tie them")
@@ -279,12 +299,13 @@ def load_safetensors(path: str | Path, cfg: ModelConfig, dtype, mesh=None) -> di
     cut from the checkpoint on the host and sent alone, so no weight is ever whole on one device (and each
     process reads only the shards of its own devices)."""
     reader = safetensors_io.Reader(Path(path))
-    _check_tied_head(reader, cfg)  # before any weight is loaded: it fails fast
+    rename = checkpoint_keys(reader)
+    _check_tied_head(reader, cfg, rename)  # before any weight is loaded: it fails fast
     np_dtype = np.dtype(jnp.dtype(dtype))
     used: set[str] = set()
     tree: dict = {}
     for spec in weight_table(cfg):
-        keys = spec.hf_keys(cfg.num_layers)
+        keys = [rename(key) for key in spec.hf_keys(cfg.num_layers)]
         for key in keys:
             _check_tensor(reader, key, spec)  # every tensor checked, even those no local device needs
         used.update(keys)
@@ -301,14 +322,18 @@ def load_safetensors(path: str | Path, cfg: ModelConfig, dtype, mesh=None) -> di
 
         shape = spec.full_shape(cfg.num_layers)
         _set_path(tree, spec.name, jax.make_array_from_callback(shape, _load_sharding(spec, cfg, mesh), shard))
-    _check_leftovers(reader.keys(), used, cfg)
+    _check_leftovers(reader.keys(), used, cfg, rename)
     return tree
 
 
-def _check_leftovers(keys, used: set[str], cfg: ModelConfig) -> None:
-    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()  # see _check_tied_head
+def _check_leftovers(keys, used: set[str], cfg: ModelConfig, rename) -> None:
+    ignorable = {rename("lm_head.weight")} if cfg.tie_word_embeddings else set()  # see _check_tied_head
     rotary = {k for k in keys if k.endswith("rotary_emb.inv_freq")}  # old Llama exports
-    unexpected = sorted(set(keys) - used - ignorable - rotary)
+    multimodal = rename("model.") != "model."
+    vision = {k for k in keys if k.startswith(VISION_PREFIXES)} if multimodal else set()
+    if vision:
+        log.info("serving the checkpoint's language model as text: its %d vision tensors are not loaded", len(vision))
+    unexpected = sorted(set(keys) - used - ignorable - rotary - vision)
     if unexpected:
         shown = ", ".join(repr(k) for k in unexpected[:5])
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
