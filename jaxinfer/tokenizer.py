@@ -232,7 +232,8 @@ def _load_backend(path: Path, config: dict) -> _TokenizersBackend | _SentencePie
 def _load_chat_templates(path: Path, config: dict) -> dict[str, str]:
     """Chat templates by name, found where transformers 5 looks: the files it saves (chat_template.jinja is
     "default", additional_chat_templates/NAME.jinja) win over tokenizer_config.json's ``chat_template``, a string
-    ("default") or a list of {name, template}."""
+    ("default") or a list of {name, template}. Failing those, a multimodal checkpoint's processor template
+    (chat_template.json), which vLLM falls back to."""
     files = {p.stem: p for p in sorted((path / "additional_chat_templates").glob("*.jinja"))}
     if (path / "chat_template.jinja").is_file():
         files["default"] = path / "chat_template.jinja"
@@ -241,6 +242,8 @@ def _load_chat_templates(path: Path, config: dict) -> dict[str, str]:
     template = config.get("chat_template")
     if isinstance(template, list):
         return {t["name"]: t["template"] for t in template}
+    if not template and (path / "chat_template.json").is_file():  # a multimodal checkpoint's processor's, as
+        template = json.loads((path / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")  # vLLM
     return {"default": template} if template else {}
 
 
@@ -395,8 +398,9 @@ class Tokenizer:
         name = "tool_use" if tools is not None and "tool_use" in self._chat_templates else "default"
         if name not in self._chat_templates:
             raise ValueError(
-                f"the checkpoint {self.name} has no chat template (looked for chat_template.jinja and "
-                f"tokenizer_config.json 'chat_template'; named templates: {sorted(self._chat_templates)}); "
+                f"the checkpoint {self.name} has no chat template (looked for chat_template.jinja, "
+                f"tokenizer_config.json 'chat_template' and chat_template.json; named templates: "
+                f"{sorted(self._chat_templates)}); "
                 "send a plain prompt instead"
             )
         return self._chat_templates[name]

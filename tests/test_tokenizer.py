@@ -394,6 +394,18 @@ def test_no_chat_template_is_clear(checkpoints, tmp_path):
         Tokenizer.from_pretrained(tmp_path).apply_chat_template(MESSAGES)
 
 
+def test_a_processors_chat_template_is_the_fallback(checkpoints, tmp_path):
+    """A multimodal checkpoint (Gemma 3 4B and up) may keep its template only in the processor's
+    chat_template.json: it renders what transformers renders with that template."""
+    shutil.copy(checkpoints["bpe"] / "tokenizer.json", tmp_path / "tokenizer.json")
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+    _write_json(tmp_path / "chat_template.json", {"chat_template": template})
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    ours = Tokenizer.from_pretrained(tmp_path).apply_chat_template(MESSAGES, add_generation_prompt=True)
+    assert ours == reference.apply_chat_template(MESSAGES, chat_template=template, tokenize=False)
+    assert ours.endswith("<assistant>")
+
+
 def test_missing_tokenizer_is_clear(tmp_path):
     _write_json(tmp_path / "config.json", {"model_type": "llama"})
     with pytest.raises(FileNotFoundError, match=rf"no tokenizer in {tmp_path}: looked for tokenizer\.json .*"

@@ -27,7 +27,7 @@ RANDOM_WEIGHTS_SEED = 0
 ORBAX_MARKER = "jaxinfer_checkpoint.json"
 ORBAX_PARAMS = "params"
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
-              "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+              "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
 
 
 @dataclasses.dataclass(frozen=True)
