@@ -17,6 +17,7 @@ from jaxinfer.model.safetensors_io import CheckpointError
 from jaxinfer.planner import cli as planner_cli
 from jaxinfer.server.reasoning import PARSERS as REASONING_PARSERS
 from jaxinfer.server.tool_calls import PARSERS as TOOL_CALL_PARSERS
+from jaxinfer.tokenizer import load_chat_template
 
 BASELINES = ("static", "hf", "bare")  # of `bench offline`
 MODEL_HELP = "a Hugging Face checkpoint directory, a `jaxinfer convert` output, or a config .json " \
@@ -213,6 +214,9 @@ def _add_serve(sub) -> None:
     serve.add_argument("--seed", type=int, default=0, help="seeds requests that send none")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests may take to finish after SIGTERM")
+    serve.add_argument("--chat-template", default=None, metavar="PATH|TEMPLATE",
+                       help="the chat template every chat request renders with unless it sends its own, instead of "
+                            "the checkpoint's: a file, or the template on one line (as vLLM's)")
     serve.add_argument("--trust-request-chat-template", action="store_true",
                        help="render a chat_template sent with a request (it runs code nobody here reviewed); "
                             "without this such requests are 400")

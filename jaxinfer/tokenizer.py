@@ -271,6 +271,24 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
 
 
 @functools.lru_cache(maxsize=16)  # the checkpoint's templates and the few that requests bring, compiled once
+def load_chat_template(value: str) -> str:
+    """vLLM's --chat-template: a file's path, or the template itself on one line (its escapes, such as \\n, read as
+    Python reads them). A value that opens no file and holds none of Jinja's `{`, `}` or a line break is a path
+    that failed, and is refused; so is a template that does not compile."""
+    try:
+        source = Path(value).expanduser().read_text(encoding="utf-8")
+    except (OSError, ValueError) as e:
+        if not any(c in value for c in "{}\n"):
+            raise ValueError(f"--chat-template {value!r} looks like a file path, but it could not be read: "
+                             f"{e}") from None
+        source = value.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    try:
+        _compile_chat_template(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template is not valid Jinja: {e}") from None
+    return source
+
+
 def _compile_chat_template(source: str) -> jinja2.Template:
     """The same sandboxed environment transformers renders chat templates in, so checkpoints' templates agree."""
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(

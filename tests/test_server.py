@@ -22,9 +22,11 @@ import pytest
 import torch
 
 from hf_models import build
+from jaxinfer import cli
 from jaxinfer.config import EngineConfig
 from jaxinfer.llm import load_engine
 from jaxinfer.server.app import ServerConfig
+from jaxinfer.tokenizer import load_chat_template
 from live_server import ENGINE, LiveServer, serves_normally
 
 GREEDY = dict(temperature=0, max_tokens=12)
@@ -335,6 +337,40 @@ def test_chat_template_fields_render_as_transformers(live, client, monkeypatch):
                                          tool_choice="none", extra_body={"chat_template": template})
     assert sdk.usage.prompt_tokens == len(hf.apply_chat_template(prefilled[:1], tools=tools, chat_template=template,
                                                                  add_generation_prompt=True)["input_ids"])
+
+
+def test_a_servers_chat_template_replaces_the_checkpoints(live, monkeypatch, tmp_path):
+    """vLLM's --chat-template (a file, or the template on one line with its escapes): chat requests and /tokenize
+    render what transformers renders with it; a request's own template still needs the server's trust."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(live.engine.tokenizer.name)
+    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}→ assistant:"
+    (tmp_path / "template.jinja").write_text(template, encoding="utf-8")
+    one_line = template.replace("\n", "\\n")  # as a shell passes '...\n...'
+    assert load_chat_template(str(tmp_path / "template.jinja")) == load_chat_template(one_line) == template
+    monkeypatch.setattr(live.server, "config", dataclasses.replace(live.server.config,
+                                                                  chat_template=load_chat_template(one_line)))
+    messages = [{"role": "user", "content": "Hi"}]
+    ids = hf.apply_chat_template(messages, chat_template=template, add_generation_prompt=True)["input_ids"]
+    assert ids != hf.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    with httpx.Client(base_url=live.url, timeout=60) as http:
+        chat = http.post("/v1/chat/completions", json={"model": "tiny", "messages": messages, "max_tokens": 1,
+                                                       "return_token_ids": True}).json()
+        assert chat["choices"][0]["prompt_token_ids"] == ids
+        assert http.post("/tokenize", json={"messages": messages}).json()["tokens"] == ids
+        own = http.post("/tokenize", json={"messages": messages, "chat_template": "{{ messages }}"})
+        assert own.status_code == 400 and own.json()["error"]["param"] == "chat_template"
+    live.wait_idle()
+
+
+@pytest.mark.parametrize("value, words", [("templates/missing.jinja", "looks like a file path"),
+                                          ("{% for m in messages %}", "not valid Jinja")])
+def test_a_chat_template_flag_that_cannot_be_used_stops_the_start(value, words, capsys, monkeypatch):
+    from jaxinfer.server import run
+    monkeypatch.setattr(run, "serve", lambda *args, **kwargs: pytest.fail("the server started"))
+    assert cli.main(["serve", "--chat-template", value, "--skip-warmup"]) == 2
+    assert words in capsys.readouterr().err
 
 
 CALL_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content or '' }}"

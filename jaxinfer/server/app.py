@@ -56,6 +56,8 @@ class ServerConfig:
     # A request's own chat_template runs code the operator never read (a sandbox bounds what it touches, not
     # how long it runs): refused unless trusted, as vLLM's --trust-request-chat-template.
     trust_request_chat_template: bool = False
+    # vLLM's --chat-template (its source): what chat requests render with unless they send their own.
+    chat_template: str | None = None
     # vLLM's --enable-auto-tool-choice --tool-call-parser NAME: tool_choice "auto" parses the answer's tool calls
     # with PARSERS[NAME]. None: "auto" is 400, as in vLLM without those flags.
     tool_call_parser: str | None = None
@@ -170,6 +172,8 @@ def render_chat(server: Server, messages: list[dict], kwargs: dict) -> str:
         raise APIError(400, "this server does not run chat templates sent with requests (its operator can start it "
                             "with --trust-request-chat-template, as in vLLM); leave chat_template out to use the "
                             "model's", "chat_template")
+    if kwargs.get("chat_template") is None and server.config.chat_template is not None:
+        kwargs = {**kwargs, "chat_template": server.config.chat_template}
     try:
         return server.engine.tokenizer.apply_chat_template(openai_messages(messages), **kwargs)
     except jinja2.TemplateSyntaxError as e:
