@@ -171,6 +171,7 @@ def _serve(args) -> int:
                           max_queue=args.max_queue, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
                           shutdown_timeout=args.shutdown_timeout,
                           trust_request_chat_template=args.trust_request_chat_template,
+                          chat_template=load_chat_template(args.chat_template) if args.chat_template else None,
                           tool_call_parser=tool_call_parser, reasoning_parser=args.reasoning_parser,
                           structured_outputs_config=args.structured_outputs_config,
                           sampling_defaults=_sampling_defaults(args))
@@ -226,7 +227,8 @@ def _add_serve(sub) -> None:
                             "400, as in vLLM")
     serve.add_argument("--tool-call-parser", choices=list(TOOL_CALL_PARSERS), default=None,
                        help="the model's tool-call format: hermes (Qwen 2.5/3, Hermes: <tool_call>...</tool_call>), "
-                            "llama3_json (Llama 3.1/3.2 JSON calls), mistral ([TOOL_CALLS][...])")
+                            "llama3_json (Llama 3.1/3.2 JSON calls), mistral ([TOOL_CALLS][...]), pythonic "
+                            "(Llama 3.2, ToolACE: [name(key=value), ...]), llama4_pythonic (the same, Llama 4's tags)")
     serve.add_argument("--reasoning-parser", choices=list(REASONING_PARSERS), default=None,
                        help="return a reasoning model's thinking (<think>...</think>) as the chat message's "
                             "reasoning (and reasoning_content), apart from its content: deepseek_r1 (the template "

@@ -83,6 +83,24 @@ CASES = [
     ("mistral", 'So [TOOL_CALLS][{"name": "a", "arguments": {"x": 1}', 'So [{"name": "a", "arguments": {"x": 1}', []),
     ("mistral", "[TOOL_CALLS][]", "[]", []),  # as vLLM: content without the control token
     ("mistral", "Plain [TOOL_ answer", None, []),
+    ("pythonic", f"[get_weather(city={WEATHER['city']!r}, days={WEATHER['days']!r}, options={WEATHER['options']!r}), "
+                 "now()]", None, [call("get_weather", WEATHER), call("now", {})]),
+    ("pythonic", "[a(x=-1.5, y=None, z=True, s='it\\'s [a(x=1)]', k={1: 'one'})]", None,
+     [call("a", {"x": -1.5, "y": None, "z": True, "s": "it's [a(x=1)]", "k": {"1": "one"}})]),
+    ("pythonic", "[a(1)]", None, []),  # a positional argument
+    ("pythonic", "[a(x=b)]", None, []),  # not a literal
+    ("pythonic", "[a(x=1 + 2)]", None, []),
+    ("pythonic", "[os.system(cmd='ls')]", None, []),  # not a plain name
+    ("pythonic", "[a(**{'x': 1})]", None, []),
+    ("pythonic", "[a(x=1)] is what I would call", None, []),
+    ("pythonic", " [a(x=1)]", None, []),  # not from the first character
+    ("pythonic", "[]", None, []),
+    ("pythonic", "[a(x=1", None, []),  # cut off
+    ("pythonic", "[a(x=b'1')]", None, []),  # bytes: no JSON
+    ("pythonic", "The answer is [4].", None, []),
+    ("llama4_pythonic", "<|python_start|>[a(x='ü'), b()]<|python_end|>", None, [call("a", {"x": "ü"}), call("b", {})]),
+    ("llama4_pythonic", "[b(y=[])]", None, [call("b", {"y": []})]),
+    ("llama4_pythonic", "<|python_start|>print('hi')<|python_end|>", None, []),
 ]
 
 
@@ -136,6 +154,12 @@ def test_streaming_gives_the_non_streamed_answer_in_every_split(case):
     ("llama3_json", "\n <|pyth", ""),
     ("llama3_json", '{"name": "a"', ""),
     ("llama3_json", "Hello {", "Hello {"),
+    ("pythonic", "[a(x=", ""),
+    ("pythonic", "Hello [", "Hello ["),
+    ("llama4_pythonic", "<|python_st", ""),
+    ("llama4_pythonic", "<|python_start|>", ""),
+    ("llama4_pythonic", "<|python_start|>[a(", ""),
+    ("llama4_pythonic", "<|pyt then text", "<|pyt then text"),
 ])
 def test_streaming_sends_content_as_soon_as_it_cannot_be_a_call(name, text, sent):
     tool_stream = ToolCallStream(PARSERS[name])
@@ -328,6 +352,19 @@ def test_llama3_json_calls(live, client, monkeypatch):
     full = client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=300).choices[0]
     assert full.message.content is None and full.finish_reason == "tool_calls"
     assert message_calls(full.message) == [("get_weather", '{"city": "Zürich"}'), ("b", "{}")]
+    (got,) = assembled(client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=300,
+                                                      stream=True)).values()
+    assert got["content"] == "" and got["finish_reason"] == "tool_calls"
+    assert [(c["name"], c["arguments"]) for c in got["calls"].values()] == message_calls(full.message)
+    live.wait_idle()
+
+
+def test_pythonic_calls(live, client, monkeypatch):
+    monkeypatch.setattr(live.server, "config", dataclasses.replace(live.server.config, tool_call_parser="pythonic"))
+    script(live, "[get_weather(city='Zürich', days=[1, -2]), b()]")
+    full = client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=300).choices[0]
+    assert full.message.content is None and full.finish_reason == "tool_calls"
+    assert message_calls(full.message) == [("get_weather", '{"city": "Zürich", "days": [1, -2]}'), ("b", "{}")]
     (got,) = assembled(client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=300,
                                                       stream=True)).values()
     assert got["content"] == "" and got["finish_reason"] == "tool_calls"

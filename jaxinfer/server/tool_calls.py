@@ -1,10 +1,11 @@
-"""Tool calls in a chat answer's text, found as vLLM's `--tool-call-parser` finds them: hermes, llama3_json, mistral.
+"""Tool calls in a chat answer's text, found as vLLM's `--tool-call-parser` finds them: hermes, llama3_json, mistral,
+pythonic, llama4_pythonic.
 
 Host code, plain Python: a parser splits a finished answer's text into content and calls (`parse`); a
 `ToolCallStream` does the same for an answer that arrives in pieces. It knows nothing of HTTP or the engine.
 
 What counts as a call follows vLLM's parsers (vllm/tool_parsers/hermes_tool_parser.py, llama_tool_parser.py,
-mistral_tool_parser.py): the call's JSON must parse and hold a string "name" and its arguments, or the whole text
+mistral_tool_parser.py, pythonic_tool_parser.py): the call's JSON must parse and hold a string "name" and its arguments, or the whole text
 stays content, with no calls. Where vLLM's streaming and non-streaming parsers disagree (text before a Llama call,
 a valid call followed by a broken one), the non-streamed answer is the rule and streaming follows it: a stream
 sends text as content only once nothing after it can turn it into part of a call, holds the rest back, and at the
@@ -14,6 +15,7 @@ always concatenate to the non-streamed ones; the calls arrive whole, in the answ
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import re
@@ -195,6 +197,71 @@ def _skip_space(text: str, at: int) -> int:
     return at
 
 
+class Pythonic:
+    """Llama 3.2 and 4 (and ToolACE) pythonic tool calling: the whole answer is a Python list of calls by name with
+    keyword arguments, `[get_weather(city="Zürich", days=[1, 2]), now()]`. As vLLM's pythonic parser: an argument
+    must be a literal (a string, number, True, False, None, or a list or dict of them; a negative number too,
+    which vLLM's refuses), and a positional argument makes the list no calls (vLLM's pattern refuses it); then,
+    or for any answer that is not such a list from its first character, the whole answer is content. With calls
+    there is no content.
+    `llama4_pythonic` also drops Llama 4's `<|python_start|>` before the list and `<|python_end|>`."""
+
+    keep_special_tokens = False
+    new_id = staticmethod(_call_id)
+    calls_finish_reason = "tool_calls"
+
+    def __init__(self, start: str = "", end: str = ""):
+        self.start, self.end = start, end
+
+    def _body(self, text: str) -> str:
+        if self.start and text.startswith(self.start):
+            text = text[len(self.start):]
+        return text.replace(self.end, "") if self.end else text
+
+    def parse(self, text: str) -> Parsed:
+        body = self._body(text)
+        try:
+            calls = self._calls(body) if body.startswith("[") else []
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):  # TypeError: json.dumps(b"")
+            calls = []
+        return Parsed(None, calls) if calls else Parsed(text, [])
+
+    def _calls(self, body: str) -> list[ToolCall]:
+        tree = ast.parse(body, mode="eval").body
+        if not isinstance(tree, ast.List) or not tree.elts:
+            raise ValueError("pythonic tool calls are a non-empty list")
+        return [self._call(node) for node in tree.elts]
+
+    def _call(self, node) -> ToolCall:
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+            raise ValueError("a pythonic tool call is name(keyword=literal, ...)")
+        if any(k.arg is None for k in node.keywords):
+            raise ValueError("a pythonic tool call takes no **arguments")
+        arguments = {k.arg: _literal(k.value) for k in node.keywords}
+        return ToolCall(node.func.id, json.dumps(arguments, ensure_ascii=False))
+
+    def split(self, text: str, start: int) -> tuple[int, str | None]:
+        """Settled by the first character (after Llama 4's start tag): `[` holds the answer back, else content."""
+        body = self._body(text)
+        if self.start.startswith(text) or not body:  # nothing yet, or the start tag still arriving
+            return 0, None
+        return (0, "held") if body.startswith("[") else (len(text), "content")
+
+
+def _literal(node):
+    """A call argument's value: literals only, as vLLM's pythonic parser reads them."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant) \
+            and type(node.operand.value) in (int, float):
+        return -node.operand.value
+    if isinstance(node, ast.List):
+        return [_literal(e) for e in node.elts]
+    if isinstance(node, ast.Dict) and all(isinstance(k, ast.Constant) for k in node.keys):
+        return {k.value: _literal(v) for k, v in zip(node.keys, node.values)}
+    raise ValueError("a pythonic tool call's arguments must be literals")
+
+
 class Forced:
     """tool_choice "required" or a named tool, as vLLM serves them: structured outputs hold the whole answer to the
     call's JSON (`protocol._forced_call_schema`), which is read back here. A named tool's answer is its arguments,
@@ -222,7 +289,8 @@ class Forced:
         return 0, "held"  # the whole answer is the call: nothing is content before it ends
 
 
-PARSERS = {"hermes": Hermes(), "llama3_json": Llama3Json(), "mistral": Mistral()}
+PARSERS = {"hermes": Hermes(), "llama3_json": Llama3Json(), "mistral": Mistral(), "pythonic": Pythonic(),
+           "llama4_pythonic": Pythonic("<|python_start|>", "<|python_end|>")}
 
 
 class ToolCallStream:
