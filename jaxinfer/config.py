@@ -1,7 +1,7 @@
 """Frozen configuration dataclasses.
 
 `ModelConfig` is an explicit mapping of a Hugging Face `config.json` for the
-Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Phi-3/Phi-4, Granite 3, Gemma 1/2/3) and its
+Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Phi-3/Phi-4, Granite 3, Gemma 1/2/3, SmolLM3) and its
 mixture-of-experts kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE). `EngineConfig`
 holds the serving knobs (slots, pages, chunking, dtype). Host code only: this
 module must not import JAX.
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 GEMMA_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
-DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite") + GEMMA_MODEL_TYPES
+DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3") + GEMMA_MODEL_TYPES
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
@@ -97,6 +97,7 @@ class ModelConfig:
     final_softcap: float | None = None
     sliding_layers: tuple[bool, ...] = ()  # the layers that attend through `sliding_window`; (): every layer
     local_rope: RopeConfig | None = None  # the sliding layers' RoPE, where it is not `rope`
+    rope_layers: tuple[bool, ...] = ()  # the layers whose q and k RoPE rotates (SmolLM3 skips every 4th); (): all
 
     @property
     def q_per_kv(self) -> int:  # G
@@ -172,6 +173,8 @@ class ModelConfig:
         scalings = _granite_from_hf(hf) if model_type == "granite" else {}
         if model_type in GEMMA_MODEL_TYPES:
             scalings = _gemma_from_hf(hf, model_type, get)
+        if model_type == "smollm3":
+            scalings = _smollm3_from_hf(hf, get)
         return cls(
             **scalings,
             activation=act,
@@ -247,6 +250,9 @@ class ModelConfig:
             hf["use_sliding_window"] = True
         if self.model_type in GEMMA_MODEL_TYPES:
             hf.update(_gemma_to_hf(self))
+        if self.model_type == "smollm3":
+            hf.update(no_rope_layers=[int(r) for r in self.rope_layers], use_sliding_window=bool(self.sliding_layers),
+                      layer_types=["sliding_attention" if s else "full_attention" for s in self.sliding_layers] or None)
         return hf
 
 
@@ -284,7 +290,7 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM",
                   "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM",
                   "granite": "GraniteForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                  "gemma3_text": "Gemma3ForCausalLM"}
+                  "gemma3_text": "Gemma3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
 
 
 def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
@@ -350,6 +356,20 @@ def _gemma_from_hf(hf: dict, model_type: str, get) -> dict:
                   sliding_layers=tuple(t == "sliding_attention" for t in _gemma_layer_types(hf, model_type)))
     if model_type == "gemma3_text":
         fields["local_rope"] = _rope_from_hf(_layer_rope(hf, "sliding_attention"))
+    return fields
+
+
+def _smollm3_from_hf(hf: dict, get) -> dict:
+    """SmolLM3's layers without position encoding (`no_rope_layers[i]` is 0; by default every
+    `no_rope_layer_interval`-th, 4), and with `use_sliding_window` its sliding layers, as `layer_types` says (by
+    default the NoPE ones), as transformers reads them."""
+    layers = get("num_hidden_layers")
+    interval = int(hf.get("no_rope_layer_interval") or 4)
+    rope = [bool(r) for r in hf.get("no_rope_layers") or [(i + 1) % interval != 0 for i in range(layers)]]
+    fields = {"rope_layers": tuple(rope)}
+    if hf.get("use_sliding_window") and hf.get("sliding_window") is not None:
+        types = hf.get("layer_types") or ["full_attention" if r else "sliding_attention" for r in rope]
+        fields["sliding_layers"] = tuple(t == "sliding_attention" for t in types)
     return fields
 
 
@@ -481,6 +501,8 @@ def _rope_to_hf(rope: RopeConfig) -> dict:
 
 def _sliding_window(hf: dict, model_type: str) -> int | None:
     window = hf.get("sliding_window")
+    if model_type == "smollm3":
+        return window if hf.get("use_sliding_window") else None
     if model_type in ("mistral", "mixtral", "phi3", "gemma2", "gemma3_text"):
         return window  # null in Mistral v0.2+ and Phi-4, 4096 in Mistral v0.1, 2047 in Phi-3-mini, 4096 in Gemma 2
     layer_types = hf.get("layer_types") or []

@@ -203,6 +203,23 @@ def test_gemma_configs_map_like_transformers(hf):
                                                                    ropes.get("factor", 1.0))
 
 
+@pytest.mark.parametrize("fields", [dict(no_rope_layers=[1, 1, 0, 1, 1, 0]), dict(no_rope_layer_interval=3),
+                                    dict(use_sliding_window=True, sliding_window=16)])
+def test_smollm3_configs_map_like_transformers(tmp_path, fields):
+    """SmolLM3's layers without RoPE (`no_rope_layers`, 0 for none, or every `no_rope_layer_interval`-th) and its
+    optional sliding layers (the NoPE ones, unless `layer_types` says otherwise) read as transformers reads them,
+    and write back as they were read."""
+    hf = _saved_config(transformers.SmolLM3Config, tmp_path, num_hidden_layers=6, **fields)
+    for derived in ("no_rope_layers", "layer_types"):  # as a config that leaves them to their defaults
+        if derived not in fields:
+            hf.pop(derived)
+    ours, theirs = ModelConfig.from_hf(hf), _hf_config(hf)
+    assert ours.rope_layers == tuple(bool(r) for r in theirs.no_rope_layers)
+    sliding = tuple(t == "sliding_attention" for t in theirs.layer_types)
+    assert (ours.sliding_layers, ours.sliding_window) == ((sliding, 16) if any(sliding) else ((), None))
+    assert ModelConfig.from_hf(ours.to_hf()) == ours
+
+
 def _gemma3_with_vision(directory: Path, moved: bool):
     """A tiny Gemma 3 with a vision tower (Gemma3ForConditionalGeneration, as the Hub's 4B and up), saved with the
     Hub's keys (`language_model.model.*`, `vision_tower.*`), as transformers 5 writes them, or `moved` under

@@ -171,15 +171,20 @@ def moe(lp: dict, cfg: ModelConfig, y: jax.Array) -> jax.Array:
     return out
 
 
-def rotated(cfg: ModelConfig, q: jax.Array, k: jax.Array, positions: jax.Array, sliding: jax.Array):
-    """q and k under the RoPE of their layer: Gemma 3's sliding layers (`sliding`, traced) have their own."""
+def rotated(cfg: ModelConfig, q: jax.Array, k: jax.Array, positions: jax.Array, sliding: jax.Array,
+            rope_on: jax.Array):
+    """q and k under the RoPE of their layer: Gemma 3's sliding layers (`sliding`, traced) have their own, and
+    SmolLM3's layers without it (`rope_on` false) none."""
     inv_freq, scale = rope_frequencies(cfg.rope, cfg.head_dim), cfg.rope.attention_factor
     if cfg.local_rope is not None:
         local = rope_frequencies(cfg.local_rope, cfg.head_dim)
         inv_freq = jnp.where(sliding, local, inv_freq)
         if cfg.local_rope.attention_factor != scale:
             scale = jnp.where(sliding, cfg.local_rope.attention_factor, scale)
-    return apply_rope(q, positions, inv_freq, scale), apply_rope(k, positions, inv_freq, scale)
+    q_rot, k_rot = apply_rope(q, positions, inv_freq, scale), apply_rope(k, positions, inv_freq, scale)
+    if not cfg.rope_layers:
+        return q_rot, k_rot
+    return jnp.where(rope_on, q_rot, q), jnp.where(rope_on, k_rot, k)
 
 
 def attend(attention, cfg: ModelConfig, sliding: jax.Array, *args, rows=None):
@@ -198,12 +203,13 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
     page_size = kv.k.shape[3]
     pages, offsets = _write_indices(batch, page_size)
     sliding_layers = jnp.asarray(cfg.sliding_layers or [cfg.sliding_window is not None] * cfg.num_layers)
+    rope_layers = jnp.asarray(cfg.rope_layers or [True] * cfg.num_layers)
 
     def layer(carry, xs):
         h, k_pool, v_pool = carry
         lp, index = xs
         q, k, v = qkv(lp, cfg, norm(h, lp["attn_norm"], cfg))
-        q, k = rotated(cfg, q, k, batch.positions, sliding_layers[index])
+        q, k = rotated(cfg, q, k, batch.positions, sliding_layers[index], rope_layers[index])
         if cfg.attention_multiplier is not None:  # every attention path scales by 1 / sqrt(H): undo it in q
             q = (q.astype(jnp.float32) * (cfg.attention_multiplier * cfg.head_dim ** 0.5)).astype(q.dtype)
         # Advanced indices split by a slice put [B, T] first: the target is [B, T, K, H].
