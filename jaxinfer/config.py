@@ -1,7 +1,8 @@
 """Frozen configuration dataclasses.
 
 `ModelConfig` is an explicit mapping of a Hugging Face `config.json` for the
-Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Phi-3/Phi-4, Granite 3, Gemma 1/2/3, SmolLM3) and its
+Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Phi-3/Phi-4, Granite 3, Gemma 1/2/3, SmolLM3; the
+language models of Gemma 3 4B+ and Mistral Small 3.1/3.2) and its
 mixture-of-experts kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE). `EngineConfig`
 holds the serving knobs (slots, pages, chunking, dtype). Host code only: this
 module must not import JAX.
@@ -322,16 +323,24 @@ def _granite_from_hf(hf: dict) -> dict:
             ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")}
 
 
+# Multimodal checkpoints whose language model jaxinfer serves for text: its model_type where `text_config` names
+# none, and transformers' defaults for the fields it leaves out (Gemma 3's Hub configs leave out most).
+MULTIMODAL_LANGUAGE_MODELS = {"gemma3": ("gemma3_text", GEMMA3_TEXT_DEFAULTS), "mistral3": ("mistral", {})}
+
+
 def _language_model(hf: dict) -> dict:
     """The config of the language model a multimodal checkpoint holds, which jaxinfer serves as a text model (its
-    vision tower is not loaded): Gemma 3 (4B and up) keeps it in `text_config`, on transformers' defaults, with
-    the stop ids and dtype at the top level."""
-    if hf.get("model_type") != "gemma3":
+    vision tower is not loaded): Gemma 3 (4B and up) and Mistral Small 3.1/3.2 (mistral3) keep it in
+    `text_config`, with the stop ids and dtype at the top level. Whether the head is tied is the top level's to
+    say where it says so, as transformers 5 reads these models."""
+    if hf.get("model_type") not in MULTIMODAL_LANGUAGE_MODELS:
         return hf
+    model_type, defaults = MULTIMODAL_LANGUAGE_MODELS[hf["model_type"]]
     text = hf.get("text_config") or {}
-    top = {name: hf[name] for name in ("eos_token_id", "bos_token_id", "dtype", "torch_dtype", "tie_word_embeddings")
+    top = {name: hf[name] for name in ("eos_token_id", "bos_token_id", "dtype", "torch_dtype")
            if hf.get(name) is not None and name not in text}
-    return {**GEMMA3_TEXT_DEFAULTS, **top, **text, "model_type": "gemma3_text"}
+    tied = {} if hf.get("tie_word_embeddings") is None else {"tie_word_embeddings": hf["tie_word_embeddings"]}
+    return {**defaults, **top, "model_type": model_type, **text, **tied}
 
 
 def _activation(hf: dict, model_type: str) -> str:

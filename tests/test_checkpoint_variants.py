@@ -220,17 +220,25 @@ def test_smollm3_configs_map_like_transformers(tmp_path, fields):
     assert ModelConfig.from_hf(ours.to_hf()) == ours
 
 
-def _gemma3_with_vision(directory: Path, moved: bool):
-    """A tiny Gemma 3 with a vision tower (Gemma3ForConditionalGeneration, as the Hub's 4B and up), saved with the
-    Hub's keys (`language_model.model.*`, `vision_tower.*`), as transformers 5 writes them, or `moved` under
-    `model.` (`model.language_model.*`), as transformers 4.52-4.57 wrote them."""
-    config_cls, extra = FAMILIES["gemma3"]
-    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                             num_attention_heads=2, image_size=28, patch_size=14)
-    config = transformers.Gemma3Config(text_config=config_cls(**{**COMMON, **extra}), vision_config=vision,
-                                       mm_tokens_per_image=4)
+VISION_TOWERS = {  # tiny ones, for the multimodal checkpoints whose language model is served
+    "gemma3": (transformers.Gemma3Config, transformers.Gemma3ForConditionalGeneration, dict(mm_tokens_per_image=4),
+               transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, image_size=28, patch_size=14)),
+    "mistral": (transformers.Mistral3Config, transformers.Mistral3ForConditionalGeneration, {},
+                transformers.PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                 num_attention_heads=2, head_dim=8, image_size=28, patch_size=14)),
+}
+
+
+def _with_vision(family: str, directory: Path, moved: bool, tied: bool):
+    """A tiny multimodal checkpoint of a language model `family` (as the Hub's Gemma 3 4B and up, Mistral Small
+    3.1: untied), saved with the Hub's keys (`language_model.model.*`, `vision_tower.*`), as transformers 5 writes
+    them, or `moved` under `model.` (`model.language_model.*`), as transformers 4.52-4.57 wrote them."""
+    config_cls, extra = FAMILIES[family]
+    config, model_cls, fields, vision = VISION_TOWERS[family]
     torch.manual_seed(0)
-    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    model = model_cls(config(text_config=config_cls(**{**COMMON, **extra}), vision_config=vision,
+                             tie_word_embeddings=tied, **fields)).eval()
     with torch.no_grad():
         for name, weight in model.named_parameters():
             if "norm" in name:
@@ -238,17 +246,46 @@ def _gemma3_with_vision(directory: Path, moved: bool):
     model.save_pretrained(directory)
     if moved:
         _edit_tensors(directory, lambda tensors: tensors.update(
-            {"model." + k.replace("language_model.model.", "language_model."): tensors.pop(k) for k in list(tensors)}))
+            {("" if k.startswith("language_model.lm_head") else "model.") + k.replace("language_model.model.",
+             "language_model.").replace("language_model.lm_head", "lm_head"): tensors.pop(k) for k in list(tensors)}))
     return model
 
 
-@pytest.mark.parametrize("moved", [False, True])
-def test_gemma_3_with_a_vision_tower_serves_its_language_model(tmp_path, moved):
-    """Gemma 3 4B and up are multimodal checkpoints: their language model loads (from either key layout), its
-    vision tower is left alone, and text prompts get transformers' logits and greedy tokens."""
-    model = _gemma3_with_vision(tmp_path, moved)
+MISTRAL_SMALL_3_1 = {"architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3",
+                     "torch_dtype": "bfloat16", "image_token_index": 10, "spatial_merge_size": 2,
+                     "text_config": {"head_dim": 128, "hidden_act": "silu", "hidden_size": 5120,
+                                     "intermediate_size": 32768, "max_position_embeddings": 131072,
+                                     "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 40,
+                                     "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 1000000000.0,
+                                     "sliding_window": None, "vocab_size": 131072},
+                     "vision_config": {"model_type": "pixtral", "hidden_size": 1024, "num_hidden_layers": 24,
+                                       "num_attention_heads": 16, "head_dim": 64, "image_size": 1540,
+                                       "patch_size": 14, "intermediate_size": 4096}}  # as the Hub has it
+
+
+def test_mistral_small_3_1s_config_maps_its_language_model_like_transformers():
+    """Its text_config read as transformers' Mistral3Config reads it; the head is untied (the checkpoint holds
+    language_model.lm_head.weight: transformers 5 unties it on finding that, 4.x by text_config's default)."""
+    ours, theirs = ModelConfig.from_hf(MISTRAL_SMALL_3_1), _hf_config(MISTRAL_SMALL_3_1).text_config
+    assert (ours.model_type, ours.dtype, ours.tie_word_embeddings, ours.sliding_window) == ("mistral", "bfloat16",
+                                                                                           False, None)
+    assert (ours.hidden_size, ours.num_layers, ours.num_heads, ours.num_kv_heads, ours.head_dim, ours.vocab_size,
+            ours.rope.theta, ours.rms_norm_eps) == (theirs.hidden_size, theirs.num_hidden_layers,
+                                                   theirs.num_attention_heads, theirs.num_key_value_heads,
+                                                   theirs.head_dim, theirs.vocab_size,
+                                                   theirs.rope_parameters["rope_theta"], theirs.rms_norm_eps)
+
+
+@pytest.mark.parametrize("family, moved, tied", [("gemma3", False, True), ("gemma3", True, True),
+                                                 ("mistral", False, False), ("mistral", True, False)])
+def test_a_multimodal_checkpoint_serves_its_language_model(tmp_path, family, moved, tied):
+    """Gemma 3 4B and up and Mistral Small 3.1/3.2 are multimodal checkpoints: their language model loads (from
+    either key layout; Mistral's untied head too), its vision tower is left alone, and text prompts get
+    transformers' logits and greedy tokens."""
+    model = _with_vision(family, tmp_path, moved, tied)
     keys = set(load_file(tmp_path / "model.safetensors"))
     assert ("model.language_model.norm.weight" if moved else "language_model.model.norm.weight") in keys
+    assert tied or ("lm_head.weight" if moved else "language_model.lm_head.weight") in keys
     assert any(k.startswith("model.vision_tower." if moved else "vision_tower.") for k in keys)
     engine = EngineConfig(max_slots=2, page_size=PAGE, prefill_chunk=CHUNK, max_model_len=64, dtype="float32")
     llm = LLM(tmp_path, engine)
