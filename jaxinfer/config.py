@@ -1,7 +1,7 @@
 """Frozen configuration dataclasses.
 
 `ModelConfig` is an explicit mapping of a Hugging Face `config.json` for the
-Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Phi-3/Phi-4, Granite 3, Gemma 1/2/3, SmolLM3; the
+Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Phi-3/Phi-4, Granite 3, Gemma 1/2/3, SmolLM3, OLMo 2/3; the
 language models of Gemma 3 4B+ and Mistral Small 3.1/3.2) and its
 mixture-of-experts kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE). `EngineConfig`
 holds the serving knobs (slots, pages, chunking, dtype). Host code only: this
@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 GEMMA_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
-DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3") + GEMMA_MODEL_TYPES
+OLMO_MODEL_TYPES = ("olmo2", "olmo3")
+DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3") + GEMMA_MODEL_TYPES + \
+    OLMO_MODEL_TYPES
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
@@ -73,6 +75,7 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: bool = False
+    qk_norm_over_heads: bool = False  # q and k normed over all their heads at once (OLMo), not head by head
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -89,11 +92,13 @@ class ModelConfig:
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
     activation: str = "silu"  # of the MLP's gate: one of SUPPORTED_ACTIVATIONS
-    # Gemma's: RMSNorm scales by 1 + weight, in float32; Gemma 2/3 also norm each sublayer's output
-    # ("sandwich"), cap attention and final logits at +-cap by cap * tanh(x / cap), and interleave sliding-window
-    # layers with global ones, Gemma 3 giving those its own RoPE.
+    # Gemma's: RMSNorm scales by 1 + weight, in float32; Gemma 2/3 also norm each sublayer's output, cap
+    # attention and final logits at +-cap by cap * tanh(x / cap), and interleave sliding-window layers with
+    # global ones, Gemma 3 giving those its own RoPE. OLMo 2/3 norm each sublayer's output but not its input.
     norm_plus_one: bool = False
-    sandwich_norms: bool = False
+    norm_scale_f32: bool = False  # the norm's weight multiplies in float32, then rounds (Gemma, OLMo); Llama's after
+    pre_norms: bool = True  # each sublayer's input is normed
+    post_norms: bool = False  # each sublayer's output is normed before the residual sum
     attn_softcap: float | None = None
     final_softcap: float | None = None
     sliding_layers: tuple[bool, ...] = ()  # the layers that attend through `sliding_window`; (): every layer
@@ -176,6 +181,8 @@ class ModelConfig:
             scalings = _gemma_from_hf(hf, model_type, get)
         if model_type == "smollm3":
             scalings = _smollm3_from_hf(hf, get)
+        if model_type in OLMO_MODEL_TYPES:
+            scalings = _olmo_from_hf(hf, model_type, get)
         return cls(
             **scalings,
             activation=act,
@@ -190,7 +197,7 @@ class ModelConfig:
             head_dim=head_dim,
             max_position_embeddings=get("max_position_embeddings"),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope=_rope_from_hf(hf) if model_type != "gemma3_text" else _rope_from_hf(_layer_rope(hf, "full_attention")),
+            rope=_rope_from_hf(_layer_rope(hf, "full_attention") if model_type in LAYER_TYPE_ROPES else hf),
             # Gemma's classes tie them unless told otherwise, the others untie them.
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type in GEMMA_MODEL_TYPES)),
             # Qwen2 always has q/k/v biases and no o bias, Qwen2-MoE as `qkv_bias` says (true unless sent);
@@ -198,7 +205,7 @@ class ModelConfig:
             qkv_bias=(model_type == "qwen2" or attention_bias if model_type != "qwen2_moe"
                       else bool(hf.get("qkv_bias", True))),
             o_bias=model_type not in ("qwen2", "qwen2_moe") and attention_bias,
-            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text") + OLMO_MODEL_TYPES,
             sliding_window=_sliding_window(hf, model_type),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=_as_tuple(hf.get("eos_token_id")),
@@ -251,6 +258,8 @@ class ModelConfig:
             hf["use_sliding_window"] = True
         if self.model_type in GEMMA_MODEL_TYPES:
             hf.update(_gemma_to_hf(self))
+        if self.model_type == "olmo3":
+            hf.update(_layer_types_to_hf(self))
         if self.model_type == "smollm3":
             hf.update(no_rope_layers=[int(r) for r in self.rope_layers], use_sliding_window=bool(self.sliding_layers),
                       layer_types=["sliding_attention" if s else "full_attention" for s in self.sliding_layers] or None)
@@ -291,7 +300,8 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM",
                   "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM",
                   "granite": "GraniteForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                  "gemma3_text": "Gemma3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
+                  "gemma3_text": "Gemma3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+                  "olmo3": "Olmo3ForCausalLM"}
 
 
 def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
@@ -357,10 +367,10 @@ def _gemma_from_hf(hf: dict, model_type: str, get) -> dict:
     (Gemma 2/3; head_dim's in Gemma 1), capped where the config says; the sliding layers and their RoPE."""
     if hf.get("use_bidirectional_attention"):
         raise ConfigError(f"{model_type} with use_bidirectional_attention (an embedding model) is not supported")
-    fields = dict(norm_plus_one=True, embedding_multiplier=float(get("hidden_size")) ** 0.5)
+    fields = dict(norm_plus_one=True, norm_scale_f32=True, embedding_multiplier=float(get("hidden_size")) ** 0.5)
     if model_type == "gemma":
         return fields
-    fields.update(sandwich_norms=True, attention_multiplier=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+    fields.update(post_norms=True, attention_multiplier=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
                   attn_softcap=hf.get("attn_logit_softcapping"), final_softcap=hf.get("final_logit_softcapping"),
                   sliding_layers=tuple(t == "sliding_attention" for t in _gemma_layer_types(hf, model_type)))
     if model_type == "gemma3_text":
@@ -382,6 +392,18 @@ def _smollm3_from_hf(hf: dict, get) -> dict:
     return fields
 
 
+def _olmo_from_hf(hf: dict, model_type: str, get) -> dict:
+    """OLMo 2/3: norms after each sublayer only (weight times the float32 norm), q and k normed over all heads;
+    OLMo 3's sliding layers (3 of every 4 by default) with a RoPE of their own, unscaled."""
+    fields = dict(norm_scale_f32=True, pre_norms=False, post_norms=True, qk_norm_over_heads=True)
+    if model_type == "olmo3":
+        types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 4 else "full_attention"
+                                          for i in range(get("num_hidden_layers"))]
+        fields.update(sliding_layers=tuple(t == "sliding_attention" for t in types),
+                      local_rope=_rope_from_hf(_layer_rope(hf, "sliding_attention")))
+    return fields
+
+
 def _gemma_layer_types(hf: dict, model_type: str) -> list[str]:
     """`layer_types`, or where a Hub config lacks it, transformers' default: every other layer sliding from the
     first in Gemma 2, five of every `sliding_window_pattern` (6) in Gemma 3."""
@@ -391,25 +413,36 @@ def _gemma_layer_types(hf: dict, model_type: str) -> list[str]:
     return ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(hf["num_hidden_layers"])]
 
 
+# Models whose RoPE is set per layer type (transformers 5's `rope_parameters` keyed by it), with the Hub's
+# spelling of the sliding layers' theta and each type's default theta.
+LAYER_TYPE_ROPES = {"gemma3_text": ("rope_local_base_freq", 1e4, 1e6), "olmo3": ("rope_theta", 5e5, 5e5)}
+
+
 def _layer_rope(hf: dict, layer_type: str) -> dict:
-    """Gemma 3's RoPE for one layer type, as a config `_rope_from_hf` reads. transformers 5 writes
-    `rope_parameters` keyed by layer type; the Hub's configs give the global layers `rope_theta` (default 1e6)
-    and `rope_scaling`, the sliding layers `rope_local_base_freq` (default 1e4) and no scaling."""
+    """The RoPE of one layer type (Gemma 3, OLMo 3), as a config `_rope_from_hf` reads. transformers 5 writes
+    `rope_parameters` keyed by layer type; the Hub's configs give the global layers `rope_theta` and
+    `rope_scaling`, the sliding layers their own theta (Gemma 3's `rope_local_base_freq`) and no scaling."""
+    local_key, local_theta, global_theta = LAYER_TYPE_ROPES[hf["model_type"]]
     params, length = hf.get("rope_parameters") or {}, {"max_position_embeddings": hf.get("max_position_embeddings")}
     if layer_type in params:
         return {"rope_parameters": params[layer_type], **length}
     if layer_type == "sliding_attention":
-        return {"rope_theta": hf.get("rope_local_base_freq", 10000.0), **length}
-    return {"rope_theta": hf.get("rope_theta", 1000000.0), "rope_scaling": hf.get("rope_scaling"), **length}
+        return {"rope_theta": hf.get(local_key, local_theta), **length}
+    return {"rope_theta": hf.get("rope_theta", global_theta), "rope_scaling": hf.get("rope_scaling"), **length}
 
 
 def _gemma_to_hf(cfg: "ModelConfig") -> dict:
     hf = {"hidden_activation": cfg.activation}
     if cfg.model_type == "gemma":
         return hf
-    layer_types = ["sliding_attention" if s else "full_attention" for s in cfg.sliding_layers]
     hf.update(query_pre_attn_scalar=round(cfg.attention_multiplier ** -2), attn_logit_softcapping=cfg.attn_softcap,
-              final_logit_softcapping=cfg.final_softcap, layer_types=layer_types)
+              final_logit_softcapping=cfg.final_softcap)
+    return {**hf, **_layer_types_to_hf(cfg)}
+
+
+def _layer_types_to_hf(cfg: "ModelConfig") -> dict:
+    """`layer_types`, and the RoPE of each layer type where the sliding layers have their own (Gemma 3, OLMo 3)."""
+    hf = {"layer_types": ["sliding_attention" if s else "full_attention" for s in cfg.sliding_layers]}
     if cfg.local_rope is not None:
         def params(rope: RopeConfig) -> dict:
             scaling = _rope_to_hf(rope) if rope.kind != "default" else {"rope_type": "default"}
@@ -512,7 +545,7 @@ def _sliding_window(hf: dict, model_type: str) -> int | None:
     window = hf.get("sliding_window")
     if model_type == "smollm3":
         return window if hf.get("use_sliding_window") else None
-    if model_type in ("mistral", "mixtral", "phi3", "gemma2", "gemma3_text"):
+    if model_type in ("mistral", "mixtral", "phi3", "gemma2", "gemma3_text", "olmo3"):
         return window  # null in Mistral v0.2+ and Phi-4, 4096 in Mistral v0.1, 2047 in Phi-3-mini, 4096 in Gemma 2
     layer_types = hf.get("layer_types") or []
     uses_window = hf.get("use_sliding_window", False) or "sliding_attention" in layer_types

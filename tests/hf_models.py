@@ -29,7 +29,7 @@ FAMILIES = {
     "granite": (transformers.GraniteConfig, dict(embedding_multiplier=4.0, residual_multiplier=0.5,
                                                  attention_multiplier=0.0625, logits_scaling=2.0,
                                                  tie_word_embeddings=True)),
-    # Gemma: (1 + w) norms, a tanh GELU, embeddings times sqrt(D); Gemma 2/3 sandwich norms and interleave
+    # Gemma: (1 + w) norms, a tanh GELU, embeddings times sqrt(D); Gemma 2/3 norm sublayer outputs too, interleave
     # sliding-window layers (a window of 12) with global ones; Gemma 2 caps logits, Gemma 3 gives its sliding
     # layers a RoPE of their own and q/k norms.
     "gemma": (transformers.GemmaConfig, dict(head_dim=16, pad_token_id=0)),
@@ -41,6 +41,14 @@ FAMILIES = {
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
+    # OLMo 2/3: norms after each sublayer only, q and k normed over all heads; OLMo 3 interleaves sliding layers.
+    "olmo2": (transformers.Olmo2Config, dict(pad_token_id=0)),
+    "olmo3": (transformers.Olmo3Config, dict(  # its global layers' RoPE scaled by YaRN, as the released model's
+        sliding_window=12, num_hidden_layers=3, pad_token_id=0,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                            "rope_theta": 5e5},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 5e5}})),
     # SmolLM3: every other layer here without RoPE (NoPE; every fourth in the released model).
     "smollm3": (transformers.SmolLM3Config, dict(no_rope_layer_interval=2, pad_token_id=0)),
     # Mixtures of experts: 4 experts of 48, 2 a token (Mixtral renormalises their weights; Qwen3-MoE as
@@ -58,7 +66,7 @@ def build(family: str, directory, dtype=torch.float32, seed: int = 0, **save_kwa
     config_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**COMMON, **extra})).eval()
-    if family.startswith("gemma"):  # its norms start at 0 (scaling by 1 + w): make each norm's weights matter
+    if family.startswith(("gemma", "olmo")):  # norms at 0 (Gemma's scale by 1 + w) or 1: make each one matter
         with torch.no_grad():
             for name, weight in model.named_parameters():
                 if "norm" in name:

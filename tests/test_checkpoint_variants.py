@@ -220,6 +220,30 @@ def test_smollm3_configs_map_like_transformers(tmp_path, fields):
     assert ModelConfig.from_hf(ours.to_hf()) == ours
 
 
+OLMO3_SHAPED = {"model_type": "olmo3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 8,
+                "num_attention_heads": 4, "max_position_embeddings": 65536, "rms_norm_eps": 1e-6, "rope_theta": 5e5,
+                "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8192,
+                                 "attention_factor": 1.2, "beta_fast": 32, "beta_slow": 1},
+                "sliding_window": 4096, "vocab_size": 256}  # OLMo 3's layout in the Hub's spelling, tiny
+
+
+@pytest.mark.parametrize("hf", [OLMO3_SHAPED, {**OLMO3_SHAPED, "model_type": "olmo2", "rope_scaling": None}],
+                         ids=["olmo3", "olmo2"])
+def test_olmo_configs_map_like_transformers(hf):
+    """OLMo 3's sliding layers (3 of every 4 without `layer_types`), YaRN on its global layers only, and OLMo 2's
+    single RoPE, as transformers reads them; the config writes back as it was read."""
+    ours, theirs = ModelConfig.from_hf(hf), _hf_config(hf)
+    assert (ours.qk_norm, ours.qk_norm_over_heads, ours.pre_norms, ours.post_norms) == (True, True, False, True)
+    ropes = theirs.rope_parameters
+    if hf["model_type"] == "olmo3":
+        assert ours.sliding_layers == tuple(t == "sliding_attention" for t in theirs.layer_types)
+        assert (ours.local_rope.kind, ours.local_rope.theta) == ("default", ropes["sliding_attention"]["rope_theta"])
+        ropes = ropes["full_attention"]
+        assert (ours.rope.factor, ours.rope.original_max_position, ours.rope.attention_factor) == (8.0, 8192, 1.2)
+    assert (ours.rope.kind, ours.rope.theta) == (ropes["rope_type"], ropes["rope_theta"])
+    assert ModelConfig.from_hf(ours.to_hf()) == ours
+
+
 VISION_TOWERS = {  # tiny ones, for the multimodal checkpoints whose language model is served
     "gemma3": (transformers.Gemma3Config, transformers.Gemma3ForConditionalGeneration, dict(mm_tokens_per_image=4),
                transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,

@@ -39,6 +39,8 @@ CASES = {
     # Experts split over 'model' by their width (every device holds every expert's slice), a shared expert too.
     "qwen2-moe": ("qwen2_moe", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16), "reference",
                   [(2, 4)], False),
+    # q and k normed over all heads, which split over 'model' (and KV heads repeated to fill it).
+    "olmo2-qknorm": ("olmo2", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16), "xla", [(1, 4)], False),
     # Capped logits and two kinds of layer (a branch between two attention calls), the kernels under shard_map.
     "gemma2-pallas": ("gemma2", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16), "pallas",
                       [(1, 2)], False),

@@ -98,18 +98,19 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scale: 
     return out.astype(x.dtype)
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
-    """Llama's RMSNorm: normed in float32, rounded, times weight. Gemma's (`plus_one`): times 1 + weight in
-    float32, then rounded."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, plus_one: bool = False, in_f32: bool = False,
+             axes: tuple[int, ...] = (-1,)) -> jax.Array:
+    """RMSNorm over `axes` (the weight's shape). Llama's: normed in float32, rounded, times weight. `in_f32`: times
+    weight in float32, then rounded (OLMo's); `plus_one`: times 1 + weight so (Gemma's)."""
     x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    if plus_one:
-        return (normed * (1 + weight.astype(jnp.float32))).astype(x.dtype)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axes, keepdims=True) + eps)
+    if plus_one or in_f32:
+        return (normed * (weight.astype(jnp.float32) + (1 if plus_one else 0))).astype(x.dtype)
     return weight * normed.astype(x.dtype)
 
 
-def norm(x: jax.Array, weight: jax.Array, cfg: ModelConfig) -> jax.Array:
-    return rms_norm(x, weight, cfg.rms_norm_eps, cfg.norm_plus_one)
+def norm(x: jax.Array, weight: jax.Array, cfg: ModelConfig, axes: tuple[int, ...] = (-1,)) -> jax.Array:
+    return rms_norm(x, weight, cfg.rms_norm_eps, cfg.norm_plus_one, cfg.norm_scale_f32, axes)
 
 
 def qkv(lp: dict, cfg: ModelConfig, y: jax.Array):
@@ -118,8 +119,9 @@ def qkv(lp: dict, cfg: ModelConfig, y: jax.Array):
     v = jnp.einsum("BTD,DKH->BTKH", y, lp["wv"])
     if cfg.qkv_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
-    if cfg.qk_norm:
-        q, k = norm(q, lp["q_norm"], cfg), norm(k, lp["k_norm"], cfg)
+    if cfg.qk_norm:  # head by head, or over all heads at once (OLMo: weights [N, H] and [K, H])
+        axes = (-2, -1) if cfg.qk_norm_over_heads else (-1,)
+        q, k = norm(q, lp["q_norm"], cfg, axes), norm(k, lp["k_norm"], cfg, axes)
     return q, k, v
 
 
@@ -208,7 +210,7 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
     def layer(carry, xs):
         h, k_pool, v_pool = carry
         lp, index = xs
-        q, k, v = qkv(lp, cfg, norm(h, lp["attn_norm"], cfg))
+        q, k, v = qkv(lp, cfg, norm(h, lp["attn_norm"], cfg) if cfg.pre_norms else h)
         q, k = rotated(cfg, q, k, batch.positions, sliding_layers[index], rope_layers[index])
         if cfg.attention_multiplier is not None:  # every attention path scales by 1 / sqrt(H): undo it in q
             q = (q.astype(jnp.float32) * (cfg.attention_multiplier * cfg.head_dim ** 0.5)).astype(q.dtype)
@@ -219,10 +221,10 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
                       batch.positions, rows=batch.rows)
         out = jnp.einsum("BTNH,NHD->BTD", attn, lp["wo"])
         out = out + lp["bo"] if cfg.o_bias else out
-        h = h + scaled(norm(out, lp["post_attn_norm"], cfg) if cfg.sandwich_norms else out, cfg.residual_multiplier)
-        y = norm(h, lp["mlp_norm"], cfg)
+        h = h + scaled(norm(out, lp["post_attn_norm"], cfg) if cfg.post_norms else out, cfg.residual_multiplier)
+        y = norm(h, lp["mlp_norm"], cfg) if cfg.pre_norms else h
         out = moe(lp, cfg, y) if cfg.num_experts else mlp(lp, cfg, y)
-        h = h + scaled(norm(out, lp["post_mlp_norm"], cfg) if cfg.sandwich_norms else out, cfg.residual_multiplier)
+        h = h + scaled(norm(out, lp["post_mlp_norm"], cfg) if cfg.post_norms else out, cfg.residual_multiplier)
         return (h, k_pool, v_pool), None
 
     h = scaled(params["embed"][batch.tokens], cfg.embedding_multiplier)

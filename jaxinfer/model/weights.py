@@ -106,7 +106,14 @@ def weight_table(cfg: ModelConfig) -> list[WeightSpec]:
         ]
     if cfg.o_bias:
         specs.append(WeightSpec("layers.bo", (D,), ("embed",), lp + "self_attn.o_proj.bias", (D,)))
-    if cfg.qk_norm:
+    if cfg.qk_norm and cfg.qk_norm_over_heads:  # one weight per projected value, not per head dimension
+        specs += [
+            WeightSpec("layers.q_norm", (N, H), ("heads", "head_dim"), lp + "self_attn.q_norm.weight", (N * H,),
+                       init="ones"),
+            WeightSpec("layers.k_norm", (K, H), ("kv_heads", "head_dim"), lp + "self_attn.k_norm.weight", (K * H,),
+                       init="ones"),
+        ]
+    elif cfg.qk_norm:
         specs += [
             WeightSpec("layers.q_norm", (H,), ("head_dim",), lp + "self_attn.q_norm.weight", (H,), init="ones"),
             WeightSpec("layers.k_norm", (H,), ("head_dim",), lp + "self_attn.k_norm.weight", (H,), init="ones"),
@@ -116,8 +123,8 @@ def weight_table(cfg: ModelConfig) -> list[WeightSpec]:
         specs += _expert_specs(cfg)
     if cfg.model_type in FUSED_PROJECTIONS:
         specs = _fused(specs, cfg)
-    if cfg.sandwich_norms:
-        specs = _sandwich_norms(specs, cfg)
+    if cfg.post_norms:
+        specs = _post_norms(specs, cfg)
     if cfg.norm_plus_one:
         specs = [dataclasses.replace(spec, init="zeros") if spec.init == "ones" else spec for spec in specs]
     if not cfg.tie_word_embeddings:
@@ -165,12 +172,16 @@ def _fused(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
                                 hf_rows=parts[spec.name][2]) if spec.name in parts else spec for spec in specs]
 
 
-def _sandwich_norms(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
-    """Gemma 2/3's norms around each sublayer: `post_attention_layernorm` norms the attention's output there (in
-    Llama it is the MLP's input norm, here `pre_feedforward_layernorm`), `post_feedforward_layernorm` the MLP's."""
+def _post_norms(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
+    """Norms of each sublayer's output: `post_attention_layernorm` norms the attention's output (in Llama it is the
+    MLP's input norm, in Gemma 2/3 `pre_feedforward_layernorm`), `post_feedforward_layernorm` the MLP's. OLMo 2/3
+    norm no sublayer's input."""
     D, lp = cfg.hidden_size, "model.layers.{i}."
-    specs = [dataclasses.replace(spec, hf_key=lp + "pre_feedforward_layernorm.weight")
-             if spec.name == "layers.mlp_norm" else spec for spec in specs]
+    if cfg.pre_norms:
+        specs = [dataclasses.replace(spec, hf_key=lp + "pre_feedforward_layernorm.weight")
+                 if spec.name == "layers.mlp_norm" else spec for spec in specs]
+    else:
+        specs = [spec for spec in specs if spec.name not in ("layers.attn_norm", "layers.mlp_norm")]
     return specs + [WeightSpec("layers.post_attn_norm", (D,), ("embed",), lp + "post_attention_layernorm.weight",
                                (D,), init="ones"),
                     WeightSpec("layers.post_mlp_norm", (D,), ("embed",), lp + "post_feedforward_layernorm.weight",
