@@ -210,7 +210,8 @@ def _add_serve(sub) -> None:
     serve.add_argument("--hf-overrides", type=json_object_arg, default=None, help=HF_OVERRIDES_HELP)
     serve.add_argument("--generation-config", default="auto", metavar="auto|vllm|FOLDER",
                        help="where default sampling parameters (temperature, top_p, top_k, min_p, "
-                            "repetition_penalty) come from, as vLLM's: auto, the model's generation_config.json; "
+                            "repetition_penalty; max_new_tokens, the default max_tokens of chat requests) come from, "
+                            "as vLLM's: auto, the model's generation_config.json; "
                             "vllm, none (OpenAI's defaults); or a folder holding a generation_config.json")
     serve.add_argument("--seed", type=int, default=0, help="seeds requests that send none")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,

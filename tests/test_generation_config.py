@@ -27,7 +27,7 @@ def checkpoint(tmp_path):
 
 
 def test_the_sampling_fields_are_read_and_nothing_else(checkpoint, tmp_path):
-    expected = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+    expected = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "max_tokens": 100}
     assert generation_defaults("auto", checkpoint) == expected
     assert generation_defaults("vllm", checkpoint) == {}
     assert generation_defaults(str(checkpoint), None) == expected  # a folder given by name
@@ -48,8 +48,22 @@ def test_a_request_takes_the_defaults_where_it_says_nothing():
     assert parse_completion({"prompt": "hi"}, Limits(256, 128)).params.temperature == 1.0  # OpenAI's without one
 
 
+def test_max_new_tokens_is_the_default_of_chat_requests_only():
+    """As vLLM (since its #34063): a chat request without max_tokens takes max_new_tokens (the engine cuts it to
+    the context), one with its own is not capped by it; completions keep OpenAI's 16."""
+    limits = Limits(256, 128, sampling_defaults={"max_tokens": 100})
+    ask = {"messages": [{"role": "user", "content": "hi"}]}
+    chat, _, _ = parse_chat(ask, limits)
+    assert chat.params.max_tokens == 100 and not chat.max_tokens_given  # no 400 past the context: cut to it
+    assert parse_chat({**ask, "max_tokens": 300}, limits)[0].params.max_tokens == 300
+    assert parse_chat({**ask, "max_completion_tokens": 7}, limits)[0].params.max_tokens == 7
+    assert parse_chat(ask, Limits(256, 128))[0].params.max_tokens is None  # to the end of the context
+    assert parse_completion({"prompt": "hi"}, limits).params.max_tokens == 16
+
+
 @pytest.mark.parametrize("defaults, field", [({"temperature": 5.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
-                                             ({"top_k": -3}, "top_k"), ({"repetition_penalty": 0}, "repetition")])
+                                             ({"top_k": -3}, "top_k"), ({"repetition_penalty": 0}, "repetition"),
+                                             ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 2.5}, "max_tokens")])
 def test_defaults_a_request_could_not_send_are_refused_at_start_up(defaults, field):
     with pytest.raises(ValueError, match=f"the generation config's default {field}"):
         check_sampling_defaults(defaults)
@@ -63,15 +77,19 @@ def test_serve_reads_the_models_generation_config_unless_told_not_to(checkpoint,
     monkeypatch.setattr(run, "serve", lambda model, engine, config, *args, **kwargs: seen.append(config) and 0)
     assert cli.main(["serve", "--model", str(checkpoint), "--skip-warmup"]) == 0
     assert cli.main(["serve", "--model", str(checkpoint), "--generation-config", "vllm", "--skip-warmup"]) == 0
-    assert seen[0].sampling_defaults == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+    assert seen[0].sampling_defaults == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05,
+                                         "max_tokens": 100}
     assert seen[1].sampling_defaults == {}
 
 
 def test_a_server_with_a_greedy_default_answers_greedily():
     """With temperature 0 as the default, two choices of a request that sends none are the greedy answer; a
-    request's own temperature still samples."""
-    server = LiveServer(ServerConfig(sampling_defaults={"temperature": 0.0}))
+    request's own temperature still samples. A chat request without max_tokens stops at max_new_tokens."""
+    server = LiveServer(ServerConfig(sampling_defaults={"temperature": 0.0, "max_tokens": 5}))
     try:
+        chat = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "Who?"}], "ignore_eos": True}).json()
+        assert (chat["usage"]["completion_tokens"], chat["choices"][0]["finish_reason"]) == (5, "length")
         ask = lambda **extra: httpx.post(f"{server.url}/v1/completions", timeout=60, json={  # noqa: E731
             "prompt": "And the king said", "max_tokens": 12, "ignore_eos": True, **extra}).json()["choices"]
         greedy = ask(temperature=0)[0]["text"]
@@ -88,6 +106,7 @@ def test_llm_generates_with_the_generation_configs_defaults(checkpoint):
     (checkpoint / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "top_k": 5}))
     llm = LLM(checkpoint)
     assert (llm.get_default_sampling_params().temperature, llm.get_default_sampling_params().top_k) == (0.0, 5)
+    assert llm.get_default_sampling_params().max_tokens == 16  # vLLM's default: the config sets no max_new_tokens
     prompt = "And the king said unto"
     greedy = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
     assert llm.generate(prompt, use_tqdm=False)[0].outputs[0].token_ids == greedy[0].outputs[0].token_ids

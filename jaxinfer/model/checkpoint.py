@@ -63,8 +63,11 @@ def load_config(source: ModelSource, overrides: dict | None = None) -> ModelConf
     return dataclasses.replace(cfg, eos_token_ids=eos)
 
 
-# What vLLM takes from generation_config.json as default sampling parameters (a request's own values win).
-GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+# What vLLM takes from generation_config.json as default sampling parameters (a request's own values win), by
+# the names a request uses: max_new_tokens is the default max_tokens of chat requests that send none (a default,
+# not a ceiling, since vLLM's #34063) and of `LLM.get_default_sampling_params()`.
+GENERATION_DEFAULT_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                             "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
 
 
 def generation_defaults(choice: str, model: str | Path | None) -> dict:
@@ -82,7 +85,8 @@ def generation_defaults(choice: str, model: str | Path | None) -> dict:
         values = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from e
-    return {name: values[name] for name in GENERATION_DEFAULT_FIELDS if values.get(name) is not None}
+    return {ours: values[theirs] for theirs, ours in GENERATION_DEFAULT_FIELDS.items()
+            if values.get(theirs) is not None}
 
 
 def _generation_eos(directory: Path) -> tuple[int, ...]:

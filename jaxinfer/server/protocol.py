@@ -355,6 +355,10 @@ def _sampling(body: dict, limits: Limits, max_tokens: int | None, logprobs: int 
 
 def check_sampling_defaults(defaults: dict) -> None:
     """Start-up: the generation config's defaults must pass the checks a request's fields do (ValueError)."""
+    most = defaults.get("max_tokens")
+    if most is not None and (not isinstance(most, int) or isinstance(most, bool) or not 1 <= most <= INT32_MAX):
+        raise ValueError(f"the generation config's default max_tokens (max_new_tokens) must be a positive integer, "
+                         f"got {most!r}")
     try:
         _sampling({}, Limits(INT32_MAX, INT32_MAX, sampling_defaults=defaults), 16, None, None)
     except APIError as e:
@@ -597,7 +601,9 @@ def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dic
                   "structure itself", "tool_choice")
         schema = _forced_call_schema(kwargs["tools"], tool_choice, tool_name, parallel_tool_calls)
         structured, structured_param = StructuredOutputsParams(json=schema), "tools"
-    params = _sampling(body, limits, max_tokens, logprobs, prompt_logprobs, structured)
+    default = limits.sampling_defaults.get("max_tokens")  # the generation config's; the engine cuts it to the context
+    params = _sampling(body, limits, default if max_tokens is None else max_tokens, logprobs, prompt_logprobs,
+                       structured)
     request = GenerationRequest(True, [], params, body.get("model"), stream, include_usage, logprobs=logprobs,
                                 max_tokens_given=max_tokens is not None, max_tokens_param=name,
                                 return_token_ids=_bool(body, "return_token_ids", False),
