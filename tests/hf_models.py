@@ -46,8 +46,8 @@ FAMILIES = {
     "olmo3": (transformers.Olmo3Config, dict(  # its global layers' RoPE scaled by YaRN, as the released model's
         sliding_window=12, num_hidden_layers=3, pad_token_id=0,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
-                                            "rope_theta": 5e5},
+        rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 16.0, "rope_theta": 5e5,
+                                            "original_max_position_embeddings": 32},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 5e5}})),
     # SmolLM3: every other layer here without RoPE (NoPE; every fourth in the released model).
     "smollm3": (transformers.SmolLM3Config, dict(no_rope_layer_interval=2, pad_token_id=0)),
