@@ -104,6 +104,7 @@ class ModelConfig:
     sliding_layers: tuple[bool, ...] = ()  # the layers that attend through `sliding_window`; (): every layer
     local_rope: RopeConfig | None = None  # the sliding layers' RoPE, where it is not `rope`
     rope_layers: tuple[bool, ...] = ()  # the layers whose q and k RoPE rotates (SmolLM3 skips every 4th); (): all
+    vision_tower: bool = False  # the checkpoint is multimodal: its vision tower's tensors are left unread
 
     @property
     def q_per_kv(self) -> int:  # G
@@ -153,6 +154,7 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
         """Map a parsed Hugging Face config.json; fails naming what is missing or unsupported."""
+        vision_tower = hf.get("model_type") in MULTIMODAL_LANGUAGE_MODELS
         hf = _language_model(hf)
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -210,6 +212,7 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=_as_tuple(hf.get("eos_token_id")),
             dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
+            vision_tower=vision_tower,
         )
 
     @classmethod
@@ -333,24 +336,35 @@ def _granite_from_hf(hf: dict) -> dict:
             ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")}
 
 
-# Multimodal checkpoints whose language model jaxinfer serves for text: its model_type where `text_config` names
-# none, and transformers' defaults for the fields it leaves out (Gemma 3's Hub configs leave out most).
-MULTIMODAL_LANGUAGE_MODELS = {"gemma3": ("gemma3_text", GEMMA3_TEXT_DEFAULTS), "mistral3": ("mistral", {})}
+# Multimodal checkpoints whose language model jaxinfer serves for text: that model's type, and transformers'
+# defaults for the fields `text_config` leaves out (Gemma 3's Hub configs leave out most).
+MULTIMODAL_LANGUAGE_MODELS = {"gemma3": ("gemma3_text", GEMMA3_TEXT_DEFAULTS), "mistral3": ("mistral", {}),
+                              "qwen2_vl": ("qwen2", {}), "qwen2_5_vl": ("qwen2", {}), "qwen3_vl": ("qwen3", {})}
 
 
 def _language_model(hf: dict) -> dict:
     """The config of the language model a multimodal checkpoint holds, which jaxinfer serves as a text model (its
-    vision tower is not loaded): Gemma 3 (4B and up) and Mistral Small 3.1/3.2 (mistral3) keep it in
-    `text_config`, with the stop ids and dtype at the top level. Whether the head is tied is the top level's to
-    say where it says so, as transformers 5 reads these models."""
+    vision tower is not loaded): Gemma 3 (4B and up), Mistral Small 3.1/3.2 (mistral3), Qwen2-VL, Qwen2.5-VL and
+    Qwen3-VL keep it in `text_config` (the Qwen VLs' older configs at the top level), with the stop ids and dtype
+    at the top level. Whether the head is tied is the top level's to say where it says so, as transformers 5
+    reads these models. The Qwen VLs' multimodal RoPE (`mrope_section`) rotates a text token by its one position in
+    every section: plain RoPE."""
     if hf.get("model_type") not in MULTIMODAL_LANGUAGE_MODELS:
         return hf
     model_type, defaults = MULTIMODAL_LANGUAGE_MODELS[hf["model_type"]]
-    text = hf.get("text_config") or {}
+    text = hf.get("text_config") or {k: v for k, v in hf.items() if k != "vision_config"}
     top = {name: hf[name] for name in ("eos_token_id", "bos_token_id", "dtype", "torch_dtype")
            if hf.get(name) is not None and name not in text}
     tied = {} if hf.get("tie_word_embeddings") is None else {"tie_word_embeddings": hf["tie_word_embeddings"]}
-    return {**defaults, **top, "model_type": model_type, **text, **tied}
+    ropes = {name: _text_rope(text[name]) for name in ("rope_scaling", "rope_parameters") if text.get(name)}
+    return {**defaults, **top, **text, "model_type": model_type, **tied, **ropes}
+
+
+def _text_rope(rope: dict) -> dict:
+    """A multimodal RoPE (`mrope_section`) as text tokens see it: its theta, unscaled."""
+    if "mrope_section" not in rope:
+        return rope
+    return {"rope_type": "default", **({"rope_theta": rope["rope_theta"]} if "rope_theta" in rope else {})}
 
 
 def _activation(hf: dict, model_type: str) -> str:

@@ -244,13 +244,23 @@ def test_olmo_configs_map_like_transformers(hf):
     assert ModelConfig.from_hf(ours.to_hf()) == ours
 
 
-VISION_TOWERS = {  # tiny ones, for the multimodal checkpoints whose language model is served
+TINY_TOWER = dict(hidden_size=16, intermediate_size=32)
+VISION_TOWERS = {  # tiny ones, for the multimodal checkpoints whose language model is served: (config, model,
+    # top-level fields, vision config, text config fields beside the family's)
     "gemma3": (transformers.Gemma3Config, transformers.Gemma3ForConditionalGeneration, dict(mm_tokens_per_image=4),
-               transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                               num_attention_heads=2, image_size=28, patch_size=14)),
+               dict(TINY_TOWER, model_type="siglip_vision_model", num_hidden_layers=1, num_attention_heads=2,
+                    image_size=28, patch_size=14), {}),
     "mistral": (transformers.Mistral3Config, transformers.Mistral3ForConditionalGeneration, {},
-                transformers.PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                 num_attention_heads=2, head_dim=8, image_size=28, patch_size=14)),
+                dict(TINY_TOWER, model_type="pixtral", num_hidden_layers=1, num_attention_heads=2, head_dim=8,
+                     image_size=28, patch_size=14), {}),
+    # The Qwen VLs' multimodal RoPE: sections of the 8 (qwen2) or 16 (qwen3) frequencies.
+    "qwen2": (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration, {},
+              dict(TINY_TOWER, depth=1, num_heads=2, out_hidden_size=64, patch_size=14, spatial_merge_size=2,
+                   temporal_patch_size=2), dict(rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})),
+    "qwen3": (transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration, {},
+              dict(TINY_TOWER, depth=1, num_heads=2, out_hidden_size=64, patch_size=16, deepstack_visual_indexes=[0],
+                   num_position_embeddings=16),
+              dict(rope_scaling={"rope_type": "default", "mrope_section": [4, 6, 6], "mrope_interleaved": True})),
 }
 
 
@@ -258,11 +268,11 @@ def _with_vision(family: str, directory: Path, moved: bool, tied: bool):
     """A tiny multimodal checkpoint of a language model `family` (as the Hub's Gemma 3 4B and up, Mistral Small
     3.1: untied), saved with the Hub's keys (`language_model.model.*`, `vision_tower.*`), as transformers 5 writes
     them, or `moved` under `model.` (`model.language_model.*`), as transformers 4.52-4.57 wrote them."""
-    config_cls, extra = FAMILIES[family]
-    config, model_cls, fields, vision = VISION_TOWERS[family]
+    _, extra = FAMILIES[family]
+    config, model_cls, fields, vision, text = VISION_TOWERS[family]
     torch.manual_seed(0)
-    model = model_cls(config(text_config=config_cls(**{**COMMON, **extra}), vision_config=vision,
-                             tie_word_embeddings=tied, **fields)).eval()
+    model = model_cls(config(text_config={**COMMON, **extra, **text}, vision_config=vision, tie_word_embeddings=tied,
+                             **fields)).eval()
     with torch.no_grad():
         for name, weight in model.named_parameters():
             if "norm" in name:
@@ -300,17 +310,43 @@ def test_mistral_small_3_1s_config_maps_its_language_model_like_transformers():
                                                    theirs.rope_parameters["rope_theta"], theirs.rms_norm_eps)
 
 
-@pytest.mark.parametrize("family, moved, tied", [("gemma3", False, True), ("gemma3", True, True),
-                                                 ("mistral", False, False), ("mistral", True, False)])
-def test_a_multimodal_checkpoint_serves_its_language_model(tmp_path, family, moved, tied):
-    """Gemma 3 4B and up and Mistral Small 3.1/3.2 are multimodal checkpoints: their language model loads (from
-    either key layout; Mistral's untied head too), its vision tower is left alone, and text prompts get
-    transformers' logits and greedy tokens."""
+QWEN2_5_VL_FLAT = {"model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+                   "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "max_position_embeddings": 128000, "rms_norm_eps": 1e-6,
+                   "rope_theta": 1e6, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+                   "tie_word_embeddings": True, "torch_dtype": "bfloat16", "vocab_size": 256, "eos_token_id": 7,
+                   "bos_token_id": 1,
+                   "vision_config": {"depth": 1, "hidden_size": 16, "out_hidden_size": 64}}  # 4.x's flat layout
+
+
+def test_a_qwen_vl_config_maps_its_language_model_like_transformers():
+    """Qwen2.5-VL's Hub configs (transformers 4.x: the text fields at the top, `mrope` scaling) and what
+    transformers 5 writes (a `text_config`) give the same text model, with the multimodal RoPE read as plain RoPE
+    and the text fields as transformers reads them."""
+    ours, theirs = ModelConfig.from_hf(QWEN2_5_VL_FLAT), _hf_config(QWEN2_5_VL_FLAT).text_config
+    assert (ours.model_type, ours.rope.kind, ours.rope.theta, ours.dtype, ours.eos_token_ids) == (
+        "qwen2", "default", 1e6, "bfloat16", (7,))
+    assert (ours.hidden_size, ours.num_kv_heads, ours.max_position_embeddings, ours.tie_word_embeddings) == (
+        theirs.hidden_size, theirs.num_key_value_heads, theirs.max_position_embeddings, True)
+    assert ModelConfig.from_hf(transformers.Qwen2_5_VLConfig(**QWEN2_5_VL_FLAT).to_dict()) == ours
+
+
+@pytest.mark.parametrize("family, moved, tied, norm, tower", [
+    ("gemma3", False, True, "language_model.model.norm.weight", "vision_tower."),
+    ("gemma3", True, True, "model.language_model.norm.weight", "model.vision_tower."),
+    ("mistral", False, False, "language_model.model.norm.weight", "vision_tower."),
+    ("mistral", True, False, "model.language_model.norm.weight", "model.vision_tower."),
+    ("qwen2", False, True, "model.norm.weight", "visual."),  # Qwen2.5-VL
+    ("qwen3", False, False, "model.language_model.norm.weight", "model.visual."),  # Qwen3-VL
+])
+def test_a_multimodal_checkpoint_serves_its_language_model(tmp_path, family, moved, tied, norm, tower):
+    """Gemma 3 4B and up, Mistral Small 3.1/3.2, Qwen2.5-VL and Qwen3-VL are multimodal checkpoints: their
+    language model loads (from each key layout; untied heads too), its vision tower is left alone, and text
+    prompts get transformers' logits and greedy tokens (the Qwen VLs' multimodal RoPE included)."""
     model = _with_vision(family, tmp_path, moved, tied)
     keys = set(load_file(tmp_path / "model.safetensors"))
-    assert ("model.language_model.norm.weight" if moved else "language_model.model.norm.weight") in keys
-    assert tied or ("lm_head.weight" if moved else "language_model.lm_head.weight") in keys
-    assert any(k.startswith("model.vision_tower." if moved else "vision_tower.") for k in keys)
+    assert norm in keys and any(k.startswith(tower) for k in keys)
+    assert tied or any(k.endswith("lm_head.weight") for k in keys)
     engine = EngineConfig(max_slots=2, page_size=PAGE, prefill_chunk=CHUNK, max_model_len=64, dtype="float32")
     llm = LLM(tmp_path, engine)
     prompt = np.asarray(random_prompts(COMMON["vocab_size"], PROMPT_LENGTHS)[-1], np.int32)

@@ -268,11 +268,13 @@ def expand_kv_heads(params: dict, cfg: ModelConfig, mesh) -> tuple[dict, ModelCo
     return params, wide
 
 
-# Where a multimodal checkpoint keeps its language model (Gemma 3, 4B and up): the Hub's files under
-# `language_model.`, transformers 5's under `model.language_model.`. Its vision tower's tensors are not read.
+# Where a multimodal checkpoint keeps its language model: the Hub's Gemma 3 and Mistral Small files (and
+# transformers 5's) under `language_model.`, transformers 4.52-4.57's and Qwen3-VL's under `model.language_model.`,
+# Qwen2-VL's and Qwen2.5-VL's under `model.` as a text model's. Its vision tower's tensors are not read.
 _LANGUAGE_MODEL_PREFIXES = ({"model.": "language_model.model.", "lm_head.": "language_model.lm_head."},
                             {"model.": "model.language_model."})
-VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
+                   "visual.", "model.visual.")
 
 
 def checkpoint_keys(reader: safetensors_io.Reader):
@@ -340,8 +342,7 @@ def load_safetensors(path: str | Path, cfg: ModelConfig, dtype, mesh=None) -> di
 def _check_leftovers(keys, used: set[str], cfg: ModelConfig, rename) -> None:
     ignorable = {rename("lm_head.weight")} if cfg.tie_word_embeddings else set()  # see _check_tied_head
     rotary = {k for k in keys if k.endswith("rotary_emb.inv_freq")}  # old Llama exports
-    multimodal = rename("model.") != "model."
-    vision = {k for k in keys if k.startswith(VISION_PREFIXES)} if multimodal else set()
+    vision = {k for k in keys if k.startswith(VISION_PREFIXES)} if cfg.vision_tower else set()
     if vision:
         log.info("serving the checkpoint's language model as text: its %d vision tensors are not loaded", len(vision))
     unexpected = sorted(set(keys) - used - ignorable - rotary - vision)
