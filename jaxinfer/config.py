@@ -1,9 +1,9 @@
 """Frozen configuration dataclasses.
 
 `ModelConfig` is an explicit mapping of a Hugging Face `config.json` for the
-Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Phi-3/Phi-4, Granite 3, Gemma 1/2/3, SmolLM3, OLMo 2/3; the
-language models of Gemma 3 4B+ and Mistral Small 3.1/3.2) and its
-mixture-of-experts kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE). `EngineConfig`
+Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Phi-3/Phi-4, Granite 3, Gemma 1/2/3, SmolLM3,
+OLMo 2/3; the language models of multimodal checkpoints: Gemma 3 4B+, Mistral Small 3.1/3.2, Qwen2/2.5/3-VL)
+and its mixture-of-experts kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE). `EngineConfig`
 holds the serving knobs (slots, pages, chunking, dtype). Host code only: this
 module must not import JAX.
 """
@@ -178,15 +178,8 @@ class ModelConfig:
         head_dim = hf.get("head_dim") or DEFAULT_HEAD_DIM.get(model_type) or hidden // num_heads
         attention_bias = bool(hf.get("attention_bias", False))
         moe = _moe_from_hf(hf, model_type, get)
-        scalings = _granite_from_hf(hf) if model_type == "granite" else {}
-        if model_type in GEMMA_MODEL_TYPES:
-            scalings = _gemma_from_hf(hf, model_type, get)
-        if model_type == "smollm3":
-            scalings = _smollm3_from_hf(hf, get)
-        if model_type in OLMO_MODEL_TYPES:
-            scalings = _olmo_from_hf(hf, model_type, get)
         return cls(
-            **scalings,
+            **_family_fields(hf, model_type, get),
             activation=act,
             model_type=model_type,
             vocab_size=get("vocab_size"),
@@ -251,21 +244,12 @@ class ModelConfig:
         elif self.model_type != "qwen2":
             hf["attention_bias"] = self.qkv_bias
         hf.update(_moe_to_hf(self))
-        if self.model_type == "granite":
-            hf.update(embedding_multiplier=self.embedding_multiplier, residual_multiplier=self.residual_multiplier,
-                      attention_multiplier=self.attention_multiplier, logits_scaling=self.logits_scaling)
         if self.rope.kind != "default":
             hf["rope_scaling"] = _rope_to_hf(self.rope)
         if self.sliding_window is not None:
             hf["sliding_window"] = self.sliding_window
             hf["use_sliding_window"] = True
-        if self.model_type in GEMMA_MODEL_TYPES:
-            hf.update(_gemma_to_hf(self))
-        if self.model_type == "olmo3":
-            hf.update(_layer_types_to_hf(self))
-        if self.model_type == "smollm3":
-            hf.update(no_rope_layers=[int(r) for r in self.rope_layers], use_sliding_window=bool(self.sliding_layers),
-                      layer_types=["sliding_attention" if s else "full_attention" for s in self.sliding_layers] or None)
+        hf.update(_family_to_hf(self))
         return hf
 
 
@@ -328,6 +312,34 @@ def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
     if model_type == "qwen2_moe":
         fields["shared_expert_size"] = get("shared_expert_intermediate_size")
     return fields
+
+
+def _family_fields(hf: dict, model_type: str, get) -> dict:
+    """The fields only some families set: Granite's and Gemma's scalings, SmolLM3's and OLMo's layers."""
+    if model_type == "granite":
+        return _granite_from_hf(hf)
+    if model_type in GEMMA_MODEL_TYPES:
+        return _gemma_from_hf(hf, model_type, get)
+    if model_type == "smollm3":
+        return _smollm3_from_hf(hf, get)
+    if model_type in OLMO_MODEL_TYPES:
+        return _olmo_from_hf(hf, model_type, get)
+    return {}
+
+
+def _family_to_hf(cfg: "ModelConfig") -> dict:
+    """The config.json fields of `_family_fields`' families."""
+    if cfg.model_type == "granite":
+        return dict(embedding_multiplier=cfg.embedding_multiplier, residual_multiplier=cfg.residual_multiplier,
+                    attention_multiplier=cfg.attention_multiplier, logits_scaling=cfg.logits_scaling)
+    if cfg.model_type in GEMMA_MODEL_TYPES:
+        return _gemma_to_hf(cfg)
+    if cfg.model_type == "olmo3":
+        return _layer_types_to_hf(cfg)
+    if cfg.model_type == "smollm3":
+        return {"no_rope_layers": [int(r) for r in cfg.rope_layers], "use_sliding_window": bool(cfg.sliding_layers),
+                "layer_types": _layer_types_to_hf(cfg)["layer_types"] or None}
+    return {}
 
 
 def _granite_from_hf(hf: dict) -> dict:

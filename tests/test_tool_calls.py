@@ -346,29 +346,23 @@ def test_tool_choice_none_renders_the_tools_and_parses_nothing(live, client):
     live.wait_idle()
 
 
-def test_llama3_json_calls(live, client, monkeypatch):
-    monkeypatch.setattr(live.server, "config", dataclasses.replace(live.server.config, tool_call_parser="llama3_json"))
-    script(live, '{"name": "get_weather", "parameters": {"city": "Zürich"}}; {"name": "b", "parameters": {}}')
+@pytest.mark.parametrize("parser, answer, calls", [
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Zürich"}}; {"name": "b", "parameters": {}}',
+     [("get_weather", '{"city": "Zürich"}'), ("b", "{}")]),
+    ("pythonic", "[get_weather(city='Zürich', days=[1, -2]), b()]",
+     [("get_weather", '{"city": "Zürich", "days": [1, -2]}'), ("b", "{}")]),
+])
+def test_answers_made_of_calls(live, client, monkeypatch, parser, answer, calls):
+    """Parsers whose calls are the whole answer: no content, streamed or not."""
+    monkeypatch.setattr(live.server, "config", dataclasses.replace(live.server.config, tool_call_parser=parser))
+    script(live, answer)
     full = client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=300).choices[0]
     assert full.message.content is None and full.finish_reason == "tool_calls"
-    assert message_calls(full.message) == [("get_weather", '{"city": "Zürich"}'), ("b", "{}")]
+    assert message_calls(full.message) == calls
     (got,) = assembled(client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=300,
                                                       stream=True)).values()
     assert got["content"] == "" and got["finish_reason"] == "tool_calls"
-    assert [(c["name"], c["arguments"]) for c in got["calls"].values()] == message_calls(full.message)
-    live.wait_idle()
-
-
-def test_pythonic_calls(live, client, monkeypatch):
-    monkeypatch.setattr(live.server, "config", dataclasses.replace(live.server.config, tool_call_parser="pythonic"))
-    script(live, "[get_weather(city='Zürich', days=[1, -2]), b()]")
-    full = client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=300).choices[0]
-    assert full.message.content is None and full.finish_reason == "tool_calls"
-    assert message_calls(full.message) == [("get_weather", '{"city": "Zürich", "days": [1, -2]}'), ("b", "{}")]
-    (got,) = assembled(client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=300,
-                                                      stream=True)).values()
-    assert got["content"] == "" and got["finish_reason"] == "tool_calls"
-    assert [(c["name"], c["arguments"]) for c in got["calls"].values()] == message_calls(full.message)
+    assert [(c["name"], c["arguments"]) for c in got["calls"].values()] == calls
     live.wait_idle()
 
 

@@ -277,7 +277,7 @@ VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_towe
                    "visual.", "model.visual.")
 
 
-def checkpoint_keys(reader: safetensors_io.Reader):
+def _checkpoint_keys(reader: safetensors_io.Reader):
     """Our table's checkpoint key -> the key in this checkpoint: the same, or under a multimodal checkpoint's
     language model."""
     for prefixes in _LANGUAGE_MODEL_PREFIXES:
@@ -312,7 +312,7 @@ def load_safetensors(path: str | Path, cfg: ModelConfig, dtype, mesh=None) -> di
     cut from the checkpoint on the host and sent alone, so no weight is ever whole on one device (and each
     process reads only the shards of its own devices)."""
     reader = safetensors_io.Reader(Path(path))
-    rename = checkpoint_keys(reader)
+    rename = _checkpoint_keys(reader)
     _check_tied_head(reader, cfg, rename)  # before any weight is loaded: it fails fast
     np_dtype = np.dtype(jnp.dtype(dtype))
     used: set[str] = set()
