@@ -76,25 +76,27 @@ def generation_defaults(choice: str, model: str | Path | None) -> dict:
     if choice == "vllm":
         return {}
     directory = find_model(model).directory if choice == "auto" else Path(choice).expanduser()
-    path = directory / "generation_config.json" if directory is not None else None
-    if path is None or not path.exists():
-        if choice != "auto":
-            raise CheckpointError(f"--generation-config {choice}: no generation_config.json there")
-        return {}
+    values = _generation_config(directory)
+    if values is None and choice != "auto":
+        raise CheckpointError(f"--generation-config {choice}: no generation_config.json there")
+    return {ours: values[theirs] for theirs, ours in GENERATION_DEFAULT_FIELDS.items()
+            if values and values.get(theirs) is not None}
+
+
+def _generation_config(directory: Path) -> dict | None:
+    """The folder's generation_config.json, None where there is none."""
+    path = directory / "generation_config.json"
+    if not path.exists():
+        return None
     try:
-        values = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from e
-    return {ours: values[theirs] for theirs, ours in GENERATION_DEFAULT_FIELDS.items()
-            if values.get(theirs) is not None}
 
 
 def _generation_eos(directory: Path) -> tuple[int, ...]:
     # generation_config.json names every stop id (Llama 3 instruct lists several).
-    path = directory / "generation_config.json"
-    if not path.exists():
-        return ()
-    eos = json.loads(path.read_text()).get("eos_token_id")
+    eos = (_generation_config(directory) or {}).get("eos_token_id")
     return tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
 
 
