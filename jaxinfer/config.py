@@ -3,7 +3,7 @@
 `ModelConfig` is an explicit mapping of a Hugging Face `config.json` for the
 Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Phi-3/Phi-4, Granite 3, Gemma 1/2/3, SmolLM3,
 OLMo 2/3; the language models of multimodal checkpoints: Gemma 3 4B+, Mistral Small 3.1/3.2, Qwen2/2.5/3-VL)
-and its mixture-of-experts kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE). `EngineConfig`
+and its mixture-of-experts kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE, OLMoE). `EngineConfig`
 holds the serving knobs (slots, pages, chunking, dtype). Host code only: this
 module must not import JAX.
 """
@@ -22,7 +22,7 @@ OLMO_MODEL_TYPES = ("olmo2", "olmo3")
 DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3") + GEMMA_MODEL_TYPES + \
     OLMO_MODEL_TYPES
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
-MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
@@ -200,7 +200,7 @@ class ModelConfig:
             qkv_bias=(model_type == "qwen2" or attention_bias if model_type != "qwen2_moe"
                       else bool(hf.get("qkv_bias", True))),
             o_bias=model_type not in ("qwen2", "qwen2_moe") and attention_bias,
-            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text") + OLMO_MODEL_TYPES,
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmoe") + OLMO_MODEL_TYPES,
             sliding_window=_sliding_window(hf, model_type),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=_as_tuple(hf.get("eos_token_id")),
@@ -288,13 +288,13 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM",
                   "granite": "GraniteForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                   "gemma3_text": "Gemma3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
-                  "olmo3": "Olmo3ForCausalLM"}
+                  "olmo3": "Olmo3ForCausalLM", "olmoe": "OlmoeForCausalLM"}
 
 
 def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
     """The expert fields of a mixture-of-experts config. Mixtral's experts are `intermediate_size` wide and
-    their weights always renormalised; the Qwen MoEs name the width `moe_intermediate_size`, and every layer
-    must be sparse (the layers are scanned as one stack)."""
+    their weights always renormalised; the Qwen MoEs name the width `moe_intermediate_size` (OLMoE keeps
+    `intermediate_size`), and every layer must be sparse (the layers are scanned as one stack)."""
     if model_type not in MOE_MODEL_TYPES:
         return {}
     if model_type == "mixtral":
@@ -307,7 +307,8 @@ def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
     experts = hf.get("num_experts") or hf.get("num_local_experts")  # transformers 5 writes the second
     if not experts:
         raise ConfigError(f"config.json for model_type {model_type!r} is missing required field 'num_experts'")
-    fields = dict(intermediate_size=get("moe_intermediate_size"), num_experts=experts,
+    fields = dict(intermediate_size=get("intermediate_size" if model_type == "olmoe" else "moe_intermediate_size"),
+                  num_experts=experts,
                   experts_per_token=get("num_experts_per_tok"), norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
     if model_type == "qwen2_moe":
         fields["shared_expert_size"] = get("shared_expert_intermediate_size")
@@ -322,7 +323,7 @@ def _family_fields(hf: dict, model_type: str, get) -> dict:
         return _gemma_from_hf(hf, model_type, get)
     if model_type == "smollm3":
         return _smollm3_from_hf(hf, get)
-    if model_type in OLMO_MODEL_TYPES:
+    if model_type in OLMO_MODEL_TYPES + ("olmoe",):
         return _olmo_from_hf(hf, model_type, get)
     return {}
 
@@ -420,7 +421,12 @@ def _smollm3_from_hf(hf: dict, get) -> dict:
 
 def _olmo_from_hf(hf: dict, model_type: str, get) -> dict:
     """OLMo 2/3: norms after each sublayer only (weight times the float32 norm), q and k normed over all heads;
-    OLMo 3's sliding layers (3 of every 4 by default) with a RoPE of their own, unscaled."""
+    OLMo 3's sliding layers (3 of every 4 by default) with a RoPE of their own, unscaled. OLMoE: Llama's norms,
+    but q and k normed over all heads too; its optional clipping of q, k and v is refused."""
+    if hf.get("clip_qkv") is not None:
+        raise ConfigError(f"{model_type} with clip_qkv={hf['clip_qkv']} is not supported")
+    if model_type == "olmoe":
+        return dict(qk_norm_over_heads=True)
     fields = dict(norm_scale_f32=True, pre_norms=False, post_norms=True, qk_norm_over_heads=True)
     if model_type == "olmo3":
         types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 4 else "full_attention"
@@ -483,7 +489,7 @@ def _moe_to_hf(cfg: "ModelConfig") -> dict:
     if cfg.model_type not in MOE_MODEL_TYPES:
         return {}
     hf = {"num_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token,
-          "moe_intermediate_size": cfg.intermediate_size, "norm_topk_prob": cfg.norm_topk_prob,
+          cfg.mlp_field: cfg.intermediate_size, "norm_topk_prob": cfg.norm_topk_prob,
           "decoder_sparse_step": 1, "mlp_only_layers": []}
     if cfg.shared_expert_size:
         hf["shared_expert_intermediate_size"] = cfg.shared_expert_size

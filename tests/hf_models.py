@@ -56,6 +56,8 @@ FAMILIES = {
     "mixtral": (transformers.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48)),
     "qwen2_moe": (transformers.Qwen2MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                                     shared_expert_intermediate_size=80)),
+    "olmoe": (transformers.OlmoeConfig, dict(num_experts=4, num_experts_per_tok=2, intermediate_size=48,
+                                             pad_token_id=0)),  # q and k normed over all heads, as OLMo 2's
     "qwen3_moe": (transformers.Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                                     norm_topk_prob=True, head_dim=16)),
 }

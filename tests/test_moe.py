@@ -35,7 +35,8 @@ def _theirs(hf: dict) -> tuple:
     c = transformers.AutoConfig.for_model(**hf)
     if hf["model_type"] == "mixtral":
         return c.num_local_experts, c.num_experts_per_tok, True, c.intermediate_size, 0
-    return (c.num_experts, c.num_experts_per_tok, c.norm_topk_prob, c.moe_intermediate_size,
+    width = c.intermediate_size if hf["model_type"] == "olmoe" else c.moe_intermediate_size
+    return (c.num_experts, c.num_experts_per_tok, c.norm_topk_prob, width,
             getattr(c, "shared_expert_intermediate_size", 0))
 
 
@@ -51,6 +52,8 @@ def _ours(hf: dict) -> tuple:
     ("qwen2_moe", dict(norm_topk_prob=True, shared_expert_intermediate_size=16)),
     ("qwen3_moe", {}),
     ("qwen3_moe", dict(norm_topk_prob=False, num_experts=6, num_experts_per_tok=3)),
+    ("olmoe", {}),
+    ("olmoe", dict(norm_topk_prob=True, num_experts=6, num_experts_per_tok=3)),
 ])
 def test_saved_configs_map_like_transformers(tmp_path, family, overrides):
     hf = _saved(tmp_path, family, **overrides)
@@ -78,6 +81,7 @@ def test_hub_spelling_and_missing_optional_fields_map_like_transformers(tmp_path
     ("qwen3_moe", dict(num_experts_per_tok=0), "num_experts_per_tok=0 must be between 1"),
     ("mixtral", dict(num_local_experts=None), "missing required field 'num_local_experts'"),
     ("qwen2_moe", dict(shared_expert_intermediate_size=None), "'shared_expert_intermediate_size'"),
+    ("olmoe", dict(clip_qkv=8.0), "clip_qkv=8.0 is not supported"),
 ])
 def test_unsupported_or_broken_configs_are_refused(tmp_path, family, change, message):
     hf = _saved(tmp_path, family)
