@@ -242,8 +242,9 @@ def _load_chat_templates(path: Path, config: dict) -> dict[str, str]:
     template = config.get("chat_template")
     if isinstance(template, list):
         return {t["name"]: t["template"] for t in template}
-    if not template and (path / "chat_template.json").is_file():  # a multimodal checkpoint's processor's, as
-        template = json.loads((path / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")  # vLLM
+    processor = path / "chat_template.json"  # a multimodal checkpoint's processor's template, vLLM's last resort
+    if not template and processor.is_file():
+        template = json.loads(processor.read_text(encoding="utf-8")).get("chat_template")
     return {"default": template} if template else {}
 
 
