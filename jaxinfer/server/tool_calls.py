@@ -7,10 +7,10 @@ Host code, plain Python: a parser splits a finished answer's text into content a
 What counts as a call follows vLLM's parsers (vllm/tool_parsers/hermes_tool_parser.py, llama_tool_parser.py,
 mistral_tool_parser.py, pythonic_tool_parser.py): the call must parse and hold a name and its arguments, or the
 whole text stays content, with no calls. Where vLLM's streaming and non-streaming parsers disagree (text before a
-Llama call, a valid call followed by a broken one), the non-streamed answer is the rule and streaming follows it: a stream
-sends text as content only once nothing after it can turn it into part of a call, holds the rest back, and at the
-end of the answer parses the whole text as the non-streamed answer is parsed. So the streamed content and calls
-always concatenate to the non-streamed ones; the calls arrive whole, in the answer's last chunk.
+Llama call, a valid call followed by a broken one), the non-streamed answer is the rule and streaming follows it:
+a stream sends text as content only once nothing after it can turn it into part of a call, holds the rest back,
+and at the end of the answer parses the whole text as the non-streamed answer is parsed. So the streamed content
+and calls always concatenate to the non-streamed ones; the calls arrive whole, in the answer's last chunk.
 """
 
 from __future__ import annotations
