@@ -48,24 +48,36 @@ def _plan(engine: EngineConfig, positions, steps, tables, prefills: list[Prefill
 
 
 def _check_room(engine: EngineConfig, slots: int, last_token: int) -> int:
-    """-> pages per slot for positions [0, last_token); raises if the pool or the context is too small."""
+    """-> pages per slot and KV cache group for positions [0, last_token); raises if the pool or the context is
+    too small."""
     per_slot = pages_for(last_token, engine.page_size)
     if last_token > engine.max_model_len:
         raise ValueError(f"a step reaching {last_token} tokens exceeds max_model_len={engine.max_model_len}")
-    if slots * per_slot >= engine.num_pages:
-        raise ValueError(f"{slots} slots of {per_slot} pages need {slots * per_slot + 1} KV pages; "
-                         f"the pool has {engine.num_pages}")
+    need = slots * per_slot * len(engine.kv_groups)
+    if need >= engine.num_pages:
+        raise ValueError(f"{slots} slots of {per_slot} pages (in each of {len(engine.kv_groups)} KV cache groups) "
+                         f"need {need + 1} KV pages; the pool has {engine.num_pages}")
     return per_slot
+
+
+def distinct_tables(engine: EngineConfig, per_slot: list[int], first_page: int = 1) -> np.ndarray:
+    """[B, G, P] block tables giving slot b `per_slot[b]` pages in every KV cache group, no page twice, numbered
+    from `first_page` (every group holds every position: what a step costs does not depend on freed pages)."""
+    B, G, P = engine.max_slots, len(engine.kv_groups), engine.pages_per_seq
+    tables, page = np.zeros((B, G, P), np.int32), first_page
+    for slot, count in enumerate(per_slot):
+        tables[slot, :, :count] = page + np.arange(G * count).reshape(G, count)
+        page += G * count
+    return tables
 
 
 def decode_plan(engine: EngineConfig, batch: int, context: int, k: int) -> StepPlan:
     """`batch` slots (of max_slots) each decoding `k` tokens after `context` tokens, on distinct pages."""
-    B, P = engine.max_slots, engine.pages_per_seq
+    B = engine.max_slots
     if not 1 <= batch <= B:
         raise ValueError(f"batch={batch} must be in [1, max_slots={B}]")
     per_slot = _check_room(engine, batch, context + k)
-    tables = np.zeros((B, P), np.int32)
-    tables[:batch, :per_slot] = 1 + np.arange(batch * per_slot).reshape(batch, per_slot)
+    tables = distinct_tables(engine, [per_slot] * batch)
     positions, steps = np.full(B, -1, np.int32), np.zeros(B, np.int32)
     positions[:batch], steps[:batch] = context, k
     return _plan(engine, positions, steps, tables, [])
@@ -73,11 +85,10 @@ def decode_plan(engine: EngineConfig, batch: int, context: int, k: int) -> StepP
 
 def prefill_plan(engine: EngineConfig, tokens, start: int = 0) -> StepPlan:
     """One prefill chunk into slot 0 at positions start.., sampled after its last token; no decoding."""
-    B, P = engine.max_slots, engine.pages_per_seq
+    B = engine.max_slots
     tokens = np.asarray(tokens, np.int32)
     per_slot = _check_room(engine, 1, start + len(tokens))
-    tables = np.zeros((B, P), np.int32)
-    tables[0, :per_slot] = 1 + np.arange(per_slot)
+    tables = distinct_tables(engine, [per_slot])
     chunk = PrefillChunk(slot=0, tokens=tokens, start=start, sample=True, next_tokens=None, load_rows=False)
     return _plan(engine, np.full(B, -1, np.int32), np.zeros(B, np.int32), tables, [chunk])
 

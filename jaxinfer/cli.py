@@ -156,6 +156,7 @@ def _serve(args) -> int:
                           kv_cache_dtype=args.kv_cache_dtype, page_size=args.page_size, hf_overrides=args.hf_overrides,
                           prefill_chunk=args.prefill_chunk, num_pages=args.num_pages,
                           decode_steps=args.decode_steps, enable_prefix_caching=args.enable_prefix_caching,
+                          disable_hybrid_kv_cache_manager=args.disable_hybrid_kv_cache_manager,
                           max_prefill_seqs=args.max_prefill_seqs, control_flow=args.control_flow, seed=args.seed,
                           mesh_shape=(args.data_parallel_size, args.tensor_parallel_size),
                           decode_buckets=_buckets(args))
@@ -205,6 +206,9 @@ def _add_serve(sub) -> None:
     serve.add_argument("--control-flow", choices=CONTROL_FLOWS, default="auto", help=CONTROL_HELP)
     serve.add_argument("--decode-buckets", type=int, nargs="+", default=None, metavar="ROWS", help=BUCKETS_HELP)
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    serve.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
+                       help="as vLLM's: the sliding-window layers of models that mix them with global ones (Gemma "
+                            "2/3, OLMo 3) keep the whole context's KV too, instead of their window's alone")
     serve.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
     serve.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_DTYPE_HELP)
     serve.add_argument("--hf-overrides", type=json_object_arg, default=None, help=HF_OVERRIDES_HELP)

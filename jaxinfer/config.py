@@ -586,6 +586,43 @@ def _sliding_window(hf: dict, model_type: str) -> int | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class KVLayout:
+    """How the layers' KV shares the page pool [Lg, K, P, Z, H]. Each KV cache group is `width` (Lg) layers of one
+    attention kind, with a block table of its own over one shared pool of pages: a page id names Lg layers'
+    worth of KV. A group whose layers slide frees the pages that fell out of its window, so models that mix sliding
+    and global layers (Gemma 2/3, OLMo 3) keep whole-context KV for their global layers only (vLLM's hybrid KV
+    cache manager). Layer l writes slot `slot_of[l]` of the pool through the block table of group `group_of[l]`."""
+
+    windows: tuple[int | None, ...]  # [G] each group's sliding window; None: the group attends to everything
+    group_of: tuple[int, ...]  # [L]
+    slot_of: tuple[int, ...]  # [L]
+    width: int  # Lg
+
+    @property
+    def num_groups(self) -> int:  # G
+        return len(self.windows)
+
+
+def kv_layout(model: ModelConfig, hybrid: bool = True) -> KVLayout:
+    """One group of every layer, sliding only where every layer slides; with `hybrid` and layers of both kinds,
+    groups as wide as the rarer kind has layers (the last group of a kind may leave slots unused), global first."""
+    L = model.num_layers
+    windows = [model.layer_window(layer) for layer in range(L)]
+    if not hybrid or len(set(windows)) == 1:
+        return KVLayout((windows[0] if len(set(windows)) == 1 else None,), (0,) * L, tuple(range(L)), L)
+    kinds = [[layer for layer in range(L) if windows[layer] is None],
+             [layer for layer in range(L) if windows[layer] is not None]]
+    width = min(map(len, kinds))
+    group_of, slot_of, group_windows = [0] * L, [0] * L, []
+    for layers in kinds:
+        for start in range(0, len(layers), width):
+            for slot, layer in enumerate(layers[start:start + width]):
+                group_of[layer], slot_of[layer] = len(group_windows), slot
+            group_windows.append(windows[layers[0]])
+    return KVLayout(tuple(group_windows), tuple(group_of), tuple(slot_of), width)
+
+
 DTYPES = ("float32", "bfloat16", "float16")
 # The KV cache's value formats, by vLLM's `--kv-cache-dtype` names: numpy's name and bytes. fp8 is stored
 # unscaled (vLLM's default scale of 1.0) and saturating: values beyond the format's range are clipped to it.
@@ -670,6 +707,8 @@ class EngineConfig:
     seed: int = 0
     mesh_shape: tuple[int, int] = (1, 1)  # devices over ('data', 'model'): data-parallel shards x tensor parallel
     hf_overrides: dict | None = None  # vLLM's --hf-overrides: fields laid over the checkpoint's config.json
+    disable_hybrid_kv_cache_manager: bool = False  # vLLM's: sliding layers keep whole-context KV as global ones do
+    kv_windows: tuple[int | None, ...] | None = None  # resolved: each KV cache group's window (`kv_layout`)
 
     def __post_init__(self):
         for name in ("max_slots", "page_size", "prefill_chunk", "min_prefill_bucket", "decode_steps"):
@@ -721,7 +760,8 @@ class EngineConfig:
         return dataclasses.replace(self, max_model_len=max_len, dtype=dtype, kv_cache_dtype=kv_dtype,
                                    attention_backend=backend,
                                    max_prefill_seqs=packed, control_flow=control,
-                                   decode_buckets=self._resolve_buckets(platform))
+                                   decode_buckets=self._resolve_buckets(platform),
+                                   kv_windows=self.kv_layout(model).windows)
 
     def _resolve_buckets(self, platform: str) -> tuple[int, ...]:
         """The decode buckets of one data shard, ending at its slot count."""
@@ -737,10 +777,27 @@ class EngineConfig:
         """The KV cache's value format, as numpy names it (float8_e4m3fn for fp8_e4m3)."""
         return KV_FORMATS[_kv_name(self.kv_cache_dtype, self.dtype)][0]
 
-    def kv_bytes_per_page(self, model: ModelConfig) -> int:
-        """K and V of one page over all layers, in the KV cache dtype (an unresolved `auto` dtype: 2 bytes)."""
+    def kv_layout(self, model: ModelConfig) -> KVLayout:
+        return kv_layout(model, hybrid=not self.disable_hybrid_kv_cache_manager)
+
+    def kv_bytes_per_page(self, model: ModelConfig, layers: int | None = None) -> int:
+        """K and V of one page over one KV cache group's layers (or `layers` of them), in the KV cache dtype (an
+        unresolved `auto` dtype: 2 bytes)."""
         itemsize = KV_FORMATS[_kv_name(self.kv_cache_dtype, self.dtype, unresolved="bfloat16")][1]
-        return 2 * model.num_layers * model.num_kv_heads * self.page_size * model.head_dim * itemsize
+        layers = self.kv_layout(model).width if layers is None else layers
+        return 2 * layers * model.num_kv_heads * self.page_size * model.head_dim * itemsize
+
+    @property
+    def kv_groups(self) -> tuple[int | None, ...]:
+        """Each KV cache group's window (unresolved: one group of global layers)."""
+        return self.kv_windows or (None,)
+
+    def sequence_pages(self, num_tokens: int) -> int:
+        """The most pages one sequence of `num_tokens` positions holds at once, over every KV cache group: a
+        sliding group holds its window, the step's new tokens and the pages they straddle."""
+        whole, step = math.ceil(num_tokens / self.page_size), max(self.prefill_chunk, self.decode_steps)
+        return sum(whole if window is None else min(whole, math.ceil((window - 1 + step) / self.page_size) + 1)
+                   for window in self.kv_groups)
 
     def with_kv_budget(self, model: ModelConfig, budget_bytes: int) -> "EngineConfig":
         """Fix num_pages (if not set) from a byte budget, which must hold one full-length sequence.
@@ -749,18 +806,19 @@ class EngineConfig:
             return self
         data = self.mesh_shape[0]
         num_pages = int(budget_bytes // self.kv_bytes_per_page(model)) // data * data  # each data shard an equal part
-        if num_pages // data - 1 < self.pages_per_seq:
+        need = self.sequence_pages(self.max_model_len)
+        if num_pages // data - 1 < need:
             shards = f" split over {data} data shards" if data > 1 else ""
             raise ConfigError(f"the KV pool has room for {max(num_pages - 1, 0)} pages of {self.page_size} tokens "
                               f"({budget_bytes / 2**30:.2f} GiB){shards}, less than one sequence of max_model_len="
-                              f"{self.max_model_len} needs ({self.pages_per_seq} pages) per shard: lower "
+                              f"{self.max_model_len} needs ({need} pages) per shard: lower "
                               "max_model_len or give the KV cache more memory")
         return dataclasses.replace(self, num_pages=num_pages)
 
     def cpu_kv_pages(self, bytes_per_page: int | None) -> int:
         """The KV pool on CPU, whose memory is everyone's: room for every slot at full length four times
         over, capped at CPU_KV_CACHE_BYTES (no cap when the page's size is not known)."""
-        full = 4 * self.max_slots * self.pages_per_seq + 1
+        full = 4 * self.max_slots * self.sequence_pages(self.max_model_len) + 1
         return min(full, CPU_KV_CACHE_BYTES // bytes_per_page) if bytes_per_page else full
 
     def shard(self) -> "EngineConfig":

@@ -63,7 +63,8 @@ def kv_budget_bytes(engine: EngineConfig, cfg: ModelConfig, mesh) -> int:
     activations = 4 * 4 * engine.prefill_chunk * (cfg.hidden_size + cfg.mlp_width + cfg.vocab_size)
     free = stats["bytes_limit"] * engine.gpu_memory_utilization - stats["bytes_in_use"] - activations
     kv_shards = min(mesh.shape["model"], cfg.num_kv_heads) * mesh.shape["data"]  # the pool's shards
-    cap = (GPU_KV_SEQUENCES_PER_SLOT * engine.max_slots * engine.pages_per_seq + 1) * engine.kv_bytes_per_page(cfg)
+    cap = ((GPU_KV_SEQUENCES_PER_SLOT * engine.max_slots * engine.sequence_pages(engine.max_model_len) + 1)
+           * engine.kv_bytes_per_page(cfg))
     return int(min(max(free, 0) * kv_shards, cap))
 
 
@@ -105,9 +106,12 @@ def load_engine(model: str | Path | None = None, engine: EngineConfig | None = N
     has_tokenizer = any((source.directory / f).exists() for f in TOKENIZER_FILES)
     tokenizer = Tokenizer.from_pretrained(source.directory) if has_tokenizer else None
     eos = tuple(dict.fromkeys(cfg.eos_token_ids + (tokenizer.eos_ids if tokenizer else ())))  # config's first
-    log.info("loaded %s (%s, %d layers) in %.2fs; KV pool: %d pages of %d tokens (%s, %.2f GiB)",
-             source.config_path, cfg.model_type, cfg.num_layers, time.perf_counter() - start, resolved.num_pages,
-             resolved.page_size, resolved.kv_cache_dtype, resolved.num_pages * resolved.kv_bytes_per_page(cfg) / 2**30)
+    layout = resolved.kv_layout(cfg)
+    log.info("loaded %s (%s, %d layers) in %.2fs; KV pool: %d pages of %d tokens x %d layers (%s, %.2f GiB), "
+             "KV cache groups: %s", source.config_path, cfg.model_type, cfg.num_layers, time.perf_counter() - start,
+             resolved.num_pages, resolved.page_size, layout.width, resolved.kv_cache_dtype,
+             resolved.num_pages * resolved.kv_bytes_per_page(cfg) / 2**30,
+             ", ".join("global" if w is None else f"sliding {w}" for w in layout.windows))
     if warmup:
         runner.warmup()
     return Engine(resolved, JaxExecutor(runner), cfg.vocab_size, tokenizer, eos, cfg)

@@ -62,9 +62,9 @@ PACK = 3 + 2 * MAX_LOGPROBS  # per sampled row: token, rank, logprob, top ids, t
 
 
 def init_kv_pool(cfg: ModelConfig, engine: EngineConfig, mesh) -> KVPool:
-    """Zeroed pools [L, K, P, Z, H] of the KV cache dtype (or its bits: pallas_kernels/kv_storage.py), sharded
-    over KV heads."""
-    shape = (cfg.num_layers, cfg.num_kv_heads, engine.num_pages, engine.page_size, cfg.head_dim)
+    """Zeroed pools [Lg, K, P, Z, H] of the KV cache dtype (or its bits: pallas_kernels/kv_storage.py), sharded
+    over KV heads; Lg is a KV cache group's layers (`config.kv_layout`)."""
+    shape = (engine.kv_layout(cfg).width, cfg.num_kv_heads, engine.num_pages, engine.page_size, cfg.head_dim)
     sharding = logical_sharding(mesh, KV_AXES)
     storage = storage_dtype(engine.kv_format, mesh.devices.flat[0].platform)
     zeros = jax.jit(lambda: jnp.zeros(shape, storage), out_shardings=sharding)
@@ -83,7 +83,8 @@ class SlotState:
 class Layout:
     """Where each input sits in the packed int32 array: (name, shape, dtype) in order; and, for static
     control flow, the decode rounds and sampler passes compiled in (None: chosen on device). A decode-only
-    step may compute R < B rows: then `rows` [R] says which slot each row is (B: none)."""
+    step may compute R < B rows: then `rows` [R] says which slot each row is (B: none). Each row has G block
+    tables of W pages, one per KV cache group."""
 
     fields: tuple[tuple[str, tuple[int, ...], str], ...]
     rounds: int | None = None
@@ -91,12 +92,12 @@ class Layout:
 
     @classmethod
     def build(cls, B: int, W: int, C: int, E: int, prompt_logprobs: bool, rounds: int | None = None,
-              passes: Passes | None = None, R: int | None = None, mask_words: int = 0) -> "Layout":
+              passes: Passes | None = None, R: int | None = None, mask_words: int = 0, G: int = 1) -> "Layout":
         f32, i32, u32 = "float32", "int32", "uint32"
         R = B if R is None else R
         fields = [("rows", (R,), i32)] if R < B else []
         fields += [("positions", (R,), i32), ("steps", (R,), i32), ("num_steps", (), i32),
-                   ("block_tables", (R, W), i32), ("min_tokens_left", (R,), i32), ("banned", (R, MAX_BANNED), i32),
+                   ("block_tables", (R, G, W), i32), ("min_tokens_left", (R,), i32), ("banned", (R, MAX_BANNED), i32),
                    ("temperature", (R,), f32), ("top_k", (R,), i32), ("top_p", (R,), f32), ("min_p", (R,), f32),
                    ("presence_penalty", (R,), f32), ("frequency_penalty", (R,), f32),
                    ("repetition_penalty", (R,), f32), ("seed", (R,), u32), ("wants_logprobs", (R,), i32),
@@ -154,7 +155,7 @@ def _prefill(params, kv, x: dict, cfg, attention, prompt_logprobs: bool):
     rows = jnp.minimum(jnp.searchsorted(ends, index, side="right"), length.shape[0] - 1)  # [C] its prompt
     offset = index - (ends - length)[rows]
     positions = jnp.where(index < ends[-1], x["prefill_start"][rows] + offset, -1)
-    tables = x["block_tables"][x["prefill_slot"]]
+    tables = x["block_tables"][x["prefill_slot"]]  # [E, G, W]
     batch = Batch(x["prefill_tokens"][None], positions[None], tables, rows[None])
     h, kv = forward(params, cfg, batch, kv, attention)
     prompt = None
@@ -339,6 +340,7 @@ class ModelRunner:
         self._compiled: set[Layout] = set()  # the step shapes this runner has used
         self._executables: dict[Layout, object] = {}  # and their compiled steps
         self.page_buckets = engine.width_buckets()
+        self.groups = engine.kv_layout(cfg).num_groups  # G: block tables per row (the engine must be resolved)
         self.compile_seconds = 0.0
         self._last_announced = time.monotonic()
 
@@ -403,16 +405,16 @@ class ModelRunner:
             rows = {name: np.concatenate([p.sampling[name] for p in plans]) for name in plans[0].sampling}
             passes = Passes.needed(rows, self.cfg.vocab_size) if rounds else Passes()
         return Layout.build(self.local.max_slots, W, C, self.local.max_prefill_seqs, scored, rounds, passes, R,
-                            mask_words(self.cfg.vocab_size) if masked else 0)
+                            mask_words(self.cfg.vocab_size) if masked else 0, self.groups)
 
     def _values(self, plan: StepPlan | None, layout: Layout) -> dict:
         """One shard's inputs for `layout`; an idle shard (None) decodes nothing and prefills no tokens."""
-        B, W = self.local.max_slots, layout.shape("block_tables")[1]
-        plan = plan or _idle_plan(B, W)
+        B, W = self.local.max_slots, layout.shape("block_tables")[2]
+        plan = plan or _idle_plan(B, W, self.groups)
         values = _slot_values(plan, W)
         if layout.shape("rows") is not None:  # the decoding slots' rows, then idle rows (slot B: none)
             rows = decoding_slots(plan, B, layout.shape("rows")[0])
-            idle = _slot_values(_idle_plan(1, W), W)
+            idle = _slot_values(_idle_plan(1, W, self.groups), W)
             values = {name: np.concatenate([value, idle[name]])[rows] for name, value in values.items()}
             values["rows"] = rows
         values["num_steps"] = plan.num_steps
@@ -472,13 +474,18 @@ class ModelRunner:
         """The layout `step_fields` announced."""
         W, C, scored, rounds, passes, R, words = (int(f) for f in fields[:7])
         static = (None, None) if rounds < 0 else (rounds, Passes.from_code(passes))
-        return Layout.build(self.local.max_slots, W, C, self.local.max_prefill_seqs, bool(scored), *static, R, words)
+        return Layout.build(self.local.max_slots, W, C, self.local.max_prefill_seqs, bool(scored), *static, R, words,
+                            self.groups)
 
     def score(self, tokens: np.ndarray, start: int, block_table: np.ndarray) -> np.ndarray:
-        """Write one chunk (positions start..start+len) into the given pages of data shard 0; -> logits
-        [len, V]."""
+        """Write one chunk (positions start..start+len) into the given pages of data shard 0 ([P], or [G, P]: a
+        table per KV cache group, no page in two); -> logits [len, V]."""
+        table = np.asarray(block_table, np.int32)
+        table = table.reshape(-1, table.shape[-1])
+        if len(table) != self.groups:
+            raise ValueError(f"score takes a block table per KV cache group ({self.groups}), got {len(table)}")
         batch = Batch(jnp.asarray(tokens, jnp.int32)[None], jnp.arange(start, start + len(tokens))[None],
-                      jnp.asarray(block_table, jnp.int32)[None])
+                      jnp.asarray(table)[None])
         out, self.kv = self._score(self.params, self.kv, batch, cfg=self.cfg, backend=self.engine.attention_backend)
         return np.asarray(out[0])
 
@@ -556,7 +563,8 @@ class ModelRunner:
                 for score in scored if C else (False,):
                     for static in self._static_variants(C, samplers, masked):
                         for R in (self.engine.decode_buckets or (B,)) if not (C or masked) else (B,):
-                            yield Layout.build(B, W, C, self.local.max_prefill_seqs, score, *static, R, words)
+                            yield Layout.build(B, W, C, self.local.max_prefill_seqs, score, *static, R, words,
+                                               self.groups)
 
     def _static_variants(self, C: int, samplers: list, masked: bool = False) -> list[tuple[int | None, Passes | None]]:
         """(rounds, passes) for chunk bucket C: a prefill-only step (no rounds), then each sampler at the
@@ -588,19 +596,19 @@ def step_fields(layout: Layout) -> tuple[int, ...]:
     words of a grammar's token mask (0: none)."""
     C = (layout.shape("prefill_tokens") or (0,))[0]
     static = (-1, 0) if layout.rounds is None else (layout.rounds, layout.passes.code)
-    return (layout.shape("block_tables")[1], C, int(layout.shape("next_tokens") is not None), *static,
+    return (layout.shape("block_tables")[2], C, int(layout.shape("next_tokens") is not None), *static,
             layout.shape("positions")[0], (layout.shape("token_mask") or (0, 0))[1])
 
 
-def _idle_plan(B: int, W: int) -> StepPlan:
+def _idle_plan(B: int, W: int, G: int) -> StepPlan:
     """B slots that decode nothing and prefill nothing."""
-    return StepPlan(np.full(B, -1, np.int32), np.zeros(B, np.int32), 0, np.zeros((B, W), np.int32),
+    return StepPlan(np.full(B, -1, np.int32), np.zeros(B, np.int32), 0, np.zeros((B, G, W), np.int32),
                     neutral_sampling(B), np.zeros(B, np.int32), np.full((B, MAX_BANNED), -1, np.int32), [], {})
 
 
 def _slot_values(plan: StepPlan, W: int) -> dict:
     """The plan's per-slot inputs [B, ...], block tables cut to W pages."""
-    return dict(plan.sampling, positions=plan.positions, steps=plan.steps, block_tables=plan.block_tables[:, :W],
+    return dict(plan.sampling, positions=plan.positions, steps=plan.steps, block_tables=plan.block_tables[:, :, :W],
                 min_tokens_left=plan.min_tokens_left, banned=plan.banned)
 
 
@@ -614,7 +622,7 @@ def _describe(layout: Layout) -> str:
     if layout.rounds is not None:
         passes = [name for name, on in dataclasses.asdict(layout.passes).items() if on]
         extra += f", {layout.rounds} rounds, sampler passes: {', '.join(passes) or 'none'}"
-    return f"chunk {C}, {layout.shape('block_tables')[1]} pages per row{extra}"
+    return f"chunk {C}, {layout.shape('block_tables')[2]} pages per row{extra}"
 
 
 def unpack_result(out: np.ndarray, plan: StepPlan, max_steps: int, R: int | None = None) -> StepResult:

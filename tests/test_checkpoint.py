@@ -158,7 +158,7 @@ def test_sharded_half_precision_checkpoint_loads_exactly(tmp_path, dtype):
 def _our_logits(params, cfg, tokens):
     T = len(tokens)
     kv = KVPool(*(jnp.zeros((cfg.num_layers, cfg.num_kv_heads, 3, 16, cfg.head_dim)) for _ in range(2)))
-    batch = Batch(jnp.asarray([tokens]), jnp.arange(T)[None], jnp.asarray([[1, 2]]))
+    batch = Batch(jnp.asarray([tokens]), jnp.arange(T)[None], jnp.asarray([[[1, 2]]]))
     h, _ = forward(params, cfg, batch, kv)
     return np.asarray(logits(params, cfg, h))[0]
 

@@ -241,8 +241,9 @@ def check_shards(engine) -> None:
         holders = {}
         for seq in shard.running:
             assert seq.shard == d and shard.slots[seq.slot] is seq and seq.status is Status.RUNNING
-            assert NULL_PAGE not in seq.pages and list(shard._tables[seq.slot, :len(seq.pages)]) == seq.pages
-            for page in seq.pages:
+            (pages,) = seq.pages  # one KV cache group of global layers
+            assert NULL_PAGE not in pages and list(shard._tables[seq.slot, 0, :len(pages)]) == pages
+            for page in pages:
                 holders[page] = holders.get(page, 0) + 1
         assert all(seq.shard == d and not seq.pages and seq.slot is None for seq in shard.waiting)
         assert all(shard.pages._refs[page] == holders.get(page, 0) for page in range(1, shard.pages.num_pages))

@@ -119,7 +119,7 @@ def test_a_chunk_is_priced_by_the_keys_it_attends_to():
     engine = _engine(max_slots=4, max_model_len=128, num_pages=300, prefill_chunk=32)
     plan = mixed_plan(engine, np.arange(16), 0)
     plan.positions[0], plan.steps[0] = 100, 1  # a decoding slot at position 100: the table spans 7 pages
-    plan.block_tables[0, :7] = np.arange(200, 207)
+    plan.block_tables[0, 0, :7] = np.arange(200, 207)
     shape = shape_of(plan, engine)
     assert (shape.chunk, shape.width, shape.chunk_keys) == (16, 128, 16)
     coefficients = {**dict.fromkeys(FEATURES, 0.0), "chunk_attention": 1e-6}

@@ -31,8 +31,13 @@ def make_engine(vocab=VOCAB, eos=(EOS,), tokenizer=None, executor=FakeExecutor, 
     values = dict(max_slots=4, page_size=4, num_pages=40, max_model_len=64, prefill_chunk=8, decode_steps=2,
                   dtype="float32", attention_backend="reference")
     cfg = EngineConfig(**{**values, **overrides})
-    return Engine(cfg, executor(cfg.num_pages, cfg.page_size, cfg.max_slots, vocab=vocab), vocab_size=vocab,
-                  tokenizer=tokenizer, eos_ids=eos)
+    fake = executor(cfg.num_pages, cfg.page_size, cfg.max_slots, vocab=vocab, windows=cfg.kv_groups)
+    return Engine(cfg, fake, vocab_size=vocab, tokenizer=tokenizer, eos_ids=eos)
+
+
+def widest_window(cfg):
+    """The context the fake model reads: everything, unless every KV cache group slides."""
+    return None if None in cfg.kv_groups else max(cfg.kv_groups)
 
 
 def stop_ids(engine, params):
@@ -44,7 +49,7 @@ def expected(engine, prompt, params, index=0):
     room = engine.cfg.max_model_len - len(prompt)
     max_new = room if params.max_tokens is None else min(params.max_tokens, room)
     return fake_continuation(prompt, max_new, _seed32(params.seed, index), engine.vocab_size,
-                             stop_ids(engine, params), params.min_tokens)
+                             stop_ids(engine, params), params.min_tokens, widest_window(engine.cfg))
 
 
 def check_invariants(engine, plans_seen: int) -> int:
@@ -56,11 +61,18 @@ def check_invariants(engine, plans_seen: int) -> int:
     holders = {}
     for seq in running:
         assert s.slots[seq.slot] is seq and seq.status is Status.RUNNING
-        assert NULL_PAGE not in seq.pages
-        assert len(seq.pages) >= pages_for(seq.num_computed, cfg.page_size), "computed positions without a page"
-        assert list(s._tables[seq.slot, :len(seq.pages)]) == seq.pages
-        for page in seq.pages:
-            holders[page] = holders.get(page, 0) + 1
+        assert len(seq.pages) == len(cfg.kv_groups)
+        for group, (pages, window) in enumerate(zip(seq.pages, cfg.kv_groups)):
+            held = [page != NULL_PAGE for page in pages]
+            first = held.index(True) if any(held) else len(pages)
+            assert all(held[first:]), "the null page after a held one"
+            assert first <= s._window_start(group, seq.num_computed), "a page of the window was freed"
+            assert window is not None or first == 0, "a global group freed a page"
+            assert len(pages) >= pages_for(seq.num_computed, cfg.page_size), "computed positions without a page"
+            assert list(s._tables[seq.slot, group, :len(pages)]) == pages
+            assert not s._tables[seq.slot, group, len(pages):].any()
+            for page in pages[first:]:
+                holders[page] = holders.get(page, 0) + 1
     assert all(not seq.pages and seq.slot is None for seq in s.waiting)
     for page in range(1, s.pages.num_pages):
         assert s.pages._refs[page] == holders.get(page, 0), f"page {page}: refs != holders"
@@ -122,6 +134,8 @@ def workloads(draw):
                num_pages=draw(st.integers(max(2, per_seq * 2 // 3), per_seq + 8)),  # tight: preemption, refusals
                prefill_chunk=draw(st.integers(1, 12)), decode_steps=draw(st.integers(1, 4)),
                enable_prefix_caching=draw(st.booleans()), max_prefill_seqs=draw(st.sampled_from([1, 1, 2, 4])))
+    window = draw(st.integers(1, 20))  # KV cache groups: global only (half), sliding only, or both (hybrid)
+    cfg["kv_windows"] = draw(st.sampled_from([None, None, (window,), (None, window), (None, window, window)]))
     eos = draw(st.sampled_from([(), (EOS,), (EOS, 11)]))
     token = st.integers(0, VOCAB - 1)
     shared = draw(st.lists(st.lists(token, min_size=1, max_size=40), min_size=1, max_size=3))
@@ -145,7 +159,7 @@ def _add(engine, arrival):
     """Add a drawn request; returns its id, or None when it was refused (as it must be iff it can never fit)."""
     cfg, p = engine.cfg, arrival.params
     max_new = min(p.max_tokens or cfg.max_model_len, cfg.max_model_len - len(arrival.prompt))
-    fits = pages_for(len(arrival.prompt) + max_new - 1, cfg.page_size) <= cfg.num_pages - 1  # no KV for the last
+    fits = cfg.sequence_pages(len(arrival.prompt) + max_new - 1) <= cfg.num_pages - 1  # no KV for the last
     try:
         request_id = engine.add_request(arrival.prompt, p, priority=arrival.priority, stream=False)
     except MemoryError:
@@ -175,8 +189,9 @@ def _check_final(engine, arrival, out):
 @given(workloads())
 def test_random_workloads_match_the_unpaged_model(workload):
     """Random arrivals, aborts (queued, mid-prefill, mid-decode), shared prefixes, n > 1, stop ids, min_tokens,
-    priorities and tight pools: the invariants hold after every step, every request ends, and every token
-    equals the unpaged fake model's (a prefix of it when aborted); requests that can never fit are refused."""
+    priorities, tight pools and sliding KV cache groups: the invariants hold after every step, every request
+    ends, and every token equals the unpaged fake model's (a prefix of it when aborted); requests that can never
+    fit are refused."""
     cfg, eos, arrivals = workload
     engine = make_engine(eos=eos, **cfg)
     ids, finals, seen = {}, {}, 0
@@ -432,7 +447,7 @@ def test_siblings_share_prompt_pages_and_differ_by_seed(caching):
         seen = check_invariants(engine, seen)
         running = engine.scheduler.running
         if len(running) == 3:
-            shared = shared or all(seq.pages[:3] == running[0].pages[:3] for seq in running)
+            shared = shared or all(seq.pages[0][:3] == running[0].pages[0][:3] for seq in running)
     engine.check_idle()
     assert shared
     stats = engine.stats()

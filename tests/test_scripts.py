@@ -200,3 +200,16 @@ def test_bench_moe_smoke():
     out = _run("scripts/bench_moe.py", "--smoke")
     assert "dense" in out and "ragged_dot" in out and "blocked/4" in out and "active-width MLP" in out
     assert float(out.rsplit("max |form - dense| ", 1)[1].split()[0]) < 1e-4  # the forms agree
+
+
+def test_bench_hybrid_kv_tiny(tmp_path):
+    """Both runs give the same tokens (the script exits non-zero otherwise), and the hybrid pool has more pages
+    of fewer layers each (a Gemma-3-shaped model of 6 layers: one global, five sliding; groups of one layer)."""
+    out = _run("scripts/bench_hybrid_kv.py", "--layers", "6", "--hidden", "64", "--heads", "2", "--head-dim", "16",
+               "--vocab", "128", "--window", "16", "--num-requests", "3", "--input-len-range", "40", "60",
+               "--output-len-range", "4", "8", "--slots", "2", "--page-size", "8", "--chunk", "32",
+               "--max-model-len", "72", "--budget-mib", "0.25", "--json", str(tmp_path / "runs.json"))
+    assert "same greedy tokens: True" in out
+    hybrid, whole = json.loads((tmp_path / "runs.json").read_text())["runs"]
+    assert (hybrid["groups"], hybrid["layers_per_page"], whole["groups"], whole["layers_per_page"]) == (6, 1, 1, 6)
+    assert hybrid["pages"] // 6 == whole["pages"]  # the same bytes, in pages of one layer against six

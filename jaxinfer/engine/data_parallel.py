@@ -41,7 +41,7 @@ class DataParallelScheduler:
             return self._last_placed[1]  # the engine adds a request's sequences one after the other
         names, costs = self.shards[0].cache_names(seq), []  # every shard names pages alike
         for d, shard in enumerate(self.shards):
-            hit = shard.pages.cached_prefix(names) * self.cfg.page_size
+            hit = shard.cache_hit(names) * self.cfg.page_size
             costs.append((self._outstanding()[d] + len(seq.prompt_ids) - hit, -hit, d))
         best = min(costs)[2]
         self._last_placed = (seq.request_id, best)

@@ -10,7 +10,9 @@ per-slot state (the token the slot sampled last), never from the host.
 and "samples" a hash of everything a slot can read through its block table. A
 paging bug (a page owned twice, a cached page overwritten, a wrong prefix hit,
 a preempted sequence resumed badly) changes its output, so scheduler tests
-compare against `fake_continuation`, computed without any paging at all.
+compare against `fake_continuation`, computed without any paging at all. With
+several KV cache groups, every group's table must show the same tokens over its
+window (a sliding group's page freed too early, or reused while read, fails).
 Host code only; no JAX.
 """
 
@@ -40,12 +42,14 @@ def fake_next_token(context, seed: int, vocab: int, banned=()) -> int:
     return token
 
 
-def fake_continuation(prompt, n: int, seed: int, vocab: int, stop_ids=(), min_tokens: int = 0) -> list[int]:
+def fake_continuation(prompt, n: int, seed: int, vocab: int, stop_ids=(), min_tokens: int = 0,
+                      window: int | None = None) -> list[int]:
     """What a request gets from `FakeExecutor` run alone, without paging: up to n tokens, ending early
-    at the first stop id once min_tokens tokens exist."""
+    at the first stop id once min_tokens tokens exist. `window`: every layer slides, reading its last tokens."""
     tokens, out = list(prompt), []
     while len(out) < n:
-        token = fake_next_token(tokens, seed, vocab, stop_ids if len(out) < min_tokens else ())
+        token = fake_next_token(tokens[-window:] if window else tokens, seed, vocab,
+                                stop_ids if len(out) < min_tokens else ())
         tokens.append(token)
         out.append(token)
         if token in stop_ids and len(out) >= min_tokens:
@@ -54,21 +58,32 @@ def fake_continuation(prompt, n: int, seed: int, vocab: int, stop_ids=(), min_to
 
 
 class FakeExecutor:
-    def __init__(self, num_pages: int, page_size: int, max_slots: int, vocab: int = 1000):
+    def __init__(self, num_pages: int, page_size: int, max_slots: int, vocab: int = 1000,
+                 windows: tuple[int | None, ...] = (None,)):
         self.kv = np.full((num_pages, page_size), -1, np.int64)  # the token whose "KV" sits there
         self.slot_tokens = np.full(max_slots, -1, np.int64)
-        self.page_size, self.vocab = page_size, vocab
+        self.page_size, self.vocab, self.windows = page_size, vocab, windows
         self.dispatched = []  # plans in dispatch order (tests inspect them)
 
-    def _write(self, table, position: int, token: int) -> None:
-        page = table[position // self.page_size]
-        assert page != 0, f"position {position} has no page (the null page)"
-        self.kv[page, position % self.page_size] = token
+    def _write(self, tables, position: int, token: int) -> None:
+        for table in tables:  # [G, P]: every group's layers write the position
+            page = table[position // self.page_size]
+            assert page != 0, f"position {position} has no page (the null page)"
+            self.kv[page, position % self.page_size] = token
 
-    def _next(self, table, length: int, seed: int, banned) -> int:
-        positions = np.arange(length)
-        context = self.kv[table[positions // self.page_size], positions % self.page_size]
-        assert (context >= 0).all(), "read a KV position that was never written"
+    def _next(self, tables, length: int, seed: int, banned) -> int:
+        """The token after `length` positions: a hash of what the widest group reads; each group must read the
+        same tokens over its own window."""
+        widest = None if None in self.windows else max(self.windows)
+        seen = max(length - widest, 0) if widest else 0
+        context = None
+        for table, window in sorted(zip(tables, self.windows), key=lambda tw: -(tw[1] or length)):
+            first = max(length - window, 0) if window else 0
+            positions = np.arange(first, length)
+            visible = self.kv[table[positions // self.page_size], positions % self.page_size]
+            assert (visible >= 0).all(), "read a KV position that was never written"
+            context = visible if context is None else context
+            assert (visible == context[first - seen:]).all(), "a KV cache group reads other tokens than the rest"
         return fake_next_token(context, seed, self.vocab, banned)
 
     def _banned(self, plan: StepPlan, slot: int, step: int) -> set:

@@ -130,6 +130,10 @@ class PageAllocator:
             count += 1
         return count
 
+    def is_cached(self, page_hash: bytes) -> bool:
+        """Whether some page holds the full page named `page_hash` (held or idle)."""
+        return page_hash in self._pages_of
+
     def num_idle(self, hashes: list[bytes]) -> int:
         """How many of the cached pages named by `hashes` nobody holds: taking them shrinks `num_free`."""
         return sum(self._refs[self._copy(h)] == 0 for h in hashes)

@@ -258,7 +258,8 @@ class Sequence:
     status: Status = Status.WAITING
     slot: int | None = None
     shard: int = 0  # the data shard whose slots and pages it uses (data parallelism)
-    pages: list[int] = dataclasses.field(default_factory=list)
+    pages: list[list[int]] = dataclasses.field(default_factory=list)  # per KV cache group; a sliding group's pages
+    #                                                                    behind its window are the null page
     hashes: list[bytes] = dataclasses.field(default_factory=list)  # chained hashes of the full known pages
     num_computed: int = 0
     pending: int = 0

@@ -9,6 +9,10 @@ construction, the device feeds each slot its own last sampled token, and EOS is
 found one step late (the surplus token is dropped). Pages come from a
 reference-counted allocator with a prefix cache; when they run out, the newest
 running sequence is preempted (pages freed, requeued, recomputed later).
+Each KV cache group (config.KVLayout) has its own block table over the one
+pool: a global group holds a sequence's whole context (its prompt's pages from
+admission), a sliding group only its window (pages per chunk, those behind the
+window freed as the sequence advances).
 
 Host code only; no JAX. The plan is flat numpy arrays for an `Executor`.
 """
@@ -61,7 +65,7 @@ class StepPlan:
     positions: np.ndarray  # [B] int32 position of each slot's first decode token; -1: not decoding
     steps: np.ndarray  # [B] int32 decode tokens the slot produces in this dispatch (0: none)
     num_steps: int  # sampling rounds: the largest of `steps`, at least 1 if the prefill samples
-    block_tables: np.ndarray  # [B, P] int32
+    block_tables: np.ndarray  # [B, G, P] int32: a table per KV cache group
     sampling: dict[str, np.ndarray]  # SAMPLING_FIELDS, "seed" (uint32), "wants_logprobs", "uses_edits" (0/1); [B] each
     min_tokens_left: np.ndarray  # [B] int32: `banned` is masked for this many more tokens
     banned: np.ndarray  # [B, MAX_BANNED] int32, -1 padded
@@ -148,12 +152,13 @@ class Scheduler:
         self.cfg = engine
         self.clock = clock  # seconds; the planner's simulation runs this scheduler on a simulated clock
         B, P = engine.max_slots, engine.pages_per_seq
+        self.windows = engine.kv_groups  # [G] each KV cache group's window (None: global)
         self.pages = PageAllocator(engine.num_pages, engine.enable_prefix_caching)
         self.slots: list[Sequence | None] = [None] * B
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
         self.prefilling: Sequence | None = None
         self.counters = counters or Counters()  # data-parallel shards share one set
-        self._tables = np.zeros((B, P), np.int32)
+        self._tables = np.zeros((B, len(self.windows), P), np.int32)
         self._rows = neutral_sampling(B)
         self._banned = np.full((B, MAX_BANNED), -1, np.int32)
 
@@ -162,7 +167,7 @@ class Scheduler:
     def check_fits(self, prompt_len: int, max_new: int) -> None:
         """Refuse what could never run: the pool must hold the whole sequence alone (but its last sampled
         token, whose KV is never written)."""
-        need, capacity = pages_for(prompt_len + max_new - 1, self.cfg.page_size), self.pages.num_pages - 1
+        need, capacity = self.cfg.sequence_pages(prompt_len + max_new - 1), self.pages.num_pages - 1
         if need > capacity:
             raise MemoryError(f"a request of {prompt_len} prompt tokens + {max_new} new tokens needs {need} KV "
                               f"pages of {self.cfg.page_size} tokens; the whole pool has {capacity}")
@@ -186,7 +191,8 @@ class Scheduler:
         seq.finished_at = self.clock()
 
     def _release(self, seq: Sequence) -> None:
-        self.pages.free(seq.pages)
+        for pages in reversed(seq.pages):  # global groups' pages are evicted last
+            self.pages.free([page for page in pages if page != NULL_PAGE])
         seq.pages, seq.decoding, seq.num_computed = [], False, 0
         if seq is self.prefilling:
             self.prefilling = None
@@ -236,6 +242,9 @@ class Scheduler:
 
     def schedule(self) -> StepPlan | None:
         """The next step, or None when nothing can run until in-flight tokens are read."""
+        if self.prefilling is not None:  # its next chunk's sliding pages (its prompt's global ones it holds)
+            seq = self.prefilling
+            self._grow(seq, min(seq.num_known, seq.num_computed + self.cfg.prefill_chunk))
         one = self.prefilling is not None or self._can_admit() or any(_held(s) for s in self.running)
         steps = self._plan_decode(1 if one else self.cfg.decode_steps)
         prefills = self._plan_prefills()
@@ -259,21 +268,46 @@ class Scheduler:
         return steps
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
-        """Give `seq` pages for `num_tokens` positions, preempting newer sequences; False if `seq`
-        itself had to be preempted."""
-        need = pages_for(num_tokens, self.cfg.page_size) - len(seq.pages)
+        """Give `seq` pages for `num_tokens` positions in every group (freeing first what slid out of a window),
+        preempting newer sequences; False if `seq` itself had to be preempted."""
+        self._slide(seq)
+        ends = [num_tokens] * len(self.windows)
+        need = sum(self._missing(seq, ends))
         while not self.pages.can_allocate(need):
             victim = max(self.running, key=Sequence.sort_key)
             self._preempt(victim)
             if victim is seq:
                 return False
-        self._take_pages(seq, self.pages.allocate(need))
+        self._extend(seq, ends)
         return True
 
-    def _take_pages(self, seq: Sequence, pages: list[int]) -> None:
-        first = len(seq.pages)
-        seq.pages.extend(pages)
-        self._tables[seq.slot, first:len(seq.pages)] = pages
+    def _window_start(self, group: int, position: int) -> int:
+        """The first page a query at `position` reads in `group` (0 in a global group)."""
+        window = self.windows[group]
+        return 0 if window is None else max(position - window + 1, 0) // self.cfg.page_size
+
+    def _slide(self, seq: Sequence) -> None:
+        """Free the pages of sliding groups that no query from `num_computed` on will read."""
+        for group, pages in enumerate(seq.pages):
+            behind = min(self._window_start(group, seq.num_computed), len(pages))
+            freed = [page for page in pages[:behind] if page != NULL_PAGE]
+            if freed:
+                self.pages.free(freed)
+                pages[:behind] = [NULL_PAGE] * behind
+                self._tables[seq.slot, group, :behind] = NULL_PAGE
+
+    def _missing(self, seq: Sequence, ends: list[int]) -> list[int]:
+        """Fresh pages each group needs to hold positions up to `ends[group]` (a sliding group: from its window)."""
+        return [max(pages_for(end, self.cfg.page_size) - max(len(pages), self._window_start(g, seq.num_computed)), 0)
+                for g, (pages, end) in enumerate(zip(seq.pages, ends))]
+
+    def _extend(self, seq: Sequence, ends: list[int]) -> None:
+        for group, count in enumerate(self._missing(seq, ends)):
+            pages = seq.pages[group]
+            first = len(pages)
+            pages += [NULL_PAGE] * max(self._window_start(group, seq.num_computed) - first, 0)
+            pages += self.pages.allocate(count)
+            self._tables[seq.slot, group, first:len(pages)] = pages[first:]
 
     def _plan_prefills(self) -> list[PrefillChunk]:
         """The unfinished prompt's next chunk, then new admissions in queue order, while the token budget
@@ -281,7 +315,7 @@ class Scheduler:
         chunks, budget = [], self.cfg.prefill_chunk
         while budget > 0 and len(chunks) < self.cfg.prompts_per_step:
             admitted = self.prefilling is None
-            seq = self.prefilling or self._admit()
+            seq = self.prefilling or self._admit(budget)
             if seq is None:
                 break
             chunks.append(self._chunk(seq, budget, admitted))
@@ -310,34 +344,66 @@ class Scheduler:
         then are decode dispatches cut to one step so its prefill is not kept waiting."""
         if not self.waiting or None not in self.slots or self.waiting[0].pending:
             return False
-        return self.pages.can_allocate(pages_for(self.waiting[0].num_known, self.cfg.page_size) + self._headroom())
+        known = self.waiting[0].num_known
+        first_chunk = min(known, self.cfg.prefill_chunk)
+        need = sum(pages_for(known if window is None else first_chunk, self.cfg.page_size) for window in self.windows)
+        return self.pages.can_allocate(need + self._headroom())
 
     def _headroom(self) -> int:
-        """Pages kept back at admission: one per decoding sequence, each of which may need one soon."""
-        return sum(1 for s in self.running if s.decoding)
+        """Pages kept back at admission: a page per group for each decoding sequence, which may need them soon."""
+        return len(self.windows) * sum(1 for s in self.running if s.decoding)
 
-    def _admit(self) -> Sequence | None:
-        """Take the head of the queue into a free slot if its uncached tokens fit in free pages."""
+    def _admit(self, budget: int) -> Sequence | None:
+        """Take the head of the queue into a free slot if its uncached tokens fit in free pages: every group's
+        cached prefix, a global group's pages for the whole prompt, a sliding group's for the first chunk
+        (`budget` tokens)."""
         if not self.waiting or None not in self.slots or self.waiting[0].pending:
             return None
         seq = self.waiting[0]
         hashes = self.cache_names(seq)
-        hit = self.pages.cached_prefix(hashes)
-        need = pages_for(seq.num_known, self.cfg.page_size) - hit
-        if not self.pages.can_allocate(need + self._headroom() + self.pages.num_idle(hashes[:hit])):
+        hit = self.cache_hit(hashes)
+        names = [self._group_names(hashes, g)[self._window_start(g, hit * self.cfg.page_size):hit]
+                 for g in range(len(self.windows))]
+        end = min(seq.num_known, hit * self.cfg.page_size + budget)
+        ends = [seq.num_known if window is None else end for window in self.windows]
+        need = sum(max(pages_for(e, self.cfg.page_size) - hit, 0) for e in ends)
+        idle = sum(self.pages.num_idle(group_names) for group_names in names)
+        if not self.pages.can_allocate(need + self._headroom() + idle):
             return None  # its cached pages were not taken, so their place in the LRU order is unchanged
-        cached = self.pages.match(hashes[:hit])
         self.waiting.pop(0)
         seq.slot = self.slots.index(None)
         self.slots[seq.slot] = seq
         seq.status = Status.RUNNING
-        self._take_pages(seq, cached + self.pages.allocate(need))
-        seq.hashes = hashes[:len(cached)]
-        seq.num_computed = len(cached) * self.cfg.page_size
+        seq.num_computed = hit * self.cfg.page_size
+        seq.pages = [[NULL_PAGE] * (hit - len(group_names)) + self.pages.match(group_names) for group_names in names]
+        for group, pages in enumerate(seq.pages):
+            self._tables[seq.slot, group, :len(pages)] = pages
+        self._extend(seq, ends)
+        seq.hashes = hashes[:hit]
         self._set_rows(seq)
-        self._count_admission(seq, len(cached))
+        self._count_admission(seq, hit)
         self.prefilling = seq
         return seq
+
+    def cache_hit(self, hashes: list[bytes]) -> int:
+        """How many leading pages of `hashes` a sequence can take from the cache: the longest prefix every global
+        group holds whole, and whose last pages (as many as its window reads) every sliding group holds."""
+        hit, runs = len(hashes), {}  # sliding group -> [n]: how many cached pages end at page n - 1
+        for group, window in enumerate(self.windows):
+            names = self._group_names(hashes, group)
+            if window is None:
+                hit = min(hit, self.pages.cached_prefix(names))
+                continue
+            runs[group] = [0]
+            for name in names:
+                runs[group].append(runs[group][-1] + 1 if self.pages.is_cached(name) else 0)
+        while hit and any(run[hit] < hit - self._window_start(g, hit * self.cfg.page_size) for g, run in runs.items()):
+            hit -= 1
+        return hit
+
+    def _group_names(self, hashes: list[bytes], group: int) -> list[bytes]:
+        """Page names in a group: group 0's are the chain's own, the others' suffixed by the group."""
+        return hashes if group == 0 else [h + group.to_bytes(2, "little") for h in hashes]
 
     def cache_names(self, seq: Sequence) -> list[bytes]:
         """Names of the full pages before the last known token (always computed) that a cache hit could serve;
@@ -377,8 +443,11 @@ class Scheduler:
         parent = seq.hashes[-1] if seq.hashes else root
         start = len(seq.hashes) * self.cfg.page_size
         seq.hashes += chain_hashes(seq.all_ids[start:full * self.cfg.page_size], self.cfg.page_size, parent)
-        for i in range(start // self.cfg.page_size, full):
-            self.pages.register(seq.pages[i], seq.hashes[i])
+        for group, pages in enumerate(seq.pages):
+            names = self._group_names(seq.hashes, group)
+            for i in range(start // self.cfg.page_size, full):
+                if pages[i] != NULL_PAGE:  # a sliding group may have freed it already
+                    self.pages.register(pages[i], names[i])
 
     def _hash_root(self, seq: Sequence) -> bytes | None:
         """Where the chain of a sequence's page names starts: with the prefix cache on, shared by every request

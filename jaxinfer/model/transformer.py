@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.config import ModelConfig, RopeConfig
+from jaxinfer.config import ModelConfig, RopeConfig, kv_layout
 from pallas_kernels.flash import f32_operands
 from pallas_kernels.attention import step_attention
 from pallas_kernels.kv_storage import stored
@@ -27,19 +27,20 @@ from pallas_kernels.kv_storage import stored
 class Batch:
     """One step's queries. Padding tokens have position -1 and write to the null page. A packed prefill
     chunk is one row whose tokens belong to several prompts: `rows` names each token's prompt (its row of
-    `block_tables`, [E, P]); each prompt's tokens are contiguous and in position order."""
+    `block_tables`, [E, G, P]); each prompt's tokens are contiguous and in position order. Each row has a block
+    table per KV cache group (config.KVLayout); G > 1 is the hybrid layout."""
 
     tokens: jax.Array  # [B, T] int32
     positions: jax.Array  # [B, T] int32
-    block_tables: jax.Array  # [B, P] int32 page ids (or [E, P] when packed); 0 is the null page
+    block_tables: jax.Array  # [B, G, P] int32 page ids (or [E, G, P] when packed); 0 is the null page
     rows: jax.Array | None = None  # [1, T] int32 when packed
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVPool:
-    k: jax.Array  # [L, K, P, Z, H], floats or their bits (pallas_kernels/kv_storage.py)
-    v: jax.Array  # [L, K, P, Z, H]
+    k: jax.Array  # [Lg, K, P, Z, H], floats or their bits (pallas_kernels/kv_storage.py); Lg = L unless hybrid
+    v: jax.Array  # [Lg, K, P, Z, H]
 
 
 def rope_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
@@ -126,13 +127,14 @@ def qkv(lp: dict, cfg: ModelConfig, y: jax.Array):
 
 
 def _write_indices(batch: Batch, page_size: int):
-    """Page id and in-page offset of every query token; padding goes to the null page."""
+    """Page id in each KV cache group [G, B, T] and in-page offset [B, T] of every query token; padding goes to
+    the null page."""
     valid = batch.positions >= 0
     pos = jnp.where(valid, batch.positions, 0)
     if batch.rows is None:
-        page_idx = jnp.take_along_axis(batch.block_tables, pos // page_size, axis=1)
+        page_idx = jnp.moveaxis(jnp.take_along_axis(batch.block_tables, (pos // page_size)[:, None], axis=2), 1, 0)
     else:
-        page_idx = batch.block_tables[batch.rows, pos // page_size]
+        page_idx = jnp.moveaxis(batch.block_tables[batch.rows, :, pos // page_size], -1, 0)
     return jnp.where(valid, page_idx, 0), pos % page_size
 
 
@@ -204,6 +206,11 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
     """-> (final-normed hidden states [B, T, D], updated pool)."""
     page_size = kv.k.shape[3]
     pages, offsets = _write_indices(batch, page_size)
+    layout = kv_layout(cfg, hybrid=batch.block_tables.shape[1] > 1)
+    if kv.k.shape[0] != layout.width or batch.block_tables.shape[1] != layout.num_groups:
+        raise ValueError(f"a pool of {kv.k.shape[0]} layers and {batch.block_tables.shape[1]} block tables per row "
+                         f"do not fit this model's KV layout ({layout.width} layers, {layout.num_groups} groups)")
+    group_of, slot_of = jnp.asarray(layout.group_of), jnp.asarray(layout.slot_of)
     sliding_layers = jnp.asarray(cfg.sliding_layers or [cfg.sliding_window is not None] * cfg.num_layers)
     rope_layers = jnp.asarray(cfg.rope_layers or [True] * cfg.num_layers)
 
@@ -215,9 +222,10 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
         if cfg.attention_multiplier is not None:  # every attention path scales by 1 / sqrt(H): undo it in q
             q = (q.astype(jnp.float32) * (cfg.attention_multiplier * cfg.head_dim ** 0.5)).astype(q.dtype)
         # Advanced indices split by a slice put [B, T] first: the target is [B, T, K, H].
-        k_pool = k_pool.at[index, :, pages, offsets].set(stored(k, k_pool.dtype))
-        v_pool = v_pool.at[index, :, pages, offsets].set(stored(v, v_pool.dtype))
-        attn = attend(attention, cfg, sliding_layers[index], q, k_pool, v_pool, index, batch.block_tables,
+        group, slot = group_of[index], slot_of[index]
+        k_pool = k_pool.at[slot, :, pages[group], offsets].set(stored(k, k_pool.dtype))
+        v_pool = v_pool.at[slot, :, pages[group], offsets].set(stored(v, v_pool.dtype))
+        attn = attend(attention, cfg, sliding_layers[index], q, k_pool, v_pool, slot, batch.block_tables[:, group],
                       batch.positions, rows=batch.rows)
         out = jnp.einsum("BTNH,NHD->BTD", attn, lp["wo"])
         out = out + lp["bo"] if cfg.o_bias else out

@@ -47,16 +47,16 @@ def _plans(engine: EngineConfig):
 def mixed_plan(engine: EngineConfig, tokens, start: int) -> StepPlan:
     """The engine's prefill step: a chunk into the last slot at positions start.., sampled, beside one
     decode round of every other slot at context `start` (so the block table is as wide as the chunk's)."""
-    from jaxinfer.bench import decode_plan, prefill_plan
+    from jaxinfer.bench import decode_plan, distinct_tables, prefill_plan
     B, Z = engine.max_slots, engine.page_size
     if B < 2:  # no other slot to decode beside the chunk
         return prefill_plan(engine, tokens, start)
     plan = decode_plan(engine, B - 1, start, 1)
-    tables, used = plan.block_tables.copy(), int(plan.block_tables.max())
-    per_slot = pages_for(start + len(tokens), Z)
-    if used + per_slot >= engine.num_pages:
+    used, per_slot = int(plan.block_tables.max()), pages_for(start + len(tokens), Z)
+    if used + per_slot * len(engine.kv_groups) >= engine.num_pages:
         raise ValueError(f"the KV pool ({engine.num_pages} pages) is too small to profile a full mixed step")
-    tables[B - 1, :per_slot] = used + 1 + np.arange(per_slot)
+    tables = plan.block_tables.copy()
+    tables[B - 1] = distinct_tables(engine, [per_slot], used + 1)[0]
     chunk = PrefillChunk(slot=B - 1, tokens=np.asarray(tokens, np.int32), start=start, sample=True, next_tokens=None,
                          load_rows=False)
     return dataclasses.replace(plan, block_tables=tables, prefills=[chunk], num_steps=1)
@@ -125,8 +125,10 @@ def profile(model: str | None, engine: EngineConfig, slots: list[int], repeats: 
     coefficients = fit(shapes, seconds, backend)
     host_fixed, host_slot = _line(slots, hosts)
     mc = llm.model_config
+    # Every layer's KV per token: the planner's simulated scheduler pages a hybrid model's KV as one global group.
+    kv_per_token = cfg.kv_bytes_per_page(mc, mc.num_layers) // cfg.page_size
     draft = CostModel(coefficients, backend, host_fixed, host_slot, mc.num_layers, mc.hidden_size,
-                      4 if cfg.dtype == "float32" else 2, cfg.kv_bytes_per_page(mc) // cfg.page_size, machine())
+                      4 if cfg.dtype == "float32" else 2, kv_per_token, machine())
     errors = relative_errors(draft, shapes, seconds)
     notes = {"date": datetime.date.today().isoformat(), "model": model, "engine": dataclasses.asdict(cfg),
              "slots": list(slots), "repeats": repeats, "samples": samples, "host_samples": dict(zip(slots, hosts)),

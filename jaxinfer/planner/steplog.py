@@ -66,7 +66,8 @@ class StepLog:
 def log_header(engine: EngineConfig, model: ModelConfig, device: str) -> dict:
     """What `fit_from_logs` needs besides the steps: the model's dimensions and the device."""
     return {"layers": model.num_layers, "hidden": model.hidden_size, "dtype_bytes": 4 if engine.dtype == "float32" else 2,
-            "kv_bytes_per_token": engine.kv_bytes_per_page(model) // engine.page_size, "device": device}
+            "kv_bytes_per_token": engine.kv_bytes_per_page(model, model.num_layers) // engine.page_size,
+            "device": device}
 
 
 @dataclasses.dataclass
