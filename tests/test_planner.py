@@ -408,3 +408,25 @@ def test_plan_command_errors_are_messages_not_tracebacks(tmp_path, capsys):
     for extra in (["--trace", str(tmp_path / "missing.jsonl")], ["--burstiness", "0"], ["--tensor-parallel", "0"]):
         assert main(base + extra) == 2
         assert "jaxinfer plan: error:" in capsys.readouterr().err
+
+
+def test_a_profile_of_a_model_with_kv_cache_groups_plans_with_them(tmp_path):
+    """A profile of a hybrid model (12 layers, pages of 2: one global group and five sliding ones) plans with the
+    same groups: the simulated engines page each group apart, and the CPU's KV budget buys pages of 2 layers,
+    6 times as many as of 12."""
+    from jaxinfer.cli import main
+    per_token = 2 * 12 * 8 * 128 * 4  # K and V, 12 layers, 8 KV heads of 128, float32: the CPU's 1 GiB binds
+    grouped = CostModel(CONSTANT.coefficients, "reference", layers=12, kv_bytes_per_token=per_token,
+                        kv_layers_per_page=2, device="1 cpu device(s) (cpu); host x",
+                        notes={"engine": {"kv_windows": [None, 8, 8, 8, 8, 8], "max_model_len": 4096}})
+    assert grouped.kv_page_bytes_per_token * 6 == per_token == CostModel({}, "xla", layers=12,
+                                                                          kv_bytes_per_token=per_token).kv_page_bytes_per_token
+    grouped.save(tmp_path / "profile.json")
+    assert main(["plan", "--profile", str(tmp_path / "profile.json"), "--slo", "ttft:100000", "--num-requests", "4",
+                 "--input-len", "20", "--output-len", "30", "--json", str(tmp_path / "plan.json")]) == 0
+    (outcome, *_) = json.loads((tmp_path / "plan.json").read_text())["outcomes"]
+    engine = outcome["engine"]
+    assert engine["kv_windows"] == [None, 8, 8, 8, 8, 8]
+    full = 4 * engine["max_slots"] * EngineConfig(**{**engine, "kv_windows": (None, 8, 8, 8, 8, 8),
+                                                      "mesh_shape": (1, 1)}).sequence_pages(4096) + 1
+    assert engine["num_pages"] == (1 << 30) // (per_token // 6 * engine["page_size"]) < full

@@ -100,13 +100,15 @@ def _plan(args) -> None:
     # Pack prompts and branch as the profiled engine did (older profiles: the server's default packing for
     # their backend; they all branched on device).
     packs = profiled.get("max_prefill_seqs") or default_prefill_seqs(model.backend)
+    windows = profiled.get("kv_windows")  # the profiled model's KV cache groups (older profiles: one global)
     base = EngineConfig(max_model_len=args.max_model_len or profiled.get("max_model_len", 256),
                         enable_prefix_caching=False, max_prefill_seqs=packs,
-                        control_flow=profiled.get("control_flow", "dynamic"))
+                        control_flow=profiled.get("control_flow", "dynamic"),
+                        kv_windows=tuple(windows) if windows else None)
     engines = engine_grid(base, args.slots or model.notes.get("slots", [EngineConfig.max_slots]),
                           args.page_sizes or [profiled.get("page_size", EngineConfig.page_size)],
                           args.prefill_chunks or [profiled.get("prefill_chunk", EngineConfig.prefill_chunk)],
-                          args.decode_steps, args.kv_pages or [None], model.kv_bytes_per_token)
+                          args.decode_steps, args.kv_pages or [None], model.kv_page_bytes_per_token)
     # Decode-only steps shrink to fewer rows as they would on the profiled platform.
     platform = profile_platform(model)
     engines = [dataclasses.replace(e, decode_buckets=default_decode_buckets(e.max_slots, platform)) for e in engines]

@@ -89,6 +89,12 @@ class CostModel:
     kv_bytes_per_token: int = 0  # K and V over all layers; 0: unknown
     device: str = ""
     notes: dict = dataclasses.field(default_factory=dict)  # what the profile measured (samples, fit error)
+    kv_layers_per_page: int = 0  # the layers a KV page holds: a KV cache group's (config.KVLayout); 0: every layer
+
+    @property
+    def kv_page_bytes_per_token(self) -> int:
+        """Bytes a KV page holds per token: every layer's K and V, or with KV cache groups one group's."""
+        return self.kv_bytes_per_token * (self.kv_layers_per_page or self.layers) // self.layers
 
     def step_seconds(self, shape: StepShape, tensor_parallel: int = 1) -> float:
         x = features(shape, self.backend)

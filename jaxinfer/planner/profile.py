@@ -125,10 +125,9 @@ def profile(model: str | None, engine: EngineConfig, slots: list[int], repeats: 
     coefficients = fit(shapes, seconds, backend)
     host_fixed, host_slot = _line(slots, hosts)
     mc = llm.model_config
-    # Every layer's KV per token: the planner's simulated scheduler pages a hybrid model's KV as one global group.
-    kv_per_token = cfg.kv_bytes_per_page(mc, mc.num_layers) // cfg.page_size
     draft = CostModel(coefficients, backend, host_fixed, host_slot, mc.num_layers, mc.hidden_size,
-                      4 if cfg.dtype == "float32" else 2, kv_per_token, machine())
+                      4 if cfg.dtype == "float32" else 2, cfg.kv_bytes_per_page(mc, mc.num_layers) // cfg.page_size,
+                      machine(), kv_layers_per_page=cfg.kv_layout(mc).width)
     errors = relative_errors(draft, shapes, seconds)
     notes = {"date": datetime.date.today().isoformat(), "model": model, "engine": dataclasses.asdict(cfg),
              "slots": list(slots), "repeats": repeats, "samples": samples, "host_samples": dict(zip(slots, hosts)),

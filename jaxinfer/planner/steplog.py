@@ -67,7 +67,7 @@ def log_header(engine: EngineConfig, model: ModelConfig, device: str) -> dict:
     """What `fit_from_logs` needs besides the steps: the model's dimensions and the device."""
     return {"layers": model.num_layers, "hidden": model.hidden_size, "dtype_bytes": 4 if engine.dtype == "float32" else 2,
             "kv_bytes_per_token": engine.kv_bytes_per_page(model, model.num_layers) // engine.page_size,
-            "device": device}
+            "kv_layers_per_page": engine.kv_layout(model).width, "device": device}
 
 
 @dataclasses.dataclass
@@ -120,4 +120,4 @@ def fit_from_logs(paths: list[str | Path]) -> CostModel:
     notes = {"source": "step log", "logs": [str(p) for p in paths], "engine": header["engine"],
              "steps": sum(log.records for log in logs), "device_samples": len(shapes), "host_samples": len(host),
              "fit_relative_error": {"median": statistics.median(errors), "max": max(errors)}}
-    return dataclasses.replace(draft, notes=notes)
+    return dataclasses.replace(draft, notes=notes, kv_layers_per_page=header.get("kv_layers_per_page", 0))
