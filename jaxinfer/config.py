@@ -24,7 +24,7 @@ DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "s
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 # transformers' class defaults where head_dim is absent; else hidden / heads
 DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128}
@@ -53,7 +53,14 @@ class RopeConfig:
     beta_fast: float = 32.0  # yarn: rotations past which a frequency is kept (extrapolated)
     beta_slow: float = 1.0  # yarn: rotations under which a frequency is divided by `factor` (interpolated)
     truncate: bool = True  # yarn: the ramp between the two starts and ends on whole dimensions
-    attention_factor: float = 1.0  # yarn: cos and sin are scaled by it (so attention logits by its square)
+    attention_factor: float = 1.0  # yarn, longrope: cos and sin are scaled by it (so attention logits by its square)
+    partial_rotary_factor: float = 1.0  # the share of each head's dimensions RoPE rotates (the first ones)
+    short_factor: tuple[float, ...] = ()  # longrope: each frequency's divisor for contexts up to the pretraining's,
+    long_factor: tuple[float, ...] = ()  # ... and beyond it
+    long: bool = False  # longrope: the long factors are in use (`ModelConfig.for_context`)
+
+    def rotary_dim(self, head_dim: int) -> int:
+        return int(head_dim * self.partial_rotary_factor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +135,15 @@ class ModelConfig:
                     f"max_position_embeddings={self.max_position_embeddings} x linear factor={self.rope.factor:g}")
         return self.max_position_embeddings, f"max_position_embeddings={self.max_position_embeddings}"
 
+    def for_context(self, max_model_len: int) -> "ModelConfig":
+        """The model as an engine of `max_model_len` runs it: LongRoPE's long factors where the context may pass
+        the pretraining length, its short ones where it may not, for every sequence alike (vLLM's choice since
+        its #27431; transformers switches by the length of each forward pass)."""
+        if self.rope.kind != "longrope":
+            return self
+        return dataclasses.replace(self, rope=dataclasses.replace(
+            self.rope, long=max_model_len > self.rope.original_max_position))
+
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of `layer`, None for one that attends to the whole context."""
         return self.sliding_window if not self.sliding_layers or self.sliding_layers[layer] else None
@@ -150,6 +166,15 @@ class ModelConfig:
         if self.num_experts and not 1 <= self.experts_per_token <= self.num_experts:
             raise ConfigError(f"num_experts_per_tok={self.experts_per_token} must be between 1 and the "
                               f"{self.num_experts} experts")
+        rotated = self.rope.rotary_dim(self.head_dim)
+        if rotated < 2 or rotated % 2:
+            raise ConfigError(f"RoPE would rotate {rotated} of the {self.head_dim} head dimensions "
+                              f"(partial_rotary_factor={self.rope.partial_rotary_factor}): it needs an even number")
+        for name in ("short_factor", "long_factor"):
+            factors = getattr(self.rope, name)
+            if self.rope.kind == "longrope" and len(factors) != rotated // 2:
+                raise ConfigError(f"longrope's {name} has {len(factors)} entries; the {rotated} rotated head "
+                                  f"dimensions need {rotated // 2}")
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
@@ -178,6 +203,10 @@ class ModelConfig:
         head_dim = hf.get("head_dim") or DEFAULT_HEAD_DIM.get(model_type) or hidden // num_heads
         attention_bias = bool(hf.get("attention_bias", False))
         moe = _moe_from_hf(hf, model_type, get)
+        rope = _rope_from_hf(_layer_rope(hf, "full_attention") if model_type in LAYER_TYPE_ROPES else hf)
+        if rope.partial_rotary_factor != 1.0 and model_type != "phi3":
+            raise ConfigError(f"partial_rotary_factor={rope.partial_rotary_factor} is not supported for "
+                              f"{model_type}: only phi3's (Phi-4-mini) turns part of each head")
         return cls(
             **_family_fields(hf, model_type, get),
             activation=act,
@@ -192,7 +221,7 @@ class ModelConfig:
             head_dim=head_dim,
             max_position_embeddings=get("max_position_embeddings"),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope=_rope_from_hf(_layer_rope(hf, "full_attention") if model_type in LAYER_TYPE_ROPES else hf),
+            rope=rope,
             # Gemma's classes tie them unless told otherwise, the others untie them.
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type in GEMMA_MODEL_TYPES)),
             # Qwen2 always has q/k/v biases and no o bias, Qwen2-MoE as `qkv_bias` says (true unless sent);
@@ -246,6 +275,10 @@ class ModelConfig:
         hf.update(_moe_to_hf(self))
         if self.rope.kind != "default":
             hf["rope_scaling"] = _rope_to_hf(self.rope)
+        if self.rope.kind == "longrope":
+            hf["original_max_position_embeddings"] = self.rope.original_max_position
+        if self.rope.partial_rotary_factor != 1.0:
+            hf["partial_rotary_factor"] = self.rope.partial_rotary_factor
         if self.sliding_window is not None:
             hf["sliding_window"] = self.sliding_window
             hf["use_sliding_window"] = True
@@ -517,13 +550,20 @@ def _rope_from_hf(hf: dict) -> RopeConfig:
     merged = {**scaling, **params}
     theta = float(merged.get("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = merged.get("rope_type") or merged.get("type") or "default"
-    partial = merged.get("partial_rotary_factor", hf.get("partial_rotary_factor")) or 1.0
-    if partial != 1.0:
-        raise ConfigError(f"partial_rotary_factor={partial} is not supported: RoPE rotates every head dimension")
+    kind = "longrope" if kind == "su" else kind  # Phi-3's first configs called it su
+    partial = float(merged.get("partial_rotary_factor", hf.get("partial_rotary_factor")) or 1.0)
+    if not 0 < partial <= 1:
+        raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {partial}")
     if kind not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"unsupported rope scaling type {kind!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    return dataclasses.replace(_scaling_from_hf(hf, merged, kind, theta), partial_rotary_factor=partial)
+
+
+def _scaling_from_hf(hf: dict, merged: dict, kind: str, theta: float) -> RopeConfig:
     if kind == "default":
         return RopeConfig(theta=theta)
+    if kind == "longrope":
+        return _longrope_from_hf(hf, merged, theta)
     if "factor" not in merged:
         raise ConfigError(f"rope scaling type {kind!r} is missing required field 'factor'")
     if kind == "yarn":
@@ -558,6 +598,24 @@ def _yarn_from_hf(hf: dict, merged: dict, theta: float) -> RopeConfig:
                       truncate=bool(merged.get("truncate", True)), attention_factor=float(attention_factor))
 
 
+def _longrope_from_hf(hf: dict, merged: dict, theta: float) -> RopeConfig:
+    """LongRoPE (Phi-3.5, Phi-4-mini) as transformers reads it: per-frequency divisors for contexts up to the
+    pretraining length and beyond; the attention factor, unless given, sqrt(1 + ln(factor) / ln(pretraining
+    length)), the factor max_position_embeddings over the pretraining length unless given."""
+    for name in ("short_factor", "long_factor"):
+        if not merged.get(name):
+            raise ConfigError(f"rope scaling type 'longrope' is missing required field {name!r}")
+    original = int(merged.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+                   or hf["max_position_embeddings"])
+    factor = float(merged.get("factor") or hf["max_position_embeddings"] / original)
+    attention_factor = merged.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeConfig(theta=theta, kind="longrope", factor=factor, original_max_position=original,
+                      attention_factor=float(attention_factor), short_factor=tuple(map(float, merged["short_factor"])),
+                      long_factor=tuple(map(float, merged["long_factor"])))
+
+
 def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
@@ -570,6 +628,9 @@ def _rope_to_hf(rope: RopeConfig) -> dict:
     if rope.kind == "yarn":
         out.update(original_max_position_embeddings=rope.original_max_position, beta_fast=rope.beta_fast,
                    beta_slow=rope.beta_slow, truncate=rope.truncate, attention_factor=rope.attention_factor)
+    if rope.kind == "longrope":
+        out.update(original_max_position_embeddings=rope.original_max_position, attention_factor=rope.attention_factor,
+                   short_factor=list(rope.short_factor), long_factor=list(rope.long_factor))
     return out
 
 

@@ -99,6 +99,11 @@ def load_engine(model: str | Path | None = None, engine: EngineConfig | None = N
     check_mesh(cfg, requested)
     mesh = make_mesh(requested.mesh_shape)
     resolved = requested.resolve(cfg, jax.default_backend())
+    cfg = cfg.for_context(resolved.max_model_len)
+    if cfg.rope.kind == "longrope":
+        log.info("LongRoPE: the %s factors for every sequence (max_model_len %d %s the pretraining length, %d)",
+                 "long" if cfg.rope.long else "short", resolved.max_model_len, ">" if cfg.rope.long else "<=",
+                 cfg.rope.original_max_position)
     params, cfg = expand_kv_heads(load_params(source, cfg, resolved.dtype, mesh), cfg, mesh)
     resolved = _checked_backend(requested, resolved, cfg)
     resolved = agree(resolved.with_kv_budget(cfg, kv_budget_bytes(resolved, cfg, mesh)))

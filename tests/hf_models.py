@@ -79,12 +79,13 @@ def build(family: str, directory, dtype=torch.float32, seed: int = 0, **save_kwa
 
 
 def scored_in_chunks(llm, prompt: np.ndarray, chunk: int) -> np.ndarray:
-    """Our prompt logits, the prompt prefilled `chunk` tokens at a time into 5 pages per KV cache group of
-    scattered, descending ids (the pages go back to the pool after)."""
-    groups = llm.runner.groups
-    pages = llm.engine.scheduler.pages.allocate(5 * groups)
-    table = np.zeros((groups, llm.engine_config.pages_per_seq), np.int32)
-    table[:, :5] = np.reshape(pages[::-1], (groups, 5))
+    """Our prompt logits, the prompt prefilled `chunk` tokens at a time into 5 pages (fewer if the context is
+    shorter) per KV cache group of scattered, descending ids (the pages go back to the pool after)."""
+    groups, width = llm.runner.groups, llm.engine_config.pages_per_seq
+    count = min(5, width)
+    pages = llm.engine.scheduler.pages.allocate(count * groups)
+    table = np.zeros((groups, width), np.int32)
+    table[:, :count] = np.reshape(pages[::-1], (groups, count))
     try:
         return np.concatenate([llm.runner.score(prompt[s:s + chunk], s, table) for s in range(0, len(prompt), chunk)])
     finally:

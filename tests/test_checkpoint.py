@@ -68,8 +68,8 @@ def test_missing_field_is_named():
 
 
 def test_unsupported_rope_type_is_named():
-    with pytest.raises(ConfigError, match="unsupported rope scaling type 'longrope'.*linear, llama3, yarn"):
-        ModelConfig.from_hf(_llama_hf(rope_scaling={"rope_type": "longrope", "factor": 4.0}))
+    with pytest.raises(ConfigError, match="unsupported rope scaling type 'dynamic'.*linear, llama3, yarn, longrope"):
+        ModelConfig.from_hf(_llama_hf(rope_scaling={"rope_type": "dynamic", "factor": 4.0}))
 
 
 def test_rope_scaling_in_both_config_spellings():

@@ -7,6 +7,7 @@ the torch state dict; a few variants end to end against `generate` (one engine c
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -38,6 +39,12 @@ VARIANTS = {  # variants the supported families ship that FAMILIES does not cove
     "llama-yarn-mscale": (transformers.LlamaConfig, dict(rope_parameters={
         "rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 32, "rope_theta": 5e5,
         "beta_fast": 16.0, "beta_slow": 2.0, "mscale": 1.0, "mscale_all_dim": 0.5, "truncate": False})),
+    # Phi-4-mini's RoPE: LongRoPE (pretrained on 32 positions here) over the first 3/4 of each head.
+    "phi3-longrope-partial": (transformers.Phi3Config, dict(
+        pad_token_id=0, original_max_position_embeddings=32, partial_rotary_factor=0.75, rope_parameters={
+            "rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.75,
+            "original_max_position_embeddings": 32, "short_factor": [1.0, 1.02, 1.05, 1.1, 1.3, 1.6],
+            "long_factor": [1.0, 1.4, 2.5, 5.0, 9.0, 16.0]})),
 }
 NEW_TOKENS = 12
 
@@ -497,6 +504,57 @@ def test_yarn_scaled_models_match_transformers(tmp_path, variant):
         ref = model(torch.tensor(prompt[None], dtype=torch.long)).logits[0].numpy()
     np.testing.assert_allclose(scored_in_chunks(llm, prompt, CHUNK), ref, atol=2e-4, rtol=0)
     _greedy_matches_transformers(tmp_path, model)
+
+
+@pytest.mark.parametrize("max_model_len, prompt_len", [(32, 17), (64, 40)])
+def test_longrope_with_a_partial_rotary_factor_matches_transformers(tmp_path, max_model_len, prompt_len):
+    """Phi-4-mini's RoPE. An engine whose context stays within the 32 pretrained positions takes the short
+    factors, one that may pass them the long ones (vLLM's choice); transformers picks by the length of each
+    forward pass. So a 17-token prompt (29 tokens with its output) under the first and a 40-token one under the
+    second get transformers' logits and greedy tokens; RoPE rotates 12 of the 16 head dimensions."""
+    model = _build("phi3-longrope-partial", tmp_path)
+    engine = EngineConfig(max_slots=2, page_size=PAGE, prefill_chunk=CHUNK, max_model_len=max_model_len,
+                          dtype="float32")
+    llm = LLM(tmp_path, engine)
+    rope = llm.model_config.rope
+    assert (rope.kind, rope.long, rope.rotary_dim(llm.model_config.head_dim)) == ("longrope", max_model_len > 32, 12)
+    assert rope.attention_factor == pytest.approx(math.sqrt(1 + math.log(512 / 32) / math.log(32)))
+    prompt = random_prompts(COMMON["vocab_size"], [prompt_len])[0]
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt], dtype=torch.long)).logits[0].numpy()
+        tokens = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW_TOKENS,
+                                min_new_tokens=NEW_TOKENS)[0, len(prompt):].tolist()
+    np.testing.assert_allclose(scored_in_chunks(llm, np.asarray(prompt, np.int32), CHUNK), ref, atol=2e-4, rtol=0)
+    out = llm.generate([prompt], SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == tokens
+
+
+@pytest.mark.parametrize("seq_len", [None, 33])
+def test_longrope_frequencies_are_transformers(seq_len):
+    """Both factor sets, the attention factor, and the config written back as transformers reads it."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from jaxinfer.model.transformer import rope_frequencies
+    theirs = transformers.Phi3Config(**{**COMMON, **VARIANTS["phi3-longrope-partial"][1]})
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["longrope"](theirs, "cpu", seq_len=seq_len)
+    ours = ModelConfig.from_hf(theirs.to_dict()).for_context(64 if seq_len else 32)
+    np.testing.assert_allclose(rope_frequencies(ours.rope, ours.head_dim), inv_freq.numpy(), rtol=1e-6, atol=0)
+    assert ours.rope.attention_factor == pytest.approx(attention_factor, rel=1e-12)
+    assert ModelConfig.from_hf(ours.to_hf()) == ModelConfig.from_hf(theirs.to_dict())
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(partial_rotary_factor=0.7), "rotate 11 of the 16"),
+    (dict(long_factor=[1.0, 2.0]), "long_factor has 2 entries; the 12 rotated head dimensions need 6"),
+    (dict(short_factor=None), "missing required field 'short_factor'"),
+])
+def test_longrope_configs_that_cannot_work_are_refused(change, message):
+    overrides = VARIANTS["phi3-longrope-partial"][1]
+    hf = {**COMMON, **overrides, "model_type": "phi3"}
+    hf["rope_parameters"] = {**overrides["rope_parameters"], **change}
+    hf["partial_rotary_factor"] = hf["rope_parameters"]["partial_rotary_factor"]
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_hf(hf)
 
 
 @pytest.mark.parametrize("rope", [

@@ -44,16 +44,21 @@ class KVPool:
 
 
 def rope_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
-    """Inverse frequencies [H/2] in float32, computed as Hugging Face does (incl. llama3 and yarn scaling)."""
-    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    """Inverse frequencies [R/2] of the R rotated dimensions (all H but with a partial rotary factor) in float32,
+    computed as Hugging Face does (incl. llama3, yarn and longrope scaling)."""
+    dim = rope.rotary_dim(head_dim)
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
     wavelengths = (np.float32(rope.theta) ** exponents).astype(np.float32)  # over 2 pi
     inv_freq = (np.float32(1.0) / wavelengths).astype(np.float32)
+    if rope.kind == "longrope":
+        divisors = np.asarray(rope.long_factor if rope.long else rope.short_factor, np.float32)
+        return (np.float32(1.0) / (divisors * wavelengths)).astype(np.float32)
     if rope.kind == "linear":
         return (inv_freq / np.float32(rope.factor)).astype(np.float32)
     if rope.kind == "llama3":
         return _llama3_scaling(inv_freq, rope)
     if rope.kind == "yarn":
-        return _yarn_scaling(inv_freq, wavelengths, rope, head_dim)
+        return _yarn_scaling(inv_freq, wavelengths, rope, dim)
     return inv_freq
 
 
@@ -70,33 +75,34 @@ def _llama3_scaling(inv_freq: np.ndarray, rope: RopeConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def _yarn_scaling(inv_freq: np.ndarray, wavelengths: np.ndarray, rope: RopeConfig, head_dim: int) -> np.ndarray:
+def _yarn_scaling(inv_freq: np.ndarray, wavelengths: np.ndarray, rope: RopeConfig, dim: int) -> np.ndarray:
     # Frequencies that turn fewer than beta_slow times over the pretraining length are divided by `factor`,
     # those that turn more than beta_fast times kept, with a linear ramp over the dimensions between.
     def dimension(rotations: float) -> float:
-        return head_dim * math.log(rope.original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+        return dim * math.log(rope.original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
 
     low, high = dimension(rope.beta_fast), dimension(rope.beta_slow)
     if rope.truncate:
         low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, head_dim - 1)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
     kept = (np.float32(1) - ramp).astype(np.float32)
     divided = (np.float32(1) / (np.float32(rope.factor) * wavelengths)).astype(np.float32)
     return (divided * (np.float32(1) - kept) + inv_freq * kept).astype(np.float32)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scale: float = 1.0) -> jax.Array:
-    """x [B, T, N, H], positions [B, T]: rotate-half RoPE (the Hugging Face layout), cos and sin times `scale`
-    (YaRN's attention factor)."""
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
+    """x [B, T, N, H], positions [B, T]: rotate-half RoPE (the Hugging Face layout) of the first R = 2 len(inv_freq)
+    dimensions (the rest pass as they are), cos and sin times `scale` (YaRN's and LongRoPE's attention factor)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, R/2]
     cos = scaled(jnp.cos(freqs)[:, :, None, :], scale)
     sin = scaled(jnp.sin(freqs)[:, :, None, :], scale)
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    rotary = 2 * freqs.shape[-1]
+    x1, x2 = jnp.split(x[..., :rotary].astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    return out if rotary == x.shape[-1] else jnp.concatenate([out, x[..., rotary:]], axis=-1)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, plus_one: bool = False, in_f32: bool = False,
