@@ -38,7 +38,7 @@ def gemma3_config(args) -> dict:
 
 def run(path: Path, args, disable: bool, prompts, outputs) -> dict:
     engine = EngineConfig(max_slots=args.slots, page_size=args.page_size, prefill_chunk=args.chunk,
-                          max_model_len=args.max_model_len, kv_cache_memory=args.budget_mib * 2**20,
+                          max_model_len=args.max_model_len, kv_cache_memory=int(args.budget_mib * 2**20),
                           dtype=args.dtype, disable_hybrid_kv_cache_manager=disable)
     llm = LLM(path, engine)
     cfg, layout = llm.engine_config, llm.engine_config.kv_layout(llm.model_config)

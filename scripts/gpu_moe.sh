@@ -4,7 +4,10 @@
 # OLMo 2/3, SmolLM3 against transformers on tiny checkpoints, with our Pallas kernels compiled, Gemma 2's capped
 # logits and the layers of two kinds among them, and float32 matmuls), then scripts/bench_moe.py at the
 # layer shapes of Qwen3-30B-A3B and Mixtral-8x7B in bfloat16: the engine's dense experts against
-# `ragged_dot` and the blocked form, which the CPU cannot answer for a GPU (docs/benchmarks.md).
+# `ragged_dot` and the blocked form, which the CPU cannot answer for a GPU (docs/benchmarks.md); last,
+# scripts/bench_hybrid_kv.py at Gemma 3 1B's shape in bfloat16 (up to 180 s more): how many more sequences KV
+# cache groups run at once in a 1 GiB pool, and what that buys in output tokens/s where a decode step's cost
+# hardly grows with its rows.
 #   bash scripts/gpu_moe.sh [OUTPUT_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,4 +21,8 @@ timeout 30 python3 scripts/bench_moe.py --experts 128 --k 8 --hidden 2048 --widt
   --dtype bfloat16 --repeats 10 2>&1 | tee "$out/bench_moe_qwen3.log" | grep -v Warning
 timeout 25 python3 scripts/bench_moe.py --experts 8 --k 2 --hidden 4096 --width 14336 --tokens 64 512 2048 \
   --dtype bfloat16 --repeats 10 2>&1 | tee "$out/bench_moe_mixtral.log" | grep -v Warning
+timeout 180 python3 scripts/bench_hybrid_kv.py --layers 26 --hidden 1152 --heads 4 --head-dim 256 --vocab 262144 \
+  --window 512 --num-requests 48 --input-len-range 1536 3072 --output-len-range 64 128 --slots 48 --page-size 16 \
+  --chunk 512 --max-model-len 3200 --budget-mib 1024 --dtype bfloat16 --json "$out/bench_hybrid_kv.json" 2>&1 \
+  | tee "$out/bench_hybrid_kv.log" | tail -6
 echo "later families' model parity exit $parity"
