@@ -165,3 +165,29 @@ def test_models_with_sliding_layers_free_their_pages_and_match_transformers(mode
         assert tokens == ref, f"{name}, hybrid {not disable}"
         if None not in layout.windows or len(layout.windows) > 1:
             assert 2 <= most <= -(-(window - 1 + 16) // 8) + 1 < 15
+
+
+def test_a_busy_tight_pool_gives_each_request_its_output_alone(model):
+    """Twelve requests, half sharing a 24-token prefix, arriving at random steps into 4 slots whose pool is too
+    small for them (Gemma 2: 23 pages, where one 90-token sequence holds up to 22 over its three groups): packed
+    prefill chunks, decode steps of 2 and 4 rows, prefix hits on pages a sliding group freed, preemptions and
+    resumptions; each output is what the request gets alone, and every page comes back."""
+    from test_engine import run
+    name, _, directory = model
+    llm = LLM(directory, EngineConfig(max_slots=4, page_size=8, prefill_chunk=16, max_model_len=96,
+                                      num_pages={"gemma2": 24, "mistral": 10}[name], max_prefill_seqs=2,
+                                      decode_buckets=(2, 4), dtype="float32"))
+    rng = np.random.default_rng(3)
+    shared = rng.integers(3, 256, 24).tolist()
+    requests = []
+    for i in range(12):
+        prompt = (shared if i % 2 else []) + rng.integers(3, 256, int(rng.integers(1, 40))).tolist()
+        requests.append((prompt, SamplingParams(max_tokens=int(rng.integers(8, 96 - len(prompt))), temperature=0.0,
+                                                ignore_eos=True)))
+    together = run(llm.engine, requests, rng.integers(0, 30, len(requests)).tolist())
+    stats = llm.engine.stats()
+    assert stats.preemptions > 0 and stats.prefix_cache_hits > 0
+    llm.engine.check_idle()
+    for (prompt, params), out in zip(requests, together):
+        alone = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+        assert out.outputs[0].token_ids == alone, f"{name}, prompt of {len(prompt)} tokens"
