@@ -340,7 +340,11 @@ class ModelRunner:
         self._compiled: set[Layout] = set()  # the step shapes this runner has used
         self._executables: dict[Layout, object] = {}  # and their compiled steps
         self.page_buckets = engine.width_buckets()
-        self.groups = engine.kv_layout(cfg).num_groups  # G: block tables per row (the engine must be resolved)
+        layout = engine.kv_layout(cfg)
+        if engine.kv_groups != layout.windows:  # the scheduler pages by kv_groups, the step by the layout
+            raise ValueError(f"the engine's KV cache groups {engine.kv_groups} are not this model's "
+                             f"{layout.windows}: resolve the EngineConfig against the model")
+        self.groups = layout.num_groups  # G: block tables per row
         self.compile_seconds = 0.0
         self._last_announced = time.monotonic()
 

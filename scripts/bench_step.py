@@ -91,7 +91,8 @@ def main() -> None:
         engine = EngineConfig(max_slots=slots, page_size=16, prefill_chunk=max(args.chunks),
                               decode_steps=args.decode_steps, max_model_len=args.max_model_len, dtype=args.dtype,
                               attention_backend=backend, kv_cache_dtype=kv).resolve(cfg, jax.default_backend())
-        engine = dataclasses.replace(engine, num_pages=slots * engine.pages_per_seq + 1)  # every slot full length
+        full = slots * engine.pages_per_seq * len(engine.kv_groups) + 1  # every slot full length in every group
+        engine = dataclasses.replace(engine, num_pages=full)
         return ModelRunner(cfg, engine, params, mesh)
 
     print(f"# {source.config_path.name} {args.dtype} on {jax.devices()[0].device_kind} ({platform.machine()}, "

@@ -132,14 +132,14 @@ def check(model: CostModel, engines: list[EngineConfig], trace: Trace) -> list[s
 
 
 def engine_grid(base: EngineConfig, slots, page_sizes, chunks, decode_steps, kv_pages,
-                kv_bytes_per_token: int = 0) -> list[EngineConfig]:
+                kv_page_bytes_per_token: int = 0) -> list[EngineConfig]:
     """Every combination; KV pages None: what the engine takes on CPU (`EngineConfig.cpu_kv_pages`, for pages
-    of `kv_bytes_per_token` a token: one KV cache group's layers)."""
+    of `kv_page_bytes_per_token` a token: `CostModel.kv_page_bytes_per_token`)."""
     grid = []
     for B, Z, C, k, P in itertools.product(slots, page_sizes, chunks, decode_steps, kv_pages):
         engine = dataclasses.replace(base, max_slots=B, page_size=Z, prefill_chunk=C, decode_steps=k, num_pages=P)
         if P is None:
-            engine = dataclasses.replace(engine, num_pages=engine.cpu_kv_pages(kv_bytes_per_token * Z))
+            engine = dataclasses.replace(engine, num_pages=engine.cpu_kv_pages(kv_page_bytes_per_token * Z))
         grid.append(engine)
     return grid
 
