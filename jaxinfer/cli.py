@@ -147,19 +147,25 @@ def _sampling_defaults(args) -> dict:
     return defaults
 
 
+def serve_engine(args) -> EngineConfig:
+    """The engine `jaxinfer serve`'s flags ask for."""
+    return EngineConfig(max_slots=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype,
+                        kv_cache_dtype=args.kv_cache_dtype, page_size=args.page_size, hf_overrides=args.hf_overrides,
+                        prefill_chunk=args.prefill_chunk, num_pages=args.num_pages,
+                        kv_cache_memory=args.kv_cache_memory_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
+                        decode_steps=args.decode_steps, enable_prefix_caching=args.enable_prefix_caching,
+                        disable_hybrid_kv_cache_manager=args.disable_hybrid_kv_cache_manager,
+                        max_prefill_seqs=args.max_prefill_seqs, control_flow=args.control_flow, seed=args.seed,
+                        mesh_shape=(args.data_parallel_size, args.tensor_parallel_size),
+                        decode_buckets=_buckets(args))
+
+
 def _serve(args) -> int:
     from jaxinfer.server.app import ServerConfig
     from jaxinfer.server.run import DEFAULT_MODEL_NAME, serve
     tool_call_parser = _tool_call_parser(args)
     logging.getLogger("jaxinfer.serve").setLevel(logging.INFO)  # the start-up phases and their times
-    engine = EngineConfig(max_slots=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype,
-                          kv_cache_dtype=args.kv_cache_dtype, page_size=args.page_size, hf_overrides=args.hf_overrides,
-                          prefill_chunk=args.prefill_chunk, num_pages=args.num_pages,
-                          decode_steps=args.decode_steps, enable_prefix_caching=args.enable_prefix_caching,
-                          disable_hybrid_kv_cache_manager=args.disable_hybrid_kv_cache_manager,
-                          max_prefill_seqs=args.max_prefill_seqs, control_flow=args.control_flow, seed=args.seed,
-                          mesh_shape=(args.data_parallel_size, args.tensor_parallel_size),
-                          decode_buckets=_buckets(args))
+    engine = serve_engine(args)
     if args.num_processes > 1:
         from jaxinfer import distributed
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
@@ -197,10 +203,18 @@ def _add_serve(sub) -> None:
     serve.add_argument("--max-model-len", type=int, default=None)
     serve.add_argument("--max-n", type=int, default=16, help="the largest n a request may ask for")
     serve.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="larger request bodies get 413")
-    serve.add_argument("--page-size", type=int, default=EngineConfig.page_size)
-    serve.add_argument("--num-pages", type=int, default=None, help="KV pages (default: from the memory budget)")
-    serve.add_argument("--prefill-chunk", type=int, default=EngineConfig.prefill_chunk,
-                       help="prompt tokens prefilled per step")
+    serve.add_argument("--page-size", "--block-size", type=int, default=EngineConfig.page_size,
+                       help="tokens per KV page (--block-size: vLLM's name)")
+    serve.add_argument("--num-pages", "--num-gpu-blocks-override", type=int, default=None,
+                       help="KV pages (default: from the memory budget; --num-gpu-blocks-override: vLLM's name)")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=EngineConfig.gpu_memory_utilization,
+                       help="on a GPU, the share of device memory the weights and the KV cache may take")
+    serve.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                       help="bytes for the KV cache, whatever the device has (vLLM's; default: measured on a GPU, "
+                            "1 GiB on a CPU)")
+    serve.add_argument("--prefill-chunk", "--max-num-batched-tokens", type=int, default=EngineConfig.prefill_chunk,
+                       help="prompt tokens prefilled per step (--max-num-batched-tokens: vLLM's name, whose budget "
+                            "also counts decode tokens; here every running slot decodes beside it)")
     serve.add_argument("--decode-steps", type=int, default=EngineConfig.decode_steps)
     serve.add_argument("--max-prefill-seqs", type=int, default=None, help=PACK_HELP)
     serve.add_argument("--control-flow", choices=CONTROL_FLOWS, default="auto", help=CONTROL_HELP)

@@ -1,0 +1,32 @@
+"""`jaxinfer serve` takes the engine flags vLLM users type, under vLLM's names as well as ours."""
+
+import pytest
+
+from jaxinfer import cli
+from jaxinfer.config import ConfigError, EngineConfig
+
+
+def engine_of(*flags: str) -> EngineConfig:
+    return cli.serve_engine(cli.build_parser().parse_args(["serve", *flags]))
+
+
+def test_vllms_names_set_the_same_fields_as_ours():
+    ours = engine_of("--page-size", "32", "--num-pages", "500", "--prefill-chunk", "512")
+    theirs = engine_of("--block-size", "32", "--num-gpu-blocks-override", "500", "--max-num-batched-tokens", "512")
+    assert ours == theirs
+    assert (ours.page_size, ours.num_pages, ours.prefill_chunk) == (32, 500, 512)
+
+
+def test_kv_cache_memory_flags_reach_the_engine():
+    engine = engine_of("--gpu-memory-utilization", "0.6", "--kv-cache-memory-bytes", str(3 << 30),
+                       "--disable-hybrid-kv-cache-manager")
+    assert (engine.gpu_memory_utilization, engine.kv_cache_memory) == (0.6, 3 << 30)
+    assert engine.disable_hybrid_kv_cache_manager
+    defaults = engine_of()
+    assert (defaults.gpu_memory_utilization, defaults.kv_cache_memory) == (0.9, None)
+    assert not defaults.disable_hybrid_kv_cache_manager
+
+
+def test_a_utilization_out_of_range_is_refused_by_name():
+    with pytest.raises(ConfigError, match="gpu_memory_utilization must be in"):
+        engine_of("--gpu-memory-utilization", "1.5")
