@@ -13,8 +13,8 @@ from jaxinfer.config import EngineConfig
 from jaxinfer.engine.data_parallel import DataParallelScheduler
 from jaxinfer.engine.engine import Engine, _seed32
 from jaxinfer.engine.executor import FakeExecutor, ShardedFakeExecutor, fake_continuation
-from jaxinfer.engine.pages import NULL_PAGE, pages_for
-from jaxinfer.engine.request import SamplingParams, Status
+from jaxinfer.engine.request import SamplingParams
+from test_scheduler import check_pages, widest_window
 
 VOCAB, EOS = 50, 7
 MAX_STEPS = 5000  # any test run needing more is stuck
@@ -25,8 +25,8 @@ def make_engine(shards: int = 2, **overrides) -> Engine:
                   decode_steps=2, dtype="float32", attention_backend="reference", mesh_shape=(shards, 1))
     cfg = EngineConfig(**{**values, **overrides})
     local = cfg.shard()
-    executor = ShardedFakeExecutor([FakeExecutor(local.num_pages, cfg.page_size, local.max_slots, vocab=VOCAB)
-                                    for _ in range(shards)])
+    executor = ShardedFakeExecutor([FakeExecutor(local.num_pages, cfg.page_size, local.max_slots, vocab=VOCAB,
+                                                 windows=cfg.kv_groups) for _ in range(shards)])
     return Engine(cfg, executor, vocab_size=VOCAB, eos_ids=(EOS,))
 
 
@@ -48,7 +48,8 @@ def expected(engine, prompt, params, index=0):
     room = engine.cfg.max_model_len - len(prompt)
     stops = set(params.stop_token_ids) | (set() if params.ignore_eos else {EOS})
     max_new = room if params.max_tokens is None else min(params.max_tokens, room)
-    return fake_continuation(prompt, max_new, _seed32(params.seed, index), VOCAB, stops, params.min_tokens)
+    return fake_continuation(prompt, max_new, _seed32(params.seed, index), VOCAB, stops, params.min_tokens,
+                             widest_window(engine.cfg))
 
 
 @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -199,6 +200,8 @@ def workloads(draw):
                num_pages=shards * local_pages, prefill_chunk=draw(st.integers(1, 12)),
                decode_steps=draw(st.integers(1, 4)), enable_prefix_caching=draw(st.booleans()),
                max_prefill_seqs=draw(st.sampled_from([1, 2, 4])))
+    window = draw(st.integers(1, 16))  # KV cache groups: global only (half), sliding only, or both
+    cfg["kv_windows"] = draw(st.sampled_from([None, None, (window,), (None, window)]))
     token = st.integers(0, VOCAB - 1)
     shared = draw(st.lists(st.lists(token, min_size=1, max_size=30), min_size=1, max_size=3))
     arrivals = []
@@ -220,7 +223,7 @@ def _add(engine, arrival):
     """Add a drawn request; its id, or None if refused (a reused id still in use, or one that can never fit)."""
     local = engine.cfg.shard()
     max_new = min(arrival.params.max_tokens or local.max_model_len, local.max_model_len - len(arrival.prompt))
-    fits = pages_for(len(arrival.prompt) + max_new - 1, local.page_size) <= local.num_pages - 1
+    fits = local.sequence_pages(len(arrival.prompt) + max_new - 1) <= local.num_pages - 1
     try:
         request_id = engine.add_request(arrival.prompt, arrival.params, arrival.request_id, arrival.priority,
                                         stream=False)
@@ -237,16 +240,8 @@ def _add(engine, arrival):
 def check_shards(engine) -> None:
     """After a step: each shard's pages are held exactly by its own sequences, and siblings share a shard."""
     for d, shard in enumerate(engine.scheduler.shards):
-        shard.pages.check()
-        holders = {}
-        for seq in shard.running:
-            assert seq.shard == d and shard.slots[seq.slot] is seq and seq.status is Status.RUNNING
-            (pages,) = seq.pages  # one KV cache group of global layers
-            assert NULL_PAGE not in pages and list(shard._tables[seq.slot, 0, :len(pages)]) == pages
-            for page in pages:
-                holders[page] = holders.get(page, 0) + 1
-        assert all(seq.shard == d and not seq.pages and seq.slot is None for seq in shard.waiting)
-        assert all(shard.pages._refs[page] == holders.get(page, 0) for page in range(1, shard.pages.num_pages))
+        check_pages(shard)
+        assert all(seq.shard == d for seq in shard.running + shard.waiting)
     for request in engine._requests.values():
         assert len({seq.shard for seq in request.seqs}) == 1, "siblings on different shards"
 

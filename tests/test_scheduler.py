@@ -55,6 +55,22 @@ def expected(engine, prompt, params, index=0):
 def check_invariants(engine, plans_seen: int) -> int:
     """The scheduler's state after a step; returns how many plans have been checked."""
     s, cfg = engine.scheduler, engine.cfg
+    check_pages(s)
+    plans = engine.executor.dispatched
+    for plan in plans[plans_seen:]:
+        packed = sum(len(chunk.tokens) for chunk in plan.prefills)
+        assert packed <= cfg.prefill_chunk and len(plan.prefills) <= cfg.prompts_per_step
+        assert all(len(chunk.tokens) >= 1 for chunk in plan.prefills)
+        assert plan.steps.max(initial=0) <= cfg.decode_steps
+        assert plan.num_steps >= plan.steps.max(initial=0)
+    return len(plans)
+
+
+def check_pages(s) -> None:
+    """One scheduler's pages and slots: each running sequence holds a page per position in every group (a sliding
+    group from its window on, null before), its block tables say so, and every page's references are its
+    holders; waiting sequences hold nothing."""
+    cfg = s.cfg
     s.pages.check()
     running = s.running
     assert len(running) <= cfg.max_slots
@@ -78,14 +94,6 @@ def check_invariants(engine, plans_seen: int) -> int:
         assert s.pages._refs[page] == holders.get(page, 0), f"page {page}: refs != holders"
         if holders.get(page, 0) > 1:
             assert page in s.pages._hash_of, f"page {page} is shared but holds no cached prefix"
-    plans = engine.executor.dispatched
-    for plan in plans[plans_seen:]:
-        packed = sum(len(chunk.tokens) for chunk in plan.prefills)
-        assert packed <= cfg.prefill_chunk and len(plan.prefills) <= cfg.prompts_per_step
-        assert all(len(chunk.tokens) >= 1 for chunk in plan.prefills)
-        assert plan.steps.max(initial=0) <= cfg.decode_steps
-        assert plan.num_steps >= plan.steps.max(initial=0)
-    return len(plans)
 
 
 def step_and_check(engine, finals: dict, seen: int) -> int:
