@@ -22,6 +22,8 @@ from jaxinfer.tokenizer import load_chat_template
 BASELINES = ("static", "hf", "bare")  # of `bench offline`
 MODEL_HELP = "a Hugging Face checkpoint directory, a `jaxinfer convert` output, or a config .json " \
              "(random weights); default: the embedded model"
+HYBRID_HELP = "as vLLM's: the sliding-window layers of models that mix them with global ones (Gemma 2/3, OLMo 3) " \
+              "keep the whole context's KV too, instead of their window's alone"
 PACK_HELP = "prompts whose prefill chunks one step may pack into its token budget (default: 8 with the Pallas " \
             "kernels, else 1; above 1 every chunk runs at the whole budget)"
 CONTROL_HELP = "static: decode rounds and sampler passes fixed per compiled step, so a GPU step runs without " \
@@ -76,6 +78,7 @@ def _bench_offline(args) -> None:
                           decode_steps=args.decode_steps, page_size=args.page_size, dtype=args.dtype,
                           kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len, seed=args.seed,
                           hf_overrides=args.hf_overrides,
+                          disable_hybrid_kv_cache_manager=args.disable_hybrid_kv_cache_manager,
                           max_prefill_seqs=args.max_prefill_seqs,
                           control_flow=args.control_flow, decode_buckets=_buckets(args))
     offline(OfflineOptions(args.model, engine, args.num_requests, tuple(args.input_len_range),
@@ -110,6 +113,7 @@ def _add_bench(sub) -> None:
                      help="default: the longest prompt plus the longest output")
     off.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
     off.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_DTYPE_HELP)
+    off.add_argument("--disable-hybrid-kv-cache-manager", action="store_true", help=HYBRID_HELP)
     off.add_argument("--hf-overrides", type=json_object_arg, default=None, help=HF_OVERRIDES_HELP)
     off.add_argument("--seed", type=int, default=0, help="the workload's seed")
     off.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES),
@@ -220,9 +224,7 @@ def _add_serve(sub) -> None:
     serve.add_argument("--control-flow", choices=CONTROL_FLOWS, default="auto", help=CONTROL_HELP)
     serve.add_argument("--decode-buckets", type=int, nargs="+", default=None, metavar="ROWS", help=BUCKETS_HELP)
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    serve.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
-                       help="as vLLM's: the sliding-window layers of models that mix them with global ones (Gemma "
-                            "2/3, OLMo 3) keep the whole context's KV too, instead of their window's alone")
+    serve.add_argument("--disable-hybrid-kv-cache-manager", action="store_true", help=HYBRID_HELP)
     serve.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
     serve.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_DTYPE_HELP)
     serve.add_argument("--hf-overrides", type=json_object_arg, default=None, help=HF_OVERRIDES_HELP)

@@ -30,3 +30,12 @@ def test_kv_cache_memory_flags_reach_the_engine():
 def test_a_utilization_out_of_range_is_refused_by_name():
     with pytest.raises(ConfigError, match="gpu_memory_utilization must be in"):
         engine_of("--gpu-memory-utilization", "1.5")
+
+
+def test_bench_offline_takes_the_hybrid_flag(monkeypatch):
+    from jaxinfer import bench
+    seen = []
+    monkeypatch.setattr(bench, "offline", lambda options: seen.append(options.engine))
+    for flags in (["--disable-hybrid-kv-cache-manager"], []):
+        assert cli.main(["bench", "offline", "--baselines", *flags]) in (0, None)
+    assert [engine.disable_hybrid_kv_cache_manager for engine in seen] == [True, False]
