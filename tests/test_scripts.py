@@ -213,3 +213,9 @@ def test_bench_hybrid_kv_tiny(tmp_path):
     hybrid, whole = json.loads((tmp_path / "runs.json").read_text())["runs"]
     assert (hybrid["groups"], hybrid["layers_per_page"], whole["groups"], whole["layers_per_page"]) == (6, 1, 1, 6)
     assert hybrid["pages"] // 6 == whole["pages"]  # the same bytes, in pages of one layer against six
+
+
+def test_bench_host_tiny():
+    out = _run("scripts/bench_host.py", "--slots", "4", "--sliding-groups", "2", "--window", "8", "--page-size", "4",
+               "--max-model-len", "64", "--steps", "3")
+    assert "1 global group:" in out and "1 global + 2 sliding:" in out and "us a slot" in out

@@ -153,6 +153,7 @@ class Scheduler:
         self.clock = clock  # seconds; the planner's simulation runs this scheduler on a simulated clock
         B, P = engine.max_slots, engine.pages_per_seq
         self.windows = engine.kv_groups  # [G] each KV cache group's window (None: global)
+        self._sliding = [group for group, window in enumerate(self.windows) if window is not None]
         self.pages = PageAllocator(engine.num_pages, engine.enable_prefix_caching)
         self.slots: list[Sequence | None] = [None] * B
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
@@ -271,14 +272,14 @@ class Scheduler:
         """Give `seq` pages for `num_tokens` positions in every group (freeing first what slid out of a window),
         preempting newer sequences; False if `seq` itself had to be preempted."""
         self._slide(seq)
-        ends = [num_tokens] * len(self.windows)
-        need = sum(self._missing(seq, ends))
+        missing = self._missing(seq, [num_tokens] * len(self.windows))
+        need = sum(missing)
         while not self.pages.can_allocate(need):
             victim = max(self.running, key=Sequence.sort_key)
             self._preempt(victim)
             if victim is seq:
                 return False
-        self._extend(seq, ends)
+        self._extend(seq, missing)
         return True
 
     def _window_start(self, group: int, position: int) -> int:
@@ -288,21 +289,25 @@ class Scheduler:
 
     def _slide(self, seq: Sequence) -> None:
         """Free the pages of sliding groups that no query from `num_computed` on will read."""
-        for group, pages in enumerate(seq.pages):
+        for group in self._sliding:
+            pages = seq.pages[group]
             behind = min(self._window_start(group, seq.num_computed), len(pages))
-            freed = [page for page in pages[:behind] if page != NULL_PAGE]
-            if freed:
-                self.pages.free(freed)
-                pages[:behind] = [NULL_PAGE] * behind
-                self._tables[seq.slot, group, :behind] = NULL_PAGE
+            if not behind or pages[behind - 1] == NULL_PAGE:  # the null pages lead: nothing new fell behind
+                continue
+            self.pages.free([page for page in pages[:behind] if page != NULL_PAGE])
+            pages[:behind] = [NULL_PAGE] * behind
+            self._tables[seq.slot, group, :behind] = NULL_PAGE
 
     def _missing(self, seq: Sequence, ends: list[int]) -> list[int]:
         """Fresh pages each group needs to hold positions up to `ends[group]` (a sliding group: from its window)."""
         return [max(pages_for(end, self.cfg.page_size) - max(len(pages), self._window_start(g, seq.num_computed)), 0)
                 for g, (pages, end) in enumerate(zip(seq.pages, ends))]
 
-    def _extend(self, seq: Sequence, ends: list[int]) -> None:
-        for group, count in enumerate(self._missing(seq, ends)):
+    def _extend(self, seq: Sequence, missing: list[int]) -> None:
+        """Allocate each group's `missing` pages, after null pages up to its window where it slid past its end."""
+        for group, count in enumerate(missing):
+            if not count:
+                continue
             pages = seq.pages[group]
             first = len(pages)
             pages += [NULL_PAGE] * max(self._window_start(group, seq.num_computed) - first, 0)
@@ -378,7 +383,7 @@ class Scheduler:
         seq.pages = [[NULL_PAGE] * (hit - len(group_names)) + self.pages.match(group_names) for group_names in names]
         for group, pages in enumerate(seq.pages):
             self._tables[seq.slot, group, :len(pages)] = pages
-        self._extend(seq, ends)
+        self._extend(seq, self._missing(seq, ends))
         seq.hashes = hashes[:hit]
         self._set_rows(seq)
         self._count_admission(seq, hit)
