@@ -21,7 +21,7 @@ import numpy as np
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.request import SamplingParams
-from jaxinfer.planner.profile import _Instant
+from jaxinfer.planner.profile import InstantExecutor
 
 
 def step_ms(args, windows: tuple[int | None, ...]) -> float:
@@ -30,7 +30,7 @@ def step_ms(args, windows: tuple[int | None, ...]) -> float:
     engine_cfg = EngineConfig(max_slots=args.slots, page_size=args.page_size, max_model_len=args.max_model_len,
                               num_pages=args.slots * per_seq * len(windows) + 1, decode_steps=args.decode_steps,
                               max_prefill_seqs=16, kv_windows=windows)
-    engine = Engine(engine_cfg, _Instant(), vocab_size=1000)
+    engine = Engine(engine_cfg, InstantExecutor(), vocab_size=1000)
     rng = np.random.default_rng(0)
     for _ in range(args.slots):
         engine.add_request(rng.integers(3, 1000, int(rng.integers(8, 16))).tolist(),

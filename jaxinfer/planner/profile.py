@@ -62,7 +62,7 @@ def mixed_plan(engine: EngineConfig, tokens, start: int) -> StepPlan:
     return dataclasses.replace(plan, block_tables=tables, prefills=[chunk], num_steps=1)
 
 
-class _Instant:
+class InstantExecutor:
     """An executor whose steps take no time: what is left is the host's planning and reading."""
 
     def dispatch(self, plan):
@@ -87,7 +87,7 @@ def host_seconds_per_dispatch(engine: EngineConfig, vocab: int, requests: int = 
     from jaxinfer.engine.engine import Engine
     from jaxinfer.engine.request import SamplingParams
     rng = np.random.default_rng(0)
-    host = Engine(engine, _Instant(), vocab)
+    host = Engine(engine, InstantExecutor(), vocab)
     longest = engine.max_model_len // 2
     for _ in range(requests):
         prompt = rng.integers(0, vocab, int(rng.integers(1, longest))).tolist()
