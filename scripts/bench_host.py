@@ -57,8 +57,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args()
     print(f"# {platform.node()}: {args.slots} slots decoding, {args.decode_steps} tokens a step, host only")
-    for name, windows in (("1 global group", (None,)),
-                          (f"1 global + {args.sliding_groups} sliding", (None,) + (args.window,) * args.sliding_groups)):
+    hybrid = (None,) + (args.window,) * args.sliding_groups
+    for name, windows in (("1 global group", (None,)), (f"1 global + {args.sliding_groups} sliding", hybrid)):
         ms = step_ms(args, windows)
         print(f"{name:>24}: {ms:6.2f} ms a step, {ms * 1e3 / args.slots:5.1f} us a slot", flush=True)
 

@@ -419,8 +419,8 @@ def test_a_profile_of_a_model_with_kv_cache_groups_plans_with_them(tmp_path):
     grouped = CostModel(CONSTANT.coefficients, "reference", layers=12, kv_bytes_per_token=per_token,
                         kv_layers_per_page=2, device="1 cpu device(s) (cpu); host x",
                         notes={"engine": {"kv_windows": [None, 8, 8, 8, 8, 8], "max_model_len": 4096}})
-    assert grouped.kv_page_bytes_per_token * 6 == per_token == CostModel({}, "xla", layers=12,
-                                                                          kv_bytes_per_token=per_token).kv_page_bytes_per_token
+    ungrouped = CostModel({}, "xla", layers=12, kv_bytes_per_token=per_token)
+    assert grouped.kv_page_bytes_per_token * 6 == per_token == ungrouped.kv_page_bytes_per_token
     grouped.save(tmp_path / "profile.json")
     assert main(["plan", "--profile", str(tmp_path / "profile.json"), "--slo", "ttft:100000", "--num-requests", "4",
                  "--input-len", "20", "--output-len", "30", "--json", str(tmp_path / "plan.json")]) == 0
