@@ -19,7 +19,8 @@ non-200), or to which a forwarded request cannot connect or loses its
 connection, leaves rotation at once and is probed again `retry_dead_after`
 seconds later. A request that never reached its replica is tried once more on
 another; one that did is never retried: it fails with 502 (streaming: an error
-event, then `[DONE]`; likewise a stream the replica ends without `[DONE]`) naming
+event, then `[DONE]`; likewise a stream the replica ends without `[DONE]`, or a
+Responses stream without its last event) naming
 the replica. A client that goes away closes its upstream request, so the replica
 aborts the work.
 
@@ -59,6 +60,7 @@ from starlette.routing import Route
 import jaxinfer
 from jaxinfer.server.metrics import CONTENT_TYPE, format_labels
 from jaxinfer.server.protocol import APIError, check_api_key, parse_json, read_body
+from jaxinfer.server.responses import to_chat
 
 log = logging.getLogger("jaxinfer.router")
 
@@ -73,6 +75,9 @@ CONNECT_TIMEOUT = 5.0
 PROBE_TIMEOUT = 5.0
 PARSE_IN_THREAD_BYTES = 256 * 1024  # larger bodies are parsed off the event loop
 DONE = b"data: [DONE]\n\n"
+# The events that end a Responses API stream, which sends no [DONE].
+RESPONSES_ENDS = tuple(b"event: " + kind for kind in (b"response.completed", b"response.incomplete",
+                                                       b"response.failed", b"error"))
 _NOT_PASSED = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                          "transfer-encoding", "upgrade", "content-length", "date", "server"})
 
@@ -133,6 +138,21 @@ def describe(body: dict, chat: bool) -> Work:
     tokens = sum(_token_estimate(p) + n * max_tokens for p in prompts)
     salt = body.get("cache_salt")
     return Work(prefix_keys(prompts[0], salt if isinstance(salt, str) else ""), tokens, n * len(prompts))
+
+
+def _ends_answer(events: bytes) -> bool:
+    """Whether the last of these events ends an answer: `[DONE]`, or a Responses stream's last event."""
+    last = events.replace(b"\r\n", b"\n").rstrip().rsplit(b"\n\n", 1)[-1]
+    return last == DONE.rstrip() or last.startswith(RESPONSES_ENDS)
+
+
+def _responses_as_chat(body: dict) -> dict:
+    """A Responses API body as the chat body it means, for routing; one the replica will refuse routes as an
+    empty chat (the replica answers its 400)."""
+    try:
+        return to_chat(body)[0]
+    except APIError:
+        return {}
 
 
 def prefix_keys(prompt: str | list, salt: str = "") -> tuple[str, ...]:
@@ -476,18 +496,18 @@ class Router:
 
     async def _events(self, replica: Replica, upstream: httpx.Response):
         """The replica's SSE bytes, passed on whole events at a time; if the replica fails mid-stream, or ends it
-        without `[DONE]` (a client would take that for complete), an error event and `[DONE]` instead of the
-        incomplete rest."""
+        without `[DONE]` or a response's last event (a client would take that for complete), an error event and
+        `[DONE]` instead of the incomplete rest."""
         pending, done = b"", False
         try:
             async for chunk in upstream.aiter_raw():
                 pending += chunk
                 end = _whole_events(pending)
                 if end:
-                    done = pending[:end].rstrip().endswith(DONE.rstrip())
+                    done = _ends_answer(pending[:end])
                     yield pending[:end]
                     pending = pending[end:]
-            if done or pending.rstrip() == DONE.rstrip():
+            if done or (pending.strip() and _ends_answer(pending)):
                 if pending:
                     yield pending
             else:  # the torn rest, if any, is dropped
@@ -508,7 +528,9 @@ class Router:
         payload = await _parse_json(body)
         if not isinstance(payload, dict):
             raise APIError(400, f"the request body must be a JSON object, not {type(payload).__name__}")
-        chat = request.url.path.endswith("/chat/completions")
+        chat = not request.url.path.endswith("/v1/completions")
+        if request.url.path.endswith("/responses"):  # routed as the chat request it means
+            payload = _responses_as_chat(payload)
         return await self.forward(request, body, describe(payload, chat))
 
     async def passthrough(self, request: Request) -> Response:
@@ -701,6 +723,7 @@ def build_app(router: Router) -> Starlette:
     routes = [
         route("/v1/completions", router.generation, guarded=True),
         route("/v1/chat/completions", router.generation, guarded=True),
+        route("/v1/responses", router.generation, guarded=True),
         route("/v1/models", router.passthrough, ("GET",), guarded=True),
         route("/tokenize", router.passthrough),
         route("/detokenize", router.passthrough),
@@ -744,7 +767,8 @@ def run(args) -> int:
 def add_parser(sub) -> None:
     """Register `router` among the `jaxinfer` subcommands."""
     p = sub.add_parser("router", help="one HTTP front for several `serve` replicas, routing by load and prefix",
-                       description="Forwards /v1/completions and /v1/chat/completions (streamed or not), /v1/models, "
+                       description="Forwards /v1/completions, /v1/chat/completions and /v1/responses (streamed or "
+                                   "not), /v1/models, "
                                    "/tokenize and /detokenize to independent `jaxinfer serve` replicas; serves its "
                                    "own /health and /metrics. A request goes to the replica that last served the "
                                    "start of its prompt (its prefix cache is warm) unless that one is much busier, "

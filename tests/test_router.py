@@ -63,6 +63,7 @@ class FakeReplica:
             Route("/metrics", self.metrics),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.completions, methods=["POST"]),
+            Route("/v1/responses", self.responses, methods=["POST"]),
             Route("/v1/models", lambda request: JSONResponse({"object": "list", "data": [{"id": self.name}]})),
             Route("/tokenize", self.tokenize, methods=["POST"]),
             Route("/reset_prefix_cache", self.reset_prefix_cache, methods=["POST"]),
@@ -111,6 +112,16 @@ class FakeReplica:
             return Response(status_code=499)
         return JSONResponse({"id": rid, "object": "text_completion", "created": 0, "model": self.name,
                              "choices": [{"index": 0, "text": "x" * max_tokens, "finish_reason": "length"}]})
+
+    async def responses(self, request: Request) -> Response:
+        """A Responses API stream of two text deltas; "please cut" ends it before its last event."""
+        body = await request.json()
+        self.received.append(body)
+        kinds = ["response.created", "response.output_text.delta", "response.output_text.delta"]
+        kinds += [] if body.get("input") == "please cut" else ["response.completed"]
+        events = [f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': i})}\n\n"
+                  for i, kind in enumerate(kinds)]
+        return StreamingResponse(iter(events), media_type="text/event-stream")
 
     async def _events(self, rid: str, max_tokens: int):
         self.running += 1
@@ -453,6 +464,19 @@ def test_a_stream_the_replica_ends_without_done_gets_an_error_event():
         error = json.loads(events[2][len(b"data: "):])["error"]
         assert error["code"] == 502 and fake.url in error["message"] and "[DONE]" in error["message"]
         assert router.replicas[fake.url].failures == 1 and router.replicas[fake.url].healthy
+
+
+def test_a_responses_stream_ends_with_its_last_event_not_done():
+    """A Responses API stream sends no `[DONE]`: one that ends with response.completed passes whole and unchanged;
+    one cut before it gets the error event. The request is routed by the chat prompt its input means."""
+    with fakes(0.0) as (fake,), routing(fake.url) as (router, url):
+        whole = httpx.post(f"{url}/v1/responses", json={"input": "hello", "stream": True}, timeout=10)
+        assert whole.status_code == 200 and whole.content.endswith(b'"sequence_number": 3}\n\n'), whole.content
+        assert b"error" not in whole.content and router.replicas[fake.url].failures == 0
+        cut = httpx.post(f"{url}/v1/responses", json={"input": "please cut", "stream": True}, timeout=10)
+        assert cut.content.endswith(DONE) and b'"code": 502' in cut.content
+        assert router.replicas[fake.url].failures == 1 and [b["input"] for b in fake.received] == ["hello",
+                                                                                                    "please cut"]
 
 
 def test_crlf_delimited_events_stream_as_they_arrive():

@@ -25,7 +25,7 @@ from live_server import ENGINE, LiveServer
 CONCURRENT = 1000  # case 21: identical greedy requests sent at once (about 50 s here on 2 CPU cores)
 MAX_MODEL_LEN = ENGINE.max_model_len
 VOCAB = 4096  # the embedded default model's
-COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+COMPLETIONS, CHAT, RESPONSES = "/v1/completions", "/v1/chat/completions", "/v1/responses"
 HI = [{"role": "user", "content": "Hi"}]
 
 
@@ -130,7 +130,7 @@ MALFORMED = {
 }
 
 
-@pytest.mark.parametrize("path", [COMPLETIONS, CHAT])
+@pytest.mark.parametrize("path", [COMPLETIONS, CHAT, RESPONSES])
 @pytest.mark.parametrize("body", MALFORMED.values(), ids=MALFORMED.keys())
 def test_1_malformed_body_is_400(server, client, body, path):
     assert_error(post_raw(client, body, path), 400)
@@ -599,7 +599,7 @@ NESTED = {"100000 [": b"[" * 100_000, "100000 [ closed": b"[" * 100_000 + b"]" *
           "object 50000 deep": b'{"a":' * 50_000 + b"1" + b"}" * 50_000}
 
 
-@pytest.mark.parametrize("path", [COMPLETIONS, CHAT])
+@pytest.mark.parametrize("path", [COMPLETIONS, CHAT, RESPONSES])
 @pytest.mark.parametrize("body", NESTED.values(), ids=NESTED.keys())
 def test_9_deeply_nested_json_is_400_fast(server, client, body, path):
     start = time.monotonic()
@@ -792,7 +792,8 @@ def keyed_server():
 
 
 GUARDED = [("POST", COMPLETIONS, {"prompt": "Hello", "max_tokens": 2}),
-           ("POST", CHAT, {"messages": HI, "max_tokens": 2}), ("GET", "/v1/models", None),
+           ("POST", CHAT, {"messages": HI, "max_tokens": 2}),
+           ("POST", RESPONSES, {"input": "Hi", "max_output_tokens": 2}), ("GET", "/v1/models", None),
            ("POST", "/reset_prefix_cache", None)]
 WRONG_KEYS = {"missing": None, "wrong": "Bearer sekrit2", "prefix": "Bearer sekri", "empty": "Bearer",
               "no scheme": "sekrit", "basic scheme": "Basic sekrit", "case": "Bearer SEKRIT"}

@@ -37,6 +37,7 @@ from jaxinfer.server.reasoning import END as THINK_END
 from jaxinfer.server.reasoning import PARSERS as REASONING_PARSERS
 from jaxinfer.server.reasoning import START as THINK_START
 from jaxinfer.server.reasoning import ReasoningStream
+from jaxinfer.server import responses
 from jaxinfer.server.tool_calls import PARSERS, Forced, ToolCallStream
 from jaxinfer.tokenizer import CHAT_TEMPLATE_ERRORS, openai_messages
 
@@ -291,6 +292,7 @@ class _Job:
     reasoning: object = None  # chat on a server with a reasoning parser: splits the thinking from the content
     reasoning_streams: dict = dataclasses.field(default_factory=dict)  # choice index -> its ReasoningStream
     sent_content: dict = dataclasses.field(default_factory=dict)  # chat: choice index -> content characters sent
+    responses: dict | None = None  # a Responses API call: the request's fields its response echoes
 
 
 class Generation:
@@ -309,15 +311,30 @@ class Generation:
         return await self._run(request, req, prompts, model, "cmpl")
 
     async def chat(self, request: Request) -> Response:
+        body = await read_json(request, self.server.config.max_body_bytes)
+        return await self._chat(request, *parse_chat(body, self.server.limits))
+
+    async def responses(self, request: Request) -> Response:
+        """OpenAI's Responses API: the chat request it means, answered as a response (`server/responses.py`)."""
+        body, echo = responses.to_chat(await read_json(request, self.server.config.max_body_bytes))
+        try:
+            parsed = parse_chat(body, self.server.limits)
+        except APIError as e:  # name the field the caller sent
+            raise APIError(e.status, str(e).replace("max_tokens", "max_output_tokens"),
+                           responses.chat_param(e.param), e.headers) from None
+        return await self._chat(request, *parsed, responses=echo)
+
+    async def _chat(self, request: Request, req: GenerationRequest, messages: list[dict], kwargs: dict,
+                    responses: dict | None = None) -> Response:
         server = self.server
-        req, messages, kwargs = parse_chat(await read_json(request, server.config.max_body_bytes), server.limits)
         model = server.model(req.model)
         if server.engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so no chat template: use /v1/completions")
         tool_parser = self._tool_parser(req)
         self._check_room(req.params.n, 1)
         prompt = await asyncio.to_thread(self._chat_prompt, req, messages, kwargs)
-        return await self._run(request, req, [prompt], model, "chatcmpl", tool_parser)
+        return await self._run(request, req, [prompt], model, "resp" if responses else "chatcmpl", tool_parser,
+                               responses)
 
     def _tool_parser(self, req: GenerationRequest):
         """The parser of the answer's tool calls (None for tool_choice "none"); as vLLM, "auto" is 400 on a server
@@ -385,14 +402,15 @@ class Generation:
         return text, ids
 
     async def _run(self, http: Request, req: GenerationRequest, prompts, model: str, kind: str,
-                   tool_parser=None) -> Response:
+                   tool_parser=None, responses: dict | None = None) -> Response:
         server = self.server
         seqs = req.params.n * len(prompts)
         self._check_room(seqs, len(prompts))  # again: others were admitted while this one was tokenized
         response_id = f"{kind}-{uuid.uuid4().hex}"
         job = _Job(req, response_id, int(time.time()), model, prompts,
                    [f"{response_id}-{i}" for i in range(len(prompts))], tool_parser=tool_parser,
-                   reasoning=REASONING_PARSERS.get(server.config.reasoning_parser) if req.chat else None)
+                   reasoning=REASONING_PARSERS.get(server.config.reasoning_parser) if req.chat else None,
+                   responses=responses)
         server.in_flight += seqs
         server.active[response_id] = job.request_ids
         try:
@@ -404,7 +422,8 @@ class Generation:
             self._close(job)
             raise
         if req.stream:
-            return _GuardedStream(self._events(job), lambda: self._close(job))
+            events = self._events(job) if responses is None else self._response_events(job)
+            return _GuardedStream(events, lambda: self._close(job))
         try:
             return JSONResponse(await self._collect(http, job))
         finally:
@@ -561,6 +580,8 @@ class Generation:
         return usage(prompt, completion)
 
     def _response(self, job: _Job, finals) -> dict:
+        if job.responses is not None:
+            return self._responses_object(job, finals)
         choices = [self._choice(job, i, out, c, final=True) for i, out in enumerate(finals) for c in out.outputs]
         choices.sort(key=lambda c: c["index"])
         kind = "chat.completion" if job.request.chat else "text_completion"
@@ -569,6 +590,53 @@ class Generation:
         if job.request.chat and job.request.prompt_logprobs:  # vLLM's extension, beside the choices
             response["prompt_logprobs"] = prompt_logprobs_json(finals[0].prompt_logprobs)
         return response
+
+    def _responses_object(self, job: _Job, finals) -> dict:
+        out = finals[0]
+        choice = self._choice(job, 0, out, out.outputs[0], final=True)
+        finish = choice["finish_reason"]
+        status = "incomplete" if finish == "length" else "completed"
+        return self._responses_header(job, finals)(status, responses.output_items(choice["message"], finish),
+                                                   self._responses_usage(job, finals), finish)
+
+    def _responses_header(self, job: _Job, finals):
+        def header(status, output, usage, finish):
+            return responses.response_object(job.response_id, job.created, job.model, job.responses, status,
+                                             output, usage, finish)
+        return header
+
+    def _responses_usage(self, job: _Job, finals) -> dict:
+        cached = sum(out.num_cached_tokens or 0 for out in finals if out is not None)
+        return {**self._usage(job, finals), "cached_tokens": cached}
+
+    async def _response_events(self, job: _Job):
+        """A Responses stream (`responses.EventStream`) over the chat route's deltas; an engine failure ends it
+        with an error event."""
+        finals = [None] * len(job.streams)
+        stream = responses.EventStream(self._responses_header(job, finals))
+        calls, finish = [], None
+        for sent in stream.start():
+            yield sent
+        try:
+            async for i, out in _merged(job.streams):
+                finals[i] = out
+                for completion in out.outputs:
+                    choice = self._choice(job, i, out, completion, final=False)
+                    if choice is None:
+                        continue
+                    delta, finish = choice["delta"], choice["finish_reason"] or finish
+                    for sent in stream.text("reasoning", delta.get("reasoning")) + stream.text(
+                            "message", delta.get("content")):
+                        yield sent
+                    calls += delta.get("tool_calls") or []
+            for sent in stream.finish(calls, finish, self._responses_usage(job, finals)):
+                yield sent
+        except EngineError as e:
+            self.server.fail(str(e))
+            yield stream.error(APIError(500, f"the engine failed while running this request: {e}"))
+        except Exception as e:  # a bug here: the client still gets an error event
+            log.exception("streaming %s failed", job.response_id)
+            yield stream.error(APIError(500, f"internal error: {type(e).__name__}: {e}"))
 
     def _chunk(self, job: _Job, choices: list[dict], **extra) -> str:
         kind = "chat.completion.chunk" if job.request.chat else "text_completion"
@@ -695,6 +763,7 @@ def build_app(server: Server) -> Starlette:
     routes = [
         route("/v1/completions", generation.completions),
         route("/v1/chat/completions", generation.chat),
+        route("/v1/responses", generation.responses),
         route("/v1/models", info.models, ("GET",)),
         route("/tokenize", info.tokenize, guarded=False),
         route("/detokenize", info.detokenize, guarded=False),
