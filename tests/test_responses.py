@@ -80,6 +80,7 @@ def test_the_conversation_goes_on_after_a_call(live, client):
         {"type": "function_call_output", "call_id": "call_1", "output": "rain"}])
     assert response.output_text == "It will rain."
     chat, _ = to_chat({"instructions": "Be brief.", "input": [
+        {"role": "developer", "content": "Use metric units."},
         {"role": "user", "content": [{"type": "input_text", "text": QUESTION}]},
         {"type": "function_call", "call_id": "c1", "name": "a", "arguments": "{}"},
         {"type": "function_call", "call_id": "c2", "name": "b", "arguments": "{}"},
@@ -87,6 +88,7 @@ def test_the_conversation_goes_on_after_a_call(live, client):
         {"type": "reasoning", "id": "rs_1", "summary": []}]})
     assert chat["messages"] == [
         {"role": "system", "content": "Be brief."},
+        {"role": "system", "content": "Use metric units."},
         {"role": "user", "content": [{"type": "text", "text": QUESTION}]},
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "c1", "type": "function", "function": {"name": "a", "arguments": "{}"}},

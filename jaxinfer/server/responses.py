@@ -92,8 +92,9 @@ def _input_messages(value) -> list[dict]:
         if not isinstance(item, dict):
             _fail(f"each input item must be an object, got {type(item).__name__}", "input")
         kind = item.get("type", "message")
-        if kind == "message":
-            messages.append({"role": item.get("role"), "content": _content(item.get("content"))})
+        if kind == "message":  # OpenAI's developer messages are what chat templates know as system ones
+            role = "system" if item.get("role") == "developer" else item.get("role")
+            messages.append({"role": role, "content": _content(item.get("content"))})
         elif kind == "function_call":
             call = {"id": item.get("call_id"), "type": "function",
                     "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
