@@ -105,6 +105,23 @@ def test_chat_stream_and_not_agree(live, client):
     live.wait_idle()
 
 
+def test_a_response_is_the_chat_answer_to_the_same_conversation(live, client):
+    """On the real model: instructions and input give the chat route's prompt and its seeded answer, streamed or
+    not; the usage counts the same tokens."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, seed=3, max_tokens=16)
+    response = client.responses.create(model="tiny", instructions="Be brief.", input="Hello there",
+                                       max_output_tokens=16, extra_body={"seed": 3})  # seed: vLLM's extension
+    assert response.output_text == chat.choices[0].message.content
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (chat.usage.prompt_tokens,
+                                                                           chat.usage.completion_tokens)
+    assert response.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
+    events = list(client.responses.create(model="tiny", instructions="Be brief.", input="Hello there",
+                                          max_output_tokens=16, stream=True, extra_body={"seed": 3}))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == response.output_text
+    live.wait_idle()
+
+
 def test_n_choices_and_prompt_batches(live, client):
     out = client.completions.create(model="tiny", prompt=["One", "Two"], n=3, seed=1, max_tokens=6, temperature=1)
     assert sorted(c.index for c in out.choices) == list(range(6))
