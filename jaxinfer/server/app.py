@@ -322,10 +322,11 @@ class Generation:
         except APIError as e:  # name the field the caller sent
             raise APIError(e.status, str(e).replace("max_tokens", "max_output_tokens"),
                            responses.chat_param(e.param), e.headers) from None
-        return await self._chat(request, *parsed, responses=echo)
+        return await self._chat(request, *parsed, response_fields=echo)
 
     async def _chat(self, request: Request, req: GenerationRequest, messages: list[dict], kwargs: dict,
-                    responses: dict | None = None) -> Response:
+                    response_fields: dict | None = None) -> Response:
+        """A chat request, answered as a chat completion, or with `response_fields` as a response."""
         server = self.server
         model = server.model(req.model)
         if server.engine.tokenizer is None:
@@ -333,8 +334,8 @@ class Generation:
         tool_parser = self._tool_parser(req)
         self._check_room(req.params.n, 1)
         prompt = await asyncio.to_thread(self._chat_prompt, req, messages, kwargs)
-        return await self._run(request, req, [prompt], model, "resp" if responses else "chatcmpl", tool_parser,
-                               responses)
+        return await self._run(request, req, [prompt], model, "resp" if response_fields else "chatcmpl",
+                               tool_parser, response_fields)
 
     def _tool_parser(self, req: GenerationRequest):
         """The parser of the answer's tool calls (None for tool_choice "none"); as vLLM, "auto" is 400 on a server
@@ -402,7 +403,7 @@ class Generation:
         return text, ids
 
     async def _run(self, http: Request, req: GenerationRequest, prompts, model: str, kind: str,
-                   tool_parser=None, responses: dict | None = None) -> Response:
+                   tool_parser=None, response_fields: dict | None = None) -> Response:
         server = self.server
         seqs = req.params.n * len(prompts)
         self._check_room(seqs, len(prompts))  # again: others were admitted while this one was tokenized
@@ -410,7 +411,7 @@ class Generation:
         job = _Job(req, response_id, int(time.time()), model, prompts,
                    [f"{response_id}-{i}" for i in range(len(prompts))], tool_parser=tool_parser,
                    reasoning=REASONING_PARSERS.get(server.config.reasoning_parser) if req.chat else None,
-                   responses=responses)
+                   responses=response_fields)
         server.in_flight += seqs
         server.active[response_id] = job.request_ids
         try:
@@ -422,7 +423,7 @@ class Generation:
             self._close(job)
             raise
         if req.stream:
-            events = self._events(job) if responses is None else self._response_events(job)
+            events = self._events(job) if response_fields is None else self._response_events(job)
             return _GuardedStream(events, lambda: self._close(job))
         try:
             return JSONResponse(await self._collect(http, job))
