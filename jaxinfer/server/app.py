@@ -626,9 +626,9 @@ class Generation:
                     if choice is None:
                         continue
                     delta, finish = choice["delta"], choice["finish_reason"] or finish
-                    for sent in stream.text("reasoning", delta.get("reasoning")) + stream.text(
-                            "message", delta.get("content")):
-                        yield sent
+                    for kind, text in (("reasoning", delta.get("reasoning")), ("message", delta.get("content"))):
+                        for sent in stream.text(kind, text):
+                            yield sent
                     calls += delta.get("tool_calls") or []
             for sent in stream.finish(calls, finish, self._responses_usage(job, finals)):
                 yield sent
