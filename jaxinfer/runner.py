@@ -337,8 +337,7 @@ class ModelRunner:
                         out_shardings=LogitEdits(*[by_slot] * 5))()
         self.state = SlotState(tokens, penalties, edits)
         self._score = _own_jit(_score, static_argnames=("cfg", "backend"), donate_argnames=("kv",))
-        self._compiled: set[Layout] = set()  # the step shapes this runner has used
-        self._executables: dict[Layout, object] = {}  # and their compiled steps
+        self._executables: dict[Layout, object] = {}  # the step shapes this runner has used: their compiled steps
         self.page_buckets = engine.width_buckets()
         layout = engine.kv_layout(cfg)
         if engine.kv_groups != layout.windows:  # the scheduler pages by kv_groups, the step by the layout
@@ -351,7 +350,12 @@ class ModelRunner:
     @property
     def num_compiles(self) -> int:
         """Step shapes this runner has compiled or reused."""
-        return len(self._compiled)
+        return len(self._executables)
+
+    @property
+    def layouts(self) -> set[Layout]:
+        """The step shapes this runner has compiled or reused."""
+        return set(self._executables)
 
     def _executable(self, layout: Layout):
         """The compiled step for `layout`: this runner's own, else one another runner of the same model, pool
@@ -370,7 +374,6 @@ class ModelRunner:
                 _EXECUTABLES.move_to_end(key)
                 while len(_EXECUTABLES) > SHARED_EXECUTABLES:
                     _EXECUTABLES.popitem(last=False)
-        self._compiled.add(layout)
         self._executables[layout] = executable
         return executable
 

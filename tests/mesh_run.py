@@ -62,7 +62,7 @@ def run(checkpoint: str, data: int, model: int, backend: str, kv_cache_dtype: st
             "wq": describe(runner.params["layers"]["wq"]), "wk": describe(runner.params["layers"]["wk"]),
             "embed": describe(runner.params["embed"]), "kv": describe(runner.kv.k),
             "slots": describe(runner.state.tokens),
-            "decode_rows": sorted({layout.shape("positions")[0] for layout in runner._compiled})}
+            "decode_rows": sorted({layout.shape("positions")[0] for layout in runner.layouts})}
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def test_outputs_do_not_depend_on_the_batch(llm, monkeypatch):
         assert out.outputs[0].token_ids == alone(llm, prompt, params), f"prompt of {len(prompt)} tokens"
         assert out.outputs[0].finish_reason == "length"
     llm.engine.check_idle()
-    compiled = llm.runner._compiled
+    compiled = llm.runner.layouts
     assert {layout.shape("positions")[0] for layout in compiled if not layout.shape("prefill_tokens")} == {2, 6}
 
 
@@ -121,19 +121,19 @@ def test_static_control_flow_gives_the_dynamic_outputs(llm):
         expected = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
         assert out.outputs[0].token_ids == expected.token_ids, f"{params}"
         assert out.outputs[0].logprobs == expected.logprobs
-    assert {layout.passes for layout in runner._compiled} == {  # finished requests' rows leave no pass on
+    assert {layout.passes for layout in runner.layouts} == {  # finished requests' rows leave no pass on
         Passes(), Passes(draw=True), Passes(penalties=True), Passes(True, True, True, True)}
-    assert any(layout.shape("next_tokens") is not None for layout in runner._compiled)  # prompt logprobs
+    assert any(layout.shape("next_tokens") is not None for layout in runner.layouts)  # prompt logprobs
     rest = set(runner._shapes(Passes.every(), scored=(False, True)))  # what warmup_rest() compiles
     assert len(rest) == 2 * 12 + 2 * 13  # 2 decode buckets x 12 samplers; a chunk, with prompt logprobs or not,
     # x (no rounds + 12 samplers)
     # A grammar's steps (every row, one round): warmup_rest() compiles them for greedy and plain random sampling
     # (2 x 2 shapes); beside requests with other passes they compile at first use.
     assert len(set(runner._shapes([Passes(), Passes(draw=True)], (False,), masked=True))) == 2 * 2
-    masked = {layout for layout in runner._compiled if layout.shape("token_mask") is not None}
+    masked = {layout for layout in runner.layouts if layout.shape("token_mask") is not None}
     assert masked and masked <= set(runner._shapes(Passes.every(), (False,), masked=True))
-    assert runner._compiled - masked <= rest
-    for layout in runner._compiled | llm.engine.executor.runner._compiled:  # as other processes rebuild them
+    assert runner.layouts - masked <= rest
+    for layout in runner.layouts | llm.engine.executor.runner.layouts:  # as other processes rebuild them
         assert runner.layout_from(step_fields(layout)) == layout
     static.engine.check_idle()
 
@@ -177,7 +177,6 @@ def test_a_shape_compiles_once_whichever_threads_ask(llm, monkeypatch):
 
     monkeypatch.setattr(runner_module, "_EXECUTABLES", collections.OrderedDict(runner_module._EXECUTABLES))
     monkeypatch.setattr(runner_module, "_LIVE", weakref.WeakValueDictionary(runner_module._LIVE))
-    monkeypatch.setattr(runner, "_compiled", set(runner._compiled))
     monkeypatch.setattr(runner, "_executables", dict(runner._executables))
     monkeypatch.setattr(runner, "_compile", slow_compile)
     layout = runner_module.Layout((("a shape nobody compiled", (1,), "int32"),))
