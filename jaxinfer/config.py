@@ -550,7 +550,8 @@ def _rope_from_hf(hf: dict) -> RopeConfig:
     merged = {**scaling, **params}
     theta = float(merged.get("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = merged.get("rope_type") or merged.get("type") or "default"
-    kind = "longrope" if kind == "su" else kind  # Phi-3's first configs called it su
+    # Phi-3's first configs called it su, some yarn; transformers' Phi3Config reads both as longrope
+    kind = "longrope" if kind == "su" or (kind == "yarn" and hf.get("model_type") == "phi3") else kind
     partial = float(merged.get("partial_rotary_factor", hf.get("partial_rotary_factor")) or 1.0)
     if not 0 < partial <= 1:
         raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {partial}")

@@ -543,6 +543,17 @@ def test_longrope_frequencies_are_transformers(seq_len):
     assert ModelConfig.from_hf(ours.to_hf()) == ModelConfig.from_hf(theirs.to_dict())
 
 
+@pytest.mark.parametrize("name", ["su", "yarn"])
+def test_phi3s_older_names_of_longrope_map_as_transformers_maps_them(name):
+    overrides = VARIANTS["phi3-longrope-partial"][1]
+    hf = {**COMMON, **overrides, "model_type": "phi3"}
+    hf["rope_parameters"] = {**overrides["rope_parameters"], "rope_type": name}
+    theirs = transformers.Phi3Config(**{k: v for k, v in hf.items() if k != "model_type"})
+    assert theirs.rope_parameters["rope_type"] == "longrope"
+    ours = ModelConfig.from_hf(hf).rope
+    assert ours == ModelConfig.from_hf(theirs.to_dict()).rope and ours.kind == "longrope"
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(partial_rotary_factor=0.7), "rotate 11 of the 16"),
     (dict(long_factor=[1.0, 2.0]), "long_factor has 2 entries; the 12 rotated head dimensions need 6"),
