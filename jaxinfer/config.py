@@ -28,6 +28,10 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 # transformers' class defaults where head_dim is absent; else hidden / heads
 DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128}
+# transformers' class defaults where rms_norm_eps is absent; else 1e-6
+RMS_NORM_EPS_DEFAULTS = {"phi3": 1e-5, "mixtral": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "olmoe": 1e-5}
+# ... and rope_theta's, where a config names none; else 10,000
+ROPE_THETA_DEFAULTS = {"mixtral": 1e6, "smollm3": 2e6}
 # transformers' Gemma3TextConfig defaults: the Hub's multimodal Gemma 3 configs (4B and up) give their
 # text_config only the fields that differ.
 GEMMA3_TEXT_DEFAULTS = {
@@ -220,10 +224,10 @@ class ModelConfig:
             num_kv_heads=hf.get("num_key_value_heads") or num_heads,
             head_dim=head_dim,
             max_position_embeddings=get("max_position_embeddings"),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", RMS_NORM_EPS_DEFAULTS.get(model_type, 1e-6))),
             rope=rope,
-            # Gemma's classes tie them unless told otherwise, the others untie them.
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type in GEMMA_MODEL_TYPES)),
+            # Gemma's and SmolLM3's classes tie them unless told otherwise, the others untie them.
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type in GEMMA_MODEL_TYPES + ("smollm3",))),
             # Qwen2 always has q/k/v biases and no o bias, Qwen2-MoE as `qkv_bias` says (true unless sent);
             # the others follow attention_bias.
             qkv_bias=(model_type == "qwen2" or attention_bias if model_type != "qwen2_moe"
@@ -548,7 +552,8 @@ def _rope_from_hf(hf: dict) -> RopeConfig:
     params = dict(hf.get("rope_parameters") or {})
     scaling = dict(hf.get("rope_scaling") or {})
     merged = {**scaling, **params}
-    theta = float(merged.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    default = ROPE_THETA_DEFAULTS.get(hf.get("model_type"), 1e4)
+    theta = float(merged.get("rope_theta", hf.get("rope_theta", default)))
     kind = merged.get("rope_type") or merged.get("type") or "default"
     # Phi-3's first configs called it su, some yarn; transformers' Phi3Config reads both as longrope
     kind = "longrope" if kind == "su" or (kind == "yarn" and hf.get("model_type") == "phi3") else kind

@@ -124,11 +124,13 @@ def test_configs_written_by_transformers_4_map_alike(tmp_path):
     assert ModelConfig.from_hf(old).dtype == "bfloat16" and ModelConfig.from_hf(old).rope.kind == "llama3"
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "phi3", "mixtral", "olmo2", "smollm3"])
 def test_missing_optional_fields_take_transformers_defaults(tmp_path, family):
     cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-           "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}[family]
-    hf = _saved_config(cls, tmp_path)
+           "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig,
+           "phi3": transformers.Phi3Config, "mixtral": transformers.MixtralConfig,  # eps 1e-5 where absent
+           "olmo2": transformers.Olmo2Config, "smollm3": transformers.SmolLM3Config}[family]  # theta 1e6, 2e6
+    hf = _saved_config(cls, tmp_path, **({"pad_token_id": 0} if family == "phi3" else {}))
     for name in ("rms_norm_eps", "rope_parameters", "head_dim", "tie_word_embeddings", "hidden_act"):
         hf.pop(name, None)
     _assert_maps_like_transformers(hf)
