@@ -167,4 +167,5 @@ def test_the_openai_client_sees_a_bad_request_as_such(live, client):
         client.responses.create(model="other", input="hi")
     script(live, "still serving")
     assert client.responses.create(model="tiny", input="hi").output_text == "still serving"
+    assert client.responses.create(model="tiny", input="hi", tool_choice="auto").output_text == "still serving"
     live.wait_idle()

@@ -60,7 +60,7 @@ def to_chat(body) -> tuple[dict, dict]:
     tools = _tools(body.get("tools"))
     if tools:
         chat["tools"] = tools
-    if "tool_choice" in body:
+    if "tool_choice" in body and (tools or body["tool_choice"] != "auto"):  # OpenAI takes "auto" with no tools
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
     text = body.get("text") or {}
     if not isinstance(text, dict):
