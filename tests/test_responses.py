@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from jaxinfer.server.responses import to_chat
-from test_tool_calls import ASK, CALL, HERMES_ANSWER, TOOL, WEATHER, client, live, script  # noqa: F401 (fixtures)
+from test_tool_calls import ASK, HERMES_ANSWER, TOOL, WEATHER, client, live, script  # noqa: F401 (fixtures)
 
 FLAT_TOOL = {"type": "function", **TOOL["function"]}  # the Responses API's form of a function tool
 QUESTION = ASK[0]["content"]

@@ -370,10 +370,11 @@ class Scheduler:
         names = [self._group_names(hashes, g)[self._window_start(g, hit * self.cfg.page_size):hit]
                  for g in range(len(self.windows))]
         end = min(seq.num_known, hit * self.cfg.page_size + budget)
-        ends = [seq.num_known if window is None else end for window in self.windows]
-        need = sum(max(pages_for(e, self.cfg.page_size) - hit, 0) for e in ends)
+        # Each group holds `hit` pages once matched (null ones before a sliding window): the rest are fresh.
+        missing = [max(pages_for(seq.num_known if window is None else end, self.cfg.page_size) - hit, 0)
+                   for window in self.windows]
         idle = sum(self.pages.num_idle(group_names) for group_names in names)
-        if not self.pages.can_allocate(need + self._headroom() + idle):
+        if not self.pages.can_allocate(sum(missing) + self._headroom() + idle):
             return None  # its cached pages were not taken, so their place in the LRU order is unchanged
         self.waiting.pop(0)
         seq.slot = self.slots.index(None)
@@ -383,7 +384,7 @@ class Scheduler:
         seq.pages = [[NULL_PAGE] * (hit - len(group_names)) + self.pages.match(group_names) for group_names in names]
         for group, pages in enumerate(seq.pages):
             self._tables[seq.slot, group, :len(pages)] = pages
-        self._extend(seq, self._missing(seq, ends))
+        self._extend(seq, missing)
         seq.hashes = hashes[:hit]
         self._set_rows(seq)
         self._count_admission(seq, hit)
