@@ -377,15 +377,21 @@ class ModelRunner:
         self._executables[layout] = executable
         return executable
 
-    def _compile(self, layout: Layout):
-        start = time.perf_counter()
+    def lower(self, layout: Layout, platforms: tuple[str, ...] | None = None):
+        """The step for `layout` lowered for this runner's devices, or for `platforms` (("cuda",): what a GPU
+        would compile, from any machine; tests check the kernels' Triton lowering that way)."""
         width = sum(int(np.prod(shape)) for _, shape, _ in layout.fields)
         packed = jax.ShapeDtypeStruct((self.shards, width), jnp.int32, sharding=NamedSharding(self.mesh, P("data")))
         step = _own_jit(_step, static_argnames=("cfg", "backend", "layout", "max_steps", "mesh"),
                         donate_argnames=("kv", "state"))
-        executable = step.lower(
-            self.params, self.kv, self.state, packed, cfg=self.cfg, backend=self.engine.attention_backend,
-            layout=layout, max_steps=self.engine.decode_steps, mesh=self.mesh).compile()
+        traced = step.trace(self.params, self.kv, self.state, packed, cfg=self.cfg,
+                            backend=self.engine.attention_backend, layout=layout,
+                            max_steps=self.engine.decode_steps, mesh=self.mesh)
+        return traced.lower() if platforms is None else traced.lower(lowering_platforms=platforms)
+
+    def _compile(self, layout: Layout):
+        start = time.perf_counter()
+        executable = self.lower(layout).compile()
         took = time.perf_counter() - start
         self.compile_seconds += took
         log.info("compiled the step for %s in %.2fs (%d shapes this runner, %.1fs compiling in all)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.kv_storage import widened
@@ -27,6 +28,19 @@ def kernel_dot(a, b, trans_b=False):
     return plgpu.dot(a, b, trans_b=trans_b, allow_tf32=False if exact else None)
 
 
+def triton_params(num_warps: int | None = None, num_stages: int | None = None):
+    """The kernels' compiler parameters: Triton's, always. Without them `pallas_call` lowers by JAX's
+    `jax_pallas_use_mosaic_gpu` default, which is Mosaic GPU in jax 0.10.2, where our kernels' whole-pool
+    blocks would be staged in shared memory and fail to compile; Triton reads them through pointers."""
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def window_operand(sliding_window) -> jax.Array:
+    """The kernels' sliding window as an operand [1] (0 without one: unread then), so that a traced window
+    (layers of two kinds in one scan) needs no branch around the kernel."""
+    return jnp.reshape(jnp.asarray(0 if sliding_window is None else sliding_window, jnp.int32), (1,))
+
+
 def check_power_of_two(**sizes: int) -> None:
     """Triton's blocks have power-of-two element counts, and the kernels' page arithmetic assumes them."""
     for name, size in sizes.items():
@@ -46,12 +60,24 @@ def initial_carry(rows: int, head_dim: int):
             jnp.zeros((rows,), jnp.float32))
 
 
-def read_pages(k_ref, v_ref, page_rows, dtype):
-    """Keys and values of the pages at `page_rows` of a [rows, Z, H] pool view, as [pages * Z, H] of `dtype`
-    (the queries': a dot's operands share one dtype; a narrower pool, or its bits, widens exactly)."""
-    size = page_rows.shape[0] * k_ref.shape[1]
-    k, v = k_ref[page_rows].reshape(size, k_ref.shape[2]), v_ref[page_rows].reshape(size, v_ref.shape[2])
-    return widened(k, dtype), widened(v, dtype)
+def padded_head_dim(head_dim: int) -> int:
+    """The head dim the kernels compute in: a power of two (Triton's blocks), at least 16 (its dots). A pool
+    of another head dim (Phi-3's 96) is read into it with the rest of each row 0, which changes no dot."""
+    return max(16, pl.next_power_of_2(head_dim))
+
+
+def read_pages(k_ref, v_ref, page_rows, dtype, head_dim: int):
+    """Keys and values of the pages at `page_rows` of a [rows, Z, Hp] pool view, as [pages * Z, Hp] of `dtype`
+    (the queries': a dot's operands share one dtype; a narrower pool, or its bits, widens exactly). Where the
+    pool's own `head_dim` is narrower than the view's Hp, the columns past it are masked and read as 0."""
+    pages, Z, Hp = page_rows.shape[0], k_ref.shape[1], k_ref.shape[2]
+    if head_dim == Hp:
+        k, v = k_ref[page_rows], v_ref[page_rows]
+    else:  # every index an array: the form both the Triton lowering and interpret mode take with a mask
+        index = (page_rows[:, None, None], jnp.arange(Z)[None, :, None], jnp.arange(Hp)[None, None, :])
+        mask = jnp.broadcast_to(index[2] < head_dim, (pages, Z, Hp))
+        k, v = (plgpu.load(ref.at[index], mask=mask, other=0) for ref in (k_ref, v_ref))
+    return widened(k.reshape(pages * Z, Hp), dtype), widened(v.reshape(pages * Z, Hp), dtype)
 
 
 def attend_block(carry, q, k, v, valid, live_keys, scale: float, softcap: float | None = None):

@@ -28,22 +28,23 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash import attend_block, check_power_of_two, initial_carry, read_pages
+from pallas_kernels.flash import (attend_block, check_power_of_two, initial_carry, padded_head_dim, read_pages,
+                                  triton_params, window_operand)
 from pallas_kernels.paged_reference import paged_attention_reference
 
-def _kernel(layer_ref, length_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
-            num_kv_heads, num_pages, pages_per_block, scale, sliding_window, softcap):
+def _kernel(layer_ref, window_ref, length_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
+            num_kv_heads, num_pages, pages_per_block, head_dim, scale, windowed, softcap):
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     del b  # the slot's rows arrive through the block specs
-    page_size, head_dim = k_ref.shape[1], k_ref.shape[2]
+    page_size, width = k_ref.shape[1], k_ref.shape[2]  # width: the padded head dim
     block_k = pages_per_block * page_size
     pages_per_split = table_ref.shape[0]
     length = length_ref[0]
     first_page = split * pages_per_split
     end_page = jnp.minimum(first_page + pages_per_split, pl.cdiv(length, page_size))
     num_blocks = pl.cdiv(jnp.maximum(end_page - first_page, 0), pages_per_block)
-    start_block = 0
-    if sliding_window is not None:  # whole blocks before the window hold nothing visible
+    start_block, sliding_window = 0, window_ref[0]
+    if windowed:  # whole blocks before the window hold nothing visible
         window_start = jnp.maximum(length - sliding_window, 0) // page_size
         start_block = jnp.minimum(jnp.maximum(window_start - first_page, 0) // pages_per_block, num_blocks)
     row_base = (layer_ref[0] * num_kv_heads + h) * num_pages
@@ -51,15 +52,15 @@ def _kernel(layer_ref, length_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref,
 
     def body(i, carry):
         k, v = read_pages(k_ref, v_ref, row_base + table_ref[pl.ds(i * pages_per_block, pages_per_block)],
-                          q.dtype)
+                          q.dtype, head_dim)
         key_pos = (first_page + i * pages_per_block) * page_size + jnp.arange(block_k)
         valid = key_pos < length
-        if sliding_window is not None:
+        if windowed:
             valid &= key_pos > length - 1 - sliding_window
         return attend_block(carry, q, k, v, jnp.broadcast_to(valid[None, :], (q.shape[0], block_k)), valid, scale,
                             softcap)
 
-    o, m, l = jax.lax.fori_loop(start_block, num_blocks, body, initial_carry(q.shape[0], head_dim))
+    o, m, l = jax.lax.fori_loop(start_block, num_blocks, body, initial_carry(q.shape[0], width))
     o_ref[...] = o
     m_ref[...] = m
     l_ref[...] = l
@@ -103,13 +104,6 @@ def _layout(num_table_pages: int, page_size: int, num_splits: int | None, block_
     return pages_per_block, pages_per_split, pl.cdiv(num_table_pages, pages_per_split)
 
 
-def _triton_params(num_warps: int | None, num_stages: int | None) -> dict:
-    if num_warps is None and num_stages is None:
-        return {}
-    from jax.experimental.pallas import triton as plgpu
-    return {"compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
-
-
 def combine_splits(o, m, l):
     """Partial results [splits, ...] -> normalised output; rows that saw no key give 0, not NaN."""
     m_all = m.max(axis=0)
@@ -119,14 +113,15 @@ def combine_splits(o, m, l):
     return out / jnp.where(total == 0, 1.0, total)[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("sliding_window", "softcap", "num_splits", "block_keys", "num_warps",
+@functools.partial(jax.jit, static_argnames=("softcap", "num_splits", "block_keys", "num_warps",
                                              "num_stages", "interpret"))
 def paged_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, *,
-                           sliding_window: int | None = None, softcap: float | None = None,
+                           sliding_window: int | jax.Array | None = None, softcap: float | None = None,
                            num_splits: int | None = None, block_keys: int | None = None, num_warps: int | None = None,
                            num_stages: int | None = None, interpret: bool = False):
     """q [B, N, H]; pools [L, K, P, Z, H]; layer int; block_tables [B, P']; lengths [B] -> [B, N, H]; the last
-    `sliding_window` keys only, and logits capped at +-softcap, where given.
+    `sliding_window` keys only (a traced int too: one call serves layers of two windows), and logits capped at
+    +-softcap, where given.
 
     `num_splits` (default: by the table's width), `block_keys` (keys per loop iteration, a power of two;
     default 64) and Triton's `num_warps` / `num_stages` (default: its own) are tuning knobs with no effect
@@ -139,39 +134,40 @@ def paged_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, *,
         num_splits, block_keys, num_warps, num_stages = (tuned.get(knob) for knob in KNOBS)
     block_keys = block_keys or DEFAULT_BLOCK_KEYS
     check_power_of_two(page_size=Z, block_keys=block_keys)
-    G = N // K
+    G, Hp = N // K, padded_head_dim(H)
     Gp = max(16, pl.next_power_of_2(G))  # dot sides of at least 16
     per_block, per_split, splits = _layout(block_tables.shape[1], Z, num_splits, block_keys, B * K)
     tables = jnp.pad(block_tables, ((0, 0), (0, splits * per_split - block_tables.shape[1])))
-    qg = jnp.pad(q.reshape(B, K, G, H), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
-    kernel = functools.partial(_kernel, num_kv_heads=K, num_pages=P, pages_per_block=per_block,
-                               scale=H ** -0.5, sliding_window=sliding_window, softcap=softcap)
+    qg = jnp.pad(q.reshape(B, K, G, H), ((0, 0), (0, 0), (0, Gp - G), (0, Hp - H)))
+    kernel = functools.partial(_kernel, num_kv_heads=K, num_pages=P, pages_per_block=per_block, head_dim=H,
+                               scale=H ** -0.5, windowed=sliding_window is not None, softcap=softcap)
     partial_shape = (splits, B, K, Gp)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(B, K, splits),
         in_specs=[
             pl.BlockSpec((1,), lambda b, h, s: (0,)),  # layer
+            pl.BlockSpec((1,), lambda b, h, s: (0,)),  # sliding window (unread without one)
             pl.BlockSpec((1,), lambda b, h, s: (b,)),  # length of this slot
             pl.BlockSpec((None, per_split), lambda b, h, s: (b, s)),  # this split of the block table
-            pl.BlockSpec((None, None, Gp, H), lambda b, h, s: (b, h, 0, 0)),  # q
-            pl.BlockSpec((L * K * P, Z, H), lambda b, h, s: (0, 0, 0)),  # k rows
-            pl.BlockSpec((L * K * P, Z, H), lambda b, h, s: (0, 0, 0)),  # v rows
+            pl.BlockSpec((None, None, Gp, Hp), lambda b, h, s: (b, h, 0, 0)),  # q
+            pl.BlockSpec((L * K * P, Z, Hp), lambda b, h, s: (0, 0, 0)),  # k rows (past H: masked)
+            pl.BlockSpec((L * K * P, Z, Hp), lambda b, h, s: (0, 0, 0)),  # v rows
         ],
         out_specs=[
-            pl.BlockSpec((None, None, None, Gp, H), lambda b, h, s: (s, b, h, 0, 0)),
+            pl.BlockSpec((None, None, None, Gp, Hp), lambda b, h, s: (s, b, h, 0, 0)),
             pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (s, b, h, 0)),
             pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (s, b, h, 0)),
         ],
-        out_shape=[jax.ShapeDtypeStruct(partial_shape + (H,), jnp.float32),
+        out_shape=[jax.ShapeDtypeStruct(partial_shape + (Hp,), jnp.float32),
                    jax.ShapeDtypeStruct(partial_shape, jnp.float32),
                    jax.ShapeDtypeStruct(partial_shape, jnp.float32)],
         interpret=interpret,
         name="paged_decode_attention",
-        **_triton_params(num_warps, num_stages),
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), lengths.astype(jnp.int32), tables.astype(jnp.int32), qg,
-      k_pool.reshape(L * K * P, Z, H), v_pool.reshape(L * K * P, Z, H))
-    out = combine_splits(o, m, l)[:, :, :G]
+        compiler_params=triton_params(num_warps, num_stages),
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), window_operand(sliding_window), lengths.astype(jnp.int32),
+      tables.astype(jnp.int32), qg, k_pool.reshape(L * K * P, Z, H), v_pool.reshape(L * K * P, Z, H))
+    out = combine_splits(o, m, l)[:, :, :G, :H]
     return out.reshape(B, N, H).astype(q.dtype)
 
 

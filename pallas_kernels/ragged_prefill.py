@@ -20,14 +20,15 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.flash import attend_block, check_power_of_two, initial_carry, read_pages
+from pallas_kernels.flash import (attend_block, check_power_of_two, initial_carry, padded_head_dim, read_pages,
+                                  triton_params, window_operand)
 from pallas_kernels.paged_reference import paged_attention_reference
 
 
-def _kernel(layer_ref, q_len_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, *,
-            num_kv_heads, num_pages, pages_per_block, heads_per_row, scale, sliding_window, softcap):
+def _kernel(layer_ref, window_ref, q_len_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, *,
+            num_kv_heads, num_pages, pages_per_block, heads_per_row, head_dim, scale, windowed, softcap):
     qb, h = pl.program_id(1), pl.program_id(2)
-    page_size, head_dim = k_ref.shape[1], k_ref.shape[2]
+    page_size, width = k_ref.shape[1], k_ref.shape[2]  # width: the padded head dim
     block_k = pages_per_block * page_size
     rows = q_ref.shape[0]
     block_q = rows // heads_per_row
@@ -36,8 +37,8 @@ def _kernel(layer_ref, q_len_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, o_
     first_pos = kv_len - q_len + first_query
     last_pos = jnp.minimum(kv_len - 1, first_pos + block_q - 1)
     num_blocks = jnp.where(first_query < q_len, pl.cdiv(last_pos + 1, block_k), 0)
-    start_block = 0
-    if sliding_window is not None:
+    start_block, sliding_window = 0, window_ref[0]
+    if windowed:
         start_block = jnp.minimum(jnp.maximum(first_pos - sliding_window + 1, 0) // block_k, num_blocks)
     row_pos = first_pos + jnp.arange(rows) // heads_per_row  # position of each (query, head) row
     row_base = (layer_ref[0] * num_kv_heads + h) * num_pages
@@ -45,14 +46,14 @@ def _kernel(layer_ref, q_len_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, o_
 
     def body(i, carry):
         k, v = read_pages(k_ref, v_ref, row_base + table_ref[pl.ds(i * pages_per_block, pages_per_block)],
-                          q.dtype)
+                          q.dtype, head_dim)
         key_pos = i * block_k + jnp.arange(block_k)
         valid = key_pos[None, :] <= row_pos[:, None]
-        if sliding_window is not None:
+        if windowed:
             valid &= key_pos[None, :] > row_pos[:, None] - sliding_window
         return attend_block(carry, q, k, v, valid, key_pos <= last_pos, scale, softcap)
 
-    o, _, l = jax.lax.fori_loop(start_block, num_blocks, body, initial_carry(rows, head_dim))
+    o, _, l = jax.lax.fori_loop(start_block, num_blocks, body, initial_carry(rows, width))
     o_ref[...] = (o / jnp.where(l == 0, 1.0, l)[:, None]).astype(o_ref.dtype)
 
 
@@ -74,48 +75,52 @@ def _unblock(out, cu_q_lens, num_tokens: int, block_q: int):
     return out[seq, offset // block_q, :, offset % block_q]
 
 
-@functools.partial(jax.jit, static_argnames=("sliding_window", "softcap", "block_q", "interpret"))
+@functools.partial(jax.jit, static_argnames=("softcap", "block_q", "interpret"))
 def ragged_prefill_attention(q, k_pool, v_pool, layer, block_tables, cu_q_lens, kv_lens, *,
-                             sliding_window: int | None = None, softcap: float | None = None,
+                             sliding_window: int | jax.Array | None = None, softcap: float | None = None,
                              block_q: int | None = None, interpret: bool = False):
     """q [T, N, H] packed; pools [L, K, P, Z, H]; block_tables [S, P']; cu_q_lens [S+1]; kv_lens [S] -> [T, N, H];
-    the last `sliding_window` keys only, and logits capped at +-softcap, where given.
+    the last `sliding_window` keys only (a traced int too), and logits capped at +-softcap, where given.
 
     Tokens past cu_q_lens[-1] are padding and come back as 0."""
     T, N, H = q.shape
     L, K, P, Z, _ = k_pool.shape
     check_power_of_two(page_size=Z)
-    G = N // K
+    G, Hp = N // K, padded_head_dim(H)
     Gp = pl.next_power_of_2(G)
     block_q = block_q or max(1, 64 // Gp)
     pages_per_block = max(1, 64 // Z)
     padded_pages = pl.cdiv(block_tables.shape[1], pages_per_block) * pages_per_block
     tables = jnp.pad(block_tables, ((0, 0), (0, padded_pages - block_tables.shape[1]))).astype(jnp.int32)
     index, real, (S, blocks) = _token_blocks(cu_q_lens, T, block_q)
-    qg = jnp.pad(q.reshape(T, K, G, H), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
-    q_tiles = qg[index].transpose(0, 1, 3, 2, 4, 5).reshape(S, blocks, K, block_q * Gp, H)
+    qg = jnp.pad(q.reshape(T, K, G, H), ((0, 0), (0, 0), (0, Gp - G), (0, Hp - H)))
+    q_tiles = qg[index].transpose(0, 1, 3, 2, 4, 5).reshape(S, blocks, K, block_q * Gp, Hp)
     kernel = functools.partial(_kernel, num_kv_heads=K, num_pages=P, pages_per_block=pages_per_block,
-                               heads_per_row=Gp, scale=H ** -0.5, sliding_window=sliding_window, softcap=softcap)
-    tile = (None, None, None, block_q * Gp, H)
+                               heads_per_row=Gp, head_dim=H, scale=H ** -0.5, windowed=sliding_window is not None,
+                               softcap=softcap)
+    tile = (None, None, None, block_q * Gp, Hp)
     out = pl.pallas_call(
         kernel,
         grid=(S, blocks, K),
         in_specs=[
             pl.BlockSpec((1,), lambda s, b, h: (0,)),  # layer
+            pl.BlockSpec((1,), lambda s, b, h: (0,)),  # sliding window (unread without one)
             pl.BlockSpec((1,), lambda s, b, h: (s,)),  # q_len
             pl.BlockSpec((1,), lambda s, b, h: (s,)),  # kv_len
             pl.BlockSpec((None, padded_pages), lambda s, b, h: (s, 0)),  # block table
             pl.BlockSpec(tile, lambda s, b, h: (s, b, h, 0, 0)),  # q tile
-            pl.BlockSpec((L * K * P, Z, H), lambda s, b, h: (0, 0, 0)),
-            pl.BlockSpec((L * K * P, Z, H), lambda s, b, h: (0, 0, 0)),
+            pl.BlockSpec((L * K * P, Z, Hp), lambda s, b, h: (0, 0, 0)),  # k rows (past H: masked)
+            pl.BlockSpec((L * K * P, Z, Hp), lambda s, b, h: (0, 0, 0)),  # v rows
         ],
         out_specs=pl.BlockSpec(tile, lambda s, b, h: (s, b, h, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((S, blocks, K, block_q * Gp, H), q.dtype),
+        out_shape=jax.ShapeDtypeStruct((S, blocks, K, block_q * Gp, Hp), q.dtype),
         interpret=interpret,
         name="ragged_prefill_attention",
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), (cu_q_lens[1:] - cu_q_lens[:-1]).astype(jnp.int32),
+        compiler_params=triton_params(),
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), window_operand(sliding_window),
+      (cu_q_lens[1:] - cu_q_lens[:-1]).astype(jnp.int32),
       kv_lens.astype(jnp.int32), tables, q_tiles, k_pool.reshape(L * K * P, Z, H), v_pool.reshape(L * K * P, Z, H))
-    out = _unblock(out.reshape(S, blocks, K, block_q, Gp, H), cu_q_lens, T, block_q)[:, :, :G]
+    out = _unblock(out.reshape(S, blocks, K, block_q, Gp, Hp), cu_q_lens, T, block_q)[:, :, :G, :H]
     is_query = jnp.arange(T) < cu_q_lens[-1]
     return jnp.where(is_query[:, None, None], out.reshape(T, N, H), 0).astype(q.dtype)
 

@@ -63,11 +63,12 @@ FAMILIES = {
 }
 
 
-def build(family: str, directory, dtype=torch.float32, seed: int = 0, **save_kwargs):
-    """Save a random `family` checkpoint to `directory`; return the torch model (float32, eval)."""
+def build(family: str, directory, dtype=torch.float32, seed: int = 0, config: dict | None = None, **save_kwargs):
+    """Save a random `family` checkpoint (its config updated by `config`) to `directory`; return the torch model
+    (float32, eval)."""
     config_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**COMMON, **extra})).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**COMMON, **extra, **(config or {})})).eval()
     if family.startswith(("gemma", "olmo")):  # norms at 0 (Gemma's scale by 1 + w) or 1: make each one matter
         with torch.no_grad():
             for name, weight in model.named_parameters():
