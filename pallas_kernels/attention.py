@@ -95,13 +95,15 @@ def step_attention(backend: str, mesh=None):
     heads, pool, whole = logical_spec(("batch", "tokens", "heads")), logical_spec(("layers", "kv_heads")), P()
 
     def per_device(q, k_pool, v_pool, layer, block_tables, positions, sliding_window=None, rows=None, softcap=None):
-        def local(*args):  # the packed chunk's `rows`, when given, is the 7th argument
-            return kernel(*args[:6], sliding_window=sliding_window, rows=args[6] if len(args) > 6 else None,
-                          softcap=softcap)
+        given = {name: value for name, value in (("sliding_window", sliding_window), ("rows", rows))
+                 if value is not None}  # (a traced window or packed rows: operands of the shard_map)
 
-        args, specs = (q, k_pool, v_pool, layer, block_tables, positions), (heads, pool, pool, whole, whole, whole)
-        if rows is not None:
-            args, specs = args + (rows,), specs + (whole,)
+        def local(*args):
+            extra = dict(zip(given, args[6:]))
+            return kernel(*args[:6], extra.get("sliding_window"), rows=extra.get("rows"), softcap=softcap)
+
+        args = (q, k_pool, v_pool, layer, block_tables, positions) + tuple(map(jnp.asarray, given.values()))
+        specs = (heads, pool, pool, whole, whole, whole) + (whole,) * len(given)
         context = jax.sharding.get_abstract_mesh()  # inside the step's shard_map over 'data': its mesh
         return jax.shard_map(local, mesh=mesh if context.empty else context, in_specs=specs, out_specs=heads,
                              axis_names=set(model_axes()), check_vma=False)(*args)

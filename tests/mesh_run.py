@@ -11,10 +11,14 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 
+import jax  # noqa: E402
+
 from jaxinfer.config import EngineConfig  # noqa: E402
 from pallas_kernels.kv_storage import value_format  # noqa: E402
 from jaxinfer.engine.structured import StructuredOutputsParams  # noqa: E402
 from jaxinfer.llm import LLM, SamplingParams  # noqa: E402
+
+TRITON = "xla.gpu.triton"
 
 PROMPTS = [[5, 9, 100, 7], list(range(20, 39)), [42], list(range(300, 312))]
 BAD_WORDS = ["of the", "the LORD", "and"]  # the one-device output of prompts 2 and 3 has "of the"
@@ -26,6 +30,16 @@ STRUCTURED_JSON = {"type": "object", "properties": {"n": {"type": "integer"}}, "
 def describe(array) -> dict:
     return {"shape": list(array.shape), "spec": [None if a is None else str(a) for a in array.sharding.spec],
             "local": list(array.addressable_shards[0].data.shape), "devices": len(array.sharding.device_set)}
+
+
+def lowers_for_cuda(runner) -> list[bool]:
+    """Whether each step shape the runner compiled lowers for an NVIDIA GPU with the kernels as Triton calls
+    (traced as on a GPU: tests/test_pallas_lowering.py); the kernels run under shard_map on this mesh."""
+    real, jax.default_backend = jax.default_backend, lambda: "gpu"
+    try:
+        return [TRITON in runner.lower(layout, ("cuda",)).as_text() for layout in runner.layouts]
+    finally:
+        jax.default_backend = real
 
 
 def run(checkpoint: str, data: int, model: int, backend: str, kv_cache_dtype: str = "auto") -> dict:
@@ -43,6 +57,7 @@ def run(checkpoint: str, data: int, model: int, backend: str, kv_cache_dtype: st
     if kv_cache_dtype != "auto":  # a narrow KV cache: its pool's shards and greedy tokens only
         llm.engine.check_idle()
         return {"layout": [data, model], "backend": backend, "kv_cache_dtype": kv_cache_dtype,
+                "cuda": lowers_for_cuda(llm.runner) if backend == "pallas" else None,
                 "tokens": [o.outputs[0].token_ids for o in outs], "kv": describe(llm.runner.kv.k),
                 "kv_dtype": str(value_format(llm.runner.kv.k.dtype))}
     # Bad words (slot rows loaded at admission, recent tokens kept per slot) beside a plain request.
@@ -62,7 +77,8 @@ def run(checkpoint: str, data: int, model: int, backend: str, kv_cache_dtype: st
             "wq": describe(runner.params["layers"]["wq"]), "wk": describe(runner.params["layers"]["wk"]),
             "embed": describe(runner.params["embed"]), "kv": describe(runner.kv.k),
             "slots": describe(runner.state.tokens),
-            "decode_rows": sorted({layout.shape("positions")[0] for layout in runner.layouts})}
+            "decode_rows": sorted({layout.shape("positions")[0] for layout in runner.layouts}),
+            "cuda": lowers_for_cuda(runner) if backend == "pallas" else None}
 
 
 if __name__ == "__main__":

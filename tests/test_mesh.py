@@ -55,6 +55,14 @@ def test_fp8_kv_cache_shards_and_decodes_what_one_device_decodes(runs, layout):
     assert one["tokens"] != runs["1,1,reference"]["tokens"]  # the narrow cache is what was compared
 
 
+@pytest.mark.parametrize("layout", ["2,2,pallas", "1,2,pallas,fp8_e5m2"])
+def test_pallas_steps_under_shard_map_lower_for_cuda(runs, layout):
+    """Every step shape a Pallas layout compiled (data and tensor parallel, an fp8 pool) also lowers for an
+    NVIDIA GPU, the kernels per device under shard_map as Triton calls."""
+    lowered = runs[layout]["cuda"]
+    assert len(lowered) >= 3 and all(lowered)
+
+
 def test_bad_words_changed_the_one_device_output(runs):
     """What the layouts are compared on: "and" (one token) and "of the" (two) steered three of the prompts."""
     one = runs["1,1,reference"]

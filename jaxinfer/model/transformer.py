@@ -144,6 +144,7 @@ def _write_indices(batch: Batch, page_size: int):
     return jnp.where(valid, page_idx, 0), pos % page_size
 
 
+NO_WINDOW = 2**30  # a global layer's window beside sliding ones: wider than any context, and far from int32's end
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
 
@@ -198,14 +199,14 @@ def rotated(cfg: ModelConfig, q: jax.Array, k: jax.Array, positions: jax.Array, 
 
 
 def attend(attention, cfg: ModelConfig, sliding: jax.Array, *args, rows=None):
-    """`attention` with the layer's window. Where sliding layers interleave with global ones (Gemma 2/3), a
-    branch on the traced layer type picks between the two, each with its window fixed at compile time."""
-    def run(window):
-        return lambda *a: attention(*a, window, rows=rows, softcap=cfg.attn_softcap)
-
+    """`attention` with the layer's window. Where sliding layers interleave with global ones (Gemma 2/3, OLMo 3)
+    the window is traced, a global layer's wider than any context: one attention for both kinds, not a branch
+    (XLA:GPU runs a branch by reading its predicate on the host: a wait for the device at every layer)."""
     if not cfg.sliding_layers or len(set(cfg.sliding_layers)) == 1:
-        return run(cfg.layer_window(0))(*args)
-    return jax.lax.cond(sliding, run(cfg.sliding_window), run(None), *args)
+        window = cfg.layer_window(0)
+    else:
+        window = jnp.where(sliding, cfg.sliding_window, NO_WINDOW)
+    return attention(*args, window, rows=rows, softcap=cfg.attn_softcap)
 
 
 def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=step_attention("reference")):
