@@ -11,6 +11,7 @@ _EXPORTS = {
     "LLM": "jaxinfer.llm", "SamplingParams": "jaxinfer.llm", "RequestOutput": "jaxinfer.llm",
     "CompletionOutput": "jaxinfer.llm", "Logprob": "jaxinfer.llm", "RequestOutputKind": "jaxinfer.llm",
     "StructuredOutputsParams": "jaxinfer.engine.structured",
+    "BeamSearchParams": "jaxinfer.engine.beam_search", "BeamSearchOutput": "jaxinfer.engine.beam_search",
     "EngineConfig": "jaxinfer.config",
     "ModelConfig": "jaxinfer.config",
 }

@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxinfer.config import RESOLVED_ATTENTION_BACKENDS, ConfigError, EngineConfig, ModelConfig
+from jaxinfer.engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from jaxinfer.engine.engine import Engine, RequestStream
 from jaxinfer.engine.request import CompletionOutput, Logprob, RequestOutput, RequestOutputKind, SamplingParams
 from jaxinfer.model.checkpoint import find_model, generation_defaults, load_config, load_params
@@ -203,6 +204,34 @@ class LLM:
         except CHAT_TEMPLATE_ERRORS as e:
             raise ValueError(f"conversation {index}: the chat template could not render it: {e}") from None
         return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's `LLM.beam_search` (see `engine/beam_search.py`): prompts as `generate` takes them; one output each,
+        its best `beam_width` beams best first. A beam's `tokens` and `text` (as vLLM's) include the prompt's."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else prompts
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a prompt or a non-empty list of prompts")
+        searches = []
+        for i, prompt in enumerate(prompts):  # each round must fit the context: a prompt's rounds stop at its end
+            try:
+                _, ids, rounds = self.engine.validate(
+                    prompt, dataclasses.replace(params.round_params(), max_tokens=params.max_tokens))
+            except (ValueError, MemoryError) as error:
+                raise type(error)(f"prompt {i}: {error}") from None
+            searches.append(BeamSearch(ids, params, self.engine.eos_ids, rounds))
+        with tqdm(total=params.max_tokens, desc="beam search", unit="round", disable=not use_tqdm) as bar:
+            while live := [beam.tokens for search in searches for beam in search.live]:
+                outputs = iter(self.generate(live, params.round_params(), use_tqdm=False))
+                for search in searches:
+                    if search.live:
+                        search.advance([next(outputs).outputs[0] for _ in search.live])
+                bar.update(1)
+        results = [BeamSearchOutput(search.best()) for search in searches]
+        for beam in (beam for result in results for beam in result.sequences):
+            beam.text = self.tokenizer.decode(beam.tokens, skip_special_tokens=False) if self.tokenizer else None
+        return results
 
     def get_tokenizer(self) -> Tokenizer | None:
         return self.tokenizer

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -27,6 +28,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import jaxinfer
+from jaxinfer.engine.beam_search import search_stream
 from jaxinfer.engine.engine import Engine, EngineError
 from jaxinfer.server import metrics
 from jaxinfer.server.protocol import (APIError, GenerationRequest, Limits, TokenText, chat_logprobs, check_api_key,
@@ -415,9 +417,10 @@ class Generation:
         server.in_flight += seqs
         server.active[response_id] = job.request_ids
         try:
-            for (_, ids), request_id in zip(prompts, job.request_ids):
+            for (text, ids), request_id in zip(prompts, job.request_ids):
                 prompt = ids if req.cache_salt is None else {"prompt_token_ids": ids, "cache_salt": req.cache_salt}
-                job.streams.append(server.engine.add_request(prompt, req.params, request_id=request_id,
+                job.streams.append(self._beam_search(req, request_id, text, ids) if req.beam else
+                                   server.engine.add_request(prompt, req.params, request_id=request_id,
                                                              priority=req.priority))
         except BaseException:
             self._close(job)
@@ -429,6 +432,14 @@ class Generation:
             return JSONResponse(await self._collect(http, job))
         finally:
             self._close(job)
+
+    def _beam_search(self, req: GenerationRequest, request_id: str, text: str, ids: list[int]):
+        """A prompt's beam search as a stream of one final output: its n beams, best first, as n choices."""
+        engine = self.server.engine
+        rounds = min(req.beam.max_tokens, engine.cfg.max_model_len - len(ids))
+        decode = engine.tokenizer and functools.partial(engine.tokenizer.decode,
+                                                        skip_special_tokens=req.params.skip_special_tokens)
+        return search_stream(engine, request_id, ids, text, req.beam, rounds, decode)
 
     def _close(self, job: _Job) -> None:
         """Abort whatever of the job still runs and give back its admission; safe to call twice."""

@@ -15,6 +15,7 @@ import logging
 import math
 import re
 
+from jaxinfer.engine.beam_search import BeamSearchParams
 from jaxinfer.engine.request import INT32_MAX, MAX_LOGPROBS, SamplingParams, token_id_key
 from jaxinfer.engine.structured import StructuredOutputsParams
 
@@ -39,7 +40,8 @@ _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "
                       "include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs", "return_token_ids",
                       "logit_bias", "allowed_token_ids", "truncate_prompt_tokens", "priority", "bad_words",
                       "add_special_tokens", "cache_salt", "return_tokens_as_token_ids", "response_format",
-                      "structured_outputs", "guided_decoding_backend", *_GUIDED, *_REFUSED}
+                      "structured_outputs", "guided_decoding_backend", "use_beam_search", "length_penalty",
+                      *_GUIDED, *_REFUSED}
 _CHAT_FIELDS = (_COMPLETION_FIELDS - {"prompt", "echo", "suffix"}) | {
     "messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt", "continue_final_message",
     "chat_template", "chat_template_kwargs", "tools", "tool_choice", "parallel_tool_calls"}
@@ -137,6 +139,7 @@ class GenerationRequest:
     cache_salt: str | None = None  # cached prompt pages are shared only among requests of the same salt (vLLM's)
     tokens_as_ids: bool = False  # logprobs name tokens "token_id:<id>" (vLLM's return_tokens_as_token_ids)
     structured_param: str | None = None  # the field that asked for structured outputs, for errors
+    beam: BeamSearchParams | None = None  # vLLM's use_beam_search: n beams, the best first, instead of n samples
 
 
 def _fail(message: str, param: str | None) -> None:
@@ -353,6 +356,30 @@ def _sampling(body: dict, limits: Limits, max_tokens: int | None, logprobs: int 
         raise APIError(400, str(e), field.group(0) if field else None) from None
 
 
+# What beam search (each round: a token's logprobs from the raw distribution) cannot honour: set, these are 400.
+_BEAM_REFUSED = ("stop", "stop_token_ids", "min_tokens", "top_p", "top_k", "min_p", "presence_penalty",
+                 "frequency_penalty", "repetition_penalty", "logit_bias", "allowed_token_ids", "bad_words",
+                 "structured_outputs", "prompt_logprobs")
+
+
+def _beam(body: dict, params: SamplingParams, limits: Limits, structured_param: str | None) -> BeamSearchParams | None:
+    """vLLM's `use_beam_search`: `n` beams (the width) of up to `max_tokens` (chat without it: to the end of the
+    context), ranked with `length_penalty`; the sampling fields it would ignore are refused instead."""
+    length_penalty = _number(body, "length_penalty", 1.0, -math.inf, math.inf)
+    if not _bool(body, "use_beam_search", False):
+        return None
+    plain = SamplingParams()
+    refused = next((name for name in _BEAM_REFUSED if getattr(params, name) != getattr(plain, name)), None)
+    if refused is not None:
+        refused = structured_param if refused == "structured_outputs" else refused
+        _fail(f"{refused} is not supported with use_beam_search", refused)
+    try:
+        return BeamSearchParams(params.n, params.max_tokens or limits.max_model_len, params.ignore_eos,
+                                params.temperature, length_penalty, params.include_stop_str_in_output)
+    except ValueError as e:
+        raise APIError(400, str(e).replace("beam_width", "n (the beam width)", 1), "n") from None
+
+
 def check_sampling_defaults(defaults: dict) -> None:
     """Start-up: the generation config's defaults must pass the checks a request's fields do (ValueError)."""
     most = defaults.get("max_tokens")
@@ -468,6 +495,8 @@ def parse_completion(body, limits: Limits) -> GenerationRequest:
         prompt_logprobs = max(prompt_logprobs or 0, logprobs)
     stream, include_usage, continuous_usage = _stream(body)
     structured, structured_param = _structured(body)
+    if echo and _bool(body, "use_beam_search", False):
+        _fail("echo is not supported with use_beam_search", "echo")
     params = _sampling(body, limits, max(max_tokens, 1), logprobs, prompt_logprobs, structured)
     return GenerationRequest(False, prompts, params, body.get("model"), stream, include_usage, echo, max_tokens == 0,
                              logprobs, return_token_ids=_bool(body, "return_token_ids", False),
@@ -475,7 +504,8 @@ def parse_completion(body, limits: Limits) -> GenerationRequest:
                              continuous_usage=continuous_usage,
                              add_special_tokens=_bool(body, "add_special_tokens", True), cache_salt=_cache_salt(body),
                              tokens_as_ids=_bool(body, "return_tokens_as_token_ids", False),
-                             structured_param=structured_param)
+                             structured_param=structured_param,
+                             beam=_beam(body, params, limits, structured_param))
 
 
 def _messages(value) -> list[dict]:
@@ -615,7 +645,8 @@ def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dic
                                 add_special_tokens=_bool(body, "add_special_tokens", False),
                                 cache_salt=_cache_salt(body),
                                 tokens_as_ids=_bool(body, "return_tokens_as_token_ids", False),
-                                structured_param=structured_param)
+                                structured_param=structured_param,
+                                beam=_beam(body, params, limits, structured_param))
     return request, messages, kwargs
 
 
