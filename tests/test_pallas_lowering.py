@@ -7,6 +7,8 @@ not Mosaic GPU) are checked on every CI run, not only in a GPU session. `jax.def
 element types, the engine's GPU defaults. Triton's own compile (PTX) still needs a GPU: scripts/gpu_check.sh.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -33,6 +35,15 @@ CASES = [
     (jnp.bfloat16, jnp.bfloat16, 16, 96, 4, 2047, None),  # Phi-3.5-mini: a head dim of 96, padded to 128
     (jnp.float32, jnp.float8_e4m3fn, 8, 80, 2, None, None),
 ]
+
+
+LOOP_CONDITION = re.compile(r"\bcond \{(.*?)\} do \{", re.S)
+
+
+def data_bound_loops(text: str) -> int:
+    """Loops whose condition compares with no constant: a trip count that is data, whose every condition
+    XLA:GPU reads on the host (as it does a conditional's predicate)."""
+    return sum("stablehlo.constant" not in condition for condition in LOOP_CONDITION.findall(text))
 
 
 def _lowered(fn, *args, **static):
@@ -92,7 +103,8 @@ def test_an_unpadded_head_dim_of_96_breaks_a_triton_rule(on_gpu, monkeypatch):
 def test_every_warm_up_step_lowers_for_cuda(on_gpu, tmp_path, family, config, kv_cache_dtype):
     """The engine as a GPU resolves it (Pallas attention, static control flow, bfloat16, packed prefill)
     lowers every step shape its warm-up compiles, with the kernels as Triton calls and no conditional
-    (XLA:GPU would read its predicate on the host, a wait for the device, at every layer or round). Gemma 2
+    or loop whose trip count is data (XLA:GPU would read either on the host, a wait for the device, at every
+    layer or round). Gemma 2
     adds layers of two kinds (one attention with a traced window) and capped logits; Qwen 3 an fp8 KV cache
     and Phi-3's head dim."""
     build(family, tmp_path, config=config)
@@ -105,3 +117,16 @@ def test_every_warm_up_step_lowers_for_cuda(on_gpu, tmp_path, family, config, kv
     for layout in layouts:
         text = runner.lower(layout, ("cuda",)).as_text()
         assert TRITON in text and MOSAIC not in text and "stablehlo.case" not in text
+        assert data_bound_loops(text) == 0 and len(LOOP_CONDITION.findall(text)) >= 2  # the layers' scan, rounds
+
+
+def test_dynamic_control_flow_lowers_with_what_static_avoids(on_gpu, tmp_path):
+    """What the checks above would see otherwise: `control_flow="dynamic"` (the CPU default) runs the decode
+    rounds as a loop bound by data and the sampler's passes under conditionals."""
+    build("qwen3", tmp_path)
+    engine = load_engine(tmp_path, EngineConfig(max_slots=4, page_size=16, max_model_len=128, prefill_chunk=32,
+                                                attention_backend="pallas", control_flow="dynamic"))
+    runner = engine.executor.runner
+    decode = next(layout for layout in runner._shapes([None], scored=(False,)) if not layout.shape("prefill_tokens"))
+    text = runner.lower(decode, ("cuda",)).as_text()
+    assert data_bound_loops(text) >= 1 and "stablehlo.case" in text
