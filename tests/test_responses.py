@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from jaxinfer.server.responses import to_chat
-from test_tool_calls import ASK, HERMES_ANSWER, TOOL, WEATHER, client, live, script  # noqa: F401 (fixtures)
+from test_tool_calls import ASK, HERMES_ANSWER, TOOL, WEATHER, client, ids, live, script  # noqa: F401 (fixtures)
 
 FLAT_TOOL = {"type": "function", **TOOL["function"]}  # the Responses API's form of a function tool
 QUESTION = ASK[0]["content"]
@@ -104,6 +104,8 @@ def test_thinking_comes_back_as_a_reasoning_item(live, client, monkeypatch):
     reasoning, message = response.output
     assert reasoning.type == "reasoning" and reasoning.content[0].text == "\nCompare.\n"
     assert response.output_text == "\n\nIt rains."
+    thinking = len(ids(live.engine.tokenizer, "<think>\nCompare.\n</think>"))  # spelt in several tokens here
+    assert 0 < response.usage.output_tokens_details.reasoning_tokens == thinking < response.usage.output_tokens
     events = events_of(client.responses.create(model="tiny", input=QUESTION, stream=True))
     assert streamed_text(events, "response.reasoning_text.delta") == "\nCompare.\n"
     assert streamed_text(events) == "\n\nIt rains."

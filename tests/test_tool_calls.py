@@ -27,7 +27,7 @@ from jaxinfer.engine.scheduler import StepResult
 from jaxinfer.model.checkpoint import DEFAULT_MODEL_DIR
 from jaxinfer.server.app import Server, ServerConfig
 from jaxinfer.server.reasoning import PARSERS as REASONING_PARSERS
-from jaxinfer.server.reasoning import ReasoningStream
+from jaxinfer.server.reasoning import ReasoningStream, reasoning_tokens
 from jaxinfer.server.tool_calls import PARSERS, ToolCall, ToolCallStream
 from jaxinfer.tokenizer import Tokenizer
 from live_server import LiveServer
@@ -488,6 +488,17 @@ def test_reasoning_is_split_as_vllm_splits_it_streamed_or_not(name, text, thinki
             got = got if delta is None else (got or "") + delta
             assert content.startswith(now)  # content only once settled, never taken back
         assert (got, now) == (thinking, content), pieces
+
+
+@pytest.mark.parametrize("name, pieces, expected", [
+    ("qwen3", ["<think>", "a", "b", "</think>", "c"], 4),  # </think> one token
+    ("qwen3", ["<think>a", "b</", "thi", "nk>", "\n", "c"], 4),  # spelt in pieces: up to the piece that ends it
+    ("deepseek_r1", ["a", "b"], 2),  # never closed: all thinking
+    ("qwen3", ["9.8", " is", " more"], 0),  # no thinking
+])
+def test_reasoning_tokens_count_up_to_the_token_that_closes_the_thinking(name, pieces, expected):
+    decode = lambda token_ids: "".join(pieces[i] for i in token_ids)  # token i is pieces[i]
+    assert reasoning_tokens(REASONING_PARSERS[name], list(range(len(pieces))), decode) == expected
 
 
 def test_reasoning_through_the_openai_client(live, client, monkeypatch):

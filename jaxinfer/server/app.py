@@ -38,7 +38,7 @@ from jaxinfer.server.protocol import (APIError, GenerationRequest, Limits, Token
 from jaxinfer.server.reasoning import END as THINK_END
 from jaxinfer.server.reasoning import PARSERS as REASONING_PARSERS
 from jaxinfer.server.reasoning import START as THINK_START
-from jaxinfer.server.reasoning import ReasoningStream
+from jaxinfer.server.reasoning import ReasoningStream, reasoning_tokens
 from jaxinfer.server import responses
 from jaxinfer.server.tool_calls import PARSERS, Forced, ToolCallStream
 from jaxinfer.tokenizer import CHAT_TEMPLATE_ERRORS, openai_messages
@@ -619,7 +619,13 @@ class Generation:
 
     def _responses_usage(self, job: _Job, finals) -> dict:
         cached = sum(out.num_cached_tokens or 0 for out in finals if out is not None)
-        return {**self._usage(job, finals), "cached_tokens": cached}
+        thinking = 0
+        if job.reasoning is not None:
+            decode = functools.partial(self.server.engine.tokenizer.decode,
+                                       skip_special_tokens=job.request.params.skip_special_tokens)
+            thinking = sum(reasoning_tokens(job.reasoning, c.token_ids, decode)
+                           for out in finals if out is not None for c in out.outputs)
+        return {**self._usage(job, finals), "cached_tokens": cached, "reasoning_tokens": thinking}
 
     async def _response_events(self, job: _Job):
         """A Responses stream (`responses.EventStream`) over the chat route's deltas; an engine failure ends it

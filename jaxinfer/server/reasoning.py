@@ -42,6 +42,21 @@ class ThinkParser:
 PARSERS = {"deepseek_r1": ThinkParser(opened_by_prompt=True), "qwen3": ThinkParser(opened_by_prompt=False)}
 
 
+def reasoning_tokens(parser: ThinkParser, token_ids: list[int], decode) -> int:
+    """How many of an answer's tokens are thinking (OpenAI's `reasoning_tokens`): the fewest leading tokens whose
+    text (`decode`) holds `</think>`, or all of an answer that thinks to its end; 0 for one that does not think.
+    By text, since a tokenizer may spell `</think>` in several tokens."""
+    if parser.split(decode(token_ids))[0] is None:
+        return 0
+    low, high = 0, len(token_ids)  # END is not in the first `low` tokens' text; it is in the first `high`'s
+    if END not in decode(token_ids):
+        return high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if END in decode(token_ids[:middle]) else (middle, high)
+    return high
+
+
 class ReasoningStream:
     """One choice's answer as it grows: `advance` gives the thinking not yet sent and the content so far."""
 

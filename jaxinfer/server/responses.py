@@ -195,7 +195,7 @@ def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str
 
 def response_object(response_id: str, created: int, model: str, echo: dict, status: str, output: list,
                     usage: dict | None, finish_reason: str | None = None) -> dict:
-    """The response: `usage` from the chat route's (prompt, completion and cached token counts)."""
+    """The response: `usage` from the chat route's (prompt, completion, cached and thinking token counts)."""
     incomplete = {"reason": "max_output_tokens"} if finish_reason == "length" else None
     body = {"id": response_id, "object": "response", "created_at": created, "status": status, "error": None,
             "incomplete_details": incomplete, "model": model, "output": output, "previous_response_id": None,
@@ -205,7 +205,7 @@ def response_object(response_id: str, created: int, model: str, echo: dict, stat
         body["usage"] = {"input_tokens": usage["prompt_tokens"],
                          "input_tokens_details": {"cached_tokens": usage.get("cached_tokens", 0)},
                          "output_tokens": usage["completion_tokens"],
-                         "output_tokens_details": {"reasoning_tokens": 0},
+                         "output_tokens_details": {"reasoning_tokens": usage.get("reasoning_tokens", 0)},
                          "total_tokens": usage["total_tokens"]}
     return body
 
