@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxinfer.config import RESOLVED_ATTENTION_BACKENDS, ConfigError, EngineConfig, ModelConfig
-from jaxinfer.engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
+from jaxinfer.engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, round_prompt
 from jaxinfer.engine.engine import Engine, RequestStream
 from jaxinfer.engine.request import CompletionOutput, Logprob, RequestOutput, RequestOutputKind, SamplingParams
 from jaxinfer.model.checkpoint import find_model, generation_defaults, load_config, load_params
@@ -221,8 +221,9 @@ class LLM:
             except (ValueError, MemoryError) as error:
                 raise type(error)(f"prompt {i}: {error}") from None
             searches.append(BeamSearch(ids, params, self.engine.eos_ids, rounds))
+        salts = [p.get("cache_salt") if isinstance(p, dict) else None for p in prompts]
         with tqdm(total=params.max_tokens, desc="beam search", unit="round", disable=not use_tqdm) as bar:
-            while live := [beam.tokens for search in searches for beam in search.live]:
+            while live := [round_prompt(beam, salt) for search, salt in zip(searches, salts) for beam in search.live]:
                 outputs = iter(self.generate(live, params.round_params(), use_tqdm=False))
                 for search in searches:
                     if search.live:

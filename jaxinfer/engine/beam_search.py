@@ -84,6 +84,8 @@ class BeamSearch:
         """One round: `outputs[i]` is live beam i's one-token request's output."""
         candidates = []
         for beam, output in zip(self.beams, outputs, strict=True):
+            if not output.logprobs:  # aborted: the beam ends here, as in vLLM
+                continue
             entry = output.logprobs[0]
             for token, found in entry.items():
                 grown = BeamSearchSequence(beam.tokens + [token], beam.logprobs + [entry],
@@ -119,8 +121,14 @@ class BeamSearch:
         return RequestOutput(request_id, prompt, list(self.prompt_ids), outputs, finished=True)
 
 
+def round_prompt(beam: BeamSearchSequence, cache_salt: str | None):
+    """A beam's request of a round: its tokens, under the prompt's cache salt if it had one."""
+    return beam.tokens if cache_salt is None else {"prompt_token_ids": beam.tokens, "cache_salt": cache_salt}
+
+
 async def search_stream(engine, request_id: str, prompt_ids: list[int], prompt: str | None,
-                        params: BeamSearchParams, rounds: int, decode=None):
+                        params: BeamSearchParams, rounds: int, decode=None, cache_salt: str | None = None,
+                        priority: int = 0):
     """The server's beam search of one prompt as a stream: runs the rounds on a running engine (each beam's
     request `{request_id}-{round}-{beam}`) and yields one finished RequestOutput. Cancelled, it drops the
     round's streams, which aborts their requests."""
@@ -128,7 +136,8 @@ async def search_stream(engine, request_id: str, prompt_ids: list[int], prompt: 
     for round_ in range(rounds):
         if not search.live:
             break
-        streams = [engine.add_request(beam.tokens, params.round_params(), request_id=f"{request_id}-{round_}-{i}")
+        streams = [engine.add_request(round_prompt(beam, cache_salt), params.round_params(),
+                                      request_id=f"{request_id}-{round_}-{i}", priority=priority)
                    for i, beam in enumerate(search.live)]
         finals = await asyncio.gather(*(_final(stream) for stream in streams))
         search.advance([final.outputs[0] for final in finals])

@@ -439,7 +439,7 @@ class Generation:
         rounds = min(req.beam.max_tokens, engine.cfg.max_model_len - len(ids))
         decode = engine.tokenizer and functools.partial(engine.tokenizer.decode,
                                                         skip_special_tokens=req.params.skip_special_tokens)
-        return search_stream(engine, request_id, ids, text, req.beam, rounds, decode)
+        return search_stream(engine, request_id, ids, text, req.beam, rounds, decode, req.cache_salt, req.priority)
 
     def _close(self, job: _Job) -> None:
         """Abort whatever of the job still runs and give back its admission; safe to call twice."""
