@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "RequestOutputKind", "CompletionOutput", "Logprob",
            "RequestStream", "load_engine"]
 
+LOAD_BARRIER_SECONDS = 1800  # how long the processes of a mesh wait for each other to load a model
 GPU_KV_SEQUENCES_PER_SLOT = 16  # on GPU, pages for at most this many full-length sequences per slot
 
 
@@ -83,6 +84,10 @@ def agree(engine: EngineConfig) -> EngineConfig:
     its own memory and ran its own kernel check)."""
     if jax.process_count() == 1:
         return engine
+    # Every process loaded its weights and checked its kernels at its own pace: wait for all (a coordination-
+    # service barrier) before the first collective, whose gloo set-up waits only 30 s for a late process.
+    from orbax.checkpoint import multihost  # imported on use: slow to import, and one process needs none
+    multihost.get_barrier_sync_fn()(key="jaxinfer_engine_loaded", timeout_ms=LOAD_BARRIER_SECONDS * 1000)
     backends = RESOLVED_ATTENTION_BACKENDS
     mine = np.asarray([engine.num_pages, backends.index(engine.attention_backend), engine.max_prefill_seqs], np.int32)
     num_pages, backend, packs = (int(v) for v in multihost_utils.broadcast_one_to_all(mine))
