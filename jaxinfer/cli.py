@@ -164,9 +164,23 @@ def serve_engine(args) -> EngineConfig:
                         decode_buckets=_buckets(args))
 
 
-def _serve(args) -> int:
+def serve_config(args, tool_call_parser: str | None = None):
+    """The server `jaxinfer serve`'s flags ask for (a ServerConfig)."""
     from jaxinfer.server.app import ServerConfig
-    from jaxinfer.server.run import DEFAULT_MODEL_NAME, serve
+    from jaxinfer.server.run import DEFAULT_MODEL_NAME
+    names = args.served_model_name or [args.model or DEFAULT_MODEL_NAME]
+    return ServerConfig(served_model_name=names[0], model_aliases=tuple(names[1:]), model_path=args.model,
+                        api_key=args.api_key, max_queue=args.max_queue, max_n=args.max_n,
+                        max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
+                        trust_request_chat_template=args.trust_request_chat_template,
+                        chat_template=load_chat_template(args.chat_template) if args.chat_template else None,
+                        tool_call_parser=tool_call_parser, reasoning_parser=args.reasoning_parser,
+                        structured_outputs_config=args.structured_outputs_config,
+                        sampling_defaults=_sampling_defaults(args))
+
+
+def _serve(args) -> int:
+    from jaxinfer.server.run import serve
     tool_call_parser = _tool_call_parser(args)
     logging.getLogger("jaxinfer.serve").setLevel(logging.INFO)  # the start-up phases and their times
     engine = serve_engine(args)
@@ -177,17 +191,9 @@ def _serve(args) -> int:
             from jaxinfer.llm import load_engine
             distributed.follow(load_engine(args.model, engine, warmup=not args.skip_warmup).executor.runner)
             return 0
-    name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
-    config = ServerConfig(served_model_name=name, model_path=args.model, api_key=args.api_key,
-                          max_queue=args.max_queue, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
-                          shutdown_timeout=args.shutdown_timeout,
-                          trust_request_chat_template=args.trust_request_chat_template,
-                          chat_template=load_chat_template(args.chat_template) if args.chat_template else None,
-                          tool_call_parser=tool_call_parser, reasoning_parser=args.reasoning_parser,
-                          structured_outputs_config=args.structured_outputs_config,
-                          sampling_defaults=_sampling_defaults(args))
-    return serve(args.model, engine, config, args.host, args.port, warmup=not args.skip_warmup,
-                 log_level="info" if args.verbose else "warning", step_log=args.step_log)
+    return serve(args.model, engine, serve_config(args, tool_call_parser), args.host, args.port,
+                 warmup=not args.skip_warmup, log_level="info" if args.verbose else "warning",
+                 step_log=args.step_log)
 
 
 def _add_serve(sub) -> None:
@@ -198,7 +204,8 @@ def _add_serve(sub) -> None:
     serve.add_argument("--model", default=None, help=MODEL_HELP)
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", default=None, help="the name clients send (default: --model)")
+    serve.add_argument("--served-model-name", nargs="+", default=None,
+                       help="the name(s) clients may send (default: --model); answers carry the first, as vLLM's")
     serve.add_argument("--api-key", default=os.environ.get("JAXINFER_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1/* (default: $JAXINFER_API_KEY)")
     serve.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_slots, help="decode slots")

@@ -4,6 +4,7 @@ import pytest
 
 from jaxinfer import cli
 from jaxinfer.config import ConfigError, EngineConfig
+from jaxinfer.server.run import DEFAULT_MODEL_NAME
 
 
 def engine_of(*flags: str) -> EngineConfig:
@@ -39,3 +40,11 @@ def test_bench_offline_takes_the_hybrid_flag(monkeypatch):
     for flags in (["--disable-hybrid-kv-cache-manager"], []):
         assert cli.main(["bench", "offline", "--baselines", *flags]) in (0, None)
     assert [engine.disable_hybrid_kv_cache_manager for engine in seen] == [True, False]
+
+
+def test_several_served_model_names_as_vllm_takes_them():
+    """vLLM's `--served-model-name A B`: requests may name either; answers carry the first."""
+    config = cli.serve_config(cli.build_parser().parse_args(["serve", "--served-model-name", "tiny", "alias"]))
+    assert (config.served_model_name, config.model_aliases) == ("tiny", ("alias",))
+    one = cli.serve_config(cli.build_parser().parse_args(["serve"]))
+    assert (one.served_model_name, one.model_aliases) == (DEFAULT_MODEL_NAME, ())

@@ -293,6 +293,16 @@ def test_models_tokenize_detokenize_version(live, client):
     assert tokenized[0] == tokenized[1]
 
 
+def test_a_model_alias_is_served_under_the_first_name(live, client, monkeypatch):
+    monkeypatch.setattr(live.server, "config", dataclasses.replace(live.server.config, model_aliases=("alias",)))
+    assert [card.id for card in client.models.list().data] == ["tiny", "alias"]
+    out = client.completions.create(model="alias", prompt="Hi", **GREEDY)
+    assert out.model == "tiny" and out.choices[0].text
+    with pytest.raises(openai.NotFoundError, match="'tiny', 'alias'"):
+        client.completions.create(model="other", prompt="Hi", **GREEDY)
+    live.wait_idle()
+
+
 def test_a_cache_salt_is_taken(live, client):
     """vLLM's cache_salt (extra_body) reaches the engine's prefix cache (tests/test_engine.py); the output is as
     without it."""

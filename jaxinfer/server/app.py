@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
     served_model_name: str = "jaxinfer"
+    model_aliases: tuple[str, ...] = ()  # other names requests may use (vLLM's --served-model-name A B ...)
     model_path: str | None = None  # reported by /v1/models as the model's root
     api_key: str | None = None  # guards /v1/*; /health and /metrics stay open
     max_queue: int = 256  # sequences allowed to wait beyond the engine's slots; more get 429
@@ -134,8 +135,9 @@ class Server:
         served = self.config.served_model_name
         if name is not None and not isinstance(name, str):
             raise APIError(400, "model must be a string", "model")
-        if name is not None and name != served:
-            raise APIError(404, f"the model '{name[:100]}' does not exist; this server serves '{served}'", "model")
+        if name is not None and name != served and name not in self.config.model_aliases:
+            names = "', '".join((served, *self.config.model_aliases))
+            raise APIError(404, f"the model '{name[:100]}' does not exist; this server serves '{names}'", "model")
         return served
 
     def fail(self, reason: str) -> None:
@@ -714,10 +716,11 @@ class Info:
 
     async def models(self, request: Request) -> Response:
         cfg = self.server.config
-        card = {"id": cfg.served_model_name, "object": "model", "created": 0, "owned_by": "jaxinfer",
-                "root": cfg.model_path or cfg.served_model_name, "parent": None,
-                "max_model_len": self.server.engine.cfg.max_model_len}
-        return JSONResponse({"object": "list", "data": [card]})
+        cards = [{"id": name, "object": "model", "created": 0, "owned_by": "jaxinfer",
+                  "root": cfg.model_path or cfg.served_model_name, "parent": None,
+                  "max_model_len": self.server.engine.cfg.max_model_len}
+                 for name in (cfg.served_model_name, *cfg.model_aliases)]  # one card a name, as vLLM lists them
+        return JSONResponse({"object": "list", "data": cards})
 
     async def version(self, request: Request) -> Response:
         return JSONResponse({"version": jaxinfer.__version__})
