@@ -26,7 +26,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp}}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} JAX_PLATFORMS=cuda PYTHONUNBUFFERED=1
-KERNEL_TESTS_SECONDS=90 BENCH_SECONDS=120 bash scripts/gpu_check.sh "$out"
+KERNEL_TESTS_SECONDS=105 BENCH_SECONDS=120 bash scripts/gpu_check.sh "$out"
 check=$?
 timeout 70 python3 scripts/bench_attention.py --sweep --batches 64 --contexts 2048 --repeats 5 --seconds 50 \
   --out "$out/attention_sweep.json" --tune "$out/tuned_paged_decode.json" 2>&1 | tee "$out/attention_sweep.log" \
@@ -37,7 +37,7 @@ if [ -f "$out/tuned_paged_decode.json" ]; then  # this copy of the tree only: th
     --out "$out/bench_attention_tuned.json" 2>&1 | tee "$out/bench_attention_tuned.log" | grep -v Warning
 fi
 # Packed prompts always run one prefill bucket (the whole budget): one step shape per page width.
-timeout 225 python3 - "$out" "${PREFILL_CHUNK:-512}" "${CONTROL_FLOW:-static}" <<'EOF' 2>&1 | tee "$out/offline_llama3_8b.log" | grep -v "generating:"
+timeout 210 python3 - "$out" "${PREFILL_CHUNK:-512}" "${CONTROL_FLOW:-static}" <<'EOF' 2>&1 | tee "$out/offline_llama3_8b.log" | grep -v "generating:"
 import logging, sys
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 from jaxinfer.bench import OfflineOptions, offline
