@@ -144,3 +144,17 @@ def test_what_beam_search_cannot_honour_is_400(live, field, value):
     answer = httpx.post(f"{live.url}/v1/{route}", json=body)
     assert answer.status_code == 400 and answer.json()["error"]["param"] == field
     live.wait_idle()
+
+
+def test_a_client_that_leaves_mid_search_leaves_nothing_running(live):
+    """The search stops with it (its round's requests aborted, no round after): every page and slot comes back,
+    long before its 200 rounds of 4 beams could have run."""
+    body = {"prompt": "The king", "n": 4, "max_tokens": 200, "use_beam_search": True, "ignore_eos": True}
+    for stream in (False, True):
+        before = live.engine.stats()
+        with pytest.raises(httpx.TimeoutException):
+            with httpx.stream("POST", f"{live.url}/v1/completions", json={**body, "stream": stream},
+                              timeout=0.5) as answer:
+                answer.read()
+        live.wait_idle(timeout=30)
+        assert live.engine.stats().generation_tokens - before.generation_tokens < 4 * 200 // 2
