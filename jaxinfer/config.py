@@ -2,7 +2,7 @@
 
 `ModelConfig` is an explicit mapping of a Hugging Face `config.json` for the
 Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Phi-3/Phi-4, Granite 3, Gemma 1/2/3, SmolLM3,
-OLMo 2/3; the language models of multimodal checkpoints: Gemma 3 4B+, Mistral Small 3.1/3.2, Qwen2/2.5/3-VL)
+OLMo 2/3, Cohere 1/2; the language models of multimodal checkpoints: Gemma 3 4B+, Mistral Small 3.1/3.2, Qwen2/2.5/3-VL)
 and its mixture-of-experts kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE, OLMoE). `EngineConfig`
 holds the serving knobs (slots, pages, chunking, dtype). Host code only: this
 module must not import JAX.
@@ -19,8 +19,9 @@ from typing import Any
 
 GEMMA_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_MODEL_TYPES = ("olmo2", "olmo3")
+COHERE_MODEL_TYPES = ("cohere", "cohere2")
 DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3") + GEMMA_MODEL_TYPES + \
-    OLMO_MODEL_TYPES
+    OLMO_MODEL_TYPES + COHERE_MODEL_TYPES
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
@@ -29,7 +30,8 @@ SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 # transformers' class defaults where head_dim is absent; else hidden / heads
 DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128}
 # transformers' class defaults where rms_norm_eps is absent; else 1e-6
-RMS_NORM_EPS_DEFAULTS = {"phi3": 1e-5, "mixtral": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "olmoe": 1e-5}
+RMS_NORM_EPS_DEFAULTS = {"phi3": 1e-5, "mixtral": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "olmoe": 1e-5, "cohere": 1e-5,
+                         "cohere2": 1e-5}  # Cohere's LayerNorm eps, which its config calls layer_norm_eps
 # ... and rope_theta's, where a config names none; else 10,000
 ROPE_THETA_DEFAULTS = {"mixtral": 1e6, "smollm3": 2e6}
 # transformers' Gemma3TextConfig defaults: the Hub's multimodal Gemma 3 configs (4B and up) give their
@@ -115,6 +117,12 @@ class ModelConfig:
     sliding_layers: tuple[bool, ...] = ()  # the layers that attend through `sliding_window`; (): every layer
     local_rope: RopeConfig | None = None  # the sliding layers' RoPE, where it is not `rope`
     rope_layers: tuple[bool, ...] = ()  # the layers whose q and k RoPE rotates (SmolLM3 skips every 4th); (): all
+    # Cohere's (Command R, R7B, A): LayerNorm (centred, no bias; in float32) for RMSNorm, attention and MLP reading
+    # one normed input side by side (one norm a layer), and RoPE turning adjacent pairs of a head's dimensions
+    # (GPT-J's) rather than its two halves.
+    layer_norm: bool = False
+    parallel_block: bool = False
+    rope_interleaved: bool = False
     vision_tower: bool = False  # the checkpoint is multimodal: its vision tower's tensors are left unread
 
     @property
@@ -224,10 +232,12 @@ class ModelConfig:
             num_kv_heads=hf.get("num_key_value_heads") or num_heads,
             head_dim=head_dim,
             max_position_embeddings=get("max_position_embeddings"),
-            rms_norm_eps=float(hf.get("rms_norm_eps", RMS_NORM_EPS_DEFAULTS.get(model_type, 1e-6))),
+            rms_norm_eps=float(hf.get("layer_norm_eps" if model_type in COHERE_MODEL_TYPES else "rms_norm_eps",
+                                      RMS_NORM_EPS_DEFAULTS.get(model_type, 1e-6))),
             rope=rope,
-            # Gemma's and SmolLM3's classes tie them unless told otherwise, the others untie them.
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type in GEMMA_MODEL_TYPES + ("smollm3",))),
+            # Gemma's, SmolLM3's and Cohere's classes tie them unless told otherwise, the others untie them.
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings",
+                                            model_type in GEMMA_MODEL_TYPES + COHERE_MODEL_TYPES + ("smollm3",))),
             # Qwen2 always has q/k/v biases and no o bias, Qwen2-MoE as `qkv_bias` says (true unless sent);
             # the others follow attention_bias.
             qkv_bias=(model_type == "qwen2" or attention_bias if model_type != "qwen2_moe"
@@ -325,7 +335,8 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM",
                   "granite": "GraniteForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                   "gemma3_text": "Gemma3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
-                  "olmo3": "Olmo3ForCausalLM", "olmoe": "OlmoeForCausalLM"}
+                  "olmo3": "Olmo3ForCausalLM", "olmoe": "OlmoeForCausalLM", "cohere": "CohereForCausalLM",
+                  "cohere2": "Cohere2ForCausalLM"}
 
 
 def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
@@ -362,6 +373,8 @@ def _family_fields(hf: dict, model_type: str, get) -> dict:
         return _smollm3_from_hf(hf, get)
     if model_type in OLMO_MODEL_TYPES + ("olmoe",):
         return _olmo_from_hf(hf, model_type, get)
+    if model_type in COHERE_MODEL_TYPES:
+        return _cohere_from_hf(hf, model_type, get)
     return {}
 
 
@@ -377,6 +390,9 @@ def _family_to_hf(cfg: "ModelConfig") -> dict:
     if cfg.model_type == "smollm3":
         return {"no_rope_layers": [int(r) for r in cfg.rope_layers], "use_sliding_window": bool(cfg.sliding_layers),
                 "layer_types": _layer_types_to_hf(cfg)["layer_types"] or None}
+    if cfg.model_type in COHERE_MODEL_TYPES:
+        hf = {"logit_scale": 1 / cfg.logits_scaling, "layer_norm_eps": cfg.rms_norm_eps, "use_qk_norm": False}
+        return {**hf, **_layer_types_to_hf(cfg)} if cfg.model_type == "cohere2" else hf
     return {}
 
 
@@ -453,6 +469,23 @@ def _smollm3_from_hf(hf: dict, get) -> dict:
     if hf.get("use_sliding_window") and hf.get("sliding_window") is not None:
         types = hf.get("layer_types") or ["full_attention" if r else "sliding_attention" for r in rope]
         fields["sliding_layers"] = tuple(t == "sliding_attention" for t in types)
+    return fields
+
+
+def _cohere_from_hf(hf: dict, model_type: str, get) -> dict:
+    """Cohere (Command R) and Cohere 2 (Command R7B, A): LayerNorm, parallel blocks, interleaved RoPE, logits times
+    `logit_scale`; Cohere 2's sliding layers (3 of every `sliding_window_pattern`, 4, by default) alone turn RoPE,
+    its global layers none. Command R+'s q/k LayerNorms (`use_qk_norm`) are refused."""
+    if hf.get("use_qk_norm"):
+        raise ConfigError(f"{model_type} with use_qk_norm=true (Command R+) is not supported")
+    fields = dict(layer_norm=True, parallel_block=True, rope_interleaved=True,
+                  logits_scaling=1 / float(hf.get("logit_scale", 0.0625)))
+    if model_type == "cohere2":
+        period = int(hf.get("sliding_window_pattern") or 4)
+        types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % period else "full_attention"
+                                          for i in range(get("num_hidden_layers"))]
+        sliding = tuple(t == "sliding_attention" for t in types)
+        fields.update(sliding_layers=sliding, rope_layers=sliding)
     return fields
 
 
@@ -644,7 +677,7 @@ def _sliding_window(hf: dict, model_type: str) -> int | None:
     window = hf.get("sliding_window")
     if model_type == "smollm3":
         return window if hf.get("use_sliding_window") else None
-    if model_type in ("mistral", "mixtral", "phi3", "gemma2", "gemma3_text", "olmo3"):
+    if model_type in ("mistral", "mixtral", "phi3", "gemma2", "gemma3_text", "olmo3", "cohere2"):
         return window  # null in Mistral v0.2+ and Phi-4, 4096 in Mistral v0.1, 2047 in Phi-3-mini, 4096 in Gemma 2
     layer_types = hf.get("layer_types") or []
     uses_window = hf.get("use_sliding_window", False) or "sliding_attention" in layer_types

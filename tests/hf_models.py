@@ -51,6 +51,12 @@ FAMILIES = {
                          "sliding_attention": {"rope_type": "default", "rope_theta": 5e5}})),
     # SmolLM3: every other layer here without RoPE (NoPE; every fourth in the released model).
     "smollm3": (transformers.SmolLM3Config, dict(no_rope_layer_interval=2, pad_token_id=0)),
+    # Cohere (Command R) and Cohere 2 (Command R7B, A): LayerNorm, attention and MLP side by side, interleaved RoPE,
+    # logits times logit_scale; Cohere 2 interleaves sliding layers (with RoPE) with global ones (without).
+    "cohere": (transformers.CohereConfig, dict(logit_scale=0.25, pad_token_id=0)),
+    "cohere2": (transformers.Cohere2Config, dict(logit_scale=0.25, sliding_window=12, num_hidden_layers=3,
+                                                 layer_types=["sliding_attention", "full_attention",
+                                                              "sliding_attention"], pad_token_id=0)),
     # Mixtures of experts: 4 experts of 48, 2 a token (Mixtral renormalises their weights; Qwen3-MoE as
     # norm_topk_prob says; Qwen2-MoE adds a gated shared expert and q/k/v biases).
     "mixtral": (transformers.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48)),

@@ -93,15 +93,22 @@ def _yarn_scaling(inv_freq: np.ndarray, wavelengths: np.ndarray, rope: RopeConfi
     return (divided * (np.float32(1) - kept) + inv_freq * kept).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scale: float = 1.0) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scale: float = 1.0,
+               interleaved: bool = False) -> jax.Array:
     """x [B, T, N, H], positions [B, T]: rotate-half RoPE (the Hugging Face layout) of the first R = 2 len(inv_freq)
-    dimensions (the rest pass as they are), cos and sin times `scale` (YaRN's and LongRoPE's attention factor)."""
+    dimensions (the rest pass as they are), cos and sin times `scale` (YaRN's and LongRoPE's attention factor).
+    `interleaved`: frequency i turns dimensions 2i and 2i + 1 (GPT-J's and Cohere's layout) instead of i and i + R/2."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, R/2]
     cos = scaled(jnp.cos(freqs)[:, :, None, :], scale)
     sin = scaled(jnp.sin(freqs)[:, :, None, :], scale)
     rotary = 2 * freqs.shape[-1]
-    x1, x2 = jnp.split(x[..., :rotary].astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    turned = x[..., :rotary].astype(jnp.float32)
+    if interleaved:
+        x1, x2 = turned[..., 0::2], turned[..., 1::2]
+        out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(turned.shape).astype(x.dtype)
+    else:
+        x1, x2 = jnp.split(turned, 2, axis=-1)
+        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
     return out if rotary == x.shape[-1] else jnp.concatenate([out, x[..., rotary:]], axis=-1)
 
 
@@ -116,7 +123,17 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, plus_one: bool = False
     return weight * normed.astype(x.dtype)
 
 
+def layer_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm without a bias, in float32 (times the weight too), then rounded: Cohere's."""
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    normed = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+    return (weight.astype(jnp.float32) * normed).astype(x.dtype)
+
+
 def norm(x: jax.Array, weight: jax.Array, cfg: ModelConfig, axes: tuple[int, ...] = (-1,)) -> jax.Array:
+    if cfg.layer_norm:
+        return layer_norm(x, weight, cfg.rms_norm_eps)
     return rms_norm(x, weight, cfg.rms_norm_eps, cfg.norm_plus_one, cfg.norm_scale_f32, axes)
 
 
@@ -192,7 +209,7 @@ def rotated(cfg: ModelConfig, q: jax.Array, k: jax.Array, positions: jax.Array, 
         inv_freq = jnp.where(sliding, local, inv_freq)
         if cfg.local_rope.attention_factor != scale:
             scale = jnp.where(sliding, cfg.local_rope.attention_factor, scale)
-    q_rot, k_rot = apply_rope(q, positions, inv_freq, scale), apply_rope(k, positions, inv_freq, scale)
+    q_rot, k_rot = (apply_rope(x, positions, inv_freq, scale, cfg.rope_interleaved) for x in (q, k))
     if not cfg.rope_layers:
         return q_rot, k_rot
     return jnp.where(rope_on, q_rot, q), jnp.where(rope_on, k_rot, k)
@@ -224,7 +241,8 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
     def layer(carry, xs):
         h, k_pool, v_pool = carry
         lp, index = xs
-        q, k, v = qkv(lp, cfg, norm(h, lp["attn_norm"], cfg) if cfg.pre_norms else h)
+        normed = norm(h, lp["attn_norm"], cfg) if cfg.pre_norms else h
+        q, k, v = qkv(lp, cfg, normed)
         q, k = rotated(cfg, q, k, batch.positions, sliding_layers[index], rope_layers[index])
         if cfg.attention_multiplier is not None:  # every attention path scales by 1 / sqrt(H): undo it in q
             q = (q.astype(jnp.float32) * (cfg.attention_multiplier * cfg.head_dim ** 0.5)).astype(q.dtype)
@@ -236,6 +254,8 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
                       batch.positions, rows=batch.rows)
         out = jnp.einsum("BTNH,NHD->BTD", attn, lp["wo"])
         out = out + lp["bo"] if cfg.o_bias else out
+        if cfg.parallel_block:  # Cohere: h + attention(norm(h)) + MLP(norm(h))
+            return (h + out + mlp(lp, cfg, normed), k_pool, v_pool), None
         h = h + scaled(norm(out, lp["post_attn_norm"], cfg) if cfg.post_norms else out, cfg.residual_multiplier)
         y = norm(h, lp["mlp_norm"], cfg) if cfg.pre_norms else h
         out = moe(lp, cfg, y) if cfg.num_experts else mlp(lp, cfg, y)

@@ -125,6 +125,8 @@ def weight_table(cfg: ModelConfig) -> list[WeightSpec]:
         specs = _fused(specs, cfg)
     if cfg.post_norms:
         specs = _post_norms(specs, cfg)
+    if cfg.parallel_block:  # the MLP reads the attention's normed input: one norm a layer
+        specs = [spec for spec in specs if spec.name != "layers.mlp_norm"]
     if cfg.norm_plus_one:
         specs = [dataclasses.replace(spec, init="zeros") if spec.init == "ones" else spec for spec in specs]
     if not cfg.tie_word_embeddings:
