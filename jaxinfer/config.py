@@ -243,7 +243,8 @@ class ModelConfig:
             qkv_bias=(model_type == "qwen2" or attention_bias if model_type != "qwen2_moe"
                       else bool(hf.get("qkv_bias", True))),
             o_bias=model_type not in ("qwen2", "qwen2_moe") and attention_bias,
-            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmoe") + OLMO_MODEL_TYPES,
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmoe") + OLMO_MODEL_TYPES or
+            (model_type == "cohere" and bool(hf.get("use_qk_norm"))),
             sliding_window=_sliding_window(hf, model_type),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=_as_tuple(hf.get("eos_token_id")),
@@ -391,7 +392,7 @@ def _family_to_hf(cfg: "ModelConfig") -> dict:
         return {"no_rope_layers": [int(r) for r in cfg.rope_layers], "use_sliding_window": bool(cfg.sliding_layers),
                 "layer_types": _layer_types_to_hf(cfg)["layer_types"] or None}
     if cfg.model_type in COHERE_MODEL_TYPES:
-        hf = {"logit_scale": 1 / cfg.logits_scaling, "layer_norm_eps": cfg.rms_norm_eps, "use_qk_norm": False}
+        hf = {"logit_scale": 1 / cfg.logits_scaling, "layer_norm_eps": cfg.rms_norm_eps, "use_qk_norm": cfg.qk_norm}
         return {**hf, **_layer_types_to_hf(cfg)} if cfg.model_type == "cohere2" else hf
     return {}
 
@@ -475,9 +476,9 @@ def _smollm3_from_hf(hf: dict, get) -> dict:
 def _cohere_from_hf(hf: dict, model_type: str, get) -> dict:
     """Cohere (Command R) and Cohere 2 (Command R7B, A): LayerNorm, parallel blocks, interleaved RoPE, logits times
     `logit_scale`; Cohere 2's sliding layers (3 of every `sliding_window_pattern`, 4, by default) alone turn RoPE,
-    its global layers none. Command R+'s q/k LayerNorms (`use_qk_norm`) are refused."""
-    if hf.get("use_qk_norm"):
-        raise ConfigError(f"{model_type} with use_qk_norm=true (Command R+) is not supported")
+    its global layers none. Command R+'s q/k LayerNorms (`use_qk_norm`) are read with the other fields."""
+    if model_type == "cohere2" and hf.get("use_qk_norm"):
+        raise ConfigError("cohere2 with use_qk_norm=true is not supported (transformers' Cohere 2 has no q/k norms)")
     fields = dict(layer_norm=True, parallel_block=True, rope_interleaved=True,
                   logits_scaling=1 / float(hf.get("logit_scale", 0.0625)))
     if model_type == "cohere2":

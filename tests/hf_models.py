@@ -54,6 +54,7 @@ FAMILIES = {
     # Cohere (Command R) and Cohere 2 (Command R7B, A): LayerNorm, attention and MLP side by side, interleaved RoPE,
     # logits times logit_scale; Cohere 2 interleaves sliding layers (with RoPE) with global ones (without).
     "cohere": (transformers.CohereConfig, dict(logit_scale=0.25, pad_token_id=0)),
+    "cohere-qk-norm": (transformers.CohereConfig, dict(logit_scale=0.25, use_qk_norm=True, pad_token_id=0)),  # R+
     "cohere2": (transformers.Cohere2Config, dict(logit_scale=0.25, sliding_window=12, num_hidden_layers=3,
                                                  layer_types=["sliding_attention", "full_attention",
                                                               "sliding_attention"], pad_token_id=0)),
@@ -75,7 +76,7 @@ def build(family: str, directory, dtype=torch.float32, seed: int = 0, config: di
     config_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**COMMON, **extra, **(config or {})})).eval()
-    if family.startswith(("gemma", "olmo")):  # norms at 0 (Gemma's scale by 1 + w) or 1: make each one matter
+    if family.startswith(("gemma", "olmo", "cohere")):  # norms at 0 (Gemma's scale by 1 + w) or 1: make each one matter
         with torch.no_grad():
             for name, weight in model.named_parameters():
                 if "norm" in name:

@@ -143,7 +143,8 @@ def qkv(lp: dict, cfg: ModelConfig, y: jax.Array):
     v = jnp.einsum("BTD,DKH->BTKH", y, lp["wv"])
     if cfg.qkv_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
-    if cfg.qk_norm:  # head by head, or over all heads at once (OLMo: weights [N, H] and [K, H])
+    if cfg.qk_norm:  # head by head, or over all heads at once (OLMo: weights [N, H] and [K, H]; Cohere's LayerNorm
+        #             weighs each head apart, [N, H], and norms it alone)
         axes = (-2, -1) if cfg.qk_norm_over_heads else (-1,)
         q, k = norm(q, lp["q_norm"], cfg, axes), norm(k, lp["k_norm"], cfg, axes)
     return q, k, v

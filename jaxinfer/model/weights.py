@@ -113,6 +113,13 @@ def weight_table(cfg: ModelConfig) -> list[WeightSpec]:
             WeightSpec("layers.k_norm", (K, H), ("kv_heads", "head_dim"), lp + "self_attn.k_norm.weight", (K * H,),
                        init="ones"),
         ]
+    elif cfg.qk_norm and cfg.layer_norm:  # Cohere's (Command R+): each head normed apart, with weights of its own
+        specs += [
+            WeightSpec("layers.q_norm", (N, H), ("heads", "head_dim"), lp + "self_attn.q_norm.weight", (N, H),
+                       init="ones"),
+            WeightSpec("layers.k_norm", (K, H), ("kv_heads", "head_dim"), lp + "self_attn.k_norm.weight", (K, H),
+                       init="ones"),
+        ]
     elif cfg.qk_norm:
         specs += [
             WeightSpec("layers.q_norm", (H,), ("head_dim",), lp + "self_attn.q_norm.weight", (H,), init="ones"),
