@@ -2,8 +2,8 @@
 
 `ModelConfig` is an explicit mapping of a Hugging Face `config.json` for the
 Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Phi-3/Phi-4, Granite 3, Gemma 1/2/3, SmolLM3,
-OLMo 2/3, Cohere 1/2; the language models of multimodal checkpoints: Gemma 3 4B+, Mistral Small 3.1/3.2, Qwen2/2.5/3-VL)
-and its mixture-of-experts kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE, OLMoE). `EngineConfig`
+OLMo 2/3, Cohere 1/2, StarCoder 2; the language models of multimodal checkpoints: Gemma 3 4B+, Mistral Small
+3.1/3.2, Qwen2/2.5/3-VL) and its mixture-of-experts kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE, OLMoE). `EngineConfig`
 holds the serving knobs (slots, pages, chunking, dtype). Host code only: this
 module must not import JAX.
 """
@@ -20,8 +20,8 @@ from typing import Any
 GEMMA_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_MODEL_TYPES = ("olmo2", "olmo3")
 COHERE_MODEL_TYPES = ("cohere", "cohere2")
-DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3") + GEMMA_MODEL_TYPES + \
-    OLMO_MODEL_TYPES + COHERE_MODEL_TYPES
+DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3", "starcoder2") + \
+    GEMMA_MODEL_TYPES + OLMO_MODEL_TYPES + COHERE_MODEL_TYPES
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
@@ -31,7 +31,8 @@ SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128}
 # transformers' class defaults where rms_norm_eps is absent; else 1e-6
 RMS_NORM_EPS_DEFAULTS = {"phi3": 1e-5, "mixtral": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "olmoe": 1e-5, "cohere": 1e-5,
-                         "cohere2": 1e-5}  # Cohere's LayerNorm eps, which its config calls layer_norm_eps
+                         "cohere2": 1e-5, "starcoder2": 1e-5}  # Cohere's and StarCoder 2's: LayerNorm's eps
+NORM_EPS_FIELD = {"cohere": "layer_norm_eps", "cohere2": "layer_norm_eps", "starcoder2": "norm_epsilon"}
 # ... and rope_theta's, where a config names none; else 10,000
 ROPE_THETA_DEFAULTS = {"mixtral": 1e6, "smollm3": 2e6}
 # transformers' Gemma3TextConfig defaults: the Hub's multimodal Gemma 3 configs (4B and up) give their
@@ -123,6 +124,11 @@ class ModelConfig:
     layer_norm: bool = False
     parallel_block: bool = False
     rope_interleaved: bool = False
+    # StarCoder 2's: LayerNorms with a bias, an MLP of two projections (act(y W_up + b_up) W_down + b_down) rather
+    # than a gated one, with biases as its attention has them.
+    norm_bias: bool = False
+    gated_mlp: bool = True
+    mlp_bias: bool = False
     vision_tower: bool = False  # the checkpoint is multimodal: its vision tower's tensors are left unread
 
     @property
@@ -213,7 +219,8 @@ class ModelConfig:
         num_heads = get("num_attention_heads")
         hidden = get("hidden_size")
         head_dim = hf.get("head_dim") or DEFAULT_HEAD_DIM.get(model_type) or hidden // num_heads
-        attention_bias = bool(hf.get("attention_bias", False))
+        attention_bias = bool(hf.get("use_bias", True) if model_type == "starcoder2"  # StarCoder 2: biases everywhere
+                              else hf.get("attention_bias", False))
         moe = _moe_from_hf(hf, model_type, get)
         rope = _rope_from_hf(_layer_rope(hf, "full_attention") if model_type in LAYER_TYPE_ROPES else hf)
         if rope.partial_rotary_factor != 1.0 and model_type != "phi3":
@@ -232,12 +239,13 @@ class ModelConfig:
             num_kv_heads=hf.get("num_key_value_heads") or num_heads,
             head_dim=head_dim,
             max_position_embeddings=get("max_position_embeddings"),
-            rms_norm_eps=float(hf.get("layer_norm_eps" if model_type in COHERE_MODEL_TYPES else "rms_norm_eps",
+            rms_norm_eps=float(hf.get(NORM_EPS_FIELD.get(model_type, "rms_norm_eps"),
                                       RMS_NORM_EPS_DEFAULTS.get(model_type, 1e-6))),
             rope=rope,
             # Gemma's, SmolLM3's and Cohere's classes tie them unless told otherwise, the others untie them.
             tie_word_embeddings=bool(hf.get("tie_word_embeddings",
-                                            model_type in GEMMA_MODEL_TYPES + COHERE_MODEL_TYPES + ("smollm3",))),
+                                            model_type in GEMMA_MODEL_TYPES + COHERE_MODEL_TYPES +
+                                            ("smollm3", "starcoder2"))),
             # Qwen2 always has q/k/v biases and no o bias, Qwen2-MoE as `qkv_bias` says (true unless sent);
             # the others follow attention_bias.
             qkv_bias=(model_type == "qwen2" or attention_bias if model_type != "qwen2_moe"
@@ -337,7 +345,7 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "granite": "GraniteForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                   "gemma3_text": "Gemma3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
                   "olmo3": "Olmo3ForCausalLM", "olmoe": "OlmoeForCausalLM", "cohere": "CohereForCausalLM",
-                  "cohere2": "Cohere2ForCausalLM"}
+                  "cohere2": "Cohere2ForCausalLM", "starcoder2": "Starcoder2ForCausalLM"}
 
 
 def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
@@ -376,6 +384,8 @@ def _family_fields(hf: dict, model_type: str, get) -> dict:
         return _olmo_from_hf(hf, model_type, get)
     if model_type in COHERE_MODEL_TYPES:
         return _cohere_from_hf(hf, model_type, get)
+    if model_type == "starcoder2":
+        return dict(layer_norm=True, norm_bias=True, gated_mlp=False, mlp_bias=bool(hf.get("use_bias", True)))
     return {}
 
 
@@ -391,6 +401,8 @@ def _family_to_hf(cfg: "ModelConfig") -> dict:
     if cfg.model_type == "smollm3":
         return {"no_rope_layers": [int(r) for r in cfg.rope_layers], "use_sliding_window": bool(cfg.sliding_layers),
                 "layer_types": _layer_types_to_hf(cfg)["layer_types"] or None}
+    if cfg.model_type == "starcoder2":
+        return {"use_bias": cfg.qkv_bias, "norm_epsilon": cfg.rms_norm_eps}
     if cfg.model_type in COHERE_MODEL_TYPES:
         hf = {"logit_scale": 1 / cfg.logits_scaling, "layer_norm_eps": cfg.rms_norm_eps, "use_qk_norm": cfg.qk_norm}
         return {**hf, **_layer_types_to_hf(cfg)} if cfg.model_type == "cohere2" else hf
@@ -678,7 +690,7 @@ def _sliding_window(hf: dict, model_type: str) -> int | None:
     window = hf.get("sliding_window")
     if model_type == "smollm3":
         return window if hf.get("use_sliding_window") else None
-    if model_type in ("mistral", "mixtral", "phi3", "gemma2", "gemma3_text", "olmo3", "cohere2"):
+    if model_type in ("mistral", "mixtral", "phi3", "gemma2", "gemma3_text", "olmo3", "cohere2", "starcoder2"):
         return window  # null in Mistral v0.2+ and Phi-4, 4096 in Mistral v0.1, 2047 in Phi-3-mini, 4096 in Gemma 2
     layer_types = hf.get("layer_types") or []
     uses_window = hf.get("use_sliding_window", False) or "sliding_attention" in layer_types

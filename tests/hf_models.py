@@ -58,6 +58,8 @@ FAMILIES = {
     "cohere2": (transformers.Cohere2Config, dict(logit_scale=0.25, sliding_window=12, num_hidden_layers=3,
                                                  layer_types=["sliding_attention", "full_attention",
                                                               "sliding_attention"], pad_token_id=0)),
+    # StarCoder 2: LayerNorms with biases, a two-projection GELU MLP, biases on every projection, a sliding window.
+    "starcoder2": (transformers.Starcoder2Config, dict(sliding_window=24, pad_token_id=0)),
     # Mixtures of experts: 4 experts of 48, 2 a token (Mixtral renormalises their weights; Qwen3-MoE as
     # norm_topk_prob says; Qwen2-MoE adds a gated shared expert and q/k/v biases).
     "mixtral": (transformers.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48)),
@@ -76,11 +78,16 @@ def build(family: str, directory, dtype=torch.float32, seed: int = 0, config: di
     config_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**COMMON, **extra, **(config or {})})).eval()
-    if family.startswith(("gemma", "olmo", "cohere")):  # norms at 0 (Gemma's scale by 1 + w) or 1: make each one matter
+    # Norms at 0 (Gemma's scale by 1 + w) or 1, biases at 0: make each one matter.
+    if family.startswith(("gemma", "olmo", "cohere", "starcoder")):
         with torch.no_grad():
             for name, weight in model.named_parameters():
                 if "norm" in name:
                     weight.normal_(0.0, 0.5)
+    with torch.no_grad():  # transformers starts the projections' biases at 0: draw them, so that each one matters
+        for name, weight in model.named_parameters():
+            if name.endswith(".bias") and "norm" not in name:
+                weight.normal_(0.0, 0.1)
     model.generation_config.eos_token_id = None  # greedy parity runs the full length
     model.to(dtype).save_pretrained(directory, **save_kwargs)
     return model.float()

@@ -123,17 +123,20 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, plus_one: bool = False
     return weight * normed.astype(x.dtype)
 
 
-def layer_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """LayerNorm without a bias, in float32 (times the weight too), then rounded: Cohere's."""
+def layer_norm(x: jax.Array, weight: jax.Array, eps: float, bias: jax.Array | None = None) -> jax.Array:
+    """LayerNorm in float32 (times the weight, plus the bias if any, too), then rounded: Cohere's (no bias) and
+    StarCoder 2's."""
     x32 = x.astype(jnp.float32)
     centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-    normed = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
-    return (weight.astype(jnp.float32) * normed).astype(x.dtype)
+    normed = weight.astype(jnp.float32) * (centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1,
+                                                                            keepdims=True) + eps))
+    return (normed if bias is None else normed + bias.astype(jnp.float32)).astype(x.dtype)
 
 
-def norm(x: jax.Array, weight: jax.Array, cfg: ModelConfig, axes: tuple[int, ...] = (-1,)) -> jax.Array:
+def norm(x: jax.Array, weight: jax.Array, cfg: ModelConfig, axes: tuple[int, ...] = (-1,),
+         bias: jax.Array | None = None) -> jax.Array:
     if cfg.layer_norm:
-        return layer_norm(x, weight, cfg.rms_norm_eps)
+        return layer_norm(x, weight, cfg.rms_norm_eps, bias)
     return rms_norm(x, weight, cfg.rms_norm_eps, cfg.norm_plus_one, cfg.norm_scale_f32, axes)
 
 
@@ -167,8 +170,13 @@ ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.n
 
 
 def mlp(lp: dict, cfg: ModelConfig, y: jax.Array, prefix: str = "w") -> jax.Array:
-    gate = jnp.einsum("BTD,DF->BTF", y, lp[f"{prefix}_gate"])
+    """act(y W_gate) * y W_up, then W_down; StarCoder 2's (no gate): act(y W_up + b_up) W_down + b_down."""
     up = jnp.einsum("BTD,DF->BTF", y, lp[f"{prefix}_up"])
+    if not cfg.gated_mlp:
+        hidden = ACTIVATIONS[cfg.activation](up + lp["b_up"] if cfg.mlp_bias else up)
+        out = jnp.einsum("BTF,FD->BTD", hidden, lp[f"{prefix}_down"])
+        return out + lp["b_down"] if cfg.mlp_bias else out
+    gate = jnp.einsum("BTD,DF->BTF", y, lp[f"{prefix}_gate"])
     return jnp.einsum("BTF,FD->BTD", ACTIVATIONS[cfg.activation](gate) * up, lp[f"{prefix}_down"])
 
 
@@ -242,7 +250,7 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
     def layer(carry, xs):
         h, k_pool, v_pool = carry
         lp, index = xs
-        normed = norm(h, lp["attn_norm"], cfg) if cfg.pre_norms else h
+        normed = norm(h, lp["attn_norm"], cfg, bias=lp.get("attn_norm_bias")) if cfg.pre_norms else h
         q, k, v = qkv(lp, cfg, normed)
         q, k = rotated(cfg, q, k, batch.positions, sliding_layers[index], rope_layers[index])
         if cfg.attention_multiplier is not None:  # every attention path scales by 1 / sqrt(H): undo it in q
@@ -258,7 +266,7 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
         if cfg.parallel_block:  # Cohere: h + attention(norm(h)) + MLP(norm(h))
             return (h + out + mlp(lp, cfg, normed), k_pool, v_pool), None
         h = h + scaled(norm(out, lp["post_attn_norm"], cfg) if cfg.post_norms else out, cfg.residual_multiplier)
-        y = norm(h, lp["mlp_norm"], cfg) if cfg.pre_norms else h
+        y = norm(h, lp["mlp_norm"], cfg, bias=lp.get("mlp_norm_bias")) if cfg.pre_norms else h
         out = moe(lp, cfg, y) if cfg.num_experts else mlp(lp, cfg, y)
         h = h + scaled(norm(out, lp["post_mlp_norm"], cfg) if cfg.post_norms else out, cfg.residual_multiplier)
         return (h, k_pool, v_pool), None
@@ -266,7 +274,7 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
     h = scaled(params["embed"][batch.tokens], cfg.embedding_multiplier)
     layer_ids = jnp.arange(cfg.num_layers)
     (h, k_pool, v_pool), _ = jax.lax.scan(layer, (h, kv.k, kv.v), (params["layers"], layer_ids))
-    return norm(h, params["final_norm"], cfg), KVPool(k_pool, v_pool)
+    return norm(h, params["final_norm"], cfg, bias=params.get("final_norm_bias")), KVPool(k_pool, v_pool)
 
 
 def scaled(x: jax.Array, multiplier: float) -> jax.Array:

@@ -134,6 +134,11 @@ def weight_table(cfg: ModelConfig) -> list[WeightSpec]:
         specs = _post_norms(specs, cfg)
     if cfg.parallel_block:  # the MLP reads the attention's normed input: one norm a layer
         specs = [spec for spec in specs if spec.name != "layers.mlp_norm"]
+    if not cfg.gated_mlp:
+        specs = _two_projection_mlp(specs, cfg)
+    if cfg.norm_bias:
+        specs += [WeightSpec(f"{spec.name}_bias", spec.shape, spec.axes, spec.hf_key.replace(".weight", ".bias"),
+                             spec.hf_shape, init="zeros") for spec in specs if spec.name.endswith("norm")]
     if cfg.norm_plus_one:
         specs = [dataclasses.replace(spec, init="zeros") if spec.init == "ones" else spec for spec in specs]
     if not cfg.tie_word_embeddings:
@@ -179,6 +184,18 @@ def _fused(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
              "layers.w_gate": (gate_up, gate_up_shape, (0, F)), "layers.w_up": (gate_up, gate_up_shape, (F, 2 * F))}
     return [dataclasses.replace(spec, hf_key=parts[spec.name][0], hf_shape=parts[spec.name][1],
                                 hf_rows=parts[spec.name][2]) if spec.name in parts else spec for spec in specs]
+
+
+def _two_projection_mlp(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
+    """StarCoder 2's MLP: `c_fc` (our w_up) and `c_proj` (w_down), no gate; their biases where it has them."""
+    D, F, lp = cfg.hidden_size, cfg.intermediate_size, "model.layers.{i}."
+    keys = {"layers.w_up": lp + "mlp.c_fc.weight", "layers.w_down": lp + "mlp.c_proj.weight"}
+    specs = [dataclasses.replace(spec, hf_key=keys.get(spec.name, spec.hf_key)) for spec in specs
+             if spec.name != "layers.w_gate"]
+    if cfg.mlp_bias:
+        specs += [WeightSpec("layers.b_up", (F,), ("mlp",), lp + "mlp.c_fc.bias", (F,)),
+                  WeightSpec("layers.b_down", (D,), ("embed",), lp + "mlp.c_proj.bias", (D,))]
+    return specs
 
 
 def _post_norms(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
