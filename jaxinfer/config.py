@@ -242,7 +242,7 @@ class ModelConfig:
             rms_norm_eps=float(hf.get(NORM_EPS_FIELD.get(model_type, "rms_norm_eps"),
                                       RMS_NORM_EPS_DEFAULTS.get(model_type, 1e-6))),
             rope=rope,
-            # Gemma's, SmolLM3's and Cohere's classes tie them unless told otherwise, the others untie them.
+            # Gemma's, SmolLM3's, Cohere's and StarCoder 2's classes tie them unless told otherwise; the others do not.
             tie_word_embeddings=bool(hf.get("tie_word_embeddings",
                                             model_type in GEMMA_MODEL_TYPES + COHERE_MODEL_TYPES +
                                             ("smollm3", "starcoder2"))),
