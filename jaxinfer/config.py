@@ -2,7 +2,7 @@
 
 `ModelConfig` is an explicit mapping of a Hugging Face `config.json` for the
 Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Phi-3/Phi-4, Granite 3, Gemma 1/2/3, SmolLM3,
-OLMo 2/3, Cohere 1/2, StarCoder 2; the language models of multimodal checkpoints: Gemma 3 4B+, Mistral Small
+OLMo 2/3, Cohere 1/2, StarCoder 2, GLM-4; the language models of multimodal checkpoints: Gemma 3 4B+, Mistral Small
 3.1/3.2, Qwen2/2.5/3-VL) and its mixture-of-experts kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE, OLMoE). `EngineConfig`
 holds the serving knobs (slots, pages, chunking, dtype). Host code only: this
 module must not import JAX.
@@ -20,9 +20,11 @@ from typing import Any
 GEMMA_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_MODEL_TYPES = ("olmo2", "olmo3")
 COHERE_MODEL_TYPES = ("cohere", "cohere2")
+GLM_MODEL_TYPES = ("glm", "glm4")
 DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3", "starcoder2") + \
-    GEMMA_MODEL_TYPES + OLMO_MODEL_TYPES + COHERE_MODEL_TYPES
+    GEMMA_MODEL_TYPES + OLMO_MODEL_TYPES + COHERE_MODEL_TYPES + GLM_MODEL_TYPES
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
+FUSED_GATE_UP = GLM_MODEL_TYPES  # the MLP's gate and up in one checkpoint tensor
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
@@ -220,12 +222,12 @@ class ModelConfig:
         hidden = get("hidden_size")
         head_dim = hf.get("head_dim") or DEFAULT_HEAD_DIM.get(model_type) or hidden // num_heads
         attention_bias = bool(hf.get("use_bias", True) if model_type == "starcoder2"  # StarCoder 2: biases everywhere
-                              else hf.get("attention_bias", False))
+                              else hf.get("attention_bias", model_type in GLM_MODEL_TYPES))
         moe = _moe_from_hf(hf, model_type, get)
         rope = _rope_from_hf(_layer_rope(hf, "full_attention") if model_type in LAYER_TYPE_ROPES else hf)
-        if rope.partial_rotary_factor != 1.0 and model_type != "phi3":
+        if rope.partial_rotary_factor != 1.0 and model_type not in ("phi3",) + GLM_MODEL_TYPES:
             raise ConfigError(f"partial_rotary_factor={rope.partial_rotary_factor} is not supported for "
-                              f"{model_type}: only phi3's (Phi-4-mini) turns part of each head")
+                              f"{model_type}: only phi3's (Phi-4-mini) and GLM's turn part of each head")
         return cls(
             **_family_fields(hf, model_type, get),
             activation=act,
@@ -250,7 +252,7 @@ class ModelConfig:
             # the others follow attention_bias.
             qkv_bias=(model_type == "qwen2" or attention_bias if model_type != "qwen2_moe"
                       else bool(hf.get("qkv_bias", True))),
-            o_bias=model_type not in ("qwen2", "qwen2_moe") and attention_bias,
+            o_bias=model_type not in ("qwen2", "qwen2_moe") + GLM_MODEL_TYPES and attention_bias,
             qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmoe") + OLMO_MODEL_TYPES or
             (model_type == "cohere" and bool(hf.get("use_qk_norm"))),
             sliding_window=_sliding_window(hf, model_type),
@@ -345,7 +347,8 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "granite": "GraniteForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                   "gemma3_text": "Gemma3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
                   "olmo3": "Olmo3ForCausalLM", "olmoe": "OlmoeForCausalLM", "cohere": "CohereForCausalLM",
-                  "cohere2": "Cohere2ForCausalLM", "starcoder2": "Starcoder2ForCausalLM"}
+                  "cohere2": "Cohere2ForCausalLM", "starcoder2": "Starcoder2ForCausalLM", "glm": "GlmForCausalLM",
+                  "glm4": "Glm4ForCausalLM"}
 
 
 def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
@@ -386,6 +389,8 @@ def _family_fields(hf: dict, model_type: str, get) -> dict:
         return _cohere_from_hf(hf, model_type, get)
     if model_type == "starcoder2":
         return dict(layer_norm=True, norm_bias=True, gated_mlp=False, mlp_bias=bool(hf.get("use_bias", True)))
+    if model_type in GLM_MODEL_TYPES:  # GLM-4: RoPE over adjacent pairs of the first half; GLM-4-0414 post-norms too
+        return dict(rope_interleaved=True, post_norms=model_type == "glm4")
     return {}
 
 

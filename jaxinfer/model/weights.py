@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.config import FUSED_PROJECTIONS, ModelConfig
+from jaxinfer.config import FUSED_GATE_UP, FUSED_PROJECTIONS, GLM_MODEL_TYPES, ModelConfig
 from jaxinfer.model import safetensors_io
 from jaxinfer.model.safetensors_io import CheckpointError
 from jaxinfer.sharding import kv_replicas, logical_sharding
@@ -128,7 +128,7 @@ def weight_table(cfg: ModelConfig) -> list[WeightSpec]:
     if cfg.num_experts:
         specs = [spec for spec in specs if spec.name not in ("layers.w_gate", "layers.w_up", "layers.w_down")]
         specs += _expert_specs(cfg)
-    if cfg.model_type in FUSED_PROJECTIONS:
+    if cfg.model_type in FUSED_PROJECTIONS + FUSED_GATE_UP:
         specs = _fused(specs, cfg)
     if cfg.post_norms:
         specs = _post_norms(specs, cfg)
@@ -175,13 +175,15 @@ def _expert_specs(cfg: ModelConfig) -> list[WeightSpec]:
 
 
 def _fused(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
-    """Phi-3's layout: q, k and v are rows of one `qkv_proj`, the MLP's gate and up rows of one `gate_up_proj`."""
+    """Phi-3's layout: q, k and v are rows of one `qkv_proj`, the MLP's gate and up rows of one `gate_up_proj`;
+    GLM's: the gate and up only."""
     D, F, N, K, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     qkv, gate_up = "model.layers.{i}.self_attn.qkv_proj.weight", "model.layers.{i}.mlp.gate_up_proj.weight"
     qkv_shape, gate_up_shape = ((N + 2 * K) * H, D), (2 * F, D)
-    parts = {"layers.wq": (qkv, qkv_shape, (0, N * H)), "layers.wk": (qkv, qkv_shape, (N * H, (N + K) * H)),
-             "layers.wv": (qkv, qkv_shape, ((N + K) * H, (N + 2 * K) * H)),
-             "layers.w_gate": (gate_up, gate_up_shape, (0, F)), "layers.w_up": (gate_up, gate_up_shape, (F, 2 * F))}
+    parts = {"layers.w_gate": (gate_up, gate_up_shape, (0, F)), "layers.w_up": (gate_up, gate_up_shape, (F, 2 * F))}
+    if cfg.model_type in FUSED_PROJECTIONS:
+        parts.update({"layers.wq": (qkv, qkv_shape, (0, N * H)), "layers.wk": (qkv, qkv_shape, (N * H, (N + K) * H)),
+                      "layers.wv": (qkv, qkv_shape, ((N + K) * H, (N + 2 * K) * H))})
     return [dataclasses.replace(spec, hf_key=parts[spec.name][0], hf_shape=parts[spec.name][1],
                                 hf_rows=parts[spec.name][2]) if spec.name in parts else spec for spec in specs]
 
@@ -203,15 +205,19 @@ def _post_norms(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
     MLP's input norm, in Gemma 2/3 `pre_feedforward_layernorm`), `post_feedforward_layernorm` the MLP's. OLMo 2/3
     norm no sublayer's input."""
     D, lp = cfg.hidden_size, "model.layers.{i}."
-    if cfg.pre_norms:
+    # GLM-4-0414 keeps Llama's name for the MLP's input norm and names the output norms after the sublayers.
+    glm = cfg.model_type in GLM_MODEL_TYPES
+    post_attn, post_mlp = ("post_self_attn_layernorm", "post_mlp_layernorm") if glm else \
+        ("post_attention_layernorm", "post_feedforward_layernorm")
+    if cfg.pre_norms and not glm:
         specs = [dataclasses.replace(spec, hf_key=lp + "pre_feedforward_layernorm.weight")
                  if spec.name == "layers.mlp_norm" else spec for spec in specs]
-    else:
+    elif not cfg.pre_norms:
         specs = [spec for spec in specs if spec.name not in ("layers.attn_norm", "layers.mlp_norm")]
-    return specs + [WeightSpec("layers.post_attn_norm", (D,), ("embed",), lp + "post_attention_layernorm.weight",
-                               (D,), init="ones"),
-                    WeightSpec("layers.post_mlp_norm", (D,), ("embed",), lp + "post_feedforward_layernorm.weight",
-                               (D,), init="ones")]
+    return specs + [WeightSpec("layers.post_attn_norm", (D,), ("embed",), lp + post_attn + ".weight", (D,),
+                               init="ones"),
+                    WeightSpec("layers.post_mlp_norm", (D,), ("embed",), lp + post_mlp + ".weight", (D,),
+                               init="ones")]
 
 
 def param_count(cfg: ModelConfig) -> int:
