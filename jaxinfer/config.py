@@ -1,7 +1,7 @@
 """Frozen configuration dataclasses.
 
 `ModelConfig` is an explicit mapping of a Hugging Face `config.json` for the
-Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Phi-3/Phi-4, Granite 3, Gemma 1/2/3, SmolLM3,
+Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Phi-2, Phi-3/Phi-4, Granite 3, Gemma 1/2/3, SmolLM3,
 OLMo 2/3, Cohere 1/2, StarCoder 2, GLM-4; the language models of multimodal checkpoints: Gemma 3 4B+, Mistral Small
 3.1/3.2, Qwen2/2.5/3-VL) and its mixture-of-experts kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE, OLMoE). `EngineConfig`
 holds the serving knobs (slots, pages, chunking, dtype). Host code only: this
@@ -21,7 +21,7 @@ GEMMA_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_MODEL_TYPES = ("olmo2", "olmo3")
 COHERE_MODEL_TYPES = ("cohere", "cohere2")
 GLM_MODEL_TYPES = ("glm", "glm4")
-DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3", "starcoder2") + \
+DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "granite", "smollm3", "starcoder2") + \
     GEMMA_MODEL_TYPES + OLMO_MODEL_TYPES + COHERE_MODEL_TYPES + GLM_MODEL_TYPES
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
 FUSED_GATE_UP = GLM_MODEL_TYPES  # the MLP's gate and up in one checkpoint tensor
@@ -33,8 +33,9 @@ SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128}
 # transformers' class defaults where rms_norm_eps is absent; else 1e-6
 RMS_NORM_EPS_DEFAULTS = {"phi3": 1e-5, "mixtral": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "olmoe": 1e-5, "cohere": 1e-5,
-                         "cohere2": 1e-5, "starcoder2": 1e-5}  # Cohere's and StarCoder 2's: LayerNorm's eps
-NORM_EPS_FIELD = {"cohere": "layer_norm_eps", "cohere2": "layer_norm_eps", "starcoder2": "norm_epsilon"}
+                         "cohere2": 1e-5, "starcoder2": 1e-5, "phi": 1e-5}  # Cohere's, StarCoder 2's, Phi-2's LayerNorm
+NORM_EPS_FIELD = {"cohere": "layer_norm_eps", "cohere2": "layer_norm_eps", "starcoder2": "norm_epsilon",
+                  "phi": "layer_norm_eps"}
 # ... and rope_theta's, where a config names none; else 10,000
 ROPE_THETA_DEFAULTS = {"mixtral": 1e6, "smollm3": 2e6}
 # transformers' Gemma3TextConfig defaults: the Hub's multimodal Gemma 3 configs (4B and up) give their
@@ -131,6 +132,7 @@ class ModelConfig:
     norm_bias: bool = False
     gated_mlp: bool = True
     mlp_bias: bool = False
+    lm_head_bias: bool = False  # Phi-2's: the logits' own bias
     vision_tower: bool = False  # the checkpoint is multimodal: its vision tower's tensors are left unread
 
     @property
@@ -222,12 +224,12 @@ class ModelConfig:
         hidden = get("hidden_size")
         head_dim = hf.get("head_dim") or DEFAULT_HEAD_DIM.get(model_type) or hidden // num_heads
         attention_bias = bool(hf.get("use_bias", True) if model_type == "starcoder2"  # StarCoder 2: biases everywhere
-                              else hf.get("attention_bias", model_type in GLM_MODEL_TYPES))
+                              else model_type == "phi" or hf.get("attention_bias", model_type in GLM_MODEL_TYPES))
         moe = _moe_from_hf(hf, model_type, get)
         rope = _rope_from_hf(_layer_rope(hf, "full_attention") if model_type in LAYER_TYPE_ROPES else hf)
-        if rope.partial_rotary_factor != 1.0 and model_type not in ("phi3",) + GLM_MODEL_TYPES:
+        if rope.partial_rotary_factor != 1.0 and model_type not in ("phi", "phi3") + GLM_MODEL_TYPES:
             raise ConfigError(f"partial_rotary_factor={rope.partial_rotary_factor} is not supported for "
-                              f"{model_type}: only phi3's (Phi-4-mini) and GLM's turn part of each head")
+                              f"{model_type}: only Phi-2's, Phi-4-mini's and GLM's turn part of each head")
         return cls(
             **_family_fields(hf, model_type, get),
             activation=act,
@@ -348,7 +350,7 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "gemma3_text": "Gemma3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
                   "olmo3": "Olmo3ForCausalLM", "olmoe": "OlmoeForCausalLM", "cohere": "CohereForCausalLM",
                   "cohere2": "Cohere2ForCausalLM", "starcoder2": "Starcoder2ForCausalLM", "glm": "GlmForCausalLM",
-                  "glm4": "Glm4ForCausalLM"}
+                  "glm4": "Glm4ForCausalLM", "phi": "PhiForCausalLM"}
 
 
 def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
@@ -391,6 +393,11 @@ def _family_fields(hf: dict, model_type: str, get) -> dict:
         return dict(layer_norm=True, norm_bias=True, gated_mlp=False, mlp_bias=bool(hf.get("use_bias", True)))
     if model_type in GLM_MODEL_TYPES:  # GLM-4: RoPE over adjacent pairs of the first half; GLM-4-0414 post-norms too
         return dict(rope_interleaved=True, post_norms=model_type == "glm4")
+    if model_type == "phi":
+        if hf.get("qk_layernorm"):
+            raise ConfigError("phi with qk_layernorm=true is not supported (no released Phi-1/1.5/2 uses it)")
+        return dict(layer_norm=True, norm_bias=True, parallel_block=True, gated_mlp=False, mlp_bias=True,
+                    lm_head_bias=True)
     return {}
 
 
@@ -408,6 +415,8 @@ def _family_to_hf(cfg: "ModelConfig") -> dict:
                 "layer_types": _layer_types_to_hf(cfg)["layer_types"] or None}
     if cfg.model_type == "starcoder2":
         return {"use_bias": cfg.qkv_bias, "norm_epsilon": cfg.rms_norm_eps}
+    if cfg.model_type == "phi":
+        return {"layer_norm_eps": cfg.rms_norm_eps, "qk_layernorm": False}
     if cfg.model_type in COHERE_MODEL_TYPES:
         hf = {"logit_scale": 1 / cfg.logits_scaling, "layer_norm_eps": cfg.rms_norm_eps, "use_qk_norm": cfg.qk_norm}
         return {**hf, **_layer_types_to_hf(cfg)} if cfg.model_type == "cohere2" else hf
@@ -457,7 +466,8 @@ def _activation(hf: dict, model_type: str) -> str:
     if model_type in GEMMA_MODEL_TYPES:
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
         return "gelu_pytorch_tanh" if act == "gelu" and model_type == "gemma" else act
-    return hf.get("hidden_act", "silu")
+    act = hf.get("hidden_act", "silu")
+    return "gelu_pytorch_tanh" if act == "gelu_new" else act  # Phi-2's: the same tanh approximation
 
 
 def _gemma_from_hf(hf: dict, model_type: str, get) -> dict:

@@ -60,6 +60,9 @@ FAMILIES = {
                                                               "sliding_attention"], pad_token_id=0)),
     # StarCoder 2: LayerNorms with biases, a two-projection GELU MLP, biases on every projection, a sliding window.
     "starcoder2": (transformers.Starcoder2Config, dict(sliding_window=24, pad_token_id=0)),
+    # Phi-2: LayerNorms with biases, attention and a two-projection MLP side by side, RoPE over part of each head,
+    # a bias on every projection and on the logits.
+    "phi": (transformers.PhiConfig, dict(pad_token_id=0)),
     # GLM-4 (glm: GLM-4-9B-chat-hf; glm4: GLM-4-0414, post-norms too): RoPE over adjacent pairs of the first half of
     # each head, gate and up fused in the checkpoint, q/k/v biases.
     "glm": (transformers.GlmConfig, dict(pad_token_id=0)),
@@ -83,7 +86,7 @@ def build(family: str, directory, dtype=torch.float32, seed: int = 0, config: di
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**COMMON, **extra, **(config or {})})).eval()
     # Norms at 0 (Gemma's scale by 1 + w) or 1, biases at 0: make each one matter.
-    if family.startswith(("gemma", "olmo", "cohere", "starcoder", "glm")):
+    if family.startswith(("gemma", "olmo", "cohere", "starcoder", "glm", "phi")):
         with torch.no_grad():
             for name, weight in model.named_parameters():
                 if "norm" in name:

@@ -290,5 +290,7 @@ def logits(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Array:
         out = jnp.einsum("...D,VD->...V", *f32_operands(h, params["embed"]), preferred_element_type=jnp.float32)
     else:
         out = jnp.einsum("...D,DV->...V", *f32_operands(h, params["lm_head"]), preferred_element_type=jnp.float32)
+    if cfg.lm_head_bias:
+        out = out + params["lm_head_bias"].astype(jnp.float32)
     out = out if cfg.logits_scaling == 1.0 else out / cfg.logits_scaling
     return out if cfg.final_softcap is None else cfg.final_softcap * jnp.tanh(out / cfg.final_softcap)

@@ -141,8 +141,14 @@ def weight_table(cfg: ModelConfig) -> list[WeightSpec]:
                              spec.hf_shape, init="zeros") for spec in specs if spec.name.endswith("norm")]
     if cfg.norm_plus_one:
         specs = [dataclasses.replace(spec, init="zeros") if spec.init == "ones" else spec for spec in specs]
+    if cfg.model_type == "phi":  # Phi-2's names: the attention's output `dense`, the final norm `final_layernorm`
+        keys = {"layers.wo": lp + "self_attn.dense.weight", "layers.bo": lp + "self_attn.dense.bias",
+                "final_norm": "model.final_layernorm.weight", "final_norm_bias": "model.final_layernorm.bias"}
+        specs = [dataclasses.replace(spec, hf_key=keys.get(spec.name, spec.hf_key)) for spec in specs]
     if not cfg.tie_word_embeddings:
         specs.append(WeightSpec("lm_head", (D, V), ("embed", "vocab"), "lm_head.weight", (V, D), True))
+    if cfg.lm_head_bias:
+        specs.append(WeightSpec("lm_head_bias", (V,), ("vocab",), "lm_head.bias", (V,)))
     return specs
 
 
@@ -189,14 +195,16 @@ def _fused(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
 
 
 def _two_projection_mlp(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
-    """StarCoder 2's MLP: `c_fc` (our w_up) and `c_proj` (w_down), no gate; their biases where it has them."""
+    """StarCoder 2's MLP: `c_fc` (our w_up) and `c_proj` (w_down), no gate; their biases where it has them.
+    Phi-2's names them `fc1` and `fc2`."""
     D, F, lp = cfg.hidden_size, cfg.intermediate_size, "model.layers.{i}."
-    keys = {"layers.w_up": lp + "mlp.c_fc.weight", "layers.w_down": lp + "mlp.c_proj.weight"}
+    up, down = ("mlp.fc1", "mlp.fc2") if cfg.model_type == "phi" else ("mlp.c_fc", "mlp.c_proj")
+    keys = {"layers.w_up": lp + up + ".weight", "layers.w_down": lp + down + ".weight"}
     specs = [dataclasses.replace(spec, hf_key=keys.get(spec.name, spec.hf_key)) for spec in specs
              if spec.name != "layers.w_gate"]
     if cfg.mlp_bias:
-        specs += [WeightSpec("layers.b_up", (F,), ("mlp",), lp + "mlp.c_fc.bias", (F,)),
-                  WeightSpec("layers.b_down", (D,), ("embed",), lp + "mlp.c_proj.bias", (D,))]
+        specs += [WeightSpec("layers.b_up", (F,), ("mlp",), lp + up + ".bias", (F,)),
+                  WeightSpec("layers.b_down", (D,), ("embed",), lp + down + ".bias", (D,))]
     return specs
 
 
