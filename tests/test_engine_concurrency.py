@@ -193,6 +193,27 @@ def test_aborting_a_finished_stream_leaves_a_new_request_with_its_id_alone():
     check_clean(engine)
 
 
+def test_an_id_taken_by_a_request_of_fewer_samples_while_the_old_step_runs():
+    """A request that ended by EOS (seen a step late) still has a sample in the step in flight when its id is
+    taken at once by a request with fewer samples: that sample's surplus token is dropped when the step is read.
+    The engine used to look the old sample up among the new request's by its index, an IndexError that failed
+    every request (found by the data-parallel hypothesis workloads in a CI run)."""
+    engine = make_engine()
+    old = SamplingParams(n=2, max_tokens=20, seed=1)  # a sample ends by EOS with a step still in flight
+    engine.add_request([1, 2, 3], old, request_id="r", stream=False)
+    finals = []
+    while not finals:
+        finals = [out for out in engine.step() if out.finished]
+    assert engine.has_work() and "stop" in {c.finish_reason for c in finals[0].outputs}
+    prompt, params = [4, 5, 6], SamplingParams(max_tokens=5, seed=2, ignore_eos=True)
+    engine.add_request(prompt, params, request_id="r", stream=False)
+    outs = []
+    while engine.has_work():
+        outs += engine.step()
+    check_outputs(engine, prompt, params, outs)
+    check_clean(engine)
+
+
 def test_aborts_racing_final_outputs():
     """Aborts sent at every moment around a request's last step: each stream ends exactly once, with the
     full output or an aborted prefix of it, and nothing is left held."""

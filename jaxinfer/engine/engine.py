@@ -418,8 +418,8 @@ class Engine:
         touched = {}
         for seq in self.scheduler.update(plan, result):
             request = self._requests.get(seq.request_id)
-            if request is None or request.seqs[seq.index] is not seq:
-                continue  # ended while its step ran (its id may already name a new request)
+            if request is None or not any(own is seq for own in request.seqs):
+                continue  # ended while its step ran (its id may already name a new request, of fewer samples)
             self._detokenize(request, seq)
             self._observe_tokens(request, seq)
             touched[request.request_id] = request
