@@ -12,8 +12,8 @@ from hf_models import build
 from jaxinfer import LLM, BeamSearchParams, EngineConfig, SamplingParams
 from jaxinfer.engine.beam_search import BeamSearch
 from jaxinfer.engine.request import CompletionOutput, Logprob
-from jaxinfer.server.app import ServerConfig
-from live_server import ENGINE, LiveServer
+from live_server import ENGINE
+from test_server import live  # noqa: F401 (a fixture: the embedded model served as "tiny")
 
 PROMPTS = [[5, 9, 100, 7, 3], list(range(20, 39))]
 WIDTH, ROUNDS = 4, 6
@@ -95,13 +95,6 @@ def test_the_rounds_by_hand():
     kept = BeamSearch([1, 1], BeamSearchParams(1, 1, include_stop_str_in_output=True), eos_ids={0}, rounds=1)
     kept.advance([_output((0, -0.1), (4, -0.2))])
     assert kept.request_output("r", "p", lambda ids: ",".join(map(str, ids))).outputs[0].text == "0"
-
-
-@pytest.fixture(scope="module")
-def live():
-    server = LiveServer(ServerConfig(served_model_name="tiny"))
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")
