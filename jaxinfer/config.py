@@ -74,6 +74,17 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class WeightQuant:
+    """A checkpoint's fp8 weights: quant_method "fp8" (transformers' FineGrainedFP8Config; Qwen3's and DeepSeek-V3's
+    -FP8 releases). Each linear projection is float8_e4m3fn values and a `weight_scale_inv` per block of `block`
+    (rows of its out dimension, columns of its in dimension; None: the whole tensor): value x scale is the weight.
+    Embeddings, the LM head, routers and the modules named in `skip` (modules_to_not_convert) stay unquantized."""
+
+    block: tuple[int, int] | None = (128, 128)
+    skip: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shapes and switches of one decoder-only transformer of the Llama family."""
 
@@ -134,6 +145,7 @@ class ModelConfig:
     mlp_bias: bool = False
     lm_head_bias: bool = False  # Phi-2's: the logits' own bias
     vision_tower: bool = False  # the checkpoint is multimodal: its vision tower's tensors are left unread
+    weight_quant: WeightQuant | None = None  # fp8 projections (None: every weight in `dtype`)
 
     @property
     def q_per_kv(self) -> int:  # G
@@ -208,11 +220,7 @@ class ModelConfig:
             raise ConfigError(
                 f"unsupported model_type {model_type!r}; jaxinfer supports "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-        quantization = hf.get("quantization_config")
-        if quantization:
-            method = quantization.get("quant_method") if isinstance(quantization, dict) else None
-            raise ConfigError(f"quantized checkpoints are not supported (config.json has a quantization_config, "
-                              f"quant_method {method!r}); use the unquantized float16/bfloat16/float32 weights")
+        weight_quant = _weight_quant(hf.get("quantization_config"))
         get = _field_getter(hf, model_type)
         act = _activation(hf, model_type)
         if act not in SUPPORTED_ACTIVATIONS:
@@ -262,6 +270,7 @@ class ModelConfig:
             eos_token_ids=_as_tuple(hf.get("eos_token_id")),
             dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
             vision_tower=vision_tower,
+            weight_quant=weight_quant,
         )
 
     @classmethod
@@ -310,6 +319,11 @@ class ModelConfig:
             hf["sliding_window"] = self.sliding_window
             hf["use_sliding_window"] = True
         hf.update(_family_to_hf(self))
+        if self.weight_quant is not None:
+            quant = self.weight_quant
+            hf["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                         "modules_to_not_convert": list(quant.skip),
+                                         "weight_block_size": None if quant.block is None else list(quant.block)}
         return hf
 
 
@@ -399,6 +413,31 @@ def _family_fields(hf: dict, model_type: str, get) -> dict:
         return dict(layer_norm=True, norm_bias=True, parallel_block=True, gated_mlp=False, mlp_bias=True,
                     lm_head_bias=True)
     return {}
+
+
+def _weight_quant(quantization) -> WeightQuant | None:
+    """config.json's quantization_config: the fp8 weights we read, or a ConfigError naming what we cannot."""
+    if not quantization:
+        return None
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if method != "fp8":
+        raise ConfigError(f"quantized checkpoints of quant_method {method!r} are not supported (only 'fp8': "
+                          "float8_e4m3fn weights with block scales); use the unquantized float16/bfloat16/float32 "
+                          "weights")
+    refused = {"activation_scheme": ("dynamic",), "scale_fmt": ("float",), "expert_dtype": ("fp8",),
+               "fmt": ("e4m3",)}
+    for field, allowed in refused.items():
+        value = quantization.get(field, allowed[0])
+        if value not in allowed:
+            raise ConfigError(f"fp8 checkpoints with {field}={value!r} are not supported (only {allowed[0]!r})")
+    if quantization.get("modules_to_convert"):
+        raise ConfigError("fp8 checkpoints with modules_to_convert (quantized embeddings) are not supported")
+    block = quantization.get("weight_block_size")
+    if block is not None and (not isinstance(block, (list, tuple)) or len(block) != 2 or
+                              not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise ConfigError(f"weight_block_size must be two positive integers, got {block!r}")
+    skip = quantization.get("modules_to_not_convert") or quantization.get("ignored_layers") or ()
+    return WeightQuant(None if block is None else tuple(block), tuple(skip))
 
 
 def _family_to_hf(cfg: "ModelConfig") -> dict:

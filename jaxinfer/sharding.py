@@ -23,6 +23,7 @@ RULES: dict[str, str | None] = {
     "heads": "model",
     "kv_heads": "model",
     "mlp": "model",
+    "in_blocks": None,  # an fp8 weight's scales, one per block of in rows: whole on every device (small)
     "experts": None,  # every 'model' device holds its slice of every expert's width (no expert parallelism)
     "vocab": "model",
     "slots": "data",

@@ -7,9 +7,13 @@ and the top-2 logit margins are wide enough to compare tokens exactly.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -77,11 +81,24 @@ FAMILIES = {
     "qwen3_moe": (transformers.Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                                     norm_topk_prob=True, head_dim=16)),
 }
+# fp8 checkpoints (quant_method "fp8"): a family's weights quantized by transformers' own FineGrainedFP8 quantizer,
+# with a block size (None: one scale per tensor); the reference is transformers' model loaded from the fp8 files.
+FP8_FAMILIES = {
+    "llama3-fp8": ("llama3", (16, 16)),
+    "phi3-fp8": ("phi3", (64, 16)),  # fused q/k/v and gate/up rows: k and v share scale blocks
+    "qwen2-fp8-per-tensor": ("qwen2", None),  # biases, tied embeddings
+    "qwen3_moe-fp8": ("qwen3_moe", (16, 16)),  # every expert's projections, the routers left unquantized
+}
+FP8_SKIP = ["lm_head", "mlp.gate", "shared_expert_gate"]  # as the Hub's MoE releases list their routers
 
 
 def build(family: str, directory, dtype=torch.float32, seed: int = 0, config: dict | None = None, **save_kwargs):
     """Save a random `family` checkpoint (its config updated by `config`) to `directory`; return the torch model
-    (float32, eval)."""
+    (float32, eval). An FP8_FAMILIES name: the base family's checkpoint quantized, and transformers' model of it."""
+    if family in FP8_FAMILIES:
+        base, block = FP8_FAMILIES[family]
+        build(base, directory, dtype, seed, config, **save_kwargs)
+        return quantize_fp8(Path(directory), block)
     config_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**COMMON, **extra, **(config or {})})).eval()
@@ -98,6 +115,30 @@ def build(family: str, directory, dtype=torch.float32, seed: int = 0, config: di
     model.generation_config.eos_token_id = None  # greedy parity runs the full length
     model.to(dtype).save_pretrained(directory, **save_kwargs)
     return model.float()
+
+
+def quantize_fp8(directory: Path, block: tuple[int, int] | None, skip=tuple(FP8_SKIP)) -> torch.nn.Module:
+    """Quantize a checkpoint's projections in place as transformers writes fp8 checkpoints (float8_e4m3fn values,
+    a float32 `weight_scale_inv` per block); return transformers' float32 model loaded from it (dequantized)."""
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     "weight_block_size": None if block is None else list(block),
+                                     "modules_to_not_convert": list(skip)}
+    quantizer = type("Quantizer", (), {"quantization_config": transformers.FineGrainedFP8Config(
+        weight_block_size=block, modules_to_not_convert=list(skip))})()
+    tensors = {}
+    for key, value in load_file(directory / "model.safetensors").items():
+        module = key.removesuffix(".weight")
+        projection = key.endswith(".weight") and value.ndim == 2 and "embed" not in key and "norm" not in key
+        if projection and transformers.quantizers.quantizers_utils.should_convert_module(module, list(skip)):
+            tensors.update(Fp8Quantize(quantizer).convert({key: value}))
+        else:
+            tensors[key] = value
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config))
+    return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
 
 
 def scored_in_chunks(llm, prompt: np.ndarray, chunk: int) -> np.ndarray:

@@ -45,6 +45,9 @@ CASES = {
     "gemma2-pallas": ("gemma2", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16), "pallas",
                       [(1, 2)], False),
 }
+# Cases whose checkpoint is quantized to fp8 (block size), compared with transformers' model of the fp8 files:
+# the scales shard with their weights, and repeat with the KV heads.
+FP8_CASES = {"llama-k1": (16, 16)}
 PROMPTS = [[5, 9, 100, 7], list(range(20, 49)), [42], list(range(200, 212))]  # 29 tokens: chunked, past the window
 MAX_TOKENS = 6
 EDITS = [{}, dict(logit_bias={7: 3.0, 30: 5.0, 100: -100.0}), {}, dict(allowed_token_ids=list(range(0, 256, 2)))]
@@ -125,6 +128,20 @@ def test_kv_heads_are_repeated_over_the_model_axis(runs):
     assert runs["mistral-window"]["meshes"]["1,8"]["wk"] == {"shape": [2, 64, 8, 16], "local": [2, 64, 1, 16]}
 
 
+def test_fp8_scales_shard_and_repeat_with_their_weights(runs):
+    """llama-k1 is fp8: wk's scales ([L, D / 16, K, H]) repeat with its one KV head over 8 devices, wq's split
+    by heads, and wo's and w_down's (blocks of their split in dims) stay whole on every device."""
+    meshes = runs["llama-k1"]["meshes"]
+    assert meshes["1,1"]["scales"]["wk_scale"] == {"shape": [2, 4, 1, 16], "local": [2, 4, 1, 16]}
+    scales = meshes["1,8"]["scales"]
+    assert scales["wk_scale"] == {"shape": [2, 4, 8, 16], "local": [2, 4, 1, 16]}
+    assert scales["wq_scale"] == {"shape": [2, 4, 8, 16], "local": [2, 4, 1, 16]}
+    assert scales["wo_scale"] == {"shape": [2, 8, 64], "local": [2, 8, 64]}
+    assert scales["w_down_scale"] == {"shape": [2, 8, 64], "local": [2, 8, 64]}
+    assert scales["w_up_scale"] == {"shape": [2, 4, 128], "local": [2, 4, 16]}
+    assert not runs["qwen2-moe"]["meshes"]["1,1"]["scales"]
+
+
 def test_fused_projections_split_over_the_model_axis(runs):
     phi3 = runs["phi3-fused"]["meshes"]["1,4"]
     assert phi3["wk"] == {"shape": [2, 64, 4, 16], "local": [2, 64, 1, 16]}
@@ -158,6 +175,7 @@ def _decode(checkpoint: str, mesh: tuple[int, int], backend: str, prompt_logprob
             "top_ids": [sorted(step) for step in steps], "logprobs": values(steps),
             "prompt_top_ids": [sorted(step) for step in prompt_steps], "prompt_logprobs": values(prompt_steps),
             "wk": local(llm.runner.params["layers"]["wk"]), "kv": local(llm.runner.kv.k),
+            "scales": {name: local(x) for name, x in llm.runner.params["layers"].items() if name.endswith("_scale")},
             "w_down": local(llm.runner.params["layers"]["w_down"])}
 
 
@@ -168,6 +186,8 @@ def _child(output: Path) -> None:
         checkpoint = output / case
         hf_models.FAMILIES[case] = (hf_models.FAMILIES[family][0], {**hf_models.FAMILIES[family][1], **overrides})
         model = hf_models.build(case, checkpoint)
+        if case in FP8_CASES:
+            model = hf_models.quantize_fp8(checkpoint, FP8_CASES[case])
         with torch.no_grad():
             hf = [model.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False)[0, len(p):].tolist()
                   for p in PROMPTS]

@@ -3,13 +3,14 @@
 Logits: our chunked, paged prefill against `AutoModelForCausalLM` on the whole
 prompt. Greedy tokens: `LLM.generate` (continuous batching over fewer slots than
 prompts, prompts crossing page and chunk boundaries) against `generate(do_sample=False)`.
+fp8 checkpoints (FP8_FAMILIES) against transformers' model of the same fp8 files.
 """
 
 import numpy as np
 import pytest
 import torch
 
-from hf_models import FAMILIES, build, random_prompts, scored_in_chunks
+from hf_models import FAMILIES, FP8_FAMILIES, build, random_prompts, scored_in_chunks
 from jaxinfer.config import EngineConfig
 from jaxinfer.llm import LLM, SamplingParams
 
@@ -20,7 +21,7 @@ NEW_TOKENS = 32
 LOGIT_ATOL = 2e-4  # float32 end to end; observed differences are ~3e-6
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=list(FAMILIES) + list(FP8_FAMILIES))
 def family(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
     model = build(request.param, directory)

@@ -121,8 +121,8 @@ def _restore_orbax(directory: Path, cfg: ModelConfig, dtype: str, mesh) -> dict:
     checkpointer, path = ocp.StandardCheckpointer(), (directory / ORBAX_PARAMS).resolve()
     _check_converted_shapes(_shapes(checkpointer.metadata(path).item_metadata.tree), _shapes(target), directory)
     params = checkpointer.restore(path, target)
-    if saved_dtype != dtype:
-        params = jax.tree.map(lambda x: x.astype(dtype), params)
+    if saved_dtype != dtype:  # fp8 weights and their scales keep their dtypes
+        params = jax.tree.map(lambda x, want: x.astype(want.dtype), params, abstract_params(cfg, jnp.dtype(dtype)))
     return params
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
@@ -15,6 +16,7 @@ from safetensors.numpy import save_file
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # header names; int, uint, bool and F8_* are quantized or not weights
+FP8_DTYPE = "F8_E4M3"  # an fp8 checkpoint's weights (safetensors' numpy reader has no float8: we read the bytes)
 
 
 class CheckpointError(ValueError):
@@ -26,6 +28,7 @@ class Reader:
 
     def __init__(self, directory: Path):
         self._open: dict[Path, object] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}  # fp8 reads: where the data starts, and the header
         self._files: dict[str, Path] = self._map_keys(directory)
 
     def _map_keys(self, directory: Path) -> dict[str, Path]:
@@ -66,25 +69,49 @@ class Reader:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read tensor {key!r} from {path}: {e}") from e
 
-    def check_dtype(self, key: str) -> None:
-        """Refuse a tensor that is not 16/32/64-bit floating point, from the file header, before reading it:
-        quantized weights (int8, packed int4, fp8) would cast to wrong floats or not read at all."""
+    def dtype(self, key: str) -> str:
+        """A tensor's dtype name from the file header (F32, BF16, F8_E4M3, ...)."""
         path = self._files[key]
         try:
-            dtype = self._handle(path).get_slice(key).get_dtype()
+            return self._handle(path).get_slice(key).get_dtype()
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read tensor {key!r} from {path}: {e}") from e
-        if dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"tensor {key!r} is {dtype}, not 16/32/64-bit floating point: quantized checkpoints "
-                                  "are not supported; use the unquantized float16/bfloat16/float32 weights")
 
-    def get(self, key: str) -> np.ndarray:
-        self.check_dtype(key)
+    def check_dtype(self, key: str, fp8: bool = False) -> None:
+        """Refuse a tensor that is not 16/32/64-bit floating point (`fp8`: float8_e4m3fn, an fp8 checkpoint's
+        weight), from the file header, before reading it: quantized weights (int8, packed int4, fp8 where the
+        config says none) would cast to wrong floats or not read at all."""
+        dtype = self.dtype(key)
+        if fp8 and dtype != FP8_DTYPE:
+            raise CheckpointError(f"tensor {key!r} is {dtype}, but config.json's quantization_config makes it an fp8 "
+                                  f"weight ({FP8_DTYPE}): add its module to modules_to_not_convert")
+        if not fp8 and dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"tensor {key!r} is {dtype}, not 16/32/64-bit floating point: quantized checkpoints "
+                                  "are supported as fp8 weights named by config.json's quantization_config only; "
+                                  "use those, or the unquantized float16/bfloat16/float32 weights")
+
+    def get(self, key: str, fp8: bool = False) -> np.ndarray:
+        self.check_dtype(key, fp8)
         path = self._files[key]
         try:
+            if fp8:
+                return self._fp8(path, key)
             return self._handle(path).get_tensor(key)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read tensor {key!r} from {path}: {e}") from e
+
+    def _fp8(self, path: Path, key: str) -> np.ndarray:
+        """An F8_E4M3 tensor, read from the file's bytes (its offsets in the JSON header)."""
+        if path not in self._headers:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                self._headers[path] = (8 + size, json.loads(f.read(size)))
+        data_start, header = self._headers[path]
+        start, end = header[key]["data_offsets"]
+        with open(path, "rb") as f:
+            f.seek(data_start + start)
+            data = f.read(end - start)
+        return np.frombuffer(data, ml_dtypes.float8_e4m3fn).reshape(header[key]["shape"])
 
 
 def save(tensors: dict[str, np.ndarray], directory: Path, max_shard_bytes: int | None = None) -> None:

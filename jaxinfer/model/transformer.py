@@ -250,6 +250,7 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
     def layer(carry, xs):
         h, k_pool, v_pool = carry
         lp, index = xs
+        lp = dequantized(lp, cfg, h.dtype)
         normed = norm(h, lp["attn_norm"], cfg, bias=lp.get("attn_norm_bias")) if cfg.pre_norms else h
         q, k, v = qkv(lp, cfg, normed)
         q, k = rotated(cfg, q, k, batch.positions, sliding_layers[index], rope_layers[index])
@@ -275,6 +276,20 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
     layer_ids = jnp.arange(cfg.num_layers)
     (h, k_pool, v_pool), _ = jax.lax.scan(layer, (h, kv.k, kv.v), (params["layers"], layer_ids))
     return norm(h, params["final_norm"], cfg, bias=params.get("final_norm_bias")), KVPool(k_pool, v_pool)
+
+
+def dequantized(lp: dict, cfg: ModelConfig, dtype) -> dict:
+    """A layer's weights with each fp8 weight times its scales (weights.py: one per out element and block of in
+    rows), in the activations' dtype: the matmuls read one byte a weight and compute in `dtype` (W8A16)."""
+    out = dict(lp)
+    for name, scale in lp.items():
+        if name.endswith("_scale"):
+            w = lp[name.removesuffix("_scale")]
+            lead = int(cfg.num_experts > 0 and name.startswith(("w_gate", "w_up", "w_down")))
+            rows = math.prod(w.shape[lead:w.ndim - scale.ndim + 1 + lead])  # the in dims' size
+            full = jnp.repeat(scale, rows // scale.shape[lead], axis=lead, total_repeat_length=rows)
+            out[name.removesuffix("_scale")] = (w.astype(jnp.float32) * full.reshape(w.shape)).astype(dtype)
+    return out
 
 
 def scaled(x: jax.Array, multiplier: float) -> jax.Array:

@@ -6,6 +6,10 @@ Per-layer weights are stacked on a leading `layers` axis so the forward pass can
 `lax.scan` over them; a mixture of experts' weights, one checkpoint tensor per
 expert, are stacked on an `experts` axis after it. Loading is strict: every
 checkpoint key maps to exactly one destination, shapes are checked, leftovers fail.
+
+An fp8 checkpoint's projections stay float8_e4m3fn, each beside a float32 `<name>_scale` in our layout: one
+scale per out element and block of in rows, [(X,) in / block_in, out...] (the checkpoint's block scale repeated
+over the block's out rows), so fused tensors, head splits and sharding cut it as they cut the weight.
 """
 
 from __future__ import annotations
@@ -14,18 +18,26 @@ import dataclasses
 import functools
 import logging
 import math
+import re
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
-from jaxinfer.config import FUSED_GATE_UP, FUSED_PROJECTIONS, GLM_MODEL_TYPES, ModelConfig
+from jaxinfer.config import FUSED_GATE_UP, FUSED_PROJECTIONS, GLM_MODEL_TYPES, ConfigError, ModelConfig
 from jaxinfer.model import safetensors_io
 from jaxinfer.model.safetensors_io import CheckpointError
 from jaxinfer.sharding import kv_replicas, logical_sharding
 
 log = logging.getLogger(__name__)
+
+FP8 = "float8_e4m3fn"
+FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
+# The projections an fp8 checkpoint keeps in fp8 (routers, gates of one output, embeddings and heads it does not).
+QUANTIZABLE = tuple(f"layers.{name}" for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "shared_gate",
+                                                   "shared_up", "shared_down"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +50,8 @@ class WeightSpec:
     transpose: bool = False  # torch Linear stores [out, in]; we store [in, out]
     init: str = "normal"  # normal (std 1/sqrt(fan_in)) | ones | zeros (a norm whose scale is 1 + weight)
     hf_rows: tuple[int, int] | None = None  # the rows [start, end) this weight takes of a fused tensor
+    dtype: str | None = None  # None: the model's dtype; an fp8 weight's own, or its scales' float32
+    scale_rows: int = 0  # a block scale: the checkpoint's out rows per scale row (each repeated so often)
 
     @property
     def part_shape(self) -> tuple[int, ...]:
@@ -71,6 +85,11 @@ class WeightSpec:
 
     def to_ours(self, x: np.ndarray) -> np.ndarray:
         """One checkpoint tensor (one expert's, for per-expert weights) in our layout."""
+        if self.scale_rows:  # one row per out element, cut to the weight's rows
+            ours = self.shape[1:] if self.per_expert else self.shape
+            x = np.repeat(x.reshape(self.hf_shape), self.scale_rows, axis=0)
+            start, end = self.hf_rows or (0, math.prod(ours) // x.shape[1])
+            return x[start:end].T.reshape(ours)
         if self.hf_rows is not None:
             x = x[self.hf_rows[0]:self.hf_rows[1]]
         return (x.T if self.transpose else x).reshape(self.shape[1:] if self.per_expert else self.shape)
@@ -149,7 +168,46 @@ def weight_table(cfg: ModelConfig) -> list[WeightSpec]:
         specs.append(WeightSpec("lm_head", (D, V), ("embed", "vocab"), "lm_head.weight", (V, D), True))
     if cfg.lm_head_bias:
         specs.append(WeightSpec("lm_head_bias", (V,), ("vocab",), "lm_head.bias", (V,)))
-    return specs
+    return _fp8(specs, cfg) if cfg.weight_quant is not None else specs
+
+
+def _fp8(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
+    """An fp8 checkpoint's table: each quantized projection in float8_e4m3fn, followed by its scales."""
+    out = []
+    for spec in specs:
+        if spec.name not in QUANTIZABLE or _skipped(spec, cfg):
+            out.append(spec)
+            continue
+        hf_out, hf_in = spec.hf_shape
+        rows, block_in = cfg.weight_quant.block or (hf_out, hf_in)
+        if hf_in % block_in:
+            raise ConfigError(f"{spec.hf_key.format(i=0, e=0)} has {hf_in} input columns, not a multiple of the "
+                              f"fp8 block's {block_in}")
+        lead = 1 if spec.per_expert else 0
+        in_dims = next(k for k in range(1, len(spec.shape) + 1) if math.prod(spec.shape[lead:lead + k]) == hf_in)
+        scale = WeightSpec(f"{spec.name}_scale", (*spec.shape[:lead], hf_in // block_in, *spec.shape[lead + in_dims:]),
+                           (*spec.axes[:lead], "in_blocks", *spec.axes[lead + in_dims:]),
+                           spec.hf_key.replace(".weight", ".weight_scale_inv"),
+                           (-(-hf_out // rows), hf_in // block_in), True, "ones", spec.hf_rows, "float32", rows)
+        out += [dataclasses.replace(spec, dtype=FP8), scale]
+    return out
+
+
+def _skipped(spec: WeightSpec, cfg: ModelConfig) -> bool:
+    """Whether modules_to_not_convert names this projection's module (as transformers matches them: from the
+    start to a module boundary, as a regex, or as a suffix), in every layer or none."""
+    modules = [key.removesuffix(".weight") for key in spec.hf_keys(cfg.num_layers)]
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    hits = [any(re.match(rf"(?:{p}){boundary}", m) or m.endswith(p) for p in cfg.weight_quant.skip) for m in modules]
+    if any(hits) and not all(hits):
+        raise ConfigError(f"modules_to_not_convert leaves some layers' {spec.name.split('.')[-1]} in fp8 and others "
+                          "not: jaxinfer stacks a weight's layers in one dtype")
+    return all(hits)
+
+
+def spec_dtype(spec: WeightSpec, dtype):
+    """The dtype a weight is held in: its own (fp8 and its scales), else the model's."""
+    return jnp.dtype(spec.dtype) if spec.dtype is not None else jnp.dtype(dtype)
 
 
 # Checkpoint names of a mixture of experts' weights: the block, the router, each expert's gate, up and down.
@@ -229,7 +287,8 @@ def _post_norms(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
 
 
 def param_count(cfg: ModelConfig) -> int:
-    return sum(math.prod(spec.full_shape(cfg.num_layers)) for spec in weight_table(cfg))
+    """The model's parameters (an fp8 model's scales not counted)."""
+    return sum(math.prod(spec.full_shape(cfg.num_layers)) for spec in weight_table(cfg) if not spec.scale_rows)
 
 
 def _set_path(tree: dict, dotted: str, value) -> None:
@@ -270,25 +329,48 @@ def abstract_params(cfg: ModelConfig, dtype, mesh=None) -> dict:
     for spec in weight_table(cfg):
         shape = spec.full_shape(cfg.num_layers)
         sharding = _load_sharding(spec, cfg, mesh) if mesh is not None else None
-        _set_path(tree, spec.name, jax.ShapeDtypeStruct(shape, dtype, sharding=sharding))
+        _set_path(tree, spec.name, jax.ShapeDtypeStruct(shape, spec_dtype(spec, dtype), sharding=sharding))
     return tree
 
 
 def init_params(cfg: ModelConfig, dtype, seed: int = 0, mesh=None) -> dict:
-    """Deterministic random weights: normal with std 1/sqrt(fan_in) (varied greedy outputs), norms scaling by one.
-    Each is drawn straight onto its shards (the same values whatever the mesh)."""
+    """Deterministic random weights: normal with std 1/sqrt(fan_in) (varied greedy outputs), norms scaling by one;
+    an fp8 model's projections drawn so, then quantized. Each is drawn straight onto its shards (the same values
+    whatever the mesh)."""
     tree: dict = {}
     root = jax.random.PRNGKey(seed)
-    for index, spec in enumerate(weight_table(cfg)):
+    specs = weight_table(cfg)
+    scales = {spec.name: spec for spec in specs if spec.scale_rows}
+    for index, spec in enumerate(spec for spec in specs if not spec.scale_rows):  # scales come with their weights
         shape = spec.full_shape(cfg.num_layers)
         if spec.init in ("ones", "zeros"):
             draw = functools.partial(jnp.ones if spec.init == "ones" else jnp.zeros, shape, dtype)
         else:
             scale = 1 / math.sqrt(_fan_in(spec))
-            key = jax.random.fold_in(root, index)
-            draw = functools.partial(lambda k: (jax.random.normal(k, shape, jnp.float32) * scale).astype(dtype), key)
-        _set_path(tree, spec.name, jax.jit(draw, out_shardings=_load_sharding(spec, cfg, mesh))())
+            draw = functools.partial(lambda k: jax.random.normal(k, shape, jnp.float32) * scale,
+                                     jax.random.fold_in(root, index))
+        if spec.name + "_scale" in scales:
+            scale_spec = scales[spec.name + "_scale"]
+            quantize = functools.partial(quantize_fp8, lead=len(shape) - len(spec.shape) + spec.per_expert,
+                                         in_dims=len(spec.shape) - len(scale_spec.shape) + 1,
+                                         blocks=scale_spec.shape[spec.per_expert])
+            shardings = (_load_sharding(spec, cfg, mesh), _load_sharding(scale_spec, cfg, mesh))
+            weight, scale = jax.jit(lambda: quantize(draw()), out_shardings=shardings)()
+            _set_path(tree, spec.name, weight)
+            _set_path(tree, scale_spec.name, scale)
+            continue
+        _set_path(tree, spec.name, jax.jit(lambda: draw().astype(dtype), out_shardings=_load_sharding(spec, cfg, mesh))())
     return tree
+
+
+def quantize_fp8(w: jax.Array, lead: int, in_dims: int, blocks: int) -> tuple[jax.Array, jax.Array]:
+    """w [lead..., in..., out...] -> (float8_e4m3fn values, float32 scales [lead..., blocks, out...]): each out
+    element's block of in rows scaled so its largest magnitude is fp8's largest (as transformers quantizes)."""
+    x = w.astype(jnp.float32).reshape(*w.shape[:lead], blocks, -1, *w.shape[lead + in_dims:])
+    amax = jnp.max(jnp.abs(x), axis=lead + 1)
+    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+    values = jnp.clip(x / jnp.expand_dims(scale, lead + 1), -FP8_MAX, FP8_MAX).astype(FP8)
+    return values.reshape(w.shape), scale
 
 
 def expand_kv_heads(params: dict, cfg: ModelConfig, mesh) -> tuple[dict, ModelConfig]:
@@ -330,9 +412,9 @@ def _check_tensor(reader: safetensors_io.Reader, key: str, spec: WeightSpec) -> 
     if key not in reader:
         raise CheckpointError(f"checkpoint is missing tensor {key!r} (expected shape {spec.hf_shape})")
     shape = reader.shape(key)
-    if shape != spec.hf_shape:
+    if shape != spec.hf_shape and not (spec.scale_rows and shape in ((), (1,)) and spec.hf_shape == (1, 1)):
         raise CheckpointError(f"tensor {key!r} has shape {shape}, expected {spec.hf_shape}")
-    reader.check_dtype(key)
+    reader.check_dtype(key, fp8=spec.dtype == FP8)
 
 
 def _check_tied_head(reader: safetensors_io.Reader, cfg: ModelConfig, rename) -> None:
@@ -354,23 +436,26 @@ def load_safetensors(path: str | Path, cfg: ModelConfig, dtype, mesh=None) -> di
     reader = safetensors_io.Reader(Path(path))
     rename = _checkpoint_keys(reader)
     _check_tied_head(reader, cfg, rename)  # before any weight is loaded: it fails fast
-    np_dtype = np.dtype(jnp.dtype(dtype))
     used: set[str] = set()
     tree: dict = {}
     for spec in weight_table(cfg):
+        np_dtype = np.dtype(spec_dtype(spec, dtype))
         keys = [rename(key) for key in spec.hf_keys(cfg.num_layers)]
         for key in keys:
             _check_tensor(reader, key, spec)  # every tensor checked, even those no local device needs
         used.update(keys)
 
-        def shard(index, spec=spec, keys=keys):
+        def shard(index, spec=spec, keys=keys, np_dtype=np_dtype):
+            def read(key):
+                return spec.to_ours(reader.get(key, fp8=spec.dtype == FP8))
+
             if not spec.stacked:
-                return spec.to_ours(reader.get(keys[0]))[index].astype(np_dtype)
+                return read(keys[0])[index].astype(np_dtype)
             layers = range(cfg.num_layers)[index[0]]
             if not spec.per_expert:
-                return np.stack([spec.to_ours(reader.get(keys[i]))[index[1:]].astype(np_dtype) for i in layers])
+                return np.stack([read(keys[i])[index[1:]].astype(np_dtype) for i in layers])
             experts = range(cfg.num_experts)[index[1]]
-            return np.stack([np.stack([spec.to_ours(reader.get(keys[i * cfg.num_experts + e]))[index[2:]]
+            return np.stack([np.stack([read(keys[i * cfg.num_experts + e])[index[2:]]
                                        .astype(np_dtype) for e in experts]) for i in layers])
 
         shape = spec.full_shape(cfg.num_layers)
@@ -395,6 +480,9 @@ def _check_leftovers(keys, used: set[str], cfg: ModelConfig, rename) -> None:
 
 def to_hf_tensors(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """The parameter tree in the checkpoint's keys and layouts (host numpy)."""
+    if cfg.weight_quant is not None:
+        raise CheckpointError("fp8 weights are not written back as a Hugging Face checkpoint: serve the fp8 "
+                              "checkpoint itself, or convert it to orbax")
     parts: dict[str, list] = {}
     for spec in weight_table(cfg):
         value = np.asarray(jax.device_get(_get_path(params, spec.name)))

@@ -1,0 +1,202 @@
+"""fp8 checkpoints (quant_method "fp8": float8_e4m3fn projections with block scales, as Qwen3's and DeepSeek's -FP8
+releases): what config.json says is read or refused by name, weights stay one byte each on their shards, and the
+model computes with exactly the weights transformers dequantizes (test_model_parity.py's FP8_FAMILIES compare
+logits and greedy tokens with transformers' model of the same files; test_mesh_variants.py shards one)."""
+
+import dataclasses
+import json
+import math
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_models import build, quantize_fp8, random_prompts
+from jaxinfer.config import ConfigError, EngineConfig, ModelConfig, WeightQuant
+from jaxinfer.llm import LLM, SamplingParams
+from jaxinfer.model import checkpoint
+from jaxinfer.model.checkpoint import CheckpointError, find_model, load_config, load_params
+from jaxinfer.model.transformer import dequantized
+from jaxinfer.model.weights import FP8, FP8_MAX, init_params, param_count, weight_table
+
+FP8_CONFIG = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [16, 16]}
+
+
+def _llama(**quantization) -> ModelConfig:
+    hf = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+          "quantization_config": {**FP8_CONFIG, **quantization}}
+    return ModelConfig.from_hf(hf)
+
+
+def test_the_fp8_config_is_read():
+    assert _llama().weight_quant == WeightQuant((16, 16), ())
+    assert _llama(weight_block_size=None, modules_to_not_convert=["lm_head"]).weight_quant == \
+        WeightQuant(None, ("lm_head",))
+    assert _llama(ignored_layers=["model.layers.0.mlp"]).weight_quant.skip == ("model.layers.0.mlp",)  # MiniMax's
+    cfg = _llama(modules_to_not_convert=["lm_head"])
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(activation_scheme="static"), "activation_scheme='static'"),
+    (dict(scale_fmt="ue8m0"), "scale_fmt='ue8m0'"),
+    (dict(expert_dtype="fp4"), "expert_dtype='fp4'"),
+    (dict(modules_to_convert=["model.embed_tokens"]), "modules_to_convert"),
+    (dict(weight_block_size=[128]), "two positive integers"),
+    (dict(weight_block_size=[0, 128]), "two positive integers"),
+    (dict(quant_method="bitsandbytes"), "'bitsandbytes' are not supported"),
+])
+def test_fp8_variants_we_cannot_read_are_refused_by_name(change, message):
+    with pytest.raises(ConfigError, match=message):
+        _llama(**change)
+
+
+def test_the_table_keeps_projections_in_fp8_with_scales_in_our_layout():
+    specs = {spec.name: spec for spec in weight_table(_llama(modules_to_not_convert=["lm_head", "v_proj"]))}
+    fp8 = {name for name, spec in specs.items() if spec.dtype == FP8}
+    assert fp8 == {f"layers.{n}" for n in ("wq", "wk", "wo", "w_gate", "w_up", "w_down")}  # v_proj skipped
+    assert specs["embed"].dtype is None and specs["lm_head"].dtype is None and "layers.wv_scale" not in specs
+    # One scale per out element and 16 in rows: wq [D, N, H] -> [D / 16, N, H]; wo [N, H, D] -> [N H / 16, D].
+    assert (specs["layers.wq_scale"].shape, specs["layers.wq_scale"].axes) == \
+        ((4, 4, 16), ("in_blocks", "heads", "head_dim"))
+    assert (specs["layers.wo_scale"].shape, specs["layers.wo_scale"].hf_shape) == ((4, 64), (4, 4))
+    assert specs["layers.w_down_scale"].shape == (8, 64)
+    assert param_count(_llama()) == param_count(dataclasses.replace(_llama(), weight_quant=None))
+
+
+def test_a_skip_list_naming_some_layers_only_or_a_ragged_in_dim_is_refused():
+    with pytest.raises(ConfigError, match="some layers' wq in fp8 and others not"):
+        weight_table(_llama(modules_to_not_convert=["model.layers.1.self_attn.q_proj"]))
+    with pytest.raises(ConfigError, match="has 64 input columns, not a multiple of the fp8 block's 48"):
+        weight_table(_llama(weight_block_size=[16, 48]))
+
+
+def _quantize_ragged(w: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """A weight [out, in] quantized with blocks whose rows do not divide `out` (the last block is short), as
+    DeepSeek's format allows and transformers' quantizer does not write."""
+    out, inp = w.shape
+    scales = np.ones((math.ceil(out / rows), inp // cols), np.float32)
+    values = np.zeros_like(w, dtype=ml_dtypes.float8_e4m3fn)
+    for r in range(scales.shape[0]):
+        for c in range(scales.shape[1]):
+            block = w[r * rows:(r + 1) * rows, c * cols:(c + 1) * cols]
+            scales[r, c] = np.abs(block).max() / FP8_MAX
+            values[r * rows:(r + 1) * rows, c * cols:(c + 1) * cols] = (block / scales[r, c]).astype(values.dtype)
+    return values, scales
+
+
+def test_every_weight_dequantizes_to_the_checkpoints_values_with_ragged_blocks(tmp_path):
+    """Blocks of 24 rows (q/k/v fused in Phi-3's qkv_proj, 128 rows: the last block is 8 rows, and blocks straddle
+    q, k and v): each layer's weights as the forward pass sees them equal value x scale computed here in numpy."""
+    build("phi3", tmp_path)
+    tensors, expected = load_file(tmp_path / "model.safetensors"), {}
+    for key in list(tensors):
+        if key.endswith("proj.weight"):
+            values, scales = _quantize_ragged(tensors[key].numpy(), 24, 16)
+            expected[key] = values.astype(np.float32) * np.repeat(np.repeat(scales, 24, 0)[:values.shape[0]], 16, 1)
+            tensors[key] = torch.from_numpy(values.view(np.uint8)).view(torch.float8_e4m3fn)
+            tensors[key.replace(".weight", ".weight_scale_inv")] = torch.from_numpy(scales)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {**FP8_CONFIG, "weight_block_size": [24, 16]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    source = find_model(tmp_path)
+    cfg = load_config(source)
+    params = load_params(source, cfg, "float32", None)
+    assert params["layers"]["wq"].dtype == jnp.float8_e4m3fn and params["layers"]["wq_scale"].dtype == jnp.float32
+    N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    for i in range(cfg.num_layers):
+        layer = dequantized(jax.tree.map(lambda x: x[i], params["layers"]), cfg, jnp.float32)
+        qkv = expected[f"model.layers.{i}.self_attn.qkv_proj.weight"]
+        ours = {"wq": qkv[:N * H].T.reshape(D, N, H), "wk": qkv[N * H:(N + K) * H].T.reshape(D, K, H),
+                "wv": qkv[(N + K) * H:].T.reshape(D, K, H),
+                "wo": expected[f"model.layers.{i}.self_attn.o_proj.weight"].T.reshape(N, H, D),
+                "w_down": expected[f"model.layers.{i}.mlp.down_proj.weight"].T}
+        gate_up = expected[f"model.layers.{i}.mlp.gate_up_proj.weight"]
+        ours["w_gate"], ours["w_up"] = np.split(gate_up.T, 2, axis=1)
+        for name, want in ours.items():
+            np.testing.assert_array_equal(np.asarray(layer[name]), want, err_msg=f"layer {i} {name}")
+
+
+def test_weights_take_about_half_the_bytes_of_bfloat16(tmp_path):
+    build("llama3", tmp_path / "bf16", dtype=torch.bfloat16,
+          config=dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4))
+    shutil.copytree(tmp_path / "bf16", tmp_path / "fp8")
+    quantize_fp8(tmp_path / "fp8", (128, 128))
+
+    def projection_bytes(directory):
+        source = find_model(directory)
+        params = load_params(source, load_config(source), "bfloat16", None)["layers"]
+        return sum(x.nbytes for name, x in params.items() if name.startswith("w"))
+
+    ratio = projection_bytes(tmp_path / "fp8") / projection_bytes(tmp_path / "bf16")
+    assert 0.5 < ratio < 0.5 * (1 + 4 / 128 * 1.01)  # one byte a weight, plus one float32 per 128 in rows
+
+
+def test_a_projection_the_config_quantizes_but_the_checkpoint_does_not_is_named(tmp_path):
+    build("llama3", tmp_path)
+    quantize_fp8(tmp_path, (16, 16), skip=("lm_head", "v_proj"))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["modules_to_not_convert"] = ["lm_head"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    source = find_model(tmp_path)
+    with pytest.raises(CheckpointError, match=r"'model.layers.0.self_attn.v_proj.weight' is F32, but config.json's "
+                                              r"quantization_config makes it an fp8 weight.*modules_to_not_convert"):
+        load_params(source, load_config(source), "float32", None)
+
+
+def test_random_fp8_weights_are_quantized_draws():
+    """A config .json alone gives random weights: an fp8 model's are the unquantized model's draws, quantized
+    (each block's largest magnitude is fp8's largest, so nothing is lost to the range)."""
+    cfg = _llama()
+    plain = init_params(dataclasses.replace(cfg, weight_quant=None), jnp.float32, seed=3)["layers"]
+    quant = init_params(cfg, jnp.float32, seed=3)["layers"]
+    for name in ("wq", "wo", "w_down"):
+        assert quant[name].dtype == jnp.float8_e4m3fn
+        scale = quant[name + "_scale"]  # [L, in / 16, out...]
+        values = np.abs(np.asarray(quant[name], np.float32)).reshape(*scale.shape[:2], 16, *scale.shape[2:])
+        np.testing.assert_array_equal(values.max(axis=2), FP8_MAX)
+    for i in range(cfg.num_layers):
+        layer = dequantized(jax.tree.map(lambda x: x[i], quant), cfg, jnp.float32)
+        for name in ("wq", "wk", "w_up"):
+            want = np.asarray(plain[name][i])
+            np.testing.assert_allclose(np.asarray(layer[name]), want, rtol=2**-4, atol=np.abs(want).max() * 2**-9)
+
+
+def test_converted_to_orbax_and_served_in_another_dtype(tmp_path):
+    """`jaxinfer convert` keeps the fp8 weights and their float32 scales whatever --dtype says (bfloat16 here), and
+    loading it as float32 gives the weights the safetensors give: the same greedy tokens."""
+    from jaxinfer import cli
+    build("llama3", tmp_path / "hf")
+    quantize_fp8(tmp_path / "hf", (16, 16))
+    assert cli.main(["convert", "--model", str(tmp_path / "hf"), "--output", str(tmp_path / "conv"),
+                     "--dtype", "bfloat16"]) == 0
+    (hf_cfg, hf), (conv_cfg, conv) = (
+        (cfg, load_params(source, cfg, "float32", None))
+        for source in (find_model(tmp_path / "hf"), find_model(tmp_path / "conv")) for cfg in [load_config(source)])
+    assert conv_cfg == hf_cfg
+    for name in ("wq", "wq_scale", "w_down", "w_down_scale"):
+        assert conv["layers"][name].dtype == hf["layers"][name].dtype
+        np.testing.assert_array_equal(np.asarray(conv["layers"][name], np.float32),
+                                      np.asarray(hf["layers"][name], np.float32))
+    engine = EngineConfig(max_slots=2, page_size=8, prefill_chunk=16, max_model_len=64, dtype="float32")
+    prompts = random_prompts(256, [9, 17])
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    runs = [[o.outputs[0].token_ids for o in LLM(path, engine).generate(prompts, greedy, use_tqdm=False)]
+            for path in (tmp_path / "hf", tmp_path / "conv")]
+    assert runs[0] == runs[1]
+
+
+def test_fp8_weights_are_not_written_back_as_safetensors(tmp_path):
+    build("llama3", tmp_path / "hf")
+    quantize_fp8(tmp_path / "hf", (16, 16))
+    source = find_model(tmp_path / "hf")
+    cfg = load_config(source)
+    with pytest.raises(CheckpointError, match="fp8 weights are not written back"):
+        checkpoint.save_safetensors(load_params(source, cfg, "float32", None), cfg, tmp_path / "hf", tmp_path / "out")
