@@ -30,6 +30,8 @@ CONTROL_HELP = "static: decode rounds and sampler passes fixed per compiled step
                "host syncs (more step shapes); dynamic: chosen on device. Default: static on GPU"
 KV_DTYPE_HELP = "the KV cache's dtype: auto (the model's), or narrower to hold more tokens: bfloat16, fp8 (= " \
                 "fp8_e4m3: twice bfloat16's tokens, unscaled as vLLM's default) or fp8_e5m2"
+QUANTIZATION_HELP = "fp8: hold a 16/32-bit checkpoint's projections as float8_e4m3fn with float32 scales (one per " \
+                    "output and 128 inputs), about half their memory; an fp8 checkpoint is served as fp8 without it"
 BUCKETS_HELP = "row counts a decode-only step may shrink to when fewer slots decode, per data shard (each a " \
                "compiled shape). Default: on CPU 8, 16, ... below the slots (up to 32 slots), elsewhere none"
 
@@ -77,7 +79,7 @@ def _bench_offline(args) -> None:
     engine = EngineConfig(max_slots=args.max_slots, prefill_chunk=args.prefill_chunk,
                           decode_steps=args.decode_steps, page_size=args.page_size, dtype=args.dtype,
                           kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len, seed=args.seed,
-                          hf_overrides=args.hf_overrides,
+                          hf_overrides=args.hf_overrides, quantization=args.quantization,
                           disable_hybrid_kv_cache_manager=args.disable_hybrid_kv_cache_manager,
                           max_prefill_seqs=args.max_prefill_seqs,
                           control_flow=args.control_flow, decode_buckets=_buckets(args))
@@ -113,6 +115,7 @@ def _add_bench(sub) -> None:
                      help="default: the longest prompt plus the longest output")
     off.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
     off.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_DTYPE_HELP)
+    off.add_argument("--quantization", "-q", choices=["fp8"], default=None, help=QUANTIZATION_HELP)
     off.add_argument("--disable-hybrid-kv-cache-manager", action="store_true", help=HYBRID_HELP)
     off.add_argument("--hf-overrides", type=json_object_arg, default=None, help=HF_OVERRIDES_HELP)
     off.add_argument("--seed", type=int, default=0, help="the workload's seed")
@@ -155,7 +158,7 @@ def serve_engine(args) -> EngineConfig:
     """The engine `jaxinfer serve`'s flags ask for."""
     return EngineConfig(max_slots=args.max_num_seqs, max_model_len=args.max_model_len, dtype=args.dtype,
                         kv_cache_dtype=args.kv_cache_dtype, page_size=args.page_size, hf_overrides=args.hf_overrides,
-                        prefill_chunk=args.prefill_chunk, num_pages=args.num_pages,
+                        quantization=args.quantization, prefill_chunk=args.prefill_chunk, num_pages=args.num_pages,
                         kv_cache_memory=args.kv_cache_memory_bytes, gpu_memory_utilization=args.gpu_memory_utilization,
                         decode_steps=args.decode_steps, enable_prefix_caching=args.enable_prefix_caching,
                         disable_hybrid_kv_cache_manager=args.disable_hybrid_kv_cache_manager,
@@ -234,6 +237,7 @@ def _add_serve(sub) -> None:
     serve.add_argument("--disable-hybrid-kv-cache-manager", action="store_true", help=HYBRID_HELP)
     serve.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
     serve.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_DTYPE_HELP)
+    serve.add_argument("--quantization", "-q", choices=["fp8"], default=None, help=QUANTIZATION_HELP)
     serve.add_argument("--hf-overrides", type=json_object_arg, default=None, help=HF_OVERRIDES_HELP)
     serve.add_argument("--generation-config", default="auto", metavar="auto|vllm|FOLDER",
                        help="where default sampling parameters (temperature, top_p, top_k, min_p, "

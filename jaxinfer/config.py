@@ -832,6 +832,7 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 RESOLVED_ATTENTION_BACKENDS = ("pallas", "xla", "reference")  # what "auto" resolves between
 ATTENTION_BACKENDS = ("auto",) + RESOLVED_ATTENTION_BACKENDS
+QUANTIZATIONS = (None, "fp8")  # EngineConfig.quantization: None serves the checkpoint as it is stored
 CONTROL_FLOWS = ("auto", "static", "dynamic")  # how a step branches on its batch: see jaxinfer/runner.py
 
 
@@ -868,6 +869,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     dtype: str = "auto"  # auto: float32 on CPU; on accelerators the checkpoint's half dtype or bfloat16
     kv_cache_dtype: str = "auto"  # the KV pool's (KV_CACHE_DTYPES): auto is `dtype`; fp8 holds twice bfloat16's tokens
+    quantization: str | None = None  # vLLM's: "fp8" quantizes a 16/32-bit checkpoint's projections at load
     attention_backend: str = "auto"  # auto: our Pallas kernels on GPU, the page-loop jnp path (xla) elsewhere
     control_flow: str = "auto"  # auto: static on GPU (no host syncs inside a step), dynamic (fewer compiles) elsewhere
     decode_buckets: tuple[int, ...] | None = None  # rows a decode-only step may shrink to, per data shard; None: auto
@@ -885,6 +887,8 @@ class EngineConfig:
             raise ConfigError(f"dtype {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization {self.quantization!r} is not one of {', '.join(map(str, QUANTIZATIONS))}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"attention_backend {self.attention_backend!r} is not one of "
                               f"{', '.join(ATTENTION_BACKENDS)}")

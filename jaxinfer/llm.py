@@ -24,7 +24,7 @@ from jaxinfer.engine.engine import Engine, RequestStream
 from jaxinfer.engine.request import CompletionOutput, Logprob, RequestOutput, RequestOutputKind, SamplingParams
 from jaxinfer.model.checkpoint import find_model, generation_defaults, load_config, load_params
 from jaxinfer.runner import JaxExecutor, ModelRunner
-from jaxinfer.model.weights import expand_kv_heads
+from jaxinfer.model.weights import expand_kv_heads, online_fp8, quantized_params
 from jaxinfer.sharding import make_mesh, mesh_problems
 from jaxinfer.tokenizer import CHAT_TEMPLATE_ERRORS, TOKENIZER_FILES, Tokenizer, openai_messages
 from pallas_kernels.attention import kernel_self_check
@@ -110,7 +110,11 @@ def load_engine(model: str | Path | None = None, engine: EngineConfig | None = N
         log.info("LongRoPE: the %s factors for every sequence (max_model_len %d %s the pretraining length, %d)",
                  "long" if cfg.rope.long else "short", resolved.max_model_len, ">" if cfg.rope.long else "<=",
                  cfg.rope.original_max_position)
-    params, cfg = expand_kv_heads(load_params(source, cfg, resolved.dtype, mesh), cfg, mesh)
+    params = load_params(source, cfg, resolved.dtype, mesh)
+    if requested.quantization == "fp8" and cfg.weight_quant is None:  # an fp8 checkpoint already is
+        cfg = online_fp8(cfg)
+        params = quantized_params(params, cfg, mesh)
+    params, cfg = expand_kv_heads(params, cfg, mesh)
     resolved = _checked_backend(requested, resolved, cfg)
     resolved = agree(resolved.with_kv_budget(cfg, kv_budget_bytes(resolved, cfg, mesh)))
     runner = ModelRunner(cfg, resolved, params, mesh)

@@ -200,3 +200,33 @@ def test_fp8_weights_are_not_written_back_as_safetensors(tmp_path):
     cfg = load_config(source)
     with pytest.raises(CheckpointError, match="fp8 weights are not written back"):
         checkpoint.save_safetensors(load_params(source, cfg, "float32", None), cfg, tmp_path / "hf", tmp_path / "out")
+
+
+@pytest.mark.parametrize("family, block_in", [("llama3", 64), ("qwen3_moe", 16)])
+def test_quantization_fp8_writes_the_values_transformers_quantizer_writes(tmp_path, family, block_in):
+    """vLLM's `--quantization fp8` on a float32 checkpoint: every projection (an MoE's experts too) holds the fp8
+    values (and, to the last bit, scales) transformers' quantizer writes for blocks of one out row by `block_in` in columns (the
+    largest power of two to 128 dividing every in dim: 64 and 128 here; the experts' 48 too); routers, norms and embeddings are untouched."""
+    build(family, tmp_path / "plain")
+    shutil.copytree(tmp_path / "plain", tmp_path / "fp8")
+    quantize_fp8(tmp_path / "fp8", (1, block_in))
+    engine = EngineConfig(max_slots=2, page_size=8, prefill_chunk=16, max_model_len=64, dtype="float32")
+    online = LLM(tmp_path / "plain", dataclasses.replace(engine, quantization="fp8"))
+    stored = LLM(tmp_path / "fp8", engine)
+    assert online.model_config.weight_quant == WeightQuant((1, block_in), ("lm_head",))
+    ours, theirs = online.runner.params, stored.runner.params
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(ours)[0], jax.tree.leaves(theirs)):
+        assert a.dtype == b.dtype, path
+        # XLA's 1 / (448 / amax) may differ from torch's in the last bit: scales to 2 ulp, values exactly.
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=str(path),
+                                   rtol=2.5e-7 if "_scale" in str(path) else 0, atol=0)
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompts = random_prompts(256, [5, 17])
+    assert [o.outputs[0].token_ids for o in online.generate(prompts, greedy, use_tqdm=False)] == \
+        [o.outputs[0].token_ids for o in stored.generate(prompts, greedy, use_tqdm=False)]
+
+
+def test_an_unknown_quantization_is_refused():
+    with pytest.raises(ConfigError, match="quantization 'int4' is not one of None, fp8"):
+        EngineConfig(quantization="int4")

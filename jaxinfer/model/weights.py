@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jaxinfer.config import FUSED_GATE_UP, FUSED_PROJECTIONS, GLM_MODEL_TYPES, ConfigError, ModelConfig
+from jaxinfer.config import FUSED_GATE_UP, FUSED_PROJECTIONS, GLM_MODEL_TYPES, ConfigError, ModelConfig, WeightQuant
 from jaxinfer.model import safetensors_io
 from jaxinfer.model.safetensors_io import CheckpointError
 from jaxinfer.sharding import kv_replicas, logical_sharding
@@ -365,12 +365,40 @@ def init_params(cfg: ModelConfig, dtype, seed: int = 0, mesh=None) -> dict:
 
 def quantize_fp8(w: jax.Array, lead: int, in_dims: int, blocks: int) -> tuple[jax.Array, jax.Array]:
     """w [lead..., in..., out...] -> (float8_e4m3fn values, float32 scales [lead..., blocks, out...]): each out
-    element's block of in rows scaled so its largest magnitude is fp8's largest (as transformers quantizes)."""
+    element's block of in rows scaled so its largest magnitude is fp8's largest, in transformers' arithmetic (so
+    the values are the ones its quantizer writes)."""
     x = w.astype(jnp.float32).reshape(*w.shape[:lead], blocks, -1, *w.shape[lead + in_dims:])
     amax = jnp.max(jnp.abs(x), axis=lead + 1)
-    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
-    values = jnp.clip(x / jnp.expand_dims(scale, lead + 1), -FP8_MAX, FP8_MAX).astype(FP8)
-    return values.reshape(w.shape), scale
+    factor = jnp.where(amax > 0, FP8_MAX / jnp.where(amax > 0, amax, 1.0), 1.0)
+    values = jnp.clip(x * jnp.expand_dims(factor, lead + 1), -FP8_MAX, FP8_MAX).astype(FP8)
+    return values.reshape(w.shape), 1.0 / factor
+
+
+def online_fp8(cfg: ModelConfig) -> ModelConfig:
+    """vLLM's `--quantization fp8` for a checkpoint in 16/32 bits: the config whose projections are fp8, one scale
+    per out element and block of in rows (128, or the largest power of two under it that divides every in dim)."""
+    ins = [spec.hf_shape[1] for spec in weight_table(cfg) if spec.name in QUANTIZABLE]
+    return dataclasses.replace(cfg, weight_quant=WeightQuant((1, math.gcd(128, *ins)), ("lm_head",)))
+
+
+def quantized_params(params: dict, cfg: ModelConfig, mesh=None) -> dict:
+    """Quantize a loaded model's projections in place for `cfg` (`online_fp8`'s), one weight at a time: each
+    16/32-bit original is freed once its fp8 copy exists."""
+    table = {spec.name: spec for spec in weight_table(cfg)}
+    for spec in table.values():
+        if not spec.scale_rows:
+            continue
+        name = spec.name.removesuffix("_scale")
+        weight = _get_path(params, name)
+        quantize = functools.partial(quantize_fp8, lead=1 + spec.per_expert,
+                                     in_dims=weight.ndim - len(spec.full_shape(cfg.num_layers)) + 1,
+                                     blocks=spec.shape[spec.per_expert])
+        values, scales = jax.jit(quantize, out_shardings=(_load_sharding(table[name], cfg, mesh),
+                                                          _load_sharding(spec, cfg, mesh)))(weight)
+        weight.delete()
+        _set_path(params, name, values)
+        _set_path(params, spec.name, scales)
+    return params
 
 
 def expand_kv_heads(params: dict, cfg: ModelConfig, mesh) -> tuple[dict, ModelConfig]:
