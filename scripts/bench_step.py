@@ -27,6 +27,7 @@ import numpy as np
 from jaxinfer.bench import decode_plan, prefill_plan, time_step
 from jaxinfer.config import ATTENTION_BACKENDS, KV_CACHE_DTYPES, EngineConfig
 from jaxinfer.model.checkpoint import find_model, load_config, load_params, save_orbax, save_safetensors
+from jaxinfer.model.weights import online_fp8, quantized_params
 from jaxinfer.runner import ModelRunner
 from jaxinfer.sharding import make_mesh
 
@@ -79,15 +80,25 @@ def main() -> None:
                         help="decode is timed with each, side by side")
     parser.add_argument("--kv-cache-dtypes", nargs="+", choices=KV_CACHE_DTYPES, default=["auto"],
                         help="decode is timed with a KV pool of each, side by side")
+    parser.add_argument("--quantizations", nargs="+", choices=["none", "fp8"], default=["none"],
+                        help="decode is timed with the weights as loaded and with fp8 projections (--quantization "
+                             "fp8), side by side")
     parser.add_argument("--skip-load", action="store_true")
     args = parser.parse_args()
 
     source = find_model(args.config)
-    cfg = load_config(source)
+    plain = load_config(source)
     mesh = make_mesh()
-    params = load_params(source, cfg, args.dtype, mesh)
+    loaded = load_params(source, plain, args.dtype, mesh)
+    models = {"none": (plain, loaded)} if "none" in args.quantizations else {}
+    if "fp8" in args.quantizations:
+        models["fp8"] = (online_fp8(plain), quantized_params(jax.tree.map(jax.numpy.copy, loaded), online_fp8(plain),
+                                                             mesh))
+    cfg, params = next(iter(models.values()))
 
-    def runner(slots: int, backend: str = args.attention_backends[0], kv: str = args.kv_cache_dtypes[0]) -> ModelRunner:
+    def runner(slots: int, backend: str = args.attention_backends[0], kv: str = args.kv_cache_dtypes[0],
+               quantization: str = args.quantizations[0]) -> ModelRunner:
+        cfg, params = models[quantization]
         engine = EngineConfig(max_slots=slots, page_size=16, prefill_chunk=max(args.chunks),
                               decode_steps=args.decode_steps, max_model_len=args.max_model_len, dtype=args.dtype,
                               attention_backend=backend, kv_cache_dtype=kv).resolve(cfg, jax.default_backend())
@@ -101,16 +112,19 @@ def main() -> None:
     for chunk in args.chunks:
         sec = bench_prefill(prefill_runner, chunk, args.repeats)
         print(f"prefill chunk {chunk:5d}: {sec * 1e3:8.1f} ms  {chunk / sec:9.1f} tokens/s")
-    for batch, backend, kv in itertools.product(args.batches, args.attention_backends, args.kv_cache_dtypes):
-        decoder = runner(batch, backend, kv)  # `batch` slots, all decoding
+    for batch, backend, kv, quantization in itertools.product(args.batches, args.attention_backends,
+                                                              args.kv_cache_dtypes, args.quantizations):
+        decoder = runner(batch, backend, kv, quantization)  # `batch` slots, all decoding
         static = decoder.engine.control_flow == "static"  # every decode-only dispatch runs all k rounds
+        weights = "" if quantization == "none" else f", {quantization} weights"
         for k in dict.fromkeys((args.decode_steps,) if static else (args.decode_steps, 1)):
             sec = bench_decode(decoder, batch, args.context, k, args.repeats)
             print(f"decode batch {batch:3d} (context {args.context}, k={k}, {decoder.engine.attention_backend}, "
-                  f"KV {decoder.engine.kv_cache_dtype}): {sec * 1e3:8.1f} ms/step  {batch / sec:8.1f} tokens/s")
+                  f"KV {decoder.engine.kv_cache_dtype}{weights}): {sec * 1e3:8.1f} ms/step  {batch / sec:8.1f} "
+                  "tokens/s")
     if not args.skip_load:
-        del params, prefill_runner, decoder
-        for name, sec in bench_load(source, cfg, args.dtype, mesh, args.repeats).items():
+        del params, loaded, models, prefill_runner, decoder
+        for name, sec in bench_load(source, plain, args.dtype, mesh, args.repeats).items():
             print(f"load from {name:11s}: {sec:.2f}s")
 
 

@@ -18,7 +18,8 @@
 #   bash scripts/gpu_session.sh [OUTPUT_DIR]
 # If device time remains (it needs about 90 s more), run scripts/gpu_dsf_ab.sh next, on the still-warm
 # machine: the 8B decode step with and without XLA's dynamic-slice fusion for the scanned layers' weights;
-# then scripts/gpu_moe.sh (about 100 s): the mixture-of-experts families, left out of stage 3 here.
+# then scripts/gpu_moe.sh (about 100 s): the mixture-of-experts families, left out of stage 3 here; then
+# scripts/gpu_fp8.sh (about 90 s): the 8B decode step with bf16 and with fp8 weights.
 # The engine runs with static control flow (the GPU default: no host syncs inside a step, see
 # docs/benchmarks.md, the 8B section); CONTROL_FLOW=dynamic runs the old on-device branching for the
 # side-by-side figure.
@@ -51,7 +52,7 @@ offline=${PIPESTATUS[0]}
 # Not the logit-bias parity test: its sampler pass compiles new step shapes, which this time limit did not plan for;
 # only the families this limit was set for (Llama, Mistral, Qwen2/3, Phi-3, Granite): scripts/gpu_moe.sh runs the rest.
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout 40 python3 -m pytest -q -o addopts= -p no:cacheprovider tests/test_model_parity.py \
-  -k "not logit_bias and (llama or mistral or qwen or phi3 or granite) and not moe" 2>&1 | tee "$out/gpu_model_parity.log" | tail -6
+  -k "not logit_bias and (llama or mistral or qwen or phi3 or granite) and not moe and not fp8" 2>&1 | tee "$out/gpu_model_parity.log" | tail -6
 parity=${PIPESTATUS[0]}
 timeout 30 python3 scripts/bench_sampling.py --rows 256 --vocab 128256 \
   --kinds greedy random top_p top_k_min_p penalty logprobs 2>&1 | tee "$out/sampling.log"

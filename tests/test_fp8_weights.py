@@ -109,7 +109,7 @@ def test_every_weight_dequantizes_to_the_checkpoints_values_with_ragged_blocks(t
     source = find_model(tmp_path)
     cfg = load_config(source)
     params = load_params(source, cfg, "float32", None)
-    assert params["layers"]["wq"].dtype == jnp.float8_e4m3fn and params["layers"]["wq_scale"].dtype == jnp.float32
+    assert params["layers"]["wq"].dtype == jnp.uint8 and params["layers"]["wq_scale"].dtype == jnp.float32  # fp8 bits
     N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
     for i in range(cfg.num_layers):
         layer = dequantized(jax.tree.map(lambda x: x[i], params["layers"]), cfg, jnp.float32)
@@ -158,9 +158,10 @@ def test_random_fp8_weights_are_quantized_draws():
     plain = init_params(dataclasses.replace(cfg, weight_quant=None), jnp.float32, seed=3)["layers"]
     quant = init_params(cfg, jnp.float32, seed=3)["layers"]
     for name in ("wq", "wo", "w_down"):
-        assert quant[name].dtype == jnp.float8_e4m3fn
+        assert quant[name].dtype == jnp.uint8  # the bits of float8_e4m3fn values
         scale = quant[name + "_scale"]  # [L, in / 16, out...]
-        values = np.abs(np.asarray(quant[name], np.float32)).reshape(*scale.shape[:2], 16, *scale.shape[2:])
+        values = np.abs(np.asarray(quant[name]).view(ml_dtypes.float8_e4m3fn).astype(np.float32))
+        values = values.reshape(*scale.shape[:2], 16, *scale.shape[2:])
         np.testing.assert_array_equal(values.max(axis=2), FP8_MAX)
     for i in range(cfg.num_layers):
         layer = dequantized(jax.tree.map(lambda x: x[i], quant), cfg, jnp.float32)
@@ -230,3 +231,19 @@ def test_quantization_fp8_writes_the_values_transformers_quantizer_writes(tmp_pa
 def test_an_unknown_quantization_is_refused():
     with pytest.raises(ConfigError, match="quantization 'int4' is not one of None, fp8"):
         EngineConfig(quantization="int4")
+
+
+def test_a_step_holds_no_widened_copy_of_the_fp8_weights():
+    """The compiled decode step's scratch memory is the unquantized model's: each layer's weights widen inside the
+    layer scan (held as fp8 values, XLA:CPU converted all layers' stacked weights to float16 before the scan, a
+    copy of twice their bytes)."""
+    engine = EngineConfig(max_slots=4, max_model_len=64, num_pages=20, dtype="float32")
+    temp = {}
+    for quantization in (None, "fp8"):
+        llm = LLM(None, dataclasses.replace(engine, quantization=quantization))
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), use_tqdm=False)
+        temp[quantization] = max(llm.runner.lower(layout).compile().memory_analysis().temp_size_in_bytes
+                                 for layout in llm.runner.layouts)
+        fp8_bytes = sum(x.nbytes for name, x in llm.runner.params["layers"].items() if x.dtype == jnp.uint8)
+    assert fp8_bytes > 3e6  # the default model's projections: a float16 copy would be over 6 MB
+    assert temp["fp8"] < temp[None] + fp8_bytes / 4

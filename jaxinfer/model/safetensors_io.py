@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
@@ -101,7 +100,7 @@ class Reader:
             raise CheckpointError(f"cannot read tensor {key!r} from {path}: {e}") from e
 
     def _fp8(self, path: Path, key: str) -> np.ndarray:
-        """An F8_E4M3 tensor, read from the file's bytes (its offsets in the JSON header)."""
+        """An F8_E4M3 tensor as its bits (uint8), read from the file's bytes (its offsets in the JSON header)."""
         if path not in self._headers:
             with open(path, "rb") as f:
                 size = int.from_bytes(f.read(8), "little")
@@ -111,7 +110,7 @@ class Reader:
         with open(path, "rb") as f:
             f.seek(data_start + start)
             data = f.read(end - start)
-        return np.frombuffer(data, ml_dtypes.float8_e4m3fn).reshape(header[key]["shape"])
+        return np.frombuffer(data, np.uint8).reshape(header[key]["shape"])
 
 
 def save(tensors: dict[str, np.ndarray], directory: Path, max_shard_bytes: int | None = None) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from jaxinfer.config import ModelConfig, RopeConfig, kv_layout
 from pallas_kernels.flash import f32_operands
 from pallas_kernels.attention import step_attention
-from pallas_kernels.kv_storage import stored
+from pallas_kernels.kv_storage import stored, widened
 
 
 @jax.tree_util.register_dataclass
@@ -279,8 +279,8 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
 
 
 def dequantized(lp: dict, cfg: ModelConfig, dtype) -> dict:
-    """A layer's weights with each fp8 weight times its scales (weights.py: one per out element and block of in
-    rows), in the activations' dtype: the matmuls read one byte a weight and compute in `dtype` (W8A16)."""
+    """A layer's weights with each fp8 weight (its bits) times its scales (weights.py: one per out element and block
+    of in rows), in the activations' dtype: the matmuls read one byte a weight and compute in `dtype` (W8A16)."""
     out = dict(lp)
     for name, scale in lp.items():
         if name.endswith("_scale"):
@@ -288,7 +288,7 @@ def dequantized(lp: dict, cfg: ModelConfig, dtype) -> dict:
             lead = int(cfg.num_experts > 0 and name.startswith(("w_gate", "w_up", "w_down")))
             rows = math.prod(w.shape[lead:w.ndim - scale.ndim + 1 + lead])  # the in dims' size
             full = jnp.repeat(scale, rows // scale.shape[lead], axis=lead, total_repeat_length=rows)
-            out[name.removesuffix("_scale")] = (w.astype(jnp.float32) * full.reshape(w.shape)).astype(dtype)
+            out[name.removesuffix("_scale")] = (widened(w, jnp.float32) * full.reshape(w.shape)).astype(dtype)
     return out
 
 

@@ -7,9 +7,11 @@ Per-layer weights are stacked on a leading `layers` axis so the forward pass can
 expert, are stacked on an `experts` axis after it. Loading is strict: every
 checkpoint key maps to exactly one destination, shapes are checked, leftovers fail.
 
-An fp8 checkpoint's projections stay float8_e4m3fn, each beside a float32 `<name>_scale` in our layout: one
-scale per out element and block of in rows, [(X,) in / block_in, out...] (the checkpoint's block scale repeated
-over the block's out rows), so fused tensors, head splits and sharding cut it as they cut the weight.
+An fp8 checkpoint's projections stay float8_e4m3fn, held as their bits (uint8, as the KV pool holds fp8: XLA:CPU
+otherwise converts every layer's stacked fp8 weights to float16 before the layer scan, a copy twice their size),
+each beside a float32 `<name>_scale` in our layout: one scale per out element and block of in rows,
+[(X,) in / block_in, out...] (the checkpoint's block scale repeated over the block's out rows), so fused tensors,
+head splits and sharding cut it as they cut the weight.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from jaxinfer.sharding import kv_replicas, logical_sharding
 
 log = logging.getLogger(__name__)
 
-FP8 = "float8_e4m3fn"
+FP8 = "uint8"  # a quantized projection's dtype: the bits of its float8_e4m3fn values
 FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
 # The projections an fp8 checkpoint keeps in fp8 (routers, gates of one output, embeddings and heads it does not).
 QUANTIZABLE = tuple(f"layers.{name}" for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "shared_gate",
@@ -364,14 +366,14 @@ def init_params(cfg: ModelConfig, dtype, seed: int = 0, mesh=None) -> dict:
 
 
 def quantize_fp8(w: jax.Array, lead: int, in_dims: int, blocks: int) -> tuple[jax.Array, jax.Array]:
-    """w [lead..., in..., out...] -> (float8_e4m3fn values, float32 scales [lead..., blocks, out...]): each out
+    """w [lead..., in..., out...] -> (float8_e4m3fn values as bits, float32 scales [lead..., blocks, out...]): each out
     element's block of in rows scaled so its largest magnitude is fp8's largest, in transformers' arithmetic (so
     the values are the ones its quantizer writes)."""
     x = w.astype(jnp.float32).reshape(*w.shape[:lead], blocks, -1, *w.shape[lead + in_dims:])
     amax = jnp.max(jnp.abs(x), axis=lead + 1)
     factor = jnp.where(amax > 0, FP8_MAX / jnp.where(amax > 0, amax, 1.0), 1.0)
-    values = jnp.clip(x * jnp.expand_dims(factor, lead + 1), -FP8_MAX, FP8_MAX).astype(FP8)
-    return values.reshape(w.shape), 1.0 / factor
+    values = jnp.clip(x * jnp.expand_dims(factor, lead + 1), -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+    return jax.lax.bitcast_convert_type(values.reshape(w.shape), jnp.uint8), 1.0 / factor
 
 
 def online_fp8(cfg: ModelConfig) -> ModelConfig:
