@@ -56,6 +56,7 @@ def _convert(args) -> None:
     import jax
 
     from jaxinfer.model.checkpoint import find_model, load_config, load_params, save_orbax
+    from jaxinfer.model.weights import online_fp8, quantized_params
     from jaxinfer.sharding import make_mesh
     source = find_model(args.model)
     if source.weights is None:
@@ -63,10 +64,17 @@ def _convert(args) -> None:
     cfg = load_config(source)
     dtype = EngineConfig(dtype=args.dtype).resolve(cfg, jax.default_backend()).dtype
     start = time.perf_counter()
-    params = load_params(source, cfg, dtype, make_mesh())
+    mesh = make_mesh()
+    params = load_params(source, cfg, dtype, mesh)
+    quantization = None  # a quantization_config for the output's config.json (an fp8 checkpoint's has one)
+    if args.quantization == "fp8" and cfg.weight_quant is None:
+        cfg = online_fp8(cfg)
+        params = quantized_params(params, cfg, mesh)
+        quantization = cfg.to_hf()["quantization_config"]
     loaded = time.perf_counter()
-    save_orbax(params, dtype, source.directory, Path(args.output))
-    print(f"read {source.weights} in {loaded - start:.2f}s; wrote orbax checkpoint ({dtype}) to "
+    save_orbax(params, dtype, source.directory, Path(args.output), quantization)
+    fp8 = " with fp8 projections" if cfg.weight_quant else ""
+    print(f"read {source.weights} in {loaded - start:.2f}s; wrote orbax checkpoint ({dtype}{fp8}) to "
           f"{args.output} in {time.perf_counter() - loaded:.2f}s")
 
 
@@ -302,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     conv.add_argument("--output", required=True, help="directory to write")
     conv.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
+    conv.add_argument("--quantization", "-q", choices=["fp8"], default=None,
+                      help="write the projections in fp8 (as serve's --quantization fp8 makes them at load): the "
+                           "output restores without the unquantized weights' memory peak")
     conv.set_defaults(run=_convert)
 
     _add_serve(sub)

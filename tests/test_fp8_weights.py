@@ -247,3 +247,20 @@ def test_a_step_holds_no_widened_copy_of_the_fp8_weights():
         fp8_bytes = sum(x.nbytes for name, x in llm.runner.params["layers"].items() if x.dtype == jnp.uint8)
     assert fp8_bytes > 3e6  # the default model's projections: a float16 copy would be over 6 MB
     assert temp["fp8"] < temp[None] + fp8_bytes / 4
+
+
+def test_convert_with_quantization_fp8_restores_what_quantizing_at_load_gives(tmp_path):
+    """`jaxinfer convert -q fp8`: the orbax output holds the fp8 projections and names them in its config.json,
+    so serving it restores the same weights `--quantization fp8` makes from the original at load."""
+    from jaxinfer import cli
+    build("llama3", tmp_path / "hf")
+    assert cli.main(["convert", "--model", str(tmp_path / "hf"), "--output", str(tmp_path / "conv"),
+                     "--dtype", "float32", "-q", "fp8"]) == 0
+    assert json.loads((tmp_path / "conv" / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+    engine = EngineConfig(max_slots=2, page_size=8, prefill_chunk=16, max_model_len=64, dtype="float32")
+    converted = LLM(tmp_path / "conv", engine)
+    at_load = LLM(tmp_path / "hf", dataclasses.replace(engine, quantization="fp8"))
+    assert converted.model_config.weight_quant == at_load.model_config.weight_quant
+    for a, b in zip(jax.tree.leaves(converted.runner.params), jax.tree.leaves(at_load.runner.params)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -100,15 +100,16 @@ def test_an_unpadded_head_dim_of_96_breaks_a_triton_rule(on_gpu, monkeypatch):
 
 @pytest.mark.parametrize("family, config, kv_cache_dtype", [("gemma2", None, "auto"),
                                                            ("qwen3", {"head_dim": 96}, "fp8"),
-                                                           ("qwen3_moe", None, "auto"), ("cohere2", None, "auto")])
+                                                           ("qwen3_moe-fp8", None, "auto"), ("cohere2", None, "auto")])
 def test_every_warm_up_step_lowers_for_cuda(on_gpu, tmp_path, family, config, kv_cache_dtype):
     """The engine as a GPU resolves it (Pallas attention, static control flow, bfloat16, packed prefill)
     lowers every step shape its warm-up compiles, and those of prompt logprobs, of every sampler pass at
     once and of a grammar's token mask, with the kernels as Triton calls and no conditional or loop whose
     trip count is data (XLA:GPU would read either on the host, a wait for the device, at every layer or
     round). Gemma 2 adds layers of two kinds (one attention with a traced window) and capped logits; Qwen 3
-    an fp8 KV cache and Phi-3's head dim; Qwen3-MoE the experts; Cohere 2 LayerNorm, parallel blocks,
-    interleaved RoPE on its sliding layers only."""
+    an fp8 KV cache and Phi-3's head dim; Qwen3-MoE the experts, from an fp8 checkpoint (every projection
+    widened in the layer scan); Cohere 2 LayerNorm, parallel blocks, interleaved RoPE on its sliding layers
+    only."""
     build(family, tmp_path, config=config)
     engine = load_engine(tmp_path, EngineConfig(max_slots=4, page_size=16, max_model_len=128, prefill_chunk=32,
                                                 attention_backend="pallas", kv_cache_dtype=kv_cache_dtype))

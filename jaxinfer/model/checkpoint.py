@@ -140,8 +140,9 @@ def _check_converted_shapes(stored: dict, wanted: dict, directory: Path) -> None
                                   "convert again")
 
 
-def save_orbax(params: dict, dtype: str, source: Path, output: Path) -> None:
-    """Write `params` as an orbax tree beside the source's config and tokenizer files."""
+def save_orbax(params: dict, dtype: str, source: Path, output: Path, quantization: dict | None = None) -> None:
+    """Write `params` as an orbax tree beside the source's config and tokenizer files (`quantization`: the
+    quantization_config the copied config.json then names, for weights quantized at conversion)."""
     import orbax.checkpoint as ocp
     output.mkdir(parents=True, exist_ok=True)
     # The marker goes last, so an interrupted (re)conversion leaves none and is refused rather than restored.
@@ -150,6 +151,9 @@ def save_orbax(params: dict, dtype: str, source: Path, output: Path) -> None:
     checkpointer = ocp.PyTreeCheckpointer(use_compression=False)
     checkpointer.save((output / ORBAX_PARAMS).resolve(), params, force=True)
     _copy_side_files(source, output)
+    if quantization is not None:
+        config = json.loads((output / "config.json").read_text())
+        (output / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}, indent=2))
     (output / ORBAX_MARKER).write_text(json.dumps({"format": "orbax", "dtype": dtype}))
 
 
