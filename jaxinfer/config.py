@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +76,29 @@ class RopeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class WeightQuant:
-    """A checkpoint's fp8 weights: quant_method "fp8" (transformers' FineGrainedFP8Config; Qwen3's and DeepSeek-V3's
-    -FP8 releases). Each linear projection is float8_e4m3fn values and a `weight_scale_inv` per block of `block`
-    (rows of its out dimension, columns of its in dimension; None: the whole tensor): value x scale is the weight.
-    Embeddings, the LM head, routers and the modules named in `skip` (modules_to_not_convert) stay unquantized."""
+    """A checkpoint's fp8 weights: each linear projection is float8_e4m3fn values and a float32 scale per block of
+    `block` (rows of its out dimension, columns of its in dimension; None: the whole dimension), value x scale
+    being the weight. Two formats: quant_method "fp8" (transformers' FineGrainedFP8Config: Qwen3's and DeepSeek's
+    -FP8 releases; scales `weight_scale_inv`) and "compressed-tensors" (llm-compressor's float-quantized
+    checkpoints, vLLM's -FP8 and -FP8-dynamic: scales `weight_scale`, per tensor, channel or block). Embeddings, the
+    LM head, routers and the modules `skip` matches (modules_to_not_convert, or compressed-tensors' `ignore`)
+    stay unquantized. Activations stay in the model's dtype (W8A16): a checkpoint's static activation scales
+    (`input_scales`) are left unread."""
 
-    block: tuple[int, int] | None = (128, 128)
-    skip: tuple[str, ...] = ()
+    block: tuple[int | None, int | None] = (128, 128)
+    skip: tuple[str, ...] = ()  # patterns as transformers matches modules_to_not_convert (weights.py)
+    method: str = "fp8"  # the checkpoint's quant_method
+    input_scales: bool = False  # compressed-tensors: each projection has an `input_scale` (static activations)
+
+    @property
+    def scale_key(self) -> str:
+        """The suffix of a projection's scale tensor in the checkpoint, in place of `weight`."""
+        return "weight_scale_inv" if self.method == "fp8" else "weight_scale"
+
+    def describe(self) -> str:
+        rows, cols = self.block
+        return "per tensor" if self.block == (None, None) else "per channel" if self.block == (1, None) else \
+            f"blocks of {rows or 'all'} x {cols or 'all'}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,10 +337,7 @@ class ModelConfig:
             hf["use_sliding_window"] = True
         hf.update(_family_to_hf(self))
         if self.weight_quant is not None:
-            quant = self.weight_quant
-            hf["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                         "modules_to_not_convert": list(quant.skip),
-                                         "weight_block_size": None if quant.block is None else list(quant.block)}
+            hf["quantization_config"] = _weight_quant_to_hf(self.weight_quant)
         return hf
 
 
@@ -420,10 +434,12 @@ def _weight_quant(quantization) -> WeightQuant | None:
     if not quantization:
         return None
     method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if method == "compressed-tensors":
+        return _compressed_tensors(quantization)
     if method != "fp8":
-        raise ConfigError(f"quantized checkpoints of quant_method {method!r} are not supported (only 'fp8': "
-                          "float8_e4m3fn weights with block scales); use the unquantized float16/bfloat16/float32 "
-                          "weights")
+        raise ConfigError(f"quantized checkpoints of quant_method {method!r} are not supported (only fp8 weights: "
+                          "quant_method 'fp8', or 'compressed-tensors' float-quantized); use the unquantized "
+                          "float16/bfloat16/float32 weights")
     refused = {"activation_scheme": ("dynamic",), "scale_fmt": ("float",), "expert_dtype": ("fp8",),
                "fmt": ("e4m3",)}
     for field, allowed in refused.items():
@@ -433,11 +449,65 @@ def _weight_quant(quantization) -> WeightQuant | None:
     if quantization.get("modules_to_convert"):
         raise ConfigError("fp8 checkpoints with modules_to_convert (quantized embeddings) are not supported")
     block = quantization.get("weight_block_size")
-    if block is not None and (not isinstance(block, (list, tuple)) or len(block) != 2 or
-                              not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
-        raise ConfigError(f"weight_block_size must be two positive integers, got {block!r}")
     skip = quantization.get("modules_to_not_convert") or quantization.get("ignored_layers") or ()
-    return WeightQuant(None if block is None else tuple(block), tuple(skip))
+    return WeightQuant((None, None) if block is None else _block(block, "weight_block_size"), tuple(skip))
+
+
+def _block(block, field: str) -> tuple[int, int]:
+    if not isinstance(block, (list, tuple)) or len(block) != 2 or \
+            not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block):
+        raise ConfigError(f"{field} must be two positive integers, got {block!r}")
+    return tuple(block)
+
+
+CT_STRATEGIES = {"tensor": (None, None), "channel": (1, None)}  # compressed-tensors' weight strategies (and block)
+
+
+def _compressed_tensors(quantization: dict) -> WeightQuant:
+    """llm-compressor's fp8 checkpoints: one config group over every Linear, static symmetric 8-bit float weights
+    (per tensor, channel or block), activations in 8-bit floats or none."""
+    fmt, status = quantization.get("format"), quantization.get("quantization_status", "compressed")
+    if fmt != "float-quantized":
+        raise ConfigError(f"compressed-tensors checkpoints of format {fmt!r} are not supported (only "
+                          "'float-quantized': fp8 weights)")
+    if status != "compressed":
+        raise ConfigError(f"compressed-tensors checkpoints with quantization_status {status!r} are not supported "
+                          "(only 'compressed')")
+    if quantization.get("kv_cache_scheme"):
+        raise ConfigError("compressed-tensors' kv_cache_scheme (KV cache scales) is not supported")
+    groups = list((quantization.get("config_groups") or {}).values())
+    if len(groups) != 1 or groups[0].get("targets") != ["Linear"]:
+        raise ConfigError("compressed-tensors checkpoints are supported with one config group whose targets are "
+                          f"['Linear'], not {[g.get('targets') for g in groups]}")
+    weights, inputs = groups[0].get("weights") or {}, groups[0].get("input_activations")
+    scheme = (weights.get("num_bits"), weights.get("type"), weights.get("symmetric", True), weights.get("dynamic"))
+    if scheme != (8, "float", True, False) or weights.get("strategy") not in (*CT_STRATEGIES, "block"):
+        raise ConfigError(f"compressed-tensors weights {weights} are not supported (only static, symmetric 8-bit "
+                          "floats per tensor, channel or block)")
+    if inputs is not None and (inputs.get("num_bits"), inputs.get("type")) != (8, "float"):
+        raise ConfigError(f"compressed-tensors input_activations {inputs} are not supported (8-bit floats or none)")
+    if groups[0].get("output_activations"):
+        raise ConfigError("compressed-tensors output_activations are not supported")
+    strategy = weights["strategy"]
+    block = _block(weights.get("block_structure"), "block_structure") if strategy == "block" else \
+        CT_STRATEGIES[strategy]
+    # `ignore`: module names, or regexes after "re:" (e.g. MoE routers, "re:.*mlp.gate$").
+    skip = tuple(p[3:] if p.startswith("re:") else re.escape(p) for p in quantization.get("ignore") or ())
+    return WeightQuant(block, skip, "compressed-tensors", inputs is not None and not inputs.get("dynamic", False))
+
+
+def _weight_quant_to_hf(quant: WeightQuant) -> dict:
+    if quant.method == "fp8":
+        return {"quant_method": "fp8", "activation_scheme": "dynamic", "modules_to_not_convert": list(quant.skip),
+                "weight_block_size": None if quant.block == (None, None) else list(quant.block)}
+    strategy = next((name for name, block in CT_STRATEGIES.items() if block == quant.block), "block")
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": strategy,
+               **({"block_structure": list(quant.block)} if strategy == "block" else {})}
+    inputs = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": not quant.input_scales,
+              "strategy": "tensor" if quant.input_scales else "token"}
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": inputs}},
+            "ignore": ["re:" + p for p in quant.skip]}
 
 
 def _family_to_hf(cfg: "ModelConfig") -> dict:

@@ -126,8 +126,7 @@ def load_engine(model: str | Path | None = None, engine: EngineConfig | None = N
     log.info("loaded %s (%s, %d layers) in %.2fs; weights: %s%s, %.2f GiB; KV pool: %d pages of %d tokens x %d "
              "layers (%s, %.2f GiB), KV cache groups: %s", source.config_path, cfg.model_type, cfg.num_layers,
              time.perf_counter() - start, resolved.dtype,
-             "" if quant is None else " and fp8 projections (scale blocks " +
-             ("per tensor" if quant.block is None else "x".join(map(str, quant.block))) + ")",
+             "" if quant is None else f" and fp8 projections (scales {quant.describe()})",
              sum(x.nbytes for x in jax.tree.leaves(params)) / 2**30,
              resolved.num_pages, resolved.page_size, layout.width, resolved.kv_cache_dtype,
              resolved.num_pages * resolved.kv_bytes_per_page(cfg) / 2**30,

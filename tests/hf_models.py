@@ -8,6 +8,7 @@ and the top-2 logit margins are wide enough to compare tokens exactly.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -81,13 +82,16 @@ FAMILIES = {
     "qwen3_moe": (transformers.Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                                     norm_topk_prob=True, head_dim=16)),
 }
-# fp8 checkpoints (quant_method "fp8"): a family's weights quantized by transformers' own FineGrainedFP8 quantizer,
-# with a block size (None: one scale per tensor); the reference is transformers' model loaded from the fp8 files.
+# fp8 checkpoints: a family's weights quantized by transformers' own FineGrainedFP8 quantizer (quant_method "fp8")
+# with a block size (None: one scale per tensor), or written as llm-compressor's compressed-tensors with a weight
+# strategy (and static activation scales); the reference is transformers' model loaded from the fp8 files.
 FP8_FAMILIES = {
     "llama3-fp8": ("llama3", (16, 16)),
     "phi3-fp8": ("phi3", (64, 16)),  # fused q/k/v and gate/up rows: k and v share scale blocks
     "qwen2-fp8-per-tensor": ("qwen2", None),  # biases, tied embeddings
     "qwen3_moe-fp8": ("qwen3_moe", (16, 16)),  # every expert's projections, the routers left unquantized
+    "llama3-ct-channel": ("llama3", "channel"),  # vLLM's -FP8-dynamic checkpoints: a scale per output
+    "qwen3_moe-ct-tensor-static": ("qwen3_moe", "tensor"),  # -FP8 (static): input scales beside, unread
 }
 FP8_SKIP = ["lm_head", "mlp.gate", "shared_expert_gate"]  # as the Hub's MoE releases list their routers
 
@@ -98,6 +102,8 @@ def build(family: str, directory, dtype=torch.float32, seed: int = 0, config: di
     if family in FP8_FAMILIES:
         base, block = FP8_FAMILIES[family]
         build(base, directory, dtype, seed, config, **save_kwargs)
+        if isinstance(block, str):
+            return compress_fp8(Path(directory), block, static=family.endswith("static"))
         return quantize_fp8(Path(directory), block)
     config_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
@@ -139,6 +145,53 @@ def quantize_fp8(directory: Path, block: tuple[int, int] | None, skip=tuple(FP8_
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config))
     return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+def compress_fp8(directory: Path, strategy: str, block: tuple[int, int] | None = None,
+                 ignore=("lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"), static: bool = False):
+    """Rewrite a checkpoint's projections in place as llm-compressor's compressed-tensors fp8 checkpoints hold
+    them (float8_e4m3fn values, a float32 `weight_scale` per tensor, output channel or block; with `static`, an
+    `input_scale` per projection too); return transformers' float32 model of it, dequantized by the
+    compressed-tensors library."""
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": strategy,
+               **({"block_structure": list(block)} if block else {})}
+    inputs = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": not static,
+              "strategy": "tensor" if static else "token"}
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": inputs}},
+        "ignore": list(ignore)}
+    tensors = {}
+    for key, value in load_file(directory / "model.safetensors").items():
+        module = key.removesuffix(".weight")
+        skipped = any(re.match(p[3:], module) if p.startswith("re:") else p == module for p in ignore)
+        if not key.endswith(".weight") or value.ndim != 2 or "embed" in key or "norm" in key or skipped:
+            tensors[key] = value
+            continue
+        scale = _fp8_scales(value, strategy, block)
+        full = scale.repeat_interleave(block[0], 0)[:value.shape[0]].repeat_interleave(block[1], 1) if block \
+            else scale
+        tensors[key] = (value / full).clamp(-448, 448).to(torch.float8_e4m3fn)
+        tensors[module + ".weight_scale"] = scale
+        if static:
+            tensors[module + ".input_scale"] = value.abs().amax().reshape(1) / 100
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config))
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=torch.float32,
+        quantization_config=transformers.CompressedTensorsConfig(dequantize=True)).eval()
+
+
+def _fp8_scales(w: torch.Tensor, strategy: str, block) -> torch.Tensor:
+    """Each scale's largest magnitude over fp8's largest: one per tensor [1], output channel [out, 1], or block."""
+    if strategy == "tensor":
+        return (w.abs().amax() / 448).reshape(1)
+    if strategy == "channel":
+        return w.abs().amax(dim=1, keepdim=True) / 448
+    rows, cols = block
+    padded = torch.nn.functional.pad(w, (0, 0, 0, -w.shape[0] % rows))
+    return padded.abs().reshape(-1, rows, w.shape[1] // cols, cols).amax(dim=(1, 3)) / 448
 
 
 def scored_in_chunks(llm, prompt: np.ndarray, chunk: int) -> np.ndarray:

@@ -1,7 +1,8 @@
 """fp8 checkpoints (quant_method "fp8": float8_e4m3fn projections with block scales, as Qwen3's and DeepSeek's -FP8
-releases): what config.json says is read or refused by name, weights stay one byte each on their shards, and the
-model computes with exactly the weights transformers dequantizes (test_model_parity.py's FP8_FAMILIES compare
-logits and greedy tokens with transformers' model of the same files; test_mesh_variants.py shards one)."""
+releases; and llm-compressor's compressed-tensors, vLLM's -FP8 and -FP8-dynamic) and `--quantization fp8`: what
+config.json says is read or refused by name, weights stay one byte each on their shards, and the model computes
+with exactly the weights transformers dequantizes (test_model_parity.py's FP8_FAMILIES compare logits and greedy
+tokens with transformers' model of the same files; test_mesh_variants.py shards one)."""
 
 import dataclasses
 import json
@@ -16,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_models import build, quantize_fp8, random_prompts
+from hf_models import build, compress_fp8, quantize_fp8, random_prompts, scored_in_chunks
 from jaxinfer.config import ConfigError, EngineConfig, ModelConfig, WeightQuant
 from jaxinfer.llm import LLM, SamplingParams
 from jaxinfer.model import checkpoint
@@ -37,10 +38,70 @@ def _llama(**quantization) -> ModelConfig:
 def test_the_fp8_config_is_read():
     assert _llama().weight_quant == WeightQuant((16, 16), ())
     assert _llama(weight_block_size=None, modules_to_not_convert=["lm_head"]).weight_quant == \
-        WeightQuant(None, ("lm_head",))
+        WeightQuant((None, None), ("lm_head",))
     assert _llama(ignored_layers=["model.layers.0.mlp"]).weight_quant.skip == ("model.layers.0.mlp",)  # MiniMax's
     cfg = _llama(modules_to_not_convert=["lm_head"])
     assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+
+
+def _compressed(**weights) -> dict:
+    """A compressed-tensors quantization_config as llm-compressor writes it (FP8-dynamic: per channel)."""
+    scheme = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": "channel", **weights}
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": scheme, "input_activations": {
+                "num_bits": 8, "type": "float", "symmetric": True, "dynamic": True, "strategy": "token"}}},
+            "ignore": ["lm_head", "re:.*mlp.gate$"], "kv_cache_scheme": None}
+
+
+@pytest.mark.parametrize("weights, block", [
+    (dict(strategy="channel"), (1, None)), (dict(strategy="tensor"), (None, None)),
+    (dict(strategy="block", block_structure=[128, 128]), (128, 128))])
+def test_compressed_tensors_fp8_configs_are_read(weights, block):
+    hf = _llama().to_hf()
+    hf["quantization_config"] = _compressed(**weights)
+    cfg = ModelConfig.from_hf(hf)
+    assert cfg.weight_quant == WeightQuant(block, ("lm_head", ".*mlp.gate$"), "compressed-tensors", False)
+    assert cfg.weight_quant.scale_key == "weight_scale"
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+    static = _compressed(**weights)
+    static["config_groups"]["group_0"]["input_activations"].update(dynamic=False, strategy="tensor")
+    hf["quantization_config"] = static
+    assert ModelConfig.from_hf(hf).weight_quant.input_scales
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda q: q.update(format="pack-quantized"), "format 'pack-quantized'"),
+    (lambda q: q.update(quantization_status="frozen"), "quantization_status 'frozen'"),
+    (lambda q: q.update(kv_cache_scheme={"num_bits": 8, "type": "float"}), "kv_cache_scheme"),
+    (lambda q: q["config_groups"].update(group_1=q["config_groups"]["group_0"]), "one config group"),
+    (lambda q: q["config_groups"]["group_0"].update(targets=["re:.*mlp.*"]), "targets are"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(type="int"), "static, symmetric 8-bit floats"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=4), "static, symmetric 8-bit floats"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(dynamic=True), "static, symmetric 8-bit floats"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(strategy="group"), "per tensor, channel or block"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(strategy="block"), "block_structure must be"),
+    (lambda q: q["config_groups"]["group_0"]["input_activations"].update(type="int"), "input_activations"),
+    (lambda q: q["config_groups"]["group_0"].update(output_activations={"num_bits": 8}), "output_activations"),
+])
+def test_compressed_tensors_variants_we_cannot_read_are_refused_by_name(edit, message):
+    hf, quantization = _llama().to_hf(), _compressed()
+    edit(quantization)
+    hf["quantization_config"] = quantization
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_hf(hf)
+
+
+def test_compressed_tensors_blocks_over_fused_tensors_match_transformers(tmp_path):
+    """compressed-tensors' block strategy on Phi-3's fused q/k/v and gate/up tensors (k and v share blocks):
+    prompt logits equal those of transformers' model dequantized by the compressed-tensors library."""
+    build("phi3", tmp_path)
+    model = compress_fp8(tmp_path, "block", (64, 16))
+    llm = LLM(tmp_path, EngineConfig(max_slots=2, page_size=8, prefill_chunk=16, dtype="float32"))
+    assert llm.model_config.weight_quant.block == (64, 16)
+    prompt = np.asarray(random_prompts(256, [40])[0], np.int32)
+    with torch.no_grad():
+        ref = model(torch.tensor(prompt[None], dtype=torch.long)).logits[0].numpy()
+    np.testing.assert_allclose(scored_in_chunks(llm, prompt, 16), ref, atol=2e-4, rtol=0)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -50,7 +111,7 @@ def test_the_fp8_config_is_read():
     (dict(modules_to_convert=["model.embed_tokens"]), "modules_to_convert"),
     (dict(weight_block_size=[128]), "two positive integers"),
     (dict(weight_block_size=[0, 128]), "two positive integers"),
-    (dict(quant_method="bitsandbytes"), "'bitsandbytes' are not supported"),
+    (dict(quant_method="bitsandbytes"), "quant_method 'bitsandbytes' are not supported"),
 ])
 def test_fp8_variants_we_cannot_read_are_refused_by_name(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -206,8 +267,9 @@ def test_fp8_weights_are_not_written_back_as_safetensors(tmp_path):
 @pytest.mark.parametrize("family, block_in", [("llama3", 64), ("qwen3_moe", 16)])
 def test_quantization_fp8_writes_the_values_transformers_quantizer_writes(tmp_path, family, block_in):
     """vLLM's `--quantization fp8` on a float32 checkpoint: every projection (an MoE's experts too) holds the fp8
-    values (and, to the last bit, scales) transformers' quantizer writes for blocks of one out row by `block_in` in columns (the
-    largest power of two to 128 dividing every in dim: 64 and 128 here; the experts' 48 too); routers, norms and embeddings are untouched."""
+    values (and, to the last bit, scales) transformers' quantizer writes for blocks of one out row by `block_in`
+    in columns (the largest power of two to 128 dividing every in dim: 64 and 128 here; the experts' 48 too);
+    routers, norms and embeddings are untouched."""
     build(family, tmp_path / "plain")
     shutil.copytree(tmp_path / "plain", tmp_path / "fp8")
     quantize_fp8(tmp_path / "fp8", (1, block_in))

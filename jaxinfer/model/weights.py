@@ -181,7 +181,7 @@ def _fp8(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
             out.append(spec)
             continue
         hf_out, hf_in = spec.hf_shape
-        rows, block_in = cfg.weight_quant.block or (hf_out, hf_in)
+        rows, block_in = (b or whole for b, whole in zip(cfg.weight_quant.block, spec.hf_shape))
         if hf_in % block_in:
             raise ConfigError(f"{spec.hf_key.format(i=0, e=0)} has {hf_in} input columns, not a multiple of the "
                               f"fp8 block's {block_in}")
@@ -189,7 +189,7 @@ def _fp8(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
         in_dims = next(k for k in range(1, len(spec.shape) + 1) if math.prod(spec.shape[lead:lead + k]) == hf_in)
         scale = WeightSpec(f"{spec.name}_scale", (*spec.shape[:lead], hf_in // block_in, *spec.shape[lead + in_dims:]),
                            (*spec.axes[:lead], "in_blocks", *spec.axes[lead + in_dims:]),
-                           spec.hf_key.replace(".weight", ".weight_scale_inv"),
+                           spec.hf_key.replace(".weight", "." + cfg.weight_quant.scale_key),
                            (-(-hf_out // rows), hf_in // block_in), True, "ones", spec.hf_rows, "float32", rows)
         out += [dataclasses.replace(spec, dtype=FP8), scale]
     return out
@@ -361,7 +361,8 @@ def init_params(cfg: ModelConfig, dtype, seed: int = 0, mesh=None) -> dict:
             _set_path(tree, spec.name, weight)
             _set_path(tree, scale_spec.name, scale)
             continue
-        _set_path(tree, spec.name, jax.jit(lambda: draw().astype(dtype), out_shardings=_load_sharding(spec, cfg, mesh))())
+        cast = jax.jit(lambda: draw().astype(dtype), out_shardings=_load_sharding(spec, cfg, mesh))
+        _set_path(tree, spec.name, cast())
     return tree
 
 
@@ -498,9 +499,11 @@ def _check_leftovers(keys, used: set[str], cfg: ModelConfig, rename) -> None:
     ignorable = {rename("lm_head.weight")} if cfg.tie_word_embeddings else set()  # see _check_tied_head
     rotary = {k for k in keys if k.endswith("rotary_emb.inv_freq")}  # old Llama exports
     vision = {k for k in keys if k.startswith(VISION_PREFIXES)} if cfg.vision_tower else set()
+    quant = cfg.weight_quant
+    inputs = {k for k in keys if k.endswith(".input_scale")} if quant and quant.input_scales else set()  # W8A16
     if vision:
         log.info("serving the checkpoint's language model as text: its %d vision tensors are not loaded", len(vision))
-    unexpected = sorted(set(keys) - used - ignorable - rotary - vision)
+    unexpected = sorted(set(keys) - used - ignorable - rotary - vision - inputs)
     if unexpected:
         shown = ", ".join(repr(k) for k in unexpected[:5])
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
