@@ -48,3 +48,20 @@ def test_several_served_model_names_as_vllm_takes_them():
     assert (config.served_model_name, config.model_aliases) == ("tiny", ("alias",))
     one = cli.serve_config(cli.build_parser().parse_args(["serve"]))
     assert (one.served_model_name, one.model_aliases) == (DEFAULT_MODEL_NAME, ())
+
+
+def test_quantization_flags_reach_the_engine(monkeypatch):
+    """vLLM's `--quantization fp8` / `-q fp8`, on serve, bench offline and bench profile."""
+    assert engine_of("--quantization", "fp8").quantization == engine_of("-q", "fp8").quantization == "fp8"
+    assert engine_of().quantization is None
+    from jaxinfer import bench
+    from jaxinfer.planner import profile
+    seen = []
+    monkeypatch.setattr(bench, "offline", lambda options: seen.append(options.engine))
+    assert cli.main(["bench", "offline", "--baselines", "-q", "fp8"]) in (0, None)
+    monkeypatch.setattr(profile, "profile", lambda model, engine, slots, repeats: seen.append(engine) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["bench", "profile", "--output", "/dev/null", "-q", "fp8"])
+    assert [engine.quantization for engine in seen] == ["fp8", "fp8"]
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve", "--quantization", "awq"])

@@ -26,6 +26,8 @@ def add_profile_parser(kinds) -> None:
     p.add_argument("--max-model-len", type=int, default=256)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--kv-cache-dtype", default="auto", help="the KV cache's dtype, as `serve` takes it")
+    p.add_argument("--quantization", "-q", choices=["fp8"], default=None,
+                   help="fp8 projections, as `serve --quantization fp8` makes them")
     p.add_argument("--hf-overrides", type=json_object_arg, default=None, help=HF_OVERRIDES_HELP)
     p.add_argument("--repeats", type=int, default=5, help="steps timed back to back per shape")
     p.add_argument("--output", required=True, metavar="PATH", help="where to write the profile (JSON)")
@@ -43,7 +45,8 @@ def _profile(args) -> None:
     else:
         engine = EngineConfig(page_size=args.page_size, prefill_chunk=args.prefill_chunk,
                               decode_steps=args.decode_steps, max_model_len=args.max_model_len, dtype=args.dtype,
-                              kv_cache_dtype=args.kv_cache_dtype, hf_overrides=args.hf_overrides)
+                              kv_cache_dtype=args.kv_cache_dtype, hf_overrides=args.hf_overrides,
+                              quantization=args.quantization)
         model = profile(args.model, engine, args.slots, args.repeats)
     model.save(args.output)
     print(describe(model))
