@@ -13,6 +13,7 @@ from jaxinfer import bench_serve, router
 from jaxinfer import eval as evaluation
 from jaxinfer.config import (CONTROL_FLOWS, DTYPES, HF_OVERRIDES_HELP, KV_CACHE_DTYPES, ConfigError, EngineConfig,
                              json_object_arg)
+from jaxinfer.engine.request import MAX_LOGPROBS
 from jaxinfer.model.safetensors_io import CheckpointError
 from jaxinfer.planner import cli as planner_cli
 from jaxinfer.server.reasoning import PARSERS as REASONING_PARSERS
@@ -187,7 +188,7 @@ def serve_config(args, tool_call_parser: str | None = None):
                         chat_template=load_chat_template(args.chat_template) if args.chat_template else None,
                         tool_call_parser=tool_call_parser, reasoning_parser=args.reasoning_parser,
                         structured_outputs_config=args.structured_outputs_config,
-                        sampling_defaults=_sampling_defaults(args))
+                        sampling_defaults=_sampling_defaults(args), max_logprobs=args.max_logprobs)
 
 
 def _serve(args) -> int:
@@ -203,7 +204,8 @@ def _serve(args) -> int:
             distributed.follow(load_engine(args.model, engine, warmup=not args.skip_warmup).executor.runner)
             return 0
     return serve(args.model, engine, serve_config(args, tool_call_parser), args.host, args.port,
-                 warmup=not args.skip_warmup, log_level="info" if args.verbose else "warning",
+                 warmup=not args.skip_warmup,
+                 log_level=args.uvicorn_log_level or ("info" if args.verbose else "warning"),
                  step_log=args.step_log)
 
 
@@ -280,6 +282,16 @@ def _add_serve(sub) -> None:
     serve.add_argument("--skip-warmup", action="store_true", help="compile step shapes on first use instead")
     serve.add_argument("--step-log", default=None, metavar="PATH",
                        help="write each step's shape and timings here (JSON lines) for `bench profile --from-log`")
+    serve.add_argument("--max-logprobs", type=int, default=MAX_LOGPROBS,
+                       help=f"the most logprobs / top_logprobs / prompt_logprobs a request may ask for (at most "
+                            f"{MAX_LOGPROBS}, the default)")
+    serve.add_argument("--uvicorn-log-level", choices=("critical", "error", "warning", "info", "debug", "trace"),
+                       default=None, help="uvicorn's log level (default: warning; info with -v)")
+    vllm = serve.add_argument_group("vLLM's flags that change nothing here (accepted so its command lines run)")
+    vllm.add_argument("--trust-remote-code", action="store_true",
+                      help="jaxinfer runs no code from a checkpoint: every architecture is its own")
+    vllm.add_argument("--enforce-eager", action="store_true",
+                      help="there is no eager mode to force: every step shape is compiled by XLA")
     mesh = serve.add_argument_group("devices and processes (scripts/launch_mesh.py sets the process flags)")
     mesh.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                       help="data shards: slots and KV pages split between them, each request on one")

@@ -65,3 +65,32 @@ def test_quantization_flags_reach_the_engine(monkeypatch):
     assert [engine.quantization for engine in seen] == ["fp8", "fp8"]
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["serve", "--quantization", "awq"])
+
+
+def test_vllms_other_serving_flags():
+    """--max-logprobs caps what a request may ask for (the sampler's 20 at most); --trust-remote-code and
+    --enforce-eager are accepted and change nothing (no checkpoint code runs; every step is compiled)."""
+    args = cli.build_parser().parse_args(["serve", "--max-logprobs", "5", "--trust-remote-code", "--enforce-eager",
+                                          "--uvicorn-log-level", "error"])
+    assert cli.serve_config(args).max_logprobs == 5 and args.uvicorn_log_level == "error"
+    assert cli.serve_engine(args) == engine_of()
+    assert cli.serve_config(cli.build_parser().parse_args(["serve"])).max_logprobs == 20
+    with pytest.raises(ValueError, match=r"max_logprobs must be in \[0, 20\]"):
+        cli.serve_config(cli.build_parser().parse_args(["serve", "--max-logprobs", "21"]))
+
+
+def test_a_server_with_max_logprobs_refuses_more():
+    import httpx
+
+    from jaxinfer.server.app import ServerConfig
+    from live_server import LiveServer
+    live = LiveServer(ServerConfig(max_logprobs=2))
+    try:
+        body = {"prompt": "Hi", "max_tokens": 1, "temperature": 0}
+        ok = httpx.post(f"{live.url}/v1/completions", json={**body, "logprobs": 2}, timeout=60)
+        assert ok.status_code == 200 and len(ok.json()["choices"][0]["logprobs"]["top_logprobs"][0]) == 2
+        refused = httpx.post(f"{live.url}/v1/completions", json={**body, "logprobs": 3}, timeout=60)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"
+        assert "[0, 2]" in refused.json()["error"]["message"]
+    finally:
+        live.close()

@@ -30,6 +30,7 @@ from starlette.routing import Route
 import jaxinfer
 from jaxinfer.engine.beam_search import search_stream
 from jaxinfer.engine.engine import Engine, EngineError
+from jaxinfer.engine.request import MAX_LOGPROBS
 from jaxinfer.server import metrics
 from jaxinfer.server.protocol import (APIError, GenerationRequest, Limits, TokenText, chat_logprobs, check_api_key,
                                       check_sampling_defaults, check_text, completion_logprobs, parse_chat,
@@ -73,8 +74,13 @@ class ServerConfig:
     # vLLM's --generation-config: default temperature, top_p, top_k, min_p and repetition_penalty from the
     # model's generation_config.json; a request's own values win.
     sampling_defaults: dict = dataclasses.field(default_factory=dict)
+    # vLLM's --max-logprobs: the most logprobs, top_logprobs or prompt_logprobs a request may ask for (400 above).
+    max_logprobs: int = MAX_LOGPROBS
 
     def __post_init__(self):
+        if not 0 <= self.max_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"max_logprobs must be in [0, {MAX_LOGPROBS}] (the most alternatives the sampler "
+                             f"returns), got {self.max_logprobs}")
         if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
             raise ValueError(f"unknown tool-call parser {self.tool_call_parser!r}; known: {', '.join(PARSERS)}")
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
@@ -121,7 +127,7 @@ class Server:
         for key in engine.grammars.defaults:
             engine.grammars.defaults[key] = self.config.structured_outputs_config.get(key, False)
         self.limits = Limits(engine.vocab_size, engine.cfg.max_model_len, self.config.max_n,
-                             sampling_defaults=self.config.sampling_defaults)
+                             max_logprobs=self.config.max_logprobs, sampling_defaults=self.config.sampling_defaults)
         self.token_text = TokenText(engine.tokenizer)
         self.health = "ready"
 
