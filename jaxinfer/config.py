@@ -1,11 +1,11 @@
 """Frozen configuration dataclasses.
 
 `ModelConfig` is an explicit mapping of a Hugging Face `config.json` for the
-Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, Phi-2, Phi-3/Phi-4, Granite 3, Gemma 1/2/3, SmolLM3,
-OLMo 2/3, Cohere 1/2, StarCoder 2, GLM-4; the language models of multimodal checkpoints: Gemma 3 4B+, Mistral Small
-3.1/3.2, Qwen2/2.5/3-VL) and its mixture-of-experts kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE, OLMoE). `EngineConfig`
-holds the serving knobs (slots, pages, chunking, dtype). Host code only: this
-module must not import JAX.
+Llama family (Llama 2/3/3.1/3.2, Mistral, Ministral, Qwen2/2.5, Qwen3, Phi-2, Phi-3/Phi-4, Granite 3, Gemma 1/2/3,
+SmolLM3, OLMo 2/3, Cohere 1/2, StarCoder 2, GLM-4, Seed-OSS, Helium, ERNIE 4.5, Arcee, EXAONE 4.0; the language
+models of multimodal checkpoints: Gemma 3 4B+, Mistral Small 3.1/3.2, Qwen2/2.5/3-VL) and its mixture-of-experts
+kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE, OLMoE), with fp8 weights where a checkpoint has them. `EngineConfig` holds
+the serving knobs (slots, pages, chunking, dtype). Host code only: this module must not import JAX.
 """
 
 from __future__ import annotations
@@ -22,23 +22,25 @@ GEMMA_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_MODEL_TYPES = ("olmo2", "olmo3")
 COHERE_MODEL_TYPES = ("cohere", "cohere2")
 GLM_MODEL_TYPES = ("glm", "glm4")
-DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "granite", "smollm3", "starcoder2") + \
+DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "granite", "smollm3", "starcoder2",
+                     "seed_oss", "ministral", "helium", "arcee", "exaone4", "ernie4_5") + \
     GEMMA_MODEL_TYPES + OLMO_MODEL_TYPES + COHERE_MODEL_TYPES + GLM_MODEL_TYPES
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
 FUSED_GATE_UP = GLM_MODEL_TYPES  # the MLP's gate and up in one checkpoint tensor
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
-SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "relu2")  # relu2: relu(x) ** 2 (Arcee's)
 # transformers' class defaults where head_dim is absent; else hidden / heads
-DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128}
+DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128, "seed_oss": 128, "helium": 128, "ernie4_5": 128}
 # transformers' class defaults where rms_norm_eps is absent; else 1e-6
 RMS_NORM_EPS_DEFAULTS = {"phi3": 1e-5, "mixtral": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "olmoe": 1e-5, "cohere": 1e-5,
-                         "cohere2": 1e-5, "starcoder2": 1e-5, "phi": 1e-5}  # Cohere's, StarCoder 2's, Phi-2's LayerNorm
+                         "cohere2": 1e-5, "starcoder2": 1e-5, "phi": 1e-5, "helium": 1e-8, "arcee": 1e-5,
+                         "exaone4": 1e-5, "ernie4_5": 1e-5}  # Cohere's, StarCoder 2's, Phi-2's LayerNorm
 NORM_EPS_FIELD = {"cohere": "layer_norm_eps", "cohere2": "layer_norm_eps", "starcoder2": "norm_epsilon",
                   "phi": "layer_norm_eps"}
 # ... and rope_theta's, where a config names none; else 10,000
-ROPE_THETA_DEFAULTS = {"mixtral": 1e6, "smollm3": 2e6}
+ROPE_THETA_DEFAULTS = {"mixtral": 1e6, "smollm3": 2e6, "helium": 1e5, "ernie4_5": 5e5}
 # transformers' Gemma3TextConfig defaults: the Hub's multimodal Gemma 3 configs (4B and up) give their
 # text_config only the fields that differ.
 GEMMA3_TEXT_DEFAULTS = {
@@ -243,13 +245,17 @@ class ModelConfig:
         if act not in SUPPORTED_ACTIVATIONS:
             raise ConfigError(f"unsupported hidden_act {act!r} for {model_type}; supported: "
                               f"{', '.join(SUPPORTED_ACTIVATIONS)}")
-        if hf.get("mlp_bias"):
+        if hf.get("mlp_bias") and model_type != "arcee":  # Arcee's MLP has no gate: our two-projection MLP's biases
             raise ConfigError("mlp_bias=true is not supported (no released Llama-family model uses it)")
+        if model_type == "ernie4_5" and hf.get("use_bias"):
+            raise ConfigError("ernie4_5 with use_bias=true is not supported (biases on a gated MLP; no released "
+                              "ERNIE 4.5 model uses them)")
         num_heads = get("num_attention_heads")
         hidden = get("hidden_size")
         head_dim = hf.get("head_dim") or DEFAULT_HEAD_DIM.get(model_type) or hidden // num_heads
         attention_bias = bool(hf.get("use_bias", True) if model_type == "starcoder2"  # StarCoder 2: biases everywhere
-                              else model_type == "phi" or hf.get("attention_bias", model_type in GLM_MODEL_TYPES))
+                              else model_type == "phi" or
+                              hf.get("attention_bias", model_type in GLM_MODEL_TYPES + ("seed_oss",)))
         moe = _moe_from_hf(hf, model_type, get)
         rope = _rope_from_hf(_layer_rope(hf, "full_attention") if model_type in LAYER_TYPE_ROPES else hf)
         if rope.partial_rotary_factor != 1.0 and model_type not in ("phi", "phi3") + GLM_MODEL_TYPES:
@@ -274,13 +280,15 @@ class ModelConfig:
             # Gemma's, SmolLM3's, Cohere's and StarCoder 2's classes tie them unless told otherwise; the others do not.
             tie_word_embeddings=bool(hf.get("tie_word_embeddings",
                                             model_type in GEMMA_MODEL_TYPES + COHERE_MODEL_TYPES +
-                                            ("smollm3", "starcoder2"))),
+                                            ("smollm3", "starcoder2", "ernie4_5"))),
             # Qwen2 always has q/k/v biases and no o bias, Qwen2-MoE as `qkv_bias` says (true unless sent);
             # the others follow attention_bias.
             qkv_bias=(model_type == "qwen2" or attention_bias if model_type != "qwen2_moe"
                       else bool(hf.get("qkv_bias", True))),
-            o_bias=model_type not in ("qwen2", "qwen2_moe") + GLM_MODEL_TYPES and attention_bias,
-            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmoe") + OLMO_MODEL_TYPES or
+            # Seed-OSS: `attention_out_bias` apart; Helium's o_proj never has one.
+            o_bias=bool(hf.get("attention_out_bias")) if model_type == "seed_oss" else
+            model_type not in ("qwen2", "qwen2_moe", "helium") + GLM_MODEL_TYPES and attention_bias,
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmoe", "exaone4") + OLMO_MODEL_TYPES or
             (model_type == "cohere" and bool(hf.get("use_qk_norm"))),
             sliding_window=_sliding_window(hf, model_type),
             bos_token_id=hf.get("bos_token_id"),
@@ -378,7 +386,9 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "gemma3_text": "Gemma3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
                   "olmo3": "Olmo3ForCausalLM", "olmoe": "OlmoeForCausalLM", "cohere": "CohereForCausalLM",
                   "cohere2": "Cohere2ForCausalLM", "starcoder2": "Starcoder2ForCausalLM", "glm": "GlmForCausalLM",
-                  "glm4": "Glm4ForCausalLM", "phi": "PhiForCausalLM"}
+                  "glm4": "Glm4ForCausalLM", "phi": "PhiForCausalLM", "seed_oss": "SeedOssForCausalLM",
+                  "ministral": "MinistralForCausalLM", "helium": "HeliumForCausalLM", "arcee": "ArceeForCausalLM",
+                  "exaone4": "Exaone4ForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM"}
 
 
 def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
@@ -421,6 +431,16 @@ def _family_fields(hf: dict, model_type: str, get) -> dict:
         return dict(layer_norm=True, norm_bias=True, gated_mlp=False, mlp_bias=bool(hf.get("use_bias", True)))
     if model_type in GLM_MODEL_TYPES:  # GLM-4: RoPE over adjacent pairs of the first half; GLM-4-0414 post-norms too
         return dict(rope_interleaved=True, post_norms=model_type == "glm4")
+    if model_type in ("helium", "ernie4_5"):  # RoPE over adjacent pairs; Helium's norm weighs in float32
+        return dict(rope_interleaved=True, norm_scale_f32=model_type == "helium")
+    if model_type == "arcee":
+        return dict(gated_mlp=False, mlp_bias=bool(hf.get("mlp_bias")))
+    if model_type == "ministral":
+        types = hf.get("layer_types") or []
+        return dict(sliding_layers=tuple(t == "sliding_attention" for t in types)) if hf.get("sliding_window") \
+            and "full_attention" in types else {}
+    if model_type == "exaone4":
+        return _exaone4_from_hf(hf, get)
     if model_type == "phi":
         if hf.get("qk_layernorm"):
             raise ConfigError("phi with qk_layernorm=true is not supported (no released Phi-1/1.5/2 uses it)")
@@ -529,6 +549,13 @@ def _family_to_hf(cfg: "ModelConfig") -> dict:
     if cfg.model_type in COHERE_MODEL_TYPES:
         hf = {"logit_scale": 1 / cfg.logits_scaling, "layer_norm_eps": cfg.rms_norm_eps, "use_qk_norm": cfg.qk_norm}
         return {**hf, **_layer_types_to_hf(cfg)} if cfg.model_type == "cohere2" else hf
+    if cfg.model_type == "seed_oss":
+        return {"attention_out_bias": cfg.o_bias}
+    if cfg.model_type == "arcee":
+        return {"mlp_bias": cfg.mlp_bias}
+    if cfg.model_type in ("ministral", "exaone4"):
+        every = ["sliding_attention" if cfg.sliding_window is not None else "full_attention"] * cfg.num_layers
+        return _layer_types_to_hf(cfg) if cfg.sliding_layers else {"layer_types": every}
     return {}
 
 
@@ -624,6 +651,21 @@ def _cohere_from_hf(hf: dict, model_type: str, get) -> dict:
         sliding = tuple(t == "sliding_attention" for t in types)
         fields.update(sliding_layers=sliding, rope_layers=sliding)
     return fields
+
+
+def _exaone4_from_hf(hf: dict, get) -> dict:
+    """EXAONE 4.0: OLMo 2's norms after each sublayer only (Llama's RMSNorm), q and k normed head by head; with a
+    sliding window, its sliding layers (3 of every `sliding_window_pattern`, 4, or as the pattern's letters say,
+    L local and G global) alone turn RoPE, its global layers none."""
+    fields = dict(pre_norms=False, post_norms=True)
+    if hf.get("sliding_window") is None:
+        return fields
+    layers, pattern = get("num_hidden_layers"), hf.get("sliding_window_pattern", 4)
+    types = hf.get("layer_types") or [
+        "sliding_attention" if (pattern[i % len(pattern)] == "L" if isinstance(pattern, str) else (i + 1) % pattern)
+        else "full_attention" for i in range(layers)]
+    sliding = tuple(t == "sliding_attention" for t in types)
+    return {**fields, "sliding_layers": sliding, "rope_layers": sliding}
 
 
 def _olmo_from_hf(hf: dict, model_type: str, get) -> dict:
@@ -814,7 +856,8 @@ def _sliding_window(hf: dict, model_type: str) -> int | None:
     window = hf.get("sliding_window")
     if model_type == "smollm3":
         return window if hf.get("use_sliding_window") else None
-    if model_type in ("mistral", "mixtral", "phi3", "gemma2", "gemma3_text", "olmo3", "cohere2", "starcoder2"):
+    if model_type in ("mistral", "mixtral", "phi3", "gemma2", "gemma3_text", "olmo3", "cohere2", "starcoder2",
+                      "ministral", "exaone4"):
         return window  # null in Mistral v0.2+ and Phi-4, 4096 in Mistral v0.1, 2047 in Phi-3-mini, 4096 in Gemma 2
     layer_types = hf.get("layer_types") or []
     uses_window = hf.get("use_sliding_window", False) or "sliding_attention" in layer_types

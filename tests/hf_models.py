@@ -72,6 +72,19 @@ FAMILIES = {
     # each head, gate and up fused in the checkpoint, q/k/v biases.
     "glm": (transformers.GlmConfig, dict(pad_token_id=0)),
     "glm4": (transformers.Glm4Config, dict(pad_token_id=0)),
+    # Seed-OSS: biases on q/k/v and (attention_out_bias) on o. Ministral: Mistral's sliding window on some layers.
+    "seed_oss": (transformers.SeedOssConfig, dict(head_dim=16, attention_bias=True, attention_out_bias=True)),
+    "ministral": (transformers.MinistralConfig, dict(head_dim=16, sliding_window=12, num_hidden_layers=3, layer_types=[
+        "sliding_attention", "full_attention", "sliding_attention"])),
+    # Helium: RoPE over adjacent pairs, norms weighing in float32. ERNIE 4.5: adjacent-pair RoPE, tied embeddings.
+    "helium": (transformers.HeliumConfig, dict(head_dim=16, attention_bias=True, pad_token_id=0)),  # not 3: a prompt id
+    "ernie4_5": (transformers.Ernie4_5Config, dict(head_dim=16)),
+    # Arcee (AFM): an MLP of two projections with ReLU squared between.
+    "arcee": (transformers.ArceeConfig, dict(mlp_bias=True)),
+    # EXAONE 4.0: norms after each sublayer only, q/k normed head by head, sliding layers with RoPE and global
+    # ones without.
+    "exaone4": (transformers.Exaone4Config, dict(sliding_window=12, num_hidden_layers=3, layer_types=[
+        "sliding_attention", "full_attention", "sliding_attention"])),
     # Mixtures of experts: 4 experts of 48, 2 a token (Mixtral renormalises their weights; Qwen3-MoE as
     # norm_topk_prob says; Qwen2-MoE adds a gated shared expert and q/k/v biases).
     "mixtral": (transformers.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48)),
@@ -109,7 +122,8 @@ def build(family: str, directory, dtype=torch.float32, seed: int = 0, config: di
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**COMMON, **extra, **(config or {})})).eval()
     # Norms at 0 (Gemma's scale by 1 + w) or 1, biases at 0: make each one matter.
-    if family.startswith(("gemma", "olmo", "cohere", "starcoder", "glm", "phi")):
+    if family.startswith(("gemma", "olmo", "cohere", "starcoder", "glm", "phi", "seed", "ministral", "helium",
+                          "ernie", "arcee", "exaone")):
         with torch.no_grad():
             for name, weight in model.named_parameters():
                 if "norm" in name:

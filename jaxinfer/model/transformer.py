@@ -166,7 +166,8 @@ def _write_indices(batch: Batch, page_size: int):
 
 
 NO_WINDOW = 2**30  # a global layer's window beside sliding ones: wider than any context, and far from int32's end
-ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+               "relu2": lambda x: jnp.square(jax.nn.relu(x))}
 
 
 def mlp(lp: dict, cfg: ModelConfig, y: jax.Array, prefix: str = "w") -> jax.Array:

@@ -256,9 +256,10 @@ def _fused(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
 
 def _two_projection_mlp(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
     """StarCoder 2's MLP: `c_fc` (our w_up) and `c_proj` (w_down), no gate; their biases where it has them.
-    Phi-2's names them `fc1` and `fc2`."""
+    Phi-2's names them `fc1` and `fc2`, Arcee's `up_proj` and `down_proj`."""
     D, F, lp = cfg.hidden_size, cfg.intermediate_size, "model.layers.{i}."
-    up, down = ("mlp.fc1", "mlp.fc2") if cfg.model_type == "phi" else ("mlp.c_fc", "mlp.c_proj")
+    up, down = {"phi": ("mlp.fc1", "mlp.fc2"), "arcee": ("mlp.up_proj", "mlp.down_proj")}.get(
+        cfg.model_type, ("mlp.c_fc", "mlp.c_proj"))
     keys = {"layers.w_up": lp + up + ".weight", "layers.w_down": lp + down + ".weight"}
     specs = [dataclasses.replace(spec, hf_key=keys.get(spec.name, spec.hf_key)) for spec in specs
              if spec.name != "layers.w_gate"]
