@@ -83,7 +83,8 @@ class Reader:
         dtype = self.dtype(key)
         if fp8 and dtype != FP8_DTYPE:
             raise CheckpointError(f"tensor {key!r} is {dtype}, but config.json's quantization_config makes it an fp8 "
-                                  f"weight ({FP8_DTYPE}): add its module to modules_to_not_convert")
+                                  f"weight ({FP8_DTYPE}): add its module to modules_to_not_convert (compressed-"
+                                  "tensors: ignore)")
         if not fp8 and dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"tensor {key!r} is {dtype}, not 16/32/64-bit floating point: quantized checkpoints "
                                   "are supported as fp8 weights named by config.json's quantization_config only; "

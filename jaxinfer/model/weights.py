@@ -174,7 +174,7 @@ def weight_table(cfg: ModelConfig) -> list[WeightSpec]:
 
 
 def _fp8(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
-    """An fp8 checkpoint's table: each quantized projection in float8_e4m3fn, followed by its scales."""
+    """An fp8 checkpoint's table: each quantized projection as its float8_e4m3fn bits, followed by its scales."""
     out = []
     for spec in specs:
         if spec.name not in QUANTIZABLE or _skipped(spec, cfg):
@@ -337,33 +337,22 @@ def abstract_params(cfg: ModelConfig, dtype, mesh=None) -> dict:
 
 
 def init_params(cfg: ModelConfig, dtype, seed: int = 0, mesh=None) -> dict:
-    """Deterministic random weights: normal with std 1/sqrt(fan_in) (varied greedy outputs), norms scaling by one;
-    an fp8 model's projections drawn so, then quantized. Each is drawn straight onto its shards (the same values
-    whatever the mesh)."""
+    """Deterministic random weights: normal with std 1/sqrt(fan_in) (varied greedy outputs), norms scaling by one.
+    Each is drawn straight onto its shards (the same values whatever the mesh). An fp8 model's are the
+    unquantized model's draws, quantized."""
+    if cfg.weight_quant is not None:
+        return quantized_params(init_params(dataclasses.replace(cfg, weight_quant=None), dtype, seed, mesh), cfg, mesh)
     tree: dict = {}
     root = jax.random.PRNGKey(seed)
-    specs = weight_table(cfg)
-    scales = {spec.name: spec for spec in specs if spec.scale_rows}
-    for index, spec in enumerate(spec for spec in specs if not spec.scale_rows):  # scales come with their weights
+    for index, spec in enumerate(weight_table(cfg)):
         shape = spec.full_shape(cfg.num_layers)
         if spec.init in ("ones", "zeros"):
             draw = functools.partial(jnp.ones if spec.init == "ones" else jnp.zeros, shape, dtype)
         else:
             scale = 1 / math.sqrt(_fan_in(spec))
-            draw = functools.partial(lambda k: jax.random.normal(k, shape, jnp.float32) * scale,
-                                     jax.random.fold_in(root, index))
-        if spec.name + "_scale" in scales:
-            scale_spec = scales[spec.name + "_scale"]
-            quantize = functools.partial(quantize_fp8, lead=len(shape) - len(spec.shape) + spec.per_expert,
-                                         in_dims=len(spec.shape) - len(scale_spec.shape) + 1,
-                                         blocks=scale_spec.shape[spec.per_expert])
-            shardings = (_load_sharding(spec, cfg, mesh), _load_sharding(scale_spec, cfg, mesh))
-            weight, scale = jax.jit(lambda: quantize(draw()), out_shardings=shardings)()
-            _set_path(tree, spec.name, weight)
-            _set_path(tree, scale_spec.name, scale)
-            continue
-        cast = jax.jit(lambda: draw().astype(dtype), out_shardings=_load_sharding(spec, cfg, mesh))
-        _set_path(tree, spec.name, cast())
+            key = jax.random.fold_in(root, index)
+            draw = functools.partial(lambda k: (jax.random.normal(k, shape, jnp.float32) * scale).astype(dtype), key)
+        _set_path(tree, spec.name, jax.jit(draw, out_shardings=_load_sharding(spec, cfg, mesh))())
     return tree
 
 
@@ -386,8 +375,9 @@ def online_fp8(cfg: ModelConfig) -> ModelConfig:
 
 
 def quantized_params(params: dict, cfg: ModelConfig, mesh=None) -> dict:
-    """Quantize a loaded model's projections in place for `cfg` (`online_fp8`'s), one weight at a time: each
-    16/32-bit original is freed once its fp8 copy exists."""
+    """Quantize an unquantized model's projections in place as `cfg`'s table holds them (`online_fp8`'s, or a
+    checkpoint's format for random weights), one weight at a time: each original is freed once its fp8 copy
+    exists."""
     table = {spec.name: spec for spec in weight_table(cfg)}
     for spec in table.values():
         if not spec.scale_rows:
