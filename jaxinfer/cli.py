@@ -274,7 +274,8 @@ def _add_serve(sub) -> None:
     serve.add_argument("--reasoning-parser", choices=list(REASONING_PARSERS), default=None,
                        help="return a reasoning model's thinking (<think>...</think>) as the chat message's "
                             "reasoning (and reasoning_content), apart from its content: deepseek_r1 (the template "
-                            "opens the block: DeepSeek-R1, QwQ), qwen3 (an answer that starts with <think>)")
+                            "opens the block: DeepSeek-R1, QwQ), qwen3 (an answer that starts with <think>), "
+                            "seed_oss (Seed-OSS's <seed:think>...</seed:think>, as deepseek_r1)")
     serve.add_argument("--structured-outputs-config", type=json_object_arg, default={}, metavar="JSON",
                        help='defaults for every structured request, as vLLM\'s: {"disable_any_whitespace": true} '
                             '(compact JSON: a small model may otherwise write whitespace until max_tokens), '

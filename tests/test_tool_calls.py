@@ -473,6 +473,9 @@ THINKING = [  # (parser, answer, thinking, content)
     ("qwen3", "9.8 is greater.", None, "9.8 is greater."),
     ("qwen3", "Not </think> thinking", None, "Not </think> thinking"),
     ("qwen3", "<thinking> is a word", None, "<thinking> is a word"),
+    ("seed_oss", "<seed:think>Budget left.</seed:think>9.8", "Budget left.", "9.8"),
+    ("seed_oss", "Opened by the prompt.</seed:think>\n9.8", "Opened by the prompt.", "\n9.8"),
+    ("seed_oss", "<think>not its tag</think> at all", "<think>not its tag</think> at all", ""),
 ]
 
 
@@ -495,6 +498,7 @@ def test_reasoning_is_split_as_vllm_splits_it_streamed_or_not(name, text, thinki
     ("qwen3", ["<think>a", "b</", "thi", "nk>", "\n", "c"], 4),  # spelt in pieces: up to the piece that ends it
     ("deepseek_r1", ["a", "b"], 2),  # never closed: all thinking
     ("qwen3", ["9.8", " is", " more"], 0),  # no thinking
+    ("seed_oss", ["<seed:think>", "a", "</seed:", "think>", "b"], 4),  # its own tag, spelt in pieces
 ])
 def test_reasoning_tokens_count_up_to_the_token_that_closes_the_thinking(name, pieces, expected):
     decode = lambda token_ids: "".join(pieces[i] for i in token_ids)  # token i is pieces[i]

@@ -36,9 +36,7 @@ from jaxinfer.server.protocol import (APIError, GenerationRequest, Limits, Token
                                       check_sampling_defaults, check_text, completion_logprobs, parse_chat,
                                       parse_completion, parse_json, parse_token_ids, prompt_logprobs_json, read_body,
                                       usage)
-from jaxinfer.server.reasoning import END as THINK_END
 from jaxinfer.server.reasoning import PARSERS as REASONING_PARSERS
-from jaxinfer.server.reasoning import START as THINK_START
 from jaxinfer.server.reasoning import ReasoningStream, reasoning_tokens
 from jaxinfer.server import responses
 from jaxinfer.server.tool_calls import PARSERS, Forced, ToolCallStream
@@ -122,7 +120,8 @@ class Server:
         self.engine = engine
         if self.config.reasoning_parser is not None and engine.tokenizer is not None:
             # As vLLM with a reasoning parser: structured outputs hold from the end of the thinking.
-            ids = tuple(engine.tokenizer.token_to_id(t) for t in (THINK_START, THINK_END))
+            parser = REASONING_PARSERS[self.config.reasoning_parser]
+            ids = tuple(engine.tokenizer.token_to_id(t) for t in (parser.start, parser.end))
             engine.grammars.thinking_tokens = None if None in ids else ids
         for key in engine.grammars.defaults:
             engine.grammars.defaults[key] = self.config.structured_outputs_config.get(key, False)

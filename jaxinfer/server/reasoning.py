@@ -1,12 +1,14 @@
-"""A reasoning model's thinking, split from its answer as vLLM's `--reasoning-parser` splits it: deepseek_r1, qwen3.
+"""A reasoning model's thinking, split from its answer as vLLM's `--reasoning-parser` splits it: deepseek_r1, qwen3,
+seed_oss.
 
-Host code, plain Python. The thinking is the text inside `<think>` ... `</think>`; it is returned apart from the
-answer's content (the chat message's `reasoning`, and vLLM's older name `reasoning_content`).
-- deepseek_r1: the chat template opens the block in the prompt, so the answer thinks from its first token (a
-  leading `<think>` is dropped too); an answer that never closes the block is all thinking, as in vLLM.
+Host code, plain Python. The thinking is the text inside `<think>` ... `</think>` (Seed-OSS: `<seed:think>` ...
+`</seed:think>`); it is returned apart from the answer's content (the chat message's `reasoning`, and vLLM's older
+name `reasoning_content`).
+- deepseek_r1 (and seed_oss): the block may be opened in the prompt, so the answer thinks from its first token (a
+  leading opening tag is dropped too); an answer that never closes the block is all thinking, as in vLLM.
 - qwen3: only an answer that starts with `<think>` thinks (with enable_thinking=False the template closes an
   empty block in the prompt and the answer is all content).
-A stream gives the thinking as it comes, holding back only what may be the start of `</think>`; the content
+A stream gives the thinking as it comes, holding back only what may be the start of the closing tag; the content
 (from which tool calls are parsed) is what follows the block, so streamed and whole answers agree.
 """
 
@@ -14,46 +16,44 @@ from __future__ import annotations
 
 from jaxinfer.server.tool_calls import partial_marker
 
-START, END = "<think>", "</think>"
-
-
 class ThinkParser:
-    def __init__(self, opened_by_prompt: bool):
-        self.opened_by_prompt = opened_by_prompt
+    def __init__(self, opened_by_prompt: bool, start: str = "<think>", end: str = "</think>"):
+        self.opened_by_prompt, self.start, self.end = opened_by_prompt, start, end
 
     def split(self, text: str, done: bool = True) -> tuple[str | None, str]:
         """-> (the thinking, None when the answer does not think; the content) of `text`; with `done` False, of
         an answer still arriving: only what is settled (a marker that may still be arriving is held back)."""
         stripped = text.lstrip()
-        if not done and START.startswith(stripped) and stripped != START:  # blank, or the opening tag arriving
+        if not done and self.start.startswith(stripped) and stripped != self.start:  # the opening tag arriving
             return ("" if self.opened_by_prompt else None), ""
-        if stripped.startswith(START):
-            body = stripped[len(START):]
+        if stripped.startswith(self.start):
+            body = stripped[len(self.start):]
         elif self.opened_by_prompt:
             body = text
         else:
             return None, text
-        at = body.find(END)
+        at = body.find(self.end)
         if at >= 0:
-            return body[:at], body[at + len(END):]
-        return (body if done else body[:len(body) - partial_marker(body, END)]), ""
+            return body[:at], body[at + len(self.end):]
+        return (body if done else body[:len(body) - partial_marker(body, self.end)]), ""
 
 
-PARSERS = {"deepseek_r1": ThinkParser(opened_by_prompt=True), "qwen3": ThinkParser(opened_by_prompt=False)}
+PARSERS = {"deepseek_r1": ThinkParser(opened_by_prompt=True), "qwen3": ThinkParser(opened_by_prompt=False),
+           "seed_oss": ThinkParser(opened_by_prompt=True, start="<seed:think>", end="</seed:think>")}
 
 
 def reasoning_tokens(parser: ThinkParser, token_ids: list[int], decode) -> int:
     """How many of an answer's tokens are thinking (OpenAI's `reasoning_tokens`): the fewest leading tokens whose
-    text (`decode`) holds `</think>`, or all of an answer that thinks to its end; 0 for one that does not think.
-    By text, since a tokenizer may spell `</think>` in several tokens."""
+    text (`decode`) holds the closing tag, or all of an answer that thinks to its end; 0 for one that does not
+    think. By text, since a tokenizer may spell the tag in several tokens."""
     if parser.split(decode(token_ids))[0] is None:
         return 0
-    low, high = 0, len(token_ids)  # END is not in the first `low` tokens' text; it is in the first `high`'s
-    if END not in decode(token_ids):
+    low, high = 0, len(token_ids)  # the tag is not in the first `low` tokens' text; it is in the first `high`'s
+    if parser.end not in decode(token_ids):
         return high
     while high - low > 1:
         middle = (low + high) // 2
-        low, high = (low, middle) if END in decode(token_ids[:middle]) else (middle, high)
+        low, high = (low, middle) if parser.end in decode(token_ids[:middle]) else (middle, high)
     return high
 
 
