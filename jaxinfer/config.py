@@ -4,7 +4,7 @@
 Llama family (Llama 2/3/3.1/3.2, Mistral, Ministral, Qwen2/2.5, Qwen3, Phi-2, Phi-3/Phi-4, Granite 3, Gemma 1/2/3,
 SmolLM3, OLMo 2/3, Cohere 1/2, StarCoder 2, GLM-4, Seed-OSS, Helium, ERNIE 4.5, Arcee, EXAONE 4.0; the language
 models of multimodal checkpoints: Gemma 3 4B+, Mistral Small 3.1/3.2, Qwen2/2.5/3-VL) and its mixture-of-experts
-kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE, OLMoE), with fp8 weights where a checkpoint has them. `EngineConfig` holds
+kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE, OLMoE, GraniteMoE), with fp8 weights where a checkpoint has them. `EngineConfig` holds
 the serving knobs (slots, pages, chunking, dtype). Host code only: this module must not import JAX.
 """
 
@@ -27,7 +27,7 @@ DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "grani
     GEMMA_MODEL_TYPES + OLMO_MODEL_TYPES + COHERE_MODEL_TYPES + GLM_MODEL_TYPES
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
 FUSED_GATE_UP = GLM_MODEL_TYPES  # the MLP's gate and up in one checkpoint tensor
-MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "relu2")  # relu2: relu(x) ** 2 (Arcee's)
@@ -388,7 +388,8 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "cohere2": "Cohere2ForCausalLM", "starcoder2": "Starcoder2ForCausalLM", "glm": "GlmForCausalLM",
                   "glm4": "Glm4ForCausalLM", "phi": "PhiForCausalLM", "seed_oss": "SeedOssForCausalLM",
                   "ministral": "MinistralForCausalLM", "helium": "HeliumForCausalLM", "arcee": "ArceeForCausalLM",
-                  "exaone4": "Exaone4ForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM"}
+                  "exaone4": "Exaone4ForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM",
+                  "granitemoe": "GraniteMoeForCausalLM"}
 
 
 def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
@@ -397,7 +398,7 @@ def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
     `intermediate_size`), and every layer must be sparse (the layers are scanned as one stack)."""
     if model_type not in MOE_MODEL_TYPES:
         return {}
-    if model_type == "mixtral":
+    if model_type in ("mixtral", "granitemoe"):  # GraniteMoE: a softmax over the top logits, which is the same
         return dict(num_experts=get("num_local_experts"), experts_per_token=get("num_experts_per_tok"),
                     norm_topk_prob=True)
     step, dense_layers = hf.get("decoder_sparse_step", 1), hf.get("mlp_only_layers") or []
@@ -417,7 +418,7 @@ def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
 
 def _family_fields(hf: dict, model_type: str, get) -> dict:
     """The fields only some families set: Granite's and Gemma's scalings, SmolLM3's and OLMo's layers."""
-    if model_type == "granite":
+    if model_type in ("granite", "granitemoe"):
         return _granite_from_hf(hf)
     if model_type in GEMMA_MODEL_TYPES:
         return _gemma_from_hf(hf, model_type, get)
@@ -532,7 +533,7 @@ def _weight_quant_to_hf(quant: WeightQuant) -> dict:
 
 def _family_to_hf(cfg: "ModelConfig") -> dict:
     """The config.json fields of `_family_fields`' families."""
-    if cfg.model_type == "granite":
+    if cfg.model_type in ("granite", "granitemoe"):
         return dict(embedding_multiplier=cfg.embedding_multiplier, residual_multiplier=cfg.residual_multiplier,
                     attention_multiplier=cfg.attention_multiplier, logits_scaling=cfg.logits_scaling)
     if cfg.model_type in GEMMA_MODEL_TYPES:
@@ -733,7 +734,7 @@ def _layer_types_to_hf(cfg: "ModelConfig") -> dict:
 
 
 def _moe_to_hf(cfg: "ModelConfig") -> dict:
-    if cfg.model_type == "mixtral":
+    if cfg.model_type in ("mixtral", "granitemoe"):
         return {"num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token}
     if cfg.model_type not in MOE_MODEL_TYPES:
         return {}

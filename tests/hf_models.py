@@ -92,6 +92,10 @@ FAMILIES = {
                                                     shared_expert_intermediate_size=80)),
     "olmoe": (transformers.OlmoeConfig, dict(num_experts=4, num_experts_per_tok=2, intermediate_size=48,
                                              pad_token_id=0)),  # q and k normed over all heads, as OLMo 2's
+    # GraniteMoE: every layer's experts in one tensor (gate and up rows of one), Granite's scalings.
+    "granitemoe": (transformers.GraniteMoeConfig, dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
+                                                      embedding_multiplier=4.0, residual_multiplier=0.5,
+                                                      attention_multiplier=0.0625, logits_scaling=2.0)),
     "qwen3_moe": (transformers.Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                                     norm_topk_prob=True, head_dim=16)),
 }

@@ -49,16 +49,20 @@ class WeightSpec:
     axes: tuple[str, ...]  # logical axes of `shape`
     hf_key: str  # checkpoint key; "{i}" is the layer index for stacked weights, "{e}" the expert's
     hf_shape: tuple[int, ...]  # the checkpoint's layout (of one expert's tensor for per-expert weights)
-    transpose: bool = False  # torch Linear stores [out, in]; we store [in, out]
+    transpose: bool = False  # torch Linear stores [out, in] ([X, out, in] for experts in one tensor); we [in, out]
     init: str = "normal"  # normal (std 1/sqrt(fan_in)) | ones | zeros (a norm whose scale is 1 + weight)
-    hf_rows: tuple[int, int] | None = None  # the rows [start, end) this weight takes of a fused tensor
+    hf_rows: tuple[int, int] | None = None  # the rows [start, end) this weight takes of a fused tensor (of each
+    #                                          expert's, for experts in one tensor: rows are its next-to-last axis)
     dtype: str | None = None  # None: the model's dtype; an fp8 weight's own, or its scales' float32
     scale_rows: int = 0  # a block scale: the checkpoint's out rows per scale row (each repeated so often)
 
     @property
     def part_shape(self) -> tuple[int, ...]:
         """The checkpoint tensor's part that is this weight (the whole tensor unless fused)."""
-        return self.hf_shape if self.hf_rows is None else (self.hf_rows[1] - self.hf_rows[0], *self.hf_shape[1:])
+        if self.hf_rows is None:
+            return self.hf_shape
+        *lead, _, columns = self.hf_shape
+        return (*lead, self.hf_rows[1] - self.hf_rows[0], columns)
 
     @property
     def stacked(self) -> bool:
@@ -93,12 +97,16 @@ class WeightSpec:
             start, end = self.hf_rows or (0, math.prod(ours) // x.shape[1])
             return x[start:end].T.reshape(ours)
         if self.hf_rows is not None:
-            x = x[self.hf_rows[0]:self.hf_rows[1]]
-        return (x.T if self.transpose else x).reshape(self.shape[1:] if self.per_expert else self.shape)
+            x = x[..., self.hf_rows[0]:self.hf_rows[1], :] if x.ndim == 3 else x[self.hf_rows[0]:self.hf_rows[1]]
+        return (np.swapaxes(x, -1, -2) if self.transpose else x).reshape(self.shape[1:] if self.per_expert
+                                                                           else self.shape)
 
     def to_hf(self, x: np.ndarray) -> np.ndarray:
         """Our weight in the checkpoint's layout (its rows of the tensor, if fused)."""
-        return x.reshape(self.part_shape[::-1]).T if self.transpose else x.reshape(self.part_shape)
+        if not self.transpose:
+            return x.reshape(self.part_shape)
+        *lead, rows, columns = self.part_shape if len(self.part_shape) > 1 else (*self.part_shape, 1)
+        return np.swapaxes(x.reshape(*lead, columns, rows), -1, -2).reshape(self.part_shape)
 
 
 def weight_table(cfg: ModelConfig) -> list[WeightSpec]:
@@ -180,6 +188,8 @@ def _fp8(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
         if spec.name not in QUANTIZABLE or _skipped(spec, cfg):
             out.append(spec)
             continue
+        if len(spec.hf_shape) != 2:
+            raise ConfigError(f"fp8 weights of {cfg.model_type}'s experts in one tensor are not supported")
         hf_out, hf_in = spec.hf_shape
         rows, block_in = (b or whole for b, whole in zip(cfg.weight_quant.block, spec.hf_shape))
         if hf_in % block_in:
@@ -220,6 +230,15 @@ _QWEN_EXPERT_KEYS = ("mlp.", "gate", "gate_proj", "up_proj", "down_proj")
 def _expert_specs(cfg: ModelConfig) -> list[WeightSpec]:
     """The router and the experts' stacked MLPs (Qwen2-MoE adds a shared expert and its sigmoid gate)."""
     D, F, X = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+    if cfg.model_type == "granitemoe":  # every expert in one tensor: gate and up rows of `input_linear`, then down
+        b = "model.layers.{i}.block_sparse_moe."
+        return [WeightSpec("layers.router", (D, X), ("embed", "experts"), b + "router.layer.weight", (X, D), True),
+                WeightSpec("layers.w_gate", (X, D, F), ("experts", "embed", "mlp"), b + "input_linear.weight",
+                           (X, 2 * F, D), True, hf_rows=(0, F)),
+                WeightSpec("layers.w_up", (X, D, F), ("experts", "embed", "mlp"), b + "input_linear.weight",
+                           (X, 2 * F, D), True, hf_rows=(F, 2 * F)),
+                WeightSpec("layers.w_down", (X, F, D), ("experts", "mlp", "embed"), b + "output_linear.weight",
+                           (X, D, F), True)]
     block, router, gate, up, down = _EXPERT_KEYS.get(cfg.model_type, _QWEN_EXPERT_KEYS)
     ep = "model.layers.{i}." + block + "experts.{e}."
     specs = [
@@ -313,7 +332,7 @@ def _fan_in(spec: WeightSpec) -> int:
         return spec.shape[1]
     if spec.name.endswith("wo"):
         return spec.shape[0] * spec.shape[1]
-    return spec.shape[1] if spec.per_expert else spec.shape[0]
+    return spec.shape[1] if spec.axes[0] == "experts" else spec.shape[0]
 
 
 def _load_sharding(spec: WeightSpec, cfg: ModelConfig, mesh):
@@ -513,5 +532,6 @@ def to_hf_tensors(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
         per_key = value.reshape(-1, *value.shape[2:]) if spec.per_expert else value if spec.stacked else value[None]
         for key, part in zip(spec.hf_keys(cfg.num_layers), per_key):
             parts.setdefault(key, []).append(((spec.hf_rows or (0,))[0], spec.to_hf(part)))
-    return {key: np.ascontiguousarray(np.concatenate([part for _, part in sorted(rows, key=lambda r: r[0])]))
+    return {key: np.ascontiguousarray(np.concatenate([part for _, part in sorted(rows, key=lambda r: r[0])],
+                                                     axis=max(rows[0][1].ndim - 2, 0)))
             for key, rows in parts.items()}
