@@ -304,8 +304,8 @@ def test_a_step_holds_no_widened_copy_of_the_fp8_weights():
     for quantization in (None, "fp8"):
         llm = LLM(None, dataclasses.replace(engine, quantization=quantization))
         llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), use_tqdm=False)
-        temp[quantization] = max(llm.runner.lower(layout).compile().memory_analysis().temp_size_in_bytes
-                                 for layout in llm.runner.layouts)
+        temp[quantization] = max(llm.runner._executable(layout).memory_analysis().temp_size_in_bytes
+                                 for layout in llm.runner.layouts)  # the steps it compiled
         fp8_bytes = sum(x.nbytes for name, x in llm.runner.params["layers"].items() if x.dtype == jnp.uint8)
     assert fp8_bytes > 3e6  # the default model's projections: a float16 copy would be over 6 MB
     assert temp["fp8"] < temp[None] + fp8_bytes / 4
