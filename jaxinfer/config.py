@@ -2,9 +2,9 @@
 
 `ModelConfig` is an explicit mapping of a Hugging Face `config.json` for the
 Llama family (Llama 2/3/3.1/3.2, Mistral, Ministral, Qwen2/2.5, Qwen3, Phi-2, Phi-3/Phi-4, Granite 3, Gemma 1/2/3,
-SmolLM3, OLMo 2/3, Cohere 1/2, StarCoder 2, GLM-4, Seed-OSS, Helium, ERNIE 4.5, Arcee, EXAONE 4.0; the language
-models of multimodal checkpoints: Gemma 3 4B+, Mistral Small 3.1/3.2, Qwen2/2.5/3-VL) and its mixture-of-experts
-kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE, OLMoE, GraniteMoE), with fp8 weights where a checkpoint has them. `EngineConfig` holds
+SmolLM3, OLMo 2/3, Cohere 1/2, StarCoder 2, GLM-4, Seed-OSS, Helium, ERNIE 4.5, Arcee, EXAONE 4.0, HunYuan;
+the language models of multimodal checkpoints: Gemma 3 4B+, Mistral Small 3.1/3.2, Qwen2/2.5/3-VL) and its
+mixture-of-experts kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE, OLMoE, GraniteMoE), with fp8 weights where a checkpoint has them. `EngineConfig` holds
 the serving knobs (slots, pages, chunking, dtype). Host code only: this module must not import JAX.
 """
 
@@ -23,13 +23,13 @@ OLMO_MODEL_TYPES = ("olmo2", "olmo3")
 COHERE_MODEL_TYPES = ("cohere", "cohere2")
 GLM_MODEL_TYPES = ("glm", "glm4")
 DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "granite", "smollm3", "starcoder2",
-                     "seed_oss", "ministral", "helium", "arcee", "exaone4", "ernie4_5") + \
+                     "seed_oss", "ministral", "helium", "arcee", "exaone4", "ernie4_5", "hunyuan_v1_dense") + \
     GEMMA_MODEL_TYPES + OLMO_MODEL_TYPES + COHERE_MODEL_TYPES + GLM_MODEL_TYPES
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
 FUSED_GATE_UP = GLM_MODEL_TYPES  # the MLP's gate and up in one checkpoint tensor
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "ntk_alpha")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "relu2")  # relu2: relu(x) ** 2 (Arcee's)
 # transformers' class defaults where head_dim is absent; else hidden / heads
 DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128, "seed_oss": 128, "helium": 128, "ernie4_5": 128}
@@ -71,6 +71,7 @@ class RopeConfig:
     short_factor: tuple[float, ...] = ()  # longrope: each frequency's divisor for contexts up to the pretraining's,
     long_factor: tuple[float, ...] = ()  # ... and beyond it
     long: bool = False  # longrope: the long factors are in use (`ModelConfig.for_context`)
+    alpha: float = 1.0  # ntk_alpha (HunYuan's "dynamic" with a fixed alpha): theta times alpha ** (R / (R - 2))
 
     def rotary_dim(self, head_dim: int) -> int:
         return int(head_dim * self.partial_rotary_factor)
@@ -163,6 +164,7 @@ class ModelConfig:
     gated_mlp: bool = True
     mlp_bias: bool = False
     lm_head_bias: bool = False  # Phi-2's: the logits' own bias
+    qk_norm_after_rope: bool = False  # HunYuan's: q and k RoPE-turned, then normed
     vision_tower: bool = False  # the checkpoint is multimodal: its vision tower's tensors are left unread
     weight_quant: WeightQuant | None = None  # fp8 projections (None: every weight in `dtype`)
 
@@ -288,7 +290,8 @@ class ModelConfig:
             # Seed-OSS: `attention_out_bias` apart; Helium's o_proj never has one.
             o_bias=bool(hf.get("attention_out_bias")) if model_type == "seed_oss" else
             model_type not in ("qwen2", "qwen2_moe", "helium") + GLM_MODEL_TYPES and attention_bias,
-            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmoe", "exaone4") + OLMO_MODEL_TYPES or
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmoe", "exaone4", "hunyuan_v1_dense") +
+            OLMO_MODEL_TYPES or
             (model_type == "cohere" and bool(hf.get("use_qk_norm"))),
             sliding_window=_sliding_window(hf, model_type),
             bos_token_id=hf.get("bos_token_id"),
@@ -389,7 +392,7 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "glm4": "Glm4ForCausalLM", "phi": "PhiForCausalLM", "seed_oss": "SeedOssForCausalLM",
                   "ministral": "MinistralForCausalLM", "helium": "HeliumForCausalLM", "arcee": "ArceeForCausalLM",
                   "exaone4": "Exaone4ForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM",
-                  "granitemoe": "GraniteMoeForCausalLM"}
+                  "granitemoe": "GraniteMoeForCausalLM", "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM"}
 
 
 def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
@@ -442,6 +445,8 @@ def _family_fields(hf: dict, model_type: str, get) -> dict:
             and "full_attention" in types else {}
     if model_type == "exaone4":
         return _exaone4_from_hf(hf, get)
+    if model_type == "hunyuan_v1_dense":  # q and k normed after their RoPE, not before
+        return dict(qk_norm_after_rope=True)
     if model_type == "phi":
         if hf.get("qk_layernorm"):
             raise ConfigError("phi with qk_layernorm=true is not supported (no released Phi-1/1.5/2 uses it)")
@@ -770,6 +775,8 @@ def _rope_from_hf(hf: dict) -> RopeConfig:
     kind = merged.get("rope_type") or merged.get("type") or "default"
     # Phi-3's first configs called it su, some yarn; transformers' Phi3Config reads both as longrope
     kind = "longrope" if kind == "su" or (kind == "yarn" and hf.get("model_type") == "phi3") else kind
+    # HunYuan's checkpoints say dynamic with a fixed alpha: static frequencies, as transformers reads them
+    kind = "ntk_alpha" if kind == "dynamic" and merged.get("alpha") else kind
     partial = float(merged.get("partial_rotary_factor", hf.get("partial_rotary_factor")) or 1.0)
     if not 0 < partial <= 1:
         raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {partial}")
@@ -783,6 +790,8 @@ def _scaling_from_hf(hf: dict, merged: dict, kind: str, theta: float) -> RopeCon
         return RopeConfig(theta=theta)
     if kind == "longrope":
         return _longrope_from_hf(hf, merged, theta)
+    if kind == "ntk_alpha":
+        return RopeConfig(theta=theta, kind=kind, alpha=float(merged["alpha"]))
     if "factor" not in merged:
         raise ConfigError(f"rope scaling type {kind!r} is missing required field 'factor'")
     if kind == "yarn":
@@ -850,6 +859,8 @@ def _rope_to_hf(rope: RopeConfig) -> dict:
     if rope.kind == "longrope":
         out.update(original_max_position_embeddings=rope.original_max_position, attention_factor=rope.attention_factor,
                    short_factor=list(rope.short_factor), long_factor=list(rope.long_factor))
+    if rope.kind == "ntk_alpha":
+        out.update(rope_type="dynamic", alpha=rope.alpha)
     return out
 
 

@@ -85,6 +85,9 @@ FAMILIES = {
     # ones without.
     "exaone4": (transformers.Exaone4Config, dict(sliding_window=12, num_hidden_layers=3, layer_types=[
         "sliding_attention", "full_attention", "sliding_attention"])),
+    # HunYuan (dense): q and k normed after RoPE, RoPE's "dynamic" with a fixed alpha (static NTK frequencies).
+    "hunyuan_v1_dense": (transformers.HunYuanDenseV1Config, dict(head_dim=16, pad_token_id=0, rope_parameters={
+        "rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0})),
     # Mixtures of experts: 4 experts of 48, 2 a token (Mixtral renormalises their weights; Qwen3-MoE as
     # norm_topk_prob says; Qwen2-MoE adds a gated shared expert and q/k/v biases).
     "mixtral": (transformers.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48)),
@@ -127,7 +130,7 @@ def build(family: str, directory, dtype=torch.float32, seed: int = 0, config: di
     model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**COMMON, **extra, **(config or {})})).eval()
     # Norms at 0 (Gemma's scale by 1 + w) or 1, biases at 0: make each one matter.
     if family.startswith(("gemma", "olmo", "cohere", "starcoder", "glm", "phi", "seed", "ministral", "helium",
-                          "ernie", "arcee", "exaone")):
+                          "ernie", "arcee", "exaone", "hunyuan")):
         with torch.no_grad():
             for name, weight in model.named_parameters():
                 if "norm" in name:

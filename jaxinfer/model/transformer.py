@@ -45,10 +45,11 @@ class KVPool:
 
 def rope_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
     """Inverse frequencies [R/2] of the R rotated dimensions (all H but with a partial rotary factor) in float32,
-    computed as Hugging Face does (incl. llama3, yarn and longrope scaling)."""
+    computed as Hugging Face does (incl. llama3, yarn, longrope and HunYuan's ntk_alpha scaling)."""
     dim = rope.rotary_dim(head_dim)
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    wavelengths = (np.float32(rope.theta) ** exponents).astype(np.float32)  # over 2 pi
+    theta = rope.theta * rope.alpha ** (dim / (dim - 2)) if rope.kind == "ntk_alpha" else rope.theta
+    wavelengths = (np.float32(theta) ** exponents).astype(np.float32)  # over 2 pi
     inv_freq = (np.float32(1.0) / wavelengths).astype(np.float32)
     if rope.kind == "longrope":
         divisors = np.asarray(rope.long_factor if rope.long else rope.short_factor, np.float32)
@@ -146,7 +147,7 @@ def qkv(lp: dict, cfg: ModelConfig, y: jax.Array):
     v = jnp.einsum("BTD,DKH->BTKH", y, lp["wv"])
     if cfg.qkv_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
-    if cfg.qk_norm:  # head by head, or over all heads at once (OLMo: weights [N, H] and [K, H]; Cohere's LayerNorm
+    if cfg.qk_norm and not cfg.qk_norm_after_rope:  # head by head, or over all heads at once (OLMo: weights [N, H] and [K, H]; Cohere's LayerNorm
         #             weighs each head apart, [N, H], and norms it alone)
         axes = (-2, -1) if cfg.qk_norm_over_heads else (-1,)
         q, k = norm(q, lp["q_norm"], cfg, axes), norm(k, lp["k_norm"], cfg, axes)
@@ -255,6 +256,8 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
         normed = norm(h, lp["attn_norm"], cfg, bias=lp.get("attn_norm_bias")) if cfg.pre_norms else h
         q, k, v = qkv(lp, cfg, normed)
         q, k = rotated(cfg, q, k, batch.positions, sliding_layers[index], rope_layers[index])
+        if cfg.qk_norm_after_rope:  # HunYuan's
+            q, k = norm(q, lp["q_norm"], cfg), norm(k, lp["k_norm"], cfg)
         if cfg.attention_multiplier is not None:  # every attention path scales by 1 / sqrt(H): undo it in q
             q = (q.astype(jnp.float32) * (cfg.attention_multiplier * cfg.head_dim ** 0.5)).astype(q.dtype)
         # Advanced indices split by a slice put [B, T] first: the target is [B, T, K, H].

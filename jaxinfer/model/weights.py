@@ -170,6 +170,10 @@ def weight_table(cfg: ModelConfig) -> list[WeightSpec]:
                              spec.hf_shape, init="zeros") for spec in specs if spec.name.endswith("norm")]
     if cfg.norm_plus_one:
         specs = [dataclasses.replace(spec, init="zeros") if spec.init == "ones" else spec for spec in specs]
+    if cfg.model_type == "hunyuan_v1_dense":  # its q/k norms' names
+        keys = {"layers.q_norm": lp + "self_attn.query_layernorm.weight",
+                "layers.k_norm": lp + "self_attn.key_layernorm.weight"}
+        specs = [dataclasses.replace(spec, hf_key=keys.get(spec.name, spec.hf_key)) for spec in specs]
     if cfg.model_type == "phi":  # Phi-2's names: the attention's output `dense`, the final norm `final_layernorm`
         keys = {"layers.wo": lp + "self_attn.dense.weight", "layers.bo": lp + "self_attn.dense.bias",
                 "final_norm": "model.final_layernorm.weight", "final_norm_bias": "model.final_layernorm.bias"}
