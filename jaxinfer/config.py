@@ -4,8 +4,9 @@
 Llama family (Llama 2/3/3.1/3.2, Mistral, Ministral, Qwen2/2.5, Qwen3, Phi-2, Phi-3/Phi-4, Granite 3, Gemma 1/2/3,
 SmolLM3, OLMo 2/3, Cohere 1/2, StarCoder 2, GLM-4, Seed-OSS, Helium, ERNIE 4.5, Arcee, EXAONE 4.0, HunYuan;
 the language models of multimodal checkpoints: Gemma 3 4B+, Mistral Small 3.1/3.2, Qwen2/2.5/3-VL) and its
-mixture-of-experts kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE, OLMoE, GraniteMoE), with fp8 weights where a checkpoint has them. `EngineConfig` holds
-the serving knobs (slots, pages, chunking, dtype). Host code only: this module must not import JAX.
+mixture-of-experts kin (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE, OLMoE, GraniteMoE), with fp8 weights where a checkpoint
+has them. `EngineConfig` holds the serving knobs (slots, pages, chunking, dtype). Host code only: this module must
+not import JAX.
 """
 
 from __future__ import annotations

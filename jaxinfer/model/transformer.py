@@ -147,8 +147,9 @@ def qkv(lp: dict, cfg: ModelConfig, y: jax.Array):
     v = jnp.einsum("BTD,DKH->BTKH", y, lp["wv"])
     if cfg.qkv_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
-    if cfg.qk_norm and not cfg.qk_norm_after_rope:  # head by head, or over all heads at once (OLMo: weights [N, H] and [K, H]; Cohere's LayerNorm
-        #             weighs each head apart, [N, H], and norms it alone)
+    # q/k norms head by head, or over all heads at once (OLMo: weights [N, H] and [K, H]; Cohere's LayerNorm weighs
+    # each head apart, [N, H], and norms it alone); HunYuan's come after RoPE (`forward`)
+    if cfg.qk_norm and not cfg.qk_norm_after_rope:
         axes = (-2, -1) if cfg.qk_norm_over_heads else (-1,)
         q, k = norm(q, lp["q_norm"], cfg, axes), norm(k, lp["k_norm"], cfg, axes)
     return q, k, v
