@@ -270,7 +270,9 @@ def _add_serve(sub) -> None:
     serve.add_argument("--tool-call-parser", choices=list(TOOL_CALL_PARSERS), default=None,
                        help="the model's tool-call format: hermes (Qwen 2.5/3, Hermes: <tool_call>...</tool_call>), "
                             "llama3_json (Llama 3.1/3.2 JSON calls), mistral ([TOOL_CALLS][...]), pythonic "
-                            "(Llama 3.2, ToolACE: [name(key=value), ...]), llama4_pythonic (the same, Llama 4's tags)")
+                            "(Llama 3.2, ToolACE: [name(key=value), ...]), llama4_pythonic (the same, Llama 4's tags), "
+                            "qwen3_coder (Qwen3-Coder: <function=NAME><parameter=P>...), seed_oss (the same, "
+                            "Seed-OSS's <seed:tool_call> tags)")
     serve.add_argument("--reasoning-parser", choices=list(REASONING_PARSERS), default=None,
                        help="return a reasoning model's thinking (<think>...</think>) as the chat message's "
                             "reasoning (and reasoning_content), apart from its content: deepseek_r1 (the template "

@@ -101,7 +101,41 @@ CASES = [
     ("llama4_pythonic", "<|python_start|>[a(x='ü'), b()]<|python_end|>", None, [call("a", {"x": "ü"}), call("b", {})]),
     ("llama4_pythonic", "[b(y=[])]", None, [call("b", {"y": []})]),
     ("llama4_pythonic", "<|python_start|>print('hi')<|python_end|>", None, []),
+    # Qwen3-Coder's XML calls; without the tools' schemas every value is text (typed: test_xml_calls_typed...)
+    ("qwen3_coder", "Let me look.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nZürich\n</parameter>\n"
+                    "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>", "Let me look.\n",
+     [call("get_weather", {"city": "Zürich", "days": "3"})]),
+    ("qwen3_coder", "<tool_call><function=a><parameter=x>1 < 2</parameter></function></tool_call><tool_call>"
+                    "<function=b></function>", None, [call("a", {"x": "1 < 2"}), call("b", {})]),  # last unclosed
+    ("qwen3_coder", "<tool_call><function=a><parameter=x>one<parameter=y>two", None,
+     [call("a", {"x": "one", "y": "two"})]),  # cut off: parameters closed by the next or by the end
+    ("qwen3_coder", "<tool_call>{\"name\": \"a\"}</tool_call>", None, []),  # no <function=...>: content
+    ("qwen3_coder", "Plain <tool_ answer", None, []),
+    ("seed_oss", "<seed:tool_call>\n<function=get_weather>\n<parameter=city>Zürich</parameter>\n</function>\n"
+                 "</seed:tool_call>", None, [call("get_weather", {"city": "Zürich"})]),
+    ("seed_oss", "<tool_call><function=a></function></tool_call>", None, []),  # another model's tags
 ]
+
+
+SCHEMA_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+    "s": {"type": "string"}, "i": {"type": "integer"}, "n": {"type": "number"}, "b": {"type": "boolean"},
+    "o": {"type": "object"}, "a": {"type": "array"}, "maybe": {"type": ["integer", "null"]}}}}}
+
+
+@pytest.mark.parametrize("values, arguments", [
+    ({"s": "007", "i": "7", "n": "2.5", "b": "True", "maybe": "null"},
+     {"s": "007", "i": 7, "n": 2.5, "b": True, "maybe": None}),
+    ({"n": "4", "o": '{"k": [1, 2]}', "a": "[1, 'two', None]", "unknown": "5"},
+     {"n": 4, "o": {"k": [1, 2]}, "a": [1, "two", None], "unknown": "5"}),
+    ({"i": "seven", "b": "yes", "o": "{broken", "a": "[b'x']", "s": "null"},  # no such values: the text stays
+     {"i": "seven", "b": "yes", "o": "{broken", "a": "[b'x']", "s": "null"}),
+])
+def test_xml_calls_typed_by_the_tools_schemas(values, arguments):
+    """As vLLM's qwen3_coder parser: each value as its parameter's schema types it, the text where it names none
+    or the value is no such thing."""
+    body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in values.items())
+    text = f"<tool_call>\n<function=f>\n{body}</function>\n</tool_call>"
+    assert PARSERS["qwen3_coder"].for_tools([SCHEMA_TOOL]).parse(text).calls == [call("f", arguments)]
 
 
 def expected(case) -> tuple[str | None, list[ToolCall]]:
@@ -343,6 +377,23 @@ def test_tool_choice_none_renders_the_tools_and_parses_nothing(live, client):
                                           max_tokens=300).choices[0]
     special_text = tokenizer.decode([special], skip_special_tokens=False)
     assert auto.message.content == f"A{special_text}Let me check.\n" and auto.finish_reason == "tool_calls"
+    live.wait_idle()
+
+
+def test_xml_calls_through_the_openai_client_typed_by_the_request_tools(live, client, monkeypatch):
+    """`--tool-call-parser qwen3_coder`: the request's tools type the arguments, streamed or not."""
+    monkeypatch.setattr(live.server, "config", dataclasses.replace(live.server.config, tool_call_parser="qwen3_coder"))
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "days": {"type": "integer"}}}}}
+    script(live, "Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nZürich\n</parameter>\n"
+                 "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
+    full = client.chat.completions.create(model="tiny", messages=ASK, tools=[tool], max_tokens=300).choices[0]
+    assert full.message.content == "Checking.\n" and full.finish_reason == "tool_calls"
+    assert message_calls(full.message) == [("get_weather", '{"city": "Zürich", "days": 3}')]
+    (got,) = assembled(client.chat.completions.create(model="tiny", messages=ASK, tools=[tool], max_tokens=300,
+                                                      stream=True)).values()
+    assert got["content"] == "Checking.\n" and got["finish_reason"] == "tool_calls"
+    assert [(c["name"], c["arguments"]) for c in got["calls"].values()] == message_calls(full.message)
     live.wait_idle()
 
 

@@ -360,6 +360,8 @@ class Generation:
                                 'set (send tool_choice "none" to have the tools only rendered into the prompt)',
                            "tool_choice")
         parser = PARSERS[name]
+        if hasattr(parser, "for_tools"):  # one that types the calls' arguments by the tools' schemas
+            parser = parser.for_tools(req.tools)
         if parser.keep_special_tokens:
             req.params = dataclasses.replace(req.params, skip_special_tokens=False)
         return parser

@@ -134,6 +134,7 @@ class GenerationRequest:
     tool_choice: str = "none"  # chat: "auto" (tool calls are parsed out of the answer), "required", "named", "none"
     tool_name: str | None = None  # chat: the tool a "named" choice forces
     parallel_tool_calls: bool = True  # chat: false keeps only the first call parsed out of an answer (vLLM)
+    tools: list = dataclasses.field(default_factory=list)  # chat: the request's tools (a parser may type by them)
     continuous_usage: bool = False  # stream: every chunk carries the usage so far (vLLM's continuous_usage_stats)
     add_special_tokens: bool = True  # a text prompt is encoded with BOS etc.; chat's default is false (vLLM's)
     cache_salt: str | None = None  # cached prompt pages are shared only among requests of the same salt (vLLM's)
@@ -640,7 +641,7 @@ def parse_chat(body, limits: Limits) -> tuple[GenerationRequest, list[dict], dic
                                 prompt_logprobs=prompt_logprobs is not None, priority=_priority(body),
                                 role="assistant" if kwargs["add_generation_prompt"] else messages[-1]["role"],
                                 tool_choice=tool_choice, tool_name=tool_name,
-                                parallel_tool_calls=parallel_tool_calls,
+                                parallel_tool_calls=parallel_tool_calls, tools=kwargs.get("tools") or [],
                                 continuous_usage=continuous_usage,
                                 add_special_tokens=_bool(body, "add_special_tokens", False),
                                 cache_salt=_cache_salt(body),

@@ -1,5 +1,5 @@
 """Tool calls in a chat answer's text, found as vLLM's `--tool-call-parser` finds them: hermes, llama3_json, mistral,
-pythonic, llama4_pythonic.
+pythonic, llama4_pythonic, qwen3_coder, seed_oss.
 
 Host code, plain Python: a parser splits a finished answer's text into content and calls (`parse`); a
 `ToolCallStream` does the same for an answer that arrives in pieces. It knows nothing of HTTP or the engine.
@@ -289,8 +289,75 @@ class Forced:
         return 0, "held"  # the whole answer is the call: nothing is content before it ends
 
 
+class XmlCalls(_Marked):
+    """Qwen3-Coder's calls (Seed-OSS's in `<seed:tool_call>` tags): `<tool_call><function=NAME><parameter=P>value
+    </parameter>...</function></tool_call>`, one or more, the last maybe unclosed. A value is text (one newline on
+    each side dropped), typed as the request's tool schema types the parameter, as vLLM's qwen3_coder parser does:
+    integers, numbers, booleans and null; objects and arrays as JSON (or a Python literal); text for strings, for
+    parameters the schema does not name, and for values that do not parse as their type."""
+
+    def __init__(self, marker: str, end: str, schemas: dict[str, dict] | None = None):
+        self.marker, self.end, self.schemas = marker, end, schemas or {}
+        self._call = re.compile(rf"{re.escape(marker)}(.*?)(?:{re.escape(end)}|\Z)", re.DOTALL)
+
+    def for_tools(self, tools: list[dict]) -> "XmlCalls":
+        """This parser with the request's tools' parameter schemas, by tool name."""
+        functions = [tool.get("function") or {} for tool in tools]
+        return XmlCalls(self.marker, self.end, {f.get("name"): (f.get("parameters") or {}).get("properties") or {}
+                                                for f in functions})
+
+    def _calls(self, text: str) -> list[ToolCall]:
+        calls = []
+        for body in self._call.findall(text):
+            function = _FUNCTION.search(body)
+            if function is None:
+                raise ValueError("a tool call needs <function=NAME>")
+            name, params = function.group(1).strip(), self.schemas.get(function.group(1).strip(), {})
+            arguments = {key.strip(): _typed(_trimmed(value), params.get(key.strip()))
+                         for key, value in _PARAMETER.findall(function.group(2))}
+            calls.append(ToolCall(name, json.dumps(arguments, ensure_ascii=False)))
+        return calls
+
+
+_FUNCTION = re.compile(r"<function=([^>]+)>(.*?)(?:</function>|\Z)", re.DOTALL)
+_PARAMETER = re.compile(r"<parameter=([^>]+)>(.*?)(?:</parameter>|(?=<parameter=)|\Z)", re.DOTALL)
+
+
+def _trimmed(value: str) -> str:
+    value = value[1:] if value.startswith("\n") else value
+    return value[:-1] if value.endswith("\n") else value
+
+
+def _typed(value: str, schema: dict | None):
+    """A parameter's text as the JSON value its schema's type says; the text where there is none or it fails."""
+    kind = (schema or {}).get("type")
+    kind = next((k for k in kind if k != "null"), None) if isinstance(kind, list) else kind
+    if value.lower() == "null" and kind != "string":
+        return None
+    try:
+        if kind == "integer":
+            return int(value)
+        if kind == "number":
+            number = float(value)
+            return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+        if kind == "boolean" and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        if kind in ("object", "array"):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError:
+                parsed = _literal(ast.parse(value, mode="eval").body)
+            json.dumps(parsed)  # TypeError for what JSON cannot hold (bytes, tuple keys): the text instead
+            return parsed
+    except (ValueError, TypeError, SyntaxError, RecursionError):
+        pass
+    return value
+
+
 PARSERS = {"hermes": Hermes(), "llama3_json": Llama3Json(), "mistral": Mistral(), "pythonic": Pythonic(),
-           "llama4_pythonic": Pythonic("<|python_start|>", "<|python_end|>")}
+           "llama4_pythonic": Pythonic("<|python_start|>", "<|python_end|>"),
+           "qwen3_coder": XmlCalls("<tool_call>", "</tool_call>"),
+           "seed_oss": XmlCalls("<seed:tool_call>", "</seed:tool_call>")}
 
 
 class ToolCallStream:
