@@ -56,11 +56,12 @@ def test_bench_structured_tiny():
 def test_bench_step_tiny():
     out = _run("scripts/bench_step.py", "--config", "jaxinfer/assets/default/config.json", "--batches", "2",
                "--chunks", "16", "--repeats", "1", "--max-model-len", "64", "--context", "32",
-               "--kv-cache-dtypes", "auto", "fp8")
+               "--kv-cache-dtypes", "auto", "fp8", "--quantizations", "none", "fp8")
     assert "prefill chunk    16" in out and "load from orbax" in out
     for kv in ("float32", "fp8_e4m3"):
-        assert f"decode batch   2 (context 32, k=4, xla, KV {kv})" in out
-        assert f"decode batch   2 (context 32, k=1, xla, KV {kv})" in out
+        for weights in ("", ", fp8 weights"):
+            assert f"decode batch   2 (context 32, k=4, xla, KV {kv}{weights})" in out
+            assert f"decode batch   2 (context 32, k=1, xla, KV {kv}{weights})" in out
 
 
 def test_bench_offline_tiny(tmp_path):
