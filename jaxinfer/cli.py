@@ -11,8 +11,8 @@ from pathlib import Path
 
 from jaxinfer import bench_serve, router
 from jaxinfer import eval as evaluation
-from jaxinfer.config import (CONTROL_FLOWS, DTYPES, HF_OVERRIDES_HELP, KV_CACHE_DTYPES, ConfigError, EngineConfig,
-                             json_object_arg)
+from jaxinfer.config import (CONTROL_FLOWS, DTYPES, HF_OVERRIDES_HELP, KV_CACHE_DTYPES, QUANTIZATION_FLAGS,
+                             ConfigError, EngineConfig, json_object_arg)
 from jaxinfer.engine.request import MAX_LOGPROBS
 from jaxinfer.model.safetensors_io import CheckpointError
 from jaxinfer.planner import cli as planner_cli
@@ -124,7 +124,7 @@ def _add_bench(sub) -> None:
                      help="default: the longest prompt plus the longest output")
     off.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
     off.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_DTYPE_HELP)
-    off.add_argument("--quantization", "-q", choices=["fp8"], default=None, help=QUANTIZATION_HELP)
+    off.add_argument("--quantization", "-q", choices=QUANTIZATION_FLAGS, default=None, help=QUANTIZATION_HELP)
     off.add_argument("--disable-hybrid-kv-cache-manager", action="store_true", help=HYBRID_HELP)
     off.add_argument("--hf-overrides", type=json_object_arg, default=None, help=HF_OVERRIDES_HELP)
     off.add_argument("--seed", type=int, default=0, help="the workload's seed")
@@ -247,7 +247,7 @@ def _add_serve(sub) -> None:
     serve.add_argument("--disable-hybrid-kv-cache-manager", action="store_true", help=HYBRID_HELP)
     serve.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
     serve.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_DTYPE_HELP)
-    serve.add_argument("--quantization", "-q", choices=["fp8"], default=None, help=QUANTIZATION_HELP)
+    serve.add_argument("--quantization", "-q", choices=QUANTIZATION_FLAGS, default=None, help=QUANTIZATION_HELP)
     serve.add_argument("--hf-overrides", type=json_object_arg, default=None, help=HF_OVERRIDES_HELP)
     serve.add_argument("--generation-config", default="auto", metavar="auto|vllm|FOLDER",
                        help="where default sampling parameters (temperature, top_p, top_k, min_p, "
@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     conv.add_argument("--output", required=True, help="directory to write")
     conv.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto")
-    conv.add_argument("--quantization", "-q", choices=["fp8"], default=None,
+    conv.add_argument("--quantization", "-q", choices=QUANTIZATION_FLAGS, default=None,
                       help="write the projections in fp8 (as serve's --quantization fp8 makes them at load): the "
                            "output restores without the unquantized weights' memory peak")
     conv.set_defaults(run=_convert)

@@ -959,6 +959,7 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
 RESOLVED_ATTENTION_BACKENDS = ("pallas", "xla", "reference")  # what "auto" resolves between
 ATTENTION_BACKENDS = ("auto",) + RESOLVED_ATTENTION_BACKENDS
 QUANTIZATIONS = (None, "fp8")  # EngineConfig.quantization: None serves the checkpoint as it is stored
+QUANTIZATION_FLAGS = tuple(q for q in QUANTIZATIONS if q is not None)  # what --quantization takes
 CONTROL_FLOWS = ("auto", "static", "dynamic")  # how a step branches on its batch: see jaxinfer/runner.py
 
 

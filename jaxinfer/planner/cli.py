@@ -6,8 +6,8 @@ import dataclasses
 import json
 import time
 
-from jaxinfer.config import (HF_OVERRIDES_HELP, EngineConfig, default_decode_buckets, default_prefill_seqs,
-                             json_object_arg)
+from jaxinfer.config import (HF_OVERRIDES_HELP, QUANTIZATION_FLAGS, EngineConfig, default_decode_buckets,
+                             default_prefill_seqs, json_object_arg)
 
 PROFILE_HELP = "a cost profile written by `jaxinfer bench profile`"
 
@@ -26,7 +26,7 @@ def add_profile_parser(kinds) -> None:
     p.add_argument("--max-model-len", type=int, default=256)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--kv-cache-dtype", default="auto", help="the KV cache's dtype, as `serve` takes it")
-    p.add_argument("--quantization", "-q", choices=["fp8"], default=None,
+    p.add_argument("--quantization", "-q", choices=QUANTIZATION_FLAGS, default=None,
                    help="fp8 projections, as `serve --quantization fp8` makes them")
     p.add_argument("--hf-overrides", type=json_object_arg, default=None, help=HF_OVERRIDES_HELP)
     p.add_argument("--repeats", type=int, default=5, help="steps timed back to back per shape")
