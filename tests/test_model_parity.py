@@ -56,6 +56,8 @@ def test_logit_bias_and_allowed_token_ids_match_transformers(family):
     `prefix_allowed_tokens_fn`, greedy. Requests with and without them share the batch and reuse each
     other's slots: a plain request never sees the edits a slot's last sequence loaded."""
     name, model, llm = family
+    if name in FP8_FAMILIES:
+        pytest.skip("the sampler's edits do not see how weights are stored: the base family's case covers them")
     vocab = llm.model_config.vocab_size
     prompts = random_prompts(vocab, PROMPT_LENGTHS)
     rng = np.random.RandomState(11)
