@@ -97,7 +97,7 @@ class WeightSpec:
             start, end = self.hf_rows or (0, math.prod(ours) // x.shape[1])
             return x[start:end].T.reshape(ours)
         if self.hf_rows is not None:
-            x = x[..., self.hf_rows[0]:self.hf_rows[1], :] if x.ndim == 3 else x[self.hf_rows[0]:self.hf_rows[1]]
+            x = x[..., self.hf_rows[0]:self.hf_rows[1], :]  # the rows axis: next to last
         return (np.swapaxes(x, -1, -2) if self.transpose else x).reshape(self.shape[1:] if self.per_expert
                                                                            else self.shape)
 
@@ -105,8 +105,8 @@ class WeightSpec:
         """Our weight in the checkpoint's layout (its rows of the tensor, if fused)."""
         if not self.transpose:
             return x.reshape(self.part_shape)
-        *lead, rows, columns = self.part_shape if len(self.part_shape) > 1 else (*self.part_shape, 1)
-        return np.swapaxes(x.reshape(*lead, columns, rows), -1, -2).reshape(self.part_shape)
+        *lead, rows, columns = self.part_shape
+        return np.swapaxes(x.reshape(*lead, columns, rows), -1, -2)
 
 
 def weight_table(cfg: ModelConfig) -> list[WeightSpec]:
