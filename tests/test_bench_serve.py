@@ -393,7 +393,7 @@ def test_cli_saves_results_and_plot(fake, tmp_path, capsys):
     fake.reset()
     out = tmp_path / "result.json"
     argv = ["bench", "serve", "--base-url", fake.url, "--num-prompts", "10", "--request-rate", "50",
-            "--random-input-len", "8", "--random-output-len", "3", "--goodput", "ttft:1000", "e2el:2000",
+            "--random-input-len", "8", "--random-output-len", "3", "--goodput", "ttft:30000", "e2el:60000",
             "--metric-percentiles", "50,99.9", "--random-prefix-len", "2",
             "--save-result", str(out), "--disable-tqdm"] + (["--plot", str(plot)] if plot else [])
     assert main(argv) == 0
