@@ -27,9 +27,9 @@ from pallas_kernels.ragged_prefill import ragged_prefill_attention, ragged_prefi
 
 
 def _pallas_step_attention(q, k_pool, v_pool, layer, block_tables, positions, sliding_window, rows=None, *,
-                           softcap=None, interpret):
+                           softcap=None, sinks=None, interpret):
     """q [B, T, N, H], positions [B, T] (-1 = padding) -> [B, T, N, H] through the kernels."""
-    mask = dict(sliding_window=sliding_window, softcap=softcap, interpret=interpret)
+    mask = dict(sliding_window=sliding_window, softcap=softcap, sinks=sinks, interpret=interpret)
     B, T, N, H = q.shape
     if rows is not None:
         valid = positions[0] >= 0
@@ -56,28 +56,29 @@ def _row_per_prompt(attention):
     """`attention` over [B, T] rows, made to take a packed chunk too: each prompt's tokens are laid from
     column 0 of a row of their own (as if its chunk ran alone), attended, and packed back."""
 
-    def attend(q, k_pool, v_pool, layer, block_tables, positions, sliding_window=None, rows=None, softcap=None):
+    def attend(q, k_pool, v_pool, layer, block_tables, positions, sliding_window=None, rows=None, softcap=None,
+               sinks=None):
         if rows is None:
-            return attention(q, k_pool, v_pool, layer, block_tables, positions, sliding_window, softcap)
+            return attention(q, k_pool, v_pool, layer, block_tables, positions, sliding_window, softcap, sinks)
         rows = rows[0]
         column = jnp.arange(rows.shape[0]) - jnp.searchsorted(rows, rows, side="left")
         E, T = block_tables.shape[0], q.shape[1]
         q_rows = jnp.zeros((E,) + q.shape[1:], q.dtype).at[rows, column].set(q[0])
         row_positions = jnp.full((E, T), -1, positions.dtype).at[rows, column].set(positions[0])
-        out = attention(q_rows, k_pool, v_pool, layer, block_tables, row_positions, sliding_window, softcap)
+        out = attention(q_rows, k_pool, v_pool, layer, block_tables, row_positions, sliding_window, softcap, sinks)
         return out[rows, column][None]
 
     return attend
 
 
 def _page_loop_step_attention(q, k_pool, v_pool, layer, block_tables, positions, sliding_window=None,
-                              softcap=None):
+                              softcap=None, sinks=None):
     """Decode steps and prefill chunks, each through its page loop."""
     if q.shape[1] != 1:
         return page_loop_prefill_attention(q, k_pool, v_pool, layer, block_tables, positions,
-                                           sliding_window=sliding_window, softcap=softcap)
+                                           sliding_window=sliding_window, softcap=softcap, sinks=sinks)
     out = page_loop_decode_attention(q[:, 0], k_pool, v_pool, layer, block_tables, positions[:, 0] + 1,
-                                     sliding_window=sliding_window, softcap=softcap)
+                                     sliding_window=sliding_window, softcap=softcap, sinks=sinks)
     return out[:, None]
 
 
@@ -93,17 +94,21 @@ def step_attention(backend: str, mesh=None):
     if mesh is None or mesh.shape["model"] == 1:
         return kernel
     heads, pool, whole = logical_spec(("batch", "tokens", "heads")), logical_spec(("layers", "kv_heads")), P()
+    extra_specs = {"sliding_window": whole, "rows": whole, "sinks": logical_spec(("heads",))}
 
-    def per_device(q, k_pool, v_pool, layer, block_tables, positions, sliding_window=None, rows=None, softcap=None):
-        given = {name: value for name, value in (("sliding_window", sliding_window), ("rows", rows))
-                 if value is not None}  # (a traced window or packed rows: operands of the shard_map)
+    def per_device(q, k_pool, v_pool, layer, block_tables, positions, sliding_window=None, rows=None, softcap=None,
+                   sinks=None):
+        given = {name: value for name, value in (("sliding_window", sliding_window), ("rows", rows),
+                                                 ("sinks", sinks))
+                 if value is not None}  # (a traced window, packed rows, sinks: operands of the shard_map)
 
         def local(*args):
             extra = dict(zip(given, args[6:]))
-            return kernel(*args[:6], extra.get("sliding_window"), rows=extra.get("rows"), softcap=softcap)
+            return kernel(*args[:6], extra.get("sliding_window"), rows=extra.get("rows"), softcap=softcap,
+                          sinks=extra.get("sinks"))
 
         args = (q, k_pool, v_pool, layer, block_tables, positions) + tuple(map(jnp.asarray, given.values()))
-        specs = (heads, pool, pool, whole, whole, whole) + (whole,) * len(given)
+        specs = (heads, pool, pool, whole, whole, whole) + tuple(extra_specs[name] for name in given)
         context = jax.sharding.get_abstract_mesh()  # inside the step's shard_map over 'data': its mesh
         return jax.shard_map(local, mesh=mesh if context.empty else context, in_specs=specs, out_specs=heads,
                              axis_names=set(model_axes()), check_vma=False)(*args)
@@ -112,12 +117,12 @@ def step_attention(backend: str, mesh=None):
 
 
 def kernel_self_check(dtype, page_size: int, head_dim: int, q_per_kv: int, sliding_window: int | None,
-                      kv_dtype=None, softcap: float | None = None) -> str | None:
+                      kv_dtype=None, softcap: float | None = None, sinks: bool = False) -> str | None:
     """Run both kernels once at the model's attention shapes (queries of `dtype`, a pool of `kv_dtype`,
-    default the same) on a tiny pool against the references. Returns None when they agree, else what went
-    wrong (compile error or mismatch)."""
+    default the same; attention sinks where the model has them) on a tiny pool against the references.
+    Returns None when they agree, else what went wrong (compile error or mismatch)."""
     K, P, L = 2, 9, 1
-    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
     storage = storage_dtype(kv_dtype or dtype, jax.default_backend())  # as the engine's pool holds them
     pools = [stored(jax.random.normal(k, (L, K, P, page_size, head_dim)), storage) for k in keys[:2]]
     q = jax.random.normal(keys[2], (3, K * q_per_kv, head_dim)).astype(dtype)
@@ -125,16 +130,18 @@ def kernel_self_check(dtype, page_size: int, head_dim: int, q_per_kv: int, slidi
     lengths = jnp.asarray([4 * page_size, page_size + 1, 0], jnp.int32)
     cu_q_lens, kv_lens = jnp.asarray([0, 2, 3, 3], jnp.int32), jnp.asarray([page_size + 2, 1, 0], jnp.int32)
     tolerance = 1e-4 if jnp.dtype(dtype) == jnp.float32 else 2e-2
+    extra = dict(sliding_window=sliding_window, softcap=softcap,
+                 sinks=jax.random.normal(keys[4], (K * q_per_kv,)) if sinks else None)
     checks = (
         (paged_decode_attention, paged_decode_reference, (q, *pools, 0, tables, lengths)),
         (ragged_prefill_attention, ragged_prefill_reference, (q, *pools, 0, tables, cu_q_lens, kv_lens)),
     )
     for kernel, reference, args in checks:
         try:
-            got = kernel(*args, sliding_window=sliding_window, softcap=softcap)
+            got = kernel(*args, **extra)
         except Exception as e:  # a kernel that does not lower on this device
             return f"{kernel.__name__} failed: {type(e).__name__}: {str(e)[:300]}"
-        expected = reference(*args, sliding_window=sliding_window, softcap=softcap)
+        expected = reference(*args, **extra)
         error = float(jnp.max(jnp.abs(got.astype(jnp.float32) - expected)))
         if not error <= tolerance:
             return f"{kernel.__name__} differs from its reference by {error:.3g} (tolerance {tolerance})"

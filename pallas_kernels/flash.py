@@ -54,10 +54,25 @@ def capped(scores, softcap: float | None):
     return scores if softcap is None else jnp.tanh(scores / softcap) * softcap
 
 
-def initial_carry(rows: int, head_dim: int):
-    """(output sum [M, H], running max [M], running denominator [M]) before any key."""
+def initial_carry(rows: int, head_dim: int, sinks=None):
+    """(output sum [M, H], running max [M], running denominator [M]) before any key; with attention sinks [M]
+    (gpt-oss's), each row's sink as a first key whose value is 0: its logit the running max, weighing 1."""
+    if sinks is not None:
+        return jnp.zeros((rows, head_dim), jnp.float32), sinks.astype(jnp.float32), jnp.ones((rows,), jnp.float32)
     return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), NEG_INF, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
+
+
+def with_sinks(acc, l, m, sinks):
+    """A finished online softmax's weighted sum `acc` [..., H] and denominator `l` [...] relative to its max `m`
+    [...] (-inf or NEG_INF where no key was seen), with each row's attention sink (a logit [...] in the
+    denominator and nothing in the sum: gpt-oss's) added; unchanged without sinks."""
+    if sinks is None:
+        return acc, l
+    sinks = sinks.astype(jnp.float32)
+    top = jnp.maximum(m, sinks)
+    rescale = jnp.exp(m - top)
+    return acc * rescale[..., None], l * rescale + jnp.exp(sinks - top)
 
 
 def padded_head_dim(head_dim: int) -> int:

@@ -33,17 +33,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.flash import capped
+from pallas_kernels.flash import capped, with_sinks
 from pallas_kernels.kv_storage import widened
 
 
 def page_loop_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, *, sliding_window=None,
-                               softcap=None):
+                               softcap=None, sinks=None):
     """q [B, N, H]; pools [L, K, P, Z, H]; block_tables [B, W]; lengths [B] (0 = empty slot) -> [B, N, H].
 
     Slot b's query sits at position lengths[b] - 1 and attends to keys 0 .. lengths[b] - 1
-    (the last `sliding_window` of them when set; logits capped at +-softcap when set). An empty slot returns
-    zeros.
+    (the last `sliding_window` of them when set; logits capped at +-softcap when set; each head's attention
+    sink [N] in the softmax when set). An empty slot returns zeros.
     """
     B, N, H = q.shape
     K, Z = k_pool.shape[1], k_pool.shape[3]
@@ -77,6 +77,7 @@ def page_loop_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, 
     weight = jnp.where(item_live[:, None, None], jnp.exp(m - jnp.where(top == -jnp.inf, 0.0, top)[row]), 0.0)
     l = combine(jax.ops.segment_sum, l * weight)
     acc = combine(jax.ops.segment_sum, acc * weight[..., None])
+    acc, l = with_sinks(acc, l, top, None if sinks is None else sinks.reshape(K, G))
     out = acc / jnp.where(l == 0, 1.0, l)[..., None]
     return out.reshape(B, N, H).astype(q.dtype)
 
@@ -118,10 +119,11 @@ def _work_items(lengths, first, Z: int, W: int, extra: int):
 
 
 def page_loop_prefill_attention(q, k_pool, v_pool, layer, block_tables, positions, *, sliding_window=None,
-                                softcap=None, block_keys: int = 128):
+                                softcap=None, sinks=None, block_keys: int = 128):
     """q [B, T, N, H]; pools [L, K, P, Z, H]; block_tables [B, W]; positions [B, T] (-1 = padding)
     -> [B, T, N, H]: each query attends causally to its row's keys (the last `sliding_window` of them when
-    set), `block_keys` keys (whole pages) per loop iteration. A padding query returns zeros."""
+    set; each head's attention sink [N] in the softmax when set), `block_keys` keys (whole pages) per loop
+    iteration. A padding query returns zeros."""
     B, T, N, H = q.shape
     K, Z = k_pool.shape[1], k_pool.shape[3]
     G, per_block = N // K, max(1, block_keys // Z)
@@ -156,5 +158,6 @@ def page_loop_prefill_attention(q, k_pool, v_pool, layer, block_tables, position
 
     init = (jnp.full((B, K, G, T), -jnp.inf), jnp.zeros((B, K, G, T)), jnp.zeros((B, K, G, T, H)))
     m, l, acc = lax.fori_loop(start, jnp.maximum(start, end), block, init)
+    acc, l = with_sinks(acc, l, m, None if sinks is None else sinks.reshape(K, G, 1))
     out = acc / jnp.where(l == 0, 1.0, l)[..., None]
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)

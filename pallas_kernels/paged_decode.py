@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.flash import (attend_block, check_power_of_two, initial_carry, padded_head_dim, read_pages,
-                                  triton_params, window_operand)
+                                  triton_params, window_operand, with_sinks)
 from pallas_kernels.paged_reference import paged_attention_reference
 
 def _kernel(layer_ref, window_ref, length_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
@@ -104,24 +104,24 @@ def _layout(num_table_pages: int, page_size: int, num_splits: int | None, block_
     return pages_per_block, pages_per_split, pl.cdiv(num_table_pages, pages_per_split)
 
 
-def combine_splits(o, m, l):
-    """Partial results [splits, ...] -> normalised output; rows that saw no key give 0, not NaN."""
+def combine_splits(o, m, l, sinks=None):
+    """Partial results [splits, ...] -> normalised output, each row's attention sink [...] (if any) in the
+    denominator; rows that saw no key give 0, not NaN."""
     m_all = m.max(axis=0)
     weight = jnp.exp(m - m_all)
-    total = (weight * l).sum(axis=0)
-    out = (weight[..., None] * o).sum(axis=0)
+    out, total = with_sinks((weight[..., None] * o).sum(axis=0), (weight * l).sum(axis=0), m_all, sinks)
     return out / jnp.where(total == 0, 1.0, total)[..., None]
 
 
 @functools.partial(jax.jit, static_argnames=("softcap", "num_splits", "block_keys", "num_warps",
                                              "num_stages", "interpret"))
 def paged_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, *,
-                           sliding_window: int | jax.Array | None = None, softcap: float | None = None,
+                           sliding_window: int | jax.Array | None = None, softcap: float | None = None, sinks=None,
                            num_splits: int | None = None, block_keys: int | None = None, num_warps: int | None = None,
                            num_stages: int | None = None, interpret: bool = False):
     """q [B, N, H]; pools [L, K, P, Z, H]; layer int; block_tables [B, P']; lengths [B] -> [B, N, H]; the last
-    `sliding_window` keys only (a traced int too: one call serves layers of two windows), and logits capped at
-    +-softcap, where given.
+    `sliding_window` keys only (a traced int too: one call serves layers of two windows), logits capped at
+    +-softcap, and each query head's attention sink [N] in the softmax (added as the splits combine), where given.
 
     `num_splits` (default: by the table's width), `block_keys` (keys per loop iteration, a power of two;
     default 64) and Triton's `num_warps` / `num_stages` (default: its own) are tuning knobs with no effect
@@ -167,13 +167,15 @@ def paged_decode_attention(q, k_pool, v_pool, layer, block_tables, lengths, *,
         compiler_params=triton_params(num_warps, num_stages),
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), window_operand(sliding_window), lengths.astype(jnp.int32),
       tables.astype(jnp.int32), qg, k_pool.reshape(L * K * P, Z, H), v_pool.reshape(L * K * P, Z, H))
-    out = combine_splits(o, m, l)[:, :, :G, :H]
+    sink_rows = None if sinks is None else jnp.pad(sinks.reshape(K, G), ((0, 0), (0, Gp - G)))
+    out = combine_splits(o, m, l, sink_rows)[:, :, :G, :H]
     return out.reshape(B, N, H).astype(q.dtype)
 
 
-def paged_decode_reference(q, k_pool, v_pool, layer, block_tables, lengths, *, sliding_window=None, softcap=None):
+def paged_decode_reference(q, k_pool, v_pool, layer, block_tables, lengths, *, sliding_window=None, softcap=None,
+                           sinks=None):
     """The same function in plain jnp; empty slots (length 0) give 0."""
     positions = (lengths - 1)[:, None]
     out = paged_attention_reference(q[:, None], k_pool, v_pool, layer, block_tables, positions, sliding_window,
-                                    softcap)
+                                    softcap, sinks)
     return jnp.where((lengths > 0)[:, None, None], out[:, 0], 0).astype(q.dtype)

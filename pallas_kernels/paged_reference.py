@@ -36,9 +36,10 @@ def attention_mask(positions: jax.Array, num_keys: int, sliding_window: int | No
 
 
 def paged_attention_reference(q, k_pool, v_pool, layer, block_tables, positions,
-                              sliding_window: int | None = None, softcap: float | None = None):
+                              sliding_window: int | None = None, softcap: float | None = None, sinks=None):
     """q [B, T, N, H]; pools [L, K, P, Z, H]; block_tables [B, P']; positions [B, T] -> [B, T, N, H]; logits
-    capped at +-softcap when given."""
+    capped at +-softcap when given. `sinks` [N] (gpt-oss's attention sinks): each head's logit of a key that
+    every query sees, which takes its share of the softmax and adds nothing to the output."""
     B, T, N, H = q.shape
     k = widened(gather_pages(k_pool, layer, block_tables), q.dtype)  # [B, K, S, H]
     v = widened(gather_pages(v_pool, layer, block_tables), q.dtype)
@@ -49,7 +50,11 @@ def paged_attention_reference(q, k_pool, v_pool, layer, block_tables, positions,
     scores = capped(scores * H ** -0.5, softcap)
     mask = attention_mask(positions, k.shape[2], sliding_window)
     scores = jnp.where(mask[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if sinks is None:
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    else:
+        sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, K, N // K, 1, 1), scores.shape[:-1] + (1,))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1].astype(v.dtype)
     v = jnp.where(mask.any(axis=1)[:, None, :, None], v, 0)
     out = jnp.einsum("BKGTS,BKSH->BTKGH", *f32_operands(probs, v), preferred_element_type=jnp.float32,
                      precision=jax.lax.Precision.HIGHEST)

@@ -25,8 +25,8 @@ from pallas_kernels.flash import (attend_block, check_power_of_two, initial_carr
 from pallas_kernels.paged_reference import paged_attention_reference
 
 
-def _kernel(layer_ref, window_ref, q_len_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, *,
-            num_kv_heads, num_pages, pages_per_block, heads_per_row, head_dim, scale, windowed, softcap):
+def _kernel(layer_ref, window_ref, q_len_ref, kv_len_ref, table_ref, sink_ref, q_ref, k_ref, v_ref, o_ref, *,
+            num_kv_heads, num_pages, pages_per_block, heads_per_row, head_dim, scale, windowed, softcap, sinks):
     qb, h = pl.program_id(1), pl.program_id(2)
     page_size, width = k_ref.shape[1], k_ref.shape[2]  # width: the padded head dim
     block_k = pages_per_block * page_size
@@ -53,7 +53,8 @@ def _kernel(layer_ref, window_ref, q_len_ref, kv_len_ref, table_ref, q_ref, k_re
             valid &= key_pos[None, :] > row_pos[:, None] - sliding_window
         return attend_block(carry, q, k, v, valid, key_pos <= last_pos, scale, softcap)
 
-    o, _, l = jax.lax.fori_loop(start_block, num_blocks, body, initial_carry(rows, width))
+    initial = initial_carry(rows, width, sink_ref[...] if sinks else None)
+    o, _, l = jax.lax.fori_loop(start_block, num_blocks, body, initial)
     o_ref[...] = (o / jnp.where(l == 0, 1.0, l)[:, None]).astype(o_ref.dtype)
 
 
@@ -78,9 +79,10 @@ def _unblock(out, cu_q_lens, num_tokens: int, block_q: int):
 @functools.partial(jax.jit, static_argnames=("softcap", "block_q", "interpret"))
 def ragged_prefill_attention(q, k_pool, v_pool, layer, block_tables, cu_q_lens, kv_lens, *,
                              sliding_window: int | jax.Array | None = None, softcap: float | None = None,
-                             block_q: int | None = None, interpret: bool = False):
+                             sinks=None, block_q: int | None = None, interpret: bool = False):
     """q [T, N, H] packed; pools [L, K, P, Z, H]; block_tables [S, P']; cu_q_lens [S+1]; kv_lens [S] -> [T, N, H];
-    the last `sliding_window` keys only (a traced int too), and logits capped at +-softcap, where given.
+    the last `sliding_window` keys only (a traced int too), logits capped at +-softcap, and each query head's
+    attention sink [N] in the softmax (a first key of value 0 in each row's online softmax), where given.
 
     Tokens past cu_q_lens[-1] are padding and come back as 0."""
     T, N, H = q.shape
@@ -97,8 +99,10 @@ def ragged_prefill_attention(q, k_pool, v_pool, layer, block_tables, cu_q_lens, 
     q_tiles = qg[index].transpose(0, 1, 3, 2, 4, 5).reshape(S, blocks, K, block_q * Gp, Hp)
     kernel = functools.partial(_kernel, num_kv_heads=K, num_pages=P, pages_per_block=pages_per_block,
                                heads_per_row=Gp, head_dim=H, scale=H ** -0.5, windowed=sliding_window is not None,
-                               softcap=softcap)
+                               softcap=softcap, sinks=sinks is not None)
     tile = (None, None, None, block_q * Gp, Hp)
+    sink_rows = jnp.zeros((K, G)) if sinks is None else sinks.reshape(K, G)  # unread without sinks
+    sink_rows = jnp.tile(jnp.pad(sink_rows.astype(jnp.float32), ((0, 0), (0, Gp - G))), (1, block_q))
     out = pl.pallas_call(
         kernel,
         grid=(S, blocks, K),
@@ -108,6 +112,7 @@ def ragged_prefill_attention(q, k_pool, v_pool, layer, block_tables, cu_q_lens, 
             pl.BlockSpec((1,), lambda s, b, h: (s,)),  # q_len
             pl.BlockSpec((1,), lambda s, b, h: (s,)),  # kv_len
             pl.BlockSpec((None, padded_pages), lambda s, b, h: (s, 0)),  # block table
+            pl.BlockSpec((None, block_q * Gp), lambda s, b, h: (h, 0)),  # each tile row's sink (its head's)
             pl.BlockSpec(tile, lambda s, b, h: (s, b, h, 0, 0)),  # q tile
             pl.BlockSpec((L * K * P, Z, Hp), lambda s, b, h: (0, 0, 0)),  # k rows (past H: masked)
             pl.BlockSpec((L * K * P, Z, Hp), lambda s, b, h: (0, 0, 0)),  # v rows
@@ -119,14 +124,15 @@ def ragged_prefill_attention(q, k_pool, v_pool, layer, block_tables, cu_q_lens, 
         compiler_params=triton_params(),
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), window_operand(sliding_window),
       (cu_q_lens[1:] - cu_q_lens[:-1]).astype(jnp.int32),
-      kv_lens.astype(jnp.int32), tables, q_tiles, k_pool.reshape(L * K * P, Z, H), v_pool.reshape(L * K * P, Z, H))
+      kv_lens.astype(jnp.int32), tables, sink_rows, q_tiles, k_pool.reshape(L * K * P, Z, H),
+      v_pool.reshape(L * K * P, Z, H))
     out = _unblock(out.reshape(S, blocks, K, block_q, Gp, Hp), cu_q_lens, T, block_q)[:, :, :G, :H]
     is_query = jnp.arange(T) < cu_q_lens[-1]
     return jnp.where(is_query[:, None, None], out.reshape(T, N, H), 0).astype(q.dtype)
 
 
 def ragged_prefill_reference(q, k_pool, v_pool, layer, block_tables, cu_q_lens, kv_lens, *, sliding_window=None,
-                             softcap=None):
+                             softcap=None, sinks=None):
     """The same function in plain jnp: each sequence's queries padded to T, attended, then packed again."""
     T = q.shape[0]
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
@@ -134,7 +140,7 @@ def ragged_prefill_reference(q, k_pool, v_pool, layer, block_tables, cu_q_lens, 
     index = jnp.clip(cu_q_lens[:-1, None] + offsets, 0, T - 1)
     positions = jnp.where(offsets < q_lens[:, None], kv_lens[:, None] - q_lens[:, None] + offsets, -1)
     padded = paged_attention_reference(q[index], k_pool, v_pool, layer, block_tables, positions, sliding_window,
-                                       softcap)
+                                       softcap, sinks)
     t = jnp.arange(T)
     seq = jnp.clip(jnp.searchsorted(cu_q_lens, t, side="right") - 1, 0, block_tables.shape[0] - 1)
     out = padded[seq, t - cu_q_lens[seq]]

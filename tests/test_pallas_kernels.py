@@ -356,6 +356,60 @@ def test_capped_logits_match_reference_in_every_path(window):
                   jnp.float32)
 
 
+@pytest.mark.parametrize("window", [None, 11])
+def test_attention_sinks_match_reference_in_every_path(window):
+    """gpt-oss's attention sinks (a logit per query head in every softmax's denominator) in both kernels, both
+    page loops and the reference: against a softmax over the keys and the sink written out in numpy, and far
+    enough from attention without them to matter. Empty slots and padding queries stay 0, not NaN."""
+    rng = np.random.RandomState(6)
+    Z, H, G = 8, 64, 4
+    k_pool, v_pool = _pools(rng, jnp.float32, Z, H)
+    sinks = jnp.asarray(rng.randn(KV_HEADS * G) * 2, jnp.float32)
+    lengths = jnp.asarray([0, 1, Z + 1, MAX_PAGES * Z, 2 * Z - 1], jnp.int32)
+    q = jnp.asarray(rng.randn(len(lengths), KV_HEADS * G, H), jnp.float32)
+    decode = (q, k_pool, v_pool, 1, _tables(rng, len(lengths)), lengths)
+    expected = paged_decode_reference(*decode, sliding_window=window, sinks=sinks)
+    np.testing.assert_allclose(expected, _sink_attention_numpy(*decode, window, sinks), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(expected, paged_decode_reference(*decode, sliding_window=window), atol=1e-2)
+    mask = dict(sliding_window=window, sinks=sinks)
+    _assert_close(paged_decode_attention(*decode, num_splits=2, interpret=INTERPRET, **mask), expected, jnp.float32)
+    run = jax.jit(page_loop_decode_attention, static_argnames=("sliding_window",))
+    _assert_close(run(*decode, **mask), expected, jnp.float32)
+
+    q_lens, kv_lens = [Z + 1, 3, 0, Z + 2], [Z + 1, Z + 5, 5, MAX_PAGES * Z]
+    cu_q_lens = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    packed = jnp.asarray(rng.randn(sum(q_lens) + 2, KV_HEADS * G, H), jnp.float32)
+    prefill = (packed, k_pool, v_pool, 0, _tables(rng, len(q_lens)), cu_q_lens, jnp.asarray(kv_lens, jnp.int32))
+    _assert_close(ragged_prefill_attention(*prefill, interpret=INTERPRET, **mask),
+                  ragged_prefill_reference(*prefill, **mask), jnp.float32)
+    positions = _prefill_rows(Z)
+    rows = (jnp.asarray(rng.randn(*positions.shape, KV_HEADS * G, H), jnp.float32), k_pool, v_pool, 1,
+            _tables(rng, len(positions)), positions)
+    valid = np.asarray(positions) >= 0
+    run = jax.jit(page_loop_prefill_attention, static_argnames=("sliding_window",))
+    got = np.asarray(run(*rows, **mask))
+    _assert_close(got[valid], np.asarray(paged_attention_reference(*rows, **mask))[valid], jnp.float32)
+    assert not got[~valid].any()
+
+
+def _sink_attention_numpy(q, k_pool, v_pool, layer, tables, lengths, window, sinks):
+    """Decode attention with sinks, one slot and head at a time, as transformers' gpt-oss computes it."""
+    q, k_pool, v_pool, tables, sinks = map(np.asarray, (q, k_pool, v_pool, tables, sinks))
+    B, N, H = q.shape
+    K, Z = k_pool.shape[1], k_pool.shape[3]
+    out = np.zeros(q.shape, np.float64)
+    for b, length in enumerate(np.asarray(lengths)):
+        first = 0 if window is None else max(length - window, 0)
+        for n in range(N):
+            kv = n // (N // K)
+            keys = np.concatenate([k_pool[layer, kv, p] for p in tables[b]])[first:length]
+            values = np.concatenate([v_pool[layer, kv, p] for p in tables[b]])[first:length]
+            logits = np.append(keys @ q[b, n] * H ** -0.5, sinks[n])
+            weights = np.exp(logits - logits.max())
+            out[b, n] = (weights[:-1] / weights.sum()) @ values
+    return out
+
+
 @pytest.mark.parametrize("family, config", [("qwen3", None), ("mistral", None), ("gemma2", None),
                                             ("qwen3", {"head_dim": 24})])
 def test_model_greedy_tokens_equal_with_pallas_backend(family, config, tmp_path):
@@ -398,3 +452,4 @@ def test_kernel_self_check_passes_where_kernels_run(monkeypatch):
         monkeypatch.setattr(attention, name, fn)
     assert attention.kernel_self_check(jnp.bfloat16, 16, 128, 2, 5) is None  # float32: the kernel sweeps above
     assert attention.kernel_self_check(jnp.bfloat16, 16, 128, 2, None, jnp.float8_e4m3fn) is None  # an fp8 cache
+    assert attention.kernel_self_check(jnp.bfloat16, 16, 64, 8, 128, sinks=True) is None  # gpt-oss's

@@ -24,16 +24,17 @@ from pallas_kernels.ragged_prefill import ragged_prefill_attention
 
 TRITON, MOSAIC = "xla.gpu.triton", "mosaic_gpu"
 S = jax.ShapeDtypeStruct
-# (query dtype, pool format, page size Z, head dim H, query heads per KV head G, sliding window, softcap)
+# (query dtype, pool format, page size Z, head dim H, query heads per KV head G, sliding window, softcap, sinks)
 CASES = [
-    (jnp.bfloat16, jnp.bfloat16, 16, 128, 4, None, None),  # Llama 3 8B
-    (jnp.float32, jnp.float32, 8, 64, 1, None, None),
-    (jnp.bfloat16, jnp.float8_e4m3fn, 32, 128, 8, None, None),
-    (jnp.float16, jnp.float8_e5m2, 16, 64, 2, 21, None),
-    (jnp.bfloat16, jnp.bfloat16, 16, 256, 2, 512, 50.0),  # Gemma 2's head dim, window and softcap
-    (jnp.float16, jnp.float16, 8, 128, 16, None, None),
-    (jnp.bfloat16, jnp.bfloat16, 16, 96, 4, 2047, None),  # Phi-3.5-mini: a head dim of 96, padded to 128
-    (jnp.float32, jnp.float8_e4m3fn, 8, 80, 2, None, None),
+    (jnp.bfloat16, jnp.bfloat16, 16, 128, 4, None, None, False),  # Llama 3 8B
+    (jnp.float32, jnp.float32, 8, 64, 1, None, None, False),
+    (jnp.bfloat16, jnp.float8_e4m3fn, 32, 128, 8, None, None, False),
+    (jnp.float16, jnp.float8_e5m2, 16, 64, 2, 21, None, False),
+    (jnp.bfloat16, jnp.bfloat16, 16, 256, 2, 512, 50.0, False),  # Gemma 2's head dim, window and softcap
+    (jnp.float16, jnp.float16, 8, 128, 16, None, None, False),
+    (jnp.bfloat16, jnp.bfloat16, 16, 96, 4, 2047, None, False),  # Phi-3.5-mini: a head dim of 96, padded to 128
+    (jnp.float32, jnp.float8_e4m3fn, 8, 80, 2, None, None, False),
+    (jnp.bfloat16, jnp.bfloat16, 16, 64, 8, 128, None, True),  # gpt-oss: attention sinks, a window of 128
 ]
 
 
@@ -60,14 +61,14 @@ def on_gpu(monkeypatch):
     jax.config.update("jax_pallas_use_mosaic_gpu", default)
 
 
-@pytest.mark.parametrize("dtype, kv_format, Z, H, G, window, softcap", CASES)
-def test_kernels_lower_for_cuda_through_triton(on_gpu, dtype, kv_format, Z, H, G, window, softcap):
+@pytest.mark.parametrize("dtype, kv_format, Z, H, G, window, softcap, sinks", CASES)
+def test_kernels_lower_for_cuda_through_triton(on_gpu, dtype, kv_format, Z, H, G, window, softcap, sinks):
     """Each kernel is one Triton call and no Mosaic GPU one: jax 0.10.2 lowers a `pallas_call` without
     compiler parameters to Mosaic GPU, where our kernels do not compile."""
     B, K, L, P, W = 8, 2, 2, 64, 8
     pool = S((L, K, P, Z, H), storage_dtype(kv_format, "gpu"))
     tables, lengths = S((B, W), jnp.int32), S((B,), jnp.int32)
-    mask = dict(sliding_window=window, softcap=softcap)
+    mask = dict(sliding_window=window, softcap=softcap, sinks=jnp.zeros(K * G) if sinks else None)
     decode = _lowered(paged_decode_attention, S((B, K * G, H), dtype), pool, pool, S((), jnp.int32), tables,
                       lengths, **mask)
     prefill = _lowered(ragged_prefill_attention, S((64, K * G, H), dtype), pool, pool, S((), jnp.int32), tables,
