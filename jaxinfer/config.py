@@ -28,7 +28,7 @@ DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "grani
     GEMMA_MODEL_TYPES + OLMO_MODEL_TYPES + COHERE_MODEL_TYPES + GLM_MODEL_TYPES
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
 FUSED_GATE_UP = GLM_MODEL_TYPES  # the MLP's gate and up in one checkpoint tensor
-MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "ntk_alpha")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "relu2")  # relu2: relu(x) ** 2 (Arcee's)
@@ -41,7 +41,7 @@ RMS_NORM_EPS_DEFAULTS = {"phi3": 1e-5, "mixtral": 1e-5, "olmo2": 1e-5, "olmo3": 
 NORM_EPS_FIELD = {"cohere": "layer_norm_eps", "cohere2": "layer_norm_eps", "starcoder2": "norm_epsilon",
                   "phi": "layer_norm_eps"}
 # ... and rope_theta's, where a config names none; else 10,000
-ROPE_THETA_DEFAULTS = {"mixtral": 1e6, "smollm3": 2e6, "helium": 1e5, "ernie4_5": 5e5}
+ROPE_THETA_DEFAULTS = {"mixtral": 1e6, "smollm3": 2e6, "helium": 1e5, "ernie4_5": 5e5, "gpt_oss": 1.5e5}
 # transformers' Gemma3TextConfig defaults: the Hub's multimodal Gemma 3 configs (4B and up) give their
 # text_config only the fields that differ.
 GEMMA3_TEXT_DEFAULTS = {
@@ -166,8 +166,17 @@ class ModelConfig:
     mlp_bias: bool = False
     lm_head_bias: bool = False  # Phi-2's: the logits' own bias
     qk_norm_after_rope: bool = False  # HunYuan's: q and k RoPE-turned, then normed
+    # gpt-oss's: a learned logit per query head in each attention softmax ("sinks"), biases on the router and on
+    # every expert's projections, and its experts' clamped SwiGLU (activation "swigluoai": gate clamped above at
+    # `swiglu_limit`, up within +-limit, (up + 1) * gate * sigmoid(alpha * gate))
+    attn_sinks: bool = False
+    router_bias: bool = False
+    expert_bias: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     vision_tower: bool = False  # the checkpoint is multimodal: its vision tower's tensors are left unread
     weight_quant: WeightQuant | None = None  # fp8 projections (None: every weight in `dtype`)
+    mxfp4: bool = False  # the checkpoint's experts are MXFP4 (gpt-oss's), widened to `dtype` as they load
 
     @property
     def q_per_kv(self) -> int:  # G
@@ -242,10 +251,14 @@ class ModelConfig:
             raise ConfigError(
                 f"unsupported model_type {model_type!r}; jaxinfer supports "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-        weight_quant = _weight_quant(hf.get("quantization_config"))
+        quantization = hf.get("quantization_config")
+        mxfp4 = isinstance(quantization, dict) and quantization.get("quant_method") == "mxfp4"
+        if mxfp4 and model_type != "gpt_oss":
+            raise ConfigError(f"MXFP4 checkpoints are supported for gpt_oss's experts only, not {model_type}")
+        weight_quant = None if mxfp4 else _weight_quant(quantization)
         get = _field_getter(hf, model_type)
         act = _activation(hf, model_type)
-        if act not in SUPPORTED_ACTIVATIONS:
+        if act not in SUPPORTED_ACTIVATIONS and model_type != "gpt_oss":
             raise ConfigError(f"unsupported hidden_act {act!r} for {model_type}; supported: "
                               f"{', '.join(SUPPORTED_ACTIVATIONS)}")
         if hf.get("mlp_bias") and model_type != "arcee":  # Arcee's MLP has no gate: our two-projection MLP's biases
@@ -258,7 +271,7 @@ class ModelConfig:
         head_dim = hf.get("head_dim") or DEFAULT_HEAD_DIM.get(model_type) or hidden // num_heads
         attention_bias = bool(hf.get("use_bias", True) if model_type == "starcoder2"  # StarCoder 2: biases everywhere
                               else model_type == "phi" or
-                              hf.get("attention_bias", model_type in GLM_MODEL_TYPES + ("seed_oss",)))
+                              hf.get("attention_bias", model_type in GLM_MODEL_TYPES + ("seed_oss", "gpt_oss")))
         moe = _moe_from_hf(hf, model_type, get)
         rope = _rope_from_hf(_layer_rope(hf, "full_attention") if model_type in LAYER_TYPE_ROPES else hf)
         if rope.partial_rotary_factor != 1.0 and model_type not in ("phi", "phi3") + GLM_MODEL_TYPES:
@@ -300,6 +313,7 @@ class ModelConfig:
             dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
             vision_tower=vision_tower,
             weight_quant=weight_quant,
+            mxfp4=mxfp4,
         )
 
     @classmethod
@@ -393,7 +407,8 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "glm4": "Glm4ForCausalLM", "phi": "PhiForCausalLM", "seed_oss": "SeedOssForCausalLM",
                   "ministral": "MinistralForCausalLM", "helium": "HeliumForCausalLM", "arcee": "ArceeForCausalLM",
                   "exaone4": "Exaone4ForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM",
-                  "granitemoe": "GraniteMoeForCausalLM", "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM"}
+                  "granitemoe": "GraniteMoeForCausalLM", "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM",
+                  "gpt_oss": "GptOssForCausalLM"}
 
 
 def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
@@ -402,9 +417,9 @@ def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
     `intermediate_size`), and every layer must be sparse (the layers are scanned as one stack)."""
     if model_type not in MOE_MODEL_TYPES:
         return {}
-    if model_type in ("mixtral", "granitemoe"):  # GraniteMoE: a softmax over the top logits, which is the same
-        return dict(num_experts=get("num_local_experts"), experts_per_token=get("num_experts_per_tok"),
-                    norm_topk_prob=True)
+    if model_type in ("mixtral", "granitemoe", "gpt_oss"):  # GraniteMoE, gpt-oss: a softmax over the top logits,
+        return dict(num_experts=get("num_local_experts"),  # which is the same
+                    experts_per_token=get("num_experts_per_tok"), norm_topk_prob=True)
     step, dense_layers = hf.get("decoder_sparse_step", 1), hf.get("mlp_only_layers") or []
     if step != 1 or dense_layers:
         raise ConfigError(f"{model_type} with dense MLP layers among the sparse ones (decoder_sparse_step={step}, "
@@ -448,6 +463,8 @@ def _family_fields(hf: dict, model_type: str, get) -> dict:
         return _exaone4_from_hf(hf, get)
     if model_type == "hunyuan_v1_dense":  # q and k normed after their RoPE, not before
         return dict(qk_norm_after_rope=True)
+    if model_type == "gpt_oss":
+        return _gpt_oss_from_hf(hf)
     if model_type == "phi":
         if hf.get("qk_layernorm"):
             raise ConfigError("phi with qk_layernorm=true is not supported (no released Phi-1/1.5/2 uses it)")
@@ -560,10 +577,23 @@ def _family_to_hf(cfg: "ModelConfig") -> dict:
         return {"attention_out_bias": cfg.o_bias}
     if cfg.model_type == "arcee":
         return {"mlp_bias": cfg.mlp_bias}
+    if cfg.model_type == "gpt_oss":
+        return {"swiglu_alpha": cfg.swiglu_alpha, "swiglu_limit": cfg.swiglu_limit,
+                "layer_types": _layer_types_to_hf(cfg)["layer_types"] or ["full_attention"] * cfg.num_layers}
     if cfg.model_type in ("ministral", "exaone4"):
         every = ["sliding_attention" if cfg.sliding_window is not None else "full_attention"] * cfg.num_layers
         return _layer_types_to_hf(cfg) if cfg.sliding_layers else {"layer_types": every}
     return {}
+
+
+def _gpt_oss_from_hf(hf: dict) -> dict:
+    """gpt-oss: attention sinks, biased router and experts, the clamped SwiGLU, and sliding layers as `layer_types`
+    says (transformers' default when absent: every other layer from the first)."""
+    layers = hf["num_hidden_layers"]
+    types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    return dict(attn_sinks=True, router_bias=True, expert_bias=True,
+                swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)), swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
+                sliding_layers=tuple(t == "sliding_attention" for t in types) if hf.get("sliding_window") else ())
 
 
 def _granite_from_hf(hf: dict) -> dict:
@@ -606,6 +636,8 @@ def _text_rope(rope: dict) -> dict:
 def _activation(hf: dict, model_type: str) -> str:
     """The MLP's activation. Gemma 2/3 name it `hidden_activation`; Gemma 1's checkpoints say `gelu` where they
     mean its tanh approximation, which transformers and vLLM use instead."""
+    if model_type == "gpt_oss":  # its experts' own SwiGLU, whatever hidden_act says (transformers ignores it)
+        return "swigluoai"
     if model_type in GEMMA_MODEL_TYPES:
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
         return "gelu_pytorch_tanh" if act == "gelu" and model_type == "gemma" else act
@@ -740,7 +772,7 @@ def _layer_types_to_hf(cfg: "ModelConfig") -> dict:
 
 
 def _moe_to_hf(cfg: "ModelConfig") -> dict:
-    if cfg.model_type in ("mixtral", "granitemoe"):
+    if cfg.model_type in ("mixtral", "granitemoe", "gpt_oss"):
         return {"num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token}
     if cfg.model_type not in MOE_MODEL_TYPES:
         return {}
@@ -870,7 +902,7 @@ def _sliding_window(hf: dict, model_type: str) -> int | None:
     if model_type == "smollm3":
         return window if hf.get("use_sliding_window") else None
     if model_type in ("mistral", "mixtral", "phi3", "gemma2", "gemma3_text", "olmo3", "cohere2", "starcoder2",
-                      "ministral", "exaone4"):
+                      "ministral", "exaone4", "gpt_oss"):
         return window  # null in Mistral v0.2+ and Phi-4, 4096 in Mistral v0.1, 2047 in Phi-3-mini, 4096 in Gemma 2
     layer_types = hf.get("layer_types") or []
     uses_window = hf.get("use_sliding_window", False) or "sliding_attention" in layer_types

@@ -44,7 +44,7 @@ def _checked_backend(requested: EngineConfig, engine: EngineConfig, cfg: ModelCo
     if requested.attention_backend != "auto" or engine.attention_backend != "pallas":
         return engine
     problem = kernel_self_check(engine.dtype, engine.page_size, cfg.head_dim, cfg.q_per_kv, cfg.sliding_window,
-                                engine.kv_format, cfg.attn_softcap)
+                                engine.kv_format, cfg.attn_softcap, cfg.attn_sinks)
     if problem is None:
         return engine
     log.warning("Pallas attention failed its start-up check, using the reference attention: %s", problem)

@@ -101,6 +101,13 @@ FAMILIES = {
                                                       attention_multiplier=0.0625, logits_scaling=2.0)),
     "qwen3_moe": (transformers.Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                                     norm_topk_prob=True, head_dim=16)),
+    # gpt-oss: attention sinks, sliding layers (every other), YaRN without truncation, biases on q/k/v/o, the router
+    # and every expert, gate and up interleaved in one tensor, the clamped SwiGLU (a limit low enough to clamp here).
+    "gpt_oss": (transformers.GptOssConfig, dict(
+        num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, head_dim=16, sliding_window=12,
+        num_hidden_layers=3, swiglu_limit=0.5, pad_token_id=0,
+        rope_parameters={"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                         "original_max_position_embeddings": 64, "rope_theta": 150000.0})),
 }
 # fp8 checkpoints: a family's weights quantized by transformers' own FineGrainedFP8 quantizer (quant_method "fp8")
 # with a block size (None: one scale per tensor), or written as llm-compressor's compressed-tensors with a weight
@@ -130,15 +137,17 @@ def build(family: str, directory, dtype=torch.float32, seed: int = 0, config: di
     model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**COMMON, **extra, **(config or {})})).eval()
     # Norms at 0 (Gemma's scale by 1 + w) or 1, biases at 0: make each one matter.
     if family.startswith(("gemma", "olmo", "cohere", "starcoder", "glm", "phi", "seed", "ministral", "helium",
-                          "ernie", "arcee", "exaone", "hunyuan")):
+                          "ernie", "arcee", "exaone", "hunyuan", "gpt")):
         with torch.no_grad():
             for name, weight in model.named_parameters():
                 if "norm" in name:
                     weight.normal_(0.0, 0.5)
     with torch.no_grad():  # transformers starts the projections' biases at 0: draw them, so that each one matters
         for name, weight in model.named_parameters():
-            if name.endswith(".bias") and "norm" not in name:
+            if name.endswith("bias") and "norm" not in name:
                 weight.normal_(0.0, 0.1)
+            elif name.endswith("sinks"):  # gpt-oss's: as large as the attention logits, so that each one matters
+                weight.normal_(0.0, 1.0)
     model.generation_config.eos_token_id = None  # greedy parity runs the full length
     model.to(dtype).save_pretrained(directory, **save_kwargs)
     return model.float()

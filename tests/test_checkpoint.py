@@ -23,6 +23,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PUBLISHED_PARAMS = {
     "gemma-2-9b": 9_241_705_984,
     "gemma-3-1b": 999_885_952,
+    "gpt-oss-20b": 20_914_757_184,  # the model card's 20.91B (HF's metadata counts its MXFP4 bytes, not values)
     "llama-2-7b": 6_738_415_616,
     "llama-3-8b": 8_030_261_248,
     "llama-3.1-8b": 8_030_261_248,
@@ -172,6 +173,9 @@ def _our_logits(params, cfg, tokens):
     # the 7 tokens reach past a window of 4 in the sliding layers; Gemma 3's are every other one here
     ("gemma-2-9b", {"sliding_window": 4}),
     ("gemma-3-1b", {"sliding_window": 4, "sliding_window_pattern": 2}),
+    # interleaved gate and up columns, biases on every expert, sinks; a window of 4 on the first of two layers
+    ("gpt-oss-20b", {"num_local_experts": 4, "sliding_window": 4, "layer_types": ["sliding_attention",
+                                                                               "full_attention"]}),
 ])
 def test_saved_weights_load_in_transformers(tmp_path, preset, overrides):
     """Our random init written in HF layout gives HF the same logits: the table's layouts hold both ways

@@ -41,9 +41,10 @@ CASES = {
                   [(2, 4)], False),
     # q and k normed over all heads, which split over 'model' (and KV heads repeated to fill it).
     "olmo2-qknorm": ("olmo2", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16), "xla", [(1, 4)], False),
-    # Capped logits and two kinds of layer (one attention call, its window traced), the kernels under shard_map.
-    "gemma2-pallas": ("gemma2", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16), "pallas",
-                      [(1, 2)], False),
+    # Attention sinks split over 'model' with their heads, two kinds of layer (one attention call, its window
+    # traced), the kernels under shard_map; biased experts (gate and up interleaved in the checkpoint) by width.
+    "gpt_oss-pallas": ("gpt_oss", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16), "pallas",
+                       [(1, 2)], False),
 }
 # Cases whose checkpoint is quantized to fp8 (block size), compared with transformers' model of the fp8 files:
 # the scales shard with their weights, and repeat with the KV heads.

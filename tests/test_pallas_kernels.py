@@ -410,13 +410,13 @@ def _sink_attention_numpy(q, k_pool, v_pool, layer, tables, lengths, window, sin
     return out
 
 
-@pytest.mark.parametrize("family, config", [("qwen3", None), ("mistral", None), ("gemma2", None),
+@pytest.mark.parametrize("family, config", [("qwen3", None), ("gpt_oss", None), ("gemma2", None),
                                             ("qwen3", {"head_dim": 24})])
 def test_model_greedy_tokens_equal_with_pallas_backend(family, config, tmp_path):
     """The whole model with our kernels (interpret mode) decodes what the reference backend decodes (the
-    `xla` default is held to transformers itself in tests/test_model_parity.py). Gemma 2 adds capped logits
-    and layers of two kinds (a branch between a window and none); a head dim of 24 is padded to 32 inside
-    the kernels."""
+    `xla` default is held to transformers itself in tests/test_model_parity.py). gpt-oss adds attention sinks
+    and sliding layers beside global ones; Gemma 2 capped logits and layers of two kinds (one attention with a
+    traced window); a head dim of 24 is padded to 32 inside the kernels."""
     build(family, tmp_path, config=config)
     prompts = [list(range(3, 12)), list(range(40, 57)), list(range(100, 140))]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)

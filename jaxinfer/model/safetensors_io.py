@@ -114,6 +114,61 @@ class Reader:
         return np.frombuffer(data, np.uint8).reshape(header[key]["shape"])
 
 
+# MXFP4's 4-bit floats (e2m1) by code: the low three bits the magnitude, the high one the sign
+FP4_VALUES = np.asarray([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                        np.float32)
+MXFP4_BIAS = 127  # a block's scale byte is its power of two plus this
+
+
+class Mxfp4Reader(Reader):
+    """A checkpoint whose projections are MXFP4 (gpt-oss's experts): `<name>_blocks` [..., out, in / 32, 16] bytes,
+    two 4-bit floats each (low nibble first), and `<name>_scales` [..., out, in / 32], one power of two per block of
+    32 (its exponent + 127). Each pair reads as one tensor `<name>` [..., in, out] of float32, dequantized as
+    transformers dequantizes it (exactly: each value is a 4-bit float times a power of two); other tensors as
+    the plain reader reads them."""
+
+    def __init__(self, directory: Path):
+        super().__init__(directory)
+        self._packed = {key.removesuffix("_blocks") for key in self._files
+                        if key.endswith("_blocks") and key.removesuffix("_blocks") + "_scales" in self._files}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._packed or super().__contains__(key)
+
+    def keys(self):
+        packed = {name + suffix for name in self._packed for suffix in ("_blocks", "_scales")}
+        return (set(self._files) - packed) | self._packed
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if key not in self._packed:
+            return super().shape(key)
+        *lead, rows, blocks, pair_bytes = super().shape(key + "_blocks")
+        return (*lead, 2 * pair_bytes * blocks, rows)
+
+    def check_dtype(self, key: str, fp8: bool = False) -> None:
+        if key not in self._packed:
+            return super().check_dtype(key, fp8)
+        for part in (key + "_blocks", key + "_scales"):
+            if self.dtype(part) != "U8":
+                raise CheckpointError(f"tensor {part!r} is {self.dtype(part)}, but an MXFP4 checkpoint's blocks and "
+                                      "scales are U8")
+        if fp8:
+            raise CheckpointError(f"tensor {key!r} is MXFP4, where fp8 is expected")
+
+    def get(self, key: str, fp8: bool = False) -> np.ndarray:
+        if key not in self._packed:
+            return super().get(key, fp8)
+        self.check_dtype(key, fp8)
+        names = (key + "_blocks", key + "_scales")
+        blocks, scales = (self._handle(self._files[name]).get_tensor(name) for name in names)
+        if blocks.shape[:-1] != scales.shape:
+            raise CheckpointError(f"{key!r}: blocks of shape {blocks.shape} and scales of shape {scales.shape} differ")
+        values = np.empty(blocks.shape[:-1] + (2 * blocks.shape[-1],), np.float32)
+        values[..., 0::2], values[..., 1::2] = FP4_VALUES[blocks & 0x0F], FP4_VALUES[blocks >> 4]
+        values = np.ldexp(values, scales.astype(np.int32)[..., None] - MXFP4_BIAS)
+        return np.swapaxes(values.reshape(*blocks.shape[:-2], -1), -1, -2)
+
+
 def save(tensors: dict[str, np.ndarray], directory: Path, max_shard_bytes: int | None = None) -> None:
     """Write `model.safetensors`, or shards plus an index when over `max_shard_bytes`."""
     directory.mkdir(parents=True, exist_ok=True)

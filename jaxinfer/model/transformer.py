@@ -180,7 +180,7 @@ def mlp(lp: dict, cfg: ModelConfig, y: jax.Array, prefix: str = "w") -> jax.Arra
         out = jnp.einsum("BTF,FD->BTD", hidden, lp[f"{prefix}_down"])
         return out + lp["b_down"] if cfg.mlp_bias else out
     gate = jnp.einsum("BTD,DF->BTF", y, lp[f"{prefix}_gate"])
-    return jnp.einsum("BTF,FD->BTD", ACTIVATIONS[cfg.activation](gate) * up, lp[f"{prefix}_down"])
+    return jnp.einsum("BTF,FD->BTD", gated(cfg, gate, up), lp[f"{prefix}_down"])
 
 
 def expert_weights(lp: dict, cfg: ModelConfig, y: jax.Array) -> jax.Array:
@@ -189,11 +189,21 @@ def expert_weights(lp: dict, cfg: ModelConfig, y: jax.Array) -> jax.Array:
     logits are rounded to the model's dtype first, as transformers and vLLM compute them, so a half-precision
     model chooses the experts they choose."""
     router = jnp.einsum("BTD,DX->BTX", *f32_operands(y, lp["router"]), preferred_element_type=jnp.float32)
+    router = router + lp["router_bias"].astype(jnp.float32) if cfg.router_bias else router
     probs = jax.nn.softmax(router.astype(y.dtype).astype(jnp.float32), axis=-1)
     top, chosen = jax.lax.top_k(probs, cfg.experts_per_token)
     if cfg.norm_topk_prob:
         top = top / jnp.sum(top, axis=-1, keepdims=True)
     return jnp.sum(jax.nn.one_hot(chosen, cfg.num_experts, dtype=jnp.float32) * top[..., None], axis=-2)
+
+
+def gated(cfg: ModelConfig, gate: jax.Array, up: jax.Array) -> jax.Array:
+    """act(gate) * up; gpt-oss's clamped SwiGLU ("swigluoai", as vLLM names it): gate clamped above at the limit,
+    up within +-limit, (up + 1) * gate * sigmoid(alpha * gate)."""
+    if cfg.activation != "swigluoai":
+        return ACTIVATIONS[cfg.activation](gate) * up
+    gate, up = jnp.minimum(gate, cfg.swiglu_limit), jnp.clip(up, -cfg.swiglu_limit, cfg.swiglu_limit)
+    return (up + 1) * (gate * jax.nn.sigmoid(gate * cfg.swiglu_alpha))
 
 
 def moe(lp: dict, cfg: ModelConfig, y: jax.Array) -> jax.Array:
@@ -204,7 +214,11 @@ def moe(lp: dict, cfg: ModelConfig, y: jax.Array) -> jax.Array:
     weights = expert_weights(lp, cfg, y).astype(y.dtype)
     gate = jnp.einsum("BTD,XDF->BTXF", y, lp["w_gate"])
     up = jnp.einsum("BTD,XDF->BTXF", y, lp["w_up"])
-    out = jnp.einsum("BTXF,XFD->BTD", ACTIVATIONS[cfg.activation](gate) * up * weights[..., None], lp["w_down"])
+    if cfg.expert_bias:  # gpt-oss's: each expert's output has its down bias, weighed as the rest of it
+        gate, up = gate + lp["b_gate"], up + lp["b_up"]
+    out = jnp.einsum("BTXF,XFD->BTD", gated(cfg, gate, up) * weights[..., None], lp["w_down"])
+    if cfg.expert_bias:
+        out = out + jnp.einsum("BTX,XD->BTD", weights, lp["b_down"])
     if cfg.shared_expert_size:
         shared_gate = jax.nn.sigmoid(jnp.einsum("BTD,D->BT", y, lp["shared_expert_gate"]))
         out = out + shared_gate[..., None] * mlp(lp, cfg, y, "shared")
@@ -227,7 +241,7 @@ def rotated(cfg: ModelConfig, q: jax.Array, k: jax.Array, positions: jax.Array, 
     return jnp.where(rope_on, q_rot, q), jnp.where(rope_on, k_rot, k)
 
 
-def attend(attention, cfg: ModelConfig, sliding: jax.Array, *args, rows=None):
+def attend(attention, cfg: ModelConfig, sliding: jax.Array, *args, rows=None, sinks=None):
     """`attention` with the layer's window. Where sliding layers interleave with global ones (Gemma 2/3, OLMo 3)
     the window is traced, a global layer's wider than any context: one attention for both kinds, not a branch
     (XLA:GPU runs a branch by reading its predicate on the host: a wait for the device at every layer)."""
@@ -235,7 +249,7 @@ def attend(attention, cfg: ModelConfig, sliding: jax.Array, *args, rows=None):
         window = cfg.layer_window(0)
     else:
         window = jnp.where(sliding, cfg.sliding_window, NO_WINDOW)
-    return attention(*args, window, rows=rows, softcap=cfg.attn_softcap)
+    return attention(*args, window, rows=rows, softcap=cfg.attn_softcap, sinks=sinks)
 
 
 def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=step_attention("reference")):
@@ -266,7 +280,7 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
         k_pool = k_pool.at[slot, :, pages[group], offsets].set(stored(k, k_pool.dtype))
         v_pool = v_pool.at[slot, :, pages[group], offsets].set(stored(v, v_pool.dtype))
         attn = attend(attention, cfg, sliding_layers[index], q, k_pool, v_pool, slot, batch.block_tables[:, group],
-                      batch.positions, rows=batch.rows)
+                      batch.positions, rows=batch.rows, sinks=lp.get("sinks"))
         out = jnp.einsum("BTNH,NHD->BTD", attn, lp["wo"])
         out = out + lp["bo"] if cfg.o_bias else out
         if cfg.parallel_block:  # Cohere: h + attention(norm(h)) + MLP(norm(h))

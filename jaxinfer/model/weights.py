@@ -55,10 +55,14 @@ class WeightSpec:
     #                                          expert's, for experts in one tensor: rows are its next-to-last axis)
     dtype: str | None = None  # None: the model's dtype; an fp8 weight's own, or its scales' float32
     scale_rows: int = 0  # a block scale: the checkpoint's out rows per scale row (each repeated so often)
+    hf_interleave: tuple[int, int] | None = None  # (offset, stride): this weight is every stride-th column of the
+    #                                                tensor's last axis from offset (gpt-oss's gate and up, interleaved)
 
     @property
     def part_shape(self) -> tuple[int, ...]:
         """The checkpoint tensor's part that is this weight (the whole tensor unless fused)."""
+        if self.hf_interleave is not None:
+            return (*self.hf_shape[:-1], self.hf_shape[-1] // self.hf_interleave[1])
         if self.hf_rows is None:
             return self.hf_shape
         *lead, _, columns = self.hf_shape
@@ -98,6 +102,8 @@ class WeightSpec:
             return x[start:end].T.reshape(ours)
         if self.hf_rows is not None:
             x = x[..., self.hf_rows[0]:self.hf_rows[1], :]  # the rows axis: next to last
+        if self.hf_interleave is not None:
+            x = x[..., self.hf_interleave[0]::self.hf_interleave[1]]
         return (np.swapaxes(x, -1, -2) if self.transpose else x).reshape(self.shape[1:] if self.per_expert
                                                                            else self.shape)
 
@@ -135,6 +141,8 @@ def weight_table(cfg: ModelConfig) -> list[WeightSpec]:
         ]
     if cfg.o_bias:
         specs.append(WeightSpec("layers.bo", (D,), ("embed",), lp + "self_attn.o_proj.bias", (D,)))
+    if cfg.attn_sinks:
+        specs.append(WeightSpec("layers.sinks", (N,), ("heads",), lp + "self_attn.sinks", (N,)))
     if cfg.qk_norm and cfg.qk_norm_over_heads:  # one weight per projected value, not per head dimension
         specs += [
             WeightSpec("layers.q_norm", (N, H), ("heads", "head_dim"), lp + "self_attn.q_norm.weight", (N * H,),
@@ -234,6 +242,8 @@ _QWEN_EXPERT_KEYS = ("mlp.", "gate", "gate_proj", "up_proj", "down_proj")
 def _expert_specs(cfg: ModelConfig) -> list[WeightSpec]:
     """The router and the experts' stacked MLPs (Qwen2-MoE adds a shared expert and its sigmoid gate)."""
     D, F, X = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+    if cfg.model_type == "gpt_oss":
+        return _gpt_oss_expert_specs(cfg)
     if cfg.model_type == "granitemoe":  # every expert in one tensor: gate and up rows of `input_linear`, then down
         b = "model.layers.{i}.block_sparse_moe."
         return [WeightSpec("layers.router", (D, X), ("embed", "experts"), b + "router.layer.weight", (X, D), True),
@@ -261,6 +271,24 @@ def _expert_specs(cfg: ModelConfig) -> list[WeightSpec]:
             WeightSpec("layers.shared_expert_gate", (D,), ("embed",), sp + "_gate.weight", (1, D), True),
         ]
     return specs
+
+
+def _gpt_oss_expert_specs(cfg: ModelConfig) -> list[WeightSpec]:
+    """gpt-oss's router and experts, with their biases: every layer's experts in one tensor each, stored [X, in, out]
+    (not transposed), gate and up interleaved column by column in `gate_up_proj` (an MXFP4 checkpoint's read so by
+    safetensors_io.Mxfp4Reader)."""
+    D, F, X, b = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, "model.layers.{i}.mlp."
+    gate_up, gate_up_bias = b + "experts.gate_up_proj", b + "experts.gate_up_proj_bias"
+    return [WeightSpec("layers.router", (D, X), ("embed", "experts"), b + "router.weight", (X, D), True),
+            WeightSpec("layers.router_bias", (X,), ("experts",), b + "router.bias", (X,)),
+            WeightSpec("layers.w_gate", (X, D, F), ("experts", "embed", "mlp"), gate_up, (X, D, 2 * F),
+                       hf_interleave=(0, 2)),
+            WeightSpec("layers.w_up", (X, D, F), ("experts", "embed", "mlp"), gate_up, (X, D, 2 * F),
+                       hf_interleave=(1, 2)),
+            WeightSpec("layers.b_gate", (X, F), ("experts", "mlp"), gate_up_bias, (X, 2 * F), hf_interleave=(0, 2)),
+            WeightSpec("layers.b_up", (X, F), ("experts", "mlp"), gate_up_bias, (X, 2 * F), hf_interleave=(1, 2)),
+            WeightSpec("layers.w_down", (X, F, D), ("experts", "mlp", "embed"), b + "experts.down_proj", (X, F, D)),
+            WeightSpec("layers.b_down", (X, D), ("experts", "embed"), b + "experts.down_proj_bias", (X, D))]
 
 
 def _fused(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
@@ -336,7 +364,7 @@ def _fan_in(spec: WeightSpec) -> int:
         return spec.shape[1]
     if spec.name.endswith("wo"):
         return spec.shape[0] * spec.shape[1]
-    return spec.shape[1] if spec.axes[0] == "experts" else spec.shape[0]
+    return spec.shape[1] if spec.axes[0] == "experts" and len(spec.shape) > 1 else spec.shape[0]
 
 
 def _load_sharding(spec: WeightSpec, cfg: ModelConfig, mesh):
@@ -477,8 +505,8 @@ def _check_tied_head(reader: safetensors_io.Reader, cfg: ModelConfig, rename) ->
 def load_safetensors(path: str | Path, cfg: ModelConfig, dtype, mesh=None) -> dict:
     """Load a single-file or sharded safetensors checkpoint, cast to `dtype`, strictly. Each device's shard is
     cut from the checkpoint on the host and sent alone, so no weight is ever whole on one device (and each
-    process reads only the shards of its own devices)."""
-    reader = safetensors_io.Reader(Path(path))
+    process reads only the shards of its own devices). MXFP4 experts (gpt-oss's) are widened to `dtype`."""
+    reader = (safetensors_io.Mxfp4Reader if cfg.mxfp4 else safetensors_io.Reader)(Path(path))
     rename = _checkpoint_keys(reader)
     _check_tied_head(reader, cfg, rename)  # before any weight is loaded: it fails fast
     used: set[str] = set()
@@ -535,7 +563,15 @@ def to_hf_tensors(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
         value = np.asarray(jax.device_get(_get_path(params, spec.name)))
         per_key = value.reshape(-1, *value.shape[2:]) if spec.per_expert else value if spec.stacked else value[None]
         for key, part in zip(spec.hf_keys(cfg.num_layers), per_key):
-            parts.setdefault(key, []).append(((spec.hf_rows or (0,))[0], spec.to_hf(part)))
-    return {key: np.ascontiguousarray(np.concatenate([part for _, part in sorted(rows, key=lambda r: r[0])],
-                                                     axis=max(rows[0][1].ndim - 2, 0)))
-            for key, rows in parts.items()}
+            parts.setdefault(key, []).append((spec, spec.to_hf(part)))
+    return {key: _whole_tensor(specs_parts) for key, specs_parts in parts.items()}
+
+
+def _whole_tensor(specs_parts: list) -> np.ndarray:
+    """A checkpoint tensor from the weights that are its parts: rows of a fused tensor one after the other, or
+    columns interleaved (gpt-oss's gate and up)."""
+    ordered = sorted(specs_parts, key=lambda sp: (sp[0].hf_rows or sp[0].hf_interleave or (0,))[0])
+    parts = [part for _, part in ordered]
+    if ordered[0][0].hf_interleave is not None:
+        return np.stack(parts, axis=-1).reshape(*parts[0].shape[:-1], -1)
+    return np.ascontiguousarray(np.concatenate(parts, axis=max(parts[0].ndim - 2, 0)))
