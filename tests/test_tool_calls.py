@@ -550,6 +550,8 @@ def test_reasoning_is_split_as_vllm_splits_it_streamed_or_not(name, text, thinki
     ("deepseek_r1", ["a", "b"], 2),  # never closed: all thinking
     ("qwen3", ["9.8", " is", " more"], 0),  # no thinking
     ("seed_oss", ["<seed:think>", "a", "</seed:", "think>", "b"], 4),  # its own tag, spelt in pieces
+    ("openai_gptoss", ["<|channel|>", "analysis", "<|message|>", "a", "<|end|>", "<|start|>", "assistant",
+                       "<|channel|>", "final", "<|message|>", "b"], 9),  # up to the final channel's name
 ])
 def test_reasoning_tokens_count_up_to_the_token_that_closes_the_thinking(name, pieces, expected):
     decode = lambda token_ids: "".join(pieces[i] for i in token_ids)  # token i is pieces[i]
@@ -593,7 +595,7 @@ def test_an_unknown_reasoning_parser_is_refused():
 def test_a_reasoning_server_holds_structured_outputs_after_the_thinking(parser, vocabulary, expected):
     tokenizer = types.SimpleNamespace(token_to_id=vocabulary.get)
     engine = types.SimpleNamespace(tokenizer=tokenizer, vocab_size=10, cfg=types.SimpleNamespace(max_model_len=8),
-                                   grammars=types.SimpleNamespace(thinking_tokens=None, defaults={}))
+                                   grammars=types.SimpleNamespace(thinking_tokens=None, defaults={}), model_config=None)
     Server(ServerConfig(reasoning_parser=parser)).ready(engine)
     assert engine.grammars.thinking_tokens == expected
 
@@ -601,7 +603,8 @@ def test_a_reasoning_server_holds_structured_outputs_after_the_thinking(parser, 
 def test_a_servers_structured_outputs_config_is_checked_and_applied():
     engine = types.SimpleNamespace(tokenizer=None, vocab_size=10, cfg=types.SimpleNamespace(max_model_len=8),
                                    grammars=types.SimpleNamespace(defaults={"disable_any_whitespace": False,
-                                                                            "disable_additional_properties": False}))
+                                                                            "disable_additional_properties": False}),
+                                   model_config=None)
     Server(ServerConfig(structured_outputs_config={"backend": "guidance", "disable_any_whitespace": True})).ready(engine)
     assert engine.grammars.defaults == {"disable_any_whitespace": True, "disable_additional_properties": False}
     for config, words in [({"backend": "xgrammar"}, "the guidance backend"), ({"whitespace": True}, "unknown"),
@@ -611,3 +614,81 @@ def test_a_servers_structured_outputs_config_is_checked_and_applied():
     assert cli.main(["serve", "--structured-outputs-config", '{"backend": "outlines"}', "--skip-warmup"]) == 2
     with pytest.raises(SystemExit):
         cli.main(["serve", "--structured-outputs-config", "not json"])
+
+
+# --- gpt-oss's harmony channels (--reasoning-parser openai_gptoss, --tool-call-parser openai) ---------------------
+
+ARGS = json.dumps(WEATHER, ensure_ascii=False)
+HARMONY = [  # (answer, thinking, content, calls as (name, arguments))
+    ("<|channel|>analysis<|message|>Compare 9.11 and 9.8.<|end|><|start|>assistant<|channel|>final<|message|>"
+     "9.8 is greater.<|return|>", "Compare 9.11 and 9.8.", "9.8 is greater.", []),
+    ("<|channel|>analysis<|message|>Need the forecast.<|end|><|start|>assistant<|channel|>commentary "
+     f"to=functions.get_weather <|constrain|>json<|message|>{ARGS}<|call|>", "Need the forecast.", None,
+     [("get_weather", ARGS)]),
+    (f"<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{ARGS}<|call|>", None, None,
+     [("get_weather", ARGS)]),  # the recipient before the channel; no thinking
+    ("<|channel|>analysis<|message|>A.<|end|><|start|>assistant<|channel|>analysis<|message|>B.<|end|>"
+     "<|start|>assistant<|channel|>commentary<|message|>Checking now.<|end|><|start|>assistant<|channel|>commentary"
+     ' to=functions.now <|constrain|>json<|message|>{}<|call|>', "A.\nB.", "Checking now.", [("now", "{}")]),
+    ("<|channel|>analysis<|message|>Cut off while thin", "Cut off while thin", "", []),  # max_tokens
+    ("<|channel|>analysis<|message|>Search.<|end|><|start|>assistant<|channel|>analysis to=browser.search "
+     '<|constrain|>json<|message|>{"query": "x"}<|call|>', "Search.", "", []),  # a built-in tool: not ours to run
+    ("Plain text, <|channel|> later", None, "Plain text, <|channel|> later", []),
+]
+
+
+@pytest.mark.parametrize("text, thinking, content, calls", HARMONY, ids=lambda v: str(v)[:24])
+def test_harmony_channels_split_streamed_or_not(text, thinking, content, calls):
+    """The thinking, content and calls of a harmony answer, whole and streamed (the reasoning stream's content
+    through the tool-call stream, as the server chains them): streamed pieces add up to the whole answer's."""
+    reasoning, tools = REASONING_PARSERS["openai_gptoss"], PARSERS["openai"]
+    whole_thinking, whole_content = reasoning.split(text)
+    parsed = tools.parse(whole_content)
+    assert (whole_thinking, parsed.content, [(c.name, c.arguments) for c in parsed.calls]) == \
+        (thinking, content, calls)
+    for pieces in splits(text, random.Random(text)):  # tags cut too, as a tokenizer without them as tokens cuts them
+        reasoning_stream, tool_stream, so_far = ReasoningStream(reasoning), ToolCallStream(tools), ""
+        got_thinking, got_content = None, ""
+        for k, piece in enumerate(pieces):
+            so_far += piece
+            delta, now = reasoning_stream.advance(so_far, done=k == len(pieces) - 1)
+            got_thinking = got_thinking if delta is None else (got_thinking or "") + delta
+            got_content += tool_stream.advance(now)
+        rest, got_calls = tool_stream.finish(now)
+        assert (got_thinking, got_content + rest, got_calls) == (thinking, content or "", parsed.calls), pieces
+
+
+def test_harmony_through_the_openai_client(live, client, monkeypatch):
+    """A server with the openai tool parser (which turns on the harmony reasoning parser): the thinking comes
+    back as reasoning, the final channel as content, a call to=functions.NAME as a tool call, whole or
+    streamed. (This tokenizer spells the tags as text; gpt-oss's are special tokens, which the server decodes
+    kept for this parser.)"""
+    monkeypatch.setattr(live.server, "config", ServerConfig(served_model_name="tiny", tool_call_parser="openai"))
+    assert live.server.config.reasoning_parser == "openai_gptoss"
+    for text, thinking, content, calls in HARMONY[:2]:
+        script(live, text)
+        whole = client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=300).choices[0]
+        assert (whole.message.model_extra or {}).get("reasoning") == thinking
+        assert whole.message.content == content and message_calls(whole.message) == calls
+        assert whole.finish_reason == ("tool_calls" if calls else "stop")
+        chunks = list(client.chat.completions.create(model="tiny", messages=ASK, tools=[TOOL], max_tokens=300,
+                                                     stream=True))
+        streamed = "".join((c.choices[0].delta.model_extra or {}).get("reasoning") or "" for c in chunks if c.choices)
+        got = assembled(chunks)[0]
+        assert streamed == thinking and got["content"] == (content or "")
+        assert [(c["name"], c["arguments"]) for c in got["calls"].values()] == calls
+    live.wait_idle()
+
+
+def test_harmony_parsers_are_chosen_together_and_for_gpt_oss():
+    assert ServerConfig(tool_call_parser="openai").reasoning_parser == "openai_gptoss"
+    with pytest.raises(ValueError, match="needs the openai_gptoss reasoning parser, not 'qwen3'"):
+        ServerConfig(tool_call_parser="openai", reasoning_parser="qwen3")
+    for model_type, expected in (("gpt_oss", "openai_gptoss"), ("llama", None)):
+        engine = types.SimpleNamespace(tokenizer=types.SimpleNamespace(token_to_id=lambda token: None), vocab_size=10,
+                                       cfg=types.SimpleNamespace(max_model_len=8),
+                                       model_config=types.SimpleNamespace(model_type=model_type),
+                                       grammars=types.SimpleNamespace(thinking_tokens=None, defaults={}))
+        server = Server(ServerConfig())
+        server.ready(engine)
+        assert server.config.reasoning_parser == expected

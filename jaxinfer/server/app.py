@@ -38,6 +38,8 @@ from jaxinfer.server.protocol import (APIError, GenerationRequest, Limits, Token
                                       usage)
 from jaxinfer.server.reasoning import PARSERS as REASONING_PARSERS
 from jaxinfer.server.reasoning import ReasoningStream, reasoning_tokens
+
+HARMONY = "openai_gptoss"  # gpt-oss's reasoning parser: on by default for it, as vLLM reads its channels
 from jaxinfer.server import responses
 from jaxinfer.server.tool_calls import PARSERS, Forced, ToolCallStream
 from jaxinfer.tokenizer import CHAT_TEMPLATE_ERRORS, openai_messages
@@ -84,6 +86,11 @@ class ServerConfig:
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"unknown reasoning parser {self.reasoning_parser!r}; known: "
                              f"{', '.join(REASONING_PARSERS)}")
+        if self.tool_call_parser == "openai":  # gpt-oss's calls are read from what the harmony reader makes
+            if self.reasoning_parser not in (None, HARMONY):
+                raise ValueError(f"the openai tool-call parser reads gpt-oss's harmony answers, which needs the "
+                                 f"{HARMONY} reasoning parser, not {self.reasoning_parser!r}")
+            object.__setattr__(self, "reasoning_parser", HARMONY)
         _check_structured_config(self.structured_outputs_config)
         check_sampling_defaults(self.sampling_defaults)
 
@@ -118,6 +125,9 @@ class Server:
 
     def ready(self, engine: Engine) -> None:
         self.engine = engine
+        if self.config.reasoning_parser is None and getattr(engine.model_config, "model_type", None) == "gpt_oss":
+            log.info("gpt-oss answers in harmony channels: reading them with the %s reasoning parser", HARMONY)
+            self.config = dataclasses.replace(self.config, reasoning_parser=HARMONY)
         if self.config.reasoning_parser is not None and engine.tokenizer is not None:
             # As vLLM with a reasoning parser: structured outputs hold from the end of the thinking.
             parser = REASONING_PARSERS[self.config.reasoning_parser]
@@ -341,6 +351,9 @@ class Generation:
         if server.engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so no chat template: use /v1/completions")
         tool_parser = self._tool_parser(req)
+        reasoning = REASONING_PARSERS.get(server.config.reasoning_parser)
+        if reasoning is not None and reasoning.keep_special_tokens:  # gpt-oss's harmony: its tags are special tokens
+            req.params = dataclasses.replace(req.params, skip_special_tokens=False)
         self._check_room(req.params.n, 1)
         prompt = await asyncio.to_thread(self._chat_prompt, req, messages, kwargs)
         return await self._run(request, req, [prompt], model, "resp" if response_fields else "chatcmpl",

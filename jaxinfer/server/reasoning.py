@@ -1,5 +1,5 @@
 """A reasoning model's thinking, split from its answer as vLLM's `--reasoning-parser` splits it: deepseek_r1, qwen3,
-seed_oss.
+seed_oss, and openai_gptoss (gpt-oss's harmony channels: jaxinfer/server/harmony.py).
 
 Host code, plain Python. The thinking is the text inside `<think>` ... `</think>` (Seed-OSS: `<seed:think>` ...
 `</seed:think>`); it is returned apart from the answer's content (the chat message's `reasoning`, and vLLM's older
@@ -14,9 +14,13 @@ A stream gives the thinking as it comes, holding back only what may be the start
 
 from __future__ import annotations
 
+from jaxinfer.server.harmony import HarmonyParser
 from jaxinfer.server.tool_calls import partial_marker
 
+
 class ThinkParser:
+    keep_special_tokens = False  # the tags are text to the parser: skip_special_tokens stays the request's
+
     def __init__(self, opened_by_prompt: bool, start: str = "<think>", end: str = "</think>"):
         self.opened_by_prompt, self.start, self.end = opened_by_prompt, start, end
 
@@ -39,10 +43,11 @@ class ThinkParser:
 
 
 PARSERS = {"deepseek_r1": ThinkParser(opened_by_prompt=True), "qwen3": ThinkParser(opened_by_prompt=False),
-           "seed_oss": ThinkParser(opened_by_prompt=True, start="<seed:think>", end="</seed:think>")}
+           "seed_oss": ThinkParser(opened_by_prompt=True, start="<seed:think>", end="</seed:think>"),
+           "openai_gptoss": HarmonyParser()}
 
 
-def reasoning_tokens(parser: ThinkParser, token_ids: list[int], decode) -> int:
+def reasoning_tokens(parser, token_ids: list[int], decode) -> int:
     """How many of an answer's tokens are thinking (OpenAI's `reasoning_tokens`): the fewest leading tokens whose
     text (`decode`) holds the closing tag, or all of an answer that thinks to its end; 0 for one that does not
     think. By text, since a tokenizer may spell the tag in several tokens."""
@@ -60,7 +65,7 @@ def reasoning_tokens(parser: ThinkParser, token_ids: list[int], decode) -> int:
 class ReasoningStream:
     """One choice's answer as it grows: `advance` gives the thinking not yet sent and the content so far."""
 
-    def __init__(self, parser: ThinkParser):
+    def __init__(self, parser):
         self.parser, self.sent = parser, 0
 
     def advance(self, text: str, done: bool) -> tuple[str | None, str]:

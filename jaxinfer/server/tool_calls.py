@@ -1,5 +1,5 @@
 """Tool calls in a chat answer's text, found as vLLM's `--tool-call-parser` finds them: hermes, llama3_json, mistral,
-pythonic, llama4_pythonic, qwen3_coder, seed_oss.
+pythonic, llama4_pythonic, qwen3_coder, seed_oss, openai (gpt-oss's, with the openai_gptoss reasoning parser).
 
 Host code, plain Python: a parser splits a finished answer's text into content and calls (`parse`); a
 `ToolCallStream` does the same for an answer that arrives in pieces. It knows nothing of HTTP or the engine.
@@ -22,6 +22,8 @@ import re
 import secrets
 import string
 import uuid
+
+from jaxinfer.server import harmony
 
 TOOL_CALL_ID_PREFIX = "chatcmpl-tool-"  # vLLM's ids: this and a random uuid's hex
 
@@ -319,6 +321,20 @@ class XmlCalls(_Marked):
         return calls
 
 
+class HarmonyCalls(_Marked):
+    """gpt-oss's calls (vLLM's `openai` parser): commentary messages addressed `to=functions.NAME`, whose body is
+    the arguments' JSON, passed on as they are. They are read from the content the `openai_gptoss` reasoning
+    parser makes of a harmony answer (jaxinfer/server/harmony.py), where each call has one fixed form; the
+    server turns that reasoning parser on with this one."""
+
+    marker = harmony.CALL_MARKER
+    _CALL = re.compile(rf"{re.escape(harmony.CALL_MARKER)}(.*?){re.escape(harmony.CALL_BODY)}(.*?)"
+                       rf"(?:<\|call\|>|(?={re.escape(harmony.CALL_MARKER)})|\Z)", re.DOTALL)
+
+    def _calls(self, text: str) -> list[ToolCall]:
+        return [ToolCall(name, arguments) for name, arguments in self._CALL.findall(text)]
+
+
 _FUNCTION = re.compile(r"<function=([^>]+)>(.*?)(?:</function>|\Z)", re.DOTALL)
 _PARAMETER = re.compile(r"<parameter=([^>]+)>(.*?)(?:</parameter>|(?=<parameter=)|\Z)", re.DOTALL)
 
@@ -357,7 +373,7 @@ def _typed(value: str, schema: dict | None):
 PARSERS = {"hermes": Hermes(), "llama3_json": Llama3Json(), "mistral": Mistral(), "pythonic": Pythonic(),
            "llama4_pythonic": Pythonic("<|python_start|>", "<|python_end|>"),
            "qwen3_coder": XmlCalls("<tool_call>", "</tool_call>"),
-           "seed_oss": XmlCalls("<seed:tool_call>", "</seed:tool_call>")}
+           "seed_oss": XmlCalls("<seed:tool_call>", "</seed:tool_call>"), "openai": HarmonyCalls()}
 
 
 class ToolCallStream:
