@@ -460,6 +460,30 @@ def test_chat_template_kwargs_win_over_the_request_fields(live):
     live.wait_idle()
 
 
+def test_reasoning_effort_reaches_the_chat_template(live, client, monkeypatch):
+    """OpenAI's reasoning_effort (gpt-oss's template reads it) goes to the chat template as vLLM passes it, under
+    chat_template_kwargs' value where both are sent; a Responses request's reasoning.effort is the same field,
+    echoed back."""
+    trusting = dataclasses.replace(live.server.config, trust_request_chat_template=True)
+    monkeypatch.setattr(live.server, "config", trusting)
+    template = "{{ reasoning_effort | default('unset') }}:{{ messages[-1].content }}"
+    tokenizer = live.engine.tokenizer
+    with httpx.Client(base_url=live.url, timeout=60) as http:
+        def rendered(**extra):
+            body = {"messages": [{"role": "user", "content": "Hi"}], "chat_template": template, **extra}
+            return tokenizer.decode(http.post("/tokenize", json=body).json()["tokens"], skip_special_tokens=True)
+
+        assert [rendered(), rendered(reasoning_effort="low"),
+                rendered(reasoning_effort="low", chat_template_kwargs={"reasoning_effort": "high"})] == \
+            ["unset:Hi", "low:Hi", "high:Hi"]
+    response = client.responses.create(model="tiny", input="Hi", max_output_tokens=2, reasoning={"effort": "low"})
+    assert response.reasoning.effort == "low"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="tiny", input="Hi", max_output_tokens=2, reasoning={"effort": "max"})
+    assert refused.value.body["param"] == "reasoning"
+    live.wait_idle()
+
+
 def test_prompt_logprobs_come_back_as_vllm_returns_them(live, client):
     """vLLM's extension: completions choices carry `prompt_logprobs` (None, then {"token id": {logprob, rank,
     decoded_token}} per prompt token, the token among them), streamed in each choice's first chunk; chat puts

@@ -170,6 +170,8 @@ WRONG_TYPES = [
     (CHAT, {"chat_template_kwargs": "x"}, "chat_template_kwargs"),
     (CHAT, {"chat_template_kwargs": ""}, "chat_template_kwargs"),  # falsy wrong types too
     (CHAT, {"chat_template_kwargs": []}, "chat_template_kwargs"),
+    (CHAT, {"reasoning_effort": "max"}, "reasoning_effort"),
+    (CHAT, {"reasoning_effort": 1}, "reasoning_effort"),
     (CHAT, {"continue_final_message": "yes"}, "continue_final_message"),
     (CHAT, {"tools": {"type": "function"}}, "tools"),
     (CHAT, {"tools": ["paint"]}, "tools"),

@@ -44,7 +44,8 @@ _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "
                       *_GUIDED, *_REFUSED}
 _CHAT_FIELDS = (_COMPLETION_FIELDS - {"prompt", "echo", "suffix"}) | {
     "messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt", "continue_final_message",
-    "chat_template", "chat_template_kwargs", "tools", "tool_choice", "parallel_tool_calls"}
+    "chat_template", "chat_template_kwargs", "tools", "tool_choice", "parallel_tool_calls", "reasoning_effort"}
+REASONING_EFFORTS = ("low", "medium", "high")  # OpenAI's reasoning_effort, as vLLM takes it
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -532,12 +533,17 @@ def _messages(value) -> list[dict]:
 def _template_kwargs(body: dict) -> dict:
     """The chat template's arguments: the request's own fields, updated with chat_template_kwargs (which win, as
     in vLLM and `LLM.chat`). As in vLLM, add_generation_prompt defaults to true, so continue_final_message needs
-    it set false; tools are rendered into the prompt whatever the tool_choice."""
+    it set false; tools are rendered into the prompt whatever the tool_choice; reasoning_effort goes to the
+    template (gpt-oss's reads it; others ignore it)."""
     extra = body.get("chat_template_kwargs")
     extra = {} if extra is None else extra
     if not isinstance(extra, dict):
         _fail("chat_template_kwargs must be an object", "chat_template_kwargs")
-    fields = ("tools", "chat_template", "add_generation_prompt", "continue_final_message")
+    effort = body.get("reasoning_effort")
+    if effort is not None and effort not in REASONING_EFFORTS:
+        _fail(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {_describe(effort)}",
+              "reasoning_effort")
+    fields = ("tools", "chat_template", "add_generation_prompt", "continue_final_message", "reasoning_effort")
     kwargs = {**{name: body[name] for name in fields if body.get(name) is not None}, **extra}
     kwargs["add_generation_prompt"] = _bool(kwargs, "add_generation_prompt", True)
     kwargs["continue_final_message"] = _bool(kwargs, "continue_final_message", False)

@@ -29,7 +29,8 @@ _REFUSED = {"previous_response_id": "previous_response_id is not supported: this
                             "conversation as input)"}
 _TEXT_PARTS = ("input_text", "output_text", "text")
 # The chat field a validation error names -> the Responses field the caller sent.
-_PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text"}
+_PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text",
+           "reasoning_effort": "reasoning"}
 
 
 def _fail(message: str, param: str) -> None:
@@ -68,12 +69,18 @@ def to_chat(body) -> tuple[dict, dict]:
     response_format = _response_format(text.get("format"))
     if response_format is not None:
         chat["response_format"] = response_format
+    reasoning = body.get("reasoning") or {}
+    if not isinstance(reasoning, dict):
+        _fail("reasoning must be an object such as {\"effort\": \"low\"}", "reasoning")
+    if reasoning.get("effort") is not None:
+        chat["reasoning_effort"] = reasoning["effort"]
     echo = {"instructions": instructions, "max_output_tokens": body.get("max_output_tokens"),
             "temperature": body.get("temperature"), "top_p": body.get("top_p"),
             "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice", "auto"),
             "parallel_tool_calls": body.get("parallel_tool_calls", True),
             "text": {"format": text.get("format") or {"type": "text"}},
-            "metadata": body.get("metadata") or {}, "user": body.get("user")}
+            "metadata": body.get("metadata") or {}, "user": body.get("user"),
+            "reasoning": {"effort": reasoning.get("effort"), "summary": None}}
     return chat, echo
 
 
