@@ -156,7 +156,7 @@ def test_a_reasoning_models_thinking_comes_before_the_grammar(llm, monkeypatch):
     plain = llm.generate({"prompt_token_ids": prompt}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     start, end = 1, plain[3]  # BOS cannot come again; the plain answer's 4th token ends its "thinking"
     assert end not in plain[:3] and llm.engine_config.decode_steps == 4
-    monkeypatch.setattr(llm.engine.grammars, "thinking_tokens", (start, end))
+    monkeypatch.setattr(llm.engine.grammars, "thinking_tokens", ((start,), (end,)))
     rewinds, preemptions = [], llm.engine.scheduler.counters.preemptions
     rewind = Scheduler._rewind
     monkeypatch.setattr(Scheduler, "_rewind",
@@ -168,6 +168,16 @@ def test_a_reasoning_models_thinking_comes_before_the_grammar(llm, monkeypatch):
     assert rewinds == [4] and llm.engine.scheduler.counters.preemptions == preemptions
     closed = llm.generate({"prompt_token_ids": prompt + [start, end]}, held(regex=regex), use_tqdm=False)
     assert re.fullmatch(regex, _text(closed[0]))
+    # gpt-oss's markers are runs of tokens (<|channel|> final <|message|>): here the plain answer's 3rd and 4th,
+    # which end the thinking only together; the same rewind
+    grammars = llm.engine.grammars
+    monkeypatch.setattr(grammars, "thinking_tokens", ((start,), (plain[2], end)))
+    out = llm.generate({"prompt_token_ids": prompt}, held(regex=regex), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids[:4] == plain[:4] and re.fullmatch(regex, llm.tokenizer.decode(out.token_ids[4:]))
+    assert rewinds == [4, 4]
+    assert grammars._thinking_until(prompt + [end]) == (plain[2], end)  # the last token alone closes nothing
+    assert grammars._thinking_until(prompt + [plain[2], end]) is None
+    assert grammars._thinking_until(prompt + [plain[2], end, start]) == (plain[2], end)
     llm.engine.check_idle()
 
 

@@ -588,12 +588,17 @@ def test_an_unknown_reasoning_parser_is_refused():
 
 
 @pytest.mark.parametrize("parser, vocabulary, expected", [
-    ("qwen3", {"<think>": 7, "</think>": 8}, (7, 8)),
+    ("qwen3", {"<think>": 7, "</think>": 8}, ((7,), (8,))),
+    # gpt-oss: from the assistant's message to its final channel's (ids of the tags; each word one token here)
+    ("openai_gptoss", {"<|start|>": 1, "<|channel|>": 2, "<|message|>": 3, "assistant": 4, "final": 5},
+     ((1, 4), (2, 5, 3))),
+    ("openai_gptoss", {"<|start|>": 1, "assistant": 4, "final": 5}, None),  # no such tags
     (None, {"<think>": 7, "</think>": 8}, None),  # no reasoning parser: held from the first token
     ("deepseek_r1", {"<think>": 7}, None),  # no such tokens: the same
 ])
 def test_a_reasoning_server_holds_structured_outputs_after_the_thinking(parser, vocabulary, expected):
-    tokenizer = types.SimpleNamespace(token_to_id=vocabulary.get)
+    tokenizer = types.SimpleNamespace(token_to_id=vocabulary.get,
+                                      encode=lambda text, add_special_tokens: [vocabulary[text]])
     engine = types.SimpleNamespace(tokenizer=tokenizer, vocab_size=10, cfg=types.SimpleNamespace(max_model_len=8),
                                    grammars=types.SimpleNamespace(thinking_tokens=None, defaults={}), model_config=None)
     Server(ServerConfig(reasoning_parser=parser)).ready(engine)

@@ -141,12 +141,13 @@ def closed_objects(schema):
 
 class Grammar:
     """One sequence's matcher: the tokens allowed next, as a bitmask row, and the tokens sampled so far. With
-    `thinking_until`, a reasoning model's thinking comes first, unheld, up to that token (vLLM's way with a
-    reasoning parser): the grammar holds from the token after it."""
+    `thinking_until`, a reasoning model's thinking comes first, unheld, up to those tokens in a row (`</think>`;
+    gpt-oss's `<|channel|>final<|message|>`: vLLM's way with a reasoning parser): the grammar holds from the token
+    after them."""
 
-    def __init__(self, matcher, eos_id: int, mask_words: int, thinking_until: int | None = None):
+    def __init__(self, matcher, eos_id: int, mask_words: int, thinking_until: tuple[int, ...] | None = None):
         self._matcher, self._eos_id, self.mask_words = matcher, eos_id, mask_words
-        self._thinking_until = thinking_until
+        self._thinking_until, self._thought = thinking_until, ()
 
     @property
     def active(self) -> bool:
@@ -163,7 +164,8 @@ class Grammar:
     def accept(self, token: int) -> bool:
         """Follow a sampled token; False if the grammar does not allow it."""
         if not self.active:
-            if token == self._thinking_until:
+            self._thought = (*self._thought, token)[-len(self._thinking_until):]
+            if self._thought == self._thinking_until:
                 self._thinking_until = None
             return True
         return self._matcher.consume_token(token)
@@ -180,9 +182,10 @@ class GrammarCompiler:
     def __init__(self, tokenizer: Tokenizer | None, vocab_size: int, eos_ids):
         self._source, self.vocab_size, self._eos_ids = tokenizer, vocab_size, sorted(eos_ids)
         self._tokenizer = None  # llguidance's, made at the first structured request
-        # (start, end) token ids of a reasoning model's thinking, set by a server with a reasoning parser: the
-        # grammar then holds only after the thinking, unless the prompt has closed it (a template without it).
-        self.thinking_tokens: tuple[int, int] | None = None
+        # (start, end) token ids of a reasoning model's thinking, each a run of tokens, set by a server with a
+        # reasoning parser: the grammar then holds only after the thinking, unless the prompt has closed it (a
+        # template without it).
+        self.thinking_tokens: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         self._compiled: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._lock = threading.Lock()  # callers compile in their own threads
         # A server's defaults for every request (vLLM's --structured-outputs-config): True turns a JSON option on
@@ -219,12 +222,14 @@ class GrammarCompiler:
         return Grammar(matcher, eos_id if eos_id is not None else self._eos_ids[0], mask_words(self.vocab_size),
                        self._thinking_until(prompt_ids))
 
-    def _thinking_until(self, prompt_ids) -> int | None:
-        """The token that will end the answer's thinking; None when the prompt's last thinking token closes it."""
+    def _thinking_until(self, prompt_ids) -> tuple[int, ...] | None:
+        """The tokens that will end the answer's thinking; None when the prompt's last thinking marker closes it."""
         if self.thinking_tokens is None:
             return None
         start, end = self.thinking_tokens
-        last = next((t for t in reversed(prompt_ids) if t in (start, end)), None)
+        ids, finals = list(prompt_ids), {start[-1], end[-1]}
+        last = next((marker for at in range(len(ids), 0, -1) if ids[at - 1] in finals for marker in (end, start)
+                     if tuple(ids[max(at - len(marker), 0):at]) == marker), None)
         return None if last == end else end
 
     def _llguidance_tokenizer(self):

@@ -130,9 +130,8 @@ class Server:
             self.config = dataclasses.replace(self.config, reasoning_parser=HARMONY)
         if self.config.reasoning_parser is not None and engine.tokenizer is not None:
             # As vLLM with a reasoning parser: structured outputs hold from the end of the thinking.
-            parser = REASONING_PARSERS[self.config.reasoning_parser]
-            ids = tuple(engine.tokenizer.token_to_id(t) for t in (parser.start, parser.end))
-            engine.grammars.thinking_tokens = None if None in ids else ids
+            markers = REASONING_PARSERS[self.config.reasoning_parser].thinking_markers(engine.tokenizer)
+            engine.grammars.thinking_tokens = markers
         for key in engine.grammars.defaults:
             engine.grammars.defaults[key] = self.config.structured_outputs_config.get(key, False)
         self.limits = Limits(engine.vocab_size, engine.cfg.max_model_len, self.config.max_n,

@@ -71,8 +71,18 @@ class HarmonyParser:
     when there are none), the final and preamble messages and the calls the content. An answer that does not
     begin as harmony is all content."""
 
-    start, end = "<|channel|>analysis", "<|channel|>final"  # several tokens each: no structured-outputs hold
+    end = "<|channel|>final"  # what ends the thinking, in the text (reasoning_tokens counts up to it)
     keep_special_tokens = True  # the format is special tokens: decode with them kept, as vLLM reads token ids
+
+    def thinking_markers(self, tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """Structured outputs hold the final channel's body only: the thinking opens with the assistant's message
+        (`<|start|>assistant`, which ends every prompt: earlier turns' final channels close nothing) and ends
+        with `<|channel|>final<|message|>`, the tags special tokens (None where the tokenizer lacks them)."""
+        start, channel, message = (tokenizer.token_to_id(tag) for tag in ("<|start|>", "<|channel|>", MESSAGE))
+        if None in (start, channel, message):
+            return None
+        words = [tuple(tokenizer.encode(word, add_special_tokens=False)) for word in ("assistant", "final")]
+        return (start, *words[0]), (channel, *words[1], message)
 
     def split(self, text: str, done: bool = True) -> tuple[str | None, str]:
         lead = text.lstrip()

@@ -24,6 +24,11 @@ class ThinkParser:
     def __init__(self, opened_by_prompt: bool, start: str = "<think>", end: str = "</think>"):
         self.opened_by_prompt, self.start, self.end = opened_by_prompt, start, end
 
+    def thinking_markers(self, tokenizer) -> tuple[tuple[int], tuple[int]] | None:
+        """The tags' token ids, where each is one token (structured outputs hold after the closing one)."""
+        ids = tuple(tokenizer.token_to_id(tag) for tag in (self.start, self.end))
+        return None if None in ids else ((ids[0],), (ids[1],))
+
     def split(self, text: str, done: bool = True) -> tuple[str | None, str]:
         """-> (the thinking, None when the answer does not think; the content) of `text`; with `done` False, of
         an answer still arriving: only what is settled (a marker that may still be arriving is held back)."""
