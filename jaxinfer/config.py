@@ -587,11 +587,11 @@ def _family_to_hf(cfg: "ModelConfig") -> dict:
 
 
 def _gpt_oss_from_hf(hf: dict) -> dict:
-    """gpt-oss: attention sinks, biased router and experts, the clamped SwiGLU, and sliding layers as `layer_types`
-    says (transformers' default when absent: every other layer from the first)."""
+    """gpt-oss: attention sinks, biased router and experts, the clamped SwiGLU, norms weighing in float32 (transformers
+    keeps them so), and sliding layers as `layer_types` says (its default when absent: every other from the first)."""
     layers = hf["num_hidden_layers"]
     types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
-    return dict(attn_sinks=True, router_bias=True, expert_bias=True,
+    return dict(attn_sinks=True, router_bias=True, expert_bias=True, norm_scale_f32=True,
                 swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)), swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
                 sliding_layers=tuple(t == "sliding_attention" for t in types) if hf.get("sliding_window") else ())
 
