@@ -364,6 +364,8 @@ class ModelConfig:
         hf.update(_family_to_hf(self))
         if self.weight_quant is not None:
             hf["quantization_config"] = _weight_quant_to_hf(self.weight_quant)
+        if self.mxfp4:
+            hf["quantization_config"] = {"quant_method": "mxfp4"}
         return hf
 
 

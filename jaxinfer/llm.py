@@ -24,7 +24,7 @@ from jaxinfer.engine.engine import Engine, RequestStream
 from jaxinfer.engine.request import CompletionOutput, Logprob, RequestOutput, RequestOutputKind, SamplingParams
 from jaxinfer.model.checkpoint import find_model, generation_defaults, load_config, load_params
 from jaxinfer.runner import JaxExecutor, ModelRunner
-from jaxinfer.model.weights import expand_kv_heads, online_fp8, quantized_params
+from jaxinfer.model.weights import MXFP4_BLOCK, expand_kv_heads, online_fp8, quantized_params
 from jaxinfer.sharding import make_mesh, mesh_problems
 from jaxinfer.tokenizer import CHAT_TEMPLATE_ERRORS, TOKENIZER_FILES, Tokenizer, openai_messages
 from pallas_kernels.attention import kernel_self_check
@@ -73,8 +73,8 @@ def kv_budget_bytes(engine: EngineConfig, cfg: ModelConfig, mesh) -> int:
 def check_mesh(cfg: ModelConfig, engine: EngineConfig) -> None:
     problems = mesh_problems(engine.mesh_shape, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
                              mlp=cfg.intermediate_size, mlp_name=cfg.mlp_field, shared_mlp=cfg.shared_expert_size,
-                             vocab=cfg.vocab_size, slots=engine.max_slots,
-                             pages=engine.num_pages)
+                             vocab=cfg.vocab_size, slots=engine.max_slots, pages=engine.num_pages,
+                             mlp_blocks=cfg.intermediate_size // MXFP4_BLOCK if cfg.mxfp4 else 0)
     if problems:
         raise ConfigError(f"mesh_shape (data, model) = {engine.mesh_shape} does not fit: " + "; ".join(problems))
 

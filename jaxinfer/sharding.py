@@ -24,6 +24,8 @@ RULES: dict[str, str | None] = {
     "kv_heads": "model",
     "mlp": "model",
     "in_blocks": None,  # an fp8 weight's scales, one per block of in rows: whole on every device (small)
+    "mlp_blocks": "model",  # an MXFP4 down projection's blocks of 32 along its in dimension, the MLP width
+    "block_bytes": None,  # the 16 bytes of an MXFP4 block
     "experts": None,  # every 'model' device holds its slice of every expert's width (no expert parallelism)
     "vocab": "model",
     "slots": "data",
@@ -41,10 +43,11 @@ def kv_replicas(num_kv_heads: int, model: int) -> int:
 
 def mesh_problems(shape: tuple[int, int], *, heads: int, kv_heads: int, mlp: int, vocab: int, slots: int,
                   pages: int | None, devices: int | None = None, mlp_name: str = "intermediate_size",
-                  shared_mlp: int = 0) -> list[str]:
+                  shared_mlp: int = 0, mlp_blocks: int = 0) -> list[str]:
     """Every reason the mesh `(data, model)` cannot run this model and engine, said plainly; empty when it can.
     `devices`: how many there are (None: `jax.device_count()`); `mlp_name`: the config field of the MLP's (or
-    each expert's) width `mlp`; `shared_mlp`: a shared expert's width (0: none)."""
+    each expert's) width `mlp`; `shared_mlp`: a shared expert's width (0: none); `mlp_blocks`: MXFP4 blocks of
+    32 along the experts' width (0: none), which split over 'model' whole."""
     data, model = shape
     devices = jax.device_count() if devices is None else devices
     problems = [f"mesh_shape {shape} needs {data * model} devices, only {devices} available"] \
@@ -53,6 +56,9 @@ def mesh_problems(shape: tuple[int, int], *, heads: int, kv_heads: int, mlp: int
                  for name, size in (("num_attention_heads", heads), (mlp_name, mlp),
                                     ("shared_expert_intermediate_size", shared_mlp), ("vocab_size", vocab))
                  if size % model]
+    if mlp_blocks % model:
+        problems.append(f"{mlp_name}={mlp} makes {mlp_blocks} MXFP4 blocks of 32, not a multiple of the 'model' axis "
+                        f"({model})")
     if kv_heads % model and model % kv_heads:
         problems.append(f"num_key_value_heads={kv_heads} neither divides among nor replicates evenly over the "
                         f"'model' axis ({model})")

@@ -1,8 +1,11 @@
 """gpt-oss beyond the parity suite's float checkpoint (tests/test_model_parity.py): its MXFP4 experts, as the Hub
-ships them, against transformers' own dequantization of the same files; writing the weights back; refusals."""
+ships them and held so, against transformers' own dequantization of the same files; writing the weights back;
+refusals."""
 
+import dataclasses
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -12,8 +15,10 @@ from safetensors.torch import load_file, save_file
 from hf_models import build, random_prompts, scored_in_chunks
 from jaxinfer.config import ConfigError, EngineConfig, ModelConfig
 from jaxinfer.llm import LLM, SamplingParams
-from jaxinfer.model import safetensors_io
-from jaxinfer.model.weights import load_safetensors, to_hf_tensors
+from jaxinfer.model.checkpoint import find_model, load_config, load_params
+from jaxinfer.model.safetensors_io import CheckpointError
+from jaxinfer.model.weights import load_safetensors, param_count, to_hf_tensors
+from jaxinfer.sharding import mesh_problems
 
 MXFP4_CONFIG = {"intermediate_size": 64}  # MXFP4 blocks of 32 along every expert input (64 and 64)
 
@@ -66,12 +71,32 @@ def test_mxfp4_experts_match_transformers_dequantized(mxfp4):
         assert out.outputs[0].token_ids == expected
 
 
-def test_mxfp4_reader_names_the_pairs_as_one_tensor(mxfp4):
+def test_mxfp4_experts_stay_four_bit(mxfp4):
+    """The experts are held as their bytes (half a byte a weight, an exponent byte per block of 32), not widened
+    at load: the layer scan widens them."""
     directory, _ = mxfp4
-    reader = safetensors_io.Mxfp4Reader(directory)
-    key = "model.layers.0.mlp.experts.gate_up_proj"
-    assert key in reader and key + "_blocks" not in reader.keys()
-    assert reader.shape(key) == (4, 64, 128) == reader.get(key).shape  # [X, in, out]: as transformers holds it
+    llm = LLM(directory, EngineConfig(max_slots=1, page_size=8, max_model_len=32, dtype="float32"))
+    layers = llm.engine.executor.runner.params["layers"]
+    cfg = llm.model_config
+    X, D, F, L = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    assert layers["w_gate"].dtype == jnp.uint8 and layers["w_gate"].shape == (L, X, D // 32, 16, F)
+    assert layers["w_down"].shape == (L, X, F // 32, 16, D) and layers["w_down_exponent"].shape == (L, X, F // 32, D)
+    assert param_count(cfg) == param_count(dataclasses.replace(cfg, mxfp4=False))
+
+
+def test_mxfp4_converts_to_orbax_as_stored(mxfp4, tmp_path):
+    """`jaxinfer convert` keeps the MXFP4 bytes (its config.json says so), and they load back equal."""
+    from jaxinfer import cli
+    directory, _ = mxfp4
+    assert cli.main(["convert", "--model", str(directory), "--output", str(tmp_path / "conv"),
+                     "--dtype", "bfloat16"]) == 0
+    (cfg, params), (conv_cfg, conv) = ((cfg, load_params(source, cfg, "float32", None))
+                                       for source in (find_model(directory), find_model(tmp_path / "conv"))
+                                       for cfg in [load_config(source)])
+    assert conv_cfg == cfg and cfg.mxfp4
+    for name in ("w_gate", "w_gate_exponent", "w_down", "w_down_exponent"):
+        assert conv["layers"][name].dtype == jnp.uint8
+        np.testing.assert_array_equal(conv["layers"][name], params["layers"][name])
 
 
 def test_weights_write_back_as_the_checkpoint_has_them(tmp_path):
@@ -92,14 +117,20 @@ def test_refusals_name_what_is_wrong(tmp_path):
     build("gpt_oss", tmp_path)
     with pytest.raises(ConfigError, match="experts in one tensor"):
         LLM(tmp_path, EngineConfig(max_slots=1, page_size=8, max_model_len=32, dtype="float32", quantization="fp8"))
-    tensors = load_file(tmp_path / "model.safetensors")
-    key = "model.layers.0.mlp.experts.down_proj"
-    shape = tensors.pop(key).shape
-    tensors[key + "_blocks"] = torch.zeros(shape[0], shape[2], shape[1] // 16, 8, dtype=torch.float16)
-    tensors[key + "_scales"] = torch.zeros(shape[0], shape[2], shape[1] // 16, dtype=torch.uint8)
-    save_file(tensors, tmp_path / "model.safetensors")
-    with pytest.raises(safetensors_io.CheckpointError, match="blocks and scales are U8"):
-        safetensors_io.Mxfp4Reader(tmp_path).get(key)
+    packed = tmp_path / "packed"
+    build("gpt_oss", packed, config=MXFP4_CONFIG)
+    _to_mxfp4(packed)
+    tensors = load_file(packed / "model.safetensors")
+    key = "model.layers.0.mlp.experts.down_proj_blocks"
+    tensors[key] = tensors[key].to(torch.int16)
+    save_file(tensors, packed / "model.safetensors")
+    with pytest.raises(CheckpointError, match="blocks and scales are U8"):
+        LLM(packed, EngineConfig(max_slots=1, page_size=8, max_model_len=32, dtype="float32"))
+    cfg = ModelConfig.from_json(packed / "config.json")
+    with pytest.raises(CheckpointError, match="MXFP4 weights are not written back"):
+        to_hf_tensors({}, cfg)
+    assert "intermediate_size=64 makes 2 MXFP4 blocks of 32, not a multiple of the 'model' axis (4)" in \
+        mesh_problems((1, 4), heads=4, kv_heads=2, mlp=64, vocab=256, slots=4, pages=None, devices=4, mlp_blocks=2)
 
 
 def _llama() -> dict:

@@ -76,11 +76,16 @@ class Reader:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read tensor {key!r} from {path}: {e}") from e
 
-    def check_dtype(self, key: str, fp8: bool = False) -> None:
+    def check_dtype(self, key: str, fp8: bool = False, packed: bool = False) -> None:
         """Refuse a tensor that is not 16/32/64-bit floating point (`fp8`: float8_e4m3fn, an fp8 checkpoint's
-        weight), from the file header, before reading it: quantized weights (int8, packed int4, fp8 where the
-        config says none) would cast to wrong floats or not read at all."""
+        weight; `packed`: bytes, an MXFP4 checkpoint's blocks and scales), from the file header, before reading
+        it: quantized weights (int8, packed int4, fp8 where the config says none) would cast to wrong floats or
+        not read at all."""
         dtype = self.dtype(key)
+        if packed:
+            if dtype != "U8":
+                raise CheckpointError(f"tensor {key!r} is {dtype}, but an MXFP4 checkpoint's blocks and scales are U8")
+            return
         if fp8 and dtype != FP8_DTYPE:
             raise CheckpointError(f"tensor {key!r} is {dtype}, but config.json's quantization_config makes it an fp8 "
                                   f"weight ({FP8_DTYPE}): add its module to modules_to_not_convert (compressed-"
@@ -90,8 +95,8 @@ class Reader:
                                   "are supported as fp8 weights named by config.json's quantization_config only; "
                                   "use those, or the unquantized float16/bfloat16/float32 weights")
 
-    def get(self, key: str, fp8: bool = False) -> np.ndarray:
-        self.check_dtype(key, fp8)
+    def get(self, key: str, fp8: bool = False, packed: bool = False) -> np.ndarray:
+        self.check_dtype(key, fp8, packed)
         path = self._files[key]
         try:
             if fp8:
@@ -112,61 +117,6 @@ class Reader:
             f.seek(data_start + start)
             data = f.read(end - start)
         return np.frombuffer(data, np.uint8).reshape(header[key]["shape"])
-
-
-# MXFP4's 4-bit floats (e2m1) by code: the low three bits the magnitude, the high one the sign
-FP4_VALUES = np.asarray([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
-                        np.float32)
-MXFP4_BIAS = 127  # a block's scale byte is its power of two plus this
-
-
-class Mxfp4Reader(Reader):
-    """A checkpoint whose projections are MXFP4 (gpt-oss's experts): `<name>_blocks` [..., out, in / 32, 16] bytes,
-    two 4-bit floats each (low nibble first), and `<name>_scales` [..., out, in / 32], one power of two per block of
-    32 (its exponent + 127). Each pair reads as one tensor `<name>` [..., in, out] of float32, dequantized as
-    transformers dequantizes it (exactly: each value is a 4-bit float times a power of two); other tensors as
-    the plain reader reads them."""
-
-    def __init__(self, directory: Path):
-        super().__init__(directory)
-        self._packed = {key.removesuffix("_blocks") for key in self._files
-                        if key.endswith("_blocks") and key.removesuffix("_blocks") + "_scales" in self._files}
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._packed or super().__contains__(key)
-
-    def keys(self):
-        packed = {name + suffix for name in self._packed for suffix in ("_blocks", "_scales")}
-        return (set(self._files) - packed) | self._packed
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        if key not in self._packed:
-            return super().shape(key)
-        *lead, rows, blocks, pair_bytes = super().shape(key + "_blocks")
-        return (*lead, 2 * pair_bytes * blocks, rows)
-
-    def check_dtype(self, key: str, fp8: bool = False) -> None:
-        if key not in self._packed:
-            return super().check_dtype(key, fp8)
-        for part in (key + "_blocks", key + "_scales"):
-            if self.dtype(part) != "U8":
-                raise CheckpointError(f"tensor {part!r} is {self.dtype(part)}, but an MXFP4 checkpoint's blocks and "
-                                      "scales are U8")
-        if fp8:
-            raise CheckpointError(f"tensor {key!r} is MXFP4, where fp8 is expected")
-
-    def get(self, key: str, fp8: bool = False) -> np.ndarray:
-        if key not in self._packed:
-            return super().get(key, fp8)
-        self.check_dtype(key, fp8)
-        names = (key + "_blocks", key + "_scales")
-        blocks, scales = (self._handle(self._files[name]).get_tensor(name) for name in names)
-        if blocks.shape[:-1] != scales.shape:
-            raise CheckpointError(f"{key!r}: blocks of shape {blocks.shape} and scales of shape {scales.shape} differ")
-        values = np.empty(blocks.shape[:-1] + (2 * blocks.shape[-1],), np.float32)
-        values[..., 0::2], values[..., 1::2] = FP4_VALUES[blocks & 0x0F], FP4_VALUES[blocks >> 4]
-        values = np.ldexp(values, scales.astype(np.int32)[..., None] - MXFP4_BIAS)
-        return np.swapaxes(values.reshape(*blocks.shape[:-2], -1), -1, -2)
 
 
 def save(tensors: dict[str, np.ndarray], directory: Path, max_shard_bytes: int | None = None) -> None:

@@ -297,10 +297,30 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
     return norm(h, params["final_norm"], cfg, bias=params.get("final_norm_bias")), KVPool(k_pool, v_pool)
 
 
+# MXFP4's 4-bit floats (e2m1) by code: the low three bits the magnitude, the high one the sign
+FP4_VALUES = np.asarray([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                        np.float32)
+MXFP4_BIAS = 127  # an MXFP4 block's exponent byte is its power of two plus this
+
+
+def mxfp4_widened(blocks: jax.Array, exponents: jax.Array, dtype) -> jax.Array:
+    """MXFP4 experts (weights.mxfp4_specs) as [X, in, out] of `dtype`: blocks [X, in / 32, 16, out], two codes a byte
+    (the low nibble first), times their block's power of two, exponents [X, in / 32, out]."""
+    X, blocks_in, pairs, outs = blocks.shape
+    codes = jnp.stack([blocks & 0x0F, blocks >> 4], axis=-2).astype(jnp.int32)  # [X, in / 32, 16, 2, out]
+    values = jnp.asarray(FP4_VALUES)[codes].reshape(X, blocks_in, 2 * pairs, outs)
+    values = jnp.ldexp(values, (exponents.astype(jnp.int32) - MXFP4_BIAS)[:, :, None])
+    return values.reshape(X, blocks_in * 2 * pairs, outs).astype(dtype)
+
+
 def dequantized(lp: dict, cfg: ModelConfig, dtype) -> dict:
     """A layer's weights with each fp8 weight (its bits) times its scales (weights.py: one per out element and block
-    of in rows), in the activations' dtype: the matmuls read one byte a weight and compute in `dtype` (W8A16)."""
+    of in rows), in the activations' dtype: the matmuls read one byte a weight and compute in `dtype` (W8A16); MXFP4
+    experts widened likewise (half a byte a weight)."""
     out = dict(lp)
+    if cfg.mxfp4:
+        for name in ("w_gate", "w_up", "w_down"):
+            out[name] = mxfp4_widened(out[name], out.pop(f"{name}_exponent"), dtype)
     for name, scale in lp.items():
         if name.endswith("_scale"):
             w = lp[name.removesuffix("_scale")]

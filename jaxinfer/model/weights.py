@@ -57,6 +57,13 @@ class WeightSpec:
     scale_rows: int = 0  # a block scale: the checkpoint's out rows per scale row (each repeated so often)
     hf_interleave: tuple[int, int] | None = None  # (offset, stride): this weight is every stride-th column of the
     #                                                tensor's last axis from offset (gpt-oss's gate and up, interleaved)
+    hf_permute: tuple[int, ...] | None = None  # the checkpoint tensor's axes in our order, taken before the rest
+    mxfp4: bool = False  # MXFP4 blocks (two 4-bit floats a byte) or their exponents, as bytes (`mxfp4_specs`)
+
+    @property
+    def fp8(self) -> bool:
+        """An fp8 weight, held as its bits."""
+        return self.dtype == FP8 and not self.mxfp4
 
     @property
     def part_shape(self) -> tuple[int, ...]:
@@ -102,6 +109,8 @@ class WeightSpec:
             return x[start:end].T.reshape(ours)
         if self.hf_rows is not None:
             x = x[..., self.hf_rows[0]:self.hf_rows[1], :]  # the rows axis: next to last
+        if self.hf_permute is not None:
+            x = np.transpose(x, self.hf_permute)
         if self.hf_interleave is not None:
             x = x[..., self.hf_interleave[0]::self.hf_interleave[1]]
         return (np.swapaxes(x, -1, -2) if self.transpose else x).reshape(self.shape[1:] if self.per_expert
@@ -275,20 +284,49 @@ def _expert_specs(cfg: ModelConfig) -> list[WeightSpec]:
 
 def _gpt_oss_expert_specs(cfg: ModelConfig) -> list[WeightSpec]:
     """gpt-oss's router and experts, with their biases: every layer's experts in one tensor each, stored [X, in, out]
-    (not transposed), gate and up interleaved column by column in `gate_up_proj` (an MXFP4 checkpoint's read so by
-    safetensors_io.Mxfp4Reader)."""
+    (not transposed), gate and up interleaved column by column in `gate_up_proj`; an MXFP4 checkpoint's experts as
+    `mxfp4_specs` says."""
     D, F, X, b = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, "model.layers.{i}.mlp."
     gate_up, gate_up_bias = b + "experts.gate_up_proj", b + "experts.gate_up_proj_bias"
-    return [WeightSpec("layers.router", (D, X), ("embed", "experts"), b + "router.weight", (X, D), True),
-            WeightSpec("layers.router_bias", (X,), ("experts",), b + "router.bias", (X,)),
-            WeightSpec("layers.w_gate", (X, D, F), ("experts", "embed", "mlp"), gate_up, (X, D, 2 * F),
-                       hf_interleave=(0, 2)),
-            WeightSpec("layers.w_up", (X, D, F), ("experts", "embed", "mlp"), gate_up, (X, D, 2 * F),
-                       hf_interleave=(1, 2)),
-            WeightSpec("layers.b_gate", (X, F), ("experts", "mlp"), gate_up_bias, (X, 2 * F), hf_interleave=(0, 2)),
-            WeightSpec("layers.b_up", (X, F), ("experts", "mlp"), gate_up_bias, (X, 2 * F), hf_interleave=(1, 2)),
-            WeightSpec("layers.w_down", (X, F, D), ("experts", "mlp", "embed"), b + "experts.down_proj", (X, F, D)),
-            WeightSpec("layers.b_down", (X, D), ("experts", "embed"), b + "experts.down_proj_bias", (X, D))]
+    specs = [WeightSpec("layers.router", (D, X), ("embed", "experts"), b + "router.weight", (X, D), True),
+              WeightSpec("layers.router_bias", (X,), ("experts",), b + "router.bias", (X,)),
+              WeightSpec("layers.w_gate", (X, D, F), ("experts", "embed", "mlp"), gate_up, (X, D, 2 * F),
+                         hf_interleave=(0, 2)),
+              WeightSpec("layers.w_up", (X, D, F), ("experts", "embed", "mlp"), gate_up, (X, D, 2 * F),
+                         hf_interleave=(1, 2)),
+              WeightSpec("layers.b_gate", (X, F), ("experts", "mlp"), gate_up_bias, (X, 2 * F), hf_interleave=(0, 2)),
+              WeightSpec("layers.b_up", (X, F), ("experts", "mlp"), gate_up_bias, (X, 2 * F), hf_interleave=(1, 2)),
+              WeightSpec("layers.w_down", (X, F, D), ("experts", "mlp", "embed"), b + "experts.down_proj", (X, F, D)),
+              WeightSpec("layers.b_down", (X, D), ("experts", "embed"), b + "experts.down_proj_bias", (X, D))]
+    return mxfp4_specs(specs, cfg) if cfg.mxfp4 else specs
+
+
+MXFP4_BLOCK = 32  # values sharing one exponent, along a weight's in dimension
+
+
+def mxfp4_specs(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
+    """gpt-oss's experts as the Hub ships them, kept so: each projection's `_blocks` [X, out, in / 32, 16] bytes (two
+    4-bit e2m1 floats a byte, low nibble first) held as [X, in / 32, 16, out], and its `_scales` [X, out, in / 32]
+    (one power of two per block of 32, its exponent + 127) as `<name>_exponent` [X, in / 32, out]; the layer scan
+    widens them (transformer.dequantized). Gate and up stay interleaved row by row, as in the float tensor."""
+    D, F, X = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+    if D % MXFP4_BLOCK or F % MXFP4_BLOCK:
+        raise ConfigError(f"MXFP4 experts need hidden_size ({D}) and intermediate_size ({F}) in blocks of "
+                          f"{MXFP4_BLOCK}")
+    out = [spec for spec in specs if spec.name not in ("layers.w_gate", "layers.w_up", "layers.w_down")]
+    for name, hf_name, ins, outs, in_axis, out_axis, interleave in (
+            ("w_gate", "gate_up_proj", D, F, "in_blocks", "mlp", (0, 2)),
+            ("w_up", "gate_up_proj", D, F, "in_blocks", "mlp", (1, 2)),
+            ("w_down", "down_proj", F, D, "mlp_blocks", "embed", None)):
+        hf_key = f"model.layers.{{i}}.mlp.experts.{hf_name}"
+        blocks, rows = ins // MXFP4_BLOCK, outs * (2 if interleave else 1)
+        packed = dict(dtype="uint8", mxfp4=True, hf_interleave=interleave)
+        out += [WeightSpec(f"layers.{name}", (X, blocks, MXFP4_BLOCK // 2, outs),
+                           ("experts", in_axis, "block_bytes", out_axis), hf_key + "_blocks",
+                           (X, rows, blocks, MXFP4_BLOCK // 2), hf_permute=(0, 2, 3, 1), **packed),
+                WeightSpec(f"layers.{name}_exponent", (X, blocks, outs), ("experts", in_axis, out_axis),
+                           hf_key + "_scales", (X, rows, blocks), hf_permute=(0, 2, 1), **packed)]
+    return out
 
 
 def _fused(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
@@ -341,8 +379,10 @@ def _post_norms(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
 
 
 def param_count(cfg: ModelConfig) -> int:
-    """The model's parameters (an fp8 model's scales not counted)."""
-    return sum(math.prod(spec.full_shape(cfg.num_layers)) for spec in weight_table(cfg) if not spec.scale_rows)
+    """The model's parameters (an fp8 model's scales and an MXFP4 model's exponents not counted; two a byte of
+    MXFP4 blocks)."""
+    return sum(math.prod(spec.full_shape(cfg.num_layers)) * (2 if spec.mxfp4 else 1) for spec in weight_table(cfg)
+               if not spec.scale_rows and not spec.name.endswith("_exponent"))
 
 
 def _set_path(tree: dict, dotted: str, value) -> None:
@@ -390,14 +430,16 @@ def abstract_params(cfg: ModelConfig, dtype, mesh=None) -> dict:
 def init_params(cfg: ModelConfig, dtype, seed: int = 0, mesh=None) -> dict:
     """Deterministic random weights: normal with std 1/sqrt(fan_in) (varied greedy outputs), norms scaling by one.
     Each is drawn straight onto its shards (the same values whatever the mesh). An fp8 model's are the
-    unquantized model's draws, quantized."""
+    unquantized model's draws, quantized; an MXFP4 model's experts random codes (`_mxfp4_draw`)."""
     if cfg.weight_quant is not None:
         return quantized_params(init_params(dataclasses.replace(cfg, weight_quant=None), dtype, seed, mesh), cfg, mesh)
     tree: dict = {}
     root = jax.random.PRNGKey(seed)
     for index, spec in enumerate(weight_table(cfg)):
         shape = spec.full_shape(cfg.num_layers)
-        if spec.init in ("ones", "zeros"):
+        if spec.mxfp4:
+            draw = _mxfp4_draw(spec, shape, jax.random.fold_in(root, index))
+        elif spec.init in ("ones", "zeros"):
             draw = functools.partial(jnp.ones if spec.init == "ones" else jnp.zeros, shape, dtype)
         else:
             scale = 1 / math.sqrt(_fan_in(spec))
@@ -405,6 +447,17 @@ def init_params(cfg: ModelConfig, dtype, seed: int = 0, mesh=None) -> dict:
             draw = functools.partial(lambda k: (jax.random.normal(k, shape, jnp.float32) * scale).astype(dtype), key)
         _set_path(tree, spec.name, jax.jit(draw, out_shardings=_load_sharding(spec, cfg, mesh))())
     return tree
+
+
+FP4_RMS = 2.93  # the root mean square of the 16 e2m1 codes' values, drawn uniformly
+
+
+def _mxfp4_draw(spec: WeightSpec, shape: tuple[int, ...], key):
+    """Random MXFP4 weights: uniform codes, every block's exponent making their std about 1/sqrt(fan_in)."""
+    if not spec.name.endswith("_exponent"):
+        return functools.partial(jax.random.bits, key, shape, jnp.uint8)
+    fan_in = spec.shape[1] * MXFP4_BLOCK
+    return functools.partial(jnp.full, shape, 127 + round(math.log2(1 / (FP4_RMS * math.sqrt(fan_in)))), jnp.uint8)
 
 
 def quantize_fp8(w: jax.Array, lead: int, in_dims: int, blocks: int) -> tuple[jax.Array, jax.Array]:
@@ -487,7 +540,7 @@ def _check_tensor(reader: safetensors_io.Reader, key: str, spec: WeightSpec) -> 
     shape = reader.shape(key)
     if shape != spec.hf_shape and not (spec.scale_rows and shape in ((), (1,)) and spec.hf_shape == (1, 1)):
         raise CheckpointError(f"tensor {key!r} has shape {shape}, expected {spec.hf_shape}")
-    reader.check_dtype(key, fp8=spec.dtype == FP8)
+    reader.check_dtype(key, fp8=spec.fp8, packed=spec.mxfp4)
 
 
 def _check_tied_head(reader: safetensors_io.Reader, cfg: ModelConfig, rename) -> None:
@@ -505,8 +558,8 @@ def _check_tied_head(reader: safetensors_io.Reader, cfg: ModelConfig, rename) ->
 def load_safetensors(path: str | Path, cfg: ModelConfig, dtype, mesh=None) -> dict:
     """Load a single-file or sharded safetensors checkpoint, cast to `dtype`, strictly. Each device's shard is
     cut from the checkpoint on the host and sent alone, so no weight is ever whole on one device (and each
-    process reads only the shards of its own devices). MXFP4 experts (gpt-oss's) are widened to `dtype`."""
-    reader = (safetensors_io.Mxfp4Reader if cfg.mxfp4 else safetensors_io.Reader)(Path(path))
+    process reads only the shards of its own devices). fp8 weights and MXFP4 experts stay as they are stored."""
+    reader = safetensors_io.Reader(Path(path))
     rename = _checkpoint_keys(reader)
     _check_tied_head(reader, cfg, rename)  # before any weight is loaded: it fails fast
     used: set[str] = set()
@@ -520,7 +573,7 @@ def load_safetensors(path: str | Path, cfg: ModelConfig, dtype, mesh=None) -> di
 
         def shard(index, spec=spec, keys=keys, np_dtype=np_dtype):
             def read(key):
-                return spec.to_ours(reader.get(key, fp8=spec.dtype == FP8))
+                return spec.to_ours(reader.get(key, fp8=spec.fp8, packed=spec.mxfp4))
 
             if not spec.stacked:
                 return read(keys[0])[index].astype(np_dtype)
@@ -555,9 +608,9 @@ def _check_leftovers(keys, used: set[str], cfg: ModelConfig, rename) -> None:
 
 def to_hf_tensors(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """The parameter tree in the checkpoint's keys and layouts (host numpy)."""
-    if cfg.weight_quant is not None:
-        raise CheckpointError("fp8 weights are not written back as a Hugging Face checkpoint: serve the fp8 "
-                              "checkpoint itself, or convert it to orbax")
+    if cfg.weight_quant is not None or cfg.mxfp4:
+        raise CheckpointError(f"{'MXFP4' if cfg.mxfp4 else 'fp8'} weights are not written back as a Hugging Face "
+                              "checkpoint: serve the checkpoint itself, or convert it to orbax")
     parts: dict[str, list] = {}
     for spec in weight_table(cfg):
         value = np.asarray(jax.device_get(_get_path(params, spec.name)))
