@@ -460,10 +460,10 @@ def test_chat_template_kwargs_win_over_the_request_fields(live):
     live.wait_idle()
 
 
-def test_reasoning_effort_reaches_the_chat_template(live, client, monkeypatch):
+def test_reasoning_effort_and_thinking_reach_the_chat_template(live, client, monkeypatch):
     """OpenAI's reasoning_effort (gpt-oss's template reads it) goes to the chat template as vLLM passes it, under
     chat_template_kwargs' value where both are sent; a Responses request's reasoning.effort is the same field,
-    echoed back."""
+    echoed back. Earlier thinking sent back reaches it as `thinking` too."""
     trusting = dataclasses.replace(live.server.config, trust_request_chat_template=True)
     monkeypatch.setattr(live.server, "config", trusting)
     template = "{{ reasoning_effort | default('unset') }}:{{ messages[-1].content }}"
@@ -476,6 +476,14 @@ def test_reasoning_effort_reaches_the_chat_template(live, client, monkeypatch):
         assert [rendered(), rendered(reasoning_effort="low"),
                 rendered(reasoning_effort="low", chat_template_kwargs={"reasoning_effort": "high"})] == \
             ["unset:Hi", "low:Hi", "high:Hi"]
+        # an assistant's thinking sent back under vLLM's names is also the `thinking` gpt-oss's template reads
+        turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes", "reasoning": "Greet."},
+                 {"role": "assistant", "content": "No", "reasoning_content": "Refuse."},
+                 {"role": "assistant", "content": "Hm", "reasoning": "x", "thinking": "Own."},
+                 {"role": "user", "content": "Bye", "reasoning": "not an assistant's"}]
+        body = {"messages": turns, "chat_template": "{% for m in messages %}{{ m.thinking }};{% endfor %}"}
+        assert tokenizer.decode(http.post("/tokenize", json=body).json()["tokens"], skip_special_tokens=True) == \
+            ";Greet.;Refuse.;Own.;;"
     response = client.responses.create(model="tiny", input="Hi", max_output_tokens=2, reasoning={"effort": "low"})
     assert response.reasoning.effort == "low"
     with pytest.raises(openai.BadRequestError) as refused:

@@ -526,8 +526,18 @@ def _messages(value) -> list[dict]:
             content = "\n".join(p["text"] for p in content)  # as vLLM joins text parts
         elif content is not None and not isinstance(content, str):
             _fail("message content must be a string, a list of text parts or null", "messages")
-        messages.append({**message, "content": content})
+        messages.append({**message, "content": content, **_thinking(message)})
     return messages
+
+
+def _thinking(message: dict) -> dict:
+    """An assistant message's earlier thinking sent back (vLLM's `reasoning`, or `reasoning_content`) also as the
+    `thinking` gpt-oss's template reads (it keeps a tool call's analysis in the next prompt, as vLLM's harmony
+    rendering does); a message's own `thinking` stays."""
+    reasoning = message.get("reasoning") or message.get("reasoning_content")
+    if message["role"] != "assistant" or "thinking" in message or not isinstance(reasoning, str):
+        return {}
+    return {"thinking": reasoning}
 
 
 def _template_kwargs(body: dict) -> dict:
