@@ -682,6 +682,13 @@ def test_harmony_through_the_openai_client(live, client, monkeypatch):
         got = assembled(chunks)[0]
         assert streamed == thinking and got["content"] == (content or "")
         assert [(c["name"], c["arguments"]) for c in got["calls"].values()] == calls
+    # the answer is decoded with its special tokens kept (gpt-oss's tags are special tokens): <|im_start|> here
+    tokenizer = live.engine.tokenizer
+    script(live, ids(tokenizer, "<|channel|>final<|message|>a") + [tokenizer.token_to_id("<|im_start|>")] +
+           ids(tokenizer, "b"))
+    answer = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=300, extra_body={
+        "skip_special_tokens": True})
+    assert answer.choices[0].message.content == "a<|im_start|>b"
     live.wait_idle()
 
 
