@@ -27,7 +27,7 @@ import numpy as np
 from jaxinfer.bench import decode_plan, prefill_plan, time_step
 from jaxinfer.config import ATTENTION_BACKENDS, KV_CACHE_DTYPES, EngineConfig
 from jaxinfer.model.checkpoint import find_model, load_config, load_params, save_orbax, save_safetensors
-from jaxinfer.model.weights import online_fp8, quantized_params
+from jaxinfer.model.weights import init_params, online_fp8, quantized_params
 from jaxinfer.runner import ModelRunner
 from jaxinfer.sharding import make_mesh
 
@@ -80,9 +80,9 @@ def main() -> None:
                         help="decode is timed with each, side by side")
     parser.add_argument("--kv-cache-dtypes", nargs="+", choices=KV_CACHE_DTYPES, default=["auto"],
                         help="decode is timed with a KV pool of each, side by side")
-    parser.add_argument("--quantizations", nargs="+", choices=["none", "fp8"], default=["none"],
-                        help="decode is timed with the weights as loaded and with fp8 projections (--quantization "
-                             "fp8), side by side")
+    parser.add_argument("--quantizations", nargs="+", choices=["none", "fp8", "mxfp4"], default=["none"],
+                        help="decode is timed with the weights as loaded, with fp8 projections (--quantization "
+                             "fp8) and with random MXFP4 experts (gpt-oss's, held 4-bit), side by side")
     parser.add_argument("--skip-load", action="store_true")
     args = parser.parse_args()
 
@@ -94,6 +94,9 @@ def main() -> None:
     if "fp8" in args.quantizations:
         models["fp8"] = (online_fp8(plain), quantized_params(jax.tree.map(jax.numpy.copy, loaded), online_fp8(plain),
                                                              mesh))
+    if "mxfp4" in args.quantizations:
+        packed = dataclasses.replace(plain, mxfp4=True)
+        models["mxfp4"] = (packed, init_params(packed, args.dtype, mesh=mesh))
     cfg, params = next(iter(models.values()))
 
     def runner(slots: int, backend: str = args.attention_backends[0], kv: str = args.kv_cache_dtypes[0],

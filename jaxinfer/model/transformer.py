@@ -297,19 +297,22 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
     return norm(h, params["final_norm"], cfg, bias=params.get("final_norm_bias")), KVPool(k_pool, v_pool)
 
 
-# MXFP4's 4-bit floats (e2m1) by code: the low three bits the magnitude, the high one the sign
-FP4_VALUES = np.asarray([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
-                        np.float32)
 MXFP4_BIAS = 127  # an MXFP4 block's exponent byte is its power of two plus this
 
 
 def mxfp4_widened(blocks: jax.Array, exponents: jax.Array, dtype) -> jax.Array:
-    """MXFP4 experts (weights.mxfp4_specs) as [X, in, out] of `dtype`: blocks [X, in / 32, 16, out], two codes a byte
-    (the low nibble first), times their block's power of two, exponents [X, in / 32, out]."""
+    """MXFP4 experts (weights.mxfp4_specs) as [X, in, out] of `dtype`: blocks [X, in / 32, 16, out], two e2m1 codes a
+    byte (the low nibble first), times their block's power of two, exponents [X, in / 32, out]. Each value's float32
+    bits are put together from its code's sign, exponent and mantissa bits with the block's exponent added (exact,
+    with no table lookup: a gather made the widening 4x a float32 decode step on the CPU)."""
     X, blocks_in, pairs, outs = blocks.shape
     codes = jnp.stack([blocks & 0x0F, blocks >> 4], axis=-2).astype(jnp.int32)  # [X, in / 32, 16, 2, out]
-    values = jnp.asarray(FP4_VALUES)[codes].reshape(X, blocks_in, 2 * pairs, outs)
-    values = jnp.ldexp(values, (exponents.astype(jnp.int32) - MXFP4_BIAS)[:, :, None])
+    shift = exponents.astype(jnp.int32)[:, :, None, None, :] - MXFP4_BIAS
+    sign, exponent, mantissa = (codes & 8) << 28, (codes >> 1) & 3, codes & 1
+    # e2m1: 2**(e - 1) * (1 + m / 2) for e > 0, m / 2 for e = 0 (0 and 0.5)
+    biased = jnp.where(exponent > 0, exponent + 126 + shift, jnp.where(mantissa == 1, 126 + shift, 0))
+    bits = sign | (biased << 23) | jnp.where(exponent > 0, mantissa << 22, 0)
+    values = jax.lax.bitcast_convert_type(bits, jnp.float32)
     return values.reshape(X, blocks_in * 2 * pairs, outs).astype(dtype)
 
 
