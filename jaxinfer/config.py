@@ -28,7 +28,7 @@ DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "grani
     GEMMA_MODEL_TYPES + OLMO_MODEL_TYPES + COHERE_MODEL_TYPES + GLM_MODEL_TYPES
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
 FUSED_GATE_UP = GLM_MODEL_TYPES  # the MLP's gate and up in one checkpoint tensor
-MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss", "minimax_m2")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "ntk_alpha")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "relu2")  # relu2: relu(x) ** 2 (Arcee's)
@@ -170,6 +170,9 @@ class ModelConfig:
     # every expert's projections, and its experts' clamped SwiGLU (activation "swigluoai": gate clamped above at
     # `swiglu_limit`, up within +-limit, (up + 1) * gate * sigmoid(alpha * gate))
     attn_sinks: bool = False
+    # MiniMax-M2's (and DeepSeek-V3's) routing: experts chosen by sigmoid scores plus a fixed correction bias per
+    # expert, weighed by their sigmoid scores alone ("sigmoid"; "softmax": the softmax's top, the rest's)
+    router_scoring: str = "softmax"
     router_bias: bool = False
     expert_bias: bool = False
     swiglu_alpha: float = 1.702
@@ -274,9 +277,12 @@ class ModelConfig:
                               hf.get("attention_bias", model_type in GLM_MODEL_TYPES + ("seed_oss", "gpt_oss")))
         moe = _moe_from_hf(hf, model_type, get)
         rope = _rope_from_hf(_layer_rope(hf, "full_attention") if model_type in LAYER_TYPE_ROPES else hf)
-        if rope.partial_rotary_factor != 1.0 and model_type not in ("phi", "phi3") + GLM_MODEL_TYPES:
+        if model_type == "minimax_m2" and hf.get("rotary_dim") and rope.partial_rotary_factor == 1.0:
+            rope = dataclasses.replace(rope, partial_rotary_factor=hf["rotary_dim"] / head_dim)  # its older field
+        if rope.partial_rotary_factor != 1.0 and model_type not in ("phi", "phi3", "minimax_m2") + GLM_MODEL_TYPES:
             raise ConfigError(f"partial_rotary_factor={rope.partial_rotary_factor} is not supported for "
-                              f"{model_type}: only Phi-2's, Phi-4-mini's and GLM's turn part of each head")
+                              f"{model_type}: only Phi-2's, Phi-4-mini's, GLM's and MiniMax-M2's turn part of each "
+                              "head")
         return cls(
             **_family_fields(hf, model_type, get),
             activation=act,
@@ -304,7 +310,8 @@ class ModelConfig:
             # Seed-OSS: `attention_out_bias` apart; Helium's o_proj never has one.
             o_bias=bool(hf.get("attention_out_bias")) if model_type == "seed_oss" else
             model_type not in ("qwen2", "qwen2_moe", "helium") + GLM_MODEL_TYPES and attention_bias,
-            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmoe", "exaone4", "hunyuan_v1_dense") +
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmoe", "exaone4", "hunyuan_v1_dense",
+                                   "minimax_m2") +
             OLMO_MODEL_TYPES or
             (model_type == "cohere" and bool(hf.get("use_qk_norm"))),
             sliding_window=_sliding_window(hf, model_type),
@@ -410,7 +417,7 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "ministral": "MinistralForCausalLM", "helium": "HeliumForCausalLM", "arcee": "ArceeForCausalLM",
                   "exaone4": "Exaone4ForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM",
                   "granitemoe": "GraniteMoeForCausalLM", "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM",
-                  "gpt_oss": "GptOssForCausalLM"}
+                  "gpt_oss": "GptOssForCausalLM", "minimax_m2": "MiniMaxM2ForCausalLM"}
 
 
 def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
@@ -419,9 +426,12 @@ def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
     `intermediate_size`), and every layer must be sparse (the layers are scanned as one stack)."""
     if model_type not in MOE_MODEL_TYPES:
         return {}
-    if model_type in ("mixtral", "granitemoe", "gpt_oss"):  # GraniteMoE, gpt-oss: a softmax over the top logits,
-        return dict(num_experts=get("num_local_experts"),  # which is the same
-                    experts_per_token=get("num_experts_per_tok"), norm_topk_prob=True)
+    if model_type in ("mixtral", "granitemoe", "gpt_oss", "minimax_m2"):  # GraniteMoE, gpt-oss: a softmax over the
+        #                                                                      top logits; MiniMax-M2 by sigmoid
+        if model_type == "minimax_m2" and hf.get("scoring_func", "sigmoid") != "sigmoid":
+            raise ConfigError(f"minimax_m2 with scoring_func={hf['scoring_func']!r} is not supported (only sigmoid)")
+        return dict(num_experts=get("num_local_experts"), experts_per_token=get("num_experts_per_tok"),
+                    norm_topk_prob=True, router_scoring="sigmoid" if model_type == "minimax_m2" else "softmax")
     step, dense_layers = hf.get("decoder_sparse_step", 1), hf.get("mlp_only_layers") or []
     if step != 1 or dense_layers:
         raise ConfigError(f"{model_type} with dense MLP layers among the sparse ones (decoder_sparse_step={step}, "
@@ -467,6 +477,11 @@ def _family_fields(hf: dict, model_type: str, get) -> dict:
         return dict(qk_norm_after_rope=True)
     if model_type == "gpt_oss":
         return _gpt_oss_from_hf(hf)
+    if model_type == "minimax_m2":  # q and k normed over all heads at once; every layer full attention
+        if any(kind != 1 for kind in hf.get("attn_type_list") or []):
+            raise ConfigError("minimax_m2 with linear-attention layers (attn_type_list entries other than 1) is not "
+                              "supported")
+        return dict(qk_norm_over_heads=True)
     if model_type == "phi":
         if hf.get("qk_layernorm"):
             raise ConfigError("phi with qk_layernorm=true is not supported (no released Phi-1/1.5/2 uses it)")
@@ -487,7 +502,7 @@ def _weight_quant(quantization) -> WeightQuant | None:
                           "quant_method 'fp8', or 'compressed-tensors' float-quantized); use the unquantized "
                           "float16/bfloat16/float32 weights")
     refused = {"activation_scheme": ("dynamic",), "scale_fmt": ("float",), "expert_dtype": ("fp8",),
-               "fmt": ("e4m3",)}
+               "fmt": ("e4m3", "float8_e4m3fn")}  # two spellings of the one format
     for field, allowed in refused.items():
         value = quantization.get(field, allowed[0])
         if value not in allowed:
@@ -774,7 +789,7 @@ def _layer_types_to_hf(cfg: "ModelConfig") -> dict:
 
 
 def _moe_to_hf(cfg: "ModelConfig") -> dict:
-    if cfg.model_type in ("mixtral", "granitemoe", "gpt_oss"):
+    if cfg.model_type in ("mixtral", "granitemoe", "gpt_oss", "minimax_m2"):
         return {"num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token}
     if cfg.model_type not in MOE_MODEL_TYPES:
         return {}

@@ -101,6 +101,10 @@ FAMILIES = {
                                                       attention_multiplier=0.0625, logits_scaling=2.0)),
     "qwen3_moe": (transformers.Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                                     norm_topk_prob=True, head_dim=16)),
+    # MiniMax-M2: experts chosen by sigmoid scores plus a correction bias, q and k normed over all heads, RoPE over
+    # half of each head (its `rotary_dim`).
+    "minimax_m2": (transformers.MiniMaxM2Config, dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
+                                                      head_dim=16, rotary_dim=8, pad_token_id=0)),
     # gpt-oss: attention sinks, sliding layers (every other), YaRN without truncation, biases on q/k/v/o, the router
     # and every expert, gate and up interleaved in one tensor, the clamped SwiGLU (a limit low enough to clamp here).
     "gpt_oss": (transformers.GptOssConfig, dict(
@@ -137,7 +141,7 @@ def build(family: str, directory, dtype=torch.float32, seed: int = 0, config: di
     model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**COMMON, **extra, **(config or {})})).eval()
     # Norms at 0 (Gemma's scale by 1 + w) or 1, biases at 0: make each one matter.
     if family.startswith(("gemma", "olmo", "cohere", "starcoder", "glm", "phi", "seed", "ministral", "helium",
-                          "ernie", "arcee", "exaone", "hunyuan", "gpt")):
+                          "ernie", "arcee", "exaone", "hunyuan", "gpt", "minimax")):
         with torch.no_grad():
             for name, weight in model.named_parameters():
                 if "norm" in name:
@@ -148,6 +152,9 @@ def build(family: str, directory, dtype=torch.float32, seed: int = 0, config: di
                 weight.normal_(0.0, 0.1)
             elif name.endswith("sinks"):  # gpt-oss's: as large as the attention logits, so that each one matters
                 weight.normal_(0.0, 1.0)
+        for name, buffer in model.named_buffers():  # MiniMax-M2's router correction: as large as the scores' spread
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0.0, 0.1)
     model.generation_config.eos_token_id = None  # greedy parity runs the full length
     model.to(dtype).save_pretrained(directory, **save_kwargs)
     return model.float()

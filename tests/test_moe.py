@@ -82,12 +82,24 @@ def test_hub_spelling_and_missing_optional_fields_map_like_transformers(tmp_path
     ("mixtral", dict(num_local_experts=None), "missing required field 'num_local_experts'"),
     ("qwen2_moe", dict(shared_expert_intermediate_size=None), "'shared_expert_intermediate_size'"),
     ("olmoe", dict(clip_qkv=8.0), "clip_qkv=8.0 is not supported"),
+    ("minimax_m2", dict(scoring_func="softmax"), "scoring_func='softmax' is not supported"),
+    ("minimax_m2", dict(attn_type_list=[0, 1]), "linear-attention layers"),
 ])
 def test_unsupported_or_broken_configs_are_refused(tmp_path, family, change, message):
     hf = _saved(tmp_path, family)
     hf.update(change)
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_hf(hf)
+
+
+def test_minimax_m2_reads_its_rotary_dim_as_transformers_does(tmp_path):
+    """The released MiniMax-M2 configs give partial RoPE as `rotary_dim` (64 of 128), which transformers turns
+    into partial_rotary_factor; a saved config writes the factor, and both read the same."""
+    hf = _saved(tmp_path, "minimax_m2")
+    assert ModelConfig.from_hf(hf).rope.partial_rotary_factor == 0.5
+    hub = {**hf, "rope_parameters": {"rope_type": "default", "rope_theta": 5e6}, "rotary_dim": 8}
+    assert transformers.AutoConfig.for_model(**hub).rope_parameters["partial_rotary_factor"] == 0.5
+    assert ModelConfig.from_hf(hub) == ModelConfig.from_hf(hf)
 
 
 def test_qwen_moe_without_an_expert_count_is_named(tmp_path):

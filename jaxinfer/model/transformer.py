@@ -185,13 +185,18 @@ def mlp(lp: dict, cfg: ModelConfig, y: jax.Array, prefix: str = "w") -> jax.Arra
 
 def expert_weights(lp: dict, cfg: ModelConfig, y: jax.Array) -> jax.Array:
     """The router's weight of each expert for each token [B, T, X], float32: the softmax's top
-    `experts_per_token` (renormalised to sum to one where the model says so), zero elsewhere. The router's
-    logits are rounded to the model's dtype first, as transformers and vLLM compute them, so a half-precision
-    model chooses the experts they choose."""
+    `experts_per_token` (renormalised to sum to one where the model says so), or the sigmoid's as MiniMax-M2
+    chooses them (`router_scoring`), zero elsewhere. The router's logits are rounded to the model's dtype first,
+    as transformers and vLLM compute them, so a half-precision model chooses the experts they choose."""
     router = jnp.einsum("BTD,DX->BTX", *f32_operands(y, lp["router"]), preferred_element_type=jnp.float32)
     router = router + lp["router_bias"].astype(jnp.float32) if cfg.router_bias else router
-    probs = jax.nn.softmax(router.astype(y.dtype).astype(jnp.float32), axis=-1)
-    top, chosen = jax.lax.top_k(probs, cfg.experts_per_token)
+    router = router.astype(y.dtype).astype(jnp.float32)
+    if cfg.router_scoring == "sigmoid":  # chosen by score plus correction, weighed by score
+        probs = jax.nn.sigmoid(router)
+        _, chosen = jax.lax.top_k(probs + lp["router_correction"], cfg.experts_per_token)
+        top = jnp.take_along_axis(probs, chosen, axis=-1)
+    else:
+        top, chosen = jax.lax.top_k(jax.nn.softmax(router, axis=-1), cfg.experts_per_token)
     if cfg.norm_topk_prob:
         top = top / jnp.sum(top, axis=-1, keepdims=True)
     return jnp.sum(jax.nn.one_hot(chosen, cfg.num_experts, dtype=jnp.float32) * top[..., None], axis=-2)

@@ -244,7 +244,8 @@ def spec_dtype(spec: WeightSpec, dtype):
 
 
 # Checkpoint names of a mixture of experts' weights: the block, the router, each expert's gate, up and down.
-_EXPERT_KEYS = {"mixtral": ("block_sparse_moe.", "gate", "w1", "w3", "w2")}
+_EXPERT_KEYS = {"mixtral": ("block_sparse_moe.", "gate", "w1", "w3", "w2"),
+                "minimax_m2": ("block_sparse_moe.", "gate", "w1", "w3", "w2")}
 _QWEN_EXPERT_KEYS = ("mlp.", "gate", "gate_proj", "up_proj", "down_proj")
 
 
@@ -271,6 +272,10 @@ def _expert_specs(cfg: ModelConfig) -> list[WeightSpec]:
         WeightSpec("layers.w_up", (X, D, F), ("experts", "embed", "mlp"), ep + up + ".weight", (F, D), True),
         WeightSpec("layers.w_down", (X, F, D), ("experts", "mlp", "embed"), ep + down + ".weight", (D, F), True),
     ]
+    if cfg.router_scoring == "sigmoid":  # its correction bias, kept in float32 as transformers keeps it
+        specs.append(WeightSpec("layers.router_correction", (X,), ("experts",),
+                                f"model.layers.{{i}}.{block}e_score_correction_bias", (X,), init="zeros",
+                                dtype="float32"))
     if cfg.shared_expert_size:
         S, sp = cfg.shared_expert_size, "model.layers.{i}.mlp.shared_expert"
         specs += [
@@ -440,7 +445,7 @@ def init_params(cfg: ModelConfig, dtype, seed: int = 0, mesh=None) -> dict:
         if spec.mxfp4:
             draw = _mxfp4_draw(spec, shape, jax.random.fold_in(root, index))
         elif spec.init in ("ones", "zeros"):
-            draw = functools.partial(jnp.ones if spec.init == "ones" else jnp.zeros, shape, dtype)
+            draw = functools.partial(jnp.ones if spec.init == "ones" else jnp.zeros, shape, spec_dtype(spec, dtype))
         else:
             scale = 1 / math.sqrt(_fan_in(spec))
             key = jax.random.fold_in(root, index)
