@@ -28,7 +28,8 @@ DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "grani
     GEMMA_MODEL_TYPES + OLMO_MODEL_TYPES + COHERE_MODEL_TYPES + GLM_MODEL_TYPES
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
 FUSED_GATE_UP = GLM_MODEL_TYPES  # the MLP's gate and up in one checkpoint tensor
-MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss", "minimax_m2")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss", "minimax_m2",
+                   "hunyuan_v1_moe")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "ntk_alpha")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "relu2")  # relu2: relu(x) ** 2 (Arcee's)
@@ -133,6 +134,8 @@ class ModelConfig:
     experts_per_token: int = 0  # each token's output sums its top experts' (of the router's softmax)
     norm_topk_prob: bool = False  # the chosen experts' weights renormalised to sum to one
     shared_expert_size: int = 0  # width of an expert every token also runs, gated by a sigmoid (Qwen2-MoE)
+    shared_expert_gated: bool = True  # False: the shared expert's output is added as it is (HunYuan-MoE's)
+    router_logits_f32: bool = False  # the router's logits stay float32 (HunYuan-MoE's router is float32)
     # Granite's scalings: of the embeddings, of each sublayer's output before the residual sum, the attention
     # logits' (None: 1 / sqrt(head_dim)), and the divisor of the final logits. Gemma's embeddings are times
     # sqrt(hidden_size), its attention logits (Gemma 2/3) over sqrt(query_pre_attn_scalar).
@@ -311,7 +314,7 @@ class ModelConfig:
             o_bias=bool(hf.get("attention_out_bias")) if model_type == "seed_oss" else
             model_type not in ("qwen2", "qwen2_moe", "helium") + GLM_MODEL_TYPES and attention_bias,
             qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmoe", "exaone4", "hunyuan_v1_dense",
-                                   "minimax_m2") +
+                                   "hunyuan_v1_moe", "minimax_m2") +
             OLMO_MODEL_TYPES or
             (model_type == "cohere" and bool(hf.get("use_qk_norm"))),
             sliding_window=_sliding_window(hf, model_type),
@@ -417,7 +420,8 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "ministral": "MinistralForCausalLM", "helium": "HeliumForCausalLM", "arcee": "ArceeForCausalLM",
                   "exaone4": "Exaone4ForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM",
                   "granitemoe": "GraniteMoeForCausalLM", "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM",
-                  "gpt_oss": "GptOssForCausalLM", "minimax_m2": "MiniMaxM2ForCausalLM"}
+                  "gpt_oss": "GptOssForCausalLM", "minimax_m2": "MiniMaxM2ForCausalLM",
+                  "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM"}
 
 
 def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
@@ -426,12 +430,14 @@ def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
     `intermediate_size`), and every layer must be sparse (the layers are scanned as one stack)."""
     if model_type not in MOE_MODEL_TYPES:
         return {}
-    if model_type in ("mixtral", "granitemoe", "gpt_oss", "minimax_m2"):  # GraniteMoE, gpt-oss: a softmax over the
-        #                                                                      top logits; MiniMax-M2 by sigmoid
-        if model_type == "minimax_m2" and hf.get("scoring_func", "sigmoid") != "sigmoid":
-            raise ConfigError(f"minimax_m2 with scoring_func={hf['scoring_func']!r} is not supported (only sigmoid)")
-        return dict(num_experts=get("num_local_experts"), experts_per_token=get("num_experts_per_tok"),
-                    norm_topk_prob=True, router_scoring="sigmoid" if model_type == "minimax_m2" else "softmax")
+    if model_type == "hunyuan_v1_moe":
+        return _hunyuan_moe_from_hf(hf, get)
+    if model_type == "minimax_m2" and hf.get("scoring_func", "sigmoid") != "sigmoid":
+        raise ConfigError(f"minimax_m2 with scoring_func={hf['scoring_func']!r} is not supported (only sigmoid)")
+    if model_type in ("mixtral", "granitemoe", "gpt_oss", "minimax_m2"):  # GraniteMoE's and gpt-oss's softmax over
+        return dict(num_experts=get("num_local_experts"), experts_per_token=get("num_experts_per_tok"),  # the top
+                    norm_topk_prob=True,  # logits is the renormalised softmax; MiniMax-M2 renormalises its sigmoid
+                    router_scoring="sigmoid" if model_type == "minimax_m2" else "softmax")
     step, dense_layers = hf.get("decoder_sparse_step", 1), hf.get("mlp_only_layers") or []
     if step != 1 or dense_layers:
         raise ConfigError(f"{model_type} with dense MLP layers among the sparse ones (decoder_sparse_step={step}, "
@@ -445,6 +451,21 @@ def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
     if model_type == "qwen2_moe":
         fields["shared_expert_size"] = get("shared_expert_intermediate_size")
     return fields
+
+
+def _hunyuan_moe_from_hf(hf: dict, get) -> dict:
+    """HunYuan-MoE (Hunyuan-A13B): every layer a mixture of `num_experts` experts of `intermediate_size`, `moe_topk`
+    a token (renormalised), and a shared MLP of the same width added ungated; the router in float32. The Hub's
+    configs give the counts per layer: they must be one value, as transformers' class reads the first."""
+    def uniform(name):
+        value = get(name)
+        values = set(value) if isinstance(value, list) else {value}
+        if len(values) != 1:
+            raise ConfigError(f"hunyuan_v1_moe with {name} differing between layers ({sorted(values)}) is not "
+                              "supported: every layer must be alike")
+        return values.pop()
+    return dict(num_experts=uniform("num_experts"), experts_per_token=uniform("moe_topk"), norm_topk_prob=True,
+                shared_expert_size=get("intermediate_size"), shared_expert_gated=False, router_logits_f32=True)
 
 
 def _family_fields(hf: dict, model_type: str, get) -> dict:
@@ -473,7 +494,7 @@ def _family_fields(hf: dict, model_type: str, get) -> dict:
             and "full_attention" in types else {}
     if model_type == "exaone4":
         return _exaone4_from_hf(hf, get)
-    if model_type == "hunyuan_v1_dense":  # q and k normed after their RoPE, not before
+    if model_type in ("hunyuan_v1_dense", "hunyuan_v1_moe"):  # q and k normed after their RoPE, not before
         return dict(qk_norm_after_rope=True)
     if model_type == "gpt_oss":
         return _gpt_oss_from_hf(hf)
@@ -789,6 +810,8 @@ def _layer_types_to_hf(cfg: "ModelConfig") -> dict:
 
 
 def _moe_to_hf(cfg: "ModelConfig") -> dict:
+    if cfg.model_type == "hunyuan_v1_moe":
+        return {"num_experts": cfg.num_experts, "moe_topk": cfg.experts_per_token}
     if cfg.model_type in ("mixtral", "granitemoe", "gpt_oss", "minimax_m2"):
         return {"num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token}
     if cfg.model_type not in MOE_MODEL_TYPES:

@@ -101,6 +101,11 @@ FAMILIES = {
                                                       attention_multiplier=0.0625, logits_scaling=2.0)),
     "qwen3_moe": (transformers.Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                                     norm_topk_prob=True, head_dim=16)),
+    # HunYuan-MoE (Hunyuan-A13B): HunYuan's attention, experts and an ungated shared MLP of one width, a float32
+    # router.
+    "hunyuan_v1_moe": (transformers.HunYuanMoEV1Config, dict(num_experts=4, moe_topk=2, intermediate_size=48,
+                                                            head_dim=16, pad_token_id=0, rope_parameters={
+        "rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0})),
     # MiniMax-M2: experts chosen by sigmoid scores plus a correction bias, q and k normed over all heads, RoPE over
     # half of each head (its `rotary_dim`).
     "minimax_m2": (transformers.MiniMaxM2Config, dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,

@@ -84,6 +84,7 @@ def test_hub_spelling_and_missing_optional_fields_map_like_transformers(tmp_path
     ("olmoe", dict(clip_qkv=8.0), "clip_qkv=8.0 is not supported"),
     ("minimax_m2", dict(scoring_func="softmax"), "scoring_func='softmax' is not supported"),
     ("minimax_m2", dict(attn_type_list=[0, 1]), "linear-attention layers"),
+    ("hunyuan_v1_moe", dict(moe_topk=[2, 1]), r"moe_topk differing between layers \(\[1, 2\]\)"),
 ])
 def test_unsupported_or_broken_configs_are_refused(tmp_path, family, change, message):
     hf = _saved(tmp_path, family)
@@ -100,6 +101,15 @@ def test_minimax_m2_reads_its_rotary_dim_as_transformers_does(tmp_path):
     hub = {**hf, "rope_parameters": {"rope_type": "default", "rope_theta": 5e6}, "rotary_dim": 8}
     assert transformers.AutoConfig.for_model(**hub).rope_parameters["partial_rotary_factor"] == 0.5
     assert ModelConfig.from_hf(hub) == ModelConfig.from_hf(hf)
+
+
+def test_hunyuan_moe_reads_its_per_layer_counts(tmp_path):
+    """Hunyuan-A13B's config gives num_experts and moe_topk per layer; one value throughout reads as that value."""
+    hf = _saved(tmp_path, "hunyuan_v1_moe")
+    listed = {**hf, "num_experts": [4, 4], "moe_topk": [2, 2]}
+    assert ModelConfig.from_hf(listed) == ModelConfig.from_hf(hf)
+    cfg = ModelConfig.from_hf(hf)
+    assert (cfg.num_experts, cfg.experts_per_token, cfg.shared_expert_size, cfg.shared_expert_gated) == (4, 2, 48, False)
 
 
 def test_qwen_moe_without_an_expert_count_is_named(tmp_path):

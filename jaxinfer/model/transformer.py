@@ -190,7 +190,7 @@ def expert_weights(lp: dict, cfg: ModelConfig, y: jax.Array) -> jax.Array:
     as transformers and vLLM compute them, so a half-precision model chooses the experts they choose."""
     router = jnp.einsum("BTD,DX->BTX", *f32_operands(y, lp["router"]), preferred_element_type=jnp.float32)
     router = router + lp["router_bias"].astype(jnp.float32) if cfg.router_bias else router
-    router = router.astype(y.dtype).astype(jnp.float32)
+    router = router if cfg.router_logits_f32 else router.astype(y.dtype).astype(jnp.float32)
     if cfg.router_scoring == "sigmoid":  # chosen by score plus correction, weighed by score
         probs = jax.nn.sigmoid(router)
         _, chosen = jax.lax.top_k(probs + lp["router_correction"], cfg.experts_per_token)
@@ -225,8 +225,10 @@ def moe(lp: dict, cfg: ModelConfig, y: jax.Array) -> jax.Array:
     if cfg.expert_bias:
         out = out + jnp.einsum("BTX,XD->BTD", weights, lp["b_down"])
     if cfg.shared_expert_size:
-        shared_gate = jax.nn.sigmoid(jnp.einsum("BTD,D->BT", y, lp["shared_expert_gate"]))
-        out = out + shared_gate[..., None] * mlp(lp, cfg, y, "shared")
+        shared = mlp(lp, cfg, y, "shared")
+        if cfg.shared_expert_gated:  # Qwen2-MoE's sigmoid gate; HunYuan-MoE's is ungated
+            shared = jax.nn.sigmoid(jnp.einsum("BTD,D->BT", y, lp["shared_expert_gate"]))[..., None] * shared
+        out = out + shared
     return out
 
 

@@ -187,7 +187,7 @@ def weight_table(cfg: ModelConfig) -> list[WeightSpec]:
                              spec.hf_shape, init="zeros") for spec in specs if spec.name.endswith("norm")]
     if cfg.norm_plus_one:
         specs = [dataclasses.replace(spec, init="zeros") if spec.init == "ones" else spec for spec in specs]
-    if cfg.model_type == "hunyuan_v1_dense":  # its q/k norms' names
+    if cfg.model_type in ("hunyuan_v1_dense", "hunyuan_v1_moe"):  # its q/k norms' names
         keys = {"layers.q_norm": lp + "self_attn.query_layernorm.weight",
                 "layers.k_norm": lp + "self_attn.key_layernorm.weight"}
         specs = [dataclasses.replace(spec, hf_key=keys.get(spec.name, spec.hf_key)) for spec in specs]
@@ -245,7 +245,8 @@ def spec_dtype(spec: WeightSpec, dtype):
 
 # Checkpoint names of a mixture of experts' weights: the block, the router, each expert's gate, up and down.
 _EXPERT_KEYS = {"mixtral": ("block_sparse_moe.", "gate", "w1", "w3", "w2"),
-                "minimax_m2": ("block_sparse_moe.", "gate", "w1", "w3", "w2")}
+                "minimax_m2": ("block_sparse_moe.", "gate", "w1", "w3", "w2"),
+                "hunyuan_v1_moe": ("mlp.", "gate.wg", "gate_proj", "up_proj", "down_proj")}
 _QWEN_EXPERT_KEYS = ("mlp.", "gate", "gate_proj", "up_proj", "down_proj")
 
 
@@ -276,14 +277,16 @@ def _expert_specs(cfg: ModelConfig) -> list[WeightSpec]:
         specs.append(WeightSpec("layers.router_correction", (X,), ("experts",),
                                 f"model.layers.{{i}}.{block}e_score_correction_bias", (X,), init="zeros",
                                 dtype="float32"))
-    if cfg.shared_expert_size:
-        S, sp = cfg.shared_expert_size, "model.layers.{i}.mlp.shared_expert"
+    if cfg.shared_expert_size:  # Qwen2-MoE's, with a sigmoid gate; HunYuan-MoE's `shared_mlp`, without
+        S = cfg.shared_expert_size
+        sp = "model.layers.{i}.mlp." + ("shared_expert" if cfg.shared_expert_gated else "shared_mlp")
         specs += [
             WeightSpec("layers.shared_gate", (D, S), ("embed", "mlp"), sp + ".gate_proj.weight", (S, D), True),
             WeightSpec("layers.shared_up", (D, S), ("embed", "mlp"), sp + ".up_proj.weight", (S, D), True),
             WeightSpec("layers.shared_down", (S, D), ("mlp", "embed"), sp + ".down_proj.weight", (D, S), True),
-            WeightSpec("layers.shared_expert_gate", (D,), ("embed",), sp + "_gate.weight", (1, D), True),
         ]
+        if cfg.shared_expert_gated:
+            specs.append(WeightSpec("layers.shared_expert_gate", (D,), ("embed",), sp + "_gate.weight", (1, D), True))
     return specs
 
 
