@@ -109,7 +109,8 @@ def test_hunyuan_moe_reads_its_per_layer_counts(tmp_path):
     listed = {**hf, "num_experts": [4, 4], "moe_topk": [2, 2]}
     assert ModelConfig.from_hf(listed) == ModelConfig.from_hf(hf)
     cfg = ModelConfig.from_hf(hf)
-    assert (cfg.num_experts, cfg.experts_per_token, cfg.shared_expert_size, cfg.shared_expert_gated) == (4, 2, 48, False)
+    assert (cfg.num_experts, cfg.experts_per_token, cfg.shared_expert_size, cfg.shared_expert_gated) == \
+        (4, 2, 48, False)
 
 
 def test_qwen_moe_without_an_expert_count_is_named(tmp_path):
