@@ -24,7 +24,8 @@ OLMO_MODEL_TYPES = ("olmo2", "olmo3")
 COHERE_MODEL_TYPES = ("cohere", "cohere2")
 GLM_MODEL_TYPES = ("glm", "glm4")
 DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "granite", "smollm3", "starcoder2",
-                     "seed_oss", "ministral", "helium", "arcee", "exaone4", "ernie4_5", "hunyuan_v1_dense") + \
+                     "seed_oss", "ministral", "helium", "arcee", "exaone4", "ernie4_5", "hunyuan_v1_dense",
+                     "apertus") + \
     GEMMA_MODEL_TYPES + OLMO_MODEL_TYPES + COHERE_MODEL_TYPES + GLM_MODEL_TYPES
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
 FUSED_GATE_UP = GLM_MODEL_TYPES  # the MLP's gate and up in one checkpoint tensor
@@ -33,16 +34,20 @@ MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "ntk_alpha")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "relu2")  # relu2: relu(x) ** 2 (Arcee's)
+# Activations with weights of their own in each layer, for the families whose checkpoints carry them
+FAMILY_ACTIVATIONS = {"apertus": ("xielu",)}  # xIELU (Apertus): learned alpha_p, alpha_n, beta, eps
 # transformers' class defaults where head_dim is absent; else hidden / heads
 DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128, "seed_oss": 128, "helium": 128, "ernie4_5": 128}
 # transformers' class defaults where rms_norm_eps is absent; else 1e-6
 RMS_NORM_EPS_DEFAULTS = {"phi3": 1e-5, "mixtral": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "olmoe": 1e-5, "cohere": 1e-5,
                          "cohere2": 1e-5, "starcoder2": 1e-5, "phi": 1e-5, "helium": 1e-8, "arcee": 1e-5,
-                         "exaone4": 1e-5, "ernie4_5": 1e-5}  # Cohere's, StarCoder 2's, Phi-2's LayerNorm
+                         "exaone4": 1e-5, "ernie4_5": 1e-5,
+                         "apertus": 1e-5}  # Cohere's, StarCoder 2's, Phi-2's LayerNorm
 NORM_EPS_FIELD = {"cohere": "layer_norm_eps", "cohere2": "layer_norm_eps", "starcoder2": "norm_epsilon",
                   "phi": "layer_norm_eps"}
 # ... and rope_theta's, where a config names none; else 10,000
-ROPE_THETA_DEFAULTS = {"mixtral": 1e6, "smollm3": 2e6, "helium": 1e5, "ernie4_5": 5e5, "gpt_oss": 1.5e5}
+ROPE_THETA_DEFAULTS = {"mixtral": 1e6, "smollm3": 2e6, "helium": 1e5, "ernie4_5": 5e5, "gpt_oss": 1.5e5,
+                       "apertus": 1.2e7}
 # transformers' Gemma3TextConfig defaults: the Hub's multimodal Gemma 3 configs (4B and up) give their
 # text_config only the fields that differ.
 GEMMA3_TEXT_DEFAULTS = {
@@ -264,7 +269,7 @@ class ModelConfig:
         weight_quant = None if mxfp4 else _weight_quant(quantization)
         get = _field_getter(hf, model_type)
         act = _activation(hf, model_type)
-        if act not in SUPPORTED_ACTIVATIONS and model_type != "gpt_oss":
+        if act not in SUPPORTED_ACTIVATIONS + FAMILY_ACTIVATIONS.get(model_type, ()) and model_type != "gpt_oss":
             raise ConfigError(f"unsupported hidden_act {act!r} for {model_type}; supported: "
                               f"{', '.join(SUPPORTED_ACTIVATIONS)}")
         if hf.get("mlp_bias") and model_type != "arcee":  # Arcee's MLP has no gate: our two-projection MLP's biases
@@ -314,7 +319,7 @@ class ModelConfig:
             o_bias=bool(hf.get("attention_out_bias")) if model_type == "seed_oss" else
             model_type not in ("qwen2", "qwen2_moe", "helium") + GLM_MODEL_TYPES and attention_bias,
             qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmoe", "exaone4", "hunyuan_v1_dense",
-                                   "hunyuan_v1_moe", "minimax_m2") +
+                                   "hunyuan_v1_moe", "minimax_m2", "apertus") +
             OLMO_MODEL_TYPES or
             (model_type == "cohere" and bool(hf.get("use_qk_norm"))),
             sliding_window=_sliding_window(hf, model_type),
@@ -421,7 +426,7 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "exaone4": "Exaone4ForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM",
                   "granitemoe": "GraniteMoeForCausalLM", "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM",
                   "gpt_oss": "GptOssForCausalLM", "minimax_m2": "MiniMaxM2ForCausalLM",
-                  "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM"}
+                  "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM", "apertus": "ApertusForCausalLM"}
 
 
 def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
@@ -486,7 +491,7 @@ def _family_fields(hf: dict, model_type: str, get) -> dict:
         return dict(rope_interleaved=True, post_norms=model_type == "glm4")
     if model_type in ("helium", "ernie4_5"):  # RoPE over adjacent pairs; Helium's norm weighs in float32
         return dict(rope_interleaved=True, norm_scale_f32=model_type == "helium")
-    if model_type == "arcee":
+    if model_type in ("arcee", "apertus"):  # two projections, no gate
         return dict(gated_mlp=False, mlp_bias=bool(hf.get("mlp_bias")))
     if model_type == "ministral":
         types = hf.get("layer_types") or []
@@ -613,7 +618,7 @@ def _family_to_hf(cfg: "ModelConfig") -> dict:
         return {**hf, **_layer_types_to_hf(cfg)} if cfg.model_type == "cohere2" else hf
     if cfg.model_type == "seed_oss":
         return {"attention_out_bias": cfg.o_bias}
-    if cfg.model_type == "arcee":
+    if cfg.model_type in ("arcee", "apertus"):
         return {"mlp_bias": cfg.mlp_bias}
     if cfg.model_type == "gpt_oss":
         return {"swiglu_alpha": cfg.swiglu_alpha, "swiglu_limit": cfg.swiglu_limit,

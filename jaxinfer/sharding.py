@@ -26,6 +26,7 @@ RULES: dict[str, str | None] = {
     "in_blocks": None,  # an fp8 weight's scales, one per block of in rows: whole on every device (small)
     "mlp_blocks": "model",  # an MXFP4 down projection's blocks of 32 along its in dimension, the MLP width
     "block_bytes": None,  # the 16 bytes of an MXFP4 block
+    "scalar": None,  # a learned scalar's one element (Apertus's xIELU)
     "experts": None,  # every 'model' device holds its slice of every expert's width (no expert parallelism)
     "vocab": "model",
     "slots": "data",

@@ -81,6 +81,8 @@ FAMILIES = {
     "ernie4_5": (transformers.Ernie4_5Config, dict(head_dim=16)),
     # Arcee (AFM): an MLP of two projections with ReLU squared between.
     "arcee": (transformers.ArceeConfig, dict(mlp_bias=True)),
+    # Apertus: an MLP of two projections with xIELU between (its learned scalars drawn per layer), q/k normed.
+    "apertus": (transformers.ApertusConfig, dict(head_dim=16, pad_token_id=0)),
     # EXAONE 4.0: norms after each sublayer only, q/k normed head by head, sliding layers with RoPE and global
     # ones without.
     "exaone4": (transformers.Exaone4Config, dict(sliding_window=12, num_hidden_layers=3, layer_types=[
@@ -146,7 +148,7 @@ def build(family: str, directory, dtype=torch.float32, seed: int = 0, config: di
     model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**COMMON, **extra, **(config or {})})).eval()
     # Norms at 0 (Gemma's scale by 1 + w) or 1, biases at 0: make each one matter.
     if family.startswith(("gemma", "olmo", "cohere", "starcoder", "glm", "phi", "seed", "ministral", "helium",
-                          "ernie", "arcee", "exaone", "hunyuan", "gpt", "minimax")):
+                          "ernie", "arcee", "exaone", "hunyuan", "gpt", "minimax", "apertus")):
         with torch.no_grad():
             for name, weight in model.named_parameters():
                 if "norm" in name:
@@ -157,6 +159,8 @@ def build(family: str, directory, dtype=torch.float32, seed: int = 0, config: di
                 weight.normal_(0.0, 0.1)
             elif name.endswith("sinks"):  # gpt-oss's: as large as the attention logits, so that each one matters
                 weight.normal_(0.0, 1.0)
+            elif ".act_fn.alpha" in name:  # Apertus's xIELU: each layer's own slopes
+                weight.normal_(0.0, 0.5)
         for name, buffer in model.named_buffers():  # MiniMax-M2's router correction: as large as the scores' spread
             if name.endswith("e_score_correction_bias"):
                 buffer.normal_(0.0, 0.1)

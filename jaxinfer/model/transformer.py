@@ -172,11 +172,21 @@ ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.n
                "relu2": lambda x: jnp.square(jax.nn.relu(x))}
 
 
+def xielu(lp: dict, x: jax.Array) -> jax.Array:
+    """xIELU (Apertus's), with its layer's learned scalars: alpha_p x^2 + beta x for x > 0, else
+    (expm1(min(x, eps)) - x) alpha_n + beta x, where alpha_p = softplus(a_p) and alpha_n = beta + softplus(a_n)."""
+    beta, eps = lp["xielu_beta"].astype(x.dtype), lp["xielu_eps"].astype(x.dtype)
+    alpha_p = jax.nn.softplus(lp["xielu_alpha_p"]).astype(x.dtype)
+    alpha_n = beta + jax.nn.softplus(lp["xielu_alpha_n"]).astype(x.dtype)
+    return jnp.where(x > 0, alpha_p * x * x + beta * x, (jnp.expm1(jnp.minimum(x, eps)) - x) * alpha_n + beta * x)
+
+
 def mlp(lp: dict, cfg: ModelConfig, y: jax.Array, prefix: str = "w") -> jax.Array:
     """act(y W_gate) * y W_up, then W_down; StarCoder 2's (no gate): act(y W_up + b_up) W_down + b_down."""
     up = jnp.einsum("BTD,DF->BTF", y, lp[f"{prefix}_up"])
     if not cfg.gated_mlp:
-        hidden = ACTIVATIONS[cfg.activation](up + lp["b_up"] if cfg.mlp_bias else up)
+        up = up + lp["b_up"] if cfg.mlp_bias else up
+        hidden = xielu(lp, up) if cfg.activation == "xielu" else ACTIVATIONS[cfg.activation](up)
         out = jnp.einsum("BTF,FD->BTD", hidden, lp[f"{prefix}_down"])
         return out + lp["b_down"] if cfg.mlp_bias else out
     gate = jnp.einsum("BTD,DF->BTF", y, lp[f"{prefix}_gate"])

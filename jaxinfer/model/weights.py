@@ -355,14 +355,22 @@ def _two_projection_mlp(specs: list[WeightSpec], cfg: ModelConfig) -> list[Weigh
     """StarCoder 2's MLP: `c_fc` (our w_up) and `c_proj` (w_down), no gate; their biases where it has them.
     Phi-2's names them `fc1` and `fc2`, Arcee's `up_proj` and `down_proj`."""
     D, F, lp = cfg.hidden_size, cfg.intermediate_size, "model.layers.{i}."
-    up, down = {"phi": ("mlp.fc1", "mlp.fc2"), "arcee": ("mlp.up_proj", "mlp.down_proj")}.get(
-        cfg.model_type, ("mlp.c_fc", "mlp.c_proj"))
+    up, down = {"phi": ("mlp.fc1", "mlp.fc2"), "arcee": ("mlp.up_proj", "mlp.down_proj"),
+                "apertus": ("mlp.up_proj", "mlp.down_proj")}.get(cfg.model_type, ("mlp.c_fc", "mlp.c_proj"))
     keys = {"layers.w_up": lp + up + ".weight", "layers.w_down": lp + down + ".weight"}
     specs = [dataclasses.replace(spec, hf_key=keys.get(spec.name, spec.hf_key)) for spec in specs
              if spec.name != "layers.w_gate"]
     if cfg.mlp_bias:
         specs += [WeightSpec("layers.b_up", (F,), ("mlp",), lp + up + ".bias", (F,)),
                   WeightSpec("layers.b_down", (D,), ("embed",), lp + down + ".bias", (D,))]
+    if cfg.activation == "xielu":  # its learned scalars, each layer's (alpha_p, alpha_n of shape [1]; beta, eps [])
+        specs += [WeightSpec(f"layers.xielu_{name}", shape, ("scalar",) * len(shape), f"{lp}mlp.act_fn.{name}",
+                             shape, init="zeros") for name, shape in (("alpha_p", (1,)), ("alpha_n", (1,)),
+                                                                      ("beta", ()), ("eps", ()))]
+    if cfg.model_type == "apertus":  # its norms' names
+        keys = {"layers.attn_norm": lp + "attention_layernorm.weight",
+                "layers.mlp_norm": lp + "feedforward_layernorm.weight"}
+        specs = [dataclasses.replace(spec, hf_key=keys.get(spec.name, spec.hf_key)) for spec in specs]
     return specs
 
 
