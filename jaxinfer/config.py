@@ -178,16 +178,16 @@ class ModelConfig:
     # every expert's projections, and its experts' clamped SwiGLU (activation "swigluoai": gate clamped above at
     # `swiglu_limit`, up within +-limit, (up + 1) * gate * sigmoid(alpha * gate))
     attn_sinks: bool = False
-    # MiniMax-M2's (and DeepSeek-V3's) routing: experts chosen by sigmoid scores plus a fixed correction bias per
-    # expert, weighed by their sigmoid scores alone ("sigmoid"; "softmax": the softmax's top, the rest's)
-    router_scoring: str = "softmax"
     router_bias: bool = False
     expert_bias: bool = False
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    # MiniMax-M2's (and DeepSeek-V3's) routing: experts chosen by sigmoid scores plus a fixed correction bias per
+    # expert, weighed by their sigmoid scores alone ("sigmoid"; "softmax": the softmax's top, the rest's)
+    router_scoring: str = "softmax"
     vision_tower: bool = False  # the checkpoint is multimodal: its vision tower's tensors are left unread
     weight_quant: WeightQuant | None = None  # fp8 projections (None: every weight in `dtype`)
-    mxfp4: bool = False  # the checkpoint's experts are MXFP4 (gpt-oss's), widened to `dtype` as they load
+    mxfp4: bool = False  # the checkpoint's experts are MXFP4 (gpt-oss's): held so, widened inside the layer scan
 
     @property
     def q_per_kv(self) -> int:  # G

@@ -56,7 +56,8 @@ class WeightSpec:
     dtype: str | None = None  # None: the model's dtype; an fp8 weight's own, or its scales' float32
     scale_rows: int = 0  # a block scale: the checkpoint's out rows per scale row (each repeated so often)
     hf_interleave: tuple[int, int] | None = None  # (offset, stride): this weight is every stride-th column of the
-    #                                                tensor's last axis from offset (gpt-oss's gate and up, interleaved)
+    #                                                tensor's last axis (after hf_permute) from offset (gpt-oss's
+    #                                                gate and up, interleaved)
     hf_permute: tuple[int, ...] | None = None  # the checkpoint tensor's axes in our order, taken before the rest
     mxfp4: bool = False  # MXFP4 blocks (two 4-bit floats a byte) or their exponents, as bytes (`mxfp4_specs`)
 
