@@ -11,8 +11,10 @@ skip_special_tokens the parser asks for), the server's streaming and JSON, HTTP.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
+import re
 import types
 
 import httpx
@@ -24,6 +26,7 @@ from jaxinfer import cli
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.scheduler import StepResult
+from jaxinfer.engine.structured import GrammarCompiler
 from jaxinfer.model.checkpoint import DEFAULT_MODEL_DIR
 from jaxinfer.server.app import Server, ServerConfig
 from jaxinfer.server.reasoning import PARSERS as REASONING_PARSERS
@@ -597,8 +600,8 @@ def test_an_unknown_reasoning_parser_is_refused():
     ("deepseek_r1", {"<think>": 7}, None),  # no such tokens: the same
 ])
 def test_a_reasoning_server_holds_structured_outputs_after_the_thinking(parser, vocabulary, expected):
-    tokenizer = types.SimpleNamespace(token_to_id=vocabulary.get,
-                                      encode=lambda text, add_special_tokens: [vocabulary[text]])
+    tokenizer = types.SimpleNamespace(token_to_id=vocabulary.get, encode=lambda text, add_special_tokens: [
+        vocabulary[piece] for piece in re.findall(r"<\|[a-z]+\|>|\w+", text)])  # each tag and word one token
     engine = types.SimpleNamespace(tokenizer=tokenizer, vocab_size=10, cfg=types.SimpleNamespace(max_model_len=8),
                                    grammars=types.SimpleNamespace(thinking_tokens=None, defaults={}), model_config=None)
     Server(ServerConfig(reasoning_parser=parser)).ready(engine)
@@ -690,6 +693,28 @@ def test_harmony_through_the_openai_client(live, client, monkeypatch):
         "skip_special_tokens": True})
     assert answer.choices[0].message.content == "a<|im_start|>b"
     live.wait_idle()
+
+
+def test_harmony_markers_are_the_tokens_a_harmony_tokenizer_makes(tmp_path):
+    """With the tags as special tokens (as gpt-oss's tokenizer has them), the runs that hold structured outputs
+    are the very tokens a rendered prompt ends with and an answer's final channel opens with: the thinking is
+    open after any prompt, earlier turns' final channels notwithstanding."""
+    import transformers
+
+    hf = transformers.AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+    hf.add_special_tokens({"additional_special_tokens": ["<|start|>", "<|channel|>", "<|message|>", "<|end|>"]})
+    hf.save_pretrained(tmp_path)
+    tokenizer = Tokenizer.from_pretrained(tmp_path)  # its tokenizer.json, with the tags
+    start, end = REASONING_PARSERS["openai_gptoss"].thinking_markers(tokenizer)
+    encode = functools.partial(tokenizer.encode, add_special_tokens=False)
+    prompt = encode("<|start|>user<|message|>Hi<|end|><|start|>assistant<|channel|>final<|message|>Hello<|end|>"
+                    "<|start|>user<|message|>Bye<|end|><|start|>assistant")
+    answer = encode("<|channel|>analysis<|message|>Hm.<|end|><|start|>assistant<|channel|>final<|message|>{}")
+    assert tuple(prompt[-len(start):]) == start and len(end) >= 3
+    assert [i for i in range(len(answer)) if tuple(answer[i:i + len(end)]) == end] == [len(encode(
+        "<|channel|>analysis<|message|>Hm.<|end|><|start|>assistant"))]
+    grammars = types.SimpleNamespace(thinking_tokens=(start, end))
+    assert GrammarCompiler._thinking_until(grammars, prompt) == end
 
 
 def test_harmony_parsers_are_chosen_together_and_for_gpt_oss():

@@ -77,12 +77,13 @@ class HarmonyParser:
     def thinking_markers(self, tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
         """Structured outputs hold the final channel's body only: the thinking opens with the assistant's message
         (`<|start|>assistant`, which ends every prompt: earlier turns' final channels close nothing) and ends
-        with `<|channel|>final<|message|>`, the tags special tokens (None where the tokenizer lacks them)."""
-        start, channel, message = (tokenizer.token_to_id(tag) for tag in ("<|start|>", "<|channel|>", MESSAGE))
-        if None in (start, channel, message):
+        with `<|channel|>final<|message|>`; each run as the tokenizer spells it after its first tag (a word right
+        after a special token may be spelt apart from the word alone). None where the tags are not tokens."""
+        if None in (tokenizer.token_to_id(tag) for tag in ("<|start|>", "<|channel|>", MESSAGE)):
             return None
-        words = [tuple(tokenizer.encode(word, add_special_tokens=False)) for word in ("assistant", "final")]
-        return (start, *words[0]), (channel, *words[1], message)
+        runs = {tag: tokenizer.encode(text, add_special_tokens=False)
+                for tag, text in (("<|start|>", "<|start|>assistant"), ("<|channel|>", f"<|channel|>final{MESSAGE}"))}
+        return tuple(tuple(run[run.index(tokenizer.token_to_id(tag)):]) for tag, run in runs.items())
 
     def split(self, text: str, done: bool = True) -> tuple[str | None, str]:
         lead = text.lstrip()
