@@ -484,6 +484,12 @@ def test_reasoning_effort_and_thinking_reach_the_chat_template(live, client, mon
         body = {"messages": turns, "chat_template": "{% for m in messages %}{{ m.thinking }};{% endfor %}"}
         assert tokenizer.decode(http.post("/tokenize", json=body).json()["tokens"], skip_special_tokens=True) == \
             ";Greet.;Refuse.;Own.;;"
+        # a tool-call turn's null content reaches it as "", as vLLM passes it (gpt-oss's template tests `in` it)
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        body = {"messages": [turns[0], {"role": "assistant", "content": None, "tool_calls": [call]}],
+                "chat_template": "{% for m in messages %}{{ 'x' in m.content }}{{ m.content | length }};{% endfor %}"}
+        assert tokenizer.decode(http.post("/tokenize", json=body).json()["tokens"], skip_special_tokens=True) == \
+            "False2;False0;"
     response = client.responses.create(model="tiny", input="Hi", max_output_tokens=2, reasoning={"effort": "low"})
     assert response.reasoning.effort == "low"
     with pytest.raises(openai.BadRequestError) as refused:

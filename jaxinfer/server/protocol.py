@@ -526,7 +526,9 @@ def _messages(value) -> list[dict]:
             content = "\n".join(p["text"] for p in content)  # as vLLM joins text parts
         elif content is not None and not isinstance(content, str):
             _fail("message content must be a string, a list of text parts or null", "messages")
-        messages.append({**message, "content": content, **_thinking(message)})
+        # null content (an assistant's tool-call turn) reaches the template as "", as vLLM passes it: a template
+        # testing `"x" in message.content` (gpt-oss's) fails on None
+        messages.append({**message, "content": "" if content is None else content, **_thinking(message)})
     return messages
 
 
