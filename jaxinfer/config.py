@@ -188,6 +188,7 @@ class ModelConfig:
     vision_tower: bool = False  # the checkpoint is multimodal: its vision tower's tensors are left unread
     weight_quant: WeightQuant | None = None  # fp8 projections (None: every weight in `dtype`)
     mxfp4: bool = False  # the checkpoint's experts are MXFP4 (gpt-oss's): held so, widened inside the layer scan
+    fused_experts: bool = False  # Qwen3-VL-MoE's: every layer's experts in one gate_up_proj and one down_proj
 
     @property
     def q_per_kv(self) -> int:  # G
@@ -256,6 +257,7 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
         """Map a parsed Hugging Face config.json; fails naming what is missing or unsupported."""
         vision_tower = hf.get("model_type") in MULTIMODAL_LANGUAGE_MODELS
+        fused_experts = hf.get("model_type") == "qwen3_vl_moe"  # its experts in one tensor a layer
         hf = _language_model(hf)
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -329,6 +331,7 @@ class ModelConfig:
             vision_tower=vision_tower,
             weight_quant=weight_quant,
             mxfp4=mxfp4,
+            fused_experts=fused_experts,
         )
 
     @classmethod
@@ -648,7 +651,8 @@ def _granite_from_hf(hf: dict) -> dict:
 # Multimodal checkpoints whose language model jaxinfer serves for text: that model's type, and transformers'
 # defaults for the fields `text_config` leaves out (Gemma 3's Hub configs leave out most).
 MULTIMODAL_LANGUAGE_MODELS = {"gemma3": ("gemma3_text", GEMMA3_TEXT_DEFAULTS), "mistral3": ("mistral", {}),
-                              "qwen2_vl": ("qwen2", {}), "qwen2_5_vl": ("qwen2", {}), "qwen3_vl": ("qwen3", {})}
+                              "qwen2_vl": ("qwen2", {}), "qwen2_5_vl": ("qwen2", {}), "qwen3_vl": ("qwen3", {}),
+                              "qwen3_vl_moe": ("qwen3_moe", {})}
 
 
 def _language_model(hf: dict) -> dict:

@@ -271,6 +271,10 @@ VISION_TOWERS = {  # tiny ones, for the multimodal checkpoints whose language mo
               dict(TINY_TOWER, depth=1, num_heads=2, out_hidden_size=64, patch_size=16, deepstack_visual_indexes=[0],
                    num_position_embeddings=16),
               dict(rope_scaling={"rope_type": "default", "mrope_section": [4, 6, 6], "mrope_interleaved": True})),
+    "qwen3_moe": (transformers.Qwen3VLMoeConfig, transformers.Qwen3VLMoeForConditionalGeneration, {},
+                  dict(TINY_TOWER, depth=1, num_heads=2, out_hidden_size=64, patch_size=16,
+                       deepstack_visual_indexes=[0], num_position_embeddings=16),
+                  dict(rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True})),
 }
 
 
@@ -348,11 +352,13 @@ def test_a_qwen_vl_config_maps_its_language_model_like_transformers():
     ("mistral", True, False, "model.language_model.norm.weight", "model.vision_tower."),
     ("qwen2", False, True, "model.norm.weight", "visual."),  # Qwen2.5-VL
     ("qwen3", False, False, "model.language_model.norm.weight", "model.visual."),  # Qwen3-VL
+    ("qwen3_moe", False, False, "model.language_model.norm.weight", "model.visual."),  # Qwen3-VL-MoE
 ])
 def test_a_multimodal_checkpoint_serves_its_language_model(tmp_path, family, moved, tied, norm, tower):
-    """Gemma 3 4B and up, Mistral Small 3.1/3.2, Qwen2.5-VL and Qwen3-VL are multimodal checkpoints: their
-    language model loads (from each key layout; untied heads too), its vision tower is left alone, and text
-    prompts get transformers' logits and greedy tokens (the Qwen VLs' multimodal RoPE included)."""
+    """Gemma 3 4B and up, Mistral Small 3.1/3.2, Qwen2.5-VL and Qwen3-VL (dense and MoE) are multimodal checkpoints:
+    their language model loads (from each key layout; untied heads too), its vision tower is left alone, and text
+    prompts get transformers' logits and greedy tokens (the Qwen VLs' multimodal RoPE included). Qwen3-VL-MoE's
+    experts are in one tensor a layer, loaded from transformers 5's layout and, transposed, from the Hub's."""
     model = _with_vision(family, tmp_path, moved, tied)
     keys = set(load_file(tmp_path / "model.safetensors"))
     assert norm in keys and any(k.startswith(tower) for k in keys)
@@ -364,6 +370,12 @@ def test_a_multimodal_checkpoint_serves_its_language_model(tmp_path, family, mov
         ref = model(input_ids=torch.tensor(prompt[None], dtype=torch.long)).logits[0].numpy()
     np.testing.assert_allclose(scored_in_chunks(llm, prompt, CHUNK), ref, atol=2e-4, rtol=0)
     _greedy_matches_transformers(tmp_path, model)
+    if family == "qwen3_moe":  # the Hub's layout: gate_up_proj [X, D, 2F], down_proj [X, F, D]
+        _edit_tensors(tmp_path, lambda tensors: tensors.update(
+            {k: v.transpose(1, 2).contiguous() for k, v in tensors.items() if ".mlp.experts." in k}))
+        assert load_file(tmp_path / "model.safetensors")[
+            "model.language_model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 64, 96)
+        np.testing.assert_allclose(scored_in_chunks(LLM(tmp_path, engine), prompt, CHUNK), ref, atol=2e-4, rtol=0)
 
 
 def test_generation_config_eos_list_is_merged(tmp_path):

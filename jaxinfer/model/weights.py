@@ -55,9 +55,8 @@ class WeightSpec:
     #                                          expert's, for experts in one tensor: rows are its next-to-last axis)
     dtype: str | None = None  # None: the model's dtype; an fp8 weight's own, or its scales' float32
     scale_rows: int = 0  # a block scale: the checkpoint's out rows per scale row (each repeated so often)
-    hf_interleave: tuple[int, int] | None = None  # (offset, stride): this weight is every stride-th column of the
-    #                                                tensor's last axis (after hf_permute) from offset (gpt-oss's
-    #                                                gate and up, interleaved)
+    hf_columns: tuple[int, int | None, int] | None = None  # (start, stop, step): the slice of the tensor's last axis
+    #     (after hf_permute) this weight is: gpt-oss's gate and up interleaved (step 2), Qwen3-VL-MoE's halves
     hf_permute: tuple[int, ...] | None = None  # the checkpoint tensor's axes in our order, taken before the rest
     mxfp4: bool = False  # MXFP4 blocks (two 4-bit floats a byte) or their exponents, as bytes (`mxfp4_specs`)
 
@@ -69,8 +68,8 @@ class WeightSpec:
     @property
     def part_shape(self) -> tuple[int, ...]:
         """The checkpoint tensor's part that is this weight (the whole tensor unless fused)."""
-        if self.hf_interleave is not None:
-            return (*self.hf_shape[:-1], self.hf_shape[-1] // self.hf_interleave[1])
+        if self.hf_columns is not None:
+            return (*self.hf_shape[:-1], len(range(*slice(*self.hf_columns).indices(self.hf_shape[-1]))))
         if self.hf_rows is None:
             return self.hf_shape
         *lead, _, columns = self.hf_shape
@@ -112,8 +111,8 @@ class WeightSpec:
             x = x[..., self.hf_rows[0]:self.hf_rows[1], :]  # the rows axis: next to last
         if self.hf_permute is not None:
             x = np.transpose(x, self.hf_permute)
-        if self.hf_interleave is not None:
-            x = x[..., self.hf_interleave[0]::self.hf_interleave[1]]
+        if self.hf_columns is not None:
+            x = x[..., slice(*self.hf_columns)]
         return (np.swapaxes(x, -1, -2) if self.transpose else x).reshape(self.shape[1:] if self.per_expert
                                                                            else self.shape)
 
@@ -265,6 +264,8 @@ def _expert_specs(cfg: ModelConfig) -> list[WeightSpec]:
                            (X, 2 * F, D), True, hf_rows=(F, 2 * F)),
                 WeightSpec("layers.w_down", (X, F, D), ("experts", "mlp", "embed"), b + "output_linear.weight",
                            (X, D, F), True)]
+    if cfg.fused_experts:
+        return _fused_expert_specs(cfg)
     block, router, gate, up, down = _EXPERT_KEYS.get(cfg.model_type, _QWEN_EXPERT_KEYS)
     ep = "model.layers.{i}." + block + "experts.{e}."
     specs = [
@@ -291,6 +292,29 @@ def _expert_specs(cfg: ModelConfig) -> list[WeightSpec]:
     return specs
 
 
+def _fused_expert_specs(cfg: ModelConfig) -> list[WeightSpec]:
+    """Qwen3-VL-MoE's experts, as the Hub ships them: every layer's in one `gate_up_proj` [X, D, 2F] (gate the first
+    F columns, up the rest) and one `down_proj` [X, F, D]. transformers 5 writes them transposed ([X, 2F, D],
+    [X, D, F]), which loading takes too (`_as_stored`)."""
+    D, F, X, ep = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, "model.layers.{i}.mlp.experts."
+    return [WeightSpec("layers.router", (D, X), ("embed", "experts"), "model.layers.{i}.mlp.gate.weight", (X, D),
+                       True),
+            WeightSpec("layers.w_gate", (X, D, F), ("experts", "embed", "mlp"), ep + "gate_up_proj", (X, D, 2 * F),
+                       hf_columns=(0, F, 1)),
+            WeightSpec("layers.w_up", (X, D, F), ("experts", "embed", "mlp"), ep + "gate_up_proj", (X, D, 2 * F),
+                       hf_columns=(F, 2 * F, 1)),
+            WeightSpec("layers.w_down", (X, F, D), ("experts", "mlp", "embed"), ep + "down_proj", (X, F, D))]
+
+
+def _as_stored(spec: WeightSpec, shape: tuple[int, ...]) -> WeightSpec:
+    """An expert tensor in one of transformers 5's layouts, its last two axes swapped from the Hub's (as its loader
+    swaps them when the shape says so): read through a permutation."""
+    lead, (a, b) = spec.hf_shape[:-2], spec.hf_shape[-2:]
+    if spec.hf_shape == shape or shape != (*lead, b, a) or spec.hf_permute is not None:
+        return spec
+    return dataclasses.replace(spec, hf_shape=shape, hf_permute=(*range(len(lead)), len(lead) + 1, len(lead)))
+
+
 def _gpt_oss_expert_specs(cfg: ModelConfig) -> list[WeightSpec]:
     """gpt-oss's router and experts, with their biases: every layer's experts in one tensor each, stored [X, in, out]
     (not transposed), gate and up interleaved column by column in `gate_up_proj`; an MXFP4 checkpoint's experts as
@@ -300,11 +324,13 @@ def _gpt_oss_expert_specs(cfg: ModelConfig) -> list[WeightSpec]:
     specs = [WeightSpec("layers.router", (D, X), ("embed", "experts"), b + "router.weight", (X, D), True),
               WeightSpec("layers.router_bias", (X,), ("experts",), b + "router.bias", (X,)),
               WeightSpec("layers.w_gate", (X, D, F), ("experts", "embed", "mlp"), gate_up, (X, D, 2 * F),
-                         hf_interleave=(0, 2)),
+                         hf_columns=(0, None, 2)),
               WeightSpec("layers.w_up", (X, D, F), ("experts", "embed", "mlp"), gate_up, (X, D, 2 * F),
-                         hf_interleave=(1, 2)),
-              WeightSpec("layers.b_gate", (X, F), ("experts", "mlp"), gate_up_bias, (X, 2 * F), hf_interleave=(0, 2)),
-              WeightSpec("layers.b_up", (X, F), ("experts", "mlp"), gate_up_bias, (X, 2 * F), hf_interleave=(1, 2)),
+                         hf_columns=(1, None, 2)),
+              WeightSpec("layers.b_gate", (X, F), ("experts", "mlp"), gate_up_bias, (X, 2 * F),
+                         hf_columns=(0, None, 2)),
+              WeightSpec("layers.b_up", (X, F), ("experts", "mlp"), gate_up_bias, (X, 2 * F),
+                         hf_columns=(1, None, 2)),
               WeightSpec("layers.w_down", (X, F, D), ("experts", "mlp", "embed"), b + "experts.down_proj", (X, F, D)),
               WeightSpec("layers.b_down", (X, D), ("experts", "embed"), b + "experts.down_proj_bias", (X, D))]
     return mxfp4_specs(specs, cfg) if cfg.mxfp4 else specs
@@ -324,12 +350,12 @@ def mxfp4_specs(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
                           f"{MXFP4_BLOCK}")
     out = [spec for spec in specs if spec.name not in ("layers.w_gate", "layers.w_up", "layers.w_down")]
     for name, hf_name, ins, outs, in_axis, out_axis, interleave in (
-            ("w_gate", "gate_up_proj", D, F, "in_blocks", "mlp", (0, 2)),
-            ("w_up", "gate_up_proj", D, F, "in_blocks", "mlp", (1, 2)),
+            ("w_gate", "gate_up_proj", D, F, "in_blocks", "mlp", (0, None, 2)),
+            ("w_up", "gate_up_proj", D, F, "in_blocks", "mlp", (1, None, 2)),
             ("w_down", "down_proj", F, D, "mlp_blocks", "embed", None)):
         hf_key = f"model.layers.{{i}}.mlp.experts.{hf_name}"
         blocks, rows = ins // MXFP4_BLOCK, outs * (2 if interleave else 1)
-        packed = dict(dtype="uint8", mxfp4=True, hf_interleave=interleave)
+        packed = dict(dtype="uint8", mxfp4=True, hf_columns=interleave)
         out += [WeightSpec(f"layers.{name}", (X, blocks, MXFP4_BLOCK // 2, outs),
                            ("experts", in_axis, "block_bytes", out_axis), hf_key + "_blocks",
                            (X, rows, blocks, MXFP4_BLOCK // 2), hf_permute=(0, 2, 3, 1), **packed),
@@ -584,6 +610,8 @@ def load_safetensors(path: str | Path, cfg: ModelConfig, dtype, mesh=None) -> di
     for spec in weight_table(cfg):
         np_dtype = np.dtype(spec_dtype(spec, dtype))
         keys = [rename(key) for key in spec.hf_keys(cfg.num_layers)]
+        if cfg.fused_experts and spec.axes[0] == "experts" and keys[0] in reader:
+            spec = _as_stored(spec, reader.shape(keys[0]))
         for key in keys:
             _check_tensor(reader, key, spec)  # every tensor checked, even those no local device needs
         used.update(keys)
@@ -628,6 +656,7 @@ def to_hf_tensors(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     if cfg.weight_quant is not None or cfg.mxfp4:
         raise CheckpointError(f"{'MXFP4' if cfg.mxfp4 else 'fp8'} weights are not written back as a Hugging Face "
                               "checkpoint: serve the checkpoint itself, or convert it to orbax")
+    cfg = dataclasses.replace(cfg, fused_experts=False)  # as the text model's checkpoint config.json names
     parts: dict[str, list] = {}
     for spec in weight_table(cfg):
         value = np.asarray(jax.device_get(_get_path(params, spec.name)))
@@ -638,10 +667,11 @@ def to_hf_tensors(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
 
 
 def _whole_tensor(specs_parts: list) -> np.ndarray:
-    """A checkpoint tensor from the weights that are its parts: rows of a fused tensor one after the other, or
-    columns interleaved (gpt-oss's gate and up)."""
-    ordered = sorted(specs_parts, key=lambda sp: (sp[0].hf_rows or sp[0].hf_interleave or (0,))[0])
-    parts = [part for _, part in ordered]
-    if ordered[0][0].hf_interleave is not None:
+    """A checkpoint tensor from the weights that are its parts: rows of a fused tensor one after the other, columns
+    side by side, or columns interleaved (gpt-oss's gate and up)."""
+    ordered = sorted(specs_parts, key=lambda sp: (sp[0].hf_rows or sp[0].hf_columns or (0,))[0])
+    parts, columns = [part for _, part in ordered], ordered[0][0].hf_columns
+    if columns is not None and columns[2] > 1:
         return np.stack(parts, axis=-1).reshape(*parts[0].shape[:-1], -1)
-    return np.ascontiguousarray(np.concatenate(parts, axis=max(parts[0].ndim - 2, 0)))
+    axis = -1 if columns is not None else max(parts[0].ndim - 2, 0)
+    return np.ascontiguousarray(np.concatenate(parts, axis=axis))
