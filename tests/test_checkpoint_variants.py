@@ -375,7 +375,12 @@ def test_a_multimodal_checkpoint_serves_its_language_model(tmp_path, family, mov
             {k: v.transpose(1, 2).contiguous() for k, v in tensors.items() if ".mlp.experts." in k}))
         assert load_file(tmp_path / "model.safetensors")[
             "model.language_model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 64, 96)
+        hub = load_file(tmp_path / "model.safetensors")
         np.testing.assert_allclose(scored_in_chunks(LLM(tmp_path, engine), prompt, CHUNK), ref, atol=2e-4, rtol=0)
+        cfg = load_config(find_model(tmp_path))  # written back in the Hub's layout, halves side by side
+        written = to_hf_tensors(load_params(find_model(tmp_path), cfg, "float32", None), cfg)
+        key = "model.layers.0.mlp.experts.gate_up_proj"
+        np.testing.assert_array_equal(written[key], hub["model.language_model." + key[len("model."):]].numpy())
 
 
 def test_generation_config_eos_list_is_merged(tmp_path):

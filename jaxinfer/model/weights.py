@@ -656,7 +656,6 @@ def to_hf_tensors(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     if cfg.weight_quant is not None or cfg.mxfp4:
         raise CheckpointError(f"{'MXFP4' if cfg.mxfp4 else 'fp8'} weights are not written back as a Hugging Face "
                               "checkpoint: serve the checkpoint itself, or convert it to orbax")
-    cfg = dataclasses.replace(cfg, fused_experts=False)  # as the text model's checkpoint config.json names
     parts: dict[str, list] = {}
     for spec in weight_table(cfg):
         value = np.asarray(jax.device_get(_get_path(params, spec.name)))
