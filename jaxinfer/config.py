@@ -35,7 +35,8 @@ SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "ntk_alpha")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "relu2")  # relu2: relu(x) ** 2 (Arcee's)
 # Activations with weights of their own in each layer, for the families whose checkpoints carry them
-FAMILY_ACTIVATIONS = {"apertus": ("xielu",)}  # xIELU (Apertus): learned alpha_p, alpha_n, beta, eps
+FAMILY_ACTIVATIONS = {"apertus": ("xielu",),  # xIELU (Apertus): learned alpha_p, alpha_n, beta, eps
+                      "gpt_oss": ("swigluoai",)}  # gpt-oss's clamped SwiGLU (`swiglu_alpha`, `swiglu_limit`)
 # transformers' class defaults where head_dim is absent; else hidden / heads
 DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128, "seed_oss": 128, "helium": 128, "ernie4_5": 128}
 # transformers' class defaults where rms_norm_eps is absent; else 1e-6
@@ -271,7 +272,7 @@ class ModelConfig:
         weight_quant = None if mxfp4 else _weight_quant(quantization)
         get = _field_getter(hf, model_type)
         act = _activation(hf, model_type)
-        if act not in SUPPORTED_ACTIVATIONS + FAMILY_ACTIVATIONS.get(model_type, ()) and model_type != "gpt_oss":
+        if act not in SUPPORTED_ACTIVATIONS + FAMILY_ACTIVATIONS.get(model_type, ()):
             raise ConfigError(f"unsupported hidden_act {act!r} for {model_type}; supported: "
                               f"{', '.join(SUPPORTED_ACTIVATIONS)}")
         if hf.get("mlp_bias") and model_type != "arcee":  # Arcee's MLP has no gate: our two-projection MLP's biases
@@ -442,10 +443,11 @@ def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
         return _hunyuan_moe_from_hf(hf, get)
     if model_type == "minimax_m2" and hf.get("scoring_func", "sigmoid") != "sigmoid":
         raise ConfigError(f"minimax_m2 with scoring_func={hf['scoring_func']!r} is not supported (only sigmoid)")
-    if model_type in ("mixtral", "granitemoe", "gpt_oss", "minimax_m2"):  # GraniteMoE's and gpt-oss's softmax over
-        return dict(num_experts=get("num_local_experts"), experts_per_token=get("num_experts_per_tok"),  # the top
-                    norm_topk_prob=True,  # logits is the renormalised softmax; MiniMax-M2 renormalises its sigmoid
-                    router_scoring="sigmoid" if model_type == "minimax_m2" else "softmax")
+    # Always renormalised: GraniteMoE's and gpt-oss's softmax over the top logits is the renormalised softmax;
+    # MiniMax-M2 renormalises its sigmoid scores.
+    if model_type in ("mixtral", "granitemoe", "gpt_oss", "minimax_m2"):
+        return dict(num_experts=get("num_local_experts"), experts_per_token=get("num_experts_per_tok"),
+                    norm_topk_prob=True, router_scoring="sigmoid" if model_type == "minimax_m2" else "softmax")
     step, dense_layers = hf.get("decoder_sparse_step", 1), hf.get("mlp_only_layers") or []
     if step != 1 or dense_layers:
         raise ConfigError(f"{model_type} with dense MLP layers among the sparse ones (decoder_sparse_step={step}, "
