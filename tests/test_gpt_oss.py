@@ -57,7 +57,7 @@ def test_mxfp4_experts_match_transformers_dequantized(mxfp4):
     itself (its Mxfp4Config(dequantize=True)): the block layout, the nibble order, the scale bias and the
     transpose are all theirs to get right."""
     directory, reference = mxfp4
-    llm = LLM(directory, EngineConfig(max_slots=2, page_size=8, prefill_chunk=16, dtype="float32"))
+    llm = LLM(directory, EngineConfig(max_slots=2, page_size=8, prefill_chunk=16, max_model_len=64, dtype="float32"))
     assert llm.model_config.mxfp4
     prompts = random_prompts(llm.model_config.vocab_size, (5, 29))
     with torch.no_grad():
