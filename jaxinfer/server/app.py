@@ -38,13 +38,12 @@ from jaxinfer.server.protocol import (APIError, GenerationRequest, Limits, Token
                                       usage)
 from jaxinfer.server.reasoning import PARSERS as REASONING_PARSERS
 from jaxinfer.server.reasoning import ReasoningStream, reasoning_tokens
-
-HARMONY = "openai_gptoss"  # gpt-oss's reasoning parser: on by default for it, as vLLM reads its channels
 from jaxinfer.server import responses
 from jaxinfer.server.tool_calls import PARSERS, Forced, ToolCallStream
 from jaxinfer.tokenizer import CHAT_TEMPLATE_ERRORS, openai_messages
 
 log = logging.getLogger(__name__)
+HARMONY = "openai_gptoss"  # gpt-oss's reasoning parser: on by default for it, as vLLM reads its channels
 
 
 @dataclasses.dataclass(frozen=True)
