@@ -30,7 +30,7 @@ DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "grani
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
 FUSED_GATE_UP = GLM_MODEL_TYPES  # the MLP's gate and up in one checkpoint tensor
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss", "minimax_m2",
-                   "hunyuan_v1_moe")
+                   "hunyuan_v1_moe", "glm4_moe")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "ntk_alpha")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "relu2")  # relu2: relu(x) ** 2 (Arcee's)
@@ -42,13 +42,15 @@ DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128, "seed_oss": 128, "helium": 1
 # transformers' class defaults where rms_norm_eps is absent; else 1e-6
 RMS_NORM_EPS_DEFAULTS = {"phi3": 1e-5, "mixtral": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "olmoe": 1e-5, "cohere": 1e-5,
                          "cohere2": 1e-5, "starcoder2": 1e-5, "phi": 1e-5, "helium": 1e-8, "arcee": 1e-5,
-                         "exaone4": 1e-5, "ernie4_5": 1e-5,
+                         "exaone4": 1e-5, "ernie4_5": 1e-5, "glm4_moe": 1e-5,
                          "apertus": 1e-5}  # Cohere's, StarCoder 2's, Phi-2's LayerNorm
 NORM_EPS_FIELD = {"cohere": "layer_norm_eps", "cohere2": "layer_norm_eps", "starcoder2": "norm_epsilon",
                   "phi": "layer_norm_eps"}
 # ... and rope_theta's, where a config names none; else 10,000
 ROPE_THETA_DEFAULTS = {"mixtral": 1e6, "smollm3": 2e6, "helium": 1e5, "ernie4_5": 5e5, "gpt_oss": 1.5e5,
                        "apertus": 1.2e7}
+# ... and partial_rotary_factor's (GLM's classes turn half of each head); else 1
+PARTIAL_ROTARY_DEFAULTS = {"glm": 0.5, "glm4": 0.5, "glm4_moe": 0.5}
 # transformers' Gemma3TextConfig defaults: the Hub's multimodal Gemma 3 configs (4B and up) give their
 # text_config only the fields that differ.
 GEMMA3_TEXT_DEFAULTS = {
@@ -186,6 +188,17 @@ class ModelConfig:
     # MiniMax-M2's (and DeepSeek-V3's) routing: experts chosen by sigmoid scores plus a fixed correction bias per
     # expert, weighed by their sigmoid scores alone ("sigmoid"; "softmax": the softmax's top, the rest's)
     router_scoring: str = "softmax"
+    # GLM-4.5's (and DeepSeek-V3's): the experts split in `router_groups` groups, a token choosing among those of its
+    # `router_topk_groups` best groups only (a group scored by its two best choices); the chosen experts' weights
+    # times `routed_scaling`
+    router_groups: int = 1
+    router_topk_groups: int = 1
+    routed_scaling: float = 1.0
+    # The first `dense_layers` layers have a dense MLP of `dense_intermediate_size` in place of the experts (GLM-4.5's
+    # first_k_dense_replace, Qwen-MoE's mlp_only_layers when they lead): scanned as a stack of their own
+    dense_layers: int = 0
+    dense_intermediate_size: int = 0
+    mtp_layers: int = 0  # the checkpoint's multi-token-prediction layers after the last: their tensors not loaded
     vision_tower: bool = False  # the checkpoint is multimodal: its vision tower's tensors are left unread
     weight_quant: WeightQuant | None = None  # fp8 projections (None: every weight in `dtype`)
     mxfp4: bool = False  # the checkpoint's experts are MXFP4 (gpt-oss's): held so, widened inside the layer scan
@@ -229,12 +242,22 @@ class ModelConfig:
     @property
     def mlp_field(self) -> str:
         """The config.json field of `intermediate_size` (the Qwen MoEs name their experts' width apart)."""
-        return "moe_intermediate_size" if self.model_type in ("qwen2_moe", "qwen3_moe") else "intermediate_size"
+        return "moe_intermediate_size" if self.model_type in ("qwen2_moe", "qwen3_moe", "glm4_moe") \
+            else "intermediate_size"
 
     @property
     def mlp_width(self) -> int:
         """Activations a token holds in its MLP: the dense mixture of experts computes all of theirs."""
-        return self.intermediate_size * max(self.num_experts, 1) + self.shared_expert_size
+        return max(self.intermediate_size * max(self.num_experts, 1) + self.shared_expert_size,
+                   self.dense_intermediate_size)
+
+    def dense_part(self) -> "ModelConfig":
+        """The model of the leading dense-MLP layers (`dense_layers`): the same attention, a dense MLP."""
+        return dataclasses.replace(self, num_experts=0, experts_per_token=0,
+                                   intermediate_size=self.dense_intermediate_size, shared_expert_size=0,
+                                   router_scoring="softmax", router_groups=1, router_topk_groups=1, routed_scaling=1.0,
+                                   dense_layers=0, dense_intermediate_size=0,
+                                   router_bias=False, expert_bias=False, mxfp4=False, fused_experts=False)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -244,6 +267,14 @@ class ModelConfig:
         if self.num_experts and not 1 <= self.experts_per_token <= self.num_experts:
             raise ConfigError(f"num_experts_per_tok={self.experts_per_token} must be between 1 and the "
                               f"{self.num_experts} experts")
+        if self.num_experts % self.router_groups or not 1 <= self.router_topk_groups <= self.router_groups or \
+                self.experts_per_token > self.router_topk_groups * (self.num_experts // self.router_groups):
+            raise ConfigError(f"n_group={self.router_groups} and topk_group={self.router_topk_groups} do not fit "
+                              f"{self.num_experts} experts, {self.experts_per_token} a token: the groups must split "
+                              "the experts evenly and the chosen groups hold at least the experts chosen")
+        if not 0 <= self.dense_layers < self.num_layers:
+            raise ConfigError(f"{self.dense_layers} leading dense layers leave no mixture-of-experts layer of the "
+                              f"{self.num_layers}")
         rotated = self.rope.rotary_dim(self.head_dim)
         if rotated < 2 or rotated % 2:
             raise ConfigError(f"RoPE would rotate {rotated} of the {self.head_dim} head dimensions "
@@ -290,7 +321,8 @@ class ModelConfig:
         rope = _rope_from_hf(_layer_rope(hf, "full_attention") if model_type in LAYER_TYPE_ROPES else hf)
         if model_type == "minimax_m2" and hf.get("rotary_dim") and rope.partial_rotary_factor == 1.0:
             rope = dataclasses.replace(rope, partial_rotary_factor=hf["rotary_dim"] / head_dim)  # its older field
-        if rope.partial_rotary_factor != 1.0 and model_type not in ("phi", "phi3", "minimax_m2") + GLM_MODEL_TYPES:
+        if rope.partial_rotary_factor != 1.0 and \
+                model_type not in ("phi", "phi3", "minimax_m2", "glm4_moe") + GLM_MODEL_TYPES:
             raise ConfigError(f"partial_rotary_factor={rope.partial_rotary_factor} is not supported for "
                               f"{model_type}: only Phi-2's, Phi-4-mini's, GLM's and MiniMax-M2's turn part of each "
                               "head")
@@ -320,11 +352,11 @@ class ModelConfig:
                       else bool(hf.get("qkv_bias", True))),
             # Seed-OSS: `attention_out_bias` apart; Helium's o_proj never has one.
             o_bias=bool(hf.get("attention_out_bias")) if model_type == "seed_oss" else
-            model_type not in ("qwen2", "qwen2_moe", "helium") + GLM_MODEL_TYPES and attention_bias,
+            model_type not in ("qwen2", "qwen2_moe", "helium", "glm4_moe") + GLM_MODEL_TYPES and attention_bias,
             qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmoe", "exaone4", "hunyuan_v1_dense",
                                    "hunyuan_v1_moe", "minimax_m2", "apertus") +
             OLMO_MODEL_TYPES or
-            (model_type == "cohere" and bool(hf.get("use_qk_norm"))),
+            (model_type in ("cohere", "glm4_moe") and bool(hf.get("use_qk_norm"))),
             sliding_window=_sliding_window(hf, model_type),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=_as_tuple(hf.get("eos_token_id")),
@@ -430,7 +462,8 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "exaone4": "Exaone4ForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM",
                   "granitemoe": "GraniteMoeForCausalLM", "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM",
                   "gpt_oss": "GptOssForCausalLM", "minimax_m2": "MiniMaxM2ForCausalLM",
-                  "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM", "apertus": "ApertusForCausalLM"}
+                  "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM", "apertus": "ApertusForCausalLM",
+                  "glm4_moe": "Glm4MoeForCausalLM"}
 
 
 def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
@@ -441,6 +474,8 @@ def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
         return {}
     if model_type == "hunyuan_v1_moe":
         return _hunyuan_moe_from_hf(hf, get)
+    if model_type == "glm4_moe":
+        return _glm4_moe_from_hf(hf, get)
     if model_type == "minimax_m2" and hf.get("scoring_func", "sigmoid") != "sigmoid":
         raise ConfigError(f"minimax_m2 with scoring_func={hf['scoring_func']!r} is not supported (only sigmoid)")
     # Always renormalised: GraniteMoE's and gpt-oss's softmax over the top logits is the renormalised softmax;
@@ -448,10 +483,11 @@ def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
     if model_type in ("mixtral", "granitemoe", "gpt_oss", "minimax_m2"):
         return dict(num_experts=get("num_local_experts"), experts_per_token=get("num_experts_per_tok"),
                     norm_topk_prob=True, router_scoring="sigmoid" if model_type == "minimax_m2" else "softmax")
-    step, dense_layers = hf.get("decoder_sparse_step", 1), hf.get("mlp_only_layers") or []
-    if step != 1 or dense_layers:
+    step, dense_layers = hf.get("decoder_sparse_step", 1), sorted(hf.get("mlp_only_layers") or [])
+    if step != 1 or dense_layers != list(range(len(dense_layers))):
         raise ConfigError(f"{model_type} with dense MLP layers among the sparse ones (decoder_sparse_step={step}, "
-                          f"mlp_only_layers={dense_layers}) is not supported: every layer must be a mixture of experts")
+                          f"mlp_only_layers={dense_layers}) is not supported: dense layers must lead (layers 0 to "
+                          "k - 1), the rest be mixtures of experts")
     experts = hf.get("num_experts") or hf.get("num_local_experts")  # transformers 5 writes the second
     if not experts:
         raise ConfigError(f"config.json for model_type {model_type!r} is missing required field 'num_experts'")
@@ -460,7 +496,26 @@ def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
                   experts_per_token=get("num_experts_per_tok"), norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
     if model_type == "qwen2_moe":
         fields["shared_expert_size"] = get("shared_expert_intermediate_size")
+    if dense_layers:  # Qwen's dense layers are `intermediate_size` wide
+        fields.update(dense_layers=len(dense_layers), dense_intermediate_size=get("intermediate_size"))
     return fields
+
+
+def _glm4_moe_from_hf(hf: dict, get) -> dict:
+    """GLM-4.5/4.6 (and -Air): `first_k_dense_replace` leading dense layers of `intermediate_size`, the rest
+    `n_routed_experts` experts of `moe_intermediate_size` chosen by sigmoid scores plus a correction bias within the
+    best `topk_group` of `n_group` groups, weighed by their scores (renormalised) times `routed_scaling_factor`, and
+    `n_shared_experts` ungated shared experts as one MLP; the router in float32. The checkpoint's
+    multi-token-prediction layers (`num_nextn_predict_layers`, after the last) are not loaded."""
+    width = get("moe_intermediate_size")
+    return dict(intermediate_size=width, num_experts=get("n_routed_experts"),
+                experts_per_token=get("num_experts_per_tok"), norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+                shared_expert_size=width * hf.get("n_shared_experts", 1), shared_expert_gated=False,
+                router_scoring="sigmoid", router_logits_f32=True, router_groups=hf.get("n_group") or 1,
+                router_topk_groups=hf.get("topk_group") or 1,
+                routed_scaling=float(hf.get("routed_scaling_factor", 1.0)),
+                dense_layers=hf.get("first_k_dense_replace", 1), dense_intermediate_size=get("intermediate_size"),
+                mtp_layers=hf.get("num_nextn_predict_layers", 1) or 0)
 
 
 def _hunyuan_moe_from_hf(hf: dict, get) -> dict:
@@ -821,6 +876,13 @@ def _layer_types_to_hf(cfg: "ModelConfig") -> dict:
 
 
 def _moe_to_hf(cfg: "ModelConfig") -> dict:
+    if cfg.model_type == "glm4_moe":
+        return {"n_routed_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token,
+                "moe_intermediate_size": cfg.intermediate_size, "intermediate_size": cfg.dense_intermediate_size,
+                "n_shared_experts": cfg.shared_expert_size // cfg.intermediate_size,
+                "first_k_dense_replace": cfg.dense_layers, "n_group": cfg.router_groups,
+                "topk_group": cfg.router_topk_groups, "routed_scaling_factor": cfg.routed_scaling,
+                "norm_topk_prob": cfg.norm_topk_prob, "use_qk_norm": cfg.qk_norm, "num_nextn_predict_layers": 0}
     if cfg.model_type == "hunyuan_v1_moe":
         return {"num_experts": cfg.num_experts, "moe_topk": cfg.experts_per_token}
     if cfg.model_type in ("mixtral", "granitemoe", "gpt_oss", "minimax_m2"):
@@ -829,7 +891,9 @@ def _moe_to_hf(cfg: "ModelConfig") -> dict:
         return {}
     hf = {"num_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token,
           cfg.mlp_field: cfg.intermediate_size, "norm_topk_prob": cfg.norm_topk_prob,
-          "decoder_sparse_step": 1, "mlp_only_layers": []}
+          "decoder_sparse_step": 1, "mlp_only_layers": list(range(cfg.dense_layers))}
+    if cfg.dense_layers:
+        hf["intermediate_size"] = cfg.dense_intermediate_size
     if cfg.shared_expert_size:
         hf["shared_expert_intermediate_size"] = cfg.shared_expert_size
     return hf
@@ -861,7 +925,8 @@ def _rope_from_hf(hf: dict) -> RopeConfig:
     kind = "longrope" if kind == "su" or (kind == "yarn" and hf.get("model_type") == "phi3") else kind
     # HunYuan's checkpoints say dynamic with a fixed alpha: static frequencies, as transformers reads them
     kind = "ntk_alpha" if kind == "dynamic" and merged.get("alpha") else kind
-    partial = float(merged.get("partial_rotary_factor", hf.get("partial_rotary_factor")) or 1.0)
+    partial = float(merged.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+                    or PARTIAL_ROTARY_DEFAULTS.get(hf.get("model_type"), 1.0))
     if not 0 < partial <= 1:
         raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {partial}")
     if kind not in SUPPORTED_ROPE_TYPES:

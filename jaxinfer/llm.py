@@ -74,7 +74,8 @@ def check_mesh(cfg: ModelConfig, engine: EngineConfig) -> None:
     problems = mesh_problems(engine.mesh_shape, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
                              mlp=cfg.intermediate_size, mlp_name=cfg.mlp_field, shared_mlp=cfg.shared_expert_size,
                              vocab=cfg.vocab_size, slots=engine.max_slots, pages=engine.num_pages,
-                             mlp_blocks=cfg.intermediate_size // MXFP4_BLOCK if cfg.mxfp4 else 0)
+                             mlp_blocks=cfg.intermediate_size // MXFP4_BLOCK if cfg.mxfp4 else 0,
+                             dense_mlp=cfg.dense_intermediate_size)
     if problems:
         raise ConfigError(f"mesh_shape (data, model) = {engine.mesh_shape} does not fit: " + "; ".join(problems))
 

@@ -44,18 +44,20 @@ def kv_replicas(num_kv_heads: int, model: int) -> int:
 
 def mesh_problems(shape: tuple[int, int], *, heads: int, kv_heads: int, mlp: int, vocab: int, slots: int,
                   pages: int | None, devices: int | None = None, mlp_name: str = "intermediate_size",
-                  shared_mlp: int = 0, mlp_blocks: int = 0) -> list[str]:
+                  shared_mlp: int = 0, mlp_blocks: int = 0, dense_mlp: int = 0) -> list[str]:
     """Every reason the mesh `(data, model)` cannot run this model and engine, said plainly; empty when it can.
     `devices`: how many there are (None: `jax.device_count()`); `mlp_name`: the config field of the MLP's (or
     each expert's) width `mlp`; `shared_mlp`: a shared expert's width (0: none); `mlp_blocks`: MXFP4 blocks of
-    32 along the experts' width (0: none), which split over 'model' whole."""
+    32 along the experts' width (0: none), which split over 'model' whole; `dense_mlp`: the width of the dense
+    layers that lead a mixture of experts (0: none)."""
     data, model = shape
     devices = jax.device_count() if devices is None else devices
     problems = [f"mesh_shape {shape} needs {data * model} devices, only {devices} available"] \
         if data * model > devices else []
     problems += [f"{name}={size} is not a multiple of the 'model' axis ({model})"
                  for name, size in (("num_attention_heads", heads), (mlp_name, mlp),
-                                    ("shared_expert_intermediate_size", shared_mlp), ("vocab_size", vocab))
+                                    ("shared_expert_intermediate_size", shared_mlp), ("intermediate_size", dense_mlp),
+                                    ("vocab_size", vocab))
                  if size % model]
     if mlp_blocks % model:
         problems.append(f"{mlp_name}={mlp} makes {mlp_blocks} MXFP4 blocks of 32, not a multiple of the 'model' axis "

@@ -112,6 +112,13 @@ FAMILIES = {
     # half of each head (its `rotary_dim`).
     "minimax_m2": (transformers.MiniMaxM2Config, dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
                                                       head_dim=16, rotary_dim=8, pad_token_id=0)),
+    # GLM-4.5: a leading dense layer (of intermediate_size), then experts chosen by sigmoid scores plus a correction
+    # within the best of 2 groups, weighed times a routed scaling, an ungated shared MLP, a float32 router, q/k
+    # biases and norms, RoPE over half of each head (its halves, not adjacent pairs).
+    "glm4_moe": (transformers.Glm4MoeConfig, dict(
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=16, num_hidden_layers=3,
+        first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, use_qk_norm=True,
+        attention_bias=True, pad_token_id=0)),
     # gpt-oss: attention sinks, sliding layers (every other), YaRN without truncation, biases on q/k/v/o, the router
     # and every expert, gate and up interleaved in one tensor, the clamped SwiGLU (a limit low enough to clamp here).
     "gpt_oss": (transformers.GptOssConfig, dict(

@@ -36,9 +36,10 @@ CASES = {
                        "reference", [(1, 8)], False),
     # q/k/v and gate/up cut from fused tensors, then split over 'model'.
     "phi3-fused": ("phi3", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=16), "xla", [(1, 4)], False),
-    # Experts split over 'model' by their width (every device holds every expert's slice), a shared expert too.
-    "qwen2-moe": ("qwen2_moe", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16), "reference",
-                  [(2, 4)], False),
+    # Experts split over 'model' by their width (every device holds every expert's slice), a shared expert too;
+    # a leading dense layer (mlp_only_layers), its stack split as a dense model's.
+    "qwen2-moe": ("qwen2_moe", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16, num_hidden_layers=3,
+                                    mlp_only_layers=[0]), "reference", [(2, 4)], False),
     # q and k normed over all heads, which split over 'model' (and KV heads repeated to fill it).
     "olmo2-qknorm": ("olmo2", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16), "xla", [(1, 4)], False),
     # Attention sinks split over 'model' with their heads, two kinds of layer (one attention call, its window
@@ -152,6 +153,7 @@ def test_experts_split_by_width_over_the_model_axis(runs):
     moe = runs["qwen2-moe"]["meshes"]["2,4"]
     assert moe["w_down"] == {"shape": [2, 4, 48, 64], "local": [2, 4, 12, 64]}  # [L, E, F, D]: F over 4 devices
     assert moe["wk"] == {"shape": [2, 64, 4, 16], "local": [2, 64, 1, 16]}  # 2 KV heads x 2 copies
+    assert moe["dense_w_down"] == {"shape": [1, 128, 64], "local": [1, 32, 64]}  # the leading dense layer's [L, F, D]
 
 
 # ---- the subprocess: python tests/test_mesh_variants.py OUTPUT_DIR (8 fake devices, set by the parent) ----
@@ -177,7 +179,9 @@ def _decode(checkpoint: str, mesh: tuple[int, int], backend: str, prompt_logprob
             "prompt_top_ids": [sorted(step) for step in prompt_steps], "prompt_logprobs": values(prompt_steps),
             "wk": local(llm.runner.params["layers"]["wk"]), "kv": local(llm.runner.kv.k),
             "scales": {name: local(x) for name, x in llm.runner.params["layers"].items() if name.endswith("_scale")},
-            "w_down": local(llm.runner.params["layers"]["w_down"])}
+            "w_down": local(llm.runner.params["layers"]["w_down"]),
+            **({"dense_w_down": local(llm.runner.params["dense_layers"]["w_down"])}
+               if "dense_layers" in llm.runner.params else {})}
 
 
 def _child(output: Path) -> None:

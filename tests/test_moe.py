@@ -1,13 +1,16 @@
-"""Mixtures of experts (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE): config mapping against transformers' config classes,
-the router against a numpy reference, strict per-expert loading, the engine's batch invariance. Logits and greedy
+"""Mixtures of experts (Mixtral, Qwen1.5/2-MoE, Qwen3-MoE, GLM-4.5, ...): config mapping against transformers' config
+classes, the router against a numpy reference, strict per-expert loading, leading dense layers, the engine's batch
+invariance. Logits and greedy
 tokens against transformers are tests/test_model_parity.py's (the families are in tests/hf_models.py); sharding
 is test_mesh_variants.py's."""
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
@@ -16,6 +19,7 @@ from jaxinfer.config import ConfigError, EngineConfig, ModelConfig
 from jaxinfer.llm import LLM, SamplingParams
 from jaxinfer.model.checkpoint import CheckpointError, find_model, load_config, load_params
 from jaxinfer.model.transformer import expert_weights
+from jaxinfer.model.weights import to_hf_tensors
 from jaxinfer.sharding import mesh_problems
 
 
@@ -75,8 +79,12 @@ def test_hub_spelling_and_missing_optional_fields_map_like_transformers(tmp_path
 
 
 @pytest.mark.parametrize("family, change, message", [
-    ("qwen3_moe", dict(decoder_sparse_step=2), r"decoder_sparse_step=2.*every layer must be a mixture of experts"),
+    ("qwen3_moe", dict(decoder_sparse_step=2), r"decoder_sparse_step=2.*dense layers must lead"),
     ("qwen2_moe", dict(mlp_only_layers=[1]), r"mlp_only_layers=\[1\]"),
+    ("qwen2_moe", dict(mlp_only_layers=[0, 1]), "2 leading dense layers leave no mixture-of-experts layer of the 2"),
+    ("glm4_moe", dict(n_group=3), "n_group=3 and topk_group=1 do not fit 4 experts"),
+    ("glm4_moe", dict(n_group=4, topk_group=1), "n_group=4 and topk_group=1 do not fit 4 experts, 2 a token"),
+    ("glm4_moe", dict(first_k_dense_replace=3), "3 leading dense layers leave no mixture-of-experts layer"),
     ("mixtral", dict(num_experts_per_tok=5), "num_experts_per_tok=5 must be between 1 and the 4 experts"),
     ("qwen3_moe", dict(num_experts_per_tok=0), "num_experts_per_tok=0 must be between 1"),
     ("mixtral", dict(num_local_experts=None), "missing required field 'num_local_experts'"),
@@ -229,3 +237,143 @@ def test_engine_outputs_do_not_depend_on_the_batch(qwen3_moe_dir):
     assert [tokens for tokens, _ in run(prompts)] == [tokens for tokens, _ in alone]
     assert llm.engine.stats().preemptions > 0
     llm.engine.check_idle()
+
+
+# ---- GLM-4.5 (glm4_moe) and leading dense layers ----
+
+@pytest.mark.parametrize("overrides", [{}, dict(n_group=1, topk_group=1, first_k_dense_replace=2, use_qk_norm=False,
+                                               n_shared_experts=2, routed_scaling_factor=1.0, norm_topk_prob=False)])
+def test_glm4_moe_maps_like_transformers(tmp_path, overrides):
+    """Every routing field as transformers' modeling code reads it, and the layers it makes dense."""
+    hf = _saved(tmp_path, "glm4_moe", **overrides)
+    c, ours = transformers.AutoConfig.for_model(**hf), ModelConfig.from_hf(hf)
+    model = transformers.AutoModelForCausalLM.from_config(c)
+    gate = model.model.layers[-1].mlp.gate
+    assert (ours.num_experts, ours.experts_per_token, ours.norm_topk_prob, ours.router_groups,
+            ours.router_topk_groups, ours.routed_scaling) == (gate.num_experts, gate.top_k, gate.norm_topk_prob,
+                                                              gate.num_group, gate.topk_group,
+                                                              gate.routed_scaling_factor)
+    dense = [type(layer.mlp).__name__ == "Glm4MoeMLP" for layer in model.model.layers]
+    assert dense == [i < ours.dense_layers for i in range(ours.num_layers)]
+    shared = model.model.layers[-1].mlp.shared_experts
+    assert (ours.intermediate_size, ours.shared_expert_size, ours.dense_intermediate_size) == \
+        (model.model.layers[-1].mlp.experts.intermediate_dim, shared.intermediate_size,
+         model.model.layers[0].mlp.intermediate_size)
+    assert (ours.qk_norm, ours.qkv_bias, ours.o_bias) == (c.use_qk_norm, c.attention_bias, False)
+    assert ours.rope.partial_rotary_factor == c.rope_parameters["partial_rotary_factor"] == 0.5
+    assert ModelConfig.from_hf(ours.to_hf()) == dataclasses.replace(ours, mtp_layers=0)
+
+
+def test_glm4_moe_without_optional_fields_takes_transformers_defaults(tmp_path):
+    hf = _saved(tmp_path, "glm4_moe")
+    for name in ("n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob", "first_k_dense_replace",
+                 "n_shared_experts", "rope_parameters", "rms_norm_eps", "num_nextn_predict_layers"):
+        hf.pop(name)
+    c, ours = transformers.AutoConfig.for_model(**hf), ModelConfig.from_hf(hf)
+    assert (ours.router_groups, ours.router_topk_groups, ours.routed_scaling, ours.norm_topk_prob, ours.dense_layers,
+            ours.shared_expert_size // ours.intermediate_size, ours.rope.partial_rotary_factor, ours.rms_norm_eps,
+            ours.mtp_layers) == (c.n_group, c.topk_group, c.routed_scaling_factor, c.norm_topk_prob,
+                                 c.first_k_dense_replace, c.n_shared_experts,
+                                 c.rope_parameters["partial_rotary_factor"], c.rms_norm_eps,
+                                 c.num_nextn_predict_layers)
+
+
+@pytest.mark.parametrize("groups, topk_groups, k, scaling", [(4, 2, 3, 2.5), (2, 1, 2, 1.0), (8, 3, 4, 1.5)])
+def test_group_limited_sigmoid_routing(groups, topk_groups, k, scaling):
+    """GLM-4.5's (DeepSeek-V3's) router against numpy: groups scored by their two best corrected scores, experts
+    chosen by corrected score within the best groups, weighed by their scores renormalised times the scaling."""
+    X = 16
+    cfg = ModelConfig(model_type="glm4_moe", vocab_size=8, hidden_size=16, intermediate_size=8, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=32, num_experts=X,
+                      experts_per_token=k, norm_topk_prob=True, router_scoring="sigmoid", router_logits_f32=True,
+                      router_groups=groups, router_topk_groups=topk_groups, routed_scaling=scaling)
+    rng = np.random.default_rng(groups * 10 + k)
+    y = rng.standard_normal((3, 7, 16)).astype(np.float32)
+    router, correction = rng.standard_normal((16, X)).astype(np.float32), rng.normal(0, 0.3, X).astype(np.float32)
+    got = np.asarray(expert_weights({"router": jnp.asarray(router), "router_correction": jnp.asarray(correction)},
+                                    cfg, jnp.asarray(y)))
+    scores = 1 / (1 + np.exp(-(y @ router).astype(np.float64)))
+    want = np.zeros_like(scores)
+    for index in np.ndindex(*scores.shape[:2]):
+        choice = (scores[index] + correction).reshape(groups, -1)
+        best = np.argsort(-np.sort(choice, axis=1)[:, -2:].sum(1))[:topk_groups]
+        masked = np.full_like(choice, -np.inf)
+        masked[best] = choice[best]
+        top = np.argsort(-masked.ravel())[:k]
+        want[index + (top,)] = scores[index + (top,)] / scores[index + (top,)].sum() * scaling
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert ((got > 0).sum(-1) == k).all()
+
+
+@pytest.fixture(scope="module")
+def glm_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("glm4_moe")
+    build("glm4_moe", directory)
+    return directory
+
+
+def test_leading_dense_layers_load_as_a_stack_of_their_own(glm_dir):
+    source = find_model(glm_dir)
+    cfg = load_config(source)
+    params = load_params(source, cfg, "bfloat16", None)
+    tensors = load_file(glm_dir / "model.safetensors")
+    dense, sparse = params["dense_layers"], params["layers"]
+    assert dense["w_gate"].shape == (1, 64, 128) and "router" not in dense
+    assert sparse["w_gate"].shape == (2, 4, 64, 48) and sparse["wq"].shape[0] == 2
+    np.testing.assert_array_equal(np.asarray(dense["w_down"][0], np.float32),
+                                  tensors["model.layers.0.mlp.down_proj.weight"].T.bfloat16().float())
+    np.testing.assert_array_equal(np.asarray(sparse["w_up"][1, 3], np.float32),
+                                  tensors["model.layers.2.mlp.experts.3.up_proj.weight"].T.bfloat16().float())
+    np.testing.assert_array_equal(np.asarray(dense["wq"][0], np.float32).reshape(64, 64),
+                                  tensors["model.layers.0.self_attn.q_proj.weight"].T.bfloat16().float())
+    # The router and its correction stay float32 in a bfloat16 model, as transformers keeps them.
+    assert sparse["router"].dtype == sparse["router_correction"].dtype == jnp.float32
+    np.testing.assert_array_equal(sparse["router"][0], tensors["model.layers.1.mlp.gate.weight"].T)
+    np.testing.assert_array_equal(sparse["router_correction"][1],
+                                  tensors["model.layers.2.mlp.gate.e_score_correction_bias"])
+
+
+def test_multi_token_prediction_layers_are_left_unread(glm_dir, tmp_path):
+    """The Hub's GLM-4.5 files carry their next-token-prediction layer after the last (layer 46 of 46); it is not
+    loaded. A tensor of a layer past it is still named."""
+    config = json.loads((glm_dir / "config.json").read_text())
+
+    def mtp(t, layer):
+        for name in ("eh_proj.weight", "enorm.weight", "self_attn.q_proj.weight"):
+            t[f"model.layers.{layer}.{name}"] = t["model.layers.0.self_attn.q_proj.weight"].clone()
+    load = _broken(glm_dir, tmp_path / "mtp", lambda t: mtp(t, 3))
+    assert config["num_nextn_predict_layers"] == 1 and load()["layers"]["wq"].shape[0] == 2
+    with pytest.raises(CheckpointError, match=r"unexpected tensor\(s\) 'model\.layers\.4\.eh_proj\.weight'"):
+        _broken(glm_dir, tmp_path / "past", lambda t: mtp(t, 4))()
+
+
+def test_qwen_moe_with_a_leading_dense_layer_matches_transformers(tmp_path):
+    """Qwen-MoE's mlp_only_layers=[0]: a dense MLP of intermediate_size first, experts after; logits and greedy
+    tokens against transformers."""
+    model = build("qwen3_moe", tmp_path, config=dict(mlp_only_layers=[0], num_hidden_layers=3))
+    llm = LLM(tmp_path, EngineConfig(max_slots=2, page_size=8, prefill_chunk=16, dtype="float32", max_model_len=64))
+    assert (llm.model_config.dense_layers, llm.model_config.dense_intermediate_size) == (1, 128)
+    prompts = random_prompts(COMMON["vocab_size"], (9, 40), seed=5)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=10,
+                                 min_new_tokens=10)[0, len(prompt):].tolist()
+        assert out.outputs[0].token_ids == ref
+    llm.engine.check_idle()
+
+
+def test_a_mesh_names_the_dense_layers_width_it_cannot_split():
+    said = mesh_problems((1, 8), heads=8, kv_heads=2, mlp=48, vocab=256, slots=8, pages=None, devices=8,
+                         mlp_name="moe_intermediate_size", dense_mlp=100)
+    assert said == ["intermediate_size=100 is not a multiple of the 'model' axis (8)"]
+
+
+def test_leading_dense_layers_are_written_back_under_their_own_keys(glm_dir):
+    source = find_model(glm_dir)
+    cfg = load_config(source)
+    written = to_hf_tensors(load_params(source, cfg, "float32", None), cfg)
+    tensors = load_file(glm_dir / "model.safetensors")
+    assert written.keys() == tensors.keys()
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(written[key], value.numpy(), err_msg=key)

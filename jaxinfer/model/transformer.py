@@ -204,13 +204,26 @@ def expert_weights(lp: dict, cfg: ModelConfig, y: jax.Array) -> jax.Array:
     router = router if cfg.router_logits_f32 else router.astype(y.dtype).astype(jnp.float32)
     if cfg.router_scoring == "sigmoid":  # chosen by score plus correction, weighed by score
         probs = jax.nn.sigmoid(router)
-        _, chosen = jax.lax.top_k(probs + lp["router_correction"], cfg.experts_per_token)
+        _, chosen = jax.lax.top_k(in_best_groups(probs + lp["router_correction"], cfg), cfg.experts_per_token)
         top = jnp.take_along_axis(probs, chosen, axis=-1)
     else:
         top, chosen = jax.lax.top_k(jax.nn.softmax(router, axis=-1), cfg.experts_per_token)
     if cfg.norm_topk_prob:
         top = top / jnp.sum(top, axis=-1, keepdims=True)
+    top = scaled(top, cfg.routed_scaling)
     return jnp.sum(jax.nn.one_hot(chosen, cfg.num_experts, dtype=jnp.float32) * top[..., None], axis=-2)
+
+
+def in_best_groups(scores: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Group-limited routing (GLM-4.5's, DeepSeek-V3's): scores [..., X] with the experts outside the best
+    `router_topk_groups` of `router_groups` equal groups (a group scored by the sum of its two best) at -inf."""
+    if cfg.router_groups == 1:
+        return scores
+    grouped = scores.reshape(*scores.shape[:-1], cfg.router_groups, -1)
+    group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
+    _, best = jax.lax.top_k(group_scores, cfg.router_topk_groups)
+    kept = jnp.sum(jax.nn.one_hot(best, cfg.router_groups, dtype=jnp.int32), axis=-2) > 0
+    return jnp.where(kept[..., None], grouped, -jnp.inf).reshape(scores.shape)
 
 
 def gated(cfg: ModelConfig, gate: jax.Array, up: jax.Array) -> jax.Array:
@@ -282,7 +295,7 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
     sliding_layers = jnp.asarray(cfg.sliding_layers or [cfg.sliding_window is not None] * cfg.num_layers)
     rope_layers = jnp.asarray(cfg.rope_layers or [True] * cfg.num_layers)
 
-    def layer(carry, xs):
+    def layer(cfg, carry, xs):  # `cfg`: the dense part's for the leading dense layers
         h, k_pool, v_pool = carry
         lp, index = xs
         lp = dequantized(lp, cfg, h.dtype)
@@ -309,9 +322,12 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
         h = h + scaled(norm(out, lp["post_mlp_norm"], cfg) if cfg.post_norms else out, cfg.residual_multiplier)
         return (h, k_pool, v_pool), None
 
-    h = scaled(params["embed"][batch.tokens], cfg.embedding_multiplier)
-    layer_ids = jnp.arange(cfg.num_layers)
-    (h, k_pool, v_pool), _ = jax.lax.scan(layer, (h, kv.k, kv.v), (params["layers"], layer_ids))
+    carry = (scaled(params["embed"][batch.tokens], cfg.embedding_multiplier), kv.k, kv.v)
+    if cfg.dense_layers:  # a stack of their own, scanned first
+        carry, _ = jax.lax.scan(functools.partial(layer, cfg.dense_part()), carry,
+                                (params["dense_layers"], jnp.arange(cfg.dense_layers)))
+    layer_ids = jnp.arange(cfg.dense_layers, cfg.num_layers)
+    (h, k_pool, v_pool), _ = jax.lax.scan(functools.partial(layer, cfg), carry, (params["layers"], layer_ids))
     return norm(h, params["final_norm"], cfg, bias=params.get("final_norm_bias")), KVPool(k_pool, v_pool)
 
 

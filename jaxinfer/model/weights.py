@@ -4,7 +4,8 @@ One `WeightSpec` per weight names its place in our parameter tree, its shape and
 logical axes, and where it lives in a Hugging Face checkpoint (key and layout).
 Per-layer weights are stacked on a leading `layers` axis so the forward pass can
 `lax.scan` over them; a mixture of experts' weights, one checkpoint tensor per
-expert, are stacked on an `experts` axis after it. Loading is strict: every
+expert, are stacked on an `experts` axis after it. A mixture of experts whose first
+layers are dense (GLM-4.5) stacks those apart, as `dense_layers`. Loading is strict: every
 checkpoint key maps to exactly one destination, shapes are checked, leftovers fail.
 
 An fp8 checkpoint's projections stay float8_e4m3fn, held as their bits (uint8, as the KV pool holds fp8: XLA:CPU
@@ -38,8 +39,9 @@ log = logging.getLogger(__name__)
 FP8 = "uint8"  # a quantized projection's dtype: the bits of its float8_e4m3fn values
 FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
 # The projections an fp8 checkpoint keeps in fp8 (routers, gates of one output, embeddings and heads it does not).
-QUANTIZABLE = tuple(f"layers.{name}" for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "shared_gate",
-                                                   "shared_up", "shared_down"))
+QUANTIZABLE = tuple(f"{stack}.{name}" for stack in ("layers", "dense_layers")
+                    for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "shared_gate", "shared_up",
+                                 "shared_down"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +61,7 @@ class WeightSpec:
     #     (after hf_permute) this weight is: gpt-oss's gate and up interleaved (step 2), Qwen3-VL-MoE's halves
     hf_permute: tuple[int, ...] | None = None  # the checkpoint tensor's axes in our order, taken before the rest
     mxfp4: bool = False  # MXFP4 blocks (two 4-bit floats a byte) or their exponents, as bytes (`mxfp4_specs`)
+    layer_ids: tuple[int, ...] | None = None  # the layers a stacked weight's stack holds (None: every layer)
 
     @property
     def fp8(self) -> bool:
@@ -85,7 +88,11 @@ class WeightSpec:
         return "{e}" in self.hf_key
 
     def full_shape(self, num_layers: int) -> tuple[int, ...]:
-        return (num_layers, *self.shape) if self.stacked else self.shape
+        return (len(self.layers(num_layers)), *self.shape) if self.stacked else self.shape
+
+    def layers(self, num_layers: int) -> tuple[int, ...] | range:
+        """The model's layers this weight's stack holds, in order."""
+        return range(num_layers) if self.layer_ids is None else self.layer_ids
 
     def full_axes(self) -> tuple[str, ...]:
         return ("layers", *self.axes) if self.stacked else self.axes
@@ -95,7 +102,7 @@ class WeightSpec:
         if not self.stacked:
             return [self.hf_key]
         experts = range(self.shape[0]) if self.per_expert else [0]
-        return [self.hf_key.format(i=i, e=e) for i in range(num_layers) for e in experts]
+        return [self.hf_key.format(i=i, e=e) for i in self.layers(num_layers) for e in experts]
 
     def sharding(self, mesh, replicated: tuple[str, ...] = ()):
         return logical_sharding(mesh, self.full_axes(), replicated) if mesh is not None else None
@@ -199,7 +206,18 @@ def weight_table(cfg: ModelConfig) -> list[WeightSpec]:
         specs.append(WeightSpec("lm_head", (D, V), ("embed", "vocab"), "lm_head.weight", (V, D), True))
     if cfg.lm_head_bias:
         specs.append(WeightSpec("lm_head_bias", (V,), ("vocab",), "lm_head.bias", (V,)))
+    if cfg.dense_layers:
+        specs = _with_dense_layers(specs, cfg)
     return _fp8(specs, cfg) if cfg.weight_quant is not None else specs
+
+
+def _with_dense_layers(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
+    """A mixture of experts led by `dense_layers` dense ones: theirs stacked apart as `dense_layers.*` (the dense
+    model's layer weights), the experts' layers' stacks holding the rest."""
+    dense_ids, sparse_ids = tuple(range(cfg.dense_layers)), tuple(range(cfg.dense_layers, cfg.num_layers))
+    dense = [dataclasses.replace(spec, name="dense_" + spec.name, layer_ids=dense_ids)
+             for spec in weight_table(dataclasses.replace(cfg.dense_part(), weight_quant=None)) if spec.stacked]
+    return dense + [dataclasses.replace(spec, layer_ids=sparse_ids) if spec.stacked else spec for spec in specs]
 
 
 def _fp8(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
@@ -268,20 +286,24 @@ def _expert_specs(cfg: ModelConfig) -> list[WeightSpec]:
         return _fused_expert_specs(cfg)
     block, router, gate, up, down = _EXPERT_KEYS.get(cfg.model_type, _QWEN_EXPERT_KEYS)
     ep = "model.layers.{i}." + block + "experts.{e}."
-    specs = [
+    specs = [  # a router whose logits stay float32 is float32 (transformers keeps HunYuan-MoE's and GLM-4.5's so)
         WeightSpec("layers.router", (D, X), ("embed", "experts"), f"model.layers.{{i}}.{block}{router}.weight",
-                   (X, D), True),
+                   (X, D), True, dtype="float32" if cfg.router_logits_f32 else None),
         WeightSpec("layers.w_gate", (X, D, F), ("experts", "embed", "mlp"), ep + gate + ".weight", (F, D), True),
         WeightSpec("layers.w_up", (X, D, F), ("experts", "embed", "mlp"), ep + up + ".weight", (F, D), True),
         WeightSpec("layers.w_down", (X, F, D), ("experts", "mlp", "embed"), ep + down + ".weight", (D, F), True),
     ]
-    if cfg.router_scoring == "sigmoid":  # its correction bias, kept in float32 as transformers keeps it
+    if cfg.router_scoring == "sigmoid":  # its correction bias, kept in float32 as transformers keeps it (GLM's
+        #                                   beside the router's weight)
+        correction = f"{block}{router}." if cfg.model_type == "glm4_moe" else block
         specs.append(WeightSpec("layers.router_correction", (X,), ("experts",),
-                                f"model.layers.{{i}}.{block}e_score_correction_bias", (X,), init="zeros",
+                                f"model.layers.{{i}}.{correction}e_score_correction_bias", (X,), init="zeros",
                                 dtype="float32"))
-    if cfg.shared_expert_size:  # Qwen2-MoE's, with a sigmoid gate; HunYuan-MoE's `shared_mlp`, without
-        S = cfg.shared_expert_size
-        sp = "model.layers.{i}.mlp." + ("shared_expert" if cfg.shared_expert_gated else "shared_mlp")
+    if cfg.shared_expert_size:  # Qwen2-MoE's, with a sigmoid gate; HunYuan-MoE's `shared_mlp` and GLM-4.5's
+        S = cfg.shared_expert_size  # `shared_experts`, without
+        shared = "shared_expert" if cfg.shared_expert_gated else \
+            "shared_experts" if cfg.model_type == "glm4_moe" else "shared_mlp"
+        sp = "model.layers.{i}.mlp." + shared
         specs += [
             WeightSpec("layers.shared_gate", (D, S), ("embed", "mlp"), sp + ".gate_proj.weight", (S, D), True),
             WeightSpec("layers.shared_up", (D, S), ("embed", "mlp"), sp + ".up_proj.weight", (S, D), True),
@@ -622,7 +644,7 @@ def load_safetensors(path: str | Path, cfg: ModelConfig, dtype, mesh=None) -> di
 
             if not spec.stacked:
                 return read(keys[0])[index].astype(np_dtype)
-            layers = range(cfg.num_layers)[index[0]]
+            layers = range(len(spec.layers(cfg.num_layers)))[index[0]]
             if not spec.per_expert:
                 return np.stack([read(keys[i])[index[1:]].astype(np_dtype) for i in layers])
             experts = range(cfg.num_experts)[index[1]]
@@ -641,9 +663,14 @@ def _check_leftovers(keys, used: set[str], cfg: ModelConfig, rename) -> None:
     vision = {k for k in keys if k.startswith(VISION_PREFIXES)} if cfg.vision_tower else set()
     quant = cfg.weight_quant
     inputs = {k for k in keys if k.endswith(".input_scale")} if quant and quant.input_scales else set()  # W8A16
+    mtp = tuple(rename(f"model.layers.{i}.") for i in range(cfg.num_layers, cfg.num_layers + cfg.mtp_layers))
+    mtp = {k for k in keys if k.startswith(mtp)} if mtp else set()
+    if mtp:
+        log.info("not loading the checkpoint's %d multi-token-prediction tensors (layers %d to %d)", len(mtp),
+                 cfg.num_layers, cfg.num_layers + cfg.mtp_layers - 1)
     if vision:
         log.info("serving the checkpoint's language model as text: its %d vision tensors are not loaded", len(vision))
-    unexpected = sorted(set(keys) - used - ignorable - rotary - vision - inputs)
+    unexpected = sorted(set(keys) - used - ignorable - rotary - vision - inputs - mtp)
     if unexpected:
         shown = ", ".join(repr(k) for k in unexpected[:5])
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
