@@ -30,7 +30,7 @@ DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "grani
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
 FUSED_GATE_UP = GLM_MODEL_TYPES  # the MLP's gate and up in one checkpoint tensor
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss", "minimax_m2",
-                   "hunyuan_v1_moe", "glm4_moe")
+                   "hunyuan_v1_moe", "glm4_moe", "ernie4_5_moe")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "ntk_alpha")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "relu2")  # relu2: relu(x) ** 2 (Arcee's)
@@ -42,13 +42,13 @@ DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128, "seed_oss": 128, "helium": 1
 # transformers' class defaults where rms_norm_eps is absent; else 1e-6
 RMS_NORM_EPS_DEFAULTS = {"phi3": 1e-5, "mixtral": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "olmoe": 1e-5, "cohere": 1e-5,
                          "cohere2": 1e-5, "starcoder2": 1e-5, "phi": 1e-5, "helium": 1e-8, "arcee": 1e-5,
-                         "exaone4": 1e-5, "ernie4_5": 1e-5, "glm4_moe": 1e-5,
+                         "exaone4": 1e-5, "ernie4_5": 1e-5, "glm4_moe": 1e-5, "ernie4_5_moe": 1e-5,
                          "apertus": 1e-5}  # Cohere's, StarCoder 2's, Phi-2's LayerNorm
 NORM_EPS_FIELD = {"cohere": "layer_norm_eps", "cohere2": "layer_norm_eps", "starcoder2": "norm_epsilon",
                   "phi": "layer_norm_eps"}
 # ... and rope_theta's, where a config names none; else 10,000
-ROPE_THETA_DEFAULTS = {"mixtral": 1e6, "smollm3": 2e6, "helium": 1e5, "ernie4_5": 5e5, "gpt_oss": 1.5e5,
-                       "apertus": 1.2e7}
+ROPE_THETA_DEFAULTS = {"mixtral": 1e6, "smollm3": 2e6, "helium": 1e5, "ernie4_5": 5e5, "ernie4_5_moe": 5e5,
+                       "gpt_oss": 1.5e5, "apertus": 1.2e7}
 # ... and partial_rotary_factor's (GLM's classes turn half of each head); else 1
 PARTIAL_ROTARY_DEFAULTS = {"glm": 0.5, "glm4": 0.5, "glm4_moe": 0.5}
 # transformers' Gemma3TextConfig defaults: the Hub's multimodal Gemma 3 configs (4B and up) give their
@@ -188,6 +188,7 @@ class ModelConfig:
     # MiniMax-M2's (and DeepSeek-V3's) routing: experts chosen by sigmoid scores plus a fixed correction bias per
     # expert, weighed by their sigmoid scores alone ("sigmoid"; "softmax": the softmax's top, the rest's)
     router_scoring: str = "softmax"
+    router_correction: bool = False  # experts chosen by score plus a fixed per-expert bias (MiniMax-M2, GLM-4.5, ERNIE)
     # GLM-4.5's (and DeepSeek-V3's): the experts split in `router_groups` groups, a token choosing among those of its
     # `router_topk_groups` best groups only (a group scored by its two best choices); the chosen experts' weights
     # times `routed_scaling`
@@ -242,7 +243,7 @@ class ModelConfig:
     @property
     def mlp_field(self) -> str:
         """The config.json field of `intermediate_size` (the Qwen MoEs name their experts' width apart)."""
-        return "moe_intermediate_size" if self.model_type in ("qwen2_moe", "qwen3_moe", "glm4_moe") \
+        return "moe_intermediate_size" if self.model_type in ("qwen2_moe", "qwen3_moe", "glm4_moe", "ernie4_5_moe") \
             else "intermediate_size"
 
     @property
@@ -308,8 +309,8 @@ class ModelConfig:
                               f"{', '.join(SUPPORTED_ACTIVATIONS)}")
         if hf.get("mlp_bias") and model_type != "arcee":  # Arcee's MLP has no gate: our two-projection MLP's biases
             raise ConfigError("mlp_bias=true is not supported (no released Llama-family model uses it)")
-        if model_type == "ernie4_5" and hf.get("use_bias"):
-            raise ConfigError("ernie4_5 with use_bias=true is not supported (biases on a gated MLP; no released "
+        if model_type in ("ernie4_5", "ernie4_5_moe") and hf.get("use_bias"):
+            raise ConfigError(f"{model_type} with use_bias=true is not supported (biases on a gated MLP; no released "
                               "ERNIE 4.5 model uses them)")
         num_heads = get("num_attention_heads")
         hidden = get("hidden_size")
@@ -345,7 +346,7 @@ class ModelConfig:
             # Gemma's, SmolLM3's, Cohere's and StarCoder 2's classes tie them unless told otherwise; the others do not.
             tie_word_embeddings=bool(hf.get("tie_word_embeddings",
                                             model_type in GEMMA_MODEL_TYPES + COHERE_MODEL_TYPES +
-                                            ("smollm3", "starcoder2", "ernie4_5"))),
+                                            ("smollm3", "starcoder2", "ernie4_5", "ernie4_5_moe"))),
             # Qwen2 always has q/k/v biases and no o bias, Qwen2-MoE as `qkv_bias` says (true unless sent);
             # the others follow attention_bias.
             qkv_bias=(model_type == "qwen2" or attention_bias if model_type != "qwen2_moe"
@@ -463,7 +464,7 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "granitemoe": "GraniteMoeForCausalLM", "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM",
                   "gpt_oss": "GptOssForCausalLM", "minimax_m2": "MiniMaxM2ForCausalLM",
                   "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM", "apertus": "ApertusForCausalLM",
-                  "glm4_moe": "Glm4MoeForCausalLM"}
+                  "glm4_moe": "Glm4MoeForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM"}
 
 
 def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
@@ -476,13 +477,16 @@ def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
         return _hunyuan_moe_from_hf(hf, get)
     if model_type == "glm4_moe":
         return _glm4_moe_from_hf(hf, get)
+    if model_type == "ernie4_5_moe":
+        return _ernie_moe_from_hf(hf, get)
     if model_type == "minimax_m2" and hf.get("scoring_func", "sigmoid") != "sigmoid":
         raise ConfigError(f"minimax_m2 with scoring_func={hf['scoring_func']!r} is not supported (only sigmoid)")
     # Always renormalised: GraniteMoE's and gpt-oss's softmax over the top logits is the renormalised softmax;
     # MiniMax-M2 renormalises its sigmoid scores.
     if model_type in ("mixtral", "granitemoe", "gpt_oss", "minimax_m2"):
         return dict(num_experts=get("num_local_experts"), experts_per_token=get("num_experts_per_tok"),
-                    norm_topk_prob=True, router_scoring="sigmoid" if model_type == "minimax_m2" else "softmax")
+                    norm_topk_prob=True, router_scoring="sigmoid" if model_type == "minimax_m2" else "softmax",
+                    router_correction=model_type == "minimax_m2")
     step, dense_layers = hf.get("decoder_sparse_step", 1), sorted(hf.get("mlp_only_layers") or [])
     if step != 1 or dense_layers != list(range(len(dense_layers))):
         raise ConfigError(f"{model_type} with dense MLP layers among the sparse ones (decoder_sparse_step={step}, "
@@ -501,20 +505,42 @@ def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
     return fields
 
 
+def _ernie_moe_from_hf(hf: dict, get) -> dict:
+    """ERNIE 4.5 MoE (21B-A3B, 300B-A47B): layer i is sparse when (i + 1) % moe_layer_interval == 0 and it lies in
+    [moe_layer_start_index, moe_layer_end_index] (-1: the last), which must make the dense layers lead; `moe_k` of
+    `moe_num_experts` chosen by softmax weight plus a correction bias, weighed by their softmax weights renormalised;
+    `moe_num_shared_experts` ungated shared experts as one MLP; the router in float32. Its multi-token-prediction
+    tensors (`mtp*`) are not loaded."""
+    layers, interval = get("num_hidden_layers"), hf.get("moe_layer_interval", 1)
+    start, end = hf.get("moe_layer_start_index", 1), hf.get("moe_layer_end_index", -1)
+    end = layers - 1 if end == -1 else end
+    sparse = [i for i in range(layers) if (i + 1) % interval == 0 and start <= i <= end]
+    if not sparse or sparse != list(range(sparse[0], layers)):
+        raise ConfigError(f"ernie4_5_moe with moe_layer_start_index={start}, moe_layer_end_index={end} and "
+                          f"moe_layer_interval={interval} is not supported: the mixture-of-experts layers must be the "
+                          "last ones, after any dense layers")
+    width = get("moe_intermediate_size")
+    return dict(intermediate_size=width, num_experts=get("moe_num_experts"), experts_per_token=get("moe_k"),
+                norm_topk_prob=True, shared_expert_size=width * hf.get("moe_num_shared_experts", 2),
+                shared_expert_gated=False, router_correction=True, router_logits_f32=True, dense_layers=sparse[0],
+                dense_intermediate_size=get("intermediate_size") if sparse[0] else 0)
+
+
 def _glm4_moe_from_hf(hf: dict, get) -> dict:
     """GLM-4.5/4.6 (and -Air): `first_k_dense_replace` leading dense layers of `intermediate_size`, the rest
     `n_routed_experts` experts of `moe_intermediate_size` chosen by sigmoid scores plus a correction bias within the
     best `topk_group` of `n_group` groups, weighed by their scores (renormalised) times `routed_scaling_factor`, and
     `n_shared_experts` ungated shared experts as one MLP; the router in float32. The checkpoint's
     multi-token-prediction layers (`num_nextn_predict_layers`, after the last) are not loaded."""
-    width = get("moe_intermediate_size")
+    width, dense = get("moe_intermediate_size"), hf.get("first_k_dense_replace", 1)
     return dict(intermediate_size=width, num_experts=get("n_routed_experts"),
                 experts_per_token=get("num_experts_per_tok"), norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
                 shared_expert_size=width * hf.get("n_shared_experts", 1), shared_expert_gated=False,
-                router_scoring="sigmoid", router_logits_f32=True, router_groups=hf.get("n_group") or 1,
+                router_scoring="sigmoid", router_correction=True, router_logits_f32=True,
+                router_groups=hf.get("n_group") or 1,
                 router_topk_groups=hf.get("topk_group") or 1,
                 routed_scaling=float(hf.get("routed_scaling_factor", 1.0)),
-                dense_layers=hf.get("first_k_dense_replace", 1), dense_intermediate_size=get("intermediate_size"),
+                dense_layers=dense, dense_intermediate_size=get("intermediate_size") if dense else 0,
                 mtp_layers=hf.get("num_nextn_predict_layers", 1) or 0)
 
 
@@ -549,7 +575,7 @@ def _family_fields(hf: dict, model_type: str, get) -> dict:
         return dict(layer_norm=True, norm_bias=True, gated_mlp=False, mlp_bias=bool(hf.get("use_bias", True)))
     if model_type in GLM_MODEL_TYPES:  # GLM-4: RoPE over adjacent pairs of the first half; GLM-4-0414 post-norms too
         return dict(rope_interleaved=True, post_norms=model_type == "glm4")
-    if model_type in ("helium", "ernie4_5"):  # RoPE over adjacent pairs; Helium's norm weighs in float32
+    if model_type in ("helium", "ernie4_5", "ernie4_5_moe"):  # RoPE over adjacent pairs; Helium's norm in float32
         return dict(rope_interleaved=True, norm_scale_f32=model_type == "helium")
     if model_type in ("arcee", "apertus"):  # two projections, no gate
         return dict(gated_mlp=False, mlp_bias=bool(hf.get("mlp_bias")))
@@ -885,6 +911,12 @@ def _moe_to_hf(cfg: "ModelConfig") -> dict:
                 "norm_topk_prob": cfg.norm_topk_prob, "use_qk_norm": cfg.qk_norm, "num_nextn_predict_layers": 0}
     if cfg.model_type == "hunyuan_v1_moe":
         return {"num_experts": cfg.num_experts, "moe_topk": cfg.experts_per_token}
+    if cfg.model_type == "ernie4_5_moe":
+        return {"moe_num_experts": cfg.num_experts, "moe_k": cfg.experts_per_token,
+                "moe_intermediate_size": cfg.intermediate_size, "intermediate_size": cfg.dense_intermediate_size,
+                "moe_num_shared_experts": cfg.shared_expert_size // cfg.intermediate_size,
+                "moe_layer_start_index": cfg.dense_layers, "moe_layer_end_index": cfg.num_layers - 1,
+                "moe_layer_interval": 1}
     if cfg.model_type in ("mixtral", "granitemoe", "gpt_oss", "minimax_m2"):
         return {"num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token}
     if cfg.model_type not in MOE_MODEL_TYPES:

@@ -119,6 +119,11 @@ FAMILIES = {
         n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=16, num_hidden_layers=3,
         first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, use_qk_norm=True,
         attention_bias=True, pad_token_id=0)),
+    # ERNIE 4.5 MoE: a leading dense layer, then experts chosen by softmax weight plus a correction ([1, X] in
+    # `moe_statics`), an ungated shared MLP, a float32 router; ERNIE's RoPE over adjacent pairs, tied embeddings.
+    "ernie4_5_moe": (transformers.Ernie4_5_MoeConfig, dict(
+        moe_num_experts=4, moe_k=2, moe_intermediate_size=48, head_dim=16, num_hidden_layers=3,
+        moe_layer_start_index=1, moe_num_shared_experts=1)),
     # gpt-oss: attention sinks, sliding layers (every other), YaRN without truncation, biases on q/k/v/o, the router
     # and every expert, gate and up interleaved in one tensor, the clamped SwiGLU (a limit low enough to clamp here).
     "gpt_oss": (transformers.GptOssConfig, dict(

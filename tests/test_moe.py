@@ -85,6 +85,10 @@ def test_hub_spelling_and_missing_optional_fields_map_like_transformers(tmp_path
     ("glm4_moe", dict(n_group=3), "n_group=3 and topk_group=1 do not fit 4 experts"),
     ("glm4_moe", dict(n_group=4, topk_group=1), "n_group=4 and topk_group=1 do not fit 4 experts, 2 a token"),
     ("glm4_moe", dict(first_k_dense_replace=3), "3 leading dense layers leave no mixture-of-experts layer"),
+    ("ernie4_5_moe", dict(moe_layer_interval=2), "moe_layer_interval=2 is not supported: the mixture-of-experts"),
+    ("ernie4_5_moe", dict(moe_layer_end_index=1), "moe_layer_end_index=1 and moe_layer_interval=1 is not supported"),
+    ("ernie4_5_moe", dict(moe_layer_start_index=3), "moe_layer_start_index=3"),
+    ("ernie4_5_moe", dict(use_bias=True), "ernie4_5_moe with use_bias=true is not supported"),
     ("mixtral", dict(num_experts_per_tok=5), "num_experts_per_tok=5 must be between 1 and the 4 experts"),
     ("qwen3_moe", dict(num_experts_per_tok=0), "num_experts_per_tok=0 must be between 1"),
     ("mixtral", dict(num_local_experts=None), "missing required field 'num_local_experts'"),
@@ -148,11 +152,15 @@ def test_expert_weights_are_the_routers_top_k(experts, k, norm):
     assert ((got > 0).sum(-1) == k).all()
 
 
+def _built(tmp_path_factory, family: str):
+    directory = tmp_path_factory.mktemp(family)
+    build(family, directory)
+    return directory
+
+
 @pytest.fixture(scope="module")
 def moe_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("qwen2_moe")
-    build("qwen2_moe", directory)
-    return directory
+    return _built(tmp_path_factory, "qwen2_moe")
 
 
 def _broken(src, dst, edit):
@@ -213,9 +221,7 @@ def test_a_mesh_names_the_expert_widths_it_cannot_split():
 
 @pytest.fixture(scope="module")
 def qwen3_moe_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("qwen3_moe")
-    build("qwen3_moe", directory)
-    return directory
+    return _built(tmp_path_factory, "qwen3_moe")
 
 
 def test_engine_outputs_do_not_depend_on_the_batch(qwen3_moe_dir):
@@ -285,7 +291,8 @@ def test_group_limited_sigmoid_routing(groups, topk_groups, k, scaling):
     X = 16
     cfg = ModelConfig(model_type="glm4_moe", vocab_size=8, hidden_size=16, intermediate_size=8, num_layers=1,
                       num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=32, num_experts=X,
-                      experts_per_token=k, norm_topk_prob=True, router_scoring="sigmoid", router_logits_f32=True,
+                      experts_per_token=k, norm_topk_prob=True, router_scoring="sigmoid", router_correction=True,
+                      router_logits_f32=True,
                       router_groups=groups, router_topk_groups=topk_groups, routed_scaling=scaling)
     rng = np.random.default_rng(groups * 10 + k)
     y = rng.standard_normal((3, 7, 16)).astype(np.float32)
@@ -307,9 +314,7 @@ def test_group_limited_sigmoid_routing(groups, topk_groups, k, scaling):
 
 @pytest.fixture(scope="module")
 def glm_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("glm4_moe")
-    build("glm4_moe", directory)
-    return directory
+    return _built(tmp_path_factory, "glm4_moe")
 
 
 def test_leading_dense_layers_load_as_a_stack_of_their_own(glm_dir):
@@ -377,3 +382,35 @@ def test_leading_dense_layers_are_written_back_under_their_own_keys(glm_dir):
     assert written.keys() == tensors.keys()
     for key, value in tensors.items():
         np.testing.assert_array_equal(written[key], value.numpy(), err_msg=key)
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, dict(moe_layer_start_index=0, moe_layer_end_index=-1, moe_num_shared_experts=0),
+    dict(moe_layer_start_index=2, moe_layer_end_index=2, moe_num_shared_experts=2)])
+def test_ernie_moe_maps_like_transformers(tmp_path, overrides):
+    """ERNIE 4.5 MoE's sparse layers, experts, shared experts and widths as transformers' modeling code builds them."""
+    hf = _saved(tmp_path, "ernie4_5_moe", **overrides)
+    ours = ModelConfig.from_hf(hf)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf))
+    sparse = [type(layer.mlp).__name__ == "Ernie4_5_MoeSparseMoeBlock" for layer in model.model.layers]
+    assert sparse == [i >= ours.dense_layers for i in range(ours.num_layers)]
+    moe = model.model.layers[-1].mlp
+    shared = moe.shared_experts.intermediate_size if moe.shared_experts is not None else 0
+    assert (ours.num_experts, ours.experts_per_token, ours.intermediate_size, ours.shared_expert_size) == \
+        (moe.num_experts, moe.top_k, moe.experts.intermediate_dim, shared)
+    if ours.dense_layers:
+        assert ours.dense_intermediate_size == model.model.layers[0].mlp.intermediate_size
+    assert ours.router_correction and ours.rope_interleaved and ours.tie_word_embeddings
+    assert ModelConfig.from_hf(ours.to_hf()) == ours
+
+
+def test_ernie_moe_leaves_its_multi_token_prediction_tensors_unread(tmp_path):
+    """The Hub's ERNIE 4.5 MoE files carry `mtp_*` modules beside the model (transformers ignores them)."""
+    build("ernie4_5_moe", tmp_path / "ernie")
+
+    def mtp(t):
+        t["model.mtp_linear_proj.0.weight"] = t["model.layers.0.self_attn.q_proj.weight"].clone()
+        t["model.mtp_emb_norm.0.weight"] = t["model.norm.weight"].clone()
+    params = _broken(tmp_path / "ernie", tmp_path / "mtp", mtp)()
+    assert params["dense_layers"]["w_up"].shape == (1, 64, 128)
+    assert params["layers"]["router_correction"].shape == (2, 4)

@@ -194,20 +194,19 @@ def mlp(lp: dict, cfg: ModelConfig, y: jax.Array, prefix: str = "w") -> jax.Arra
 
 
 def expert_weights(lp: dict, cfg: ModelConfig, y: jax.Array) -> jax.Array:
-    """The router's weight of each expert for each token [B, T, X], float32: the softmax's top
-    `experts_per_token` (renormalised to sum to one where the model says so), or the sigmoid's as MiniMax-M2
-    chooses them (`router_scoring`), zero elsewhere. The router's logits are rounded to the model's dtype first
-    (but for HunYuan-MoE's float32 router), as transformers and vLLM compute them, so a half-precision model
-    chooses the experts they choose."""
+    """The router's weight of each expert for each token [B, T, X], float32: of the softmax's or the sigmoid's
+    scores (`router_scoring`), the top `experts_per_token` by score plus a per-expert correction where the model has
+    one (MiniMax-M2, GLM-4.5, ERNIE 4.5 MoE), within the best groups (`in_best_groups`), weigh by their scores
+    (renormalised to sum to one where the model says so, times `routed_scaling`); zero elsewhere. The router's
+    logits are rounded to the model's dtype first (but for the float32 routers: HunYuan-MoE's, GLM-4.5's, ERNIE's),
+    as transformers and vLLM compute them, so a half-precision model chooses the experts they choose."""
     router = jnp.einsum("BTD,DX->BTX", *f32_operands(y, lp["router"]), preferred_element_type=jnp.float32)
     router = router + lp["router_bias"].astype(jnp.float32) if cfg.router_bias else router
     router = router if cfg.router_logits_f32 else router.astype(y.dtype).astype(jnp.float32)
-    if cfg.router_scoring == "sigmoid":  # chosen by score plus correction, weighed by score
-        probs = jax.nn.sigmoid(router)
-        _, chosen = jax.lax.top_k(in_best_groups(probs + lp["router_correction"], cfg), cfg.experts_per_token)
-        top = jnp.take_along_axis(probs, chosen, axis=-1)
-    else:
-        top, chosen = jax.lax.top_k(jax.nn.softmax(router, axis=-1), cfg.experts_per_token)
+    probs = jax.nn.sigmoid(router) if cfg.router_scoring == "sigmoid" else jax.nn.softmax(router, axis=-1)
+    choice = probs + lp["router_correction"] if cfg.router_correction else probs
+    _, chosen = jax.lax.top_k(in_best_groups(choice, cfg), cfg.experts_per_token)
+    top = jnp.take_along_axis(probs, chosen, axis=-1)
     if cfg.norm_topk_prob:
         top = top / jnp.sum(top, axis=-1, keepdims=True)
     top = scaled(top, cfg.routed_scaling)

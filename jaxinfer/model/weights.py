@@ -293,16 +293,17 @@ def _expert_specs(cfg: ModelConfig) -> list[WeightSpec]:
         WeightSpec("layers.w_up", (X, D, F), ("experts", "embed", "mlp"), ep + up + ".weight", (F, D), True),
         WeightSpec("layers.w_down", (X, F, D), ("experts", "mlp", "embed"), ep + down + ".weight", (D, F), True),
     ]
-    if cfg.router_scoring == "sigmoid":  # its correction bias, kept in float32 as transformers keeps it (GLM's
-        #                                   beside the router's weight)
-        correction = f"{block}{router}." if cfg.model_type == "glm4_moe" else block
+    if cfg.router_correction:  # its correction bias, kept in float32 as transformers keeps it (GLM's beside the
+        #                         router's weight, ERNIE's in `moe_statics` as [1, X])
+        at, shape = {"glm4_moe": (f"{block}{router}.", (X,)),
+                     "ernie4_5_moe": (f"{block}moe_statics.", (1, X))}.get(cfg.model_type, (block, (X,)))
         specs.append(WeightSpec("layers.router_correction", (X,), ("experts",),
-                                f"model.layers.{{i}}.{correction}e_score_correction_bias", (X,), init="zeros",
+                                f"model.layers.{{i}}.{at}e_score_correction_bias", shape, init="zeros",
                                 dtype="float32"))
     if cfg.shared_expert_size:  # Qwen2-MoE's, with a sigmoid gate; HunYuan-MoE's `shared_mlp` and GLM-4.5's
         S = cfg.shared_expert_size  # `shared_experts`, without
         shared = "shared_expert" if cfg.shared_expert_gated else \
-            "shared_experts" if cfg.model_type == "glm4_moe" else "shared_mlp"
+            "shared_experts" if cfg.model_type in ("glm4_moe", "ernie4_5_moe") else "shared_mlp"
         sp = "model.layers.{i}.mlp." + shared
         specs += [
             WeightSpec("layers.shared_gate", (D, S), ("embed", "mlp"), sp + ".gate_proj.weight", (S, D), True),
@@ -664,7 +665,8 @@ def _check_leftovers(keys, used: set[str], cfg: ModelConfig, rename) -> None:
     quant = cfg.weight_quant
     inputs = {k for k in keys if k.endswith(".input_scale")} if quant and quant.input_scales else set()  # W8A16
     mtp = tuple(rename(f"model.layers.{i}.") for i in range(cfg.num_layers, cfg.num_layers + cfg.mtp_layers))
-    mtp = {k for k in keys if k.startswith(mtp)} if mtp else set()
+    mtp = {k for k in keys if (mtp and k.startswith(mtp)) or (cfg.model_type == "ernie4_5_moe" and
+                                                          k.startswith(rename("model.mtp")))}
     if mtp:
         log.info("not loading the checkpoint's %d multi-token-prediction tensors (layers %d to %d)", len(mtp),
                  cfg.num_layers, cfg.num_layers + cfg.mtp_layers - 1)
