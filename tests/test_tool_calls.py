@@ -117,6 +117,17 @@ CASES = [
     ("seed_oss", "<seed:tool_call>\n<function=get_weather>\n<parameter=city>Zürich</parameter>\n</function>\n"
                  "</seed:tool_call>", None, [call("get_weather", {"city": "Zürich"})]),
     ("seed_oss", "<tool_call><function=a></function></tool_call>", None, []),  # another model's tags
+    # GLM-4.5 to 4.7's: without the tools' schemas every value is read as JSON or a literal, else kept as text
+    ("glm45", "Let me look.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Zürich</arg_value>\n"
+              "<arg_key>days</arg_key>\n<arg_value>[1, 2]</arg_value>\n</tool_call>", "Let me look.\n",
+     [call("get_weather", {"city": "Zürich", "days": [1, 2]})]),
+    ("glm47", "<tool_call>a<arg_key>x</arg_key><arg_value>{'k': None, 'v': 1.5}</arg_value></tool_call>"
+              "<tool_call>b</tool_call>", None, [call("a", {"x": {"k": None, "v": 1.5}}), call("b", {})]),
+    ("glm45", " \n<tool_call>a\n<arg_key>q</arg_key><arg_value>1 < 2</arg_value></tool_call>", None,
+     [call("a", {"q": "1 < 2"})]),  # whitespace before the call is no content, as vLLM's
+    ("glm45", "<tool_call>a\n<arg_key>x</arg_key>\n<arg_value>1", None, []),  # cut off: no call, all content
+    ("glm45", "<tool_call>\n</tool_call>", None, []),  # no name
+    ("glm45", " \n", None, []),
 ]
 
 
@@ -139,6 +150,19 @@ def test_xml_calls_typed_by_the_tools_schemas(values, arguments):
     body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in values.items())
     text = f"<tool_call>\n<function=f>\n{body}</function>\n</tool_call>"
     assert PARSERS["qwen3_coder"].for_tools([SCHEMA_TOOL]).parse(text).calls == [call("f", arguments)]
+
+
+@pytest.mark.parametrize("parser", ["glm45", "glm47"])
+def test_glm_calls_typed_by_the_tools_schemas(parser):
+    """As vLLM's glm45 parser: a string parameter's value as it is (spaces kept); any other read as JSON, else as a
+    Python literal, else its stripped text; a tool the request does not name reads every value so."""
+    values = {"s": " 007 ", "i": "7", "o": ' {"k": [1]}', "a": "[1, 'two', None]", "t": " plain ", "b": "true"}
+    body = "".join(f"<arg_key>{k}</arg_key>\n<arg_value>{v}</arg_value>\n" for k, v in values.items())
+    want = {"s": " 007 ", "i": 7, "o": {"k": [1]}, "a": [1, "two", None], "t": "plain", "b": True}
+    tools = [SCHEMA_TOOL]
+    assert PARSERS[parser].for_tools(tools).parse(f"<tool_call>f\n{body}</tool_call>").calls == [call("f", want)]
+    assert PARSERS[parser].for_tools(tools).parse(f"<tool_call>g\n{body}</tool_call>").calls == \
+        [call("g", {**want, "s": "007"})]
 
 
 def expected(case) -> tuple[str | None, list[ToolCall]]:
@@ -197,6 +221,9 @@ def test_streaming_gives_the_non_streamed_answer_in_every_split(case):
     ("llama4_pythonic", "<|python_start|>", ""),
     ("llama4_pythonic", "<|python_start|>[a(", ""),
     ("llama4_pythonic", "<|pyt then text", "<|pyt then text"),
+    ("glm45", "Sure.\n<tool_", "Sure.\n"),
+    ("glm45", " \n", ""),  # whitespace alone waits: it is no content if a call follows
+    ("glm45", " \nSure <tool_call>a\n", " \nSure "),
 ])
 def test_streaming_sends_content_as_soon_as_it_cannot_be_a_call(name, text, sent):
     tool_stream = ToolCallStream(PARSERS[name])
@@ -383,13 +410,18 @@ def test_tool_choice_none_renders_the_tools_and_parses_nothing(live, client):
     live.wait_idle()
 
 
-def test_xml_calls_through_the_openai_client_typed_by_the_request_tools(live, client, monkeypatch):
-    """`--tool-call-parser qwen3_coder`: the request's tools type the arguments, streamed or not."""
-    monkeypatch.setattr(live.server, "config", dataclasses.replace(live.server.config, tool_call_parser="qwen3_coder"))
+@pytest.mark.parametrize("parser, answer", [
+    ("qwen3_coder", "Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nZürich\n</parameter>\n"
+                    "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>"),
+    ("glm45", "Checking.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Zürich</arg_value>\n"
+              "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>"),
+])
+def test_xml_calls_through_the_openai_client_typed_by_the_request_tools(live, client, monkeypatch, parser, answer):
+    """`--tool-call-parser qwen3_coder` or `glm45`: the request's tools type the arguments, streamed or not."""
+    monkeypatch.setattr(live.server, "config", dataclasses.replace(live.server.config, tool_call_parser=parser))
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
         "city": {"type": "string"}, "days": {"type": "integer"}}}}}
-    script(live, "Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nZürich\n</parameter>\n"
-                 "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
+    script(live, answer)
     full = client.chat.completions.create(model="tiny", messages=ASK, tools=[tool], max_tokens=300).choices[0]
     assert full.message.content == "Checking.\n" and full.finish_reason == "tool_calls"
     assert message_calls(full.message) == [("get_weather", '{"city": "Zürich", "days": 3}')]
@@ -530,6 +562,8 @@ THINKING = [  # (parser, answer, thinking, content)
     ("seed_oss", "<seed:think>Budget left.</seed:think>9.8", "Budget left.", "9.8"),
     ("seed_oss", "Opened by the prompt.</seed:think>\n9.8", "Opened by the prompt.", "\n9.8"),
     ("seed_oss", "<think>not its tag</think> at all", "<think>not its tag</think> at all", ""),
+    ("glm45", "<think>Plan.</think>\nAnswer", "Plan.", "\nAnswer"),
+    ("glm45", "Answer only", None, "Answer only"),
 ]
 
 

@@ -1,13 +1,15 @@
 """A reasoning model's thinking, split from its answer as vLLM's `--reasoning-parser` splits it: deepseek_r1, qwen3,
-seed_oss, and openai_gptoss (gpt-oss's harmony channels: jaxinfer/server/harmony.py).
+glm45 (GLM-4.5 to 4.7's, as qwen3's), seed_oss, and openai_gptoss (gpt-oss's harmony channels:
+jaxinfer/server/harmony.py).
 
 Host code, plain Python. The thinking is the text inside `<think>` ... `</think>` (Seed-OSS: `<seed:think>` ...
 `</seed:think>`); it is returned apart from the answer's content (the chat message's `reasoning`, and vLLM's older
 name `reasoning_content`).
 - deepseek_r1 (and seed_oss): the block may be opened in the prompt, so the answer thinks from its first token (a
   leading opening tag is dropped too); an answer that never closes the block is all thinking, as in vLLM.
-- qwen3: only an answer that starts with `<think>` thinks (with enable_thinking=False the template closes an
-  empty block in the prompt and the answer is all content).
+- qwen3 (and glm45): only an answer that starts with `<think>` thinks (with enable_thinking=False the template
+  closes an empty block in the prompt and the answer is all content). An answer cut off before `</think>` is all
+  thinking (vLLM's glm45 calls such a finished answer content; its stream, thinking).
 A stream gives the thinking as it comes, holding back only what may be the start of the closing tag; the content
 (from which tool calls are parsed) is what follows the block, so streamed and whole answers agree.
 """
@@ -48,6 +50,7 @@ class ThinkParser:
 
 
 PARSERS = {"deepseek_r1": ThinkParser(opened_by_prompt=True), "qwen3": ThinkParser(opened_by_prompt=False),
+           "glm45": ThinkParser(opened_by_prompt=False),
            "seed_oss": ThinkParser(opened_by_prompt=True, start="<seed:think>", end="</seed:think>"),
            "openai_gptoss": HarmonyParser()}
 

@@ -1,5 +1,6 @@
 """Tool calls in a chat answer's text, found as vLLM's `--tool-call-parser` finds them: hermes, llama3_json, mistral,
-pythonic, llama4_pythonic, qwen3_coder, seed_oss, openai (gpt-oss's, with the openai_gptoss reasoning parser).
+pythonic, llama4_pythonic, qwen3_coder, seed_oss, glm45 and glm47 (GLM-4.5 to 4.7's), openai (gpt-oss's, with the
+openai_gptoss reasoning parser).
 
 Host code, plain Python: a parser splits a finished answer's text into content and calls (`parse`); a
 `ToolCallStream` does the same for an answer that arrives in pieces. It knows nothing of HTTP or the engine.
@@ -335,6 +336,62 @@ class HarmonyCalls(_Marked):
         return [ToolCall(name, arguments) for name, arguments in self._CALL.findall(text)]
 
 
+class GlmCalls(_Marked):
+    """GLM-4.5/4.6/4.7's calls (vLLM's glm45 and glm47 parsers): `<tool_call>NAME\n<arg_key>K</arg_key>\n<arg_value>V
+    </arg_value>...</tool_call>`, one or more, each closed (an unclosed one is not a call); the name ends at the first
+    newline or `<arg_key>`. A value whose parameter the request's tool schema types as a string is taken as it is;
+    any other is read as JSON, else as a Python literal, else kept as its text (stripped). Content is the text before
+    the first call (None if only whitespace)."""
+
+    marker = "<tool_call>"
+    _CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+    _ARGUMENT = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
+
+    def __init__(self, schemas: dict[str, dict] | None = None):
+        self.schemas = schemas or {}
+
+    def for_tools(self, tools: list[dict]) -> "GlmCalls":
+        functions = [tool.get("function") or {} for tool in tools]
+        return GlmCalls({f.get("name"): (f.get("parameters") or {}).get("properties") or {} for f in functions})
+
+    def parse(self, text: str) -> Parsed:
+        parsed = super().parse(text)
+        return Parsed(None, parsed.calls) if parsed.calls and not (parsed.content or "").strip() else parsed
+
+    def split(self, text: str, start: int) -> tuple[int, str | None]:
+        end, settled = super().split(text, start)
+        return (start, settled) if not text[:end].strip() else (end, settled)  # whitespace alone may not be content
+
+    def _calls(self, text: str) -> list[ToolCall]:
+        calls = []
+        for body in self._CALL.findall(text):
+            name = re.split(r"\n|<arg_key>", body, maxsplit=1)[0].strip()
+            if not name:
+                continue  # as vLLM: a call without a name is skipped
+            params = self.schemas.get(name, {})
+            arguments = {key.strip(): _glm_value(value, params.get(key.strip()))
+                         for key, value in self._ARGUMENT.findall(body)}
+            calls.append(ToolCall(name, json.dumps(arguments, ensure_ascii=False)))
+        return calls
+
+
+def _glm_value(value: str, schema: dict | None):
+    """A GLM call's argument: the text for a string parameter; else JSON, a Python literal, or the stripped text."""
+    if (schema or {}).get("type") == "string":
+        return value
+    value = value.strip()
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError):
+        pass
+    try:
+        parsed = _literal(ast.parse(value, mode="eval").body)
+        json.dumps(parsed)  # what JSON cannot hold stays text
+        return parsed
+    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+        return value
+
+
 _FUNCTION = re.compile(r"<function=([^>]+)>(.*?)(?:</function>|\Z)", re.DOTALL)
 _PARAMETER = re.compile(r"<parameter=([^>]+)>(.*?)(?:</parameter>|(?=<parameter=)|\Z)", re.DOTALL)
 
@@ -373,7 +430,8 @@ def _typed(value: str, schema: dict | None):
 PARSERS = {"hermes": Hermes(), "llama3_json": Llama3Json(), "mistral": Mistral(), "pythonic": Pythonic(),
            "llama4_pythonic": Pythonic("<|python_start|>", "<|python_end|>"),
            "qwen3_coder": XmlCalls("<tool_call>", "</tool_call>"),
-           "seed_oss": XmlCalls("<seed:tool_call>", "</seed:tool_call>"), "openai": HarmonyCalls()}
+           "seed_oss": XmlCalls("<seed:tool_call>", "</seed:tool_call>"), "glm45": GlmCalls(), "glm47": GlmCalls(),
+           "openai": HarmonyCalls()}
 
 
 class ToolCallStream:
