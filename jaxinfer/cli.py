@@ -273,13 +273,15 @@ def _add_serve(sub) -> None:
                             "(Llama 3.2, ToolACE: [name(key=value), ...]), llama4_pythonic (the same, Llama 4's tags), "
                             "qwen3_coder (Qwen3-Coder: <function=NAME><parameter=P>...), seed_oss (the same, "
                             "Seed-OSS's <seed:tool_call> tags), glm45 and glm47 (GLM-4.5 to 4.7: <tool_call>NAME "
-                            "<arg_key>K</arg_key><arg_value>V</arg_value>...), openai (gpt-oss's harmony calls)")
+                            "<arg_key>K</arg_key><arg_value>V</arg_value>...), ernie45 (ERNIE 4.5: JSON in "
+                            "<tool_call> tags), openai (gpt-oss's harmony calls)")
     serve.add_argument("--reasoning-parser", choices=list(REASONING_PARSERS), default=None,
                        help="return a reasoning model's thinking (<think>...</think>) as the chat message's "
                             "reasoning (and reasoning_content), apart from its content: deepseek_r1 (the template "
                             "opens the block: DeepSeek-R1, QwQ), qwen3 (an answer that starts with <think>), glm45 "
                             "(GLM-4.5 to 4.7, as qwen3), seed_oss (Seed-OSS's <seed:think>...</seed:think>, as "
-                            "deepseek_r1), openai_gptoss (gpt-oss's harmony channels)")
+                            "deepseek_r1), ernie45 (ERNIE 4.5 thinking: as deepseek_r1, the content inside "
+                            "<response>), openai_gptoss (gpt-oss's harmony channels)")
     serve.add_argument("--structured-outputs-config", type=json_object_arg, default={}, metavar="JSON",
                        help='defaults for every structured request, as vLLM\'s: {"disable_any_whitespace": true} '
                             '(compact JSON: a small model may otherwise write whitespace until max_tokens), '

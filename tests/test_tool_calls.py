@@ -128,6 +128,13 @@ CASES = [
     ("glm45", "<tool_call>a\n<arg_key>x</arg_key>\n<arg_value>1", None, []),  # cut off: no call, all content
     ("glm45", "<tool_call>\n</tool_call>", None, []),  # no name
     ("glm45", " \n", None, []),
+    # ERNIE 4.5's: JSON in closed tags, the newlines before the first call dropped from the content
+    ("ernie45", f"Checking.\n\n<tool_call>\n{CALL}\n</tool_call>\n<tool_call>{{\"name\": \"b\"}}</tool_call>",
+     "Checking.", [call("get_weather", WEATHER), call("b", {})]),
+    ("ernie45", f"\n<tool_call>\n{CALL}\n</tool_call>\n", None, [call("get_weather", WEATHER)]),
+    ("ernie45", f"<tool_call>\n{CALL}\n", None, []),  # unclosed: content
+    ("ernie45", "<tool_call>{\"name\": \"a\", \"arguments\": {</tool_call>", None, []),  # not JSON: content
+    ("ernie45", "Line one.\n\nLine two.\n", None, []),
 ]
 
 
@@ -224,6 +231,8 @@ def test_streaming_gives_the_non_streamed_answer_in_every_split(case):
     ("glm45", "Sure.\n<tool_", "Sure.\n"),
     ("glm45", " \n", ""),  # whitespace alone waits: it is no content if a call follows
     ("glm45", " \nSure <tool_call>a\n", " \nSure "),
+    ("ernie45", "Checking.\n\n", "Checking."),  # newlines wait: a call may follow
+    ("ernie45", "Checking.\n\nMore", "Checking.\n\nMore"),
 ])
 def test_streaming_sends_content_as_soon_as_it_cannot_be_a_call(name, text, sent):
     tool_stream = ToolCallStream(PARSERS[name])
@@ -564,6 +573,12 @@ THINKING = [  # (parser, answer, thinking, content)
     ("seed_oss", "<think>not its tag</think> at all", "<think>not its tag</think> at all", ""),
     ("glm45", "<think>Plan.</think>\nAnswer", "Plan.", "\nAnswer"),
     ("glm45", "Answer only", None, "Answer only"),
+    ("ernie45", "Weigh them.\n</think>\n\n<response>\n9.8 is greater.\n</response>\n", "Weigh them.\n",
+     "\n9.8 is greater.\n"),
+    ("ernie45", "Weigh.\n</think>\n9.8", "Weigh.\n", "\n9.8"),  # no <response>: the content as it is
+    ("ernie45", "W.</think><response>a</response>b</response>", "W.", "a</response>b"),  # to the last closing tag
+    ("ernie45", "W.</think>\n<response>cut off", "W.", "cut off"),
+    ("ernie45", "W.</think> <respond>", "W.", " <respond>"),
 ]
 
 

@@ -1,5 +1,5 @@
 """A reasoning model's thinking, split from its answer as vLLM's `--reasoning-parser` splits it: deepseek_r1, qwen3,
-glm45 (GLM-4.5 to 4.7's, as qwen3's), seed_oss, and openai_gptoss (gpt-oss's harmony channels:
+glm45 (GLM-4.5 to 4.7's, as qwen3's), seed_oss, ernie45, and openai_gptoss (gpt-oss's harmony channels:
 jaxinfer/server/harmony.py).
 
 Host code, plain Python. The thinking is the text inside `<think>` ... `</think>` (Seed-OSS: `<seed:think>` ...
@@ -49,10 +49,37 @@ class ThinkParser:
         return (body if done else body[:len(body) - partial_marker(body, self.end)]), ""
 
 
+RESPONSE = ("<response>", "</response>")  # ERNIE 4.5's answer after its thinking
+
+
+class ErnieThinkParser(ThinkParser):
+    """ERNIE 4.5's thinking models (vLLM's ernie45): deepseek_r1's split, then a content that starts with
+    `<response>` (after whitespace) is the text inside it, up to its last `</response>`. vLLM unwraps a `<response>`
+    found anywhere, which a stream could not follow; a cut-off answer's content here drops the opening tag, where
+    vLLM keeps it."""
+
+    def __init__(self):
+        super().__init__(opened_by_prompt=True)
+
+    def split(self, text: str, done: bool = True) -> tuple[str | None, str]:
+        thinking, content = super().split(text, done)
+        stripped = content.lstrip()
+        if not done and RESPONSE[0].startswith(stripped):  # the tag may be arriving
+            return thinking, ""
+        if not stripped.startswith(RESPONSE[0]):
+            return thinking, content
+        body = stripped[len(RESPONSE[0]):]
+        if done:
+            end = body.rfind(RESPONSE[1])
+            return thinking, body[:end] if end >= 0 else body
+        end = body.find(RESPONSE[1])  # what follows the first closing tag waits: a later one would take it in
+        return thinking, body[:end] if end >= 0 else body[:len(body) - partial_marker(body, RESPONSE[1])]
+
+
 PARSERS = {"deepseek_r1": ThinkParser(opened_by_prompt=True), "qwen3": ThinkParser(opened_by_prompt=False),
            "glm45": ThinkParser(opened_by_prompt=False),
            "seed_oss": ThinkParser(opened_by_prompt=True, start="<seed:think>", end="</seed:think>"),
-           "openai_gptoss": HarmonyParser()}
+           "ernie45": ErnieThinkParser(), "openai_gptoss": HarmonyParser()}
 
 
 def reasoning_tokens(parser, token_ids: list[int], decode) -> int:

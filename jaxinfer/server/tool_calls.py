@@ -1,6 +1,6 @@
 """Tool calls in a chat answer's text, found as vLLM's `--tool-call-parser` finds them: hermes, llama3_json, mistral,
-pythonic, llama4_pythonic, qwen3_coder, seed_oss, glm45 and glm47 (GLM-4.5 to 4.7's), openai (gpt-oss's, with the
-openai_gptoss reasoning parser).
+pythonic, llama4_pythonic, qwen3_coder, seed_oss, glm45 and glm47 (GLM-4.5 to 4.7's), ernie45, openai (gpt-oss's, with
+the openai_gptoss reasoning parser).
 
 Host code, plain Python: a parser splits a finished answer's text into content and calls (`parse`); a
 `ToolCallStream` does the same for an answer that arrives in pieces. It knows nothing of HTTP or the engine.
@@ -375,6 +375,35 @@ class GlmCalls(_Marked):
         return calls
 
 
+class ErnieCalls(_Marked):
+    """ERNIE 4.5's calls (vLLM's ernie45 parser): `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, one or
+    more, each closed; content is the text before the first, its trailing newlines dropped (None if nothing is left).
+    A call that is not a JSON object leaves the whole answer content."""
+
+    marker = "<tool_call>"
+    _CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
+
+    def parse(self, text: str) -> Parsed:
+        parsed = super().parse(text)
+        return Parsed((parsed.content or "").rstrip("\n") or None, parsed.calls) if parsed.calls else parsed
+
+    def split(self, text: str, start: int) -> tuple[int, str | None]:
+        end, settled = super().split(text, start)
+        while end > start and text[end - 1] == "\n":  # newlines before a call are not content: wait and see
+            end -= 1
+        return end, settled
+
+    def _calls(self, text: str) -> list[ToolCall]:
+        calls = []
+        for body in self._CALL.findall(text):
+            found = json.loads(body)
+            if not isinstance(found, dict):
+                raise ValueError("an ERNIE tool call is a JSON object")
+            calls.append(ToolCall(str(found.get("name", "")), json.dumps(found.get("arguments", {}),
+                                                                          ensure_ascii=False)))
+        return calls
+
+
 def _glm_value(value: str, schema: dict | None):
     """A GLM call's argument: the text for a string parameter; else JSON, a Python literal, or the stripped text."""
     if (schema or {}).get("type") == "string":
@@ -431,7 +460,7 @@ PARSERS = {"hermes": Hermes(), "llama3_json": Llama3Json(), "mistral": Mistral()
            "llama4_pythonic": Pythonic("<|python_start|>", "<|python_end|>"),
            "qwen3_coder": XmlCalls("<tool_call>", "</tool_call>"),
            "seed_oss": XmlCalls("<seed:tool_call>", "</seed:tool_call>"), "glm45": GlmCalls(), "glm47": GlmCalls(),
-           "openai": HarmonyCalls()}
+           "ernie45": ErnieCalls(), "openai": HarmonyCalls()}
 
 
 class ToolCallStream:
