@@ -27,10 +27,11 @@ DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "grani
                      "seed_oss", "ministral", "helium", "arcee", "exaone4", "ernie4_5", "hunyuan_v1_dense",
                      "apertus") + \
     GEMMA_MODEL_TYPES + OLMO_MODEL_TYPES + COHERE_MODEL_TYPES + GLM_MODEL_TYPES
+MLA_MODEL_TYPES = ("deepseek_v3",)  # multi-head latent attention
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
 FUSED_GATE_UP = GLM_MODEL_TYPES  # the MLP's gate and up in one checkpoint tensor
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss", "minimax_m2",
-                   "hunyuan_v1_moe", "glm4_moe", "ernie4_5_moe")
+                   "hunyuan_v1_moe", "glm4_moe", "ernie4_5_moe", "deepseek_v3")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "ntk_alpha")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "relu2")  # relu2: relu(x) ** 2 (Arcee's)
@@ -200,6 +201,16 @@ class ModelConfig:
     dense_layers: int = 0
     dense_intermediate_size: int = 0
     mtp_layers: int = 0  # the checkpoint's multi-token-prediction layers after the last: their tensors not loaded
+    # DeepSeek-V3's multi-head latent attention (MLA; 0: none): q through a rank-`q_lora_rank` projection (0: straight
+    # from the hidden state), keys and values from a normed `kv_lora_rank` latent plus `qk_rope_dim` RoPE'd dims
+    # shared by every head. The pool holds the latent and the RoPE'd key as one KV head of head_dim =
+    # kv_lora_rank + qk_rope_dim; each head's q is taken into the latent (its key part of kv_b_proj absorbed) and
+    # its output out of it (the value part), so attention is multi-query over the latent.
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_nope_dim: int = 0  # each head's q/k dims without RoPE
+    qk_rope_dim: int = 0
+    v_head_dim: int = 0
     vision_tower: bool = False  # the checkpoint is multimodal: its vision tower's tensors are left unread
     weight_quant: WeightQuant | None = None  # fp8 projections (None: every weight in `dtype`)
     mxfp4: bool = False  # the checkpoint's experts are MXFP4 (gpt-oss's): held so, widened inside the layer scan
@@ -315,6 +326,9 @@ class ModelConfig:
         num_heads = get("num_attention_heads")
         hidden = get("hidden_size")
         head_dim = hf.get("head_dim") or DEFAULT_HEAD_DIM.get(model_type) or hidden // num_heads
+        kv_heads = hf.get("num_key_value_heads") or num_heads
+        if model_type in MLA_MODEL_TYPES:  # the pool's one head: the latent and the RoPE'd key
+            head_dim, kv_heads = get("kv_lora_rank") + get("qk_rope_head_dim"), 1
         attention_bias = bool(hf.get("use_bias", True) if model_type == "starcoder2"  # StarCoder 2: biases everywhere
                               else model_type == "phi" or
                               hf.get("attention_bias", model_type in GLM_MODEL_TYPES + ("seed_oss", "gpt_oss")))
@@ -337,7 +351,7 @@ class ModelConfig:
             **moe,
             num_layers=get("num_hidden_layers"),
             num_heads=num_heads,
-            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            num_kv_heads=kv_heads,
             head_dim=head_dim,
             max_position_embeddings=get("max_position_embeddings"),
             rms_norm_eps=float(hf.get(NORM_EPS_FIELD.get(model_type, "rms_norm_eps"),
@@ -464,7 +478,8 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "granitemoe": "GraniteMoeForCausalLM", "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM",
                   "gpt_oss": "GptOssForCausalLM", "minimax_m2": "MiniMaxM2ForCausalLM",
                   "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM", "apertus": "ApertusForCausalLM",
-                  "glm4_moe": "Glm4MoeForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM"}
+                  "glm4_moe": "Glm4MoeForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
+                  "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 
 def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
@@ -475,8 +490,8 @@ def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
         return {}
     if model_type == "hunyuan_v1_moe":
         return _hunyuan_moe_from_hf(hf, get)
-    if model_type == "glm4_moe":
-        return _glm4_moe_from_hf(hf, get)
+    if model_type in ("glm4_moe", "deepseek_v3"):
+        return _glm4_moe_from_hf(hf, get, model_type)
     if model_type == "ernie4_5_moe":
         return _ernie_moe_from_hf(hf, get)
     if model_type == "minimax_m2" and hf.get("scoring_func", "sigmoid") != "sigmoid":
@@ -526,20 +541,29 @@ def _ernie_moe_from_hf(hf: dict, get) -> dict:
                 dense_intermediate_size=get("intermediate_size") if sparse[0] else 0)
 
 
-def _glm4_moe_from_hf(hf: dict, get) -> dict:
-    """GLM-4.5/4.6 (and -Air): `first_k_dense_replace` leading dense layers of `intermediate_size`, the rest
-    `n_routed_experts` experts of `moe_intermediate_size` chosen by sigmoid scores plus a correction bias within the
-    best `topk_group` of `n_group` groups, weighed by their scores (renormalised) times `routed_scaling_factor`, and
+# transformers' defaults for DeepSeek-V3's routing fields where GLM-4.5's differ: (first_k_dense_replace, n_group,
+# topk_group, routed_scaling_factor)
+_NOAUX_DEFAULTS = {"glm4_moe": (1, 1, 1, 1.0), "deepseek_v3": (3, 8, 4, 2.5)}
+
+
+def _glm4_moe_from_hf(hf: dict, get, model_type: str) -> dict:
+    """GLM-4.5/4.6 (and -Air), and DeepSeek-V3's experts (Kimi K2's, Moonlight's): `first_k_dense_replace` leading
+    dense layers of `intermediate_size`, the rest `n_routed_experts` experts of `moe_intermediate_size` chosen by
+    sigmoid scores plus a correction bias within the best `topk_group` of `n_group` groups (DeepSeek's
+    topk_method "noaux_tc"), weighed by their scores (renormalised) times `routed_scaling_factor`, and
     `n_shared_experts` ungated shared experts as one MLP; the router in float32. The checkpoint's
     multi-token-prediction layers (`num_nextn_predict_layers`, after the last) are not loaded."""
-    width, dense = get("moe_intermediate_size"), hf.get("first_k_dense_replace", 1)
+    for field, supported in (("topk_method", "noaux_tc"), ("scoring_func", "sigmoid")):
+        if hf.get(field, supported) != supported:
+            raise ConfigError(f"{model_type} with {field}={hf[field]!r} is not supported (only {supported!r})")
+    first_dense, groups, topk_groups, scaling = _NOAUX_DEFAULTS[model_type]
+    width, dense = get("moe_intermediate_size"), hf.get("first_k_dense_replace", first_dense)
     return dict(intermediate_size=width, num_experts=get("n_routed_experts"),
                 experts_per_token=get("num_experts_per_tok"), norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
                 shared_expert_size=width * hf.get("n_shared_experts", 1), shared_expert_gated=False,
                 router_scoring="sigmoid", router_correction=True, router_logits_f32=True,
-                router_groups=hf.get("n_group") or 1,
-                router_topk_groups=hf.get("topk_group") or 1,
-                routed_scaling=float(hf.get("routed_scaling_factor", 1.0)),
+                router_groups=hf.get("n_group", groups) or 1, router_topk_groups=hf.get("topk_group", topk_groups) or 1,
+                routed_scaling=float(hf.get("routed_scaling_factor", scaling)),
                 dense_layers=dense, dense_intermediate_size=get("intermediate_size") if dense else 0,
                 mtp_layers=hf.get("num_nextn_predict_layers", 1) or 0)
 
@@ -589,6 +613,8 @@ def _family_fields(hf: dict, model_type: str, get) -> dict:
         return dict(qk_norm_after_rope=True)
     if model_type == "gpt_oss":
         return _gpt_oss_from_hf(hf)
+    if model_type in MLA_MODEL_TYPES:
+        return _mla_from_hf(hf, get)
     if model_type == "minimax_m2":  # q and k normed over all heads at once; every layer full attention
         if any(kind != 1 for kind in hf.get("attn_type_list") or []):
             raise ConfigError("minimax_m2 with linear-attention layers (attn_type_list entries other than 1) is not "
@@ -600,6 +626,34 @@ def _family_fields(hf: dict, model_type: str, get) -> dict:
         return dict(layer_norm=True, norm_bias=True, parallel_block=True, gated_mlp=False, mlp_bias=True,
                     lm_head_bias=True)
     return {}
+
+
+def _mla_from_hf(hf: dict, get) -> dict:
+    """DeepSeek-V3's attention fields. Its softmax scale, 1 / sqrt(qk_nope_head_dim + qk_rope_head_dim) (times
+    YaRN's mscale squared where the scaling gives `mscale_all_dim`), becomes `attention_multiplier`, since every
+    attention path divides by the square root of the pool's head_dim."""
+    if hf.get("attention_bias"):
+        raise ConfigError("deepseek_v3 with attention_bias=true is not supported (no released model uses it)")
+    nope, rope = get("qk_nope_head_dim"), get("qk_rope_head_dim")
+    scale = (nope + rope) ** -0.5
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    if (params.get("rope_type") or params.get("type") or "default") != "default" and params.get("mscale_all_dim"):
+        scale *= _yarn_mscale(float(params["factor"]), float(params["mscale_all_dim"])) ** 2
+    return dict(kv_lora_rank=get("kv_lora_rank"), q_lora_rank=hf.get("q_lora_rank") or 0, qk_nope_dim=nope,
+                qk_rope_dim=rope, v_head_dim=get("v_head_dim"), attention_multiplier=scale,
+                rope_interleaved=bool(hf.get("rope_interleave", True)))
+
+
+def _mla_to_hf(cfg: "ModelConfig") -> dict:
+    """`_mla_from_hf`'s fields; a YaRN softmax scale as the `mscale_all_dim` that gives it."""
+    hf = {"kv_lora_rank": cfg.kv_lora_rank, "q_lora_rank": cfg.q_lora_rank or None, "qk_nope_head_dim": cfg.qk_nope_dim,
+          "qk_rope_head_dim": cfg.qk_rope_dim, "v_head_dim": cfg.v_head_dim, "rope_interleave": cfg.rope_interleaved,
+          "num_key_value_heads": cfg.num_heads}
+    mscale = math.sqrt(cfg.attention_multiplier * (cfg.qk_nope_dim + cfg.qk_rope_dim) ** 0.5)
+    if cfg.rope.kind == "yarn" and cfg.rope.factor > 1 and abs(mscale - 1) > 1e-12:
+        hf["rope_scaling"] = {**_rope_to_hf(cfg.rope),
+                              "mscale_all_dim": (mscale - 1) / (0.1 * math.log(cfg.rope.factor))}
+    return hf
 
 
 def _weight_quant(quantization) -> WeightQuant | None:
@@ -685,6 +739,8 @@ def _weight_quant_to_hf(quant: WeightQuant) -> dict:
 
 def _family_to_hf(cfg: "ModelConfig") -> dict:
     """The config.json fields of `_family_fields`' families."""
+    if cfg.kv_lora_rank:
+        return _mla_to_hf(cfg)
     if cfg.model_type in ("granite", "granitemoe"):
         return dict(embedding_multiplier=cfg.embedding_multiplier, residual_multiplier=cfg.residual_multiplier,
                     attention_multiplier=cfg.attention_multiplier, logits_scaling=cfg.logits_scaling)
@@ -902,7 +958,7 @@ def _layer_types_to_hf(cfg: "ModelConfig") -> dict:
 
 
 def _moe_to_hf(cfg: "ModelConfig") -> dict:
-    if cfg.model_type == "glm4_moe":
+    if cfg.model_type in ("glm4_moe", "deepseek_v3"):
         return {"n_routed_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token,
                 "moe_intermediate_size": cfg.intermediate_size, "intermediate_size": cfg.dense_intermediate_size,
                 "n_shared_experts": cfg.shared_expert_size // cfg.intermediate_size,

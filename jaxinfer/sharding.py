@@ -27,6 +27,8 @@ RULES: dict[str, str | None] = {
     "mlp_blocks": "model",  # an MXFP4 down projection's blocks of 32 along its in dimension, the MLP width
     "block_bytes": None,  # the 16 bytes of an MXFP4 block
     "scalar": None,  # a learned scalar's one element (Apertus's xIELU)
+    "q_lora": None,  # MLA's low-rank q and KV latents (DeepSeek-V3): whole on every device
+    "kv_lora": None,
     "experts": None,  # every 'model' device holds its slice of every expert's width (no expert parallelism)
     "vocab": "model",
     "slots": "data",

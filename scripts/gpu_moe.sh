@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks of the families added after scripts/gpu_session.sh's time limits were set, for a GPU machine if device
 # time remains after it (about 180 s): their model-parity tests (Mixtral, Qwen2-MoE, Qwen3-MoE, Gemma 1/2/3,
-# OLMo 2/3, SmolLM3, gpt-oss with its attention sinks, GLM-4.5 and ERNIE 4.5 MoE with their leading dense layers
+# OLMo 2/3, SmolLM3, gpt-oss with its attention sinks, GLM-4.5 and ERNIE 4.5 MoE with their leading dense layers,
+# DeepSeek-V3 with its latent attention (the Pallas kernels over a 48-wide latent head padded to 64)
 # against transformers on tiny checkpoints, with our Pallas
 # kernels compiled, Gemma 2's capped logits and the layers of two kinds among them, and float32 matmuls), then
 # scripts/bench_moe.py at the layer shapes of Qwen3-30B-A3B and Mixtral-8x7B in bfloat16: the engine's dense
@@ -15,8 +16,8 @@ cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp}}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} JAX_PLATFORMS=cuda PYTHONUNBUFFERED=1
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 python3 -m pytest -q -o addopts= -p no:cacheprovider \
-  tests/test_model_parity.py -k "(moe or mixtral or gemma or olmo or smollm3 or gpt_oss) and not logit_bias \
-  and not fp8" 2>&1 \
+  tests/test_model_parity.py -k "(moe or mixtral or gemma or olmo or smollm3 or gpt_oss or deepseek) \
+  and not logit_bias and not fp8" 2>&1 \
   | tee "$out/gpu_moe_parity.log" | tail -6
 parity=${PIPESTATUS[0]}
 timeout 30 python3 scripts/bench_moe.py --experts 128 --k 8 --hidden 2048 --width 768 --tokens 64 512 2048 \

@@ -124,6 +124,14 @@ FAMILIES = {
     "ernie4_5_moe": (transformers.Ernie4_5_MoeConfig, dict(
         moe_num_experts=4, moe_k=2, moe_intermediate_size=48, head_dim=16, num_hidden_layers=3,
         moe_layer_start_index=1, moe_num_shared_experts=1)),
+    # DeepSeek-V3 (Kimi K2, Moonlight): multi-head latent attention (a low-rank q, a KV latent and a RoPE'd key shared
+    # by the heads, YaRN with DeepSeek's mscale), GLM-4.5's routing (the same router), a leading dense layer.
+    "deepseek_v3": (transformers.DeepseekV3Config, dict(
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, num_hidden_layers=3,
+        first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, q_lora_rank=32,
+        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=24, num_key_value_heads=4,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0})),
     # gpt-oss: attention sinks, sliding layers (every other), YaRN without truncation, biases on q/k/v/o, the router
     # and every expert, gate and up interleaved in one tensor, the clamped SwiGLU (a limit low enough to clamp here).
     "gpt_oss": (transformers.GptOssConfig, dict(
@@ -160,7 +168,8 @@ def build(family: str, directory, dtype=torch.float32, seed: int = 0, config: di
     model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**COMMON, **extra, **(config or {})})).eval()
     # Norms at 0 (Gemma's scale by 1 + w) or 1, biases at 0: make each one matter.
     if family.startswith(("gemma", "olmo", "cohere", "starcoder", "glm", "phi", "seed", "ministral", "helium",
-                          "ernie", "arcee", "exaone", "hunyuan", "gpt", "minimax", "apertus")):
+                          "ernie", "arcee", "exaone", "hunyuan", "gpt", "minimax", "apertus",
+                          "deepseek")):
         with torch.no_grad():
             for name, weight in model.named_parameters():
                 if "norm" in name:

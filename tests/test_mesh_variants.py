@@ -46,6 +46,9 @@ CASES = {
     # traced), the kernels under shard_map; biased experts (gate and up interleaved in the checkpoint) by width.
     "gpt_oss-pallas": ("gpt_oss", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16), "pallas",
                        [(1, 2)], False),
+    # DeepSeek-V3's latent attention: query heads (and wkv_b) split over 'model', the pool's one latent head
+    # repeated on each device.
+    "deepseek-mla": ("deepseek_v3", dict(num_attention_heads=8, num_key_value_heads=8), "xla", [(1, 4)], False),
 }
 # Cases whose checkpoint is quantized to fp8 (block size), compared with transformers' model of the fp8 files:
 # the scales shard with their weights, and repeat with the KV heads.
@@ -149,6 +152,12 @@ def test_fused_projections_split_over_the_model_axis(runs):
     assert phi3["wk"] == {"shape": [2, 64, 4, 16], "local": [2, 64, 1, 16]}
 
 
+def test_latent_attention_splits_its_heads_and_repeats_its_latent(runs):
+    mla = runs["deepseek-mla"]["meshes"]["1,4"]
+    assert mla["wk"] == {"shape": [2, 32, 8, 40], "local": [2, 32, 2, 40]}  # wkv_b [L, R, N, nope + v]: N over 4
+    assert mla["kv"]["local"][1] == 1 and mla["kv"]["shape"][1] == 4  # [Lg, K, P, Z, H]: the latent head, 4 copies
+
+
 def test_experts_split_by_width_over_the_model_axis(runs):
     moe = runs["qwen2-moe"]["meshes"]["2,4"]
     assert moe["w_down"] == {"shape": [2, 4, 48, 64], "local": [2, 4, 12, 64]}  # [L, E, F, D]: F over 4 devices
@@ -177,7 +186,8 @@ def _decode(checkpoint: str, mesh: tuple[int, int], backend: str, prompt_logprob
     return {"tokens": [o.outputs[0].token_ids for o in outs],
             "top_ids": [sorted(step) for step in steps], "logprobs": values(steps),
             "prompt_top_ids": [sorted(step) for step in prompt_steps], "prompt_logprobs": values(prompt_steps),
-            "wk": local(llm.runner.params["layers"]["wk"]), "kv": local(llm.runner.kv.k),
+            "wk": local(llm.runner.params["layers"].get("wk", llm.runner.params["layers"].get("wkv_b"))),
+            "kv": local(llm.runner.kv.k),
             "scales": {name: local(x) for name, x in llm.runner.params["layers"].items() if name.endswith("_scale")},
             "w_down": local(llm.runner.params["layers"]["w_down"]),
             **({"dense_w_down": local(llm.runner.params["dense_layers"]["w_down"])}

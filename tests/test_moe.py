@@ -89,6 +89,9 @@ def test_hub_spelling_and_missing_optional_fields_map_like_transformers(tmp_path
     ("ernie4_5_moe", dict(moe_layer_end_index=1), "moe_layer_end_index=1 and moe_layer_interval=1 is not supported"),
     ("ernie4_5_moe", dict(moe_layer_start_index=3), "moe_layer_start_index=3"),
     ("ernie4_5_moe", dict(use_bias=True), "ernie4_5_moe with use_bias=true is not supported"),
+    ("deepseek_v3", dict(topk_method="group_limited_greedy"), "topk_method='group_limited_greedy' is not supported"),
+    ("deepseek_v3", dict(scoring_func="softmax"), "scoring_func='softmax' is not supported"),
+    ("deepseek_v3", dict(attention_bias=True), "attention_bias=true is not supported"),
     ("mixtral", dict(num_experts_per_tok=5), "num_experts_per_tok=5 must be between 1 and the 4 experts"),
     ("qwen3_moe", dict(num_experts_per_tok=0), "num_experts_per_tok=0 must be between 1"),
     ("mixtral", dict(num_local_experts=None), "missing required field 'num_local_experts'"),
@@ -352,12 +355,19 @@ def test_multi_token_prediction_layers_are_left_unread(glm_dir, tmp_path):
         _broken(glm_dir, tmp_path / "past", lambda t: mtp(t, 4))()
 
 
-def test_qwen_moe_with_a_leading_dense_layer_matches_transformers(tmp_path):
-    """Qwen-MoE's mlp_only_layers=[0]: a dense MLP of intermediate_size first, experts after; logits and greedy
-    tokens against transformers."""
-    model = build("qwen3_moe", tmp_path, config=dict(mlp_only_layers=[0], num_hidden_layers=3))
+@pytest.mark.parametrize("family, config, expect", [
+    ("qwen3_moe", dict(mlp_only_layers=[0], num_hidden_layers=3), dict(dense_layers=1, dense_intermediate_size=128)),
+    ("deepseek_v3", dict(q_lora_rank=None, rope_interleave=False, rope_parameters={"rope_type": "default",
+                                                                                  "rope_theta": 1e4}),
+     dict(q_lora_rank=0, rope_interleaved=False)),
+])
+def test_variants_decode_what_transformers_decodes(tmp_path, family, config, expect):
+    """Variants the parity families do not take: Qwen-MoE's mlp_only_layers=[0] (a dense MLP of intermediate_size
+    first, experts after); DeepSeek-V3's latent attention with q straight from the hidden state (Moonlight's), RoPE
+    over halves and no scaling. Greedy tokens against transformers."""
+    model = build(family, tmp_path, config=config)
     llm = LLM(tmp_path, EngineConfig(max_slots=2, page_size=8, prefill_chunk=16, dtype="float32", max_model_len=64))
-    assert (llm.model_config.dense_layers, llm.model_config.dense_intermediate_size) == (1, 128)
+    assert {name: getattr(llm.model_config, name) for name in expect} == expect
     prompts = random_prompts(COMMON["vocab_size"], (9, 40), seed=5)
     outs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True), use_tqdm=False)
     for prompt, out in zip(prompts, outs):
@@ -414,3 +424,27 @@ def test_ernie_moe_leaves_its_multi_token_prediction_tensors_unread(tmp_path):
     params = _broken(tmp_path / "ernie", tmp_path / "mtp", mtp)()
     assert params["dense_layers"]["w_up"].shape == (1, 64, 128)
     assert params["layers"]["router_correction"].shape == (2, 4)
+
+
+# ---- DeepSeek-V3 (deepseek_v3): multi-head latent attention beside GLM-4.5's routing ----
+
+@pytest.mark.parametrize("overrides", [{}, dict(q_lora_rank=None, rope_interleave=False, n_group=1, topk_group=1,
+                                                rope_parameters={"rope_type": "default", "rope_theta": 1e4})])
+def test_deepseek_v3_maps_like_transformers(tmp_path, overrides):
+    """MLA's dims, its softmax scale (YaRN's mscale squared in it) and the routing as transformers' modeling objects
+    hold them; the pool's one head is the latent and the RoPE'd key."""
+    hf = _saved(tmp_path, "deepseek_v3", **overrides)
+    ours = ModelConfig.from_hf(hf)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf))
+    attention, gate = model.model.layers[-1].self_attn, model.model.layers[-1].mlp.gate
+    assert (ours.kv_lora_rank, ours.q_lora_rank or None, ours.qk_nope_dim, ours.qk_rope_dim, ours.v_head_dim) == \
+        (attention.kv_lora_rank, attention.q_lora_rank, attention.qk_nope_head_dim, attention.qk_rope_head_dim,
+         attention.v_head_dim)
+    assert ours.attention_multiplier == pytest.approx(attention.scaling, rel=1e-12)
+    assert (ours.head_dim, ours.num_kv_heads) == (ours.kv_lora_rank + ours.qk_rope_dim, 1)
+    assert ours.rope_interleaved == model.config.rope_interleave
+    assert (ours.router_groups, ours.router_topk_groups, ours.routed_scaling, ours.dense_layers) == \
+        (gate.num_group, gate.topk_group, gate.routed_scaling_factor, model.config.first_k_dense_replace)
+    back = ModelConfig.from_hf(ours.to_hf())
+    assert back == dataclasses.replace(ours, mtp_layers=0, attention_multiplier=back.attention_multiplier)
+    assert back.attention_multiplier == pytest.approx(ours.attention_multiplier, rel=1e-12)

@@ -35,6 +35,7 @@ CASES = [
     (jnp.bfloat16, jnp.bfloat16, 16, 96, 4, 2047, None, False),  # Phi-3.5-mini: a head dim of 96, padded to 128
     (jnp.float32, jnp.float8_e4m3fn, 8, 80, 2, None, None, False),
     (jnp.bfloat16, jnp.bfloat16, 16, 64, 8, 128, None, True),  # gpt-oss: attention sinks, a window of 128
+    (jnp.bfloat16, jnp.bfloat16, 16, 576, 128, None, None, False),  # DeepSeek-V3's latent: 576 padded to 1024
 ]
 
 

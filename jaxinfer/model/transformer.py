@@ -155,6 +155,36 @@ def qkv(lp: dict, cfg: ModelConfig, y: jax.Array):
     return q, k, v
 
 
+def mla_qkv(lp: dict, cfg: ModelConfig, y: jax.Array, positions: jax.Array):
+    """DeepSeek-V3's multi-head latent attention as multi-query attention over its latent (ModelConfig.kv_lora_rank):
+    q [B, T, N, H] (each head's non-RoPE part taken into the latent through its key part of wkv_b, then its
+    RoPE'd part), k [B, T, K, H] (the normed latent and the shared RoPE'd key), v [B, T, K, H] (the latent, zeros
+    after it), H = R + the RoPE'd dims. Attention's output's first R dims, through each head's value part
+    (`mla_values`), are the heads' values."""
+    nope = cfg.qk_nope_dim
+    if cfg.q_lora_rank:  # the low-rank q's norm, as the latent's: transformers' default eps, not the config's
+        q = jnp.einsum("BTD,DR->BTR", y, lp["wq_a"])
+        q = jnp.einsum("BTR,RNH->BTNH", rms_norm(q, lp["q_a_norm"], 1e-6), lp["wq_b"])
+    else:
+        q = jnp.einsum("BTD,DNH->BTNH", y, lp["wq"])
+    latent = rms_norm(jnp.einsum("BTD,DR->BTR", y, lp["w_ckv"]), lp["kv_a_norm"], 1e-6)
+    inv_freq = rope_frequencies(cfg.rope, cfg.qk_rope_dim)
+    q_rope = apply_rope(q[..., nope:], positions, inv_freq, cfg.rope.attention_factor, cfg.rope_interleaved)
+    k_rope = apply_rope(jnp.einsum("BTD,DH->BTH", y, lp["w_kpe"])[:, :, None], positions, inv_freq,
+                        cfg.rope.attention_factor, cfg.rope_interleaved)
+    q_latent = jnp.einsum("BTNH,RNH->BTNR", q[..., :nope], lp["wkv_b"][..., :nope])
+    k = jnp.concatenate([latent[:, :, None], k_rope], axis=-1)
+    v = jnp.concatenate([latent[:, :, None], jnp.zeros_like(k_rope)], axis=-1)
+    shape = (*k.shape[:2], cfg.num_kv_heads, cfg.head_dim)  # the one latent head, repeated where tensor parallelism
+    #                                                         asks for more
+    return jnp.concatenate([q_latent, q_rope], axis=-1), jnp.broadcast_to(k, shape), jnp.broadcast_to(v, shape)
+
+
+def mla_values(lp: dict, cfg: ModelConfig, attn: jax.Array) -> jax.Array:
+    """Attention's output over the latent [B, T, N, R + RoPE'd dims] -> the heads' values [B, T, N, H]."""
+    return jnp.einsum("BTNR,RNH->BTNH", attn[..., :cfg.kv_lora_rank], lp["wkv_b"][..., cfg.qk_nope_dim:])
+
+
 def _write_indices(batch: Batch, page_size: int):
     """Page id in each KV cache group [G, B, T] and in-page offset [B, T] of every query token; padding goes to
     the null page."""
@@ -299,8 +329,11 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
         lp, index = xs
         lp = dequantized(lp, cfg, h.dtype)
         normed = norm(h, lp["attn_norm"], cfg, bias=lp.get("attn_norm_bias")) if cfg.pre_norms else h
-        q, k, v = qkv(lp, cfg, normed)
-        q, k = rotated(cfg, q, k, batch.positions, sliding_layers[index], rope_layers[index])
+        if cfg.kv_lora_rank:
+            q, k, v = mla_qkv(lp, cfg, normed, batch.positions)
+        else:
+            q, k, v = qkv(lp, cfg, normed)
+            q, k = rotated(cfg, q, k, batch.positions, sliding_layers[index], rope_layers[index])
         if cfg.qk_norm_after_rope:  # HunYuan's
             q, k = norm(q, lp["q_norm"], cfg), norm(k, lp["k_norm"], cfg)
         if cfg.attention_multiplier is not None:  # every attention path scales by 1 / sqrt(H): undo it in q
@@ -311,6 +344,7 @@ def forward(params: dict, cfg: ModelConfig, batch: Batch, kv: KVPool, attention=
         v_pool = v_pool.at[slot, :, pages[group], offsets].set(stored(v, v_pool.dtype))
         attn = attend(attention, cfg, sliding_layers[index], q, k_pool, v_pool, slot, batch.block_tables[:, group],
                       batch.positions, rows=batch.rows, sinks=lp.get("sinks"))
+        attn = mla_values(lp, cfg, attn) if cfg.kv_lora_rank else attn
         out = jnp.einsum("BTNH,NHD->BTD", attn, lp["wo"])
         out = out + lp["bo"] if cfg.o_bias else out
         if cfg.parallel_block:  # Cohere: h + attention(norm(h)) + MLP(norm(h))

@@ -41,7 +41,7 @@ FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
 # The projections an fp8 checkpoint keeps in fp8 (routers, gates of one output, embeddings and heads it does not).
 QUANTIZABLE = tuple(f"{stack}.{name}" for stack in ("layers", "dense_layers")
                     for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "shared_gate", "shared_up",
-                                 "shared_down"))
+                                 "shared_down", "wq_a", "wq_b", "w_ckv", "w_kpe", "wkv_b"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +178,8 @@ def weight_table(cfg: ModelConfig) -> list[WeightSpec]:
             WeightSpec("layers.q_norm", (H,), ("head_dim",), lp + "self_attn.q_norm.weight", (H,), init="ones"),
             WeightSpec("layers.k_norm", (H,), ("head_dim",), lp + "self_attn.k_norm.weight", (H,), init="ones"),
         ]
+    if cfg.kv_lora_rank:
+        specs = _mla_specs(specs, cfg)
     if cfg.num_experts:
         specs = [spec for spec in specs if spec.name not in ("layers.w_gate", "layers.w_up", "layers.w_down")]
         specs += _expert_specs(cfg)
@@ -218,6 +220,31 @@ def _with_dense_layers(specs: list[WeightSpec], cfg: ModelConfig) -> list[Weight
     dense = [dataclasses.replace(spec, name="dense_" + spec.name, layer_ids=dense_ids)
              for spec in weight_table(dataclasses.replace(cfg.dense_part(), weight_quant=None)) if spec.stacked]
     return dense + [dataclasses.replace(spec, layer_ids=sparse_ids) if spec.stacked else spec for spec in specs]
+
+
+def _mla_specs(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
+    """DeepSeek-V3's attention (ModelConfig.kv_lora_rank): q through `wq_a`, its norm and `wq_b` (or one `wq`), the
+    latent `w_ckv` and the shared RoPE'd key `w_kpe` (rows of one `kv_a_proj_with_mqa`), the latent's norm, and
+    `wkv_b` [R, N, nope + v], each head's key part (absorbed into q) then value part (out of the latent)."""
+    D, N, R, Rq = cfg.hidden_size, cfg.num_heads, cfg.kv_lora_rank, cfg.q_lora_rank
+    Hq, Hr, Hv, a = cfg.qk_nope_dim + cfg.qk_rope_dim, cfg.qk_rope_dim, cfg.v_head_dim, "model.layers.{i}.self_attn."
+    kv_a = a + "kv_a_proj_with_mqa.weight"
+    out = [spec for spec in specs if spec.name not in ("layers.wq", "layers.wk", "layers.wv", "layers.wo")]
+    if Rq:
+        out += [WeightSpec("layers.wq_a", (D, Rq), ("embed", "q_lora"), a + "q_a_proj.weight", (Rq, D), True),
+                WeightSpec("layers.q_a_norm", (Rq,), ("q_lora",), a + "q_a_layernorm.weight", (Rq,), init="ones"),
+                WeightSpec("layers.wq_b", (Rq, N, Hq), ("q_lora", "heads", "head_dim"), a + "q_b_proj.weight",
+                           (N * Hq, Rq), True)]
+    else:
+        out.append(WeightSpec("layers.wq", (D, N, Hq), ("embed", "heads", "head_dim"), a + "q_proj.weight",
+                              (N * Hq, D), True))
+    return out + [
+        WeightSpec("layers.w_ckv", (D, R), ("embed", "kv_lora"), kv_a, (R + Hr, D), True, hf_rows=(0, R)),
+        WeightSpec("layers.w_kpe", (D, Hr), ("embed", "head_dim"), kv_a, (R + Hr, D), True, hf_rows=(R, R + Hr)),
+        WeightSpec("layers.kv_a_norm", (R,), ("kv_lora",), a + "kv_a_layernorm.weight", (R,), init="ones"),
+        WeightSpec("layers.wkv_b", (R, N, cfg.qk_nope_dim + Hv), ("kv_lora", "heads", "head_dim"),
+                   a + "kv_b_proj.weight", (N * (cfg.qk_nope_dim + Hv), R), True),
+        WeightSpec("layers.wo", (N, Hv, D), ("heads", "head_dim", "embed"), a + "o_proj.weight", (D, N * Hv), True)]
 
 
 def _fp8(specs: list[WeightSpec], cfg: ModelConfig) -> list[WeightSpec]:
@@ -295,7 +322,7 @@ def _expert_specs(cfg: ModelConfig) -> list[WeightSpec]:
     ]
     if cfg.router_correction:  # its correction bias, kept in float32 as transformers keeps it (GLM's beside the
         #                         router's weight, ERNIE's in `moe_statics` as [1, X])
-        at, shape = {"glm4_moe": (f"{block}{router}.", (X,)),
+        at, shape = {"glm4_moe": (f"{block}{router}.", (X,)), "deepseek_v3": (f"{block}{router}.", (X,)),
                      "ernie4_5_moe": (f"{block}moe_statics.", (1, X))}.get(cfg.model_type, (block, (X,)))
         specs.append(WeightSpec("layers.router_correction", (X,), ("experts",),
                                 f"model.layers.{{i}}.{at}e_score_correction_bias", shape, init="zeros",
@@ -303,7 +330,7 @@ def _expert_specs(cfg: ModelConfig) -> list[WeightSpec]:
     if cfg.shared_expert_size:  # Qwen2-MoE's, with a sigmoid gate; HunYuan-MoE's `shared_mlp` and GLM-4.5's
         S = cfg.shared_expert_size  # `shared_experts`, without
         shared = "shared_expert" if cfg.shared_expert_gated else \
-            "shared_experts" if cfg.model_type in ("glm4_moe", "ernie4_5_moe") else "shared_mlp"
+            "shared_experts" if cfg.model_type in ("glm4_moe", "ernie4_5_moe", "deepseek_v3") else "shared_mlp"
         sp = "model.layers.{i}.mlp." + shared
         specs += [
             WeightSpec("layers.shared_gate", (D, S), ("embed", "mlp"), sp + ".gate_proj.weight", (S, D), True),
