@@ -27,11 +27,11 @@ DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "grani
                      "seed_oss", "ministral", "helium", "arcee", "exaone4", "ernie4_5", "hunyuan_v1_dense",
                      "apertus") + \
     GEMMA_MODEL_TYPES + OLMO_MODEL_TYPES + COHERE_MODEL_TYPES + GLM_MODEL_TYPES
-MLA_MODEL_TYPES = ("deepseek_v3",)  # multi-head latent attention
+MLA_MODEL_TYPES = ("deepseek_v3", "glm4_moe_lite")  # multi-head latent attention
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
 FUSED_GATE_UP = GLM_MODEL_TYPES  # the MLP's gate and up in one checkpoint tensor
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss", "minimax_m2",
-                   "hunyuan_v1_moe", "glm4_moe", "ernie4_5_moe", "deepseek_v3")
+                   "hunyuan_v1_moe", "glm4_moe", "ernie4_5_moe", "deepseek_v3", "glm4_moe_lite")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "ntk_alpha")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "relu2")  # relu2: relu(x) ** 2 (Arcee's)
@@ -44,6 +44,7 @@ DEFAULT_HEAD_DIM = {"qwen3": 128, "qwen3_moe": 128, "seed_oss": 128, "helium": 1
 RMS_NORM_EPS_DEFAULTS = {"phi3": 1e-5, "mixtral": 1e-5, "olmo2": 1e-5, "olmo3": 1e-5, "olmoe": 1e-5, "cohere": 1e-5,
                          "cohere2": 1e-5, "starcoder2": 1e-5, "phi": 1e-5, "helium": 1e-8, "arcee": 1e-5,
                          "exaone4": 1e-5, "ernie4_5": 1e-5, "glm4_moe": 1e-5, "ernie4_5_moe": 1e-5,
+                         "glm4_moe_lite": 1e-5,
                          "apertus": 1e-5}  # Cohere's, StarCoder 2's, Phi-2's LayerNorm
 NORM_EPS_FIELD = {"cohere": "layer_norm_eps", "cohere2": "layer_norm_eps", "starcoder2": "norm_epsilon",
                   "phi": "layer_norm_eps"}
@@ -479,7 +480,7 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "gpt_oss": "GptOssForCausalLM", "minimax_m2": "MiniMaxM2ForCausalLM",
                   "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM", "apertus": "ApertusForCausalLM",
                   "glm4_moe": "Glm4MoeForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
-                  "deepseek_v3": "DeepseekV3ForCausalLM"}
+                  "deepseek_v3": "DeepseekV3ForCausalLM", "glm4_moe_lite": "Glm4MoeLiteForCausalLM"}
 
 
 def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
@@ -490,7 +491,7 @@ def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
         return {}
     if model_type == "hunyuan_v1_moe":
         return _hunyuan_moe_from_hf(hf, get)
-    if model_type in ("glm4_moe", "deepseek_v3"):
+    if model_type in ("glm4_moe", "deepseek_v3", "glm4_moe_lite"):
         return _glm4_moe_from_hf(hf, get, model_type)
     if model_type == "ernie4_5_moe":
         return _ernie_moe_from_hf(hf, get)
@@ -520,6 +521,14 @@ def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
     return fields
 
 
+def _leading_dense(types: list[str]) -> int:
+    """How many layers of `mlp_layer_types` ("dense" / "sparse") lead densely; only leading ones are supported."""
+    dense = types.index("sparse") if "sparse" in types else len(types)
+    if set(types) - {"dense", "sparse"} or "dense" in types[dense:]:
+        raise ConfigError(f"mlp_layer_types {types} is not supported: dense layers must lead, the rest be sparse")
+    return dense
+
+
 def _ernie_moe_from_hf(hf: dict, get) -> dict:
     """ERNIE 4.5 MoE (21B-A3B, 300B-A47B): layer i is sparse when (i + 1) % moe_layer_interval == 0 and it lies in
     [moe_layer_start_index, moe_layer_end_index] (-1: the last), which must make the dense layers lead; `moe_k` of
@@ -543,21 +552,24 @@ def _ernie_moe_from_hf(hf: dict, get) -> dict:
 
 # transformers' defaults for DeepSeek-V3's routing fields where GLM-4.5's differ: (first_k_dense_replace, n_group,
 # topk_group, routed_scaling_factor)
-_NOAUX_DEFAULTS = {"glm4_moe": (1, 1, 1, 1.0), "deepseek_v3": (3, 8, 4, 2.5)}
+_NOAUX_DEFAULTS = {"glm4_moe": (1, 1, 1, 1.0), "deepseek_v3": (3, 8, 4, 2.5), "glm4_moe_lite": (1, 1, 1, 1.8)}
 
 
 def _glm4_moe_from_hf(hf: dict, get, model_type: str) -> dict:
-    """GLM-4.5/4.6 (and -Air), and DeepSeek-V3's experts (Kimi K2's, Moonlight's): `first_k_dense_replace` leading
-    dense layers of `intermediate_size`, the rest `n_routed_experts` experts of `moe_intermediate_size` chosen by
-    sigmoid scores plus a correction bias within the best `topk_group` of `n_group` groups (DeepSeek's
-    topk_method "noaux_tc"), weighed by their scores (renormalised) times `routed_scaling_factor`, and
-    `n_shared_experts` ungated shared experts as one MLP; the router in float32. The checkpoint's
-    multi-token-prediction layers (`num_nextn_predict_layers`, after the last) are not loaded."""
+    """GLM-4.5/4.6 (and -Air), and DeepSeek-V3's experts (Kimi K2's, Moonlight's; GLM-4.7-Flash's):
+    `first_k_dense_replace` leading dense layers of `intermediate_size` (GLM-4.7-Flash: its `mlp_layer_types`), the
+    rest `n_routed_experts` experts of `moe_intermediate_size` chosen by sigmoid scores plus a correction bias within
+    the best `topk_group` of `n_group` groups (DeepSeek's topk_method "noaux_tc"), weighed by their scores
+    (renormalised) times `routed_scaling_factor`, and `n_shared_experts` ungated shared experts as one MLP; the router
+    in float32. The checkpoint's multi-token-prediction layers (`num_nextn_predict_layers`, after the last) are not
+    loaded."""
     for field, supported in (("topk_method", "noaux_tc"), ("scoring_func", "sigmoid")):
         if hf.get(field, supported) != supported:
             raise ConfigError(f"{model_type} with {field}={hf[field]!r} is not supported (only {supported!r})")
     first_dense, groups, topk_groups, scaling = _NOAUX_DEFAULTS[model_type]
     width, dense = get("moe_intermediate_size"), hf.get("first_k_dense_replace", first_dense)
+    if model_type == "glm4_moe_lite":
+        dense = _leading_dense(hf.get("mlp_layer_types") or ["dense"] + ["sparse"] * (get("num_hidden_layers") - 1))
     return dict(intermediate_size=width, num_experts=get("n_routed_experts"),
                 experts_per_token=get("num_experts_per_tok"), norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
                 shared_expert_size=width * hf.get("n_shared_experts", 1), shared_expert_gated=False,
@@ -614,7 +626,7 @@ def _family_fields(hf: dict, model_type: str, get) -> dict:
     if model_type == "gpt_oss":
         return _gpt_oss_from_hf(hf)
     if model_type in MLA_MODEL_TYPES:
-        return _mla_from_hf(hf, get)
+        return _mla_from_hf(hf, get, model_type)
     if model_type == "minimax_m2":  # q and k normed over all heads at once; every layer full attention
         if any(kind != 1 for kind in hf.get("attn_type_list") or []):
             raise ConfigError("minimax_m2 with linear-attention layers (attn_type_list entries other than 1) is not "
@@ -628,12 +640,12 @@ def _family_fields(hf: dict, model_type: str, get) -> dict:
     return {}
 
 
-def _mla_from_hf(hf: dict, get) -> dict:
+def _mla_from_hf(hf: dict, get, model_type: str) -> dict:
     """DeepSeek-V3's attention fields. Its softmax scale, 1 / sqrt(qk_nope_head_dim + qk_rope_head_dim) (times
     YaRN's mscale squared where the scaling gives `mscale_all_dim`), becomes `attention_multiplier`, since every
     attention path divides by the square root of the pool's head_dim."""
     if hf.get("attention_bias"):
-        raise ConfigError("deepseek_v3 with attention_bias=true is not supported (no released model uses it)")
+        raise ConfigError(f"{model_type} with attention_bias=true is not supported (no released model uses it)")
     nope, rope = get("qk_nope_head_dim"), get("qk_rope_head_dim")
     scale = (nope + rope) ** -0.5
     params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
@@ -958,8 +970,9 @@ def _layer_types_to_hf(cfg: "ModelConfig") -> dict:
 
 
 def _moe_to_hf(cfg: "ModelConfig") -> dict:
-    if cfg.model_type in ("glm4_moe", "deepseek_v3"):
-        return {"n_routed_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token,
+    if cfg.model_type in ("glm4_moe", "deepseek_v3", "glm4_moe_lite"):
+        return {"mlp_layer_types": ["dense"] * cfg.dense_layers + ["sparse"] * (cfg.num_layers - cfg.dense_layers),
+                "n_routed_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token,
                 "moe_intermediate_size": cfg.intermediate_size, "intermediate_size": cfg.dense_intermediate_size,
                 "n_shared_experts": cfg.shared_expert_size // cfg.intermediate_size,
                 "first_k_dense_replace": cfg.dense_layers, "n_group": cfg.router_groups,

@@ -132,6 +132,12 @@ FAMILIES = {
         kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=24, num_key_value_heads=4,
         rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 32.0,
                          "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0})),
+    # GLM-4.7-Flash: DeepSeek-V3's latent attention and GLM's routing, its dense layers as `mlp_layer_types` says.
+    "glm4_moe_lite": (transformers.Glm4MoeLiteConfig, dict(
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, num_hidden_layers=3, n_group=2,
+        topk_group=1, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=24, qk_rope_head_dim=16, v_head_dim=16,
+        num_key_value_heads=4, mlp_layer_types=["dense", "sparse", "sparse"], pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
     # gpt-oss: attention sinks, sliding layers (every other), YaRN without truncation, biases on q/k/v/o, the router
     # and every expert, gate and up interleaved in one tensor, the clamped SwiGLU (a limit low enough to clamp here).
     "gpt_oss": (transformers.GptOssConfig, dict(

@@ -92,6 +92,8 @@ def test_hub_spelling_and_missing_optional_fields_map_like_transformers(tmp_path
     ("deepseek_v3", dict(topk_method="group_limited_greedy"), "topk_method='group_limited_greedy' is not supported"),
     ("deepseek_v3", dict(scoring_func="softmax"), "scoring_func='softmax' is not supported"),
     ("deepseek_v3", dict(attention_bias=True), "attention_bias=true is not supported"),
+    ("glm4_moe_lite", dict(mlp_layer_types=["dense", "sparse", "dense"]), r"mlp_layer_types \['dense', 'sparse', "
+                                                                          r"'dense'\] is not supported"),
     ("mixtral", dict(num_experts_per_tok=5), "num_experts_per_tok=5 must be between 1 and the 4 experts"),
     ("qwen3_moe", dict(num_experts_per_tok=0), "num_experts_per_tok=0 must be between 1"),
     ("mixtral", dict(num_local_experts=None), "missing required field 'num_local_experts'"),
@@ -428,12 +430,16 @@ def test_ernie_moe_leaves_its_multi_token_prediction_tensors_unread(tmp_path):
 
 # ---- DeepSeek-V3 (deepseek_v3): multi-head latent attention beside GLM-4.5's routing ----
 
-@pytest.mark.parametrize("overrides", [{}, dict(q_lora_rank=None, rope_interleave=False, n_group=1, topk_group=1,
-                                                rope_parameters={"rope_type": "default", "rope_theta": 1e4})])
-def test_deepseek_v3_maps_like_transformers(tmp_path, overrides):
+@pytest.mark.parametrize("family, overrides", [
+    ("deepseek_v3", {}), ("glm4_moe_lite", {}),
+    ("deepseek_v3", dict(q_lora_rank=None, rope_interleave=False, n_group=1, topk_group=1,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
+    ("glm4_moe_lite", dict(mlp_layer_types=None, num_hidden_layers=4)),  # its default: the first layer dense
+])
+def test_latent_attention_models_map_like_transformers(tmp_path, family, overrides):
     """MLA's dims, its softmax scale (YaRN's mscale squared in it) and the routing as transformers' modeling objects
     hold them; the pool's one head is the latent and the RoPE'd key."""
-    hf = _saved(tmp_path, "deepseek_v3", **overrides)
+    hf = _saved(tmp_path, family, **overrides)
     ours = ModelConfig.from_hf(hf)
     model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf))
     attention, gate = model.model.layers[-1].self_attn, model.model.layers[-1].mlp.gate
@@ -443,8 +449,10 @@ def test_deepseek_v3_maps_like_transformers(tmp_path, overrides):
     assert ours.attention_multiplier == pytest.approx(attention.scaling, rel=1e-12)
     assert (ours.head_dim, ours.num_kv_heads) == (ours.kv_lora_rank + ours.qk_rope_dim, 1)
     assert ours.rope_interleaved == model.config.rope_interleave
-    assert (ours.router_groups, ours.router_topk_groups, ours.routed_scaling, ours.dense_layers) == \
-        (gate.num_group, gate.topk_group, gate.routed_scaling_factor, model.config.first_k_dense_replace)
+    dense = [type(layer.mlp).__name__.endswith("MLP") for layer in model.model.layers]
+    assert (ours.router_groups, ours.router_topk_groups, ours.routed_scaling, ours.rms_norm_eps) == \
+        (gate.num_group, gate.topk_group, gate.routed_scaling_factor, model.config.rms_norm_eps)
+    assert dense == [i < ours.dense_layers for i in range(ours.num_layers)]
     back = ModelConfig.from_hf(ours.to_hf())
     assert back == dataclasses.replace(ours, mtp_layers=0, attention_multiplier=back.attention_multiplier)
     assert back.attention_multiplier == pytest.approx(ours.attention_multiplier, rel=1e-12)
