@@ -27,11 +27,11 @@ DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "grani
                      "seed_oss", "ministral", "helium", "arcee", "exaone4", "ernie4_5", "hunyuan_v1_dense",
                      "apertus") + \
     GEMMA_MODEL_TYPES + OLMO_MODEL_TYPES + COHERE_MODEL_TYPES + GLM_MODEL_TYPES
-MLA_MODEL_TYPES = ("deepseek_v3", "glm4_moe_lite")  # multi-head latent attention
+MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")  # multi-head latent attention
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
 FUSED_GATE_UP = GLM_MODEL_TYPES  # the MLP's gate and up in one checkpoint tensor
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss", "minimax_m2",
-                   "hunyuan_v1_moe", "glm4_moe", "ernie4_5_moe", "deepseek_v3", "glm4_moe_lite")
+                   "hunyuan_v1_moe", "glm4_moe", "ernie4_5_moe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "ntk_alpha")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "relu2")  # relu2: relu(x) ** 2 (Arcee's)
@@ -196,6 +196,7 @@ class ModelConfig:
     # times `routed_scaling`
     router_groups: int = 1
     router_topk_groups: int = 1
+    router_group_score: str = "top2"  # a group's score: its two best experts' sum ("max": its best, DeepSeek-V2's)
     routed_scaling: float = 1.0
     # The first `dense_layers` layers have a dense MLP of `dense_intermediate_size` in place of the experts (GLM-4.5's
     # first_k_dense_replace, Qwen-MoE's mlp_only_layers when they lead): scanned as a stack of their own
@@ -268,7 +269,8 @@ class ModelConfig:
         """The model of the leading dense-MLP layers (`dense_layers`): the same attention, a dense MLP."""
         return dataclasses.replace(self, num_experts=0, experts_per_token=0,
                                    intermediate_size=self.dense_intermediate_size, shared_expert_size=0,
-                                   router_scoring="softmax", router_groups=1, router_topk_groups=1, routed_scaling=1.0,
+                                   router_scoring="softmax", router_groups=1, router_topk_groups=1,
+                                   router_group_score="top2", routed_scaling=1.0,
                                    dense_layers=0, dense_intermediate_size=0,
                                    router_bias=False, expert_bias=False, mxfp4=False, fused_experts=False)
 
@@ -480,7 +482,8 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "gpt_oss": "GptOssForCausalLM", "minimax_m2": "MiniMaxM2ForCausalLM",
                   "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM", "apertus": "ApertusForCausalLM",
                   "glm4_moe": "Glm4MoeForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
-                  "deepseek_v3": "DeepseekV3ForCausalLM", "glm4_moe_lite": "Glm4MoeLiteForCausalLM"}
+                  "deepseek_v3": "DeepseekV3ForCausalLM", "glm4_moe_lite": "Glm4MoeLiteForCausalLM",
+                  "deepseek_v2": "DeepseekV2ForCausalLM"}
 
 
 def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
@@ -495,6 +498,8 @@ def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
         return _glm4_moe_from_hf(hf, get, model_type)
     if model_type == "ernie4_5_moe":
         return _ernie_moe_from_hf(hf, get)
+    if model_type == "deepseek_v2":
+        return _deepseek_v2_moe_from_hf(hf, get)
     if model_type == "minimax_m2" and hf.get("scoring_func", "sigmoid") != "sigmoid":
         raise ConfigError(f"minimax_m2 with scoring_func={hf['scoring_func']!r} is not supported (only sigmoid)")
     # Always renormalised: GraniteMoE's and gpt-oss's softmax over the top logits is the renormalised softmax;
@@ -519,6 +524,25 @@ def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
     if dense_layers:  # Qwen's dense layers are `intermediate_size` wide
         fields.update(dense_layers=len(dense_layers), dense_intermediate_size=get("intermediate_size"))
     return fields
+
+
+def _deepseek_v2_moe_from_hf(hf: dict, get) -> dict:
+    """DeepSeek-V2 (and -Lite)'s experts as transformers' DeepseekV2TopkRouter chooses them: by softmax weight (in
+    float32), all experts ("greedy") or within the best `topk_group` of `n_group` groups, a group scored by its best
+    ("group_limited_greedy"); weighed by their softmax weights times `routed_scaling_factor`, never renormalised
+    (transformers reads no norm_topk_prob for V2); `n_shared_experts` ungated shared experts; the first
+    `first_k_dense_replace` layers dense."""
+    method, width = hf.get("topk_method") or "greedy", get("moe_intermediate_size")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise ConfigError(f"deepseek_v2 with topk_method={method!r} is not supported (greedy, group_limited_greedy)")
+    grouped, dense = method == "group_limited_greedy", hf.get("first_k_dense_replace", 0)
+    return dict(intermediate_size=width, num_experts=get("n_routed_experts"),
+                experts_per_token=get("num_experts_per_tok"), norm_topk_prob=False,
+                shared_expert_size=width * hf.get("n_shared_experts", 2), shared_expert_gated=False,
+                router_logits_f32=True, router_groups=get("n_group") if grouped else 1,
+                router_topk_groups=get("topk_group") if grouped else 1, router_group_score="max",
+                routed_scaling=float(hf.get("routed_scaling_factor", 1.0)), dense_layers=dense,
+                dense_intermediate_size=get("intermediate_size") if dense else 0)
 
 
 def _leading_dense(types: list[str]) -> int:
@@ -970,6 +994,13 @@ def _layer_types_to_hf(cfg: "ModelConfig") -> dict:
 
 
 def _moe_to_hf(cfg: "ModelConfig") -> dict:
+    if cfg.model_type == "deepseek_v2":
+        return {"n_routed_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token,
+                "moe_intermediate_size": cfg.intermediate_size, "intermediate_size": cfg.dense_intermediate_size,
+                "n_shared_experts": cfg.shared_expert_size // cfg.intermediate_size,
+                "first_k_dense_replace": cfg.dense_layers, "routed_scaling_factor": cfg.routed_scaling,
+                "topk_method": "group_limited_greedy" if cfg.router_groups > 1 else "greedy",
+                "n_group": cfg.router_groups, "topk_group": cfg.router_topk_groups}
     if cfg.model_type in ("glm4_moe", "deepseek_v3", "glm4_moe_lite"):
         return {"mlp_layer_types": ["dense"] * cfg.dense_layers + ["sparse"] * (cfg.num_layers - cfg.dense_layers),
                 "n_routed_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token,

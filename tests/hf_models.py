@@ -132,6 +132,13 @@ FAMILIES = {
         kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=24, num_key_value_heads=4,
         rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 32.0,
                          "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0})),
+    # DeepSeek-V2: the latent attention with q straight from the hidden state (-Lite's), RoPE over adjacent pairs,
+    # experts by softmax weight within the best groups, each scored by its best expert (group_limited_greedy).
+    "deepseek_v2": (transformers.DeepseekV2Config, dict(
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, num_hidden_layers=3,
+        first_k_dense_replace=1, n_group=2, topk_group=1, topk_method="group_limited_greedy",
+        routed_scaling_factor=1.5, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
+        v_head_dim=16, num_key_value_heads=4, n_shared_experts=1)),
     # GLM-4.7-Flash: DeepSeek-V3's latent attention and GLM's routing, its dense layers as `mlp_layer_types` says.
     "glm4_moe_lite": (transformers.Glm4MoeLiteConfig, dict(
         n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, num_hidden_layers=3, n_group=2,

@@ -92,6 +92,7 @@ def test_hub_spelling_and_missing_optional_fields_map_like_transformers(tmp_path
     ("deepseek_v3", dict(topk_method="group_limited_greedy"), "topk_method='group_limited_greedy' is not supported"),
     ("deepseek_v3", dict(scoring_func="softmax"), "scoring_func='softmax' is not supported"),
     ("deepseek_v3", dict(attention_bias=True), "attention_bias=true is not supported"),
+    ("deepseek_v2", dict(topk_method="noaux_tc"), r"topk_method='noaux_tc' is not supported \(greedy, group_limited"),
     ("glm4_moe_lite", dict(mlp_layer_types=["dense", "sparse", "dense"]), r"mlp_layer_types \['dense', 'sparse', "
                                                                           r"'dense'\] is not supported"),
     ("mixtral", dict(num_experts_per_tok=5), "num_experts_per_tok=5 must be between 1 and the 4 experts"),
@@ -289,30 +290,34 @@ def test_glm4_moe_without_optional_fields_takes_transformers_defaults(tmp_path):
                                  c.num_nextn_predict_layers)
 
 
-@pytest.mark.parametrize("groups, topk_groups, k, scaling", [(4, 2, 3, 2.5), (2, 1, 2, 1.0), (8, 3, 4, 1.5)])
-def test_group_limited_sigmoid_routing(groups, topk_groups, k, scaling):
-    """GLM-4.5's (DeepSeek-V3's) router against numpy: groups scored by their two best corrected scores, experts
-    chosen by corrected score within the best groups, weighed by their scores renormalised times the scaling."""
+@pytest.mark.parametrize("groups, topk_groups, k, scaling, v2", [
+    (4, 2, 3, 2.5, False), (2, 1, 2, 1.0, False), (8, 3, 4, 1.5, False), (4, 2, 3, 1.5, True), (8, 1, 2, 16.0, True)])
+def test_group_limited_routing(groups, topk_groups, k, scaling, v2):
+    """Group-limited routers against numpy. GLM-4.5's (DeepSeek-V3's): groups scored by their two best corrected
+    sigmoid scores, experts chosen by corrected score within the best groups, weighed by their scores renormalised
+    times the scaling. DeepSeek-V2's (`v2`): softmax weights, groups scored by their best, never renormalised."""
     X = 16
-    cfg = ModelConfig(model_type="glm4_moe", vocab_size=8, hidden_size=16, intermediate_size=8, num_layers=1,
-                      num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=32, num_experts=X,
-                      experts_per_token=k, norm_topk_prob=True, router_scoring="sigmoid", router_correction=True,
-                      router_logits_f32=True,
-                      router_groups=groups, router_topk_groups=topk_groups, routed_scaling=scaling)
+    cfg = ModelConfig(model_type="deepseek_v2" if v2 else "glm4_moe", vocab_size=8, hidden_size=16,
+                      intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
+                      max_position_embeddings=32, num_experts=X, experts_per_token=k, norm_topk_prob=not v2,
+                      router_scoring="softmax" if v2 else "sigmoid", router_correction=not v2, router_logits_f32=True,
+                      router_groups=groups, router_topk_groups=topk_groups, routed_scaling=scaling,
+                      router_group_score="max" if v2 else "top2")
     rng = np.random.default_rng(groups * 10 + k)
     y = rng.standard_normal((3, 7, 16)).astype(np.float32)
     router, correction = rng.standard_normal((16, X)).astype(np.float32), rng.normal(0, 0.3, X).astype(np.float32)
     got = np.asarray(expert_weights({"router": jnp.asarray(router), "router_correction": jnp.asarray(correction)},
                                     cfg, jnp.asarray(y)))
-    scores = 1 / (1 + np.exp(-(y @ router).astype(np.float64)))
+    logits = (y @ router).astype(np.float64)
+    scores = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True) if v2 else 1 / (1 + np.exp(-logits))
     want = np.zeros_like(scores)
     for index in np.ndindex(*scores.shape[:2]):
-        choice = (scores[index] + correction).reshape(groups, -1)
-        best = np.argsort(-np.sort(choice, axis=1)[:, -2:].sum(1))[:topk_groups]
+        choice = (scores[index] + (0 if v2 else correction)).reshape(groups, -1)
+        best = np.argsort(-np.sort(choice, axis=1)[:, -(1 if v2 else 2):].sum(1))[:topk_groups]
         masked = np.full_like(choice, -np.inf)
         masked[best] = choice[best]
         top = np.argsort(-masked.ravel())[:k]
-        want[index + (top,)] = scores[index + (top,)] / scores[index + (top,)].sum() * scaling
+        want[index + (top,)] = scores[index + (top,)] / (1 if v2 else scores[index + (top,)].sum()) * scaling
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     assert ((got > 0).sum(-1) == k).all()
 
@@ -362,11 +367,14 @@ def test_multi_token_prediction_layers_are_left_unread(glm_dir, tmp_path):
     ("deepseek_v3", dict(q_lora_rank=None, rope_interleave=False, rope_parameters={"rope_type": "default",
                                                                                   "rope_theta": 1e4}),
      dict(q_lora_rank=0, rope_interleaved=False)),
+    ("deepseek_v2", dict(topk_method="greedy", n_group=None, topk_group=None, q_lora_rank=16),
+     dict(router_groups=1, q_lora_rank=16)),  # DeepSeek-V2's (not -Lite's) low-rank q, every expert in reach
 ])
 def test_variants_decode_what_transformers_decodes(tmp_path, family, config, expect):
     """Variants the parity families do not take: Qwen-MoE's mlp_only_layers=[0] (a dense MLP of intermediate_size
     first, experts after); DeepSeek-V3's latent attention with q straight from the hidden state (Moonlight's), RoPE
-    over halves and no scaling. Greedy tokens against transformers."""
+    over halves and no scaling; DeepSeek-V2's with a low-rank q and greedy routing. Greedy tokens against
+    transformers."""
     model = build(family, tmp_path, config=config)
     llm = LLM(tmp_path, EngineConfig(max_slots=2, page_size=8, prefill_chunk=16, dtype="float32", max_model_len=64))
     assert {name: getattr(llm.model_config, name) for name in expect} == expect
@@ -431,7 +439,7 @@ def test_ernie_moe_leaves_its_multi_token_prediction_tensors_unread(tmp_path):
 # ---- DeepSeek-V3 (deepseek_v3): multi-head latent attention beside GLM-4.5's routing ----
 
 @pytest.mark.parametrize("family, overrides", [
-    ("deepseek_v3", {}), ("glm4_moe_lite", {}),
+    ("deepseek_v3", {}), ("glm4_moe_lite", {}), ("deepseek_v2", {}),
     ("deepseek_v3", dict(q_lora_rank=None, rope_interleave=False, n_group=1, topk_group=1,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
     ("glm4_moe_lite", dict(mlp_layer_types=None, num_hidden_layers=4)),  # its default: the first layer dense
@@ -448,7 +456,7 @@ def test_latent_attention_models_map_like_transformers(tmp_path, family, overrid
          attention.v_head_dim)
     assert ours.attention_multiplier == pytest.approx(attention.scaling, rel=1e-12)
     assert (ours.head_dim, ours.num_kv_heads) == (ours.kv_lora_rank + ours.qk_rope_dim, 1)
-    assert ours.rope_interleaved == model.config.rope_interleave
+    assert ours.rope_interleaved == getattr(model.config, "rope_interleave", True)  # DeepSeek-V2's always are
     dense = [type(layer.mlp).__name__.endswith("MLP") for layer in model.model.layers]
     assert (ours.router_groups, ours.router_topk_groups, ours.routed_scaling, ours.rms_norm_eps) == \
         (gate.num_group, gate.topk_group, gate.routed_scaling_factor, model.config.rms_norm_eps)

@@ -244,12 +244,14 @@ def expert_weights(lp: dict, cfg: ModelConfig, y: jax.Array) -> jax.Array:
 
 
 def in_best_groups(scores: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Group-limited routing (GLM-4.5's, DeepSeek-V3's): scores [..., X] with the experts outside the best
-    `router_topk_groups` of `router_groups` equal groups (a group scored by the sum of its two best) at -inf."""
+    """Group-limited routing (GLM-4.5's, DeepSeek-V2/V3's): scores [..., X] with the experts outside the best
+    `router_topk_groups` of `router_groups` equal groups (a group scored by the sum of its two best, or by its best:
+    `router_group_score`) at -inf."""
     if cfg.router_groups == 1:
         return scores
     grouped = scores.reshape(*scores.shape[:-1], cfg.router_groups, -1)
-    group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
+    best = 1 if cfg.router_group_score == "max" else 2
+    group_scores = jnp.sum(jax.lax.top_k(grouped, best)[0], axis=-1)
     _, best = jax.lax.top_k(group_scores, cfg.router_topk_groups)
     kept = jnp.sum(jax.nn.one_hot(best, cfg.router_groups, dtype=jnp.int32), axis=-2) > 0
     return jnp.where(kept[..., None], grouped, -jnp.inf).reshape(scores.shape)

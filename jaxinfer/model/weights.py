@@ -331,8 +331,8 @@ def _expert_specs(cfg: ModelConfig) -> list[WeightSpec]:
     if cfg.shared_expert_size:  # Qwen2-MoE's, with a sigmoid gate; HunYuan-MoE's `shared_mlp` and GLM-4.5's
         S = cfg.shared_expert_size  # `shared_experts`, without
         shared = "shared_expert" if cfg.shared_expert_gated else \
-            "shared_experts" if cfg.model_type in ("glm4_moe", "ernie4_5_moe", "deepseek_v3", "glm4_moe_lite") \
-            else "shared_mlp"
+            "shared_experts" if cfg.model_type in ("glm4_moe", "ernie4_5_moe", "deepseek_v2", "deepseek_v3",
+                                                   "glm4_moe_lite") else "shared_mlp"
         sp = "model.layers.{i}.mlp." + shared
         specs += [
             WeightSpec("layers.shared_gate", (D, S), ("embed", "mlp"), sp + ".gate_proj.weight", (S, D), True),
