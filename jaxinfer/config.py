@@ -31,7 +31,7 @@ MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")  # multi-head 
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
 FUSED_GATE_UP = GLM_MODEL_TYPES  # the MLP's gate and up in one checkpoint tensor
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss", "minimax_m2",
-                   "hunyuan_v1_moe", "glm4_moe", "ernie4_5_moe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite")
+                   "hunyuan_v1_moe", "glm4_moe", "ernie4_5_moe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "dots1")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "ntk_alpha")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "relu2")  # relu2: relu(x) ** 2 (Arcee's)
@@ -372,7 +372,7 @@ class ModelConfig:
             o_bias=bool(hf.get("attention_out_bias")) if model_type == "seed_oss" else
             model_type not in ("qwen2", "qwen2_moe", "helium", "glm4_moe") + GLM_MODEL_TYPES and attention_bias,
             qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text", "olmoe", "exaone4", "hunyuan_v1_dense",
-                                   "hunyuan_v1_moe", "minimax_m2", "apertus") +
+                                   "hunyuan_v1_moe", "minimax_m2", "apertus", "dots1") +
             OLMO_MODEL_TYPES or
             (model_type in ("cohere", "glm4_moe") and bool(hf.get("use_qk_norm"))),
             sliding_window=_sliding_window(hf, model_type),
@@ -483,7 +483,7 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM", "apertus": "ApertusForCausalLM",
                   "glm4_moe": "Glm4MoeForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
                   "deepseek_v3": "DeepseekV3ForCausalLM", "glm4_moe_lite": "Glm4MoeLiteForCausalLM",
-                  "deepseek_v2": "DeepseekV2ForCausalLM"}
+                  "deepseek_v2": "DeepseekV2ForCausalLM", "dots1": "Dots1ForCausalLM"}
 
 
 def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
@@ -494,7 +494,7 @@ def _moe_from_hf(hf: dict, model_type: str, get) -> dict:
         return {}
     if model_type == "hunyuan_v1_moe":
         return _hunyuan_moe_from_hf(hf, get)
-    if model_type in ("glm4_moe", "deepseek_v3", "glm4_moe_lite"):
+    if model_type in _NOAUX_DEFAULTS:
         return _glm4_moe_from_hf(hf, get, model_type)
     if model_type == "ernie4_5_moe":
         return _ernie_moe_from_hf(hf, get)
@@ -574,13 +574,14 @@ def _ernie_moe_from_hf(hf: dict, get) -> dict:
                 dense_intermediate_size=get("intermediate_size") if sparse[0] else 0)
 
 
-# transformers' defaults for DeepSeek-V3's routing fields where GLM-4.5's differ: (first_k_dense_replace, n_group,
-# topk_group, routed_scaling_factor)
-_NOAUX_DEFAULTS = {"glm4_moe": (1, 1, 1, 1.0), "deepseek_v3": (3, 8, 4, 2.5), "glm4_moe_lite": (1, 1, 1, 1.8)}
+# transformers' defaults of the noaux_tc routers' fields: (first_k_dense_replace, n_group, topk_group,
+# routed_scaling_factor, norm_topk_prob)
+_NOAUX_DEFAULTS = {"glm4_moe": (1, 1, 1, 1.0, True), "deepseek_v3": (3, 8, 4, 2.5, True),
+                   "glm4_moe_lite": (1, 1, 1, 1.8, True), "dots1": (0, 1, 1, 1.0, False)}
 
 
 def _glm4_moe_from_hf(hf: dict, get, model_type: str) -> dict:
-    """GLM-4.5/4.6 (and -Air), and DeepSeek-V3's experts (Kimi K2's, Moonlight's; GLM-4.7-Flash's):
+    """GLM-4.5/4.6 (and -Air), and DeepSeek-V3's experts (Kimi K2's, Moonlight's; GLM-4.7-Flash's; dots.llm1's):
     `first_k_dense_replace` leading dense layers of `intermediate_size` (GLM-4.7-Flash: its `mlp_layer_types`), the
     rest `n_routed_experts` experts of `moe_intermediate_size` chosen by sigmoid scores plus a correction bias within
     the best `topk_group` of `n_group` groups (DeepSeek's topk_method "noaux_tc"), weighed by their scores
@@ -590,12 +591,12 @@ def _glm4_moe_from_hf(hf: dict, get, model_type: str) -> dict:
     for field, supported in (("topk_method", "noaux_tc"), ("scoring_func", "sigmoid")):
         if hf.get(field, supported) != supported:
             raise ConfigError(f"{model_type} with {field}={hf[field]!r} is not supported (only {supported!r})")
-    first_dense, groups, topk_groups, scaling = _NOAUX_DEFAULTS[model_type]
+    first_dense, groups, topk_groups, scaling, norm = _NOAUX_DEFAULTS[model_type]
     width, dense = get("moe_intermediate_size"), hf.get("first_k_dense_replace", first_dense)
     if model_type == "glm4_moe_lite":
         dense = _leading_dense(hf.get("mlp_layer_types") or ["dense"] + ["sparse"] * (get("num_hidden_layers") - 1))
     return dict(intermediate_size=width, num_experts=get("n_routed_experts"),
-                experts_per_token=get("num_experts_per_tok"), norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+                experts_per_token=get("num_experts_per_tok"), norm_topk_prob=bool(hf.get("norm_topk_prob", norm)),
                 shared_expert_size=width * hf.get("n_shared_experts", 1), shared_expert_gated=False,
                 router_scoring="sigmoid", router_correction=True, router_logits_f32=True,
                 router_groups=hf.get("n_group", groups) or 1, router_topk_groups=hf.get("topk_group", topk_groups) or 1,
@@ -1001,7 +1002,7 @@ def _moe_to_hf(cfg: "ModelConfig") -> dict:
                 "first_k_dense_replace": cfg.dense_layers, "routed_scaling_factor": cfg.routed_scaling,
                 "topk_method": "group_limited_greedy" if cfg.router_groups > 1 else "greedy",
                 "n_group": cfg.router_groups, "topk_group": cfg.router_topk_groups}
-    if cfg.model_type in ("glm4_moe", "deepseek_v3", "glm4_moe_lite"):
+    if cfg.model_type in _NOAUX_DEFAULTS:
         return {"mlp_layer_types": ["dense"] * cfg.dense_layers + ["sparse"] * (cfg.num_layers - cfg.dense_layers),
                 "n_routed_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token,
                 "moe_intermediate_size": cfg.intermediate_size, "intermediate_size": cfg.dense_intermediate_size,

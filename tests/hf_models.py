@@ -145,6 +145,11 @@ FAMILIES = {
         topk_group=1, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=24, qk_rope_head_dim=16, v_head_dim=16,
         num_key_value_heads=4, mlp_layer_types=["dense", "sparse", "sparse"], pad_token_id=0,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # dots.llm1: GLM-4.5's routing (renormalised here; its class default is not), q/k norms, biases on q/k/v/o.
+    "dots1": (transformers.Dots1Config, dict(
+        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=48, head_dim=16,
+        num_hidden_layers=3, first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+        norm_topk_prob=True, attention_bias=True)),
     # gpt-oss: attention sinks, sliding layers (every other), YaRN without truncation, biases on q/k/v/o, the router
     # and every expert, gate and up interleaved in one tensor, the clamped SwiGLU (a limit low enough to clamp here).
     "gpt_oss": (transformers.GptOssConfig, dict(
@@ -182,7 +187,7 @@ def build(family: str, directory, dtype=torch.float32, seed: int = 0, config: di
     # Norms at 0 (Gemma's scale by 1 + w) or 1, biases at 0: make each one matter.
     if family.startswith(("gemma", "olmo", "cohere", "starcoder", "glm", "phi", "seed", "ministral", "helium",
                           "ernie", "arcee", "exaone", "hunyuan", "gpt", "minimax", "apertus",
-                          "deepseek")):
+                          "deepseek", "dots")):
         with torch.no_grad():
             for name, weight in model.named_parameters():
                 if "norm" in name:

@@ -253,11 +253,15 @@ def test_engine_outputs_do_not_depend_on_the_batch(qwen3_moe_dir):
 
 # ---- GLM-4.5 (glm4_moe) and leading dense layers ----
 
-@pytest.mark.parametrize("overrides", [{}, dict(n_group=1, topk_group=1, first_k_dense_replace=2, use_qk_norm=False,
-                                               n_shared_experts=2, routed_scaling_factor=1.0, norm_topk_prob=False)])
-def test_glm4_moe_maps_like_transformers(tmp_path, overrides):
-    """Every routing field as transformers' modeling code reads it, and the layers it makes dense."""
-    hf = _saved(tmp_path, "glm4_moe", **overrides)
+@pytest.mark.parametrize("family, overrides", [
+    ("glm4_moe", {}),
+    ("glm4_moe", dict(n_group=1, topk_group=1, first_k_dense_replace=2, use_qk_norm=False, n_shared_experts=2,
+                      routed_scaling_factor=1.0, norm_topk_prob=False)),
+    ("dots1", {}), ("dots1", dict(attention_bias=False, norm_topk_prob=False, first_k_dense_replace=0))])
+def test_glm_routed_models_map_like_transformers(tmp_path, family, overrides):
+    """Every routing field of GLM-4.5 and dots.llm1 as transformers' modeling code reads it, the layers it makes
+    dense, their attention's norms and biases."""
+    hf = _saved(tmp_path, family, **overrides)
     c, ours = transformers.AutoConfig.for_model(**hf), ModelConfig.from_hf(hf)
     model = transformers.AutoModelForCausalLM.from_config(c)
     gate = model.model.layers[-1].mlp.gate
@@ -265,14 +269,16 @@ def test_glm4_moe_maps_like_transformers(tmp_path, overrides):
             ours.router_topk_groups, ours.routed_scaling) == (gate.num_experts, gate.top_k, gate.norm_topk_prob,
                                                               gate.num_group, gate.topk_group,
                                                               gate.routed_scaling_factor)
-    dense = [type(layer.mlp).__name__ == "Glm4MoeMLP" for layer in model.model.layers]
+    dense = [type(layer.mlp).__name__.endswith("MLP") for layer in model.model.layers]
     assert dense == [i < ours.dense_layers for i in range(ours.num_layers)]
     shared = model.model.layers[-1].mlp.shared_experts
-    assert (ours.intermediate_size, ours.shared_expert_size, ours.dense_intermediate_size) == \
-        (model.model.layers[-1].mlp.experts.intermediate_dim, shared.intermediate_size,
-         model.model.layers[0].mlp.intermediate_size)
-    assert (ours.qk_norm, ours.qkv_bias, ours.o_bias) == (c.use_qk_norm, c.attention_bias, False)
-    assert ours.rope.partial_rotary_factor == c.rope_parameters["partial_rotary_factor"] == 0.5
+    assert (ours.intermediate_size, ours.shared_expert_size) == \
+        (model.model.layers[-1].mlp.experts.intermediate_dim, shared.intermediate_size)
+    assert ours.dense_intermediate_size == (model.model.layers[0].mlp.intermediate_size if any(dense) else 0)
+    attention = model.model.layers[0].self_attn
+    biases = (attention.q_proj.bias is not None, attention.o_proj.bias is not None)
+    assert (ours.qk_norm, ours.qkv_bias, ours.o_bias) == (hasattr(attention, "q_norm"), *biases)
+    assert ours.rope.rotary_dim(ours.head_dim) == model.model.rotary_emb.inv_freq.shape[0] * 2
     assert ModelConfig.from_hf(ours.to_hf()) == dataclasses.replace(ours, mtp_layers=0)
 
 

@@ -320,19 +320,17 @@ def _expert_specs(cfg: ModelConfig) -> list[WeightSpec]:
         WeightSpec("layers.w_up", (X, D, F), ("experts", "embed", "mlp"), ep + up + ".weight", (F, D), True),
         WeightSpec("layers.w_down", (X, F, D), ("experts", "mlp", "embed"), ep + down + ".weight", (D, F), True),
     ]
-    if cfg.router_correction:  # its correction bias, kept in float32 as transformers keeps it (GLM's beside the
-        #                         router's weight, ERNIE's in `moe_statics` as [1, X])
-        at, shape = {"glm4_moe": (f"{block}{router}.", (X,)), "deepseek_v3": (f"{block}{router}.", (X,)),
-                     "glm4_moe_lite": (f"{block}{router}.", (X,)),
-                     "ernie4_5_moe": (f"{block}moe_statics.", (1, X))}.get(cfg.model_type, (block, (X,)))
+    if cfg.router_correction:  # its correction bias, kept in float32 as transformers keeps it: beside the router's
+        #                         weight (MiniMax-M2's beside the block, ERNIE's in `moe_statics` as [1, X])
+        at, shape = {"minimax_m2": (block, (X,)),
+                     "ernie4_5_moe": (f"{block}moe_statics.", (1, X))}.get(cfg.model_type, (f"{block}{router}.", (X,)))
         specs.append(WeightSpec("layers.router_correction", (X,), ("experts",),
                                 f"model.layers.{{i}}.{at}e_score_correction_bias", shape, init="zeros",
                                 dtype="float32"))
-    if cfg.shared_expert_size:  # Qwen2-MoE's, with a sigmoid gate; HunYuan-MoE's `shared_mlp` and GLM-4.5's
+    if cfg.shared_expert_size:  # Qwen2-MoE's, with a sigmoid gate; HunYuan-MoE's `shared_mlp` and the others'
         S = cfg.shared_expert_size  # `shared_experts`, without
         shared = "shared_expert" if cfg.shared_expert_gated else \
-            "shared_experts" if cfg.model_type in ("glm4_moe", "ernie4_5_moe", "deepseek_v2", "deepseek_v3",
-                                                   "glm4_moe_lite") else "shared_mlp"
+            "shared_mlp" if cfg.model_type == "hunyuan_v1_moe" else "shared_experts"
         sp = "model.layers.{i}.mlp." + shared
         specs += [
             WeightSpec("layers.shared_gate", (D, S), ("embed", "mlp"), sp + ".gate_proj.weight", (S, D), True),
