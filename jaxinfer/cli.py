@@ -274,7 +274,9 @@ def _add_serve(sub) -> None:
                             "qwen3_coder (Qwen3-Coder: <function=NAME><parameter=P>...), seed_oss (the same, "
                             "Seed-OSS's <seed:tool_call> tags), glm45 and glm47 (GLM-4.5 to 4.7: <tool_call>NAME "
                             "<arg_key>K</arg_key><arg_value>V</arg_value>...), ernie45 (ERNIE 4.5: JSON in "
-                            "<tool_call> tags), openai (gpt-oss's harmony calls)")
+                            "<tool_call> tags), deepseek_v3, deepseek_v31 (DeepSeek-V3/R1 and V3.1's "
+                            "<｜tool▁call▁begin｜> calls), kimi_k2 (Kimi K2's, their ids kept), openai (gpt-oss's "
+                            "harmony calls)")
     serve.add_argument("--reasoning-parser", choices=list(REASONING_PARSERS), default=None,
                        help="return a reasoning model's thinking (<think>...</think>) as the chat message's "
                             "reasoning (and reasoning_content), apart from its content: deepseek_r1 (the template "

@@ -135,6 +135,19 @@ CASES = [
     ("ernie45", f"<tool_call>\n{CALL}\n", None, []),  # unclosed: content
     ("ernie45", "<tool_call>{\"name\": \"a\", \"arguments\": {</tool_call>", None, []),  # not JSON: content
     ("ernie45", "Line one.\n\nLine two.\n", None, []),
+    # DeepSeek-V3/R1, V3.1 and Kimi K2: the arguments' text passed on as it is, content before the section
+    ("deepseek_v3", f"Checking.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
+                    f"{json.dumps(WEATHER, indent=1, ensure_ascii=False)}\n```<｜tool▁call▁end｜><｜tool▁call▁begin｜>"
+                    "function<｜tool▁sep｜>b\n```json\n{}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>", "Checking.",
+     [ToolCall("get_weather", json.dumps(WEATHER, indent=1, ensure_ascii=False)), ToolCall("b", "{}")]),
+    ("deepseek_v3", "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>a\n```json\n{\"x\"", None, []),
+    ("deepseek_v31", "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{\"city\": \"Zürich\"}"
+                     "<｜tool▁call▁end｜><｜tool▁calls▁end｜>", None, [ToolCall("get_weather", '{"city": "Zürich"}')]),
+    ("kimi_k2", "Let me see.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+                "<|tool_call_argument_begin|>{\"city\": \"Zürich\"}<|tool_call_end|><|tool_call_begin|>functions.b:1"
+                "<|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|>", "Let me see.",
+     [ToolCall("get_weather", '{"city": "Zürich"}'), ToolCall("b", "{}")]),
+    ("kimi_k2", "<|tool_calls_section_begin|><|tool_call_begin|>functions.a<|tool_call_argument_begin|>{}", None, []),
 ]
 
 
@@ -170,6 +183,16 @@ def test_glm_calls_typed_by_the_tools_schemas(parser):
     assert PARSERS[parser].for_tools(tools).parse(f"<tool_call>f\n{body}</tool_call>").calls == [call("f", want)]
     assert PARSERS[parser].for_tools(tools).parse(f"<tool_call>g\n{body}</tool_call>").calls == \
         [call("g", {**want, "s": "007"})]
+
+
+def test_kimi_k2_calls_keep_their_own_ids():
+    """Kimi K2's templates give each call's id back to the model (functions.NAME:INDEX): the response carries it."""
+    text = ("<|tool_calls_section_begin|><|tool_call_begin|> functions.get_weather:3 <|tool_call_argument_begin|>{}"
+            "<|tool_call_end|><|tool_calls_section_end|>")
+    (found,) = PARSERS["kimi_k2"].parse(text).calls
+    assert found.json("chatcmpl-tool-x") == {"id": "functions.get_weather:3", "type": "function",
+                                             "function": {"name": "get_weather", "arguments": "{}"}}
+    assert PARSERS["deepseek_v31"].parse(text.replace("<|", "<").replace("|>", ">")).calls == []
 
 
 def expected(case) -> tuple[str | None, list[ToolCall]]:

@@ -1,6 +1,6 @@
 """Tool calls in a chat answer's text, found as vLLM's `--tool-call-parser` finds them: hermes, llama3_json, mistral,
-pythonic, llama4_pythonic, qwen3_coder, seed_oss, glm45 and glm47 (GLM-4.5 to 4.7's), ernie45, openai (gpt-oss's, with
-the openai_gptoss reasoning parser).
+pythonic, llama4_pythonic, qwen3_coder, seed_oss, glm45 and glm47 (GLM-4.5 to 4.7's), ernie45, deepseek_v3,
+deepseek_v31, kimi_k2, openai (gpt-oss's, with the openai_gptoss reasoning parser).
 
 Host code, plain Python: a parser splits a finished answer's text into content and calls (`parse`); a
 `ToolCallStream` does the same for an answer that arrives in pieces. It knows nothing of HTTP or the engine.
@@ -37,10 +37,12 @@ def _call_id() -> str:
 class ToolCall:
     name: str
     arguments: str  # JSON text, as the OpenAI API carries it
+    call_id: str | None = dataclasses.field(default=None, compare=False)  # the model's own (Kimi K2's), if any
 
     def json(self, call_id: str) -> dict:
-        """The call as a response's `tool_calls` entry (ids come from the parser: `new_id`)."""
-        return {"id": call_id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        """The call as a response's `tool_calls` entry: its own id, else `call_id` (the parser's `new_id`)."""
+        return {"id": self.call_id or call_id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,6 +406,30 @@ class ErnieCalls(_Marked):
         return calls
 
 
+class DelimitedCalls(_Marked):
+    """Calls between special tokens whose arguments' JSON text is passed on as it is (vLLM's deepseek_v3,
+    deepseek_v31 and kimi_k2 parsers): content is the text before the calls section's start (`marker`); each call is
+    a match of `pattern`, its groups `name` (or Kimi K2's `id`, functions.NAME:INDEX, which is also the call's id)
+    and `arguments`."""
+
+    def __init__(self, marker: str, pattern: str):
+        self.marker, self._pattern = marker, re.compile(pattern, re.DOTALL)
+
+    def _calls(self, text: str) -> list[ToolCall]:
+        calls = []
+        for match in self._pattern.finditer(text):
+            found = match.groupdict()
+            if "id" in found:
+                call_id = found["id"].strip()
+                calls.append(ToolCall(call_id.split(":")[0].split(".")[-1], found["arguments"].strip(), call_id))
+            else:
+                calls.append(ToolCall(found["name"].strip(), found["arguments"].strip()))
+        return calls
+
+
+DEEPSEEK_CALLS = "<｜tool▁calls▁begin｜>"
+
+
 def _glm_value(value: str, schema: dict | None):
     """A GLM call's argument: the text for a string parameter; else JSON, a Python literal, or the stripped text."""
     if (schema or {}).get("type") == "string":
@@ -460,7 +486,18 @@ PARSERS = {"hermes": Hermes(), "llama3_json": Llama3Json(), "mistral": Mistral()
            "llama4_pythonic": Pythonic("<|python_start|>", "<|python_end|>"),
            "qwen3_coder": XmlCalls("<tool_call>", "</tool_call>"),
            "seed_oss": XmlCalls("<seed:tool_call>", "</seed:tool_call>"), "glm45": GlmCalls(), "glm47": GlmCalls(),
-           "ernie45": ErnieCalls(), "openai": HarmonyCalls()}
+           "ernie45": ErnieCalls(),
+           # DeepSeek-V3/R1: <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGS\n```<｜tool▁call▁end｜>
+           "deepseek_v3": DelimitedCalls(DEEPSEEK_CALLS, r"<｜tool▁call▁begin｜>[^<]*?<｜tool▁sep｜>(?P<name>[^\n]*?)\s*"
+                                                         r"```json\s*(?P<arguments>.*?)\s*```\s*<｜tool▁call▁end｜>"),
+           # DeepSeek-V3.1: <｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>
+           "deepseek_v31": DelimitedCalls(DEEPSEEK_CALLS, r"<｜tool▁call▁begin｜>(?P<name>.*?)<｜tool▁sep｜>"
+                                                          r"(?P<arguments>.*?)<｜tool▁call▁end｜>"),
+           # Kimi K2: <|tool_call_begin|>functions.NAME:0<|tool_call_argument_begin|>ARGS<|tool_call_end|>
+           "kimi_k2": DelimitedCalls("<|tool_calls_section_begin|>", r"<\|tool_call_begin\|>\s*(?P<id>[^<]+:\d+)\s*"
+                                     r"<\|tool_call_argument_begin\|>(?P<arguments>(?:(?!<\|tool_call_begin\|>).)*?)"
+                                     r"<\|tool_call_end\|>"),
+           "openai": HarmonyCalls()}
 
 
 class ToolCallStream:
