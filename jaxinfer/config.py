@@ -28,10 +28,13 @@ DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "grani
                      "apertus") + \
     GEMMA_MODEL_TYPES + OLMO_MODEL_TYPES + COHERE_MODEL_TYPES + GLM_MODEL_TYPES
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")  # multi-head latent attention
+# the families whose experts' width is `moe_intermediate_size` (the others': `intermediate_size`)
+MOE_WIDTH_FIELD = ("qwen2_moe", "qwen3_moe", "glm4_moe", "ernie4_5_moe", "dots1") + MLA_MODEL_TYPES
 FUSED_PROJECTIONS = ("phi3",)  # q/k/v in one checkpoint tensor, the MLP's gate and up in another
 FUSED_GATE_UP = GLM_MODEL_TYPES  # the MLP's gate and up in one checkpoint tensor
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss", "minimax_m2",
-                   "hunyuan_v1_moe", "glm4_moe", "ernie4_5_moe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "dots1")
+                   "hunyuan_v1_moe", "glm4_moe", "ernie4_5_moe", "deepseek_v2", "deepseek_v3", "glm4_moe_lite",
+                   "dots1")
 SUPPORTED_MODEL_TYPES = DENSE_MODEL_TYPES + MOE_MODEL_TYPES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "ntk_alpha")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "relu2")  # relu2: relu(x) ** 2 (Arcee's)
@@ -190,7 +193,7 @@ class ModelConfig:
     # MiniMax-M2's (and DeepSeek-V3's) routing: experts chosen by sigmoid scores plus a fixed correction bias per
     # expert, weighed by their sigmoid scores alone ("sigmoid"; "softmax": the softmax's top, the rest's)
     router_scoring: str = "softmax"
-    router_correction: bool = False  # experts chosen by score plus a fixed per-expert bias (MiniMax-M2, GLM-4.5, ERNIE)
+    router_correction: bool = False  # chosen by score plus a per-expert bias (MiniMax-M2, GLM-4.5, DeepSeek, ERNIE)
     # GLM-4.5's (and DeepSeek-V3's): the experts split in `router_groups` groups, a token choosing among those of its
     # `router_topk_groups` best groups only (a group scored by its two best choices); the chosen experts' weights
     # times `routed_scaling`
@@ -256,8 +259,7 @@ class ModelConfig:
     @property
     def mlp_field(self) -> str:
         """The config.json field of `intermediate_size` (the Qwen MoEs name their experts' width apart)."""
-        return "moe_intermediate_size" if self.model_type in ("qwen2_moe", "qwen3_moe", "glm4_moe", "ernie4_5_moe") \
-            else "intermediate_size"
+        return "moe_intermediate_size" if self.model_type in MOE_WIDTH_FIELD else "intermediate_size"
 
     @property
     def mlp_width(self) -> int:

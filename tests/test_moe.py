@@ -223,6 +223,7 @@ def test_a_mesh_names_the_expert_widths_it_cannot_split():
                     "shared_expert_intermediate_size=20 is not a multiple of the 'model' axis (8)"]
     assert ModelConfig.from_hf(_saved_dict("qwen2_moe")).mlp_field == "moe_intermediate_size"
     assert ModelConfig.from_hf(_saved_dict("mixtral")).mlp_field == "intermediate_size"
+    assert ModelConfig.from_hf(_saved_dict("deepseek_v3")).mlp_field == "moe_intermediate_size"
 
 
 @pytest.fixture(scope="module")

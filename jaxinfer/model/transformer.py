@@ -226,10 +226,11 @@ def mlp(lp: dict, cfg: ModelConfig, y: jax.Array, prefix: str = "w") -> jax.Arra
 def expert_weights(lp: dict, cfg: ModelConfig, y: jax.Array) -> jax.Array:
     """The router's weight of each expert for each token [B, T, X], float32: of the softmax's or the sigmoid's
     scores (`router_scoring`), the top `experts_per_token` by score plus a per-expert correction where the model has
-    one (MiniMax-M2, GLM-4.5, ERNIE 4.5 MoE), within the best groups (`in_best_groups`), weigh by their scores
-    (renormalised to sum to one where the model says so, times `routed_scaling`); zero elsewhere. The router's
-    logits are rounded to the model's dtype first (but for the float32 routers: HunYuan-MoE's, GLM-4.5's, ERNIE's),
-    as transformers and vLLM compute them, so a half-precision model chooses the experts they choose."""
+    one (MiniMax-M2, GLM-4.5, DeepSeek-V3, ERNIE 4.5 MoE), within the best groups (`in_best_groups`), weighed by
+    their scores (renormalised to sum to one where the model says so, times `routed_scaling`); zero elsewhere. The
+    router's logits are rounded to the model's dtype first (but for the float32 routers: HunYuan-MoE's, GLM-4.5's,
+    ERNIE's, DeepSeek's), as transformers and vLLM compute them, so a half-precision model chooses the experts they
+    choose."""
     router = jnp.einsum("BTD,DX->BTX", *f32_operands(y, lp["router"]), preferred_element_type=jnp.float32)
     router = router + lp["router_bias"].astype(jnp.float32) if cfg.router_bias else router
     router = router if cfg.router_logits_f32 else router.astype(y.dtype).astype(jnp.float32)
@@ -250,8 +251,8 @@ def in_best_groups(scores: jax.Array, cfg: ModelConfig) -> jax.Array:
     if cfg.router_groups == 1:
         return scores
     grouped = scores.reshape(*scores.shape[:-1], cfg.router_groups, -1)
-    best = 1 if cfg.router_group_score == "max" else 2
-    group_scores = jnp.sum(jax.lax.top_k(grouped, best)[0], axis=-1)
+    scored_by = 1 if cfg.router_group_score == "max" else 2
+    group_scores = jnp.sum(jax.lax.top_k(grouped, scored_by)[0], axis=-1)
     _, best = jax.lax.top_k(group_scores, cfg.router_topk_groups)
     kept = jnp.sum(jax.nn.one_hot(best, cfg.router_groups, dtype=jnp.int32), axis=-2) > 0
     return jnp.where(kept[..., None], grouped, -jnp.inf).reshape(scores.shape)

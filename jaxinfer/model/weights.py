@@ -691,12 +691,11 @@ def _check_leftovers(keys, used: set[str], cfg: ModelConfig, rename) -> None:
     vision = {k for k in keys if k.startswith(VISION_PREFIXES)} if cfg.vision_tower else set()
     quant = cfg.weight_quant
     inputs = {k for k in keys if k.endswith(".input_scale")} if quant and quant.input_scales else set()  # W8A16
-    mtp = tuple(rename(f"model.layers.{i}.") for i in range(cfg.num_layers, cfg.num_layers + cfg.mtp_layers))
-    mtp = {k for k in keys if (mtp and k.startswith(mtp)) or (cfg.model_type == "ernie4_5_moe" and
-                                                          k.startswith(rename("model.mtp")))}
+    after_last = tuple(rename(f"model.layers.{i}.") for i in range(cfg.num_layers, cfg.num_layers + cfg.mtp_layers))
+    mtp = {k for k in keys if (after_last and k.startswith(after_last)) or (cfg.model_type == "ernie4_5_moe" and
+                                                                        k.startswith(rename("model.mtp")))}
     if mtp:
-        log.info("not loading the checkpoint's %d multi-token-prediction tensors (layers %d to %d)", len(mtp),
-                 cfg.num_layers, cfg.num_layers + cfg.mtp_layers - 1)
+        log.info("not loading the checkpoint's %d multi-token-prediction tensors", len(mtp))
     if vision:
         log.info("serving the checkpoint's language model as text: its %d vision tensors are not loaded", len(vision))
     unexpected = sorted(set(keys) - used - ignorable - rotary - vision - inputs - mtp)
