@@ -307,9 +307,7 @@ class XmlCalls(_Marked):
 
     def for_tools(self, tools: list[dict]) -> "XmlCalls":
         """This parser with the request's tools' parameter schemas, by tool name."""
-        functions = [tool.get("function") or {} for tool in tools]
-        return XmlCalls(self.marker, self.end, {f.get("name"): (f.get("parameters") or {}).get("properties") or {}
-                                                for f in functions})
+        return XmlCalls(self.marker, self.end, _parameter_schemas(tools))
 
     def _calls(self, text: str) -> list[ToolCall]:
         calls = []
@@ -353,8 +351,7 @@ class GlmCalls(_Marked):
         self.schemas = schemas or {}
 
     def for_tools(self, tools: list[dict]) -> "GlmCalls":
-        functions = [tool.get("function") or {} for tool in tools]
-        return GlmCalls({f.get("name"): (f.get("parameters") or {}).get("properties") or {} for f in functions})
+        return GlmCalls(_parameter_schemas(tools))
 
     def parse(self, text: str) -> Parsed:
         parsed = super().parse(text)
@@ -430,21 +427,30 @@ class DelimitedCalls(_Marked):
 DEEPSEEK_CALLS = "<｜tool▁calls▁begin｜>"
 
 
+def _parameter_schemas(tools: list[dict]) -> dict[str, dict]:
+    """The request's tools' parameter schemas, by tool name (for parsers that type arguments by them)."""
+    functions = [tool.get("function") or {} for tool in tools]
+    return {f.get("name"): (f.get("parameters") or {}).get("properties") or {} for f in functions}
+
+
 def _glm_value(value: str, schema: dict | None):
     """A GLM call's argument: the text for a string parameter; else JSON, a Python literal, or the stripped text."""
     if (schema or {}).get("type") == "string":
         return value
-    value = value.strip()
     try:
-        return json.loads(value)
-    except (ValueError, RecursionError):
-        pass
-    try:
-        parsed = _literal(ast.parse(value, mode="eval").body)
-        json.dumps(parsed)  # what JSON cannot hold stays text
-        return parsed
+        return _json_value(value.strip())
     except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
-        return value
+        return value.strip()
+
+
+def _json_value(text: str):
+    """`text` as JSON, else as a Python literal; TypeError for what JSON cannot hold (bytes, tuple keys)."""
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        parsed = _literal(ast.parse(text, mode="eval").body)
+    json.dumps(parsed)
+    return parsed
 
 
 _FUNCTION = re.compile(r"<function=([^>]+)>(.*?)(?:</function>|\Z)", re.DOTALL)
@@ -471,12 +477,7 @@ def _typed(value: str, schema: dict | None):
         if kind == "boolean" and value.strip().lower() in ("true", "false"):
             return value.strip().lower() == "true"
         if kind in ("object", "array"):
-            try:
-                parsed = json.loads(value)
-            except json.JSONDecodeError:
-                parsed = _literal(ast.parse(value, mode="eval").body)
-            json.dumps(parsed)  # TypeError for what JSON cannot hold (bytes, tuple keys): the text instead
-            return parsed
+            return _json_value(value)  # what JSON cannot hold: the text instead
     except (ValueError, TypeError, SyntaxError, RecursionError):
         pass
     return value
